@@ -1,0 +1,65 @@
+// CPU references for partial attention (O, LSE, entropy over a subset of keys) and for the exact
+// merge of partial results across shards. These are the ground truth the CUDA kernels are checked
+// against, and the CPU backend's attention. Algorithms: ../docs/design.md, shared spec entropy.md.
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+namespace starserve {
+
+// A run of keys/values laid out contiguously: k, v are (n_tokens, n_kv_heads, head_dim) row-major.
+// A sequence's keys may be several segments (KV pages, anchor + block); the logical key index j
+// runs over their concatenation in order.
+struct KvSegment {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int64_t n_tokens = 0;
+};
+
+// Which keys a query row sees. Query row i sees logical key j iff !causal || j <= i + causal_offset.
+// Examples (n_keys local keys, n_new of them appended by this very call, queries are those tokens):
+//   ordinary prefill/decode, anchor+block (phase 1), query host (phase 2): causal, offset = n_keys - n_new;
+//   context shard without the query's own KV (phase 2 on other ranks): not causal (every key visible).
+// Never derive the offset from n_q when the queries' keys are not local: that hides the last
+// context tokens from early query rows (the pitfall in star-attention.md).
+struct AttentionMask {
+  bool causal = true;
+  int64_t causal_offset = 0;
+  bool visible(int64_t i, int64_t j) const { return !causal || j <= i + causal_offset; }
+};
+
+struct PartialAttentionParams {
+  float* out = nullptr;       // (n_q, n_heads, head_dim): softmax-normalised within these keys; 0 if none visible
+  float* lse = nullptr;       // (n_q, n_heads): natural-log sum of exp(scores) over visible keys; -inf if none
+  float* entropy = nullptr;   // (n_q, n_heads): softmax entropy in nats over visible keys; 0 if none. May be null.
+  const float* q = nullptr;   // (n_q, n_heads, head_dim)
+  std::span<const KvSegment> kv;
+  int64_t n_q = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;         // n_heads % n_kv_heads == 0; query head h reads kv head h / (n_heads / n_kv_heads)
+  int head_dim = 0;
+  float scale = 1.0f;         // usually 1/sqrt(head_dim)
+  AttentionMask mask;
+};
+
+// Straightforward reference: one query row at a time, online softmax over keys with the running
+// entropy accumulator of entropy.md (m, l, u), fp32 throughout.
+void partial_attention_ref(const PartialAttentionParams& p);
+
+// One shard's partial results for a set of (token, head) rows, as partial_attention_ref writes them.
+struct AttentionPartial {
+  const float* out = nullptr;      // (n_rows, head_dim)
+  const float* lse = nullptr;      // (n_rows)
+  const float* entropy = nullptr;  // (n_rows); may be null if no shard carries entropy
+};
+
+// Exact merge of shards (star-attention.md, phase 2 step 3; entropy.md chain rule):
+//   M = max_h LSE_h, e_h = exp(LSE_h - M), D = sum e_h
+//   O = sum e_h O_h / D,  LSE = M + ln D,  H = sum (e_h/D) H_h - sum (e_h/D)(LSE_h - M) + ln D.
+// Rows where every shard is empty (all LSE = -inf) give O = 0, LSE = -inf, H = 0 — never NaN.
+// n_rows = n_tokens * n_heads.
+void merge_partials_ref(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts,
+                        int64_t n_rows, int head_dim);
+
+}  // namespace starserve

@@ -1,0 +1,57 @@
+#include "kernels/ref/ops_ref.h"
+
+#include <cmath>
+#include <cstring>
+
+namespace starserve {
+
+void rms_norm_ref(float* out, const float* in, const float* weight, int64_t n_tokens, int hidden, float eps) {
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* x = in + t * hidden;
+    float* y = out + t * hidden;
+    double ss = 0.0;  // double: hidden can be 8K+ and fp32 sums drift; cheap next to the GEMMs
+    for (int c = 0; c < hidden; ++c) ss += static_cast<double>(x[c]) * x[c];
+    const float inv = 1.0f / std::sqrt(static_cast<float>(ss / hidden) + eps);
+    for (int c = 0; c < hidden; ++c) y[c] = x[c] * inv * weight[c];
+  }
+}
+
+void rope_ref(float* x, const int32_t* positions, const float* inv_freq, int64_t n_tokens, int n_heads,
+              int head_dim, int rope_dim, RopeStyle style) {
+  const int half = rope_dim / 2;
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float pos = static_cast<float>(positions[t]);
+    for (int i = 0; i < half; ++i) {
+      // Angle in fp32 like the references (HF computes position * inv_freq in fp32).
+      const float angle = pos * inv_freq[i];
+      const float c = std::cos(angle), s = std::sin(angle);
+      for (int h = 0; h < n_heads; ++h) {
+        float* v = x + (t * n_heads + h) * head_dim;
+        const int a = style == RopeStyle::kInterleaved ? 2 * i : i;
+        const int b = style == RopeStyle::kInterleaved ? 2 * i + 1 : i + half;
+        const float x0 = v[a], x1 = v[b];
+        v[a] = x0 * c - x1 * s;
+        v[b] = x0 * s + x1 * c;
+      }
+    }
+  }
+}
+
+void swiglu_ref(float* out, const float* gate, const float* up, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void add_ref(float* out, const float* a, const float* b, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+void embedding_ref(float* out, const float* table, const int32_t* ids, int64_t n_tokens, int hidden) {
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    std::memcpy(out + t * hidden, table + static_cast<int64_t>(ids[t]) * hidden, sizeof(float) * hidden);
+  }
+}
+
+}  // namespace starserve

@@ -1,0 +1,94 @@
+// The CPU backend: fp32 everywhere, GEMMs through OpenBLAS, everything else from kernels/ref.
+#include <cblas.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "backend/backend.h"
+#include "kernels/ref/attention_ref.h"
+#include "kernels/ref/ops_ref.h"
+
+namespace starserve {
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& o) noexcept {
+  if (this != &o) {
+    reset();
+    backend_ = o.backend_;
+    ptr_ = o.ptr_;
+    bytes_ = o.bytes_;
+    o.backend_ = nullptr;
+    o.ptr_ = nullptr;
+    o.bytes_ = 0;
+  }
+  return *this;
+}
+
+void DeviceBuffer::reset() {
+  if (backend_ && ptr_) backend_->free_raw(ptr_);
+  backend_ = nullptr;
+  ptr_ = nullptr;
+  bytes_ = 0;
+}
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  DeviceKind kind() const override { return DeviceKind::kCpu; }
+  std::string name() const override { return "cpu"; }
+  DType compute_dtype() const override { return DType::kF32; }
+
+  DeviceBuffer alloc(size_t bytes) override {
+    // 64-byte alignment for vector loads; aligned_alloc needs a multiple of the alignment.
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    void* p = std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+    SS_CHECK(p != nullptr, "out of host memory allocating {} bytes", bytes);
+    return DeviceBuffer(this, p, bytes);
+  }
+  void free_raw(void* ptr) override { std::free(ptr); }
+  void upload_f32(Tensor dst, const float* src) override { std::memcpy(dst.f32(), src, dst.bytes()); }
+  void download_f32(float* dst, Tensor src) override { std::memcpy(dst, src.f32(), src.bytes()); }
+  void copy(Tensor dst, Tensor src) override {
+    SS_CHECK(dst.bytes() == src.bytes(), "copy {} -> {} bytes", src.bytes(), dst.bytes());
+    std::memmove(dst.data, src.data, src.bytes());
+  }
+  void synchronize() override {}
+
+  void embedding(Tensor out, Tensor table, std::span<const int32_t> ids) override {
+    embedding_ref(out.f32(), table.f32(), ids.data(), static_cast<int64_t>(ids.size()),
+                  static_cast<int>(table.cols()));
+  }
+  void rms_norm(Tensor out, Tensor in, Tensor weight, float eps) override {
+    rms_norm_ref(out.f32(), in.f32(), weight.f32(), in.rows(), static_cast<int>(in.cols()), eps);
+  }
+  void matmul(Tensor out, Tensor in, Tensor weight) override {
+    const int64_t t = in.rows(), k = in.cols(), n = weight.rows();
+    SS_CHECK(weight.cols() == k && out.rows() == t && out.cols() == n, "matmul ({}x{}) x ({}x{})^T -> ({}x{})",
+             t, k, n, weight.cols(), out.rows(), out.cols());
+    if (t == 1) {
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(n), static_cast<int>(k), 1.0f, weight.f32(),
+                  static_cast<int>(k), in.f32(), 1, 0.0f, out.f32(), 1);
+      return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(t), static_cast<int>(n),
+                static_cast<int>(k), 1.0f, in.f32(), static_cast<int>(k), weight.f32(), static_cast<int>(k), 0.0f,
+                out.f32(), static_cast<int>(n));
+  }
+  void rope(Tensor x, std::span<const int32_t> positions, Tensor inv_freq, int rope_dim, RopeStyle style) override {
+    rope_ref(x.f32(), positions.data(), inv_freq.f32(), x.shape[0], static_cast<int>(x.shape[1]),
+             static_cast<int>(x.shape[2]), rope_dim, style);
+  }
+  void swiglu(Tensor out, Tensor gate, Tensor up) override { swiglu_ref(out.f32(), gate.f32(), up.f32(), out.numel()); }
+  void add(Tensor out, Tensor a, Tensor b) override { add_ref(out.f32(), a.f32(), b.f32(), out.numel()); }
+  void partial_attention(const PartialAttentionParams& p) override { partial_attention_ref(p); }
+  void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts,
+                      int64_t n_rows, int head_dim) override {
+    merge_partials_ref(out, lse, entropy, parts, n_rows, head_dim);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+
+}  // namespace starserve

@@ -1,0 +1,107 @@
+// MPI communicator over host buffers. Collectives run on the thread that created it (FUNNELED).
+#include <cstdlib>
+
+#include "comm/communicator.h"
+
+#ifdef STARSERVE_HAVE_MPI
+#include <mpi.h>
+#endif
+
+namespace starserve {
+
+bool launched_by_mpi() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_NTASKS"}) {
+    if (std::getenv(var) != nullptr) return true;
+  }
+  return false;
+}
+
+#ifdef STARSERVE_HAVE_MPI
+namespace {
+
+Status mpi_status(int rc, const char* what) {
+  if (rc == MPI_SUCCESS) return Status();
+  char msg[MPI_MAX_ERROR_STRING];
+  int len = 0;
+  MPI_Error_string(rc, msg, &len);
+  return internal_error("MPI {} failed: {}", what, std::string(msg, len));
+}
+#define SS_MPI(call) SS_RETURN_IF_ERROR(mpi_status((call), #call))
+
+class MpiCommunicator final : public Communicator {
+ public:
+  explicit MpiCommunicator(WorldLayout layout) : layout_(std::move(layout)) {}
+  ~MpiCommunicator() override {
+    int finalized = 0;
+    MPI_Finalized(&finalized);
+    if (!finalized) MPI_Finalize();
+  }
+  const WorldLayout& layout() const override { return layout_; }
+  std::string name() const override { return "mpi"; }
+
+  Status all_reduce_max(float* data, size_t n) override {
+    SS_MPI(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD));
+    return Status();
+  }
+  Status all_reduce_sum(float* data, size_t n) override {
+    SS_MPI(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+    return Status();
+  }
+  Status all_gather(const void* send, void* recv, size_t bytes) override {
+    SS_MPI(MPI_Allgather(send, static_cast<int>(bytes), MPI_BYTE, recv, static_cast<int>(bytes), MPI_BYTE,
+                         MPI_COMM_WORLD));
+    return Status();
+  }
+  Status broadcast(void* data, size_t bytes, int root) override {
+    SS_MPI(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, MPI_COMM_WORLD));
+    return Status();
+  }
+  Status barrier() override {
+    SS_MPI(MPI_Barrier(MPI_COMM_WORLD));
+    return Status();
+  }
+  Status send(const void* data, size_t bytes, int dst, int tag) override {
+    SS_MPI(MPI_Send(data, static_cast<int>(bytes), MPI_BYTE, dst, tag, MPI_COMM_WORLD));
+    return Status();
+  }
+  Status recv(void* data, size_t bytes, int src, int tag) override {
+    SS_MPI(MPI_Recv(data, static_cast<int>(bytes), MPI_BYTE, src, tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+    return Status();
+  }
+  void abort_job(int code) override { MPI_Abort(MPI_COMM_WORLD, code); }
+
+ private:
+  WorldLayout layout_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Communicator>> make_mpi_communicator(int* argc, char*** argv) {
+  int provided = 0;
+  SS_MPI(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided));
+  // Errors come back as codes so they become Status values with a message, not a silent abort.
+  MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
+  WorldLayout layout;
+  SS_MPI(MPI_Comm_rank(MPI_COMM_WORLD, &layout.rank));
+  SS_MPI(MPI_Comm_size(MPI_COMM_WORLD, &layout.world_size));
+  MPI_Comm local;
+  SS_MPI(MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, layout.rank, MPI_INFO_NULL, &local));
+  SS_MPI(MPI_Comm_rank(local, &layout.local_rank));
+  SS_MPI(MPI_Comm_size(local, &layout.local_size));
+  MPI_Comm_free(&local);
+  char host[MPI_MAX_PROCESSOR_NAME];
+  int len = 0;
+  SS_MPI(MPI_Get_processor_name(host, &len));
+  layout.host.assign(host, len);
+  return std::unique_ptr<Communicator>(std::make_unique<MpiCommunicator>(std::move(layout)));
+}
+
+#else
+
+Result<std::unique_ptr<Communicator>> make_mpi_communicator(int*, char***) {
+  return unimplemented("this build has no MPI (configure found none); rebuild with Open MPI installed");
+}
+
+#endif
+
+}  // namespace starserve

@@ -1,0 +1,52 @@
+// Per-layer, per-head mean softmax entropy of a set of query rows (entropy.md: the health and
+// Star-approximation signal). Accumulated by attention handlers, read by the API and evals.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace starserve {
+
+struct EntropyStats {
+  int n_layers = 0;
+  int n_heads = 0;
+  std::vector<double> sum;      // (n_layers, n_heads) sum of row entropies, nats
+  std::vector<int64_t> count;   // (n_layers, n_heads) rows accumulated
+  std::vector<double> max_sum;  // (n_layers, n_heads) sum of log(n_visible), the per-row maximum
+
+  void reset(int layers, int heads) {
+    n_layers = layers;
+    n_heads = heads;
+    sum.assign(static_cast<size_t>(layers) * heads, 0.0);
+    count.assign(sum.size(), 0);
+    max_sum.assign(sum.size(), 0.0);
+  }
+  bool enabled() const { return n_layers > 0; }
+  // entropy: (n_rows, n_heads) for one layer; n_visible: keys each row saw.
+  void add(int layer, const float* entropy, int64_t n_rows, const int64_t* n_visible) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+      for (int h = 0; h < n_heads; ++h) {
+        const size_t i = static_cast<size_t>(layer) * n_heads + h;
+        sum[i] += entropy[r * n_heads + h];
+        count[i] += 1;
+        max_sum[i] += n_visible[r] > 0 ? std::log(static_cast<double>(n_visible[r])) : 0.0;
+      }
+    }
+  }
+  double mean(int layer, int head) const {
+    const size_t i = static_cast<size_t>(layer) * n_heads + head;
+    return count[i] ? sum[i] / count[i] : 0.0;
+  }
+  double mean_max(int layer, int head) const {
+    const size_t i = static_cast<size_t>(layer) * n_heads + head;
+    return count[i] ? max_sum[i] / count[i] : 0.0;
+  }
+  double layer_mean(int layer) const {
+    double s = 0.0;
+    for (int h = 0; h < n_heads; ++h) s += mean(layer, h);
+    return n_heads ? s / n_heads : 0.0;
+  }
+};
+
+}  // namespace starserve

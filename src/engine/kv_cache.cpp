@@ -1,0 +1,92 @@
+#include "engine/kv_cache.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace starserve {
+
+KvCache::KvCache(Backend& backend, const KvCacheShape& shape) : backend_(backend), shape_(shape) {
+  SS_CHECK(shape.page_size > 0 && shape.n_pages >= 0, "page_size {} n_pages {}", shape.page_size, shape.n_pages);
+  SS_CHECK(backend.kind() == DeviceKind::kCpu, "KvCache stores fp32 host memory; device caches live in the CUDA backend");
+  const size_t bytes = static_cast<size_t>(shape.n_pages) * shape.page_size * token_elems() * sizeof(float);
+  for (int l = 0; l < shape.n_layers; ++l) {
+    k_pool_.push_back(backend.alloc(bytes));
+    v_pool_.push_back(backend.alloc(bytes));
+  }
+  // Hand out low page numbers first (stack order) so a small workload stays compact.
+  for (int64_t p = shape.n_pages - 1; p >= 0; --p) free_pages_.push_back(p);
+}
+
+Status KvCache::reserve(SeqId seq, int64_t n_tokens) {
+  SeqState& st = seqs_[seq];
+  const int64_t need = pages_for(n_tokens) - static_cast<int64_t>(st.pages.size());
+  if (need <= 0) return Status();
+  if (need > pages_free()) {
+    if (st.pages.empty() && st.length == 0) seqs_.erase(seq);
+    return resource_exhausted("KV cache full: {} tokens need {} more pages of {} tokens, {} of {} pages free",
+                              n_tokens, need, shape_.page_size, pages_free(), pages_total());
+  }
+  for (int64_t i = 0; i < need; ++i) {
+    st.pages.push_back(free_pages_.back());
+    free_pages_.pop_back();
+  }
+  return Status();
+}
+
+int64_t KvCache::length(SeqId seq) const {
+  auto it = seqs_.find(seq);
+  return it == seqs_.end() ? 0 : it->second.length;
+}
+
+void KvCache::set_length(SeqId seq, int64_t n_tokens) {
+  SeqState& st = seqs_.at(seq);
+  SS_CHECK(n_tokens <= static_cast<int64_t>(st.pages.size()) * shape_.page_size, "length {} beyond {} pages",
+           n_tokens, st.pages.size());
+  st.length = n_tokens;
+}
+
+float* KvCache::page_ptr(const DeviceBuffer& pool, int64_t page) const {
+  return static_cast<float*>(pool.data()) + page * shape_.page_size * token_elems();
+}
+
+void KvCache::write(int layer, SeqId seq, int64_t start, const float* k, const float* v, int64_t n) {
+  const SeqState& st = seqs_.at(seq);
+  SS_CHECK(start + n <= static_cast<int64_t>(st.pages.size()) * shape_.page_size, "write [{}, {}) beyond capacity",
+           start, start + n);
+  const int64_t row = token_elems();
+  int64_t done = 0;
+  while (done < n) {
+    const int64_t pos = start + done;
+    const int64_t page = st.pages[pos / shape_.page_size];
+    const int64_t off = pos % shape_.page_size;
+    const int64_t take = std::min<int64_t>(n - done, shape_.page_size - off);
+    std::memcpy(page_ptr(k_pool_[layer], page) + off * row, k + done * row, sizeof(float) * take * row);
+    std::memcpy(page_ptr(v_pool_[layer], page) + off * row, v + done * row, sizeof(float) * take * row);
+    done += take;
+  }
+}
+
+std::vector<KvSegment> KvCache::segments(int layer, SeqId seq, int64_t begin, int64_t end) const {
+  std::vector<KvSegment> out;
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return out;
+  const SeqState& st = it->second;
+  const int64_t row = token_elems();
+  for (int64_t pos = begin; pos < end;) {
+    const int64_t page = st.pages[pos / shape_.page_size];
+    const int64_t off = pos % shape_.page_size;
+    const int64_t take = std::min<int64_t>(end - pos, shape_.page_size - off);
+    out.push_back({page_ptr(k_pool_[layer], page) + off * row, page_ptr(v_pool_[layer], page) + off * row, take});
+    pos += take;
+  }
+  return out;
+}
+
+void KvCache::free_sequence(SeqId seq) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return;
+  for (int64_t p : it->second.pages) free_pages_.push_back(p);
+  seqs_.erase(it);
+}
+
+}  // namespace starserve

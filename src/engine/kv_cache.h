@@ -1,0 +1,63 @@
+// Paged KV cache on a backend. Memory is a fixed pool of pages per layer, each page holding
+// page_size tokens of K and V: pool (n_pages, page_size, n_kv_heads, head_dim) per layer and per K/V.
+// A sequence owns a list of pages; its keys are handed to attention as one KvSegment per page.
+// Admission control works in pages, so a request that does not fit is refused (kResourceExhausted)
+// instead of running the process out of memory. Plain bookkeeping: one owner thread, no locking.
+#pragma once
+
+#include <cstdint>
+#include <unordered_map>
+#include <vector>
+
+#include "backend/backend.h"
+#include "common/status.h"
+
+namespace starserve {
+
+using SeqId = int64_t;
+
+struct KvCacheShape {
+  int n_layers = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  int page_size = 256;  // tokens per page
+  int64_t n_pages = 0;  // pages in the pool (shared by all sequences)
+};
+
+class KvCache {
+ public:
+  KvCache(Backend& backend, const KvCacheShape& shape);
+
+  const KvCacheShape& shape() const { return shape_; }
+  int64_t pages_total() const { return shape_.n_pages; }
+  int64_t pages_free() const { return static_cast<int64_t>(free_pages_.size()); }
+  int64_t pages_for(int64_t n_tokens) const { return (n_tokens + shape_.page_size - 1) / shape_.page_size; }
+
+  // Ensures the sequence (created on first use) can hold n_tokens in total. Fails without side
+  // effects when the pool has too few free pages.
+  Status reserve(SeqId seq, int64_t n_tokens);
+  bool has(SeqId seq) const { return seqs_.count(seq) != 0; }
+  int64_t length(SeqId seq) const;
+  void set_length(SeqId seq, int64_t n_tokens);  // within the reserved capacity
+  // Writes rows [start, start + n) of one layer; k, v: (n, n_kv_heads, head_dim) fp32 host-visible.
+  void write(int layer, SeqId seq, int64_t start, const float* k, const float* v, int64_t n);
+  // Keys [begin, end) of one layer, one segment per page touched.
+  std::vector<KvSegment> segments(int layer, SeqId seq, int64_t begin, int64_t end) const;
+  void free_sequence(SeqId seq);
+
+ private:
+  struct SeqState {
+    std::vector<int64_t> pages;
+    int64_t length = 0;
+  };
+  float* page_ptr(const DeviceBuffer& pool, int64_t page) const;
+  int64_t token_elems() const { return static_cast<int64_t>(shape_.n_kv_heads) * shape_.head_dim; }
+
+  Backend& backend_;
+  KvCacheShape shape_;
+  std::vector<DeviceBuffer> k_pool_, v_pool_;  // per layer
+  std::vector<int64_t> free_pages_;
+  std::unordered_map<SeqId, SeqState> seqs_;
+};
+
+}  // namespace starserve

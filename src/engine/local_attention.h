@@ -1,0 +1,34 @@
+// LocalAttention: ordinary (global) attention over a sequence's own KV cache on this process.
+// New tokens' K/V are appended at the sequence's current length; each new token attends causally
+// to everything before it. This is the `global` mode and the single-rank building block.
+#pragma once
+
+#include <unordered_map>
+
+#include "engine/attention_stats.h"
+#include "engine/kv_cache.h"
+#include "model/model.h"
+
+namespace starserve {
+
+class LocalAttention final : public AttentionHandler {
+ public:
+  LocalAttention(Backend& backend, KvCache& cache, const ModelHParams& hp);
+
+  // When set, entropy of every query row of the given sequence is accumulated into stats.
+  void track_entropy(SeqId seq, EntropyStats* stats) { entropy_[seq] = stats; }
+  void untrack_entropy(SeqId seq) { entropy_.erase(seq); }
+
+  Status begin_forward(std::span<const BatchSeq> batch) override;
+  Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
+  void end_forward(std::span<const BatchSeq> batch) override;
+
+ private:
+  Backend& backend_;
+  KvCache& cache_;
+  ModelHParams hp_;
+  std::unordered_map<SeqId, EntropyStats*> entropy_;
+  std::vector<float> lse_, ent_;
+};
+
+}  // namespace starserve

@@ -1,0 +1,56 @@
+// The architecture interface. One file per architecture (arch_llama.cpp, later GPT-2, KV-shifting,
+// Attamba) implements Model; everything above it (engine, star, server) sees only this header.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "backend/backend.h"
+#include "common/status.h"
+#include "model/hparams.h"
+#include "model/weight_source.h"
+
+namespace starserve {
+
+// One sequence's share of a batched forward pass. tokens and positions are host arrays of equal
+// length; positions are the RoPE positions (Star Attention keeps original positions for blocks and
+// 0.. for the anchor, so they are not always contiguous).
+struct BatchSeq {
+  int64_t seq_id = 0;
+  std::span<const int32_t> tokens;
+  std::span<const int32_t> positions;
+  bool all_logits = false;  // logits for every token (true) or only the last (false)
+};
+
+// Where attention happens. The architecture computes q, k, v (RoPE applied) for all tokens of the
+// batch, sequences concatenated in batch order, and hands them over; the handler decides which keys
+// they meet (local KV cache, Star phase 1 anchor+block, phase 2 partial + merge across ranks).
+class AttentionHandler {
+ public:
+  virtual ~AttentionHandler() = default;
+  virtual Status begin_forward(std::span<const BatchSeq> batch) = 0;
+  // q: (T, n_heads, head_dim); k, v: (T, n_kv_heads, head_dim); out: (T, n_heads, head_dim).
+  virtual Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) = 0;
+  virtual void end_forward(std::span<const BatchSeq> batch) = 0;
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  virtual const ModelHParams& hparams() const = 0;
+  virtual Backend& backend() = 0;
+  // Runs the batch through every layer. When logits is non-null it receives host fp32 rows
+  // (n_vocab each): per sequence in batch order, every token if all_logits else the last one.
+  virtual Status forward(std::span<const BatchSeq> batch, AttentionHandler& attention, std::vector<float>* logits) = 0;
+};
+
+// Builds the architecture named by hparams().arch and uploads its weights to the backend.
+Result<std::unique_ptr<Model>> create_model(const WeightSource& source, Backend& backend);
+
+// RoPE angular frequencies per rotated pair (rope_dim / 2), with the file's scaling applied.
+// rope_freqs: optional per-pair divisors stored by llama.cpp for llama3-style scaling.
+std::vector<float> rope_inv_freq(const ModelHParams& hp, std::span<const float> rope_freqs);
+
+}  // namespace starserve
