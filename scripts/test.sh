@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set-up (packages, model, build), then every test. Usage: scripts/test.sh [ctest args...]
+source "$(dirname "$0")/common.sh"
+install_packages
+fetch_model
+build
+log "running tests"
+cd "$BUILD_DIR"
+# Several tests start mpirun with more ranks than cores; tell Open MPI that is intended.
+export OMPI_MCA_rmaps_base_oversubscribe=1
+ctest --output-on-failure --timeout 900 "$@"

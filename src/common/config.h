@@ -1,0 +1,70 @@
+// Config: every user setting, in slices handed to the module that owns them. Parsed once from CLI
+// flags (and an optional JSON config file) by src/app/config_cli.cpp, validated, logged at start-up,
+// then immutable. Hyper-parameters read from the weights are not here (model/hparams.h).
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace starserve {
+
+enum class AttentionMode { kGlobal, kExact, kStar };
+
+struct ModelConfig {
+  std::string path;                 // GGUF file, or a Hugging Face directory (config.json + *.safetensors)
+  std::string chat_template;        // empty: the model's own; else a built-in name (chatml, llama3, ...)
+  int max_context = 0;              // tokens per request (context + query + generated); 0 = the model's
+};
+
+struct ParallelConfig {
+  std::string backend = "auto";     // cpu | cuda | auto (cuda when a GPU is visible)
+  int cpu_threads = 0;              // BLAS threads per rank; 0 = library default
+};
+
+struct StarConfig {
+  AttentionMode mode = AttentionMode::kStar;  // default for requests that do not choose
+  int block_size = 0;               // tokens per context block; 0 = one block per rank
+  int anchor_size = -1;             // tokens of the anchor; -1 = block_size; 0 = no anchor
+  int query_tail = 0;               // plain prompts: tokens kept as the query; 0 = the rule in star/partition.h
+};
+
+struct SchedulerConfig {
+  int max_batch_tokens = 2048;      // tokens per forward step (prefill chunks + decodes)
+  int max_running = 16;             // sequences decoded together
+  int max_queue = 64;               // requests waiting beyond that -> RESOURCE_EXHAUSTED
+  int kv_page_size = 256;           // tokens per KV page
+  int64_t kv_pages = 0;             // pages per rank; 0 = derive from kv_memory_mb
+  int64_t kv_memory_mb = 1024;      // KV budget per rank, MiB
+};
+
+struct ServerConfig {
+  std::string host = "0.0.0.0";
+  int port = 50051;
+  int metrics_port = 0;             // 0 = no Prometheus endpoint
+  std::string tls_cert, tls_key;    // PEM files; both set = TLS
+  std::string tls_client_ca;        // PEM; set = mutual TLS
+  std::string api_key;              // non-empty: every RPC needs "authorization: Bearer <key>"
+  bool auth_health = false;         // whether health checks also need the key
+  int max_message_bytes = 16 << 20; // gRPC message size limit
+  int max_prompt_tokens = 0;        // 0 = max_context
+  int max_tokens_limit = 4096;      // upper bound for a request's max_tokens
+  int max_stop_strings = 16;
+  int max_stop_string_bytes = 256;
+};
+
+struct LogConfig {
+  std::string level = "info";       // trace | debug | info | warn | error
+};
+
+struct Config {
+  ModelConfig model;
+  ParallelConfig parallel;
+  StarConfig star;
+  SchedulerConfig scheduler;
+  ServerConfig server;
+  LogConfig log;
+};
+
+}  // namespace starserve

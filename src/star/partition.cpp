@@ -1,0 +1,61 @@
+#include "star/partition.h"
+
+#include <algorithm>
+
+namespace starserve {
+
+std::vector<StarBlock> StarLayout::blocks_of(int rank) const {
+  std::vector<StarBlock> out;
+  for (const StarBlock& b : blocks) {
+    if (b.rank == rank) out.push_back(b);
+  }
+  return out;
+}
+
+int64_t StarLayout::tokens_of(int rank) const {
+  int64_t n = 0;
+  for (const StarBlock& b : blocks) {
+    if (b.rank == rank) n += b.size();
+  }
+  return n;
+}
+
+Result<StarLayout> partition_context(int64_t n_context, int block_size, int anchor_size, int world_size) {
+  if (world_size < 1) return invalid_argument("world_size = {} must be >= 1", world_size);
+  if (n_context < 0) return invalid_argument("context length = {} must be >= 0", n_context);
+  if (block_size < 0) return invalid_argument("block_size = {} must be >= 0 (0 = one block per rank)", block_size);
+  if (anchor_size < -1) return invalid_argument("anchor_size = {} must be >= -1 (-1 = block size)", anchor_size);
+  StarLayout lay;
+  lay.n_context = n_context;
+  lay.world_size = world_size;
+  if (block_size == 0) block_size = static_cast<int>(std::max<int64_t>(1, (n_context + world_size - 1) / world_size));
+  lay.block_size = block_size;
+  if (anchor_size == -1) anchor_size = block_size;
+  if (anchor_size > block_size) {
+    return invalid_argument("anchor_size = {} must be <= block_size = {}", anchor_size, block_size);
+  }
+  lay.anchor_size = static_cast<int>(std::min<int64_t>(anchor_size, std::min<int64_t>(block_size, n_context)));
+  const int64_t n_blocks = (n_context + block_size - 1) / block_size;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    StarBlock blk;
+    blk.index = static_cast<int>(b);
+    blk.begin = b * block_size;
+    blk.end = std::min<int64_t>(n_context, blk.begin + block_size);
+    // Rank r owns [r*B/N, (r+1)*B/N): the owner of block b is the largest r with r*B/N <= b.
+    int r = static_cast<int>((b * world_size + world_size - 1) / n_blocks);
+    while (r > 0 && (static_cast<int64_t>(r) * n_blocks) / world_size > b) --r;
+    while (r + 1 < world_size && (static_cast<int64_t>(r + 1) * n_blocks) / world_size <= b) ++r;
+    blk.rank = r;
+    lay.blocks.push_back(blk);
+  }
+  lay.query_host = lay.blocks.empty() ? 0 : lay.blocks.back().rank;
+  return lay;
+}
+
+int64_t split_plain_prompt(int64_t n_prompt, int query_tail) {
+  int64_t tail = query_tail > 0 ? query_tail : std::min<int64_t>(32, std::max<int64_t>(1, n_prompt / 4));
+  tail = std::min<int64_t>(tail, n_prompt);
+  return n_prompt - tail;
+}
+
+}  // namespace starserve

@@ -1,0 +1,43 @@
+// Star Attention context partitioning (star-attention.md, phase 1 steps 1-3).
+// Pure bookkeeping: which tokens form which block, which rank encodes it, what the anchor is.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "common/status.h"
+
+namespace starserve {
+
+struct StarBlock {
+  int index = 0;       // 0-based block number c_{index+1}
+  int64_t begin = 0;   // context token range [begin, end); positions are the original ones
+  int64_t end = 0;
+  int rank = 0;        // rank that encodes and keeps this block's KV
+  int64_t size() const { return end - begin; }
+};
+
+struct StarLayout {
+  int64_t n_context = 0;
+  int block_size = 0;
+  int anchor_size = 0;   // first anchor_size tokens of block 0; 0 = no anchor
+  int world_size = 1;
+  int query_host = 0;    // rank that stores query/generated KV: the owner of the last block
+  std::vector<StarBlock> blocks;
+
+  // Blocks of one rank, in order (contiguous group [r*B/N, (r+1)*B/N)).
+  std::vector<StarBlock> blocks_of(int rank) const;
+  int64_t tokens_of(int rank) const;
+};
+
+// block_size 0 = one block per rank (ceil(n_context / world_size)); anchor_size -1 = block_size.
+// anchor_size is clamped to the first block's length. Errors name the bad value.
+Result<StarLayout> partition_context(int64_t n_context, int block_size, int anchor_size, int world_size);
+
+// How a plain prompt (no explicit context/query split) is split: the last `query_tail` tokens are
+// the query (phase 2) and the rest is the context. query_tail 0 picks the default:
+// min(32, max(1, n_prompt / 4)) — short enough that the context carries the bulk, long enough to
+// hold a question's last sentence. Returns the number of context tokens.
+int64_t split_plain_prompt(int64_t n_prompt, int query_tail);
+
+}  // namespace starserve
