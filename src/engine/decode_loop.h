@@ -1,0 +1,47 @@
+// The token loop shared by every attention mode and every rank (SPMD): forward the first tokens
+// (prompt, or the query after the context was encoded), then one token per step. Only the
+// coordinator computes logits and decides (sampling, stop rules, cancellation); its decision is
+// broadcast, so every rank runs exactly the same steps (ranks never sample on their own: rounding
+// differences would make them diverge).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "engine/kv_cache.h"
+#include "model/model.h"
+
+namespace starserve {
+
+enum class FinishReason { kUnspecified = 0, kStop, kLength, kCancelled, kError };
+const char* finish_reason_name(FinishReason r);
+
+// Lives on the coordinator only.
+class DecodeController {
+ public:
+  virtual ~DecodeController() = default;
+  // Picks the next token from the last position's logits (n_vocab, may be modified).
+  virtual int32_t choose(std::span<float> logits) = 0;
+  // Records the chosen token; returns kUnspecified to continue, or why generation ends (the token
+  // is part of the output unless the controller drops it, e.g. EOS or a stop string).
+  virtual FinishReason accept(int32_t token) = 0;
+  // Checked before every forward step: cancellation and deadlines end generation here.
+  virtual FinishReason poll() { return FinishReason::kUnspecified; }
+};
+
+struct DecodeOutcome {
+  std::vector<int32_t> tokens;  // every sampled token, in order (identical on all ranks)
+  FinishReason finish = FinishReason::kUnspecified;
+  double first_step_s = 0.0;    // wall time of the first forward (prompt/query prefill + first token)
+  double decode_s = 0.0;        // wall time of the remaining steps
+};
+
+// controller: non-null exactly on the coordinator (rank 0). first_position: RoPE position of
+// first_tokens[0] (the number of context tokens before them).
+Result<DecodeOutcome> run_decode_loop(Model& model, AttentionHandler& attention, SeqId seq,
+                                      std::span<const int32_t> first_tokens, int64_t first_position,
+                                      Communicator& comm, DecodeController* controller);
+
+}  // namespace starserve

@@ -1,0 +1,101 @@
+#include "model/random_source.h"
+
+#include <cmath>
+#include <string_view>
+
+#include <fmt/format.h>
+
+namespace starserve {
+
+namespace {
+
+uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+uint64_t hash_name(std::string_view s) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (char c : s) h = (h ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+  return h;
+}
+
+// Maps the tensor name to (shape, init). Norm weights are near 1; linear weights ~ U(-a, a) with
+// a = sqrt(3 / fan_in), i.e. unit-variance outputs, so activations stay O(1) through the layers.
+struct Spec {
+  std::vector<int64_t> shape;
+  bool norm = false;
+};
+
+bool spec_for(const ModelHParams& hp, const std::string& name, Spec* out) {
+  const int64_t q_dim = static_cast<int64_t>(hp.n_heads) * hp.head_dim;
+  const int64_t kv_dim = static_cast<int64_t>(hp.n_kv_heads) * hp.head_dim;
+  if (name == "token_embd.weight") return *out = {{hp.n_vocab, hp.hidden}}, true;
+  if (name == "output_norm.weight") return *out = {{hp.hidden}, true}, true;
+  if (name == "output.weight") return hp.tied_embeddings ? false : (*out = {{hp.n_vocab, hp.hidden}}, true);
+  int layer = -1;
+  char rest[64] = {0};
+  if (std::sscanf(name.c_str(), "blk.%d.%63s", &layer, rest) != 2 || layer < 0 || layer >= hp.n_layers) return false;
+  const std::string r(rest);
+  if (r == "attn_norm.weight" || r == "ffn_norm.weight") return *out = {{hp.hidden}, true}, true;
+  if (r == "attn_q.weight") return *out = {{q_dim, hp.hidden}}, true;
+  if (r == "attn_k.weight" || r == "attn_v.weight") return *out = {{kv_dim, hp.hidden}}, true;
+  if (r == "attn_output.weight") return *out = {{hp.hidden, q_dim}}, true;
+  if (r == "ffn_gate.weight" || r == "ffn_up.weight") return *out = {{hp.ffn_hidden, hp.hidden}}, true;
+  if (r == "ffn_down.weight") return *out = {{hp.hidden, hp.ffn_hidden}}, true;
+  return false;
+}
+
+}  // namespace
+
+RandomWeightSource::RandomWeightSource(const ModelHParams& hp, uint64_t seed) : hp_(hp), seed_(seed) {}
+
+bool RandomWeightSource::has(const std::string& name) const {
+  Spec s;
+  return spec_for(hp_, name, &s);
+}
+
+Result<HostTensor> RandomWeightSource::load(const std::string& name) const {
+  Spec s;
+  if (!spec_for(hp_, name, &s)) return not_found("random model has no tensor {}", name);
+  HostTensor t;
+  t.shape = s.shape;
+  t.data.resize(t.numel());
+  const uint64_t base = splitmix64(seed_ ^ hash_name(name));
+  const float a = s.norm ? 0.1f : std::sqrt(3.0f / static_cast<float>(s.shape.back()));
+  for (size_t i = 0; i < t.data.size(); ++i) {
+    // 24 random bits -> uniform in [-1, 1).
+    const float u = static_cast<float>(splitmix64(base + i) >> 40) / static_cast<float>(1 << 23) - 1.0f;
+    t.data[i] = s.norm ? 1.0f + a * u : a * u;
+  }
+  return t;
+}
+
+std::string RandomWeightSource::describe() const {
+  return fmt::format("random weights (seed {}), {} layers, hidden {}", seed_, hp_.n_layers, hp_.hidden);
+}
+
+ModelHParams tiny_llama_hparams() {
+  ModelHParams hp;
+  hp.arch = Arch::kLlama;
+  hp.arch_name = "llama";
+  hp.name = "tiny-random-llama";
+  hp.n_layers = 2;
+  hp.hidden = 64;
+  hp.n_heads = 4;
+  hp.n_kv_heads = 2;
+  hp.head_dim = 16;
+  hp.ffn_hidden = 128;
+  hp.n_vocab = 256;
+  hp.max_context = 4096;
+  hp.rms_eps = 1e-5f;
+  hp.rope_theta = 10000.0f;
+  hp.rope_dim = 16;
+  hp.rope_style = RopeStyle::kHalf;
+  hp.tied_embeddings = false;
+  return hp;
+}
+
+}  // namespace starserve

@@ -1,0 +1,57 @@
+// Encodes a request's context on every rank according to its mode (star-attention.md):
+//   global: one rank holds the whole context (ordinary causal prefill);
+//   exact:  each rank encodes its contiguous span with attention to all earlier context (all ranks);
+//   star:   phase 1 — each rank encodes its blocks as [anchor ; block], no communication.
+// Afterwards each rank holds the KV of its own context tokens in the request's KV sequence, and
+// Phase2Attention takes over for the query and generated tokens. Every rank calls encode() with
+// the same arguments (SPMD); what each rank does follows from the layout.
+#pragma once
+
+#include <functional>
+#include <span>
+
+#include "common/config.h"
+#include "star/partition.h"
+#include "star/star_attention.h"
+
+namespace starserve {
+
+struct ContextPlan {
+  AttentionMode mode = AttentionMode::kStar;
+  int block_size = 0;    // 0 = one block per rank
+  int anchor_size = -1;  // -1 = block_size; 0 = no anchor
+};
+
+// Called after each block this rank finishes: (blocks done, blocks of this rank).
+using BlockProgressFn = std::function<void(int, int)>;
+// Checked between blocks; returning a non-OK status stops the encoding (cancellation, deadline).
+using ContinueFn = std::function<Status()>;
+
+class ContextEncoder {
+ public:
+  ContextEncoder(Model& model, KvCache& cache, Communicator& comm);
+
+  // The layout every rank derives for this request (global: one block on rank 0).
+  Result<StarLayout> layout_for(int64_t n_context, const ContextPlan& plan) const;
+
+  // Fills `seq` with this rank's context KV. On error the sequence's KV is freed on this rank.
+  Status encode(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, AttentionMode mode,
+                const BlockProgressFn& progress = {}, const ContinueFn& keep_going = {});
+
+ private:
+  Status encode_star(SeqId seq, std::span<const int32_t> context, const StarLayout& layout,
+                     const BlockProgressFn& progress, const ContinueFn& keep_going);
+  Status encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout);
+  Status forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position);
+
+  Model& model_;
+  KvCache& cache_;
+  Communicator& comm_;
+  BlockLocalAttention block_attention_;
+  ExactContextAttention exact_attention_;
+};
+
+// Sequence id of a request's scratch anchor KV (phase 1 only; freed when phase 1 ends).
+inline SeqId anchor_seq_id(SeqId seq) { return seq | (int64_t{1} << 62); }
+
+}  // namespace starserve

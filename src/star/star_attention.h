@@ -1,0 +1,105 @@
+// Attention handlers of the three context modes (star-attention.md):
+//   BlockLocalAttention  — phase 1 of star: a block attends to an optional prefix (the anchor) and
+//                          causally to itself, never to other blocks; also ordinary causal prefill.
+//   ExactContextAttention — phase 1 of exact mode: every rank's context span attends to all earlier
+//                          context on every rank (K/V all-gathered per layer) and causally to itself.
+//   Phase2Attention      — query and generated tokens: partial attention over this rank's KV (all
+//                          context visible; causal over query/generated KV on the query host), then
+//                          the exact LSE/entropy merge across ranks.
+#pragma once
+
+#include <optional>
+#include <unordered_map>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "engine/attention_stats.h"
+#include "engine/kv_cache.h"
+#include "model/model.h"
+#include "star/merge.h"
+
+namespace starserve {
+
+// Common parameters of partial attention calls for one model.
+struct AttentionDims {
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  float scale = 1.0f;
+  static AttentionDims from(const ModelHParams& hp);
+};
+
+class BlockLocalAttention final : public AttentionHandler {
+ public:
+  BlockLocalAttention(Backend& backend, KvCache& cache, const ModelHParams& hp);
+  // Keys of the next forward: the first prefix_len tokens of prefix_seq (if any), then the new
+  // tokens themselves (appended to their own sequence). Earlier tokens of the sequence are NOT
+  // visible: each block is encoded independently.
+  void set_prefix(std::optional<SeqId> prefix_seq, int64_t prefix_len);
+
+  Status begin_forward(std::span<const BatchSeq> batch) override;
+  Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
+  void end_forward(std::span<const BatchSeq> batch) override;
+
+ private:
+  Backend& backend_;
+  KvCache& cache_;
+  AttentionDims dims_;
+  std::optional<SeqId> prefix_seq_;
+  int64_t prefix_len_ = 0;
+  std::vector<float> lse_;
+};
+
+class ExactContextAttention final : public AttentionHandler {
+ public:
+  ExactContextAttention(Backend& backend, KvCache& cache, const ModelHParams& hp, Communicator& comm);
+  // A rank whose span is empty still takes part in every collective of the forward pass.
+  Status participate_without_tokens(int n_layers);
+
+  Status begin_forward(std::span<const BatchSeq> batch) override;
+  Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
+  void end_forward(std::span<const BatchSeq> batch) override;
+
+ private:
+  Status gather_sizes(int64_t mine);
+  Status layer_exchange(const float* k, const float* v, int64_t n);
+
+  Backend& backend_;
+  KvCache& cache_;
+  AttentionDims dims_;
+  Communicator& comm_;
+  std::vector<int64_t> counts_;        // context tokens per rank in this forward
+  int64_t max_count_ = 0;
+  std::vector<float> send_, k_all_, v_all_, part_out_, part_lse_, part_ent_, lse_, ent_;
+};
+
+class Phase2Attention final : public AttentionHandler {
+ public:
+  Phase2Attention(Backend& backend, KvCache& cache, const ModelHParams& hp, Communicator& comm, MergeAlgo algo);
+
+  // Per sequence: whether this rank stores its query/generated KV, and the global number of
+  // context tokens (for the entropy maximum log(n_visible)).
+  void register_sequence(SeqId seq, bool query_host, int64_t n_context_total);
+  void forget_sequence(SeqId seq);
+  void track_entropy(SeqId seq, EntropyStats* stats);
+  const RankMerger& merger() const { return merger_; }
+
+  Status begin_forward(std::span<const BatchSeq> batch) override;
+  Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
+  void end_forward(std::span<const BatchSeq> batch) override;
+
+ private:
+  struct SeqInfo {
+    bool query_host = false;
+    int64_t n_context_total = 0;
+    int64_t n_local_context = 0;  // KV length at registration: this rank's context tokens
+    int64_t n_generated = 0;      // query + generated tokens processed so far (global count)
+    EntropyStats* entropy = nullptr;
+  };
+  Backend& backend_;
+  KvCache& cache_;
+  AttentionDims dims_;
+  RankMerger merger_;
+  std::unordered_map<SeqId, SeqInfo> seqs_;
+  std::vector<float> lse_, ent_;
+};
+
+}  // namespace starserve
