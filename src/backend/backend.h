@@ -119,6 +119,7 @@ class Backend {
                               int64_t n_rows, int head_dim) = 0;
 };
 
-std::unique_ptr<Backend> make_cpu_backend();
+// threads: BLAS threads for this process (0 = leave the library's default).
+std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
 
 }  // namespace starserve

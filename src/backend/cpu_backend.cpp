@@ -89,6 +89,9 @@ class CpuBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend() { return std::make_unique<CpuBackend>(); }
+std::unique_ptr<Backend> make_cpu_backend(int threads) {
+  if (threads > 0) openblas_set_num_threads(threads);
+  return std::make_unique<CpuBackend>();
+}
 
 }  // namespace starserve

@@ -1,0 +1,94 @@
+#include "app/options.h"
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+namespace starserve {
+
+const char* attention_mode_name(AttentionMode mode) {
+  switch (mode) {
+    case AttentionMode::kGlobal: return "global";
+    case AttentionMode::kExact: return "exact";
+    case AttentionMode::kStar: return "star";
+  }
+  return "?";
+}
+
+namespace {
+
+const std::map<std::string, AttentionMode> kModes = {
+    {"global", AttentionMode::kGlobal}, {"exact", AttentionMode::kExact}, {"star", AttentionMode::kStar}};
+
+// Options shared by `generate` and `serve`: model, parallelism, star, scheduler, log.
+void add_common(CLI::App* app, Config& c) {
+  app->add_option("--model,-m", c.model.path, "GGUF file or Hugging Face directory")->required();
+  app->add_option("--chat-template", c.model.chat_template,
+                  "built-in chat template to use instead of the model's (chatml, llama3, llama2, mistral, gemma, qwen)");
+  app->add_option("--max-context", c.model.max_context, "tokens per request; 0 = the model's trained context");
+  app->add_option("--backend", c.parallel.backend, "cpu | cuda | auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  app->add_option("--threads", c.parallel.cpu_threads, "BLAS threads per rank (0 = library default)");
+  app->add_option("--attention", c.star.mode, "global | exact | star")
+      ->transform(CLI::CheckedTransformer(kModes, CLI::ignore_case));
+  app->add_option("--block-size", c.star.block_size, "context tokens per block (0 = one block per rank)");
+  app->add_option("--anchor-size", c.star.anchor_size, "anchor tokens (-1 = block size, 0 = no anchor)");
+  app->add_option("--query-tail", c.star.query_tail, "plain prompts: tokens treated as the query (0 = default rule)");
+  app->add_option("--kv-page-size", c.scheduler.kv_page_size, "tokens per KV page");
+  app->add_option("--kv-memory-mb", c.scheduler.kv_memory_mb, "KV cache budget per rank, MiB");
+  app->add_option("--log-level", c.log.level, "trace | debug | info | warn | error");
+}
+
+}  // namespace
+
+std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_code) {
+  CommandLine cl;
+  CLI::App app{"starserve: long-context LLM inference with Star Attention"};
+  app.require_subcommand(1);
+  // Defaults from a TOML/INI file: keys are the flag names, under [generate] or [serve].
+  app.set_config("--config", "", "file with option defaults (TOML/INI; keys are flag names)");
+
+  CLI::App* gen = app.add_subcommand("generate", "generate text from a prompt (streams to stdout)");
+  add_common(gen, cl.config);
+  GenerateInputs& g = cl.generate;
+  SamplingParams& s = g.sampling;
+  gen->add_option("--prompt,-p", g.prompt, "prompt text");
+  gen->add_option("--context-file", g.context_file, "file whose text is the context (encoded in phase 1)");
+  gen->add_option("--query,-q", g.query, "question asked about the context (phase 2)");
+  gen->add_option("--system", g.system, "system message (with --chat)");
+  gen->add_flag("--chat", g.chat, "wrap the prompt in the model's chat template");
+  gen->add_flag("--entropy", g.print_entropy, "print per-layer mean attention entropy of the query/generated tokens");
+  gen->add_option("--max-tokens,-n", s.max_tokens, "tokens to generate");
+  gen->add_option("--temperature,-t", s.temperature, "0 = greedy");
+  gen->add_option("--top-k", s.top_k, "0 = off");
+  gen->add_option("--top-p", s.top_p, "1 = off");
+  gen->add_option("--min-p", s.min_p, "0 = off");
+  gen->add_option("--repetition-penalty", s.repetition_penalty, "1 = off");
+  gen->add_option("--frequency-penalty", s.frequency_penalty, "0 = off");
+  gen->add_option("--presence-penalty", s.presence_penalty, "0 = off");
+  gen->add_option("--seed", s.seed, "sampling seed (same seed, same text)");
+  gen->add_option("--stop", s.stop, "stop string (repeatable)");
+  gen->add_option("--stop-token-id", s.stop_token_ids, "stop token id (repeatable)");
+  gen->add_flag("--ignore-eos", s.ignore_eos, "keep generating after end-of-sequence tokens");
+  gen->add_option("--logprobs", s.logprobs, "print the top-N log-probabilities of each generated token");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    *exit_code = app.exit(e);
+    return std::nullopt;
+  }
+  if (gen->parsed()) cl.command = "generate";
+  *exit_code = 0;
+  return cl;
+}
+
+std::string describe_config(const Config& c) {
+  return fmt::format(
+      "model.path={} model.chat_template={} model.max_context={} parallel.backend={} star.mode={} "
+      "star.block_size={} star.anchor_size={} star.query_tail={} scheduler.kv_page_size={} "
+      "scheduler.kv_memory_mb={} log.level={}",
+      c.model.path, c.model.chat_template.empty() ? "(model's)" : c.model.chat_template, c.model.max_context,
+      c.parallel.backend, attention_mode_name(c.star.mode), c.star.block_size, c.star.anchor_size, c.star.query_tail,
+      c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.log.level);
+}
+
+}  // namespace starserve

@@ -1,0 +1,66 @@
+#include "app/runtime.h"
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
+#include <spdlog/spdlog.h>
+
+#include "app/options.h"
+#include "common/log.h"
+
+namespace starserve {
+
+Result<std::unique_ptr<Communicator>> start_communicator(int* argc, char*** argv) {
+  if (launched_by_mpi()) return make_mpi_communicator(argc, argv);
+  return make_local_communicator();
+}
+
+Status start_runtime(const Config& config, Runtime& rt) {
+  SS_RETURN_IF_ERROR(setup_logging(config.log.level, rt.comm->rank(), rt.comm->world_size()));
+  if (rt.comm->rank() == 0) {
+    spdlog::info("starserve {} ranks ({}), config: {}", rt.comm->world_size(), rt.comm->name(), describe_config(config));
+  }
+  if (config.parallel.backend == "cuda") {
+    return unimplemented("--backend cuda: this build has no CUDA backend yet; use --backend cpu");
+  }
+  // Ranks sharing a host share its cores: by default each gets an equal slice, so BLAS threads of
+  // several ranks do not oversubscribe the CPU.
+  int threads = config.parallel.cpu_threads;
+  if (threads == 0 && rt.comm->layout().local_size > 1) {
+    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / rt.comm->layout().local_size);
+  }
+  rt.backend = make_cpu_backend(threads);
+  const auto t0 = std::chrono::steady_clock::now();
+  SS_ASSIGN_OR_RETURN(rt.files, open_model_files(config.model.path));
+  SS_ASSIGN_OR_RETURN(rt.model, create_model(*rt.files.weights, *rt.backend));
+  const ModelHParams& hp = rt.model->hparams();
+  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (rt.comm->rank() == 0) {
+    spdlog::info("model {} ({}): {} layers, hidden {}, heads {}/{}, vocab {}, context {}; loaded in {:.2f} s on {}",
+                 hp.name, rt.files.weights->describe(), hp.n_layers, hp.hidden, hp.n_heads, hp.n_kv_heads,
+                 hp.n_vocab, hp.max_context, load_s, rt.backend->name());
+  }
+  rt.max_context = config.model.max_context > 0 ? config.model.max_context : hp.max_context;
+  if (rt.max_context <= 0) return data_loss("the model does not state its context length; pass --max-context");
+
+  // KV budget: bytes per page = page_size tokens x layers x (K + V) x kv heads x head_dim x fp32.
+  const int64_t page_bytes = static_cast<int64_t>(config.scheduler.kv_page_size) * hp.n_layers * 2 * hp.n_kv_heads *
+                             hp.head_dim * static_cast<int64_t>(sizeof(float));
+  int64_t pages = config.scheduler.kv_pages;
+  if (pages == 0) pages = config.scheduler.kv_memory_mb * (int64_t{1} << 20) / page_bytes;
+  if (pages < 1) {
+    return invalid_argument("kv_memory_mb = {} holds no page of {} tokens ({} bytes per page)",
+                            config.scheduler.kv_memory_mb, config.scheduler.kv_page_size, page_bytes);
+  }
+  rt.cache = std::make_unique<KvCache>(
+      *rt.backend, KvCacheShape{hp.n_layers, hp.n_kv_heads, hp.head_dim, config.scheduler.kv_page_size, pages});
+  if (rt.comm->rank() == 0) {
+    spdlog::info("KV cache per rank: {} pages x {} tokens = {} tokens ({} MiB)", pages,
+                 config.scheduler.kv_page_size, pages * config.scheduler.kv_page_size,
+                 pages * page_bytes >> 20);
+  }
+  return Status();
+}
+
+}  // namespace starserve

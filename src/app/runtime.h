@@ -1,0 +1,29 @@
+// What every rank sets up before serving or generating: communicator, logging, backend, model,
+// KV cache. Built once from Config.
+#pragma once
+
+#include <memory>
+
+#include "backend/backend.h"
+#include "comm/communicator.h"
+#include "common/config.h"
+#include "engine/kv_cache.h"
+#include "model/loader.h"
+#include "model/model.h"
+
+namespace starserve {
+
+struct Runtime {
+  std::unique_ptr<Communicator> comm;
+  std::unique_ptr<Backend> backend;
+  ModelFiles files;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<KvCache> cache;
+  int max_context = 0;  // tokens per request in force (config or the model's)
+};
+
+// MPI when started by a launcher, else a world of one. Errors are already logged.
+Result<std::unique_ptr<Communicator>> start_communicator(int* argc, char*** argv);
+Status start_runtime(const Config& config, Runtime& rt);
+
+}  // namespace starserve
