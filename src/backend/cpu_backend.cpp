@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "backend/backend.h"
+#include "backend/cpu_attention.h"
 #include "kernels/ref/attention_ref.h"
 #include "kernels/ref/ops_ref.h"
 
@@ -80,7 +81,7 @@ class CpuBackend final : public Backend {
   }
   void swiglu(Tensor out, Tensor gate, Tensor up) override { swiglu_ref(out.f32(), gate.f32(), up.f32(), out.numel()); }
   void add(Tensor out, Tensor a, Tensor b) override { add_ref(out.f32(), a.f32(), b.f32(), out.numel()); }
-  void partial_attention(const PartialAttentionParams& p) override { partial_attention_ref(p); }
+  void partial_attention(const PartialAttentionParams& p) override { partial_attention_cpu(p); }
   void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts,
                       int64_t n_rows, int head_dim) override {
     merge_partials_ref(out, lse, entropy, parts, n_rows, head_dim);
