@@ -1,0 +1,185 @@
+#include "model/gguf_source.h"
+
+#include <cmath>
+#include <limits>
+#include <map>
+#include <new>
+#include <optional>
+
+#include <fmt/ranges.h>
+
+#include "model/dequant.h"
+
+namespace starserve {
+namespace {
+
+constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+
+// A size read from `key` that must be in [1, INT_MAX]; `fallback` when given and the key is absent.
+Result<int> positive_int(const gguf::GgufFile& f, const std::string& key, std::optional<int64_t> fallback) {
+  Result<int64_t> v = fallback ? f.get_i64_or(key, *fallback) : f.get_i64(key);
+  if (!v.ok()) return v.status();
+  if (*v <= 0 || *v > kMaxInt) return data_loss("gguf: {} = {} must be in [1, {}]", key, *v, kMaxInt);
+  return static_cast<int>(*v);
+}
+
+Result<float> positive_float(const gguf::GgufFile& f, const std::string& key, float fallback) {
+  SS_ASSIGN_OR_RETURN(float v, f.get_f32_or(key, fallback));
+  if (!(v > 0.0f) || !std::isfinite(v)) return data_loss("gguf: {} = {} must be a finite number > 0", key, v);
+  return v;
+}
+
+Result<RopeScaling> read_rope_scaling(const gguf::GgufFile& f, const std::string& arch) {
+  RopeScaling s;
+  SS_ASSIGN_OR_RETURN(std::string type, f.get_string_or(arch + ".rope.scaling.type", ""));
+  if (type.empty()) {
+    // Files converted before rope.scaling.* existed store the linear factor as rope.scale_linear.
+    SS_ASSIGN_OR_RETURN(float legacy, positive_float(f, arch + ".rope.scale_linear", 1.0f));
+    if (legacy != 1.0f) {
+      s.type = RopeScaling::Type::kLinear;
+      s.factor = legacy;
+    }
+    return s;
+  }
+  if (type == "none") return s;
+  if (type == "linear") {
+    s.type = RopeScaling::Type::kLinear;
+    SS_ASSIGN_OR_RETURN(s.factor, positive_float(f, arch + ".rope.scaling.factor", 1.0f));
+    return s;
+  }
+  return unimplemented("gguf: {}.rope.scaling.type '{}' is not supported (none, linear)", arch, type);
+}
+
+// The vocabulary size: <arch>.vocab_size, else the length of tokenizer.ggml.tokens, else the
+// rows of token_embd.weight.
+Result<int> read_vocab_size(const gguf::GgufFile& f, const std::string& arch) {
+  const std::string key = arch + ".vocab_size";
+  if (f.find(key) != nullptr) return positive_int(f, key, std::nullopt);
+  if (const gguf::Value* tokens = f.find("tokenizer.ggml.tokens")) {
+    if (tokens->type() != gguf::ValueType::kArray) {
+      return data_loss("gguf: tokenizer.ggml.tokens (at byte {}) is {}, expected array<string>", tokens->file_offset(),
+                       tokens->type_string());
+    }
+    if (tokens->size() == 0 || tokens->size() > static_cast<uint64_t>(kMaxInt)) {
+      return data_loss("gguf: tokenizer.ggml.tokens has {} entries", tokens->size());
+    }
+    return static_cast<int>(tokens->size());
+  }
+  if (const gguf::TensorInfo* emb = f.find_tensor("token_embd.weight"); emb != nullptr && emb->dims.size() == 2) {
+    if (emb->dims[1] <= 0 || emb->dims[1] > kMaxInt) return data_loss("gguf: token_embd.weight has {} rows", emb->dims[1]);
+    return static_cast<int>(emb->dims[1]);
+  }
+  return not_found("gguf: no vocabulary size: none of {}, tokenizer.ggml.tokens, token_embd.weight", key);
+}
+
+}  // namespace
+
+Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
+  ModelHParams hp;
+  SS_ASSIGN_OR_RETURN(hp.arch_name, f.get_string("general.architecture"));
+  if (hp.arch_name != "llama") {
+    return unimplemented("gguf: architecture '{}' is not supported (only llama)", hp.arch_name);
+  }
+  hp.arch = Arch::kLlama;
+  const std::string& a = hp.arch_name;
+  SS_ASSIGN_OR_RETURN(hp.name, f.get_string_or("general.name", ""));
+
+  SS_ASSIGN_OR_RETURN(hp.n_layers, positive_int(f, a + ".block_count", std::nullopt));
+  SS_ASSIGN_OR_RETURN(hp.hidden, positive_int(f, a + ".embedding_length", std::nullopt));
+  SS_ASSIGN_OR_RETURN(hp.ffn_hidden, positive_int(f, a + ".feed_forward_length", std::nullopt));
+  SS_ASSIGN_OR_RETURN(hp.n_heads, positive_int(f, a + ".attention.head_count", std::nullopt));
+  SS_ASSIGN_OR_RETURN(hp.n_kv_heads, positive_int(f, a + ".attention.head_count_kv", hp.n_heads));
+  SS_ASSIGN_OR_RETURN(hp.max_context, positive_int(f, a + ".context_length", std::nullopt));
+
+  if (f.find(a + ".attention.key_length") == nullptr && hp.hidden % hp.n_heads != 0) {
+    return data_loss("gguf: {}.embedding_length {} is not a multiple of {}.attention.head_count {} and there is no "
+                     "{}.attention.key_length",
+                     a, hp.hidden, a, hp.n_heads, a);
+  }
+  SS_ASSIGN_OR_RETURN(hp.head_dim, positive_int(f, a + ".attention.key_length", hp.hidden / hp.n_heads));
+  if (static_cast<int64_t>(hp.n_heads) * hp.head_dim != hp.hidden) {
+    return data_loss("gguf: llama needs hidden == n_heads * head_dim, got {} != {} * {}", hp.hidden, hp.n_heads,
+                     hp.head_dim);
+  }
+  SS_ASSIGN_OR_RETURN(int value_dim, positive_int(f, a + ".attention.value_length", hp.head_dim));
+  if (value_dim != hp.head_dim) {
+    return unimplemented("gguf: value head size {} != key head size {} is not supported", value_dim, hp.head_dim);
+  }
+  if (hp.n_heads % hp.n_kv_heads != 0) {
+    return data_loss("gguf: n_heads {} is not a multiple of n_kv_heads {}", hp.n_heads, hp.n_kv_heads);
+  }
+
+  SS_ASSIGN_OR_RETURN(hp.rope_dim, positive_int(f, a + ".rope.dimension_count", hp.head_dim));
+  if (hp.rope_dim > hp.head_dim || hp.rope_dim % 2 != 0) {
+    return data_loss("gguf: {}.rope.dimension_count {} must be even and <= head_dim {}", a, hp.rope_dim, hp.head_dim);
+  }
+  SS_ASSIGN_OR_RETURN(hp.rope_theta, positive_float(f, a + ".rope.freq_base", 10000.0f));
+  SS_ASSIGN_OR_RETURN(hp.rms_eps, positive_float(f, a + ".attention.layer_norm_rms_epsilon", 1e-5f));
+  SS_ASSIGN_OR_RETURN(hp.rope_scaling, read_rope_scaling(f, a));
+  // llama.cpp's converter permutes the rows of attn_q / attn_k so that RoPE pairs are adjacent.
+  hp.rope_style = RopeStyle::kInterleaved;
+
+  SS_ASSIGN_OR_RETURN(hp.n_vocab, read_vocab_size(f, a));
+  if (const gguf::TensorInfo* emb = f.find_tensor("token_embd.weight")) {
+    if (emb->dims.size() != 2 || emb->dims[0] != hp.hidden || emb->dims[1] != hp.n_vocab) {
+      return data_loss("gguf: token_embd.weight has ggml dims [{}], expected [{}, {}] (hidden, n_vocab)",
+                       fmt::join(emb->dims, ", "), hp.hidden, hp.n_vocab);
+    }
+  }
+  // Without an output projection the logits reuse the token embedding.
+  hp.tied_embeddings = f.find_tensor("output.weight") == nullptr;
+  return hp;
+}
+
+Result<std::unique_ptr<GgufWeightSource>> GgufWeightSource::open(const std::string& path) {
+  SS_ASSIGN_OR_RETURN(std::unique_ptr<gguf::GgufFile> file, gguf::GgufFile::open(path));
+  return from_file(std::move(file));
+}
+
+Result<std::unique_ptr<GgufWeightSource>> GgufWeightSource::from_file(std::unique_ptr<gguf::GgufFile> file) {
+  Result<ModelHParams> hp = read_gguf_hparams(*file);
+  if (!hp.ok()) {
+    if (file->path().empty()) return hp.status();
+    return Status(hp.status().code(), fmt::format("{} (in {})", hp.status().message(), file->path()));
+  }
+  return std::unique_ptr<GgufWeightSource>(new GgufWeightSource(std::move(file), std::move(hp).value()));
+}
+
+bool GgufWeightSource::has(const std::string& name) const { return file_->find_tensor(name) != nullptr; }
+
+Result<HostTensor> GgufWeightSource::load(const std::string& name) const {
+  const gguf::TensorInfo* t = file_->find_tensor(name);
+  if (t == nullptr) return not_found("gguf: tensor '{}' not found in {}", name, describe());
+  if (!gguf::can_dequantize(t->type)) {
+    return unimplemented("gguf: tensor '{}' has type {}, which cannot be dequantized", name,
+                         gguf::ggml_type_name(t->type));
+  }
+  HostTensor out;
+  out.shape.assign(t->dims.rbegin(), t->dims.rend());  // ggml's dims[0] is the innermost
+  try {
+    out.data.resize(static_cast<size_t>(t->n_elements));
+  } catch (const std::bad_alloc&) {
+    return resource_exhausted("gguf: no memory for tensor '{}' ({} fp32 values)", name, t->n_elements);
+  }
+  Status st = gguf::dequantize(t->type, t->data, t->n_bytes, out.data.data(), t->n_elements);
+  if (!st.ok()) return Status(st.code(), fmt::format("gguf: tensor '{}': {}", name, st.message()));
+  return out;
+}
+
+std::string GgufWeightSource::describe() const {
+  // The type holding the most bytes names the quantization ("Q4_1" even though norms are F32).
+  std::map<uint32_t, uint64_t> bytes_by_type;
+  for (const gguf::TensorInfo& t : file_->tensors()) bytes_by_type[static_cast<uint32_t>(t.type)] += t.n_bytes;
+  std::string main_type = "no tensors";
+  uint64_t best = 0;
+  for (const auto& [type, bytes] : bytes_by_type) {
+    if (bytes >= best) {
+      best = bytes;
+      main_type = gguf::ggml_type_name(static_cast<gguf::GgmlType>(type));
+    }
+  }
+  return fmt::format("gguf v{}, {} tensors, {}, {} '{}'", file_->version(), file_->tensors().size(), main_type,
+                     hparams_.arch_name, hparams_.name);
+}
+
+}  // namespace starserve
