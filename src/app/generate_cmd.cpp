@@ -125,7 +125,8 @@ Status generate(const CommandLine& cl, Runtime& rt) {
   // Phase 1 (or the global / exact context encoding).
   const SeqId seq = 1;
   ContextEncoder encoder(*rt.model, *rt.cache, comm);
-  const ContextPlan plan{cl.config.star.mode, cl.config.star.block_size, cl.config.star.anchor_size};
+  const ContextPlan plan{cl.config.star.mode, cl.config.star.block_size, cl.config.star.anchor_size,
+                         cl.config.star.n_blocks};
   SS_ASSIGN_OR_RETURN(StarLayout layout, encoder.layout_for(n_ctx, plan));
   if (coord) {
     spdlog::info("prompt: {} context + {} query tokens; attention {} with {} blocks of {} tokens, anchor {}",

@@ -30,6 +30,7 @@ void add_common(CLI::App* app, Config& c) {
   app->add_option("--attention", c.star.mode, "global | exact | star")
       ->transform(CLI::CheckedTransformer(kModes, CLI::ignore_case));
   app->add_option("--block-size", c.star.block_size, "context tokens per block (0 = one block per rank)");
+  app->add_option("--n-blocks", c.star.n_blocks, "split the context into N blocks (overrides --block-size)");
   app->add_option("--anchor-size", c.star.anchor_size, "anchor tokens (-1 = block size, 0 = no anchor)");
   app->add_option("--query-tail", c.star.query_tail, "plain prompts: tokens treated as the query (0 = default rule)");
   app->add_option("--kv-page-size", c.scheduler.kv_page_size, "tokens per KV page");
@@ -84,10 +85,10 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
 std::string describe_config(const Config& c) {
   return fmt::format(
       "model.path={} model.chat_template={} model.max_context={} parallel.backend={} star.mode={} "
-      "star.block_size={} star.anchor_size={} star.query_tail={} scheduler.kv_page_size={} "
+      "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.kv_page_size={} "
       "scheduler.kv_memory_mb={} log.level={}",
       c.model.path, c.model.chat_template.empty() ? "(model's)" : c.model.chat_template, c.model.max_context,
-      c.parallel.backend, attention_mode_name(c.star.mode), c.star.block_size, c.star.anchor_size, c.star.query_tail,
+      c.parallel.backend, attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
       c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.log.level);
 }
 

@@ -26,6 +26,7 @@ struct ParallelConfig {
 struct StarConfig {
   AttentionMode mode = AttentionMode::kStar;  // default for requests that do not choose
   int block_size = 0;               // tokens per context block; 0 = one block per rank
+  int n_blocks = 0;                 // split each context into this many blocks (overrides block_size); 0 = off
   int anchor_size = -1;             // tokens of the anchor; -1 = block_size; 0 = no anchor
   int query_tail = 0;               // plain prompts: tokens kept as the query; 0 = the rule in star/partition.h
 };

@@ -26,7 +26,10 @@ Result<StarLayout> ContextEncoder::layout_for(int64_t n_context, const ContextPl
     return lay;
   }
   const int anchor = plan.mode == AttentionMode::kExact ? 0 : plan.anchor_size;
-  return partition_context(n_context, plan.block_size, anchor, comm_.world_size());
+  int block = plan.block_size;
+  if (plan.n_blocks < 0) return invalid_argument("n_blocks = {} must be >= 0", plan.n_blocks);
+  if (plan.n_blocks > 0) block = static_cast<int>(std::max<int64_t>(1, (n_context + plan.n_blocks - 1) / plan.n_blocks));
+  return partition_context(n_context, block, anchor, comm_.world_size());
 }
 
 Status ContextEncoder::forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position) {
@@ -40,43 +43,48 @@ Status ContextEncoder::encode(SeqId seq, std::span<const int32_t> context, const
                               AttentionMode mode, const BlockProgressFn& progress, const ContinueFn& keep_going) {
   SS_CHECK(static_cast<int64_t>(context.size()) == layout.n_context, "context {} tokens, layout {}", context.size(),
            layout.n_context);
-  Status st = mode == AttentionMode::kExact ? encode_exact(seq, context, layout)
-                                            : encode_star(seq, context, layout, progress, keep_going);
+  Status st;
+  if (mode == AttentionMode::kExact) {
+    st = encode_exact(seq, context, layout);
+  } else {
+    const int n = static_cast<int>(layout.blocks_of(comm_.rank()).size());
+    for (int k = 0; k < n && st.ok(); ++k) {
+      if (keep_going) st = keep_going();
+      if (st.ok()) st = encode_block(seq, context, layout, k);
+      if (st.ok() && progress) progress(k + 1, n);
+    }
+  }
   if (!st.ok()) cache_.free_sequence(seq);
-  cache_.free_sequence(anchor_seq_id(seq));  // the anchor's KV is dropped after phase 1
+  finish(seq);
   return st;
 }
 
-Status ContextEncoder::encode_star(SeqId seq, std::span<const int32_t> context, const StarLayout& layout,
-                                   const BlockProgressFn& progress, const ContinueFn& keep_going) {
+Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k) {
   const std::vector<StarBlock> mine = layout.blocks_of(comm_.rank());
-  std::optional<SeqId> anchor_seq;
-  int64_t anchor_len = layout.anchor_size;
-  int done = 0;
-  for (const StarBlock& b : mine) {
-    if (keep_going) SS_RETURN_IF_ERROR(keep_going());
-    const std::span<const int32_t> tokens = context.subspan(b.begin, b.size());
-    if (b.index == 0) {
-      // c1 is encoded alone. Its first anchor_size tokens' KV equal the anchor's KV (same tokens,
-      // positions 0.., causal), so this rank reuses them instead of recomputing the anchor.
-      block_attention_.set_prefix(std::nullopt, 0);
-      SS_RETURN_IF_ERROR(forward_block(seq, tokens, b.begin));
-      if (anchor_len > 0) anchor_seq = seq;
-    } else {
-      if (anchor_len > 0 && !anchor_seq) {
-        // Anchor KV, computed once per rank and reused for all its blocks (spec phase 1 step 7).
-        block_attention_.set_prefix(std::nullopt, 0);
-        SS_RETURN_IF_ERROR(forward_block(anchor_seq_id(seq), context.subspan(0, anchor_len), 0));
-        anchor_seq = anchor_seq_id(seq);
-      }
-      block_attention_.set_prefix(anchor_seq, anchor_len);
-      SS_RETURN_IF_ERROR(forward_block(seq, tokens, b.begin));
-    }
-    ++done;
-    if (progress) progress(done, static_cast<int>(mine.size()));
+  SS_CHECK(k >= 0 && k < static_cast<int>(mine.size()), "block {} of {}", k, mine.size());
+  const StarBlock& b = mine[k];
+  const int64_t anchor_len = layout.anchor_size;
+  const std::span<const int32_t> tokens = context.subspan(b.begin, b.size());
+  if (b.index == 0 || anchor_len == 0) {
+    // c1 is encoded alone (and without an anchor every block is): plain causal attention.
+    block_attention_.set_prefix(std::nullopt, 0);
+    return forward_block(seq, tokens, b.begin);
   }
+  // The anchor's KV is computed once per rank and reused for all its blocks (spec phase 1 step 7).
+  // The rank that owns c1 reuses c1's first anchor_size tokens: same tokens, positions 0.., causal,
+  // so their KV is exactly the anchor's.
+  SeqId anchor_seq = seq;
+  if (mine.front().index != 0) {
+    anchor_seq = anchor_seq_id(seq);
+    if (!cache_.has(anchor_seq) || cache_.length(anchor_seq) < anchor_len) {
+      block_attention_.set_prefix(std::nullopt, 0);
+      SS_RETURN_IF_ERROR(forward_block(anchor_seq, context.subspan(0, anchor_len), 0));
+    }
+  }
+  block_attention_.set_prefix(anchor_seq, anchor_len);
+  Status st = forward_block(seq, tokens, b.begin);
   block_attention_.set_prefix(std::nullopt, 0);
-  return Status();
+  return st;
 }
 
 Status ContextEncoder::encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout) {

@@ -20,12 +20,16 @@ struct ContextPlan {
   AttentionMode mode = AttentionMode::kStar;
   int block_size = 0;    // 0 = one block per rank
   int anchor_size = -1;  // -1 = block_size; 0 = no anchor
+  int n_blocks = 0;      // > 0: block_size = ceil(n_context / n_blocks), for block = 1/4 of the context etc.
 };
 
 // Called after each block this rank finishes: (blocks done, blocks of this rank).
 using BlockProgressFn = std::function<void(int, int)>;
 // Checked between blocks; returning a non-OK status stops the encoding (cancellation, deadline).
 using ContinueFn = std::function<Status()>;
+
+// Sequence id of a request's scratch anchor KV (phase 1 only; freed when phase 1 ends).
+inline SeqId anchor_seq_id(SeqId seq) { return seq | (int64_t{1} << 62); }
 
 class ContextEncoder {
  public:
@@ -38,11 +42,15 @@ class ContextEncoder {
   Status encode(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, AttentionMode mode,
                 const BlockProgressFn& progress = {}, const ContinueFn& keep_going = {});
 
- private:
-  Status encode_star(SeqId seq, std::span<const int32_t> context, const StarLayout& layout,
-                     const BlockProgressFn& progress, const ContinueFn& keep_going);
+  // Step-wise form for a scheduler that interleaves phase 1 with other work.
+  // star / global: encodes this rank's k-th block (k < layout.blocks_of(rank).size()); no communication.
+  Status encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k);
+  // exact: the whole context in one collective step (every rank calls it).
   Status encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout);
-  Status forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position);
+  // Ends phase 1 for the sequence: the anchor's scratch KV is dropped.
+  void finish(SeqId seq) { cache_.free_sequence(anchor_seq_id(seq)); }
+
+ private:  Status forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position);
 
   Model& model_;
   KvCache& cache_;
@@ -50,8 +58,5 @@ class ContextEncoder {
   BlockLocalAttention block_attention_;
   ExactContextAttention exact_attention_;
 };
-
-// Sequence id of a request's scratch anchor KV (phase 1 only; freed when phase 1 ends).
-inline SeqId anchor_seq_id(SeqId seq) { return seq | (int64_t{1} << 62); }
 
 }  // namespace starserve

@@ -1,0 +1,89 @@
+// Engine: what the server (and any other front end) sees of inference. Requests arrive as token
+// ids with their settings; results leave as events. The engine runs on rank 0 and drives the
+// worker ranks through the control protocol (engine/control.h); it never sees protobuf types.
+// Thread-safety: submit/cancel/info may be called from any thread; events are delivered on the
+// engine's own thread, in order per request, and must not block.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common/config.h"
+#include "common/status.h"
+#include "engine/attention_stats.h"
+#include "engine/decode_loop.h"
+#include "engine/sampling.h"
+#include "engine/text_controller.h"
+
+namespace starserve {
+
+using RequestId = uint64_t;
+
+struct EngineRequest {
+  std::vector<int32_t> context;  // encoded in phase 1 (may be empty)
+  std::vector<int32_t> query;    // phase 2; at least one token
+  SamplingParams sampling;       // validated by the engine
+  AttentionMode mode = AttentionMode::kStar;
+  int block_size = 0;            // 0 = server default
+  int anchor_size = -1;          // -1 = server default
+  bool return_entropy = false;   // per-layer/head mean entropy of the query and generated tokens
+  std::optional<std::chrono::steady_clock::time_point> deadline;
+};
+
+struct EngineUsage {
+  int64_t context_tokens = 0;
+  int64_t query_tokens = 0;
+  int64_t completion_tokens = 0;
+};
+
+struct EngineTiming {
+  double queue_ms = 0;           // submit -> phase 1 start
+  double phase1_ms = 0;          // context encoding (slowest rank)
+  double time_to_first_token_ms = 0;  // submit -> first token
+  double tokens_per_second = 0;  // decode rate after the first token
+};
+
+struct EngineEvent {
+  enum class Kind { kToken, kFinished };
+  Kind kind = Kind::kToken;
+  TokenEvent token;                  // kToken: the token and its new text
+  FinishReason finish = FinishReason::kUnspecified;  // kFinished
+  Status error;                      // kFinished with FinishReason::kError
+  EngineUsage usage;                 // kFinished
+  EngineTiming timing;               // kFinished
+  std::optional<EntropyStats> entropy;  // kFinished, when requested
+};
+
+using EngineEventFn = std::function<void(const EngineEvent&)>;
+
+struct EngineInfo {
+  std::string model_name;
+  std::string model_path;
+  std::string architecture;
+  int n_layers = 0, n_heads = 0, n_kv_heads = 0, hidden = 0, n_vocab = 0;
+  int max_context = 0;
+  int world_size = 1;
+  std::vector<std::string> devices;  // one per rank: "cpu" or the GPU name
+  StarConfig star_defaults;
+  int64_t kv_pages_total = 0, kv_pages_free = 0;  // rank 0's pool
+  int queue_depth = 0, running = 0;
+};
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  // Rejects at once (INVALID_ARGUMENT with the numbers, RESOURCE_EXHAUSTED when the queue is full,
+  // UNAVAILABLE when shutting down); otherwise the request is queued and its events follow.
+  virtual Result<RequestId> submit(EngineRequest request, EngineEventFn on_event) = 0;
+  // Ends the request at the next block or decode step on every rank (FinishReason::kCancelled).
+  virtual void cancel(RequestId id) = 0;
+  virtual EngineInfo info() const = 0;
+  // True once every rank has loaded the model.
+  virtual bool ready() const = 0;
+};
+
+}  // namespace starserve
