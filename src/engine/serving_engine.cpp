@@ -53,6 +53,7 @@ class EngineState {
       case Cmd::kAdmit:
         for (int64_t r = 0; r < n; ++r) {
           const SeqId id = m[i++];
+          SS_CHECK(!ctx_.cache->has(id) && seqs_.count(id) == 0, "sequence {} admitted twice", id);
           Seq s;
           s.mode = static_cast<AttentionMode>(m[i++]);
           const ContextPlan plan{s.mode, static_cast<int>(m[i++]), static_cast<int>(m[i++]), 0};
@@ -397,7 +398,6 @@ Status ServingEngine::step() {
     msg.insert(msg.end(), a->next_tokens.begin(), a->next_tokens.end());
     msg[1] += 1;
     decoding.push_back(a.get());
-    if (a->entropy && !a->prefilled) state_->phase2();  // registration happens in execute()
   }
   if (decoding.empty()) return Status();
   SS_RETURN_IF_ERROR(broadcast_message(*ctx_.comm, msg));
@@ -447,8 +447,19 @@ Status ServingEngine::run() {
     for (auto& a : incoming_) finish(*a, FinishReason::kError, unavailable("the server is shutting down"));
     incoming_.clear();
   }
-  for (auto& [id, a] : active_) finish(*a, FinishReason::kError, unavailable("the server is shutting down"));
-  std::vector<int64_t> msg = {static_cast<int64_t>(Cmd::kStop)};
+  std::vector<int64_t> msg = {static_cast<int64_t>(Cmd::kRelease), 0};
+  for (auto& [id, a] : active_) {
+    finish(*a, FinishReason::kError, unavailable("the server is shutting down"));
+    if (a->admitted) msg.push_back(static_cast<int64_t>(id));
+    pages_free_ += a->pages;
+  }
+  active_.clear();
+  if (msg.size() > 2) {
+    msg[1] = static_cast<int64_t>(msg.size() - 2);
+    SS_RETURN_IF_ERROR(broadcast_message(*ctx_.comm, msg));
+    SS_RETURN_IF_ERROR(state_->execute(msg, nullptr));
+  }
+  msg = {static_cast<int64_t>(Cmd::kStop)};
   return broadcast_message(*ctx_.comm, msg);
 }
 

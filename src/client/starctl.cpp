@@ -1,0 +1,505 @@
+// starctl: command-line client for a starserve gRPC server.
+//
+//   starctl complete --prompt "The capital of France is" --max-tokens 16 --temperature 0
+//   starctl stream --context-file report.txt --query "What were the main findings?" --attention star --entropy
+//   starctl chat "What is the capital of France?" --system "Answer briefly." --stream
+//   starctl tokenize "Hello world"        starctl info        starctl health --ready
+//
+// Generated text goes to stdout; usage, timing, entropy and logprobs go to stderr so stdout can be piped.
+// Exit status: 0 success, 1 the RPC failed (the gRPC status is printed), 2 bad command line or unreadable file.
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <google/protobuf/util/json_util.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include "starserve/v1/completion.grpc.pb.h"
+
+namespace v1 = starserve::v1;
+
+namespace {
+
+struct ConnectionOptions {
+  std::string address = "localhost:50051";
+  std::string api_key;
+  bool tls = false;  // TLS with the system's root certificates
+  std::string tls_ca, tls_cert, tls_key;
+  double timeout_s = 0;  // 0 = no deadline
+};
+
+// Generation options shared by complete/stream/chat; -1 / NaN sentinels with CLI11's count() tell "unset" apart.
+struct GenerationOptions {
+  std::string prompt;
+  std::string context_file, query;
+  std::vector<int32_t> prompt_token_ids;
+  std::string system;
+  int max_tokens = 0;
+  float temperature = 0, top_p = 0, min_p = 0, repetition_penalty = 0, frequency_penalty = 0, presence_penalty = 0;
+  int top_k = 0;
+  uint64_t seed = 0;
+  std::vector<std::string> stop;
+  std::vector<int32_t> stop_token_ids;
+  bool ignore_eos = false;
+  int logprobs = 0;
+  bool echo = false;
+  std::string attention;
+  int block_size = 0, anchor_size = 0;
+  bool entropy = false;
+  bool stream = false;  // chat only
+  std::string model;
+  std::map<std::string, CLI::Option*> given;  // flag name -> option, to test count()
+  bool has(const std::string& name) const {
+    auto it = given.find(name);
+    return it != given.end() && it->second->count() > 0;
+  }
+};
+
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+std::string read_file(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw UsageError(fmt::format("cannot read {} {}", what, path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::shared_ptr<grpc::Channel> make_channel(const ConnectionOptions& c) {
+  std::shared_ptr<grpc::ChannelCredentials> creds;
+  if (c.tls || !c.tls_ca.empty() || !c.tls_cert.empty()) {
+    if (c.tls_cert.empty() != c.tls_key.empty()) throw UsageError("--tls-cert and --tls-key go together");
+    grpc::SslCredentialsOptions ssl;
+    if (!c.tls_ca.empty()) ssl.pem_root_certs = read_file(c.tls_ca, "--tls-ca");
+    if (!c.tls_cert.empty()) {
+      ssl.pem_cert_chain = read_file(c.tls_cert, "--tls-cert");
+      ssl.pem_private_key = read_file(c.tls_key, "--tls-key");
+    }
+    creds = grpc::SslCredentials(ssl);
+  } else {
+    creds = grpc::InsecureChannelCredentials();
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(64 << 20);
+  return grpc::CreateCustomChannel(c.address, creds, args);
+}
+
+void prepare_context(const ConnectionOptions& c, grpc::ClientContext* ctx) {
+  if (!c.api_key.empty()) ctx->AddMetadata("authorization", "Bearer " + c.api_key);
+  if (c.timeout_s > 0) {
+    ctx->set_deadline(std::chrono::system_clock::now() +
+                      std::chrono::microseconds(static_cast<int64_t>(c.timeout_s * 1e6)));
+  }
+}
+
+int report_error(const grpc::Status& s) {
+  static const char* const kNames[] = {"OK",
+                                       "CANCELLED",
+                                       "UNKNOWN",
+                                       "INVALID_ARGUMENT",
+                                       "DEADLINE_EXCEEDED",
+                                       "NOT_FOUND",
+                                       "ALREADY_EXISTS",
+                                       "PERMISSION_DENIED",
+                                       "RESOURCE_EXHAUSTED",
+                                       "FAILED_PRECONDITION",
+                                       "ABORTED",
+                                       "OUT_OF_RANGE",
+                                       "UNIMPLEMENTED",
+                                       "INTERNAL",
+                                       "UNAVAILABLE",
+                                       "DATA_LOSS",
+                                       "UNAUTHENTICATED"};
+  const int code = static_cast<int>(s.error_code());
+  const char* name = code >= 0 && code <= 16 ? kNames[code] : "UNKNOWN";
+  std::fflush(stdout);
+  fmt::print(stderr, "\nerror: {}: {}\n", name, s.error_message());
+  return 1;
+}
+
+v1::AttentionMode parse_mode(const std::string& s) {
+  if (s.empty()) return v1::ATTENTION_MODE_UNSPECIFIED;
+  if (s == "global") return v1::ATTENTION_MODE_GLOBAL;
+  if (s == "exact") return v1::ATTENTION_MODE_EXACT;
+  if (s == "star") return v1::ATTENTION_MODE_STAR;
+  throw UsageError(fmt::format("--attention {}: must be global, exact or star", s));
+}
+
+// Sampling and Star fields; the four generation requests share these names.
+template <typename Req>
+void fill_generation(const GenerationOptions& g, Req* r) {
+  if (!g.model.empty()) r->set_model(g.model);
+  if (g.has("--max-tokens")) r->set_max_tokens(g.max_tokens);
+  if (g.has("--temperature")) r->set_temperature(g.temperature);
+  if (g.has("--top-p")) r->set_top_p(g.top_p);
+  if (g.has("--top-k")) r->set_top_k(g.top_k);
+  if (g.has("--min-p")) r->set_min_p(g.min_p);
+  if (g.has("--repetition-penalty")) r->set_repetition_penalty(g.repetition_penalty);
+  if (g.has("--frequency-penalty")) r->set_frequency_penalty(g.frequency_penalty);
+  if (g.has("--presence-penalty")) r->set_presence_penalty(g.presence_penalty);
+  if (g.has("--seed")) r->set_seed(g.seed);
+  for (const std::string& s : g.stop) r->add_stop(s);
+  for (int32_t id : g.stop_token_ids) r->add_stop_token_ids(id);
+  if (g.ignore_eos) r->set_ignore_eos(true);
+  if (g.has("--logprobs")) r->set_logprobs(g.logprobs);
+  r->set_attention_mode(parse_mode(g.attention));
+  if (g.has("--block-size")) r->set_block_size(g.block_size);
+  if (g.has("--anchor-size")) r->set_anchor_size(g.anchor_size);
+  if (g.entropy) r->set_return_attention_entropy(true);
+}
+
+template <typename Req>
+void fill_completion_input(const GenerationOptions& g, Req* r) {
+  const int n_inputs = (!g.prompt.empty()) + (!g.context_file.empty()) + (!g.prompt_token_ids.empty());
+  if (n_inputs != 1) throw UsageError("give exactly one of --prompt, --context-file (with --query) or --token-ids");
+  if (!g.prompt.empty()) {
+    r->set_prompt(g.prompt);
+  } else if (!g.prompt_token_ids.empty()) {
+    for (int32_t id : g.prompt_token_ids) r->mutable_prompt_token_ids()->add_ids(id);
+  } else {
+    if (g.query.empty()) throw UsageError("--context-file needs --query");
+    r->mutable_split()->set_context(read_file(g.context_file, "--context-file"));
+    r->mutable_split()->set_query(g.query);
+  }
+  if (g.echo) r->set_echo(true);
+  fill_generation(g, r);
+}
+
+template <typename Req>
+void fill_chat_input(const GenerationOptions& g, Req* r) {
+  if (g.prompt.empty()) throw UsageError("chat needs a message (positional or --prompt)");
+  if (!g.system.empty()) {
+    v1::ChatMessage* m = r->add_messages();
+    m->set_role("system");
+    m->set_content(g.system);
+  }
+  v1::ChatMessage* m = r->add_messages();
+  m->set_role("user");
+  m->set_content(g.prompt);
+  if (!g.context_file.empty()) r->set_context(read_file(g.context_file, "--context-file"));
+  fill_generation(g, r);
+}
+
+const char* finish_name(v1::FinishReason r) {
+  switch (r) {
+    case v1::FINISH_REASON_STOP: return "stop";
+    case v1::FINISH_REASON_LENGTH: return "length";
+    case v1::FINISH_REASON_CANCELLED: return "cancelled";
+    case v1::FINISH_REASON_ERROR: return "error";
+    default: return "unspecified";
+  }
+}
+
+void print_logprobs(const v1::Logprobs& lp) {
+  for (const v1::LogprobEntry& e : lp.content()) {
+    fmt::print(stderr, "logprob {:>8.4f}  {:>6}  {:?}", e.logprob(), e.token_id(), e.token());
+    for (const v1::TopLogprob& t : e.top_logprobs()) fmt::print(stderr, "  | {:?} {:.3f}", t.token(), t.logprob());
+    fmt::print(stderr, "\n");
+  }
+}
+
+// Usage, timing and entropy of the final message, on stderr.
+template <typename Msg>
+void print_tail(const Msg& m, v1::FinishReason finish) {
+  const v1::Usage& u = m.usage();
+  const v1::Timing& t = m.timing();
+  fmt::print(stderr, "\n[finish {}] prompt {} tokens (context {}, query {}), completion {} tokens\n",
+             finish_name(finish), u.prompt_tokens(), u.context_tokens(), u.query_tokens(), u.completion_tokens());
+  fmt::print(stderr, "[timing] queue {:.1f} ms, phase 1 {:.1f} ms, first token {:.1f} ms, {:.1f} tokens/s, total {:.1f} ms\n",
+             t.queue_ms(), t.phase1_ms(), t.time_to_first_token_ms(), t.tokens_per_second(), t.total_ms());
+  if (m.has_attention_entropy()) {
+    const v1::AttentionEntropy& e = m.attention_entropy();
+    fmt::print(stderr, "[entropy] {} layers x {} heads, mean nats per layer (uniform = max):\n", e.n_layers(),
+               e.n_heads());
+    for (int l = 0; l < e.layers_size(); ++l) {
+      const v1::LayerEntropy& layer = e.layers(l);
+      double max_mean = 0;
+      for (float v : layer.head_max()) max_mean += v;
+      if (layer.head_max_size() > 0) max_mean /= layer.head_max_size();
+      fmt::print(stderr, "  layer {:>3}: {:.4f} (max {:.4f})\n", l, layer.mean(), max_mean);
+    }
+  }
+}
+
+int run_complete(const ConnectionOptions& c, const GenerationOptions& g) {
+  v1::CompleteRequest req;
+  fill_completion_input(g, &req);
+  auto stub = v1::CompletionService::NewStub(make_channel(c));
+  grpc::ClientContext ctx;
+  prepare_context(c, &ctx);
+  v1::CompleteResponse resp;
+  grpc::Status s = stub->Complete(&ctx, req, &resp);
+  if (!s.ok()) return report_error(s);
+  const v1::CompletionChoice& choice = resp.choices(0);
+  fmt::print("{}\n", choice.text());
+  if (choice.has_logprobs()) print_logprobs(choice.logprobs());
+  print_tail(resp, choice.finish_reason());
+  return 0;
+}
+
+int run_stream(const ConnectionOptions& c, const GenerationOptions& g) {
+  v1::StreamCompleteRequest req;
+  fill_completion_input(g, &req);
+  auto stub = v1::CompletionService::NewStub(make_channel(c));
+  grpc::ClientContext ctx;
+  prepare_context(c, &ctx);
+  auto reader = stub->StreamComplete(&ctx, req);
+  v1::StreamCompleteResponse m, last;
+  while (reader->Read(&m)) {
+    for (const v1::CompletionChoice& choice : m.choices()) {
+      std::fwrite(choice.text().data(), 1, choice.text().size(), stdout);
+      std::fflush(stdout);
+      if (choice.has_logprobs()) print_logprobs(choice.logprobs());
+    }
+    last = m;
+  }
+  grpc::Status s = reader->Finish();
+  if (!s.ok()) return report_error(s);
+  std::fputc('\n', stdout);
+  print_tail(last, last.choices_size() ? last.choices(0).finish_reason() : v1::FINISH_REASON_UNSPECIFIED);
+  return 0;
+}
+
+int run_chat(const ConnectionOptions& c, const GenerationOptions& g) {
+  auto stub = v1::CompletionService::NewStub(make_channel(c));
+  grpc::ClientContext ctx;
+  prepare_context(c, &ctx);
+  if (!g.stream) {
+    v1::ChatCompleteRequest req;
+    fill_chat_input(g, &req);
+    v1::ChatCompleteResponse resp;
+    grpc::Status s = stub->ChatComplete(&ctx, req, &resp);
+    if (!s.ok()) return report_error(s);
+    const v1::ChatChoice& choice = resp.choices(0);
+    fmt::print("{}\n", choice.message().content());
+    if (choice.has_logprobs()) print_logprobs(choice.logprobs());
+    print_tail(resp, choice.finish_reason());
+    return 0;
+  }
+  v1::StreamChatCompleteRequest req;
+  fill_chat_input(g, &req);
+  auto reader = stub->StreamChatComplete(&ctx, req);
+  v1::StreamChatCompleteResponse m, last;
+  while (reader->Read(&m)) {
+    for (const v1::ChatDeltaChoice& choice : m.choices()) {
+      const std::string& t = choice.delta().content();
+      std::fwrite(t.data(), 1, t.size(), stdout);
+      std::fflush(stdout);
+      if (choice.has_logprobs()) print_logprobs(choice.logprobs());
+    }
+    last = m;
+  }
+  grpc::Status s = reader->Finish();
+  if (!s.ok()) return report_error(s);
+  std::fputc('\n', stdout);
+  print_tail(last, last.choices_size() ? last.choices(0).finish_reason() : v1::FINISH_REASON_UNSPECIFIED);
+  return 0;
+}
+
+std::string to_json(const google::protobuf::Message& m) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.always_print_primitive_fields = true;
+  options.preserve_proto_field_names = true;
+  std::string out;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, options);
+  return out;
+}
+
+int run_tokenize(const ConnectionOptions& c, const std::string& text, bool chat, bool no_special, bool strings) {
+  v1::TokenizeRequest req;
+  if (chat) {
+    v1::ChatMessage* m = req.mutable_chat()->add_messages();
+    m->set_role("user");
+    m->set_content(text);
+  } else {
+    req.set_prompt(text);
+    if (no_special) req.set_add_special_tokens(false);
+  }
+  if (strings) req.set_return_token_strings(true);
+  auto stub = v1::CompletionService::NewStub(make_channel(c));
+  grpc::ClientContext ctx;
+  prepare_context(c, &ctx);
+  v1::TokenizeResponse resp;
+  grpc::Status s = stub->Tokenize(&ctx, req, &resp);
+  if (!s.ok()) return report_error(s);
+  fmt::print("{}", to_json(resp));
+  return 0;
+}
+
+int run_info(const ConnectionOptions& c) {
+  auto stub = v1::CompletionService::NewStub(make_channel(c));
+  v1::GetModelInfoResponse model;
+  v1::GetServerInfoResponse server;
+  {
+    grpc::ClientContext ctx;
+    prepare_context(c, &ctx);
+    grpc::Status s = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &model);
+    if (!s.ok()) return report_error(s);
+  }
+  {
+    grpc::ClientContext ctx;
+    prepare_context(c, &ctx);
+    grpc::Status s = stub->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &server);
+    if (!s.ok()) return report_error(s);
+  }
+  fmt::print("{{\n\"model\": {},\n\"server\": {}}}\n", to_json(model), to_json(server));
+  return 0;
+}
+
+// grpc.health.v1.Health/Check without the health .proto: HealthCheckRequest is {string service = 1} and
+// HealthCheckResponse is {ServingStatus status = 1}, both a single field on the wire.
+int run_health(const ConnectionOptions& c, const std::string& service) {
+  std::string request;
+  if (!service.empty()) {
+    request += '\x0a';  // field 1, length-delimited
+    for (uint64_t n = service.size(); ; n >>= 7) {
+      if (n < 0x80) {
+        request += static_cast<char>(n);
+        break;
+      }
+      request += static_cast<char>((n & 0x7f) | 0x80);
+    }
+    request += service;
+  }
+  grpc::Slice slice(request);
+  grpc::ByteBuffer request_buffer(&slice, 1);
+  grpc::GenericStub stub(make_channel(c));
+  grpc::ClientContext ctx;
+  prepare_context(c, &ctx);
+  grpc::CompletionQueue cq;
+  auto call = stub.PrepareUnaryCall(&ctx, "/grpc.health.v1.Health/Check", request_buffer, &cq);
+  call->StartCall();
+  grpc::ByteBuffer response_buffer;
+  grpc::Status status;
+  call->Finish(&response_buffer, &status, reinterpret_cast<void*>(1));
+  void* tag = nullptr;
+  bool ok = false;
+  cq.Next(&tag, &ok);
+  if (!status.ok()) return report_error(status);
+  std::vector<grpc::Slice> slices;
+  std::string response;
+  if (response_buffer.Dump(&slices).ok()) {
+    for (const grpc::Slice& s : slices) response.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  }
+  // Only field 1 (varint) is expected; an absent field is the default, UNKNOWN.
+  uint64_t value = 0;
+  if (response.size() >= 2 && response[0] == '\x08') {
+    int shift = 0;
+    for (size_t i = 1; i < response.size() && shift < 64; ++i, shift += 7) {
+      value |= static_cast<uint64_t>(response[i] & 0x7f) << shift;
+      if (!(response[i] & 0x80)) break;
+    }
+  }
+  static const char* const kStatus[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
+  fmt::print("{}\n", value < 4 ? kStatus[value] : "UNKNOWN");
+  return value == 1 ? 0 : 1;
+}
+
+void add_generation_flags(CLI::App* cmd, GenerationOptions* g, bool completion) {
+  // Options whose "unset" must reach the server as unset (proto3 optional) are remembered by name.
+  const auto tracked = [cmd, g](const std::string& name, auto& var, const std::string& help = "") {
+    g->given[name] = cmd->add_option(name, var, help);
+  };
+  cmd->add_option("--context-file", g->context_file,
+                  completion ? "document encoded in phase 1 (split form; needs --query)"
+                             : "document for Star Attention, placed before the message");
+  if (completion) {
+    cmd->add_option("--query", g->query, "question encoded in phase 2 (split form)");
+    cmd->add_option("--token-ids", g->prompt_token_ids, "prompt as token ids")->delimiter(',');
+    cmd->add_flag("--echo", g->echo, "prepend the prompt to the output");
+  } else {
+    cmd->add_option("--system", g->system, "system message");
+    cmd->add_flag("--stream", g->stream, "stream the reply");
+  }
+  tracked("--max-tokens", g->max_tokens, "tokens to generate at most");
+  tracked("--temperature", g->temperature, "0 = greedy");
+  tracked("--top-p", g->top_p);
+  tracked("--top-k", g->top_k);
+  tracked("--min-p", g->min_p);
+  tracked("--repetition-penalty", g->repetition_penalty);
+  tracked("--frequency-penalty", g->frequency_penalty);
+  tracked("--presence-penalty", g->presence_penalty);
+  tracked("--seed", g->seed);
+  cmd->add_option("--stop", g->stop, "stop string (repeatable)");
+  cmd->add_option("--stop-token-id", g->stop_token_ids, "stop token id (repeatable)");
+  cmd->add_flag("--ignore-eos", g->ignore_eos);
+  tracked("--logprobs", g->logprobs, "report the top-N logprobs per token (stderr)");
+  cmd->add_option("--attention", g->attention, "global | exact | star (default: the server's)");
+  tracked("--block-size", g->block_size, "context block size in tokens");
+  tracked("--anchor-size", g->anchor_size, "anchor size in tokens (0 = none)");
+  cmd->add_flag("--entropy", g->entropy, "report per-layer attention entropy (stderr)");
+  cmd->add_option("--model", g->model, "model name to check against the server's");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"starctl: client for the starserve gRPC server"};
+  app.set_version_flag("--version", STARSERVE_VERSION);
+  app.require_subcommand(1);
+  ConnectionOptions c;
+  app.add_option("--address", c.address, "server host:port")->capture_default_str();
+  app.add_option("--api-key", c.api_key, "sent as \"authorization: Bearer <key>\"");
+  app.add_flag("--tls", c.tls, "use TLS with the system's root certificates");
+  app.add_option("--tls-ca", c.tls_ca, "PEM file of the CA that signed the server's certificate (implies TLS)");
+  app.add_option("--tls-cert", c.tls_cert, "client certificate PEM (mutual TLS; with --tls-key)");
+  app.add_option("--tls-key", c.tls_key, "client private key PEM (mutual TLS)");
+  app.add_option("--timeout", c.timeout_s, "deadline in seconds (0 = none)");
+
+  GenerationOptions complete_opts, stream_opts, chat_opts;
+  CLI::App* complete = app.add_subcommand("complete", "complete a prompt (unary)");
+  complete->add_option("--prompt,prompt", complete_opts.prompt, "plain prompt");
+  add_generation_flags(complete, &complete_opts, true);
+  CLI::App* stream = app.add_subcommand("stream", "complete a prompt, streaming the text");
+  stream->add_option("--prompt,prompt", stream_opts.prompt, "plain prompt");
+  add_generation_flags(stream, &stream_opts, true);
+  CLI::App* chat = app.add_subcommand("chat", "reply to a user message with the model's chat template");
+  chat->add_option("--prompt,message", chat_opts.prompt, "the user message");
+  add_generation_flags(chat, &chat_opts, false);
+
+  std::string tok_text;
+  bool tok_chat = false, tok_no_special = false, tok_strings = false;
+  CLI::App* tokenize = app.add_subcommand("tokenize", "token ids of a text and how it would be split");
+  tokenize->add_option("text", tok_text, "text to tokenize")->required();
+  tokenize->add_flag("--chat", tok_chat, "render as a user message with the chat template first");
+  tokenize->add_flag("--no-special", tok_no_special, "do not add BOS/EOS");
+  tokenize->add_flag("--strings", tok_strings, "also print each token's text");
+
+  app.add_subcommand("info", "model and server information (JSON)");
+
+  std::string health_service;
+  bool health_ready = false;
+  CLI::App* health = app.add_subcommand("health", "grpc.health.v1 check; exit 0 when SERVING");
+  health->add_option("--service", health_service, "service name (default \"\": liveness)");
+  health->add_flag("--ready", health_ready, "check readiness (starserve.v1.CompletionService)");
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (complete->parsed()) return run_complete(c, complete_opts);
+    if (stream->parsed()) return run_stream(c, stream_opts);
+    if (chat->parsed()) return run_chat(c, chat_opts);
+    if (tokenize->parsed()) return run_tokenize(c, tok_text, tok_chat, tok_no_special, tok_strings);
+    if (app.got_subcommand("info")) return run_info(c);
+    if (health->parsed()) {
+      return run_health(c, health_ready ? std::string("starserve.v1.CompletionService") : health_service);
+    }
+  } catch (const UsageError& e) {
+    fmt::print(stderr, "starctl: {}\n", e.what());
+    return 2;
+  }
+  return 2;
+}

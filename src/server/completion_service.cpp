@@ -1,0 +1,445 @@
+#include "server/completion_service.h"
+
+#include <condition_variable>
+#include <ctime>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "common/log.h"
+
+#ifndef STARSERVE_VERSION
+#define STARSERVE_VERSION "unknown"
+#endif
+
+namespace starserve {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// The client's deadline on the steady clock the engine uses; nullopt when the client set none.
+std::optional<Clock::time_point> steady_deadline(const grpc::ServerContext* ctx) {
+  const auto deadline = ctx->deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return std::nullopt;
+  const auto left = deadline - std::chrono::system_clock::now();
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
+}
+
+bool deadline_passed(const grpc::ServerContext* ctx) {
+  const auto deadline = ctx->deadline();
+  return deadline != std::chrono::system_clock::time_point::max() && std::chrono::system_clock::now() >= deadline;
+}
+
+int64_t unix_seconds() { return static_cast<int64_t>(std::time(nullptr)); }
+
+// The per-RPC mailbox between the engine thread (producer) and the RPC thread (consumer). Held by shared_ptr in
+// the engine's callback, so an RPC that returns early (client gone) leaves it valid for events still in flight.
+struct EventQueue {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<std::pair<EngineEvent, Clock::time_point>> events;  // with the time the engine delivered them
+};
+
+// Appends one batch of token events to a choice-like message (text, ids, logprobs).
+template <typename Choice>
+void append_tokens(const std::vector<EngineEvent>& tokens, const Tokenizer& tok, std::string* text, Choice* choice) {
+  for (const EngineEvent& e : tokens) {
+    *text += e.token.text;
+    // token -1: text released at the end (held-back bytes), not a new token.
+    if (e.token.token >= 0) choice->add_token_ids(e.token.token);
+    if (e.token.logprobs) append_logprobs(*e.token.logprobs, tok, choice->mutable_logprobs());
+  }
+}
+
+template <typename Response>
+void fill_tail(const EngineEvent& finished, Clock::time_point rpc_start, Response* r) {
+  fill_usage(finished.usage, r->mutable_usage());
+  fill_timing(finished.timing, 1000.0 * seconds_between(rpc_start, Clock::now()), r->mutable_timing());
+  if (finished.entropy && finished.entropy->enabled()) fill_entropy(*finished.entropy, r->mutable_attention_entropy());
+}
+
+}  // namespace
+
+CompletionService::CompletionService(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
+                                     std::optional<ChatTemplate> chat_template,
+                                     std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics)
+    : config_(config),
+      engine_(engine),
+      tokenizer_(tokenizer),
+      chat_template_(std::move(chat_template)),
+      api_key_(std::move(api_key)),
+      metrics_(metrics),
+      id_rng_(std::random_device{}()) {}
+
+grpc::Status CompletionService::admit(const grpc::ServerContext* ctx, bool needs_ready) const {
+  if (api_key_) {
+    grpc::Status s = api_key_->check(ctx->client_metadata());
+    if (!s.ok()) return s;
+  }
+  if (shutting_down_.load()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
+  if (needs_ready && !engine_.ready()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "the model is still loading on some ranks (health service "
+                        "starserve.v1.CompletionService turns SERVING when it is ready)");
+  }
+  return grpc::Status::OK;
+}
+
+RequestLimits CompletionService::limits(const EngineInfo& info) const {
+  return make_request_limits(config_, info, tokenizer_);
+}
+
+grpc::Status CompletionService::done(std::string_view rpc, grpc::Status status) {
+  if (metrics_) metrics_->record_request(rpc, grpc_code_name(status.error_code()));
+  if (!status.ok()) {
+    spdlog::debug("{}: {}: {}", rpc, grpc_code_name(status.error_code()), status.error_message());
+  }
+  return status;
+}
+
+std::string CompletionService::new_id(std::string_view prefix) {
+  std::lock_guard<std::mutex> lock(id_mu_);
+  return fmt::format("{}-{:016x}{:08x}", prefix, id_rng_(), static_cast<uint32_t>(id_rng_()));
+}
+
+grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedRequest& prepared,
+                                         Clock::time_point rpc_start, const TokenSink& sink, EngineEvent* finished) {
+  prepared.engine.deadline = steady_deadline(ctx);
+  const int64_t n_prompt = static_cast<int64_t>(prepared.engine.context.size() + prepared.engine.query.size());
+  auto queue = std::make_shared<EventQueue>();
+  Result<RequestId> id = engine_.submit(std::move(prepared.engine), [queue](const EngineEvent& e) {
+    {
+      std::lock_guard<std::mutex> lock(queue->mu);
+      queue->events.emplace_back(e, Clock::now());
+    }
+    queue->cv.notify_one();
+  });
+  if (!id.ok()) return to_grpc_status(id.status());
+  if (metrics_) metrics_->add_prompt_tokens(n_prompt);
+
+  std::vector<std::pair<EngineEvent, Clock::time_point>> batch;
+  std::vector<EngineEvent> tokens;
+  std::optional<Clock::time_point> last_token_at;
+  int64_t n_tokens = 0;
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(queue->mu);
+      queue->cv.wait_for(lock, kCancelPollInterval, [&] { return !queue->events.empty(); });
+      batch.swap(queue->events);
+    }
+    tokens.clear();
+    std::optional<EngineEvent> end;
+    for (auto& [event, at] : batch) {
+      if (event.kind == EngineEvent::Kind::kFinished) {
+        end = std::move(event);
+        continue;
+      }
+      if (event.token.token >= 0) {
+        if (metrics_) {
+          if (!last_token_at) metrics_->observe_time_to_first_token(seconds_between(rpc_start, at));
+          else metrics_->observe_inter_token_latency(seconds_between(*last_token_at, at));
+        }
+        last_token_at = at;
+        ++n_tokens;
+      }
+      tokens.push_back(std::move(event));
+    }
+    batch.clear();
+    if (!tokens.empty() && !sink(tokens)) {
+      engine_.cancel(*id);
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading the stream");
+    }
+    if (end) {
+      *finished = std::move(*end);
+      record_finish(*finished, rpc_start);
+      return grpc::Status::OK;
+    }
+    // True when the client cancelled, its deadline passed or the server is past its shutdown deadline.
+    if (ctx->IsCancelled()) {
+      engine_.cancel(*id);
+      if (deadline_passed(ctx)) {
+        return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                            fmt::format("the deadline passed after {} generated tokens", n_tokens));
+      }
+      return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+    }
+  }
+}
+
+grpc::Status CompletionService::finish_status(const grpc::ServerContext* ctx, const EngineEvent& finished) const {
+  if (finished.finish == FinishReason::kError) {
+    if (!finished.error.ok()) return to_grpc_status(finished.error);
+    return grpc::Status(grpc::StatusCode::INTERNAL, "the engine failed the request without saying why");
+  }
+  if (finished.finish == FinishReason::kCancelled) {
+    if (!finished.error.ok()) return to_grpc_status(finished.error);
+    if (deadline_passed(ctx)) return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, "the deadline passed");
+    // Cancelled on the server's side (e.g. shutdown) with the client still there: the partial output is an
+    // answer, marked FINISH_REASON_CANCELLED.
+  }
+  return grpc::Status::OK;
+}
+
+void CompletionService::record_finish(const EngineEvent& finished, Clock::time_point rpc_start) {
+  if (!metrics_) return;
+  metrics_->add_generated_tokens(finished.usage.completion_tokens);
+  if (finished.usage.context_tokens > 0 && finished.timing.phase1_ms > 0) {
+    metrics_->observe_phase1(finished.timing.phase1_ms / 1000.0);
+  }
+  metrics_->observe_request_duration(seconds_between(rpc_start, Clock::now()));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Completion
+
+grpc::Status CompletionService::Complete(grpc::ServerContext* ctx, const v1::CompleteRequest* request,
+                                         v1::CompleteResponse* response) {
+  return done("Complete", complete(ctx, *request, response));
+}
+
+grpc::Status CompletionService::complete(grpc::ServerContext* ctx, const v1::CompleteRequest& request,
+                                         v1::CompleteResponse* response) {
+  const Clock::time_point start = Clock::now();
+  if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
+  const EngineInfo info = engine_.info();
+  Result<PreparedRequest> prepared = prepare_completion(request, tokenizer_, limits(info));
+  if (!prepared.ok()) return to_grpc_status(prepared.status());
+
+  v1::CompletionChoice* choice = response->add_choices();
+  choice->set_index(0);
+  std::string text = prepared->echo_text;
+  EngineEvent finished;
+  grpc::Status s = generate(ctx, *prepared, start,
+                            [&](const std::vector<EngineEvent>& tokens) {
+                              append_tokens(tokens, tokenizer_, &text, choice);
+                              return true;
+                            },
+                            &finished);
+  if (!s.ok()) return s;
+  if (s = finish_status(ctx, finished); !s.ok()) return s;
+  response->set_id(new_id("cmpl"));
+  response->set_model(info.model_name);
+  response->set_created(unix_seconds());
+  choice->set_text(std::move(text));
+  choice->set_finish_reason(to_proto(finished.finish));
+  fill_tail(finished, start, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status CompletionService::StreamComplete(grpc::ServerContext* ctx, const v1::StreamCompleteRequest* request,
+                                               grpc::ServerWriter<v1::StreamCompleteResponse>* writer) {
+  return done("StreamComplete", stream_complete(ctx, *request, writer));
+}
+
+grpc::Status CompletionService::stream_complete(grpc::ServerContext* ctx, const v1::StreamCompleteRequest& request,
+                                                grpc::ServerWriter<v1::StreamCompleteResponse>* writer) {
+  const Clock::time_point start = Clock::now();
+  if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
+  const EngineInfo info = engine_.info();
+  Result<PreparedRequest> prepared = prepare_completion(request, tokenizer_, limits(info));
+  if (!prepared.ok()) return to_grpc_status(prepared.status());
+
+  const std::string id = new_id("cmpl");
+  const int64_t created = unix_seconds();
+  const auto header = [&](v1::StreamCompleteResponse* m) {
+    m->set_id(id);
+    m->set_model(info.model_name);
+    m->set_created(created);
+  };
+  std::string pending_echo = std::move(prepared->echo_text);  // goes out with the first message
+  EngineEvent finished;
+  grpc::Status s = generate(ctx, *prepared, start,
+                            [&](const std::vector<EngineEvent>& tokens) {
+                              v1::StreamCompleteResponse m;
+                              header(&m);
+                              v1::CompletionChoice* c = m.add_choices();
+                              std::string text = std::move(pending_echo);
+                              pending_echo.clear();
+                              append_tokens(tokens, tokenizer_, &text, c);
+                              c->set_text(std::move(text));
+                              return writer->Write(m);
+                            },
+                            &finished);
+  if (!s.ok()) return s;
+  if (s = finish_status(ctx, finished); !s.ok()) return s;
+  v1::StreamCompleteResponse last;
+  header(&last);
+  v1::CompletionChoice* c = last.add_choices();
+  c->set_text(std::move(pending_echo));
+  c->set_finish_reason(to_proto(finished.finish));
+  fill_tail(finished, start, &last);
+  if (!writer->Write(last)) return grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading the stream");
+  return grpc::Status::OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Chat
+
+grpc::Status CompletionService::ChatComplete(grpc::ServerContext* ctx, const v1::ChatCompleteRequest* request,
+                                             v1::ChatCompleteResponse* response) {
+  return done("ChatComplete", chat_complete(ctx, *request, response));
+}
+
+namespace {
+grpc::Status no_chat_template() {
+  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                      fmt::format("this model has no chat template the server recognises; use Complete, or start "
+                                  "the server with a built-in template ({})",
+                                  fmt::join(ChatTemplate::builtin_names(), ", ")));
+}
+}  // namespace
+
+grpc::Status CompletionService::chat_complete(grpc::ServerContext* ctx, const v1::ChatCompleteRequest& request,
+                                              v1::ChatCompleteResponse* response) {
+  const Clock::time_point start = Clock::now();
+  if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
+  if (!chat_template_) return no_chat_template();
+  const EngineInfo info = engine_.info();
+  Result<PreparedRequest> prepared = prepare_chat(request, tokenizer_, *chat_template_, limits(info));
+  if (!prepared.ok()) return to_grpc_status(prepared.status());
+
+  v1::ChatChoice* choice = response->add_choices();
+  choice->set_index(0);
+  std::string text;
+  EngineEvent finished;
+  grpc::Status s = generate(ctx, *prepared, start,
+                            [&](const std::vector<EngineEvent>& tokens) {
+                              append_tokens(tokens, tokenizer_, &text, choice);
+                              return true;
+                            },
+                            &finished);
+  if (!s.ok()) return s;
+  if (s = finish_status(ctx, finished); !s.ok()) return s;
+  response->set_id(new_id("chatcmpl"));
+  response->set_model(info.model_name);
+  response->set_created(unix_seconds());
+  choice->mutable_message()->set_role("assistant");
+  choice->mutable_message()->set_content(std::move(text));
+  choice->set_finish_reason(to_proto(finished.finish));
+  fill_tail(finished, start, response);
+  return grpc::Status::OK;
+}
+
+grpc::Status CompletionService::StreamChatComplete(grpc::ServerContext* ctx,
+                                                   const v1::StreamChatCompleteRequest* request,
+                                                   grpc::ServerWriter<v1::StreamChatCompleteResponse>* writer) {
+  return done("StreamChatComplete", stream_chat_complete(ctx, *request, writer));
+}
+
+grpc::Status CompletionService::stream_chat_complete(grpc::ServerContext* ctx,
+                                                     const v1::StreamChatCompleteRequest& request,
+                                                     grpc::ServerWriter<v1::StreamChatCompleteResponse>* writer) {
+  const Clock::time_point start = Clock::now();
+  if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
+  if (!chat_template_) return no_chat_template();
+  const EngineInfo info = engine_.info();
+  Result<PreparedRequest> prepared = prepare_chat(request, tokenizer_, *chat_template_, limits(info));
+  if (!prepared.ok()) return to_grpc_status(prepared.status());
+
+  const std::string id = new_id("chatcmpl");
+  const int64_t created = unix_seconds();
+  bool role_sent = false;  // OpenAI: the role is in the first delta only
+  const auto begin = [&](v1::StreamChatCompleteResponse* m) {
+    m->set_id(id);
+    m->set_model(info.model_name);
+    m->set_created(created);
+    v1::ChatDeltaChoice* c = m->add_choices();
+    if (!role_sent) c->mutable_delta()->set_role("assistant");
+    role_sent = true;
+    return c;
+  };
+  EngineEvent finished;
+  grpc::Status s = generate(ctx, *prepared, start,
+                            [&](const std::vector<EngineEvent>& tokens) {
+                              v1::StreamChatCompleteResponse m;
+                              v1::ChatDeltaChoice* c = begin(&m);
+                              std::string text;
+                              append_tokens(tokens, tokenizer_, &text, c);
+                              c->mutable_delta()->set_content(std::move(text));
+                              return writer->Write(m);
+                            },
+                            &finished);
+  if (!s.ok()) return s;
+  if (s = finish_status(ctx, finished); !s.ok()) return s;
+  v1::StreamChatCompleteResponse last;
+  v1::ChatDeltaChoice* c = begin(&last);
+  c->set_finish_reason(to_proto(finished.finish));
+  fill_tail(finished, start, &last);
+  if (!writer->Write(last)) return grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading the stream");
+  return grpc::Status::OK;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tokenize and info: no engine work, so they answer before the model is ready.
+
+grpc::Status CompletionService::Tokenize(grpc::ServerContext* ctx, const v1::TokenizeRequest* request,
+                                         v1::TokenizeResponse* response) {
+  grpc::Status s = admit(ctx, false);
+  if (s.ok()) {
+    const ChatTemplate* tmpl = chat_template_ ? &*chat_template_ : nullptr;
+    Result<v1::TokenizeResponse> r = tokenize(*request, tokenizer_, tmpl, limits(engine_.info()));
+    if (r.ok()) *response = std::move(r).value();
+    else s = to_grpc_status(r.status());
+  }
+  return done("Tokenize", s);
+}
+
+grpc::Status CompletionService::GetModelInfo(grpc::ServerContext* ctx, const v1::GetModelInfoRequest*,
+                                             v1::GetModelInfoResponse* response) {
+  grpc::Status s = admit(ctx, false);
+  if (s.ok()) {
+    const EngineInfo info = engine_.info();
+    response->set_model(info.model_name);
+    response->set_architecture(info.architecture);
+    response->set_n_layers(info.n_layers);
+    response->set_n_heads(info.n_heads);
+    response->set_n_kv_heads(info.n_kv_heads);
+    response->set_hidden(info.hidden);
+    response->set_n_vocab(info.n_vocab);
+    response->set_max_context(info.max_context);
+    if (chat_template_) response->set_chat_template(std::string(chat_template_->name()));
+    if (auto bos = tokenizer_.bos_id()) response->set_bos_token_id(*bos);
+    if (auto eos = tokenizer_.eos_id()) response->set_eos_token_id(*eos);
+  }
+  return done("GetModelInfo", s);
+}
+
+grpc::Status CompletionService::GetServerInfo(grpc::ServerContext* ctx, const v1::GetServerInfoRequest*,
+                                              v1::GetServerInfoResponse* response) {
+  grpc::Status s = admit(ctx, false);
+  if (s.ok()) {
+    const EngineInfo info = engine_.info();
+    const RequestLimits l = limits(info);
+    response->set_version(STARSERVE_VERSION);
+    response->set_world_size(info.world_size);
+    for (const std::string& d : info.devices) response->add_devices(d);
+    v1::StarDefaults* star = response->mutable_star();
+    star->set_attention_mode(to_proto(info.star_defaults.mode));
+    star->set_block_size(info.star_defaults.block_size);
+    star->set_n_blocks(info.star_defaults.n_blocks);
+    star->set_anchor_size(info.star_defaults.anchor_size);
+    star->set_query_tail(info.star_defaults.query_tail);
+    v1::RequestLimits* lim = response->mutable_limits();
+    lim->set_max_prompt_tokens(l.max_prompt_tokens);
+    lim->set_max_tokens(l.max_tokens_limit);
+    lim->set_max_stop_strings(l.max_stop_strings);
+    lim->set_max_stop_string_bytes(l.max_stop_string_bytes);
+    lim->set_max_message_bytes(config_.max_message_bytes);
+    lim->set_max_logprobs(kMaxLogprobs);
+    response->set_ready(engine_.ready());
+    response->set_kv_pages_total(info.kv_pages_total);
+    response->set_kv_pages_free(info.kv_pages_free);
+    response->set_queue_depth(info.queue_depth);
+    response->set_running(info.running);
+    response->set_tls(!config_.tls_cert.empty());
+    response->set_mutual_tls(!config_.tls_cert.empty() && !config_.tls_client_ca.empty());
+    response->set_auth_required(!config_.api_key.empty());
+  }
+  return done("GetServerInfo", s);
+}
+
+}  // namespace starserve

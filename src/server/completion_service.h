@@ -1,0 +1,98 @@
+// starserve.v1.CompletionService on the synchronous gRPC API: one gRPC thread per RPC, which converts the request
+// at the edge (server/convert.h), submits it to the Engine and waits for its events on a per-RPC queue.
+//
+// Threads: handlers run on gRPC's threads. Engine events arrive on the engine's thread and are only appended to
+// the RPC's queue there (the engine requires its callbacks not to block); the RPC thread drains the queue, writes
+// responses, and polls ServerContext::IsCancelled every kCancelPollInterval so that a client cancellation or an
+// expired deadline reaches Engine::cancel within that time.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "common/config.h"
+#include "engine/engine.h"
+#include "model/chat_template.h"
+#include "model/tokenizer.h"
+#include "server/auth.h"
+#include "server/convert.h"
+#include "server/metrics.h"
+#include "starserve/v1/completion.grpc.pb.h"
+
+namespace starserve {
+
+inline constexpr std::chrono::milliseconds kCancelPollInterval{50};
+
+class CompletionService final : public v1::CompletionService::Service {
+ public:
+  // chat_template: nullopt = the chat RPCs answer FAILED_PRECONDITION. metrics may be null.
+  CompletionService(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
+                    std::optional<ChatTemplate> chat_template, std::shared_ptr<const ApiKeyCheck> api_key,
+                    ServerMetrics* metrics);
+
+  grpc::Status Complete(grpc::ServerContext* ctx, const v1::CompleteRequest* request,
+                        v1::CompleteResponse* response) override;
+  grpc::Status StreamComplete(grpc::ServerContext* ctx, const v1::StreamCompleteRequest* request,
+                              grpc::ServerWriter<v1::StreamCompleteResponse>* writer) override;
+  grpc::Status ChatComplete(grpc::ServerContext* ctx, const v1::ChatCompleteRequest* request,
+                            v1::ChatCompleteResponse* response) override;
+  grpc::Status StreamChatComplete(grpc::ServerContext* ctx, const v1::StreamChatCompleteRequest* request,
+                                  grpc::ServerWriter<v1::StreamChatCompleteResponse>* writer) override;
+  grpc::Status Tokenize(grpc::ServerContext* ctx, const v1::TokenizeRequest* request,
+                        v1::TokenizeResponse* response) override;
+  grpc::Status GetModelInfo(grpc::ServerContext* ctx, const v1::GetModelInfoRequest* request,
+                            v1::GetModelInfoResponse* response) override;
+  grpc::Status GetServerInfo(grpc::ServerContext* ctx, const v1::GetServerInfoRequest* request,
+                             v1::GetServerInfoResponse* response) override;
+
+  // From now on new RPCs answer UNAVAILABLE; running ones go on until grpc::Server::Shutdown's deadline cancels
+  // them (which reaches the engine through the cancellation poll).
+  void begin_shutdown() { shutting_down_.store(true); }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  // Token events that arrived together, handed to the RPC's writer; false = the client is gone.
+  using TokenSink = std::function<bool(const std::vector<EngineEvent>& tokens)>;
+
+  // Key, shutdown and (needs_ready) readiness checks, in that order, before any work.
+  grpc::Status admit(const grpc::ServerContext* ctx, bool needs_ready) const;
+  RequestLimits limits(const EngineInfo& info) const;
+  // Submits the request and pumps its events until it finishes (OK, *finished set) or the client cancels, its
+  // deadline passes or a write fails (non-OK; the engine request is cancelled).
+  grpc::Status generate(grpc::ServerContext* ctx, PreparedRequest& prepared, Clock::time_point rpc_start,
+                        const TokenSink& sink, EngineEvent* finished);
+  // The RPC's final status given the engine's finish event.
+  grpc::Status finish_status(const grpc::ServerContext* ctx, const EngineEvent& finished) const;
+  void record_finish(const EngineEvent& finished, Clock::time_point rpc_start);
+  grpc::Status done(std::string_view rpc, grpc::Status status);
+  std::string new_id(std::string_view prefix);
+
+  grpc::Status complete(grpc::ServerContext* ctx, const v1::CompleteRequest& request, v1::CompleteResponse* response);
+  grpc::Status stream_complete(grpc::ServerContext* ctx, const v1::StreamCompleteRequest& request,
+                               grpc::ServerWriter<v1::StreamCompleteResponse>* writer);
+  grpc::Status chat_complete(grpc::ServerContext* ctx, const v1::ChatCompleteRequest& request,
+                             v1::ChatCompleteResponse* response);
+  grpc::Status stream_chat_complete(grpc::ServerContext* ctx, const v1::StreamChatCompleteRequest& request,
+                                    grpc::ServerWriter<v1::StreamChatCompleteResponse>* writer);
+
+  const ServerConfig config_;
+  Engine& engine_;
+  const Tokenizer tokenizer_;  // copies share the immutable tables
+  const std::optional<ChatTemplate> chat_template_;
+  const std::shared_ptr<const ApiKeyCheck> api_key_;
+  ServerMetrics* const metrics_;
+  std::atomic<bool> shutting_down_{false};
+  std::mutex id_mu_;
+  std::mt19937_64 id_rng_;  // response ids (guarded by id_mu_)
+};
+
+}  // namespace starserve

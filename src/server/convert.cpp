@@ -1,0 +1,461 @@
+#include "server/convert.h"
+
+#include <algorithm>
+#include <climits>
+
+#include <fmt/ranges.h>
+
+#include "common/log.h"
+#include "star/partition.h"
+
+namespace starserve {
+namespace {
+
+Status check_model(const std::string& requested, const RequestLimits& limits) {
+  if (requested.empty() || requested == limits.model_name) return Status();
+  return not_found("model \"{}\" is not served here; this server serves \"{}\"", requested, limits.model_name);
+}
+
+// Fields every generation request has (CompleteRequest, StreamCompleteRequest, ChatCompleteRequest,
+// StreamChatCompleteRequest share their names and numbers), checked before any tokenizing.
+template <typename Req>
+Status check_shape(const Req& r, const RequestLimits& limits) {
+  SS_RETURN_IF_ERROR(check_model(r.model(), limits));
+  // One choice per request: n > 1 would need the engine to fork a sequence after phase 2 (sharing the context
+  // KV), which it does not do yet.
+  if (r.has_n() && r.n() != 1) {
+    if (r.n() > 1) return invalid_argument("n = {}: n > 1 is not supported yet", r.n());
+    return invalid_argument("n = {} must be 1", r.n());
+  }
+  if (r.has_max_tokens() && (r.max_tokens() < 1 || r.max_tokens() > limits.max_tokens_limit)) {
+    return invalid_argument("max_tokens = {} must be in [1, {}] (server limit max_tokens_limit)", r.max_tokens(),
+                            limits.max_tokens_limit);
+  }
+  if (r.stop_size() > limits.max_stop_strings) {
+    return invalid_argument("stop has {} strings; the server allows at most {} (max_stop_strings)", r.stop_size(),
+                            limits.max_stop_strings);
+  }
+  for (int i = 0; i < r.stop_size(); ++i) {
+    const size_t n = r.stop(i).size();
+    if (n == 0) return invalid_argument("stop[{}] is empty", i);
+    if (n > static_cast<size_t>(limits.max_stop_string_bytes)) {
+      return invalid_argument("stop[{}] has {} bytes; the server allows at most {} (max_stop_string_bytes)", i, n,
+                              limits.max_stop_string_bytes);
+    }
+  }
+  return Status();
+}
+
+// Sampling and Star fields -> EngineRequest; `n_prompt` tokens are already known. default_max_tokens applies when
+// the request leaves max_tokens unset.
+template <typename Req>
+Status fill_generation(const Req& r, int64_t n_prompt, int default_max_tokens, const RequestLimits& limits,
+                       EngineRequest* out) {
+  if (limits.max_prompt_tokens > 0 && n_prompt > limits.max_prompt_tokens) {
+    return invalid_argument("the prompt has {} tokens; the server allows at most {} (max_prompt_tokens)", n_prompt,
+                            limits.max_prompt_tokens);
+  }
+  SamplingParams& s = out->sampling;
+  s.max_tokens = r.has_max_tokens() ? r.max_tokens() : default_max_tokens;
+  if (s.max_tokens < 1) {
+    return invalid_argument("the prompt has {} tokens and leaves no room to generate in the context limit of {}",
+                            n_prompt, limits.max_context);
+  }
+  if (limits.max_context > 0 && n_prompt + s.max_tokens > limits.max_context) {
+    return invalid_argument("prompt ({} tokens) + max_tokens ({}) = {} exceeds the context limit of {} tokens",
+                            n_prompt, s.max_tokens, n_prompt + s.max_tokens, limits.max_context);
+  }
+  if (r.has_temperature()) s.temperature = r.temperature();
+  if (r.has_top_p()) s.top_p = r.top_p();
+  if (r.has_top_k()) s.top_k = r.top_k();
+  if (r.has_min_p()) s.min_p = r.min_p();
+  if (r.has_repetition_penalty()) s.repetition_penalty = r.repetition_penalty();
+  if (r.has_frequency_penalty()) s.frequency_penalty = r.frequency_penalty();
+  if (r.has_presence_penalty()) s.presence_penalty = r.presence_penalty();
+  if (r.has_seed()) s.seed = r.seed();
+  s.stop.assign(r.stop().begin(), r.stop().end());
+  s.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
+  for (size_t i = 0; i < s.stop_token_ids.size(); ++i) {
+    if (s.stop_token_ids[i] < 0 || s.stop_token_ids[i] >= limits.n_vocab) {
+      return invalid_argument("stop_token_ids[{}] = {} must be in [0, {}) (n_vocab)", i, s.stop_token_ids[i],
+                              limits.n_vocab);
+    }
+  }
+  if (r.has_ignore_eos()) s.ignore_eos = r.ignore_eos();
+  if (r.has_logprobs()) s.logprobs = r.logprobs();
+  SS_RETURN_IF_ERROR(s.validate(limits.n_vocab));
+
+  switch (r.attention_mode()) {
+    case v1::ATTENTION_MODE_GLOBAL: out->mode = AttentionMode::kGlobal; break;
+    case v1::ATTENTION_MODE_EXACT: out->mode = AttentionMode::kExact; break;
+    case v1::ATTENTION_MODE_STAR: out->mode = AttentionMode::kStar; break;
+    case v1::ATTENTION_MODE_UNSPECIFIED: out->mode = limits.default_mode; break;
+    default:
+      return invalid_argument("attention_mode = {} is not a known AttentionMode",
+                              static_cast<int>(r.attention_mode()));
+  }
+  const int size_bound = limits.max_context > 0 ? limits.max_context : INT_MAX;
+  if (r.has_block_size()) {
+    if (r.block_size() < 1 || r.block_size() > size_bound) {
+      return invalid_argument("block_size = {} must be in [1, {}]", r.block_size(), size_bound);
+    }
+    out->block_size = r.block_size();
+  }
+  if (r.has_anchor_size()) {
+    if (r.anchor_size() < 0 || r.anchor_size() > size_bound) {
+      return invalid_argument("anchor_size = {} must be in [0, {}] (0 = no anchor)", r.anchor_size(), size_bound);
+    }
+    out->anchor_size = r.anchor_size();
+  }
+  out->return_entropy = r.has_return_attention_entropy() && r.return_attention_entropy();
+  return Status();
+}
+
+void split_tokens(std::vector<int32_t> all, int query_tail, EngineRequest* out) {
+  const int64_t n_ctx = split_plain_prompt(static_cast<int64_t>(all.size()), query_tail);
+  out->query.assign(all.begin() + n_ctx, all.end());
+  all.resize(static_cast<size_t>(n_ctx));
+  out->context = std::move(all);
+}
+
+template <typename Req>
+Result<PreparedRequest> prepare_completion_impl(const Req& r, const Tokenizer& tok, const RequestLimits& limits) {
+  SS_RETURN_IF_ERROR(check_shape(r, limits));
+  PreparedRequest p;
+  switch (r.input_case()) {
+    case Req::kPrompt: {
+      if (r.prompt().empty()) return invalid_argument("prompt is empty");
+      split_tokens(tok.encode(r.prompt(), /*add_special=*/true, /*parse_special=*/false), limits.query_tail,
+                   &p.engine);
+      if (r.echo()) p.echo_text = r.prompt();
+      break;
+    }
+    case Req::kPromptTokenIds: {
+      const auto& ids = r.prompt_token_ids().ids();
+      if (ids.empty()) return invalid_argument("prompt_token_ids is empty");
+      for (int i = 0; i < ids.size(); ++i) {
+        if (ids[i] < 0 || ids[i] >= limits.n_vocab) {
+          return invalid_argument("prompt_token_ids[{}] = {} must be in [0, {}) (n_vocab)", i, ids[i], limits.n_vocab);
+        }
+      }
+      std::vector<int32_t> all(ids.begin(), ids.end());
+      if (r.echo()) p.echo_text = tok.decode(all);
+      split_tokens(std::move(all), limits.query_tail, &p.engine);
+      break;
+    }
+    case Req::kSplit: {
+      const v1::SplitPrompt& s = r.split();
+      if (s.query().empty()) return invalid_argument("split.query is empty (the question goes to phase 2)");
+      if (s.context().empty()) {
+        p.engine.query = tok.encode(s.query(), /*add_special=*/true, /*parse_special=*/false);
+      } else {
+        // BOS belongs to the start of the sequence, which is the context.
+        p.engine.context = tok.encode(s.context(), /*add_special=*/true, /*parse_special=*/false);
+        p.engine.query = tok.encode(s.query(), /*add_special=*/false, /*parse_special=*/false);
+      }
+      if (r.echo()) p.echo_text = s.context() + s.query();
+      break;
+    }
+    default:
+      return invalid_argument("no input: set one of prompt, prompt_token_ids or split");
+  }
+  if (p.engine.query.empty()) return invalid_argument("the prompt tokenizes to no query tokens");
+  const int64_t n_prompt = static_cast<int64_t>(p.engine.context.size() + p.engine.query.size());
+  // OpenAI's completions default.
+  constexpr int kDefaultCompletionMaxTokens = 16;
+  SS_RETURN_IF_ERROR(
+      fill_generation(r, n_prompt, std::min(kDefaultCompletionMaxTokens, limits.max_tokens_limit), limits, &p.engine));
+  return p;
+}
+
+std::string_view trim(std::string_view s) {
+  const auto is_space = [](char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; };
+  while (!s.empty() && is_space(s.front())) s.remove_prefix(1);
+  while (!s.empty() && is_space(s.back())) s.remove_suffix(1);
+  return s;
+}
+
+Status check_messages(const google::protobuf::RepeatedPtrField<v1::ChatMessage>& messages,
+                      const ChatTemplate& tmpl) {
+  if (messages.empty()) return invalid_argument("messages is empty");
+  const bool any_role = tmpl.family() == ChatTemplate::Family::kChatml;
+  for (int i = 0; i < messages.size(); ++i) {
+    const std::string& role = messages[i].role();
+    if (role.empty() || role.size() > 32) return invalid_argument("messages[{}].role must have 1 to 32 characters", i);
+    for (char c : role) {
+      // The role is written into the prompt verbatim; anything else could forge template markers.
+      if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' || c == '-')) {
+        return invalid_argument("messages[{}].role = \"{}\" may only hold letters, digits, '_' and '-'", i, role);
+      }
+    }
+    if (!any_role) {
+      if (role != "system" && role != "user" && role != "assistant") {
+        return invalid_argument("messages[{}].role = \"{}\" must be system, user or assistant for the {} template", i,
+                                role, tmpl.name());
+      }
+      if (role == "system" && i != 0) {
+        return invalid_argument("messages[{}]: the {} template takes a system message only first", i, tmpl.name());
+      }
+    }
+  }
+  return Status();
+}
+
+// Chat prompt -> (context, query). Without a document: the rendered prompt is split like a plain prompt (the last
+// query-tail tokens are the query), as `starserve generate --chat --prompt` does. With a document: it opens the
+// last user message, followed by a blank line and the message's own content (the question); the cut is at the end
+// of the document, so the question, the end of the turn and the assistant header are the query and get exact
+// attention in phase 2 (Star Attention's accuracy depends on the question being in phase 2).
+Status build_chat_prompt(const google::protobuf::RepeatedPtrField<v1::ChatMessage>& messages,
+                         const std::string& document, const Tokenizer& tok, const ChatTemplate& tmpl,
+                         int query_tail, EngineRequest* out, std::string* rendered_out) {
+  SS_RETURN_IF_ERROR(check_messages(messages, tmpl));
+  std::vector<ChatMessage> msgs;
+  msgs.reserve(static_cast<size_t>(messages.size()));
+  for (const v1::ChatMessage& m : messages) msgs.push_back({m.role(), m.content()});
+
+  std::string doc_text, question_text;
+  if (!document.empty()) {
+    int last_user = -1;
+    for (int i = 0; i < messages.size(); ++i) {
+      if (messages[i].role() == "user") last_user = i;
+    }
+    if (last_user < 0) return invalid_argument("context needs a user message to attach to; messages has none");
+    // Outer whitespace is dropped so that templates that trim message content (llama3, gemma, llama2) keep the
+    // document intact and it can be found again in the rendered text.
+    doc_text = std::string(trim(document));
+    question_text = std::string(trim(messages[last_user].content()));
+    if (doc_text.empty()) return invalid_argument("context is only whitespace");
+    if (question_text.empty()) {
+      return invalid_argument("messages[{}].content (the question asked about context) is empty", last_user);
+    }
+    msgs[static_cast<size_t>(last_user)].content = doc_text + "\n\n" + question_text;
+  }
+  const std::string rendered = tmpl.apply(msgs, /*add_generation_prompt=*/true);
+  if (rendered_out) *rendered_out = rendered;
+  // The template's own markers (and BOS where the family writes it) are in the text: parse them as control tokens.
+  if (!doc_text.empty()) {
+    const size_t at = rendered.rfind(doc_text + "\n\n" + question_text);
+    if (at != std::string::npos) {
+      const size_t cut = at + doc_text.size();
+      out->context = tok.encode(std::string_view(rendered).substr(0, cut), false, true);
+      out->query = tok.encode(std::string_view(rendered).substr(cut), false, true);
+      return Status();
+    }
+    spdlog::warn("chat template {} changed the document text; splitting the prompt by the query-tail rule",
+                 tmpl.name());
+  }
+  split_tokens(tok.encode(rendered, false, true), query_tail, out);
+  return Status();
+}
+
+template <typename Req>
+Result<PreparedRequest> prepare_chat_impl(const Req& r, const Tokenizer& tok, const ChatTemplate& tmpl,
+                                          const RequestLimits& limits) {
+  SS_RETURN_IF_ERROR(check_shape(r, limits));
+  PreparedRequest p;
+  SS_RETURN_IF_ERROR(build_chat_prompt(r.messages(), r.context(), tok, tmpl, limits.query_tail, &p.engine, nullptr));
+  if (p.engine.query.empty()) return invalid_argument("the conversation renders to no query tokens");
+  const int64_t n_prompt = static_cast<int64_t>(p.engine.context.size() + p.engine.query.size());
+  // Chat default (as OpenAI and vLLM): as much as the context leaves, capped by the server's limit.
+  int64_t default_max = limits.max_tokens_limit;
+  if (limits.max_context > 0) default_max = std::min<int64_t>(default_max, limits.max_context - n_prompt);
+  SS_RETURN_IF_ERROR(fill_generation(r, n_prompt, static_cast<int>(std::max<int64_t>(default_max, 0)), limits,
+                                     &p.engine));
+  return p;
+}
+
+}  // namespace
+
+RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& info, const Tokenizer& tokenizer) {
+  RequestLimits l;
+  l.model_name = info.model_name;
+  l.max_context = info.max_context;
+  l.max_prompt_tokens = config.max_prompt_tokens > 0 ? config.max_prompt_tokens : info.max_context;
+  if (info.max_context > 0 && l.max_prompt_tokens > 0) l.max_prompt_tokens = std::min(l.max_prompt_tokens, info.max_context);
+  l.max_tokens_limit = std::min(config.max_tokens_limit, kMaxMaxTokens);
+  l.max_stop_strings = std::min(config.max_stop_strings, kMaxStopStrings);
+  l.max_stop_string_bytes = std::min(config.max_stop_string_bytes, kMaxStopStringBytes);
+  // The model's output layer may be padded past the tokenizer's vocabulary; ids must be valid for both.
+  l.n_vocab = info.n_vocab > 0 ? std::min(info.n_vocab, tokenizer.n_vocab()) : tokenizer.n_vocab();
+  l.query_tail = info.star_defaults.query_tail;
+  l.default_mode = info.star_defaults.mode;
+  return l;
+}
+
+Result<PreparedRequest> prepare_completion(const v1::CompleteRequest& request, const Tokenizer& tokenizer,
+                                           const RequestLimits& limits) {
+  return prepare_completion_impl(request, tokenizer, limits);
+}
+
+Result<PreparedRequest> prepare_completion(const v1::StreamCompleteRequest& request, const Tokenizer& tokenizer,
+                                           const RequestLimits& limits) {
+  return prepare_completion_impl(request, tokenizer, limits);
+}
+
+Result<PreparedRequest> prepare_chat(const v1::ChatCompleteRequest& request, const Tokenizer& tokenizer,
+                                     const ChatTemplate& chat_template, const RequestLimits& limits) {
+  return prepare_chat_impl(request, tokenizer, chat_template, limits);
+}
+
+Result<PreparedRequest> prepare_chat(const v1::StreamChatCompleteRequest& request, const Tokenizer& tokenizer,
+                                     const ChatTemplate& chat_template, const RequestLimits& limits) {
+  return prepare_chat_impl(request, tokenizer, chat_template, limits);
+}
+
+Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const Tokenizer& tokenizer,
+                                      const ChatTemplate* chat_template, const RequestLimits& limits) {
+  v1::TokenizeResponse resp;
+  EngineRequest split;
+  switch (request.input_case()) {
+    case v1::TokenizeRequest::kPrompt: {
+      const bool add_special = !request.has_add_special_tokens() || request.add_special_tokens();
+      split_tokens(tokenizer.encode(request.prompt(), add_special, /*parse_special=*/false), limits.query_tail,
+                   &split);
+      break;
+    }
+    case v1::TokenizeRequest::kChat: {
+      if (chat_template == nullptr) {
+        return unimplemented("this model has no chat template; start the server with a built-in one ({})",
+                             fmt::join(ChatTemplate::builtin_names(), ", "));
+      }
+      std::string rendered;
+      SS_RETURN_IF_ERROR(build_chat_prompt(request.chat().messages(), std::string(), tokenizer, *chat_template,
+                                           limits.query_tail, &split, &rendered));
+      resp.set_rendered(rendered);
+      break;
+    }
+    default:
+      return invalid_argument("no input: set prompt or chat");
+  }
+  for (int32_t id : split.context) resp.add_token_ids(id);
+  for (int32_t id : split.query) resp.add_token_ids(id);
+  resp.set_count(resp.token_ids_size());
+  resp.set_context_tokens(static_cast<int32_t>(split.context.size()));
+  resp.set_query_tokens(static_cast<int32_t>(split.query.size()));
+  resp.set_max_model_len(limits.max_context);
+  if (request.return_token_strings()) {
+    for (int32_t id : resp.token_ids()) {
+      std::string text;
+      append_utf8_lossy(tokenizer.token_to_bytes(id), text);
+      resp.add_tokens(std::move(text));
+    }
+  }
+  return resp;
+}
+
+v1::FinishReason to_proto(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStop: return v1::FINISH_REASON_STOP;
+    case FinishReason::kLength: return v1::FINISH_REASON_LENGTH;
+    case FinishReason::kCancelled: return v1::FINISH_REASON_CANCELLED;
+    case FinishReason::kError: return v1::FINISH_REASON_ERROR;
+    case FinishReason::kUnspecified: break;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+v1::AttentionMode to_proto(AttentionMode mode) {
+  switch (mode) {
+    case AttentionMode::kGlobal: return v1::ATTENTION_MODE_GLOBAL;
+    case AttentionMode::kExact: return v1::ATTENTION_MODE_EXACT;
+    case AttentionMode::kStar: return v1::ATTENTION_MODE_STAR;
+  }
+  return v1::ATTENTION_MODE_UNSPECIFIED;
+}
+
+void fill_usage(const EngineUsage& usage, v1::Usage* out) {
+  const int64_t prompt = usage.context_tokens + usage.query_tokens;
+  out->set_prompt_tokens(static_cast<int32_t>(prompt));
+  out->set_completion_tokens(static_cast<int32_t>(usage.completion_tokens));
+  out->set_total_tokens(static_cast<int32_t>(prompt + usage.completion_tokens));
+  out->set_context_tokens(static_cast<int32_t>(usage.context_tokens));
+  out->set_query_tokens(static_cast<int32_t>(usage.query_tokens));
+}
+
+void fill_timing(const EngineTiming& timing, double total_ms, v1::Timing* out) {
+  out->set_queue_ms(timing.queue_ms);
+  out->set_phase1_ms(timing.phase1_ms);
+  out->set_time_to_first_token_ms(timing.time_to_first_token_ms);
+  out->set_tokens_per_second(timing.tokens_per_second);
+  out->set_total_ms(total_ms);
+}
+
+void fill_entropy(const EntropyStats& entropy, v1::AttentionEntropy* out) {
+  out->set_n_layers(entropy.n_layers);
+  out->set_n_heads(entropy.n_heads);
+  for (int l = 0; l < entropy.n_layers; ++l) {
+    v1::LayerEntropy* layer = out->add_layers();
+    layer->set_mean(static_cast<float>(entropy.layer_mean(l)));
+    for (int h = 0; h < entropy.n_heads; ++h) {
+      layer->add_head_mean(static_cast<float>(entropy.mean(l, h)));
+      layer->add_head_max(static_cast<float>(entropy.mean_max(l, h)));
+    }
+  }
+}
+
+void append_logprobs(const TokenLogprobs& logprobs, const Tokenizer& tokenizer, v1::Logprobs* out) {
+  // Proto strings must be valid UTF-8 and a token may hold part of a character: `token` is the lossy text,
+  // `bytes` the exact bytes.
+  const auto fill = [&tokenizer](int32_t id, auto* entry) {
+    const std::string bytes = tokenizer.token_to_bytes(id);
+    std::string text;
+    append_utf8_lossy(bytes, text);
+    entry->set_token_id(id);
+    entry->set_token(std::move(text));
+    entry->set_bytes(bytes);
+  };
+  v1::LogprobEntry* e = out->add_content();
+  fill(logprobs.token, e);
+  e->set_logprob(logprobs.logprob);
+  for (const TokenLogprob& t : logprobs.top) {
+    v1::TopLogprob* top = e->add_top_logprobs();
+    fill(t.token, top);
+    top->set_logprob(t.logprob);
+  }
+}
+
+grpc::Status to_grpc_status(const Status& status) {
+  grpc::StatusCode code = grpc::StatusCode::UNKNOWN;
+  switch (status.code()) {
+    case StatusCode::kOk: return grpc::Status::OK;
+    case StatusCode::kInvalidArgument: code = grpc::StatusCode::INVALID_ARGUMENT; break;
+    case StatusCode::kNotFound: code = grpc::StatusCode::NOT_FOUND; break;
+    case StatusCode::kDataLoss: code = grpc::StatusCode::DATA_LOSS; break;
+    case StatusCode::kOutOfRange: code = grpc::StatusCode::OUT_OF_RANGE; break;
+    case StatusCode::kResourceExhausted: code = grpc::StatusCode::RESOURCE_EXHAUSTED; break;
+    case StatusCode::kUnavailable: code = grpc::StatusCode::UNAVAILABLE; break;
+    case StatusCode::kCancelled: code = grpc::StatusCode::CANCELLED; break;
+    case StatusCode::kDeadlineExceeded: code = grpc::StatusCode::DEADLINE_EXCEEDED; break;
+    case StatusCode::kUnauthenticated: code = grpc::StatusCode::UNAUTHENTICATED; break;
+    case StatusCode::kUnimplemented: code = grpc::StatusCode::UNIMPLEMENTED; break;
+    case StatusCode::kInternal: code = grpc::StatusCode::INTERNAL; break;
+  }
+  return grpc::Status(code, status.message());
+}
+
+std::string_view grpc_code_name(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED: return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
+    default: break;
+  }
+  return "UNKNOWN";
+}
+
+}  // namespace starserve

@@ -1,0 +1,77 @@
+// The edge between protobuf and the engine: requests are parsed into native types here (tokenized, split into
+// context and query, validated against the server's limits) and engine results are written back into responses.
+// Nothing past this file sees a protobuf type. All functions are pure apart from tokenizing, so they run on the
+// RPC's thread before the engine is involved.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include <grpcpp/grpcpp.h>
+
+#include "common/config.h"
+#include "common/status.h"
+#include "engine/engine.h"
+#include "model/chat_template.h"
+#include "model/tokenizer.h"
+#include "starserve/v1/completion.pb.h"
+
+namespace starserve {
+
+namespace v1 = ::starserve::v1;
+
+// What validation and splitting need to know; built per RPC from ServerConfig and Engine::info().
+struct RequestLimits {
+  std::string model_name;     // a request's non-empty `model` must equal it
+  int max_context = 0;        // tokens per request (prompt + generated); 0 = not bounded here
+  int max_prompt_tokens = 0;  // context + query tokens; 0 = not bounded here
+  int max_tokens_limit = 0;   // upper bound of max_tokens
+  int max_stop_strings = 0;
+  int max_stop_string_bytes = 0;
+  int n_vocab = 0;            // bounds prompt_token_ids, stop_token_ids, top_k
+  int query_tail = 0;         // plain prompts: query tokens; 0 = split_plain_prompt's default rule
+  AttentionMode default_mode = AttentionMode::kStar;  // for attention_mode = UNSPECIFIED
+};
+
+RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& info, const Tokenizer& tokenizer);
+
+struct PreparedRequest {
+  EngineRequest engine;
+  std::string echo_text;  // completion with echo: the prompt text the output starts with
+};
+
+// Completion requests: the oneof input -> (context, query) tokens, sampling and Star fields -> EngineRequest.
+// Every error is kInvalidArgument naming the field and the limit (kNotFound for an unknown `model`).
+Result<PreparedRequest> prepare_completion(const v1::CompleteRequest& request, const Tokenizer& tokenizer,
+                                           const RequestLimits& limits);
+Result<PreparedRequest> prepare_completion(const v1::StreamCompleteRequest& request, const Tokenizer& tokenizer,
+                                           const RequestLimits& limits);
+// Chat requests: rendered with chat_template (the caller answers FAILED_PRECONDITION when the model has none).
+// How the rendered prompt is split into context and query: see build_chat_prompt in convert.cpp and the Chat
+// section of completion.proto.
+Result<PreparedRequest> prepare_chat(const v1::ChatCompleteRequest& request, const Tokenizer& tokenizer,
+                                     const ChatTemplate& chat_template, const RequestLimits& limits);
+Result<PreparedRequest> prepare_chat(const v1::StreamChatCompleteRequest& request, const Tokenizer& tokenizer,
+                                     const ChatTemplate& chat_template, const RequestLimits& limits);
+
+// Tokenize: chat_template may be null (then chat input is kUnimplemented).
+Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const Tokenizer& tokenizer,
+                                      const ChatTemplate* chat_template, const RequestLimits& limits);
+
+// ---- results -> proto ----
+v1::FinishReason to_proto(FinishReason reason);
+v1::AttentionMode to_proto(AttentionMode mode);
+void fill_usage(const EngineUsage& usage, v1::Usage* out);
+// total_ms: the server's own measure from the RPC's arrival.
+void fill_timing(const EngineTiming& timing, double total_ms, v1::Timing* out);
+void fill_entropy(const EntropyStats& entropy, v1::AttentionEntropy* out);
+void append_logprobs(const TokenLogprobs& logprobs, const Tokenizer& tokenizer, v1::Logprobs* out);
+
+// ---- status ----
+// Engine/validation codes -> gRPC codes (kOutOfRange -> OUT_OF_RANGE, kResourceExhausted -> RESOURCE_EXHAUSTED ...).
+grpc::Status to_grpc_status(const Status& status);
+// "OK", "INVALID_ARGUMENT", ...: the label of starserve_requests_total{status}.
+std::string_view grpc_code_name(grpc::StatusCode code);
+
+}  // namespace starserve

@@ -1,0 +1,234 @@
+#include "server/grpc_server.h"
+
+#include <condition_variable>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+
+#include "common/log.h"
+#include "server/auth.h"
+#include "server/completion_service.h"
+#include "server/metrics.h"
+
+namespace starserve {
+namespace {
+
+constexpr char kReadinessService[] = "starserve.v1.CompletionService";
+
+Result<std::string> read_pem(const std::string& path, const char* what) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return not_found("cannot read {} file {}", what, path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  if (ss.str().empty()) return invalid_argument("{} file {} is empty", what, path);
+  return ss.str();
+}
+
+// IPv6 literals need brackets in a gRPC address.
+std::string listen_address(const std::string& host, int port) {
+  if (host.find(':') != std::string::npos && host.front() != '[') return fmt::format("[{}]:{}", host, port);
+  return fmt::format("{}:{}", host, port);
+}
+
+Result<std::shared_ptr<grpc::ServerCredentials>> make_credentials(const ServerConfig& config) {
+  const bool has_cert = !config.tls_cert.empty(), has_key = !config.tls_key.empty();
+  if (has_cert != has_key) {
+    return invalid_argument("TLS needs both tls_cert and tls_key (got only {})", has_cert ? "tls_cert" : "tls_key");
+  }
+  if (!has_cert) {
+    if (!config.tls_client_ca.empty()) return invalid_argument("tls_client_ca (mutual TLS) needs tls_cert and tls_key");
+    return grpc::InsecureServerCredentials();
+  }
+  SS_ASSIGN_OR_RETURN(std::string cert, read_pem(config.tls_cert, "tls_cert"));
+  SS_ASSIGN_OR_RETURN(std::string key, read_pem(config.tls_key, "tls_key"));
+  grpc::SslServerCredentialsOptions options;
+  options.pem_key_cert_pairs.push_back({std::move(key), std::move(cert)});
+  if (!config.tls_client_ca.empty()) {
+    SS_ASSIGN_OR_RETURN(options.pem_root_certs, read_pem(config.tls_client_ca, "tls_client_ca"));
+    // Mutual TLS: a client without a certificate signed by this CA fails the handshake.
+    options.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(options);
+}
+
+}  // namespace
+
+struct GrpcServer::Impl {
+  Impl(const ServerConfig& c, Engine& e, const Tokenizer& t, std::optional<ChatTemplate> tmpl)
+      : config(c),
+        engine(e),
+        api_key(std::make_shared<ApiKeyCheck>(c.api_key)),
+        service(c, e, t, std::move(tmpl), api_key, &metrics) {}
+
+  void watch_readiness();
+  void register_engine_gauges();
+
+  const ServerConfig config;
+  Engine& engine;
+  ServerMetrics metrics;
+  std::shared_ptr<const ApiKeyCheck> api_key;
+  CompletionService service;
+  std::unique_ptr<grpc::Server> server;
+  MetricsHttpServer metrics_http;
+  int port = 0;
+
+  std::mutex mu;
+  std::condition_variable cv;
+  bool stopping = false;   // guarded by mu
+  bool shut_down = false;  // guarded by mu: shutdown() has finished
+  std::thread readiness;
+};
+
+void GrpcServer::Impl::watch_readiness() {
+  // Polled because the Engine interface has no readiness callback; 100 ms is far below any model load time.
+  std::unique_lock<std::mutex> lock(mu);
+  while (!stopping) {
+    if (engine.ready()) {
+      server->GetHealthCheckService()->SetServingStatus(kReadinessService, true);
+      spdlog::info("model ready on every rank: {} is SERVING", kReadinessService);
+      return;
+    }
+    cv.wait_for(lock, std::chrono::milliseconds(100));
+  }
+}
+
+void GrpcServer::Impl::register_engine_gauges() {
+  MetricsRegistry& r = metrics.registry();
+  Engine* e = &engine;
+  r.gauge("starserve_queue_depth", "Requests waiting for admission.", {},
+          [e] { return static_cast<double>(e->info().queue_depth); });
+  r.gauge("starserve_requests_running", "Requests admitted and being processed.", {},
+          [e] { return static_cast<double>(e->info().running); });
+  r.gauge("starserve_kv_pages_used", "KV cache pages in use.", {{"rank", "0"}}, [e] {
+    const EngineInfo info = e->info();
+    return static_cast<double>(info.kv_pages_total - info.kv_pages_free);
+  });
+  r.gauge("starserve_kv_pages_total", "KV cache pages in the pool.", {{"rank", "0"}},
+          [e] { return static_cast<double>(e->info().kv_pages_total); });
+  r.gauge("starserve_ready", "1 once every rank has loaded the model.", {},
+          [e] { return e->ready() ? 1.0 : 0.0; });
+}
+
+GrpcServer::GrpcServer(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
+                       std::optional<ChatTemplate> chat_template)
+    : impl_(std::make_unique<Impl>(config, engine, tokenizer, std::move(chat_template))) {}
+
+GrpcServer::~GrpcServer() {
+  if (impl_->server) {
+    shutdown(std::chrono::seconds(0));
+    wait();
+  }
+}
+
+Status GrpcServer::start() {
+  Impl& m = *impl_;
+  SS_CHECK(!m.server, "GrpcServer::start called twice");
+  const ServerConfig& c = m.config;
+  if (c.port < 0 || c.port > 65535) return invalid_argument("port = {} must be in [0, 65535]", c.port);
+  if (c.metrics_port < 0 || c.metrics_port > 65535) {
+    return invalid_argument("metrics_port = {} must be in [0, 65535] (0 = off)", c.metrics_port);
+  }
+  if (c.max_message_bytes < 1024) {
+    return invalid_argument("max_message_bytes = {} must be at least 1024", c.max_message_bytes);
+  }
+  SS_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, make_credentials(c));
+
+  // Both are process-wide switches read by ServerBuilder.
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+
+  grpc::ServerBuilder builder;
+  const std::string address = listen_address(c.host, c.port);
+  builder.AddListeningPort(address, credentials, &m.port);
+  builder.SetMaxReceiveMessageSize(c.max_message_bytes);
+  builder.SetMaxSendMessageSize(c.max_message_bytes);
+  builder.RegisterService(&m.service);
+  if (m.api_key->enabled()) {
+    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+    interceptors.push_back(make_auth_interceptor_factory(m.api_key, c.auth_health));
+    builder.experimental().SetInterceptorCreators(std::move(interceptors));
+  }
+  m.server = builder.BuildAndStart();
+  if (!m.server || m.port == 0) {
+    m.server.reset();
+    return unavailable("cannot listen for gRPC on {} (address in use, or not an address of this host)", address);
+  }
+  grpc::HealthCheckServiceInterface* health = m.server->GetHealthCheckService();
+  SS_CHECK(health != nullptr, "the default health service is enabled");
+  health->SetServingStatus("", true);
+  health->SetServingStatus(kReadinessService, false);
+
+  if (c.metrics_port > 0) {
+    m.register_engine_gauges();
+    Status s = m.metrics_http.start(c.host, c.metrics_port, [&m] { return m.metrics.registry().render(); });
+    if (!s.ok()) {
+      m.server->Shutdown();
+      m.server->Wait();
+      m.server.reset();
+      return s;
+    }
+  }
+  m.readiness = std::thread([&m] { m.watch_readiness(); });
+  spdlog::info("gRPC listening on {} (TLS {}, API key {}{}){}", listen_address(c.host, m.port),
+               c.tls_cert.empty() ? "off" : (c.tls_client_ca.empty() ? "on" : "on, client certificates required"),
+               m.api_key->enabled() ? "required" : "off",
+               m.api_key->enabled() ? (c.auth_health ? ", health included" : ", health exempt") : "",
+               c.metrics_port > 0 ? fmt::format("; metrics on http://{}/metrics",
+                                                listen_address(c.host, m.metrics_http.port()))
+                                  : std::string());
+  return Status();
+}
+
+int GrpcServer::port() const { return impl_->port; }
+int GrpcServer::metrics_port() const { return impl_->metrics_http.port(); }
+
+void GrpcServer::shutdown(std::chrono::milliseconds grace) {
+  Impl& m = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    if (m.stopping || !m.server) return;
+    m.stopping = true;
+  }
+  m.cv.notify_all();
+  spdlog::info("gRPC server shutting down ({} ms for running requests)", grace.count());
+  m.service.begin_shutdown();
+  m.server->GetHealthCheckService()->Shutdown();  // every service NOT_SERVING, for load balancers
+  // Stops accepting, waits for running RPCs until the deadline, then cancels them: the handlers see IsCancelled and
+  // cancel their engine requests.
+  m.server->Shutdown(std::chrono::system_clock::now() + grace);
+  if (m.readiness.joinable()) m.readiness.join();
+  m.metrics_http.stop();
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.shut_down = true;
+  }
+  m.cv.notify_all();
+}
+
+void GrpcServer::wait() {
+  Impl& m = *impl_;
+  if (!m.server) return;
+  {
+    std::unique_lock<std::mutex> lock(m.mu);
+    m.cv.wait(lock, [&m] { return m.shut_down; });
+  }
+  m.server->Wait();
+}
+
+Status run_grpc_server(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
+                       std::optional<ChatTemplate> chat_template, const std::atomic<bool>& stop) {
+  GrpcServer server(config, engine, tokenizer, std::move(chat_template));
+  SS_RETURN_IF_ERROR(server.start());
+  while (!stop.load()) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  server.shutdown();
+  server.wait();
+  return Status();
+}
+
+}  // namespace starserve

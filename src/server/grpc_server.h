@@ -1,0 +1,59 @@
+// The gRPC front end of rank 0: starserve.v1.CompletionService, grpc.health.v1.Health, server reflection, API-key
+// auth, optional TLS / mutual TLS, and the Prometheus endpoint. This header includes no gRPC code, so the app that
+// wires engine and server stays free of it.
+//
+// Health: service "" is SERVING from start() until shutdown (liveness). "starserve.v1.CompletionService" is
+// NOT_SERVING until Engine::ready() (every rank has loaded the model), then SERVING until shutdown; it never turns
+// back while requests run, however long a prefill takes (readiness).
+//
+// Usage (rank 0, after the engine is constructed and its loop is running on another thread):
+//   std::atomic<bool> stop{false};            // set from a SIGINT/SIGTERM handler
+//   Status s = run_grpc_server(config.server, engine, tokenizer, chat_template, stop);
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <optional>
+
+#include "common/config.h"
+#include "common/status.h"
+#include "engine/engine.h"
+#include "model/chat_template.h"
+#include "model/tokenizer.h"
+
+namespace starserve {
+
+class GrpcServer {
+ public:
+  // The engine and tokenizer must outlive the server. chat_template: the template for the chat RPCs, nullopt when
+  // the model has none (they answer FAILED_PRECONDITION).
+  GrpcServer(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
+             std::optional<ChatTemplate> chat_template);
+  ~GrpcServer();  // shuts down if still running
+  GrpcServer(const GrpcServer&) = delete;
+  GrpcServer& operator=(const GrpcServer&) = delete;
+
+  // Reads the TLS files, binds config.host:config.port (and the metrics port when set) and starts serving; returns
+  // at once. Errors: kInvalidArgument (inconsistent TLS settings), kNotFound (unreadable PEM file), kUnavailable
+  // (an address cannot be bound).
+  Status start();
+  int port() const;          // the bound port (config.port 0 picks a free one)
+  int metrics_port() const;  // 0 when the endpoint is off
+  // Thread-safe and idempotent. New RPCs get UNAVAILABLE, health turns NOT_SERVING, running RPCs get `grace` to
+  // finish and are then cancelled (their engine requests with them).
+  void shutdown(std::chrono::milliseconds grace = std::chrono::seconds(10));
+  // Blocks until shutdown() has completed.
+  void wait();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// start(), then wait until `stop` becomes true (polled every 100 ms, so a signal handler may set it), then
+// shutdown() and wait(). Returns start()'s error, or OK after a clean shutdown.
+Status run_grpc_server(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
+                       std::optional<ChatTemplate> chat_template, const std::atomic<bool>& stop);
+
+}  // namespace starserve
