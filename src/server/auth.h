@@ -30,9 +30,10 @@ class ApiKeyCheck {
   std::string key_;
 };
 
-// Interceptor for every method outside starserve.v1 (health: only when auth_health). A rejected call answers
-// UNAUTHENTICATED with an empty response in place of the real one; a rejected server-streaming call (health Watch)
-// is also cancelled at once, since its handler would otherwise keep it open.
+// Interceptor for every method outside starserve.v1 (health: only when auth_health). Server interceptors cannot
+// stop a handler from running, so a rejected call is neutralised instead: a unary call (health Check) answers
+// UNAUTHENTICATED with an empty message in place of the real one; a streaming call (health Watch, reflection) is
+// cancelled at once (the client sees CANCELLED), since its handler would otherwise keep it open.
 std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> make_auth_interceptor_factory(
     std::shared_ptr<const ApiKeyCheck> check, bool auth_health);
 

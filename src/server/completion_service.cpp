@@ -151,7 +151,7 @@ grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedReque
     batch.clear();
     if (!tokens.empty() && !sink(tokens)) {
       engine_.cancel(*id);
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading the stream");
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the stream closed before the request finished (client gone, or the server is shutting down)");
     }
     if (end) {
       *finished = std::move(*end);
@@ -272,7 +272,7 @@ grpc::Status CompletionService::stream_complete(grpc::ServerContext* ctx, const 
   c->set_text(std::move(pending_echo));
   c->set_finish_reason(to_proto(finished.finish));
   fill_tail(finished, start, &last);
-  if (!writer->Write(last)) return grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading the stream");
+  if (!writer->Write(last)) return grpc::Status(grpc::StatusCode::CANCELLED, "the stream closed before the request finished (client gone, or the server is shutting down)");
   return grpc::Status::OK;
 }
 
@@ -369,7 +369,7 @@ grpc::Status CompletionService::stream_chat_complete(grpc::ServerContext* ctx,
   v1::ChatDeltaChoice* c = begin(&last);
   c->set_finish_reason(to_proto(finished.finish));
   fill_tail(finished, start, &last);
-  if (!writer->Write(last)) return grpc::Status(grpc::StatusCode::CANCELLED, "the client stopped reading the stream");
+  if (!writer->Write(last)) return grpc::Status(grpc::StatusCode::CANCELLED, "the stream closed before the request finished (client gone, or the server is shutting down)");
   return grpc::Status::OK;
 }
 

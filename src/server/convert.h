@@ -19,8 +19,6 @@
 
 namespace starserve {
 
-namespace v1 = ::starserve::v1;
-
 // What validation and splitting need to know; built per RPC from ServerConfig and Engine::info().
 struct RequestLimits {
   std::string model_name;     // a request's non-empty `model` must equal it

@@ -148,6 +148,9 @@ Status GrpcServer::start() {
   builder.AddListeningPort(address, credentials, &m.port);
   builder.SetMaxReceiveMessageSize(c.max_message_bytes);
   builder.SetMaxSendMessageSize(c.max_message_bytes);
+  // gRPC sets SO_REUSEPORT by default, which lets a second server bind the same port silently and share its
+  // traffic; a port in use must be an error instead.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(&m.service);
   if (m.api_key->enabled()) {
     std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
