@@ -71,6 +71,24 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
   gen->add_flag("--ignore-eos", s.ignore_eos, "keep generating after end-of-sequence tokens");
   gen->add_option("--logprobs", s.logprobs, "print the top-N log-probabilities of each generated token");
 
+  CLI::App* srv = app.add_subcommand("serve", "serve the gRPC CompletionService (rank 0) with every rank computing");
+  add_common(srv, cl.config);
+  ServerConfig& sv = cl.config.server;
+  SchedulerConfig& sc = cl.config.scheduler;
+  srv->add_option("--host", sv.host, "address to listen on");
+  srv->add_option("--port", sv.port, "gRPC port (0 = pick a free one)");
+  srv->add_option("--metrics-port", sv.metrics_port, "Prometheus text endpoint port (0 = off)");
+  srv->add_option("--tls-cert", sv.tls_cert, "server certificate (PEM)");
+  srv->add_option("--tls-key", sv.tls_key, "server private key (PEM)");
+  srv->add_option("--tls-client-ca", sv.tls_client_ca, "CA that client certificates must chain to (mutual TLS)");
+  srv->add_option("--api-key", sv.api_key, "require 'authorization: Bearer <key>' on every RPC");
+  srv->add_flag("--auth-health", sv.auth_health, "health checks need the key too");
+  srv->add_option("--max-message-bytes", sv.max_message_bytes, "gRPC message size limit");
+  srv->add_option("--max-prompt-tokens", sv.max_prompt_tokens, "prompt token limit (0 = max context)");
+  srv->add_option("--max-tokens-limit", sv.max_tokens_limit, "upper bound for a request's max_tokens");
+  srv->add_option("--max-running", sc.max_running, "sequences decoded together");
+  srv->add_option("--max-queue", sc.max_queue, "requests waiting before RESOURCE_EXHAUSTED");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -78,6 +96,7 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
     return std::nullopt;
   }
   if (gen->parsed()) cl.command = "generate";
+  if (srv->parsed()) cl.command = "serve";
   *exit_code = 0;
   return cl;
 }
