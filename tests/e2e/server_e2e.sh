@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# End-to-end test of the server: real `mpirun -np 2 starserve serve` on the default model, real gRPC
+# through `starctl`. Usage: server_e2e.sh BIN_DIR MODEL. Every wait is bounded; the servers are
+# stopped on exit whatever happens.
+set -uo pipefail
+BIN="$1" MODEL="$2"
+WORK="$(mktemp -d)"
+FAILS=0 PASSES=0
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  sleep 5
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+export OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none
+
+pass() { echo "PASS: $1"; PASSES=$((PASSES + 1)); }
+fail() { echo "FAIL: $1"; FAILS=$((FAILS + 1)); }
+check() { if eval "$2"; then pass "$1"; else fail "$1"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+PORT=$(free_port) MPORT=$(free_port) KEY="e2e-key-$$"
+CTL=("$BIN/starctl" --address "127.0.0.1:$PORT" --api-key "$KEY" --timeout 300)
+mpirun --oversubscribe --allow-run-as-root -np 2 "$BIN/starserve" serve --model "$MODEL" --host 127.0.0.1 \
+  --port "$PORT" --metrics-port "$MPORT" --api-key "$KEY" --max-prompt-tokens 200 --max-queue 32 \
+  --log-level warn >"$WORK/server.log" 2>&1 &
+PIDS+=($!)
+
+# Readiness: NOT_SERVING (or no answer) until every rank has loaded the model, then SERVING.
+ready=0
+for _ in $(seq 1 240); do
+  if "${CTL[@]}" health --ready >/dev/null 2>&1; then ready=1; break; fi
+  sleep 0.5
+done
+check "readiness turns SERVING" '[ $ready = 1 ]'
+[ $ready = 1 ] || { cat "$WORK/server.log"; exit 1; }
+check "liveness SERVING" '"${CTL[@]}" health >/dev/null 2>&1'
+
+PROMPT="The three primary colors are"
+# Unary and streaming equal `starserve generate` for the same settings (greedy, and seeded sampling).
+"$BIN/starserve" generate --model "$MODEL" --prompt "$PROMPT" --max-tokens 12 --temperature 0 --ignore-eos \
+  --attention global --log-level warn 2>/dev/null | sed -e '$ { /^$/ d }' >"$WORK/gen_greedy.txt"
+"${CTL[@]}" complete --prompt "$PROMPT" --max-tokens 12 --temperature 0 --ignore-eos --attention global \
+  >"$WORK/unary_greedy.txt" 2>"$WORK/unary_greedy.err"
+check "unary greedy == generate" 'diff <(printf "%s" "$(cat "$WORK/gen_greedy.txt")") <(printf "%s" "$(cat "$WORK/unary_greedy.txt")")'
+"$BIN/starserve" generate --model "$MODEL" --prompt "$PROMPT" --max-tokens 12 --temperature 0.9 --seed 7 \
+  --ignore-eos --attention global --log-level warn 2>/dev/null >"$WORK/gen_seed.txt"
+"${CTL[@]}" stream --prompt "$PROMPT" --max-tokens 12 --temperature 0.9 --seed 7 --ignore-eos --attention global \
+  >"$WORK/stream_seed.txt" 2>/dev/null
+check "stream seeded == generate seeded" 'diff <(printf "%s" "$(cat "$WORK/gen_seed.txt")") <(printf "%s" "$(cat "$WORK/stream_seed.txt")")'
+check "usage and timing reported" 'grep -q "completion 12 tokens" "$WORK/unary_greedy.err"'
+
+# 16 concurrent streams share the decode steps and each returns the text of a lone request.
+for i in $(seq 1 16); do
+  "${CTL[@]}" stream --prompt "$PROMPT" --max-tokens 12 --temperature 0 --ignore-eos --attention global \
+    >"$WORK/s$i.txt" 2>"$WORK/s$i.err" &
+  CLIENTS[$i]=$!
+done
+ok16=1
+for i in $(seq 1 16); do
+  wait "${CLIENTS[$i]}" || ok16=0
+  [ "$(cat "$WORK/s$i.txt")" = "$(cat "$WORK/unary_greedy.txt")" ] || ok16=0
+done
+check "16 concurrent streams all finish with the lone-request text" '[ $ok16 = 1 ]'
+
+# A client deadline ends the request (the server cancels it on every rank), the next one runs.
+"$BIN/starctl" --address "127.0.0.1:$PORT" --api-key "$KEY" --timeout 1 complete --prompt "$PROMPT" \
+  --max-tokens 150 --temperature 0 --ignore-eos >/dev/null 2>"$WORK/deadline.err"
+check "deadline -> DEADLINE_EXCEEDED" 'grep -q DEADLINE_EXCEEDED "$WORK/deadline.err"'
+"${CTL[@]}" complete --prompt "$PROMPT" --max-tokens 4 --temperature 0 >/dev/null 2>&1
+check "next request after a cancelled one completes" '[ $? = 0 ]'
+
+# Refusals: a clear status naming the field or the limit.
+"${CTL[@]}" complete --prompt "$PROMPT" --top-p 1.5 >/dev/null 2>"$WORK/bad.err"
+check "bad parameter -> INVALID_ARGUMENT naming top_p" 'grep -q "INVALID_ARGUMENT.*top_p" "$WORK/bad.err"'
+LONG=$(python3 -c 'print("word " * 400)')
+"${CTL[@]}" complete --prompt "$LONG" --max-tokens 4 >/dev/null 2>"$WORK/long.err"
+check "over-long prompt -> INVALID_ARGUMENT with the limit" 'grep -q "INVALID_ARGUMENT.*200" "$WORK/long.err"'
+"$BIN/starctl" --address "127.0.0.1:$PORT" --timeout 30 complete --prompt hi >/dev/null 2>"$WORK/nokey.err"
+check "missing API key -> UNAUTHENTICATED" 'grep -q UNAUTHENTICATED "$WORK/nokey.err"'
+"$BIN/starctl" --address "127.0.0.1:$PORT" --api-key wrong --timeout 30 complete --prompt hi >/dev/null 2>"$WORK/badkey.err"
+check "bad API key -> UNAUTHENTICATED" 'grep -q UNAUTHENTICATED "$WORK/badkey.err"'
+
+# Metrics.
+curl -s --max-time 10 "http://127.0.0.1:$MPORT/metrics" >"$WORK/metrics.txt"
+check "metrics: request counter" 'grep -q "^starserve_requests_total" "$WORK/metrics.txt"'
+check "metrics: time-to-first-token histogram" 'grep -q "starserve_time_to_first_token_seconds_bucket" "$WORK/metrics.txt"'
+
+# TLS: a one-rank server with a self-signed certificate; the client trusts it through --tls-ca.
+TPORT=$(free_port)
+openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=localhost" -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+  -keyout "$WORK/key.pem" -out "$WORK/cert.pem" >/dev/null 2>&1
+mpirun --oversubscribe --allow-run-as-root -np 1 "$BIN/starserve" serve --model "$MODEL" --host 127.0.0.1 \
+  --port "$TPORT" --tls-cert "$WORK/cert.pem" --tls-key "$WORK/key.pem" --log-level warn >"$WORK/tls.log" 2>&1 &
+PIDS+=($!)
+tls_ok=0
+for _ in $(seq 1 240); do
+  if "$BIN/starctl" --address "localhost:$TPORT" --tls-ca "$WORK/cert.pem" --timeout 5 health --ready >/dev/null 2>&1; then
+    tls_ok=1; break
+  fi
+  sleep 0.5
+done
+check "TLS handshake and readiness" '[ $tls_ok = 1 ]'
+"$BIN/starctl" --address "localhost:$TPORT" --tls-ca "$WORK/cert.pem" --timeout 120 complete --prompt "$PROMPT" \
+  --max-tokens 4 --temperature 0 >"$WORK/tls_out.txt" 2>/dev/null
+check "completion over TLS" '[ -s "$WORK/tls_out.txt" ]'
+"$BIN/starctl" --address "localhost:$TPORT" --timeout 5 health >/dev/null 2>&1
+check "plaintext client refused by the TLS server" '[ $? != 0 ]'
+
+echo "$PASSES passed, $FAILS failed"
+[ $FAILS = 0 ]
