@@ -8,9 +8,9 @@ machine noise hits both alike; the reported figure is the median over the repeat
 
   starserve  `starserve generate` as a subprocess; its stderr `[timing]` line gives the prefill split
              (context encode + query and first token) and the decode rate. Model load is not timed.
-  llama.cpp  llama_cpp.Llama in this process, a fresh context per repeat (as starserve gets a fresh
-             process); prefill = Llama.eval(prompt), decode = eval of one token then argmax, timed with
-             time.perf_counter. Model load is not timed.
+  llama.cpp  llama_cpp.Llama in this process, a fresh model and context per repeat (as starserve gets a
+             fresh process) warmed by one 1-token evaluation; prefill = Llama.eval(prompt), decode = eval
+             of one token then argmax, timed with time.perf_counter. Model load is not timed.
 
 Why the decode gap: starserve dequantizes every weight to fp32 at load and runs its matmuls in fp32
 (BLAS), while llama.cpp computes on the quantized Q4_1 blocks directly. Decoding one token reads every
@@ -223,6 +223,9 @@ def run_llamacpp(args, ids):
         logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
         return int(np.argmax(logits))
 
+    # Warm-up: llama.cpp maps the GGUF lazily, so the first evaluation would also pay the page faults
+    # that starserve pays while loading (it reads every weight to dequantize it before timing starts).
+    llm.eval(ids[:1])
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
