@@ -109,5 +109,28 @@ check "completion over TLS" '[ -s "$WORK/tls_out.txt" ]'
 "$BIN/starctl" --address "localhost:$TPORT" --timeout 5 health >/dev/null 2>&1
 check "plaintext client refused by the TLS server" '[ $? != 0 ]'
 
+
+# A rank that dies ends the whole job quickly (mpirun stops the others); clients then get errors
+# instead of hanging.
+DPORT=$(free_port)
+mpirun --oversubscribe --allow-run-as-root -np 2 "$BIN/starserve" serve --model "$MODEL" --host 127.0.0.1 \
+  --port "$DPORT" --log-level warn >"$WORK/die.log" 2>&1 &
+DIE_PID=$!
+PIDS+=($DIE_PID)
+for _ in $(seq 1 240); do
+  "$BIN/starctl" --address "127.0.0.1:$DPORT" --timeout 5 health --ready >/dev/null 2>&1 && break
+  sleep 0.5
+done
+victim=$(pgrep -f -- "--port $DPORT" | grep -v "^$DIE_PID\$" | sort -n | tail -1)
+kill -KILL "$victim" 2>/dev/null
+gone=0
+for _ in $(seq 1 60); do
+  if ! kill -0 "$DIE_PID" 2>/dev/null; then gone=1; break; fi
+  sleep 0.5
+done
+check "a killed rank ends the job within 30 s" '[ $gone = 1 ]'
+"$BIN/starctl" --address "127.0.0.1:$DPORT" --timeout 5 complete --prompt hi >/dev/null 2>"$WORK/die.err"
+check "clients then get UNAVAILABLE" 'grep -q UNAVAILABLE "$WORK/die.err"'
+
 echo "$PASSES passed, $FAILS failed"
 [ $FAILS = 0 ]
