@@ -33,7 +33,7 @@ FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
 # Tokens per filler repetition for the SmolLM2 vocabulary, measured from the [timing] line of a run
 # (the script reports the exact context length of every sample; this only sizes the haystack).
-TOKENS_PER_FILLER = 21
+TOKENS_PER_FILLER = 25
 
 KEY_WORDS = ["amber", "falcon", "granite", "harbor", "juniper", "lantern", "meadow", "nebula",
              "orchid", "pebble", "quartz", "river", "saffron", "thistle", "velvet", "willow"]

@@ -61,9 +61,10 @@ build() {
   local jobs
   jobs="$(nproc)"
   log "configuring into $BUILD_DIR"
-  cmake -S "$REPO_ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release ${STARSERVE_CMAKE_ARGS:-} >"$BUILD_DIR.cmake.log" 2>&1 \
-    || { cat "$BUILD_DIR.cmake.log"; exit 1; }
-  grep 'starserve: ' "$BUILD_DIR.cmake.log" | sed 's/^-- //' >&2 || true
+  mkdir -p "$BUILD_DIR"
+  cmake -S "$REPO_ROOT" -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release ${STARSERVE_CMAKE_ARGS:-} >"$BUILD_DIR/configure.log" 2>&1 \
+    || { cat "$BUILD_DIR/configure.log"; exit 1; }
+  grep 'starserve: ' "$BUILD_DIR/configure.log" | sed 's/^-- //' >&2 || true
   log "building with $jobs jobs"
   cmake --build "$BUILD_DIR" -j "$jobs"
 }
