@@ -1,0 +1,308 @@
+#!/usr/bin/env python3
+"""Serving load: throughput, time to first token and inter-token latency of one server under concurrent clients.
+
+For each concurrency C (default 1, 4, 16), C client threads each send R streaming completions back to back
+(greedy, a prompt of --prompt-tokens token ids, --max-tokens generated with ignore_eos, so every request does the
+same work). All clients start together; the wall time runs from their start to the end of the last request.
+
+Measured on the client, from the arrival of the streamed messages:
+- TTFT: from just before the RPC is issued to the first message that carries a generated token;
+- ITL: the gap between consecutive messages that carry tokens. A later message that carries k > 1 tokens (the
+  server flushed several steps at once) counts as k gaps of (gap / k), so a flush is not reported as zero-latency
+  tokens; tokens that arrive with the first one have no ITL sample. `tokens_per_message_max` says whether any
+  message carried more than one token;
+- throughput: completion tokens (usage.completion_tokens of each stream's last message) over the wall time.
+
+The peer is the same server at concurrency 1, measured in the same run: each line reports its throughput as a
+multiple of the C=1 figure. No other serving engine is installed on this machine.
+
+By default the script starts the server itself (mpirun, --ranks ranks, a free port), waits until
+`starctl health --ready` answers, and stops it with SIGTERM to mpirun at the end. --address uses a running server.
+The Python stubs are generated at start-up from proto/starserve/v1/completion.proto (grpcio-tools).
+
+    python3 -m venv /opt/load-venv && /opt/load-venv/bin/pip install grpcio grpcio-tools
+    /opt/load-venv/bin/python bench/load_bench.py --requests 4 > load.jsonl
+"""
+import argparse
+import datetime
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+from grpc_tools import protoc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROTO_ROOT = os.path.join(ROOT, "proto")
+PROTO_FILE = "starserve/v1/completion.proto"
+# Prompts are windows of this text's token ids at different offsets, so no two requests send the same ids.
+FILLER = ("The report describes how the river changed its course over many centuries, how the villages along its "
+          "banks moved with it, how the farmers learned to read the floods, and how the market towns traded grain, "
+          "salt and timber up and down the valley until the railway arrived and the old ferries were abandoned. ")
+
+
+def load_stubs():
+    """Compile the .proto into a temporary package and import its message and service modules."""
+    out = tempfile.mkdtemp(prefix="starserve_stubs_")
+    well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+    rc = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out}",
+                      f"--grpc_python_out={out}", os.path.join(PROTO_ROOT, PROTO_FILE)])
+    if rc != 0:
+        sys.exit(f"protoc failed on {PROTO_FILE} (exit {rc})")
+    sys.path.insert(0, out)
+    return (importlib.import_module("starserve.v1.completion_pb2"),
+            importlib.import_module("starserve.v1.completion_pb2_grpc"))
+
+
+def machine_name():
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores (nproc {len(os.sched_getaffinity(0))})"
+
+
+def percentile(values, q):
+    """Linear interpolation between the closest ranks (numpy's default); None for no samples."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mpirun -np RANKS starserve serve` in its own session; stop() sends SIGTERM to mpirun, then SIGKILL."""
+
+    def __init__(self, args):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="load_bench_server_", suffix=".log", delete=False)
+        cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(args.ranks), args.starserve, "serve",
+               "--model", args.model, "--port", str(self.port), "--log-level", "warn"] + args.server_arg
+        env = dict(os.environ, OMPI_MCA_mpi_yield_when_idle="1")
+        print("server: " + " ".join(cmd), file=sys.stderr)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, starctl, timeout_s):
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.fail(f"the server exited with code {self.proc.returncode} before it was ready")
+            rc = subprocess.run([starctl, "--address", self.address, "--timeout", "2", "health", "--ready"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+            if rc == 0:
+                return
+            time.sleep(0.5)
+        self.fail(f"the server was not ready after {timeout_s} s")
+
+    def fail(self, why):
+        self.stop()
+        with open(self.log.name, errors="replace") as f:
+            tail = f.read()[-4000:]
+        sys.exit(f"{why}; server log {self.log.name}:\n{tail}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        os.unlink(self.log.name)
+
+
+class Client:
+    def __init__(self, args, pb2, pb2_grpc):
+        self.pb2 = pb2
+        self.channel = grpc.insecure_channel(args.address)
+        self.stub = pb2_grpc.CompletionServiceStub(self.channel)
+        self.metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+        self.max_tokens = args.max_tokens
+        self.deadline_s = args.request_timeout
+
+    def stream(self, prompt_ids):
+        """One streamed greedy completion: TTFT, per-token ITL samples, tokens, server queue time (all ms)."""
+        req = self.pb2.StreamCompleteRequest(max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True)
+        req.prompt_token_ids.ids.extend(prompt_ids)
+        t0 = time.perf_counter()
+        first = last = None
+        itl = []
+        most = 0  # the most tokens one message carried
+        usage = timing = None
+        for msg in self.stub.StreamComplete(req, metadata=self.metadata, timeout=self.deadline_s):
+            now = time.perf_counter()
+            k = sum(len(c.token_ids) for c in msg.choices)
+            if k:
+                most = max(most, k)
+                if first is None:
+                    first = now
+                else:
+                    itl.extend([(now - last) * 1e3 / k] * k)
+                last = now
+            if msg.HasField("usage"):
+                usage, timing = msg.usage, msg.timing
+        if first is None or usage is None:
+            raise RuntimeError("the stream ended without tokens or without usage")
+        return {"ttft_ms": (first - t0) * 1e3, "itl_ms": itl, "completion_tokens": usage.completion_tokens,
+                "prompt_tokens": usage.prompt_tokens, "queue_ms": timing.queue_ms, "tokens_per_message_max": most,
+                "end": time.perf_counter()}
+
+
+def make_prompts(args, pb2, pb2_grpc, count):
+    """`count` prompts of exactly --prompt-tokens ids: BOS (when the model has one) + a window of the filler."""
+    stub = pb2_grpc.CompletionServiceStub(grpc.insecure_channel(args.address))
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    info = stub.GetModelInfo(pb2.GetModelInfoRequest(), metadata=metadata, timeout=30)
+    bos = [info.bos_token_id] if info.HasField("bos_token_id") else []
+    body_len = args.prompt_tokens - len(bos)
+    text = FILLER
+    while True:
+        ids = list(stub.Tokenize(pb2.TokenizeRequest(prompt=text, add_special_tokens=False), metadata=metadata,
+                                 timeout=30).token_ids)
+        if len(ids) >= body_len + count:
+            break
+        text += FILLER
+    return info, [bos + ids[i:i + body_len] for i in range(count)]
+
+
+def run_level(args, pb2, pb2_grpc, concurrency, prompts):
+    """C clients, R requests each, all released together; returns per-request results, errors and the wall time."""
+    results, errors = [], []
+    lock = threading.Lock()
+    start = threading.Barrier(concurrency + 1)
+
+    def client_loop(c):
+        client = Client(args, pb2, pb2_grpc)
+        start.wait()
+        for r in range(args.requests):
+            try:
+                res = client.stream(prompts[(c * args.requests + r) % len(prompts)])
+                with lock:
+                    results.append(res)
+            except (grpc.RpcError, RuntimeError) as e:
+                with lock:
+                    errors.append(e.code().name if isinstance(e, grpc.RpcError) else str(e))
+        client.channel.close()
+
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(concurrency)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t_start = time.perf_counter()
+    for t in threads:
+        t.join()
+    t_end = max([r["end"] for r in results], default=time.perf_counter())
+    return results, errors, t_end - t_start
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", help="a running server (host:port); default: start one")
+    p.add_argument("--api-key", default="", help="sent as 'authorization: Bearer KEY'")
+    p.add_argument("--starserve", default=os.path.join(ROOT, "build/bin/starserve"))
+    p.add_argument("--starctl", default=os.path.join(ROOT, "build/bin/starctl"))
+    p.add_argument("--model", default=os.path.join(ROOT, "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    p.add_argument("--ranks", type=int, default=2, help="mpirun -np for the started server")
+    p.add_argument("--server-arg", action="append", default=[], help="extra flag for the started server (repeat)")
+    p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--requests", type=int, default=4, help="requests per client at each concurrency (R)")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of one request, seconds")
+    args = p.parse_args()
+
+    pb2, pb2_grpc = load_stubs()
+    server = None
+    if not args.address:
+        server = Server(args)
+        args.address = server.address
+        t_ready = time.monotonic()
+        server.wait_ready(args.starctl, args.startup_timeout)
+        print(f"server ready in {time.monotonic() - t_ready:.1f} s on {args.address}", file=sys.stderr)
+    try:
+        n_prompts = max(args.concurrency) * args.requests
+        info, prompts = make_prompts(args, pb2, pb2_grpc, n_prompts)
+        stub = pb2_grpc.CompletionServiceStub(grpc.insecure_channel(args.address))
+        metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+        server_info = stub.GetServerInfo(pb2.GetServerInfoRequest(), metadata=metadata, timeout=30)
+        # One untimed request first: the first forward pass touches the weights and the KV pool for the first time.
+        Client(args, pb2, pb2_grpc).stream(prompts[-1])
+
+        common = {"bench": "load", "model": info.model, "ranks": server_info.world_size,
+                  "devices": sorted(set(server_info.devices)), "prompt_tokens": args.prompt_tokens,
+                  "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+                  "server": "started" if server else args.address, "machine": machine_name(),
+                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        rows, base_tps = [], None
+        for c in args.concurrency:
+            load_before = os.getloadavg()[0]
+            results, errors, wall_s = run_level(args, pb2, pb2_grpc, c, prompts)
+            ttft = [r["ttft_ms"] for r in results]
+            itl = [x for r in results for x in r["itl_ms"]]
+            tokens = sum(r["completion_tokens"] for r in results)
+            tps = tokens / wall_s if wall_s > 0 else 0.0
+            if c == 1:
+                base_tps = tps
+            row = dict(common, concurrency=c, requests=len(results), errors=len(errors),
+                       error_codes=sorted(set(errors)), completion_tokens=tokens, wall_s=round(wall_s, 3),
+                       tokens_per_s=round(tps, 3), requests_per_s=round(len(results) / wall_s, 4) if wall_s else None,
+                       speedup_vs_c1=round(tps / base_tps, 3) if base_tps else None)
+            for name, values in (("ttft_ms", ttft), ("itl_ms", itl)):
+                for q in (50, 90, 99):
+                    v = percentile(values, q)
+                    row[f"{name}_p{q}"] = round(v, 2) if v is not None else None
+                row[f"{name}_samples"] = len(values)
+            q50 = percentile([r["queue_ms"] for r in results], 50)
+            row["server_queue_ms_p50"] = round(q50, 2) if q50 is not None else None
+            row["tokens_per_message_max"] = max((r["tokens_per_message_max"] for r in results), default=0)
+            row["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    except grpc.RpcError as e:
+        sys.exit(f"{args.address}: {e.code().name}: {e.details()}")
+    finally:
+        if server:
+            server.stop()
+
+    print(f"\nload on {common['machine']}, {common['ranks']} ranks ({', '.join(common['devices'])}), "
+          f"{args.prompt_tokens}-token prompts, {args.max_tokens} tokens, {args.requests} requests per client, "
+          f"{common['date']}", file=sys.stderr)
+    head = f"{'C':>3} {'reqs':>5} {'err':>4} {'tok/s':>8} {'vs C=1':>7} {'TTFT p50/p90/p99 ms':>24} " \
+           f"{'ITL p50/p90/p99 ms':>22} {'load 1m':>12}"
+    print(head, file=sys.stderr)
+
+    def triple(r, name):
+        return "/".join("-" if r[f"{name}_p{q}"] is None else f"{r[f'{name}_p{q}']:.0f}" for q in (50, 90, 99))
+
+    for r in rows:
+        speed = "-" if r["speedup_vs_c1"] is None else f"{r['speedup_vs_c1']:.2f}x"
+        load = f"{r['load_avg_1m'][0]:.1f}->{r['load_avg_1m'][1]:.1f}"
+        print(f"{r['concurrency']:>3} {r['requests']:>5} {r['errors']:>4} {r['tokens_per_s']:>8.2f} {speed:>7} "
+              f"{triple(r, 'ttft_ms'):>24} {triple(r, 'itl_ms'):>22} {load:>12}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
