@@ -69,7 +69,10 @@ struct EngineInfo {
   int world_size = 1;
   std::vector<std::string> devices;  // one per rank: "cpu" or the GPU name
   StarConfig star_defaults;
-  int64_t kv_pages_total = 0, kv_pages_free = 0;  // rank 0's pool
+  int64_t kv_pages_total = 0, kv_pages_free = 0;  // per rank: pool size, pages not reserved by admitted requests
+  std::vector<int64_t> kv_pages_used;  // per rank: pages actually holding KV, as of the last step
+  double merge_seconds_total = 0;      // rank 0: time in the cross-rank attention merge
+  int64_t merges_total = 0;            // rank 0: merges (one per layer per decode step)
   int queue_depth = 0, running = 0;
 };
 

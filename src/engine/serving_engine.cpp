@@ -43,8 +43,17 @@ class EngineState {
     bool registered = false;
   };
 
-  // Executes one broadcast step. On rank 0, logits (one row per DECODE entry) are returned.
+  // Executes one broadcast step, then every rank reports the KV pages it holds (one small
+  // all-gather), for the per-rank metrics. On rank 0, logits (one row per DECODE entry) are returned.
   Status execute(const std::vector<int64_t>& m, std::vector<float>* logits) {
+    SS_RETURN_IF_ERROR(execute_command(m, logits));
+    const int64_t used = ctx_.cache->pages_total() - ctx_.cache->pages_free();
+    pages_used_.resize(ctx_.comm->world_size());
+    return ctx_.comm->all_gather(&used, pages_used_.data(), sizeof(int64_t));
+  }
+  const std::vector<int64_t>& pages_used() const { return pages_used_; }
+
+  Status execute_command(const std::vector<int64_t>& m, std::vector<float>* logits) {
     size_t i = 0;
     const Cmd cmd = static_cast<Cmd>(m[i++]);
     const int64_t n = m.size() > 1 ? m[i++] : 0;
@@ -118,6 +127,7 @@ class EngineState {
   ContextEncoder encoder_;
   Phase2Attention phase2_;
   std::map<SeqId, Seq> seqs_;
+  std::vector<int64_t> pages_used_;
 };
 
 // ---------------------------------------------------------------- rank 0
@@ -239,6 +249,12 @@ EngineInfo ServingEngine::info() const {
   i.star_defaults = ctx_.star;
   i.kv_pages_total = ctx_.cache->pages_total();
   i.kv_pages_free = pages_free_snapshot_.load();
+  {
+    std::lock_guard<std::mutex> lock(stats_mu_);
+    i.kv_pages_used = pages_used_snapshot_;
+    i.merge_seconds_total = merge_seconds_snapshot_;
+    i.merges_total = merges_snapshot_;
+  }
   i.queue_depth = queue_depth_.load();
   i.running = running_.load();
   return i;
@@ -368,6 +384,7 @@ Status ServingEngine::step() {
   }
   running_ = static_cast<int>(active_.size());
   pages_free_snapshot_ = pages_free_;
+  publish_stats();
 
   // 4. One phase-1 block for every request still encoding (interleaved with decode below).
   msg = {static_cast<int64_t>(Cmd::kEncode), 0};
@@ -425,7 +442,15 @@ Status ServingEngine::step() {
     a.next_tokens.assign(1, token);
     if (fr != FinishReason::kUnspecified) finish(a, fr);
   }
+  publish_stats();
   return Status();
+}
+
+void ServingEngine::publish_stats() {
+  std::lock_guard<std::mutex> lock(stats_mu_);
+  if (!state_->pages_used().empty()) pages_used_snapshot_ = state_->pages_used();
+  merge_seconds_snapshot_ = state_->phase2().merge_seconds();
+  merges_snapshot_ = state_->phase2().merges();
 }
 
 Status ServingEngine::run() {

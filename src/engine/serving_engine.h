@@ -78,6 +78,11 @@ class ServingEngine final : public Engine {
   std::atomic<int> queue_depth_{0}, running_{0};
   std::atomic<int64_t> pages_free_snapshot_{0};
   std::unique_ptr<class EngineState> state_;
+  void publish_stats();
+  mutable std::mutex stats_mu_;  // guards the snapshots below, read by info() from other threads
+  std::vector<int64_t> pages_used_snapshot_;
+  double merge_seconds_snapshot_ = 0;
+  int64_t merges_snapshot_ = 0;
 };
 
 // Worker ranks: execute rank 0's steps until STOP.

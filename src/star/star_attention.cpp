@@ -1,6 +1,7 @@
 #include "star/star_attention.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -230,7 +231,10 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
     start += n;
   }
   // One collective for the whole batch: rows are (token, head) pairs.
+  const auto t0 = std::chrono::steady_clock::now();
   SS_RETURN_IF_ERROR(merger_.merge(out.f32(), lse_.data(), ent_.data(), total * dims_.n_heads, dims_.head_dim));
+  merge_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ++merges_;
   start = 0;
   for (const BatchSeq& s : batch) {
     const SeqInfo& info = seqs_.at(s.seq_id);

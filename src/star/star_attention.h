@@ -81,6 +81,9 @@ class Phase2Attention final : public AttentionHandler {
   void forget_sequence(SeqId seq);
   void track_entropy(SeqId seq, EntropyStats* stats);
   const RankMerger& merger() const { return merger_; }
+  // Time spent in the cross-rank merge (collectives included), and the number of merges.
+  double merge_seconds() const { return merge_seconds_; }
+  int64_t merges() const { return merges_; }
 
   Status begin_forward(std::span<const BatchSeq> batch) override;
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
@@ -100,6 +103,8 @@ class Phase2Attention final : public AttentionHandler {
   RankMerger merger_;
   std::unordered_map<SeqId, SeqInfo> seqs_;
   std::vector<float> lse_, ent_;
+  double merge_seconds_ = 0;
+  int64_t merges_ = 0;
 };
 
 }  // namespace starserve

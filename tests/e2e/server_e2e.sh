@@ -87,6 +87,8 @@ check "bad API key -> UNAUTHENTICATED" 'grep -q UNAUTHENTICATED "$WORK/badkey.er
 curl -s --max-time 10 "http://127.0.0.1:$MPORT/metrics" >"$WORK/metrics.txt"
 check "metrics: request counter" 'grep -q "^starserve_requests_total" "$WORK/metrics.txt"'
 check "metrics: time-to-first-token histogram" 'grep -q "starserve_time_to_first_token_seconds_bucket" "$WORK/metrics.txt"'
+check "metrics: KV pages per rank" 'grep -q "starserve_kv_pages_used{rank=\"1\"}" "$WORK/metrics.txt"'
+check "metrics: merge time" 'grep -q "^starserve_merge_seconds_total [0-9.e-]*[1-9]" "$WORK/metrics.txt"'
 
 # TLS: a one-rank server with a self-signed certificate; the client trusts it through --tls-ca.
 TPORT=$(free_port)
