@@ -1,0 +1,191 @@
+// Attention kernel benchmark: prints one JSON line per case.
+//   prefill: TFLOP/s on the DEVICE.md shapes (32 heads, head_dim 128, bf16, entropy on);
+//            FLOPs = 4 n_q n_kv d heads (QK^T and PV), halved for causal squares (FlashAttention's count).
+//   decode:  GB/s of K and V read (q = 1, 128K keys), next to the device's copy bandwidth measured
+//            here (cudaMemcpy device to device: read + write bytes over time).
+// Each line carries the prediction made before running: the time at the ceiling (GEMM ~768 TFLOP/s
+// on the H200 for prefill; the copy bandwidth for decode), so the achieved fraction reads directly.
+// The peers (torch flash / cuDNN SDPA) are measured by attention_peers.py in the same run.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/attention.h"
+#include "kernels/cuda_check.h"
+
+namespace {
+
+constexpr double kGemmCeilingTflops = 768.0;  // bf16 dense GEMM measured on this H200 (DEVICE.md)
+
+__global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    uint32_t h = static_cast<uint32_t>(i) * 2654435761u ^ seed;
+    h ^= h >> 15;
+    h *= 2246822519u;
+    h ^= h >> 13;
+    x[i] = __float2bfloat16((h & 0xffff) / 32768.0f - 1.0f);
+  }
+}
+
+template <typename F>
+double median_ms(F&& launch, int iters) {
+  cudaEvent_t a, b;
+  SS_CUDA_CHECK(cudaEventCreate(&a));
+  SS_CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < 3; ++i) launch();  // warm-up
+  std::vector<float> t;
+  for (int i = 0; i < iters; ++i) {
+    SS_CUDA_CHECK(cudaEventRecord(a));
+    launch();
+    SS_CUDA_CHECK(cudaEventRecord(b));
+    SS_CUDA_CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    SS_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  std::sort(t.begin(), t.end());
+  SS_CUDA_CHECK(cudaEventDestroy(a));
+  SS_CUDA_CHECK(cudaEventDestroy(b));
+  return t[t.size() / 2];
+}
+
+__nv_bfloat16* random_device(size_t n, uint32_t seed) {
+  __nv_bfloat16* p = nullptr;
+  SS_CUDA_CHECK(cudaMalloc(&p, n * sizeof(__nv_bfloat16)));
+  fill_random<<<1024, 256>>>(p, n, seed);
+  SS_CUDA_CHECK(cudaGetLastError());
+  return p;
+}
+
+void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int heads, int kv_heads, int d,
+                   int iters) {
+  __nv_bfloat16* q = random_device(n_q * heads * d, 1);
+  __nv_bfloat16* k = random_device(n_kv * kv_heads * d, 2);
+  __nv_bfloat16* v = random_device(n_kv * kv_heads * d, 3);
+  __nv_bfloat16* o = nullptr;
+  float *lse = nullptr, *ent = nullptr;
+  SS_CUDA_CHECK(cudaMalloc(&o, n_q * heads * d * sizeof(__nv_bfloat16)));
+  SS_CUDA_CHECK(cudaMalloc(&lse, n_q * heads * sizeof(float)));
+  SS_CUDA_CHECK(cudaMalloc(&ent, n_q * heads * sizeof(float)));
+  starserve::AttentionGpuParams p;
+  p.out = o;
+  p.lse = lse;
+  p.entropy = ent;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.n_q = n_q;
+  p.n_kv = n_kv;
+  p.n_heads = heads;
+  p.n_kv_heads = kv_heads;
+  p.head_dim = d;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  p.causal = causal;
+  p.causal_offset = n_kv - n_q;
+  double flops = 4.0 * n_q * n_kv * d * heads;
+  if (causal && n_q == n_kv) flops /= 2;
+  const double predicted_ms = flops / (kGemmCeilingTflops * 1e12) * 1e3;
+  const double ms = median_ms([&] { SS_CUDA_CHECK(starserve::launch_prefill_attention(p, nullptr)); }, iters);
+  std::printf(
+      "{\"bench\":\"attention_prefill\",\"impl\":\"starserve\",\"case\":\"%s\",\"n_q\":%lld,\"n_kv\":%lld,"
+      "\"causal\":%s,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"entropy\":true,\"gflop\":%.1f,"
+      "\"predicted_ms_at_ceiling\":%.3f,\"ceiling_tflops\":%.0f,\"ms\":%.3f,\"tflops\":%.1f}\n",
+      name, static_cast<long long>(n_q), static_cast<long long>(n_kv), causal ? "true" : "false", heads, kv_heads, d,
+      flops / 1e9, predicted_ms, kGemmCeilingTflops, ms, flops / (ms * 1e-3) / 1e12);
+  std::fflush(stdout);
+  cudaFree(q);
+  cudaFree(k);
+  cudaFree(v);
+  cudaFree(o);
+  cudaFree(lse);
+  cudaFree(ent);
+}
+
+double copy_bandwidth_gbs(size_t bytes) {
+  void *a = nullptr, *b = nullptr;
+  SS_CUDA_CHECK(cudaMalloc(&a, bytes));
+  SS_CUDA_CHECK(cudaMalloc(&b, bytes));
+  SS_CUDA_CHECK(cudaMemset(a, 1, bytes));
+  const double ms = median_ms([&] { SS_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, 20);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * bytes / (ms * 1e-3) / 1e9;
+}
+
+void bench_decode(int64_t n_q, int64_t n_kv, int heads, int kv_heads, int d, double copy_gbs) {
+  __nv_bfloat16* q = random_device(n_q * heads * d, 4);
+  __nv_bfloat16* k = random_device(n_kv * kv_heads * d, 5);
+  __nv_bfloat16* v = random_device(n_kv * kv_heads * d, 6);
+  __nv_bfloat16* o = nullptr;
+  float *lse = nullptr, *ent = nullptr;
+  SS_CUDA_CHECK(cudaMalloc(&o, n_q * heads * d * sizeof(__nv_bfloat16)));
+  SS_CUDA_CHECK(cudaMalloc(&lse, n_q * heads * sizeof(float)));
+  SS_CUDA_CHECK(cudaMalloc(&ent, n_q * heads * sizeof(float)));
+  starserve::AttentionGpuParams p;
+  p.out = o;
+  p.lse = lse;
+  p.entropy = ent;
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.n_q = n_q;
+  p.n_kv = n_kv;
+  p.n_heads = heads;
+  p.n_kv_heads = kv_heads;
+  p.head_dim = d;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  p.causal = true;
+  p.causal_offset = n_kv - n_q;
+  const size_t ws_bytes = starserve::decode_attention_workspace_bytes(p);
+  void* ws = nullptr;
+  SS_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+  const double bytes = 2.0 * n_kv * kv_heads * d * sizeof(__nv_bfloat16);  // K and V once; Q, O negligible
+  const double predicted_ms = bytes / (copy_gbs * 1e9) * 1e3;
+  const double ms =
+      median_ms([&] { SS_CUDA_CHECK(starserve::launch_decode_attention(p, ws, ws_bytes, nullptr)); }, 30);
+  std::printf(
+      "{\"bench\":\"attention_decode\",\"impl\":\"starserve\",\"case\":\"decode_q%lld_%lldk\",\"n_q\":%lld,"
+      "\"n_kv\":%lld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"entropy\":true,\"kv_mb\":%.1f,"
+      "\"predicted_ms_at_copy_bw\":%.3f,\"copy_gbs\":%.0f,\"ms\":%.4f,\"gbs\":%.0f,\"fraction_of_copy\":%.3f}\n",
+      static_cast<long long>(n_q), static_cast<long long>(n_kv / 1024), static_cast<long long>(n_q),
+      static_cast<long long>(n_kv), heads, kv_heads, d, bytes / 1e6, predicted_ms, copy_gbs, ms,
+      bytes / (ms * 1e-3) / 1e9, bytes / (ms * 1e-3) / 1e9 / copy_gbs);
+  std::fflush(stdout);
+  cudaFree(q);
+  cudaFree(k);
+  cudaFree(v);
+  cudaFree(o);
+  cudaFree(lse);
+  cudaFree(ent);
+  cudaFree(ws);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int n_dev = 0;
+  if (cudaGetDeviceCount(&n_dev) != cudaSuccess || n_dev == 0) {
+    std::printf("{\"bench\":\"attention\",\"skipped\":\"no CUDA device\"}\n");
+    return 0;
+  }
+  const bool quick = argc > 1 && std::strcmp(argv[1], "--quick") == 0;
+  const int iters = quick ? 5 : 20;
+  cudaDeviceProp prop{};
+  SS_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::printf("{\"bench\":\"device\",\"name\":\"%s\",\"sms\":%d}\n", prop.name, prop.multiProcessorCount);
+  bench_prefill("noncausal_4kx8k", 4096, 8192, false, 32, 32, 128, iters);
+  bench_prefill("causal_16kx16k", 16384, 16384, true, 32, 32, 128, iters);
+  const double copy_gbs = copy_bandwidth_gbs(size_t{2} << 30);
+  std::printf("{\"bench\":\"copy\",\"impl\":\"cudaMemcpy_d2d\",\"bytes\":%zu,\"gbs\":%.0f}\n", size_t{2} << 30,
+              copy_gbs);
+  bench_decode(1, 128 * 1024, 32, 32, 128, copy_gbs);
+  bench_decode(1, 128 * 1024, 32, 8, 128, copy_gbs);
+  return 0;
+}

@@ -1,0 +1,62 @@
+// Device building blocks shared by the attention kernels: base-2 constants and the exact merge of
+// (O, LSE, H) partials (entropy.md: LSE = M + ln D, H = sum w_h H_h - sum w_h (LSE_h - M) + ln D).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace starserve::detail {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInfF = -INFINITY;
+
+__device__ __forceinline__ void store_out(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store_out(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
+
+// Merges n_parts partials of one (token, head) row; one warp, lanes stride over head_dim.
+// get_o(h, c), get_lse(h), get_ent(h) read part h (get_ent returns 0 when parts carry none).
+// Empty parts (LSE = -inf) get weight 0 and are skipped, so no 0 * inf ever forms.
+template <typename OutT, typename GetO, typename GetLse, typename GetEnt>
+__device__ __forceinline__ void merge_row_warp(OutT* out, float* lse, float* entropy, int n_parts, int head_dim,
+                                               GetO get_o, GetLse get_lse, GetEnt get_ent) {
+  const int lane = threadIdx.x & 31;
+  float m = kNegInfF;
+  for (int h = 0; h < n_parts; ++h) m = fmaxf(m, get_lse(h));
+  if (m == kNegInfF) {
+    for (int c = lane; c < head_dim; c += 32) store_out(out + c, 0.0f);
+    if (lane == 0) {
+      *lse = kNegInfF;
+      if (entropy) *entropy = 0.0f;
+    }
+    return;
+  }
+  float denom = 0.0f, h_mix = 0.0f, shift = 0.0f;
+  for (int h = 0; h < n_parts; ++h) {
+    const float lh = get_lse(h);
+    if (lh == kNegInfF) continue;
+    const float e = expf(lh - m);
+    denom += e;
+    h_mix += e * get_ent(h);
+    shift += e * (lh - m);
+  }
+  const float inv = 1.0f / denom;  // denom >= 1: the part holding the max has e = 1
+  for (int c = lane; c < head_dim; c += 32) {
+    float acc = 0.0f;
+    for (int h = 0; h < n_parts; ++h) {
+      const float lh = get_lse(h);
+      if (lh == kNegInfF) continue;
+      acc += expf(lh - m) * get_o(h, c);
+    }
+    store_out(out + c, acc * inv);
+  }
+  if (lane == 0) {
+    const float log_d = logf(denom);
+    *lse = m + log_d;
+    if (entropy) *entropy = fmaxf(0.0f, h_mix * inv - shift * inv + log_d);
+  }
+}
+
+}  // namespace starserve::detail

@@ -1,0 +1,57 @@
+// One block per token: 16-byte loads, fp32 sum of squares reduced across the block, then a second
+// pass over the same row (still in L1/L2: hidden <= 16K bf16 = 32 KB).
+#include "kernels/rms_norm.h"
+
+namespace starserve {
+namespace {
+
+constexpr int kThreads = 256;
+
+__global__ void __launch_bounds__(kThreads) rms_norm_kernel(__nv_bfloat16* out, const __nv_bfloat16* in,
+                                                           const __nv_bfloat16* weight, int hidden, float eps) {
+  const int64_t t = blockIdx.x;
+  const uint4* x = reinterpret_cast<const uint4*>(in + t * hidden);
+  const int n_vec = hidden / 8;
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < n_vec; i += kThreads) {
+    const uint4 raw = x[i];
+    const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __bfloat1622float2(h[k]);
+      ss += f.x * f.x + f.y * f.y;
+    }
+  }
+  __shared__ float s_warp[kThreads / 32];
+  for (int off = 16; off > 0; off /= 2) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  if (threadIdx.x % 32 == 0) s_warp[threadIdx.x / 32] = ss;
+  __syncthreads();
+  float total = 0.0f;
+  for (int w = 0; w < kThreads / 32; ++w) total += s_warp[w];
+  const float inv = rsqrtf(total / hidden + eps);
+  const uint4* wv = reinterpret_cast<const uint4*>(weight);
+  uint4* y = reinterpret_cast<uint4*>(out + t * hidden);
+  for (int i = threadIdx.x; i < n_vec; i += kThreads) {
+    const uint4 raw = x[i], wraw = wv[i];
+    const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    const auto* g = reinterpret_cast<const __nv_bfloat162*>(&wraw);
+    uint4 res;
+    auto* r = reinterpret_cast<__nv_bfloat162*>(&res);
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __bfloat1622float2(h[k]), w = __bfloat1622float2(g[k]);
+      r[k] = __floats2bfloat162_rn(f.x * inv * w.x, f.y * inv * w.y);
+    }
+    y[i] = res;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_rms_norm(__nv_bfloat16* out, const __nv_bfloat16* in, const __nv_bfloat16* weight, int64_t n_tokens,
+                            int hidden, float eps, cudaStream_t stream) {
+  if (hidden <= 0 || hidden % 8 != 0 || n_tokens < 0 || n_tokens > 0x7fffffff) return cudaErrorInvalidValue;
+  if (n_tokens == 0) return cudaSuccess;
+  rms_norm_kernel<<<static_cast<unsigned>(n_tokens), kThreads, 0, stream>>>(out, in, weight, hidden, eps);
+  return cudaGetLastError();
+}
+
+}  // namespace starserve

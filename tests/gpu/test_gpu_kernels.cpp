@@ -1,0 +1,360 @@
+// Parity of the CUDA kernels with the CPU references (kernels/ref). Both sides get the same
+// bf16-rounded inputs, so the differences come only from the GPU's bf16 intermediates/outputs and
+// fp32 summation order. Tolerances are derived from bf16's unit roundoff u = 2^-9 (8 significand
+// bits, round to nearest) at each place where the kernels round to bf16 (see each test).
+// Without a CUDA device every test reports SKIPPED.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/attention.h"
+#include "kernels/cuda_check.h"
+#include "kernels/ref/attention_ref.h"
+#include "kernels/ref/ops_ref.h"
+#include "kernels/rms_norm.h"
+#include "kernels/rope.h"
+#include "kernels/swiglu.h"
+
+namespace starserve {
+namespace {
+
+constexpr float kBf16U = 1.0f / 512.0f;  // bf16 unit roundoff 2^-9
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+bool have_gpu() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+#define SKIP_WITHOUT_GPU()                                 \
+  do {                                                     \
+    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";     \
+  } while (0)
+
+// Random values already rounded to bf16: `host` holds them as float for the references.
+struct Bf16Data {
+  std::vector<float> host;
+  std::vector<__nv_bfloat16> bits;
+};
+
+Bf16Data random_bf16(size_t n, float lo, float hi, std::mt19937& rng) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  Bf16Data d;
+  d.host.resize(n);
+  d.bits.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    d.bits[i] = __float2bfloat16(dist(rng));
+    d.host[i] = __bfloat162float(d.bits[i]);
+  }
+  return d;
+}
+
+template <typename T>
+struct DeviceBuffer {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceBuffer(size_t count) : n(count) { SS_CUDA_CHECK(cudaMalloc(&ptr, sizeof(T) * (count ? count : 1))); }
+  explicit DeviceBuffer(const std::vector<T>& v) : DeviceBuffer(v.size()) {
+    SS_CUDA_CHECK(cudaMemcpy(ptr, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  std::vector<T> get() const {
+    std::vector<T> v(n);
+    SS_CUDA_CHECK(cudaMemcpy(v.data(), ptr, sizeof(T) * n, cudaMemcpyDeviceToHost));
+    return v;
+  }
+};
+
+std::vector<float> to_float(const std::vector<__nv_bfloat16>& v) {
+  std::vector<float> f(v.size());
+  for (size_t i = 0; i < v.size(); ++i) f[i] = __bfloat162float(v[i]);
+  return f;
+}
+
+// -inf must match -inf exactly; otherwise |a - b| <= tol. Reports the first few mismatches.
+void expect_close(const std::vector<float>& got, const std::vector<float>& want, float tol, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int bad = 0;
+  for (size_t i = 0; i < got.size() && bad < 5; ++i) {
+    const bool ok = (std::isinf(want[i]) || std::isinf(got[i])) ? got[i] == want[i]
+                                                                 : std::fabs(got[i] - want[i]) <= tol;
+    if (!ok || std::isnan(got[i])) {
+      ++bad;
+      ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", want " << want[i] << " (tol " << tol << ")";
+    }
+  }
+}
+
+struct AttnCase {
+  int64_t n_q, n_kv;
+  int n_heads, n_kv_heads, head_dim;
+  bool causal;
+  int64_t offset;
+  bool out_fp32;
+};
+
+std::string name(const AttnCase& c) {
+  return "q" + std::to_string(c.n_q) + " kv" + std::to_string(c.n_kv) + " h" + std::to_string(c.n_heads) + "/" +
+         std::to_string(c.n_kv_heads) + " d" + std::to_string(c.head_dim) + (c.causal ? " causal+" : " full") +
+         (c.causal ? std::to_string(c.offset) : "") + (c.out_fp32 ? " fp32" : " bf16");
+}
+
+// Runs one case on the GPU (prefill or decode kernel) and on partial_attention_ref.
+// Tolerances: scores and sums are fp32 on both sides; the GPU rounds P to bf16 before P V (prefill
+// only) and O to bf16 on output: |dO| <= u * max|v| (P) + u * |O| (output) <= 2u max|v|; we allow 4u
+// max|v| for fp32 order effects. LSE and H carry no bf16 rounding: fp32 sums over up to n_kv terms
+// in a different order, relative error ~ 1e-6 * log2(n_kv) each, so 1e-3 absolute is generous yet
+// far below any real defect (a missed key moves them by >= 1e-2 at these sizes).
+void check_attention(const AttnCase& c, bool decode, std::mt19937& rng) {
+  SCOPED_TRACE(std::string(decode ? "decode " : "prefill ") + name(c));
+  const int d = c.head_dim;
+  auto q = random_bf16(c.n_q * c.n_heads * d, -1.0f, 1.0f, rng);
+  auto k = random_bf16(std::max<int64_t>(c.n_kv, 1) * c.n_kv_heads * d, -1.0f, 1.0f, rng);
+  auto v = random_bf16(std::max<int64_t>(c.n_kv, 1) * c.n_kv_heads * d, -1.0f, 1.0f, rng);
+  const float scale = 2.0f / std::sqrt(static_cast<float>(d));  // sharper than 1/sqrt(d): larger logit range
+
+  const int64_t rows = c.n_q * c.n_heads;
+  std::vector<float> o_ref(rows * d), lse_ref(rows), h_ref(rows);
+  KvSegment seg{k.host.data(), v.host.data(), c.n_kv};
+  PartialAttentionParams rp;
+  rp.out = o_ref.data();
+  rp.lse = lse_ref.data();
+  rp.entropy = h_ref.data();
+  rp.q = q.host.data();
+  rp.kv = std::span<const KvSegment>(&seg, 1);
+  rp.n_q = c.n_q;
+  rp.n_heads = c.n_heads;
+  rp.n_kv_heads = c.n_kv_heads;
+  rp.head_dim = d;
+  rp.scale = scale;
+  rp.mask = AttentionMask{c.causal, c.offset};
+  partial_attention_ref(rp);
+
+  DeviceBuffer<__nv_bfloat16> dq(q.bits), dk(k.bits), dv(v.bits);
+  DeviceBuffer<float> d_of(c.out_fp32 ? rows * d : 0), d_lse(rows), d_h(rows);
+  DeviceBuffer<__nv_bfloat16> d_ob(c.out_fp32 ? 0 : rows * d);
+  AttentionGpuParams p;
+  p.out = c.out_fp32 ? static_cast<void*>(d_of.ptr) : static_cast<void*>(d_ob.ptr);
+  p.out_fp32 = c.out_fp32;
+  p.lse = d_lse.ptr;
+  p.entropy = d_h.ptr;
+  p.q = dq.ptr;
+  p.k = dk.ptr;
+  p.v = dv.ptr;
+  p.n_q = c.n_q;
+  p.n_kv = c.n_kv;
+  p.n_heads = c.n_heads;
+  p.n_kv_heads = c.n_kv_heads;
+  p.head_dim = d;
+  p.scale = scale;
+  p.causal = c.causal;
+  p.causal_offset = c.offset;
+  if (decode) {
+    const size_t ws_bytes = decode_attention_workspace_bytes(p);
+    ASSERT_GT(ws_bytes, 0u);
+    DeviceBuffer<unsigned char> ws(ws_bytes);
+    ASSERT_EQ(launch_decode_attention(p, ws.ptr, ws_bytes, nullptr), cudaSuccess);
+    SS_CUDA_CHECK(cudaDeviceSynchronize());
+  } else {
+    ASSERT_EQ(launch_prefill_attention(p, nullptr), cudaSuccess);
+    SS_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  const std::vector<float> o = c.out_fp32 ? d_of.get() : to_float(d_ob.get());
+  expect_close(o, o_ref, 4.0f * kBf16U * 1.0f, "O");  // max|v| = 1
+  expect_close(d_lse.get(), lse_ref, 1e-3f, "LSE");
+  expect_close(d_h.get(), h_ref, 1e-3f, "entropy");
+}
+
+TEST(GpuAttention, PrefillMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(1);
+  for (int d : {64, 128}) {
+    for (auto [h, kvh] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{8, 1}}) {  // GQA ratios 1, 3, 8
+      const std::vector<AttnCase> cases = {
+          {1, 1, h, kvh, d, true, 0, true},         // one token
+          {1, 77, h, kvh, d, true, 76, false},      // one query at the end of 77 keys
+          {77, 77, h, kvh, d, true, 0, true},       // ordinary prefill, not a multiple of the tile
+          {64, 128, h, kvh, d, false, 0, false},    // full tiles, no mask
+          {100, 300, h, kvh, d, true, 200, true},   // anchor + block: queries are the last 100 keys
+          {130, 97, h, kvh, d, false, 0, true},     // other shard: every key visible
+          {70, 50, h, kvh, d, true, -5, true},      // negative offset: first rows see nothing (LSE -inf)
+      };
+      for (const auto& c : cases) check_attention(c, false, rng);
+    }
+  }
+}
+
+TEST(GpuAttention, DecodeMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(2);
+  for (int d : {64, 128}) {
+    for (auto [h, kvh] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{8, 1}}) {
+      const std::vector<AttnCase> cases = {
+          {1, 1, h, kvh, d, true, 0, true},
+          {1, 1000, h, kvh, d, true, 999, false},
+          {3, 5003, h, kvh, d, true, 5000, true},   // several new tokens, keys not a multiple of the chunk
+          {2, 4099, h, kvh, d, false, 0, true},     // context shard without the queries' own keys
+          {4, 300, h, kvh, d, true, -2, true},      // first rows see nothing
+      };
+      for (const auto& c : cases) check_attention(c, true, rng);
+    }
+  }
+}
+
+// Decode of a 0-key shard: every row empty, O = 0, LSE = -inf, H = 0 (merge never sees NaN).
+TEST(GpuAttention, DecodeEmptyShard) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(3);
+  check_attention({2, 0, 4, 2, 128, false, 0, true}, true, rng);
+  check_attention({2, 0, 4, 2, 64, false, 0, true}, false, rng);
+}
+
+// Shards computed by the CPU reference (one of them empty), merged on the GPU vs merge_partials_ref.
+// Pure fp32 on both sides: only exp/log rounding and order differ, 1e-5 relative to the values (|O|<=1, LSE ~ 10).
+TEST(GpuAttention, MergeMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(4);
+  const int n_heads = 4, n_kv_heads = 2, d = 128;
+  const int64_t n_q = 5;
+  const int64_t rows = n_q * n_heads;
+  const std::vector<int64_t> shard_keys = {300, 0, 1, 517};
+  std::vector<std::vector<float>> outs, lses, ents;
+  auto q = random_bf16(n_q * n_heads * d, -1.0f, 1.0f, rng);
+  for (int64_t nk : shard_keys) {
+    auto k = random_bf16(std::max<int64_t>(nk, 1) * n_kv_heads * d, -1.0f, 1.0f, rng);
+    auto v = random_bf16(std::max<int64_t>(nk, 1) * n_kv_heads * d, -1.0f, 1.0f, rng);
+    outs.emplace_back(rows * d);
+    lses.emplace_back(rows);
+    ents.emplace_back(rows);
+    KvSegment seg{k.host.data(), v.host.data(), nk};
+    PartialAttentionParams rp;
+    rp.out = outs.back().data();
+    rp.lse = lses.back().data();
+    rp.entropy = ents.back().data();
+    rp.q = q.host.data();
+    rp.kv = std::span<const KvSegment>(&seg, 1);
+    rp.n_q = n_q;
+    rp.n_heads = n_heads;
+    rp.n_kv_heads = n_kv_heads;
+    rp.head_dim = d;
+    rp.scale = 3.0f / std::sqrt(static_cast<float>(d));
+    rp.mask = AttentionMask{false, 0};
+    partial_attention_ref(rp);
+  }
+  // A row empty in every shard: force it through all parts.
+  for (size_t s = 0; s < shard_keys.size(); ++s) {
+    lses[s][rows - 1] = kNegInf;
+    ents[s][rows - 1] = 0.0f;
+    for (int c = 0; c < d; ++c) outs[s][(rows - 1) * d + c] = 0.0f;
+  }
+  std::vector<AttentionPartial> parts;
+  for (size_t s = 0; s < shard_keys.size(); ++s) parts.push_back({outs[s].data(), lses[s].data(), ents[s].data()});
+  std::vector<float> o_ref(rows * d), lse_ref(rows), h_ref(rows);
+  merge_partials_ref(o_ref.data(), lse_ref.data(), h_ref.data(), parts, rows, d);
+
+  std::vector<std::unique_ptr<DeviceBuffer<float>>> keep;
+  std::vector<AttentionPartialGpu> gparts;
+  for (size_t s = 0; s < shard_keys.size(); ++s) {
+    keep.push_back(std::make_unique<DeviceBuffer<float>>(outs[s]));
+    keep.push_back(std::make_unique<DeviceBuffer<float>>(lses[s]));
+    keep.push_back(std::make_unique<DeviceBuffer<float>>(ents[s]));
+    gparts.push_back({keep[keep.size() - 3]->ptr, keep[keep.size() - 2]->ptr, keep.back()->ptr});
+  }
+  DeviceBuffer<float> o(rows * d), lse(rows), h(rows);
+  ASSERT_EQ(launch_merge_partials(o.ptr, lse.ptr, h.ptr, gparts.data(), static_cast<int>(gparts.size()), rows, d,
+                                  nullptr),
+            cudaSuccess);
+  SS_CUDA_CHECK(cudaDeviceSynchronize());
+  expect_close(o.get(), o_ref, 1e-5f, "O");
+  expect_close(lse.get(), lse_ref, 1e-4f, "LSE");
+  expect_close(h.get(), h_ref, 1e-4f, "entropy");
+  const auto lse_got = lse.get();
+  const auto h_got = h.get();
+  EXPECT_EQ(lse_got[rows - 1], kNegInf);
+  EXPECT_EQ(h_got[rows - 1], 0.0f);
+}
+
+// Element-wise ops: the only rounding beyond the references is the bf16 output, |d| <= u |y|;
+// 2u |y| + 1e-6 allows fp32 order/intrinsic differences.
+void expect_close_rel(const std::vector<float>& got, const std::vector<float>& want, float rel, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size());
+  int bad = 0;
+  for (size_t i = 0; i < got.size() && bad < 5; ++i) {
+    if (!(std::fabs(got[i] - want[i]) <= rel * std::fabs(want[i]) + 1e-6f)) {
+      ++bad;
+      ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", want " << want[i];
+    }
+  }
+}
+
+TEST(GpuOps, RmsNormMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(5);
+  for (auto [n, hidden] : {std::pair<int64_t, int>{1, 576}, {7, 4096}, {33, 8}}) {
+    auto x = random_bf16(n * hidden, -3.0f, 3.0f, rng);
+    auto w = random_bf16(hidden, 0.5f, 1.5f, rng);
+    std::vector<float> ref(n * hidden);
+    rms_norm_ref(ref.data(), x.host.data(), w.host.data(), n, hidden, 1e-5f);
+    DeviceBuffer<__nv_bfloat16> dx(x.bits), dw(w.bits), dy(n * hidden);
+    ASSERT_EQ(launch_rms_norm(dy.ptr, dx.ptr, dw.ptr, n, hidden, 1e-5f, nullptr), cudaSuccess);
+    expect_close_rel(to_float(dy.get()), ref, 2.0f * kBf16U, "rms_norm");
+  }
+}
+
+// RoPE: both sides take sin/cos of the same fp32 angle pos * inv_freq (full-range sincosf on the GPU,
+// ~1e-7 apart), so the difference is the bf16 output rounding, <= u |y| with |y| <= |(x0, x1)| <= 2 sqrt 2
+// for inputs in [-2, 2]. Absolute, since a rotated component can be near 0.
+TEST(GpuOps, RopeMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(6);
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
+    for (auto [head_dim, rope_dim] : {std::pair{64, 64}, std::pair{128, 128}, std::pair{128, 64}}) {
+      const int64_t n = 9;
+      const int heads = 3;
+      auto x = random_bf16(n * heads * head_dim, -2.0f, 2.0f, rng);
+      std::vector<int32_t> pos(n);
+      for (int64_t t = 0; t < n; ++t) pos[t] = static_cast<int32_t>(t * 15013 + 3);  // up to 120K
+      std::vector<float> inv_freq(rope_dim / 2);
+      for (int i = 0; i < rope_dim / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / rope_dim);
+      std::vector<float> ref = x.host;
+      rope_ref(ref.data(), pos.data(), inv_freq.data(), n, heads, head_dim, rope_dim, style);
+      DeviceBuffer<__nv_bfloat16> dx(x.bits);
+      DeviceBuffer<int32_t> dpos(pos);
+      DeviceBuffer<float> dfreq(inv_freq);
+      ASSERT_EQ(launch_rope(dx.ptr, dpos.ptr, dfreq.ptr, n, heads, head_dim, rope_dim, style, nullptr), cudaSuccess);
+      const auto got = to_float(dx.get());
+      for (size_t i = 0; i < got.size(); ++i)
+        ASSERT_NEAR(got[i], ref[i], 2.0f * kBf16U * 2.83f + 1e-5f)
+            << "style " << static_cast<int>(style) << " i " << i;
+    }
+  }
+}
+
+TEST(GpuOps, SwigluMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(7);
+  const int64_t n = 100003;
+  auto g = random_bf16(n, -20.0f, 20.0f, rng);
+  auto u = random_bf16(n, -4.0f, 4.0f, rng);
+  std::vector<float> ref(n);
+  swiglu_ref(ref.data(), g.host.data(), u.host.data(), n);
+  DeviceBuffer<__nv_bfloat16> dg(g.bits), du(u.bits), dy(n);
+  ASSERT_EQ(launch_swiglu(dy.ptr, dg.ptr, du.ptr, n, nullptr), cudaSuccess);
+  expect_close_rel(to_float(dy.get()), ref, 2.0f * kBf16U, "swiglu");
+}
+
+}  // namespace
+}  // namespace starserve
