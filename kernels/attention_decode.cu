@@ -1,7 +1,7 @@
 // Decode attention (flash-decoding): a few query rows against a long KV, bound by reading K and V
 // once. Pass 1: grid (key splits, kv heads, row groups); each block reads its chunk of one kv head
-// once for up to kRows query rows (all query heads of the GQA group x query tokens), each warp
-// walking every 4th group of keys with a full-warp 16-byte-per-lane-or-less load per K/V row, and
+// once for up to 8 query rows (all query heads of the GQA group x query tokens), each warp
+// walking every 4th group of 8 keys (one coalesced row load per key per warp), and
 // keeps per row the online state (m, l, u) of entropy.md in base 2. The 4 warps combine in shared
 // memory and write the chunk's (O, LSE, H) to the workspace. Pass 2 merges the chunks per row with
 // the exact shard merge (merge_row_warp), so splitting never changes the result beyond rounding.
@@ -19,15 +19,16 @@ using detail::kNegInfF;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 8;      // query rows per block (registers: kRows x D/32 accumulators per lane)
-constexpr int kUnroll = 4;    // keys in flight per warp, for memory-level parallelism
+constexpr int kMaxRows = 8;   // query rows per block at most (registers: kRows x D/32 accumulators per lane)
+constexpr int kUnroll = 8;    // keys in flight per warp: memory-level parallelism, and independent shuffles
 constexpr int kMinChunk = 256;
 constexpr int64_t kTargetBlocks = 2048;  // ~15 waves of 132 SMs x 1 block: enough to hide the tail
 
 struct DecodePlan {
   int64_t n_rows = 0;       // n_q * n_heads
   int group = 1;            // query heads per kv head
-  int row_groups = 1;       // ceil(n_q * group / kRows)
+  int rows_per_block = 1;   // 1, 4 or kMaxRows: the kernel instance (fewer registers -> more warps per SM)
+  int row_groups = 1;       // ceil(n_q * group / rows_per_block)
   int64_t chunk = 0;        // keys per split
   int64_t n_splits = 1;
 };
@@ -36,7 +37,9 @@ DecodePlan make_plan(const AttentionGpuParams& p) {
   DecodePlan plan;
   plan.group = p.n_heads / p.n_kv_heads;
   plan.n_rows = p.n_q * p.n_heads;
-  plan.row_groups = static_cast<int>((p.n_q * plan.group + kRows - 1) / kRows);
+  const int64_t rows = p.n_q * plan.group;
+  plan.rows_per_block = rows <= 1 ? 1 : rows <= 4 ? 4 : kMaxRows;
+  plan.row_groups = static_cast<int>((rows + plan.rows_per_block - 1) / plan.rows_per_block);
   const int64_t per_split_blocks = static_cast<int64_t>(p.n_kv_heads) * plan.row_groups;
   int64_t splits = std::max<int64_t>(1, kTargetBlocks / per_split_blocks);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (p.n_kv + kMinChunk - 1) / kMinChunk));
@@ -69,7 +72,7 @@ __device__ __forceinline__ void to_float(const typename Vec<D>::T& v, float* f) 
 }
 
 // ws_o: (n_splits, n_rows, D) fp32, ws_lse / ws_ent: (n_splits, n_rows).
-template <int D>
+template <int D, int kRows>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(AttentionGpuParams p, DecodePlan plan, float* ws_o,
                                                                 float* ws_lse, float* ws_ent) {
   constexpr int E = D / 32;  // elements per lane
@@ -112,44 +115,62 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(AttentionGpuPara
   const __nv_bfloat16* kbase = p.k + kv_head * D + lane * E;
   const __nv_bfloat16* vbase = p.v + kv_head * D + lane * E;
   for (int64_t j0 = begin + warp * kUnroll; j0 < end; j0 += kWarps * kUnroll) {
-    V kr[kUnroll], vr[kUnroll];
+    float kf[kUnroll][E], vf[kUnroll][E];
+    {
+      V kr[kUnroll], vr[kUnroll];
 #pragma unroll
-    for (int t = 0; t < kUnroll; ++t) {
-      const int64_t j = min(j0 + t, end - 1);  // clamp: the duplicate is masked below
-      kr[t] = *reinterpret_cast<const V*>(kbase + j * stride);
-      vr[t] = *reinterpret_cast<const V*>(vbase + j * stride);
+      for (int t = 0; t < kUnroll; ++t) {
+        const int64_t j = min(j0 + t, end - 1);  // clamp: the duplicate is masked below
+        kr[t] = *reinterpret_cast<const V*>(kbase + j * stride);
+        vr[t] = *reinterpret_cast<const V*>(vbase + j * stride);
+      }
+#pragma unroll
+      for (int t = 0; t < kUnroll; ++t) {
+        to_float<D>(kr[t], kf[t]);
+        to_float<D>(vr[t], vf[t]);
+      }
     }
 #pragma unroll
-    for (int t = 0; t < kUnroll; ++t) {
-      const int64_t j = j0 + t;
-      float kf[E], vf[E];
-      to_float<D>(kr[t], kf);
-      to_float<D>(vr[t], vf);
+    for (int r = 0; r < kRows; ++r) {
+      if (r >= n_rows) break;
+      // Scores of kUnroll keys at once: their shuffle reductions are independent (ILP), and the
+      // running max moves once per group of keys instead of once per key.
+      float s[kUnroll];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        if (r >= n_rows) break;
-        float s = 0.0f;
+      for (int t = 0; t < kUnroll; ++t) {
+        s[t] = 0.0f;
 #pragma unroll
-        for (int e = 0; e < E; ++e) s += q[r][e] * kf[e];
+        for (int e = 0; e < E; ++e) s[t] += q[r][e] * kf[t][e];
+      }
 #pragma unroll
-        for (int off = 16; off > 0; off /= 2) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (j >= end || j >= limit[r]) continue;  // masked: contributes nothing
-        if (s > m[r]) {
-          if (m[r] != kNegInfF) {
-            const float alpha = exp2f(m[r] - s);
-            u[r] = alpha * (u[r] + (m[r] - s) * l[r]);
-            l[r] *= alpha;
+      for (int off = 16; off > 0; off /= 2)
 #pragma unroll
-            for (int e = 0; e < E; ++e) acc[r][e] *= alpha;
-          }
-          m[r] = s;
-        }
-        const float t2 = s - m[r];
-        const float w = exp2f(t2);
+        for (int t = 0; t < kUnroll; ++t) s[t] += __shfl_xor_sync(0xffffffffu, s[t], off);
+      float smax = kNegInfF;
+#pragma unroll
+      for (int t = 0; t < kUnroll; ++t) {
+        const int64_t j = j0 + t;
+        s[t] = (j < end && j < limit[r]) ? s[t] : kNegInfF;  // masked: contributes nothing
+        smax = fmaxf(smax, s[t]);
+      }
+      if (smax == kNegInfF) continue;  // warp-uniform
+      const float m_new = fmaxf(m[r], smax);
+      if (m[r] != kNegInfF && m_new > m[r]) {
+        const float alpha = exp2f(m[r] - m_new);
+        u[r] = alpha * (u[r] + (m[r] - m_new) * l[r]);
+        l[r] *= alpha;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[r][e] *= alpha;
+      }
+      m[r] = m_new;
+#pragma unroll
+      for (int t = 0; t < kUnroll; ++t) {
+        const float t2 = s[t] - m_new;
+        const float w = s[t] == kNegInfF ? 0.0f : exp2f(t2);
         l[r] += w;
-        u[r] += w * t2;
+        u[r] += s[t] == kNegInfF ? 0.0f : w * t2;  // select, never 0 * -inf
 #pragma unroll
-        for (int e = 0; e < E; ++e) acc[r][e] += w * vf[e];
+        for (int e = 0; e < E; ++e) acc[r][e] += w * vf[t][e];
       }
     }
   }
@@ -217,7 +238,7 @@ __global__ void decode_merge_kernel(OutT* out, float* lse, float* entropy, const
       [&](int h) { return ws_lse[h * n_rows + r]; }, [&](int h) { return ws_ent[h * n_rows + r]; });
 }
 
-template <int D>
+template <int D, int kRows>
 cudaError_t launch_decode_typed(const AttentionGpuParams& p, const DecodePlan& plan, void* workspace,
                                 cudaStream_t stream) {
   float* ws_o = static_cast<float*>(workspace);
@@ -225,7 +246,7 @@ cudaError_t launch_decode_typed(const AttentionGpuParams& p, const DecodePlan& p
   float* ws_ent = ws_lse + plan.n_splits * plan.n_rows;
   const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(p.n_kv_heads),
                   static_cast<unsigned>(plan.row_groups));
-  decode_split_kernel<D><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+  decode_split_kernel<D, kRows><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
   const unsigned merge_blocks = static_cast<unsigned>((plan.n_rows + 7) / 8);
   if (p.out_fp32)
     decode_merge_kernel<float><<<merge_blocks, 256, 0, stream>>>(static_cast<float*>(p.out), p.lse, p.entropy, ws_o,
@@ -258,8 +279,14 @@ cudaError_t launch_decode_attention(const AttentionGpuParams& p, void* workspace
   if (p.n_q == 0) return cudaSuccess;
   if (workspace_bytes < decode_attention_workspace_bytes(p) || !workspace) return cudaErrorInvalidValue;
   const DecodePlan plan = make_plan(p);
-  return p.head_dim == 64 ? launch_decode_typed<64>(p, plan, workspace, stream)
-                          : launch_decode_typed<128>(p, plan, workspace, stream);
+  if (p.head_dim == 64) {
+    if (plan.rows_per_block == 1) return launch_decode_typed<64, 1>(p, plan, workspace, stream);
+    if (plan.rows_per_block == 4) return launch_decode_typed<64, 4>(p, plan, workspace, stream);
+    return launch_decode_typed<64, kMaxRows>(p, plan, workspace, stream);
+  }
+  if (plan.rows_per_block == 1) return launch_decode_typed<128, 1>(p, plan, workspace, stream);
+  if (plan.rows_per_block == 4) return launch_decode_typed<128, 4>(p, plan, workspace, stream);
+  return launch_decode_typed<128, kMaxRows>(p, plan, workspace, stream);
 }
 
 }  // namespace starserve
