@@ -45,7 +45,7 @@ DecodePlan make_plan(const AttentionGpuParams& p) {
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (p.n_kv + kMinChunk - 1) / kMinChunk));
   plan.chunk = std::max<int64_t>(1, (p.n_kv + splits - 1) / splits);
   plan.chunk = (plan.chunk + 63) / 64 * 64;
-  plan.n_splits = std::max<int64_t>(1, (p.n_kv + plan.chunk - 1) / plan.chunk);
+  plan.n_splits = std::max<int64_t>(1, (p.n_kv + plan.chunk - 1) / plan.chunk);  // <= kTargetBlocks
   return plan;
 }
 
@@ -227,15 +227,69 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(AttentionGpuPara
   }
 }
 
-template <typename OutT>
-__global__ void decode_merge_kernel(OutT* out, float* lse, float* entropy, const float* ws_o, const float* ws_lse,
-                                    const float* ws_ent, int n_splits, int64_t n_rows, int head_dim) {
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
-  if (r >= n_rows) return;
-  detail::merge_row_warp(
-      out + r * head_dim, lse + r, entropy ? entropy + r : nullptr, n_splits, head_dim,
-      [&](int h, int c) { return ws_o[(h * n_rows + r) * head_dim + c]; },
-      [&](int h) { return ws_lse[h * n_rows + r]; }, [&](int h) { return ws_ent[h * n_rows + r]; });
+// Pass 2: one block of D threads per row. The split weights e_h = exp(LSE_h - M) are computed once
+// into shared memory by all threads together, then each thread sums its output dim over the splits
+// with independent, coalesced loads (a warp walking the splits serially is latency bound: with 256
+// splits that alone took most of the decode time). Empty splits have e_h = 0 and O_h = 0.
+constexpr int kMaxSplits = static_cast<int>(kTargetBlocks);
+
+template <int D>
+__device__ __forceinline__ float block_reduce(float x, float* s_red, bool is_max) {
+  for (int off = 16; off > 0; off /= 2) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, off);
+    x = is_max ? fmaxf(x, y) : x + y;
+  }
+  __syncthreads();  // s_red free from any previous use
+  if (threadIdx.x % 32 == 0) s_red[threadIdx.x / 32] = x;
+  __syncthreads();
+  x = s_red[0];
+  for (int w = 1; w < D / 32; ++w) x = is_max ? fmaxf(x, s_red[w]) : x + s_red[w];
+  return x;
+}
+
+template <typename OutT, int D>
+__global__ void __launch_bounds__(D) decode_merge_kernel(OutT* out, float* lse, float* entropy, const float* ws_o,
+                                                         const float* ws_lse, const float* ws_ent, int n_splits,
+                                                         int64_t n_rows) {
+  __shared__ float s_w[kMaxSplits];
+  __shared__ float s_red[D / 32];
+  const int64_t r = blockIdx.x;
+  const int tid = threadIdx.x;
+  float m = kNegInfF;
+  for (int h = tid; h < n_splits; h += D) m = fmaxf(m, ws_lse[h * n_rows + r]);
+  m = block_reduce<D>(m, s_red, true);
+  if (m == kNegInfF) {  // every split empty: O = 0, LSE = -inf, H = 0
+    detail::store_out(out + r * D + tid, 0.0f);
+    if (tid == 0) {
+      lse[r] = kNegInfF;
+      if (entropy) entropy[r] = 0.0f;
+    }
+    return;
+  }
+  float den = 0.0f, h_mix = 0.0f, shift = 0.0f;
+  for (int h = tid; h < n_splits; h += D) {
+    const float lh = ws_lse[h * n_rows + r];
+    const float e = lh == kNegInfF ? 0.0f : expf(lh - m);
+    s_w[h] = e;
+    den += e;
+    if (e != 0.0f) {
+      h_mix += e * ws_ent[h * n_rows + r];
+      shift += e * (lh - m);
+    }
+  }
+  den = block_reduce<D>(den, s_red, false);
+  h_mix = block_reduce<D>(h_mix, s_red, false);
+  shift = block_reduce<D>(shift, s_red, false);  // its barriers also publish s_w
+  float acc = 0.0f;
+#pragma unroll 8
+  for (int h = 0; h < n_splits; ++h) acc += s_w[h] * ws_o[(h * n_rows + r) * D + tid];
+  const float inv = 1.0f / den;
+  detail::store_out(out + r * D + tid, acc * inv);
+  if (tid == 0) {
+    const float log_d = logf(den);
+    lse[r] = m + log_d;  // entropy.md merge: H = sum w_h H_h - sum w_h (LSE_h - M) + ln D
+    if (entropy) entropy[r] = fmaxf(0.0f, h_mix * inv - shift * inv + log_d);
+  }
 }
 
 template <int D, int kRows>
@@ -247,15 +301,15 @@ cudaError_t launch_decode_typed(const AttentionGpuParams& p, const DecodePlan& p
   const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(p.n_kv_heads),
                   static_cast<unsigned>(plan.row_groups));
   decode_split_kernel<D, kRows><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
-  const unsigned merge_blocks = static_cast<unsigned>((plan.n_rows + 7) / 8);
+  const unsigned merge_blocks = static_cast<unsigned>(plan.n_rows);
   if (p.out_fp32)
-    decode_merge_kernel<float><<<merge_blocks, 256, 0, stream>>>(static_cast<float*>(p.out), p.lse, p.entropy, ws_o,
+    decode_merge_kernel<float, D><<<merge_blocks, D, 0, stream>>>(static_cast<float*>(p.out), p.lse, p.entropy, ws_o,
                                                                   ws_lse, ws_ent, static_cast<int>(plan.n_splits),
-                                                                  plan.n_rows, D);
+                                                                  plan.n_rows);
   else
-    decode_merge_kernel<__nv_bfloat16><<<merge_blocks, 256, 0, stream>>>(
+    decode_merge_kernel<__nv_bfloat16, D><<<merge_blocks, D, 0, stream>>>(
         static_cast<__nv_bfloat16*>(p.out), p.lse, p.entropy, ws_o, ws_lse, ws_ent, static_cast<int>(plan.n_splits),
-        plan.n_rows, D);
+        plan.n_rows);
   return cudaGetLastError();
 }
 
