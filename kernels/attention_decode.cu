@@ -4,7 +4,7 @@
 // walking every 4th group of 8 keys (one coalesced row load per key per warp), and
 // keeps per row the online state (m, l, u) of entropy.md in base 2. The 4 warps combine in shared
 // memory and write the chunk's (O, LSE, H) to the workspace. Pass 2 merges the chunks per row with
-// the exact shard merge (merge_row_warp), so splitting never changes the result beyond rounding.
+// the exact shard merge of entropy.md, so splitting never changes the result beyond rounding.
 #include <algorithm>
 
 #include "kernels/attention.h"
