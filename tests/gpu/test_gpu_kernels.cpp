@@ -12,6 +12,7 @@
 #include <memory>
 #include <random>
 #include <span>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -107,9 +108,10 @@ struct AttnCase {
 };
 
 std::string name(const AttnCase& c) {
-  return "q" + std::to_string(c.n_q) + " kv" + std::to_string(c.n_kv) + " h" + std::to_string(c.n_heads) + "/" +
-         std::to_string(c.n_kv_heads) + " d" + std::to_string(c.head_dim) + (c.causal ? " causal+" : " full") +
-         (c.causal ? std::to_string(c.offset) : "") + (c.out_fp32 ? " fp32" : " bf16");
+  std::ostringstream os;
+  os << "q" << c.n_q << " kv" << c.n_kv << " h" << c.n_heads << "/" << c.n_kv_heads << " d" << c.head_dim;
+  os << (c.causal ? " causal+" + std::to_string(c.offset) : std::string(" full")) << (c.out_fp32 ? " fp32" : " bf16");
+  return os.str();
 }
 
 // Runs one case on the GPU (prefill or decode kernel) and on partial_attention_ref.
