@@ -12,6 +12,7 @@
 
 #include "engine/local_attention.h"
 #include "engine/serving_engine.h"
+#include "mpi_gtest_main.h"
 #include "model/loader.h"
 
 namespace starserve {
@@ -266,20 +267,4 @@ TEST(ServingEngine, BadRequestsAreRefusedWithTheNumbers) {
 }  // namespace
 }  // namespace starserve
 
-int main(int argc, char** argv) {
-  auto comm = starserve::make_mpi_communicator(&argc, &argv);
-  if (!comm.ok()) {
-    std::fprintf(stderr, "%s\n", comm.status().to_string().c_str());
-    return 1;
-  }
-  starserve::g_comm = comm->get();
-  ::testing::InitGoogleTest(&argc, argv);
-  if (starserve::g_comm->rank() != 0) {
-    auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
-    delete listeners.Release(listeners.default_result_printer());
-  }
-  int rc = RUN_ALL_TESTS();
-  float f = static_cast<float>(rc != 0);
-  (void)starserve::g_comm->all_reduce_max(&f, 1);
-  return f > 0 ? 1 : 0;
-}
+int main(int argc, char** argv) { return starserve::run_mpi_gtest(argc, argv, &starserve::g_comm); }
