@@ -13,7 +13,7 @@
 
 namespace starserve {
 
-// One contiguous KV run per call (a KV page list is a later step).
+// The keys of one call are either one contiguous run (k, v) or a page table (k_pages, v_pages).
 // Query row i sees key j iff !causal || j <= i + causal_offset (AttentionMask in attention_ref.h).
 struct AttentionGpuParams {
   void* out = nullptr;               // (n_q, n_heads, head_dim): bf16, or fp32 when out_fp32
@@ -31,15 +31,28 @@ struct AttentionGpuParams {
   float scale = 1.0f;                // usually 1/sqrt(head_dim)
   bool causal = true;
   int64_t causal_offset = 0;
+  // Paged keys (optional): when k_pages is non-null, logical key j lives in page j >> page_shift,
+  // row j & ((1 << page_shift) - 1); pages are (page_size, n_kv_heads, head_dim) bf16.
+  // page_shift >= 6 (pages of at least 64 keys, so a 64-key tile never straddles two pages).
+  // k and v are then ignored; both tables hold ceil(n_kv / page_size) device pointers, and only
+  // the rows of keys j < n_kv are read (the last page may be partly filled).
+  const __nv_bfloat16* const* k_pages = nullptr;  // device array of page pointers
+  const __nv_bfloat16* const* v_pages = nullptr;
+  int page_shift = 0;                              // in [kMinPageShift, kMaxPageShift] when paged
 };
 
+constexpr int kMinPageShift = 6;
+constexpr int kMaxPageShift = 30;
+
 // Prefill / block-local attention (phase 1, and any n_q): tensor-core tiles of 64 queries x 64 keys,
-// grid (query tiles, heads). Returns cudaErrorInvalidValue for unsupported shapes.
+// grid (query tiles, heads). Returns cudaErrorInvalidValue for unsupported shapes, and when paged
+// with only one of k_pages / v_pages or page_shift outside [kMinPageShift, kMaxPageShift].
 cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream);
 
 // Decode attention (flash-decoding): few query rows (n_q <= kDecodeMaxQ) against long KV. Pass 1
 // splits the keys into chunks, each giving (O, LSE, H) per row; pass 2 merges the chunks with the
-// same exact merge as the shards. workspace: device memory of decode_attention_workspace_bytes(p).
+// same exact merge as the shards. workspace: device memory of decode_attention_workspace_bytes(p),
+// which depends on the shape only (paged or not). Same paging validation as prefill.
 constexpr int64_t kDecodeMaxQ = 64;
 size_t decode_attention_workspace_bytes(const AttentionGpuParams& p);
 cudaError_t launch_decode_attention(const AttentionGpuParams& p, void* workspace, size_t workspace_bytes,

@@ -7,11 +7,21 @@
 #include <cmath>
 #include <cstdint>
 
+#include "kernels/attention.h"
+
 namespace starserve::detail {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInfF = -INFINITY;
+
+// Launcher check of the key source: a contiguous (k, v) pair or both page tables with a valid shift.
+inline bool kv_source_ok(const AttentionGpuParams& p) {
+  const bool paged = p.k_pages != nullptr || p.v_pages != nullptr;
+  if (!paged) return p.n_kv == 0 || (p.k != nullptr && p.v != nullptr);
+  return p.k_pages != nullptr && p.v_pages != nullptr && p.page_shift >= kMinPageShift &&
+         p.page_shift <= kMaxPageShift;
+}
 
 __device__ __forceinline__ void store_out(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store_out(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }

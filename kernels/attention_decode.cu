@@ -5,6 +5,10 @@
 // keeps per row the online state (m, l, u) of entropy.md in base 2. The 4 warps combine in shared
 // memory and write the chunk's (O, LSE, H) to the workspace. Pass 2 merges the chunks per row with
 // the exact shard merge of entropy.md, so splitting never changes the result beyond rounding.
+//
+// Paged keys: a warp's group of kUnroll keys starts at a multiple of kUnroll (chunks start at
+// multiples of 64), so it lies in one page of >= 64 keys; the warp reads a page's pointer once
+// when it enters the page and addresses its rows from there. Chunks need no page alignment.
 #include <algorithm>
 
 #include "kernels/attention.h"
@@ -21,6 +25,7 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxRows = 8;   // query rows per block at most (registers: kRows x D/32 accumulators per lane)
 constexpr int kUnroll = 8;    // keys in flight per warp: memory-level parallelism, and independent shuffles
+static_assert(64 % kUnroll == 0, "a warp's key group must not straddle a page (chunks and pages are multiples of 64)");
 constexpr int kMinChunk = 256;
 constexpr int64_t kTargetBlocks = 2048;  // ~15 waves of 132 SMs x 1 block: enough to hide the tail
 
@@ -72,7 +77,8 @@ __device__ __forceinline__ void to_float(const typename Vec<D>::T& v, float* f) 
 }
 
 // ws_o: (n_splits, n_rows, D) fp32, ws_lse / ws_ent: (n_splits, n_rows).
-template <int D, int kRows>
+// kPaged: keys through p.k_pages / p.v_pages; a separate instance so the contiguous loop is untouched.
+template <int D, int kRows, bool kPaged>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(AttentionGpuParams p, DecodePlan plan, float* ws_o,
                                                                 float* ws_lse, float* ws_ent) {
   constexpr int E = D / 32;  // elements per lane
@@ -112,17 +118,29 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(AttentionGpuPara
   }
 
   const int64_t stride = static_cast<int64_t>(p.n_kv_heads) * D;
-  const __nv_bfloat16* kbase = p.k + kv_head * D + lane * E;
-  const __nv_bfloat16* vbase = p.v + kv_head * D + lane * E;
+  const int64_t head_off = kv_head * D + lane * E;
+  const __nv_bfloat16* kbase = kPaged ? nullptr : p.k + head_off;
+  const __nv_bfloat16* vbase = kPaged ? nullptr : p.v + head_off;
+  int64_t page_key0 = 0, page_end = 0;  // paged: keys [page_key0, page_end) of kbase / vbase's page (warp-uniform)
   for (int64_t j0 = begin + warp * kUnroll; j0 < end; j0 += kWarps * kUnroll) {
     float kf[kUnroll][E], vf[kUnroll][E];
     {
+      if constexpr (kPaged) {
+        if (j0 >= page_end) {  // j0 only grows, so this is entering a new page
+          const int64_t page = j0 >> p.page_shift;
+          page_key0 = page << p.page_shift;
+          page_end = page_key0 + (int64_t{1} << p.page_shift);
+          kbase = p.k_pages[page] + head_off;
+          vbase = p.v_pages[page] + head_off;
+        }
+        __builtin_assume(__isGlobal(kbase) && __isGlobal(vbase));  // global loads, not generic ones
+      }
       V kr[kUnroll], vr[kUnroll];
 #pragma unroll
       for (int t = 0; t < kUnroll; ++t) {
-        const int64_t j = min(j0 + t, end - 1);  // clamp: the duplicate is masked below
-        kr[t] = *reinterpret_cast<const V*>(kbase + j * stride);
-        vr[t] = *reinterpret_cast<const V*>(vbase + j * stride);
+        const int64_t j = min(j0 + t, end - 1);  // clamp: the duplicate is masked below (same group, same page)
+        kr[t] = *reinterpret_cast<const V*>(kbase + (j - page_key0) * stride);
+        vr[t] = *reinterpret_cast<const V*>(vbase + (j - page_key0) * stride);
       }
 #pragma unroll
       for (int t = 0; t < kUnroll; ++t) {
@@ -300,7 +318,10 @@ cudaError_t launch_decode_typed(const AttentionGpuParams& p, const DecodePlan& p
   float* ws_ent = ws_lse + plan.n_splits * plan.n_rows;
   const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(p.n_kv_heads),
                   static_cast<unsigned>(plan.row_groups));
-  decode_split_kernel<D, kRows><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+  if (p.k_pages)
+    decode_split_kernel<D, kRows, true><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+  else
+    decode_split_kernel<D, kRows, false><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
   const unsigned merge_blocks = static_cast<unsigned>(plan.n_rows);
   if (p.out_fp32)
     decode_merge_kernel<float, D><<<merge_blocks, D, 0, stream>>>(static_cast<float*>(p.out), p.lse, p.entropy, ws_o,
@@ -328,7 +349,7 @@ size_t decode_attention_workspace_bytes(const AttentionGpuParams& p) {
 
 cudaError_t launch_decode_attention(const AttentionGpuParams& p, void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream) {
-  if (!decode_shape_ok(p) || !p.out || !p.lse || !p.q || (p.n_kv > 0 && (!p.k || !p.v)))
+  if (!decode_shape_ok(p) || !p.out || !p.lse || !p.q || !detail::kv_source_ok(p))
     return cudaErrorInvalidValue;
   if (p.n_q == 0) return cudaSuccess;
   if (workspace_bytes < decode_attention_workspace_bytes(p) || !workspace) return cudaErrorInvalidValue;

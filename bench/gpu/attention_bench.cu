@@ -2,7 +2,8 @@
 //   prefill: TFLOP/s on the DEVICE.md shapes (32 heads, head_dim 128, bf16, entropy on);
 //            FLOPs = 4 n_q n_kv d heads (QK^T and PV), halved for causal squares (FlashAttention's count).
 //   decode:  GB/s of K and V read (q = 1, 128K keys), next to the device's copy bandwidth measured
-//            here (cudaMemcpy device to device: read + write bytes over time).
+//            here (cudaMemcpy device to device: read + write bytes over time); contiguous KV, and
+//            KV in pages of 256 keys placed in scrambled order in one pool (page_size 0 = contiguous).
 // Each line carries the prediction made before running: the time at the ceiling (GEMM ~768 TFLOP/s
 // on the H200 for prefill; the copy bandwidth for decode), so the achieved fraction reads directly.
 // The peers (torch flash / cuDNN SDPA) are measured by attention_peers.py in the same run.
@@ -119,10 +120,26 @@ double copy_bandwidth_gbs(size_t bytes) {
   return 2.0 * bytes / (ms * 1e-3) / 1e9;
 }
 
-void bench_decode(int64_t n_q, int64_t n_kv, int heads, int kv_heads, int d, double copy_gbs) {
+// page_shift 0: contiguous K, V; else pages of 2^page_shift keys in one pool, page i in slot
+// (i * 7919) mod n_pages: a permutation, 7919 being prime and n_pages = 512 not a multiple of it.
+void bench_decode(int64_t n_q, int64_t n_kv, int heads, int kv_heads, int d, int page_shift, double copy_gbs) {
+  const int64_t page = page_shift ? int64_t{1} << page_shift : n_kv;
+  const int64_t n_pages = (n_kv + page - 1) / page;
+  const int64_t page_elems = page * kv_heads * d;
   __nv_bfloat16* q = random_device(n_q * heads * d, 4);
-  __nv_bfloat16* k = random_device(n_kv * kv_heads * d, 5);
-  __nv_bfloat16* v = random_device(n_kv * kv_heads * d, 6);
+  __nv_bfloat16* k = random_device(n_pages * page_elems, 5);
+  __nv_bfloat16* v = random_device(n_pages * page_elems, 6);
+  const __nv_bfloat16** tables = nullptr;  // k table, then v table
+  if (page_shift) {
+    std::vector<const __nv_bfloat16*> host(2 * n_pages);
+    for (int64_t i = 0; i < n_pages; ++i) {
+      const int64_t slot = i * 7919 % n_pages;
+      host[i] = k + slot * page_elems;
+      host[n_pages + i] = v + slot * page_elems;
+    }
+    SS_CUDA_CHECK(cudaMalloc(&tables, host.size() * sizeof(host[0])));
+    SS_CUDA_CHECK(cudaMemcpy(tables, host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
+  }
   __nv_bfloat16* o = nullptr;
   float *lse = nullptr, *ent = nullptr;
   SS_CUDA_CHECK(cudaMalloc(&o, n_q * heads * d * sizeof(__nv_bfloat16)));
@@ -133,8 +150,14 @@ void bench_decode(int64_t n_q, int64_t n_kv, int heads, int kv_heads, int d, dou
   p.lse = lse;
   p.entropy = ent;
   p.q = q;
-  p.k = k;
-  p.v = v;
+  if (page_shift) {
+    p.k_pages = tables;
+    p.v_pages = tables + n_pages;
+    p.page_shift = page_shift;
+  } else {
+    p.k = k;
+    p.v = v;
+  }
   p.n_q = n_q;
   p.n_kv = n_kv;
   p.n_heads = heads;
@@ -150,12 +173,16 @@ void bench_decode(int64_t n_q, int64_t n_kv, int heads, int kv_heads, int d, dou
   const double predicted_ms = bytes / (copy_gbs * 1e9) * 1e3;
   const double ms =
       median_ms([&] { SS_CUDA_CHECK(starserve::launch_decode_attention(p, ws, ws_bytes, nullptr)); }, 30);
+  char name[64];
+  std::snprintf(name, sizeof(name), "decode_q%lld_%lldk%s", static_cast<long long>(n_q),
+                static_cast<long long>(n_kv / 1024), page_shift ? "_paged" : "");
   std::printf(
-      "{\"bench\":\"attention_decode\",\"impl\":\"starserve\",\"case\":\"decode_q%lld_%lldk\",\"n_q\":%lld,"
-      "\"n_kv\":%lld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"entropy\":true,\"kv_mb\":%.1f,"
-      "\"predicted_ms_at_copy_bw\":%.3f,\"copy_gbs\":%.0f,\"ms\":%.4f,\"gbs\":%.0f,\"fraction_of_copy\":%.3f}\n",
-      static_cast<long long>(n_q), static_cast<long long>(n_kv / 1024), static_cast<long long>(n_q),
-      static_cast<long long>(n_kv), heads, kv_heads, d, bytes / 1e6, predicted_ms, copy_gbs, ms,
+      "{\"bench\":\"attention_decode\",\"impl\":\"starserve\",\"case\":\"%s\",\"n_q\":%lld,"
+      "\"n_kv\":%lld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"page_size\":%lld,\"entropy\":true,"
+      "\"kv_mb\":%.1f,\"predicted_ms_at_copy_bw\":%.3f,\"copy_gbs\":%.0f,\"ms\":%.4f,\"gbs\":%.0f,"
+      "\"fraction_of_copy\":%.3f}\n",
+      name, static_cast<long long>(n_q), static_cast<long long>(n_kv), heads, kv_heads, d,
+      static_cast<long long>(page_shift ? page : 0), bytes / 1e6, predicted_ms, copy_gbs, ms,
       bytes / (ms * 1e-3) / 1e9, bytes / (ms * 1e-3) / 1e9 / copy_gbs);
   std::fflush(stdout);
   cudaFree(q);
@@ -165,6 +192,7 @@ void bench_decode(int64_t n_q, int64_t n_kv, int heads, int kv_heads, int d, dou
   cudaFree(lse);
   cudaFree(ent);
   cudaFree(ws);
+  cudaFree(tables);
 }
 
 }  // namespace
@@ -185,7 +213,8 @@ int main(int argc, char** argv) {
   const double copy_gbs = copy_bandwidth_gbs(size_t{2} << 30);
   std::printf("{\"bench\":\"copy\",\"impl\":\"cudaMemcpy_d2d\",\"bytes\":%zu,\"gbs\":%.0f}\n", size_t{2} << 30,
               copy_gbs);
-  bench_decode(1, 128 * 1024, 32, 32, 128, copy_gbs);
-  bench_decode(1, 128 * 1024, 32, 8, 128, copy_gbs);
+  bench_decode(1, 128 * 1024, 32, 32, 128, 0, copy_gbs);
+  bench_decode(1, 128 * 1024, 32, 8, 128, 0, copy_gbs);
+  bench_decode(1, 128 * 1024, 32, 8, 128, 8, copy_gbs);
   return 0;
 }

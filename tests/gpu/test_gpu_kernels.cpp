@@ -2,14 +2,16 @@
 // bf16-rounded inputs, so the differences come only from the GPU's bf16 intermediates/outputs and
 // fp32 summation order. Tolerances are derived from bf16's unit roundoff u = 2^-9 (8 significand
 // bits, round to nearest) at each place where the kernels round to bf16 (see each test).
-// Without a CUDA device every test reports SKIPPED.
+// Without a CUDA device every test that runs a kernel reports SKIPPED.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <span>
 #include <sstream>
@@ -26,78 +28,12 @@
 #include "kernels/rms_norm.h"
 #include "kernels/rope.h"
 #include "kernels/swiglu.h"
+#include "tests/gpu/gpu_test_util.h"
 
 namespace starserve {
 namespace {
 
-constexpr float kBf16U = 1.0f / 512.0f;  // bf16 unit roundoff 2^-9
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-bool have_gpu() {
-  int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
-}
-
-#define SKIP_WITHOUT_GPU()                                 \
-  do {                                                     \
-    if (!have_gpu()) GTEST_SKIP() << "no CUDA device";     \
-  } while (0)
-
-// Random values already rounded to bf16: `host` holds them as float for the references.
-struct Bf16Data {
-  std::vector<float> host;
-  std::vector<__nv_bfloat16> bits;
-};
-
-Bf16Data random_bf16(size_t n, float lo, float hi, std::mt19937& rng) {
-  std::uniform_real_distribution<float> dist(lo, hi);
-  Bf16Data d;
-  d.host.resize(n);
-  d.bits.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    d.bits[i] = __float2bfloat16(dist(rng));
-    d.host[i] = __bfloat162float(d.bits[i]);
-  }
-  return d;
-}
-
-template <typename T>
-struct DeviceBuffer {
-  T* ptr = nullptr;
-  size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) { SS_CUDA_CHECK(cudaMalloc(&ptr, sizeof(T) * (count ? count : 1))); }
-  explicit DeviceBuffer(const std::vector<T>& v) : DeviceBuffer(v.size()) {
-    SS_CUDA_CHECK(cudaMemcpy(ptr, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
-  }
-  ~DeviceBuffer() { cudaFree(ptr); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  std::vector<T> get() const {
-    std::vector<T> v(n);
-    SS_CUDA_CHECK(cudaMemcpy(v.data(), ptr, sizeof(T) * n, cudaMemcpyDeviceToHost));
-    return v;
-  }
-};
-
-std::vector<float> to_float(const std::vector<__nv_bfloat16>& v) {
-  std::vector<float> f(v.size());
-  for (size_t i = 0; i < v.size(); ++i) f[i] = __bfloat162float(v[i]);
-  return f;
-}
-
-// -inf must match -inf exactly; otherwise |a - b| <= tol. Reports the first few mismatches.
-void expect_close(const std::vector<float>& got, const std::vector<float>& want, float tol, const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  int bad = 0;
-  for (size_t i = 0; i < got.size() && bad < 5; ++i) {
-    const bool ok = (std::isinf(want[i]) || std::isinf(got[i])) ? got[i] == want[i]
-                                                                 : std::fabs(got[i] - want[i]) <= tol;
-    if (!ok || std::isnan(got[i])) {
-      ++bad;
-      ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", want " << want[i] << " (tol " << tol << ")";
-    }
-  }
-}
+using namespace gpu_test;
 
 struct AttnCase {
   int64_t n_q, n_kv;
@@ -114,14 +50,58 @@ std::string name(const AttnCase& c) {
   return os.str();
 }
 
-// Runs one case on the GPU (prefill or decode kernel) and on partial_attention_ref.
+// A case's keys as pages of 2^page_shift keys in one pool, in scrambled (non-monotonic) pool
+// order, with spare slots between them. Pool rows that hold no key (spare slots, the tail of the
+// last page) are NaN: a kernel that reads one turns its output into NaN, which the checks reject.
+struct PagedKv {
+  int64_t page_elems = 0;     // page_size * n_kv_heads * head_dim
+  std::vector<int64_t> slot;  // page i lives in pool slot slot[i]
+  std::vector<float> k_host, v_host;
+  std::vector<__nv_bfloat16> k_bits, v_bits;
+};
+
+PagedKv make_paged(const Bf16Data& k, const Bf16Data& v, int64_t n_kv, int n_kv_heads, int head_dim, int page_shift,
+                   std::mt19937& rng) {
+  PagedKv pk;
+  const int64_t page = int64_t{1} << page_shift;
+  const int64_t row = static_cast<int64_t>(n_kv_heads) * head_dim;
+  const int64_t n_pages = (n_kv + page - 1) / page;
+  const int64_t pool_pages = n_pages + 2;
+  pk.page_elems = page * row;
+  std::vector<int64_t> order(pool_pages);
+  std::iota(order.begin(), order.end(), int64_t{0});
+  std::shuffle(order.begin(), order.end(), rng);
+  pk.slot.assign(order.begin(), order.begin() + n_pages);
+  const bool monotonic = std::is_sorted(pk.slot.begin(), pk.slot.end()) ||
+                         std::is_sorted(pk.slot.begin(), pk.slot.end(), std::greater<>());
+  if (n_pages >= 3 && monotonic) std::swap(pk.slot[0], pk.slot[1]);
+  if (n_pages == 2 && pk.slot[0] < pk.slot[1]) std::swap(pk.slot[0], pk.slot[1]);
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  pk.k_host.assign(pool_pages * pk.page_elems, nan);
+  pk.v_host.assign(pool_pages * pk.page_elems, nan);
+  pk.k_bits.assign(pool_pages * pk.page_elems, __float2bfloat16(nan));
+  pk.v_bits.assign(pool_pages * pk.page_elems, __float2bfloat16(nan));
+  for (int64_t j = 0; j < n_kv; ++j) {
+    const int64_t dst = pk.slot[j >> page_shift] * pk.page_elems + (j & (page - 1)) * row;
+    std::copy_n(k.host.begin() + j * row, row, pk.k_host.begin() + dst);
+    std::copy_n(v.host.begin() + j * row, row, pk.v_host.begin() + dst);
+    std::copy_n(k.bits.begin() + j * row, row, pk.k_bits.begin() + dst);
+    std::copy_n(v.bits.begin() + j * row, row, pk.v_bits.begin() + dst);
+  }
+  return pk;
+}
+
+// Runs one case on the GPU (prefill or decode kernel) and on partial_attention_ref. page_shift 0:
+// contiguous k, v; else the keys go through page tables (make_paged), and the reference reads the
+// same pool through one KvSegment per page.
 // Tolerances: scores and sums are fp32 on both sides; the GPU rounds P to bf16 before P V (prefill
 // only) and O to bf16 on output: |dO| <= u * max|v| (P) + u * |O| (output) <= 2u max|v|; we allow 4u
 // max|v| for fp32 order effects. LSE and H carry no bf16 rounding: fp32 sums over up to n_kv terms
 // in a different order, relative error ~ 1e-6 * log2(n_kv) each, so 1e-3 absolute is generous yet
 // far below any real defect (a missed key moves them by >= 1e-2 at these sizes).
-void check_attention(const AttnCase& c, bool decode, std::mt19937& rng) {
-  SCOPED_TRACE(std::string(decode ? "decode " : "prefill ") + name(c));
+void check_attention(const AttnCase& c, bool decode, std::mt19937& rng, int page_shift = 0) {
+  SCOPED_TRACE(std::string(decode ? "decode " : "prefill ") + name(c) +
+               (page_shift ? " page_shift " + std::to_string(page_shift) : std::string()));
   const int d = c.head_dim;
   auto q = random_bf16(c.n_q * c.n_heads * d, -1.0f, 1.0f, rng);
   auto k = random_bf16(std::max<int64_t>(c.n_kv, 1) * c.n_kv_heads * d, -1.0f, 1.0f, rng);
@@ -130,13 +110,25 @@ void check_attention(const AttnCase& c, bool decode, std::mt19937& rng) {
 
   const int64_t rows = c.n_q * c.n_heads;
   std::vector<float> o_ref(rows * d), lse_ref(rows), h_ref(rows);
-  KvSegment seg{k.host.data(), v.host.data(), c.n_kv};
+  std::vector<KvSegment> segs;
+  PagedKv pk;
+  if (page_shift == 0) {
+    segs.push_back({k.host.data(), v.host.data(), c.n_kv});
+  } else {
+    pk = make_paged(k, v, c.n_kv, c.n_kv_heads, d, page_shift, rng);
+    const int64_t page = int64_t{1} << page_shift;
+    for (size_t i = 0; i < pk.slot.size(); ++i) {
+      const int64_t off = pk.slot[i] * pk.page_elems;
+      segs.push_back({pk.k_host.data() + off, pk.v_host.data() + off,
+                      std::min<int64_t>(page, c.n_kv - static_cast<int64_t>(i) * page)});
+    }
+  }
   PartialAttentionParams rp;
   rp.out = o_ref.data();
   rp.lse = lse_ref.data();
   rp.entropy = h_ref.data();
   rp.q = q.host.data();
-  rp.kv = std::span<const KvSegment>(&seg, 1);
+  rp.kv = segs;
   rp.n_q = c.n_q;
   rp.n_heads = c.n_heads;
   rp.n_kv_heads = c.n_kv_heads;
@@ -145,7 +137,16 @@ void check_attention(const AttnCase& c, bool decode, std::mt19937& rng) {
   rp.mask = AttentionMask{c.causal, c.offset};
   partial_attention_ref(rp);
 
-  DeviceBuffer<__nv_bfloat16> dq(q.bits), dk(k.bits), dv(v.bits);
+  DeviceBuffer<__nv_bfloat16> dq(q.bits);
+  DeviceBuffer<__nv_bfloat16> dk(page_shift ? std::vector<__nv_bfloat16>{} : k.bits);
+  DeviceBuffer<__nv_bfloat16> dv(page_shift ? std::vector<__nv_bfloat16>{} : v.bits);
+  DeviceBuffer<__nv_bfloat16> dk_pool(pk.k_bits), dv_pool(pk.v_bits);
+  std::vector<const __nv_bfloat16*> k_table, v_table;
+  for (int64_t s : pk.slot) {
+    k_table.push_back(dk_pool.ptr + s * pk.page_elems);
+    v_table.push_back(dv_pool.ptr + s * pk.page_elems);
+  }
+  DeviceBuffer<const __nv_bfloat16*> dk_table(k_table), dv_table(v_table);
   DeviceBuffer<float> d_of(c.out_fp32 ? rows * d : 0), d_lse(rows), d_h(rows);
   DeviceBuffer<__nv_bfloat16> d_ob(c.out_fp32 ? 0 : rows * d);
   AttentionGpuParams p;
@@ -154,8 +155,14 @@ void check_attention(const AttnCase& c, bool decode, std::mt19937& rng) {
   p.lse = d_lse.ptr;
   p.entropy = d_h.ptr;
   p.q = dq.ptr;
-  p.k = dk.ptr;
-  p.v = dv.ptr;
+  if (page_shift == 0) {
+    p.k = dk.ptr;
+    p.v = dv.ptr;
+  } else {  // k, v stay null: the kernels must not touch them
+    p.k_pages = dk_table.ptr;
+    p.v_pages = dv_table.ptr;
+    p.page_shift = page_shift;
+  }
   p.n_q = c.n_q;
   p.n_kv = c.n_kv;
   p.n_heads = c.n_heads;
@@ -214,6 +221,82 @@ TEST(GpuAttention, DecodeMatchesReference) {
       for (const auto& c : cases) check_attention(c, true, rng);
     }
   }
+}
+
+// Paged keys (scrambled pages of 64 and 256 keys, NaN in every pool row that holds no key) against
+// the reference reading the same pool page by page. Same tolerances as the contiguous cases.
+TEST(GpuAttention, PagedPrefillMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(11);
+  for (int shift : {6, 8}) {
+    for (int d : {64, 128}) {
+      for (auto [h, kvh] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{8, 1}}) {
+        const std::vector<AttnCase> cases = {
+            {1, 77, h, kvh, d, true, 76, false},     // one query at the end; last page partly filled
+            {77, 77, h, kvh, d, true, 0, true},      // ordinary prefill
+            {100, 300, h, kvh, d, true, 200, true},  // anchor + block: causal offset, several pages
+            {130, 600, h, kvh, d, false, 0, false},  // every key visible, 10 or 3 pages
+            {70, 50, h, kvh, d, true, -5, true},     // fewer keys than one page; first rows see nothing
+        };
+        for (const auto& c : cases) check_attention(c, false, rng, shift);
+      }
+    }
+  }
+}
+
+TEST(GpuAttention, PagedDecodeMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(12);
+  for (int shift : {6, 8}) {
+    for (int d : {64, 128}) {
+      for (auto [h, kvh] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{8, 1}}) {
+        const std::vector<AttnCase> cases = {
+            {1, 1000, h, kvh, d, true, 999, false},
+            {3, 5003, h, kvh, d, true, 5000, true},  // splits of 256 keys over pages of 64 / 256
+            {2, 4099, h, kvh, d, false, 0, true},
+            {4, 300, h, kvh, d, true, -2, true},
+        };
+        for (const auto& c : cases) check_attention(c, true, rng, shift);
+      }
+    }
+  }
+  // Splits of 320 keys (with the current plan) over pages of 256: page boundaries fall at varying
+  // places inside the splits.
+  check_attention({16, 20000, 16, 2, 128, true, 19984, true}, true, rng, 8);
+  check_attention({2, 0, 4, 2, 128, false, 0, true}, true, rng, 6);  // empty table
+}
+
+// The launchers reject a half-given or badly sized page table before touching the device.
+TEST(GpuAttention, PagedParamsValidated) {
+  AttentionGpuParams p;
+  float lse = 0.0f;
+  __nv_bfloat16 x{};
+  const __nv_bfloat16* table[1] = {&x};
+  p.out = &lse;
+  p.out_fp32 = true;
+  p.lse = &lse;
+  p.q = &x;
+  p.n_q = 1;
+  p.n_kv = 64;
+  p.n_heads = 2;
+  p.n_kv_heads = 1;
+  p.head_dim = 128;
+  p.k_pages = table;
+  p.v_pages = table;
+  const size_t ws_bytes = decode_attention_workspace_bytes(p);
+  EXPECT_GT(ws_bytes, 0u);
+  for (int shift : {0, 5, 31, -1}) {
+    p.page_shift = shift;
+    EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
+    EXPECT_EQ(launch_decode_attention(p, &lse, ws_bytes, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
+  }
+  p.page_shift = 8;
+  p.v_pages = nullptr;
+  EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(launch_decode_attention(p, &lse, ws_bytes, nullptr), cudaErrorInvalidValue);
+  // The workspace depends on the shape only, paged or not.
+  p.k_pages = nullptr;
+  EXPECT_EQ(decode_attention_workspace_bytes(p), ws_bytes);
 }
 
 // Decode of a 0-key shard: every row empty, O = 0, LSE = -inf, H = 0 (merge never sees NaN).
@@ -291,17 +374,6 @@ TEST(GpuAttention, MergeMatchesReference) {
 
 // Element-wise ops: the only rounding beyond the references is the bf16 output, |d| <= u |y|;
 // 2u |y| + 1e-6 allows fp32 order/intrinsic differences.
-void expect_close_rel(const std::vector<float>& got, const std::vector<float>& want, float rel, const std::string& what) {
-  ASSERT_EQ(got.size(), want.size());
-  int bad = 0;
-  for (size_t i = 0; i < got.size() && bad < 5; ++i) {
-    if (!(std::fabs(got[i] - want[i]) <= rel * std::fabs(want[i]) + 1e-6f)) {
-      ++bad;
-      ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", want " << want[i];
-    }
-  }
-}
-
 TEST(GpuOps, RmsNormMatchesReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(5);
