@@ -1,39 +1,84 @@
 #!/usr/bin/env bash
-# On the GPU machine: build the CUDA kernels, their parity tests and the attention benchmark, run
-# them, and write logs + JSON lines under $OUT (or ./gpu-out). Usage: scripts/device/run_gpu.sh [--quick]
-# First tries the whole project (-DSTARSERVE_GRPC=OFF -DSTARSERVE_MPI=ON); when a dependency the
-# whole project needs is missing there, configures kernels/ alone (CUDA, fmt, GoogleTest only).
+# On the GPU machine: build the whole project, run every ctest with label gpu (CUDA kernel parity,
+# NCCL communicator) and the attention benchmark with its peers; logs + JSON lines under $OUT (or
+# ./gpu-out). Usage: scripts/device/run_gpu.sh [--quick]
+# Carry third_party/debs with the call (scripts/device/fetch_debs.sh fills it, ~15 MB): env.sh
+# unpacks it into a prefix for what the machine lacks (PCRE2, nlohmann_json, CLI11, gRPC C++).
+# gRPC is on when it configures and builds from the debs, else the build goes on without it.
+# When the whole project does not configure, falls back to kernels/ alone (CUDA, fmt, GoogleTest
+# only): the kernel tests and the benchmark still run, starserve and the NCCL test do not.
+# Exit status: non-zero when the kernel targets do not build (nothing else runs), or when starserve
+# does not build or a gpu ctest fails (reported on the last line, after everything has run).
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 QUICK=${1:-}
-BUILD=build-gpu
+BUILD="build-gpu"
 JOBS=$(nproc)
-export NCCL_NVLS_ENABLE=0
+FAILED=()
+source scripts/device/env.sh 2>"$OUT/deps.log" || true
+[ -s "$OUT/deps.log" ] && cat "$OUT/deps.log"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
-if cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DSTARSERVE_GRPC=OFF -DSTARSERVE_MPI=ON \
-     -DCMAKE_CUDA_ARCHITECTURES=90a >"$OUT/configure.log" 2>&1; then
-  echo "configured: whole project"
+WHOLE=0
+if starserve_configure "$BUILD" >"$OUT/configure.log" 2>&1; then
+  WHOLE=1
+  echo "configured: whole project (gRPC ${STARSERVE_GRPC_ON})"
 else
   echo "whole project did not configure (see configure.log); configuring kernels/ alone"
   grep -m3 -i "error\|could not find" "$OUT/configure.log" || true
-  BUILD=build-gpu-kernels
+  BUILD="build-gpu-kernels"
   cmake -S kernels -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES=90a \
     >>"$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
 fi
 SECONDS=0
 cmake --build "$BUILD" -j "$JOBS" --target gpu_kernel_tests attention_bench >"$OUT/build.log" 2>&1 ||
   { grep -B2 -A8 "error" "$OUT/build.log" | head -60; exit 1; }
-echo "built in ${SECONDS}s"
+echo "built kernel tests and benchmark in ${SECONDS}s"
 BIN=$(dirname "$(find "$BUILD" -name gpu_kernel_tests -type f -perm -u+x | head -1)")
 
+# The server binary and the NCCL communicator test (needs NCCL and MPI; absent otherwise).
+if [ $WHOLE = 1 ]; then
+  build_app() {
+    local targets=(starserve)
+    ninja -C "$BUILD" -t targets all 2>/dev/null | grep -q '^nccl_comm_tests:' && targets+=(nccl_comm_tests)
+    echo "building ${targets[*]} (gRPC ${STARSERVE_GRPC_ON})" >>"$OUT/build_app.log"
+    cmake --build "$BUILD" -j "$JOBS" --target "${targets[@]}" >>"$OUT/build_app.log" 2>&1
+  }
+  SECONDS=0
+  : >"$OUT/build_app.log"
+  build_app
+  rc=$?
+  if [ $rc != 0 ] && [ "$STARSERVE_GRPC_ON" = ON ]; then
+    echo "starserve did not build with gRPC (see build_app.log); building again with -DSTARSERVE_GRPC=OFF"
+    grep -m5 "error" "$OUT/build_app.log" || true
+    STARSERVE_GRPC=OFF starserve_configure "$BUILD" >>"$OUT/configure.log" 2>&1 && build_app
+    rc=$?
+  fi
+  if [ $rc = 0 ]; then
+    echo "built starserve and the NCCL test in ${SECONDS}s (gRPC ${STARSERVE_GRPC_ON})"
+  else
+    echo "starserve did not build (see build_app.log)"
+    grep -B2 -A8 "error" "$OUT/build_app.log" | head -40
+    FAILED+=("starserve build")
+  fi
+fi
+
 echo "== gpu tests"
-(cd "$BUILD" && ctest -L gpu --output-on-failure --timeout 120 --output-junit "$OUT/gpu_tests.xml") 2>&1 |
+(cd "$BUILD" && ctest -L gpu --output-on-failure --timeout 180 --output-junit "$OUT/gpu_tests.xml") 2>&1 |
   tee "$OUT/gpu_tests.log" | tail -25
+[ "${PIPESTATUS[0]}" = 0 ] || FAILED+=("gpu ctest")
 
 echo "== benchmark"
-timeout 180 "$BIN/attention_bench" $QUICK | tee "$OUT/bench.jsonl"
-PYTHONUNBUFFERED=1 timeout 180 python3 bench/gpu/attention_peers.py $QUICK | tee "$OUT/peers.jsonl"
+timeout 180 "$BIN/attention_bench" ${QUICK:+"$QUICK"} | tee "$OUT/bench.jsonl"
+# Python with torch runs without the unpacked libraries on its loader path.
+PYTHONUNBUFFERED=1 LD_LIBRARY_PATH="${STARSERVE_BASE_LD_LIBRARY_PATH:-}" timeout 180 \
+  python3 bench/gpu/attention_peers.py ${QUICK:+"$QUICK"} | tee "$OUT/peers.jsonl"
 python3 bench/gpu/summarize.py "$OUT/bench.jsonl" "$OUT/peers.jsonl" | tee "$OUT/summary.txt"
+
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "status: FAILED: ${FAILED[*]}"
+  exit 1
+fi
+echo "status: ok"

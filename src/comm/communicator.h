@@ -41,6 +41,26 @@ class Communicator {
   virtual Status recv(void* data, size_t bytes, int src, int tag) = 0;
   // Stops every rank of the job (used when a rank cannot continue, so others do not hang).
   virtual void abort_job(int code) = 0;
+
+  // Device-buffer collectives (the NCCL communicator; host-only communicators answer kUnimplemented).
+  // Pointers are device memory on this rank's GPU; `stream` is a cudaStream_t passed as void* (nullptr
+  // = the legacy default stream) so this header stays free of CUDA. Each call only enqueues the
+  // operation on `stream`: the result is there once the stream reaches it, so synchronise the stream
+  // (or wait on an event recorded after the call) before reading it from another stream or the host.
+  // Every rank must issue the same sequence of device collectives.
+  virtual bool has_device_collectives() const { return false; }
+  // recv (device) receives world_size * bytes_per_rank bytes, rank r's send at offset r * bytes_per_rank.
+  virtual Status all_gather_device(const void* /*send*/, void* /*recv*/, size_t /*bytes_per_rank*/,
+                                   void* /*stream*/) {
+    return unimplemented("communicator '{}' has no device collectives (all_gather_device)", name());
+  }
+  // In place over n floats (device) on every rank.
+  virtual Status all_reduce_sum_device(float* /*data*/, size_t /*n*/, void* /*stream*/) {
+    return unimplemented("communicator '{}' has no device collectives (all_reduce_sum_device)", name());
+  }
+  virtual Status all_reduce_max_device(float* /*data*/, size_t /*n*/, void* /*stream*/) {
+    return unimplemented("communicator '{}' has no device collectives (all_reduce_max_device)", name());
+  }
 };
 
 // A world of one: every collective is the identity.
@@ -49,6 +69,21 @@ std::unique_ptr<Communicator> make_local_communicator();
 // Initialises MPI (thread level FUNNELED) and builds the layout. Fails with kUnimplemented when the
 // build has no MPI. MPI is finalised when the communicator is destroyed.
 Result<std::unique_ptr<Communicator>> make_mpi_communicator(int* argc, char*** argv);
+
+// Wraps `host` (typically MPI) with an NCCL communicator on CUDA device `device` for the device-buffer
+// collectives; every host-pointer operation, layout() and abort_job() still go to `host`, which the
+// result owns. Collective over the host communicator: rank 0 makes the NCCL unique id and broadcasts
+// it, every rank selects `device` and joins (ncclCommInitRank). Sets NCCL_NVLS_ENABLE=0 unless the
+// environment already sets it. Failures on any rank (bad device, two ranks on one GPU, which NCCL
+// refuses, NCCL errors) come back as a Status on every rank; `host` is then destroyed with the
+// attempt (for MPI that finalises it), so decide before calling whether NCCL is wanted, e.g. only when
+// layout.local_size <= the number of GPUs. kUnimplemented when the build has no NCCL.
+// name() is "nccl+" + host->name().
+Result<std::unique_ptr<Communicator>> make_nccl_communicator(std::unique_ptr<Communicator> host, int device);
+
+// The GPU this rank drives: local_rank % n_devices (one rank per GPU when local_size <= n_devices).
+// -1 when n_devices < 1.
+int pick_local_device(const WorldLayout& layout, int n_devices);
 
 // True when this process was started by mpirun/srun with more than one rank (reads the launcher's
 // environment; only the config layer calls it).

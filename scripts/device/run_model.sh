@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# On the GPU machine: the whole engine on the CUDA backend. Builds the project (dependencies from
+# scripts/device/env.sh), then, as asked:
+#   model   — GPU whole-model parity tests (tests/gpu_model) and the default model's check;
+#   ranks   — `starserve generate` with the CUDA backend: 1 rank vs 2 and 4 ranks sharing the GPU
+#             (star and exact), the greedy text must be identical;
+#   bench   — bench/gpu/model_bench (JSON) next to bench/gpu/model_peers.py (HF transformers,
+#             torch matmul) in the same run; BENCH_LENGTHS / BENCH_LAYERS / BENCH_MODES override.
+# The default model file is larger than one device call may carry: it travels in two halves
+# (.carry/model-a, .carry/model-b; see docs/perf.md) and is joined here when both are present.
+#   eval    — evals/star_accuracy.py on the CUDA backend (EVAL_LENGTHS, EVAL_SAMPLES, EVAL_CONFIGS).
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench]     (default: model ranks bench)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+STEPS=${*:-model ranks bench}
+export NCCL_NVLS_ENABLE=0
+source scripts/device/env.sh || exit 1
+BUILD=${STARSERVE_DEVICE_BUILD:-build-gpu}
+
+# Keep the model halves between calls on a warm machine; join them once both arrived.
+MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p models /tmp/starserve-model
+for part in .carry/model-a/* .carry/model-b/*; do [ -f "$part" ] && cp -n "$part" /tmp/starserve-model/; done
+if [ ! -f "$MODEL" ] && [ "$(ls /tmp/starserve-model 2>/dev/null | wc -l)" -ge 3 ]; then
+  cat /tmp/starserve-model/smol.part* > "$MODEL"
+fi
+if [ -f "$MODEL" ]; then
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $MODEL" | sha256sum -c - || rm -f "$MODEL"
+fi
+[ -f "$MODEL" ] || echo "default model not here yet (parts: $(ls /tmp/starserve-model 2>/dev/null | tr '\n' ' '))"
+
+SECONDS=0
+if [ ! -f "$BUILD/build.ninja" ]; then
+  STARSERVE_GRPC=${STARSERVE_GRPC:-OFF} starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
+    { tail -30 "$OUT/configure_model.log"; exit 1; }
+fi
+cmake --build "$BUILD" -j "$(nproc)" --target starserve gpu_model_tests model_bench gpu_kernel_tests \
+  >"$OUT/build_model.log" 2>&1 || { grep -B2 -A10 "error" "$OUT/build_model.log" | head -80; exit 1; }
+echo "built in ${SECONDS}s"
+BIN=$BUILD/bin
+
+for step in $STEPS; do
+  case $step in
+  model)
+    echo "== gpu model tests"
+    timeout 400 "$BIN/gpu_model_tests" 2>&1 | tee "$OUT/gpu_model_tests.log" | grep -v "^\[ RUN\|^\[       OK" | tail -40
+    echo "== other gpu tests (kernels, NCCL)"
+    (cd "$BUILD" && timeout 300 ctest -L gpu -E ModelGpu --output-on-failure) 2>&1 | tee "$OUT/gpu_ctest.log" | tail -8
+    ;;
+  ranks)
+    [ -f "$MODEL" ] || { echo "ranks: no model"; continue; }
+    echo "== CUDA backend: 1 rank vs several ranks ($(nvidia-smi -L | wc -l) GPU(s); greedy text must match)"
+    head -c 6000 README.md > /tmp/ctx.txt
+    gen() {
+      local np=$1; shift
+      timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$np" -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH \
+        "$BIN/starserve" generate --model "$MODEL" --backend cuda --context-file /tmp/ctx.txt \
+        --query "What is starserve? Answer briefly." --chat --max-tokens 40 --temperature 0 "$@" 2>>"$OUT/ranks.log"
+    }
+    ref=$(gen 1 --attention global)
+    echo "global on 1 rank: $ref" | tee "$OUT/ranks.txt"
+    for np in 2 4; do
+      one=$(gen 1 --attention star --n-blocks "$np")
+      got=$(gen "$np" --attention star)
+      [ "$got" = "$one" ] && v=SAME || v=DIFFERENT
+      echo "star on $np ranks vs star with $np blocks on 1 rank: $v | $got" | tee -a "$OUT/ranks.txt"
+      got=$(gen "$np" --attention exact)
+      [ "$got" = "$ref" ] && v=SAME || v=DIFFERENT
+      echo "exact on $np ranks vs global on 1 rank: $v | $got" | tee -a "$OUT/ranks.txt"
+    done
+    grep -i "nccl\|warn\|error" "$OUT/ranks.log" | sort | uniq -c | head -20
+    ;;
+  eval)
+    [ -f "$MODEL" ] || { echo "eval: no model"; continue; }
+    echo "== star accuracy on the CUDA backend"
+    PYTHONUNBUFFERED=1 timeout "${EVAL_TIMEOUT:-240}" python3 evals/star_accuracy.py --backend cuda \
+      --binary "$BIN/starserve" --model "$MODEL" --lengths ${EVAL_LENGTHS:-4096 8192} --samples "${EVAL_SAMPLES:-2}" \
+      --configs ${EVAL_CONFIGS:-global star-1/4 star-1/8} --ranks 2 --out "$OUT/eval.jsonl" 2>&1 | tail -30
+    ;;
+  bench)
+    L=${BENCH_LENGTHS:-16384,32768,65536,131072}
+    N=${BENCH_LAYERS:-32}
+    M=${BENCH_MODES:-global,star}
+    echo "== model bench (layers $N, lengths $L)"
+    timeout 420 "$BIN/model_bench" --layers "$N" --lengths "$L" --modes "$M" | tee "$OUT/model_bench.jsonl"
+    echo "== peers"
+    LD_LIBRARY_PATH="$STARSERVE_BASE_LD_LIBRARY_PATH" PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/model_peers.py --layers "$N" --lengths "$L" |
+      tee "$OUT/model_peers.jsonl"
+    python3 bench/gpu/summarize_model.py "$OUT/model_bench.jsonl" "$OUT/model_peers.jsonl" | tee "$OUT/model_summary.txt"
+    ;;
+  esac
+done
