@@ -83,12 +83,12 @@ TIMING = re.compile(r"\[timing\] context (\d+) tokens in ([\d.]+) s")
 ENTROPY = re.compile(r"\[entropy\] layer\s+(\d+) mean ([\d.]+) nats")
 
 
-def run(binary, model, cfg, ranks, ctx_file, query, max_tokens):
+def run(binary, model, cfg, ranks, ctx_file, query, max_tokens, backend="auto"):
     n = cfg.get("ranks", ranks)
     cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(n), binary, "generate",
            "--model", model, "--chat", "--context-file", ctx_file, "--query", query,
            "--max-tokens", str(max_tokens), "--temperature", "0", "--attention", cfg["mode"],
-           "--entropy", "--log-level", "warn", "--kv-memory-mb", "512"]
+           "--entropy", "--log-level", "warn", "--kv-memory-mb", "512", "--backend", backend]
     if "n_blocks" in cfg:
         cmd += ["--n-blocks", str(cfg["n_blocks"])]
     if "anchor" in cfg:
@@ -113,6 +113,7 @@ def main():
     ap.add_argument("--ranks", type=int, default=2, help="MPI ranks for exact/star (results do not depend on it)")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="auto", help="cpu | cuda | auto (starserve generate --backend)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args()
 
@@ -130,7 +131,7 @@ def main():
                 try:
                     for name in args.configs:
                         text, n_ctx, phase1_s, ent = run(args.binary, args.model, CONFIGS[name], args.ranks,
-                                                         ctx_file, query, args.max_tokens)
+                                                         ctx_file, query, args.max_tokens, args.backend)
                         ok = all(a in text for a in answers)
                         results.setdefault((task, length, name), []).append(ok)
                         entropies.setdefault((length, name), []).append(ent)

@@ -21,16 +21,31 @@ Status start_runtime(const Config& config, Runtime& rt) {
   if (rt.comm->rank() == 0) {
     spdlog::info("starserve {} ranks ({}), config: {}", rt.comm->world_size(), rt.comm->name(), describe_config(config));
   }
-  if (config.parallel.backend == "cuda") {
-    return unimplemented("--backend cuda: this build has no CUDA backend yet; use --backend cpu");
+  const int n_gpus = config.parallel.backend == "cpu" ? 0 : cuda_device_count();
+  if (config.parallel.backend == "cuda" || (config.parallel.backend == "auto" && n_gpus > 0)) {
+    // One GPU per rank by local rank; ranks beyond the GPU count share devices round-robin.
+    const WorldLayout& lay = rt.comm->layout();
+    const int device = pick_local_device(lay, std::max(1, n_gpus));
+    SS_ASSIGN_OR_RETURN(rt.backend, make_cuda_backend(device));
+    if (rt.comm->world_size() > 1) {
+      if (lay.local_size <= n_gpus) {
+        // Phase-2 merges and exact-mode KV exchange then run on device buffers over NCCL.
+        SS_ASSIGN_OR_RETURN(rt.comm, make_nccl_communicator(std::move(rt.comm), device));
+      } else if (lay.rank == 0) {
+        spdlog::warn("{} ranks per host share {} GPU(s): collectives go through {} on host memory (NCCL needs one "
+                     "GPU per rank)",
+                     lay.local_size, n_gpus, rt.comm->name());
+      }
+    }
+  } else {
+    // Ranks sharing a host share its cores: by default each gets an equal slice, so BLAS threads of
+    // several ranks do not oversubscribe the CPU.
+    int threads = config.parallel.cpu_threads;
+    if (threads == 0 && rt.comm->layout().local_size > 1) {
+      threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / rt.comm->layout().local_size);
+    }
+    rt.backend = make_cpu_backend(threads);
   }
-  // Ranks sharing a host share its cores: by default each gets an equal slice, so BLAS threads of
-  // several ranks do not oversubscribe the CPU.
-  int threads = config.parallel.cpu_threads;
-  if (threads == 0 && rt.comm->layout().local_size > 1) {
-    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / rt.comm->layout().local_size);
-  }
-  rt.backend = make_cpu_backend(threads);
   const auto t0 = std::chrono::steady_clock::now();
   SS_ASSIGN_OR_RETURN(rt.files, open_model_files(config.model.path));
   SS_ASSIGN_OR_RETURN(rt.model, create_model(*rt.files.weights, *rt.backend));
@@ -44,9 +59,9 @@ Status start_runtime(const Config& config, Runtime& rt) {
   rt.max_context = config.model.max_context > 0 ? config.model.max_context : hp.max_context;
   if (rt.max_context <= 0) return data_loss("the model does not state its context length; pass --max-context");
 
-  // KV budget: bytes per page = page_size tokens x layers x (K + V) x kv heads x head_dim x fp32.
+  // KV budget: bytes per page = page_size tokens x layers x (K + V) x kv heads x head_dim x dtype.
   const int64_t page_bytes = static_cast<int64_t>(config.scheduler.kv_page_size) * hp.n_layers * 2 * hp.n_kv_heads *
-                             hp.head_dim * static_cast<int64_t>(sizeof(float));
+                             hp.head_dim * static_cast<int64_t>(dtype_size(rt.backend->compute_dtype()));
   int64_t pages = config.scheduler.kv_pages;
   if (pages == 0) pages = config.scheduler.kv_memory_mb * (int64_t{1} << 20) / page_bytes;
   if (pages < 1) {

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "common/check.h"
+#include "common/status.h"
 #include "kernels/ref/attention_ref.h"
 #include "model/hparams.h"
 
@@ -60,6 +61,32 @@ struct Tensor {
 
 class Backend;
 
+// One run of cached keys and values on a backend's device: k, v are (n_tokens, n_kv_heads, head_dim)
+// in the backend's compute dtype. A sequence's keys are a list of runs (KV pages, anchor + block);
+// the logical key index runs over their concatenation in order.
+struct KvView {
+  Tensor k, v;
+  int64_t n_tokens() const { return k.ndim == 0 ? 0 : k.shape[0]; }
+};
+
+// One partial-attention call on a backend (the device-side form of PartialAttentionParams).
+// out: (n_q, n_heads, head_dim) in the compute dtype or fp32 (partials headed for a merge);
+// lse, entropy: (n_q * n_heads) fp32 on the device; entropy may be null. An empty kv list gives
+// O = 0, LSE = -inf, H = 0.
+struct AttentionCall {
+  Tensor out;
+  float* lse = nullptr;
+  float* entropy = nullptr;
+  Tensor q;  // (n_q, n_heads, head_dim), compute dtype
+  std::span<const KvView> kv;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  float scale = 1.0f;
+  AttentionMask mask;
+  int64_t n_q() const { return q.shape[0]; }
+};
+
 // Owning device memory; frees through its backend.
 class DeviceBuffer {
  public:
@@ -99,7 +126,14 @@ class Backend {
   virtual void upload_f32(Tensor dst, const float* src) = 0;
   virtual void download_f32(float* dst, Tensor src) = 0;
   virtual void copy(Tensor dst, Tensor src) = 0;  // same dtype and size
+  // Same element count, any dtypes (fp32 <-> compute dtype), device to device.
+  virtual void convert(Tensor dst, Tensor src) = 0;
+  // Raw bytes between host memory and this device (host-to-host on the CPU backend).
+  virtual void upload_bytes(void* dst, const void* src, size_t bytes) = 0;
+  virtual void download_bytes(void* dst, const void* src, size_t bytes) = 0;
   virtual void synchronize() = 0;
+  // The stream device work is ordered on (a cudaStream_t on CUDA; null on the CPU).
+  virtual void* stream() { return nullptr; }
 
   // --- ops: outputs first. All activations (T, ...) row-major. ---
   // out: (T, hidden); table: (n_vocab, hidden); ids: host (T), already range-checked.
@@ -113,13 +147,40 @@ class Backend {
                     RopeStyle style) = 0;
   virtual void swiglu(Tensor out, Tensor gate, Tensor up) = 0;
   virtual void add(Tensor out, Tensor a, Tensor b) = 0;
-  // Partial attention over local keys; outputs fp32 (O normalised, LSE, entropy). See attention_ref.h.
-  virtual void partial_attention(const PartialAttentionParams& p) = 0;
+  // Partial attention over local keys: O normalised within them, LSE, entropy. See attention_ref.h.
+  virtual void partial_attention(const AttentionCall& c) = 0;
+  // Exact merge of shards; every pointer (and the parts' pointers) is fp32 device memory.
   virtual void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts,
                               int64_t n_rows, int head_dim) = 0;
 };
 
+// Device scratch that grows on demand and is reused across calls.
+class Scratch {
+ public:
+  void* ensure(Backend& backend, size_t bytes) {
+    if (buf_.bytes() < bytes) buf_ = backend.alloc(bytes + bytes / 4);
+    return buf_.data();
+  }
+  Tensor view(Backend& backend, DType dtype, std::initializer_list<int64_t> dims) {
+    Tensor t = Tensor::make(nullptr, dtype, dims);
+    t.data = ensure(backend, t.bytes());
+    return t;
+  }
+  float* floats(Backend& backend, int64_t n) {
+    return static_cast<float*>(ensure(backend, static_cast<size_t>(n) * sizeof(float)));
+  }
+
+ private:
+  DeviceBuffer buf_;
+};
+
 // threads: BLAS threads for this process (0 = leave the library's default).
 std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
+
+// The CUDA backend on one device (bf16 weights and activations, fp32 accumulation). kUnimplemented
+// in builds without CUDA; kUnavailable when the device cannot be used.
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device);
+// Number of CUDA devices this process sees (0 in builds without CUDA).
+int cuda_device_count();
 
 }  // namespace starserve

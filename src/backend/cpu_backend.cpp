@@ -3,6 +3,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "backend/backend.h"
 #include "backend/cpu_attention.h"
@@ -53,6 +54,13 @@ class CpuBackend final : public Backend {
     SS_CHECK(dst.bytes() == src.bytes(), "copy {} -> {} bytes", src.bytes(), dst.bytes());
     std::memmove(dst.data, src.data, src.bytes());
   }
+  void convert(Tensor dst, Tensor src) override {
+    SS_CHECK(dst.dtype == DType::kF32 && src.dtype == DType::kF32 && dst.numel() == src.numel(),
+             "the CPU backend holds fp32 only");
+    std::memmove(dst.data, src.data, src.bytes());
+  }
+  void upload_bytes(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
+  void download_bytes(void* dst, const void* src, size_t bytes) override { std::memmove(dst, src, bytes); }
   void synchronize() override {}
 
   void embedding(Tensor out, Tensor table, std::span<const int32_t> ids) override {
@@ -81,11 +89,30 @@ class CpuBackend final : public Backend {
   }
   void swiglu(Tensor out, Tensor gate, Tensor up) override { swiglu_ref(out.f32(), gate.f32(), up.f32(), out.numel()); }
   void add(Tensor out, Tensor a, Tensor b) override { add_ref(out.f32(), a.f32(), b.f32(), out.numel()); }
-  void partial_attention(const PartialAttentionParams& p) override { partial_attention_cpu(p); }
+  void partial_attention(const AttentionCall& c) override {
+    segs_.clear();
+    for (const KvView& kv : c.kv) segs_.push_back({kv.k.f32(), kv.v.f32(), kv.n_tokens()});
+    PartialAttentionParams p;
+    p.out = c.out.f32();
+    p.lse = c.lse;
+    p.entropy = c.entropy;
+    p.q = c.q.f32();
+    p.kv = segs_;
+    p.n_q = c.n_q();
+    p.n_heads = c.n_heads;
+    p.n_kv_heads = c.n_kv_heads;
+    p.head_dim = c.head_dim;
+    p.scale = c.scale;
+    p.mask = c.mask;
+    partial_attention_cpu(p);
+  }
   void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts,
                       int64_t n_rows, int head_dim) override {
     merge_partials_ref(out, lse, entropy, parts, n_rows, head_dim);
   }
+
+ private:
+  std::vector<KvSegment> segs_;
 };
 
 }  // namespace
@@ -94,5 +121,14 @@ std::unique_ptr<Backend> make_cpu_backend(int threads) {
   if (threads > 0) openblas_set_num_threads(threads);
   return std::make_unique<CpuBackend>();
 }
+
+#if !STARSERVE_HAVE_CUDA
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device) {
+  return unimplemented("--backend cuda (device {}): this build has no CUDA backend (nvcc was not found at configure "
+                       "time); use --backend cpu",
+                       device);
+}
+int cuda_device_count() { return 0; }
+#endif
 
 }  // namespace starserve

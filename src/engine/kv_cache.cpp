@@ -1,14 +1,13 @@
 #include "engine/kv_cache.h"
 
 #include <algorithm>
-#include <cstring>
 
 namespace starserve {
 
-KvCache::KvCache(Backend& backend, const KvCacheShape& shape) : backend_(backend), shape_(shape) {
+KvCache::KvCache(Backend& backend, const KvCacheShape& shape)
+    : backend_(backend), shape_(shape), dtype_(backend.compute_dtype()) {
   SS_CHECK(shape.page_size > 0 && shape.n_pages >= 0, "page_size {} n_pages {}", shape.page_size, shape.n_pages);
-  SS_CHECK(backend.kind() == DeviceKind::kCpu, "KvCache stores fp32 host memory; device caches live in the CUDA backend");
-  const size_t bytes = static_cast<size_t>(shape.n_pages) * shape.page_size * token_elems() * sizeof(float);
+  const size_t bytes = static_cast<size_t>(shape.n_pages) * shape.page_size * token_elems() * dtype_size(dtype_);
   for (int l = 0; l < shape.n_layers; ++l) {
     k_pool_.push_back(backend.alloc(bytes));
     v_pool_.push_back(backend.alloc(bytes));
@@ -45,38 +44,53 @@ void KvCache::set_length(SeqId seq, int64_t n_tokens) {
   st.length = n_tokens;
 }
 
-float* KvCache::page_ptr(const DeviceBuffer& pool, int64_t page) const {
-  return static_cast<float*>(pool.data()) + page * shape_.page_size * token_elems();
+int64_t KvCache::bytes_per_token() const {
+  return int64_t{2} * shape_.n_layers * token_elems() * static_cast<int64_t>(dtype_size(dtype_));
 }
 
-void KvCache::write(int layer, SeqId seq, int64_t start, const float* k, const float* v, int64_t n) {
+char* KvCache::page_ptr(const DeviceBuffer& pool, int64_t page) const {
+  return static_cast<char*>(pool.data()) +
+         page * shape_.page_size * token_elems() * static_cast<int64_t>(dtype_size(dtype_));
+}
+
+Tensor KvCache::rows(char* base, int64_t n) const {
+  return Tensor::make(base, dtype_, {n, shape_.n_kv_heads, shape_.head_dim});
+}
+
+void KvCache::write(int layer, SeqId seq, int64_t start, Tensor k, Tensor v) {
   const SeqState& st = seqs_.at(seq);
+  const int64_t n = k.shape[0];
+  SS_CHECK(k.dtype == dtype_ && v.dtype == dtype_ && k.numel() == n * token_elems() && v.numel() == k.numel(),
+           "KV write of {} rows with the wrong dtype or shape", n);
   SS_CHECK(start + n <= static_cast<int64_t>(st.pages.size()) * shape_.page_size, "write [{}, {}) beyond capacity",
            start, start + n);
-  const int64_t row = token_elems();
+  const int64_t row_bytes = token_elems() * static_cast<int64_t>(dtype_size(dtype_));
+  char* const k_src = static_cast<char*>(k.data);
+  char* const v_src = static_cast<char*>(v.data);
   int64_t done = 0;
   while (done < n) {
     const int64_t pos = start + done;
     const int64_t page = st.pages[pos / shape_.page_size];
     const int64_t off = pos % shape_.page_size;
     const int64_t take = std::min<int64_t>(n - done, shape_.page_size - off);
-    std::memcpy(page_ptr(k_pool_[layer], page) + off * row, k + done * row, sizeof(float) * take * row);
-    std::memcpy(page_ptr(v_pool_[layer], page) + off * row, v + done * row, sizeof(float) * take * row);
+    backend_.copy(rows(page_ptr(k_pool_[layer], page) + off * row_bytes, take), rows(k_src + done * row_bytes, take));
+    backend_.copy(rows(page_ptr(v_pool_[layer], page) + off * row_bytes, take), rows(v_src + done * row_bytes, take));
     done += take;
   }
 }
 
-std::vector<KvSegment> KvCache::segments(int layer, SeqId seq, int64_t begin, int64_t end) const {
-  std::vector<KvSegment> out;
+std::vector<KvView> KvCache::segments(int layer, SeqId seq, int64_t begin, int64_t end) const {
+  std::vector<KvView> out;
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return out;
   const SeqState& st = it->second;
-  const int64_t row = token_elems();
+  const int64_t row_bytes = token_elems() * static_cast<int64_t>(dtype_size(dtype_));
   for (int64_t pos = begin; pos < end;) {
     const int64_t page = st.pages[pos / shape_.page_size];
     const int64_t off = pos % shape_.page_size;
     const int64_t take = std::min<int64_t>(end - pos, shape_.page_size - off);
-    out.push_back({page_ptr(k_pool_[layer], page) + off * row, page_ptr(v_pool_[layer], page) + off * row, take});
+    out.push_back({rows(page_ptr(k_pool_[layer], page) + off * row_bytes, take),
+                   rows(page_ptr(v_pool_[layer], page) + off * row_bytes, take)});
     pos += take;
   }
   return out;

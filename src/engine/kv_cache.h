@@ -1,6 +1,8 @@
-// Paged KV cache on a backend. Memory is a fixed pool of pages per layer, each page holding
-// page_size tokens of K and V: pool (n_pages, page_size, n_kv_heads, head_dim) per layer and per K/V.
-// A sequence owns a list of pages; its keys are handed to attention as one KvSegment per page.
+// Paged KV cache on a backend, in the backend's compute dtype (fp32 on the CPU, bf16 on a GPU).
+// Memory is a fixed pool of pages per layer, each page holding page_size tokens of K and V:
+// pool (n_pages, page_size, n_kv_heads, head_dim) per layer and per K/V. A sequence owns a list
+// of pages; its keys are handed to attention as one KvView per page (the CUDA backend reads such a
+// list through a page table when the page size is a power of two >= 64).
 // Admission control works in pages, so a request that does not fit is refused (kResourceExhausted)
 // instead of running the process out of memory. Plain bookkeeping: one owner thread, no locking.
 #pragma once
@@ -39,10 +41,13 @@ class KvCache {
   bool has(SeqId seq) const { return seqs_.count(seq) != 0; }
   int64_t length(SeqId seq) const;
   void set_length(SeqId seq, int64_t n_tokens);  // within the reserved capacity
-  // Writes rows [start, start + n) of one layer; k, v: (n, n_kv_heads, head_dim) fp32 host-visible.
-  void write(int layer, SeqId seq, int64_t start, const float* k, const float* v, int64_t n);
-  // Keys [begin, end) of one layer, one segment per page touched.
-  std::vector<KvSegment> segments(int layer, SeqId seq, int64_t begin, int64_t end) const;
+  // Writes rows [start, start + n) of one layer; k, v: (n, n_kv_heads, head_dim) on the backend,
+  // in its compute dtype, n = k.shape[0].
+  void write(int layer, SeqId seq, int64_t start, Tensor k, Tensor v);
+  // Keys [begin, end) of one layer, one view per page touched.
+  std::vector<KvView> segments(int layer, SeqId seq, int64_t begin, int64_t end) const;
+  // Bytes of K and V one token takes over all layers.
+  int64_t bytes_per_token() const;
   void free_sequence(SeqId seq);
 
  private:
@@ -50,11 +55,13 @@ class KvCache {
     std::vector<int64_t> pages;
     int64_t length = 0;
   };
-  float* page_ptr(const DeviceBuffer& pool, int64_t page) const;
+  char* page_ptr(const DeviceBuffer& pool, int64_t page) const;
+  Tensor rows(char* base, int64_t n) const;
   int64_t token_elems() const { return static_cast<int64_t>(shape_.n_kv_heads) * shape_.head_dim; }
 
   Backend& backend_;
   KvCacheShape shape_;
+  DType dtype_;
   std::vector<DeviceBuffer> k_pool_, v_pool_;  // per layer
   std::vector<int64_t> free_pages_;
   std::unordered_map<SeqId, SeqState> seqs_;

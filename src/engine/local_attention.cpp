@@ -15,33 +15,36 @@ Status LocalAttention::begin_forward(std::span<const BatchSeq> batch) {
 }
 
 Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) {
-  const int64_t nh = hp_.n_heads, nkv = hp_.n_kv_heads, hd = hp_.head_dim;
+  const int64_t nh = hp_.n_heads, hd = hp_.head_dim;
+  int64_t total = 0;
+  for (const BatchSeq& s : batch) total += static_cast<int64_t>(s.tokens.size());
+  float* lse = lse_.floats(backend_, total * nh);
+  float* ent = ent_.floats(backend_, total * nh);
   int64_t start = 0;
   for (const BatchSeq& s : batch) {
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     const int64_t past = cache_.length(s.seq_id);
-    cache_.write(layer, s.seq_id, past, k.f32() + start * nkv * hd, v.f32() + start * nkv * hd, n);
-    const std::vector<KvSegment> segs = cache_.segments(layer, s.seq_id, 0, past + n);
-    lse_.resize(n * nh);
-    ent_.resize(n * nh);
-    PartialAttentionParams p;
-    p.out = out.f32() + start * nh * hd;
-    p.lse = lse_.data();
-    p.entropy = ent_.data();
-    p.q = q.f32() + start * nh * hd;
-    p.kv = segs;
-    p.n_q = n;
-    p.n_heads = hp_.n_heads;
-    p.n_kv_heads = hp_.n_kv_heads;
-    p.head_dim = hp_.head_dim;
-    p.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    p.mask = {true, past};  // new token i sees keys 0 .. past + i
-    backend_.partial_attention(p);
+    cache_.write(layer, s.seq_id, past, k.slice_rows(start, n), v.slice_rows(start, n));
+    const std::vector<KvView> segs = cache_.segments(layer, s.seq_id, 0, past + n);
+    AttentionCall c;
+    c.out = out.slice_rows(start, n);
+    c.lse = lse + start * nh;
+    c.entropy = ent + start * nh;
+    c.q = q.slice_rows(start, n);
+    c.kv = segs;
+    c.n_heads = hp_.n_heads;
+    c.n_kv_heads = hp_.n_kv_heads;
+    c.head_dim = hp_.head_dim;
+    c.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    c.mask = {true, past};  // new token i sees keys 0 .. past + i
+    backend_.partial_attention(c);
     auto it = entropy_.find(s.seq_id);
     if (it != entropy_.end() && it->second->enabled()) {
+      ent_host_.resize(n * nh);
+      backend_.download_bytes(ent_host_.data(), c.entropy, ent_host_.size() * sizeof(float));
       std::vector<int64_t> visible(n);
       for (int64_t i = 0; i < n; ++i) visible[i] = past + i + 1;
-      it->second->add(layer, ent_.data(), n, visible.data());
+      it->second->add(layer, ent_host_.data(), n, visible.data());
     }
     start += n;
   }

@@ -28,7 +28,8 @@ class LocalAttention final : public AttentionHandler {
   KvCache& cache_;
   ModelHParams hp_;
   std::unordered_map<SeqId, EntropyStats*> entropy_;
-  std::vector<float> lse_, ent_;
+  Scratch lse_, ent_;
+  std::vector<float> ent_host_;
 };
 
 }  // namespace starserve

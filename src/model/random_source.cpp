@@ -2,6 +2,9 @@
 
 #include <cmath>
 #include <string_view>
+#include <thread>
+#include <vector>
+#include <algorithm>
 
 #include <fmt/format.h>
 
@@ -65,11 +68,20 @@ Result<HostTensor> RandomWeightSource::load(const std::string& name) const {
   t.data.resize(t.numel());
   const uint64_t base = splitmix64(seed_ ^ hash_name(name));
   const float a = s.norm ? 0.1f : std::sqrt(3.0f / static_cast<float>(s.shape.back()));
-  for (size_t i = 0; i < t.data.size(); ++i) {
-    // 24 random bits -> uniform in [-1, 1).
-    const float u = static_cast<float>(splitmix64(base + i) >> 40) / static_cast<float>(1 << 23) - 1.0f;
-    t.data[i] = s.norm ? 1.0f + a * u : a * u;
-  }
+  auto fill = [&](size_t begin, size_t end) {
+    for (size_t i = begin; i < end; ++i) {
+      // 24 random bits -> uniform in [-1, 1).
+      const float u = static_cast<float>(splitmix64(base + i) >> 40) / static_cast<float>(1 << 23) - 1.0f;
+      t.data[i] = s.norm ? 1.0f + a * u : a * u;
+    }
+  };
+  // Element i depends on i alone, so large tensors (8B-shaped models) fill in parallel.
+  const size_t n = t.data.size();
+  const size_t n_threads = n < (size_t{1} << 22) ? 1 : std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 32);
+  std::vector<std::thread> workers;
+  for (size_t w = 1; w < n_threads; ++w) workers.emplace_back(fill, n * w / n_threads, n * (w + 1) / n_threads);
+  fill(0, n / n_threads);
+  for (std::thread& th : workers) th.join();
   return t;
 }
 
@@ -93,6 +105,27 @@ ModelHParams tiny_llama_hparams() {
   hp.rms_eps = 1e-5f;
   hp.rope_theta = 10000.0f;
   hp.rope_dim = 16;
+  hp.rope_style = RopeStyle::kHalf;
+  hp.tied_embeddings = false;
+  return hp;
+}
+
+ModelHParams llama3_8b_hparams(int n_layers) {
+  ModelHParams hp;
+  hp.arch = Arch::kLlama;
+  hp.arch_name = "llama";
+  hp.name = "random-llama-3-8b-shape";
+  hp.n_layers = n_layers;
+  hp.hidden = 4096;
+  hp.n_heads = 32;
+  hp.n_kv_heads = 8;
+  hp.head_dim = 128;
+  hp.ffn_hidden = 14336;
+  hp.n_vocab = 128256;
+  hp.max_context = 131072 * 4;
+  hp.rms_eps = 1e-5f;
+  hp.rope_theta = 500000.0f;
+  hp.rope_dim = 128;
   hp.rope_style = RopeStyle::kHalf;
   hp.tied_embeddings = false;
   return hp;

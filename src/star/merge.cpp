@@ -61,4 +61,40 @@ Status RankMerger::merge(float* out, float* lse, float* entropy, int64_t n_rows,
   return Status();
 }
 
+Status RankMerger::merge_on(Backend& backend, float* out, float* lse, float* entropy, int64_t n_rows, int head_dim) {
+  const int world = comm_.world_size();
+  if (world == 1) return Status();
+  if (backend.kind() == DeviceKind::kCpu) return merge(out, lse, entropy, n_rows, head_dim);
+  const int64_t d = head_dim;
+  if (comm_.has_device_collectives() && world <= kMaxDeviceMergeParts) {
+    // Pack [O | LSE | H], all-gather, merge the world's partials on the device.
+    const int64_t per_rank = n_rows * (d + 2);
+    float* send = dev_send_.floats(backend, per_rank);
+    float* recv = dev_recv_.floats(backend, per_rank * world);
+    auto f32 = [](float* p, int64_t n) { return Tensor::make(p, DType::kF32, {n}); };
+    backend.copy(f32(send, n_rows * d), f32(out, n_rows * d));
+    backend.copy(f32(send + n_rows * d, n_rows), f32(lse, n_rows));
+    backend.copy(f32(send + n_rows * (d + 1), n_rows), f32(entropy, n_rows));
+    SS_RETURN_IF_ERROR(comm_.all_gather_device(send, recv, per_rank * sizeof(float), backend.stream()));
+    std::vector<AttentionPartial> parts;
+    for (int r = 0; r < world; ++r) {
+      const float* base = recv + r * per_rank;
+      parts.push_back({base, base + n_rows * d, base + n_rows * (d + 1)});
+    }
+    backend.merge_partials(out, lse, entropy, parts, n_rows, head_dim);
+    return Status();
+  }
+  host_out_.resize(n_rows * d);
+  host_lse_.resize(n_rows);
+  host_ent_.resize(n_rows);
+  backend.download_bytes(host_out_.data(), out, host_out_.size() * sizeof(float));
+  backend.download_bytes(host_lse_.data(), lse, host_lse_.size() * sizeof(float));
+  backend.download_bytes(host_ent_.data(), entropy, host_ent_.size() * sizeof(float));
+  SS_RETURN_IF_ERROR(merge(host_out_.data(), host_lse_.data(), host_ent_.data(), n_rows, head_dim));
+  backend.upload_bytes(out, host_out_.data(), host_out_.size() * sizeof(float));
+  backend.upload_bytes(lse, host_lse_.data(), host_lse_.size() * sizeof(float));
+  backend.upload_bytes(entropy, host_ent_.data(), host_ent_.size() * sizeof(float));
+  return Status();
+}
+
 }  // namespace starserve

@@ -8,11 +8,15 @@
 
 #include <vector>
 
+#include "backend/backend.h"
 #include "comm/communicator.h"
 
 namespace starserve {
 
 enum class MergeAlgo { kAllReduce, kAllGather };
+
+// Most ranks the device merge handles in one launch (kernels/attention.h kMergeMaxParts).
+constexpr int kMaxDeviceMergeParts = 16;
 
 class RankMerger {
  public:
@@ -20,12 +24,17 @@ class RankMerger {
   // In place: out (n_rows, head_dim), lse (n_rows), entropy (n_rows) hold this rank's partials on
   // entry and the merged global values on return, identical on every rank.
   Status merge(float* out, float* lse, float* entropy, int64_t n_rows, int head_dim);
+  // The same merge on fp32 buffers in a backend's memory. On a GPU with a communicator that has
+  // device collectives (NCCL), the partials are all-gathered on the device and merged there by
+  // the backend (whatever algo() says); otherwise they travel through host memory.
+  Status merge_on(Backend& backend, float* out, float* lse, float* entropy, int64_t n_rows, int head_dim);
   MergeAlgo algo() const { return algo_; }
 
  private:
   Communicator& comm_;
   MergeAlgo algo_;
-  std::vector<float> buf_, gathered_;
+  std::vector<float> buf_, gathered_, host_out_, host_lse_, host_ent_;
+  Scratch dev_send_, dev_recv_;
 };
 
 }  // namespace starserve

@@ -9,23 +9,26 @@
 namespace starserve {
 
 namespace {
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+AttentionCall make_call(const AttentionDims& d, Tensor out, float* lse, float* ent, Tensor q,
+                        std::span<const KvView> kv, AttentionMask mask) {
+  AttentionCall c;
+  c.out = out;
+  c.lse = lse;
+  c.entropy = ent;
+  c.q = q;
+  c.kv = kv;
+  c.n_heads = d.n_heads;
+  c.n_kv_heads = d.n_kv_heads;
+  c.head_dim = d.head_dim;
+  c.scale = d.scale;
+  c.mask = mask;
+  return c;
+}
 
-PartialAttentionParams make_params(const AttentionDims& d, float* out, float* lse, float* ent, const float* q,
-                                   std::span<const KvSegment> kv, int64_t n_q, AttentionMask mask) {
-  PartialAttentionParams p;
-  p.out = out;
-  p.lse = lse;
-  p.entropy = ent;
-  p.q = q;
-  p.kv = kv;
-  p.n_q = n_q;
-  p.n_heads = d.n_heads;
-  p.n_kv_heads = d.n_kv_heads;
-  p.head_dim = d.head_dim;
-  p.scale = d.scale;
-  p.mask = mask;
-  return p;
+// fp32 rows for partials: the output itself when it is fp32 (CPU), else device scratch.
+Tensor fp32_target(Backend& backend, Tensor out, Scratch& scratch) {
+  if (out.dtype == DType::kF32) return out;
+  return scratch.view(backend, DType::kF32, {out.shape[0], out.shape[1], out.shape[2]});
 }
 }  // namespace
 
@@ -52,21 +55,19 @@ Status BlockLocalAttention::begin_forward(std::span<const BatchSeq> batch) {
 
 Status BlockLocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v,
                                    Tensor out) {
-  const int64_t kv_row = static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
-  const int64_t q_row = static_cast<int64_t>(dims_.n_heads) * dims_.head_dim;
   int64_t start = 0;
   for (const BatchSeq& s : batch) {
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     const int64_t past = cache_.length(s.seq_id);
-    cache_.write(layer, s.seq_id, past, k.f32() + start * kv_row, v.f32() + start * kv_row, n);
-    std::vector<KvSegment> segs;
+    cache_.write(layer, s.seq_id, past, k.slice_rows(start, n), v.slice_rows(start, n));
+    std::vector<KvView> segs;
     if (prefix_seq_) segs = cache_.segments(layer, *prefix_seq_, 0, prefix_len_);
-    const std::vector<KvSegment> own = cache_.segments(layer, s.seq_id, past, past + n);
+    const std::vector<KvView> own = cache_.segments(layer, s.seq_id, past, past + n);
     segs.insert(segs.end(), own.begin(), own.end());
-    lse_.resize(n * dims_.n_heads);
+    float* lse = lse_.floats(backend_, n * dims_.n_heads);
     // Keys [prefix ; block]: block token i sees the whole prefix and block tokens 0..i.
-    backend_.partial_attention(make_params(dims_, out.f32() + start * q_row, lse_.data(), nullptr,
-                                           q.f32() + start * q_row, segs, n, {true, prefix_len_}));
+    backend_.partial_attention(make_call(dims_, out.slice_rows(start, n), lse, nullptr, q.slice_rows(start, n), segs,
+                                         {true, prefix_len_}));
     start += n;
   }
   return Status();
@@ -91,23 +92,36 @@ Status ExactContextAttention::gather_sizes(int64_t mine) {
   return Status();
 }
 
-// All-gathers this layer's K and V of every rank's span, padded to the longest span.
-Status ExactContextAttention::layer_exchange(const float* k, const float* v, int64_t n) {
+// All-gathers rows (n, n_kv_heads, head_dim) of every rank, padded to the longest span, into all:
+// rank r's rows at r * max_count_. Device collectives when the communicator has them, else host.
+Status ExactContextAttention::gather_rows(Tensor rows, int64_t n, Scratch& all) {
+  const DType dt = backend_.compute_dtype();
   const int64_t kv_row = static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
-  const size_t per_rank = static_cast<size_t>(max_count_ * kv_row);
-  send_.assign(per_rank, 0.0f);
-  k_all_.resize(per_rank * comm_.world_size());
-  v_all_.resize(per_rank * comm_.world_size());
-  if (n > 0) std::memcpy(send_.data(), k, sizeof(float) * n * kv_row);
-  SS_RETURN_IF_ERROR(comm_.all_gather(send_.data(), k_all_.data(), per_rank * sizeof(float)));
-  if (n > 0) std::memcpy(send_.data(), v, sizeof(float) * n * kv_row);
-  SS_RETURN_IF_ERROR(comm_.all_gather(send_.data(), v_all_.data(), per_rank * sizeof(float)));
+  const size_t per_rank = static_cast<size_t>(max_count_ * kv_row) * dtype_size(dt);
+  const int world = comm_.world_size();
+  void* recv = all.ensure(backend_, std::max<size_t>(per_rank * world, 1));
+  const size_t mine = static_cast<size_t>(n * kv_row) * dtype_size(dt);
+  if (backend_.kind() != DeviceKind::kCpu && comm_.has_device_collectives()) {
+    void* send = send_.ensure(backend_, std::max<size_t>(per_rank, 1));
+    if (n > 0) backend_.copy(Tensor::make(send, dt, {n * kv_row}), Tensor::make(rows.data, dt, {n * kv_row}));
+    return comm_.all_gather_device(send, recv, per_rank, backend_.stream());
+  }
+  send_host_.assign(per_rank, 0);
+  recv_host_.resize(per_rank * world);
+  if (n > 0) backend_.download_bytes(send_host_.data(), rows.data, mine);
+  SS_RETURN_IF_ERROR(comm_.all_gather(send_host_.data(), recv_host_.data(), per_rank));
+  backend_.upload_bytes(recv, recv_host_.data(), per_rank * world);
   return Status();
+}
+
+Status ExactContextAttention::layer_exchange(Tensor k, Tensor v, int64_t n) {
+  SS_RETURN_IF_ERROR(gather_rows(k, n, k_all_));
+  return gather_rows(v, n, v_all_);
 }
 
 Status ExactContextAttention::participate_without_tokens(int n_layers) {
   SS_RETURN_IF_ERROR(gather_sizes(0));
-  for (int l = 0; l < n_layers; ++l) SS_RETURN_IF_ERROR(layer_exchange(nullptr, nullptr, 0));
+  for (int l = 0; l < n_layers; ++l) SS_RETURN_IF_ERROR(layer_exchange(Tensor{}, Tensor{}, 0));
   return Status();
 }
 
@@ -122,41 +136,44 @@ Status ExactContextAttention::attend(int layer, std::span<const BatchSeq> batch,
                                      Tensor out) {
   const BatchSeq& s = batch[0];
   const int64_t n = static_cast<int64_t>(s.tokens.size());
+  const DType dt = backend_.compute_dtype();
   const int64_t kv_row = static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
   const int64_t rows = n * dims_.n_heads;
   const int64_t past = cache_.length(s.seq_id);
   SS_CHECK(past == 0, "exact context encoding expects an empty sequence, it has {} tokens", past);
-  cache_.write(layer, s.seq_id, 0, k.f32(), v.f32(), n);
-  SS_RETURN_IF_ERROR(layer_exchange(k.f32(), v.f32(), n));
+  cache_.write(layer, s.seq_id, 0, k, v);
+  SS_RETURN_IF_ERROR(layer_exchange(k, v, n));
 
   // Partials: own span causally, then every earlier rank's span in full.
   const int me = comm_.rank();
   int n_parts = 1;
   for (int r = 0; r < me; ++r) n_parts += counts_[r] > 0 ? 1 : 0;
-  part_out_.resize(n_parts * rows * dims_.head_dim);
-  part_lse_.resize(n_parts * rows);
-  part_ent_.resize(n_parts * rows);
-  const std::vector<KvSegment> own = cache_.segments(layer, s.seq_id, 0, n);
-  backend_.partial_attention(make_params(dims_, part_out_.data(), part_lse_.data(), part_ent_.data(), q.f32(), own,
-                                         n, {true, 0}));
+  float* p_out = part_out_.floats(backend_, n_parts * rows * dims_.head_dim);
+  float* p_lse = part_lse_.floats(backend_, n_parts * rows);
+  float* p_ent = part_ent_.floats(backend_, n_parts * rows);
+  auto part_view = [&](int i) {
+    return Tensor::make(p_out + i * rows * dims_.head_dim, DType::kF32, {n, dims_.n_heads, dims_.head_dim});
+  };
+  const std::vector<KvView> own = cache_.segments(layer, s.seq_id, 0, n);
+  backend_.partial_attention(make_call(dims_, part_view(0), p_lse, p_ent, q, own, {true, 0}));
   int p = 1;
   for (int r = 0; r < me; ++r) {
     if (counts_[r] == 0) continue;
-    const size_t off = static_cast<size_t>(r) * max_count_ * kv_row;
-    const KvSegment seg{k_all_.data() + off, v_all_.data() + off, counts_[r]};
-    backend_.partial_attention(make_params(dims_, part_out_.data() + p * rows * dims_.head_dim,
-                                           part_lse_.data() + p * rows, part_ent_.data() + p * rows, q.f32(),
-                                           {&seg, 1}, n, {false, 0}));
+    const size_t off = static_cast<size_t>(r * max_count_ * kv_row) * dtype_size(dt);
+    const KvView seg{Tensor::make(static_cast<char*>(k_all_.ensure(backend_, 0)) + off, dt,
+                                  {counts_[r], dims_.n_kv_heads, dims_.head_dim}),
+                     Tensor::make(static_cast<char*>(v_all_.ensure(backend_, 0)) + off, dt,
+                                  {counts_[r], dims_.n_kv_heads, dims_.head_dim})};
+    backend_.partial_attention(
+        make_call(dims_, part_view(p), p_lse + p * rows, p_ent + p * rows, q, {&seg, 1}, {false, 0}));
     ++p;
   }
   std::vector<AttentionPartial> parts;
-  for (int i = 0; i < n_parts; ++i) {
-    parts.push_back({part_out_.data() + i * rows * dims_.head_dim, part_lse_.data() + i * rows,
-                     part_ent_.data() + i * rows});
-  }
-  lse_.resize(rows);
-  ent_.resize(rows);
-  backend_.merge_partials(out.f32(), lse_.data(), ent_.data(), parts, rows, dims_.head_dim);
+  for (int i = 0; i < n_parts; ++i) parts.push_back({p_out + i * rows * dims_.head_dim, p_lse + i * rows, p_ent + i * rows});
+  const Tensor o32 = fp32_target(backend_, out, out32_);
+  backend_.merge_partials(o32.f32(), lse_.floats(backend_, rows), ent_.floats(backend_, rows), parts, rows,
+                          dims_.head_dim);
+  if (o32.data != out.data) backend_.convert(out, o32);
   return Status();
 }
 
@@ -195,24 +212,21 @@ Status Phase2Attention::begin_forward(std::span<const BatchSeq> batch) {
 
 Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v,
                                Tensor out) {
-  const int64_t kv_row = static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
-  const int64_t q_row = static_cast<int64_t>(dims_.n_heads) * dims_.head_dim;
+  const int64_t nh = dims_.n_heads;
   int64_t total = 0;
   for (const BatchSeq& s : batch) total += static_cast<int64_t>(s.tokens.size());
-  lse_.resize(total * dims_.n_heads);
-  ent_.resize(total * dims_.n_heads);
+  float* lse_all = lse_.floats(backend_, total * nh);
+  float* ent_all = ent_.floats(backend_, total * nh);
+  const Tensor o32 = fp32_target(backend_, out, out32_);
   int64_t start = 0;
   for (const BatchSeq& s : batch) {
     const SeqInfo& info = seqs_.at(s.seq_id);
     const int64_t n = static_cast<int64_t>(s.tokens.size());
-    float* o = out.f32() + start * q_row;
-    float* lse = lse_.data() + start * dims_.n_heads;
-    float* ent = ent_.data() + start * dims_.n_heads;
-    std::vector<KvSegment> segs;
+    std::vector<KvView> segs;
     AttentionMask mask{false, 0};
     if (info.query_host) {
       const int64_t past = cache_.length(s.seq_id);
-      cache_.write(layer, s.seq_id, past, k.f32() + start * kv_row, v.f32() + start * kv_row, n);
+      cache_.write(layer, s.seq_id, past, k.slice_rows(start, n), v.slice_rows(start, n));
       segs = cache_.segments(layer, s.seq_id, 0, past + n);
       // Keys [local context ; earlier query/generated ; new]: new token i sees all context, every
       // earlier query/generated token, and new tokens 0..i.
@@ -221,20 +235,25 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
       // Context only: every key visible to every query row (no causal alignment at all).
       segs = cache_.segments(layer, s.seq_id, 0, info.n_local_context);
     }
-    if (segs.empty()) {
-      std::fill(o, o + n * q_row, 0.0f);
-      std::fill(lse, lse + n * dims_.n_heads, kNegInf);
-      std::fill(ent, ent + n * dims_.n_heads, 0.0f);
-    } else {
-      backend_.partial_attention(make_params(dims_, o, lse, ent, q.f32() + start * q_row, segs, n, mask));
-    }
+    // An empty key list gives O = 0, LSE = -inf, H = 0: this rank contributes nothing to the merge.
+    backend_.partial_attention(make_call(dims_, o32.slice_rows(start, n), lse_all + start * nh, ent_all + start * nh,
+                                         q.slice_rows(start, n), segs, mask));
     start += n;
   }
   // One collective for the whole batch: rows are (token, head) pairs.
   const auto t0 = std::chrono::steady_clock::now();
-  SS_RETURN_IF_ERROR(merger_.merge(out.f32(), lse_.data(), ent_.data(), total * dims_.n_heads, dims_.head_dim));
+  SS_RETURN_IF_ERROR(merger_.merge_on(backend_, o32.f32(), lse_all, ent_all, total * nh, dims_.head_dim));
   merge_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   ++merges_;
+  if (o32.data != out.data) backend_.convert(out, o32);
+  bool tracked = false;
+  for (const BatchSeq& s : batch) {
+    const SeqInfo& info = seqs_.at(s.seq_id);
+    tracked = tracked || (info.entropy && info.entropy->enabled());
+  }
+  if (!tracked) return Status();
+  ent_host_.resize(total * nh);
+  backend_.download_bytes(ent_host_.data(), ent_all, ent_host_.size() * sizeof(float));
   start = 0;
   for (const BatchSeq& s : batch) {
     const SeqInfo& info = seqs_.at(s.seq_id);
@@ -242,7 +261,7 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
     if (info.entropy && info.entropy->enabled()) {
       std::vector<int64_t> visible(n);
       for (int64_t i = 0; i < n; ++i) visible[i] = info.n_context_total + info.n_generated + i + 1;
-      info.entropy->add(layer, ent_.data() + start * dims_.n_heads, n, visible.data());
+      info.entropy->add(layer, ent_host_.data() + start * nh, n, visible.data());
     }
     start += n;
   }

@@ -45,7 +45,7 @@ class BlockLocalAttention final : public AttentionHandler {
   AttentionDims dims_;
   std::optional<SeqId> prefix_seq_;
   int64_t prefix_len_ = 0;
-  std::vector<float> lse_;
+  Scratch lse_;
 };
 
 class ExactContextAttention final : public AttentionHandler {
@@ -60,7 +60,8 @@ class ExactContextAttention final : public AttentionHandler {
 
  private:
   Status gather_sizes(int64_t mine);
-  Status layer_exchange(const float* k, const float* v, int64_t n);
+  Status layer_exchange(Tensor k, Tensor v, int64_t n);
+  Status gather_rows(Tensor rows, int64_t n, Scratch& all);
 
   Backend& backend_;
   KvCache& cache_;
@@ -68,7 +69,8 @@ class ExactContextAttention final : public AttentionHandler {
   Communicator& comm_;
   std::vector<int64_t> counts_;        // context tokens per rank in this forward
   int64_t max_count_ = 0;
-  std::vector<float> send_, k_all_, v_all_, part_out_, part_lse_, part_ent_, lse_, ent_;
+  std::vector<char> send_host_, recv_host_;
+  Scratch send_, k_all_, v_all_, part_out_, part_lse_, part_ent_, lse_, ent_, out32_;
 };
 
 class Phase2Attention final : public AttentionHandler {
@@ -102,7 +104,8 @@ class Phase2Attention final : public AttentionHandler {
   AttentionDims dims_;
   RankMerger merger_;
   std::unordered_map<SeqId, SeqInfo> seqs_;
-  std::vector<float> lse_, ent_;
+  Scratch lse_, ent_, out32_;
+  std::vector<float> ent_host_;
   double merge_seconds_ = 0;
   int64_t merges_ = 0;
 };

@@ -96,9 +96,9 @@ QueryResult star_reference(std::span<const int32_t> context, std::span<const int
     EXPECT_TRUE(m.model->forward({&s, 1}, attn, nullptr).ok());
     for (int l = 0; l < m.hp.n_layers; ++l) {
       int64_t dst = b;
-      for (const KvSegment& seg : cache.segments(l, scratch, a, a + (e - b))) {
-        cache.write(l, target, dst, seg.k, seg.v, seg.n_tokens);
-        dst += seg.n_tokens;
+      for (const KvView& seg : cache.segments(l, scratch, a, a + (e - b))) {
+        cache.write(l, target, dst, seg.k, seg.v);
+        dst += seg.n_tokens();
       }
     }
     cache.free_sequence(scratch);

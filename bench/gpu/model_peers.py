@@ -1,0 +1,88 @@
+#!/usr/bin/env python3
+"""Peers of bench/gpu/model_bench.cpp on the same GPU, in the same run: HF transformers
+(LlamaForCausalLM, bf16, SDPA) on a random-weight model of Llama-3-8B's shape, and torch bf16
+matmul at the model's projection shapes. JSON lines on stdout, same fields as model_bench.
+
+Usage: model_peers.py [--layers 32] [--lengths 16384,32768] [--query 32] [--decode 16] [--gemm-only]
+"""
+import argparse
+import json
+import time
+
+import torch
+
+
+def emit(**kw):
+    print(json.dumps(kw), flush=True)
+
+
+def bench_gemm(hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336):
+    q, kv = heads * head_dim, kv_heads * head_dim
+    shapes = [("qkv", q + 2 * kv, hidden), ("o", hidden, q), ("gate_up", 2 * ffn, hidden), ("down", hidden, ffn)]
+    for t in (1, 4096, 16384):
+        for name, n, k in shapes:
+            a = torch.full((t, k), 0.01, device="cuda", dtype=torch.bfloat16)
+            w = torch.full((n, k), 0.01, device="cuda", dtype=torch.bfloat16)
+            for _ in range(3):
+                torch.matmul(a, w.t())
+            torch.cuda.synchronize()
+            reps = 200 if t == 1 else 20
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                torch.matmul(a, w.t())
+            torch.cuda.synchronize()
+            s = (time.perf_counter() - t0) / reps
+            emit(bench="gemm", impl="torch-matmul", shape=name, m=t, n=n, k=k, us=round(s * 1e6, 2),
+                 tflops=round(2 * t * n * k / s / 1e12, 1), gbps=round(2 * (t * k + n * k + t * n) / s / 1e9))
+            del a, w
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--lengths", default="16384,32768")
+    ap.add_argument("--query", type=int, default=32)
+    ap.add_argument("--decode", type=int, default=16)
+    ap.add_argument("--gemm-only", action="store_true")
+    args = ap.parse_args()
+    bench_gemm()
+    if args.gemm_only:
+        return
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                      rope_theta=500000.0, max_position_embeddings=1 << 19, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for n in [int(x) for x in args.lengths.split(",")]:
+        ids = torch.randint(0, cfg.vocab_size, (1, n + args.query), generator=gen).cuda()
+        torch.cuda.synchronize()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            ttft = time.perf_counter() - t0
+            emit(bench="ttft", impl="hf-transformers", mode="global", context=n, query=args.query, blocks=1,
+                 layers=args.layers, ttft_s=round(ttft, 3))
+            past = out.past_key_values
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            for _ in range(args.decode):
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t1) * 1e3 / max(args.decode, 1)
+            emit(bench="decode", impl="hf-transformers", mode="global", context=n, layers=args.layers,
+                 ms_per_token=round(ms, 2), tokens_per_s=round(1e3 / ms, 1))
+        del out, past
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

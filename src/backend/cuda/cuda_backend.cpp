@@ -1,0 +1,405 @@
+// The CUDA backend: bf16 weights and activations, fp32 accumulation, one stream per process.
+// GEMMs through cuBLASLt; everything else through kernels/*.cu. Memory comes from the device's
+// stream-ordered pool, so per-forward activations cost no cudaMalloc/cudaFree round trips.
+// Host inputs of ops (token ids, positions, KV page tables) go through a pinned ring, so a decode
+// step is enqueued without waiting for the GPU.
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include <spdlog/spdlog.h>
+
+#include "backend/backend.h"
+#include "kernels/argmax.h"
+#include "kernels/attention.h"
+#include "kernels/elementwise.h"
+#include "kernels/embedding.h"
+#include "kernels/rms_norm.h"
+#include "kernels/rope.h"
+#include "kernels/swiglu.h"
+
+namespace starserve {
+
+namespace {
+
+#define SS_CUDA_OK(expr)                                                                   \
+  do {                                                                                     \
+    const cudaError_t ss_e_ = (expr);                                                      \
+    SS_CHECK(ss_e_ == cudaSuccess, "{} failed: {}", #expr, cudaGetErrorString(ss_e_));     \
+  } while (0)
+
+#define SS_CUBLAS_OK(expr)                                                                 \
+  do {                                                                                     \
+    const cublasStatus_t ss_s_ = (expr);                                                   \
+    SS_CHECK(ss_s_ == CUBLAS_STATUS_SUCCESS, "{} failed: status {}", #expr, static_cast<int>(ss_s_)); \
+  } while (0)
+
+__nv_bfloat16* bf16(Tensor t) {
+  SS_CHECK(t.dtype == DType::kBF16, "expected a bf16 tensor");
+  return static_cast<__nv_bfloat16*>(t.data);
+}
+
+// Host bytes that must reach the device in stream order: copied into a pinned ring, then an
+// asynchronous H2D copy. When the ring wraps, the stream is drained first (rare: the ring holds
+// many decode steps' worth of ids, positions and page tables).
+class PinnedRing {
+ public:
+  explicit PinnedRing(size_t bytes) : size_(bytes) { SS_CUDA_OK(cudaMallocHost(&base_, bytes)); }
+  ~PinnedRing() { cudaFreeHost(base_); }
+  void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+    if (bytes > size_ / 2) {  // large: synchronous pageable copy
+      SS_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+      SS_CUDA_OK(cudaStreamSynchronize(stream));
+      return;
+    }
+    const size_t aligned = (bytes + 255) / 256 * 256;
+    if (head_ + aligned > size_) {
+      SS_CUDA_OK(cudaStreamSynchronize(stream));
+      head_ = 0;
+    }
+    char* slot = static_cast<char*>(base_) + head_;
+    std::memcpy(slot, src, bytes);
+    SS_CUDA_OK(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream));
+    head_ += aligned;
+  }
+
+ private:
+  void* base_ = nullptr;
+  size_t size_;
+  size_t head_ = 0;
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device), ring_(size_t{8} << 20) {}
+
+  Status init() {
+    SS_CUDA_OK(cudaSetDevice(device_));
+    cudaDeviceProp prop{};
+    SS_CUDA_OK(cudaGetDeviceProperties(&prop, device_));
+    name_ = fmt::format("cuda:{} ({}, sm_{}{})", device_, prop.name, prop.major, prop.minor);
+    SS_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    cudaMemPool_t pool;
+    SS_CUDA_OK(cudaDeviceGetDefaultMemPool(&pool, device_));
+    uint64_t keep = std::numeric_limits<uint64_t>::max();  // keep freed memory in the pool
+    SS_CUDA_OK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    SS_CUBLAS_OK(cublasLtCreate(&lt_));
+    SS_CUDA_OK(cudaMalloc(&lt_ws_, kLtWorkspace));
+    return Status();
+  }
+
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    for (auto& [key, plan] : plans_) {
+      cublasLtMatmulDescDestroy(plan.desc);
+      cublasLtMatrixLayoutDestroy(plan.a);
+      cublasLtMatrixLayoutDestroy(plan.b);
+      cublasLtMatrixLayoutDestroy(plan.c);
+    }
+    // Scratch buffers free through this backend: release them before the stream goes.
+    ids_ = DeviceBuffer();
+    pos_ = DeviceBuffer();
+    tables_ = DeviceBuffer();
+    gather_k_ = DeviceBuffer();
+    gather_v_ = DeviceBuffer();
+    attn_ws_ = DeviceBuffer();
+    staging_ = DeviceBuffer();
+    neg_inf_ = DeviceBuffer();
+    cudaStreamSynchronize(stream_);
+    if (lt_ws_) cudaFree(lt_ws_);
+    if (lt_) cublasLtDestroy(lt_);
+    if (stream_) cudaStreamDestroy(stream_);
+  }
+
+  DeviceKind kind() const override { return DeviceKind::kCuda; }
+  std::string name() const override { return name_; }
+  DType compute_dtype() const override { return DType::kBF16; }
+  void* stream() override { return stream_; }
+
+  DeviceBuffer alloc(size_t bytes) override {
+    void* p = nullptr;
+    const cudaError_t e = cudaMallocAsync(&p, std::max<size_t>(bytes, 256), stream_);
+    if (e != cudaSuccess) {
+      size_t free_b = 0, total_b = 0;
+      cudaMemGetInfo(&free_b, &total_b);
+      SS_CHECK(false, "CUDA out of memory allocating {} MiB ({} MiB free of {} MiB): {}", bytes >> 20, free_b >> 20,
+               total_b >> 20, cudaGetErrorString(e));
+    }
+    return DeviceBuffer(this, p, bytes);
+  }
+  void free_raw(void* ptr) override { cudaFreeAsync(ptr, stream_); }
+
+  void upload_f32(Tensor dst, const float* src) override {
+    const int64_t n = dst.numel();
+    if (dst.dtype == DType::kF32) {
+      SS_CUDA_OK(cudaMemcpyAsync(dst.data, src, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      SS_CUDA_OK(cudaStreamSynchronize(stream_));
+      return;
+    }
+    // fp32 host -> fp32 staging on the device -> bf16, in chunks.
+    constexpr int64_t kChunk = int64_t{16} << 20;  // floats
+    float* stage = static_cast<float*>(grow(staging_, std::min(n, kChunk) * sizeof(float)));
+    for (int64_t off = 0; off < n; off += kChunk) {
+      const int64_t m = std::min(kChunk, n - off);
+      SS_CUDA_OK(cudaMemcpyAsync(stage, src + off, m * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      SS_CUDA_OK(launch_f32_to_bf16(bf16(dst) + off, stage, m, stream_));
+    }
+    SS_CUDA_OK(cudaStreamSynchronize(stream_));
+  }
+  void download_f32(float* dst, Tensor src) override {
+    const int64_t n = src.numel();
+    if (src.dtype == DType::kF32) {
+      SS_CUDA_OK(cudaMemcpyAsync(dst, src.data, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    } else {
+      float* stage = static_cast<float*>(grow(staging_, n * sizeof(float)));
+      SS_CUDA_OK(launch_bf16_to_f32(stage, bf16(src), n, stream_));
+      SS_CUDA_OK(cudaMemcpyAsync(dst, stage, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    }
+    SS_CUDA_OK(cudaStreamSynchronize(stream_));
+  }
+  void copy(Tensor dst, Tensor src) override {
+    SS_CHECK(dst.bytes() == src.bytes() && dst.dtype == src.dtype, "copy {} -> {} bytes", src.bytes(), dst.bytes());
+    if (dst.data == src.data || src.bytes() == 0) return;
+    SS_CUDA_OK(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
+  }
+  void convert(Tensor dst, Tensor src) override {
+    SS_CHECK(dst.numel() == src.numel(), "convert {} -> {} elements", src.numel(), dst.numel());
+    if (dst.dtype == src.dtype) return copy(dst, src);
+    if (dst.dtype == DType::kBF16) {
+      SS_CUDA_OK(launch_f32_to_bf16(bf16(dst), src.f32(), src.numel(), stream_));
+    } else {
+      SS_CUDA_OK(launch_bf16_to_f32(dst.f32(), bf16(src), src.numel(), stream_));
+    }
+  }
+  void upload_bytes(void* dst, const void* src, size_t bytes) override {
+    if (bytes) ring_.upload(dst, src, bytes, stream_);
+  }
+  void download_bytes(void* dst, const void* src, size_t bytes) override {
+    if (bytes == 0) return;
+    SS_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    SS_CUDA_OK(cudaStreamSynchronize(stream_));
+  }
+  void synchronize() override { SS_CUDA_OK(cudaStreamSynchronize(stream_)); }
+
+  void embedding(Tensor out, Tensor table, std::span<const int32_t> ids) override {
+    const int64_t n = static_cast<int64_t>(ids.size());
+    auto* d_ids = static_cast<int32_t*>(grow(ids_, n * sizeof(int32_t)));
+    ring_.upload(d_ids, ids.data(), n * sizeof(int32_t), stream_);
+    SS_CUDA_OK(launch_embedding_bf16(bf16(out), bf16(table), d_ids, n, static_cast<int>(table.cols()), stream_));
+  }
+  void rms_norm(Tensor out, Tensor in, Tensor weight, float eps) override {
+    SS_CUDA_OK(launch_rms_norm(bf16(out), bf16(in), bf16(weight), in.rows(), static_cast<int>(in.cols()), eps, stream_));
+  }
+  void matmul(Tensor out, Tensor in, Tensor weight) override {
+    const int64_t t = in.rows(), k = in.cols(), n = weight.rows();
+    SS_CHECK(weight.cols() == k && out.rows() == t && out.cols() == n, "matmul ({}x{}) x ({}x{})^T -> ({}x{})", t, k,
+             n, weight.cols(), out.rows(), out.cols());
+    // Row-major out (t x n) = in (t x k) . W (n x k)^T is, column-major, out^T (n x t) = W^T' . in^T'
+    // with W read transposed: D (n x t) = op(A) (n x k) . B (k x t), A = W stored (k x n), op = T.
+    const Plan& plan = plan_for(n, t, k, out.dtype);
+    const float alpha = 1.0f, beta = 0.0f;
+    SS_CUBLAS_OK(cublasLtMatmul(lt_, plan.desc, &alpha, weight.data, plan.a, in.data, plan.b, &beta, out.data, plan.c,
+                                out.data, plan.c, plan.has_algo ? &plan.algo : nullptr, lt_ws_, kLtWorkspace,
+                                stream_));
+  }
+  void rope(Tensor x, std::span<const int32_t> positions, Tensor inv_freq, int rope_dim, RopeStyle style) override {
+    const int64_t n = static_cast<int64_t>(positions.size());
+    // q and k of a layer rotate with the same positions: upload once per distinct list.
+    if (last_pos_.size() != positions.size() || !std::equal(positions.begin(), positions.end(), last_pos_.begin())) {
+      auto* d = static_cast<int32_t*>(grow(pos_, n * sizeof(int32_t)));
+      ring_.upload(d, positions.data(), n * sizeof(int32_t), stream_);
+      last_pos_.assign(positions.begin(), positions.end());
+    }
+    SS_CUDA_OK(launch_rope(bf16(x), static_cast<const int32_t*>(pos_.data()), inv_freq.f32(), x.shape[0],
+                           static_cast<int>(x.shape[1]), static_cast<int>(x.shape[2]), rope_dim, style, stream_));
+  }
+  void swiglu(Tensor out, Tensor gate, Tensor up) override {
+    SS_CUDA_OK(launch_swiglu(bf16(out), bf16(gate), bf16(up), out.numel(), stream_));
+  }
+  void add(Tensor out, Tensor a, Tensor b) override {
+    SS_CUDA_OK(launch_add_bf16(bf16(out), bf16(a), bf16(b), out.numel(), stream_));
+  }
+
+  void partial_attention(const AttentionCall& c) override {
+    const int64_t n_q = c.n_q();
+    if (n_q == 0) return;
+    SS_CHECK(c.head_dim == 64 || c.head_dim == 128, "the CUDA attention kernels support head_dim 64 and 128, not {}",
+             c.head_dim);
+    const int64_t rows = n_q * c.n_heads;
+    int64_t n_kv = 0;
+    for (const KvView& kv : c.kv) n_kv += kv.n_tokens();
+    if (n_kv == 0) {  // nothing visible: O = 0, LSE = -inf, H = 0
+      SS_CUDA_OK(cudaMemsetAsync(c.out.data, 0, c.out.bytes(), stream_));
+      fill_neg_inf(c.lse, rows);
+      if (c.entropy) SS_CUDA_OK(cudaMemsetAsync(c.entropy, 0, rows * sizeof(float), stream_));
+      return;
+    }
+    AttentionGpuParams p;
+    p.out = c.out.data;
+    p.out_fp32 = c.out.dtype == DType::kF32;
+    p.lse = c.lse;
+    p.entropy = c.entropy;
+    p.q = bf16(c.q);
+    p.n_q = n_q;
+    p.n_kv = n_kv;
+    p.n_heads = c.n_heads;
+    p.n_kv_heads = c.n_kv_heads;
+    p.head_dim = c.head_dim;
+    p.scale = c.scale;
+    p.causal = c.mask.causal;
+    p.causal_offset = c.mask.causal_offset;
+    bind_keys(c.kv, n_kv, &p);
+    if (n_q <= kDecodeRows) {
+      const size_t ws = decode_attention_workspace_bytes(p);
+      void* w = grow(attn_ws_, ws);
+      SS_CUDA_OK(launch_decode_attention(p, w, ws, stream_));
+    } else {
+      SS_CUDA_OK(launch_prefill_attention(p, stream_));
+    }
+  }
+
+  void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts, int64_t n_rows,
+                      int head_dim) override {
+    SS_CHECK(!parts.empty() && parts.size() <= static_cast<size_t>(kMergeMaxParts), "merge of {} parts (1..{})",
+             parts.size(), kMergeMaxParts);
+    AttentionPartialGpu table[kMergeMaxParts];
+    for (size_t i = 0; i < parts.size(); ++i) table[i] = {parts[i].out, parts[i].lse, parts[i].entropy};
+    SS_CUDA_OK(launch_merge_partials(out, lse, entropy, table, static_cast<int>(parts.size()), n_rows, head_dim,
+                                     stream_));
+  }
+
+ private:
+  static constexpr size_t kLtWorkspace = size_t{32} << 20;
+  // Query rows up to which the split-K decode kernel beats the tiled prefill kernel.
+  static constexpr int64_t kDecodeRows = 16;
+
+  struct Plan {
+    cublasLtMatmulDesc_t desc = nullptr;
+    cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+    cublasLtMatmulAlgo_t algo{};
+    bool has_algo = false;
+  };
+
+  const Plan& plan_for(int64_t n, int64_t t, int64_t k, DType out_dtype) {
+    const auto key = std::make_tuple(n, t, k, out_dtype);
+    auto it = plans_.find(key);
+    if (it != plans_.end()) return it->second;
+    Plan p;
+    SS_CUBLAS_OK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
+    SS_CUBLAS_OK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+    SS_CUBLAS_OK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+    const cudaDataType_t c_type = out_dtype == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
+    SS_CUBLAS_OK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, k, n, k));
+    SS_CUBLAS_OK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, k, t, k));
+    SS_CUBLAS_OK(cublasLtMatrixLayoutCreate(&p.c, c_type, n, t, n));
+    cublasLtMatmulPreference_t pref;
+    SS_CUBLAS_OK(cublasLtMatmulPreferenceCreate(&pref));
+    const size_t ws = kLtWorkspace;
+    SS_CUBLAS_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int found = 0;
+    if (cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found) ==
+            CUBLAS_STATUS_SUCCESS &&
+        found > 0) {
+      p.algo = result.algo;
+      p.has_algo = true;
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    SS_CHECK(p.has_algo, "cuBLASLt has no algorithm for a ({}x{}) x ({}x{})^T bf16 GEMM", t, k, n, k);
+    return plans_.emplace(key, p).first->second;
+  }
+
+  // Points the kernel at the keys: one contiguous run as is; equal pages of 2^s >= 64 tokens (all
+  // but the last full) through a page table; anything else gathered into one contiguous run.
+  void bind_keys(std::span<const KvView> kv, int64_t n_kv, AttentionGpuParams* p) {
+    if (kv.size() == 1) {
+      p->k = bf16(kv[0].k);
+      p->v = bf16(kv[0].v);
+      return;
+    }
+    const int64_t page = kv[0].n_tokens();
+    bool paged = page >= 64 && std::has_single_bit(static_cast<uint64_t>(page));
+    for (size_t i = 0; paged && i + 1 < kv.size(); ++i) paged = kv[i].n_tokens() == page;
+    paged = paged && kv.back().n_tokens() <= page;
+    if (paged) {
+      table_host_.resize(2 * kv.size());
+      for (size_t i = 0; i < kv.size(); ++i) {
+        table_host_[i] = kv[i].k.data;
+        table_host_[kv.size() + i] = kv[i].v.data;
+      }
+      auto* d = static_cast<void**>(grow(tables_, table_host_.size() * sizeof(void*)));
+      ring_.upload(d, table_host_.data(), table_host_.size() * sizeof(void*), stream_);
+      p->k_pages = reinterpret_cast<const __nv_bfloat16* const*>(d);
+      p->v_pages = reinterpret_cast<const __nv_bfloat16* const*>(d + kv.size());
+      p->page_shift = std::countr_zero(static_cast<uint64_t>(page));
+      return;
+    }
+    const size_t row = static_cast<size_t>(p->n_kv_heads) * p->head_dim * sizeof(__nv_bfloat16);
+    char* k = static_cast<char*>(grow(gather_k_, n_kv * row));
+    char* v = static_cast<char*>(grow(gather_v_, n_kv * row));
+    size_t off = 0;
+    for (const KvView& s : kv) {
+      const size_t bytes = s.n_tokens() * row;
+      SS_CUDA_OK(cudaMemcpyAsync(k + off, s.k.data, bytes, cudaMemcpyDeviceToDevice, stream_));
+      SS_CUDA_OK(cudaMemcpyAsync(v + off, s.v.data, bytes, cudaMemcpyDeviceToDevice, stream_));
+      off += bytes;
+    }
+    p->k = reinterpret_cast<const __nv_bfloat16*>(k);
+    p->v = reinterpret_cast<const __nv_bfloat16*>(v);
+  }
+
+  void fill_neg_inf(float* dst, int64_t n) {
+    if (neg_inf_.bytes() < n * sizeof(float)) {
+      neg_inf_ = alloc(n * 2 * sizeof(float));
+      std::vector<float> h(n * 2, -std::numeric_limits<float>::infinity());
+      SS_CUDA_OK(cudaMemcpyAsync(neg_inf_.data(), h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      SS_CUDA_OK(cudaStreamSynchronize(stream_));
+    }
+    SS_CUDA_OK(cudaMemcpyAsync(dst, neg_inf_.data(), n * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  void* grow(DeviceBuffer& buf, size_t bytes) {
+    if (buf.bytes() < bytes) buf = alloc(bytes + bytes / 2);
+    return buf.data();
+  }
+
+  int device_;
+  std::string name_;
+  cudaStream_t stream_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  void* lt_ws_ = nullptr;
+  PinnedRing ring_;
+  std::map<std::tuple<int64_t, int64_t, int64_t, DType>, Plan> plans_;
+  DeviceBuffer ids_, pos_, tables_, gather_k_, gather_v_, attn_ws_, staging_, neg_inf_;
+  std::vector<int32_t> last_pos_;
+  std::vector<void*> table_host_;
+};
+
+}  // namespace
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
+  return n;
+}
+
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device) {
+  const int n = cuda_device_count();
+  if (n == 0) return unavailable("--backend cuda: no CUDA device is visible to this process");
+  if (device < 0 || device >= n) return invalid_argument("CUDA device {} does not exist ({} visible)", device, n);
+  auto b = std::make_unique<CudaBackend>(device);
+  SS_RETURN_IF_ERROR(b->init());
+  spdlog::debug("backend {}", b->name());
+  return std::unique_ptr<Backend>(std::move(b));
+}
+
+}  // namespace starserve
