@@ -230,7 +230,8 @@ int main(int argc, char** argv) {
         pairs += static_cast<double>(query) * n + query * (query + 1) / 2.0;
         handler = std::move(p2);
       }
-      const double tokens_in = static_cast<double>(n + query) + (mode == "star" ? static_cast<double>(n - n / blocks) : 0);
+      // One process owns every block, so the anchor is c1's own KV: no token is projected twice.
+      const double tokens_in = static_cast<double>(n + query);
       const double flops = lin * tokens_in + attention_flops(hp, pairs);
       std::printf(
           "{\"bench\":\"ttft\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"query\":%d,\"blocks\":%d,"
