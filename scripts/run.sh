@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Set-up (packages, model, build), then start the server on the default model (2 CPU ranks;
-# STARSERVE_RANKS overrides) and show a real completion through the gRPC client: a document
+# Set-up (packages, model, build), then start the server on the default model (one rank per GPU
+# when the build has CUDA and GPUs are visible, else 2 CPU ranks; STARSERVE_RANKS overrides)
+# and show a real completion through the gRPC client: a document
 # encoded with Star Attention across the ranks, and a question answered over the sharded KV.
 # The server keeps running afterwards; the last lines say how to stop it.
 source "$(dirname "$0")/common.sh"
 install_packages
 fetch_model
 build
-RANKS="${STARSERVE_RANKS:-2}"
+# One rank per GPU when the build has the CUDA backend and GPUs are visible; else 2 CPU ranks.
+GPUS=0
+if command -v nvidia-smi >/dev/null 2>&1 && grep -q "CUDA.*✓\|✓ CUDA" "$BUILD_DIR/configure.log" 2>/dev/null; then
+  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+fi
+if [ "${GPUS:-0}" -gt 0 ]; then RANKS="${STARSERVE_RANKS:-$GPUS}"; else RANKS="${STARSERVE_RANKS:-2}"; fi
 PORT="${STARSERVE_PORT:-50051}"
 LOG="$REPO_ROOT/build/server.log"
 export OMPI_MCA_mpi_yield_when_idle=1
