@@ -23,6 +23,12 @@ inline bool kv_source_ok(const AttentionGpuParams& p) {
          p.page_shift <= kMaxPageShift;
 }
 
+// Launcher check shared by the prefill kernels (block_m query rows per block): shapes, outputs, key source.
+inline bool prefill_params_ok(const AttentionGpuParams& p, int block_m) {
+  return p.n_heads > 0 && p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0 && p.n_q >= 0 && p.n_kv >= 0 && p.out &&
+         p.lse && p.q && kv_source_ok(p) && (p.n_q + block_m - 1) / block_m <= 0x7fffffff;
+}
+
 __device__ __forceinline__ void store_out(float* p, float x) { *p = x; }
 __device__ __forceinline__ void store_out(__nv_bfloat16* p, float x) { *p = __float2bfloat16(x); }
 

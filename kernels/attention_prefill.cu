@@ -1,7 +1,9 @@
 // Prefill / block-local partial attention with LSE and entropy, on tensor cores (WMMA bf16
-// m16n16k16, fp32 accumulate). One block = 64 query rows of one head, 4 warps x 16 rows; the
-// keys stream through shared memory in tiles of 64. Per row the online state (m, l, u) of
-// entropy.md is kept in base 2: s2 = s * log2(e), so exp2 is one MUFU op; converted at the end.
+// m16n16k16, fp32 accumulate): the first kernel, kept as launch_prefill_attention_wmma, the
+// baseline and fallback of the mma.sync kernel in attention_prefill_mma.cu. One block = 64 query
+// rows of one head, 4 warps x 16 rows; the keys stream through shared memory in tiles of 64. Per
+// row the online state (m, l, u) of entropy.md is kept in base 2: s2 = s * log2(e), so exp2 is one
+// MUFU op; converted at the end.
 //
 // Shared memory per block (head_dim D): Q, K, V tiles (64 x D bf16 each), per warp S (16 x 64
 // fp32), P (16 x 64 bf16) and the O accumulator (16 x D fp32). O lives in shared memory rather
@@ -224,10 +226,8 @@ cudaError_t launch_prefill_typed(const AttentionGpuParams& p, cudaStream_t strea
 
 }  // namespace
 
-cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream) {
-  if (p.n_heads <= 0 || p.n_kv_heads <= 0 || p.n_heads % p.n_kv_heads != 0 || p.n_q < 0 || p.n_kv < 0 ||
-      !p.out || !p.lse || !p.q || !detail::kv_source_ok(p) || (p.n_q + kBlockM - 1) / kBlockM > 0x7fffffff)
-    return cudaErrorInvalidValue;
+cudaError_t launch_prefill_attention_wmma(const AttentionGpuParams& p, cudaStream_t stream) {
+  if (!detail::prefill_params_ok(p, kBlockM)) return cudaErrorInvalidValue;
   if (p.n_q == 0) return cudaSuccess;
   if (p.head_dim == 64) return p.out_fp32 ? launch_prefill_typed<64, float>(p, stream)
                                           : launch_prefill_typed<64, __nv_bfloat16>(p, stream);

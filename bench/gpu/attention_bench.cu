@@ -1,6 +1,8 @@
 // Attention kernel benchmark: prints one JSON line per case.
 //   prefill: TFLOP/s on the DEVICE.md shapes (32 heads, head_dim 128, bf16, entropy on);
 //            FLOPs = 4 n_q n_kv d heads (QK^T and PV), halved for causal squares (FlashAttention's count).
+//            One line per kernel ("kernel": "wmma", then "mma", the one launch_prefill_attention runs);
+//            both carry impl "starserve", and summarize.py keeps the last line of a case: the mma kernel.
 //   decode:  GB/s of K and V read (q = 1, 128K keys), next to the device's copy bandwidth measured
 //            here (cudaMemcpy device to device: read + write bytes over time); contiguous KV, and
 //            KV in pages of 256 keys placed in scrambled order in one pool (page_size 0 = contiguous).
@@ -93,14 +95,21 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   double flops = 4.0 * n_q * n_kv * d * heads;
   if (causal && n_q == n_kv) flops /= 2;
   const double predicted_ms = flops / (kGemmCeilingTflops * 1e12) * 1e3;
-  const double ms = median_ms([&] { SS_CUDA_CHECK(starserve::launch_prefill_attention(p, nullptr)); }, iters);
-  std::printf(
-      "{\"bench\":\"attention_prefill\",\"impl\":\"starserve\",\"case\":\"%s\",\"n_q\":%lld,\"n_kv\":%lld,"
-      "\"causal\":%s,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"entropy\":true,\"gflop\":%.1f,"
-      "\"predicted_ms_at_ceiling\":%.3f,\"ceiling_tflops\":%.0f,\"ms\":%.3f,\"tflops\":%.1f}\n",
-      name, static_cast<long long>(n_q), static_cast<long long>(n_kv), causal ? "true" : "false", heads, kv_heads, d,
-      flops / 1e9, predicted_ms, kGemmCeilingTflops, ms, flops / (ms * 1e-3) / 1e12);
-  std::fflush(stdout);
+  struct Kernel {
+    const char* name;
+    cudaError_t (*launch)(const starserve::AttentionGpuParams&, cudaStream_t);
+  };
+  for (const Kernel& kernel : {Kernel{"wmma", starserve::launch_prefill_attention_wmma},
+                               Kernel{"mma", starserve::launch_prefill_attention_mma}}) {
+    const double ms = median_ms([&] { SS_CUDA_CHECK(kernel.launch(p, nullptr)); }, iters);
+    std::printf(
+        "{\"bench\":\"attention_prefill\",\"impl\":\"starserve\",\"kernel\":\"%s\",\"case\":\"%s\",\"n_q\":%lld,"
+        "\"n_kv\":%lld,\"causal\":%s,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"entropy\":true,"
+        "\"gflop\":%.1f,\"predicted_ms_at_ceiling\":%.3f,\"ceiling_tflops\":%.0f,\"ms\":%.3f,\"tflops\":%.1f}\n",
+        kernel.name, name, static_cast<long long>(n_q), static_cast<long long>(n_kv), causal ? "true" : "false", heads,
+        kv_heads, d, flops / 1e9, predicted_ms, kGemmCeilingTflops, ms, flops / (ms * 1e-3) / 1e12);
+    std::fflush(stdout);
+  }
   cudaFree(q);
   cudaFree(k);
   cudaFree(v);

@@ -91,17 +91,33 @@ PagedKv make_paged(const Bf16Data& k, const Bf16Data& v, int64_t n_kv, int n_kv_
   return pk;
 }
 
-// Runs one case on the GPU (prefill or decode kernel) and on partial_attention_ref. page_shift 0:
+// The kernels under test: both prefill kernels by name (so that STARSERVE_PREFILL_KERNEL, which
+// only steers launch_prefill_attention, cannot make one stand in for the other), and decode.
+enum class AttnKernel { kPrefillMma, kPrefillWmma, kDecode };
+constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma, AttnKernel::kPrefillWmma};
+
+const char* kernel_name(AttnKernel k) {
+  switch (k) {
+    case AttnKernel::kPrefillMma: return "prefill(mma) ";
+    case AttnKernel::kPrefillWmma: return "prefill(wmma) ";
+    case AttnKernel::kDecode: return "decode ";
+  }
+  return "?";
+}
+
+// Runs one case on the GPU (a prefill kernel or decode) and on partial_attention_ref. page_shift 0:
 // contiguous k, v; else the keys go through page tables (make_paged), and the reference reads the
-// same pool through one KvSegment per page.
+// same pool through one KvSegment per page. with_entropy false passes entropy = null (not computed).
 // Tolerances: scores and sums are fp32 on both sides; the GPU rounds P to bf16 before P V (prefill
 // only) and O to bf16 on output: |dO| <= u * max|v| (P) + u * |O| (output) <= 2u max|v|; we allow 4u
 // max|v| for fp32 order effects. LSE and H carry no bf16 rounding: fp32 sums over up to n_kv terms
 // in a different order, relative error ~ 1e-6 * log2(n_kv) each, so 1e-3 absolute is generous yet
 // far below any real defect (a missed key moves them by >= 1e-2 at these sizes).
-void check_attention(const AttnCase& c, bool decode, std::mt19937& rng, int page_shift = 0) {
-  SCOPED_TRACE(std::string(decode ? "decode " : "prefill ") + name(c) +
-               (page_shift ? " page_shift " + std::to_string(page_shift) : std::string()));
+void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, int page_shift = 0,
+                     bool with_entropy = true) {
+  SCOPED_TRACE(std::string(kernel_name(kernel)) + name(c) +
+               (page_shift ? " page_shift " + std::to_string(page_shift) : std::string()) +
+               (with_entropy ? std::string() : " no entropy"));
   const int d = c.head_dim;
   auto q = random_bf16(c.n_q * c.n_heads * d, -1.0f, 1.0f, rng);
   auto k = random_bf16(std::max<int64_t>(c.n_kv, 1) * c.n_kv_heads * d, -1.0f, 1.0f, rng);
@@ -153,7 +169,7 @@ void check_attention(const AttnCase& c, bool decode, std::mt19937& rng, int page
   p.out = c.out_fp32 ? static_cast<void*>(d_of.ptr) : static_cast<void*>(d_ob.ptr);
   p.out_fp32 = c.out_fp32;
   p.lse = d_lse.ptr;
-  p.entropy = d_h.ptr;
+  p.entropy = with_entropy ? d_h.ptr : nullptr;
   p.q = dq.ptr;
   if (page_shift == 0) {
     p.k = dk.ptr;
@@ -171,37 +187,64 @@ void check_attention(const AttnCase& c, bool decode, std::mt19937& rng, int page
   p.scale = scale;
   p.causal = c.causal;
   p.causal_offset = c.offset;
-  if (decode) {
+  if (kernel == AttnKernel::kDecode) {
     const size_t ws_bytes = decode_attention_workspace_bytes(p);
     ASSERT_GT(ws_bytes, 0u);
     DeviceBuffer<unsigned char> ws(ws_bytes);
     ASSERT_EQ(launch_decode_attention(p, ws.ptr, ws_bytes, nullptr), cudaSuccess);
     SS_CUDA_CHECK(cudaDeviceSynchronize());
   } else {
-    ASSERT_EQ(launch_prefill_attention(p, nullptr), cudaSuccess);
+    const auto launch =
+        kernel == AttnKernel::kPrefillMma ? launch_prefill_attention_mma : launch_prefill_attention_wmma;
+    ASSERT_EQ(launch(p, nullptr), cudaSuccess);
     SS_CUDA_CHECK(cudaDeviceSynchronize());
   }
   const std::vector<float> o = c.out_fp32 ? d_of.get() : to_float(d_ob.get());
   expect_close(o, o_ref, 4.0f * kBf16U * 1.0f, "O");  // max|v| = 1
   expect_close(d_lse.get(), lse_ref, 1e-3f, "LSE");
-  expect_close(d_h.get(), h_ref, 1e-3f, "entropy");
+  if (with_entropy) expect_close(d_h.get(), h_ref, 1e-3f, "entropy");
 }
 
+// Both prefill kernels (mma, wmma) on the same cases and tolerances.
 TEST(GpuAttention, PrefillMatchesReference) {
   SKIP_WITHOUT_GPU();
-  std::mt19937 rng(1);
-  for (int d : {64, 128}) {
-    for (auto [h, kvh] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{8, 1}}) {  // GQA ratios 1, 3, 8
+  for (AttnKernel kernel : kPrefillKernels) {
+    std::mt19937 rng(1);
+    for (int d : {64, 128}) {
+      for (auto [h, kvh] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{8, 1}}) {  // GQA ratios 1, 3, 8
+        const std::vector<AttnCase> cases = {
+            {1, 1, h, kvh, d, true, 0, true},         // one token
+            {1, 77, h, kvh, d, true, 76, false},      // one query at the end of 77 keys
+            {77, 77, h, kvh, d, true, 0, true},       // ordinary prefill, not a multiple of the tile
+            {64, 128, h, kvh, d, false, 0, false},    // full tiles, no mask
+            {100, 300, h, kvh, d, true, 200, true},   // anchor + block: queries are the last 100 keys
+            {130, 97, h, kvh, d, false, 0, true},     // other shard: every key visible
+            {70, 50, h, kvh, d, true, -5, true},      // negative offset: first rows see nothing (LSE -inf)
+        };
+        for (const auto& c : cases) check_attention(c, kernel, rng);
+      }
+    }
+  }
+}
+
+// Shapes around the tile edges and the mask's extremes, for both prefill kernels.
+TEST(GpuAttention, PrefillEdgeCases) {
+  SKIP_WITHOUT_GPU();
+  for (AttnKernel kernel : kPrefillKernels) {
+    std::mt19937 rng(7);
+    for (int d : {64, 128}) {
       const std::vector<AttnCase> cases = {
-          {1, 1, h, kvh, d, true, 0, true},         // one token
-          {1, 77, h, kvh, d, true, 76, false},      // one query at the end of 77 keys
-          {77, 77, h, kvh, d, true, 0, true},       // ordinary prefill, not a multiple of the tile
-          {64, 128, h, kvh, d, false, 0, false},    // full tiles, no mask
-          {100, 300, h, kvh, d, true, 200, true},   // anchor + block: queries are the last 100 keys
-          {130, 97, h, kvh, d, false, 0, true},     // other shard: every key visible
-          {70, 50, h, kvh, d, true, -5, true},      // negative offset: first rows see nothing (LSE -inf)
+          {200, 200, 4, 4, d, true, 0, false},     // causal square over 4 query tiles: diagonal tiles in every block
+          {129, 1030, 8, 1, d, true, 901, true},   // GQA 8, 17 key tiles (the double buffer cycles), last tile 6 keys
+          {65, 63, 6, 2, d, false, 0, false},      // one row into a second query tile; keys one short of a tile
+          {70, 50, 4, 2, d, true, 1000, true},     // offset beyond n_kv: every key visible to every row
+          {150, 100, 4, 2, d, true, -120, false},  // first query tile sees nothing, the second only in its last 8 rows
+          {64, 64, 4, 4, d, true, -200, true},     // no row sees any key: O = 0, LSE = -inf, H = 0
+          {3, 0, 4, 2, d, true, 0, false},         // no keys at all
       };
-      for (const auto& c : cases) check_attention(c, false, rng);
+      for (const auto& c : cases) check_attention(c, kernel, rng);
+      check_attention({77, 300, 8, 1, d, true, 223, false}, kernel, rng, 0, /*with_entropy=*/false);
+      check_attention({77, 300, 8, 1, d, false, 0, true}, kernel, rng, 8, /*with_entropy=*/false);
     }
   }
 }
@@ -218,7 +261,7 @@ TEST(GpuAttention, DecodeMatchesReference) {
           {2, 4099, h, kvh, d, false, 0, true},     // context shard without the queries' own keys
           {4, 300, h, kvh, d, true, -2, true},      // first rows see nothing
       };
-      for (const auto& c : cases) check_attention(c, true, rng);
+      for (const auto& c : cases) check_attention(c, AttnKernel::kDecode, rng);
     }
   }
 }
@@ -227,18 +270,20 @@ TEST(GpuAttention, DecodeMatchesReference) {
 // the reference reading the same pool page by page. Same tolerances as the contiguous cases.
 TEST(GpuAttention, PagedPrefillMatchesReference) {
   SKIP_WITHOUT_GPU();
-  std::mt19937 rng(11);
-  for (int shift : {6, 8}) {
-    for (int d : {64, 128}) {
-      for (auto [h, kvh] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{8, 1}}) {
-        const std::vector<AttnCase> cases = {
-            {1, 77, h, kvh, d, true, 76, false},     // one query at the end; last page partly filled
-            {77, 77, h, kvh, d, true, 0, true},      // ordinary prefill
-            {100, 300, h, kvh, d, true, 200, true},  // anchor + block: causal offset, several pages
-            {130, 600, h, kvh, d, false, 0, false},  // every key visible, 10 or 3 pages
-            {70, 50, h, kvh, d, true, -5, true},     // fewer keys than one page; first rows see nothing
-        };
-        for (const auto& c : cases) check_attention(c, false, rng, shift);
+  for (AttnKernel kernel : kPrefillKernels) {
+    std::mt19937 rng(11);
+    for (int shift : {6, 8}) {
+      for (int d : {64, 128}) {
+        for (auto [h, kvh] : {std::pair{4, 4}, std::pair{6, 2}, std::pair{8, 1}}) {
+          const std::vector<AttnCase> cases = {
+              {1, 77, h, kvh, d, true, 76, false},     // one query at the end; last page partly filled
+              {77, 77, h, kvh, d, true, 0, true},      // ordinary prefill
+              {100, 300, h, kvh, d, true, 200, true},  // anchor + block: causal offset, several pages
+              {130, 600, h, kvh, d, false, 0, false},  // every key visible, 10 or 3 pages
+              {70, 50, h, kvh, d, true, -5, true},     // fewer keys than one page; first rows see nothing
+          };
+          for (const auto& c : cases) check_attention(c, kernel, rng, shift);
+        }
       }
     }
   }
@@ -256,14 +301,14 @@ TEST(GpuAttention, PagedDecodeMatchesReference) {
             {2, 4099, h, kvh, d, false, 0, true},
             {4, 300, h, kvh, d, true, -2, true},
         };
-        for (const auto& c : cases) check_attention(c, true, rng, shift);
+        for (const auto& c : cases) check_attention(c, AttnKernel::kDecode, rng, shift);
       }
     }
   }
   // Splits of 320 keys (with the current plan) over pages of 256: page boundaries fall at varying
   // places inside the splits.
-  check_attention({16, 20000, 16, 2, 128, true, 19984, true}, true, rng, 8);
-  check_attention({2, 0, 4, 2, 128, false, 0, true}, true, rng, 6);  // empty table
+  check_attention({16, 20000, 16, 2, 128, true, 19984, true}, AttnKernel::kDecode, rng, 8);
+  check_attention({2, 0, 4, 2, 128, false, 0, true}, AttnKernel::kDecode, rng, 6);  // empty table
 }
 
 // The launchers reject a half-given or badly sized page table before touching the device.
@@ -288,11 +333,15 @@ TEST(GpuAttention, PagedParamsValidated) {
   for (int shift : {0, 5, 31, -1}) {
     p.page_shift = shift;
     EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
+    EXPECT_EQ(launch_prefill_attention_mma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
+    EXPECT_EQ(launch_prefill_attention_wmma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
     EXPECT_EQ(launch_decode_attention(p, &lse, ws_bytes, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
   }
   p.page_shift = 8;
   p.v_pages = nullptr;
   EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(launch_prefill_attention_mma(p, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(launch_prefill_attention_wmma(p, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(launch_decode_attention(p, &lse, ws_bytes, nullptr), cudaErrorInvalidValue);
   // The workspace depends on the shape only, paged or not.
   p.k_pages = nullptr;
@@ -303,8 +352,8 @@ TEST(GpuAttention, PagedParamsValidated) {
 TEST(GpuAttention, DecodeEmptyShard) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(3);
-  check_attention({2, 0, 4, 2, 128, false, 0, true}, true, rng);
-  check_attention({2, 0, 4, 2, 64, false, 0, true}, false, rng);
+  check_attention({2, 0, 4, 2, 128, false, 0, true}, AttnKernel::kDecode, rng);
+  for (AttnKernel kernel : kPrefillKernels) check_attention({2, 0, 4, 2, 64, false, 0, true}, kernel, rng);
 }
 
 // Shards computed by the CPU reference (one of them empty), merged on the GPU vs merge_partials_ref.
