@@ -110,6 +110,20 @@ ModelHParams tiny_llama_hparams() {
   return hp;
 }
 
+ModelHParams small_llama_hd64_hparams() {
+  ModelHParams hp = tiny_llama_hparams();
+  hp.name = "small-random-llama-hd64";
+  hp.n_layers = 3;
+  hp.hidden = 256;
+  hp.n_heads = 4;
+  hp.n_kv_heads = 2;
+  hp.head_dim = 64;
+  hp.rope_dim = 64;
+  hp.ffn_hidden = 512;
+  hp.n_vocab = 512;
+  return hp;
+}
+
 ModelHParams llama3_8b_hparams(int n_layers) {
   ModelHParams hp;
   hp.arch = Arch::kLlama;

@@ -26,6 +26,10 @@ class RandomWeightSource final : public WeightSource {
 // A small Llama-shaped configuration for tests: 2 layers, hidden 64, 4 heads, 2 KV heads, vocab 256.
 ModelHParams tiny_llama_hparams();
 
+// A small Llama shape with head_dim 64, the smallest the CUDA attention kernels take: 3 layers,
+// hidden 256, 4 heads / 2 KV heads, FFN 512, vocab 512.
+ModelHParams small_llama_hd64_hparams();
+
 // Llama-3-8B's shape (hidden 4096, 32 heads / 8 KV heads of 128, FFN 14336, vocab 128256,
 // RoPE theta 500000) with n_layers layers (32 in the real model). Context limit set to 512K.
 ModelHParams llama3_8b_hparams(int n_layers = 32);

@@ -23,24 +23,11 @@ namespace {
 Communicator* g_comm = nullptr;
 Backend* g_backend = nullptr;
 
-ModelHParams small_hd64() {
-  ModelHParams hp = tiny_llama_hparams();
-  hp.hidden = 256;
-  hp.n_heads = 4;
-  hp.n_kv_heads = 2;
-  hp.head_dim = 64;
-  hp.rope_dim = 64;
-  hp.ffn_hidden = 512;
-  hp.n_vocab = 512;
-  hp.n_layers = 3;
-  return hp;
-}
-
 std::unique_ptr<Model> g_model;  // released before the backend in main()
 
 Model& model() {
   if (!g_model) {
-    RandomWeightSource src(small_hd64(), 5);
+    RandomWeightSource src(small_llama_hd64_hparams(), 5);
     auto r = create_model(src, *g_backend);
     SS_CHECK(r.ok(), "{}", r.status().to_string());
     g_model = std::move(r).value();

@@ -142,23 +142,9 @@ Diff compare(const std::vector<float>& ref, const std::vector<float>& got, int v
 // moves logits by tens of percent). Rows whose fp32 top-1 leads by more than `margin` must keep it.
 constexpr double kRelTol = 0.04;
 
-ModelHParams small_hd64() {
-  ModelHParams hp = tiny_llama_hparams();
-  hp.name = "small-random-llama-hd64";
-  hp.hidden = 256;
-  hp.n_heads = 4;
-  hp.n_kv_heads = 2;
-  hp.head_dim = 64;
-  hp.rope_dim = 64;
-  hp.ffn_hidden = 512;
-  hp.n_vocab = 512;
-  hp.n_layers = 3;
-  return hp;
-}
-
 TEST(ModelGpu, GlobalPrefillAndDecodeMatchCpu) {
   REQUIRE_GPU();
-  const ModelHParams hp = small_hd64();
+  const ModelHParams hp = small_llama_hd64_hparams();
   RandomWeightSource src(hp, 7);
   Engines e = load(src);
   const auto prompt = pseudo_tokens(200, hp.n_vocab, 1);
@@ -175,7 +161,7 @@ TEST(ModelGpu, GlobalPrefillAndDecodeMatchCpu) {
 
 TEST(ModelGpu, StarPhase1AndPhase2MatchCpu) {
   REQUIRE_GPU();
-  const ModelHParams hp = small_hd64();
+  const ModelHParams hp = small_llama_hd64_hparams();
   RandomWeightSource src(hp, 11);
   Engines e = load(src);
   const auto context = pseudo_tokens(300, hp.n_vocab, 3);
