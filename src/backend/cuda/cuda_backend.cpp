@@ -18,7 +18,6 @@
 #include <spdlog/spdlog.h>
 
 #include "backend/backend.h"
-#include "kernels/argmax.h"
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
