@@ -47,9 +47,9 @@ constexpr int kMaxPageShift = 30;
 // Prefill / block-local attention (phase 1, and any n_q): tensor-core tiles of 64 queries x 64 keys,
 // grid (query tiles, heads). Returns cudaErrorInvalidValue for unsupported shapes, and when paged
 // with only one of k_pages / v_pages or page_shift outside [kMinPageShift, kMaxPageShift].
-// launch_prefill_attention runs the mma.sync kernel (FlashAttention-2 style, attention_prefill_mma.cu),
-// or the WMMA kernel when the environment has STARSERVE_PREFILL_KERNEL=wmma (read once, at the first
-// call). The two are also callable by name, for the tests and the benchmark; same contract.
+// launch_prefill_attention runs the mma.sync kernel (FlashAttention-2 style, attention_prefill_mma.cu).
+// The earlier WMMA kernel keeps the same contract; the CUDA backend selects it with
+// --prefill-kernel wmma, and the tests and the benchmark call both by name.
 cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream);
 cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream_t stream);
 cudaError_t launch_prefill_attention_wmma(const AttentionGpuParams& p, cudaStream_t stream);

@@ -27,7 +27,6 @@
 // only on tiles that contain a hidden key for some row of the warp (the diagonal and the n_kv tail).
 // Paged keys: a 64-key tile lies in one page (pages hold >= 64 keys): one page-table read per tile.
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 
 #include "kernels/attention.h"
@@ -404,16 +403,6 @@ cudaError_t launch_mma_typed(const AttentionGpuParams& p, cudaStream_t stream) {
   return p.k_pages ? launch_mma_instance<D, OutT, true>(p, stream) : launch_mma_instance<D, OutT, false>(p, stream);
 }
 
-// STARSERVE_PREFILL_KERNEL=wmma routes the entry point to the previous kernel: a fallback while the
-// mma kernel is new. Read once, at the first launch.
-bool prefill_uses_wmma() {
-  static const bool wmma = [] {
-    const char* e = std::getenv("STARSERVE_PREFILL_KERNEL");
-    return e != nullptr && std::strcmp(e, "wmma") == 0;
-  }();
-  return wmma;
-}
-
 }  // namespace
 
 cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream_t stream) {
@@ -427,7 +416,7 @@ cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream
 }
 
 cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream) {
-  return prefill_uses_wmma() ? launch_prefill_attention_wmma(p, stream) : launch_prefill_attention_mma(p, stream);
+  return launch_prefill_attention_mma(p, stream);
 }
 
 }  // namespace starserve

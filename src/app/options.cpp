@@ -27,6 +27,8 @@ void add_common(CLI::App* app, Config& c) {
   app->add_option("--max-context", c.model.max_context, "tokens per request; 0 = the model's trained context");
   app->add_option("--backend", c.parallel.backend, "cpu | cuda | auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   app->add_option("--threads", c.parallel.cpu_threads, "BLAS threads per rank (0 = library default)");
+  app->add_option("--prefill-kernel", c.parallel.prefill_kernel, "CUDA prefill attention kernel: mma | wmma")
+      ->check(CLI::IsMember({"mma", "wmma"}));
   app->add_option("--attention", c.star.mode, "global | exact | star")
       ->transform(CLI::CheckedTransformer(kModes, CLI::ignore_case));
   app->add_option("--block-size", c.star.block_size, "context tokens per block (0 = one block per rank)");
@@ -103,11 +105,12 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
 
 std::string describe_config(const Config& c) {
   return fmt::format(
-      "model.path={} model.chat_template={} model.max_context={} parallel.backend={} star.mode={} "
+      "model.path={} model.chat_template={} model.max_context={} parallel.backend={} parallel.prefill_kernel={} "
+      "star.mode={} "
       "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.kv_page_size={} "
       "scheduler.kv_memory_mb={} log.level={}",
       c.model.path, c.model.chat_template.empty() ? "(model's)" : c.model.chat_template, c.model.max_context,
-      c.parallel.backend, attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
+      c.parallel.backend, c.parallel.prefill_kernel, attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
       c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.log.level);
 }
 

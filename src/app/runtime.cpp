@@ -26,7 +26,9 @@ Status start_runtime(const Config& config, Runtime& rt) {
     // One GPU per rank by local rank; ranks beyond the GPU count share devices round-robin.
     const WorldLayout& lay = rt.comm->layout();
     const int device = pick_local_device(lay, std::max(1, n_gpus));
-    SS_ASSIGN_OR_RETURN(rt.backend, make_cuda_backend(device));
+    CudaBackendOptions cuda;
+    cuda.wmma_prefill = config.parallel.prefill_kernel == "wmma";
+    SS_ASSIGN_OR_RETURN(rt.backend, make_cuda_backend(device, cuda));
     if (rt.comm->world_size() > 1) {
       if (lay.local_size <= n_gpus) {
         // Phase-2 merges and exact-mode KV exchange then run on device buffers over NCCL.

@@ -177,9 +177,14 @@ class Scratch {
 // threads: BLAS threads for this process (0 = leave the library's default).
 std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
 
+// Choices of the CUDA backend (config slice ParallelConfig).
+struct CudaBackendOptions {
+  bool wmma_prefill = false;  // the earlier WMMA prefill kernel instead of the mma.sync one
+};
+
 // The CUDA backend on one device (bf16 weights and activations, fp32 accumulation). kUnimplemented
 // in builds without CUDA; kUnavailable when the device cannot be used.
-Result<std::unique_ptr<Backend>> make_cuda_backend(int device);
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device, const CudaBackendOptions& options = {});
 // Number of CUDA devices this process sees (0 in builds without CUDA).
 int cuda_device_count();
 

@@ -123,7 +123,7 @@ std::unique_ptr<Backend> make_cpu_backend(int threads) {
 }
 
 #if !STARSERVE_HAVE_CUDA
-Result<std::unique_ptr<Backend>> make_cuda_backend(int device) {
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device, const CudaBackendOptions&) {
   return unimplemented("--backend cuda (device {}): this build has no CUDA backend (nvcc was not found at configure "
                        "time); use --backend cpu",
                        device);

@@ -91,8 +91,8 @@ PagedKv make_paged(const Bf16Data& k, const Bf16Data& v, int64_t n_kv, int n_kv_
   return pk;
 }
 
-// The kernels under test: both prefill kernels by name (so that STARSERVE_PREFILL_KERNEL, which
-// only steers launch_prefill_attention, cannot make one stand in for the other), and decode.
+// The kernels under test: both prefill kernels by name (launch_prefill_attention is the mma one),
+// and decode.
 enum class AttnKernel { kPrefillMma, kPrefillWmma, kDecode };
 constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma, AttnKernel::kPrefillWmma};
 

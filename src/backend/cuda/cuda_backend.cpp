@@ -78,7 +78,8 @@ class PinnedRing {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) : device_(device), ring_(size_t{8} << 20) {}
+  CudaBackend(int device, const CudaBackendOptions& options)
+      : device_(device), options_(options), ring_(size_t{8} << 20) {}
 
   Status init() {
     SS_CUDA_OK(cudaSetDevice(device_));
@@ -261,7 +262,7 @@ class CudaBackend final : public Backend {
       void* w = grow(attn_ws_, ws);
       SS_CUDA_OK(launch_decode_attention(p, w, ws, stream_));
     } else {
-      SS_CUDA_OK(launch_prefill_attention(p, stream_));
+      SS_CUDA_OK(options_.wmma_prefill ? launch_prefill_attention_wmma(p, stream_) : launch_prefill_attention(p, stream_));
     }
   }
 
@@ -372,6 +373,7 @@ class CudaBackend final : public Backend {
   }
 
   int device_;
+  CudaBackendOptions options_;
   std::string name_;
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
@@ -391,11 +393,11 @@ int cuda_device_count() {
   return n;
 }
 
-Result<std::unique_ptr<Backend>> make_cuda_backend(int device) {
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device, const CudaBackendOptions& options) {
   const int n = cuda_device_count();
   if (n == 0) return unavailable("--backend cuda: no CUDA device is visible to this process");
   if (device < 0 || device >= n) return invalid_argument("CUDA device {} does not exist ({} visible)", device, n);
-  auto b = std::make_unique<CudaBackend>(device);
+  auto b = std::make_unique<CudaBackend>(device, options);
   SS_RETURN_IF_ERROR(b->init());
   spdlog::debug("backend {}", b->name());
   return std::unique_ptr<Backend>(std::move(b));
