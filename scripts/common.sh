@@ -57,6 +57,55 @@ fetch_model() {
   log "model: $DEFAULT_MODEL (sha256 ok)"
 }
 
+# The CUDA toolkit the build compiles with when the machine has none: NVIDIA's own PyPI wheels
+# (nvcc, cicc, runtime headers and libraries, CCCL, cuBLAS, NCCL), pinned to CUDA 13.0 (the GPU
+# machine's version) and unpacked into third_party/cuda (~1.3 GB). Debian's packaged CUDA is 11.8,
+# which predates sm_90a. Without a GPU the CUDA code still compiles and its tests report SKIPPED.
+CUDA_WHEELS=(nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88
+  nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cublas==13.0.2.14 nvidia-nccl-cu13==2.28.9)
+CUDA_PREFIX="$REPO_ROOT/third_party/cuda"
+
+# Usage: ensure_cuda_toolkit always|if-gpu. Appends the toolkit's paths to STARSERVE_CMAKE_ARGS.
+# Does nothing when nvcc is already on PATH or in /usr/local/cuda (CMake finds it) unless
+# STARSERVE_CUDA=pip, nor when STARSERVE_CUDA=OFF (then the build has no CUDA at all).
+# if-gpu: only when nvidia-smi lists a GPU (scripts/run.sh on a CPU machine should not download
+# CUDA it cannot use); always: scripts/test.sh, so CI compiles the CUDA code.
+ensure_cuda_toolkit() {
+  local when="$1"
+  if [ "${STARSERVE_CUDA:-ON}" = OFF ]; then
+    STARSERVE_CMAKE_ARGS="${STARSERVE_CMAKE_ARGS:-} -DSTARSERVE_CUDA=OFF"
+    return
+  fi
+  if [ "${STARSERVE_CUDA:-ON}" != pip ] && { command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; }; then
+    return
+  fi
+  if [ "${STARSERVE_CUDA:-ON}" != pip ] && [ "$when" = if-gpu ] && ! nvidia-smi -L 2>/dev/null | grep -q "^GPU"; then
+    return
+  fi
+  local cu="$CUDA_PREFIX/nvidia/cu13" nccl="$CUDA_PREFIX/nvidia/nccl"
+  local stamp="$CUDA_PREFIX/.wheels"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${CUDA_WHEELS[*]}" ]; then
+    log "fetching the CUDA toolkit from PyPI (${CUDA_WHEELS[*]})"
+    local tmp
+    tmp="$(mktemp -d)"
+    "$(python_bin)" -m pip download --quiet --no-deps --only-binary=:all: "${CUDA_WHEELS[@]}" -d "$tmp"
+    rm -rf "$CUDA_PREFIX"
+    mkdir -p "$CUDA_PREFIX"
+    for w in "$tmp"/*.whl; do unzip -q -o "$w" 'nvidia/*' -d "$CUDA_PREFIX"; done
+    rm -rf "$tmp"
+    # The wheels carry only versioned shared objects; the linker looks for the plain names.
+    local so
+    for so in "$cu"/lib/lib*.so.* "$nccl"/lib/libnccl.so.*; do
+      ln -sf "$(basename "$so")" "${so%%.so.*}.so"
+    done
+    chmod +x "$cu"/bin/* "$cu"/nvvm/bin/* 2>/dev/null || true
+    echo "${CUDA_WHEELS[*]}" >"$stamp"
+  fi
+  log "CUDA toolkit: $cu"
+  STARSERVE_CMAKE_ARGS="${STARSERVE_CMAKE_ARGS:-} -DCMAKE_CUDA_COMPILER=$cu/bin/nvcc -DCUDAToolkit_ROOT=$cu"
+  STARSERVE_CMAKE_ARGS+=" -DNCCL_INCLUDE_DIR=$nccl/include -DNCCL_LIBRARY=$nccl/lib/libnccl.so"
+}
+
 build() {
   local jobs
   jobs="$(nproc)"

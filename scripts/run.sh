@@ -7,6 +7,7 @@
 source "$(dirname "$0")/common.sh"
 install_packages
 fetch_model
+ensure_cuda_toolkit if-gpu
 build
 # One rank per GPU when the build has the CUDA backend and GPUs are visible; else 2 CPU ranks.
 GPUS=0

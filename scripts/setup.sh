@@ -3,4 +3,5 @@
 source "$(dirname "$0")/common.sh"
 install_packages
 fetch_model
+ensure_cuda_toolkit if-gpu
 build

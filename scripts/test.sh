@@ -3,6 +3,7 @@
 source "$(dirname "$0")/common.sh"
 install_packages
 fetch_model
+ensure_cuda_toolkit always
 build
 log "running tests"
 cd "$BUILD_DIR"
