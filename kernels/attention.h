@@ -53,6 +53,12 @@ constexpr int kMaxPageShift = 30;
 cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream);
 cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream_t stream);
 cudaError_t launch_prefill_attention_wmma(const AttentionGpuParams& p, cudaStream_t stream);
+// The mma.sync kernel's compile-time configurations, same contract (attention_prefill_mma.cu):
+// 0: 64 query rows per block, 16 per warp; what launch_prefill_attention_mma runs.
+// 1: 128 rows per block, 32 per warp (each K / V fragment feeds two m16 tiles), leaner softmax.
+// 2: variant 0's tiling with variant 1's softmax. Other values: cudaErrorInvalidValue.
+constexpr int kPrefillMmaVariants = 3;
+cudaError_t launch_prefill_attention_mma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
 
 // Decode attention (flash-decoding): few query rows (n_q <= kDecodeMaxQ) against long KV. Pass 1
 // splits the keys into chunks, each giving (O, LSE, H) per row; pass 2 merges the chunks with the

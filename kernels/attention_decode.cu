@@ -1,15 +1,69 @@
 // Decode attention (flash-decoding): a few query rows against a long KV, bound by reading K and V
-// once. Pass 1: grid (key splits, kv heads, row groups); each block reads its chunk of one kv head
-// once for up to 8 query rows (all query heads of the GQA group x query tokens), each warp
-// walking every 4th group of 8 keys (one coalesced row load per key per warp), and
-// keeps per row the online state (m, l, u) of entropy.md in base 2. The 4 warps combine in shared
-// memory and write the chunk's (O, LSE, H) to the workspace. Pass 2 merges the chunks per row with
-// the exact shard merge of entropy.md, so splitting never changes the result beyond rounding.
+// once. Pass 1 gives each block one chunk of keys of one kv head and the query rows that read that
+// kv head (GQA group x query tokens; 1, 8 or 16 rows per block); each of its 4 warps walks every
+// 4th key group of the chunk and keeps per row the online state (m, l, u) of entropy.md in base 2.
+// The warps combine in shared memory and write the chunk's (O, LSE, H) to the workspace. Pass 2
+// merges the chunks per row with the exact shard merge of entropy.md, so splitting never changes
+// the result beyond rounding.
 //
-// Paged keys: a warp's group of kUnroll keys starts at a multiple of kUnroll (chunks start at
+// Budget (H200): the copy bandwidth, 4.25 TB/s over 132 SMs at ~1.8 GHz, is ~18 bytes per SM clock;
+// a key of one kv head is 512 bytes of K and V at D = 128, so it may take ~29 SM clocks, i.e. ~115
+// warp-instruction issues (4 schedulers), before the kernel stops being bandwidth-bound.
+//
+// Pass 1 has two kernels, chosen by rows = n_q x group (query rows per kv head):
+//
+// rows == 1 (MHA, one token): decode_simt_kernel, grid (splits, kv heads, row groups). A lane holds
+//   D/32 dims of a key, a warp loads 8 keys (one coalesced row each) and reduces each dot product
+//   with a 5-step shuffle. Per key ~30 warp instructions; 72 registers, 7 blocks per SM, 112 KB in
+//   flight per SM. Measured 3.88 TB/s (91% of copy), so it is kept as it was. With 4 GQA rows the
+//   same layout spends ~110 instructions per key (per row 4 + 4 FMA, 5 shuffles + 5 adds, ~8
+//   softmax ops, all replicated on 32 lanes): the whole budget above; measured 1.49 TB/s.
+//
+// rows >= 2: decode_mma_kernel, tensor cores (mma.sync m16n8k16, bf16 in, fp32 accumulate). A warp
+//   takes 16 keys per step and, per tile of 8 query rows (1 or 2 tiles per block),
+//     S^T (16 keys x 8 rows)  = K (16 keys x D) Q^T       M = keys, N = rows, K = dims: D/16 mma
+//     O^T (D x 8 rows)       += V^T (D x 16 keys) P^T     M = dims, N = rows, K = keys: D/16 mma
+//   Keys, not rows, fill M: N = 8 rows is the smallest mma tile, so 4 GQA rows waste half of N, not
+//   3/4 of M. No shared memory, no ldmatrix: the operands come from global loads into registers.
+//   Fragment layouts (PTX ISA; g = lane / 4, t = lane % 4): A a0 (g, 2t..+1), a1 (g+8, 2t..),
+//   a2 (g, 2t+8..), a3 (g+8, 2t+8..); B b0 (k 2t..+1, n g), b1 (k 2t+8.., n g); C c0, c1 (g, 2t..+1),
+//   c2, c3 (g+8, 2t..+1).
+//   - K (A operand): q.k is invariant under one permutation of the D dims applied to q and k, so
+//     k step s, columns 2t + e and 2t + 8 + e, are dims 32 (s/2) + 8t + 4 (s%2) + e and + 2: lane
+//     (g, t) loads 16 contiguous bytes per 32 dims of keys g and g + 8 (a warp load: 8 keys x 64
+//     contiguous bytes), and its registers are the fragment as loaded. Q (B operand, row g of the
+//     tile) is loaded the same way, once.
+//   - V^T (A operand) needs the two keys of a k column pair in one register, at one dim: lane (g, t)
+//     loads keys 2t, 2t+1, 2t+8, 2t+9 at dims 8g..8g+7 (and 64 + 8g.. at D = 128; a warp load: 4 keys
+//     x 128 contiguous bytes), and one byte permute (PRMT) per register pairs two keys. M row g of
+//     m tile i is dim v_dim(g, i), row g + 8 is v_dim(g, i + D/16); the combine puts dims back.
+//   - P^T (B operand): the S^T accumulator holds (keys g, g+8; rows 2t, 2t+1) per lane, the B operand
+//     (keys 2t.., row g): one movmatrix.trans per 8 x 8 bf16 block, 2 per row tile and step. P is
+//     rounded to bf16 (|dO| <= 2^-9 max|v|); l, u and the LSE use the fp32 weights.
+//   - Row max of a step: 3 shuffles (the 8 lanes g holding a row's keys); m is then common to those
+//     lanes, so l and u stay per-lane partial sums (the rescale u' = c (u + (m - m') l), l' = c l is
+//     linear with factors common to the row) and are added over g once at the end.
+//   Cost per 16-key step (one 8-row tile, D = 128, one warp): 16 LDG.128 (8 KB), 16 mma, 32 PRMT,
+//   2 MOVM, 6 SHFL and ~90 scalar ops (softmax of 4 scores per lane, masks, addresses): ~160
+//   instructions, ~10 per key against the ~115 budget; 4096 mma FLOP per key, ~1.5 SM clocks at
+//   mma.sync's ~2700 FLOP per clock. A second row tile adds 16 mma and its softmax: ~15 per key.
+//   Latency: the next group's K is requested as soon as the QK^T mma have read kr, its V as soon as
+//   the PV mma have read vr (a pipeline in the same registers), so a warp keeps ~8 KB in flight
+//   nearly all the time. At D = 128, 158-164 registers give 3 blocks (12 warps, ~96 KB in flight)
+//   per SM with one row tile, 232-237 give 2 (8 warps, ~64 KB) with two; Little's law asks for
+//   ~18 B/clock x ~1500 clocks of loaded DRAM latency ~ 27 KB.
+//   Prediction for 32 / 8 heads, D = 128, 1 token, 128K keys (4 rows: one row tile, 256 splits of
+//   512 keys): bandwidth-bound like the MHA case, 85-90% of copy (3.6-3.8 TB/s); the workspace adds
+//   ~4 MB written and read back (< 1% of the 537 MB of K and V).
+//   Grid: (row groups, kv heads, splits), row groups fastest, so the blocks that read the same keys
+//   for different rows (rows > 16) run together and share them through L2.
+//
+// Paged keys: a warp's group of keys (8 or 16) starts at a multiple of its size (chunks start at
 // multiples of 64), so it lies in one page of >= 64 keys; the warp reads a page's pointer once
 // when it enters the page and addresses its rows from there. Chunks need no page alignment.
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 
 #include "kernels/attention.h"
 #include "kernels/attention_common.cuh"
@@ -23,16 +77,17 @@ using detail::kNegInfF;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kMaxRows = 8;   // query rows per block at most (registers: kRows x D/32 accumulators per lane)
-constexpr int kUnroll = 8;    // keys in flight per warp: memory-level parallelism, and independent shuffles
-static_assert(64 % kUnroll == 0, "a warp's key group must not straddle a page (chunks and pages are multiples of 64)");
+constexpr int kUnroll = 8;    // simt kernel: keys in flight per warp (memory-level parallelism, independent shuffles)
+constexpr int kMmaKeys = 16;  // mma kernel: keys per warp step, the M of S^T and the K of O^T
+static_assert(64 % kUnroll == 0 && 64 % kMmaKeys == 0,
+              "a warp's key group must not straddle a page (chunks and pages are multiples of 64)");
 constexpr int kMinChunk = 256;
 constexpr int64_t kTargetBlocks = 2048;  // ~15 waves of 132 SMs x 1 block: enough to hide the tail
 
 struct DecodePlan {
   int64_t n_rows = 0;       // n_q * n_heads
   int group = 1;            // query heads per kv head
-  int rows_per_block = 1;   // 1, 4 or kMaxRows: the kernel instance (fewer registers -> more warps per SM)
+  int rows_per_block = 1;   // 1: simt kernel; 8 or 16: mma kernel with 1 or 2 row tiles
   int row_groups = 1;       // ceil(n_q * group / rows_per_block)
   int64_t chunk = 0;        // keys per split
   int64_t n_splits = 1;
@@ -43,8 +98,8 @@ DecodePlan make_plan(const AttentionGpuParams& p) {
   plan.group = p.n_heads / p.n_kv_heads;
   plan.n_rows = p.n_q * p.n_heads;
   const int64_t rows = p.n_q * plan.group;
-  plan.rows_per_block = rows <= 1 ? 1 : rows <= 4 ? 4 : kMaxRows;
-  plan.row_groups = static_cast<int>((rows + plan.rows_per_block - 1) / plan.rows_per_block);
+  plan.rows_per_block = rows <= 1 ? 1 : rows <= 8 ? 8 : 16;
+  plan.row_groups = static_cast<int>(std::max<int64_t>(1, (rows + plan.rows_per_block - 1) / plan.rows_per_block));
   const int64_t per_split_blocks = static_cast<int64_t>(p.n_kv_heads) * plan.row_groups;
   int64_t splits = std::max<int64_t>(1, kTargetBlocks / per_split_blocks);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (p.n_kv + kMinChunk - 1) / kMinChunk));
@@ -52,6 +107,61 @@ DecodePlan make_plan(const AttentionGpuParams& p) {
   plan.chunk = (plan.chunk + 63) / 64 * 64;
   plan.n_splits = std::max<int64_t>(1, (p.n_kv + plan.chunk - 1) / plan.chunk);  // <= kTargetBlocks
   return plan;
+}
+
+// Each warp's partial state for the block's rows, combined in shared memory at the end of pass 1.
+template <int D, int kRows>
+struct WarpPartials {
+  float state[kWarps][kRows][3];    // m (base 2), l, u
+  float acc[kWarps][kRows][D + 1];  // unnormalised O; the +1 spreads the mma kernel's column stores over banks
+};
+
+// After a barrier that publishes sp: one warp per row merges the warps' states (entropy.md rescale)
+// and writes the chunk's (O, LSE, H) of the row. ws_o: (n_splits, n_rows, D) fp32, ws_lse / ws_ent:
+// (n_splits, n_rows). Block rows r -> token (row0 + r) / group, head kv_head * group + (row0 + r) % group.
+template <int D, int kRows>
+__device__ __forceinline__ void write_chunk_rows(const WarpPartials<D, kRows>& sp, const AttentionGpuParams& p,
+                                                 const DecodePlan& plan, int row0, int n_rows, int kv_head,
+                                                 int64_t split, float* ws_o, float* ws_lse, float* ws_ent) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int r = warp; r < n_rows; r += kWarps) {
+    float mm = kNegInfF;
+    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, sp.state[w][r][0]);
+    const int rr = row0 + r;
+    const int64_t tok = rr / plan.group;
+    const int head = kv_head * plan.group + rr % plan.group;
+    const int64_t out_row = split * plan.n_rows + tok * p.n_heads + head;
+    float* o = ws_o + out_row * D;
+    if (mm == kNegInfF) {
+      for (int c = lane; c < D; c += 32) o[c] = 0.0f;
+      if (lane == 0) {
+        ws_lse[out_row] = kNegInfF;
+        ws_ent[out_row] = 0.0f;
+      }
+      continue;
+    }
+    float ll = 0.0f, uu = 0.0f;
+    float a[kWarps];
+    for (int w = 0; w < kWarps; ++w) {
+      const float mw = sp.state[w][r][0];
+      a[w] = mw == kNegInfF ? 0.0f : exp2f(mw - mm);
+      if (a[w] == 0.0f) continue;
+      ll += a[w] * sp.state[w][r][1];
+      uu += a[w] * (sp.state[w][r][2] + (mw - mm) * sp.state[w][r][1]);
+    }
+    const float inv = 1.0f / ll;
+    for (int c = lane; c < D; c += 32) {
+      float x = 0.0f;
+      for (int w = 0; w < kWarps; ++w)
+        if (a[w] != 0.0f) x += a[w] * sp.acc[w][r][c];
+      o[c] = x * inv;
+    }
+    if (lane == 0) {
+      const float ln_l = logf(ll);
+      ws_lse[out_row] = mm * kLn2 + ln_l;
+      ws_ent[out_row] = fmaxf(0.0f, ln_l - uu * kLn2 * inv);
+    }
+  }
 }
 
 template <int D>
@@ -76,11 +186,11 @@ __device__ __forceinline__ void to_float(const typename Vec<D>::T& v, float* f) 
   }
 }
 
-// ws_o: (n_splits, n_rows, D) fp32, ws_lse / ws_ent: (n_splits, n_rows).
+// Grid (splits, kv heads, row groups).
 // kPaged: keys through p.k_pages / p.v_pages; a separate instance so the contiguous loop is untouched.
 template <int D, int kRows, bool kPaged>
-__global__ void __launch_bounds__(kThreads) decode_split_kernel(AttentionGpuParams p, DecodePlan plan, float* ws_o,
-                                                                float* ws_lse, float* ws_ent) {
+__global__ void __launch_bounds__(kThreads) decode_simt_kernel(AttentionGpuParams p, DecodePlan plan, float* ws_o,
+                                                               float* ws_lse, float* ws_ent) {
   constexpr int E = D / 32;  // elements per lane
   using V = typename Vec<D>::T;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -194,55 +304,282 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(AttentionGpuPara
   }
 
   // Combine the warps: (m, l, u, acc) of each warp per row, then one warp per row writes.
-  __shared__ float s_state[kWarps][kRows][3];
-  __shared__ float s_acc[kWarps][kRows][D];
+  __shared__ WarpPartials<D, kRows> sp;
   for (int r = 0; r < kRows; ++r) {
     if (lane == 0) {
-      s_state[warp][r][0] = m[r];
-      s_state[warp][r][1] = l[r];
-      s_state[warp][r][2] = u[r];
+      sp.state[warp][r][0] = m[r];
+      sp.state[warp][r][1] = l[r];
+      sp.state[warp][r][2] = u[r];
     }
-    for (int e = 0; e < E; ++e) s_acc[warp][r][lane * E + e] = acc[r][e];
+    for (int e = 0; e < E; ++e) sp.acc[warp][r][lane * E + e] = acc[r][e];
   }
   __syncthreads();
-  for (int r = warp; r < n_rows; r += kWarps) {
-    float mm = kNegInfF;
-    for (int w = 0; w < kWarps; ++w) mm = fmaxf(mm, s_state[w][r][0]);
-    const int rr = row0 + r;
-    const int64_t tok = rr / plan.group;
-    const int head = kv_head * plan.group + rr % plan.group;
-    const int64_t out_row = split * plan.n_rows + tok * p.n_heads + head;
-    float* o = ws_o + out_row * D;
-    if (mm == kNegInfF) {
-      for (int c = lane; c < D; c += 32) o[c] = 0.0f;
-      if (lane == 0) {
-        ws_lse[out_row] = kNegInfF;
-        ws_ent[out_row] = 0.0f;
-      }
-      continue;
-    }
-    float ll = 0.0f, uu = 0.0f;
-    float a[kWarps];
-    for (int w = 0; w < kWarps; ++w) {
-      const float mw = s_state[w][r][0];
-      a[w] = mw == kNegInfF ? 0.0f : exp2f(mw - mm);
-      if (a[w] == 0.0f) continue;
-      ll += a[w] * s_state[w][r][1];
-      uu += a[w] * (s_state[w][r][2] + (mw - mm) * s_state[w][r][1]);
-    }
-    const float inv = 1.0f / ll;
-    for (int c = lane; c < D; c += 32) {
-      float x = 0.0f;
-      for (int w = 0; w < kWarps; ++w)
-        if (a[w] != 0.0f) x += a[w] * s_acc[w][r][c];
-      o[c] = x * inv;
-    }
-    if (lane == 0) {
-      const float ln_l = logf(ll);
-      ws_lse[out_row] = mm * kLn2 + ln_l;
-      ws_ent[out_row] = fmaxf(0.0f, ln_l - uu * kLn2 * inv);
+  write_chunk_rows<D, kRows>(sp, p, plan, row0, n_rows, kv_head, split, ws_o, ws_lse, ws_ent);
+}
+
+// d (16 x 8, fp32) += a (16 x 16, bf16, row-major) b (16 x 8, bf16, column-major); layouts in the header.
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                             uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Transpose of an 8 x 8 bf16 matrix held one register per lane (row lane / 4, columns 2 (lane % 4)
+// and + 1, the lower column in the low half), returned in the same layout.
+__device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// Two floats as one bf16x2 register, lo in the low half.
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t r;
+  memcpy(&r, &v, sizeof(r));
+  return r;
+}
+
+// 16 bytes (8 bf16, 16-byte aligned: rows are D elements, offsets multiples of 8) into r[0..3].
+__device__ __forceinline__ void load_16b(uint32_t* r, const __nv_bfloat16* src) {
+  const uint4 x = *reinterpret_cast<const uint4*>(src);
+  r[0] = x.x;
+  r[1] = x.y;
+  r[2] = x.z;
+  r[3] = x.w;
+}
+
+// The dim of value a (0 <= a < D / 8) of a V row as lane group g loads it: 8g..8g+7, then
+// 64 + 8g..64 + 8g + 7. M row g of the O^T tile i is dim v_dim(g, i), row g + 8 is v_dim(g, i + D / 16).
+__device__ __forceinline__ int v_dim(int g, int a) { return (a / 8) * 64 + 8 * g + a % 8; }
+
+// Value a of two keys' loaded V rows as one bf16 pair (key x low): an A-operand register of V^T.
+__device__ __forceinline__ uint32_t pair_keys(const uint32_t* x, const uint32_t* y, int a) {
+  return __byte_perm(x[a / 2], y[a / 2], a % 2 ? 0x7632 : 0x5410);
+}
+
+// Grid (row groups, kv heads, splits); kRowTiles tiles of 8 query rows per block. Design and layouts
+// in the header. Rows past the last one repeat it (finite scores, never written).
+template <int D, int kRowTiles, bool kPaged>
+__global__ void __launch_bounds__(kThreads, kRowTiles == 1 ? 3 : 2)
+    decode_mma_kernel(AttentionGpuParams p, DecodePlan plan, float* ws_o, float* ws_lse, float* ws_ent) {
+  constexpr int kRows = 8 * kRowTiles;
+  constexpr int kSteps = D / 16;   // k steps of S^T, m tiles of O^T
+  constexpr int kKWords = D / 8;   // registers of a K (or Q) row per lane: D / 32 loads of 16 bytes
+  constexpr int kVWords = D / 16;  // registers of a V row per lane: D / 64 loads of 16 bytes
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int row0 = blockIdx.x * kRows;  // over n_q * group: r -> (token r / group, head kv_head * group + r % group)
+  const int kv_head = blockIdx.y;
+  const int64_t split = blockIdx.z;
+  const int n_rows = min(kRows, static_cast<int>(p.n_q) * plan.group - row0);
+  const float scale2 = p.scale * kLog2e;
+
+  uint32_t qf[kRowTiles][kKWords];  // B operand of S^T: row 8 nt + g, dims 32 c + 8 t .. + 7 in words 4c..4c+3
+  int64_t limit[kRowTiles][2];      // keys j < limit are visible to row 8 nt + 2t + e (this lane's S columns)
+#pragma unroll
+  for (int nt = 0; nt < kRowTiles; ++nt) {
+    const int rq = row0 + min(8 * nt + g, n_rows - 1);
+    const int64_t tok = rq / plan.group;
+    const int head = kv_head * plan.group + rq % plan.group;
+    const __nv_bfloat16* src = p.q + (tok * p.n_heads + head) * D + 8 * t;
+#pragma unroll
+    for (int c = 0; c < D / 32; ++c) load_16b(&qf[nt][4 * c], src + 32 * c);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int rr = row0 + min(8 * nt + 2 * t + e, n_rows - 1);
+      limit[nt][e] = p.causal ? rr / plan.group + p.causal_offset + 1 : p.n_kv;
     }
   }
+
+  // Rows are token-major, so the block's last row sees the most keys.
+  const int64_t begin = split * plan.chunk;
+  const int64_t last_tok = (row0 + n_rows - 1) / plan.group;
+  const int64_t end =
+      min(min(p.n_kv, begin + plan.chunk), p.causal ? last_tok + p.causal_offset + 1 : p.n_kv);
+
+  float m[kRowTiles][2], l[kRowTiles][2], u[kRowTiles][2];
+  float acc[kRowTiles][kSteps][4];  // O^T tile i: dims v_dim(g, i), v_dim(g, i + kSteps) x rows 2t, 2t + 1
+#pragma unroll
+  for (int nt = 0; nt < kRowTiles; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      m[nt][e] = kNegInfF;
+      l[nt][e] = 0.0f;
+      u[nt][e] = 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[nt][i][c] = 0.0f;
+  }
+
+  const int64_t stride = static_cast<int64_t>(p.n_kv_heads) * D;
+  const int64_t head_off = static_cast<int64_t>(kv_head) * D;
+  const __nv_bfloat16* kbase = kPaged ? nullptr : p.k + head_off;
+  const __nv_bfloat16* vbase = kPaged ? nullptr : p.v + head_off;
+  int64_t page_key0 = 0, page_end = 0;  // paged: keys [page_key0, page_end) of kbase / vbase's page (warp-uniform)
+  // Keys j0 + 8h + g: A rows g (h = 0) and g + 8 (h = 1) of S^T.
+  uint32_t kr[2][kKWords];
+  // Keys j0 + 8h + 2t + e: k columns 2t + e (h = 0) and 2t + 8 + e (h = 1) of O^T.
+  uint32_t vr[2][2][kVWords];
+  // Loads of the warp's group at jg. Keys past end are clamped to end - 1 (same 16-key group, so
+  // same page) and masked in the softmax. enter_page runs before the K loads of each group.
+  auto enter_page = [&](int64_t jg) {
+    if constexpr (kPaged) {
+      if (jg >= page_end) {  // jg only grows, so this is entering a new page
+        const int64_t page = jg >> p.page_shift;
+        page_key0 = page << p.page_shift;
+        page_end = page_key0 + (int64_t{1} << p.page_shift);
+        kbase = p.k_pages[page] + head_off;
+        vbase = p.v_pages[page] + head_off;
+      }
+      __builtin_assume(__isGlobal(kbase) && __isGlobal(vbase));  // global loads, not generic ones
+    }
+  };
+  auto load_k = [&](int64_t jg) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = min(jg + 8 * h + g, end - 1);
+      const __nv_bfloat16* src = kbase + (j - page_key0) * stride + 8 * t;
+#pragma unroll
+      for (int c = 0; c < D / 32; ++c) load_16b(&kr[h][4 * c], src + 32 * c);
+    }
+  };
+  auto load_v = [&](int64_t jg) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int64_t j = min(jg + 8 * h + 2 * t + e, end - 1);
+        const __nv_bfloat16* src = vbase + (j - page_key0) * stride + 8 * g;
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c) load_16b(&vr[h][e][4 * c], src + 64 * c);
+      }
+  };
+
+  // Software pipeline in registers: the next group's K is requested as soon as the QK^T mma have
+  // read kr, its V as soon as the PV mma have read vr, so each load overlaps a step of compute and
+  // a warp has 8 KB (D = 128) in flight nearly all the time, with no extra registers.
+  int64_t j0 = begin + warp * kMmaKeys;
+  if (j0 < end) {
+    enter_page(j0);
+    load_k(j0);
+    load_v(j0);
+  }
+  for (; j0 < end; j0 += kWarps * kMmaKeys) {
+    const int64_t j_next = j0 + kWarps * kMmaKeys;
+    // S^T = K Q^T: k step s uses words 2s, 2s + 1 (chunk s / 2, words 2 (s % 2) and + 1).
+    float s[kRowTiles][4];
+#pragma unroll
+    for (int nt = 0; nt < kRowTiles; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[nt][c] = 0.0f;
+#pragma unroll
+    for (int st = 0; st < kSteps; ++st)
+#pragma unroll
+      for (int nt = 0; nt < kRowTiles; ++nt)
+        mma_m16n8k16(s[nt], kr[0][2 * st], kr[1][2 * st], kr[0][2 * st + 1], kr[1][2 * st + 1], qf[nt][2 * st],
+                     qf[nt][2 * st + 1]);
+    if (j_next < end) {
+      enter_page(j_next);
+      load_k(j_next);
+    }
+
+    // Online softmax per row 8 nt + 2t + e over keys j0 + g (s[nt][e]) and j0 + 8 + g (s[nt][2 + e]).
+    const int64_t ja = j0 + g, jb = j0 + 8 + g;
+    float alpha[kRowTiles][2];
+    uint32_t pb[kRowTiles][2];  // B operand of O^T: P^T keys 2t.. (b0) and 2t + 8.. (b1), row g
+    bool rescale = false;
+#pragma unroll
+    for (int nt = 0; nt < kRowTiles; ++nt) {
+      float w[2][2];  // [e][key g, key g + 8]
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const float x0 = (ja < end && ja < limit[nt][e]) ? s[nt][e] * scale2 : kNegInfF;
+        const float x1 = (jb < end && jb < limit[nt][e]) ? s[nt][2 + e] * scale2 : kNegInfF;
+        float mx = fmaxf(x0, x1);
+#pragma unroll
+        for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float m_old = m[nt][e], m_new = fmaxf(m_old, mx);
+        alpha[nt][e] = 1.0f;
+        if (m_old != kNegInfF && m_new > m_old) {  // never 0 * -inf: the first visible key sets m without it
+          const float a = exp2f(m_old - m_new);
+          u[nt][e] = a * (u[nt][e] + (m_old - m_new) * l[nt][e]);
+          l[nt][e] *= a;
+          alpha[nt][e] = a;
+          rescale = true;
+        }
+        m[nt][e] = m_new;
+        const float t0 = x0 - m_new, t1 = x1 - m_new;
+        w[e][0] = x0 == kNegInfF ? 0.0f : exp2f(t0);  // select, so an all-masked row (m -inf) stays 0
+        w[e][1] = x1 == kNegInfF ? 0.0f : exp2f(t1);
+        l[nt][e] += w[e][0] + w[e][1];
+        u[nt][e] += (x0 == kNegInfF ? 0.0f : w[e][0] * t0) + (x1 == kNegInfF ? 0.0f : w[e][1] * t1);
+      }
+      // (key g, rows 2t, 2t + 1) pairs are the S^T layout; transposed they are (keys 2t, 2t + 1; row g).
+      pb[nt][0] = transpose_8x8(pack_bf16x2(w[0][0], w[1][0]));
+      pb[nt][1] = transpose_8x8(pack_bf16x2(w[0][1], w[1][1]));
+    }
+    if (__any_sync(0xffffffffu, rescale)) {  // m rarely grows after the first steps
+#pragma unroll
+      for (int nt = 0; nt < kRowTiles; ++nt)
+#pragma unroll
+        for (int i = 0; i < kSteps; ++i) {
+          acc[nt][i][0] *= alpha[nt][0];
+          acc[nt][i][1] *= alpha[nt][1];
+          acc[nt][i][2] *= alpha[nt][0];
+          acc[nt][i][3] *= alpha[nt][1];
+        }
+    }
+
+    // O^T += V^T P^T: m tile i has dims v_dim(g, i) (rows g: a0, a2) and v_dim(g, i + kSteps) (rows g + 8).
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) {
+      const uint32_t a0 = pair_keys(vr[0][0], vr[0][1], i);
+      const uint32_t a1 = pair_keys(vr[0][0], vr[0][1], i + kSteps);
+      const uint32_t a2 = pair_keys(vr[1][0], vr[1][1], i);
+      const uint32_t a3 = pair_keys(vr[1][0], vr[1][1], i + kSteps);
+#pragma unroll
+      for (int nt = 0; nt < kRowTiles; ++nt) mma_m16n8k16(acc[nt][i], a0, a1, a2, a3, pb[nt][0], pb[nt][1]);
+    }
+    if (j_next < end) load_v(j_next);
+  }
+
+  // l and u are partial sums over this lane's keys: add them over the 8 lanes g of each row.
+  __shared__ WarpPartials<D, kRows> sp;
+#pragma unroll
+  for (int nt = 0; nt < kRowTiles; ++nt)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      float ll = l[nt][e], uu = u[nt][e];
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2) {
+        ll += __shfl_xor_sync(0xffffffffu, ll, off);
+        uu += __shfl_xor_sync(0xffffffffu, uu, off);
+      }
+      if (g == 0) {
+        const int r = 8 * nt + 2 * t + e;
+        sp.state[warp][r][0] = m[nt][e];
+        sp.state[warp][r][1] = ll;
+        sp.state[warp][r][2] = uu;
+      }
+    }
+#pragma unroll
+  for (int nt = 0; nt < kRowTiles; ++nt)
+#pragma unroll
+    for (int i = 0; i < kSteps; ++i) {
+      const int r = 8 * nt + 2 * t;
+      const int d_lo = v_dim(g, i), d_hi = v_dim(g, i + kSteps);
+      sp.acc[warp][r][d_lo] = acc[nt][i][0];
+      sp.acc[warp][r + 1][d_lo] = acc[nt][i][1];
+      sp.acc[warp][r][d_hi] = acc[nt][i][2];
+      sp.acc[warp][r + 1][d_hi] = acc[nt][i][3];
+    }
+  __syncthreads();
+  write_chunk_rows<D, kRows>(sp, p, plan, row0, n_rows, kv_head, split, ws_o, ws_lse, ws_ent);
 }
 
 // Pass 2: one block of D threads per row. The split weights e_h = exp(LSE_h - M) are computed once
@@ -310,18 +647,33 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(OutT* out, float* lse, 
   }
 }
 
-template <int D, int kRows>
+template <int D>
 cudaError_t launch_decode_typed(const AttentionGpuParams& p, const DecodePlan& plan, void* workspace,
                                 cudaStream_t stream) {
   float* ws_o = static_cast<float*>(workspace);
   float* ws_lse = ws_o + plan.n_splits * plan.n_rows * D;
   float* ws_ent = ws_lse + plan.n_splits * plan.n_rows;
-  const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(p.n_kv_heads),
-                  static_cast<unsigned>(plan.row_groups));
-  if (p.k_pages)
-    decode_split_kernel<D, kRows, true><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
-  else
-    decode_split_kernel<D, kRows, false><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+  const bool paged = p.k_pages != nullptr;
+  if (plan.rows_per_block == 1) {
+    const dim3 grid(static_cast<unsigned>(plan.n_splits), static_cast<unsigned>(p.n_kv_heads),
+                    static_cast<unsigned>(plan.row_groups));
+    if (paged)
+      decode_simt_kernel<D, 1, true><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+    else
+      decode_simt_kernel<D, 1, false><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+  } else {
+    const dim3 grid(static_cast<unsigned>(plan.row_groups), static_cast<unsigned>(p.n_kv_heads),
+                    static_cast<unsigned>(plan.n_splits));
+    const bool two_tiles = plan.rows_per_block == 16;
+    if (paged && two_tiles)
+      decode_mma_kernel<D, 2, true><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+    else if (paged)
+      decode_mma_kernel<D, 1, true><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+    else if (two_tiles)
+      decode_mma_kernel<D, 2, false><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+    else
+      decode_mma_kernel<D, 1, false><<<grid, kThreads, 0, stream>>>(p, plan, ws_o, ws_lse, ws_ent);
+  }
   const unsigned merge_blocks = static_cast<unsigned>(plan.n_rows);
   if (p.out_fp32)
     decode_merge_kernel<float, D><<<merge_blocks, D, 0, stream>>>(static_cast<float*>(p.out), p.lse, p.entropy, ws_o,
@@ -354,14 +706,8 @@ cudaError_t launch_decode_attention(const AttentionGpuParams& p, void* workspace
   if (p.n_q == 0) return cudaSuccess;
   if (workspace_bytes < decode_attention_workspace_bytes(p) || !workspace) return cudaErrorInvalidValue;
   const DecodePlan plan = make_plan(p);
-  if (p.head_dim == 64) {
-    if (plan.rows_per_block == 1) return launch_decode_typed<64, 1>(p, plan, workspace, stream);
-    if (plan.rows_per_block == 4) return launch_decode_typed<64, 4>(p, plan, workspace, stream);
-    return launch_decode_typed<64, kMaxRows>(p, plan, workspace, stream);
-  }
-  if (plan.rows_per_block == 1) return launch_decode_typed<128, 1>(p, plan, workspace, stream);
-  if (plan.rows_per_block == 4) return launch_decode_typed<128, 4>(p, plan, workspace, stream);
-  return launch_decode_typed<128, kMaxRows>(p, plan, workspace, stream);
+  if (p.head_dim == 64) return launch_decode_typed<64>(p, plan, workspace, stream);
+  return launch_decode_typed<128>(p, plan, workspace, stream);
 }
 
 }  // namespace starserve

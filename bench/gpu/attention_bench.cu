@@ -1,8 +1,9 @@
 // Attention kernel benchmark: prints one JSON line per case.
 //   prefill: TFLOP/s on the DEVICE.md shapes (32 heads, head_dim 128, bf16, entropy on);
 //            FLOPs = 4 n_q n_kv d heads (QK^T and PV), halved for causal squares (FlashAttention's count).
-//            One line per kernel ("kernel": "wmma", then "mma", the one launch_prefill_attention runs);
-//            both carry impl "starserve", and summarize.py keeps the last line of a case: the mma kernel.
+//            One line per kernel: "wmma", "mma_v1", "mma_v2" (launch_prefill_attention_mma_variant 1, 2),
+//            then "mma", the one launch_prefill_attention runs, last; all carry impl "starserve", and
+//            summarize.py prints one row per kernel (a reader that keeps a case's last line gets "mma").
 //   decode:  GB/s of K and V read (q = 1, 128K keys), next to the device's copy bandwidth measured
 //            here (cudaMemcpy device to device: read + write bytes over time); contiguous KV, and
 //            KV in pages of 256 keys placed in scrambled order in one pool (page_size 0 = contiguous).
@@ -99,8 +100,15 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
     const char* name;
     cudaError_t (*launch)(const starserve::AttentionGpuParams&, cudaStream_t);
   };
-  for (const Kernel& kernel : {Kernel{"wmma", starserve::launch_prefill_attention_wmma},
-                               Kernel{"mma", starserve::launch_prefill_attention_mma}}) {
+  constexpr auto mma_v1 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
+    return starserve::launch_prefill_attention_mma_variant(prm, 1, s);
+  };
+  constexpr auto mma_v2 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
+    return starserve::launch_prefill_attention_mma_variant(prm, 2, s);
+  };
+  for (const Kernel& kernel :
+       {Kernel{"wmma", starserve::launch_prefill_attention_wmma}, Kernel{"mma_v1", mma_v1}, Kernel{"mma_v2", mma_v2},
+        Kernel{"mma", starserve::launch_prefill_attention_mma}}) {
     const double ms = median_ms([&] { SS_CUDA_CHECK(kernel.launch(p, nullptr)); }, iters);
     std::printf(
         "{\"bench\":\"attention_prefill\",\"impl\":\"starserve\",\"kernel\":\"%s\",\"case\":\"%s\",\"n_q\":%lld,"

@@ -92,37 +92,54 @@ PagedKv make_paged(const Bf16Data& k, const Bf16Data& v, int64_t n_kv, int n_kv_
 }
 
 // The kernels under test: both prefill kernels by name (launch_prefill_attention is the mma one),
-// and decode.
-enum class AttnKernel { kPrefillMma, kPrefillWmma, kDecode };
-constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma, AttnKernel::kPrefillWmma};
+// the other configurations of the mma kernel (launch_prefill_attention_mma_variant 1, 2), and decode.
+enum class AttnKernel { kPrefillMma, kPrefillWmma, kPrefillMmaV1, kPrefillMmaV2, kDecode };
+constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma, AttnKernel::kPrefillWmma, AttnKernel::kPrefillMmaV1,
+                                          AttnKernel::kPrefillMmaV2};
 
 const char* kernel_name(AttnKernel k) {
   switch (k) {
     case AttnKernel::kPrefillMma: return "prefill(mma) ";
     case AttnKernel::kPrefillWmma: return "prefill(wmma) ";
+    case AttnKernel::kPrefillMmaV1: return "prefill(mma v1) ";
+    case AttnKernel::kPrefillMmaV2: return "prefill(mma v2) ";
     case AttnKernel::kDecode: return "decode ";
   }
   return "?";
 }
 
+cudaError_t launch_prefill(AttnKernel k, const AttentionGpuParams& p) {
+  switch (k) {
+    case AttnKernel::kPrefillMma: return launch_prefill_attention_mma(p, nullptr);
+    case AttnKernel::kPrefillWmma: return launch_prefill_attention_wmma(p, nullptr);
+    case AttnKernel::kPrefillMmaV1: return launch_prefill_attention_mma_variant(p, 1, nullptr);
+    case AttnKernel::kPrefillMmaV2: return launch_prefill_attention_mma_variant(p, 2, nullptr);
+    case AttnKernel::kDecode: break;
+  }
+  return cudaErrorInvalidValue;
+}
+
 // Runs one case on the GPU (a prefill kernel or decode) and on partial_attention_ref. page_shift 0:
 // contiguous k, v; else the keys go through page tables (make_paged), and the reference reads the
 // same pool through one KvSegment per page. with_entropy false passes entropy = null (not computed).
-// Tolerances: scores and sums are fp32 on both sides; the GPU rounds P to bf16 before P V (prefill
-// only) and O to bf16 on output: |dO| <= u * max|v| (P) + u * |O| (output) <= 2u max|v|; we allow 4u
-// max|v| for fp32 order effects. LSE and H carry no bf16 rounding: fp32 sums over up to n_kv terms
-// in a different order, relative error ~ 1e-6 * log2(n_kv) each, so 1e-3 absolute is generous yet
-// far below any real defect (a missed key moves them by >= 1e-2 at these sizes).
+// scale_sign -1 negates the softmax scale (scores and their logit range mirrored).
+// Tolerances: scores and sums are fp32 on both sides; the GPU rounds P to bf16 before P V (prefill,
+// and decode's tensor-core path: >= 2 query rows per kv head) and O to bf16 on output: |dO| <=
+// u * max|v| (P) + u * |O| (output) <= 2u max|v|; we allow 4u max|v| for fp32 order effects.
+// LSE and H carry no bf16 rounding: fp32 sums over up to n_kv terms in a different order, relative
+// error ~ 1e-6 * log2(n_kv) each, so 1e-3 absolute is generous yet far below any real defect (a
+// missed key moves them by >= 1e-2 at these sizes).
 void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, int page_shift = 0,
-                     bool with_entropy = true) {
+                     bool with_entropy = true, float scale_sign = 1.0f) {
   SCOPED_TRACE(std::string(kernel_name(kernel)) + name(c) +
                (page_shift ? " page_shift " + std::to_string(page_shift) : std::string()) +
-               (with_entropy ? std::string() : " no entropy"));
+               (with_entropy ? std::string() : " no entropy") + (scale_sign < 0 ? " negative scale" : ""));
   const int d = c.head_dim;
   auto q = random_bf16(c.n_q * c.n_heads * d, -1.0f, 1.0f, rng);
   auto k = random_bf16(std::max<int64_t>(c.n_kv, 1) * c.n_kv_heads * d, -1.0f, 1.0f, rng);
   auto v = random_bf16(std::max<int64_t>(c.n_kv, 1) * c.n_kv_heads * d, -1.0f, 1.0f, rng);
-  const float scale = 2.0f / std::sqrt(static_cast<float>(d));  // sharper than 1/sqrt(d): larger logit range
+  // Sharper than 1/sqrt(d): larger logit range.
+  const float scale = scale_sign * 2.0f / std::sqrt(static_cast<float>(d));
 
   const int64_t rows = c.n_q * c.n_heads;
   std::vector<float> o_ref(rows * d), lse_ref(rows), h_ref(rows);
@@ -194,9 +211,7 @@ void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, in
     ASSERT_EQ(launch_decode_attention(p, ws.ptr, ws_bytes, nullptr), cudaSuccess);
     SS_CUDA_CHECK(cudaDeviceSynchronize());
   } else {
-    const auto launch =
-        kernel == AttnKernel::kPrefillMma ? launch_prefill_attention_mma : launch_prefill_attention_wmma;
-    ASSERT_EQ(launch(p, nullptr), cudaSuccess);
+    ASSERT_EQ(launch_prefill(kernel, p), cudaSuccess);
     SS_CUDA_CHECK(cudaDeviceSynchronize());
   }
   const std::vector<float> o = c.out_fp32 ? d_of.get() : to_float(d_ob.get());
@@ -205,7 +220,7 @@ void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, in
   if (with_entropy) expect_close(d_h.get(), h_ref, 1e-3f, "entropy");
 }
 
-// Both prefill kernels (mma, wmma) on the same cases and tolerances.
+// Every prefill kernel (mma variants 0-2, wmma) on the same cases and tolerances.
 TEST(GpuAttention, PrefillMatchesReference) {
   SKIP_WITHOUT_GPU();
   for (AttnKernel kernel : kPrefillKernels) {
@@ -227,7 +242,9 @@ TEST(GpuAttention, PrefillMatchesReference) {
   }
 }
 
-// Shapes around the tile edges and the mask's extremes, for both prefill kernels.
+// Shapes around the tile edges and the mask's extremes, for every prefill kernel. Variant 1's
+// 128-row blocks: 129 and 150 rows put one or a few rows into a second block; 200 causal rows
+// leave the first warps of a block with a last key tile they skip.
 TEST(GpuAttention, PrefillEdgeCases) {
   SKIP_WITHOUT_GPU();
   for (AttnKernel kernel : kPrefillKernels) {
@@ -245,6 +262,9 @@ TEST(GpuAttention, PrefillEdgeCases) {
       for (const auto& c : cases) check_attention(c, kernel, rng);
       check_attention({77, 300, 8, 1, d, true, 223, false}, kernel, rng, 0, /*with_entropy=*/false);
       check_attention({77, 300, 8, 1, d, false, 0, true}, kernel, rng, 8, /*with_entropy=*/false);
+      // Negative scale: variants 1, 2 take the row max on raw scores and negate Q in shared memory.
+      check_attention({200, 200, 6, 2, d, true, 0, false}, kernel, rng, 0, true, -1.0f);
+      check_attention({130, 600, 4, 4, d, false, 0, true}, kernel, rng, 6, true, -1.0f);
     }
   }
 }
@@ -263,6 +283,32 @@ TEST(GpuAttention, DecodeMatchesReference) {
       };
       for (const auto& c : cases) check_attention(c, AttnKernel::kDecode, rng);
     }
+  }
+}
+
+// Decode with >= 2 query rows per kv head runs on tensor cores (16-key steps, tiles of 8 query rows,
+// one or two per block, rows n_q x group split into row groups of 8 or 16). GQA ratios 2, 4, 8, 16
+// with 1..8 tokens fill the row tiles partly, exactly, and over several row groups; key counts
+// around multiples of the 16-key step put causal limits that differ between the rows of one tile
+// inside the last step.
+TEST(GpuAttention, DecodeGqaMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(13);
+  for (int d : {64, 128}) {
+    for (int group : {2, 4, 8, 16}) {
+      for (int64_t n_q : {1, 2, 3, 4, 5, 8}) {  // the n_q tokens are the last of 333 + n_q keys
+        check_attention({n_q, 333 + n_q, 2 * group, 2, d, true, 333, n_q % 2 == 0}, AttnKernel::kDecode, rng);
+      }
+    }
+    for (int64_t n_kv : {1, 2, 15, 16, 17, 31, 33, 63, 65, 127, 129}) {  // 4 tokens x group 4: 16 rows
+      check_attention({4, n_kv, 16, 4, d, true, n_kv - 4, n_kv % 2 == 1}, AttnKernel::kDecode, rng);
+    }
+    // kDecodeMaxQ tokens x group 8: 512 rows per kv head, 32 row groups reading the same keys.
+    check_attention({kDecodeMaxQ, 1500, 16, 2, d, true, 1500 - kDecodeMaxQ, true}, AttnKernel::kDecode, rng);
+    // The benchmark's GQA 4 with one token: splits of 256 keys, 4 steps per warp.
+    check_attention({1, 20000, 32, 8, d, true, 19999, false}, AttnKernel::kDecode, rng);
+    // Group 3 x 3 tokens = 9 rows (a second tile with one row), every key visible, entropy not computed.
+    check_attention({3, 2500, 24, 8, d, false, 0, true}, AttnKernel::kDecode, rng, 0, /*with_entropy=*/false);
   }
 }
 
@@ -305,9 +351,11 @@ TEST(GpuAttention, PagedDecodeMatchesReference) {
       }
     }
   }
-  // Splits of 320 keys (with the current plan) over pages of 256: page boundaries fall at varying
-  // places inside the splits.
-  check_attention({16, 20000, 16, 2, 128, true, 19984, true}, AttnKernel::kDecode, rng, 8);
+  // Splits of 320 keys (with the current plan: 4 kv heads x 8 groups of 16 rows) over pages of 256:
+  // page boundaries fall at varying places inside the splits.
+  check_attention({16, 20000, 32, 4, 128, true, 19984, true}, AttnKernel::kDecode, rng, 8);
+  // GQA 16, two tokens: 32 rows per kv head, two blocks of two 8-row tiles; pages of 64.
+  check_attention({2, 3001, 32, 2, 64, true, 2999, false}, AttnKernel::kDecode, rng, 6);
   check_attention({2, 0, 4, 2, 128, false, 0, true}, AttnKernel::kDecode, rng, 6);  // empty table
 }
 
@@ -335,6 +383,9 @@ TEST(GpuAttention, PagedParamsValidated) {
     EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
     EXPECT_EQ(launch_prefill_attention_mma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
     EXPECT_EQ(launch_prefill_attention_wmma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
+    for (int variant = 0; variant < kPrefillMmaVariants; ++variant)
+      EXPECT_EQ(launch_prefill_attention_mma_variant(p, variant, nullptr), cudaErrorInvalidValue)
+          << "page_shift " << shift << " variant " << variant;
     EXPECT_EQ(launch_decode_attention(p, &lse, ws_bytes, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
   }
   p.page_shift = 8;
@@ -342,6 +393,8 @@ TEST(GpuAttention, PagedParamsValidated) {
   EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(launch_prefill_attention_mma(p, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(launch_prefill_attention_wmma(p, nullptr), cudaErrorInvalidValue);
+  for (int variant = 0; variant < kPrefillMmaVariants; ++variant)
+    EXPECT_EQ(launch_prefill_attention_mma_variant(p, variant, nullptr), cudaErrorInvalidValue) << variant;
   EXPECT_EQ(launch_decode_attention(p, &lse, ws_bytes, nullptr), cudaErrorInvalidValue);
   // The workspace depends on the shape only, paged or not.
   p.k_pages = nullptr;
