@@ -7,6 +7,7 @@
 //   {"bench":"decode",...}        milliseconds per generated token after that context.
 // The peer (HF transformers on the same GPU) is bench/gpu/model_peers.py; summarize.py joins them.
 // Usage: model_bench [--layers 32] [--lengths 16384,32768] [--modes global,star] [--blocks 4]
+//                    [--prefill-kernel mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
 //                    [--query 32] [--decode 16] [--gemm-only]
 #include <chrono>
 #include <cstdio>
@@ -111,6 +112,7 @@ void bench_gemm(Backend& be, const ModelHParams& hp) {
 int main(int argc, char** argv) {
   int layers = 32, blocks = 4, query = 32, decode = 16;
   bool gemm_only = false;
+  std::string prefill_kernel = "mma";
   std::vector<int64_t> lengths = {16384, 32768};
   std::vector<std::string> modes = {"global", "star"};
   for (int i = 1; i < argc; ++i) {
@@ -129,12 +131,20 @@ int main(int argc, char** argv) {
     else if (a == "--query") query = std::atoi(next());
     else if (a == "--decode") decode = std::atoi(next());
     else if (a == "--gemm-only") gemm_only = true;
+    else if (a == "--prefill-kernel") prefill_kernel = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
     }
   }
-  auto backend_or = make_cuda_backend(0);
+  auto prefill = parse_prefill_kernel(prefill_kernel);
+  if (!prefill.ok()) {
+    std::fprintf(stderr, "%s\n", prefill.status().to_string().c_str());
+    return 2;
+  }
+  CudaBackendOptions options;
+  options.prefill = *prefill;
+  auto backend_or = make_cuda_backend(0, options);
   if (!backend_or.ok()) {
     std::fprintf(stderr, "SKIPPED: %s\n", backend_or.status().to_string().c_str());
     return 0;
@@ -235,9 +245,9 @@ int main(int argc, char** argv) {
       const double flops = lin * tokens_in + attention_flops(hp, pairs);
       std::printf(
           "{\"bench\":\"ttft\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"query\":%d,\"blocks\":%d,"
-          "\"layers\":%d,\"ttft_s\":%.3f,\"phase1_s\":%.3f,\"tflop\":%.1f,\"tflops\":%.1f}\n",
-          mode.c_str(), static_cast<long long>(n), query, mode == "star" ? blocks : 1, layers, ttft, phase1,
-          flops / 1e12, flops / ttft / 1e12);
+          "\"layers\":%d,\"prefill_kernel\":\"%s\",\"ttft_s\":%.3f,\"phase1_s\":%.3f,\"tflop\":%.1f,\"tflops\":%.1f}\n",
+          mode.c_str(), static_cast<long long>(n), query, mode == "star" ? blocks : 1, layers, prefill_kernel.c_str(),
+          ttft, phase1, flops / 1e12, flops / ttft / 1e12);
       std::fflush(stdout);
 
       // Decode: greedy tokens one at a time after the context and query.

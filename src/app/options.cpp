@@ -27,8 +27,9 @@ void add_common(CLI::App* app, Config& c) {
   app->add_option("--max-context", c.model.max_context, "tokens per request; 0 = the model's trained context");
   app->add_option("--backend", c.parallel.backend, "cpu | cuda | auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   app->add_option("--threads", c.parallel.cpu_threads, "BLAS threads per rank (0 = library default)");
-  app->add_option("--prefill-kernel", c.parallel.prefill_kernel, "CUDA prefill attention kernel: mma | wmma")
-      ->check(CLI::IsMember({"mma", "wmma"}));
+  app->add_option("--prefill-kernel", c.parallel.prefill_kernel, 
+                  "CUDA prefill attention kernel: mma (the default) | mma-m64 | mma-m128 | mma-m64-lazy | wmma")
+      ->check(CLI::IsMember({"mma", "mma-m64", "mma-m128", "mma-m64-lazy", "wmma"}));
   app->add_option("--attention", c.star.mode, "global | exact | star")
       ->transform(CLI::CheckedTransformer(kModes, CLI::ignore_case));
   app->add_option("--block-size", c.star.block_size, "context tokens per block (0 = one block per rank)");

@@ -27,7 +27,7 @@ Status start_runtime(const Config& config, Runtime& rt) {
     const WorldLayout& lay = rt.comm->layout();
     const int device = pick_local_device(lay, std::max(1, n_gpus));
     CudaBackendOptions cuda;
-    cuda.wmma_prefill = config.parallel.prefill_kernel == "wmma";
+    SS_ASSIGN_OR_RETURN(cuda.prefill, parse_prefill_kernel(config.parallel.prefill_kernel));
     SS_ASSIGN_OR_RETURN(rt.backend, make_cuda_backend(device, cuda));
     if (rt.comm->world_size() > 1) {
       if (lay.local_size <= n_gpus) {

@@ -87,6 +87,24 @@ struct AttentionCall {
   int64_t n_q() const { return q.shape[0]; }
 };
 
+// One logits row to pick a token from on the device, with the host Sampler's semantics
+// (src/engine/sampling.h): the penalty entries applied, then the argmax (temperature 0) or
+// temperature, top-k, top-p, min-p and the inverse-CDF draw at u over the survivors in increasing
+// id. Built by the engine from its Sampler (DecodeController::prepare_device_sample).
+struct SampleRow {
+  int64_t n_vocab = 0;               // columns [0, n_vocab) of the row are candidates
+  float temperature = 1.0f;          // 0: greedy
+  int top_k = 0;
+  float top_p = 1.0f;
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;
+  float frequency_penalty = 0.0f;
+  float presence_penalty = 0.0f;
+  double u = 0.0;                    // the step's uniform draw in [0, 1) (Sampler::draw_uniform); unused when greedy
+  std::span<const int32_t> penalty_tokens;  // Sampler::penalty_entries: distinct tokens in [0, n_vocab)
+  std::span<const int32_t> penalty_counts;  // their occurrences in the generated tokens
+};
+
 // Owning device memory; frees through its backend.
 class DeviceBuffer {
  public:
@@ -152,6 +170,17 @@ class Backend {
   // Exact merge of shards; every pointer (and the parts' pointers) is fp32 device memory.
   virtual void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts,
                               int64_t n_rows, int head_dim) = 0;
+
+  // --- token sampling on the device (the CUDA backend); others keep the logits on the host path ---
+  virtual bool can_sample_rows() const { return false; }
+  // tokens[r] = the token the host Sampler picks from row r of logits (rows, >= n_vocab columns,
+  // any dtype) given rows[r]: the same token except where u * total or the top-p target is within
+  // double rounding of a cumulative sum. logits may be overwritten (penalised in place). Aborts,
+  // like the host Sampler, on a row with a NaN or no finite logit.
+  virtual void sample_rows(std::span<int32_t> tokens, Tensor logits, std::span<const SampleRow> rows) {
+    SS_CHECK(false, "backend {} does not sample on the device ({} rows, {} tokens, {} logits)", name(), rows.size(),
+             tokens.size(), logits.rows());
+  }
 };
 
 // Device scratch that grows on demand and is reused across calls.
@@ -179,8 +208,14 @@ std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
 
 // Choices of the CUDA backend (config slice ParallelConfig).
 struct CudaBackendOptions {
-  bool wmma_prefill = false;  // the earlier WMMA prefill kernel instead of the mma.sync one
+  // Prefill attention kernel (kernels/attention.h): the default launcher, one of the mma.sync
+  // variants by name (64 query rows per block; 128 rows per block with the lazy-rescale softmax;
+  // 64 rows with that softmax), or the earlier WMMA kernel.
+  enum class Prefill { kDefault, kMmaM64, kMmaM128, kMmaM64Lazy, kWmma };
+  Prefill prefill = Prefill::kDefault;
 };
+// "mma" (the default), "mma-m64", "mma-m128", "mma-m64-lazy", "wmma"; kInvalidArgument otherwise.
+Result<CudaBackendOptions::Prefill> parse_prefill_kernel(const std::string& name);
 
 // The CUDA backend on one device (bf16 weights and activations, fp32 accumulation). kUnimplemented
 // in builds without CUDA; kUnavailable when the device cannot be used.

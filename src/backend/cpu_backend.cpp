@@ -122,6 +122,16 @@ std::unique_ptr<Backend> make_cpu_backend(int threads) {
   return std::make_unique<CpuBackend>();
 }
 
+Result<CudaBackendOptions::Prefill> parse_prefill_kernel(const std::string& name) {
+  using Prefill = CudaBackendOptions::Prefill;
+  if (name == "mma") return Prefill::kDefault;
+  if (name == "mma-m64") return Prefill::kMmaM64;
+  if (name == "mma-m128") return Prefill::kMmaM128;
+  if (name == "mma-m64-lazy") return Prefill::kMmaM64Lazy;
+  if (name == "wmma") return Prefill::kWmma;
+  return invalid_argument("prefill kernel \"{}\" is not one of mma, mma-m64, mma-m128, mma-m64-lazy, wmma", name);
+}
+
 #if !STARSERVE_HAVE_CUDA
 Result<std::unique_ptr<Backend>> make_cuda_backend(int device, const CudaBackendOptions&) {
   return unimplemented("--backend cuda (device {}): this build has no CUDA backend (nvcc was not found at configure "

@@ -33,6 +33,9 @@ Result<DecodeOutcome> run_decode_loop(Model& model, AttentionHandler& attention,
   std::vector<int32_t> step_tokens(first_tokens.begin(), first_tokens.end());
   std::vector<int32_t> positions;
   std::vector<float> logits;
+  const bool device_backend = model.backend().can_sample_rows();
+  SampleRow row;
+  int32_t device_token = -1;
   int64_t position = first_position;
   const auto t0 = Clock::now();
   auto t_first = t0;
@@ -47,12 +50,16 @@ Result<DecodeOutcome> run_decode_loop(Model& model, AttentionHandler& attention,
     positions.resize(step_tokens.size());
     std::iota(positions.begin(), positions.end(), static_cast<int32_t>(position));
     BatchSeq bs{seq, step_tokens, positions, false};
-    SS_RETURN_IF_ERROR(model.forward({&bs, 1}, attention, controller ? &logits : nullptr));
-    position += static_cast<int64_t>(step_tokens.size());
-    if (controller) {
-      d.token = controller->choose(logits);
-      d.finish = static_cast<int32_t>(controller->accept(d.token));
+    if (controller && device_backend && controller->can_sample_on_device()) {
+      controller->prepare_device_sample(&row);
+      SS_RETURN_IF_ERROR(model.forward_sample({&bs, 1}, attention, {&row, 1}, {&device_token, 1}));
+      d.token = device_token;
+    } else {
+      SS_RETURN_IF_ERROR(model.forward({&bs, 1}, attention, controller ? &logits : nullptr));
+      if (controller) d.token = controller->choose(logits);
     }
+    position += static_cast<int64_t>(step_tokens.size());
+    if (controller) d.finish = static_cast<int32_t>(controller->accept(d.token));
     SS_RETURN_IF_ERROR(comm.broadcast(&d, sizeof(d), 0));
     if (step == 0) t_first = Clock::now();
     outcome.tokens.push_back(d.token);

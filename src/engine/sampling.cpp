@@ -1,3 +1,12 @@
+// The penalties' arithmetic (a product, then a sum) is repeated bit for bit by the GPU kernel, which
+// rounds the product first; a fused multiply-add would round once and differ in the last bit, so
+// contraction is switched off for this file whatever -march or -ffp-contract the build uses.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 #include "engine/sampling.h"
 
 #include <algorithm>
@@ -103,46 +112,71 @@ Sampler::Sampler(const SamplingParams& params, int n_vocab) : params_(params), n
   if (params_.temperature > 0.0f) {
     order_.resize(n);
     weights_.resize(n);
-    if (params_.top_k > 0 && params_.top_k < n_vocab_) top_k_buffer_.reserve(2 * static_cast<size_t>(params_.top_k));
+    if (params_.top_k > 0 && params_.top_k < n_vocab_) {
+      top_k_buffer_.reserve(2 * static_cast<size_t>(params_.top_k));
+      if (static_cast<int64_t>(params_.top_k) * 16 > n_vocab_) marked_.resize(n);
+    }
     if (params_.top_p < 1.0f) bucket_mass_.resize(kWeightBuckets);
   }
 }
 
-void Sampler::apply_penalties(std::span<float> logits, std::span<const int32_t> prompt_tokens,
-                              std::span<const int32_t> generated_tokens) {
-  const auto check_token = [&](int32_t t) { SS_CHECK(t >= 0 && t < n_vocab_, "token {} not in [0, {})", t, n_vocab_); };
+void apply_penalty_entries(const SamplingParams& params, std::span<float> logits, std::span<const int32_t> tokens,
+                           std::span<const int32_t> counts) {
+  SS_CHECK(tokens.size() == counts.size(), "{} penalty tokens, {} counts", tokens.size(), counts.size());
+  const float rep = params.repetition_penalty;
+  const float freq = params.frequency_penalty;
+  const float presence = params.presence_penalty;
+  const bool apply_rep = rep != 1.0f;
+  const bool apply_freq = freq != 0.0f || presence != 0.0f;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const int32_t t = tokens[i];
+    SS_CHECK(t >= 0 && static_cast<size_t>(t) < logits.size(), "token {} not in [0, {})", t, logits.size());
+    float l = logits[t];
+    if (apply_rep) l = l > 0.0f ? l / rep : l * rep;
+    if (apply_freq && counts[i] > 0) l -= freq * static_cast<float>(counts[i]) + presence;
+    logits[t] = l;
+  }
+}
 
-  const float rep = params_.repetition_penalty;
-  if (rep != 1.0f) {
+void Sampler::penalty_entries(std::span<const int32_t> prompt_tokens, std::span<const int32_t> generated_tokens,
+                              std::vector<int32_t>* tokens, std::vector<int32_t>* counts) {
+  tokens->clear();
+  counts->clear();
+  const bool rep = params_.repetition_penalty != 1.0f;
+  const bool freq = params_.frequency_penalty != 0.0f || params_.presence_penalty != 0.0f;
+  const auto check_token = [&](int32_t t) { SS_CHECK(t >= 0 && t < n_vocab_, "token {} not in [0, {})", t, n_vocab_); };
+  if (freq) {
+    for (int32_t t : generated_tokens) {
+      check_token(t);
+      ++counts_[t];
+    }
+  }
+  if (rep) {
     // A stamp per call instead of clearing an n_vocab array: O(history) per step, not O(n_vocab).
     if (++stamp_ == 0) {
       std::fill(seen_stamp_.begin(), seen_stamp_.end(), 0u);
       stamp_ = 1;
     }
     // Each distinct token is penalised once, however often it occurs (HF / vLLM semantics).
-    const auto penalise = [&](int32_t t) {
+    const auto add = [&](int32_t t) {
       check_token(t);
       if (seen_stamp_[t] == stamp_) return;
       seen_stamp_[t] = stamp_;
-      float& l = logits[t];
-      l = l > 0.0f ? l / rep : l * rep;
+      tokens->push_back(t);
+      counts->push_back(freq ? counts_[t] : 0);
     };
-    for (int32_t t : prompt_tokens) penalise(t);
-    for (int32_t t : generated_tokens) penalise(t);
-  }
-
-  const float freq = params_.frequency_penalty;
-  const float presence = params_.presence_penalty;
-  if (freq != 0.0f || presence != 0.0f) {
-    for (int32_t t : generated_tokens) {
-      check_token(t);
-      ++counts_[t];
+    for (int32_t t : prompt_tokens) add(t);
+    for (int32_t t : generated_tokens) add(t);
+    if (freq) {
+      for (int32_t t : generated_tokens) counts_[t] = 0;
     }
-    // Second pass applies once per distinct token and restores counts_ to all zero.
+  } else if (freq) {
+    // Once per distinct token; restores counts_ to all zero.
     for (int32_t t : generated_tokens) {
       const int32_t c = counts_[t];
       if (c == 0) continue;
-      logits[t] -= freq * static_cast<float>(c) + presence;
+      tokens->push_back(t);
+      counts->push_back(c);
       counts_[t] = 0;
     }
   }
@@ -152,8 +186,24 @@ int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> prompt
                         std::span<const int32_t> generated_tokens, TokenLogprobs* logprobs_out) {
   SS_CHECK(logits.size() == static_cast<size_t>(n_vocab_), "logits has {} entries, n_vocab = {}", logits.size(),
            n_vocab_);
-  apply_penalties(logits, prompt_tokens, generated_tokens);
+  penalty_entries(prompt_tokens, generated_tokens, &penalty_tokens_, &penalty_counts_);
+  apply_penalty_entries(params_, logits, penalty_tokens_, penalty_counts_);
+  const double u = params_.temperature > 0.0f ? draw_uniform() : 0.0;
+  float max_logit = 0.0f;
+  const int32_t token = pick(logits, u, &max_logit);
+  if (logprobs_out != nullptr) fill_logprobs(logits, max_logit, token, logprobs_out);
+  return token;
+}
 
+int32_t Sampler::choose(std::span<const float> penalised_logits, double u) {
+  SS_CHECK(penalised_logits.size() == static_cast<size_t>(n_vocab_), "logits has {} entries, n_vocab = {}",
+           penalised_logits.size(), n_vocab_);
+  SS_CHECK(u >= 0.0 && u < 1.0, "u = {} not in [0, 1)", u);
+  float max_logit = 0.0f;
+  return pick(penalised_logits, u, &max_logit);
+}
+
+int32_t Sampler::pick(std::span<const float> logits, double u, float* max_out) {
   // Strict '>' keeps the lowest id among equal maxima. NaN is checked once after the loop (a NaN
   // would break the orderings used by truncation).
   float max_logit = -std::numeric_limits<float>::infinity();
@@ -169,10 +219,8 @@ int32_t Sampler::sample(std::span<float> logits, std::span<const int32_t> prompt
   }
   SS_CHECK(!any_nan, "NaN in the logits");
   SS_CHECK(std::isfinite(max_logit), "max logit = {}: no token can be sampled", max_logit);
-
-  const int32_t token = params_.temperature == 0.0f ? argmax : draw(logits, max_logit);
-  if (logprobs_out != nullptr) fill_logprobs(logits, max_logit, token, logprobs_out);
-  return token;
+  *max_out = max_logit;
+  return params_.temperature == 0.0f ? argmax : draw(logits, max_logit, u);
 }
 
 int32_t Sampler::select_top_k(std::span<const float> logits) {
@@ -204,7 +252,19 @@ int32_t Sampler::select_top_k(std::span<const float> logits) {
     }
   }
   if (top_k_buffer_.size() > static_cast<size_t>(k)) shrink();
-  for (int32_t j = 0; j < k; ++j) order_[j] = top_k_buffer_[j].id;
+  // The candidates in increasing id: sort a small k; for a large one, flag them and list the
+  // flags, O(n_vocab) instead of O(k log k).
+  if (static_cast<int64_t>(k) * 16 <= n_vocab_) {
+    for (int32_t j = 0; j < k; ++j) order_[j] = top_k_buffer_[j].id;
+    std::sort(order_.begin(), order_.begin() + k);
+  } else {
+    std::fill(marked_.begin(), marked_.end(), uint8_t{0});
+    for (const TopKEntry& e : top_k_buffer_) marked_[e.id] = 1;
+    int32_t j = 0;
+    for (int32_t i = 0; i < n_vocab_; ++i) {
+      if (marked_[i]) order_[j++] = i;
+    }
+  }
   return k;
 }
 
@@ -212,7 +272,7 @@ int32_t Sampler::select_top_p(std::span<const float> logits, int32_t n, double t
   // The nucleus is the shortest prefix, in Before order, whose mass reaches top_p * total. Instead
   // of sorting all candidates: sum the mass per weight bucket, walk buckets from the top to find
   // the one where the running mass crosses the target, keep every bucket above it, and sort only
-  // that boundary bucket. O(n) plus a sort of one bucket.
+  // that boundary bucket to find the last kept token. O(n) plus a sort of one bucket.
   const double target = static_cast<double>(params_.top_p) * total;
   std::fill(bucket_mass_.begin(), bucket_mass_.end(), 0.0);
   for (int32_t j = 0; j < n; ++j) {
@@ -228,28 +288,36 @@ int32_t Sampler::select_top_p(std::span<const float> logits, int32_t n, double t
   if (boundary < 0) return n;  // rounding left the whole mass just below target: keep everything
 
   boundary_.clear();
-  int32_t kept = 0;  // compacts order_ in place: kept <= j
+  for (int32_t j = 0; j < n; ++j) {
+    const int32_t id = order_[j];
+    if (weight_bucket(weights_[id]) == boundary) boundary_.push_back(id);
+  }
+  const Before before{logits};
+  std::sort(boundary_.begin(), boundary_.end(), before);
+  int32_t last = boundary_.back();  // the last kept token in Before order (all, if rounding never reaches target)
+  double cum = above;
+  for (int32_t id : boundary_) {
+    cum += weights_[id];
+    if (cum >= target) {
+      last = id;
+      break;
+    }
+  }
+  // Compact in place (kept <= j), which keeps the increasing id order: every bucket above the
+  // boundary, and the boundary bucket's tokens up to `last` in Before order.
+  int32_t kept = 0;
   for (int32_t j = 0; j < n; ++j) {
     const int32_t id = order_[j];
     const int bucket = weight_bucket(weights_[id]);
-    if (bucket > boundary) {
-      order_[kept++] = id;
-    } else if (bucket == boundary) {
-      boundary_.push_back(id);
-    }
-  }
-  std::sort(boundary_.begin(), boundary_.end(), Before{logits});
-  double cum = above;
-  for (int32_t id : boundary_) {
-    order_[kept++] = id;
-    cum += weights_[id];
-    if (cum >= target) break;
+    if (bucket > boundary || (bucket == boundary && !before(last, id))) order_[kept++] = id;
   }
   return kept;
 }
 
-int32_t Sampler::draw(std::span<const float> logits, float max_logit) {
-  int32_t n = n_vocab_;  // candidates are order_[0, n)
+int32_t Sampler::draw(std::span<const float> logits, float max_logit, double u) {
+  // Candidates are order_[0, n), in increasing id from here on, so every sum below and the walk
+  // run in id order whatever the truncation did.
+  int32_t n = n_vocab_;
   const int top_k = params_.top_k;
   if (top_k > 0 && top_k < n_vocab_) {
     n = select_top_k(logits);
@@ -263,7 +331,7 @@ int32_t Sampler::draw(std::span<const float> logits, float max_logit) {
   double total = 0.0;
   for (int32_t j = 0; j < n; ++j) {
     const int32_t id = order_[j];
-    const float w = std::exp((logits[id] - max_logit) * inv_t);
+    const float w = sampling_weight(logits[id], max_logit, inv_t);
     weights_[id] = w;
     total += w;
   }
@@ -286,18 +354,19 @@ int32_t Sampler::draw(std::span<const float> logits, float max_logit) {
     for (int32_t j = 0; j < n; ++j) total += weights_[order_[j]];
   }
 
-  // Inverse-CDF draw over the survivors: renormalising is implicit in scaling u by their total.
-  double u = next_uniform() * total;
+  // Inverse-CDF draw over the survivors in increasing id: the first whose cumulative weight exceeds
+  // u * total (renormalising is implicit in scaling u by their total).
+  double rest = u * total;
   int32_t last_positive = order_[0];
   for (int32_t j = 0; j < n; ++j) {
     const int32_t id = order_[j];
     const float w = weights_[id];
     if (w <= 0.0f) continue;
     last_positive = id;
-    u -= w;
-    if (u < 0.0) return id;
+    rest -= w;
+    if (rest < 0.0) return id;
   }
-  return last_positive;  // u landed on the total through rounding
+  return last_positive;  // u * total landed on the total through rounding
 }
 
 void Sampler::fill_logprobs(std::span<const float> logits, float max_logit, int32_t token, TokenLogprobs* out) const {
@@ -328,7 +397,7 @@ void Sampler::fill_logprobs(std::span<const float> logits, float max_logit, int3
   }
 }
 
-double Sampler::next_uniform() {
+double Sampler::draw_uniform() {
   // The top 53 bits fill a double's mantissa exactly: u = k * 2^-53, k uniform in [0, 2^53).
   return static_cast<double>(rng_() >> 11) * 0x1.0p-53;
 }

@@ -9,10 +9,18 @@
 //   3. temperature == 0: argmax (ties -> lowest token id), done
 //   4. temperature scaling
 //   5. top-k  6. top-p (nucleus sampling, Holtzman et al. 2020)  7. min-p (Nguyen et al. 2024)
-//   8. renormalise over the survivors and draw one token with the sampler's own RNG
+//   8. renormalise over the survivors and draw one token: inverse CDF at u, the step's one uniform
+//      draw from the sampler's own RNG, walking the survivors in increasing token id
 // Ties anywhere (argmax, the top-k edge, the top-p edge) go to the lower token id.
+//
+// Steps 3-8 make the token a function of (penalised logits, params, u) alone (Sampler::choose),
+// whatever order the truncation steps leave their candidates in; the GPU (kernels/sampling.cu)
+// repeats exactly these steps and is checked against this code. The penalties are expressed as a
+// list of (token, count) entries (Sampler::penalty_entries, apply_penalty_entries) that a device
+// receives as is.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <random>
@@ -55,6 +63,24 @@ struct SamplingParams {
   Status validate(int n_vocab) const;
 };
 
+// The unnormalised probability of a candidate, exp((logit - max_logit) / T), as the sampler and
+// the GPU kernel compute it: the argument in float, (logit - max_logit) * inv_t with
+// inv_t = 1.0f / T, then the double exp rounded once to float. Why double: float expf differs by an
+// ulp or two between libms and CUDA, which would move the draw's CDF boundaries; glibc's and CUDA's
+// double exp are both within 1 ulp, so the rounded floats agree except with probability ~2^-28 per
+// element (the exact value within an ulp of double of a float rounding point).
+inline float sampling_weight(float logit, float max_logit, float inv_t) {
+  return static_cast<float>(std::exp(static_cast<double>((logit - max_logit) * inv_t)));
+}
+
+// Applies steps 1-2 of the pipeline from entries built by Sampler::penalty_entries: for each i,
+// logits[tokens[i]] is divided (> 0) or multiplied (<= 0) by repetition_penalty when that is not 1,
+// then, when counts[i] > 0 and a frequency/presence penalty is set, decreased by
+// frequency_penalty * counts[i] + presence_penalty (the product rounded before the sum). tokens are
+// distinct and in [0, logits.size()) (checked).
+void apply_penalty_entries(const SamplingParams& params, std::span<float> logits, std::span<const int32_t> tokens,
+                           std::span<const int32_t> counts);
+
 struct TokenLogprob {
   int32_t token = 0;
   float logprob = 0.0f;  // natural log
@@ -72,11 +98,13 @@ struct TokenLogprobs {
 
 // One per request; owns scratch buffers sized by n_vocab, so it is reused across steps and is not
 // thread-safe. Reproducibility: with the same seed, the same n_vocab and the same sequence of
-// logits (and token histories), sample() returns the same tokens. Across machines this holds as
-// long as expf rounds the same (same libm): the RNG is std::mt19937_64, whose output the standard
-// fixes, and the uniform draw is built from its bits here rather than by a std:: distribution,
-// whose algorithm differs between standard libraries.
+// logits (and token histories), sample() returns the same tokens. Across machines this holds up to
+// the libm's double exp (see sampling_weight): the RNG is std::mt19937_64, whose output the
+// standard fixes, and the uniform draw is built from its bits here rather than by a std::
+// distribution, whose algorithm differs between standard libraries.
 // Each non-greedy call consumes exactly one 64-bit draw; greedy calls consume none.
+// A device path reproduces sample() as: penalty_entries + (temperature > 0 ? draw_uniform() : 0),
+// both on the host, then the device applies the entries and picks what choose() would.
 class Sampler {
  public:
   // params must have passed validate(n_vocab) (checked: a broken invariant aborts).
@@ -88,19 +116,35 @@ class Sampler {
   int32_t sample(std::span<float> logits, std::span<const int32_t> prompt_tokens,
                  std::span<const int32_t> generated_tokens, TokenLogprobs* logprobs_out);
 
+  // Steps 3-8 alone: the token picked from already penalised logits (n_vocab) with the uniform
+  // draw u in [0, 1) (ignored when temperature == 0). Consumes no random draw; the result depends
+  // on (logits, params, u) only.
+  int32_t choose(std::span<const float> penalised_logits, double u);
+
+  // The next uniform draw in [0, 1) (53 random bits) from the sampler's RNG: the u that sample()
+  // takes in a non-greedy step.
+  double draw_uniform();
+
+  // The entries apply_penalty_entries needs for this history, each token once: with a repetition
+  // penalty every distinct token of prompt + generated, otherwise the distinct generated tokens;
+  // counts = occurrences in generated_tokens (0: prompt only). Both empty when no penalty is set.
+  // O(history): the scratch is stamped, not cleared.
+  void penalty_entries(std::span<const int32_t> prompt_tokens, std::span<const int32_t> generated_tokens,
+                       std::vector<int32_t>* tokens, std::vector<int32_t>* counts);
+
   uint64_t seed() const { return seed_; }
   const SamplingParams& params() const { return params_; }
 
  private:
-  void apply_penalties(std::span<float> logits, std::span<const int32_t> prompt_tokens,
-                       std::span<const int32_t> generated_tokens);
+  // Max / argmax / NaN scan, then greedy or draw(); *max_logit receives the max.
+  int32_t pick(std::span<const float> logits, double u, float* max_logit);
   void fill_logprobs(std::span<const float> logits, float max_logit, int32_t token, TokenLogprobs* out) const;
-  int32_t draw(std::span<const float> logits, float max_logit);
-  // Fill order_[0, n) with the candidates and return n.
+  int32_t draw(std::span<const float> logits, float max_logit, double u);
+  // Fill order_[0, k) with the top-k candidates in increasing id and return k.
   int32_t select_top_k(std::span<const float> logits);
-  // Keep the nucleus of order_[0, n) (weights_ set, total = their sum); returns the new n.
+  // Keep the nucleus of order_[0, n) (weights_ set, total = their sum), in increasing id; returns
+  // the new n.
   int32_t select_top_p(std::span<const float> logits, int32_t n, double total);
-  double next_uniform();  // in [0, 1), 53 random bits
 
   SamplingParams params_;
   int n_vocab_ = 0;
@@ -110,7 +154,9 @@ class Sampler {
   std::vector<uint32_t> seen_stamp_;  // (n_vocab) repetition penalty: seen_stamp_[t] == stamp_ -> already penalised
   uint32_t stamp_ = 0;
   std::vector<int32_t> counts_;       // (n_vocab) occurrences in generated; all zero between calls
-  std::vector<int32_t> order_;        // (n_vocab) candidate token ids: order_[0, n) survive truncation
+  std::vector<int32_t> penalty_tokens_, penalty_counts_;  // sample(): this step's penalty entries
+  std::vector<int32_t> order_;        // (n_vocab) candidate token ids, increasing: order_[0, n) survive truncation
+  std::vector<uint8_t> marked_;       // (n_vocab) top-k with large k: candidate flags, to list them by id
   std::vector<float> weights_;        // (n_vocab) exp((logit - max) / T) by token id, valid for candidates
   struct TopKEntry {
     float logit;

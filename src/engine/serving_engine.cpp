@@ -44,16 +44,20 @@ class EngineState {
   };
 
   // Executes one broadcast step, then every rank reports the KV pages it holds (one small
-  // all-gather), for the per-rank metrics. On rank 0, logits (one row per DECODE entry) are returned.
-  Status execute(const std::vector<int64_t>& m, std::vector<float>* logits) {
-    SS_RETURN_IF_ERROR(execute_command(m, logits));
+  // all-gather), for the per-rank metrics. On rank 0 a DECODE step returns one logits row per entry
+  // in *logits, or, when `rows` is not empty, one token per entry picked on the device from the
+  // rows' requests (Model::forward_sample) in `sampled`.
+  Status execute(const std::vector<int64_t>& m, std::vector<float>* logits, std::span<const SampleRow> rows = {},
+                 std::span<int32_t> sampled = {}) {
+    SS_RETURN_IF_ERROR(execute_command(m, logits, rows, sampled));
     const int64_t used = ctx_.cache->pages_total() - ctx_.cache->pages_free();
     pages_used_.resize(ctx_.comm->world_size());
     return ctx_.comm->all_gather(&used, pages_used_.data(), sizeof(int64_t));
   }
   const std::vector<int64_t>& pages_used() const { return pages_used_; }
 
-  Status execute_command(const std::vector<int64_t>& m, std::vector<float>* logits) {
+  Status execute_command(const std::vector<int64_t>& m, std::vector<float>* logits, std::span<const SampleRow> rows,
+                         std::span<int32_t> sampled) {
     size_t i = 0;
     const Cmd cmd = static_cast<Cmd>(m[i++]);
     const int64_t n = m.size() > 1 ? m[i++] : 0;
@@ -105,6 +109,7 @@ class EngineState {
           }
           batch[r] = BatchSeq{id, tokens[r], positions[r], false};
         }
+        if (ctx_.comm->rank() == 0 && !rows.empty()) return ctx_.model->forward_sample(batch, phase2_, rows, sampled);
         return ctx_.model->forward(batch, phase2_, ctx_.comm->rank() == 0 ? logits : nullptr);
       }
       case Cmd::kRelease:
@@ -418,9 +423,21 @@ Status ServingEngine::step() {
   }
   if (decoding.empty()) return Status();
   SS_RETURN_IF_ERROR(broadcast_message(*ctx_.comm, msg));
+  // On a backend that samples on the device, only the tokens come back, unless a request of this
+  // step needs its logits on the host (logprobs): then the whole step takes the host path.
+  const bool on_device =
+      ctx_.model->backend().can_sample_rows() &&
+      std::all_of(decoding.begin(), decoding.end(), [](const Active* a) { return a->controller->can_sample_on_device(); });
+  std::vector<SampleRow> rows;
+  std::vector<int32_t> tokens;
+  if (on_device) {
+    rows.resize(decoding.size());
+    tokens.resize(decoding.size());
+    for (size_t r = 0; r < decoding.size(); ++r) decoding[r]->controller->prepare_device_sample(&rows[r]);
+  }
   // Entropy is tracked on rank 0 only (the merged values are identical on every rank).
   std::vector<float> logits;
-  Status st = state_->execute(msg, &logits);
+  Status st = state_->execute(msg, on_device ? nullptr : &logits, rows, tokens);
   if (!st.ok()) {
     // A forward failure is a bug or a broken rank: fail the requests of this step, keep serving.
     for (Active* a : decoding) finish(*a, FinishReason::kError, st);
@@ -434,8 +451,8 @@ Status ServingEngine::step() {
       if (a.entropy) state_->phase2().track_entropy(static_cast<SeqId>(a.id), &*a.entropy);
     }
     a.position += static_cast<int64_t>(a.next_tokens.size());
-    std::span<float> row(logits.data() + r * n_vocab, n_vocab);
-    const int32_t token = a.controller->choose(row);
+    const int32_t token =
+        on_device ? tokens[r] : a.controller->choose(std::span<float>(logits.data() + r * n_vocab, n_vocab));
     if (a.first_token == Clock::time_point{}) a.first_token = Clock::now();
     ++a.n_generated;
     const FinishReason fr = a.controller->accept(token);

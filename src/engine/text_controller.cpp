@@ -25,6 +25,23 @@ int32_t TextController::choose(std::span<float> logits) {
   return token;
 }
 
+void TextController::prepare_device_sample(SampleRow* row) {
+  // The same steps as choose() -> Sampler::sample, split at the device boundary: the entries and
+  // the draw here, the rest on the device over the tokenizer's part of the row.
+  sampler_.penalty_entries(prompt_, generated_, &penalty_tokens_, &penalty_counts_);
+  row->n_vocab = tokenizer_.n_vocab();
+  row->temperature = params_.temperature;
+  row->top_k = params_.top_k;
+  row->top_p = params_.top_p;
+  row->min_p = params_.min_p;
+  row->repetition_penalty = params_.repetition_penalty;
+  row->frequency_penalty = params_.frequency_penalty;
+  row->presence_penalty = params_.presence_penalty;
+  row->u = params_.temperature > 0.0f ? sampler_.draw_uniform() : 0.0;
+  row->penalty_tokens = penalty_tokens_;
+  row->penalty_counts = penalty_counts_;
+}
+
 void TextController::emit(int32_t token, std::string text) {
   text_ += text;
   TokenEvent ev;

@@ -30,6 +30,9 @@ class TextController final : public DecodeController {
                  EventFn on_event, PollFn poll = {});
 
   int32_t choose(std::span<float> logits) override;
+  // Device sampling unless logprobs were requested (they need the host logits).
+  bool can_sample_on_device() const override { return !params_.logprobs; }
+  void prepare_device_sample(SampleRow* row) override;
   FinishReason accept(int32_t token) override;
   FinishReason poll() override { return poll_ ? poll_() : FinishReason::kUnspecified; }
 
@@ -49,6 +52,7 @@ class TextController final : public DecodeController {
   StopMatcher stop_;
   Tokenizer::StreamDecoder decoder_;
   std::vector<int32_t> prompt_, generated_, output_;
+  std::vector<int32_t> penalty_tokens_, penalty_counts_;  // prepare_device_sample's entries
   EventFn on_event_;
   PollFn poll_;
   std::string text_;

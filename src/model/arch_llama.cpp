@@ -94,6 +94,33 @@ class LlamaModel final : public Model {
   }
 
   Status forward(std::span<const BatchSeq> batch, AttentionHandler& attn, std::vector<float>* logits) override {
+    DeviceBuffer lg_buf;
+    Tensor lg;
+    SS_RETURN_IF_ERROR(run(batch, attn, logits != nullptr, &lg_buf, &lg));
+    if (logits == nullptr) return Status();
+    logits->resize(static_cast<size_t>(lg.numel()));
+    backend_.download_f32(logits->data(), lg);
+    return Status();
+  }
+
+  Status forward_sample(std::span<const BatchSeq> batch, AttentionHandler& attn, std::span<const SampleRow> rows,
+                        std::span<int32_t> tokens) override {
+    SS_CHECK(backend_.can_sample_rows(), "backend {} does not sample on the device", backend_.name());
+    DeviceBuffer lg_buf;
+    Tensor lg;
+    SS_RETURN_IF_ERROR(run(batch, attn, true, &lg_buf, &lg));
+    SS_CHECK(static_cast<int64_t>(rows.size()) == lg.rows(), "{} sampling rows for {} logits rows", rows.size(),
+             lg.rows());
+    backend_.sample_rows(tokens, lg, rows);
+    return Status();
+  }
+
+ private:
+  // Every layer over the batch; with want_logits, *lg = (rows, n_vocab) logits on the device in
+  // the compute dtype (per sequence in batch order: every token if all_logits, else the last),
+  // held by *lg_buf.
+  Status run(std::span<const BatchSeq> batch, AttentionHandler& attn, bool want_logits, DeviceBuffer* lg_buf,
+             Tensor* lg) {
     std::vector<int32_t> ids, pos;
     int64_t n_out = 0;
     for (const BatchSeq& s : batch) {
@@ -150,7 +177,7 @@ class LlamaModel final : public Model {
       backend_.add(x, x, h);
     }
     attn.end_forward(batch);
-    if (logits == nullptr) return Status();
+    if (!want_logits) return Status();
 
     // Gather the rows that need logits, then norm + output projection on those rows only.
     DeviceBuffer sel_buf = backend_.alloc(n_out * hp_.hidden * dtype_size(dt));
@@ -168,15 +195,12 @@ class LlamaModel final : public Model {
       start += n;
     }
     backend_.rms_norm(sel, sel, output_norm_, hp_.rms_eps);
-    DeviceBuffer lg_buf = backend_.alloc(n_out * hp_.n_vocab * dtype_size(dt));
-    Tensor lg = lg_buf.view(dt, {n_out, hp_.n_vocab});
-    backend_.matmul(lg, sel, output_);
-    logits->resize(static_cast<size_t>(n_out) * hp_.n_vocab);
-    backend_.download_f32(logits->data(), lg);
+    *lg_buf = backend_.alloc(n_out * hp_.n_vocab * dtype_size(dt));
+    *lg = lg_buf->view(dt, {n_out, hp_.n_vocab});
+    backend_.matmul(*lg, sel, output_);
     return Status();
   }
 
- private:
   Result<Tensor> upload(const WeightSource& src, const std::string& name, std::initializer_list<int64_t> dims) {
     SS_ASSIGN_OR_RETURN(HostTensor ht, src.load(name));
     std::vector<int64_t> want(dims);

@@ -44,6 +44,11 @@ class Model {
   // Runs the batch through every layer. When logits is non-null it receives host fp32 rows
   // (n_vocab each): per sequence in batch order, every token if all_logits else the last one.
   virtual Status forward(std::span<const BatchSeq> batch, AttentionHandler& attention, std::vector<float>* logits) = 0;
+  // forward, then one token per logits row picked on the device (Backend::sample_rows) instead of
+  // downloading the rows: rows[i] describes row i in forward's order, tokens[i] receives its token.
+  // Only on a backend with can_sample_rows().
+  virtual Status forward_sample(std::span<const BatchSeq> batch, AttentionHandler& attention,
+                                std::span<const SampleRow> rows, std::span<int32_t> tokens) = 0;
 };
 
 // Builds the architecture named by hparams().arch and uploads its weights to the backend.

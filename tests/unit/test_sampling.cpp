@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "engine/sampling.h"
+#include "tests/unit/sampling_oracle.h"
 
 namespace starserve {
 namespace {
@@ -435,6 +436,112 @@ TEST(Sampling, LogprobsTopNOnLargeVocabAndGreedy) {
   l = raw;
   s0.sample(l, {}, {}, &lp);
   EXPECT_TRUE(lp.top.empty());
+}
+
+// The draw walks the survivors in increasing token id, not in the order truncation leaves them:
+// with weights 1/e (id 0) and 1 (id 1) the CDF is [0, 0.37) -> 0, [0.37, 1.37) -> 1, so a small u
+// picks id 0 although id 1 is the more likely token and comes first in any sorted order.
+TEST(Sampling, DrawWalksSurvivorsInIncreasingId) {
+  const float kMasked = -std::numeric_limits<float>::infinity();
+  const std::vector<float> l = {0.0f, 1.0f, -3.0f, kMasked, -2.0f};
+  for (int top_k : {0, 2, 4}) {
+    SamplingParams p = seeded(1);
+    p.top_k = top_k;
+    Sampler s(p, 5);
+    if (top_k == 2) {
+      const double total = std::exp(-1.0) + 1.0;
+      EXPECT_EQ(s.choose(l, 0.1), 0);
+      EXPECT_EQ(s.choose(l, 0.36 / total), 0);
+      EXPECT_EQ(s.choose(l, 0.38 / total), 1);
+    }
+    EXPECT_EQ(s.choose(l, 0.0), 0) << "u = 0: the first survivor with a positive weight";
+    EXPECT_EQ(s.choose(l, 1.0 - 0x1.0p-53), top_k == 2 ? 1 : 4) << "u -> 1: the last one";
+  }
+}
+
+// sample() is exactly: penalty entries, apply them, one uniform draw when not greedy, choose().
+TEST(Sampling, SampleIsPenaltiesThenOneDrawThenChoose) {
+  std::mt19937_64 rng(5);
+  for (int i = 0; i < 200; ++i) {
+    sampling_test::SamplingCase c = sampling_test::random_sampling_case(300, rng);
+    c.params.seed = 1000 + i;
+    Sampler a(c.params, 300), b(c.params, 300);
+    for (int step = 0; step < 3; ++step) {
+      std::vector<float> la = c.logits, lb = c.logits;
+      const int32_t ta = a.sample(la, c.prompt, c.generated, nullptr);
+      std::vector<int32_t> tokens, counts;
+      b.penalty_entries(c.prompt, c.generated, &tokens, &counts);
+      apply_penalty_entries(c.params, lb, tokens, counts);
+      const double u = c.params.temperature > 0.0f ? b.draw_uniform() : 0.0;
+      EXPECT_EQ(b.choose(lb, u), ta) << "case " << i << " step " << step;
+      EXPECT_EQ(lb, la);
+      c.generated.push_back(ta);
+    }
+  }
+}
+
+TEST(Sampling, PenaltyEntriesListEachTouchedTokenOnce) {
+  const std::vector<int32_t> prompt = {5, 1, 5, 2};
+  const std::vector<int32_t> generated = {2, 7, 2, 2, 3};
+  const auto entries = [&](float rep, float freq, float presence) {
+    SamplingParams p;
+    p.repetition_penalty = rep;
+    p.frequency_penalty = freq;
+    p.presence_penalty = presence;
+    Sampler s(p, 10);
+    std::vector<int32_t> tokens, counts;
+    s.penalty_entries(prompt, generated, &tokens, &counts);
+    std::vector<std::pair<int32_t, int32_t>> out;
+    for (size_t i = 0; i < tokens.size(); ++i) out.emplace_back(tokens[i], counts[i]);
+    return out;
+  };
+  using V = std::vector<std::pair<int32_t, int32_t>>;
+  EXPECT_EQ(entries(1.0f, 0.0f, 0.0f), V{});
+  // Repetition only: prompt + generated in first-seen order, counts unused (0).
+  EXPECT_EQ(entries(1.2f, 0.0f, 0.0f), (V{{5, 0}, {1, 0}, {2, 0}, {7, 0}, {3, 0}}));
+  // Frequency / presence only: the generated tokens with their counts.
+  EXPECT_EQ(entries(1.0f, 0.5f, 0.0f), (V{{2, 3}, {7, 1}, {3, 1}}));
+  EXPECT_EQ(entries(1.0f, 0.0f, 0.5f), (V{{2, 3}, {7, 1}, {3, 1}}));
+  // Both: every touched token, counts from the generated tokens (0: prompt only). Repeated calls
+  // give the same entries (the scratch is restored).
+  EXPECT_EQ(entries(1.2f, 0.5f, 0.1f), (V{{5, 0}, {1, 0}, {2, 3}, {7, 1}, {3, 1}}));
+  SamplingParams p;
+  p.repetition_penalty = 1.2f;
+  p.frequency_penalty = 0.5f;
+  Sampler s(p, 10);
+  std::vector<int32_t> t1, c1, t2, c2;
+  s.penalty_entries(prompt, generated, &t1, &c1);
+  s.penalty_entries(prompt, generated, &t2, &c2);
+  EXPECT_EQ(t1, t2);
+  EXPECT_EQ(c1, c2);
+}
+
+// choose() against the independent oracle on random rows and parameters: the same token unless the
+// case sits within rounding of a top-p or draw boundary, which must be rare.
+TEST(Sampling, ChooseMatchesIndependentOracle) {
+  std::mt19937_64 rng(17);
+  int cases = 0, ambiguous = 0;
+  for (const auto& [n_vocab, n_cases] : {std::pair{1, 50}, {7, 600}, {1000, 600}, {49152, 40}}) {
+    for (int i = 0; i < n_cases; ++i) {
+      const sampling_test::SamplingCase c = sampling_test::random_sampling_case(n_vocab, rng);
+      Sampler s(c.params, n_vocab);
+      std::vector<float> l = c.logits;
+      std::vector<int32_t> tokens, counts;
+      s.penalty_entries(c.prompt, c.generated, &tokens, &counts);
+      apply_penalty_entries(c.params, l, tokens, counts);
+      const int32_t got = s.choose(l, c.u);
+      const sampling_test::OracleResult want = sampling_test::sampling_oracle(l, c.params, c.u);
+      ++cases;
+      if (want.ambiguous) {
+        ++ambiguous;
+        continue;
+      }
+      EXPECT_EQ(got, want.token) << "n_vocab " << n_vocab << " case " << i << " T " << c.params.temperature
+                                 << " top_k " << c.params.top_k << " top_p " << c.params.top_p << " min_p "
+                                 << c.params.min_p << " u " << c.u;
+    }
+  }
+  EXPECT_LE(ambiguous * 100, cases) << ambiguous << " of " << cases << " cases within rounding of a boundary";
 }
 
 TEST(SamplingParams, DefaultsAreValidAndOff) {

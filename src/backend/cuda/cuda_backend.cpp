@@ -23,6 +23,7 @@
 #include "kernels/embedding.h"
 #include "kernels/rms_norm.h"
 #include "kernels/rope.h"
+#include "kernels/sampling.h"
 #include "kernels/swiglu.h"
 
 namespace starserve {
@@ -113,6 +114,9 @@ class CudaBackend final : public Backend {
     attn_ws_ = DeviceBuffer();
     staging_ = DeviceBuffer();
     neg_inf_ = DeviceBuffer();
+    sample_logits_ = DeviceBuffer();
+    sample_in_ = DeviceBuffer();
+    sample_out_ = DeviceBuffer();
     cudaStreamSynchronize(stream_);
     if (lt_ws_) cudaFree(lt_ws_);
     if (lt_) cublasLtDestroy(lt_);
@@ -262,7 +266,14 @@ class CudaBackend final : public Backend {
       void* w = grow(attn_ws_, ws);
       SS_CUDA_OK(launch_decode_attention(p, w, ws, stream_));
     } else {
-      SS_CUDA_OK(options_.wmma_prefill ? launch_prefill_attention_wmma(p, stream_) : launch_prefill_attention(p, stream_));
+      using Prefill = CudaBackendOptions::Prefill;
+      switch (options_.prefill) {
+        case Prefill::kDefault: SS_CUDA_OK(launch_prefill_attention(p, stream_)); break;
+        case Prefill::kMmaM64: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 0, stream_)); break;
+        case Prefill::kMmaM128: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 1, stream_)); break;
+        case Prefill::kMmaM64Lazy: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 2, stream_)); break;
+        case Prefill::kWmma: SS_CUDA_OK(launch_prefill_attention_wmma(p, stream_)); break;
+      }
     }
   }
 
@@ -274,6 +285,69 @@ class CudaBackend final : public Backend {
     for (size_t i = 0; i < parts.size(); ++i) table[i] = {parts[i].out, parts[i].lse, parts[i].entropy};
     SS_CUDA_OK(launch_merge_partials(out, lse, entropy, table, static_cast<int>(parts.size()), n_rows, head_dim,
                                      stream_));
+  }
+
+  bool can_sample_rows() const override { return true; }
+
+  void sample_rows(std::span<int32_t> tokens, Tensor logits, std::span<const SampleRow> rows) override {
+    const int64_t n_rows = static_cast<int64_t>(rows.size());
+    SS_CHECK(logits.rows() == n_rows && static_cast<int64_t>(tokens.size()) == n_rows,
+             "sample_rows: {} rows, {} logits rows, {} tokens", n_rows, logits.rows(), tokens.size());
+    if (n_rows == 0) return;
+    const int64_t ld = logits.cols();
+    // The kernel reads fp32 and penalises in place: bf16 rows go through an fp32 copy.
+    float* f32 = nullptr;
+    if (logits.dtype == DType::kF32) {
+      f32 = logits.f32();
+    } else {
+      f32 = static_cast<float*>(grow(sample_logits_, n_rows * ld * sizeof(float)));
+      SS_CUDA_OK(launch_bf16_to_f32(f32, bf16(logits), n_rows * ld, stream_));
+    }
+    // One upload: the rows' parameters, then every row's penalty tokens, then their counts.
+    size_t n_pen = 0;
+    for (const SampleRow& r : rows) {
+      SS_CHECK(r.n_vocab >= 1 && r.n_vocab <= ld, "sample_rows: n_vocab {} not in [1, {}]", r.n_vocab, ld);
+      SS_CHECK(r.penalty_tokens.size() == r.penalty_counts.size(), "{} penalty tokens, {} counts",
+               r.penalty_tokens.size(), r.penalty_counts.size());
+      n_pen += r.penalty_tokens.size();
+    }
+    SS_CHECK(n_pen <= static_cast<size_t>(std::numeric_limits<int32_t>::max()), "{} penalty entries", n_pen);
+    sample_params_.resize(n_rows);
+    sample_penalties_.resize(2 * n_pen);
+    int32_t* pen_tokens = sample_penalties_.data();
+    int32_t* pen_counts = pen_tokens + n_pen;
+    size_t at = 0;
+    for (int64_t i = 0; i < n_rows; ++i) {
+      const SampleRow& r = rows[i];
+      SampleRowParams& p = sample_params_[i];
+      p = SampleRowParams{};
+      p.u = r.u;
+      p.temperature = r.temperature;
+      p.top_p = r.top_p;
+      p.min_p = r.min_p;
+      p.repetition_penalty = r.repetition_penalty;
+      p.frequency_penalty = r.frequency_penalty;
+      p.presence_penalty = r.presence_penalty;
+      p.top_k = r.top_k;
+      p.n_vocab = static_cast<int32_t>(r.n_vocab);
+      p.penalty_begin = static_cast<int32_t>(at);
+      p.penalty_count = static_cast<int32_t>(r.penalty_tokens.size());
+      std::copy(r.penalty_tokens.begin(), r.penalty_tokens.end(), pen_tokens + at);
+      std::copy(r.penalty_counts.begin(), r.penalty_counts.end(), pen_counts + at);
+      at += r.penalty_tokens.size();
+    }
+    const size_t params_bytes = n_rows * sizeof(SampleRowParams);
+    char* d_in = static_cast<char*>(grow(sample_in_, params_bytes + 2 * n_pen * sizeof(int32_t)));
+    ring_.upload(d_in, sample_params_.data(), params_bytes, stream_);
+    if (n_pen > 0) ring_.upload(d_in + params_bytes, sample_penalties_.data(), 2 * n_pen * sizeof(int32_t), stream_);
+    auto* d_out = static_cast<int32_t*>(grow(sample_out_, n_rows * sizeof(int32_t)));
+    const auto* d_tokens = reinterpret_cast<const int32_t*>(d_in + params_bytes);
+    SS_CUDA_OK(launch_sample_rows(d_out, f32, reinterpret_cast<const SampleRowParams*>(d_in), d_tokens,
+                                  d_tokens + n_pen, n_rows, ld, stream_));
+    download_bytes(tokens.data(), d_out, n_rows * sizeof(int32_t));
+    for (int64_t i = 0; i < n_rows; ++i) {
+      SS_CHECK(tokens[i] >= 0, "sample_rows: row {} holds a NaN or no finite logit: no token can be sampled", i);
+    }
   }
 
  private:
@@ -381,6 +455,10 @@ class CudaBackend final : public Backend {
   PinnedRing ring_;
   std::map<std::tuple<int64_t, int64_t, int64_t, DType>, Plan> plans_;
   DeviceBuffer ids_, pos_, tables_, gather_k_, gather_v_, attn_ws_, staging_, neg_inf_;
+  // sample_rows: fp32 copy of bf16 logits; uploaded parameters + penalty entries; chosen tokens.
+  DeviceBuffer sample_logits_, sample_in_, sample_out_;
+  std::vector<SampleRowParams> sample_params_;
+  std::vector<int32_t> sample_penalties_;  // every row's penalty tokens, then their counts
   std::vector<int32_t> last_pos_;
   std::vector<void*> table_host_;
 };
