@@ -5,11 +5,15 @@
 #   ranks   — `starserve generate` with the CUDA backend: 1 rank vs 2 and 4 ranks sharing the GPU
 #             (star and exact), the greedy text must be identical;
 #   bench   — bench/gpu/model_bench (JSON) next to bench/gpu/model_peers.py (HF transformers,
-#             torch matmul) in the same run; BENCH_LENGTHS / BENCH_LAYERS / BENCH_MODES override.
+#             torch matmul) in the same run; BENCH_LENGTHS / BENCH_LAYERS / BENCH_MODES / BENCH_PREFILL
+#             (the --prefill-kernel) override.
 # The default model file is larger than one device call may carry: it travels in two halves
 # (.carry/model-a, .carry/model-b; see docs/perf.md) and is joined here when both are present.
 #   eval    — evals/star_accuracy.py on the CUDA backend (EVAL_LENGTHS, EVAL_SAMPLES, EVAL_CONFIGS).
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench]     (default: model ranks bench)
+#   serve   — the gRPC server on the CUDA backend (configures with gRPC): starctl chat, a star
+#             completion over a document, a bad request and a timed-out one, then a completion
+#             again to show the server kept serving.
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve]  (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -32,11 +36,14 @@ fi
 [ -f "$MODEL" ] || echo "default model not here yet (parts: $(ls /tmp/starserve-model 2>/dev/null | tr '\n' ' '))"
 
 SECONDS=0
-if [ ! -f "$BUILD/build.ninja" ]; then
-  STARSERVE_GRPC=${STARSERVE_GRPC:-OFF} starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
+TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
+GRPC=${STARSERVE_GRPC:-OFF}
+case " $STEPS " in *" serve "*) GRPC=ON TARGETS+=(starctl) ;; esac
+if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRPC:BOOL=ON" "$BUILD/CMakeCache.txt"; }; then
+  STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
 fi
-cmake --build "$BUILD" -j "$(nproc)" --target starserve gpu_model_tests model_bench gpu_kernel_tests \
+cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" \
   >"$OUT/build_model.log" 2>&1 || { grep -B2 -A10 "error" "$OUT/build_model.log" | head -80; exit 1; }
 echo "built in ${SECONDS}s"
 BIN=$BUILD/bin
@@ -84,11 +91,46 @@ for step in $STEPS; do
     N=${BENCH_LAYERS:-32}
     M=${BENCH_MODES:-global,star}
     echo "== model bench (layers $N, lengths $L)"
-    timeout 420 "$BIN/model_bench" --layers "$N" --lengths "$L" --modes "$M" | tee "$OUT/model_bench.jsonl"
+    timeout 420 "$BIN/model_bench" --layers "$N" --lengths "$L" --modes "$M" --prefill-kernel "${BENCH_PREFILL:-mma}" |
+      tee "$OUT/model_bench.jsonl"
     echo "== peers"
     LD_LIBRARY_PATH="$STARSERVE_BASE_LD_LIBRARY_PATH" PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/model_peers.py --layers "$N" --lengths "$L" |
       tee "$OUT/model_peers.jsonl"
     python3 bench/gpu/summarize_model.py "$OUT/model_bench.jsonl" "$OUT/model_peers.jsonl" | tee "$OUT/model_summary.txt"
+    ;;
+  serve)
+    [ -f "$MODEL" ] || { echo "serve: no model"; continue; }
+    echo "== gRPC server on the CUDA backend"
+    PORT=50151
+    mpirun --allow-run-as-root --oversubscribe -np 1 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH "$BIN/starserve" serve \
+      --model "$MODEL" --backend cuda --port $PORT --attention star >"$OUT/serve.log" 2>&1 &
+    SERVER=$!
+    C=("$BIN/starctl" --address 127.0.0.1:$PORT)
+    for _ in $(seq 1 120); do "${C[@]}" --timeout 2 health --ready >/dev/null 2>&1 && break; sleep 0.5; done
+    "${C[@]}" --timeout 5 health --ready 2>&1 | tee "$OUT/serve.txt"
+    python3 - /tmp/passkey.txt <<'PY'
+import sys
+filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+open(sys.argv[1], "w").write(filler * 60 + "The pass key is 48213. Remember it. 48213 is the pass key. " + filler * 60)
+PY
+    {
+      echo "-- chat"
+      "${C[@]}" --timeout 60 chat "What is the capital of France?" --max-tokens 32 --temperature 0
+      echo "-- chat over a ~2.7K-token document, star attention"
+      "${C[@]}" --timeout 60 chat --context-file /tmp/passkey.txt "What is the pass key? Answer with the number only." \
+        --max-tokens 16 --temperature 0 --attention star
+      echo "-- bad parameter (top_p 1.5): must be refused"
+      "${C[@]}" --timeout 60 chat "Hello" --top-p 1.5; echo "rc=$?"
+      echo "-- deadline of 1 ms: must end with DEADLINE_EXCEEDED"
+      "${C[@]}" --timeout 0.001 chat "Write a long story." --max-tokens 500; echo "rc=$?"
+      echo "-- sampled chat (temperature 0.7, seed 1), then the same again: same text"
+      "${C[@]}" --timeout 60 chat "Name three colours." --max-tokens 24 --temperature 0.7 --seed 1
+      "${C[@]}" --timeout 60 chat "Name three colours." --max-tokens 24 --temperature 0.7 --seed 1
+      echo "-- still serving"
+      "${C[@]}" --timeout 60 chat "What is 2 + 2?" --max-tokens 16 --temperature 0
+    } 2>&1 | tee -a "$OUT/serve.txt"
+    kill $SERVER; wait $SERVER 2>/dev/null
+    grep -i "error\|warn" "$OUT/serve.log" | head -10
     ;;
   esac
 done
