@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine: build the whole project, run every ctest with label gpu (CUDA kernel parity,
-# NCCL communicator) and the attention benchmark with its peers; logs + JSON lines under $OUT (or
-# ./gpu-out). Usage: scripts/device/run_gpu.sh [--quick]
+# NCCL communicator), the attention benchmark with its peers and the sampling benchmark; logs and
+# JSON lines under $OUT (or ./gpu-out). Usage: scripts/device/run_gpu.sh [--quick]
 # Carry third_party/debs with the call (scripts/device/fetch_debs.sh fills it, ~15 MB): env.sh
 # unpacks it into a prefix for what the machine lacks (PCRE2, nlohmann_json, CLI11, gRPC C++).
 # gRPC is on when it configures and builds from the debs, else the build goes on without it.
@@ -33,7 +33,7 @@ else
     >>"$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
 fi
 SECONDS=0
-cmake --build "$BUILD" -j "$JOBS" --target gpu_kernel_tests attention_bench >"$OUT/build.log" 2>&1 ||
+cmake --build "$BUILD" -j "$JOBS" --target gpu_kernel_tests attention_bench sampling_bench >"$OUT/build.log" 2>&1 ||
   { grep -B2 -A8 "error" "$OUT/build.log" | head -60; exit 1; }
 echo "built kernel tests and benchmark in ${SECONDS}s"
 BIN=$(dirname "$(find "$BUILD" -name gpu_kernel_tests -type f -perm -u+x | head -1)")
@@ -76,6 +76,8 @@ timeout 180 "$BIN/attention_bench" ${QUICK:+"$QUICK"} | tee "$OUT/bench.jsonl"
 PYTHONUNBUFFERED=1 LD_LIBRARY_PATH="${STARSERVE_BASE_LD_LIBRARY_PATH:-}" timeout 180 \
   python3 bench/gpu/attention_peers.py ${QUICK:+"$QUICK"} | tee "$OUT/peers.jsonl"
 python3 bench/gpu/summarize.py "$OUT/bench.jsonl" "$OUT/peers.jsonl" | tee "$OUT/summary.txt"
+# Sampling kernel next to its peer, the host Sampler after a download of the logits.
+timeout 120 "$BIN/sampling_bench" ${QUICK:+"$QUICK"} | tee "$OUT/sampling_bench.jsonl"
 
 if [ ${#FAILED[@]} -gt 0 ]; then
   echo "status: FAILED: ${FAILED[*]}"
