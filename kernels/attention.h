@@ -54,8 +54,10 @@ cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t s
 cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream_t stream);
 cudaError_t launch_prefill_attention_wmma(const AttentionGpuParams& p, cudaStream_t stream);
 // The mma.sync kernel's compile-time configurations, same contract (attention_prefill_mma.cu):
-// 0: 64 query rows per block, 16 per warp; what launch_prefill_attention_mma runs.
-// 1: 128 rows per block, 32 per warp (each K / V fragment feeds two m16 tiles), leaner softmax.
+// 0: 64 query rows per block, 16 per warp.
+// 1: 128 rows per block, 32 per warp (each K / V fragment feeds two m16 tiles), leaner softmax;
+//    what launch_prefill_attention_mma (and so launch_prefill_attention) runs: 350 / 340 TFLOP/s
+//    against 245 / 252 for variant 0 on the H200 (docs/perf.md).
 // 2: variant 0's tiling with variant 1's softmax. Other values: cudaErrorInvalidValue.
 constexpr int kPrefillMmaVariants = 3;
 cudaError_t launch_prefill_attention_mma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);

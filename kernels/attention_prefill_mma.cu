@@ -33,6 +33,8 @@
 //   and loop work, the lean softmax, and the predicate-free copy of full key tiles.
 //   Prediction: variant 1 at 60-65% of the ~660 mma.sync peak, 330-400 TFLOP/s (variant 0
 //   reaches 58% of its smem roofline; FA2 with the same 128 x 64 tiling measures 340).
+//   Measured on the H200 (attention_bench, 4K x 8K non-causal / 16K causal, entropy on):
+//   variant 1 350 / 340 TFLOP/s, variant 2 283 / 281, variant 0 245 / 252; variant 1 is the default.
 //
 // Online softmax with the entropy state (m, l, u) of entropy.md, in base 2 (s2 = s * scale *
 // log2 e, so each exponential is one MUFU.EX2); u = sum 2^t t with t = s2 - m. Each thread holds
