@@ -52,9 +52,11 @@
 //   nearly all the time. At D = 128, 158-164 registers give 3 blocks (12 warps, ~96 KB in flight)
 //   per SM with one row tile, 232-237 give 2 (8 warps, ~64 KB) with two; Little's law asks for
 //   ~18 B/clock x ~1500 clocks of loaded DRAM latency ~ 27 KB.
-//   Prediction for 32 / 8 heads, D = 128, 1 token, 128K keys (4 rows: one row tile, 256 splits of
-//   512 keys): bandwidth-bound like the MHA case, 85-90% of copy (3.6-3.8 TB/s); the workspace adds
-//   ~4 MB written and read back (< 1% of the 537 MB of K and V).
+//   Prediction for 32 / 8 heads, D = 128, 1 token, 128K keys (4 rows: one row tile, then 256 splits
+//   of 512 keys): bandwidth-bound like the MHA case, 85-90% of copy (3.6-3.8 TB/s); the workspace
+//   adds ~4 MB written and read back (< 1% of the 537 MB of K and V). Measured 3.0 TB/s (71%): the
+//   2048 blocks ran as 5.2 waves of 396. Sized to one wave (make_plan: 49 splits of 2688 keys), the
+//   same shape read at 3.5 TB/s contiguous and 3.8 TB/s paged (83% / 91%).
 //   Grid: (row groups, kv heads, splits), row groups fastest, so the blocks that read the same keys
 //   for different rows (rows > 16) run together and share them through L2.
 //
@@ -62,6 +64,7 @@
 // multiples of 64), so it lies in one page of >= 64 keys; the warp reads a page's pointer once
 // when it enters the page and addresses its rows from there. Chunks need no page alignment.
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -82,7 +85,8 @@ constexpr int kMmaKeys = 16;  // mma kernel: keys per warp step, the M of S^T an
 static_assert(64 % kUnroll == 0 && 64 % kMmaKeys == 0,
               "a warp's key group must not straddle a page (chunks and pages are multiples of 64)");
 constexpr int kMinChunk = 256;
-constexpr int64_t kTargetBlocks = 2048;  // ~15 waves of 132 SMs x 1 block: enough to hide the tail
+// Upper bound on key splits (pass 2 keeps one weight per split in shared memory).
+constexpr int64_t kMaxSplitsPerRow = 2048;
 
 struct DecodePlan {
   int64_t n_rows = 0;       // n_q * n_heads
@@ -93,6 +97,16 @@ struct DecodePlan {
   int64_t n_splits = 1;
 };
 
+// Pass-1 blocks of the instance make_plan picks that the device holds at once (SM count x blocks
+// per SM, from the occupancy calculator); defined after the kernels.
+int64_t resident_blocks(int head_dim, int rows_per_block);
+
+// Splits: as many as fill the device exactly once (one wave of resident blocks), bounded by
+// kMinChunk keys per split. A fractional last wave leaves most SMs idle while a few finish: on the
+// H200, 128K keys with GQA 4 read at 71% of copy bandwidth with 2048 blocks (5.2 waves of 396),
+// 80% with 792 (2 waves) and 83% (91% paged) with 396 (one wave); MHA reads at 80% with 1.1
+// waves and 95-96% with 0.86 or 4.4 (bench/gpu/attention_bench.cu, 2026-11-29). Depends on the
+// shape and the device only (paged or not), as decode_attention_workspace_bytes requires.
 DecodePlan make_plan(const AttentionGpuParams& p) {
   DecodePlan plan;
   plan.group = p.n_heads / p.n_kv_heads;
@@ -101,11 +115,12 @@ DecodePlan make_plan(const AttentionGpuParams& p) {
   plan.rows_per_block = rows <= 1 ? 1 : rows <= 8 ? 8 : 16;
   plan.row_groups = static_cast<int>(std::max<int64_t>(1, (rows + plan.rows_per_block - 1) / plan.rows_per_block));
   const int64_t per_split_blocks = static_cast<int64_t>(p.n_kv_heads) * plan.row_groups;
-  int64_t splits = std::max<int64_t>(1, kTargetBlocks / per_split_blocks);
+  const int64_t target = resident_blocks(p.head_dim, plan.rows_per_block);
+  int64_t splits = std::clamp<int64_t>(target / per_split_blocks, 1, kMaxSplitsPerRow);
   splits = std::min<int64_t>(splits, std::max<int64_t>(1, (p.n_kv + kMinChunk - 1) / kMinChunk));
   plan.chunk = std::max<int64_t>(1, (p.n_kv + splits - 1) / splits);
   plan.chunk = (plan.chunk + 63) / 64 * 64;
-  plan.n_splits = std::max<int64_t>(1, (p.n_kv + plan.chunk - 1) / plan.chunk);  // <= kTargetBlocks
+  plan.n_splits = std::max<int64_t>(1, (p.n_kv + plan.chunk - 1) / plan.chunk);  // <= kMaxSplitsPerRow
   return plan;
 }
 
@@ -586,7 +601,7 @@ __global__ void __launch_bounds__(kThreads, kRowTiles == 1 ? 3 : 2)
 // into shared memory by all threads together, then each thread sums its output dim over the splits
 // with independent, coalesced loads (a warp walking the splits serially is latency bound: with 256
 // splits that alone took most of the decode time). Empty splits have e_h = 0 and O_h = 0.
-constexpr int kMaxSplits = static_cast<int>(kTargetBlocks);
+constexpr int kMaxSplits = static_cast<int>(kMaxSplitsPerRow);
 
 template <int D>
 __device__ __forceinline__ float block_reduce(float x, float* s_red, bool is_max) {
@@ -684,6 +699,42 @@ cudaError_t launch_decode_typed(const AttentionGpuParams& p, const DecodePlan& p
         static_cast<__nv_bfloat16*>(p.out), p.lse, p.entropy, ws_o, ws_lse, ws_ent, static_cast<int>(plan.n_splits),
         plan.n_rows);
   return cudaGetLastError();
+}
+
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess) return 1;
+  return std::max(1, n);
+}
+
+int64_t resident_blocks(int head_dim, int rows_per_block) {
+  // Per device and instance (head_dim 64 / 128 x simt / one / two row tiles), computed once. The
+  // contiguous instances stand for the paged ones (same occupancy on sm_90), so a workspace sized
+  // without a page table still fits the paged launch.
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int64_t> cache[kMaxDevices][2][3];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) device = 0;
+  const int d = head_dim == 64 ? 0 : 1;
+  const int k = rows_per_block == 1 ? 0 : rows_per_block == 8 ? 1 : 2;
+  int64_t n = cache[device][d][k].load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  int sms = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 1;
+  int per_sm = 1;
+  if (d == 0) {
+    per_sm = k == 0 ? blocks_per_sm(decode_simt_kernel<64, 1, false>)
+           : k == 1 ? blocks_per_sm(decode_mma_kernel<64, 1, false>)
+                    : blocks_per_sm(decode_mma_kernel<64, 2, false>);
+  } else {
+    per_sm = k == 0 ? blocks_per_sm(decode_simt_kernel<128, 1, false>)
+           : k == 1 ? blocks_per_sm(decode_mma_kernel<128, 1, false>)
+                    : blocks_per_sm(decode_mma_kernel<128, 2, false>);
+  }
+  n = static_cast<int64_t>(sms) * per_sm;
+  cache[device][d][k].store(n, std::memory_order_relaxed);
+  return n;
 }
 
 bool decode_shape_ok(const AttentionGpuParams& p) {
