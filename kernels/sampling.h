@@ -36,7 +36,8 @@ struct SampleRowParams {
 // params: (rows) device. penalty_tokens, penalty_counts: device arrays of the entries built by
 // Sampler::penalty_entries (distinct tokens per row; a token outside [0, n_vocab) is skipped);
 // they may be null when every row has penalty_count 0.
-// rows >= 0, ld in [1, 2^31 - 1]. One block per row; no workspace.
+// rows >= 0, ld in [1, 2^31 - 1]. Few rows are each split over several blocks, with a scratch
+// taken from a stream-ordered pool on `stream` and released there (kernels/sampling.cu).
 cudaError_t launch_sample_rows(int32_t* out, float* logits, const SampleRowParams* params,
                                const int32_t* penalty_tokens, const int32_t* penalty_counts, int64_t rows,
                                int64_t ld, cudaStream_t stream);

@@ -3,7 +3,7 @@
 // One JSON line per (mode, rows, n_vocab):
 //   kernel_us       the kernel alone (CUDA events, mean over the iterations)
 //   logits_gbs      the logits' bytes over kernel_us: one read of the rows (the kernel reads each row
-//                   a few times, mostly from L2; one block per row, so few rows use few SMs)
+//                   a few times, mostly from L2; a few rows are split over teams of blocks)
 //   device_path_us  what a decode step pays for device sampling: penalty entries and draws on the
 //                   host, their upload, the kernel, the tokens' download (wall clock)
 //   host_path_us    logits download + Sampler::sample per row (wall clock)

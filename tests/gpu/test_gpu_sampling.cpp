@@ -13,6 +13,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -224,6 +225,88 @@ TEST(GpuSampling, EdgeRows) {
   DeviceBuffer<int32_t> dout(2);
   ASSERT_EQ(launch_sample_rows(dout.ptr, dl.ptr, dp.ptr, nullptr, nullptr, 2, 4, nullptr), cudaSuccess);
   EXPECT_EQ(dout.get(), (std::vector<int32_t>{-1, -1}));
+}
+
+// Few rows of a long stride: the launcher splits each row over a team of blocks (a slice of ids
+// each, histograms and sums combined across the team). One launch per single row gives the
+// largest team; the mixed batches put vocabularies shorter than one slice (so most of the team
+// holds no id), ties that span every slice, and refused rows in teams.
+TEST(GpuSampling, RowsSplitOverBlocks) {
+  SKIP_WITHOUT_GPU();
+  constexpr float kNan = std::numeric_limits<float>::quiet_NaN();
+  std::mt19937_64 rng(33);
+  int rows = 0, ambiguous = 0;
+  for (int r = 0; r < 24; ++r) {  // one row of 128256 per launch
+    Batch b;
+    b.ld = 128256;
+    b.add(sampling_test::random_sampling_case(128256, rng));
+    ambiguous += run_and_check(b);
+    ++rows;
+  }
+  // A stride of 131072 with vocabularies from 1 id to the whole stride, 2048 and its neighbours
+  // (slice-sized), in batches of up to 6 rows.
+  for (int batch = 0; batch < 6; ++batch) {
+    Batch b;
+    b.ld = 131072;
+    for (int n_vocab : {1, 7, 2047, 2048, 2049, 131072}) b.add(sampling_test::random_sampling_case(n_vocab, rng));
+    ambiguous += run_and_check(b);
+    rows += static_cast<int>(b.rows());
+  }
+  EXPECT_LE(ambiguous * 20, rows) << ambiguous << " of " << rows << " rows within rounding of a boundary";
+
+  for (int n_vocab : {3000, 128256}) {
+    SCOPED_TRACE("n_vocab " + std::to_string(n_vocab));
+    Batch b;
+    b.ld = n_vocab;
+    // Refused: a NaN in the last slice, nothing finite, a vocabulary longer than the stride.
+    std::vector<float> nan_row(n_vocab, 1.0f);
+    nan_row[n_vocab - 2] = kNan;
+    b.add_refused(nan_row);
+    b.add_refused(std::vector<float>(n_vocab, kNegInf));
+    // Every logit equal: top-k, top-p and the draw cut among ties by id, across every slice, and
+    // the tie searches cross slice boundaries. All sums are exact (equal weights), so none is
+    // ambiguous.
+    for (const auto& [k, top_p, u] : {std::tuple{n_vocab / 2 + 3, 1.0f, 0.999}, {0, 0.5f, 0.75}, {n_vocab - 1, 0.3f, 0.0},
+                                      {2, 1.0f, 0.6}, {0, 1.0f, 0.4321}, {1, 1.0f, 0.5}}) {
+      SamplingCase c;
+      c.logits.assign(n_vocab, 0.5f);
+      c.params.top_k = k;
+      c.params.top_p = top_p;
+      c.u = u;
+      b.add(c);
+    }
+    // -inf everywhere but one id (in the last slice; and in the first): every mode picks it.
+    for (int at : {n_vocab - 1, 0}) {
+      for (float top_p : {1.0f, 0.9f}) {
+        SamplingCase c;
+        c.logits.assign(n_vocab, kNegInf);
+        c.logits[at] = -3.0f;
+        c.params.top_k = top_p < 1.0f ? 40 : 0;
+        c.params.top_p = top_p;
+        c.u = 0.999;
+        b.add(c);
+      }
+    }
+    // Greedy with the maximum tied in every slice: the lowest id.
+    SamplingCase g;
+    g.logits.assign(n_vocab, -1.0f);
+    for (int i = n_vocab - 1; i >= 0; i -= 1999) g.logits[i] = 4.0f;
+    g.params.temperature = 0.0f;
+    b.add(g);
+    EXPECT_EQ(run_and_check(b), 0);
+  }
+  // A row whose n_vocab does not fit its stride, among teams.
+  const int64_t ld = 65536;
+  std::vector<float> logits(2 * ld, 0.0f);
+  std::vector<SampleRowParams> params = {row_params(SamplingParams{}, ld + 1, 0.5, 0, 0),
+                                         row_params(SamplingParams{}, ld, 0.5, 0, 0)};
+  DeviceBuffer<float> dl(logits);
+  DeviceBuffer<SampleRowParams> dp(params);
+  DeviceBuffer<int32_t> dout(2);
+  ASSERT_EQ(launch_sample_rows(dout.ptr, dl.ptr, dp.ptr, nullptr, nullptr, 2, ld, nullptr), cudaSuccess);
+  const std::vector<int32_t> got = dout.get();
+  EXPECT_EQ(got[0], -1);
+  EXPECT_EQ(got[1], static_cast<int32_t>(0.5 * ld));  // equal weights: u * n_vocab, exactly
 }
 
 // Shapes the launcher cannot run are refused before any device work.
