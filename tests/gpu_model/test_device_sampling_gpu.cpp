@@ -8,10 +8,7 @@
 // SKIPPED without a CUDA device.
 #include <gtest/gtest.h>
 
-#include <condition_variable>
 #include <filesystem>
-#include <mutex>
-#include <thread>
 
 #include "comm/communicator.h"
 #include "engine/decode_loop.h"
@@ -19,9 +16,9 @@
 #include "engine/serving_engine.h"
 #include "engine/text_controller.h"
 #include "model/loader.h"
-#include "star/partition.h"
 #include "tests/unit/forwarding_backend.h"
 #include "tests/unit/sampling_oracle.h"
+#include "tests/unit/serve_requests.h"
 
 namespace starserve {
 namespace {
@@ -159,48 +156,18 @@ TEST(DeviceSamplingGpu, EveryRowOfBatchedStepsMatchesTheHostSampler) {
   ctx.tokenizer = w.files.tokenizer.get();
   ctx.max_context = 1024;
   ServingEngine engine(ctx);
-  const std::vector<SamplingParams> all = settings();
-  struct Done {
-    std::mutex mu;
-    std::condition_variable cv;
-    int64_t tokens = 0;
-    bool done = false;
-  };
-  std::vector<Done> done(all.size());
+  std::vector<EngineRequest> requests;
+  size_t i = 0;
+  for (const SamplingParams& params : settings()) requests.push_back(testing_engine::global_request(prompt_ids(i++), params));
   w.backend->rows_checked = w.backend->ambiguous = 0;
-  for (size_t i = 0; i < all.size(); ++i) {
-    EngineRequest r;
-    const std::vector<int32_t> ids = prompt_ids(i);
-    const int64_t n_ctx = split_plain_prompt(static_cast<int64_t>(ids.size()), 0);
-    r.context.assign(ids.begin(), ids.begin() + n_ctx);
-    r.query.assign(ids.begin() + n_ctx, ids.end());
-    r.sampling = all[i];
-    r.mode = AttentionMode::kGlobal;
-    Done* d = &done[i];
-    auto id = engine.submit(r, [d](const EngineEvent& ev) {
-      std::lock_guard<std::mutex> lock(d->mu);
-      if (ev.kind == EngineEvent::Kind::kToken) {
-        d->tokens += ev.token.token >= 0;
-      } else {
-        EXPECT_TRUE(ev.error.ok()) << ev.error.to_string();
-        d->done = true;
-        d->cv.notify_all();
-      }
-    });
-    ASSERT_TRUE(id.ok()) << id.status().to_string();
-  }
-  std::thread waiter([&] {
-    for (Done& d : done) {
-      std::unique_lock<std::mutex> lock(d.mu);
-      d.cv.wait(lock, [&] { return d.done; });
-    }
-    engine.stop();
-  });
-  const Status st = engine.run();
-  waiter.join();
+  std::vector<testing_engine::ServedRequest> served;
+  const Status st = testing_engine::serve_requests(engine, requests, &served);
   ASSERT_TRUE(st.ok()) << st.to_string();
   int64_t tokens = 0;
-  for (Done& d : done) tokens += d.tokens;
+  for (const auto& r : served) {
+    EXPECT_TRUE(r.error.ok()) << r.error.to_string();
+    tokens += static_cast<int64_t>(r.tokens.size());
+  }
   EXPECT_EQ(w.backend->rows_checked, tokens) << "every token of every request sampled on the device";
   EXPECT_LE(w.backend->ambiguous, 1);
 }

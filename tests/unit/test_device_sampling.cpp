@@ -8,10 +8,7 @@
 // same tokens. The CUDA kernel's parity with the host Sampler is tests/gpu/test_gpu_sampling.cpp.
 #include <gtest/gtest.h>
 
-#include <condition_variable>
 #include <filesystem>
-#include <mutex>
-#include <thread>
 
 #include "backend/backend.h"
 #include "comm/communicator.h"
@@ -20,8 +17,8 @@
 #include "engine/serving_engine.h"
 #include "engine/text_controller.h"
 #include "model/loader.h"
-#include "star/partition.h"
 #include "tests/unit/forwarding_backend.h"
+#include "tests/unit/serve_requests.h"
 
 namespace starserve {
 namespace {
@@ -144,14 +141,6 @@ TEST(DeviceSampling, DecodeLoopPicksTheHostPathsTokens) {
   }
 }
 
-struct Collected {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<int32_t> tokens;
-  bool done = false;
-  Status error;
-};
-
 // Requests submitted together, so they decode in the same steps (one row each); returns each
 // request's tokens.
 std::vector<std::vector<int32_t>> serve(const std::vector<EngineRequest>& requests) {
@@ -166,35 +155,13 @@ std::vector<std::vector<int32_t>> serve(const std::vector<EngineRequest>& reques
   ctx.max_context = 1024;
   ctx.scheduler.max_running = 16;
   ServingEngine engine(ctx);
-  std::vector<Collected> out(requests.size());
-  for (size_t i = 0; i < requests.size(); ++i) {
-    Collected* c = &out[i];
-    auto id = engine.submit(requests[i], [c](const EngineEvent& ev) {
-      std::lock_guard<std::mutex> lock(c->mu);
-      if (ev.kind == EngineEvent::Kind::kToken) {
-        if (ev.token.token >= 0) c->tokens.push_back(ev.token.token);
-      } else {
-        c->error = ev.error;
-        c->done = true;
-        c->cv.notify_all();
-      }
-    });
-    EXPECT_TRUE(id.ok()) << id.status().to_string();
-  }
-  std::thread waiter([&] {
-    for (Collected& c : out) {
-      std::unique_lock<std::mutex> lock(c.mu);
-      c.cv.wait(lock, [&] { return c.done; });
-    }
-    engine.stop();
-  });
-  const Status st = engine.run();
-  waiter.join();
+  std::vector<testing_engine::ServedRequest> served;
+  const Status st = testing_engine::serve_requests(engine, requests, &served);
   EXPECT_TRUE(st.ok()) << st.to_string();
   std::vector<std::vector<int32_t>> tokens;
-  for (Collected& c : out) {
-    EXPECT_TRUE(c.error.ok()) << c.error.to_string();
-    tokens.push_back(c.tokens);
+  for (const auto& r : served) {
+    EXPECT_TRUE(r.error.ok()) << r.error.to_string();
+    tokens.push_back(r.tokens);
   }
   return tokens;
 }
@@ -204,16 +171,7 @@ TEST(DeviceSampling, ServingEngineBatchPicksTheHostPathsTokens) {
   World& w = *world();
   std::vector<EngineRequest> requests;
   int i = 0;
-  for (const SamplingParams& params : settings()) {
-    EngineRequest r;
-    const std::vector<int32_t> ids = prompt_ids(i++);
-    const int64_t n_ctx = split_plain_prompt(static_cast<int64_t>(ids.size()), 0);
-    r.context.assign(ids.begin(), ids.begin() + n_ctx);
-    r.query.assign(ids.begin() + n_ctx, ids.end());
-    r.sampling = params;
-    r.mode = AttentionMode::kGlobal;
-    requests.push_back(r);
-  }
+  for (const SamplingParams& params : settings()) requests.push_back(testing_engine::global_request(prompt_ids(i++), params));
   w.backend.device_sampling = false;
   w.backend.calls = 0;
   const auto host = serve(requests);
