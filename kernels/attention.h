@@ -84,4 +84,12 @@ constexpr int kMergeMaxParts = 16;
 cudaError_t launch_merge_partials(float* out, float* lse, float* entropy, const AttentionPartialGpu* parts,
                                   int n_parts, int64_t n_rows, int head_dim, cudaStream_t stream);
 
+// The all-reduce form of the merge, around a world's collectives (merge_sum_terms_ref and
+// merge_sum_finish_ref): terms (n_rows, head_dim + 3) from this shard's partials (out, lse, entropy;
+// entropy may be null) and the world's max LSE; then O, LSE, H from the summed terms.
+cudaError_t launch_merge_sum_terms(float* terms, const float* out, const float* lse, const float* entropy,
+                                   const float* max_lse, int64_t n_rows, int head_dim, cudaStream_t stream);
+cudaError_t launch_merge_sum_finish(float* out, float* lse, float* entropy, const float* terms,
+                                    const float* max_lse, int64_t n_rows, int head_dim, cudaStream_t stream);
+
 }  // namespace starserve

@@ -1,4 +1,5 @@
-// Exact merge of attention partials across shards (phase 2 of Star Attention), one warp per row.
+// Exact merge of attention partials across shards (phase 2 of Star Attention): the all-gather form
+// (one warp per row over every shard's partials) and the all-reduce form's two element-wise halves.
 #include "kernels/attention.h"
 #include "kernels/attention_common.cuh"
 
@@ -6,6 +7,8 @@
 
 namespace starserve {
 namespace {
+
+using detail::kNegInfF;
 
 struct PartTable {
   AttentionPartialGpu parts[kMergeMaxParts];
@@ -26,7 +29,81 @@ __global__ void merge_partials_kernel(float* out, float* lse, float* entropy, Pa
   }
 }
 
+// One thread per term: row r = i / width, column c = i % width; e recomputed per thread (cheap
+// next to the memory traffic). Zeros where this shard or every shard is empty.
+__global__ void merge_sum_terms_kernel(float* terms, const float* out, const float* lse, const float* entropy,
+                                       const float* max_lse, int64_t n_rows, int head_dim) {
+  const int64_t width = int64_t{head_dim} + 3, total = n_rows * width;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / width;
+    const int c = static_cast<int>(i - r * width);
+    const float m = max_lse[r], l = lse[r];
+    float v = 0.0f;
+    if (m != kNegInfF && l != kNegInfF) {
+      const float e = expf(l - m);
+      if (c < head_dim) v = e * out[r * head_dim + c];
+      else if (c == head_dim) v = e;
+      else if (c == head_dim + 1) v = entropy ? e * entropy[r] : 0.0f;
+      else v = e * (l - m);
+    }
+    terms[i] = v;
+  }
+}
+
+// One thread per output element; column 0's thread also writes LSE and H.
+__global__ void merge_sum_finish_kernel(float* out, float* lse, float* entropy, const float* terms,
+                                        const float* max_lse, int64_t n_rows, int head_dim) {
+  const int64_t width = int64_t{head_dim} + 3, total = n_rows * head_dim;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / head_dim;
+    const int c = static_cast<int>(i - r * head_dim);
+    const float* row = terms + r * width;
+    const float den = row[head_dim];
+    if (den == 0.0f) {
+      out[i] = 0.0f;
+      if (c == 0) {
+        lse[r] = kNegInfF;
+        if (entropy) entropy[r] = 0.0f;
+      }
+      continue;
+    }
+    const float inv = 1.0f / den;  // den >= 1: the shard holding the max has e = 1
+    out[i] = row[c] * inv;
+    if (c == 0) {
+      const float log_den = logf(den);
+      lse[r] = max_lse[r] + log_den;
+      if (entropy) entropy[r] = fmaxf(0.0f, row[head_dim + 1] * inv - row[head_dim + 2] * inv + log_den);
+    }
+  }
+}
+
+unsigned elementwise_blocks(int64_t n, int threads) {
+  return static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 4096));
+}
+
 }  // namespace
+
+cudaError_t launch_merge_sum_terms(float* terms, const float* out, const float* lse, const float* entropy,
+                                   const float* max_lse, int64_t n_rows, int head_dim, cudaStream_t stream) {
+  if (head_dim <= 0 || n_rows < 0) return cudaErrorInvalidValue;
+  if (n_rows == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  merge_sum_terms_kernel<<<elementwise_blocks(n_rows * (head_dim + 3), kThreads), kThreads, 0, stream>>>(
+      terms, out, lse, entropy, max_lse, n_rows, head_dim);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_merge_sum_finish(float* out, float* lse, float* entropy, const float* terms,
+                                    const float* max_lse, int64_t n_rows, int head_dim, cudaStream_t stream) {
+  if (head_dim <= 0 || n_rows < 0) return cudaErrorInvalidValue;
+  if (n_rows == 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  merge_sum_finish_kernel<<<elementwise_blocks(n_rows * head_dim, kThreads), kThreads, 0, stream>>>(
+      out, lse, entropy, terms, max_lse, n_rows, head_dim);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_merge_partials(float* out, float* lse, float* entropy, const AttentionPartialGpu* parts,
                                   int n_parts, int64_t n_rows, int head_dim, cudaStream_t stream) {

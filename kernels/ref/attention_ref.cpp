@@ -101,4 +101,42 @@ void merge_partials_ref(float* out, float* lse, float* entropy, std::span<const 
   }
 }
 
+void merge_sum_terms_ref(float* terms, const float* out, const float* lse, const float* entropy,
+                         const float* max_lse, int64_t n_rows, int head_dim) {
+  const int64_t w = merge_sum_width(head_dim);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    float* row = terms + r * w;
+    if (std::isinf(max_lse[r]) || std::isinf(lse[r])) {  // this shard (or every shard) is empty here
+      std::fill(row, row + w, 0.0f);
+      continue;
+    }
+    const float e = std::exp(lse[r] - max_lse[r]);
+    for (int c = 0; c < head_dim; ++c) row[c] = e * out[r * head_dim + c];
+    row[head_dim] = e;
+    row[head_dim + 1] = entropy ? e * entropy[r] : 0.0f;
+    row[head_dim + 2] = e * (lse[r] - max_lse[r]);
+  }
+}
+
+void merge_sum_finish_ref(float* out, float* lse, float* entropy, const float* terms, const float* max_lse,
+                          int64_t n_rows, int head_dim) {
+  const int64_t w = merge_sum_width(head_dim);
+  for (int64_t r = 0; r < n_rows; ++r) {
+    const float* row = terms + r * w;
+    const float den = row[head_dim];
+    float* o = out + r * head_dim;
+    if (den == 0.0f) {
+      std::fill(o, o + head_dim, 0.0f);
+      lse[r] = kNegInf;
+      if (entropy) entropy[r] = 0.0f;
+      continue;
+    }
+    const float inv = 1.0f / den;  // den >= 1: the shard holding the max has e = 1
+    for (int c = 0; c < head_dim; ++c) o[c] = row[c] * inv;
+    const float log_den = std::log(den);
+    lse[r] = max_lse[r] + log_den;
+    if (entropy) entropy[r] = std::max(0.0f, row[head_dim + 1] * inv - row[head_dim + 2] * inv + log_den);
+  }
+}
+
 }  // namespace starserve

@@ -62,4 +62,16 @@ struct AttentionPartial {
 void merge_partials_ref(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts,
                         int64_t n_rows, int head_dim);
 
+// The same merge in its all-reduce form (star/merge.h kAllReduce), split around the two collectives
+// a world of shards runs: M = all-reduce-max of LSE over shards, then an all-reduce sum of per-row
+// terms. Each shard writes its terms, rows of merge_sum_width(head_dim) floats:
+//   [e*O (head_dim) | e | e*H | e*(LSE - M)],  e = exp(LSE - M), all zero where LSE or M is -inf.
+// After the sum, merge_sum_finish_ref gives O, LSE, H exactly as merge_partials_ref would.
+// entropy may be null on both sides (H taken as 0, not written).
+inline int64_t merge_sum_width(int head_dim) { return int64_t{head_dim} + 3; }
+void merge_sum_terms_ref(float* terms, const float* out, const float* lse, const float* entropy,
+                         const float* max_lse, int64_t n_rows, int head_dim);
+void merge_sum_finish_ref(float* out, float* lse, float* entropy, const float* terms, const float* max_lse,
+                          int64_t n_rows, int head_dim);
+
 }  // namespace starserve

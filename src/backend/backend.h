@@ -170,6 +170,13 @@ class Backend {
   // Exact merge of shards; every pointer (and the parts' pointers) is fp32 device memory.
   virtual void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts,
                               int64_t n_rows, int head_dim) = 0;
+  // The all-reduce form of that merge around a world's collectives (attention_ref.h
+  // merge_sum_terms_ref / merge_sum_finish_ref): terms (n_rows, merge_sum_width(head_dim)) from this
+  // shard's partials and the all-reduced max LSE; then O, LSE, H from the all-reduced terms.
+  virtual void merge_sum_terms(float* terms, const float* out, const float* lse, const float* entropy,
+                               const float* max_lse, int64_t n_rows, int head_dim) = 0;
+  virtual void merge_sum_finish(float* out, float* lse, float* entropy, const float* terms, const float* max_lse,
+                                int64_t n_rows, int head_dim) = 0;
 
   // --- token sampling on the device (the CUDA backend); others keep the logits on the host path ---
   virtual bool can_sample_rows() const { return false; }

@@ -110,6 +110,14 @@ class CpuBackend final : public Backend {
                       int64_t n_rows, int head_dim) override {
     merge_partials_ref(out, lse, entropy, parts, n_rows, head_dim);
   }
+  void merge_sum_terms(float* terms, const float* out, const float* lse, const float* entropy, const float* max_lse,
+                       int64_t n_rows, int head_dim) override {
+    merge_sum_terms_ref(terms, out, lse, entropy, max_lse, n_rows, head_dim);
+  }
+  void merge_sum_finish(float* out, float* lse, float* entropy, const float* terms, const float* max_lse,
+                        int64_t n_rows, int head_dim) override {
+    merge_sum_finish_ref(out, lse, entropy, terms, max_lse, n_rows, head_dim);
+  }
 
  private:
   std::vector<KvSegment> segs_;

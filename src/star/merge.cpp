@@ -27,37 +27,13 @@ Status RankMerger::merge(float* out, float* lse, float* entropy, int64_t n_rows,
     merge_partials_ref(out, lse, entropy, parts, n_rows, head_dim);
     return Status();
   }
-  // All-reduce: M = max LSE over ranks; then sums of e*O, e, e*H, e*(LSE - M) with e = exp(LSE - M).
-  buf_.assign(lse, lse + n_rows);
-  SS_RETURN_IF_ERROR(comm_.all_reduce_max(buf_.data(), n_rows));
-  const std::vector<float> m(buf_.begin(), buf_.begin() + n_rows);
-  const int64_t width = d + 3;
-  buf_.assign(n_rows * width, 0.0f);
-  for (int64_t r = 0; r < n_rows; ++r) {
-    if (std::isinf(m[r]) || std::isinf(lse[r])) continue;  // this rank (or every rank) is empty here
-    const float e = std::exp(lse[r] - m[r]);
-    float* row = buf_.data() + r * width;
-    for (int64_t c = 0; c < d; ++c) row[c] = e * out[r * d + c];
-    row[d] = e;
-    row[d + 1] = e * entropy[r];
-    row[d + 2] = e * (lse[r] - m[r]);
-  }
+  // All-reduce: M = max LSE over ranks, then one sum of each rank's terms (attention_ref.h).
+  max_lse_.assign(lse, lse + n_rows);
+  SS_RETURN_IF_ERROR(comm_.all_reduce_max(max_lse_.data(), n_rows));
+  buf_.resize(n_rows * merge_sum_width(head_dim));
+  merge_sum_terms_ref(buf_.data(), out, lse, entropy, max_lse_.data(), n_rows, head_dim);
   SS_RETURN_IF_ERROR(comm_.all_reduce_sum(buf_.data(), buf_.size()));
-  for (int64_t r = 0; r < n_rows; ++r) {
-    const float* row = buf_.data() + r * width;
-    const float den = row[d];
-    if (den == 0.0f) {
-      std::fill(out + r * d, out + (r + 1) * d, 0.0f);
-      lse[r] = -std::numeric_limits<float>::infinity();
-      entropy[r] = 0.0f;
-      continue;
-    }
-    const float inv = 1.0f / den;
-    for (int64_t c = 0; c < d; ++c) out[r * d + c] = row[c] * inv;
-    const float log_den = std::log(den);
-    lse[r] = m[r] + log_den;
-    entropy[r] = std::max(0.0f, row[d + 1] * inv - row[d + 2] * inv + log_den);
-  }
+  merge_sum_finish_ref(out, lse, entropy, buf_.data(), max_lse_.data(), n_rows, head_dim);
   return Status();
 }
 
@@ -66,12 +42,24 @@ Status RankMerger::merge_on(Backend& backend, float* out, float* lse, float* ent
   if (world == 1) return Status();
   if (backend.kind() == DeviceKind::kCpu) return merge(out, lse, entropy, n_rows, head_dim);
   const int64_t d = head_dim;
+  auto f32 = [](float* p, int64_t n) { return Tensor::make(p, DType::kF32, {n}); };
+  if (comm_.has_device_collectives() && algo_ == MergeAlgo::kAllReduce) {
+    // Two collectives on the stream: the max of LSE, then the sum of the rows of terms.
+    const int64_t width = merge_sum_width(head_dim);
+    float* max_lse = dev_max_.floats(backend, n_rows);
+    float* terms = dev_send_.floats(backend, n_rows * width);
+    backend.copy(f32(max_lse, n_rows), f32(lse, n_rows));
+    SS_RETURN_IF_ERROR(comm_.all_reduce_max_device(max_lse, static_cast<size_t>(n_rows), backend.stream()));
+    backend.merge_sum_terms(terms, out, lse, entropy, max_lse, n_rows, head_dim);
+    SS_RETURN_IF_ERROR(comm_.all_reduce_sum_device(terms, static_cast<size_t>(n_rows * width), backend.stream()));
+    backend.merge_sum_finish(out, lse, entropy, terms, max_lse, n_rows, head_dim);
+    return Status();
+  }
   if (comm_.has_device_collectives() && world <= kMaxDeviceMergeParts) {
     // Pack [O | LSE | H], all-gather, merge the world's partials on the device.
     const int64_t per_rank = n_rows * (d + 2);
     float* send = dev_send_.floats(backend, per_rank);
     float* recv = dev_recv_.floats(backend, per_rank * world);
-    auto f32 = [](float* p, int64_t n) { return Tensor::make(p, DType::kF32, {n}); };
     backend.copy(f32(send, n_rows * d), f32(out, n_rows * d));
     backend.copy(f32(send + n_rows * d, n_rows), f32(lse, n_rows));
     backend.copy(f32(send + n_rows * (d + 1), n_rows), f32(entropy, n_rows));

@@ -25,16 +25,17 @@ class RankMerger {
   // entry and the merged global values on return, identical on every rank.
   Status merge(float* out, float* lse, float* entropy, int64_t n_rows, int head_dim);
   // The same merge on fp32 buffers in a backend's memory. On a GPU with a communicator that has
-  // device collectives (NCCL), the partials are all-gathered on the device and merged there by
-  // the backend (whatever algo() says); otherwise they travel through host memory.
+  // device collectives (NCCL) both algorithms stay on the device: all-reduce max and sum around the
+  // backend's merge_sum_terms / merge_sum_finish, or an all-gather and the backend's merge of the
+  // world's partials (up to kMaxDeviceMergeParts ranks). Otherwise they travel through host memory.
   Status merge_on(Backend& backend, float* out, float* lse, float* entropy, int64_t n_rows, int head_dim);
   MergeAlgo algo() const { return algo_; }
 
  private:
   Communicator& comm_;
   MergeAlgo algo_;
-  std::vector<float> buf_, gathered_, host_out_, host_lse_, host_ent_;
-  Scratch dev_send_, dev_recv_;
+  std::vector<float> buf_, gathered_, max_lse_, host_out_, host_lse_, host_ent_;
+  Scratch dev_send_, dev_recv_, dev_max_;
 };
 
 }  // namespace starserve

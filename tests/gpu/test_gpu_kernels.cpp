@@ -410,7 +410,8 @@ TEST(GpuAttention, DecodeEmptyShard) {
   for (AttnKernel kernel : kPrefillKernels) check_attention({2, 0, 4, 2, 64, false, 0, true}, kernel, rng);
 }
 
-// Shards computed by the CPU reference (one of them empty), merged on the GPU vs merge_partials_ref.
+// Shards computed by the CPU reference (one of them empty), merged on the GPU vs merge_partials_ref,
+// in the all-gather form (one kernel over every shard) and the all-reduce form (terms, sum, finish).
 // Pure fp32 on both sides: only exp/log rounding and order differ, 1e-5 relative to the values (|O|<=1, LSE ~ 10).
 TEST(GpuAttention, MergeMatchesReference) {
   SKIP_WITHOUT_GPU();
@@ -473,6 +474,37 @@ TEST(GpuAttention, MergeMatchesReference) {
   const auto h_got = h.get();
   EXPECT_EQ(lse_got[rows - 1], kNegInf);
   EXPECT_EQ(h_got[rows - 1], 0.0f);
+
+  // The all-reduce form: each shard's terms on the GPU vs merge_sum_terms_ref (with and without
+  // entropy), summed on the host as the all-reduce would, then the finish vs the same merged result.
+  std::vector<float> max_lse(rows, kNegInf);
+  for (const auto& l : lses)
+    for (int64_t r = 0; r < rows; ++r) max_lse[r] = std::max(max_lse[r], l[r]);
+  const int64_t width = merge_sum_width(d);
+  DeviceBuffer<float> dmax(max_lse), dterms(rows * width);
+  std::vector<float> sum(rows * width, 0.0f), terms_ref(rows * width);
+  for (size_t s = 0; s < shard_keys.size(); ++s) {
+    for (bool with_entropy : {false, true}) {
+      const float* dent = with_entropy ? gparts[s].entropy : nullptr;
+      ASSERT_EQ(launch_merge_sum_terms(dterms.ptr, gparts[s].out, gparts[s].lse, dent, dmax.ptr, rows, d, nullptr),
+                cudaSuccess);
+      SS_CUDA_CHECK(cudaDeviceSynchronize());
+      merge_sum_terms_ref(terms_ref.data(), outs[s].data(), lses[s].data(), with_entropy ? ents[s].data() : nullptr,
+                          max_lse.data(), rows, d);
+      expect_close(dterms.get(), terms_ref, 1e-5f, "sum-form terms");
+    }
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += terms_ref[i];
+  }
+  DeviceBuffer<float> dsum(sum);
+  ASSERT_EQ(launch_merge_sum_finish(o.ptr, lse.ptr, h.ptr, dsum.ptr, dmax.ptr, rows, d, nullptr), cudaSuccess);
+  SS_CUDA_CHECK(cudaDeviceSynchronize());
+  expect_close(o.get(), o_ref, 1e-5f, "sum-form O");
+  expect_close(lse.get(), lse_ref, 1e-4f, "sum-form LSE");
+  expect_close(h.get(), h_ref, 1e-4f, "sum-form entropy");
+  EXPECT_EQ(lse.get()[rows - 1], kNegInf);
+  EXPECT_EQ(h.get()[rows - 1], 0.0f);
+  EXPECT_EQ(launch_merge_sum_terms(dterms.ptr, o.ptr, lse.ptr, nullptr, dmax.ptr, rows, 0, nullptr),
+            cudaErrorInvalidValue);
 }
 
 // Element-wise ops: the only rounding beyond the references is the bf16 output, |d| <= u |y|;

@@ -41,6 +41,14 @@ class ForwardingBackend : public Backend {
                       int head_dim) override {
     inner_->merge_partials(out, lse, entropy, parts, n_rows, head_dim);
   }
+  void merge_sum_terms(float* terms, const float* out, const float* lse, const float* entropy, const float* max_lse,
+                       int64_t n_rows, int head_dim) override {
+    inner_->merge_sum_terms(terms, out, lse, entropy, max_lse, n_rows, head_dim);
+  }
+  void merge_sum_finish(float* out, float* lse, float* entropy, const float* terms, const float* max_lse,
+                        int64_t n_rows, int head_dim) override {
+    inner_->merge_sum_finish(out, lse, entropy, terms, max_lse, n_rows, head_dim);
+  }
   bool can_sample_rows() const override { return inner_->can_sample_rows(); }
   void sample_rows(std::span<int32_t> tokens, Tensor logits, std::span<const SampleRow> rows) override {
     inner_->sample_rows(tokens, logits, rows);

@@ -1,6 +1,7 @@
 // Partial attention + merge references against a dense two-pass computation in double precision.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -171,12 +172,43 @@ TEST(MergePartialsRef, EqualsDenseOverUnionWithEmptyShards) {
   std::vector<AttentionPartial> parts;
   for (size_t s = 0; s < shard_sizes.size(); ++s) parts.push_back({outs[s].data(), lses[s].data(), ents[s].data()});
   std::vector<float> out(rows * d), lse(rows), ent(rows);
+  auto expect_dense = [&](const char* form) {
+    for (int64_t r = 0; r < rows; ++r) {
+      EXPECT_NEAR(lse[r], ref.lse[r], 1e-4 * std::max(1.0, std::abs(ref.lse[r]))) << form;
+      EXPECT_NEAR(ent[r], ref.ent[r], 2e-4) << form << " row " << r;
+      for (int c = 0; c < d; ++c) EXPECT_NEAR(out[r * d + c], ref.out[r * d + c], 1e-4) << form;
+    }
+  };
   merge_partials_ref(out.data(), lse.data(), ent.data(), parts, rows, d);
-  for (int64_t r = 0; r < rows; ++r) {
-    EXPECT_NEAR(lse[r], ref.lse[r], 1e-4 * std::max(1.0, std::abs(ref.lse[r])));
-    EXPECT_NEAR(ent[r], ref.ent[r], 2e-4) << "row " << r;
-    for (int c = 0; c < d; ++c) EXPECT_NEAR(out[r * d + c], ref.out[r * d + c], 1e-4);
+  expect_dense("gather form");
+
+  // The all-reduce form: max of LSE over shards, each shard's terms, their sum, the finish.
+  std::vector<float> max_lse(rows, -std::numeric_limits<float>::infinity());
+  for (const auto& l : lses)
+    for (int64_t r = 0; r < rows; ++r) max_lse[r] = std::max(max_lse[r], l[r]);
+  const int64_t width = merge_sum_width(d);
+  std::vector<float> sum(rows * width, 0.0f), terms(rows * width);
+  for (size_t s = 0; s < shard_sizes.size(); ++s) {
+    merge_sum_terms_ref(terms.data(), outs[s].data(), lses[s].data(), ents[s].data(), max_lse.data(), rows, d);
+    for (size_t i = 0; i < sum.size(); ++i) sum[i] += terms[i];
   }
+  std::fill(out.begin(), out.end(), 7.0f);
+  merge_sum_finish_ref(out.data(), lse.data(), ent.data(), sum.data(), max_lse.data(), rows, d);
+  expect_dense("sum form");
+}
+
+TEST(MergeSumRef, AllShardsEmptyGivesZeroNotNaN) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const int d = 4;
+  std::vector<float> o(d, 0.0f), l = {-inf}, h = {0.0f}, m = {-inf};
+  std::vector<float> terms(merge_sum_width(d), 5.0f);
+  merge_sum_terms_ref(terms.data(), o.data(), l.data(), h.data(), m.data(), 1, d);
+  for (float x : terms) EXPECT_EQ(x, 0.0f);
+  std::vector<float> out(d, 1.0f), lse(1), ent(1, 3.0f);
+  merge_sum_finish_ref(out.data(), lse.data(), ent.data(), terms.data(), m.data(), 1, d);
+  for (float x : out) EXPECT_EQ(x, 0.0f);
+  EXPECT_TRUE(std::isinf(lse[0]) && lse[0] < 0);
+  EXPECT_EQ(ent[0], 0.0f);
 }
 
 TEST(MergePartialsRef, AllShardsEmptyGivesZeroNotNaN) {

@@ -286,6 +286,14 @@ class CudaBackend final : public Backend {
     SS_CUDA_OK(launch_merge_partials(out, lse, entropy, table, static_cast<int>(parts.size()), n_rows, head_dim,
                                      stream_));
   }
+  void merge_sum_terms(float* terms, const float* out, const float* lse, const float* entropy, const float* max_lse,
+                       int64_t n_rows, int head_dim) override {
+    SS_CUDA_OK(launch_merge_sum_terms(terms, out, lse, entropy, max_lse, n_rows, head_dim, stream_));
+  }
+  void merge_sum_finish(float* out, float* lse, float* entropy, const float* terms, const float* max_lse,
+                        int64_t n_rows, int head_dim) override {
+    SS_CUDA_OK(launch_merge_sum_finish(out, lse, entropy, terms, max_lse, n_rows, head_dim, stream_));
+  }
 
   bool can_sample_rows() const override { return true; }
 
