@@ -1,12 +1,17 @@
-// Whole-model benchmark on one GPU: a random-weight model of Llama-3-8B's shape through the real
-// engine path (model, KV cache, attention handlers, CUDA backend). Prints JSON lines:
-//   {"bench":"gemm",...}          cuBLASLt GEMM TFLOP/s at the model's projection shapes;
-//   {"bench":"ttft",...}          time to first token, global (one causal prefill) or star
-//                                 (phase 1 over blocks of 1/blocks of the context with an anchor,
-//                                 then the query through phase 2), with the FLOPs it implies;
+// Whole-model benchmark: a random-weight model of Llama-3-8B's shape through the real engine path
+// (model, KV cache, context encoder, attention handlers, CUDA backend). Prints JSON lines:
+//   {"bench":"gemm",...}          cuBLASLt GEMM TFLOP/s at the model's projection shapes (one rank);
+//   {"bench":"ttft",...}          time to first token: the context encoded by the mode, then the
+//                                 query through phase 2, with the FLOPs it implies;
 //   {"bench":"decode",...}        milliseconds per generated token after that context.
-// The peer (HF transformers on the same GPU) is bench/gpu/model_peers.py; summarize.py joins them.
-// Usage: model_bench [--layers 32] [--lengths 16384,32768] [--modes global,star] [--blocks 4]
+// Modes: global (one causal prefill; one rank only), exact (context parallelism: each rank encodes
+// its span with attention to all earlier context), star (phase 1 over --blocks blocks, i.e. block
+// = 1/blocks of the context, anchor = block), star@N (blocks of N tokens).
+// Under `mpirun -np W` each rank drives GPU local_rank % n_gpus, and with one GPU per rank the
+// collectives (exact's KV all-gather, phase 2's merge) run over NCCL; rank 0 prints. The peer (HF
+// transformers on one GPU) is bench/gpu/model_peers.py; summarize_model.py joins them.
+// Usage: [mpirun -np W] model_bench [--layers 32] [--lengths 16384,32768] [--modes global,star]
+//                    [--blocks 4] [--merge allreduce|allgather]
 //                    [--prefill-kernel mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
 //                    [--query 32] [--decode 16] [--gemm-only]
 #include <chrono>
@@ -23,6 +28,7 @@
 #include "engine/local_attention.h"
 #include "model/random_source.h"
 #include "star/context_encoder.h"
+#include "star/partition.h"
 
 using namespace starserve;
 
@@ -107,14 +113,73 @@ void bench_gemm(Backend& be, const ModelHParams& hp) {
   }
 }
 
-}  // namespace
 
-int main(int argc, char** argv) {
+// A mode named on the command line: its context plan, or global (one causal prefill).
+struct Mode {
+  std::string name;
+  bool global = false;
+  ContextPlan plan;
+};
+
+Result<Mode> parse_mode(const std::string& name, int blocks) {
+  Mode m;
+  m.name = name;
+  if (name == "global") {
+    m.global = true;
+  } else if (name == "exact") {
+    m.plan.mode = AttentionMode::kExact;
+  } else if (name == "star") {
+    m.plan.mode = AttentionMode::kStar;
+    m.plan.n_blocks = blocks;
+  } else if (name.rfind("star@", 0) == 0 && name.size() > 5) {
+    m.plan.mode = AttentionMode::kStar;
+    m.plan.block_size = std::atoi(name.c_str() + 5);
+    if (m.plan.block_size < 1) return invalid_argument("mode {}: block size must be >= 1", name);
+  } else {
+    return invalid_argument("unknown mode '{}' (global, exact, star, star@N)", name);
+  }
+  return m;
+}
+
+// Visible (query, key) pairs of phase 1 summed over every rank, and the tokens projected (the
+// anchor is projected again on each rank that does not own block 1).
+struct Work {
+  double pairs = 0, tokens = 0;
+};
+
+Work phase1_work(const StarLayout& lay, AttentionMode mode) {
+  Work w;
+  if (mode == AttentionMode::kExact || lay.blocks.size() <= 1) {
+    // Causal over the whole context, however the spans are spread.
+    const double n = static_cast<double>(lay.n_context);
+    return {n * (n + 1) / 2, n};
+  }
+  for (int r = 0; r < lay.world_size; ++r) {
+    const std::vector<StarBlock> mine = lay.blocks_of(r);
+    if (mine.empty()) continue;
+    bool anchor_projected = mine.front().index == 0;
+    for (const StarBlock& b : mine) {
+      const double l = static_cast<double>(b.size());
+      w.pairs += l * (l + 1) / 2;
+      w.tokens += l;
+      if (b.index > 0 && lay.anchor_size > 0) {
+        w.pairs += l * lay.anchor_size;
+        if (!anchor_projected) {
+          w.tokens += lay.anchor_size;
+          anchor_projected = true;
+        }
+      }
+    }
+  }
+  return w;
+}
+
+int run(int argc, char** argv) {
   int layers = 32, blocks = 4, query = 32, decode = 16;
   bool gemm_only = false;
-  std::string prefill_kernel = "mma";
+  std::string prefill_kernel = "mma", merge = "allreduce";
   std::vector<int64_t> lengths = {16384, 32768};
-  std::vector<std::string> modes = {"global", "star"};
+  std::vector<std::string> mode_names = {"global", "star"};
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -126,12 +191,13 @@ int main(int argc, char** argv) {
     };
     if (a == "--layers") layers = std::atoi(next());
     else if (a == "--lengths") lengths = parse_list(next());
-    else if (a == "--modes") modes = parse_words(next());
+    else if (a == "--modes") mode_names = parse_words(next());
     else if (a == "--blocks") blocks = std::atoi(next());
     else if (a == "--query") query = std::atoi(next());
     else if (a == "--decode") decode = std::atoi(next());
     else if (a == "--gemm-only") gemm_only = true;
     else if (a == "--prefill-kernel") prefill_kernel = next();
+    else if (a == "--merge") merge = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -142,16 +208,60 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", prefill.status().to_string().c_str());
     return 2;
   }
-  CudaBackendOptions options;
-  options.prefill = *prefill;
-  auto backend_or = make_cuda_backend(0, options);
-  if (!backend_or.ok()) {
-    std::fprintf(stderr, "SKIPPED: %s\n", backend_or.status().to_string().c_str());
+  if (merge != "allreduce" && merge != "allgather") {
+    std::fprintf(stderr, "--merge %s: allreduce or allgather\n", merge.c_str());
+    return 2;
+  }
+  const MergeAlgo algo = merge == "allgather" ? MergeAlgo::kAllGather : MergeAlgo::kAllReduce;
+  std::vector<Mode> modes;
+  for (const std::string& name : mode_names) {
+    auto m = parse_mode(name, blocks);
+    if (!m.ok()) {
+      std::fprintf(stderr, "%s\n", m.status().to_string().c_str());
+      return 2;
+    }
+    modes.push_back(*m);
+  }
+
+  std::unique_ptr<Communicator> comm;
+  if (launched_by_mpi()) {
+    auto mpi = make_mpi_communicator(&argc, &argv);
+    if (!mpi.ok()) {
+      std::fprintf(stderr, "%s\n", mpi.status().to_string().c_str());
+      return 1;
+    }
+    comm = std::move(mpi).value();
+  } else {
+    comm = make_local_communicator();
+  }
+  const int world = comm->world_size();
+  const bool lead = comm->rank() == 0;
+  const int n_gpus = cuda_device_count();
+  if (n_gpus == 0) {
+    if (lead) std::printf("SKIPPED: no CUDA device\n");
     return 0;
   }
+  const int device = pick_local_device(comm->layout(), n_gpus);
+  CudaBackendOptions options;
+  options.prefill = *prefill;
+  auto backend_or = make_cuda_backend(device, options);
+  if (!backend_or.ok()) {
+    std::fprintf(stderr, "rank %d: %s\n", comm->rank(), backend_or.status().to_string().c_str());
+    comm->abort_job(1);
+    return 1;
+  }
   std::unique_ptr<Backend> be = std::move(backend_or).value();
+  if (world > 1 && comm->layout().local_size <= n_gpus) {
+    auto nccl = make_nccl_communicator(std::move(comm), device);
+    if (!nccl.ok()) {
+      std::fprintf(stderr, "%s\n", nccl.status().to_string().c_str());
+      return 1;
+    }
+    comm = std::move(nccl).value();
+  }
+  const int gpus = std::min(world, n_gpus);
   const ModelHParams hp = llama3_8b_hparams(layers);
-  bench_gemm(*be, hp);
+  if (world == 1) bench_gemm(*be, hp);
   if (gemm_only) return 0;
 
   const auto t_load = Clock::now();
@@ -159,120 +269,161 @@ int main(int argc, char** argv) {
   auto model_or = create_model(src, *be);
   if (!model_or.ok()) {
     std::fprintf(stderr, "model: %s\n", model_or.status().to_string().c_str());
+    comm->abort_job(1);
     return 1;
   }
   std::unique_ptr<Model> model = std::move(model_or).value();
-  std::fprintf(stderr, "random %d-layer Llama-3-8B-shaped model on %s in %.1f s\n", layers, be->name().c_str(),
-               since(t_load));
+  if (lead) {
+    std::fprintf(stderr, "random %d-layer Llama-3-8B-shaped model on %s in %.1f s; %d rank(s) on %d GPU(s) (%s)\n",
+                 layers, be->name().c_str(), since(t_load), world, gpus, comm->name().c_str());
+  }
 
+  // KV pages per rank: the longest context's share plus an anchor, the query and the decode.
   const int64_t max_len = *std::max_element(lengths.begin(), lengths.end());
+  int64_t anchor_max = (max_len + blocks - 1) / std::max(blocks, 1);
+  for (const Mode& m : modes) anchor_max = std::max<int64_t>(anchor_max, m.plan.block_size);
   const int page = 256;
-  const int64_t pages = (max_len + max_len / blocks + query + decode + 4 * page) / page + 8;
+  const int64_t share = world == 1 ? max_len : std::max<int64_t>((max_len + world - 1) / world, anchor_max);
+  const int64_t pages = (share + anchor_max + query + decode + 4 * page) / page + 8;
   KvCache cache(*be, {hp.n_layers, hp.n_kv_heads, hp.head_dim, page, pages});
-  auto comm = make_local_communicator();
   const double lin = linear_flops_per_token(hp);
 
-  for (int64_t n : lengths) {
+  // One context length in one mode: TTFT, then decode; prints when asked. Non-zero: stop.
+  auto measure = [&](int64_t n, const Mode& mode, bool print) -> int {
     const std::vector<int32_t> ctx = tokens(n, hp.n_vocab, static_cast<uint32_t>(n));
     const std::vector<int32_t> qry = tokens(query, hp.n_vocab, 99);
-    for (const std::string& mode : modes) {
-      const SeqId seq = 1;
-      std::vector<float> logits;
-      double ttft = 0, phase1 = 0, pairs = 0;
-      std::unique_ptr<AttentionHandler> handler;
-      std::vector<int32_t> pos;
-      be->synchronize();
-      const auto t0 = Clock::now();
-      if (mode == "global") {
-        // One causal prefill of context + query, as a single-GPU server does it.
-        std::vector<int32_t> all = ctx;
-        all.insert(all.end(), qry.begin(), qry.end());
-        pos.resize(all.size());
-        std::iota(pos.begin(), pos.end(), 0);
-        auto local = std::make_unique<LocalAttention>(*be, cache, hp);
-        BatchSeq bs{seq, all, pos, false};
-        const Status st = model->forward({&bs, 1}, *local, &logits);
-        if (!st.ok()) {
-          std::fprintf(stderr, "global %lld: %s\n", static_cast<long long>(n), st.to_string().c_str());
-          cache.free_sequence(seq);
-          continue;
-        }
-        ttft = since(t0);
-        const double m = static_cast<double>(all.size());
-        pairs = m * (m + 1) / 2;
-        handler = std::move(local);
-      } else {
-        ContextEncoder enc(*model, cache, *comm);
-        ContextPlan plan;
-        plan.mode = AttentionMode::kStar;
-        plan.n_blocks = blocks;
-        auto layout = enc.layout_for(n, plan);
-        if (!layout.ok()) {
-          std::fprintf(stderr, "star layout: %s\n", layout.status().to_string().c_str());
-          return 1;
-        }
-        const Status st = enc.encode(seq, ctx, *layout, AttentionMode::kStar);
-        enc.finish(seq);
-        if (!st.ok()) {
-          std::fprintf(stderr, "star %lld: %s\n", static_cast<long long>(n), st.to_string().c_str());
-          cache.free_sequence(seq);
-          continue;
-        }
-        be->synchronize();
-        phase1 = since(t0);
-        auto p2 = std::make_unique<Phase2Attention>(*be, cache, hp, *comm, MergeAlgo::kAllReduce);
-        p2->register_sequence(seq, true, n);
-        pos.resize(qry.size());
-        std::iota(pos.begin(), pos.end(), static_cast<int32_t>(n));
-        BatchSeq bs{seq, qry, pos, false};
-        const Status st2 = model->forward({&bs, 1}, *p2, &logits);
-        if (!st2.ok()) {
-          std::fprintf(stderr, "phase 2: %s\n", st2.to_string().c_str());
-          return 1;
-        }
-        ttft = since(t0);
-        // Visible pairs: block b sees the anchor (b > 0) and itself causally; the query sees all.
-        const double b = std::ceil(static_cast<double>(n) / blocks);
-        for (int64_t s = 0; s < n; s += static_cast<int64_t>(b)) {
-          const double len = std::min<double>(b, static_cast<double>(n - s));
-          pairs += len * (len + 1) / 2 + (s > 0 ? len * b : 0);
-        }
-        pairs += static_cast<double>(query) * n + query * (query + 1) / 2.0;
-        handler = std::move(p2);
+    if (mode.global && world > 1) {
+      if (lead && print) std::fprintf(stderr, "global runs on one rank; skipped with %d\n", world);
+      return 0;
+    }
+    const SeqId seq = 1;
+    std::vector<float> logits;
+    double ttft = 0, phase1 = 0, pairs = 0, projected = 0;
+    double phase1_rank_min = 0, phase1_rank_max = 0;
+    int block_size = static_cast<int>(n), n_blocks = 1;
+    std::unique_ptr<AttentionHandler> handler;
+    std::vector<int32_t> pos;
+    be->synchronize();
+    (void)comm->barrier();
+    const auto t0 = Clock::now();
+    if (mode.global) {
+      // One causal prefill of context + query, as a single-GPU server does it.
+      std::vector<int32_t> all = ctx;
+      all.insert(all.end(), qry.begin(), qry.end());
+      pos.resize(all.size());
+      std::iota(pos.begin(), pos.end(), 0);
+      auto local = std::make_unique<LocalAttention>(*be, cache, hp);
+      BatchSeq bs{seq, all, pos, false};
+      const Status st = model->forward({&bs, 1}, *local, &logits);
+      if (!st.ok()) {
+        std::fprintf(stderr, "global %lld: %s\n", static_cast<long long>(n), st.to_string().c_str());
+        cache.free_sequence(seq);
+        return 0;
       }
-      // One process owns every block, so the anchor is c1's own KV: no token is projected twice.
-      const double tokens_in = static_cast<double>(n + query);
-      const double flops = lin * tokens_in + attention_flops(hp, pairs);
+      ttft = since(t0);
+      const double m = static_cast<double>(all.size());
+      pairs = m * (m + 1) / 2;
+      projected = m;
+      handler = std::move(local);
+    } else {
+      ContextEncoder enc(*model, cache, *comm);
+      auto layout = enc.layout_for(n, mode.plan);
+      if (!layout.ok()) {
+        std::fprintf(stderr, "%s layout: %s\n", mode.name.c_str(), layout.status().to_string().c_str());
+        return 1;
+      }
+      block_size = layout->block_size;
+      n_blocks = static_cast<int>(layout->blocks.size());
+      const Status st = enc.encode(seq, ctx, *layout, mode.plan.mode);
+      if (!st.ok()) {
+        std::fprintf(stderr, "rank %d %s %lld: %s\n", comm->rank(), mode.name.c_str(), static_cast<long long>(n),
+                     st.to_string().c_str());
+        comm->abort_job(1);
+        return 1;
+      }
+      be->synchronize();
+      // Each rank's own phase-1 time, then the slowest one (the barrier) as the job's.
+      float mine = static_cast<float>(since(t0));
+      std::vector<float> all_ranks(world);
+      (void)comm->all_gather(&mine, all_ranks.data(), sizeof(float));
+      phase1_rank_min = *std::min_element(all_ranks.begin(), all_ranks.end());
+      phase1_rank_max = *std::max_element(all_ranks.begin(), all_ranks.end());
+      phase1 = since(t0);
+      auto p2 = std::make_unique<Phase2Attention>(*be, cache, hp, *comm, algo);
+      p2->register_sequence(seq, comm->rank() == layout->query_host, n);
+      pos.resize(qry.size());
+      std::iota(pos.begin(), pos.end(), static_cast<int32_t>(n));
+      BatchSeq bs{seq, qry, pos, false};
+      const Status st2 = model->forward({&bs, 1}, *p2, &logits);
+      if (!st2.ok()) {
+        std::fprintf(stderr, "phase 2: %s\n", st2.to_string().c_str());
+        comm->abort_job(1);
+        return 1;
+      }
+      ttft = since(t0);
+      const Work w = phase1_work(*layout, mode.plan.mode);
+      // Phase 2: every rank runs the whole model on the query; its keys are spread over ranks.
+      pairs = w.pairs + static_cast<double>(query) * n + query * (query + 1) / 2.0;
+      projected = w.tokens + static_cast<double>(query) * world;
+      handler = std::move(p2);
+    }
+    const double flops = lin * projected + attention_flops(hp, pairs);
+    if (lead && print) {
       std::printf(
           "{\"bench\":\"ttft\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"query\":%d,\"blocks\":%d,"
-          "\"layers\":%d,\"prefill_kernel\":\"%s\",\"ttft_s\":%.3f,\"phase1_s\":%.3f,\"tflop\":%.1f,\"tflops\":%.1f}\n",
-          mode.c_str(), static_cast<long long>(n), query, mode == "star" ? blocks : 1, layers, prefill_kernel.c_str(),
-          ttft, phase1, flops / 1e12, flops / ttft / 1e12);
+          "\"block_size\":%d,\"ranks\":%d,\"gpus\":%d,\"comm\":\"%s\",\"merge\":\"%s\",\"layers\":%d,"
+          "\"prefill_kernel\":\"%s\",\"ttft_s\":%.3f,\"phase1_s\":%.3f,\"phase1_rank_min_s\":%.3f,"
+          "\"phase1_rank_max_s\":%.3f,\"tflop\":%.1f,\"tflops\":%.1f}\n",
+          mode.name.c_str(), static_cast<long long>(n), query, n_blocks, block_size, world, gpus,
+          comm->name().c_str(), merge.c_str(), layers, prefill_kernel.c_str(), ttft, phase1, phase1_rank_min,
+          phase1_rank_max, flops / 1e12, flops / ttft / 1e12);
       std::fflush(stdout);
+    }
 
-      // Decode: greedy tokens one at a time after the context and query.
-      int32_t next = argmax(logits);
-      int32_t p = static_cast<int32_t>(n + query);
-      be->synchronize();
-      const auto t1 = Clock::now();
-      for (int i = 0; i < decode; ++i) {
-        BatchSeq d{seq, {&next, 1}, {&p, 1}, false};
-        const Status st = model->forward({&d, 1}, *handler, &logits);
-        if (!st.ok()) {
-          std::fprintf(stderr, "decode: %s\n", st.to_string().c_str());
-          break;
-        }
-        next = argmax(logits);
-        ++p;
+    // Decode: greedy tokens one at a time after the context and query; rank 0 picks the token
+    // (every rank holds the same merged logits) and broadcasts it, as the server does.
+    int32_t next = argmax(logits);
+    int32_t p = static_cast<int32_t>(n + query);
+    be->synchronize();
+    (void)comm->barrier();
+    const auto t1 = Clock::now();
+    for (int i = 0; i < decode; ++i) {
+      (void)comm->broadcast(&next, sizeof(next), 0);
+      BatchSeq d{seq, {&next, 1}, {&p, 1}, false};
+      const Status st = model->forward({&d, 1}, *handler, &logits);
+      if (!st.ok()) {
+        std::fprintf(stderr, "decode: %s\n", st.to_string().c_str());
+        comm->abort_job(1);
+        return 1;
       }
-      const double ms = since(t1) * 1e3 / std::max(decode, 1);
+      next = argmax(logits);
+      ++p;
+    }
+    const double ms = since(t1) * 1e3 / std::max(decode, 1);
+    if (lead && print) {
       std::printf(
-          "{\"bench\":\"decode\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"layers\":%d,"
-          "\"ms_per_token\":%.2f,\"tokens_per_s\":%.1f}\n",
-          mode.c_str(), static_cast<long long>(n), layers, ms, 1e3 / ms);
+          "{\"bench\":\"decode\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"block_size\":%d,"
+          "\"ranks\":%d,\"gpus\":%d,\"merge\":\"%s\",\"layers\":%d,\"ms_per_token\":%.2f,\"tokens_per_s\":%.1f}\n",
+          mode.name.c_str(), static_cast<long long>(n), block_size, world, gpus, merge.c_str(), layers, ms,
+          1e3 / ms);
       std::fflush(stdout);
-      cache.free_sequence(seq);
+    }
+    cache.free_sequence(seq);
+    return 0;
+  };
+  // Warm-up, not printed: every mode once at a short length (cuBLASLt plans, NCCL channels,
+  // scratch buffers), so the first timed length does not carry them.
+  for (const Mode& mode : modes) {
+    if (const int rc = measure(std::min<int64_t>(4096, lengths.front()), mode, false)) return rc;
+  }
+  for (int64_t n : lengths) {
+    for (const Mode& mode : modes) {
+      if (const int rc = measure(n, mode, true)) return rc;
     }
   }
   return 0;
 }
+
+}  // namespace
+
+int main(int argc, char** argv) { return run(argc, argv); }

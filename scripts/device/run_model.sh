@@ -12,7 +12,8 @@
 #   eval    — evals/star_accuracy.py on the CUDA backend (EVAL_LENGTHS, EVAL_SAMPLES, EVAL_CONFIGS).
 #   serve   — the gRPC server on the CUDA backend (configures with gRPC): starctl chat, a star
 #             completion over a document, a bad request and a timed-out one, then a completion
-#             again to show the server kept serving.
+#             again to show the server kept serving. SERVE_RANKS=N starts it on N ranks (one GPU
+#             each where the machine has N GPUs: phase 2 merges over NCCL).
 # Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve]  (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -100,9 +101,9 @@ for step in $STEPS; do
     ;;
   serve)
     [ -f "$MODEL" ] || { echo "serve: no model"; continue; }
-    echo "== gRPC server on the CUDA backend"
+    echo "== gRPC server on the CUDA backend, ${SERVE_RANKS:-1} rank(s), $(nvidia-smi -L | wc -l) GPU(s)"
     PORT=50151
-    mpirun --allow-run-as-root --oversubscribe -np 1 -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH "$BIN/starserve" serve \
+    mpirun --allow-run-as-root --oversubscribe -np "${SERVE_RANKS:-1}" -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH "$BIN/starserve" serve \
       --model "$MODEL" --backend cuda --port $PORT --attention star >"$OUT/serve.log" 2>&1 &
     SERVER=$!
     C=("$BIN/starctl" --address 127.0.0.1:$PORT)
@@ -130,7 +131,7 @@ PY
       "${C[@]}" --timeout 60 chat "What is 2 + 2?" --max-tokens 16 --temperature 0
     } 2>&1 | tee -a "$OUT/serve.txt"
     kill $SERVER; wait $SERVER 2>/dev/null
-    grep -i "error\|warn" "$OUT/serve.log" | head -10
+    grep -i "ranks\|nccl\|error\|warn" "$OUT/serve.log" | head -10
     ;;
   esac
 done

@@ -33,6 +33,10 @@ Status start_runtime(const Config& config, Runtime& rt) {
       if (lay.local_size <= n_gpus) {
         // Phase-2 merges and exact-mode KV exchange then run on device buffers over NCCL.
         SS_ASSIGN_OR_RETURN(rt.comm, make_nccl_communicator(std::move(rt.comm), device));
+        if (lay.rank == 0) {
+          spdlog::info("{} ranks, one GPU each ({} per host): device collectives over {}", lay.world_size,
+                       lay.local_size, rt.comm->name());
+        }
       } else if (lay.rank == 0) {
         spdlog::warn("{} ranks per host share {} GPU(s): collectives go through {} on host memory (NCCL needs one "
                      "GPU per rank)",

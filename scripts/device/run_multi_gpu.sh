@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# On a machine with several GPUs (the device tool's nvidia-h200-x2/-x4/-x8): Star Attention with one
+# rank per GPU over NCCL. Builds what it runs (dependencies from scripts/device/env.sh), then, as asked:
+#   tests   — the cross-rank exactness tests with one GPU per rank (star_gpu_mpi_np2, nccl_comm_np2)
+#             and the merge kernels' parity tests;
+#   merge   — bench/gpu/merge_bench (phase-2 merge per layer, all-reduce vs all-gather, decode and
+#             prefill sizes) next to bench/gpu/merge_peers.py (the same merges in torch over NCCL);
+#   bench   — bench/gpu/model_bench on every GPU (mpirun -np <GPUs>; modes exact, star with block
+#             1/4, star with 32K blocks) and on one GPU (global) in the same job, random Llama-3-8B
+#             shape; MULTI_LENGTHS, MULTI_MODES, MULTI_GLOBAL_LENGTHS (empty: no global run) override.
+# Usage: scripts/device/run_multi_gpu.sh [tests] [merge] [bench]   (default: tests merge bench)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+STEPS=${*:-tests merge bench}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source scripts/device/env.sh || exit 1
+BUILD=${STARSERVE_DEVICE_BUILD:-build-gpu}
+NGPU=$(nvidia-smi -L | wc -l)
+echo "GPUs: $NGPU"
+nvidia-smi topo -m 2>/dev/null | head -8
+
+SECONDS=0
+if [ ! -f "$BUILD/build.ninja" ]; then
+  STARSERVE_GRPC=${STARSERVE_GRPC:-OFF} starserve_configure "$BUILD" >"$OUT/configure_multi.log" 2>&1 ||
+    { tail -30 "$OUT/configure_multi.log"; exit 1; }
+fi
+cmake --build "$BUILD" -j "$(nproc)" --target gpu_kernel_tests star_gpu_mpi_tests nccl_comm_tests model_bench \
+  merge_bench >"$OUT/build_multi.log" 2>&1 || { grep -B2 -A10 "error" "$OUT/build_multi.log" | head -80; exit 1; }
+echo "built in ${SECONDS}s"
+BIN=$BUILD/bin
+MPI=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x TORCH_SYMM_MEM_DISABLE_MULTICAST
+  -x NVSHMEM_DISABLE_NVLS -x LD_LIBRARY_PATH)
+
+for step in $STEPS; do
+  case $step in
+  tests)
+    echo "== exactness across GPUs, one rank per GPU"
+    (cd "$BUILD" && timeout 300 ctest -R "star_gpu_mpi_np2|nccl_comm_np2" --output-on-failure) 2>&1 |
+      tee "$OUT/multi_ctest.log" | grep -E "max \||Test +#|tests passed|Failed|SKIPPED" | head -20
+    timeout 120 "$BIN/gpu_kernel_tests" --gtest_filter='*Merge*' 2>&1 | tee "$OUT/merge_kernel_tests.log" | tail -3
+    ;;
+  merge)
+    echo "== phase-2 merge per layer, $NGPU GPUs"
+    timeout 120 "${MPI[@]}" -np "$NGPU" "$BIN/merge_bench" | tee "$OUT/merge_bench.jsonl"
+    LD_LIBRARY_PATH="$STARSERVE_BASE_LD_LIBRARY_PATH" timeout 180 "${MPI[@]}" -np "$NGPU" python3 bench/gpu/merge_peers.py |
+      tee "$OUT/merge_peers.jsonl"
+    ;;
+  bench)
+    L=${MULTI_LENGTHS:-32768,65536,131072}
+    M=${MULTI_MODES:-exact,star,star@32768}
+    G=${MULTI_GLOBAL_LENGTHS-$L}
+    echo "== model bench on $NGPU GPUs (lengths $L, modes $M)"
+    timeout 560 "${MPI[@]}" -np "$NGPU" "$BIN/model_bench" --lengths "$L" --modes "$M" --blocks 4 |
+      tee "$OUT/multi_model_bench.jsonl"
+    if [ -n "$G" ]; then
+      echo "== global on one GPU (lengths $G)"
+      timeout 560 "$BIN/model_bench" --lengths "$G" --modes global | tee "$OUT/multi_model_bench_1gpu.jsonl"
+    fi
+    ;;
+  esac
+done
