@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with several GPUs (the device tool's nvidia-h200-x2/-x4/-x8): Star Attention with one
 # rank per GPU over NCCL. Builds what it runs (dependencies from scripts/device/env.sh), then, as asked:
-#   tests   — the cross-rank exactness tests with one GPU per rank (star_gpu_mpi_np2, nccl_comm_np2)
-#             and the merge kernels' parity tests;
+#   tests   — the cross-rank exactness tests with one rank per GPU (star_gpu_mpi_tests and
+#             nccl_comm_tests under mpirun -np <GPUs>) and the merge kernels' parity tests;
 #   merge   — bench/gpu/merge_bench (phase-2 merge per layer, all-reduce vs all-gather, decode and
 #             prefill sizes) next to bench/gpu/merge_peers.py (the same merges in torch over NCCL);
 #   bench   — bench/gpu/model_bench on every GPU (mpirun -np <GPUs>; modes exact, star with block
@@ -36,9 +36,11 @@ MPI=(mpirun --allow-run-as-root --oversubscribe -x NCCL_NVLS_ENABLE -x TORCH_SYM
 for step in $STEPS; do
   case $step in
   tests)
-    echo "== exactness across GPUs, one rank per GPU"
-    (cd "$BUILD" && timeout 300 ctest -R "star_gpu_mpi_np2|nccl_comm_np2" --output-on-failure) 2>&1 |
-      tee "$OUT/multi_ctest.log" | grep -E "max \||Test +#|tests passed|Failed|SKIPPED" | head -20
+    echo "== exactness across GPUs, one rank per GPU ($NGPU ranks)"
+    for t in nccl_comm_tests star_gpu_mpi_tests; do
+      timeout 200 "${MPI[@]}" -np "$NGPU" "$BIN/$t" 2>&1 | tee -a "$OUT/multi_tests.log" |
+        grep -E "max \||PASSED|FAILED|SKIPPED" | head -12
+    done
     timeout 120 "$BIN/gpu_kernel_tests" --gtest_filter='*Merge*' 2>&1 | tee "$OUT/merge_kernel_tests.log" | tail -3
     ;;
   merge)

@@ -61,6 +61,10 @@ class Communicator {
   virtual Status all_reduce_max_device(float* /*data*/, size_t /*n*/, void* /*stream*/) {
     return unimplemented("communicator '{}' has no device collectives (all_reduce_max_device)", name());
   }
+  // bytes (device) from rank root to every rank, in place.
+  virtual Status broadcast_device(void* /*data*/, size_t /*bytes*/, int /*root*/, void* /*stream*/) {
+    return unimplemented("communicator '{}' has no device collectives (broadcast_device)", name());
+  }
 };
 
 // A world of one: every collective is the identity.

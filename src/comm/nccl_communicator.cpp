@@ -78,6 +78,11 @@ class NcclCommunicator final : public Communicator {
     SS_NCCL(ncclAllReduce(data, data, n, ncclFloat32, ncclMax, comm_, as_stream(stream)));
     return Status();
   }
+  Status broadcast_device(void* data, size_t bytes, int root, void* stream) override {
+    if (bytes == 0) return Status();
+    SS_NCCL(ncclBroadcast(data, data, bytes, ncclInt8, root, comm_, as_stream(stream)));
+    return Status();
+  }
 
  private:
   std::unique_ptr<Communicator> host_;

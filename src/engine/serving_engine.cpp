@@ -86,6 +86,8 @@ class EngineState {
             SS_RETURN_IF_ERROR(encoder_.encode_exact(id, s.context, s.layout));
           } else if (k < static_cast<int>(s.layout.blocks_of(ctx_.comm->rank()).size())) {
             SS_RETURN_IF_ERROR(encoder_.encode_block(id, s.context, s.layout, k));
+          } else {
+            SS_RETURN_IF_ERROR(encoder_.join_block(s.layout, k));
           }
         }
         return Status();

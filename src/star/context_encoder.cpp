@@ -48,6 +48,7 @@ Status ContextEncoder::encode(SeqId seq, std::span<const int32_t> context, const
     st = encode_exact(seq, context, layout);
   } else {
     const int n = static_cast<int>(layout.blocks_of(comm_.rank()).size());
+    if (n == 0) st = join_block(layout, 0);
     for (int k = 0; k < n && st.ok(); ++k) {
       if (keep_going) st = keep_going();
       if (st.ok()) st = encode_block(seq, context, layout, k);
@@ -59,31 +60,65 @@ Status ContextEncoder::encode(SeqId seq, std::span<const int32_t> context, const
   return st;
 }
 
+bool ContextEncoder::exchanges_anchor(const StarLayout& layout) const {
+  return comm_.world_size() > 1 && layout.anchor_size > 0 && layout.blocks.size() > 1;
+}
+
+Status ContextEncoder::join_block(const StarLayout& layout, int k) {
+  if (k != 0 || !exchanges_anchor(layout) || comm_.rank() == layout.blocks.front().rank) return Status();
+  AnchorExchange x;
+  x.comm = &comm_;
+  x.root = layout.blocks.front().rank;
+  x.anchor_len = layout.anchor_size;
+  return block_attention_.join_anchor_exchange(x, model_.hparams().n_layers);
+}
+
 Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k) {
   const std::vector<StarBlock> mine = layout.blocks_of(comm_.rank());
   SS_CHECK(k >= 0 && k < static_cast<int>(mine.size()), "block {} of {}", k, mine.size());
   const StarBlock& b = mine[k];
   const int64_t anchor_len = layout.anchor_size;
   const std::span<const int32_t> tokens = context.subspan(b.begin, b.size());
+  // With several ranks the owner of c1 sends the anchor's KV while it encodes c1 and the others
+  // receive it during their first block (AnchorExchange); a single rank reuses c1's own KV.
+  AnchorExchange x;
+  x.comm = &comm_;
+  x.root = layout.blocks.front().rank;
+  x.anchor_len = anchor_len;
+  const bool exchange = exchanges_anchor(layout);
   if (b.index == 0 || anchor_len == 0) {
     // c1 is encoded alone (and without an anchor every block is): plain causal attention.
     block_attention_.set_prefix(std::nullopt, 0);
-    return forward_block(seq, tokens, b.begin);
+    if (exchange && b.index == 0) x.role = AnchorExchange::Role::kSend;
+    block_attention_.set_anchor_exchange(x);
+    Status st = forward_block(seq, tokens, b.begin);
+    block_attention_.set_anchor_exchange(AnchorExchange());
+    return st;
   }
-  // The anchor's KV is computed once per rank and reused for all its blocks (spec phase 1 step 7).
-  // The rank that owns c1 reuses c1's first anchor_size tokens: same tokens, positions 0.., causal,
-  // so their KV is exactly the anchor's.
+  // The anchor's KV is the KV of c1's first anchor_size tokens (same tokens, positions 0.., causal):
+  // the rank that owns c1 reuses its own, every other rank gets it once and keeps it for all its
+  // blocks (spec phase 1 step 7), from the owner of c1 or, on one rank, by encoding it itself.
   SeqId anchor_seq = seq;
   if (mine.front().index != 0) {
     anchor_seq = anchor_seq_id(seq);
     if (!cache_.has(anchor_seq) || cache_.length(anchor_seq) < anchor_len) {
-      block_attention_.set_prefix(std::nullopt, 0);
-      SS_RETURN_IF_ERROR(forward_block(anchor_seq, context.subspan(0, anchor_len), 0));
+      if (exchange) {
+        SS_CHECK(k == 0, "the anchor arrives with a rank's first block, not block {}", k);
+        SS_RETURN_IF_ERROR(cache_.reserve(anchor_seq, anchor_len));
+        cache_.set_length(anchor_seq, anchor_len);
+        x.role = AnchorExchange::Role::kReceive;
+        x.anchor_seq = anchor_seq;
+      } else {
+        block_attention_.set_prefix(std::nullopt, 0);
+        SS_RETURN_IF_ERROR(forward_block(anchor_seq, context.subspan(0, anchor_len), 0));
+      }
     }
   }
   block_attention_.set_prefix(anchor_seq, anchor_len);
+  block_attention_.set_anchor_exchange(x);
   Status st = forward_block(seq, tokens, b.begin);
   block_attention_.set_prefix(std::nullopt, 0);
+  block_attention_.set_anchor_exchange(AnchorExchange());
   return st;
 }
 

@@ -1,7 +1,8 @@
 // Encodes a request's context on every rank according to its mode (star-attention.md):
 //   global: one rank holds the whole context (ordinary causal prefill);
 //   exact:  each rank encodes its contiguous span with attention to all earlier context (all ranks);
-//   star:   phase 1 — each rank encodes its blocks as [anchor ; block], no communication.
+//   star:   phase 1 — each rank encodes its blocks as [anchor ; block]; the only communication is
+//           the anchor's KV, sent by the owner of c1 while it encodes c1.
 // Afterwards each rank holds the KV of its own context tokens in the request's KV sequence, and
 // Phase2Attention takes over for the query and generated tokens. Every rank calls encode() with
 // the same arguments (SPMD); what each rank does follows from the layout.
@@ -42,15 +43,22 @@ class ContextEncoder {
   Status encode(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, AttentionMode mode,
                 const BlockProgressFn& progress = {}, const ContinueFn& keep_going = {});
 
-  // Step-wise form for a scheduler that interleaves phase 1 with other work.
-  // star / global: encodes this rank's k-th block (k < layout.blocks_of(rank).size()); no communication.
+  // Step-wise form for a scheduler that interleaves phase 1 with other work; every rank takes the
+  // same steps k = 0, 1, ... up to the most blocks any rank has.
+  // star / global: encodes this rank's k-th block (k < layout.blocks_of(rank).size()). With several
+  // ranks and an anchor, step 0 carries the anchor's KV from the owner of c1 to the other ranks,
+  // layer by layer (no other communication in phase 1): a rank without a k-th block calls
+  // join_block instead, so that it still takes part.
   Status encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k);
+  Status join_block(const StarLayout& layout, int k);
   // exact: the whole context in one collective step (every rank calls it).
   Status encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout);
   // Ends phase 1 for the sequence: the anchor's scratch KV is dropped.
   void finish(SeqId seq) { cache_.free_sequence(anchor_seq_id(seq)); }
 
- private:  Status forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position);
+ private:
+  Status forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position);
+  bool exchanges_anchor(const StarLayout& layout) const;
 
   Model& model_;
   KvCache& cache_;

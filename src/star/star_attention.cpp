@@ -53,8 +53,49 @@ Status BlockLocalAttention::begin_forward(std::span<const BatchSeq> batch) {
   return Status();
 }
 
+Status broadcast_tensor(Backend& backend, Communicator& comm, Tensor t, int root) {
+  if (backend.kind() == DeviceKind::kCpu) return comm.broadcast(t.data, t.bytes(), root);
+  if (comm.has_device_collectives()) return comm.broadcast_device(t.data, t.bytes(), root, backend.stream());
+  std::vector<char> host(t.bytes());
+  if (comm.rank() == root) backend.download_bytes(host.data(), t.data, host.size());
+  SS_RETURN_IF_ERROR(comm.broadcast(host.data(), host.size(), root));
+  if (comm.rank() != root) backend.upload_bytes(t.data, host.data(), host.size());
+  return Status();
+}
+
+// kSend: k, v are c1's rows, whose first anchor_len rows are the anchor's. kReceive (and a rank
+// joining without tokens): the anchor's rows arrive into scratch and, when receiving, go into the
+// anchor sequence at positions 0.. of this layer.
+Status BlockLocalAttention::exchange_anchor(int layer, Tensor k, Tensor v) {
+  const AnchorExchange& x = exchange_;
+  if (x.role == AnchorExchange::Role::kSend) {
+    SS_RETURN_IF_ERROR(broadcast_tensor(backend_, *x.comm, k.slice_rows(0, x.anchor_len), x.root));
+    return broadcast_tensor(backend_, *x.comm, v.slice_rows(0, x.anchor_len), x.root);
+  }
+  const DType dt = backend_.compute_dtype();
+  const Tensor ak = anchor_k_.view(backend_, dt, {x.anchor_len, dims_.n_kv_heads, dims_.head_dim});
+  const Tensor av = anchor_v_.view(backend_, dt, {x.anchor_len, dims_.n_kv_heads, dims_.head_dim});
+  SS_RETURN_IF_ERROR(broadcast_tensor(backend_, *x.comm, ak, x.root));
+  SS_RETURN_IF_ERROR(broadcast_tensor(backend_, *x.comm, av, x.root));
+  if (x.role == AnchorExchange::Role::kReceive) cache_.write(layer, x.anchor_seq, 0, ak, av);
+  return Status();
+}
+
+Status BlockLocalAttention::join_anchor_exchange(const AnchorExchange& x, int n_layers) {
+  exchange_ = x;
+  exchange_.role = AnchorExchange::Role::kNone;  // receive and drop
+  Status st;
+  for (int layer = 0; layer < n_layers && st.ok(); ++layer) st = exchange_anchor(layer, Tensor(), Tensor());
+  exchange_ = AnchorExchange();
+  return st;
+}
+
 Status BlockLocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v,
                                    Tensor out) {
+  if (exchange_.role != AnchorExchange::Role::kNone) {
+    SS_CHECK(batch.size() == 1, "the anchor exchange runs with one sequence per forward, not {}", batch.size());
+    SS_RETURN_IF_ERROR(exchange_anchor(layer, k, v));
+  }
   int64_t start = 0;
   for (const BatchSeq& s : batch) {
     const int64_t n = static_cast<int64_t>(s.tokens.size());

@@ -27,6 +27,23 @@ struct AttentionDims {
   static AttentionDims from(const ModelHParams& hp);
 };
 
+// The anchor's KV travelling between ranks in phase 1 (star-attention.md phase 1 step 7): the rank
+// that owns c1 broadcasts the K and V of c1's first anchor_len tokens layer by layer while it
+// encodes c1; every other rank receives them while it encodes its first block, writing them into
+// its anchor sequence before that layer's attention. No rank computes the anchor a second time.
+struct AnchorExchange {
+  enum class Role { kNone, kSend, kReceive };
+  Role role = Role::kNone;
+  Communicator* comm = nullptr;
+  int root = 0;            // the rank that owns c1
+  int64_t anchor_len = 0;
+  SeqId anchor_seq = 0;    // kReceive: where the anchor's KV goes (reserved, length anchor_len)
+};
+
+// A tensor's bytes from rank root to every rank, in place: NCCL on device buffers when the
+// communicator has device collectives, else through host memory.
+Status broadcast_tensor(Backend& backend, Communicator& comm, Tensor t, int root);
+
 class BlockLocalAttention final : public AttentionHandler {
  public:
   BlockLocalAttention(Backend& backend, KvCache& cache, const ModelHParams& hp);
@@ -34,6 +51,10 @@ class BlockLocalAttention final : public AttentionHandler {
   // tokens themselves (appended to their own sequence). Earlier tokens of the sequence are NOT
   // visible: each block is encoded independently.
   void set_prefix(std::optional<SeqId> prefix_seq, int64_t prefix_len);
+  // The anchor exchange of the next forward (one sequence in the batch); kNone turns it off.
+  void set_anchor_exchange(const AnchorExchange& x) { exchange_ = x; }
+  // A rank with no block to encode still joins every layer's anchor broadcast (and drops it).
+  Status join_anchor_exchange(const AnchorExchange& x, int n_layers);
 
   Status begin_forward(std::span<const BatchSeq> batch) override;
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
@@ -43,9 +64,12 @@ class BlockLocalAttention final : public AttentionHandler {
   Backend& backend_;
   KvCache& cache_;
   AttentionDims dims_;
+  Status exchange_anchor(int layer, Tensor k, Tensor v);
+
   std::optional<SeqId> prefix_seq_;
   int64_t prefix_len_ = 0;
-  Scratch lse_;
+  AnchorExchange exchange_;
+  Scratch lse_, anchor_k_, anchor_v_;
 };
 
 class ExactContextAttention final : public AttentionHandler {

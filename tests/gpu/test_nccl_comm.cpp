@@ -1,5 +1,5 @@
 // NCCL communicator (src/comm/nccl_communicator.cpp) under mpirun, for any world size with one GPU
-// per rank: all_gather_device, all_reduce_sum_device and all_reduce_max_device on device buffers
+// per rank: all_gather_device, all_reduce_sum_device, all_reduce_max_device and broadcast_device on device buffers
 // against the values each rank computes on the host for every rank, and the host-pointer operations
 // through the wrapper. On a host with more ranks than GPUs NCCL refuses to put two ranks on one GPU:
 // there the test checks that make_nccl_communicator answers with a Status on every rank instead.
@@ -209,12 +209,33 @@ TEST(NcclCommunicator, AllReduceMaxDevice) {
   }
 }
 
+TEST(NcclCommunicator, BroadcastDeviceFromEveryRoot) {
+  REQUIRE_NCCL();
+  const int rank = g_comm->rank();
+  const int world = g_comm->world_size();
+  Stream stream;
+  for (int root = 0; root < world; ++root) {
+    for (size_t bytes : {size_t{1}, size_t{4099}, (size_t{4} << 20) + 5}) {
+      std::vector<uint8_t> mine(bytes);
+      for (size_t i = 0; i < bytes; ++i) mine[i] = gather_byte(rank, i);
+      DeviceArray<uint8_t> data(mine);
+      ASSERT_TRUE(g_comm->broadcast_device(data.get(), bytes, root, stream.handle()).ok());
+      stream.sync();
+      const std::vector<uint8_t> got = data.download();
+      size_t bad = 0;
+      for (size_t i = 0; i < bytes; ++i) bad += got[i] != gather_byte(root, i);
+      EXPECT_EQ(bad, 0u) << "root " << root << ", bytes " << bytes;
+    }
+  }
+}
+
 TEST(NcclCommunicator, ZeroCountsAreNoOps) {
   REQUIRE_NCCL();
   Stream stream;
   EXPECT_TRUE(g_comm->all_gather_device(nullptr, nullptr, 0, stream.handle()).ok());
   EXPECT_TRUE(g_comm->all_reduce_sum_device(nullptr, 0, stream.handle()).ok());
   EXPECT_TRUE(g_comm->all_reduce_max_device(nullptr, 0, stream.handle()).ok());
+  EXPECT_TRUE(g_comm->broadcast_device(nullptr, 0, 0, stream.handle()).ok());
   stream.sync();
 }
 
@@ -225,6 +246,7 @@ TEST(NcclCommunicator, HostOnlyCommunicatorsHaveNoDeviceCollectives) {
   EXPECT_EQ(local->all_reduce_sum_device(&x, 1, nullptr).code(), StatusCode::kUnimplemented);
   EXPECT_EQ(local->all_reduce_max_device(&x, 1, nullptr).code(), StatusCode::kUnimplemented);
   EXPECT_EQ(local->all_gather_device(&x, &x, sizeof(x), nullptr).code(), StatusCode::kUnimplemented);
+  EXPECT_EQ(local->broadcast_device(&x, sizeof(x), 0, nullptr).code(), StatusCode::kUnimplemented);
 }
 
 TEST(NcclCommunicator, PickLocalDevice) {
