@@ -141,35 +141,22 @@ Result<Mode> parse_mode(const std::string& name, int blocks) {
   return m;
 }
 
-// Visible (query, key) pairs of phase 1 summed over every rank, and the tokens projected (the
-// anchor is projected again on each rank that does not own block 1).
+// Visible (query, key) pairs of phase 1 summed over every rank, and the tokens projected. Every
+// context token is projected once: the anchor's KV is c1's own on its owner, and the other ranks
+// receive it (ContextEncoder's anchor exchange) instead of computing it again.
 struct Work {
   double pairs = 0, tokens = 0;
 };
 
 Work phase1_work(const StarLayout& lay, AttentionMode mode) {
+  const double n = static_cast<double>(lay.n_context);
+  if (mode == AttentionMode::kExact || lay.blocks.size() <= 1) return {n * (n + 1) / 2, n};  // causal over all
   Work w;
-  if (mode == AttentionMode::kExact || lay.blocks.size() <= 1) {
-    // Causal over the whole context, however the spans are spread.
-    const double n = static_cast<double>(lay.n_context);
-    return {n * (n + 1) / 2, n};
-  }
-  for (int r = 0; r < lay.world_size; ++r) {
-    const std::vector<StarBlock> mine = lay.blocks_of(r);
-    if (mine.empty()) continue;
-    bool anchor_projected = mine.front().index == 0;
-    for (const StarBlock& b : mine) {
-      const double l = static_cast<double>(b.size());
-      w.pairs += l * (l + 1) / 2;
-      w.tokens += l;
-      if (b.index > 0 && lay.anchor_size > 0) {
-        w.pairs += l * lay.anchor_size;
-        if (!anchor_projected) {
-          w.tokens += lay.anchor_size;
-          anchor_projected = true;
-        }
-      }
-    }
+  w.tokens = n;
+  for (const StarBlock& b : lay.blocks) {
+    const double l = static_cast<double>(b.size());
+    w.pairs += l * (l + 1) / 2;
+    if (b.index > 0 && lay.anchor_size > 0) w.pairs += l * lay.anchor_size;
   }
   return w;
 }

@@ -33,44 +33,44 @@ def ratio(a, b):
 
 def model_tables(rows):
     ttft, dec = {}, {}
-    multi = 1
     for r in rows:
         if r["bench"] not in ("ttft", "decode"):
             continue
         key = (r["mode"], r["context"], r.get("ranks", 1))
         if r["bench"] == "ttft":
             ttft[key] = r["ttft_s"]
-        elif r["bench"] == "decode":
+        else:
             dec[key] = r["ms_per_token"]
-        multi = max(multi, r.get("ranks", 1))
-    contexts = sorted({k[1] for k in ttft})
-    w = multi
-    star_modes = sorted({k[0] for k in ttft if k[0].startswith("star") and k[2] == w}, key=lambda m: (m != "star", m))
 
     def name(m):
         return "star ¼" if m == "star" else m.replace("star@", "star ") + " tokens"
 
-    head = ["context", "global, 1 GPU", f"exact, {w} GPUs"] + [f"{name(m)}, {w} GPUs" for m in star_modes]
-    head += [f"{name(m)} ÷ global" for m in star_modes[:1]] + [f"{name(m)} ÷ exact" for m in star_modes[:1]]
-    print("Time to first token (s):\n")
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for n in contexts:
-        g = ttft.get(("global", n, 1))
-        e = ttft.get(("exact", n, w))
-        stars = [ttft.get((m, n, w)) for m in star_modes]
-        s0 = stars[0] if stars else None
-        cells = [f"{n // 1024}K", fmt(g), fmt(e)] + [fmt(s) for s in stars]
-        cells += [fmt(ratio(g, s0), "×"), fmt(ratio(e, s0), "×")]
-        print("| " + " | ".join(cells) + " |")
-    print("\nDecode (ms per token):\n")
-    head = ["context", "global, 1 GPU", f"exact, {w} GPUs"] + [f"{name(m)}, {w} GPUs" for m in star_modes]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
-    for n in contexts:
-        cells = [f"{n // 1024}K", fmt(dec.get(("global", n, 1))), fmt(dec.get(("exact", n, w)))]
-        cells += [fmt(dec.get((m, n, w))) for m in star_modes]
-        print("| " + " | ".join(cells) + " |")
+    for w in sorted({k[2] for k in ttft if k[2] > 1}):
+        contexts = sorted({k[1] for k in ttft if k[2] == w})
+        star_modes = sorted({k[0] for k in ttft if k[0].startswith("star") and k[2] == w},
+                            key=lambda m: (m != "star", m))
+        head = ["context", "global, 1 GPU", f"exact, {w} GPUs"] + [f"{name(m)}, {w} GPUs" for m in star_modes]
+        head += [f"{name(m)} ÷ global" for m in star_modes[:1]] + [f"{name(m)} ÷ exact" for m in star_modes[:1]]
+        print(f"Time to first token (s), {w} GPUs:\n")
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for n in contexts:
+            g = ttft.get(("global", n, 1))
+            e = ttft.get(("exact", n, w))
+            stars = [ttft.get((m, n, w)) for m in star_modes]
+            s0 = stars[0] if stars else None
+            cells = [f"{n // 1024}K", fmt(g), fmt(e)] + [fmt(x) for x in stars]
+            cells += [fmt(ratio(g, s0), "×"), fmt(ratio(e, s0), "×")]
+            print("| " + " | ".join(cells) + " |")
+        print(f"\nDecode (ms per token), {w} GPUs:\n")
+        head = ["context", "global, 1 GPU", f"exact, {w} GPUs"] + [f"{name(m)}, {w} GPUs" for m in star_modes]
+        print("| " + " | ".join(head) + " |")
+        print("|" + "---|" * len(head))
+        for n in contexts:
+            cells = [f"{n // 1024}K", fmt(dec.get(("global", n, 1))), fmt(dec.get(("exact", n, w)))]
+            cells += [fmt(dec.get((m, n, w))) for m in star_modes]
+            print("| " + " | ".join(cells) + " |")
+        print()
 
 
 def merge_table(rows):

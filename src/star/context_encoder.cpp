@@ -36,6 +36,7 @@ Status ContextEncoder::forward_block(SeqId seq, std::span<const int32_t> tokens,
   std::vector<int32_t> pos(tokens.size());
   std::iota(pos.begin(), pos.end(), static_cast<int32_t>(first_position));
   BatchSeq bs{seq, tokens, pos, false};
+  tokens_forwarded_ += static_cast<int64_t>(tokens.size());
   return model_.forward({&bs, 1}, block_attention_, nullptr);
 }
 
@@ -130,6 +131,7 @@ Status ContextEncoder::encode_exact(SeqId seq, std::span<const int32_t> context,
   std::vector<int32_t> pos(end - begin);
   std::iota(pos.begin(), pos.end(), static_cast<int32_t>(begin));
   BatchSeq bs{seq, context.subspan(begin, end - begin), pos, false};
+  tokens_forwarded_ += end - begin;
   return model_.forward({&bs, 1}, exact_attention_, nullptr);
 }
 

@@ -55,6 +55,9 @@ class ContextEncoder {
   Status encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout);
   // Ends phase 1 for the sequence: the anchor's scratch KV is dropped.
   void finish(SeqId seq) { cache_.free_sequence(anchor_seq_id(seq)); }
+  // Context tokens this rank has run through the model in phase 1 so far (its own blocks, plus the
+  // anchor wherever a rank has to compute it itself).
+  int64_t tokens_forwarded() const { return tokens_forwarded_; }
 
  private:
   Status forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position);
@@ -65,6 +68,7 @@ class ContextEncoder {
   Communicator& comm_;
   BlockLocalAttention block_attention_;
   ExactContextAttention exact_attention_;
+  int64_t tokens_forwarded_ = 0;
 };
 
 }  // namespace starserve

@@ -134,6 +134,9 @@ QueryResult distributed(std::span<const int32_t> context, std::span<const int32_
   EXPECT_EQ(total, static_cast<int64_t>(context.size()));
   EXPECT_EQ(local, lay->tokens_of(g_comm->rank()));
   EXPECT_FALSE(cache.has(anchor_seq_id(seq)));
+  // No rank runs the anchor through the model a second time: with several ranks it arrives from
+  // the owner of c1 (star-attention.md phase 1 step 7), on one rank it is c1's own KV.
+  EXPECT_EQ(enc.tokens_forwarded(), lay->tokens_of(g_comm->rank())) << "rank " << g_comm->rank();
 
   Phase2Attention p2(*m.backend, cache, m.hp, *g_comm, algo);
   p2.register_sequence(seq, g_comm->rank() == lay->query_host, static_cast<int64_t>(context.size()));
