@@ -3,7 +3,8 @@
 //   {"bench":"gemm",...}          cuBLASLt GEMM TFLOP/s at the model's projection shapes (one rank);
 //   {"bench":"ttft",...}          time to first token: the context encoded by the mode, then the
 //                                 query through phase 2, with the FLOPs it implies;
-//   {"bench":"decode",...}        milliseconds per generated token after that context.
+//   {"bench":"decode",...}        milliseconds per generated token after that context (with
+//                                 --entropy also while tracking every layer's entropy).
 // Modes: global (one causal prefill; one rank only), exact (context parallelism: each rank encodes
 // its span with attention to all earlier context), star (phase 1 over --blocks blocks, i.e. block
 // = 1/blocks of the context, anchor = block), star@N (blocks of N tokens).
@@ -13,11 +14,12 @@
 // Usage: [mpirun -np W] model_bench [--layers 32] [--lengths 16384,32768] [--modes global,star]
 //                    [--blocks 4] [--merge allreduce|allgather]
 //                    [--prefill-kernel mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
-//                    [--query 32] [--decode 16] [--gemm-only]
+//                    [--query 32] [--decode 16] [--entropy] [--gemm-only]
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <sstream>
 #include <string>
@@ -163,7 +165,7 @@ Work phase1_work(const StarLayout& lay, AttentionMode mode) {
 
 int run(int argc, char** argv) {
   int layers = 32, blocks = 4, query = 32, decode = 16;
-  bool gemm_only = false;
+  bool gemm_only = false, entropy = false;
   std::string prefill_kernel = "mma", merge = "allreduce";
   std::vector<int64_t> lengths = {16384, 32768};
   std::vector<std::string> mode_names = {"global", "star"};
@@ -185,6 +187,7 @@ int run(int argc, char** argv) {
     else if (a == "--gemm-only") gemm_only = true;
     else if (a == "--prefill-kernel") prefill_kernel = next();
     else if (a == "--merge") merge = next();
+    else if (a == "--entropy") entropy = true;
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -289,6 +292,7 @@ int run(int argc, char** argv) {
     double phase1_rank_min = 0, phase1_rank_max = 0;
     int block_size = static_cast<int>(n), n_blocks = 1;
     std::unique_ptr<AttentionHandler> handler;
+    std::function<void(EntropyStats*)> track_entropy;  // on the handler, for --entropy
     std::vector<int32_t> pos;
     be->synchronize();
     (void)comm->barrier();
@@ -311,6 +315,10 @@ int run(int argc, char** argv) {
       const double m = static_cast<double>(all.size());
       pairs = m * (m + 1) / 2;
       projected = m;
+      track_entropy = [h = local.get(), seq](EntropyStats* e) {
+        if (e) h->track_entropy(seq, e);
+        else h->untrack_entropy(seq);
+      };
       handler = std::move(local);
     } else {
       ContextEncoder enc(*model, cache, *comm);
@@ -352,6 +360,7 @@ int run(int argc, char** argv) {
       // Phase 2: every rank runs the whole model on the query; its keys are spread over ranks.
       pairs = w.pairs + static_cast<double>(query) * n + query * (query + 1) / 2.0;
       projected = w.tokens + static_cast<double>(query) * world;
+      track_entropy = [h = p2.get(), seq](EntropyStats* e) { h->track_entropy(seq, e); };
       handler = std::move(p2);
     }
     const double flops = lin * projected + attention_flops(hp, pairs);
@@ -368,32 +377,49 @@ int run(int argc, char** argv) {
     }
 
     // Decode: greedy tokens one at a time after the context and query; rank 0 picks the token
-    // (every rank holds the same merged logits) and broadcasts it, as the server does.
+    // (every rank holds the same merged logits) and broadcasts it, as the server does. With
+    // --entropy, a second run of as many tokens tracks every layer's per-head entropy (what a
+    // request with return_attention_entropy costs).
     int32_t next = argmax(logits);
     int32_t p = static_cast<int32_t>(n + query);
-    be->synchronize();
-    (void)comm->barrier();
-    const auto t1 = Clock::now();
-    for (int i = 0; i < decode; ++i) {
-      (void)comm->broadcast(&next, sizeof(next), 0);
-      BatchSeq d{seq, {&next, 1}, {&p, 1}, false};
-      const Status st = model->forward({&d, 1}, *handler, &logits);
-      if (!st.ok()) {
-        std::fprintf(stderr, "decode: %s\n", st.to_string().c_str());
-        comm->abort_job(1);
-        return 1;
+    for (const bool with_entropy : {false, true}) {
+      if (with_entropy && !entropy) break;
+      EntropyStats stats;
+      if (with_entropy) {
+        stats.reset(hp.n_layers, hp.n_heads);
+        track_entropy(&stats);
       }
-      next = argmax(logits);
-      ++p;
-    }
-    const double ms = since(t1) * 1e3 / std::max(decode, 1);
-    if (lead && print) {
-      std::printf(
-          "{\"bench\":\"decode\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"block_size\":%d,"
-          "\"ranks\":%d,\"gpus\":%d,\"merge\":\"%s\",\"layers\":%d,\"ms_per_token\":%.2f,\"tokens_per_s\":%.1f}\n",
-          mode.name.c_str(), static_cast<long long>(n), block_size, world, gpus, merge.c_str(), layers, ms,
-          1e3 / ms);
-      std::fflush(stdout);
+      be->synchronize();
+      (void)comm->barrier();
+      const auto t1 = Clock::now();
+      for (int i = 0; i < decode; ++i) {
+        (void)comm->broadcast(&next, sizeof(next), 0);
+        BatchSeq d{seq, {&next, 1}, {&p, 1}, false};
+        const Status st = model->forward({&d, 1}, *handler, &logits);
+        if (!st.ok()) {
+          std::fprintf(stderr, "decode: %s\n", st.to_string().c_str());
+          comm->abort_job(1);
+          return 1;
+        }
+        next = argmax(logits);
+        ++p;
+      }
+      const double ms = since(t1) * 1e3 / std::max(decode, 1);
+      if (with_entropy) track_entropy(nullptr);
+      if (lead && print) {
+        std::printf(
+            "{\"bench\":\"decode\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"block_size\":%d,"
+            "\"ranks\":%d,\"gpus\":%d,\"merge\":\"%s\",\"layers\":%d,\"entropy\":%s,\"ms_per_token\":%.2f,"
+            "\"tokens_per_s\":%.1f",
+            mode.name.c_str(), static_cast<long long>(n), block_size, world, gpus, merge.c_str(), layers,
+            with_entropy ? "true" : "false", ms, 1e3 / ms);
+        if (with_entropy) {
+          std::printf(",\"entropy_rows_per_layer\":%lld,\"entropy_layer0_mean\":%.4f,\"entropy_last_layer_mean\":%.4f",
+                      static_cast<long long>(stats.count[0]), stats.layer_mean(0), stats.layer_mean(hp.n_layers - 1));
+        }
+        std::printf("}\n");
+        std::fflush(stdout);
+      }
     }
     cache.free_sequence(seq);
     return 0;

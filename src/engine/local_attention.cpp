@@ -1,16 +1,21 @@
 #include "engine/local_attention.h"
 
 #include <cmath>
+#include <utility>
 
 namespace starserve {
 
 LocalAttention::LocalAttention(Backend& backend, KvCache& cache, const ModelHParams& hp)
-    : backend_(backend), cache_(cache), hp_(hp) {}
+    : backend_(backend), cache_(cache), hp_(hp), collector_(backend) {}
 
 Status LocalAttention::begin_forward(std::span<const BatchSeq> batch) {
+  int64_t tracked_rows = 0;
   for (const BatchSeq& s : batch) {
     SS_RETURN_IF_ERROR(cache_.reserve(s.seq_id, cache_.length(s.seq_id) + static_cast<int64_t>(s.tokens.size())));
+    auto it = entropy_.find(s.seq_id);
+    if (it != entropy_.end() && it->second->enabled()) tracked_rows += static_cast<int64_t>(s.tokens.size());
   }
+  collector_.begin(tracked_rows * hp_.n_layers, hp_.n_heads);
   return Status();
 }
 
@@ -40,11 +45,9 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
     backend_.partial_attention(c);
     auto it = entropy_.find(s.seq_id);
     if (it != entropy_.end() && it->second->enabled()) {
-      ent_host_.resize(n * nh);
-      backend_.download_bytes(ent_host_.data(), c.entropy, ent_host_.size() * sizeof(float));
       std::vector<int64_t> visible(n);
       for (int64_t i = 0; i < n; ++i) visible[i] = past + i + 1;
-      it->second->add(layer, ent_host_.data(), n, visible.data());
+      collector_.add(it->second, layer, c.entropy, n, std::move(visible));
     }
     start += n;
   }
@@ -52,6 +55,7 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
 }
 
 void LocalAttention::end_forward(std::span<const BatchSeq> batch) {
+  collector_.flush();
   for (const BatchSeq& s : batch) {
     cache_.set_length(s.seq_id, cache_.length(s.seq_id) + static_cast<int64_t>(s.tokens.size()));
   }

@@ -6,6 +6,7 @@
 #include <unordered_map>
 
 #include "engine/attention_stats.h"
+#include "engine/entropy_collector.h"
 #include "engine/kv_cache.h"
 #include "model/model.h"
 
@@ -28,8 +29,8 @@ class LocalAttention final : public AttentionHandler {
   KvCache& cache_;
   ModelHParams hp_;
   std::unordered_map<SeqId, EntropyStats*> entropy_;
+  EntropyCollector collector_;
   Scratch lse_, ent_;
-  std::vector<float> ent_host_;
 };
 
 }  // namespace starserve

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 namespace starserve {
 
@@ -226,7 +227,12 @@ void ExactContextAttention::end_forward(std::span<const BatchSeq> batch) {
 
 Phase2Attention::Phase2Attention(Backend& backend, KvCache& cache, const ModelHParams& hp, Communicator& comm,
                                  MergeAlgo algo)
-    : backend_(backend), cache_(cache), dims_(AttentionDims::from(hp)), merger_(comm, algo) {}
+    : backend_(backend),
+      cache_(cache),
+      dims_(AttentionDims::from(hp)),
+      n_layers_(hp.n_layers),
+      merger_(comm, algo),
+      collector_(backend) {}
 
 void Phase2Attention::register_sequence(SeqId seq, bool query_host, int64_t n_context_total) {
   SeqInfo info;
@@ -241,13 +247,16 @@ void Phase2Attention::forget_sequence(SeqId seq) { seqs_.erase(seq); }
 void Phase2Attention::track_entropy(SeqId seq, EntropyStats* stats) { seqs_.at(seq).entropy = stats; }
 
 Status Phase2Attention::begin_forward(std::span<const BatchSeq> batch) {
+  int64_t tracked_rows = 0;
   for (const BatchSeq& s : batch) {
     auto it = seqs_.find(s.seq_id);
     SS_CHECK(it != seqs_.end(), "sequence {} was not registered for phase 2", s.seq_id);
     if (it->second.query_host) {
       SS_RETURN_IF_ERROR(cache_.reserve(s.seq_id, cache_.length(s.seq_id) + static_cast<int64_t>(s.tokens.size())));
     }
+    if (it->second.entropy && it->second.entropy->enabled()) tracked_rows += static_cast<int64_t>(s.tokens.size());
   }
+  collector_.begin(tracked_rows * n_layers_, dims_.n_heads);
   return Status();
 }
 
@@ -293,8 +302,6 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
     tracked = tracked || (info.entropy && info.entropy->enabled());
   }
   if (!tracked) return Status();
-  ent_host_.resize(total * nh);
-  backend_.download_bytes(ent_host_.data(), ent_all, ent_host_.size() * sizeof(float));
   start = 0;
   for (const BatchSeq& s : batch) {
     const SeqInfo& info = seqs_.at(s.seq_id);
@@ -302,7 +309,7 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
     if (info.entropy && info.entropy->enabled()) {
       std::vector<int64_t> visible(n);
       for (int64_t i = 0; i < n; ++i) visible[i] = info.n_context_total + info.n_generated + i + 1;
-      info.entropy->add(layer, ent_host_.data() + start * nh, n, visible.data());
+      collector_.add(info.entropy, layer, ent_all + start * nh, n, std::move(visible));
     }
     start += n;
   }
@@ -310,6 +317,7 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
 }
 
 void Phase2Attention::end_forward(std::span<const BatchSeq> batch) {
+  collector_.flush();
   for (const BatchSeq& s : batch) {
     SeqInfo& info = seqs_.at(s.seq_id);
     const int64_t n = static_cast<int64_t>(s.tokens.size());

@@ -14,6 +14,7 @@
 
 #include "comm/communicator.h"
 #include "engine/attention_stats.h"
+#include "engine/entropy_collector.h"
 #include "engine/kv_cache.h"
 #include "model/model.h"
 #include "star/merge.h"
@@ -126,10 +127,11 @@ class Phase2Attention final : public AttentionHandler {
   Backend& backend_;
   KvCache& cache_;
   AttentionDims dims_;
+  int n_layers_ = 0;
   RankMerger merger_;
   std::unordered_map<SeqId, SeqInfo> seqs_;
   Scratch lse_, ent_, out32_;
-  std::vector<float> ent_host_;
+  EntropyCollector collector_;
   double merge_seconds_ = 0;
   int64_t merges_ = 0;
 };
