@@ -13,11 +13,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
+#include "bench/gpu/bench_args.h"
 #include "comm/communicator.h"
 #include "kernels/ref/attention_ref.h"
 #include "star/merge.h"
@@ -25,14 +25,6 @@
 using namespace starserve;
 
 namespace {
-
-std::vector<int64_t> parse_list(const char* s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(std::stoll(item));
-  return out;
-}
 
 int run(int argc, char** argv) {
   std::vector<int64_t> token_counts = {1, 4, 32, 256, 2048};
@@ -46,7 +38,7 @@ int run(int argc, char** argv) {
   std::unique_ptr<Communicator> comm = std::move(mpi).value();
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "--tokens" && i + 1 < argc) token_counts = parse_list(argv[++i]);
+    if (a == "--tokens" && i + 1 < argc) token_counts = bench::split_integers(argv[++i]);
     else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());

@@ -21,11 +21,11 @@
 #include <cstring>
 #include <functional>
 #include <numeric>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "backend/backend.h"
+#include "bench/gpu/bench_args.h"
 #include "comm/communicator.h"
 #include "engine/local_attention.h"
 #include "model/random_source.h"
@@ -38,22 +38,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-std::vector<int64_t> parse_list(const char* s) {
-  std::vector<int64_t> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(std::stoll(item));
-  return out;
-}
-
-std::vector<std::string> parse_words(const char* s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) out.push_back(item);
-  return out;
-}
 
 std::vector<int32_t> tokens(int64_t n, int vocab, uint32_t seed) {
   std::vector<int32_t> t(n);
@@ -179,8 +163,8 @@ int run(int argc, char** argv) {
       return argv[++i];
     };
     if (a == "--layers") layers = std::atoi(next());
-    else if (a == "--lengths") lengths = parse_list(next());
-    else if (a == "--modes") mode_names = parse_words(next());
+    else if (a == "--lengths") lengths = bench::split_integers(next());
+    else if (a == "--modes") mode_names = bench::split_commas(next());
     else if (a == "--blocks") blocks = std::atoi(next());
     else if (a == "--query") query = std::atoi(next());
     else if (a == "--decode") decode = std::atoi(next());
