@@ -1,4 +1,5 @@
 // MPI communicator over host buffers. Collectives run on the thread that created it (FUNNELED).
+#include <algorithm>
 #include <cstdlib>
 
 #include "comm/communicator.h"
@@ -28,6 +29,19 @@ Status mpi_status(int rc, const char* what) {
 }
 #define SS_MPI(call) SS_RETURN_IF_ERROR(mpi_status((call), #call))
 
+// MPI counts are ints: element-wise operations on more than this many elements go in pieces, so a
+// large message (an anchor's KV at long contexts) is never cut short by a narrowing cast.
+constexpr size_t kMaxCount = size_t{1} << 30;
+
+template <typename Fn>
+Status in_pieces(size_t n, Fn&& fn) {
+  for (size_t off = 0; off < n || off == 0; off += kMaxCount) {
+    SS_RETURN_IF_ERROR(fn(off, static_cast<int>(std::min(kMaxCount, n - off))));
+    if (n == 0) break;
+  }
+  return Status();
+}
+
 class MpiCommunicator final : public Communicator {
  public:
   explicit MpiCommunicator(WorldLayout layout) : layout_(std::move(layout)) {}
@@ -40,33 +54,47 @@ class MpiCommunicator final : public Communicator {
   std::string name() const override { return "mpi"; }
 
   Status all_reduce_max(float* data, size_t n) override {
-    SS_MPI(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD));
-    return Status();
+    return in_pieces(n, [&](size_t off, int count) {
+      return mpi_status(MPI_Allreduce(MPI_IN_PLACE, data + off, count, MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD),
+                        "MPI_Allreduce(max)");
+    });
   }
   Status all_reduce_sum(float* data, size_t n) override {
-    SS_MPI(MPI_Allreduce(MPI_IN_PLACE, data, static_cast<int>(n), MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
-    return Status();
+    return in_pieces(n, [&](size_t off, int count) {
+      return mpi_status(MPI_Allreduce(MPI_IN_PLACE, data + off, count, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD),
+                        "MPI_Allreduce(sum)");
+    });
   }
   Status all_gather(const void* send, void* recv, size_t bytes) override {
+    // One contribution per rank at a fixed stride: no piecewise form, so a too-large one is refused.
+    if (bytes > kMaxCount) {
+      return invalid_argument("all_gather of {} bytes per rank: MPI takes at most {} in one call", bytes, kMaxCount);
+    }
     SS_MPI(MPI_Allgather(send, static_cast<int>(bytes), MPI_BYTE, recv, static_cast<int>(bytes), MPI_BYTE,
                          MPI_COMM_WORLD));
     return Status();
   }
   Status broadcast(void* data, size_t bytes, int root) override {
-    SS_MPI(MPI_Bcast(data, static_cast<int>(bytes), MPI_BYTE, root, MPI_COMM_WORLD));
-    return Status();
+    char* p = static_cast<char*>(data);
+    return in_pieces(bytes, [&](size_t off, int count) {
+      return mpi_status(MPI_Bcast(p + off, count, MPI_BYTE, root, MPI_COMM_WORLD), "MPI_Bcast");
+    });
   }
   Status barrier() override {
     SS_MPI(MPI_Barrier(MPI_COMM_WORLD));
     return Status();
   }
   Status send(const void* data, size_t bytes, int dst, int tag) override {
-    SS_MPI(MPI_Send(data, static_cast<int>(bytes), MPI_BYTE, dst, tag, MPI_COMM_WORLD));
-    return Status();
+    const char* p = static_cast<const char*>(data);
+    return in_pieces(bytes, [&](size_t off, int count) {
+      return mpi_status(MPI_Send(p + off, count, MPI_BYTE, dst, tag, MPI_COMM_WORLD), "MPI_Send");
+    });
   }
   Status recv(void* data, size_t bytes, int src, int tag) override {
-    SS_MPI(MPI_Recv(data, static_cast<int>(bytes), MPI_BYTE, src, tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE));
-    return Status();
+    char* p = static_cast<char*>(data);
+    return in_pieces(bytes, [&](size_t off, int count) {
+      return mpi_status(MPI_Recv(p + off, count, MPI_BYTE, src, tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE), "MPI_Recv");
+    });
   }
   void abort_job(int code) override { MPI_Abort(MPI_COMM_WORLD, code); }
 
