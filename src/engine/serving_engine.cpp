@@ -437,7 +437,11 @@ Status ServingEngine::step() {
     tokens.resize(decoding.size());
     for (size_t r = 0; r < decoding.size(); ++r) decoding[r]->controller->prepare_device_sample(&rows[r]);
   }
-  // Entropy is tracked on rank 0 only (the merged values are identical on every rank).
+  // Entropy is tracked on rank 0 only (the merged values are identical on every rank), from the
+  // request's first phase-2 forward: its query rows count too.
+  for (Active* a : decoding) {
+    if (!a->prefilled && a->entropy) state_->phase2().track_entropy(static_cast<SeqId>(a->id), &*a->entropy);
+  }
   std::vector<float> logits;
   Status st = state_->execute(msg, on_device ? nullptr : &logits, rows, tokens);
   if (!st.ok()) {
@@ -448,10 +452,7 @@ Status ServingEngine::step() {
   const int n_vocab = ctx_.model->hparams().n_vocab;
   for (size_t r = 0; r < decoding.size(); ++r) {
     Active& a = *decoding[r];
-    if (!a.prefilled) {
-      a.prefilled = true;
-      if (a.entropy) state_->phase2().track_entropy(static_cast<SeqId>(a.id), &*a.entropy);
-    }
+    a.prefilled = true;
     a.position += static_cast<int64_t>(a.next_tokens.size());
     const int32_t token =
         on_device ? tokens[r] : a.controller->choose(std::span<float>(logits.data() + r * n_vocab, n_vocab));

@@ -239,12 +239,26 @@ void Phase2Attention::register_sequence(SeqId seq, bool query_host, int64_t n_co
   info.query_host = query_host;
   info.n_context_total = n_context_total;
   info.n_local_context = cache_.length(seq);
+  if (auto it = entropy_before_registration_.find(seq); it != entropy_before_registration_.end()) {
+    info.entropy = it->second;
+    entropy_before_registration_.erase(it);
+  }
   seqs_[seq] = info;
 }
 
-void Phase2Attention::forget_sequence(SeqId seq) { seqs_.erase(seq); }
+void Phase2Attention::forget_sequence(SeqId seq) {
+  seqs_.erase(seq);
+  entropy_before_registration_.erase(seq);
+}
 
-void Phase2Attention::track_entropy(SeqId seq, EntropyStats* stats) { seqs_.at(seq).entropy = stats; }
+void Phase2Attention::track_entropy(SeqId seq, EntropyStats* stats) {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) {
+    entropy_before_registration_[seq] = stats;
+  } else {
+    it->second.entropy = stats;
+  }
+}
 
 Status Phase2Attention::begin_forward(std::span<const BatchSeq> batch) {
   int64_t tracked_rows = 0;

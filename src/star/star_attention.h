@@ -106,6 +106,8 @@ class Phase2Attention final : public AttentionHandler {
   // context tokens (for the entropy maximum log(n_visible)).
   void register_sequence(SeqId seq, bool query_host, int64_t n_context_total);
   void forget_sequence(SeqId seq);
+  // Accumulates the entropy of the sequence's rows into stats from its next forward on; may come
+  // before register_sequence, so that the query's own rows (the first forward) are counted.
   void track_entropy(SeqId seq, EntropyStats* stats);
   const RankMerger& merger() const { return merger_; }
   // Time spent in the cross-rank merge (collectives included), and the number of merges.
@@ -130,6 +132,7 @@ class Phase2Attention final : public AttentionHandler {
   int n_layers_ = 0;
   RankMerger merger_;
   std::unordered_map<SeqId, SeqInfo> seqs_;
+  std::unordered_map<SeqId, EntropyStats*> entropy_before_registration_;
   Scratch lse_, ent_, out32_;
   EntropyCollector collector_;
   double merge_seconds_ = 0;

@@ -52,6 +52,16 @@ check "unary greedy == generate" 'diff <(printf "%s" "$(cat "$WORK/gen_greedy.tx
 check "stream seeded == generate seeded" 'diff <(printf "%s" "$(cat "$WORK/gen_seed.txt")") <(printf "%s" "$(cat "$WORK/stream_seed.txt")")'
 check "usage and timing reported" 'grep -q "completion 12 tokens" "$WORK/unary_greedy.err"'
 
+# Attention entropy over gRPC (2 ranks, merged across them) equals `starserve generate --entropy`'s, layer by layer.
+"$BIN/starserve" generate --model "$MODEL" --prompt "$PROMPT" --max-tokens 6 --temperature 0 --ignore-eos \
+  --attention global --entropy --log-level warn 2>&1 >/dev/null |
+  sed -n 's/^\[entropy\] layer *[0-9]* mean \([0-9.]*\) .*/\1/p' >"$WORK/gen_entropy.txt"
+"${CTL[@]}" complete --prompt "$PROMPT" --max-tokens 6 --temperature 0 --ignore-eos --attention global --entropy \
+  2>&1 >/dev/null | sed -n 's/^ *layer *[0-9]*: \([0-9.]*\) .*/\1/p' >"$WORK/srv_entropy.txt"
+check "entropy: every layer reported" '[ "$(wc -l <"$WORK/srv_entropy.txt")" -gt 0 ] && [ "$(wc -l <"$WORK/srv_entropy.txt")" = "$(wc -l <"$WORK/gen_entropy.txt")" ]'
+check "entropy over gRPC == generate (within 2e-3 nats)" 'paste "$WORK/gen_entropy.txt" "$WORK/srv_entropy.txt" |
+  awk "{ d = \$1 - \$2; if (d < 0) d = -d; if (d > 0.002) bad = 1 } END { exit bad }"'
+
 # 16 concurrent streams share the decode steps and each returns the text of a lone request.
 for i in $(seq 1 16); do
   "${CTL[@]}" stream --prompt "$PROMPT" --max-tokens 12 --temperature 0 --ignore-eos --attention global \
