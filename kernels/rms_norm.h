@@ -13,4 +13,11 @@ namespace starserve {
 cudaError_t launch_rms_norm(__nv_bfloat16* out, const __nv_bfloat16* in, const __nv_bfloat16* weight, int64_t n_tokens,
                             int hidden, float eps, cudaStream_t stream);
 
+// The residual add, then the next norm, in one pass: x = bf16(x + h), out = rms_norm(x) * weight
+// with the statistics of the rounded x (so the result equals launch_add_bf16 then launch_rms_norm).
+// x, h, out: (n_tokens, hidden) bf16; weight: (hidden). out must not alias x or h.
+cudaError_t launch_add_rms_norm(__nv_bfloat16* out, __nv_bfloat16* x, const __nv_bfloat16* h,
+                                const __nv_bfloat16* weight, int64_t n_tokens, int hidden, float eps,
+                                cudaStream_t stream);
+
 }  // namespace starserve

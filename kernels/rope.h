@@ -16,4 +16,12 @@ namespace starserve {
 cudaError_t launch_rope(__nv_bfloat16* x, const int32_t* positions, const float* inv_freq, int64_t n_tokens,
                         int n_heads, int head_dim, int rope_dim, RopeStyle style, cudaStream_t stream);
 
+// One fused projection's rows [q heads | k heads | v heads] split into q, k, v, with q and k
+// rotated exactly as launch_rope rotates them (same angles and rounding) and v copied.
+// qkv: (n_tokens, (n_heads + 2 n_kv_heads) * head_dim) bf16; q: (n_tokens, n_heads, head_dim);
+// k, v: (n_tokens, n_kv_heads, head_dim). head_dim and rope_dim even, rope_dim <= head_dim.
+cudaError_t launch_split_qkv_rope(__nv_bfloat16* q, __nv_bfloat16* k, __nv_bfloat16* v, const __nv_bfloat16* qkv,
+                                  const int32_t* positions, const float* inv_freq, int64_t n_tokens, int n_heads,
+                                  int n_kv_heads, int head_dim, int rope_dim, RopeStyle style, cudaStream_t stream);
+
 }  // namespace starserve

@@ -3,8 +3,9 @@
 //   {"bench":"gemm",...}          cuBLASLt GEMM TFLOP/s at the model's projection shapes (one rank);
 //   {"bench":"ttft",...}          time to first token: the context encoded by the mode, then the
 //                                 query through phase 2, with the FLOPs it implies;
-//   {"bench":"decode",...}        milliseconds per generated token after that context (with
-//                                 --entropy also while tracking every layer's entropy).
+//   {"bench":"decode",...}        milliseconds per generated token after that context, the token
+//                                 picked on the device as the server does (with --entropy also
+//                                 while tracking every layer's entropy).
 // Modes: global (one causal prefill; one rank only), exact (context parallelism: each rank encodes
 // its span with attention to all earlier context), star (phase 1 over --blocks blocks, i.e. block
 // = 1/blocks of the context, anchor = block), star@N (blocks of N tokens).
@@ -14,7 +15,14 @@
 // Usage: [mpirun -np W] model_bench [--layers 32] [--lengths 16384,32768] [--modes global,star]
 //                    [--blocks 4] [--merge allreduce|allgather]
 //                    [--prefill-kernel mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
-//                    [--query 32] [--decode 16] [--entropy] [--gemm-only]
+//                    [--query 32] [--decode 16] [--entropy] [--gemm-only] [--graph-probe] [--op-census]
+// --op-census: a decode step's ops by kind, each captured as a CUDA graph (see op_census).
+// --graph-probe (global mode, one rank) adds {"bench":"decode_probe",...}: where a decode step's
+// time goes. The same step eager, the host's time to enqueue it, the step captured once as a CUDA
+// graph and replayed (the GPU's own time with launch gaps gone), and the step captured anew each
+// time and applied to an instantiated graph with cudaGraphExecUpdate before its launch.
+#include <cuda_runtime.h>
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -100,6 +108,253 @@ void bench_gemm(Backend& be, const ModelHParams& hp) {
 }
 
 
+#define PROBE_CUDA(expr)                                                             \
+  do {                                                                               \
+    const cudaError_t e_ = (expr);                                                   \
+    if (e_ != cudaSuccess) {                                                         \
+      std::fprintf(stderr, "%s: %s\n", #expr, cudaGetErrorString(e_));               \
+      return 1;                                                                      \
+    }                                                                                \
+  } while (0)
+
+// --graph-probe: one decode step (no logits) four ways; see the header. Advances the sequence by
+// 3 * steps + 1 tokens (the eager, enqueue and re-capture runs write the KV cache; the replays
+// rewrite one slot).
+int probe_decode(Backend& be, Model& model, AttentionHandler& handler, SeqId seq, int32_t token, int32_t pos,
+                 int steps, int64_t context) {
+  auto* stream = static_cast<cudaStream_t>(be.stream());
+  auto step = [&]() -> bool {
+    BatchSeq d{seq, {&token, 1}, {&pos, 1}, false};
+    const Status st = model.forward({&d, 1}, handler, nullptr);
+    if (!st.ok()) std::fprintf(stderr, "probe step: %s\n", st.to_string().c_str());
+    ++pos;
+    return st.ok();
+  };
+  // Eager, synchronised once at the end: the GPU's time when the host keeps ahead.
+  be.synchronize();
+  auto t0 = Clock::now();
+  for (int i = 0; i < steps; ++i)
+    if (!step()) return 1;
+  be.synchronize();
+  const double eager_ms = since(t0) * 1e3 / steps;
+  // The host's enqueue time alone: each step synchronised before the next one is timed.
+  double enqueue = 0;
+  for (int i = 0; i < steps; ++i) {
+    be.synchronize();
+    const auto t = Clock::now();
+    if (!step()) return 1;
+    enqueue += since(t);
+  }
+  be.synchronize();
+  const double enqueue_ms = enqueue * 1e3 / steps;
+  // Captured once, replayed.
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  PROBE_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  const bool ok = step();
+  PROBE_CUDA(cudaStreamEndCapture(stream, &graph));
+  if (!ok) return 1;
+  size_t nodes = 0;
+  PROBE_CUDA(cudaGraphGetNodes(graph, nullptr, &nodes));
+  PROBE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+  PROBE_CUDA(cudaGraphLaunch(exec, stream));
+  be.synchronize();
+  t0 = Clock::now();
+  for (int i = 0; i < steps; ++i) PROBE_CUDA(cudaGraphLaunch(exec, stream));
+  be.synchronize();
+  const double replay_ms = since(t0) * 1e3 / steps;
+  // Captured anew each step (the host's per-step work and page tables as they are) and applied to
+  // the instantiated graph, then launched.
+  double capture = 0, update = 0;
+  int reinstantiated = 0;
+  be.synchronize();
+  t0 = Clock::now();
+  for (int i = 0; i < steps; ++i) {
+    cudaGraph_t g = nullptr;
+    auto t = Clock::now();
+    PROBE_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    const bool ok_i = step();
+    PROBE_CUDA(cudaStreamEndCapture(stream, &g));
+    if (!ok_i) return 1;
+    capture += since(t);
+    t = Clock::now();
+    cudaGraphExecUpdateResultInfo info{};
+    if (cudaGraphExecUpdate(exec, g, &info) != cudaSuccess) {
+      (void)cudaGetLastError();
+      PROBE_CUDA(cudaGraphExecDestroy(exec));
+      PROBE_CUDA(cudaGraphInstantiate(&exec, g, 0));
+      ++reinstantiated;
+    }
+    update += since(t);
+    PROBE_CUDA(cudaGraphLaunch(exec, stream));
+    PROBE_CUDA(cudaGraphDestroy(g));
+  }
+  be.synchronize();
+  const double recapture_ms = since(t0) * 1e3 / steps;
+  PROBE_CUDA(cudaGraphExecDestroy(exec));
+  PROBE_CUDA(cudaGraphDestroy(graph));
+  std::printf(
+      "{\"bench\":\"decode_probe\",\"impl\":\"starserve\",\"mode\":\"global\",\"context\":%lld,\"steps\":%d,"
+      "\"graph_nodes\":%zu,\"eager_ms\":%.3f,\"enqueue_ms\":%.3f,\"graph_replay_ms\":%.3f,"
+      "\"recapture_ms\":%.3f,\"capture_ms\":%.3f,\"exec_update_ms\":%.3f,\"reinstantiated\":%d}\n",
+      static_cast<long long>(context), steps, nodes, eager_ms, enqueue_ms, replay_ms, recapture_ms,
+      capture * 1e3 / steps, update * 1e3 / steps, reinstantiated);
+  std::fflush(stdout);
+  return 0;
+}
+
+// --op-census: one decode step's ops by kind, each kind captured as a CUDA graph over every layer
+// (distinct weights per layer, so nothing is served from L2) and replayed; prints
+// {"bench":"decode_ops",...} lines with microseconds per step and the bytes the kind must move.
+int op_census(Backend& be, const ModelHParams& hp, int64_t context) {
+  auto* stream = static_cast<cudaStream_t>(be.stream());
+  const int64_t hidden = hp.hidden, ffn = hp.ffn_hidden, hd = hp.head_dim;
+  const int64_t qd = int64_t{hp.n_heads} * hd, kvd = int64_t{hp.n_kv_heads} * hd;
+  const int layers = hp.n_layers;
+  std::vector<DeviceBuffer> keep;
+  auto buf = [&](DType dt, std::initializer_list<int64_t> dims) {
+    Tensor t = Tensor::make(nullptr, dt, dims);
+    keep.push_back(be.alloc(t.bytes()));
+    (void)cudaMemsetAsync(keep.back().data(), 0, t.bytes(), stream);
+    t.data = keep.back().data();
+    return t;
+  };
+  const DType bf = DType::kBF16;
+  Tensor x = buf(bf, {1, hidden}), h = buf(bf, {1, hidden}), q = buf(bf, {1, hp.n_heads, hd}),
+         k = buf(bf, {1, hp.n_kv_heads, hd}), v = buf(bf, {1, hp.n_kv_heads, hd}), g = buf(bf, {1, ffn}),
+         u = buf(bf, {1, ffn}), qkv = buf(bf, {1, qd + 2 * kvd}), gu = buf(bf, {1, 2 * ffn});
+  Tensor norm_w = buf(bf, {hidden});
+  Tensor inv = buf(DType::kF32, {hp.rope_dim / 2});
+  struct Layer {
+    Tensor wq, wk, wv, wo, wg, wu, wd, wqkv, wgu;
+  };
+  std::vector<Layer> w(layers);
+  for (Layer& l : w) {
+    l.wq = buf(bf, {qd, hidden});
+    l.wk = buf(bf, {kvd, hidden});
+    l.wv = buf(bf, {kvd, hidden});
+    l.wo = buf(bf, {hidden, qd});
+    l.wg = buf(bf, {ffn, hidden});
+    l.wu = buf(bf, {ffn, hidden});
+    l.wd = buf(bf, {hidden, ffn});
+    l.wqkv = buf(bf, {qd + 2 * kvd, hidden});
+    l.wgu = buf(bf, {2 * ffn, hidden});
+  }
+  // KV of `context` tokens per layer in 256-token pages, as the cache hands them to attention.
+  const int64_t page = 256, n_pages = (context + page - 1) / page;
+  std::vector<Tensor> kpool(layers), vpool(layers);
+  std::vector<std::vector<KvView>> segs(layers);
+  for (int l = 0; l < layers; ++l) {
+    kpool[l] = buf(bf, {n_pages * page, hp.n_kv_heads, hd});
+    vpool[l] = buf(bf, {n_pages * page, hp.n_kv_heads, hd});
+    for (int64_t p = 0; p < n_pages; ++p) {
+      const int64_t n = std::min(page, context - p * page);
+      segs[l].push_back({kpool[l].slice_rows(p * page, n), vpool[l].slice_rows(p * page, n)});
+    }
+  }
+  Tensor attn_out = buf(bf, {1, hp.n_heads, hd});
+  Tensor lse = buf(DType::kF32, {hp.n_heads}), ent = buf(DType::kF32, {hp.n_heads});
+  const int32_t pos = static_cast<int32_t>(context);
+  be.synchronize();
+  auto flat = [](Tensor m) { return Tensor::make(m.data, m.dtype, {m.shape[0], m.numel() / m.shape[0]}); };
+  struct Kind {
+    const char* name;
+    double bytes;
+    std::function<void(int)> op;  // one layer's share
+  };
+  const double wbytes = 2.0 * hidden * (qd + 2 * kvd + qd + 3 * ffn);
+  const std::vector<Kind> kinds = {
+      {"gemv_separate", wbytes,
+       [&](int l) {
+         be.matmul(flat(q), h, w[l].wq);
+         be.matmul(flat(k), h, w[l].wk);
+         be.matmul(flat(v), h, w[l].wv);
+         be.matmul(h, flat(q), w[l].wo);
+         be.matmul(g, h, w[l].wg);
+         be.matmul(u, h, w[l].wu);
+         be.matmul(h, g, w[l].wd);
+       }},
+      {"gemv_fused", wbytes,
+       [&](int l) {
+         be.matmul(qkv, h, w[l].wqkv);
+         be.matmul(h, flat(q), w[l].wo);
+         be.matmul(gu, h, w[l].wgu);
+         be.matmul(h, g, w[l].wd);
+       }},
+      {"small_ops", 0,
+       [&](int l) {
+         be.rms_norm(h, x, norm_w, 1e-5f);
+         be.rope(q, {&pos, 1}, inv, hp.rope_dim, hp.rope_style);
+         be.rope(k, {&pos, 1}, inv, hp.rope_dim, hp.rope_style);
+         be.copy(kpool[l].slice_rows(0, 1), k);
+         be.copy(vpool[l].slice_rows(0, 1), v);
+         be.add(x, x, h);
+         be.rms_norm(h, x, norm_w, 1e-5f);
+         be.swiglu(g, g, u);
+         be.add(x, x, h);
+       }},
+      {"small_ops_fused", 0,
+       [&](int l) {
+         be.split_qkv_rope(q, k, v, qkv, {&pos, 1}, inv, hp.rope_dim, hp.rope_style);
+         be.copy(kpool[l].slice_rows(0, 1), k);
+         be.copy(vpool[l].slice_rows(0, 1), v);
+         be.add_rms_norm(h, x, flat(attn_out), norm_w, 1e-5f);
+         be.swiglu_fused(g, gu);
+         be.add_rms_norm(h, x, flat(attn_out), norm_w, 1e-5f);
+       }},
+      {"attention", 4.0 * context * kvd,
+       [&](int l) {
+         AttentionCall c;
+         c.out = attn_out;
+         c.lse = lse.f32();
+         c.entropy = ent.f32();
+         c.q = q;
+         c.kv = segs[l];
+         c.n_heads = hp.n_heads;
+         c.n_kv_heads = hp.n_kv_heads;
+         c.head_dim = hp.head_dim;
+         c.scale = 0.088f;
+         c.mask = {true, context - 1};
+         be.partial_attention(c);
+       }},
+  };
+  for (const Kind& kind : kinds) {
+    for (int l = 0; l < layers; ++l) kind.op(l);  // warm: plans, scratch
+    be.synchronize();
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    PROBE_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    for (int l = 0; l < layers; ++l) kind.op(l);
+    PROBE_CUDA(cudaStreamEndCapture(stream, &graph));
+    size_t nodes = 0;
+    PROBE_CUDA(cudaGraphGetNodes(graph, nullptr, &nodes));
+    PROBE_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    PROBE_CUDA(cudaGraphLaunch(exec, stream));
+    be.synchronize();
+    const int reps = 20;
+    const auto t0 = Clock::now();
+    for (int i = 0; i < reps; ++i) PROBE_CUDA(cudaGraphLaunch(exec, stream));
+    be.synchronize();
+    const double us = since(t0) * 1e6 / reps;
+    // Eager, for the launch gaps.
+    const auto t1 = Clock::now();
+    for (int i = 0; i < reps; ++i)
+      for (int l = 0; l < layers; ++l) kind.op(l);
+    be.synchronize();
+    const double eager_us = since(t1) * 1e6 / reps;
+    const double bytes = kind.bytes * layers;
+    std::printf(
+        "{\"bench\":\"decode_ops\",\"impl\":\"starserve\",\"kind\":\"%s\",\"context\":%lld,\"layers\":%d,"
+        "\"nodes\":%zu,\"graph_us\":%.1f,\"eager_us\":%.1f,\"us_per_node\":%.2f,\"gbps\":%.0f}\n",
+        kind.name, static_cast<long long>(context), layers, nodes, us, eager_us, us / nodes,
+        bytes > 0 ? bytes / us / 1e3 : 0.0);
+    std::fflush(stdout);
+    PROBE_CUDA(cudaGraphExecDestroy(exec));
+    PROBE_CUDA(cudaGraphDestroy(graph));
+  }
+  return 0;
+}
+
 // A mode named on the command line: its context plan, or global (one causal prefill).
 struct Mode {
   std::string name;
@@ -149,7 +404,7 @@ Work phase1_work(const StarLayout& lay, AttentionMode mode) {
 
 int run(int argc, char** argv) {
   int layers = 32, blocks = 4, query = 32, decode = 16;
-  bool gemm_only = false, entropy = false;
+  bool gemm_only = false, entropy = false, graph_probe = false, census = false;
   std::string prefill_kernel = "mma", merge = "allreduce";
   std::vector<int64_t> lengths = {16384, 32768};
   std::vector<std::string> mode_names = {"global", "star"};
@@ -172,6 +427,8 @@ int run(int argc, char** argv) {
     else if (a == "--prefill-kernel") prefill_kernel = next();
     else if (a == "--merge") merge = next();
     else if (a == "--entropy") entropy = true;
+    else if (a == "--graph-probe") graph_probe = true;
+    else if (a == "--op-census") census = true;
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -235,7 +492,12 @@ int run(int argc, char** argv) {
   }
   const int gpus = std::min(world, n_gpus);
   const ModelHParams hp = llama3_8b_hparams(layers);
-  if (world == 1) bench_gemm(*be, hp);
+  if (world == 1 && !census) bench_gemm(*be, hp);
+  if (census) {
+    for (int64_t n : lengths)
+      if (const int rc = op_census(*be, hp, n)) return rc;
+    return 0;
+  }
   if (gemm_only) return 0;
 
   const auto t_load = Clock::now();
@@ -258,7 +520,7 @@ int run(int argc, char** argv) {
   for (const Mode& m : modes) anchor_max = std::max<int64_t>(anchor_max, m.plan.block_size);
   const int page = 256;
   const int64_t share = world == 1 ? max_len : std::max<int64_t>((max_len + world - 1) / world, anchor_max);
-  const int64_t pages = (share + anchor_max + query + decode + 4 * page) / page + 8;
+  const int64_t pages = (share + anchor_max + query + decode * (graph_probe ? 4 : 1) + 4 * page) / page + 8;
   KvCache cache(*be, {hp.n_layers, hp.n_kv_heads, hp.head_dim, page, pages});
   const double lin = linear_flops_per_token(hp);
 
@@ -379,13 +641,18 @@ int run(int argc, char** argv) {
       for (int i = 0; i < decode; ++i) {
         (void)comm->broadcast(&next, sizeof(next), 0);
         BatchSeq d{seq, {&next, 1}, {&p, 1}, false};
-        const Status st = model->forward({&d, 1}, *handler, &logits);
+        // Greedy on the device, as the server samples on a CUDA backend: only the token comes back.
+        SampleRow greedy;
+        greedy.n_vocab = hp.n_vocab;
+        greedy.temperature = 0.0f;
+        int32_t picked = 0;
+        const Status st = model->forward_sample({&d, 1}, *handler, {&greedy, 1}, {&picked, 1});
         if (!st.ok()) {
           std::fprintf(stderr, "decode: %s\n", st.to_string().c_str());
           comm->abort_job(1);
           return 1;
         }
-        next = argmax(logits);
+        next = picked;
         ++p;
       }
       const double ms = since(t1) * 1e3 / std::max(decode, 1);
@@ -404,6 +671,10 @@ int run(int argc, char** argv) {
         std::printf("}\n");
         std::fflush(stdout);
       }
+    }
+    // Up to 32K: longer contexts upload page tables that wrap the backend's pinned ring mid-capture.
+    if (graph_probe && mode.global && world == 1 && lead && print && n <= 32768) {
+      if (const int rc = probe_decode(*be, *model, *handler, seq, next, p, decode, n)) return rc;
     }
     cache.free_sequence(seq);
     return 0;

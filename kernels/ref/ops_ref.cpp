@@ -1,5 +1,6 @@
 #include "kernels/ref/ops_ref.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 
@@ -42,6 +43,33 @@ void swiglu_ref(float* out, const float* gate, const float* up, int64_t n) {
     const float g = gate[i];
     out[i] = g / (1.0f + std::exp(-g)) * up[i];
   }
+}
+
+void split_qkv_rope_ref(float* q, float* k, float* v, const float* qkv, const int32_t* positions,
+                        const float* inv_freq, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
+                        int rope_dim, RopeStyle style) {
+  const int64_t qd = static_cast<int64_t>(n_heads) * head_dim, kvd = static_cast<int64_t>(n_kv_heads) * head_dim;
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* row = qkv + t * (qd + 2 * kvd);
+    std::copy(row, row + qd, q + t * qd);
+    std::copy(row + qd, row + qd + kvd, k + t * kvd);
+    std::copy(row + qd + kvd, row + qd + 2 * kvd, v + t * kvd);
+  }
+  rope_ref(q, positions, inv_freq, n_tokens, n_heads, head_dim, rope_dim, style);
+  rope_ref(k, positions, inv_freq, n_tokens, n_kv_heads, head_dim, rope_dim, style);
+}
+
+void swiglu_fused_ref(float* out, const float* gate_up, int64_t n_tokens, int64_t ffn) {
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* row = gate_up + t * 2 * ffn;
+    swiglu_ref(out + t * ffn, row, row + ffn, ffn);
+  }
+}
+
+void add_rms_norm_ref(float* out, float* x, const float* h, const float* weight, int64_t n_tokens, int hidden,
+                      float eps) {
+  add_ref(x, x, h, n_tokens * hidden);
+  rms_norm_ref(out, x, weight, n_tokens, hidden, eps);
 }
 
 void add_ref(float* out, const float* a, const float* b, int64_t n) {

@@ -20,6 +20,22 @@ void rope_ref(float* x, const int32_t* positions, const float* inv_freq, int64_t
 // out = silu(gate) * up, all (n) elements. out may alias gate.
 void swiglu_ref(float* out, const float* gate, const float* up, int64_t n);
 
+// One fused q|k|v projection's rows split into q, k, v, with RoPE on q and k (as rope_ref).
+// qkv: (n_tokens, (n_heads + 2 n_kv_heads) * head_dim), each row [q heads | k heads | v heads];
+// q: (n_tokens, n_heads, head_dim), k, v: (n_tokens, n_kv_heads, head_dim).
+void split_qkv_rope_ref(float* q, float* k, float* v, const float* qkv, const int32_t* positions,
+                        const float* inv_freq, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
+                        int rope_dim, RopeStyle style);
+
+// SwiGLU over one fused gate|up projection: out (n_tokens, ffn) = silu(gate_up[:, :ffn]) *
+// gate_up[:, ffn:]; gate_up: (n_tokens, 2 ffn).
+void swiglu_fused_ref(float* out, const float* gate_up, int64_t n_tokens, int64_t ffn);
+
+// The residual add, then the next RMS norm: x += h, out = rms_norm(x) * weight.
+// x, h, out: (n_tokens, hidden); weight: (hidden).
+void add_rms_norm_ref(float* out, float* x, const float* h, const float* weight, int64_t n_tokens, int hidden,
+                      float eps);
+
 // out = a + b over n elements. out may alias a.
 void add_ref(float* out, const float* a, const float* b, int64_t n);
 

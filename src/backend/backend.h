@@ -165,6 +165,16 @@ class Backend {
                     RopeStyle style) = 0;
   virtual void swiglu(Tensor out, Tensor gate, Tensor up) = 0;
   virtual void add(Tensor out, Tensor a, Tensor b) = 0;
+  // Fused forms of a decode step's small ops; each gives what its unfused sequence gives.
+  // qkv: (T, (n_heads + 2 n_kv_heads) * head_dim), rows [q | k | v] of one fused projection; q:
+  // (T, n_heads, head_dim) and k: (T, n_kv_heads, head_dim) receive their parts rotated as by
+  // rope(), v: (T, n_kv_heads, head_dim) its part as is.
+  virtual void split_qkv_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, std::span<const int32_t> positions,
+                              Tensor inv_freq, int rope_dim, RopeStyle style) = 0;
+  // out: (T, ffn) = swiglu(gate_up[:, :ffn], gate_up[:, ffn:]); gate_up: (T, 2 ffn), not aliased by out.
+  virtual void swiglu_fused(Tensor out, Tensor gate_up) = 0;
+  // add(x, x, h) then rms_norm(out, x, weight, eps); out (T, hidden) aliases neither x nor h.
+  virtual void add_rms_norm(Tensor out, Tensor x, Tensor h, Tensor weight, float eps) = 0;
   // Partial attention over local keys: O normalised within them, LSE, entropy. See attention_ref.h.
   virtual void partial_attention(const AttentionCall& c) = 0;
   // Exact merge of shards; every pointer (and the parts' pointers) is fp32 device memory.

@@ -89,6 +89,26 @@ class CpuBackend final : public Backend {
   }
   void swiglu(Tensor out, Tensor gate, Tensor up) override { swiglu_ref(out.f32(), gate.f32(), up.f32(), out.numel()); }
   void add(Tensor out, Tensor a, Tensor b) override { add_ref(out.f32(), a.f32(), b.f32(), out.numel()); }
+  void split_qkv_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, std::span<const int32_t> positions, Tensor inv_freq,
+                      int rope_dim, RopeStyle style) override {
+    SS_CHECK(q.ndim == 3 && k.ndim == 3 && v.numel() == k.numel() &&
+                 qkv.numel() == q.numel() + k.numel() + v.numel() && q.shape[0] == static_cast<int64_t>(positions.size()),
+             "split_qkv_rope: q {} k {} v {} elements from {} for {} positions", q.numel(), k.numel(), v.numel(),
+             qkv.numel(), positions.size());
+    split_qkv_rope_ref(q.f32(), k.f32(), v.f32(), qkv.f32(), positions.data(), inv_freq.f32(), q.shape[0],
+                       static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2]),
+                       rope_dim, style);
+  }
+  void swiglu_fused(Tensor out, Tensor gate_up) override {
+    SS_CHECK(gate_up.rows() == out.rows() && gate_up.cols() == 2 * out.cols(), "swiglu_fused ({}x{}) -> ({}x{})",
+             gate_up.rows(), gate_up.cols(), out.rows(), out.cols());
+    swiglu_fused_ref(out.f32(), gate_up.f32(), out.rows(), out.cols());
+  }
+  void add_rms_norm(Tensor out, Tensor x, Tensor h, Tensor weight, float eps) override {
+    SS_CHECK(x.numel() == h.numel() && out.numel() == x.numel() && out.data != x.data && out.data != h.data,
+             "add_rms_norm: {} + {} -> {} elements", x.numel(), h.numel(), out.numel());
+    add_rms_norm_ref(out.f32(), x.f32(), h.f32(), weight.f32(), x.rows(), static_cast<int>(x.cols()), eps);
+  }
   void partial_attention(const AttentionCall& c) override {
     segs_.clear();
     for (const KvView& kv : c.kv) segs_.push_back({kv.k.f32(), kv.v.f32(), kv.n_tokens()});

@@ -45,13 +45,17 @@ std::vector<float> rope_inv_freq(const ModelHParams& hp, std::span<const float> 
 
 namespace {
 
+// The q, k, v projections are stored as one matrix (rows [q | k | v]) and gate, up as another
+// (rows [gate | up]): a decode step reads each group in one GEMM, while a prefill multiplies by the
+// row ranges wq, wk, wv, w_gate, w_up (views into them) and keeps its activations smaller.
 struct LayerWeights {
-  Tensor attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
+  Tensor attn_norm, wqkv, wq, wk, wv, wo, ffn_norm, w_gate_up, w_gate, w_up, w_down;
 };
 
 class LlamaModel final : public Model {
  public:
-  LlamaModel(const ModelHParams& hp, Backend& backend) : hp_(hp), backend_(backend) {}
+  LlamaModel(const ModelHParams& hp, Backend& backend, const ModelOptions& options)
+      : hp_(hp), backend_(backend), options_(options) {}
 
   const ModelHParams& hparams() const override { return hp_; }
   Backend& backend() override { return backend_; }
@@ -70,13 +74,19 @@ class LlamaModel final : public Model {
       const std::string p = "blk." + std::to_string(l) + ".";
       LayerWeights w;
       SS_ASSIGN_OR_RETURN(w.attn_norm, upload(src, p + "attn_norm.weight", {hp_.hidden}));
-      SS_ASSIGN_OR_RETURN(w.wq, upload(src, p + "attn_q.weight", {q_dim, hp_.hidden}));
-      SS_ASSIGN_OR_RETURN(w.wk, upload(src, p + "attn_k.weight", {kv_dim, hp_.hidden}));
-      SS_ASSIGN_OR_RETURN(w.wv, upload(src, p + "attn_v.weight", {kv_dim, hp_.hidden}));
+      SS_ASSIGN_OR_RETURN(w.wqkv, upload_rows(src, {{p + "attn_q.weight", q_dim}, {p + "attn_k.weight", kv_dim},
+                                                    {p + "attn_v.weight", kv_dim}},
+                                              hp_.hidden));
+      w.wq = w.wqkv.slice_rows(0, q_dim);
+      w.wk = w.wqkv.slice_rows(q_dim, kv_dim);
+      w.wv = w.wqkv.slice_rows(q_dim + kv_dim, kv_dim);
       SS_ASSIGN_OR_RETURN(w.wo, upload(src, p + "attn_output.weight", {hp_.hidden, q_dim}));
       SS_ASSIGN_OR_RETURN(w.ffn_norm, upload(src, p + "ffn_norm.weight", {hp_.hidden}));
-      SS_ASSIGN_OR_RETURN(w.w_gate, upload(src, p + "ffn_gate.weight", {hp_.ffn_hidden, hp_.hidden}));
-      SS_ASSIGN_OR_RETURN(w.w_up, upload(src, p + "ffn_up.weight", {hp_.ffn_hidden, hp_.hidden}));
+      SS_ASSIGN_OR_RETURN(w.w_gate_up, upload_rows(src, {{p + "ffn_gate.weight", hp_.ffn_hidden},
+                                                         {p + "ffn_up.weight", hp_.ffn_hidden}},
+                                                   hp_.hidden));
+      w.w_gate = w.w_gate_up.slice_rows(0, hp_.ffn_hidden);
+      w.w_up = w.w_gate_up.slice_rows(hp_.ffn_hidden, hp_.ffn_hidden);
       SS_ASSIGN_OR_RETURN(w.w_down, upload(src, p + "ffn_down.weight", {hp_.hidden, hp_.ffn_hidden}));
       layers_.push_back(w);
       if ((l + 1) % 8 == 0 || l + 1 == hp_.n_layers) spdlog::debug("loaded layer {}/{}", l + 1, hp_.n_layers);
@@ -137,44 +147,71 @@ class LlamaModel final : public Model {
     const int64_t hd = hp_.head_dim, nh = hp_.n_heads, nkv = hp_.n_kv_heads;
     const DType dt = backend_.compute_dtype();
 
-    // Activations for this call. (T, hidden) residual, (T, ffn) MLP scratch.
-    DeviceBuffer x_buf = backend_.alloc(t * hp_.hidden * dtype_size(dt));
-    DeviceBuffer h_buf = backend_.alloc(t * hp_.hidden * dtype_size(dt));
-    DeviceBuffer q_buf = backend_.alloc(t * nh * hd * dtype_size(dt));
-    DeviceBuffer k_buf = backend_.alloc(t * nkv * hd * dtype_size(dt));
-    DeviceBuffer v_buf = backend_.alloc(t * nkv * hd * dtype_size(dt));
-    DeviceBuffer a_buf = backend_.alloc(t * nh * hd * dtype_size(dt));
-    DeviceBuffer g_buf = backend_.alloc(t * hp_.ffn_hidden * dtype_size(dt));
-    DeviceBuffer u_buf = backend_.alloc(t * hp_.ffn_hidden * dtype_size(dt));
-    Tensor x = x_buf.view(dt, {t, hp_.hidden}), h = h_buf.view(dt, {t, hp_.hidden});
-    Tensor q = q_buf.view(dt, {t, nh, hd}), k = k_buf.view(dt, {t, nkv, hd}), v = v_buf.view(dt, {t, nkv, hd});
-    Tensor a = a_buf.view(dt, {t, nh, hd});
-    Tensor g = g_buf.view(dt, {t, hp_.ffn_hidden}), u = u_buf.view(dt, {t, hp_.ffn_hidden});
+    // Activations for this call. (T, hidden) residual x, normed xn, projection h; (T, ffn) MLP
+    // scratch; on the fused path also (T, q + 2 kv) and (T, 2 ffn) for the fused projections.
+    // Fused path (ModelOptions): one GEMM for q|k|v and one for gate|up, RoPE fused with the q|k|v
+    // split, each residual add fused with the norm after it. A decode step is bound by its launches
+    // and small GEMMs; large batches are GEMM bound and skip the (T, q + 2 kv), (T, 2 ffn) buffers.
+    const bool fused = t <= options_.fused_max_tokens;
+    const int64_t ffn = hp_.ffn_hidden, qkv_cols = (nh + 2 * nkv) * hd;
+    std::vector<DeviceBuffer> bufs;  // freed in stream order when this call returns
+    auto make = [&](std::initializer_list<int64_t> dims) {
+      Tensor m = Tensor::make(nullptr, dt, dims);
+      bufs.push_back(backend_.alloc(m.bytes()));
+      m.data = bufs.back().data();
+      return m;
+    };
+    Tensor x = make({t, hp_.hidden}), h = make({t, hp_.hidden});
+    Tensor xn = fused ? make({t, hp_.hidden}) : h;  // unfused: the norm's output may take h's place
+    Tensor q = make({t, nh, hd}), k = make({t, nkv, hd}), v = make({t, nkv, hd}), a = make({t, nh, hd});
+    Tensor g = make({t, ffn});
+    Tensor u = fused ? Tensor() : make({t, ffn});
+    Tensor qkv = fused ? make({t, qkv_cols}) : Tensor();
+    Tensor gu = fused ? make({t, 2 * ffn}) : Tensor();
     auto flat = [](Tensor m) { return Tensor::make(m.data, m.dtype, {m.shape[0], m.numel() / m.shape[0]}); };
 
-    SS_RETURN_IF_ERROR(attn.begin_forward(batch));
+    Status st = attn.begin_forward(batch);
+    if (!st.ok()) return st;
     backend_.embedding(x, tok_embd_, ids);
     for (int l = 0; l < hp_.n_layers; ++l) {
       const LayerWeights& w = layers_[l];
-      backend_.rms_norm(h, x, w.attn_norm, hp_.rms_eps);
-      backend_.matmul(flat(q), h, w.wq);
-      backend_.matmul(flat(k), h, w.wk);
-      backend_.matmul(flat(v), h, w.wv);
-      backend_.rope(q, pos, inv_freq_, hp_.rope_dim, hp_.rope_style);
-      backend_.rope(k, pos, inv_freq_, hp_.rope_dim, hp_.rope_style);
-      Status st = attn.attend(l, batch, q, k, v, a);
+      // xn = attn_norm(x); on the fused path the previous layer's last add already produced it.
+      if (!fused || l == 0) backend_.rms_norm(xn, x, w.attn_norm, hp_.rms_eps);
+      if (fused) {
+        backend_.matmul(qkv, xn, w.wqkv);
+        backend_.split_qkv_rope(q, k, v, qkv, pos, inv_freq_, hp_.rope_dim, hp_.rope_style);
+      } else {
+        backend_.matmul(flat(q), xn, w.wq);
+        backend_.matmul(flat(k), xn, w.wk);
+        backend_.matmul(flat(v), xn, w.wv);
+        backend_.rope(q, pos, inv_freq_, hp_.rope_dim, hp_.rope_style);
+        backend_.rope(k, pos, inv_freq_, hp_.rope_dim, hp_.rope_style);
+      }
+      st = attn.attend(l, batch, q, k, v, a);
       if (!st.ok()) {
         attn.end_forward({});
         return st;
       }
       backend_.matmul(h, flat(a), w.wo);
-      backend_.add(x, x, h);
-      backend_.rms_norm(h, x, w.ffn_norm, hp_.rms_eps);
-      backend_.matmul(g, h, w.w_gate);
-      backend_.matmul(u, h, w.w_up);
-      backend_.swiglu(g, g, u);
-      backend_.matmul(h, g, w.w_down);
-      backend_.add(x, x, h);
+      if (fused) {
+        backend_.add_rms_norm(xn, x, h, w.ffn_norm, hp_.rms_eps);
+        backend_.matmul(gu, xn, w.w_gate_up);
+        backend_.swiglu_fused(g, gu);
+        backend_.matmul(h, g, w.w_down);
+        if (l + 1 < hp_.n_layers) {
+          backend_.add_rms_norm(xn, x, h, layers_[l + 1].attn_norm, hp_.rms_eps);
+        } else {
+          backend_.add(x, x, h);
+        }
+      } else {
+        backend_.add(x, x, h);
+        backend_.rms_norm(xn, x, w.ffn_norm, hp_.rms_eps);
+        backend_.matmul(g, xn, w.w_gate);
+        backend_.matmul(u, xn, w.w_up);
+        backend_.swiglu(g, g, u);
+        backend_.matmul(h, g, w.w_down);
+        backend_.add(x, x, h);
+      }
     }
     attn.end_forward(batch);
     if (!want_logits) return Status();
@@ -201,6 +238,29 @@ class LlamaModel final : public Model {
     return Status();
   }
 
+  // Several (rows_i, cols) tensors stacked row-wise into one device matrix, in the order given.
+  Result<Tensor> upload_rows(const WeightSource& src, std::initializer_list<std::pair<std::string, int64_t>> parts,
+                             int64_t cols) {
+    int64_t rows = 0;
+    for (const auto& part : parts) rows += part.second;
+    std::vector<float> all;
+    all.reserve(static_cast<size_t>(rows * cols));
+    for (const auto& [name, part_rows] : parts) {
+      SS_ASSIGN_OR_RETURN(HostTensor ht, src.load(name));
+      if (ht.numel() != part_rows * cols || ht.shape.back() != cols) {
+        std::string got;
+        for (int64_t d : ht.shape) got += (got.empty() ? "" : "x") + std::to_string(d);
+        return data_loss("tensor {} has shape {}, the hyper-parameters say {}x{}", name, got, part_rows, cols);
+      }
+      all.insert(all.end(), ht.data.begin(), ht.data.end());
+    }
+    Tensor t = Tensor::make(nullptr, backend_.compute_dtype(), {rows, cols});
+    buffers_.push_back(backend_.alloc(t.bytes()));
+    t.data = buffers_.back().data();
+    backend_.upload_f32(t, all.data());
+    return t;
+  }
+
   Result<Tensor> upload(const WeightSource& src, const std::string& name, std::initializer_list<int64_t> dims) {
     SS_ASSIGN_OR_RETURN(HostTensor ht, src.load(name));
     std::vector<int64_t> want(dims);
@@ -220,6 +280,7 @@ class LlamaModel final : public Model {
 
   ModelHParams hp_;
   Backend& backend_;
+  ModelOptions options_;
   std::vector<DeviceBuffer> buffers_;  // owns every weight
   Tensor tok_embd_, output_norm_, output_, inv_freq_;
   std::vector<LayerWeights> layers_;
@@ -227,11 +288,12 @@ class LlamaModel final : public Model {
 
 }  // namespace
 
-Result<std::unique_ptr<Model>> create_model(const WeightSource& source, Backend& backend) {
+Result<std::unique_ptr<Model>> create_model(const WeightSource& source, Backend& backend,
+                                            const ModelOptions& options) {
   const ModelHParams& hp = source.hparams();
   switch (hp.arch) {
     case Arch::kLlama: {
-      auto m = std::make_unique<LlamaModel>(hp, backend);
+      auto m = std::make_unique<LlamaModel>(hp, backend, options);
       SS_RETURN_IF_ERROR(m->load(source));
       return std::unique_ptr<Model>(std::move(m));
     }

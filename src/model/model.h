@@ -51,8 +51,17 @@ class Model {
                                 std::span<const SampleRow> rows, std::span<int32_t> tokens) = 0;
 };
 
+// Choices of how a model computes (not what): both paths give the same results within rounding.
+struct ModelOptions {
+  // Forwards of at most this many tokens fuse the q|k|v and gate|up projections into one GEMM each
+  // and fuse RoPE and the residual adds with their neighbours (decode steps, short chunks); larger
+  // ones run the ops one by one with smaller activations. 0 = never fuse.
+  int64_t fused_max_tokens = 1024;
+};
+
 // Builds the architecture named by hparams().arch and uploads its weights to the backend.
-Result<std::unique_ptr<Model>> create_model(const WeightSource& source, Backend& backend);
+Result<std::unique_ptr<Model>> create_model(const WeightSource& source, Backend& backend,
+                                            const ModelOptions& options = {});
 
 // RoPE angular frequencies per rotated pair (rope_dim / 2), with the file's scaling applied.
 // rope_freqs: optional per-pair divisors stored by llama.cpp for llama3-style scaling.

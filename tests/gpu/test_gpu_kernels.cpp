@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <memory>
@@ -23,6 +24,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/cuda_check.h"
+#include "kernels/elementwise.h"
 #include "kernels/ref/attention_ref.h"
 #include "kernels/ref/ops_ref.h"
 #include "kernels/rms_norm.h"
@@ -563,6 +565,118 @@ TEST(GpuOps, SwigluMatchesReference) {
   DeviceBuffer<__nv_bfloat16> dg(g.bits), du(u.bits), dy(n);
   ASSERT_EQ(launch_swiglu(dy.ptr, dg.ptr, du.ptr, n, nullptr), cudaSuccess);
   expect_close_rel(to_float(dy.get()), ref, 2.0f * kBf16U, "swiglu");
+}
+
+// Bitwise equality of bf16 device results (the fused kernels repeat their unfused ops' arithmetic).
+void expect_same_bits(const std::vector<__nv_bfloat16>& got, const std::vector<__nv_bfloat16>& want,
+                      const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int bad = 0;
+  for (size_t i = 0; i < got.size() && bad < 5; ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(__nv_bfloat16)) != 0) {
+      ++bad;
+      ADD_FAILURE() << what << "[" << i << "] = " << __bfloat162float(got[i]) << ", unfused "
+                    << __bfloat162float(want[i]);
+    }
+  }
+}
+
+// The q|k|v split with RoPE: against the reference with RopeMatchesReference's tolerance (v is
+// copied, so exact), and bit for bit against launch_rope on the parts split on the host.
+TEST(GpuOps, SplitQkvRopeMatchesReferenceAndRope) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(8);
+  for (RopeStyle style : {RopeStyle::kInterleaved, RopeStyle::kHalf}) {
+    for (auto [head_dim, rope_dim] : {std::pair{64, 64}, std::pair{128, 128}, std::pair{128, 64}}) {
+      for (int64_t n : {int64_t{1}, int64_t{7}}) {
+        const int heads = 6, kv_heads = 2;
+        const int64_t qd = int64_t{heads} * head_dim, kvd = int64_t{kv_heads} * head_dim, row = qd + 2 * kvd;
+        auto qkv = random_bf16(n * row, -2.0f, 2.0f, rng);
+        std::vector<int32_t> pos(n);
+        for (int64_t t = 0; t < n; ++t) pos[t] = static_cast<int32_t>(t * 17011 + 5);
+        std::vector<float> inv_freq(rope_dim / 2);
+        for (int i = 0; i < rope_dim / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / rope_dim);
+        std::vector<float> q_ref(n * qd), k_ref(n * kvd), v_ref(n * kvd);
+        split_qkv_rope_ref(q_ref.data(), k_ref.data(), v_ref.data(), qkv.host.data(), pos.data(), inv_freq.data(), n,
+                           heads, kv_heads, head_dim, rope_dim, style);
+        DeviceBuffer<__nv_bfloat16> dqkv(qkv.bits), dq(n * qd), dk(n * kvd), dv(n * kvd);
+        DeviceBuffer<int32_t> dpos(pos);
+        DeviceBuffer<float> dfreq(inv_freq);
+        ASSERT_EQ(launch_split_qkv_rope(dq.ptr, dk.ptr, dv.ptr, dqkv.ptr, dpos.ptr, dfreq.ptr, n, heads, kv_heads,
+                                        head_dim, rope_dim, style, nullptr),
+                  cudaSuccess);
+        const std::string what = "style " + std::to_string(static_cast<int>(style)) + " d" + std::to_string(head_dim) +
+                                 " rope " + std::to_string(rope_dim) + " n" + std::to_string(n);
+        expect_close(to_float(dq.get()), q_ref, 2.0f * kBf16U * 2.83f + 1e-5f, "q " + what);
+        expect_close(to_float(dk.get()), k_ref, 2.0f * kBf16U * 2.83f + 1e-5f, "k " + what);
+        expect_close(to_float(dv.get()), v_ref, 0.0f, "v " + what);
+        // The parts split on the host, then launch_rope on q and k.
+        std::vector<__nv_bfloat16> qh(n * qd), kh(n * kvd);
+        for (int64_t t = 0; t < n; ++t) {
+          std::copy_n(qkv.bits.begin() + t * row, qd, qh.begin() + t * qd);
+          std::copy_n(qkv.bits.begin() + t * row + qd, kvd, kh.begin() + t * kvd);
+        }
+        DeviceBuffer<__nv_bfloat16> dq2(qh), dk2(kh);
+        ASSERT_EQ(launch_rope(dq2.ptr, dpos.ptr, dfreq.ptr, n, heads, head_dim, rope_dim, style, nullptr), cudaSuccess);
+        ASSERT_EQ(launch_rope(dk2.ptr, dpos.ptr, dfreq.ptr, n, kv_heads, head_dim, rope_dim, style, nullptr),
+                  cudaSuccess);
+        expect_same_bits(dq.get(), dq2.get(), "q vs launch_rope " + what);
+        expect_same_bits(dk.get(), dk2.get(), "k vs launch_rope " + what);
+      }
+    }
+  }
+  EXPECT_EQ(launch_split_qkv_rope(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 1, 4, 2, 64, 96,
+                                  RopeStyle::kHalf, nullptr),
+            cudaErrorInvalidValue);
+}
+
+// SwiGLU over a fused gate|up row: the reference's tolerance, and bit for bit launch_swiglu on the
+// halves.
+TEST(GpuOps, SwigluFusedMatchesReferenceAndSwiglu) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(9);
+  for (auto [n, ffn] : {std::pair<int64_t, int64_t>{1, 14336}, {5, 1001}, {64, 1536}}) {
+    auto gu = random_bf16(n * 2 * ffn, -20.0f, 20.0f, rng);
+    std::vector<float> ref(n * ffn);
+    swiglu_fused_ref(ref.data(), gu.host.data(), n, ffn);
+    DeviceBuffer<__nv_bfloat16> dgu(gu.bits), dy(n * ffn);
+    ASSERT_EQ(launch_swiglu_fused(dy.ptr, dgu.ptr, n, ffn, nullptr), cudaSuccess);
+    expect_close_rel(to_float(dy.get()), ref, 2.0f * kBf16U, "swiglu_fused");
+    std::vector<__nv_bfloat16> g(n * ffn), u(n * ffn);
+    for (int64_t t = 0; t < n; ++t) {
+      std::copy_n(gu.bits.begin() + t * 2 * ffn, ffn, g.begin() + t * ffn);
+      std::copy_n(gu.bits.begin() + t * 2 * ffn + ffn, ffn, u.begin() + t * ffn);
+    }
+    DeviceBuffer<__nv_bfloat16> dg(g), du(u), dy2(n * ffn);
+    ASSERT_EQ(launch_swiglu(dy2.ptr, dg.ptr, du.ptr, n * ffn, nullptr), cudaSuccess);
+    expect_same_bits(dy.get(), dy2.get(), "swiglu_fused vs swiglu");
+  }
+}
+
+// The residual add fused with the next norm. Against the fp32 reference: x within the bf16
+// rounding of the sum (half an ulp: 2^-8 |x| with bf16's 8 significant bits, 2 kBf16U); out
+// within that rounding of its input plus its own (4 kBf16U). Bit for bit against launch_add_bf16
+// then launch_rms_norm.
+TEST(GpuOps, AddRmsNormMatchesReferenceAndUnfused) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(10);
+  for (auto [n, hidden] : {std::pair<int64_t, int>{1, 576}, {7, 4096}, {33, 8}}) {
+    auto x = random_bf16(n * hidden, -3.0f, 3.0f, rng);
+    auto h = random_bf16(n * hidden, -3.0f, 3.0f, rng);
+    auto w = random_bf16(hidden, 0.5f, 1.5f, rng);
+    std::vector<float> x_ref = x.host, out_ref(n * hidden);
+    add_rms_norm_ref(out_ref.data(), x_ref.data(), h.host.data(), w.host.data(), n, hidden, 1e-5f);
+    DeviceBuffer<__nv_bfloat16> dx(x.bits), dh(h.bits), dw(w.bits), dy(n * hidden);
+    ASSERT_EQ(launch_add_rms_norm(dy.ptr, dx.ptr, dh.ptr, dw.ptr, n, hidden, 1e-5f, nullptr), cudaSuccess);
+    expect_close_rel(to_float(dx.get()), x_ref, 2.0f * kBf16U, "add_rms_norm x");
+    expect_close_rel(to_float(dy.get()), out_ref, 4.0f * kBf16U, "add_rms_norm out");
+    DeviceBuffer<__nv_bfloat16> dx2(x.bits), dy2(n * hidden);
+    ASSERT_EQ(launch_add_bf16(dx2.ptr, dx2.ptr, dh.ptr, n * hidden, nullptr), cudaSuccess);
+    ASSERT_EQ(launch_rms_norm(dy2.ptr, dx2.ptr, dw.ptr, n, hidden, 1e-5f, nullptr), cudaSuccess);
+    expect_same_bits(dx.get(), dx2.get(), "x vs launch_add_bf16");
+    expect_same_bits(dy.get(), dy2.get(), "out vs launch_rms_norm");
+    EXPECT_EQ(launch_add_rms_norm(dx.ptr, dx.ptr, dh.ptr, dw.ptr, n, hidden, 1e-5f, nullptr), cudaErrorInvalidValue);
+  }
 }
 
 }  // namespace

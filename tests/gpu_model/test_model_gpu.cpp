@@ -30,7 +30,7 @@ struct Engines {
   std::unique_ptr<Model> cpu_model, gpu_model;
 };
 
-Engines load(const WeightSource& src) {
+Engines load(const WeightSource& src, const ModelOptions& gpu_options = {}) {
   Engines e;
   auto gpu = make_cuda_backend(0);
   EXPECT_TRUE(gpu.ok()) << gpu.status().to_string();
@@ -38,7 +38,7 @@ Engines load(const WeightSource& src) {
   auto cm = create_model(src, *e.cpu);
   EXPECT_TRUE(cm.ok()) << cm.status().to_string();
   e.cpu_model = std::move(cm).value();
-  auto gm = create_model(src, *e.gpu);
+  auto gm = create_model(src, *e.gpu, gpu_options);
   EXPECT_TRUE(gm.ok()) << gm.status().to_string();
   e.gpu_model = std::move(gm).value();
   return e;
@@ -157,6 +157,26 @@ TEST(ModelGpu, GlobalPrefillAndDecodeMatchCpu) {
     EXPECT_EQ(d.agree, d.decided) << "page " << page;
     EXPECT_GE(d.decided, 20);  // enough confident rows for the top-1 check to mean something
   }
+}
+
+// The same with the GPU model running every forward op by op (ModelOptions::fused_max_tokens 0:
+// separate q, k, v and gate, up GEMMs, RoPE, add and norm kernels), as prefills over 1024 tokens
+// run, against the CPU's fused forward.
+TEST(ModelGpu, OpByOpForwardMatchesCpu) {
+  REQUIRE_GPU();
+  const ModelHParams hp = small_llama_hd64_hparams();
+  RandomWeightSource src(hp, 7);
+  ModelOptions op_by_op;
+  op_by_op.fused_max_tokens = 0;
+  Engines e = load(src, op_by_op);
+  const auto prompt = pseudo_tokens(200, hp.n_vocab, 1);
+  const auto feed = pseudo_tokens(6, hp.n_vocab, 2);
+  const auto ref = run_global(*e.cpu_model, prompt, feed, 64);
+  const auto got = run_global(*e.gpu_model, prompt, feed, 64);
+  const Diff d = compare(ref, got, hp.n_vocab, 0.5f);
+  EXPECT_LE(d.max_abs, kRelTol * d.max_ref);
+  EXPECT_EQ(d.agree, d.decided);
+  EXPECT_GE(d.decided, 20);
 }
 
 TEST(ModelGpu, StarPhase1AndPhase2MatchCpu) {

@@ -36,6 +36,14 @@ class ForwardingBackend : public Backend {
   }
   void swiglu(Tensor out, Tensor gate, Tensor up) override { inner_->swiglu(out, gate, up); }
   void add(Tensor out, Tensor a, Tensor b) override { inner_->add(out, a, b); }
+  void split_qkv_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, std::span<const int32_t> positions, Tensor inv_freq,
+                      int rope_dim, RopeStyle style) override {
+    inner_->split_qkv_rope(q, k, v, qkv, positions, inv_freq, rope_dim, style);
+  }
+  void swiglu_fused(Tensor out, Tensor gate_up) override { inner_->swiglu_fused(out, gate_up); }
+  void add_rms_norm(Tensor out, Tensor x, Tensor h, Tensor weight, float eps) override {
+    inner_->add_rms_norm(out, x, h, weight, eps);
+  }
   void partial_attention(const AttentionCall& c) override { inner_->partial_attention(c); }
   void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts, int64_t n_rows,
                       int head_dim) override {

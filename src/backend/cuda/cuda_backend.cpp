@@ -215,15 +215,30 @@ class CudaBackend final : public Backend {
                                 stream_));
   }
   void rope(Tensor x, std::span<const int32_t> positions, Tensor inv_freq, int rope_dim, RopeStyle style) override {
-    const int64_t n = static_cast<int64_t>(positions.size());
-    // q and k of a layer rotate with the same positions: upload once per distinct list.
-    if (last_pos_.size() != positions.size() || !std::equal(positions.begin(), positions.end(), last_pos_.begin())) {
-      auto* d = static_cast<int32_t*>(grow(pos_, n * sizeof(int32_t)));
-      ring_.upload(d, positions.data(), n * sizeof(int32_t), stream_);
-      last_pos_.assign(positions.begin(), positions.end());
-    }
-    SS_CUDA_OK(launch_rope(bf16(x), static_cast<const int32_t*>(pos_.data()), inv_freq.f32(), x.shape[0],
+    SS_CUDA_OK(launch_rope(bf16(x), device_positions(positions), inv_freq.f32(), x.shape[0],
                            static_cast<int>(x.shape[1]), static_cast<int>(x.shape[2]), rope_dim, style, stream_));
+  }
+  void split_qkv_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, std::span<const int32_t> positions, Tensor inv_freq,
+                      int rope_dim, RopeStyle style) override {
+    SS_CHECK(q.ndim == 3 && k.ndim == 3 && v.numel() == k.numel() &&
+                 qkv.numel() == q.numel() + k.numel() + v.numel() && q.shape[0] == static_cast<int64_t>(positions.size()),
+             "split_qkv_rope: q {} k {} v {} elements from {} for {} positions", q.numel(), k.numel(), v.numel(),
+             qkv.numel(), positions.size());
+    SS_CUDA_OK(launch_split_qkv_rope(bf16(q), bf16(k), bf16(v), bf16(qkv), device_positions(positions),
+                                     inv_freq.f32(), q.shape[0], static_cast<int>(q.shape[1]),
+                                     static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2]), rope_dim, style,
+                                     stream_));
+  }
+  void swiglu_fused(Tensor out, Tensor gate_up) override {
+    SS_CHECK(gate_up.rows() == out.rows() && gate_up.cols() == 2 * out.cols(), "swiglu_fused ({}x{}) -> ({}x{})",
+             gate_up.rows(), gate_up.cols(), out.rows(), out.cols());
+    SS_CUDA_OK(launch_swiglu_fused(bf16(out), bf16(gate_up), out.rows(), out.cols(), stream_));
+  }
+  void add_rms_norm(Tensor out, Tensor x, Tensor h, Tensor weight, float eps) override {
+    SS_CHECK(x.numel() == h.numel() && out.numel() == x.numel(), "add_rms_norm: {} + {} -> {} elements", x.numel(),
+             h.numel(), out.numel());
+    SS_CUDA_OK(launch_add_rms_norm(bf16(out), bf16(x), bf16(h), bf16(weight), x.rows(), static_cast<int>(x.cols()),
+                                   eps, stream_));
   }
   void swiglu(Tensor out, Tensor gate, Tensor up) override {
     SS_CUDA_OK(launch_swiglu(bf16(out), bf16(gate), bf16(up), out.numel(), stream_));
@@ -437,6 +452,18 @@ class CudaBackend final : public Backend {
     }
     p->k = reinterpret_cast<const __nv_bfloat16*>(k);
     p->v = reinterpret_cast<const __nv_bfloat16*>(v);
+  }
+
+  // The positions on the device. q and k of a layer (and every layer) rotate with the same list:
+  // uploaded once per distinct list.
+  const int32_t* device_positions(std::span<const int32_t> positions) {
+    const int64_t n = static_cast<int64_t>(positions.size());
+    if (last_pos_.size() != positions.size() || !std::equal(positions.begin(), positions.end(), last_pos_.begin())) {
+      auto* d = static_cast<int32_t*>(grow(pos_, n * sizeof(int32_t)));
+      ring_.upload(d, positions.data(), n * sizeof(int32_t), stream_);
+      last_pos_.assign(positions.begin(), positions.end());
+    }
+    return static_cast<const int32_t*>(pos_.data());
   }
 
   void fill_neg_inf(float* dst, int64_t n) {
