@@ -16,6 +16,7 @@
 //                    [--blocks 4] [--merge allreduce|allgather]
 //                    [--prefill-kernel mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
 //                    [--query 32] [--decode 16] [--entropy] [--gemm-only] [--graph-probe] [--op-census]
+//                    [--gemv on|off]  (one-row GEMMs: the skinny kernel, or cuBLASLt)
 // --op-census: a decode step's ops by kind, each captured as a CUDA graph (see op_census).
 // --graph-probe (global mode, one rank) adds {"bench":"decode_probe",...}: where a decode step's
 // time goes. The same step eager, the host's time to enqueue it, the step captured once as a CUDA
@@ -33,6 +34,7 @@
 #include <vector>
 
 #include "backend/backend.h"
+#include "kernels/gemv.h"
 #include "bench/gpu/bench_args.h"
 #include "comm/communicator.h"
 #include "engine/local_attention.h"
@@ -72,7 +74,7 @@ double attention_flops(const ModelHParams& hp, double pairs) {
   return 4.0 * pairs * hp.head_dim * hp.n_heads * hp.n_layers;
 }
 
-void bench_gemm(Backend& be, const ModelHParams& hp) {
+void bench_gemm(Backend& be, const ModelHParams& hp, int gemv_max_tokens) {
   const int64_t q = int64_t{hp.n_heads} * hp.head_dim, kv = int64_t{hp.n_kv_heads} * hp.head_dim;
   struct Shape {
     const char* name;
@@ -80,27 +82,37 @@ void bench_gemm(Backend& be, const ModelHParams& hp) {
   };
   const Shape shapes[] = {{"qkv", q + 2 * kv, hp.hidden}, {"o", hp.hidden, q}, {"gate_up", 2 * hp.ffn_hidden, hp.hidden},
                           {"down", hp.hidden, hp.ffn_hidden}};
-  for (int64_t t : {int64_t{1}, int64_t{4096}, int64_t{16384}}) {
+  for (int64_t t : {int64_t{1}, int64_t{4}, int64_t{4096}, int64_t{16384}}) {
     for (const Shape& s : shapes) {
-      DeviceBuffer in = be.alloc(t * s.k * 2), w = be.alloc(s.n * s.k * 2), out = be.alloc(t * s.n * 2);
-      Tensor ti = in.view(DType::kBF16, {t, s.k}), tw = w.view(DType::kBF16, {s.n, s.k}),
-             to = out.view(DType::kBF16, {t, s.n});
+      // Decode-sized products stream their weights from HBM in the model (32 layers' worth, far
+      // beyond the 50 MB L2): rotate over copies of at least 256 MB in all so that they do here too.
+      const int64_t w_bytes = s.n * s.k * 2;
+      const int copies = t <= 8 ? static_cast<int>(std::max<int64_t>(1, ((int64_t{256} << 20) + w_bytes - 1) / w_bytes)) : 1;
+      DeviceBuffer in = be.alloc(t * s.k * 2), out = be.alloc(t * s.n * 2);
+      std::vector<DeviceBuffer> ws;
+      Tensor ti = in.view(DType::kBF16, {t, s.k}), to = out.view(DType::kBF16, {t, s.n});
+      std::vector<Tensor> tws;
       std::vector<float> ones(std::max(t * s.k, s.n * s.k), 0.01f);
       be.upload_f32(ti, ones.data());
-      be.upload_f32(tw, ones.data());
-      for (int i = 0; i < 3; ++i) be.matmul(to, ti, tw);
+      for (int c = 0; c < copies; ++c) {
+        ws.push_back(be.alloc(w_bytes));
+        tws.push_back(ws.back().view(DType::kBF16, {s.n, s.k}));
+        be.upload_f32(tws.back(), ones.data());
+      }
+      for (int i = 0; i < 3; ++i) be.matmul(to, ti, tws[i % copies]);
       be.synchronize();
-      const int reps = t == 1 ? 200 : 20;
+      const int reps = t <= 8 ? 200 : 20;
       const auto t0 = Clock::now();
-      for (int i = 0; i < reps; ++i) be.matmul(to, ti, tw);
+      for (int i = 0; i < reps; ++i) be.matmul(to, ti, tws[i % copies]);
       be.synchronize();
       const double s_per = since(t0) / reps;
       const double flops = 2.0 * t * s.n * s.k;
       const double bytes = 2.0 * (t * s.k + s.n * s.k + t * s.n);
       std::printf(
-          "{\"bench\":\"gemm\",\"impl\":\"starserve-cublaslt\",\"shape\":\"%s\",\"m\":%lld,\"n\":%lld,\"k\":%lld,"
+          "{\"bench\":\"gemm\",\"impl\":\"%s\",\"shape\":\"%s\",\"m\":%lld,\"n\":%lld,\"k\":%lld,"
           "\"us\":%.2f,\"tflops\":%.1f,\"gbps\":%.0f}\n",
-          s.name, static_cast<long long>(t), static_cast<long long>(s.n), static_cast<long long>(s.k), s_per * 1e6,
+          t <= std::min(gemv_max_tokens, kGemvMaxTokens) ? "starserve-gemv" : "starserve-cublaslt", s.name, static_cast<long long>(t),
+          static_cast<long long>(s.n), static_cast<long long>(s.k), s_per * 1e6,
           flops / s_per / 1e12, bytes / s_per / 1e9);
       std::fflush(stdout);
     }
@@ -206,7 +218,7 @@ int probe_decode(Backend& be, Model& model, AttentionHandler& handler, SeqId seq
 // --op-census: one decode step's ops by kind, each kind captured as a CUDA graph over every layer
 // (distinct weights per layer, so nothing is served from L2) and replayed; prints
 // {"bench":"decode_ops",...} lines with microseconds per step and the bytes the kind must move.
-int op_census(Backend& be, const ModelHParams& hp, int64_t context) {
+int op_census(Backend& be, const ModelHParams& hp, int64_t context, bool gemv) {
   auto* stream = static_cast<cudaStream_t>(be.stream());
   const int64_t hidden = hp.hidden, ffn = hp.ffn_hidden, hd = hp.head_dim;
   const int64_t qd = int64_t{hp.n_heads} * hd, kvd = int64_t{hp.n_kv_heads} * hd;
@@ -344,9 +356,9 @@ int op_census(Backend& be, const ModelHParams& hp, int64_t context) {
     const double eager_us = since(t1) * 1e6 / reps;
     const double bytes = kind.bytes * layers;
     std::printf(
-        "{\"bench\":\"decode_ops\",\"impl\":\"starserve\",\"kind\":\"%s\",\"context\":%lld,\"layers\":%d,"
+        "{\"bench\":\"decode_ops\",\"impl\":\"starserve\",\"gemv\":%s,\"kind\":\"%s\",\"context\":%lld,\"layers\":%d,"
         "\"nodes\":%zu,\"graph_us\":%.1f,\"eager_us\":%.1f,\"us_per_node\":%.2f,\"gbps\":%.0f}\n",
-        kind.name, static_cast<long long>(context), layers, nodes, us, eager_us, us / nodes,
+        gemv ? "true" : "false", kind.name, static_cast<long long>(context), layers, nodes, us, eager_us, us / nodes,
         bytes > 0 ? bytes / us / 1e3 : 0.0);
     std::fflush(stdout);
     PROBE_CUDA(cudaGraphExecDestroy(exec));
@@ -405,7 +417,7 @@ Work phase1_work(const StarLayout& lay, AttentionMode mode) {
 int run(int argc, char** argv) {
   int layers = 32, blocks = 4, query = 32, decode = 16;
   bool gemm_only = false, entropy = false, graph_probe = false, census = false;
-  std::string prefill_kernel = "mma", merge = "allreduce";
+  std::string prefill_kernel = "mma", merge = "allreduce", gemv = "on";
   std::vector<int64_t> lengths = {16384, 32768};
   std::vector<std::string> mode_names = {"global", "star"};
   for (int i = 1; i < argc; ++i) {
@@ -429,6 +441,7 @@ int run(int argc, char** argv) {
     else if (a == "--entropy") entropy = true;
     else if (a == "--graph-probe") graph_probe = true;
     else if (a == "--op-census") census = true;
+    else if (a == "--gemv") gemv = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -475,6 +488,7 @@ int run(int argc, char** argv) {
   const int device = pick_local_device(comm->layout(), n_gpus);
   CudaBackendOptions options;
   options.prefill = *prefill;
+  if (gemv == "off") options.gemv_max_tokens = 0;
   auto backend_or = make_cuda_backend(device, options);
   if (!backend_or.ok()) {
     std::fprintf(stderr, "rank %d: %s\n", comm->rank(), backend_or.status().to_string().c_str());
@@ -492,10 +506,10 @@ int run(int argc, char** argv) {
   }
   const int gpus = std::min(world, n_gpus);
   const ModelHParams hp = llama3_8b_hparams(layers);
-  if (world == 1 && !census) bench_gemm(*be, hp);
+  if (world == 1 && !census) bench_gemm(*be, hp, options.gemv_max_tokens);
   if (census) {
     for (int64_t n : lengths)
-      if (const int rc = op_census(*be, hp, n)) return rc;
+      if (const int rc = op_census(*be, hp, n, options.gemv_max_tokens > 0)) return rc;
     return 0;
   }
   if (gemm_only) return 0;
@@ -660,9 +674,10 @@ int run(int argc, char** argv) {
       if (lead && print) {
         std::printf(
             "{\"bench\":\"decode\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"block_size\":%d,"
-            "\"ranks\":%d,\"gpus\":%d,\"merge\":\"%s\",\"layers\":%d,\"entropy\":%s,\"ms_per_token\":%.2f,"
-            "\"tokens_per_s\":%.1f",
+            "\"ranks\":%d,\"gpus\":%d,\"merge\":\"%s\",\"layers\":%d,\"gemv\":%s,\"entropy\":%s,"
+            "\"ms_per_token\":%.2f,\"tokens_per_s\":%.1f",
             mode.name.c_str(), static_cast<long long>(n), block_size, world, gpus, merge.c_str(), layers,
+            options.gemv_max_tokens > 0 ? "true" : "false",
             with_entropy ? "true" : "false", ms, 1e3 / ms);
         if (with_entropy) {
           std::printf(",\"entropy_rows_per_layer\":%lld,\"entropy_layer0_mean\":%.4f,\"entropy_last_layer_mean\":%.4f",

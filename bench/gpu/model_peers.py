@@ -19,22 +19,25 @@ def emit(**kw):
 def bench_gemm(hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336):
     q, kv = heads * head_dim, kv_heads * head_dim
     shapes = [("qkv", q + 2 * kv, hidden), ("o", hidden, q), ("gate_up", 2 * ffn, hidden), ("down", hidden, ffn)]
-    for t in (1, 4096, 16384):
+    for t in (1, 4, 4096, 16384):
         for name, n, k in shapes:
             a = torch.full((t, k), 0.01, device="cuda", dtype=torch.bfloat16)
-            w = torch.full((n, k), 0.01, device="cuda", dtype=torch.bfloat16)
-            for _ in range(3):
-                torch.matmul(a, w.t())
+            # Decode sizes rotate over >= 256 MB of weight copies, as model_bench does, so that the
+            # weights come from HBM (as in a model) and not from the 50 MB L2.
+            copies = max(1, -(-(256 << 20) // (n * k * 2))) if t <= 8 else 1
+            ws = [torch.full((n, k), 0.01, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            for i in range(3):
+                torch.matmul(a, ws[i % copies].t())
             torch.cuda.synchronize()
-            reps = 200 if t == 1 else 20
+            reps = 200 if t <= 8 else 20
             t0 = time.perf_counter()
-            for _ in range(reps):
-                torch.matmul(a, w.t())
+            for i in range(reps):
+                torch.matmul(a, ws[i % copies].t())
             torch.cuda.synchronize()
             s = (time.perf_counter() - t0) / reps
             emit(bench="gemm", impl="torch-matmul", shape=name, m=t, n=n, k=k, us=round(s * 1e6, 2),
                  tflops=round(2 * t * n * k / s / 1e12, 1), gbps=round(2 * (t * k + n * k + t * n) / s / 1e9))
-            del a, w
+            del a, ws
 
 
 def main():

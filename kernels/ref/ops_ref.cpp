@@ -72,6 +72,16 @@ void add_rms_norm_ref(float* out, float* x, const float* h, const float* weight,
   rms_norm_ref(out, x, weight, n_tokens, hidden, eps);
 }
 
+void matmul_ref(float* out, const float* in, const float* weight, int64_t n_tokens, int64_t n, int64_t k) {
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    for (int64_t j = 0; j < n; ++j) {
+      double acc = 0.0;
+      for (int64_t i = 0; i < k; ++i) acc += static_cast<double>(in[t * k + i]) * weight[j * k + i];
+      out[t * n + j] = static_cast<float>(acc);
+    }
+  }
+}
+
 void add_ref(float* out, const float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }

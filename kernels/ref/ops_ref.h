@@ -36,6 +36,9 @@ void swiglu_fused_ref(float* out, const float* gate_up, int64_t n_tokens, int64_
 void add_rms_norm_ref(float* out, float* x, const float* h, const float* weight, int64_t n_tokens, int hidden,
                       float eps);
 
+// out (n_tokens, n) = in (n_tokens, k) . weight (n, k)^T, sums in double.
+void matmul_ref(float* out, const float* in, const float* weight, int64_t n_tokens, int64_t n, int64_t k);
+
 // out = a + b over n elements. out may alias a.
 void add_ref(float* out, const float* a, const float* b, int64_t n);
 

@@ -230,6 +230,10 @@ struct CudaBackendOptions {
   // 64 rows with that softmax), or the earlier WMMA kernel.
   enum class Prefill { kDefault, kMmaM64, kMmaM128, kMmaM64Lazy, kWmma };
   Prefill prefill = Prefill::kDefault;
+  // GEMMs of up to this many rows go through the bandwidth-bound skinny kernel (kernels/gemv.h)
+  // instead of cuBLASLt; 0 = never. 1 (single-sequence decode steps) is where it measured faster
+  // on the H200 (docs/perf.md); with 4 rows cuBLASLt is faster.
+  int gemv_max_tokens = 1;
 };
 // "mma" (the default), "mma-m64", "mma-m128", "mma-m64-lazy", "wmma"; kInvalidArgument otherwise.
 Result<CudaBackendOptions::Prefill> parse_prefill_kernel(const std::string& name);

@@ -25,6 +25,7 @@
 #include "kernels/attention.h"
 #include "kernels/cuda_check.h"
 #include "kernels/elementwise.h"
+#include "kernels/gemv.h"
 #include "kernels/ref/attention_ref.h"
 #include "kernels/ref/ops_ref.h"
 #include "kernels/rms_norm.h"
@@ -677,6 +678,51 @@ TEST(GpuOps, AddRmsNormMatchesReferenceAndUnfused) {
     expect_same_bits(dy.get(), dy2.get(), "out vs launch_rms_norm");
     EXPECT_EQ(launch_add_rms_norm(dx.ptr, dx.ptr, dh.ptr, dw.ptr, n, hidden, 1e-5f, nullptr), cudaErrorInvalidValue);
   }
+}
+
+// The skinny decode GEMM against a double-precision reference. Inputs are bf16 (exact in fp32), so
+// the kernel's error is its fp32 summation (each partial sum rounds with 2^-24 relative; k / 32
+// terms per lane then a 32-way butterfly: 1e-6 of sum |a b| bounds it with room) plus, for bf16
+// output, half an ulp (2 kBf16U |y|). Shapes cover one and eight tokens, k below one unrolled step,
+// k not a multiple of the unrolled step, n not a multiple of the block's eight rows.
+TEST(GpuOps, GemvMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(11);
+  struct Shape {
+    int64_t t, n, k;
+  };
+  for (const Shape sh : {Shape{1, 6144, 4096}, Shape{1, 4096, 14336}, Shape{2, 13, 8}, Shape{3, 577, 576},
+                         Shape{8, 1000, 4104}, Shape{5, 49152, 576}}) {
+    auto x = random_bf16(sh.t * sh.k, -2.0f, 2.0f, rng);
+    auto w = random_bf16(sh.n * sh.k, -0.1f, 0.1f, rng);
+    std::vector<float> ref(sh.t * sh.n), mag(sh.t * sh.n);
+    matmul_ref(ref.data(), x.host.data(), w.host.data(), sh.t, sh.n, sh.k);
+    std::vector<float> ax(x.host), aw(w.host);
+    for (float& v : ax) v = std::fabs(v);
+    for (float& v : aw) v = std::fabs(v);
+    matmul_ref(mag.data(), ax.data(), aw.data(), sh.t, sh.n, sh.k);
+    DeviceBuffer<__nv_bfloat16> dx(x.bits), dw(w.bits), dy(sh.t * sh.n);
+    DeviceBuffer<float> dy32(sh.t * sh.n);
+    ASSERT_EQ(launch_gemv(dy.ptr, false, dx.ptr, dw.ptr, sh.t, sh.n, sh.k, nullptr), cudaSuccess);
+    ASSERT_EQ(launch_gemv(dy32.ptr, true, dx.ptr, dw.ptr, sh.t, sh.n, sh.k, nullptr), cudaSuccess);
+    const auto got = to_float(dy.get());
+    const auto got32 = dy32.get();
+    int bad = 0;
+    for (size_t i = 0; i < ref.size() && bad < 5; ++i) {
+      const float tol32 = 1e-6f * mag[i] + 1e-7f;
+      const bool ok = std::fabs(got32[i] - ref[i]) <= tol32 &&
+                      std::fabs(got[i] - ref[i]) <= 2.0f * kBf16U * std::fabs(ref[i]) + tol32;
+      if (!ok) {
+        ++bad;
+        ADD_FAILURE() << "t" << sh.t << " n" << sh.n << " k" << sh.k << " [" << i << "]: fp32 " << got32[i]
+                      << ", bf16 " << got[i] << ", want " << ref[i];
+      }
+    }
+  }
+  DeviceBuffer<__nv_bfloat16> a(64), b(64), c(64);
+  EXPECT_EQ(launch_gemv(c.ptr, false, a.ptr, b.ptr, 9, 1, 8, nullptr), cudaErrorInvalidValue);   // > 8 tokens
+  EXPECT_EQ(launch_gemv(c.ptr, false, a.ptr, b.ptr, 1, 1, 12, nullptr), cudaErrorInvalidValue);  // k % 8
+  EXPECT_EQ(launch_gemv(c.ptr, false, a.ptr + 1, b.ptr, 1, 1, 8, nullptr), cudaErrorInvalidValue);  // unaligned
 }
 
 }  // namespace

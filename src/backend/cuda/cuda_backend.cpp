@@ -21,6 +21,7 @@
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
+#include "kernels/gemv.h"
 #include "kernels/rms_norm.h"
 #include "kernels/rope.h"
 #include "kernels/sampling.h"
@@ -208,6 +209,13 @@ class CudaBackend final : public Backend {
              n, weight.cols(), out.rows(), out.cols());
     // Row-major out (t x n) = in (t x k) . W (n x k)^T is, column-major, out^T (n x t) = W^T' . in^T'
     // with W read transposed: D (n x t) = op(A) (n x k) . B (k x t), A = W stored (k x n), op = T.
+    // Decode-sized: the skinny kernel, when its layout holds (else cuBLASLt, e.g. for an unaligned view).
+    auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
+    if (t <= std::min<int64_t>(options_.gemv_max_tokens, kGemvMaxTokens) && k % 8 == 0 && aligned16(in.data) && aligned16(weight.data) &&
+        out.data != in.data && out.data != weight.data) {
+      SS_CUDA_OK(launch_gemv(out.data, out.dtype == DType::kF32, bf16(in), bf16(weight), t, n, k, stream_));
+      return;
+    }
     const Plan& plan = plan_for(n, t, k, out.dtype);
     const float alpha = 1.0f, beta = 0.0f;
     SS_CUBLAS_OK(cublasLtMatmul(lt_, plan.desc, &alpha, weight.data, plan.a, in.data, plan.b, &beta, out.data, plan.c,
