@@ -44,6 +44,10 @@ if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRP
   STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
 fi
+# The multi-rank GPU tests that ctest -L gpu runs in the model step, where this build has MPI/NCCL.
+for t in star_gpu_mpi_tests nccl_comm_tests; do
+  grep -q "^build bin/$t:" "$BUILD/build.ninja" && TARGETS+=("$t")
+done
 cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" \
   >"$OUT/build_model.log" 2>&1 || { grep -B2 -A10 "error" "$OUT/build_model.log" | head -80; exit 1; }
 echo "built in ${SECONDS}s"
