@@ -71,6 +71,19 @@ size_t decode_attention_workspace_bytes(const AttentionGpuParams& p);
 cudaError_t launch_decode_attention(const AttentionGpuParams& p, void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream);
 
+// Several sequences' decode attention in two launches (pass 1 and pass 2 over all of them) instead
+// of two per sequence: a continuous-batching decode step attends every running sequence to its own
+// keys, and one launch per sequence and layer would bound the step by launches. seqs[i] is one
+// sequence's call as launch_decode_attention takes it (n_q >= 1, n_kv >= 1) and workspaces[i] its
+// workspace of decode_attention_workspace_bytes(seqs[i]). Every call of one batch must have the
+// same decode_attention_batch_key (head_dim, kernel, paging, output type, kv heads); -1 means the
+// call cannot be batched. Each sequence's result equals launch_decode_attention's bit for bit (the
+// same split plan and arithmetic). 1 <= n_seqs <= kDecodeBatchMax.
+constexpr int kDecodeBatchMax = 16;
+int decode_attention_batch_key(const AttentionGpuParams& p);
+cudaError_t launch_decode_attention_batch(const AttentionGpuParams* seqs, void* const* workspaces, int n_seqs,
+                                          cudaStream_t stream);
+
 // One shard's partial, on the device, as the kernels above write it with out_fp32.
 struct AttentionPartialGpu {
   const float* out = nullptr;      // (n_rows, head_dim)

@@ -201,17 +201,15 @@ __device__ __forceinline__ void to_float(const typename Vec<D>::T& v, float* f) 
   }
 }
 
-// Grid (splits, kv heads, row groups).
+// One block's chunk of keys (split) for one kv head and one row group.
 // kPaged: keys through p.k_pages / p.v_pages; a separate instance so the contiguous loop is untouched.
 template <int D, int kRows, bool kPaged>
-__global__ void __launch_bounds__(kThreads) decode_simt_kernel(AttentionGpuParams p, DecodePlan plan, float* ws_o,
-                                                               float* ws_lse, float* ws_ent) {
+__device__ __forceinline__ void decode_simt_body(AttentionGpuParams p, DecodePlan plan, float* ws_o, float* ws_lse,
+                                                 float* ws_ent, int64_t split, int kv_head, int row_group) {
   constexpr int E = D / 32;  // elements per lane
   using V = typename Vec<D>::T;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t split = blockIdx.x;
-  const int kv_head = blockIdx.y;
-  const int row0 = blockIdx.z * kRows;  // over n_q * group: r -> (token r / group, head kv_head * group + r % group)
+  const int row0 = row_group * kRows;  // over n_q * group: r -> (token r / group, head kv_head * group + r % group)
   const int rows_total = static_cast<int>(p.n_q) * plan.group;
   const int n_rows = min(kRows, rows_total - row0);
   const float scale2 = p.scale * kLog2e;
@@ -375,20 +373,19 @@ __device__ __forceinline__ uint32_t pair_keys(const uint32_t* x, const uint32_t*
   return __byte_perm(x[a / 2], y[a / 2], a % 2 ? 0x7632 : 0x5410);
 }
 
-// Grid (row groups, kv heads, splits); kRowTiles tiles of 8 query rows per block. Design and layouts
-// in the header. Rows past the last one repeat it (finite scores, never written).
+// One block's chunk of keys (split) for one kv head and one row group; kRowTiles tiles of 8 query
+// rows per block. Design and layouts in the header. Rows past the last one repeat it (finite
+// scores, never written).
 template <int D, int kRowTiles, bool kPaged>
-__global__ void __launch_bounds__(kThreads, kRowTiles == 1 ? 3 : 2)
-    decode_mma_kernel(AttentionGpuParams p, DecodePlan plan, float* ws_o, float* ws_lse, float* ws_ent) {
+__device__ __forceinline__ void decode_mma_body(AttentionGpuParams p, DecodePlan plan, float* ws_o, float* ws_lse,
+                                                float* ws_ent, int64_t split, int kv_head, int row_group) {
   constexpr int kRows = 8 * kRowTiles;
   constexpr int kSteps = D / 16;   // k steps of S^T, m tiles of O^T
   constexpr int kKWords = D / 8;   // registers of a K (or Q) row per lane: D / 32 loads of 16 bytes
   constexpr int kVWords = D / 16;  // registers of a V row per lane: D / 64 loads of 16 bytes
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
-  const int row0 = blockIdx.x * kRows;  // over n_q * group: r -> (token r / group, head kv_head * group + r % group)
-  const int kv_head = blockIdx.y;
-  const int64_t split = blockIdx.z;
+  const int row0 = row_group * kRows;  // over n_q * group: r -> (token r / group, head kv_head * group + r % group)
   const int n_rows = min(kRows, static_cast<int>(p.n_q) * plan.group - row0);
   const float scale2 = p.scale * kLog2e;
 
@@ -597,6 +594,62 @@ __global__ void __launch_bounds__(kThreads, kRowTiles == 1 ? 3 : 2)
   write_chunk_rows<D, kRows>(sp, p, plan, row0, n_rows, kv_head, split, ws_o, ws_lse, ws_ent);
 }
 
+// Several sequences in one launch (launch_decode_attention_batch): each sequence's call, plan and
+// workspace, passed by value as the kernel's parameters (< 4 KB), read in place (__grid_constant__).
+struct DecodeBatch {
+  AttentionGpuParams p[kDecodeBatchMax];
+  DecodePlan plan[kDecodeBatchMax];
+  float* ws[kDecodeBatchMax];                 // sequence i's workspace: O, then LSE, then H
+  int64_t row_begin[kDecodeBatchMax + 1];     // pass 2: rows of sequences 0..i-1 (prefix sums of n_rows)
+  int n_seqs = 0;
+  int row_groups = 1;                         // the grid's row-group extent per sequence (the largest)
+};
+static_assert(sizeof(DecodeBatch) <= 4000, "kernel parameters are limited to 4 KB");
+
+__device__ __forceinline__ void batch_ws(const DecodeBatch& b, int seq, int d, float** o, float** lse, float** ent) {
+  const DecodePlan& pl = b.plan[seq];
+  *o = b.ws[seq];
+  *lse = *o + pl.n_splits * pl.n_rows * d;
+  *ent = *lse + pl.n_splits * pl.n_rows;
+}
+
+// Grid (splits, kv heads, row groups).
+template <int D, int kRows, bool kPaged>
+__global__ void __launch_bounds__(kThreads) decode_simt_kernel(AttentionGpuParams p, DecodePlan plan, float* ws_o,
+                                                               float* ws_lse, float* ws_ent) {
+  decode_simt_body<D, kRows, kPaged>(p, plan, ws_o, ws_lse, ws_ent, blockIdx.x, blockIdx.y, blockIdx.z);
+}
+
+// Grid (largest split count, kv heads, sequences x row groups); blocks past a sequence's own
+// splits or row groups return at once.
+template <int D, int kRows, bool kPaged>
+__global__ void __launch_bounds__(kThreads) decode_simt_batch_kernel(const __grid_constant__ DecodeBatch b) {
+  const int seq = blockIdx.z / b.row_groups, row_group = blockIdx.z % b.row_groups;
+  if (blockIdx.x >= b.plan[seq].n_splits || row_group >= b.plan[seq].row_groups) return;
+  float *o, *lse, *ent;
+  batch_ws(b, seq, D, &o, &lse, &ent);
+  decode_simt_body<D, kRows, kPaged>(b.p[seq], b.plan[seq], o, lse, ent, blockIdx.x, blockIdx.y, row_group);
+}
+
+// Grid (row groups, kv heads, splits), row groups fastest, so the blocks that read the same keys
+// for different rows run together and share them through L2.
+template <int D, int kRowTiles, bool kPaged>
+__global__ void __launch_bounds__(kThreads, kRowTiles == 1 ? 3 : 2)
+    decode_mma_kernel(AttentionGpuParams p, DecodePlan plan, float* ws_o, float* ws_lse, float* ws_ent) {
+  decode_mma_body<D, kRowTiles, kPaged>(p, plan, ws_o, ws_lse, ws_ent, blockIdx.z, blockIdx.y, blockIdx.x);
+}
+
+// Grid (sequences x row groups, kv heads, largest split count).
+template <int D, int kRowTiles, bool kPaged>
+__global__ void __launch_bounds__(kThreads, kRowTiles == 1 ? 3 : 2)
+    decode_mma_batch_kernel(const __grid_constant__ DecodeBatch b) {
+  const int seq = blockIdx.x / b.row_groups, row_group = blockIdx.x % b.row_groups;
+  if (blockIdx.z >= b.plan[seq].n_splits || row_group >= b.plan[seq].row_groups) return;
+  float *o, *lse, *ent;
+  batch_ws(b, seq, D, &o, &lse, &ent);
+  decode_mma_body<D, kRowTiles, kPaged>(b.p[seq], b.plan[seq], o, lse, ent, blockIdx.z, blockIdx.y, row_group);
+}
+
 // Pass 2: one block of D threads per row. The split weights e_h = exp(LSE_h - M) are computed once
 // into shared memory by all threads together, then each thread sums its output dim over the splits
 // with independent, coalesced loads (a warp walking the splits serially is latency bound: with 256
@@ -618,12 +671,11 @@ __device__ __forceinline__ float block_reduce(float x, float* s_red, bool is_max
 }
 
 template <typename OutT, int D>
-__global__ void __launch_bounds__(D) decode_merge_kernel(OutT* out, float* lse, float* entropy, const float* ws_o,
-                                                         const float* ws_lse, const float* ws_ent, int n_splits,
-                                                         int64_t n_rows) {
+__device__ __forceinline__ void decode_merge_body(OutT* out, float* lse, float* entropy, const float* ws_o,
+                                                  const float* ws_lse, const float* ws_ent, int n_splits,
+                                                  int64_t n_rows, int64_t r) {
   __shared__ float s_w[kMaxSplits];
   __shared__ float s_red[D / 32];
-  const int64_t r = blockIdx.x;
   const int tid = threadIdx.x;
   float m = kNegInfF;
   for (int h = tid; h < n_splits; h += D) m = fmaxf(m, ws_lse[h * n_rows + r]);
@@ -660,6 +712,60 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(OutT* out, float* lse, 
     lse[r] = m + log_d;  // entropy.md merge: H = sum w_h H_h - sum w_h (LSE_h - M) + ln D
     if (entropy) entropy[r] = fmaxf(0.0f, h_mix * inv - shift * inv + log_d);
   }
+}
+
+template <typename OutT, int D>
+__global__ void __launch_bounds__(D) decode_merge_kernel(OutT* out, float* lse, float* entropy, const float* ws_o,
+                                                         const float* ws_lse, const float* ws_ent, int n_splits,
+                                                         int64_t n_rows) {
+  decode_merge_body<OutT, D>(out, lse, entropy, ws_o, ws_lse, ws_ent, n_splits, n_rows, blockIdx.x);
+}
+
+// One block per row of every sequence, in sequence order.
+template <typename OutT, int D>
+__global__ void __launch_bounds__(D) decode_merge_batch_kernel(const __grid_constant__ DecodeBatch b) {
+  const int64_t row = blockIdx.x;
+  int seq = 0;
+  while (row >= b.row_begin[seq + 1]) ++seq;
+  const AttentionGpuParams& p = b.p[seq];
+  float *o, *lse, *ent;
+  batch_ws(b, seq, D, &o, &lse, &ent);
+  decode_merge_body<OutT, D>(static_cast<OutT*>(p.out), p.lse, p.entropy, o, lse, ent,
+                             static_cast<int>(b.plan[seq].n_splits), b.plan[seq].n_rows, row - b.row_begin[seq]);
+}
+
+template <int D>
+cudaError_t launch_decode_batch_typed(const DecodeBatch& b, cudaStream_t stream) {
+  int64_t max_splits = 1;
+  for (int i = 0; i < b.n_seqs; ++i) max_splits = std::max(max_splits, b.plan[i].n_splits);
+  const DecodePlan& first = b.plan[0];
+  const bool paged = b.p[0].k_pages != nullptr;
+  const unsigned seq_groups = static_cast<unsigned>(b.n_seqs * b.row_groups);
+  const unsigned kv_heads = static_cast<unsigned>(b.p[0].n_kv_heads);
+  if (first.rows_per_block == 1) {
+    const dim3 grid(static_cast<unsigned>(max_splits), kv_heads, seq_groups);
+    if (paged)
+      decode_simt_batch_kernel<D, 1, true><<<grid, kThreads, 0, stream>>>(b);
+    else
+      decode_simt_batch_kernel<D, 1, false><<<grid, kThreads, 0, stream>>>(b);
+  } else {
+    const dim3 grid(seq_groups, kv_heads, static_cast<unsigned>(max_splits));
+    const bool two_tiles = first.rows_per_block == 16;
+    if (paged && two_tiles)
+      decode_mma_batch_kernel<D, 2, true><<<grid, kThreads, 0, stream>>>(b);
+    else if (paged)
+      decode_mma_batch_kernel<D, 1, true><<<grid, kThreads, 0, stream>>>(b);
+    else if (two_tiles)
+      decode_mma_batch_kernel<D, 2, false><<<grid, kThreads, 0, stream>>>(b);
+    else
+      decode_mma_batch_kernel<D, 1, false><<<grid, kThreads, 0, stream>>>(b);
+  }
+  const unsigned merge_blocks = static_cast<unsigned>(b.row_begin[b.n_seqs]);
+  if (b.p[0].out_fp32)
+    decode_merge_batch_kernel<float, D><<<merge_blocks, D, 0, stream>>>(b);
+  else
+    decode_merge_batch_kernel<__nv_bfloat16, D><<<merge_blocks, D, 0, stream>>>(b);
+  return cudaGetLastError();
 }
 
 template <int D>
@@ -748,6 +854,37 @@ size_t decode_attention_workspace_bytes(const AttentionGpuParams& p) {
   if (!decode_shape_ok(p)) return 0;
   const DecodePlan plan = make_plan(p);
   return sizeof(float) * static_cast<size_t>(plan.n_splits * plan.n_rows * (p.head_dim + 2));
+}
+
+int decode_attention_batch_key(const AttentionGpuParams& p) {
+  if (!decode_shape_ok(p) || p.n_q == 0 || p.n_kv == 0) return -1;
+  const DecodePlan plan = make_plan(p);
+  const int kernel = plan.rows_per_block == 1 ? 0 : plan.rows_per_block == 8 ? 1 : 2;
+  // Everything that selects the instance or the grid's kv-head extent.
+  return ((((p.head_dim == 64 ? 0 : 1) * 3 + kernel) * 2 + (p.k_pages != nullptr)) * 2 + p.out_fp32) * 1024 +
+         std::min(p.n_kv_heads, 1023);
+}
+
+cudaError_t launch_decode_attention_batch(const AttentionGpuParams* seqs, void* const* workspaces, int n_seqs,
+                                          cudaStream_t stream) {
+  if (n_seqs < 1 || n_seqs > kDecodeBatchMax || !seqs || !workspaces) return cudaErrorInvalidValue;
+  DecodeBatch b;
+  b.n_seqs = n_seqs;
+  b.row_begin[0] = 0;
+  const int key = decode_attention_batch_key(seqs[0]);
+  for (int i = 0; i < n_seqs; ++i) {
+    const AttentionGpuParams& p = seqs[i];
+    if (key < 0 || decode_attention_batch_key(p) != key || p.n_kv_heads >= 1023 || !p.out || !p.lse || !p.q ||
+        !detail::kv_source_ok(p) || !workspaces[i])
+      return cudaErrorInvalidValue;
+    b.p[i] = p;
+    b.plan[i] = make_plan(p);
+    b.ws[i] = static_cast<float*>(workspaces[i]);
+    b.row_begin[i + 1] = b.row_begin[i] + b.plan[i].n_rows;
+    b.row_groups = std::max(b.row_groups, b.plan[i].row_groups);
+  }
+  if (seqs[0].head_dim == 64) return launch_decode_batch_typed<64>(b, stream);
+  return launch_decode_batch_typed<128>(b, stream);
 }
 
 cudaError_t launch_decode_attention(const AttentionGpuParams& p, void* workspace, size_t workspace_bytes,

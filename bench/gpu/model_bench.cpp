@@ -3,6 +3,7 @@
 //   {"bench":"gemm",...}          cuBLASLt GEMM TFLOP/s at the model's projection shapes (one rank);
 //   {"bench":"ttft",...}          time to first token: the context encoded by the mode, then the
 //                                 query through phase 2, with the FLOPs it implies;
+//   {"bench":"decode_batch",...}  with --seqs S: milliseconds per step of S sequences decoded together;
 //   {"bench":"decode",...}        milliseconds per generated token after that context, the token
 //                                 picked on the device as the server does (with --entropy also
 //                                 while tracking every layer's entropy).
@@ -17,6 +18,8 @@
 //                    [--prefill-kernel mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
 //                    [--query 32] [--decode 16] [--entropy] [--gemm-only] [--graph-probe] [--op-census]
 //                    [--gemv on|off]  (one-row GEMMs: the skinny kernel, or cuBLASLt)
+//                    [--seqs S] [--batch-decode on|off]  (S sequences decoded together; their
+//                    attention in one launch per layer, or one launch per sequence)
 // --op-census: a decode step's ops by kind, each captured as a CUDA graph (see op_census).
 // --graph-probe (global mode, one rank) adds {"bench":"decode_probe",...}: where a decode step's
 // time goes. The same step eager, the host's time to enqueue it, the step captured once as a CUDA
@@ -415,9 +418,9 @@ Work phase1_work(const StarLayout& lay, AttentionMode mode) {
 }
 
 int run(int argc, char** argv) {
-  int layers = 32, blocks = 4, query = 32, decode = 16;
+  int layers = 32, blocks = 4, query = 32, decode = 16, seqs = 1;
   bool gemm_only = false, entropy = false, graph_probe = false, census = false;
-  std::string prefill_kernel = "mma", merge = "allreduce", gemv = "on";
+  std::string prefill_kernel = "mma", merge = "allreduce", gemv = "on", batch_decode = "on";
   std::vector<int64_t> lengths = {16384, 32768};
   std::vector<std::string> mode_names = {"global", "star"};
   for (int i = 1; i < argc; ++i) {
@@ -442,6 +445,8 @@ int run(int argc, char** argv) {
     else if (a == "--graph-probe") graph_probe = true;
     else if (a == "--op-census") census = true;
     else if (a == "--gemv") gemv = next();
+    else if (a == "--seqs") seqs = std::atoi(next());
+    else if (a == "--batch-decode") batch_decode = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -489,6 +494,7 @@ int run(int argc, char** argv) {
   CudaBackendOptions options;
   options.prefill = *prefill;
   if (gemv == "off") options.gemv_max_tokens = 0;
+  options.batch_decode = batch_decode != "off";
   auto backend_or = make_cuda_backend(device, options);
   if (!backend_or.ok()) {
     std::fprintf(stderr, "rank %d: %s\n", comm->rank(), backend_or.status().to_string().c_str());
@@ -534,7 +540,8 @@ int run(int argc, char** argv) {
   for (const Mode& m : modes) anchor_max = std::max<int64_t>(anchor_max, m.plan.block_size);
   const int page = 256;
   const int64_t share = world == 1 ? max_len : std::max<int64_t>((max_len + world - 1) / world, anchor_max);
-  const int64_t pages = (share + anchor_max + query + decode * (graph_probe ? 4 : 1) + 4 * page) / page + 8;
+  int64_t pages = (share + anchor_max + query + decode * (graph_probe ? 4 : 1) + 4 * page) / page + 8;
+  if (seqs > 1) pages = std::max<int64_t>(pages, seqs * ((max_len + query + decode + page - 1) / page + 1));
   KvCache cache(*be, {hp.n_layers, hp.n_kv_heads, hp.head_dim, page, pages});
   const double lin = linear_flops_per_token(hp);
 
@@ -698,6 +705,70 @@ int run(int argc, char** argv) {
   // scratch buffers), so the first timed length does not carry them.
   for (const Mode& mode : modes) {
     if (const int rc = measure(std::min<int64_t>(4096, lengths.front()), mode, false)) return rc;
+  }
+  // --seqs S: S sequences of n context tokens each (global attention, one rank), prefilled one by
+  // one, then decoded together, one token per sequence per step, as a server's continuous batch.
+  auto measure_batch = [&](int64_t n) -> int {
+    LocalAttention local(*be, cache, hp);
+    std::vector<int32_t> next(seqs), pos(seqs);
+    for (int s = 0; s < seqs; ++s) {
+      const std::vector<int32_t> prompt = tokens(n + query, hp.n_vocab, static_cast<uint32_t>(n + 7 * s));
+      std::vector<int32_t> ppos(prompt.size());
+      std::iota(ppos.begin(), ppos.end(), 0);
+      BatchSeq bs{100 + s, prompt, ppos, false};
+      SampleRow greedy;
+      greedy.n_vocab = hp.n_vocab;
+      greedy.temperature = 0.0f;
+      const Status st = model->forward_sample({&bs, 1}, local, {&greedy, 1}, {&next[s], 1});
+      if (!st.ok()) {
+        std::fprintf(stderr, "batch prefill %d: %s\n", s, st.to_string().c_str());
+        return 1;
+      }
+      pos[s] = static_cast<int32_t>(prompt.size());
+    }
+    std::vector<BatchSeq> batch(seqs);
+    std::vector<SampleRow> rows(seqs);
+    for (SampleRow& r : rows) {
+      r.n_vocab = hp.n_vocab;
+      r.temperature = 0.0f;
+    }
+    std::vector<int32_t> picked(seqs);
+    Clock::time_point t0;
+    for (int step = -2; step < decode; ++step) {  // two untimed steps first
+      if (step == 0) {
+        be->synchronize();
+        t0 = Clock::now();
+      }
+      for (int s = 0; s < seqs; ++s) batch[s] = BatchSeq{100 + s, {&next[s], 1}, {&pos[s], 1}, false};
+      const Status st = model->forward_sample(batch, local, rows, picked);
+      if (!st.ok()) {
+        std::fprintf(stderr, "batch decode: %s\n", st.to_string().c_str());
+        return 1;
+      }
+      for (int s = 0; s < seqs; ++s) {
+        next[s] = picked[s];
+        ++pos[s];
+      }
+    }
+    const double ms = since(t0) * 1e3 / std::max(decode, 1);
+    std::printf(
+        "{\"bench\":\"decode_batch\",\"impl\":\"starserve\",\"mode\":\"global\",\"context\":%lld,\"seqs\":%d,"
+        "\"layers\":%d,\"batch_decode\":%s,\"gemv\":%s,\"ms_per_step\":%.2f,\"tokens_per_s\":%.1f}\n",
+        static_cast<long long>(n), seqs, layers, options.batch_decode ? "true" : "false",
+        options.gemv_max_tokens > 0 ? "true" : "false", ms, seqs * 1e3 / ms);
+    std::fflush(stdout);
+    for (int s = 0; s < seqs; ++s) cache.free_sequence(100 + s);
+    return 0;
+  };
+  if (seqs > 1) {
+    if (world != 1) {
+      if (lead) std::fprintf(stderr, "--seqs runs on one rank\n");
+      return 2;
+    }
+    if (const int rc = measure_batch(std::min<int64_t>(1024, lengths.front()))) return rc;  // warm-up
+    for (int64_t n : lengths)
+      if (const int rc = measure_batch(n)) return rc;
+    return 0;
   }
   for (int64_t n : lengths) {
     for (const Mode& mode : modes) {

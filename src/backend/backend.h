@@ -177,6 +177,11 @@ class Backend {
   virtual void add_rms_norm(Tensor out, Tensor x, Tensor h, Tensor weight, float eps) = 0;
   // Partial attention over local keys: O normalised within them, LSE, entropy. See attention_ref.h.
   virtual void partial_attention(const AttentionCall& c) = 0;
+  // Several independent calls (one per sequence of a batch, each writing its own outputs), which a
+  // backend may run together: the CUDA backend runs decode-sized ones in one launch per kernel.
+  virtual void partial_attentions(std::span<const AttentionCall> calls) {
+    for (const AttentionCall& c : calls) partial_attention(c);
+  }
   // Exact merge of shards; every pointer (and the parts' pointers) is fp32 device memory.
   virtual void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts,
                               int64_t n_rows, int head_dim) = 0;
@@ -234,6 +239,9 @@ struct CudaBackendOptions {
   // instead of cuBLASLt; 0 = never. 1 (single-sequence decode steps) is where it measured faster
   // on the H200 (docs/perf.md); with 4 rows cuBLASLt is faster.
   int gemv_max_tokens = 1;
+  // partial_attentions: decode-sized calls of several sequences in one launch per kernel
+  // (launch_decode_attention_batch) instead of one per sequence.
+  bool batch_decode = true;
 };
 // "mma" (the default), "mma-m64", "mma-m128", "mma-m64-lazy", "wmma"; kInvalidArgument otherwise.
 Result<CudaBackendOptions::Prefill> parse_prefill_kernel(const std::string& name);

@@ -25,31 +25,41 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
   for (const BatchSeq& s : batch) total += static_cast<int64_t>(s.tokens.size());
   float* lse = lse_.floats(backend_, total * nh);
   float* ent = ent_.floats(backend_, total * nh);
+  // Every sequence's new keys into the cache, then every sequence's attention in one backend call
+  // (the CUDA backend runs a decode step's sequences in one launch).
+  segs_.resize(batch.size());
+  calls_.resize(batch.size());
   int64_t start = 0;
-  for (const BatchSeq& s : batch) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const BatchSeq& s = batch[i];
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     const int64_t past = cache_.length(s.seq_id);
     cache_.write(layer, s.seq_id, past, k.slice_rows(start, n), v.slice_rows(start, n));
-    const std::vector<KvView> segs = cache_.segments(layer, s.seq_id, 0, past + n);
-    AttentionCall c;
+    segs_[i] = cache_.segments(layer, s.seq_id, 0, past + n);
+    AttentionCall& c = calls_[i];
+    c = AttentionCall{};
     c.out = out.slice_rows(start, n);
     c.lse = lse + start * nh;
     c.entropy = ent + start * nh;
     c.q = q.slice_rows(start, n);
-    c.kv = segs;
+    c.kv = segs_[i];
     c.n_heads = hp_.n_heads;
     c.n_kv_heads = hp_.n_kv_heads;
     c.head_dim = hp_.head_dim;
     c.scale = 1.0f / std::sqrt(static_cast<float>(hd));
     c.mask = {true, past};  // new token i sees keys 0 .. past + i
-    backend_.partial_attention(c);
-    auto it = entropy_.find(s.seq_id);
-    if (it != entropy_.end() && it->second->enabled()) {
-      std::vector<int64_t> visible(n);
-      for (int64_t i = 0; i < n; ++i) visible[i] = past + i + 1;
-      collector_.add(it->second, layer, c.entropy, n, std::move(visible));
-    }
     start += n;
+  }
+  backend_.partial_attentions(calls_);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const BatchSeq& s = batch[i];
+    auto it = entropy_.find(s.seq_id);
+    if (it == entropy_.end() || !it->second->enabled()) continue;
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    const int64_t past = calls_[i].mask.causal_offset;
+    std::vector<int64_t> visible(n);
+    for (int64_t j = 0; j < n; ++j) visible[j] = past + j + 1;
+    collector_.add(it->second, layer, calls_[i].entropy, n, std::move(visible));
   }
   return Status();
 }

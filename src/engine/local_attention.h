@@ -4,6 +4,7 @@
 #pragma once
 
 #include <unordered_map>
+#include <vector>
 
 #include "engine/attention_stats.h"
 #include "engine/entropy_collector.h"
@@ -31,6 +32,8 @@ class LocalAttention final : public AttentionHandler {
   std::unordered_map<SeqId, EntropyStats*> entropy_;
   EntropyCollector collector_;
   Scratch lse_, ent_;
+  std::vector<std::vector<KvView>> segs_;  // one forward layer's keys per sequence (calls_ point into them)
+  std::vector<AttentionCall> calls_;
 };
 
 }  // namespace starserve

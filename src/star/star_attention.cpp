@@ -282,28 +282,33 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
   float* lse_all = lse_.floats(backend_, total * nh);
   float* ent_all = ent_.floats(backend_, total * nh);
   const Tensor o32 = fp32_target(backend_, out, out32_);
+  // Every sequence's keys, then all of their partial attentions in one backend call (the CUDA
+  // backend runs a decode step's sequences in one launch).
+  segs_.resize(batch.size());
+  calls_.clear();
   int64_t start = 0;
-  for (const BatchSeq& s : batch) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const BatchSeq& s = batch[i];
     const SeqInfo& info = seqs_.at(s.seq_id);
     const int64_t n = static_cast<int64_t>(s.tokens.size());
-    std::vector<KvView> segs;
     AttentionMask mask{false, 0};
     if (info.query_host) {
       const int64_t past = cache_.length(s.seq_id);
       cache_.write(layer, s.seq_id, past, k.slice_rows(start, n), v.slice_rows(start, n));
-      segs = cache_.segments(layer, s.seq_id, 0, past + n);
+      segs_[i] = cache_.segments(layer, s.seq_id, 0, past + n);
       // Keys [local context ; earlier query/generated ; new]: new token i sees all context, every
       // earlier query/generated token, and new tokens 0..i.
       mask = {true, past};
     } else {
       // Context only: every key visible to every query row (no causal alignment at all).
-      segs = cache_.segments(layer, s.seq_id, 0, info.n_local_context);
+      segs_[i] = cache_.segments(layer, s.seq_id, 0, info.n_local_context);
     }
     // An empty key list gives O = 0, LSE = -inf, H = 0: this rank contributes nothing to the merge.
-    backend_.partial_attention(make_call(dims_, o32.slice_rows(start, n), lse_all + start * nh, ent_all + start * nh,
-                                         q.slice_rows(start, n), segs, mask));
+    calls_.push_back(make_call(dims_, o32.slice_rows(start, n), lse_all + start * nh, ent_all + start * nh,
+                               q.slice_rows(start, n), segs_[i], mask));
     start += n;
   }
+  backend_.partial_attentions(calls_);
   // One collective for the whole batch: rows are (token, head) pairs.
   const auto t0 = std::chrono::steady_clock::now();
   SS_RETURN_IF_ERROR(merger_.merge_on(backend_, o32.f32(), lse_all, ent_all, total * nh, dims_.head_dim));

@@ -134,6 +134,8 @@ class Phase2Attention final : public AttentionHandler {
   std::unordered_map<SeqId, SeqInfo> seqs_;
   std::unordered_map<SeqId, EntropyStats*> entropy_before_registration_;
   Scratch lse_, ent_, out32_;
+  std::vector<std::vector<KvView>> segs_;  // one forward layer's keys per sequence (calls_ point into them)
+  std::vector<AttentionCall> calls_;
   EntropyCollector collector_;
   double merge_seconds_ = 0;
   int64_t merges_ = 0;

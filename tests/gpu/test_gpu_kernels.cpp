@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -313,6 +314,142 @@ TEST(GpuAttention, DecodeGqaMatchesReference) {
     // Group 3 x 3 tokens = 9 rows (a second tile with one row), every key visible, entropy not computed.
     check_attention({3, 2500, 24, 8, d, false, 0, true}, AttnKernel::kDecode, rng, 0, /*with_entropy=*/false);
   }
+}
+
+// Several sequences in one decode launch (launch_decode_attention_batch) against one launch each:
+// the same plan and arithmetic per sequence, so O, LSE and H must agree to fp32 rounding (1e-6;
+// they agree bit for bit unless the compiler contracts the two instances differently). Sequences
+// of very different lengths (one split to many; a causal offset that hides keys), contiguous and
+// paged keys, the three pass-1 kernels (1, 8 and 16 rows per block), fp32 and bf16 output.
+struct DecodeSeq {
+  std::unique_ptr<DeviceBuffer<__nv_bfloat16>> q, k, v, k_pool, v_pool;
+  std::unique_ptr<DeviceBuffer<const __nv_bfloat16*>> k_table, v_table;
+  std::unique_ptr<DeviceBuffer<float>> o32, lse, h;
+  std::unique_ptr<DeviceBuffer<__nv_bfloat16>> o16;
+  AttentionGpuParams p;
+};
+
+DecodeSeq make_decode_seq(int64_t n_q, int64_t n_kv, int heads, int kv_heads, int d, int page_shift, bool out_fp32,
+                          int64_t offset, std::mt19937& rng) {
+  DecodeSeq s;
+  auto q = random_bf16(n_q * heads * d, -1.0f, 1.0f, rng);
+  auto k = random_bf16(n_kv * kv_heads * d, -1.0f, 1.0f, rng);
+  auto v = random_bf16(n_kv * kv_heads * d, -1.0f, 1.0f, rng);
+  s.q = std::make_unique<DeviceBuffer<__nv_bfloat16>>(q.bits);
+  AttentionGpuParams& p = s.p;
+  if (page_shift == 0) {
+    s.k = std::make_unique<DeviceBuffer<__nv_bfloat16>>(k.bits);
+    s.v = std::make_unique<DeviceBuffer<__nv_bfloat16>>(v.bits);
+    p.k = s.k->ptr;
+    p.v = s.v->ptr;
+  } else {
+    PagedKv pk = make_paged(k, v, n_kv, kv_heads, d, page_shift, rng);
+    s.k_pool = std::make_unique<DeviceBuffer<__nv_bfloat16>>(pk.k_bits);
+    s.v_pool = std::make_unique<DeviceBuffer<__nv_bfloat16>>(pk.v_bits);
+    std::vector<const __nv_bfloat16*> kt, vt;
+    for (int64_t slot : pk.slot) {
+      kt.push_back(s.k_pool->ptr + slot * pk.page_elems);
+      vt.push_back(s.v_pool->ptr + slot * pk.page_elems);
+    }
+    s.k_table = std::make_unique<DeviceBuffer<const __nv_bfloat16*>>(kt);
+    s.v_table = std::make_unique<DeviceBuffer<const __nv_bfloat16*>>(vt);
+    p.k_pages = s.k_table->ptr;
+    p.v_pages = s.v_table->ptr;
+    p.page_shift = page_shift;
+  }
+  const int64_t rows = n_q * heads;
+  s.lse = std::make_unique<DeviceBuffer<float>>(rows);
+  s.h = std::make_unique<DeviceBuffer<float>>(rows);
+  if (out_fp32) {
+    s.o32 = std::make_unique<DeviceBuffer<float>>(rows * d);
+    p.out = s.o32->ptr;
+  } else {
+    s.o16 = std::make_unique<DeviceBuffer<__nv_bfloat16>>(rows * d);
+    p.out = s.o16->ptr;
+  }
+  p.out_fp32 = out_fp32;
+  p.lse = s.lse->ptr;
+  p.entropy = s.h->ptr;
+  p.q = s.q->ptr;
+  p.n_q = n_q;
+  p.n_kv = n_kv;
+  p.n_heads = heads;
+  p.n_kv_heads = kv_heads;
+  p.head_dim = d;
+  p.scale = 1.0f / std::sqrt(static_cast<float>(d));
+  p.causal = true;
+  p.causal_offset = offset;
+  return s;
+}
+
+std::vector<float> decode_outputs(const DecodeSeq& s) {
+  std::vector<float> all = s.p.out_fp32 ? s.o32->get() : to_float(s.o16->get());
+  const auto lse = s.lse->get(), h = s.h->get();
+  all.insert(all.end(), lse.begin(), lse.end());
+  all.insert(all.end(), h.begin(), h.end());
+  return all;
+}
+
+TEST(GpuAttention, DecodeBatchMatchesOneLaunchPerSequence) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(21);
+  struct Group {
+    int64_t n_q;
+    int heads, kv_heads, d, page_shift;
+    bool out_fp32;
+  };
+  // (1 token, MHA: simt kernel), (1 token, GQA 4: 8-row mma), (3 tokens, GQA 4: 16-row mma).
+  for (const Group g : {Group{1, 8, 8, 64, 0, true}, Group{1, 32, 8, 128, 8, true}, Group{1, 32, 8, 128, 0, false},
+                        Group{3, 16, 4, 128, 6, true}, Group{1, 12, 4, 64, 8, false}}) {
+    SCOPED_TRACE("n_q " + std::to_string(g.n_q) + " heads " + std::to_string(g.heads) + "/" +
+                 std::to_string(g.kv_heads) + " d" + std::to_string(g.d) + " page_shift " +
+                 std::to_string(g.page_shift));
+    std::vector<DecodeSeq> seqs;
+    for (int64_t n_kv : {int64_t{70}, int64_t{5000}, int64_t{300}, int64_t{33000}, int64_t{1025}}) {
+      const int64_t offset = n_kv == 300 ? -1 : n_kv - g.n_q;  // -1: the first row sees nothing
+      seqs.push_back(make_decode_seq(g.n_q, n_kv, g.heads, g.kv_heads, g.d, g.page_shift, g.out_fp32, offset, rng));
+    }
+    std::vector<std::vector<float>> single;
+    std::vector<std::unique_ptr<DeviceBuffer<unsigned char>>> ws;
+    std::vector<AttentionGpuParams> params;
+    std::vector<void*> ws_ptrs;
+    const int key = decode_attention_batch_key(seqs[0].p);
+    ASSERT_GE(key, 0);
+    for (DecodeSeq& s : seqs) {
+      EXPECT_EQ(decode_attention_batch_key(s.p), key);
+      const size_t bytes = decode_attention_workspace_bytes(s.p);
+      ws.push_back(std::make_unique<DeviceBuffer<unsigned char>>(bytes));
+      ASSERT_EQ(launch_decode_attention(s.p, ws.back()->ptr, bytes, nullptr), cudaSuccess);
+      SS_CUDA_CHECK(cudaDeviceSynchronize());
+      single.push_back(decode_outputs(s));
+      // NaN until the batched launch rewrites them.
+      const int64_t rows = s.p.n_q * s.p.n_heads;
+      SS_CUDA_CHECK(cudaMemset(s.p.lse, 0xff, rows * sizeof(float)));
+      SS_CUDA_CHECK(cudaMemset(s.p.entropy, 0xff, rows * sizeof(float)));
+      SS_CUDA_CHECK(cudaMemset(s.p.out, 0xff, rows * s.p.head_dim * (s.p.out_fp32 ? 4 : 2)));
+      params.push_back(s.p);
+      ws_ptrs.push_back(ws.back()->ptr);
+    }
+    ASSERT_EQ(launch_decode_attention_batch(params.data(), ws_ptrs.data(), static_cast<int>(params.size()), nullptr),
+              cudaSuccess);
+    SS_CUDA_CHECK(cudaDeviceSynchronize());
+    int differing_bits = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const std::vector<float> got = decode_outputs(seqs[i]);
+      expect_close(got, single[i], 1e-6f, "sequence " + std::to_string(i));
+      for (size_t j = 0; j < got.size(); ++j) differing_bits += std::memcmp(&got[j], &single[i][j], 4) != 0;
+    }
+    std::printf("  batched vs one launch each: %d values not bit-identical\n", differing_bits);
+  }
+  // A call whose kernel differs from the first one's cannot join its batch.
+  DecodeSeq a = make_decode_seq(1, 100, 8, 8, 64, 0, true, 99, rng);
+  DecodeSeq b = make_decode_seq(1, 100, 32, 8, 64, 0, true, 99, rng);
+  EXPECT_NE(decode_attention_batch_key(a.p), decode_attention_batch_key(b.p));
+  DeviceBuffer<unsigned char> wa(decode_attention_workspace_bytes(a.p)), wb(decode_attention_workspace_bytes(b.p));
+  const AttentionGpuParams mixed[] = {a.p, b.p};
+  void* const mixed_ws[] = {wa.ptr, wb.ptr};
+  EXPECT_EQ(launch_decode_attention_batch(mixed, mixed_ws, 2, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(launch_decode_attention_batch(mixed, mixed_ws, kDecodeBatchMax + 1, nullptr), cudaErrorInvalidValue);
 }
 
 // Paged keys (scrambled pages of 64 and 256 keys, NaN in every pool row that holds no key) against

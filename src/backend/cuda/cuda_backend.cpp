@@ -110,6 +110,7 @@ class CudaBackend final : public Backend {
     ids_ = DeviceBuffer();
     pos_ = DeviceBuffer();
     tables_ = DeviceBuffer();
+    batch_tables_ = DeviceBuffer();
     gather_k_ = DeviceBuffer();
     gather_v_ = DeviceBuffer();
     attn_ws_ = DeviceBuffer();
@@ -269,20 +270,7 @@ class CudaBackend final : public Backend {
       if (c.entropy) SS_CUDA_OK(cudaMemsetAsync(c.entropy, 0, rows * sizeof(float), stream_));
       return;
     }
-    AttentionGpuParams p;
-    p.out = c.out.data;
-    p.out_fp32 = c.out.dtype == DType::kF32;
-    p.lse = c.lse;
-    p.entropy = c.entropy;
-    p.q = bf16(c.q);
-    p.n_q = n_q;
-    p.n_kv = n_kv;
-    p.n_heads = c.n_heads;
-    p.n_kv_heads = c.n_kv_heads;
-    p.head_dim = c.head_dim;
-    p.scale = c.scale;
-    p.causal = c.mask.causal;
-    p.causal_offset = c.mask.causal_offset;
+    AttentionGpuParams p = gpu_params(c, n_kv);
     bind_keys(c.kv, n_kv, &p);
     if (n_q <= kDecodeRows) {
       const size_t ws = decode_attention_workspace_bytes(p);
@@ -297,6 +285,83 @@ class CudaBackend final : public Backend {
         case Prefill::kMmaM64Lazy: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 2, stream_)); break;
         case Prefill::kWmma: SS_CUDA_OK(launch_prefill_attention_wmma(p, stream_)); break;
       }
+    }
+  }
+
+  void partial_attentions(std::span<const AttentionCall> calls) override {
+    // Decode-sized calls whose keys are one run or a page table join batches by kernel
+    // (decode_attention_batch_key); the rest (empty, prefill-sized, keys to gather) run alone.
+    std::vector<AttentionGpuParams> batchable;
+    std::vector<int> keys;
+    std::vector<const AttentionCall*> paged;  // batchable calls that need a page table, in order
+    for (const AttentionCall& c : calls) {
+      const int64_t n_q = c.n_q();
+      int64_t n_kv = 0;
+      for (const KvView& kv : c.kv) n_kv += kv.n_tokens();
+      const bool decode = options_.batch_decode && calls.size() > 1 && n_q >= 1 && n_q <= kDecodeRows && n_kv > 0 &&
+                          (c.head_dim == 64 || c.head_dim == 128);
+      const bool bindable = c.kv.size() == 1 || page_table_shift(c.kv) > 0;
+      AttentionGpuParams p;
+      if (decode && bindable) {
+        p = gpu_params(c, n_kv);
+        if (decode_attention_batch_key(p) >= 0) {  // the shape can be batched (paging is set below)
+          if (c.kv.size() == 1) {
+            p.k = bf16(c.kv[0].k);
+            p.v = bf16(c.kv[0].v);
+          } else {
+            p.page_shift = page_table_shift(c.kv);
+            paged.push_back(&c);
+          }
+          batchable.push_back(p);
+          continue;
+        }
+      }
+      partial_attention(c);
+    }
+    if (batchable.empty()) return;
+    // Every page table in one upload; the calls point at their slices.
+    size_t n_ptrs = 0;
+    for (const AttentionCall* c : paged) n_ptrs += 2 * c->kv.size();
+    void** tables = n_ptrs ? static_cast<void**>(grow(batch_tables_, n_ptrs * sizeof(void*))) : nullptr;
+    table_host_.clear();
+    for (const AttentionCall* c : paged) {
+      for (const KvView& kv : c->kv) table_host_.push_back(kv.k.data);
+      for (const KvView& kv : c->kv) table_host_.push_back(kv.v.data);
+    }
+    if (n_ptrs) ring_.upload(tables, table_host_.data(), n_ptrs * sizeof(void*), stream_);
+    size_t at = 0, next_paged = 0;
+    for (AttentionGpuParams& p : batchable) {
+      if (p.page_shift == 0) continue;
+      const size_t pages = paged[next_paged++]->kv.size();
+      p.k_pages = reinterpret_cast<const __nv_bfloat16* const*>(tables + at);
+      p.v_pages = reinterpret_cast<const __nv_bfloat16* const*>(tables + at + pages);
+      at += 2 * pages;
+    }
+    for (const AttentionGpuParams& p : batchable) keys.push_back(decode_attention_batch_key(p));
+    // Workspaces side by side, 256-byte aligned.
+    std::vector<size_t> offsets(batchable.size());
+    size_t total = 0;
+    for (size_t i = 0; i < batchable.size(); ++i) {
+      offsets[i] = total;
+      total += (decode_attention_workspace_bytes(batchable[i]) + 255) / 256 * 256;
+    }
+    char* ws = static_cast<char*>(grow(attn_ws_, total));
+    // Batches: calls of one key in order, at most kDecodeBatchMax each.
+    std::vector<bool> done(batchable.size(), false);
+    std::vector<AttentionGpuParams> group;
+    std::vector<void*> group_ws;
+    for (size_t i = 0; i < batchable.size(); ++i) {
+      if (done[i]) continue;
+      group.clear();
+      group_ws.clear();
+      for (size_t j = i; j < batchable.size() && static_cast<int>(group.size()) < kDecodeBatchMax; ++j) {
+        if (done[j] || keys[j] != keys[i]) continue;
+        done[j] = true;
+        group.push_back(batchable[j]);
+        group_ws.push_back(ws + offsets[j]);
+      }
+      SS_CUDA_OK(launch_decode_attention_batch(group.data(), group_ws.data(), static_cast<int>(group.size()),
+                                               stream_));
     }
   }
 
@@ -423,6 +488,35 @@ class CudaBackend final : public Backend {
     return plans_.emplace(key, p).first->second;
   }
 
+  AttentionGpuParams gpu_params(const AttentionCall& c, int64_t n_kv) {
+    AttentionGpuParams p;
+    p.out = c.out.data;
+    p.out_fp32 = c.out.dtype == DType::kF32;
+    p.lse = c.lse;
+    p.entropy = c.entropy;
+    p.q = bf16(c.q);
+    p.n_q = c.n_q();
+    p.n_kv = n_kv;
+    p.n_heads = c.n_heads;
+    p.n_kv_heads = c.n_kv_heads;
+    p.head_dim = c.head_dim;
+    p.scale = c.scale;
+    p.causal = c.mask.causal;
+    p.causal_offset = c.mask.causal_offset;
+    return p;
+  }
+
+  // log2 of the page size when the runs are equal pages of 2^s >= 64 tokens (all but the last
+  // full), which the kernels read through a page table; 0 otherwise.
+  static int page_table_shift(std::span<const KvView> kv) {
+    if (kv.size() < 2) return 0;
+    const int64_t page = kv[0].n_tokens();
+    bool paged = page >= 64 && std::has_single_bit(static_cast<uint64_t>(page));
+    for (size_t i = 0; paged && i + 1 < kv.size(); ++i) paged = kv[i].n_tokens() == page;
+    paged = paged && kv.back().n_tokens() <= page;
+    return paged ? std::countr_zero(static_cast<uint64_t>(page)) : 0;
+  }
+
   // Points the kernel at the keys: one contiguous run as is; equal pages of 2^s >= 64 tokens (all
   // but the last full) through a page table; anything else gathered into one contiguous run.
   void bind_keys(std::span<const KvView> kv, int64_t n_kv, AttentionGpuParams* p) {
@@ -432,10 +526,7 @@ class CudaBackend final : public Backend {
       return;
     }
     const int64_t page = kv[0].n_tokens();
-    bool paged = page >= 64 && std::has_single_bit(static_cast<uint64_t>(page));
-    for (size_t i = 0; paged && i + 1 < kv.size(); ++i) paged = kv[i].n_tokens() == page;
-    paged = paged && kv.back().n_tokens() <= page;
-    if (paged) {
+    if (page_table_shift(kv) > 0) {
       table_host_.resize(2 * kv.size());
       for (size_t i = 0; i < kv.size(); ++i) {
         table_host_[i] = kv[i].k.data;
@@ -497,7 +588,7 @@ class CudaBackend final : public Backend {
   void* lt_ws_ = nullptr;
   PinnedRing ring_;
   std::map<std::tuple<int64_t, int64_t, int64_t, DType>, Plan> plans_;
-  DeviceBuffer ids_, pos_, tables_, gather_k_, gather_v_, attn_ws_, staging_, neg_inf_;
+  DeviceBuffer ids_, pos_, tables_, batch_tables_, gather_k_, gather_v_, attn_ws_, staging_, neg_inf_;
   // sample_rows: fp32 copy of bf16 logits; uploaded parameters + penalty entries; chosen tokens.
   DeviceBuffer sample_logits_, sample_in_, sample_out_;
   std::vector<SampleRowParams> sample_params_;
