@@ -47,8 +47,12 @@ def main():
     ap.add_argument("--query", type=int, default=32)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--gemm-only", action="store_true")
+    ap.add_argument("--seqs", type=int, default=1,
+                    help="with S > 1: S sequences of each length prefilled as one batch, then decoded together "
+                         "(decode_batch lines, as model_bench --seqs)")
     args = ap.parse_args()
-    bench_gemm()
+    if args.seqs <= 1:
+        bench_gemm()
     if args.gemm_only:
         return
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -61,6 +65,31 @@ def main():
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     gen = torch.Generator(device="cpu").manual_seed(1)
+    if args.seqs > 1:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        for n in [min(1024, lengths[0])] + lengths:  # the first run warms up (printed, as model_bench does)
+            ids = torch.randint(0, cfg.vocab_size, (args.seqs, n + args.query), generator=gen).cuda()
+            with torch.inference_mode():
+                out = model(ids, use_cache=True, logits_to_keep=1)
+                past = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                for _ in range(2):
+                    out = model(nxt, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                for _ in range(args.decode):
+                    out = model(nxt, past_key_values=past, use_cache=True)
+                    past = out.past_key_values
+                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - t1) * 1e3 / max(args.decode, 1)
+            emit(bench="decode_batch", impl="hf-transformers", mode="global", context=n, seqs=args.seqs,
+                 layers=args.layers, ms_per_step=round(ms, 2), tokens_per_s=round(args.seqs * 1e3 / ms, 1))
+            del out, past
+            torch.cuda.empty_cache()
+        return
     for n in [int(x) for x in args.lengths.split(",")]:
         ids = torch.randint(0, cfg.vocab_size, (1, n + args.query), generator=gen).cuda()
         torch.cuda.synchronize()
