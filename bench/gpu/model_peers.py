@@ -40,6 +40,18 @@ def bench_gemm(hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336):
             del a, ws
 
 
+def timed_decode(model, nxt, past, steps):
+    """Greedy decode steps from token(s) nxt (batch, 1); returns (next tokens, cache, ms per step)."""
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    for _ in range(steps):
+        out = model(nxt, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    return nxt, past, (time.perf_counter() - t1) * 1e3 / max(steps, 1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -71,20 +83,9 @@ def main():
             ids = torch.randint(0, cfg.vocab_size, (args.seqs, n + args.query), generator=gen).cuda()
             with torch.inference_mode():
                 out = model(ids, use_cache=True, logits_to_keep=1)
-                past = out.past_key_values
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                for _ in range(2):
-                    out = model(nxt, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
-                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                torch.cuda.synchronize()
-                t1 = time.perf_counter()
-                for _ in range(args.decode):
-                    out = model(nxt, past_key_values=past, use_cache=True)
-                    past = out.past_key_values
-                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-                torch.cuda.synchronize()
-                ms = (time.perf_counter() - t1) * 1e3 / max(args.decode, 1)
+                nxt, past, _ = timed_decode(model, nxt, out.past_key_values, 2)  # untimed
+                nxt, past, ms = timed_decode(model, nxt, past, args.decode)
             emit(bench="decode_batch", impl="hf-transformers", mode="global", context=n, seqs=args.seqs,
                  layers=args.layers, ms_per_step=round(ms, 2), tokens_per_s=round(args.seqs * 1e3 / ms, 1))
             del out, past
@@ -101,15 +102,7 @@ def main():
             ttft = time.perf_counter() - t0
             emit(bench="ttft", impl="hf-transformers", mode="global", context=n, query=args.query, blocks=1,
                  layers=args.layers, ttft_s=round(ttft, 3))
-            past = out.past_key_values
-            torch.cuda.synchronize()
-            t1 = time.perf_counter()
-            for _ in range(args.decode):
-                out = model(nxt, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t1) * 1e3 / max(args.decode, 1)
+            nxt, past, ms = timed_decode(model, nxt, out.past_key_values, args.decode)
             emit(bench="decode", impl="hf-transformers", mode="global", context=n, layers=args.layers,
                  ms_per_token=round(ms, 2), tokens_per_s=round(1e3 / ms, 1))
         del out, past

@@ -205,6 +205,15 @@ class Backend {
   }
 };
 
+// The shapes Backend::split_qkv_rope requires (every backend checks them the same way).
+inline void check_split_qkv_rope(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& qkv,
+                                 size_t n_positions) {
+  SS_CHECK(q.ndim == 3 && k.ndim == 3 && v.numel() == k.numel() &&
+               qkv.numel() == q.numel() + k.numel() + v.numel() && q.shape[0] == static_cast<int64_t>(n_positions),
+           "split_qkv_rope: q {} k {} v {} elements from {} for {} positions", q.numel(), k.numel(), v.numel(),
+           qkv.numel(), n_positions);
+}
+
 // Device scratch that grows on demand and is reused across calls.
 class Scratch {
  public:

@@ -91,10 +91,7 @@ class CpuBackend final : public Backend {
   void add(Tensor out, Tensor a, Tensor b) override { add_ref(out.f32(), a.f32(), b.f32(), out.numel()); }
   void split_qkv_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, std::span<const int32_t> positions, Tensor inv_freq,
                       int rope_dim, RopeStyle style) override {
-    SS_CHECK(q.ndim == 3 && k.ndim == 3 && v.numel() == k.numel() &&
-                 qkv.numel() == q.numel() + k.numel() + v.numel() && q.shape[0] == static_cast<int64_t>(positions.size()),
-             "split_qkv_rope: q {} k {} v {} elements from {} for {} positions", q.numel(), k.numel(), v.numel(),
-             qkv.numel(), positions.size());
+    check_split_qkv_rope(q, k, v, qkv, positions.size());
     split_qkv_rope_ref(q.f32(), k.f32(), v.f32(), qkv.f32(), positions.data(), inv_freq.f32(), q.shape[0],
                        static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2]),
                        rope_dim, style);

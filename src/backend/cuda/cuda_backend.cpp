@@ -229,10 +229,7 @@ class CudaBackend final : public Backend {
   }
   void split_qkv_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, std::span<const int32_t> positions, Tensor inv_freq,
                       int rope_dim, RopeStyle style) override {
-    SS_CHECK(q.ndim == 3 && k.ndim == 3 && v.numel() == k.numel() &&
-                 qkv.numel() == q.numel() + k.numel() + v.numel() && q.shape[0] == static_cast<int64_t>(positions.size()),
-             "split_qkv_rope: q {} k {} v {} elements from {} for {} positions", q.numel(), k.numel(), v.numel(),
-             qkv.numel(), positions.size());
+    check_split_qkv_rope(q, k, v, qkv, positions.size());
     SS_CUDA_OK(launch_split_qkv_rope(bf16(q), bf16(k), bf16(v), bf16(qkv), device_positions(positions),
                                      inv_freq.f32(), q.shape[0], static_cast<int>(q.shape[1]),
                                      static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2]), rope_dim, style,
