@@ -14,7 +14,7 @@
 // collectives (exact's KV all-gather, phase 2's merge) run over NCCL; rank 0 prints. The peer (HF
 // transformers on one GPU) is bench/gpu/model_peers.py; summarize_model.py joins them.
 // Usage: [mpirun -np W] model_bench [--layers 32] [--lengths 16384,32768] [--modes global,star]
-//                    [--blocks 4] [--merge allreduce|allgather]
+//                    [--blocks 4] [--merge allreduce|allgather|auto]
 //                    [--prefill-kernel mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
 //                    [--query 32] [--decode 16] [--entropy] [--gemm-only] [--graph-probe] [--op-census]
 //                    [--gemv on|off]  (one-row GEMMs: the skinny kernel, or cuBLASLt)
@@ -457,11 +457,13 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", prefill.status().to_string().c_str());
     return 2;
   }
-  if (merge != "allreduce" && merge != "allgather") {
-    std::fprintf(stderr, "--merge %s: allreduce or allgather\n", merge.c_str());
+  if (merge != "allreduce" && merge != "allgather" && merge != "auto") {
+    std::fprintf(stderr, "--merge %s: allreduce, allgather or auto\n", merge.c_str());
     return 2;
   }
-  const MergeAlgo algo = merge == "allgather" ? MergeAlgo::kAllGather : MergeAlgo::kAllReduce;
+  const MergeAlgo algo = merge == "allgather" ? MergeAlgo::kAllGather
+                         : merge == "auto"    ? MergeAlgo::kAuto
+                                              : MergeAlgo::kAllReduce;
   std::vector<Mode> modes;
   for (const std::string& name : mode_names) {
     auto m = parse_mode(name, blocks);

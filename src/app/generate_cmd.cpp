@@ -141,7 +141,7 @@ Status generate(const CommandLine& cl, Runtime& rt) {
   SS_RETURN_IF_ERROR(comm.all_reduce_max(&phase1_s, 1));  // the slowest rank sets the pace
 
   // Phase 2: query and generation.
-  Phase2Attention phase2(rt.model->backend(), *rt.cache, hp, comm, MergeAlgo::kAllReduce);
+  Phase2Attention phase2(rt.model->backend(), *rt.cache, hp, comm, MergeAlgo::kAuto);
   phase2.register_sequence(seq, comm.rank() == layout.query_host, n_ctx);
   EntropyStats entropy;
   if (g.print_entropy) {

@@ -34,7 +34,7 @@ class EngineState {
   explicit EngineState(const EngineContext& ctx)
       : ctx_(ctx),
         encoder_(*ctx.model, *ctx.cache, *ctx.comm),
-        phase2_(ctx.model->backend(), *ctx.cache, ctx.model->hparams(), *ctx.comm, MergeAlgo::kAllReduce) {}
+        phase2_(ctx.model->backend(), *ctx.cache, ctx.model->hparams(), *ctx.comm, MergeAlgo::kAuto) {}
 
   struct Seq {
     AttentionMode mode = AttentionMode::kStar;

@@ -8,6 +8,11 @@
 
 namespace starserve {
 
+MergeAlgo device_merge_algo(MergeAlgo algo, int64_t n_rows, int world_size) {
+  if (algo != MergeAlgo::kAuto) return algo;
+  return n_rows * world_size <= kAutoAllGatherRows ? MergeAlgo::kAllGather : MergeAlgo::kAllReduce;
+}
+
 Status RankMerger::merge(float* out, float* lse, float* entropy, int64_t n_rows, int head_dim) {
   if (comm_.world_size() == 1) return Status();
   const int64_t d = head_dim;
@@ -43,7 +48,8 @@ Status RankMerger::merge_on(Backend& backend, float* out, float* lse, float* ent
   if (backend.kind() == DeviceKind::kCpu) return merge(out, lse, entropy, n_rows, head_dim);
   const int64_t d = head_dim;
   auto f32 = [](float* p, int64_t n) { return Tensor::make(p, DType::kF32, {n}); };
-  if (comm_.has_device_collectives() && algo_ == MergeAlgo::kAllReduce) {
+  const MergeAlgo algo = device_merge_algo(algo_, n_rows, world);
+  if (comm_.has_device_collectives() && algo == MergeAlgo::kAllReduce) {
     // Two collectives on the stream: the max of LSE, then the sum of the rows of terms.
     const int64_t width = merge_sum_width(head_dim);
     float* max_lse = dev_max_.floats(backend, n_rows);
@@ -55,7 +61,7 @@ Status RankMerger::merge_on(Backend& backend, float* out, float* lse, float* ent
     backend.merge_sum_finish(out, lse, entropy, terms, max_lse, n_rows, head_dim);
     return Status();
   }
-  if (comm_.has_device_collectives() && world <= kMaxDeviceMergeParts) {
+  if (comm_.has_device_collectives() && world <= kMaxDeviceMergeParts) {  // all-gather
     // Pack [O | LSE | H], all-gather, merge the world's partials on the device.
     const int64_t per_rank = n_rows * (d + 2);
     float* send = dev_send_.floats(backend, per_rank);

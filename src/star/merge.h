@@ -13,7 +13,19 @@
 
 namespace starserve {
 
-enum class MergeAlgo { kAllReduce, kAllGather };
+// kAuto picks per call on the device path (NCCL): all-gather for small merges, where its one
+// collective beats the all-reduce's two, and all-reduce for large ones, where moving world_size
+// copies costs more (device_merge_algo). Through host memory it is the all-reduce.
+enum class MergeAlgo { kAllReduce, kAllGather, kAuto };
+
+// kAuto's crossover: all-gather while n_rows * world_size <= this. On 2 and 4 H200s
+// (docs/data/h200x{2,4}_merge_summary_2026-11-29.txt) all-gather was faster at 1, 4 and 32 query
+// tokens (32 heads: up to 4,096 rows x ranks) and at 256 tokens on 2 GPUs (16,384), all-reduce at
+// 256 tokens on 4 GPUs (32,768) and at 2,048 tokens on both.
+constexpr int64_t kAutoAllGatherRows = 16384;
+
+// The algorithm a merge of n_rows over world_size ranks runs on the device path.
+MergeAlgo device_merge_algo(MergeAlgo algo, int64_t n_rows, int world_size);
 
 // Most ranks the device merge handles in one launch (kernels/attention.h kMergeMaxParts).
 constexpr int kMaxDeviceMergeParts = 16;

@@ -230,6 +230,18 @@ TEST(StarExactness, AllGatherMergeEqualsAllReduceMerge) {
   const auto a = distributed(ctx, qry, {AttentionMode::kStar, 20, 10}, MergeAlgo::kAllReduce);
   const auto b = distributed(ctx, qry, {AttentionMode::kStar, 20, 10}, MergeAlgo::kAllGather);
   expect_same(a, b, "all-reduce vs all-gather");
+  const auto c = distributed(ctx, qry, {AttentionMode::kStar, 20, 10}, MergeAlgo::kAuto);
+  expect_same(a, c, "all-reduce vs auto");
+}
+
+// kAuto's choice on the device path follows the measured crossover; fixed choices stay fixed.
+TEST(StarExactness, AutoMergeChoosesByRowsTimesRanks) {
+  EXPECT_EQ(device_merge_algo(MergeAlgo::kAuto, 32, 2), MergeAlgo::kAllGather);           // one token, 32 heads
+  EXPECT_EQ(device_merge_algo(MergeAlgo::kAuto, 256 * 32, 2), MergeAlgo::kAllGather);     // 16,384
+  EXPECT_EQ(device_merge_algo(MergeAlgo::kAuto, 256 * 32, 4), MergeAlgo::kAllReduce);     // 32,768
+  EXPECT_EQ(device_merge_algo(MergeAlgo::kAuto, 2048 * 32, 2), MergeAlgo::kAllReduce);
+  EXPECT_EQ(device_merge_algo(MergeAlgo::kAllReduce, 32, 2), MergeAlgo::kAllReduce);
+  EXPECT_EQ(device_merge_algo(MergeAlgo::kAllGather, 2048 * 32, 4), MergeAlgo::kAllGather);
 }
 
 // Context shorter than the number of ranks: some ranks hold nothing (LSE = -inf), no NaN.
