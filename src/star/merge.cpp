@@ -10,6 +10,8 @@ namespace starserve {
 
 MergeAlgo device_merge_algo(MergeAlgo algo, int64_t n_rows, int world_size) {
   if (algo != MergeAlgo::kAuto) return algo;
+  // The device all-gather merges at most kMaxDeviceMergeParts ranks' partials in one launch.
+  if (world_size > kMaxDeviceMergeParts) return MergeAlgo::kAllReduce;
   return n_rows * world_size <= kAutoAllGatherRows ? MergeAlgo::kAllGather : MergeAlgo::kAllReduce;
 }
 

@@ -24,7 +24,8 @@ enum class MergeAlgo { kAllReduce, kAllGather, kAuto };
 // 256 tokens on 4 GPUs (32,768) and at 2,048 tokens on both.
 constexpr int64_t kAutoAllGatherRows = 16384;
 
-// The algorithm a merge of n_rows over world_size ranks runs on the device path.
+// The algorithm a merge of n_rows over world_size ranks runs on the device path (kAuto: always the
+// all-reduce beyond kMaxDeviceMergeParts ranks, which the device all-gather merge does not take).
 MergeAlgo device_merge_algo(MergeAlgo algo, int64_t n_rows, int world_size);
 
 // Most ranks the device merge handles in one launch (kernels/attention.h kMergeMaxParts).

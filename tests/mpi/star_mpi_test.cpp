@@ -240,6 +240,7 @@ TEST(StarExactness, AutoMergeChoosesByRowsTimesRanks) {
   EXPECT_EQ(device_merge_algo(MergeAlgo::kAuto, 256 * 32, 2), MergeAlgo::kAllGather);     // 16,384
   EXPECT_EQ(device_merge_algo(MergeAlgo::kAuto, 256 * 32, 4), MergeAlgo::kAllReduce);     // 32,768
   EXPECT_EQ(device_merge_algo(MergeAlgo::kAuto, 2048 * 32, 2), MergeAlgo::kAllReduce);
+  EXPECT_EQ(device_merge_algo(MergeAlgo::kAuto, 32, kMaxDeviceMergeParts + 1), MergeAlgo::kAllReduce);
   EXPECT_EQ(device_merge_algo(MergeAlgo::kAllReduce, 32, 2), MergeAlgo::kAllReduce);
   EXPECT_EQ(device_merge_algo(MergeAlgo::kAllGather, 2048 * 32, 4), MergeAlgo::kAllGather);
 }
