@@ -61,6 +61,11 @@ cudaError_t launch_prefill_attention_wmma(const AttentionGpuParams& p, cudaStrea
 // 2: variant 0's tiling with variant 1's softmax. Other values: cudaErrorInvalidValue.
 constexpr int kPrefillMmaVariants = 3;
 cudaError_t launch_prefill_attention_mma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
+// The same contract on Hopper's warpgroup MMA (attention_prefill_wgmma.cu): 128 query rows x 128-key
+// tiles, two warpgroups, operands from swizzled shared memory. Needs a build with sm_90a code and a
+// compute capability 9.0 device (prefill_wgmma_supported); otherwise cudaErrorNotSupported.
+bool prefill_wgmma_supported();
+cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream);
 
 // Decode attention (flash-decoding): few query rows (n_q <= kDecodeMaxQ) against long KV. Pass 1
 // splits the keys into chunks, each giving (O, LSE, H) per row; pass 2 merges the chunks with the

@@ -2,7 +2,7 @@
 //   prefill: TFLOP/s on the DEVICE.md shapes (32 heads, head_dim 128, bf16, entropy on);
 //            FLOPs = 4 n_q n_kv d heads (QK^T and PV), halved for causal squares (FlashAttention's count).
 //            One line per kernel: "wmma", "mma_v1", "mma_v2" (launch_prefill_attention_mma_variant 1, 2),
-//            then "mma", the one launch_prefill_attention runs, last; all carry impl "starserve", and
+//            "wgmma" (launch_prefill_attention_wgmma, where the device runs it), then "mma", the one launch_prefill_attention runs, last; all carry impl "starserve", and
 //            summarize.py prints one row per kernel (a reader that keeps a case's last line gets "mma").
 //   decode:  GB/s of K and V read (q = 1, 128K keys), next to the device's copy bandwidth measured
 //            here (cudaMemcpy device to device: read + write bytes over time); contiguous KV, and
@@ -106,9 +106,11 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   constexpr auto mma_v2 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
     return starserve::launch_prefill_attention_mma_variant(prm, 2, s);
   };
-  for (const Kernel& kernel :
-       {Kernel{"wmma", starserve::launch_prefill_attention_wmma}, Kernel{"mma_v1", mma_v1}, Kernel{"mma_v2", mma_v2},
-        Kernel{"mma", starserve::launch_prefill_attention_mma}}) {
+  std::vector<Kernel> kernels = {Kernel{"wmma", starserve::launch_prefill_attention_wmma}, Kernel{"mma_v1", mma_v1},
+                                 Kernel{"mma_v2", mma_v2}};
+  if (starserve::prefill_wgmma_supported()) kernels.push_back({"wgmma", starserve::launch_prefill_attention_wgmma});
+  kernels.push_back({"mma", starserve::launch_prefill_attention_mma});
+  for (const Kernel& kernel : kernels) {
     const double ms = median_ms([&] { SS_CUDA_CHECK(kernel.launch(p, nullptr)); }, iters);
     std::printf(
         "{\"bench\":\"attention_prefill\",\"impl\":\"starserve\",\"kernel\":\"%s\",\"case\":\"%s\",\"n_q\":%lld,"

@@ -95,11 +95,12 @@ PagedKv make_paged(const Bf16Data& k, const Bf16Data& v, int64_t n_kv, int n_kv_
   return pk;
 }
 
-// The kernels under test: both prefill kernels by name (launch_prefill_attention is the mma one),
-// the other configurations of the mma kernel (launch_prefill_attention_mma_variant 1, 2), and decode.
-enum class AttnKernel { kPrefillMma, kPrefillWmma, kPrefillMmaV1, kPrefillMmaV2, kDecode };
+// The kernels under test: the prefill kernels by name (launch_prefill_attention is the mma one),
+// the other configurations of the mma kernel (launch_prefill_attention_mma_variant 1, 2), the
+// Hopper wgmma kernel (run where the device is sm_90 and the build carries sm_90a code), and decode.
+enum class AttnKernel { kPrefillMma, kPrefillWmma, kPrefillMmaV1, kPrefillMmaV2, kPrefillWgmma, kDecode };
 constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma, AttnKernel::kPrefillWmma, AttnKernel::kPrefillMmaV1,
-                                          AttnKernel::kPrefillMmaV2};
+                                          AttnKernel::kPrefillMmaV2, AttnKernel::kPrefillWgmma};
 
 const char* kernel_name(AttnKernel k) {
   switch (k) {
@@ -107,6 +108,7 @@ const char* kernel_name(AttnKernel k) {
     case AttnKernel::kPrefillWmma: return "prefill(wmma) ";
     case AttnKernel::kPrefillMmaV1: return "prefill(mma v1) ";
     case AttnKernel::kPrefillMmaV2: return "prefill(mma v2) ";
+    case AttnKernel::kPrefillWgmma: return "prefill(wgmma) ";
     case AttnKernel::kDecode: return "decode ";
   }
   return "?";
@@ -118,6 +120,7 @@ cudaError_t launch_prefill(AttnKernel k, const AttentionGpuParams& p) {
     case AttnKernel::kPrefillWmma: return launch_prefill_attention_wmma(p, nullptr);
     case AttnKernel::kPrefillMmaV1: return launch_prefill_attention_mma_variant(p, 1, nullptr);
     case AttnKernel::kPrefillMmaV2: return launch_prefill_attention_mma_variant(p, 2, nullptr);
+    case AttnKernel::kPrefillWgmma: return launch_prefill_attention_wgmma(p, nullptr);
     case AttnKernel::kDecode: break;
   }
   return cudaErrorInvalidValue;
@@ -135,6 +138,12 @@ cudaError_t launch_prefill(AttnKernel k, const AttentionGpuParams& p) {
 // missed key moves them by >= 1e-2 at these sizes).
 void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, int page_shift = 0,
                      bool with_entropy = true, float scale_sign = 1.0f) {
+  if (kernel == AttnKernel::kPrefillWgmma && !prefill_wgmma_supported()) {
+    static bool said = false;
+    if (!said) std::printf("  prefill(wgmma) not run: the device is not sm_90 or the build has no sm_90a code\n");
+    said = true;
+    return;
+  }
   SCOPED_TRACE(std::string(kernel_name(kernel)) + name(c) +
                (page_shift ? " page_shift " + std::to_string(page_shift) : std::string()) +
                (with_entropy ? std::string() : " no entropy") + (scale_sign < 0 ? " negative scale" : ""));
@@ -524,6 +533,7 @@ TEST(GpuAttention, PagedParamsValidated) {
     EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
     EXPECT_EQ(launch_prefill_attention_mma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
     EXPECT_EQ(launch_prefill_attention_wmma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
+    EXPECT_EQ(launch_prefill_attention_wgmma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
     for (int variant = 0; variant < kPrefillMmaVariants; ++variant)
       EXPECT_EQ(launch_prefill_attention_mma_variant(p, variant, nullptr), cudaErrorInvalidValue)
           << "page_shift " << shift << " variant " << variant;
@@ -534,6 +544,7 @@ TEST(GpuAttention, PagedParamsValidated) {
   EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(launch_prefill_attention_mma(p, nullptr), cudaErrorInvalidValue);
   EXPECT_EQ(launch_prefill_attention_wmma(p, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(launch_prefill_attention_wgmma(p, nullptr), cudaErrorInvalidValue);
   for (int variant = 0; variant < kPrefillMmaVariants; ++variant)
     EXPECT_EQ(launch_prefill_attention_mma_variant(p, variant, nullptr), cudaErrorInvalidValue) << variant;
   EXPECT_EQ(launch_decode_attention(p, &lse, ws_bytes, nullptr), cudaErrorInvalidValue);
