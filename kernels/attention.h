@@ -47,25 +47,31 @@ constexpr int kMaxPageShift = 30;
 // Prefill / block-local attention (phase 1, and any n_q): tensor-core tiles of 64 queries x 64 keys,
 // grid (query tiles, heads). Returns cudaErrorInvalidValue for unsupported shapes, and when paged
 // with only one of k_pages / v_pages or page_shift outside [kMinPageShift, kMaxPageShift].
-// launch_prefill_attention runs the mma.sync kernel (FlashAttention-2 style, attention_prefill_mma.cu).
-// The earlier WMMA kernel keeps the same contract; the CUDA backend selects it with
-// --prefill-kernel wmma, and the tests and the benchmark call both by name.
+// launch_prefill_attention runs the wgmma kernel (FlashAttention-3 style, attention_prefill_wgmma.cu)
+// on sm_90 devices with sm_90a code in the build, the mma.sync kernel (FlashAttention-2 style,
+// attention_prefill_mma.cu) elsewhere. The earlier WMMA kernel keeps the same contract; the CUDA
+// backend selects any of them with --prefill-kernel, and the tests and the benchmark call each by name.
 cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream);
 cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream_t stream);
 cudaError_t launch_prefill_attention_wmma(const AttentionGpuParams& p, cudaStream_t stream);
 // The mma.sync kernel's compile-time configurations, same contract (attention_prefill_mma.cu):
 // 0: 64 query rows per block, 16 per warp.
 // 1: 128 rows per block, 32 per warp (each K / V fragment feeds two m16 tiles), leaner softmax;
-//    what launch_prefill_attention_mma (and so launch_prefill_attention) runs: 350 / 340 TFLOP/s
+//    what launch_prefill_attention_mma (and launch_prefill_attention below sm_90) runs: 350 / 340 TFLOP/s
 //    against 245 / 252 for variant 0 on the H200 (docs/perf.md).
 // 2: variant 0's tiling with variant 1's softmax. Other values: cudaErrorInvalidValue.
 constexpr int kPrefillMmaVariants = 3;
 cudaError_t launch_prefill_attention_mma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
 // The same contract on Hopper's warpgroup MMA (attention_prefill_wgmma.cu): 128 query rows x 128-key
-// tiles, two warpgroups, operands from swizzled shared memory. Needs a build with sm_90a code and a
-// compute capability 9.0 device (prefill_wgmma_supported); otherwise cudaErrorNotSupported.
+// tiles, a producer warpgroup (cp.async, three stages, mbarriers) and two consumer warpgroups
+// (wgmma, operands from swizzled shared memory). Needs a build with sm_90a code and a compute
+// capability 9.0 device (prefill_wgmma_supported); otherwise cudaErrorNotSupported. Variant 0 (what
+// launch_prefill_attention_wgmma runs) has the consumers take turns issuing their products; 1
+// does not (measured 3-6% slower on the H200, docs/perf.md).
 bool prefill_wgmma_supported();
 cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream);
+constexpr int kPrefillWgmmaVariants = 2;
+cudaError_t launch_prefill_attention_wgmma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
 
 // Decode attention (flash-decoding): few query rows (n_q <= kDecodeMaxQ) against long KV. Pass 1
 // splits the keys into chunks, each giving (O, LSE, H) per row; pass 2 merges the chunks with the

@@ -681,7 +681,10 @@ cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream
   return launch_prefill_attention_mma_variant(p, 1, stream);
 }
 
+// The wgmma kernel where the device and the build run it (sm_90a), else the mma.sync kernel.
 cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream) {
+  if ((p.head_dim == 64 || p.head_dim == 128) && prefill_wgmma_supported())
+    return launch_prefill_attention_wgmma(p, stream);
   return launch_prefill_attention_mma(p, stream);
 }
 

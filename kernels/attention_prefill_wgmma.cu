@@ -1,21 +1,28 @@
 // Prefill / block-local partial attention with LSE and entropy on Hopper's warpgroup MMA (wgmma,
-// sm_90a): the FlashAttention-2 loop of attention_prefill_mma.cu with its two products issued by
-// whole warpgroups, operands read by the tensor cores straight from shared memory.
+// sm_90a), warp-specialised in the manner of FlashAttention-3 (Shah et al. 2024): the online
+// softmax of attention_prefill_mma.cu, with both products issued by whole warpgroups and their
+// operands read by the tensor cores straight from shared memory.
 //
-// One block = 128 query rows of one head, two warpgroups (256 threads) of 64 rows each. Per key
-// tile of kBlockN = 128 keys, each warpgroup:
-//   S (64 x 128, fp32 registers) = Q_wg K^T   wgmma m64n128k16, D / 16 steps, A and B from shared
-//                                              memory (both K-major)
-//   online softmax + entropy on S (the lean softmax of attention_prefill_mma.cu: raw-score max,
-//   one FFMA per score, O rescaled only when a row's max grows by more than kSlack)
-//   O (64 x D, fp32 registers) += P V         wgmma m64nDk16, 8 steps, P (bf16) from registers (the
-//                                              S accumulator layout is the A-fragment layout), V
-//                                              from shared memory (MN-major)
-// K and V tiles stream through shared memory two stages deep with cp.async (tile i + 1 lands while
-// tile i is multiplied), stored in the 128-byte swizzled panels the wgmma descriptors describe
-// (wgmma.cuh). The two warpgroups are independent between barriers, so one's softmax overlaps the
-// other's multiplies. Shared memory: Q 32 KB + 2 stages x (K 32 KB + V 32 KB) at D = 128 (161 KB,
-// one block per SM); half that at D = 64.
+// One block = 128 query rows of one head, three warpgroups (384 threads):
+//   warpgroup 0, the producer: cp.async of Q once and of every K / V tile (128 keys), kStages = 3
+//     deep, into the 128-byte swizzled panels the wgmma descriptors describe (wgmma.cuh); each
+//     stage's completion is an mbarrier its 128 threads arrive on as their copies land. It keeps
+//     kProducerRegs registers and gives the rest to the consumers (setmaxnreg).
+//   warpgroups 1, 2, the consumers: 64 query rows each. Per key tile j:
+//     wait for the stage; issue, as one batch,  O += P_{j-1} V_{j-1}  (wgmma m64nDk16 x 8, P bf16
+//     from registers: the S accumulator layout is the A-fragment layout; V from shared memory,
+//     MN-major) and  S = Q K_j^T  (wgmma m64n128k16 x D/16, both from shared memory, K-major);
+//     wait; release stage j - 1 (its `empty` mbarrier); online softmax + entropy on S (the lean
+//     softmax: raw-score max, one FFMA per score, O rescaled only when a row's max grows by more
+//     than kSlack); P to A fragments.
+//   The consumers take turns issuing their batches (named barriers, "ping-pong"), so one's softmax
+//   runs while the other's products occupy the tensor cores.
+// No block-wide barrier sits in the loop. Shared memory at D = 128: Q 32 KB + 3 x (K 32 KB + V
+// 32 KB) = 225 KB, one block per SM; at D = 64 half of that.
+//
+// Measured on the H200 (attention_bench, bf16, D = 128, entropy on, steady clocks; docs/perf.md):
+// 487-500 TFLOP/s on 4K x 8K non-causal and 16K causal, contiguous or paged GQA 4; without the
+// ping-pong (variant 1) 466-480; with two stages 380-410; the mma.sync kernel 330-340.
 //
 // Register layouts (PTX ISA, wgmma .m64nNk16, per warp w of the warpgroup, g = lane / 4, t = lane % 4):
 //   accumulator: element 4 j + e of n-block j (columns 8 j ..): e = 0, 1 row 16 w + g, columns
@@ -42,22 +49,12 @@ using detail::kLn2;
 using detail::kLog2e;
 using detail::kNegInfF;
 
-constexpr int kWarpgroups = 2;
-constexpr int kWgRows = 64;                      // wgmma M
-constexpr int kThreads = 128 * kWarpgroups;
-constexpr int kBlockM = kWgRows * kWarpgroups;   // query rows per block
-constexpr int kBlockN = 128;                     // keys per tile
-constexpr int kHalfN = 64;                       // keys per paged load (pages hold >= 64)
-constexpr float kSlack = 8.0f;                   // as in attention_prefill_mma.cu
-
-template <int D>
-struct WgSmem {
-  static constexpr uint32_t kQBytes = kBlockM * D * 2;
-  static constexpr uint32_t kTileBytes = kBlockN * D * 2;  // one K or V tile: D / 64 panels of 128 rows
-  static constexpr uint32_t kPanelBytes = kBlockN * wgmma::kRowBytes;
-  static constexpr uint32_t kQPanelBytes = kBlockM * wgmma::kRowBytes;
-  static constexpr size_t kBytes = kQBytes + 4 * kTileBytes + wgmma::kSwizzleAtomBytes;  // + alignment slack
-};
+constexpr int kWgRows = 64;             // wgmma M: query rows per consumer warpgroup
+constexpr int kBlockM = 2 * kWgRows;    // query rows per block
+constexpr int kBlockN = 128;            // keys per tile
+constexpr int kHalfN = 64;              // keys per paged load (pages hold >= 64)
+constexpr float kSlack = 8.0f;          // as in attention_prefill_mma.cu
+constexpr int kCopyThreads = 128;       // the producer warpgroup
 
 __device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
@@ -68,7 +65,6 @@ __device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool 
                "r"(src_bytes)
                : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
@@ -98,11 +94,10 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float a, float b)
 // swizzle keeps the warp's stores free of bank conflicts.
 template <int D, int kRows>
 __device__ __forceinline__ void load_rows(uint32_t dst, int panel_rows, int dst_row0, const __nv_bfloat16* src,
-                                          int64_t row0, int64_t row_end, int64_t stride) {
+                                          int64_t row0, int64_t row_end, int64_t stride, int tid) {
   constexpr int kChunks = D / 8;
-  constexpr int kRowsPerPass = kThreads / kChunks;
+  constexpr int kRowsPerPass = kCopyThreads / kChunks;
   static_assert(kRows % kRowsPerPass == 0 && kRowsPerPass % 8 == 0, "whole rows per pass, swizzle phase fixed");
-  const int tid = static_cast<int>(threadIdx.x);
   const int r = tid / kChunks, c = tid % kChunks;
   const int64_t rows_left = row_end - row0 - r;
   const __nv_bfloat16* g = src + (row0 + r) * stride + c * 8;
@@ -117,10 +112,9 @@ __device__ __forceinline__ void load_rows(uint32_t dst, int panel_rows, int dst_
 
 // Flips the sign of the chunks load_rows<D, kRows> gave this thread (landed for it already).
 template <int D, int kRows>
-__device__ __forceinline__ void negate_rows(unsigned char* base, int panel_rows) {
+__device__ __forceinline__ void negate_rows(unsigned char* base, int panel_rows, int tid) {
   constexpr int kChunks = D / 8;
-  constexpr int kRowsPerPass = kThreads / kChunks;
-  const int tid = static_cast<int>(threadIdx.x);
+  constexpr int kRowsPerPass = kCopyThreads / kChunks;
   const int r = tid / kChunks, c = tid % kChunks;
 #pragma unroll
   for (int n = 0; n < kRows / kRowsPerPass; ++n) {
@@ -134,274 +128,460 @@ __device__ __forceinline__ void negate_rows(unsigned char* base, int panel_rows)
   }
 }
 
+// mbarrier (shared::cta, 64-bit) operations: the producer warpgroup's cp.async completion and the
+// consumers' release of a stage meet on these instead of block-wide barriers.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.shared::cta.b64 st, [%0];\n}\n" ::"r"(bar) : "memory");
+}
+// Arrives on `bar` once this thread's earlier cp.async copies have landed (counted in the
+// barrier's expected arrivals: .noinc).
+__device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Named barriers 1.. (0 is __syncthreads): sync waits for `count` threads, arrive only signals.
+__device__ __forceinline__ void named_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// S (64 x kBlockN) = Q_wg K^T, issued (not waited for): Q's rows of this warpgroup at q_wg (panels
+// of q_panel_bytes), K tile at sk (panels of kBlockN rows).
 template <int D>
-__device__ __forceinline__ void pv_step(float (&o)[D / 2], const uint32_t (&a)[4], uint64_t desc_v) {
+__device__ __forceinline__ void issue_qk(float (&s)[kBlockN / 2], uint32_t q_wg, uint32_t q_panel_bytes, uint32_t sk) {
 #if STARSERVE_WGMMA_ENABLED
-  if constexpr (D == 128) {
-    wgmma::wgmma_m64n128k16_rs(o, a, desc_v);
-  } else {
-    wgmma::wgmma_m64n64k16_rs(o, a, desc_v);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t koff = static_cast<uint32_t>((kk % 4) * 32);  // 16 columns = 32 bytes into the panel
+    const uint64_t dq = wgmma::make_desc(q_wg + (kk / 4) * q_panel_bytes + koff, 16, wgmma::kSwizzleAtomBytes);
+    const uint64_t dk = wgmma::make_desc(sk + (kk / 4) * (kBlockN * wgmma::kRowBytes) + koff, 16,
+                                         wgmma::kSwizzleAtomBytes);
+    wgmma::wgmma_m64n128k16_ss(s, dq, dk, kk > 0 ? 1 : 0);
   }
 #endif
 }
 
-template <int D, typename OutT, bool kPaged>
-__global__ void __launch_bounds__(kThreads, 1) prefill_attention_wgmma_kernel(AttentionGpuParams p) {
+// O (64 x D) += P V, issued: P's A fragments per 16-key step, V tile at sv (panels of kBlockN rows).
+template <int D>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[kBlockN / 16][4], uint32_t sv) {
 #if STARSERVE_WGMMA_ENABLED
-  using L = WgSmem<D>;
-  constexpr int kKSteps = D / 16;      // k16 steps of Q K^T
-  constexpr int kPvSteps = kBlockN / 16;
-  constexpr int kONb = D / 8;          // n-blocks of O
-  constexpr int kSNb = kBlockN / 8;    // n-blocks of S
-  extern __shared__ unsigned char smem_raw[];
-  const uint32_t raw = smem_u32(smem_raw);
-  const uint32_t base = (raw + (wgmma::kSwizzleAtomBytes - 1)) & ~static_cast<uint32_t>(wgmma::kSwizzleAtomBytes - 1);
-  unsigned char* base_ptr = smem_raw + (base - raw);
-  const uint32_t s_q = base;
-  auto s_k = [&](int stage) { return base + L::kQBytes + static_cast<uint32_t>(2 * stage) * L::kTileBytes; };
-
-  const int tid = static_cast<int>(threadIdx.x);
-  const int wg = tid / 128, warp = (tid / 32) % 4, lane = tid % 32;
-  const int g = lane / 4, t = lane % 4;
-
-  const int64_t q0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;  // heaviest causal blocks first
-  const int head = static_cast<int>(blockIdx.y);
-  const int kv_head = head / (p.n_heads / p.n_kv_heads);
-  const int64_t q_stride = static_cast<int64_t>(p.n_heads) * D;
-  const int64_t kv_stride = static_cast<int64_t>(p.n_kv_heads) * D;
-
-  int64_t kv_end = p.n_kv;
-  if (p.causal) {
-    const int64_t last_row = (q0 + kBlockM < p.n_q ? q0 + kBlockM : p.n_q) - 1;
-    const int64_t last_key = last_row + p.causal_offset;
-    kv_end = last_key + 1 < kv_end ? last_key + 1 : kv_end;
-  }
-  const int n_tiles = kv_end > 0 ? static_cast<int>((kv_end + kBlockN - 1) / kBlockN) : 0;
-
-  auto load_kv = [&](int tile, int stage) {
-    const int64_t kv0 = static_cast<int64_t>(tile) * kBlockN;
-    const uint32_t dk = s_k(stage), dv = dk + L::kTileBytes;
-    if constexpr (kPaged) {
 #pragma unroll
-      for (int half = 0; half < kBlockN / kHalfN; ++half) {
-        const int64_t kv = kv0 + half * kHalfN;
-        if (kv < p.n_kv) {
-          const int64_t page = kv >> p.page_shift;
-          const int64_t row0 = kv & ((int64_t{1} << p.page_shift) - 1);
-          const int64_t row_end = row0 + p.n_kv - kv;
-          load_rows<D, kHalfN>(dk, kBlockN, half * kHalfN, p.k_pages[page] + kv_head * D, row0, row_end, kv_stride);
-          load_rows<D, kHalfN>(dv, kBlockN, half * kHalfN, p.v_pages[page] + kv_head * D, row0, row_end, kv_stride);
-        } else {  // wholly past n_kv: zeros (the pool may hold NaN; no page to read)
-          load_rows<D, kHalfN>(dk, kBlockN, half * kHalfN, p.q, 0, 0, 0);
-          load_rows<D, kHalfN>(dv, kBlockN, half * kHalfN, p.q, 0, 0, 0);
-        }
-      }
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    const uint64_t dv = wgmma::make_desc(sv + static_cast<uint32_t>(kk * 16 * wgmma::kRowBytes),
+                                         kBlockN * wgmma::kRowBytes, wgmma::kSwizzleAtomBytes);
+    if constexpr (D == 128) {
+      wgmma::wgmma_m64n128k16_rs(o, pa[kk], dv);
     } else {
-      load_rows<D, kBlockN>(dk, kBlockN, 0, p.k + kv_head * D, kv0, p.n_kv, kv_stride);
-      load_rows<D, kBlockN>(dv, kBlockN, 0, p.v + kv_head * D, kv0, p.n_kv, kv_stride);
+      wgmma::wgmma_m64n64k16_rs(o, pa[kk], dv);
     }
-  };
-
-  // Prologue: Q (its own commit group), then tile 0 into stage 0.
-  load_rows<D, kBlockM>(s_q, kBlockM, 0, p.q + head * D, q0, p.n_q, q_stride);
-  cp_async_commit();
-  if (n_tiles > 0) load_kv(0, 0);
-  cp_async_commit();
-  cp_async_wait<1>();
-  // The lean softmax needs a positive scale: for scale < 0 use (-Q) K^T |scale| (exact sign flips).
-  if (p.scale < 0.0f) negate_rows<D, kBlockM>(base_ptr, kBlockM);
-  wgmma::fence_proxy_async();
-  __syncthreads();
-
-  // This warpgroup's key tiles: [0, wg_tiles) hold a key visible to some of its rows; from
-  // mask_from on, some key is hidden from some row (causal diagonal, n_kv tail).
-  int mask_from = static_cast<int>(p.n_kv / kBlockN), wg_tiles = n_tiles;
-  if (p.causal) {
-    const int64_t first_lim = q0 + wg * kWgRows + p.causal_offset;  // last key of the warpgroup's first row
-    const int64_t last_lim = first_lim + kWgRows - 1;
-    const int64_t first_from = first_lim < 0 ? 0 : (first_lim + 1) / kBlockN;
-    if (first_from < mask_from) mask_from = static_cast<int>(first_from);
-    const int64_t tiles = last_lim < 0 ? 0 : last_lim / kBlockN + 1;
-    if (tiles < wg_tiles) wg_tiles = static_cast<int>(tiles);
   }
+#endif
+}
 
-  const float scale2 = fmaxf(fabsf(p.scale) * kLog2e, FLT_MIN);
-  // This thread's rows: r = 0, 1 -> block row wg 64 + 16 warp + g + 8 r.
-  const int64_t row_base = q0 + wg * kWgRows + warp * 16 + g;
-  float o[D / 2];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  float s[kBlockN / 2];
-#pragma unroll
-  for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0.0f;
+// A thread's two rows (block rows 16 w + g and + 8 of its warpgroup): online softmax + entropy state.
+struct RowState {
   float m[2] = {kNegInfF, kNegInfF}, l[2] = {0.0f, 0.0f}, u[2] = {0.0f, 0.0f};
+};
 
-  const uint32_t q_wg = s_q + static_cast<uint32_t>(wg * kWgRows * wgmma::kRowBytes);
-
-  for (int it = 0; it < n_tiles; ++it) {
-    // Tile it has landed for every thread and every warpgroup is done with tile it - 1, whose
-    // stage the prefetch below overwrites.
-    cp_async_wait<0>();
-    wgmma::fence_proxy_async();
-    __syncthreads();
-    if (it + 1 < n_tiles) load_kv(it + 1, (it + 1) % 2);
-    cp_async_commit();
-    if (it >= wg_tiles) continue;  // warpgroup-uniform: its rows see no key of this tile
-
-    const int64_t kv0 = static_cast<int64_t>(it) * kBlockN;
-    const uint32_t sk = s_k(it % 2), sv = sk + L::kTileBytes;
-
-    // S = Q_wg K^T.
-    wgmma::hold(s);
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      const uint32_t koff = static_cast<uint32_t>((kk % 4) * 32);  // 16 columns = 32 bytes into the panel
-      const uint64_t dq = wgmma::make_desc(q_wg + (kk / 4) * L::kQPanelBytes + koff, 16, wgmma::kSwizzleAtomBytes);
-      const uint64_t dk = wgmma::make_desc(sk + (kk / 4) * L::kPanelBytes + koff, 16, wgmma::kSwizzleAtomBytes);
-      wgmma::wgmma_m64n128k16_ss(s, dq, dk, kk > 0 ? 1 : 0);
-    }
-    wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::hold(s);
-
-    // Online softmax + entropy state on raw scores (see attention_prefill_mma.cu, lean softmax).
-    auto softmax = [&](auto masked) {
-      float corr[2];
-      bool grow_any = false;
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        float mx = kNegInfF;
-#pragma unroll
-        for (int nb = 0; nb < kSNb; ++nb) mx = fmaxf(mx, fmaxf(s[4 * nb + 2 * i], s[4 * nb + 2 * i + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float mx2 = mx * scale2;
-        const bool grow = mx2 > m[i] + kSlack;
-        grow_any |= grow;
-        const float m_new = grow ? mx2 : m[i];
-        const float m_use = m_new == kNegInfF ? 0.0f : m_new;
-        corr[i] = grow ? exp2_approx(m[i] - m_new) : 1.0f;
-        const float delta = grow && m[i] != kNegInfF ? m[i] - m_new : 0.0f;
-        float ps = 0.0f, pu = 0.0f;
-#pragma unroll
-        for (int nb = 0; nb < kSNb; ++nb) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            float tt = fmaf(s[4 * nb + 2 * i + e], scale2, -m_use);
-            if constexpr (decltype(masked)::value) tt = fmaxf(tt, -256.0f);
-            const float pe = exp2_approx(tt);
-            s[4 * nb + 2 * i + e] = pe;
-            ps += pe;
-            pu = fmaf(pe, tt, pu);
-          }
-        }
-        u[i] = corr[i] * fmaf(delta, l[i], u[i]) + pu;
-        l[i] = corr[i] * l[i] + ps;
-        m[i] = m_new;
-      }
-      if (__any_sync(0xffffffffu, grow_any)) {
-#pragma unroll
-        for (int nb = 0; nb < kONb; ++nb) {
-          o[4 * nb + 0] *= corr[0];
-          o[4 * nb + 1] *= corr[0];
-          o[4 * nb + 2] *= corr[1];
-          o[4 * nb + 3] *= corr[1];
-        }
-      }
-    };
-    if (it >= mask_from) {
-      // Row i's last visible key as a column of this tile, clamped to [-1, kBlockN].
-      auto clamp_col = [](int64_t x, int64_t lo, int64_t hi) {
-        return static_cast<int>(x < lo ? lo : (x > hi ? hi : x));
-      };
-      const int tail = clamp_col(p.n_kv - 1 - kv0, -1, kBlockN);
-      const int diag = p.causal ? clamp_col(row_base + p.causal_offset - kv0, -2 * kBlockN, 2 * kBlockN) : kBlockN;
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int rel = min(tail, p.causal ? diag + 8 * i : kBlockN);
-        const int last = rel < -1 ? -1 : (rel > kBlockN ? kBlockN : rel);
-#pragma unroll
-        for (int nb = 0; nb < kSNb; ++nb)
-#pragma unroll
-          for (int e = 0; e < 2; ++e)
-            if (nb * 8 + 2 * t + e > last) s[4 * nb + 2 * i + e] = kNegInfF;
-      }
-      softmax(std::true_type{});
-    } else {
-      softmax(std::false_type{});
-    }
-
-    // O += P V.
-    uint32_t pa[kPvSteps][4];
-#pragma unroll
-    for (int kk = 0; kk < kPvSteps; ++kk) {
-      pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
-      pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
-      pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
-      pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
-    }
-    wgmma::hold(o);
-    wgmma::fence();
-#pragma unroll
-    for (int kk = 0; kk < kPvSteps; ++kk) {
-      const uint64_t dv = wgmma::make_desc(sv + static_cast<uint32_t>(kk * 16 * wgmma::kRowBytes), L::kPanelBytes,
-                                           wgmma::kSwizzleAtomBytes);
-      pv_step<D>(o, pa[kk], dv);
-    }
-    wgmma::commit();
-    wgmma::wait<0>();
-    wgmma::hold(o);
-  }
-
+// Sets to -inf the scores of this tile (keys kv0 ..) that the thread's rows (row_base, + 8) do not see.
+__device__ __forceinline__ void mask_tile(float (&s)[kBlockN / 2], const AttentionGpuParams& p, int64_t row_base,
+                                          int64_t kv0, int t) {
+  auto clamp_col = [](int64_t x, int64_t lo, int64_t hi) { return static_cast<int>(x < lo ? lo : (x > hi ? hi : x)); };
+  const int tail = clamp_col(p.n_kv - 1 - kv0, -1, kBlockN);
+  const int diag = p.causal ? clamp_col(row_base + p.causal_offset - kv0, -2 * kBlockN, 2 * kBlockN) : kBlockN;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
-    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
-    u[i] += __shfl_xor_sync(0xffffffffu, u[i], 1);
-    u[i] += __shfl_xor_sync(0xffffffffu, u[i], 2);
+    const int rel = min(tail, p.causal ? diag + 8 * i : kBlockN);
+    const int last = rel < -1 ? -1 : (rel > kBlockN ? kBlockN : rel);
+#pragma unroll
+    for (int nb = 0; nb < kBlockN / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e)
+        if (nb * 8 + 2 * t + e > last) s[4 * nb + 2 * i + e] = kNegInfF;
+  }
+}
+
+// The lean online softmax of attention_prefill_mma.cu on one tile of raw scores: S becomes P
+// (probabilities relative to the row's reference max), (m, l, u) are updated, and O is rescaled
+// when some row of the warp raised its max by more than kSlack. kMasked: the tile holds -inf
+// scores (t is clamped at -256 so that p t = 0 rather than NaN).
+// O's rows times corr (the factors softmax_tile returns).
+template <int D>
+__device__ __forceinline__ void rescale_o(float (&o)[D / 2], const float (&corr)[2]) {
+#pragma unroll
+  for (int nb = 0; nb < D / 8; ++nb) {
+    o[4 * nb + 0] *= corr[0];
+    o[4 * nb + 1] *= corr[0];
+    o[4 * nb + 2] *= corr[1];
+    o[4 * nb + 3] *= corr[1];
+  }
+}
+
+// Returns whether O must be rescaled by corr (some row of the warp raised its max); the caller
+// does it, possibly later (after the P V product still reading the previous P has finished).
+template <bool kMasked>
+__device__ __forceinline__ bool softmax_tile(float (&s)[kBlockN / 2], RowState& st, float scale2, float (&corr)[2]) {
+  bool grow_any = false;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = kNegInfF;
+#pragma unroll
+    for (int nb = 0; nb < kBlockN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[4 * nb + 2 * i], s[4 * nb + 2 * i + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float mx2 = mx * scale2;
+    const bool grow = mx2 > st.m[i] + kSlack;  // true on a row's first visible key (m = -inf)
+    grow_any |= grow;
+    const float m_new = grow ? mx2 : st.m[i];
+    const float m_use = m_new == kNegInfF ? 0.0f : m_new;  // a row with no key yet: no -inf - -inf
+    corr[i] = grow ? exp2_approx(st.m[i] - m_new) : 1.0f;
+    const float delta = grow && st.m[i] != kNegInfF ? st.m[i] - m_new : 0.0f;
+    float ps = 0.0f, pu = 0.0f;
+#pragma unroll
+    for (int nb = 0; nb < kBlockN / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        float tt = fmaf(s[4 * nb + 2 * i + e], scale2, -m_use);
+        if constexpr (kMasked) tt = fmaxf(tt, -256.0f);
+        const float pe = exp2_approx(tt);
+        s[4 * nb + 2 * i + e] = pe;
+        ps += pe;
+        pu = fmaf(pe, tt, pu);
+      }
+    }
+    st.u[i] = corr[i] * fmaf(delta, st.l[i], st.u[i]) + pu;
+    st.l[i] = corr[i] * st.l[i] + ps;
+    st.m[i] = m_new;
+  }
+  return __any_sync(0xffffffffu, grow_any);
+}
+
+// P (bf16) as the A fragments of the 16-key steps: keys 16 kk .. are S n-blocks 2 kk, 2 kk + 1.
+__device__ __forceinline__ void to_p_fragments(const float (&s)[kBlockN / 2], uint32_t (&pa)[kBlockN / 16][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
+    pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+    pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+    pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+  }
+}
+
+// Masks (when the tile needs it) and runs the softmax on one tile.
+// Returns whether O needs rescaling by corr.
+__device__ __forceinline__ bool scores_to_p(float (&s)[kBlockN / 2], RowState& st, const AttentionGpuParams& p,
+                                            bool masked, int64_t row_base, int64_t kv0, int t, float scale2,
+                                            float (&corr)[2]) {
+  if (masked) {
+    mask_tile(s, p, row_base, kv0, t);
+    return softmax_tile<true>(s, st, scale2, corr);
+  }
+  return softmax_tile<false>(s, st, scale2, corr);
+}
+
+// O normalised, LSE and entropy of the thread's two rows (quads sum their partial l and u first).
+template <int D, typename OutT>
+__device__ __forceinline__ void write_rows(const AttentionGpuParams& p, const float (&o)[D / 2], RowState& st,
+                                           int64_t row_base, int head, int t) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 1);
+    st.l[i] += __shfl_xor_sync(0xffffffffu, st.l[i], 2);
+    st.u[i] += __shfl_xor_sync(0xffffffffu, st.u[i], 1);
+    st.u[i] += __shfl_xor_sync(0xffffffffu, st.u[i], 2);
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int64_t qi = row_base + 8 * i;
     if (qi >= p.n_q) continue;
     const int64_t out_row = qi * p.n_heads + head;
-    const float inv = l[i] > 0.0f ? 1.0f / l[i] : 0.0f;
+    const float inv = st.l[i] > 0.0f ? 1.0f / st.l[i] : 0.0f;
     OutT* out = static_cast<OutT*>(p.out) + out_row * D + 2 * t;
 #pragma unroll
-    for (int nb = 0; nb < kONb; ++nb) store_pair(out + nb * 8, o[4 * nb + 2 * i] * inv, o[4 * nb + 2 * i + 1] * inv);
+    for (int nb = 0; nb < D / 8; ++nb) store_pair(out + nb * 8, o[4 * nb + 2 * i] * inv, o[4 * nb + 2 * i + 1] * inv);
     if (t == 0) {
-      if (l[i] > 0.0f) {
-        const float ln_l = logf(l[i]);
-        p.lse[out_row] = m[i] * kLn2 + ln_l;
-        if (p.entropy) p.entropy[out_row] = fmaxf(0.0f, ln_l - u[i] * kLn2 * inv);
+      if (st.l[i] > 0.0f) {
+        const float ln_l = logf(st.l[i]);
+        p.lse[out_row] = st.m[i] * kLn2 + ln_l;
+        if (p.entropy) p.entropy[out_row] = fmaxf(0.0f, ln_l - st.u[i] * kLn2 * inv);  // H = ln l - u / l
       } else {
         p.lse[out_row] = kNegInfF;
         if (p.entropy) p.entropy[out_row] = 0.0f;
       }
     }
   }
+}
+
+// Block geometry shared by both kernels: query rows [q0, q0 + kBlockM) of head `head`; key tiles
+// [0, n_tiles) hold a key some row sees; per consumer warpgroup (rows wg_row0 ..), [0, wg_tiles)
+// hold a key one of its rows sees and from mask_from on some key is hidden from one of its rows.
+struct BlockGeom {
+  int64_t q0;
+  int head, kv_head, n_tiles;
+  __device__ BlockGeom(const AttentionGpuParams& p) {
+    q0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;  // heaviest causal blocks first
+    head = static_cast<int>(blockIdx.y);
+    kv_head = head / (p.n_heads / p.n_kv_heads);
+    int64_t kv_end = p.n_kv;
+    if (p.causal) {
+      const int64_t last_row = (q0 + kBlockM < p.n_q ? q0 + kBlockM : p.n_q) - 1;
+      const int64_t last_key = last_row + p.causal_offset;
+      kv_end = last_key + 1 < kv_end ? last_key + 1 : kv_end;
+    }
+    n_tiles = kv_end > 0 ? static_cast<int>((kv_end + kBlockN - 1) / kBlockN) : 0;
+  }
+  __device__ void wg_tiles(const AttentionGpuParams& p, int wg_row0, int* tiles_out, int* mask_from_out) const {
+    int mask_from = static_cast<int>(p.n_kv / kBlockN), tiles = n_tiles;
+    if (p.causal) {
+      const int64_t first_lim = q0 + wg_row0 + p.causal_offset;  // last key of the warpgroup's first row
+      const int64_t last_lim = first_lim + kWgRows - 1;
+      const int64_t first_from = first_lim < 0 ? 0 : (first_lim + 1) / kBlockN;
+      if (first_from < mask_from) mask_from = static_cast<int>(first_from);
+      const int64_t t = last_lim < 0 ? 0 : last_lim / kBlockN + 1;
+      if (t < tiles) tiles = static_cast<int>(t);
+    }
+    *tiles_out = tiles;
+    *mask_from_out = mask_from;
+  }
+};
+
+// Starts the copies of key tile `tile` (K and V, kBlockN rows each) into dk, dv, by kCopyThreads
+// threads (tid in [0, kCopyThreads)).
+template <int D, bool kPaged>
+__device__ __forceinline__ void load_kv_tile(const AttentionGpuParams& p, int kv_head, int tile, uint32_t dk,
+                                             uint32_t dv, int tid) {
+  const int64_t kv_stride = static_cast<int64_t>(p.n_kv_heads) * D;
+  const int64_t kv0 = static_cast<int64_t>(tile) * kBlockN;
+  if constexpr (kPaged) {
+#pragma unroll
+    for (int half = 0; half < kBlockN / kHalfN; ++half) {
+      const int64_t kv = kv0 + half * kHalfN;
+      if (kv < p.n_kv) {
+        const int64_t page = kv >> p.page_shift;
+        const int64_t row0 = kv & ((int64_t{1} << p.page_shift) - 1);
+        const int64_t row_end = row0 + p.n_kv - kv;
+        load_rows<D, kHalfN>(dk, kBlockN, half * kHalfN, p.k_pages[page] + kv_head * D, row0, row_end,
+                                           kv_stride, tid);
+        load_rows<D, kHalfN>(dv, kBlockN, half * kHalfN, p.v_pages[page] + kv_head * D, row0, row_end,
+                                           kv_stride, tid);
+      } else {  // wholly past n_kv: zeros (the pool may hold NaN there; no page to read)
+        load_rows<D, kHalfN>(dk, kBlockN, half * kHalfN, p.q, 0, 0, 0, tid);
+        load_rows<D, kHalfN>(dv, kBlockN, half * kHalfN, p.q, 0, 0, 0, tid);
+      }
+    }
+  } else {
+    load_rows<D, kBlockN>(dk, kBlockN, 0, p.k + kv_head * D, kv0, p.n_kv, kv_stride, tid);
+    load_rows<D, kBlockN>(dv, kBlockN, 0, p.v + kv_head * D, kv0, p.n_kv, kv_stride, tid);
+  }
+}
+
+// Warp-specialised form: warpgroup 0 produces (cp.async of Q and of every K / V tile, kStages deep,
+// completion signalled on per-stage mbarriers), warpgroups 1 and 2 consume (64 query rows each).
+// A consumer releases a stage on its `empty` mbarrier once its multiplies that read it are done,
+// so no block-wide barrier sits in the loop. Per key tile j a consumer issues, as one batch, the
+// P V product of tile j - 1 and the Q K^T product of tile j, then runs tile j's softmax while the
+// tensor cores work: with kPingpong the two consumers take turns issuing their batches (named
+// barriers), so one's softmax runs under the other's multiplies. Registers: the producer gives
+// back all but kProducerRegs, the consumers take kConsumerRegs (setmaxnreg).
+constexpr int kStages = 3;  // K / V tiles in flight (two measured 380-410 TFLOP/s against 490-540)
+template <int D>
+struct WsSmem {
+  static constexpr uint32_t kQBytes = kBlockM * D * 2;
+  static constexpr uint32_t kTileBytes = kBlockN * D * 2;
+  static constexpr uint32_t kBarOffset = kQBytes + 2 * kStages * kTileBytes;
+  static constexpr size_t kBytes = kBarOffset + 8 * (2 * kStages + 1) + wgmma::kSwizzleAtomBytes;
+};
+constexpr int kWsThreads = 384;
+// Registers per thread after setmaxnreg: the producer keeps 40 (its copy loop; 24 spilled more and
+// measured 4-7% slower overall, 56 left the consumers 224 and measured slower too), the consumers
+// take what is left of the SM's 65536: (65536 - 128 x 40) / 256 = 236, rounded down to 232 (setmaxnreg
+// takes multiples of 8).
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = ((65536 - 128 * kProducerRegs) / 256) / 8 * 8;
+
+template <int D, typename OutT, bool kPaged, bool kPingpong>
+__global__ void __launch_bounds__(kWsThreads, 1) prefill_attention_wgmma_ws_kernel(AttentionGpuParams p) {
+#if STARSERVE_WGMMA_ENABLED
+  using L = WsSmem<D>;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + (wgmma::kSwizzleAtomBytes - 1)) & ~static_cast<uint32_t>(wgmma::kSwizzleAtomBytes - 1);
+  unsigned char* base_ptr = smem_raw + (base - raw);
+  const uint32_t s_q = base;
+  auto s_k = [&](int stage) { return base + L::kQBytes + static_cast<uint32_t>(2 * stage) * L::kTileBytes; };
+  auto full_bar = [&](int stage) { return base + L::kBarOffset + 8 * static_cast<uint32_t>(stage); };
+  auto empty_bar = [&](int stage) { return base + L::kBarOffset + 8 * static_cast<uint32_t>(kStages + stage); };
+  const uint32_t q_bar = base + L::kBarOffset + 16 * kStages;
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int wg = tid / 128;
+  const BlockGeom geom(p);
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) {
+      mbar_init(full_bar(st), 128);   // the producer's 128 threads, through cp_async_arrive
+      mbar_init(empty_bar(st), 256);  // every consumer thread
+    }
+    mbar_init(q_bar, 128);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    const int64_t q_stride = static_cast<int64_t>(p.n_heads) * D;
+    load_rows<D, kBlockM>(s_q, kBlockM, 0, p.q + geom.head * D, geom.q0, p.n_q, q_stride, tid);
+    cp_async_arrive(q_bar);
+    for (int it = 0; it < geom.n_tiles; ++it) {
+      const int stage = it % kStages;
+      if (it >= kStages) mbar_wait(empty_bar(stage), static_cast<uint32_t>((it / kStages - 1) & 1));
+      load_kv_tile<D, kPaged>(p, geom.kv_head, it, s_k(stage), s_k(stage) + L::kTileBytes, tid);
+      cp_async_arrive(full_bar(stage));
+    }
+    cp_async_wait<0>();
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  const int c = wg - 1;  // consumer index
+  const int ctid = tid - 128;
+  const int warp = (tid / 32) % 4, lane = tid % 32;
+  const int t = lane % 4;
+  int wg_tiles = 0, mask_from = 0;
+  geom.wg_tiles(p, c * kWgRows, &wg_tiles, &mask_from);
+  const int64_t row_base = geom.q0 + c * kWgRows + warp * 16 + lane / 4;
+  const float scale2 = fmaxf(fabsf(p.scale) * kLog2e, FLT_MIN);
+  const uint32_t q_wg = s_q + static_cast<uint32_t>(c * kWgRows * wgmma::kRowBytes);
+  constexpr uint32_t kQPanelBytes = kBlockM * wgmma::kRowBytes;
+
+  mbar_wait(q_bar, 0);
+  if (p.scale < 0.0f) {
+    // The lean softmax needs a positive scale: this warpgroup negates its own 64 rows of Q.
+    negate_rows<D, kWgRows>(base_ptr + c * kWgRows * wgmma::kRowBytes, kBlockM, ctid % 128);
+    wgmma::fence_proxy_async();
+    named_sync(3 + c, 128);
+  }
+  // Consumer 0 takes the first turn: consumer 1 grants it.
+  if (kPingpong && c == 1) named_arrive(1, 256);
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  float s[kBlockN / 2];
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0.0f;
+  uint32_t pa[kBlockN / 16][4];
+  RowState st;
+  auto turn_begin = [&] {
+    if constexpr (kPingpong) named_sync(1 + c, 256);
+  };
+  auto turn_end = [&] {
+    if constexpr (kPingpong) named_arrive(2 - c, 256);
+  };
+  auto wait_full = [&](int it) {
+    mbar_wait(full_bar(it % kStages), static_cast<uint32_t>((it / kStages) & 1));
+    wgmma::fence_proxy_async();
+  };
+  // Every consumer takes exactly n_tiles + 1 turns (tiles it does not multiply included), so the
+  // two never wait on a turn the other will not give. Each branch below holds a whole
+  // fence / issue / commit / wait sequence, so every wgmma is issued by a converged warpgroup.
+  if (wg_tiles > 0) {
+    wait_full(0);
+    turn_begin();
+    wgmma::hold(s);
+    wgmma::fence();
+    issue_qk<D>(s, q_wg, kQPanelBytes, s_k(0));
+    wgmma::commit();
+    turn_end();
+    wgmma::wait<0>();
+    wgmma::hold(s);
+    float corr[2];
+    scores_to_p(s, st, p, 0 >= mask_from, row_base, 0, t, scale2, corr);  // O is still 0: no rescale
+    to_p_fragments(s, pa);
+    for (int it = 1; it < wg_tiles; ++it) {
+      const int prev = (it - 1) % kStages;
+      wait_full(it);
+      turn_begin();
+      wgmma::hold(o);
+      wgmma::hold(s);
+      wgmma::fence();
+      issue_pv<D>(o, pa, s_k(prev) + L::kTileBytes);
+      issue_qk<D>(s, q_wg, kQPanelBytes, s_k(it % kStages));
+      wgmma::commit();
+      turn_end();
+      wgmma::wait<0>();
+      wgmma::hold(o);
+      wgmma::hold(s);
+      mbar_arrive(empty_bar(prev));
+      if (scores_to_p(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * kBlockN, t, scale2, corr))
+        rescale_o<D>(o, corr);
+      to_p_fragments(s, pa);
+    }
+    const int last = (wg_tiles - 1) % kStages;
+    turn_begin();
+    wgmma::hold(o);
+    wgmma::fence();
+    issue_pv<D>(o, pa, s_k(last) + L::kTileBytes);
+    wgmma::commit();
+    turn_end();
+    wgmma::wait<0>();
+    wgmma::hold(o);
+    mbar_arrive(empty_bar(last));
+  } else {
+    turn_begin();  // the turn of the final P V
+    turn_end();
+  }
+  // Tiles past this warpgroup's rows (causal): release them in order, keep taking turns.
+  for (int it = wg_tiles; it < geom.n_tiles; ++it) {
+    wait_full(it);
+    turn_begin();
+    turn_end();
+    mbar_arrive(empty_bar(it % kStages));
+  }
+  write_rows<D, OutT>(p, o, st, row_base, geom.head, t);
 #else
   __trap();  // built without sm_90a: the launcher refuses before launching (prefill_wgmma_supported)
 #endif
 }
 
-template <int D, typename OutT, bool kPaged>
-cudaError_t launch_wgmma_instance(const AttentionGpuParams& p, cudaStream_t stream) {
-  constexpr size_t kSmem = WgSmem<D>::kBytes;
-  static const cudaError_t attr = cudaFuncSetAttribute(prefill_attention_wgmma_kernel<D, OutT, kPaged>,
-                                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                       static_cast<int>(kSmem));
+template <int D, typename OutT, bool kPaged, bool kPingpong>
+cudaError_t launch_ws(const AttentionGpuParams& p, cudaStream_t stream) {
+  constexpr size_t kSmem = WsSmem<D>::kBytes;
+  auto* kernel = prefill_attention_wgmma_ws_kernel<D, OutT, kPaged, kPingpong>;
+  static const cudaError_t attr =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
   if (attr != cudaSuccess) return attr;
   const dim3 grid(static_cast<unsigned>((p.n_q + kBlockM - 1) / kBlockM), static_cast<unsigned>(p.n_heads));
-  prefill_attention_wgmma_kernel<D, OutT, kPaged><<<grid, kThreads, kSmem, stream>>>(p);
+  kernel<<<grid, kWsThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
+template <int D, typename OutT, bool kPaged>
+cudaError_t launch_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
+  switch (variant) {
+    case 0: return launch_ws<D, OutT, kPaged, true>(p, stream);
+    case 1: return launch_ws<D, OutT, kPaged, false>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 template <int D, typename OutT>
-cudaError_t launch_wgmma_typed(const AttentionGpuParams& p, cudaStream_t stream) {
-  return p.k_pages ? launch_wgmma_instance<D, OutT, true>(p, stream)
-                   : launch_wgmma_instance<D, OutT, false>(p, stream);
+cudaError_t launch_typed(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
+  return p.k_pages ? launch_variant<D, OutT, true>(p, variant, stream)
+                   : launch_variant<D, OutT, false>(p, variant, stream);
 }
 
 // 1 in the device code of a build for sm_90a (the kernel's body is there), 0 in any other.
@@ -430,14 +610,20 @@ bool wgmma_device_ok() {
 
 bool prefill_wgmma_supported() { return wgmma_device_ok(); }
 
-cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream) {
+cudaError_t launch_prefill_attention_wgmma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
   if (!detail::prefill_params_ok(p, kBlockM)) return cudaErrorInvalidValue;
   if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
+  if (variant < 0 || variant >= kPrefillWgmmaVariants) return cudaErrorInvalidValue;
   if (p.n_q == 0) return cudaSuccess;
   if (!wgmma_device_ok()) return cudaErrorNotSupported;
-  if (p.head_dim == 64) return p.out_fp32 ? launch_wgmma_typed<64, float>(p, stream)
-                                          : launch_wgmma_typed<64, __nv_bfloat16>(p, stream);
-  return p.out_fp32 ? launch_wgmma_typed<128, float>(p, stream) : launch_wgmma_typed<128, __nv_bfloat16>(p, stream);
+  if (p.head_dim == 64) return p.out_fp32 ? launch_typed<64, float>(p, variant, stream)
+                                          : launch_typed<64, __nv_bfloat16>(p, variant, stream);
+  return p.out_fp32 ? launch_typed<128, float>(p, variant, stream)
+                    : launch_typed<128, __nv_bfloat16>(p, variant, stream);
+}
+
+cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream) {
+  return launch_prefill_attention_wgmma_variant(p, 0, stream);  // with the ping-pong
 }
 
 }  // namespace starserve

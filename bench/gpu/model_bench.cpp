@@ -15,7 +15,7 @@
 // transformers on one GPU) is bench/gpu/model_peers.py; summarize_model.py joins them.
 // Usage: [mpirun -np W] model_bench [--layers 32] [--lengths 16384,32768] [--modes global,star]
 //                    [--blocks 4] [--merge allreduce|allgather|auto]
-//                    [--prefill-kernel mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
+//                    [--prefill-kernel auto|wgmma|mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
 //                    [--query 32] [--decode 16] [--entropy] [--gemm-only] [--graph-probe] [--op-census]
 //                    [--gemv on|off]  (one-row GEMMs: the skinny kernel, or cuBLASLt)
 //                    [--seqs S] [--batch-decode on|off]  (S sequences decoded together; their
@@ -420,7 +420,7 @@ Work phase1_work(const StarLayout& lay, AttentionMode mode) {
 int run(int argc, char** argv) {
   int layers = 32, blocks = 4, query = 32, decode = 16, seqs = 1;
   bool gemm_only = false, entropy = false, graph_probe = false, census = false;
-  std::string prefill_kernel = "mma", merge = "allreduce", gemv = "on", batch_decode = "on";
+  std::string prefill_kernel = "auto", merge = "allreduce", gemv = "on", batch_decode = "on";
   std::vector<int64_t> lengths = {16384, 32768};
   std::vector<std::string> mode_names = {"global", "star"};
   for (int i = 1; i < argc; ++i) {

@@ -96,7 +96,7 @@ for step in $STEPS; do
     N=${BENCH_LAYERS:-32}
     M=${BENCH_MODES:-global,star}
     echo "== model bench (layers $N, lengths $L)"
-    timeout 420 "$BIN/model_bench" --layers "$N" --lengths "$L" --modes "$M" --prefill-kernel "${BENCH_PREFILL:-mma}" |
+    timeout 420 "$BIN/model_bench" --layers "$N" --lengths "$L" --modes "$M" --prefill-kernel "${BENCH_PREFILL:-auto}" |
       tee "$OUT/model_bench.jsonl"
     echo "== peers"
     LD_LIBRARY_PATH="$STARSERVE_BASE_LD_LIBRARY_PATH" PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/model_peers.py --layers "$N" --lengths "$L" |

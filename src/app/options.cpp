@@ -28,8 +28,9 @@ void add_common(CLI::App* app, Config& c) {
   app->add_option("--backend", c.parallel.backend, "cpu | cuda | auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   app->add_option("--threads", c.parallel.cpu_threads, "BLAS threads per rank (0 = library default)");
   app->add_option("--prefill-kernel", c.parallel.prefill_kernel, 
-                  "CUDA prefill attention kernel: mma (the default) | mma-m64 | mma-m128 | mma-m64-lazy | wmma")
-      ->check(CLI::IsMember({"mma", "mma-m64", "mma-m128", "mma-m64-lazy", "wmma"}));
+                  "CUDA prefill attention kernel: auto (the default: wgmma on sm_90, else mma) | wgmma | mma | "
+                  "mma-m64 | mma-m128 | mma-m64-lazy | wmma")
+      ->check(CLI::IsMember({"auto", "wgmma", "mma", "mma-m64", "mma-m128", "mma-m64-lazy", "wmma"}));
   app->add_option("--attention", c.star.mode, "global | exact | star")
       ->transform(CLI::CheckedTransformer(kModes, CLI::ignore_case));
   app->add_option("--block-size", c.star.block_size, "context tokens per block (0 = one block per rank)");

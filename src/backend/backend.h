@@ -239,10 +239,11 @@ std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
 
 // Choices of the CUDA backend (config slice ParallelConfig).
 struct CudaBackendOptions {
-  // Prefill attention kernel (kernels/attention.h): the default launcher, one of the mma.sync
-  // variants by name (64 query rows per block; 128 rows per block with the lazy-rescale softmax;
-  // 64 rows with that softmax), or the earlier WMMA kernel.
-  enum class Prefill { kDefault, kMmaM64, kMmaM128, kMmaM64Lazy, kWmma };
+  // Prefill attention kernel (kernels/attention.h): the default launcher (the wgmma kernel on
+  // sm_90, the mma.sync one elsewhere), the wgmma kernel by name, one of the mma.sync variants by
+  // name (64 query rows per block; 128 rows per block with the lazy-rescale softmax; 64 rows with
+  // that softmax), or the earlier WMMA kernel.
+  enum class Prefill { kDefault, kWgmma, kMmaM64, kMmaM128, kMmaM64Lazy, kWmma };
   Prefill prefill = Prefill::kDefault;
   // GEMMs of up to this many rows go through the bandwidth-bound skinny kernel (kernels/gemv.h)
   // instead of cuBLASLt; 0 = never. 1 (single-sequence decode steps) is where it measured faster
@@ -252,7 +253,8 @@ struct CudaBackendOptions {
   // (launch_decode_attention_batch) instead of one per sequence.
   bool batch_decode = true;
 };
-// "mma" (the default), "mma-m64", "mma-m128", "mma-m64-lazy", "wmma"; kInvalidArgument otherwise.
+// "auto" (the default), "wgmma", "mma" (= "mma-m128"), "mma-m64", "mma-m128", "mma-m64-lazy", "wmma";
+// kInvalidArgument otherwise.
 Result<CudaBackendOptions::Prefill> parse_prefill_kernel(const std::string& name);
 
 // The CUDA backend on one device (bf16 weights and activations, fp32 accumulation). kUnimplemented

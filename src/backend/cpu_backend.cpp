@@ -149,12 +149,14 @@ std::unique_ptr<Backend> make_cpu_backend(int threads) {
 
 Result<CudaBackendOptions::Prefill> parse_prefill_kernel(const std::string& name) {
   using Prefill = CudaBackendOptions::Prefill;
-  if (name == "mma") return Prefill::kDefault;
+  if (name == "auto") return Prefill::kDefault;
+  if (name == "wgmma") return Prefill::kWgmma;
+  if (name == "mma" || name == "mma-m128") return Prefill::kMmaM128;
   if (name == "mma-m64") return Prefill::kMmaM64;
-  if (name == "mma-m128") return Prefill::kMmaM128;
   if (name == "mma-m64-lazy") return Prefill::kMmaM64Lazy;
   if (name == "wmma") return Prefill::kWmma;
-  return invalid_argument("prefill kernel \"{}\" is not one of mma, mma-m64, mma-m128, mma-m64-lazy, wmma", name);
+  return invalid_argument("prefill kernel \"{}\" is not one of auto, wgmma, mma, mma-m64, mma-m128, mma-m64-lazy, wmma",
+                          name);
 }
 
 #if !STARSERVE_HAVE_CUDA

@@ -277,6 +277,7 @@ class CudaBackend final : public Backend {
       using Prefill = CudaBackendOptions::Prefill;
       switch (options_.prefill) {
         case Prefill::kDefault: SS_CUDA_OK(launch_prefill_attention(p, stream_)); break;
+        case Prefill::kWgmma: SS_CUDA_OK(launch_prefill_attention_wgmma(p, stream_)); break;
         case Prefill::kMmaM64: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 0, stream_)); break;
         case Prefill::kMmaM128: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 1, stream_)); break;
         case Prefill::kMmaM64Lazy: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 2, stream_)); break;
