@@ -65,12 +65,13 @@ cudaError_t launch_prefill_attention_mma_variant(const AttentionGpuParams& p, in
 // The same contract on Hopper's warpgroup MMA (attention_prefill_wgmma.cu): 128 query rows x 128-key
 // tiles, a producer warpgroup (cp.async, three stages, mbarriers) and two consumer warpgroups
 // (wgmma, operands from swizzled shared memory). Needs a build with sm_90a code and a compute
-// capability 9.0 device (prefill_wgmma_supported); otherwise cudaErrorNotSupported. Variant 0 (what
-// launch_prefill_attention_wgmma runs) has the consumers take turns issuing their products; 1
-// does not (measured 3-6% slower on the H200, docs/perf.md).
+// capability 9.0 device (prefill_wgmma_supported); otherwise cudaErrorNotSupported. Variants: 0
+// (what launch_prefill_attention_wgmma runs) has the consumers take turns issuing their products;
+// 1 does not; 2 has three consumers (192 rows per block) on 96-key tiles. All three measured within
+// a few percent of each other on the H200 (docs/perf.md).
 bool prefill_wgmma_supported();
 cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream);
-constexpr int kPrefillWgmmaVariants = 2;
+constexpr int kPrefillWgmmaVariants = 3;
 cudaError_t launch_prefill_attention_wgmma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
 
 // Decode attention (flash-decoding): few query rows (n_q <= kDecodeMaxQ) against long KV. Pass 1

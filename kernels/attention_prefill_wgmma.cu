@@ -4,7 +4,7 @@
 // operands read by the tensor cores straight from shared memory.
 //
 // One block = 128 query rows of one head, three warpgroups (384 threads):
-//   warpgroup 0, the producer: cp.async of Q once and of every K / V tile (128 keys), kStages = 3
+//   warpgroup 0, the producer: cp.async of Q once and of every K / V tile (128 keys), three stages
 //     deep, into the 128-byte swizzled panels the wgmma descriptors describe (wgmma.cuh); each
 //     stage's completion is an mbarrier its 128 threads arrive on as their copies land. It keeps
 //     kProducerRegs registers and gives the rest to the consumers (setmaxnreg).
@@ -21,8 +21,9 @@
 // 32 KB) = 225 KB, one block per SM; at D = 64 half of that.
 //
 // Measured on the H200 (attention_bench, bf16, D = 128, entropy on, steady clocks; docs/perf.md):
-// 487-500 TFLOP/s on 4K x 8K non-causal and 16K causal, contiguous or paged GQA 4; without the
-// ping-pong (variant 1) 466-480; with two stages 380-410; the mma.sync kernel 330-340.
+// 456-503 TFLOP/s on 4K x 8K non-causal and 16K causal, contiguous or paged GQA 4; the variants
+// (no ping-pong; three consumers on 96-key tiles) within a few percent of it; two stages 380-410;
+// the mma.sync kernel 330-340.
 //
 // Register layouts (PTX ISA, wgmma .m64nNk16, per warp w of the warpgroup, g = lane / 4, t = lane % 4):
 //   accumulator: element 4 j + e of n-block j (columns 8 j ..): e = 0, 1 row 16 w + g, columns
@@ -50,9 +51,6 @@ using detail::kLog2e;
 using detail::kNegInfF;
 
 constexpr int kWgRows = 64;             // wgmma M: query rows per consumer warpgroup
-constexpr int kBlockM = 2 * kWgRows;    // query rows per block
-constexpr int kBlockN = 128;            // keys per tile
-constexpr int kHalfN = 64;              // keys per paged load (pages hold >= 64)
 constexpr float kSlack = 8.0f;          // as in attention_prefill_mma.cu
 constexpr int kCopyThreads = 128;       // the producer warpgroup
 
@@ -159,30 +157,34 @@ __device__ __forceinline__ void named_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
-// S (64 x kBlockN) = Q_wg K^T, issued (not waited for): Q's rows of this warpgroup at q_wg (panels
-// of q_panel_bytes), K tile at sk (panels of kBlockN rows).
-template <int D>
-__device__ __forceinline__ void issue_qk(float (&s)[kBlockN / 2], uint32_t q_wg, uint32_t q_panel_bytes, uint32_t sk) {
+// S (64 x N) = Q_wg K^T, issued (not waited for): Q's rows of this warpgroup at q_wg (panels of
+// q_panel_bytes), K tile of N keys at sk (panels of N rows).
+template <int D, int N>
+__device__ __forceinline__ void issue_qk(float (&s)[N / 2], uint32_t q_wg, uint32_t q_panel_bytes, uint32_t sk) {
 #if STARSERVE_WGMMA_ENABLED
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t koff = static_cast<uint32_t>((kk % 4) * 32);  // 16 columns = 32 bytes into the panel
     const uint64_t dq = wgmma::make_desc(q_wg + (kk / 4) * q_panel_bytes + koff, 16, wgmma::kSwizzleAtomBytes);
-    const uint64_t dk = wgmma::make_desc(sk + (kk / 4) * (kBlockN * wgmma::kRowBytes) + koff, 16,
-                                         wgmma::kSwizzleAtomBytes);
-    wgmma::wgmma_m64n128k16_ss(s, dq, dk, kk > 0 ? 1 : 0);
+    const uint64_t dk = wgmma::make_desc(sk + (kk / 4) * (N * wgmma::kRowBytes) + koff, 16, wgmma::kSwizzleAtomBytes);
+    if constexpr (N == 128) {
+      wgmma::wgmma_m64n128k16_ss(s, dq, dk, kk > 0 ? 1 : 0);
+    } else {
+      static_assert(N == 96, "tiles of 128 or 96 keys");
+      wgmma::wgmma_m64n96k16_ss(s, dq, dk, kk > 0 ? 1 : 0);
+    }
   }
 #endif
 }
 
-// O (64 x D) += P V, issued: P's A fragments per 16-key step, V tile at sv (panels of kBlockN rows).
-template <int D>
-__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[kBlockN / 16][4], uint32_t sv) {
+// O (64 x D) += P V, issued: P's A fragments per 16-key step, V tile of N keys at sv (panels of N rows).
+template <int D, int N>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[N / 16][4], uint32_t sv) {
 #if STARSERVE_WGMMA_ENABLED
 #pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    const uint64_t dv = wgmma::make_desc(sv + static_cast<uint32_t>(kk * 16 * wgmma::kRowBytes),
-                                         kBlockN * wgmma::kRowBytes, wgmma::kSwizzleAtomBytes);
+  for (int kk = 0; kk < N / 16; ++kk) {
+    const uint64_t dv = wgmma::make_desc(sv + static_cast<uint32_t>(kk * 16 * wgmma::kRowBytes), N * wgmma::kRowBytes,
+                                         wgmma::kSwizzleAtomBytes);
     if constexpr (D == 128) {
       wgmma::wgmma_m64n128k16_rs(o, pa[kk], dv);
     } else {
@@ -198,17 +200,18 @@ struct RowState {
 };
 
 // Sets to -inf the scores of this tile (keys kv0 ..) that the thread's rows (row_base, + 8) do not see.
-__device__ __forceinline__ void mask_tile(float (&s)[kBlockN / 2], const AttentionGpuParams& p, int64_t row_base,
+template <int N>
+__device__ __forceinline__ void mask_tile(float (&s)[N / 2], const AttentionGpuParams& p, int64_t row_base,
                                           int64_t kv0, int t) {
   auto clamp_col = [](int64_t x, int64_t lo, int64_t hi) { return static_cast<int>(x < lo ? lo : (x > hi ? hi : x)); };
-  const int tail = clamp_col(p.n_kv - 1 - kv0, -1, kBlockN);
-  const int diag = p.causal ? clamp_col(row_base + p.causal_offset - kv0, -2 * kBlockN, 2 * kBlockN) : kBlockN;
+  const int tail = clamp_col(p.n_kv - 1 - kv0, -1, N);
+  const int diag = p.causal ? clamp_col(row_base + p.causal_offset - kv0, -2 * N, 2 * N) : N;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
-    const int rel = min(tail, p.causal ? diag + 8 * i : kBlockN);
-    const int last = rel < -1 ? -1 : (rel > kBlockN ? kBlockN : rel);
+    const int rel = min(tail, p.causal ? diag + 8 * i : N);
+    const int last = rel < -1 ? -1 : (rel > N ? N : rel);
 #pragma unroll
-    for (int nb = 0; nb < kBlockN / 8; ++nb)
+    for (int nb = 0; nb < N / 8; ++nb)
 #pragma unroll
       for (int e = 0; e < 2; ++e)
         if (nb * 8 + 2 * t + e > last) s[4 * nb + 2 * i + e] = kNegInfF;
@@ -233,14 +236,14 @@ __device__ __forceinline__ void rescale_o(float (&o)[D / 2], const float (&corr)
 
 // Returns whether O must be rescaled by corr (some row of the warp raised its max); the caller
 // does it, possibly later (after the P V product still reading the previous P has finished).
-template <bool kMasked>
-__device__ __forceinline__ bool softmax_tile(float (&s)[kBlockN / 2], RowState& st, float scale2, float (&corr)[2]) {
+template <int N, bool kMasked>
+__device__ __forceinline__ bool softmax_tile(float (&s)[N / 2], RowState& st, float scale2, float (&corr)[2]) {
   bool grow_any = false;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float mx = kNegInfF;
 #pragma unroll
-    for (int nb = 0; nb < kBlockN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[4 * nb + 2 * i], s[4 * nb + 2 * i + 1]));
+    for (int nb = 0; nb < N / 8; ++nb) mx = fmaxf(mx, fmaxf(s[4 * nb + 2 * i], s[4 * nb + 2 * i + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     const float mx2 = mx * scale2;
@@ -252,7 +255,7 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[kBlockN / 2], RowState& 
     const float delta = grow && st.m[i] != kNegInfF ? st.m[i] - m_new : 0.0f;
     float ps = 0.0f, pu = 0.0f;
 #pragma unroll
-    for (int nb = 0; nb < kBlockN / 8; ++nb) {
+    for (int nb = 0; nb < N / 8; ++nb) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         float tt = fmaf(s[4 * nb + 2 * i + e], scale2, -m_use);
@@ -271,9 +274,10 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[kBlockN / 2], RowState& 
 }
 
 // P (bf16) as the A fragments of the 16-key steps: keys 16 kk .. are S n-blocks 2 kk, 2 kk + 1.
-__device__ __forceinline__ void to_p_fragments(const float (&s)[kBlockN / 2], uint32_t (&pa)[kBlockN / 16][4]) {
+template <int N>
+__device__ __forceinline__ void to_p_fragments(const float (&s)[N / 2], uint32_t (&pa)[N / 16][4]) {
 #pragma unroll
-  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+  for (int kk = 0; kk < N / 16; ++kk) {
     pa[kk][0] = pack_bf16(s[8 * kk + 0], s[8 * kk + 1]);
     pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
     pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
@@ -283,14 +287,15 @@ __device__ __forceinline__ void to_p_fragments(const float (&s)[kBlockN / 2], ui
 
 // Masks (when the tile needs it) and runs the softmax on one tile.
 // Returns whether O needs rescaling by corr.
-__device__ __forceinline__ bool scores_to_p(float (&s)[kBlockN / 2], RowState& st, const AttentionGpuParams& p,
+template <int N>
+__device__ __forceinline__ bool scores_to_p(float (&s)[N / 2], RowState& st, const AttentionGpuParams& p,
                                             bool masked, int64_t row_base, int64_t kv0, int t, float scale2,
                                             float (&corr)[2]) {
   if (masked) {
-    mask_tile(s, p, row_base, kv0, t);
-    return softmax_tile<true>(s, st, scale2, corr);
+    mask_tile<N>(s, p, row_base, kv0, t);
+    return softmax_tile<N, true>(s, st, scale2, corr);
   }
-  return softmax_tile<false>(s, st, scale2, corr);
+  return softmax_tile<N, false>(s, st, scale2, corr);
 }
 
 // O normalised, LSE and entropy of the thread's two rows (quads sum their partial l and u first).
@@ -326,32 +331,33 @@ __device__ __forceinline__ void write_rows(const AttentionGpuParams& p, const fl
   }
 }
 
-// Block geometry shared by both kernels: query rows [q0, q0 + kBlockM) of head `head`; key tiles
-// [0, n_tiles) hold a key some row sees; per consumer warpgroup (rows wg_row0 ..), [0, wg_tiles)
-// hold a key one of its rows sees and from mask_from on some key is hidden from one of its rows.
+// Block geometry: query rows [q0, q0 + M) of head `head`; key tiles of N keys [0, n_tiles) hold a
+// key some row sees; per consumer warpgroup (rows wg_row0 ..), [0, wg_tiles) hold a key one of
+// its rows sees and from mask_from on some key is hidden from one of its rows.
+template <int M, int N>
 struct BlockGeom {
   int64_t q0;
   int head, kv_head, n_tiles;
   __device__ BlockGeom(const AttentionGpuParams& p) {
-    q0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * kBlockM;  // heaviest causal blocks first
+    q0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * M;  // heaviest causal blocks first
     head = static_cast<int>(blockIdx.y);
     kv_head = head / (p.n_heads / p.n_kv_heads);
     int64_t kv_end = p.n_kv;
     if (p.causal) {
-      const int64_t last_row = (q0 + kBlockM < p.n_q ? q0 + kBlockM : p.n_q) - 1;
+      const int64_t last_row = (q0 + M < p.n_q ? q0 + M : p.n_q) - 1;
       const int64_t last_key = last_row + p.causal_offset;
       kv_end = last_key + 1 < kv_end ? last_key + 1 : kv_end;
     }
-    n_tiles = kv_end > 0 ? static_cast<int>((kv_end + kBlockN - 1) / kBlockN) : 0;
+    n_tiles = kv_end > 0 ? static_cast<int>((kv_end + N - 1) / N) : 0;
   }
   __device__ void wg_tiles(const AttentionGpuParams& p, int wg_row0, int* tiles_out, int* mask_from_out) const {
-    int mask_from = static_cast<int>(p.n_kv / kBlockN), tiles = n_tiles;
+    int mask_from = static_cast<int>(p.n_kv / N), tiles = n_tiles;
     if (p.causal) {
       const int64_t first_lim = q0 + wg_row0 + p.causal_offset;  // last key of the warpgroup's first row
       const int64_t last_lim = first_lim + kWgRows - 1;
-      const int64_t first_from = first_lim < 0 ? 0 : (first_lim + 1) / kBlockN;
+      const int64_t first_from = first_lim < 0 ? 0 : (first_lim + 1) / N;
       if (first_from < mask_from) mask_from = static_cast<int>(first_from);
-      const int64_t t = last_lim < 0 ? 0 : last_lim / kBlockN + 1;
+      const int64_t t = last_lim < 0 ? 0 : last_lim / N + 1;
       if (t < tiles) tiles = static_cast<int>(t);
     }
     *tiles_out = tiles;
@@ -359,64 +365,84 @@ struct BlockGeom {
   }
 };
 
-// Starts the copies of key tile `tile` (K and V, kBlockN rows each) into dk, dv, by kCopyThreads
-// threads (tid in [0, kCopyThreads)).
-template <int D, bool kPaged>
+// Starts the copies of key tile `tile` (K and V, N rows each) into dk, dv by the producer's
+// threads (tid in [0, 128)). Paged keys go in chunks that never straddle a page (pages hold >= 64
+// keys): 64 keys when N is a multiple of 64, else 32.
+template <int D, int N, bool kPaged>
 __device__ __forceinline__ void load_kv_tile(const AttentionGpuParams& p, int kv_head, int tile, uint32_t dk,
                                              uint32_t dv, int tid) {
   const int64_t kv_stride = static_cast<int64_t>(p.n_kv_heads) * D;
-  const int64_t kv0 = static_cast<int64_t>(tile) * kBlockN;
+  const int64_t kv0 = static_cast<int64_t>(tile) * N;
   if constexpr (kPaged) {
+    constexpr int kChunk = N % 64 == 0 ? 64 : 32;
 #pragma unroll
-    for (int half = 0; half < kBlockN / kHalfN; ++half) {
-      const int64_t kv = kv0 + half * kHalfN;
+    for (int part = 0; part < N / kChunk; ++part) {
+      const int64_t kv = kv0 + part * kChunk;
       if (kv < p.n_kv) {
         const int64_t page = kv >> p.page_shift;
         const int64_t row0 = kv & ((int64_t{1} << p.page_shift) - 1);
         const int64_t row_end = row0 + p.n_kv - kv;
-        load_rows<D, kHalfN>(dk, kBlockN, half * kHalfN, p.k_pages[page] + kv_head * D, row0, row_end,
-                                           kv_stride, tid);
-        load_rows<D, kHalfN>(dv, kBlockN, half * kHalfN, p.v_pages[page] + kv_head * D, row0, row_end,
-                                           kv_stride, tid);
+        load_rows<D, kChunk>(dk, N, part * kChunk, p.k_pages[page] + kv_head * D, row0, row_end, kv_stride, tid);
+        load_rows<D, kChunk>(dv, N, part * kChunk, p.v_pages[page] + kv_head * D, row0, row_end, kv_stride, tid);
       } else {  // wholly past n_kv: zeros (the pool may hold NaN there; no page to read)
-        load_rows<D, kHalfN>(dk, kBlockN, half * kHalfN, p.q, 0, 0, 0, tid);
-        load_rows<D, kHalfN>(dv, kBlockN, half * kHalfN, p.q, 0, 0, 0, tid);
+        load_rows<D, kChunk>(dk, N, part * kChunk, p.q, 0, 0, 0, tid);
+        load_rows<D, kChunk>(dv, N, part * kChunk, p.q, 0, 0, 0, tid);
       }
     }
   } else {
-    load_rows<D, kBlockN>(dk, kBlockN, 0, p.k + kv_head * D, kv0, p.n_kv, kv_stride, tid);
-    load_rows<D, kBlockN>(dv, kBlockN, 0, p.v + kv_head * D, kv0, p.n_kv, kv_stride, tid);
+    load_rows<D, N>(dk, N, 0, p.k + kv_head * D, kv0, p.n_kv, kv_stride, tid);
+    load_rows<D, N>(dv, N, 0, p.v + kv_head * D, kv0, p.n_kv, kv_stride, tid);
   }
 }
 
-// Warp-specialised form: warpgroup 0 produces (cp.async of Q and of every K / V tile, kStages deep,
-// completion signalled on per-stage mbarriers), warpgroups 1 and 2 consume (64 query rows each).
-// A consumer releases a stage on its `empty` mbarrier once its multiplies that read it are done,
-// so no block-wide barrier sits in the loop. Per key tile j a consumer issues, as one batch, the
-// P V product of tile j - 1 and the Q K^T product of tile j, then runs tile j's softmax while the
-// tensor cores work: with kPingpong the two consumers take turns issuing their batches (named
-// barriers), so one's softmax runs under the other's multiplies. Registers: the producer gives
-// back all but kProducerRegs, the consumers take kConsumerRegs (setmaxnreg).
-constexpr int kStages = 3;  // K / V tiles in flight (two measured 380-410 TFLOP/s against 490-540)
-template <int D>
-struct WsSmem {
-  static constexpr uint32_t kQBytes = kBlockM * D * 2;
-  static constexpr uint32_t kTileBytes = kBlockN * D * 2;
-  static constexpr uint32_t kBarOffset = kQBytes + 2 * kStages * kTileBytes;
-  static constexpr size_t kBytes = kBarOffset + 8 * (2 * kStages + 1) + wgmma::kSwizzleAtomBytes;
+// Warp-specialised form: warpgroup 0 produces (cp.async of Q and of every K / V tile, C::kStages
+// deep, completion signalled on per-stage mbarriers), warpgroups 1 .. kConsumers consume (64 query
+// rows each). A consumer releases a stage on its `empty` mbarrier once its multiplies that read it
+// are done, so no block-wide barrier sits in the loop.
+//   kBatched: per key tile j a consumer issues, as one batch, the P V product of tile j - 1 and
+//     the Q K^T product of tile j, then runs tile j's softmax while the tensor cores work (S, O and
+//     P live at once). Otherwise Q K^T, softmax, P V one after the other (fewer live registers; the
+//     other consumers keep the tensor cores busy).
+//   kPingpong: the consumers take turns issuing (named barriers, in a ring), so one's softmax
+//     runs under the others' multiplies.
+// Registers: the producer keeps kProducerRegs, the consumers take what is left of the SM's 65536,
+// rounded down to setmaxnreg's multiple of 8 (setmaxnreg).
+template <int kConsumers_, int kBlockN_, int kStages_, bool kBatched_, bool kPingpong_, int kProducerRegs_>
+struct WsConfig {
+  static constexpr int kConsumers = kConsumers_;
+  static constexpr int kBlockM = kWgRows * kConsumers;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kStages = kStages_;
+  static constexpr bool kBatched = kBatched_;
+  static constexpr bool kPingpong = kPingpong_;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kProducerRegs = kProducerRegs_;
+  static constexpr int kConsumerRegs = ((65536 - 128 * kProducerRegs) / (128 * kConsumers)) / 8 * 8;
+  static_assert(kConsumerRegs <= 256, "setmaxnreg takes at most 256");
 };
-constexpr int kWsThreads = 384;
-// Registers per thread after setmaxnreg: the producer keeps 40 (its copy loop; 24 spilled more and
-// measured 4-7% slower overall, 56 left the consumers 224 and measured slower too), the consumers
-// take what is left of the SM's 65536: (65536 - 128 x 40) / 256 = 236, rounded down to 232 (setmaxnreg
-// takes multiples of 8).
-constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = ((65536 - 128 * kProducerRegs) / 256) / 8 * 8;
+// Variant 0 (the default): two consumers, 128-key tiles, three stages, batched, ping-pong; the
+// producer keeps 40 registers and the consumers get 232 (24 / 240 and 56 / 224 measured slower).
+using WsDefault = WsConfig<2, 128, 3, true, true, 40>;
+// Variant 1: the same without the ping-pong.
+using WsNoPingpong = WsConfig<2, 128, 3, true, false, 40>;
+// Variant 2: three consumers (192 query rows per K / V load: two thirds of the L2-to-SM traffic per
+// FLOP), 96-key tiles, three stages, one product at a time; producer 24, consumers 160 registers.
+using WsThreeConsumers = WsConfig<3, 96, 3, false, false, 24>;
 
-template <int D, typename OutT, bool kPaged, bool kPingpong>
-__global__ void __launch_bounds__(kWsThreads, 1) prefill_attention_wgmma_ws_kernel(AttentionGpuParams p) {
+template <int D, class C>
+struct WsSmem {
+  static constexpr uint32_t kQBytes = C::kBlockM * D * 2;
+  static constexpr uint32_t kTileBytes = C::kBlockN * D * 2;
+  static constexpr uint32_t kBarOffset = kQBytes + 2 * C::kStages * kTileBytes;
+  static constexpr size_t kBytes = kBarOffset + 8 * (2 * C::kStages + 1) + wgmma::kSwizzleAtomBytes;
+};
+
+template <int D, typename OutT, bool kPaged, class C>
+__global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_kernel(AttentionGpuParams p) {
 #if STARSERVE_WGMMA_ENABLED
-  using L = WsSmem<D>;
+  using L = WsSmem<D, C>;
+  constexpr int N = C::kBlockN;
+  constexpr int kStages = C::kStages;
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + (wgmma::kSwizzleAtomBytes - 1)) & ~static_cast<uint32_t>(wgmma::kSwizzleAtomBytes - 1);
@@ -429,11 +455,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) prefill_attention_wgmma_ws_kern
 
   const int tid = static_cast<int>(threadIdx.x);
   const int wg = tid / 128;
-  const BlockGeom geom(p);
+  const BlockGeom<C::kBlockM, N> geom(p);
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
-      mbar_init(full_bar(st), 128);   // the producer's 128 threads, through cp_async_arrive
-      mbar_init(empty_bar(st), 256);  // every consumer thread
+      mbar_init(full_bar(st), 128);                  // the producer's threads, through cp_async_arrive
+      mbar_init(empty_bar(st), 128 * C::kConsumers);  // every consumer thread
     }
     mbar_init(q_bar, 128);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -441,23 +467,23 @@ __global__ void __launch_bounds__(kWsThreads, 1) prefill_attention_wgmma_ws_kern
   __syncthreads();
 
   if (wg == 0) {
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(C::kProducerRegs));
     const int64_t q_stride = static_cast<int64_t>(p.n_heads) * D;
-    load_rows<D, kBlockM>(s_q, kBlockM, 0, p.q + geom.head * D, geom.q0, p.n_q, q_stride, tid);
+    load_rows<D, C::kBlockM>(s_q, C::kBlockM, 0, p.q + geom.head * D, geom.q0, p.n_q, q_stride, tid);
     cp_async_arrive(q_bar);
     for (int it = 0; it < geom.n_tiles; ++it) {
       const int stage = it % kStages;
       if (it >= kStages) mbar_wait(empty_bar(stage), static_cast<uint32_t>((it / kStages - 1) & 1));
-      load_kv_tile<D, kPaged>(p, geom.kv_head, it, s_k(stage), s_k(stage) + L::kTileBytes, tid);
+      load_kv_tile<D, N, kPaged>(p, geom.kv_head, it, s_k(stage), s_k(stage) + L::kTileBytes, tid);
       cp_async_arrive(full_bar(stage));
     }
     cp_async_wait<0>();
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(C::kConsumerRegs));
   const int c = wg - 1;  // consumer index
-  const int ctid = tid - 128;
+  const int ctid = tid - 128 * wg;
   const int warp = (tid / 32) % 4, lane = tid % 32;
   const int t = lane % 4;
   int wg_tiles = 0, mask_from = 0;
@@ -465,84 +491,110 @@ __global__ void __launch_bounds__(kWsThreads, 1) prefill_attention_wgmma_ws_kern
   const int64_t row_base = geom.q0 + c * kWgRows + warp * 16 + lane / 4;
   const float scale2 = fmaxf(fabsf(p.scale) * kLog2e, FLT_MIN);
   const uint32_t q_wg = s_q + static_cast<uint32_t>(c * kWgRows * wgmma::kRowBytes);
-  constexpr uint32_t kQPanelBytes = kBlockM * wgmma::kRowBytes;
+  constexpr uint32_t kQPanelBytes = C::kBlockM * wgmma::kRowBytes;
 
   mbar_wait(q_bar, 0);
   if (p.scale < 0.0f) {
     // The lean softmax needs a positive scale: this warpgroup negates its own 64 rows of Q.
-    negate_rows<D, kWgRows>(base_ptr + c * kWgRows * wgmma::kRowBytes, kBlockM, ctid % 128);
+    negate_rows<D, kWgRows>(base_ptr + c * kWgRows * wgmma::kRowBytes, C::kBlockM, ctid);
     wgmma::fence_proxy_async();
-    named_sync(3 + c, 128);
+    named_sync(8 + c, 128);
   }
-  // Consumer 0 takes the first turn: consumer 1 grants it.
-  if (kPingpong && c == 1) named_arrive(1, 256);
-
-  float o[D / 2];
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
-  float s[kBlockN / 2];
-#pragma unroll
-  for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0.0f;
-  uint32_t pa[kBlockN / 16][4];
-  RowState st;
+  // Turns in a ring: consumer c waits on barrier 1 + c and hands the turn to the next consumer.
+  // Consumer 0 goes first: the last consumer grants it.
+  if (C::kPingpong && c == C::kConsumers - 1) named_arrive(1, 256);
   auto turn_begin = [&] {
-    if constexpr (kPingpong) named_sync(1 + c, 256);
+    if constexpr (C::kPingpong) named_sync(1 + c, 256);
   };
   auto turn_end = [&] {
-    if constexpr (kPingpong) named_arrive(2 - c, 256);
+    if constexpr (C::kPingpong) named_arrive(1 + (c + 1) % C::kConsumers, 256);
   };
   auto wait_full = [&](int it) {
     mbar_wait(full_bar(it % kStages), static_cast<uint32_t>((it / kStages) & 1));
     wgmma::fence_proxy_async();
   };
-  // Every consumer takes exactly n_tiles + 1 turns (tiles it does not multiply included), so the
-  // two never wait on a turn the other will not give. Each branch below holds a whole
-  // fence / issue / commit / wait sequence, so every wgmma is issued by a converged warpgroup.
-  if (wg_tiles > 0) {
-    wait_full(0);
-    turn_begin();
-    wgmma::hold(s);
-    wgmma::fence();
-    issue_qk<D>(s, q_wg, kQPanelBytes, s_k(0));
-    wgmma::commit();
-    turn_end();
-    wgmma::wait<0>();
-    wgmma::hold(s);
-    float corr[2];
-    scores_to_p(s, st, p, 0 >= mask_from, row_base, 0, t, scale2, corr);  // O is still 0: no rescale
-    to_p_fragments(s, pa);
-    for (int it = 1; it < wg_tiles; ++it) {
-      const int prev = (it - 1) % kStages;
-      wait_full(it);
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  float s[N / 2];
+#pragma unroll
+  for (int i = 0; i < N / 2; ++i) s[i] = 0.0f;
+  uint32_t pa[N / 16][4];
+  RowState st;
+  float corr[2];
+  // Every consumer takes the same number of turns (tiles it does not multiply included), so none
+  // waits on a turn that will not come. Each branch below holds a whole fence / issue / commit /
+  // wait sequence, so every wgmma is issued by a converged warpgroup.
+  if constexpr (C::kBatched) {
+    if (wg_tiles > 0) {
+      wait_full(0);
       turn_begin();
-      wgmma::hold(o);
       wgmma::hold(s);
       wgmma::fence();
-      issue_pv<D>(o, pa, s_k(prev) + L::kTileBytes);
-      issue_qk<D>(s, q_wg, kQPanelBytes, s_k(it % kStages));
+      issue_qk<D, N>(s, q_wg, kQPanelBytes, s_k(0));
+      wgmma::commit();
+      turn_end();
+      wgmma::wait<0>();
+      wgmma::hold(s);
+      scores_to_p<N>(s, st, p, 0 >= mask_from, row_base, 0, t, scale2, corr);  // O is still 0: no rescale
+      to_p_fragments<N>(s, pa);
+      for (int it = 1; it < wg_tiles; ++it) {
+        const int prev = (it - 1) % kStages;
+        wait_full(it);
+        turn_begin();
+        wgmma::hold(o);
+        wgmma::hold(s);
+        wgmma::fence();
+        issue_pv<D, N>(o, pa, s_k(prev) + L::kTileBytes);
+        issue_qk<D, N>(s, q_wg, kQPanelBytes, s_k(it % kStages));
+        wgmma::commit();
+        turn_end();
+        wgmma::wait<0>();
+        wgmma::hold(o);
+        wgmma::hold(s);
+        mbar_arrive(empty_bar(prev));
+        if (scores_to_p<N>(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * N, t, scale2, corr))
+          rescale_o<D>(o, corr);
+        to_p_fragments<N>(s, pa);
+      }
+      const int last = (wg_tiles - 1) % kStages;
+      turn_begin();
+      wgmma::hold(o);
+      wgmma::fence();
+      issue_pv<D, N>(o, pa, s_k(last) + L::kTileBytes);
       wgmma::commit();
       turn_end();
       wgmma::wait<0>();
       wgmma::hold(o);
-      wgmma::hold(s);
-      mbar_arrive(empty_bar(prev));
-      if (scores_to_p(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * kBlockN, t, scale2, corr))
-        rescale_o<D>(o, corr);
-      to_p_fragments(s, pa);
+      mbar_arrive(empty_bar(last));
+    } else {
+      turn_begin();  // the turn of the final P V
+      turn_end();
     }
-    const int last = (wg_tiles - 1) % kStages;
-    turn_begin();
-    wgmma::hold(o);
-    wgmma::fence();
-    issue_pv<D>(o, pa, s_k(last) + L::kTileBytes);
-    wgmma::commit();
-    turn_end();
-    wgmma::wait<0>();
-    wgmma::hold(o);
-    mbar_arrive(empty_bar(last));
   } else {
-    turn_begin();  // the turn of the final P V
-    turn_end();
+    for (int it = 0; it < wg_tiles; ++it) {
+      const int stage = it % kStages;
+      wait_full(it);
+      turn_begin();
+      wgmma::hold(s);
+      wgmma::fence();
+      issue_qk<D, N>(s, q_wg, kQPanelBytes, s_k(stage));
+      wgmma::commit();
+      turn_end();
+      wgmma::wait<0>();
+      wgmma::hold(s);
+      if (scores_to_p<N>(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * N, t, scale2, corr))
+        rescale_o<D>(o, corr);
+      to_p_fragments<N>(s, pa);
+      wgmma::hold(o);
+      wgmma::fence();
+      issue_pv<D, N>(o, pa, s_k(stage) + L::kTileBytes);
+      wgmma::commit();
+      wgmma::wait<0>();
+      wgmma::hold(o);
+      mbar_arrive(empty_bar(stage));
+    }
   }
   // Tiles past this warpgroup's rows (causal): release them in order, keep taking turns.
   for (int it = wg_tiles; it < geom.n_tiles; ++it) {
@@ -557,23 +609,24 @@ __global__ void __launch_bounds__(kWsThreads, 1) prefill_attention_wgmma_ws_kern
 #endif
 }
 
-template <int D, typename OutT, bool kPaged, bool kPingpong>
+template <int D, typename OutT, bool kPaged, class C>
 cudaError_t launch_ws(const AttentionGpuParams& p, cudaStream_t stream) {
-  constexpr size_t kSmem = WsSmem<D>::kBytes;
-  auto* kernel = prefill_attention_wgmma_ws_kernel<D, OutT, kPaged, kPingpong>;
+  constexpr size_t kSmem = WsSmem<D, C>::kBytes;
+  auto* kernel = prefill_attention_wgmma_ws_kernel<D, OutT, kPaged, C>;
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
   if (attr != cudaSuccess) return attr;
-  const dim3 grid(static_cast<unsigned>((p.n_q + kBlockM - 1) / kBlockM), static_cast<unsigned>(p.n_heads));
-  kernel<<<grid, kWsThreads, kSmem, stream>>>(p);
+  const dim3 grid(static_cast<unsigned>((p.n_q + C::kBlockM - 1) / C::kBlockM), static_cast<unsigned>(p.n_heads));
+  kernel<<<grid, C::kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
 template <int D, typename OutT, bool kPaged>
 cudaError_t launch_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
   switch (variant) {
-    case 0: return launch_ws<D, OutT, kPaged, true>(p, stream);
-    case 1: return launch_ws<D, OutT, kPaged, false>(p, stream);
+    case 0: return launch_ws<D, OutT, kPaged, WsDefault>(p, stream);
+    case 1: return launch_ws<D, OutT, kPaged, WsNoPingpong>(p, stream);
+    case 2: return launch_ws<D, OutT, kPaged, WsThreeConsumers>(p, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -611,7 +664,7 @@ bool wgmma_device_ok() {
 bool prefill_wgmma_supported() { return wgmma_device_ok(); }
 
 cudaError_t launch_prefill_attention_wgmma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
-  if (!detail::prefill_params_ok(p, kBlockM)) return cudaErrorInvalidValue;
+  if (!detail::prefill_params_ok(p, WsThreeConsumers::kBlockM)) return cudaErrorInvalidValue;
   if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
   if (variant < 0 || variant >= kPrefillWgmmaVariants) return cudaErrorInvalidValue;
   if (p.n_q == 0) return cudaSuccess;

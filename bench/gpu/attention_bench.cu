@@ -151,8 +151,12 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   constexpr auto wgmma_v1 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
     return starserve::launch_prefill_attention_wgmma_variant(prm, 1, s);
   };
+  constexpr auto wgmma_v2 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
+    return starserve::launch_prefill_attention_wgmma_variant(prm, 2, s);
+  };
   if (starserve::prefill_wgmma_supported()) {
     kernels.push_back({"wgmma_v1", wgmma_v1});
+    kernels.push_back({"wgmma_v2", wgmma_v2});
     kernels.push_back({"wgmma", starserve::launch_prefill_attention_wgmma});
   }
   kernels.push_back({"mma", starserve::launch_prefill_attention_mma});

@@ -98,9 +98,20 @@ PagedKv make_paged(const Bf16Data& k, const Bf16Data& v, int64_t n_kv, int n_kv_
 // The kernels under test: the prefill kernels by name, the other configurations of the mma kernel
 // (launch_prefill_attention_mma_variant 1, 2), the Hopper wgmma kernel and its variant 1 (run where
 // the device is sm_90 and the build carries sm_90a code), and decode.
-enum class AttnKernel { kPrefillMma, kPrefillWmma, kPrefillMmaV1, kPrefillMmaV2, kPrefillWgmma, kPrefillWgmmaV1, kDecode };
-constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma,   AttnKernel::kPrefillWmma,  AttnKernel::kPrefillMmaV1,
-                                          AttnKernel::kPrefillMmaV2, AttnKernel::kPrefillWgmma, AttnKernel::kPrefillWgmmaV1};
+enum class AttnKernel {
+  kPrefillMma,
+  kPrefillWmma,
+  kPrefillMmaV1,
+  kPrefillMmaV2,
+  kPrefillWgmma,
+  kPrefillWgmmaV1,
+  kPrefillWgmmaV2,
+  kDecode
+};
+constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma,    AttnKernel::kPrefillWmma,
+                                          AttnKernel::kPrefillMmaV1,  AttnKernel::kPrefillMmaV2,
+                                          AttnKernel::kPrefillWgmma,  AttnKernel::kPrefillWgmmaV1,
+                                          AttnKernel::kPrefillWgmmaV2};
 
 const char* kernel_name(AttnKernel k) {
   switch (k) {
@@ -110,6 +121,7 @@ const char* kernel_name(AttnKernel k) {
     case AttnKernel::kPrefillMmaV2: return "prefill(mma v2) ";
     case AttnKernel::kPrefillWgmma: return "prefill(wgmma) ";
     case AttnKernel::kPrefillWgmmaV1: return "prefill(wgmma v1) ";
+    case AttnKernel::kPrefillWgmmaV2: return "prefill(wgmma v2) ";
     case AttnKernel::kDecode: return "decode ";
   }
   return "?";
@@ -123,6 +135,7 @@ cudaError_t launch_prefill(AttnKernel k, const AttentionGpuParams& p) {
     case AttnKernel::kPrefillMmaV2: return launch_prefill_attention_mma_variant(p, 2, nullptr);
     case AttnKernel::kPrefillWgmma: return launch_prefill_attention_wgmma(p, nullptr);
     case AttnKernel::kPrefillWgmmaV1: return launch_prefill_attention_wgmma_variant(p, 1, nullptr);
+    case AttnKernel::kPrefillWgmmaV2: return launch_prefill_attention_wgmma_variant(p, 2, nullptr);
     case AttnKernel::kDecode: break;
   }
   return cudaErrorInvalidValue;
@@ -140,7 +153,8 @@ cudaError_t launch_prefill(AttnKernel k, const AttentionGpuParams& p) {
 // missed key moves them by >= 1e-2 at these sizes).
 void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, int page_shift = 0,
                      bool with_entropy = true, float scale_sign = 1.0f) {
-  const bool wgmma = kernel == AttnKernel::kPrefillWgmma || kernel == AttnKernel::kPrefillWgmmaV1;
+  const bool wgmma = kernel == AttnKernel::kPrefillWgmma || kernel == AttnKernel::kPrefillWgmmaV1 ||
+                     kernel == AttnKernel::kPrefillWgmmaV2;
   if (wgmma && !prefill_wgmma_supported()) {
     static bool said = false;
     if (!said) std::printf("  prefill(wgmma) not run: the device is not sm_90 or the build has no sm_90a code\n");
