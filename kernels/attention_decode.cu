@@ -347,14 +347,6 @@ __device__ __forceinline__ uint32_t transpose_8x8(uint32_t x) {
   return y;
 }
 
-// Two floats as one bf16x2 register, lo in the low half.
-__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  uint32_t r;
-  memcpy(&r, &v, sizeof(r));
-  return r;
-}
-
 // 16 bytes (8 bf16, 16-byte aligned: rows are D elements, offsets multiples of 8) into r[0..3].
 __device__ __forceinline__ void load_16b(uint32_t* r, const __nv_bfloat16* src) {
   const uint4 x = *reinterpret_cast<const uint4*>(src);
@@ -532,8 +524,8 @@ __device__ __forceinline__ void decode_mma_body(AttentionGpuParams p, DecodePlan
         u[nt][e] += (x0 == kNegInfF ? 0.0f : w[e][0] * t0) + (x1 == kNegInfF ? 0.0f : w[e][1] * t1);
       }
       // (key g, rows 2t, 2t + 1) pairs are the S^T layout; transposed they are (keys 2t, 2t + 1; row g).
-      pb[nt][0] = transpose_8x8(pack_bf16x2(w[0][0], w[1][0]));
-      pb[nt][1] = transpose_8x8(pack_bf16x2(w[0][1], w[1][1]));
+      pb[nt][0] = transpose_8x8(detail::pack_bf16(w[0][0], w[1][0]));
+      pb[nt][1] = transpose_8x8(detail::pack_bf16(w[0][1], w[1][1]));
     }
     if (__any_sync(0xffffffffu, rescale)) {  // m rarely grows after the first steps
 #pragma unroll

@@ -46,44 +46,19 @@
 namespace starserve {
 namespace {
 
+using detail::cp_async_16;
+using detail::cp_async_wait;
+using detail::exp2_approx;
 using detail::kLn2;
 using detail::kLog2e;
 using detail::kNegInfF;
+using detail::pack_bf16;
+using detail::smem_u32;
+using detail::store_pair;
 
 constexpr int kWgRows = 64;             // wgmma M: query rows per consumer warpgroup
 constexpr float kSlack = 8.0f;          // as in attention_prefill_mma.cu
 constexpr int kCopyThreads = 128;       // the producer warpgroup
-
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-  const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(__cvta_generic_to_global(src)),
-               "r"(src_bytes)
-               : "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  uint32_t r;
-  memcpy(&r, &v, sizeof(r));
-  return r;
-}
-__device__ __forceinline__ void store_pair(float* dst, float a, float b) {
-  *reinterpret_cast<float2*>(dst) = make_float2(a, b);
-}
-__device__ __forceinline__ void store_pair(__nv_bfloat16* dst, float a, float b) {
-  *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(a, b);
-}
 
 // Starts the copy of rows [row0, row0 + kRows) of one head (row stride `stride` elements) into rows
 // [dst_row0, dst_row0 + kRows) of the swizzled matrix at `dst` (panels of panel_rows rows). Rows at
