@@ -300,6 +300,8 @@ int main(int argc, char** argv) {
   // The engine's case: keys in the paged KV cache (pages of 256), Llama-3-8B's GQA 4.
   bench_prefill("noncausal_4kx8k_gqa4_paged", 4096, 8192, false, 32, 8, 128, 8, iters);
   bench_prefill("causal_16kx16k_gqa4_paged", 16384, 16384, true, 32, 8, 128, 8, iters);
+  // head_dim 64 (SmolLM2's), the other size the kernels support.
+  bench_prefill("causal_16kx16k_d64", 16384, 16384, true, 32, 32, 64, 0, iters);
   if (prefill_only) return 0;
   const double copy_gbs = copy_bandwidth_gbs(size_t{2} << 30);
   std::printf("{\"bench\":\"copy\",\"impl\":\"cudaMemcpy_d2d\",\"bytes\":%zu,\"gbs\":%.0f}\n", size_t{2} << 30,
