@@ -28,7 +28,6 @@
 
 namespace starserve::wgmma {
 
-constexpr int kPanelCols = 64;        // bf16 columns per 128-byte row
 constexpr int kRowBytes = 128;
 constexpr int kSwizzleAtomBytes = 1024;  // 8 rows
 
