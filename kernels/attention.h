@@ -39,6 +39,14 @@ struct AttentionGpuParams {
   const __nv_bfloat16* const* k_pages = nullptr;  // device array of page pointers
   const __nv_bfloat16* const* v_pages = nullptr;
   int page_shift = 0;                              // in [kMinPageShift, kMaxPageShift] when paged
+  // Paged keys, optional: the pools that hold every page of the tables. k_pool .. k_pool +
+  // pool_rows rows (a row is n_kv_heads * head_dim bf16) hold every page of k_pages, each page
+  // starting on a whole row; the same for v_pool and v_pages. Given these (and pools under 4 GB),
+  // the wgmma kernel reads the pages with the TMA through one tensor map per pool; without them it
+  // copies with cp.async. The other kernels ignore them.
+  const __nv_bfloat16* k_pool = nullptr;
+  const __nv_bfloat16* v_pool = nullptr;
+  int64_t pool_rows = 0;
 };
 
 constexpr int kMinPageShift = 6;
@@ -63,15 +71,16 @@ cudaError_t launch_prefill_attention_wmma(const AttentionGpuParams& p, cudaStrea
 constexpr int kPrefillMmaVariants = 3;
 cudaError_t launch_prefill_attention_mma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
 // The same contract on Hopper's warpgroup MMA (attention_prefill_wgmma.cu): 128 query rows x 128-key
-// tiles, a producer warpgroup (cp.async, three stages, mbarriers) and two consumer warpgroups
-// (wgmma, operands from swizzled shared memory). Needs a build with sm_90a code and a compute
-// capability 9.0 device (prefill_wgmma_supported); otherwise cudaErrorNotSupported. Variants: 0
-// (what launch_prefill_attention_wgmma runs) has the consumers take turns issuing their products;
-// 1 does not; 2 has three consumers (192 rows per block) on 96-key tiles. All three measured within
-// a few percent of each other on the H200 (docs/perf.md).
+// tiles, a producer warpgroup (three stages, mbarriers) and two consumer warpgroups (wgmma, operands
+// from swizzled shared memory). The producer copies K and V with the TMA where it can (contiguous
+// keys; paged keys with k_pool / v_pool given), else with cp.async. Needs a build with sm_90a code
+// and a compute capability 9.0 device (prefill_wgmma_supported); otherwise cudaErrorNotSupported.
+// Variants: 0 (what launch_prefill_attention_wgmma runs) has the consumers take turns issuing their
+// products; 1 does not; 2 has three consumers (192 rows per block) on 96-key tiles; 3 is variant 0
+// with cp.async copies always.
 bool prefill_wgmma_supported();
 cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream);
-constexpr int kPrefillWgmmaVariants = 3;
+constexpr int kPrefillWgmmaVariants = 4;
 cudaError_t launch_prefill_attention_wgmma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
 
 // Decode attention (flash-decoding): few query rows (n_q <= kDecodeMaxQ) against long KV. Pass 1

@@ -39,6 +39,8 @@
 #include <cstring>
 #include <type_traits>
 
+#include <cuda.h>
+
 #include "kernels/attention.h"
 #include "kernels/attention_common.cuh"
 #include "kernels/wgmma.cuh"
@@ -124,6 +126,24 @@ __device__ __forceinline__ void mbar_arrive(uint32_t bar) {
 __device__ __forceinline__ void cp_async_arrive(uint32_t bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
+// Arrives on `bar` once this thread's earlier cp.async copies have landed, adding that arrival
+// to the phase's expected ones first (no .noinc: a net zero, so another arrival completes the phase).
+__device__ __forceinline__ void cp_async_arrive_counted(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+// Arrives on `bar` and expects `bytes` more of asynchronous copies (the TMA's) in this phase.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// TMA: the box at column x, row y of the 2-D tensor `map` (a __grid_constant__ parameter) into
+// shared memory at dst (1024-byte aligned for the 128-byte swizzle), counted on `bar`.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int x, int y, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+      : "memory");
+}
 // Named barriers 1.. (0 is __syncthreads): sync waits for `count` threads, arrive only signals.
 __device__ __forceinline__ void named_sync(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
@@ -132,38 +152,40 @@ __device__ __forceinline__ void named_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
-// S (64 x N) = Q_wg K^T, issued (not waited for): Q's rows of this warpgroup at q_wg (panels of
-// q_panel_bytes), K tile of N keys at sk (panels of N rows).
-template <int D, int N>
-__device__ __forceinline__ void issue_qk(float (&s)[N / 2], uint32_t q_wg, uint32_t q_panel_bytes, uint32_t sk) {
+// S (64 x N) = Q_wg K^T, issued (not waited for). dq, dk: descriptors of the first k16 step of
+// this warpgroup's Q rows (panels of kQPanelBytes) and of the K tile (N keys, panels of N rows);
+// a step's descriptor is the first one plus its byte offset / 16 (the address field's unit), so
+// nothing but constant additions sits between the instructions.
+template <int D, int N, uint32_t kQPanelBytes>
+__device__ __forceinline__ void issue_qk(float (&s)[N / 2], uint64_t dq, uint64_t dk) {
 #if STARSERVE_WGMMA_ENABLED
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t koff = static_cast<uint32_t>((kk % 4) * 32);  // 16 columns = 32 bytes into the panel
-    const uint64_t dq = wgmma::make_desc(q_wg + (kk / 4) * q_panel_bytes + koff, 16, wgmma::kSwizzleAtomBytes);
-    const uint64_t dk = wgmma::make_desc(sk + (kk / 4) * (N * wgmma::kRowBytes) + koff, 16, wgmma::kSwizzleAtomBytes);
+    const uint64_t q_step = ((kk / 4) * kQPanelBytes + koff) >> 4;
+    const uint64_t k_step = ((kk / 4) * (N * wgmma::kRowBytes) + koff) >> 4;
     if constexpr (N == 128) {
-      wgmma::wgmma_m64n128k16_ss(s, dq, dk, kk > 0 ? 1 : 0);
+      wgmma::wgmma_m64n128k16_ss(s, dq + q_step, dk + k_step, kk > 0 ? 1 : 0);
     } else {
       static_assert(N == 96, "tiles of 128 or 96 keys");
-      wgmma::wgmma_m64n96k16_ss(s, dq, dk, kk > 0 ? 1 : 0);
+      wgmma::wgmma_m64n96k16_ss(s, dq + q_step, dk + k_step, kk > 0 ? 1 : 0);
     }
   }
 #endif
 }
 
-// O (64 x D) += P V, issued: P's A fragments per 16-key step, V tile of N keys at sv (panels of N rows).
+// O (64 x D) += P V, issued: P's A fragments per 16-key step; dv: descriptor of the V tile's first
+// 16 keys (N keys, panels of N rows, MN-major).
 template <int D, int N>
-__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[N / 16][4], uint32_t sv) {
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], const uint32_t (&pa)[N / 16][4], uint64_t dv) {
 #if STARSERVE_WGMMA_ENABLED
 #pragma unroll
   for (int kk = 0; kk < N / 16; ++kk) {
-    const uint64_t dv = wgmma::make_desc(sv + static_cast<uint32_t>(kk * 16 * wgmma::kRowBytes), N * wgmma::kRowBytes,
-                                         wgmma::kSwizzleAtomBytes);
+    const uint64_t step = static_cast<uint64_t>(kk * 16 * wgmma::kRowBytes) >> 4;
     if constexpr (D == 128) {
-      wgmma::wgmma_m64n128k16_rs(o, pa[kk], dv);
+      wgmma::wgmma_m64n128k16_rs(o, pa[kk], dv + step);
     } else {
-      wgmma::wgmma_m64n64k16_rs(o, pa[kk], dv);
+      wgmma::wgmma_m64n64k16_rs(o, pa[kk], dv + step);
     }
   }
 #endif
@@ -370,10 +392,55 @@ __device__ __forceinline__ void load_kv_tile(const AttentionGpuParams& p, int kv
   }
 }
 
-// Warp-specialised form: warpgroup 0 produces (cp.async of Q and of every K / V tile, C::kStages
-// deep, completion signalled on per-stage mbarriers), warpgroups 1 .. kConsumers consume (64 query
-// rows each). A consumer releases a stage on its `empty` mbarrier once its multiplies that read it
-// are done, so no block-wide barrier sits in the loop.
+// The tensor maps of the tensor-memory-accelerator (TMA) copies: K and V as 2-D tensors of rows
+// (n_kv_heads * D bf16 each), read in boxes of 64 columns (one 128-byte swizzled panel row) by
+// kBox rows. Over the keys when contiguous (rows past n_kv read as zeros), over the pool that holds
+// every page when paged. Passed by value as a __grid_constant__ kernel parameter.
+struct KvTensorMaps {
+  CUtensorMap k;
+  CUtensorMap v;
+};
+
+// Starts the TMA copies of key tile `tile` (K and V, N rows each) into dk, dv, completing on `bar`
+// (2 N D bf16 bytes in all). One thread issues them. Paged keys go in boxes of kBox rows that never
+// straddle a page; a page's first row in the pool is its byte offset from the pool's start over the
+// row's bytes (the pool is under 4 GB, launch_ws checks).
+template <int D, int N, bool kPaged>
+__device__ __forceinline__ void tma_kv_tile(const AttentionGpuParams& p, const KvTensorMaps& maps, int kv_head,
+                                            int tile, uint32_t dk, uint32_t dv, uint32_t bar) {
+  constexpr int kBox = N % 64 == 0 ? 64 : 32;
+  const int64_t kv0 = static_cast<int64_t>(tile) * N;
+  const uint32_t row_bytes = static_cast<uint32_t>(p.n_kv_heads) * D * 2;
+#pragma unroll
+  for (int part = 0; part < N / kBox; ++part) {
+    const int64_t kv = kv0 + part * kBox;
+    int yk = static_cast<int>(kv), yv = static_cast<int>(kv);
+    if constexpr (kPaged) {
+      const int64_t page = kv >> p.page_shift;
+      const int row0 = static_cast<int>(kv & ((int64_t{1} << p.page_shift) - 1));
+      const auto offset = [](const void* page_ptr, const void* pool) {
+        return static_cast<uint32_t>(static_cast<const char*>(page_ptr) - static_cast<const char*>(pool));
+      };
+      yk = static_cast<int>(offset(p.k_pages[page], p.k_pool) / row_bytes) + row0;
+      yv = static_cast<int>(offset(p.v_pages[page], p.v_pool) / row_bytes) + row0;
+    }
+#pragma unroll
+    for (int panel = 0; panel < D / 64; ++panel) {
+      const uint32_t off = static_cast<uint32_t>(panel * N * wgmma::kRowBytes + part * kBox * wgmma::kRowBytes);
+      tma_load_2d(dk + off, &maps.k, kv_head * D + panel * 64, yk, bar);
+      tma_load_2d(dv + off, &maps.v, kv_head * D + panel * 64, yv, bar);
+    }
+  }
+}
+
+// Warp-specialised form: warpgroup 0 produces (Q by cp.async; every K / V tile C::kStages deep,
+// completion signalled on per-stage mbarriers), warpgroups 1 .. kConsumers consume (64 query rows
+// each). A consumer releases a stage on its `empty` mbarrier once its multiplies that read it are
+// done, so no block-wide barrier sits in the loop.
+//   kTma (the kernel's parameter): one producer thread copies each tile with the TMA (the stage's
+//     mbarrier counts the bytes); a paged tail tile (past n_kv, where the pool may hold NaN) is
+//     still copied with cp.async by the whole warpgroup, zero-filled past n_kv. Otherwise every tile
+//     is cp.async by the 128 producer threads.
 //   kBatched: per key tile j a consumer issues, as one batch, the P V product of tile j - 1 and
 //     the Q K^T product of tile j, then runs tile j's softmax while the tensor cores work (S, O and
 //     P live at once). Otherwise Q K^T, softmax, P V one after the other (fewer live registers; the
@@ -393,10 +460,12 @@ struct WsConfig {
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kProducerRegs = kProducerRegs_;
   static constexpr int kConsumerRegs = ((65536 - 128 * kProducerRegs) / (128 * kConsumers)) / 8 * 8;
+  static constexpr int kBox = kBlockN % 64 == 0 ? 64 : 32;  // TMA box rows (tma_kv_tile)
   static_assert(kConsumerRegs <= 256, "setmaxnreg takes at most 256");
 };
 // Variant 0 (the default): two consumers, 128-key tiles, three stages, batched, ping-pong; the
-// producer keeps 40 registers and the consumers get 232 (24 / 240 and 56 / 224 measured slower).
+// producer keeps 40 registers and the consumers get 232 (24 / 240 and 56 / 224 measured slower
+// with cp.async copies).
 using WsDefault = WsConfig<2, 128, 3, true, true, 40>;
 // Variant 1: the same without the ping-pong.
 using WsNoPingpong = WsConfig<2, 128, 3, true, false, 40>;
@@ -412,8 +481,24 @@ struct WsSmem {
   static constexpr size_t kBytes = kBarOffset + 8 * (2 * C::kStages + 1) + wgmma::kSwizzleAtomBytes;
 };
 
-template <int D, typename OutT, bool kPaged, class C>
-__global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_kernel(AttentionGpuParams p) {
+// A ring position: stage index and the parity of its current use.
+template <int kStages>
+struct Ring {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ void next() {
+    if (++stage == kStages) {
+      stage = 0;
+      phase ^= 1u;
+    }
+  }
+};
+
+constexpr int kProducerBarrier = 7;  // named barrier of the producer warpgroup (1.. are the consumers')
+
+template <int D, typename OutT, bool kPaged, bool kTma, class C>
+__global__ void __launch_bounds__(C::kThreads, 1)
+    prefill_attention_wgmma_ws_kernel(AttentionGpuParams p, const __grid_constant__ KvTensorMaps maps) {
 #if STARSERVE_WGMMA_ENABLED
   using L = WsSmem<D, C>;
   constexpr int N = C::kBlockN;
@@ -429,11 +514,15 @@ __global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_ker
   const uint32_t q_bar = base + L::kBarOffset + 16 * kStages;
 
   const int tid = static_cast<int>(threadIdx.x);
-  const int wg = tid / 128;
+  // The warpgroup index, read from lane 0 so the compiler knows it is warp-uniform (the
+  // descriptors and stage addresses derived from it then stay in uniform registers).
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const BlockGeom<C::kBlockM, N> geom(p);
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
-      mbar_init(full_bar(st), 128);                  // the producer's threads, through cp_async_arrive
+      // cp.async: the producer's 128 threads arrive (.noinc); TMA: the issuing thread's arrival
+      // with the expected bytes (a cp.async tail adds its threads' pending arrivals itself).
+      mbar_init(full_bar(st), kTma ? 1 : 128);
       mbar_init(empty_bar(st), 128 * C::kConsumers);  // every consumer thread
     }
     mbar_init(q_bar, 128);
@@ -446,11 +535,29 @@ __global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_ker
     const int64_t q_stride = static_cast<int64_t>(p.n_heads) * D;
     load_rows<D, C::kBlockM>(s_q, C::kBlockM, 0, p.q + geom.head * D, geom.q0, p.n_q, q_stride, tid);
     cp_async_arrive(q_bar);
-    for (int it = 0; it < geom.n_tiles; ++it) {
-      const int stage = it % kStages;
-      if (it >= kStages) mbar_wait(empty_bar(stage), static_cast<uint32_t>((it / kStages - 1) & 1));
-      load_kv_tile<D, N, kPaged>(p, geom.kv_head, it, s_k(stage), s_k(stage) + L::kTileBytes, tid);
-      cp_async_arrive(full_bar(stage));
+    // Tiles [0, n_tma) go by TMA (all of them when contiguous: rows past n_kv come back as zeros).
+    const int n_tma = !kTma                                                           ? 0
+                      : kPaged && static_cast<int64_t>(geom.n_tiles) * N > p.n_kv ? geom.n_tiles - 1
+                                                                                     : geom.n_tiles;
+    Ring<kStages> r;
+    for (int it = 0; it < geom.n_tiles; r.next(), ++it) {
+      if (it >= kStages) mbar_wait(empty_bar(r.stage), r.phase ^ 1u);
+      const uint32_t dk = s_k(r.stage), dv = dk + L::kTileBytes;
+      if (it < n_tma) {
+        if (tid == 0) {
+          mbar_arrive_expect_tx(full_bar(r.stage), 2 * L::kTileBytes);
+          tma_kv_tile<D, N, kPaged>(p, maps, geom.kv_head, it, dk, dv, full_bar(r.stage));
+        }
+      } else {
+        load_kv_tile<D, N, kPaged>(p, geom.kv_head, it, dk, dv, tid);
+        if constexpr (kTma) {
+          cp_async_arrive_counted(full_bar(r.stage));  // pending +1 now, -1 when the copies land
+          named_sync(kProducerBarrier, 128);           // every thread's +1 is in before the arrival
+          if (tid == 0) mbar_arrive(full_bar(r.stage));
+        } else {
+          cp_async_arrive(full_bar(r.stage));
+        }
+      }
     }
     cp_async_wait<0>();
     return;
@@ -467,8 +574,15 @@ __global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_ker
   const float scale2 = fmaxf(fabsf(p.scale) * kLog2e, FLT_MIN);
   const uint32_t q_wg = s_q + static_cast<uint32_t>(c * kWgRows * wgmma::kRowBytes);
   constexpr uint32_t kQPanelBytes = C::kBlockM * wgmma::kRowBytes;
+  // Descriptors: Q's rows of this warpgroup, K and V of stage 0; a stage is 2 tiles further on.
+  const uint64_t dq = wgmma::make_desc(q_wg, 16, wgmma::kSwizzleAtomBytes);
+  const uint64_t dk0 = wgmma::make_desc(s_k(0), 16, wgmma::kSwizzleAtomBytes);
+  const uint64_t dv0 = wgmma::make_desc(s_k(0) + L::kTileBytes, N * wgmma::kRowBytes, wgmma::kSwizzleAtomBytes);
+  auto dk = [&](int stage) { return dk0 + static_cast<uint64_t>(stage) * ((2 * L::kTileBytes) >> 4); };
+  auto dv = [&](int stage) { return dv0 + static_cast<uint64_t>(stage) * ((2 * L::kTileBytes) >> 4); };
 
   mbar_wait(q_bar, 0);
+  wgmma::fence_proxy_async();  // Q came by cp.async
   if (p.scale < 0.0f) {
     // The lean softmax needs a positive scale: this warpgroup negates its own 64 rows of Q.
     negate_rows<D, kWgRows>(base_ptr + c * kWgRows * wgmma::kRowBytes, C::kBlockM, ctid);
@@ -484,9 +598,11 @@ __global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_ker
   auto turn_end = [&] {
     if constexpr (C::kPingpong) named_arrive(1 + (c + 1) % C::kConsumers, 256);
   };
-  auto wait_full = [&](int it) {
-    mbar_wait(full_bar(it % kStages), static_cast<uint32_t>((it / kStages) & 1));
-    wgmma::fence_proxy_async();
+  // Tiles written by cp.async (all without the TMA; the paged tail with it) came through the
+  // generic proxy: fence before the wgmma reads them.
+  auto wait_full = [&](const Ring<kStages>& at, int it) {
+    mbar_wait(full_bar(at.stage), at.phase);
+    if (!kTma || (kPaged && static_cast<int64_t>(it + 1) * N > p.n_kv)) wgmma::fence_proxy_async();
   };
 
   float o[D / 2];
@@ -498,16 +614,17 @@ __global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_ker
   uint32_t pa[N / 16][4];
   RowState st;
   float corr[2];
+  Ring<kStages> cur;  // the tile being read
   // Every consumer takes the same number of turns (tiles it does not multiply included), so none
   // waits on a turn that will not come. Each branch below holds a whole fence / issue / commit /
   // wait sequence, so every wgmma is issued by a converged warpgroup.
   if constexpr (C::kBatched) {
     if (wg_tiles > 0) {
-      wait_full(0);
+      wait_full(cur, 0);
       turn_begin();
       wgmma::hold(s);
       wgmma::fence();
-      issue_qk<D, N>(s, q_wg, kQPanelBytes, s_k(0));
+      issue_qk<D, N, kQPanelBytes>(s, dq, dk(0));
       wgmma::commit();
       turn_end();
       wgmma::wait<0>();
@@ -515,14 +632,15 @@ __global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_ker
       scores_to_p<N>(s, st, p, 0 >= mask_from, row_base, 0, t, scale2, corr);  // O is still 0: no rescale
       to_p_fragments<N>(s, pa);
       for (int it = 1; it < wg_tiles; ++it) {
-        const int prev = (it - 1) % kStages;
-        wait_full(it);
+        const int prev = cur.stage;
+        cur.next();
+        wait_full(cur, it);
         turn_begin();
         wgmma::hold(o);
         wgmma::hold(s);
         wgmma::fence();
-        issue_pv<D, N>(o, pa, s_k(prev) + L::kTileBytes);
-        issue_qk<D, N>(s, q_wg, kQPanelBytes, s_k(it % kStages));
+        issue_pv<D, N>(o, pa, dv(prev));
+        issue_qk<D, N, kQPanelBytes>(s, dq, dk(cur.stage));
         wgmma::commit();
         turn_end();
         wgmma::wait<0>();
@@ -533,28 +651,27 @@ __global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_ker
           rescale_o<D>(o, corr);
         to_p_fragments<N>(s, pa);
       }
-      const int last = (wg_tiles - 1) % kStages;
       turn_begin();
       wgmma::hold(o);
       wgmma::fence();
-      issue_pv<D, N>(o, pa, s_k(last) + L::kTileBytes);
+      issue_pv<D, N>(o, pa, dv(cur.stage));
       wgmma::commit();
       turn_end();
       wgmma::wait<0>();
       wgmma::hold(o);
-      mbar_arrive(empty_bar(last));
+      mbar_arrive(empty_bar(cur.stage));
+      cur.next();
     } else {
       turn_begin();  // the turn of the final P V
       turn_end();
     }
   } else {
-    for (int it = 0; it < wg_tiles; ++it) {
-      const int stage = it % kStages;
-      wait_full(it);
+    for (int it = 0; it < wg_tiles; ++it, cur.next()) {
+      wait_full(cur, it);
       turn_begin();
       wgmma::hold(s);
       wgmma::fence();
-      issue_qk<D, N>(s, q_wg, kQPanelBytes, s_k(stage));
+      issue_qk<D, N, kQPanelBytes>(s, dq, dk(cur.stage));
       wgmma::commit();
       turn_end();
       wgmma::wait<0>();
@@ -564,19 +681,19 @@ __global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_ker
       to_p_fragments<N>(s, pa);
       wgmma::hold(o);
       wgmma::fence();
-      issue_pv<D, N>(o, pa, s_k(stage) + L::kTileBytes);
+      issue_pv<D, N>(o, pa, dv(cur.stage));
       wgmma::commit();
       wgmma::wait<0>();
       wgmma::hold(o);
-      mbar_arrive(empty_bar(stage));
+      mbar_arrive(empty_bar(cur.stage));
     }
   }
   // Tiles past this warpgroup's rows (causal): release them in order, keep taking turns.
-  for (int it = wg_tiles; it < geom.n_tiles; ++it) {
-    wait_full(it);
+  for (int it = wg_tiles; it < geom.n_tiles; ++it, cur.next()) {
+    wait_full(cur, it);
     turn_begin();
     turn_end();
-    mbar_arrive(empty_bar(it % kStages));
+    mbar_arrive(empty_bar(cur.stage));
   }
   write_rows<D, OutT>(p, o, st, row_base, geom.head, t);
 #else
@@ -584,24 +701,80 @@ __global__ void __launch_bounds__(C::kThreads, 1) prefill_attention_wgmma_ws_ker
 #endif
 }
 
-template <int D, typename OutT, bool kPaged, class C>
-cudaError_t launch_ws(const AttentionGpuParams& p, cudaStream_t stream) {
+// cuTensorMapEncodeTiled, from the driver through the runtime (no link against libcuda); null when
+// the driver does not offer it.
+using EncodeTiledFn = decltype(&cuTensorMapEncodeTiled);
+EncodeTiledFn encode_tiled_fn() {
+  static const EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      return EncodeTiledFn{nullptr};
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// A 2-D map of `rows` rows of row_elems bf16 at `base`, boxes of 64 columns x box_rows rows,
+// 128-byte swizzle (the wgmma panels' layout), rows out of range read as zeros.
+bool encode_rows(CUtensorMap* map, const void* base, uint64_t row_elems, int64_t rows, int box_rows) {
+  const EncodeTiledFn encode = encode_tiled_fn();
+  if (!encode || !base || reinterpret_cast<uintptr_t>(base) % 16 != 0 || rows <= 0 || rows > (int64_t{1} << 31))
+    return false;
+  const cuuint64_t dims[2] = {row_elems, static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {row_elems * 2};
+  const cuuint32_t box[2] = {64, static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The maps of this call's keys, when the TMA can read them: contiguous keys, or pages inside a
+// pool of under 4 GB (k_pool, v_pool, pool_rows given).
+bool make_kv_maps(const AttentionGpuParams& p, int box_rows, KvTensorMaps* maps) {
+  const uint64_t row_elems = static_cast<uint64_t>(p.n_kv_heads) * static_cast<uint64_t>(p.head_dim);
+  if (p.k_pages) {
+    if (!p.k_pool || !p.v_pool || p.pool_rows <= 0 ||
+        static_cast<uint64_t>(p.pool_rows) * row_elems * 2 > uint64_t{0xffffffffu})
+      return false;
+    return encode_rows(&maps->k, p.k_pool, row_elems, p.pool_rows, box_rows) &&
+           encode_rows(&maps->v, p.v_pool, row_elems, p.pool_rows, box_rows);
+  }
+  return encode_rows(&maps->k, p.k, row_elems, p.n_kv, box_rows) &&
+         encode_rows(&maps->v, p.v, row_elems, p.n_kv, box_rows);
+}
+
+template <int D, typename OutT, bool kPaged, bool kTma, class C>
+cudaError_t launch_ws_kernel(const AttentionGpuParams& p, const KvTensorMaps& maps, cudaStream_t stream) {
   constexpr size_t kSmem = WsSmem<D, C>::kBytes;
-  auto* kernel = prefill_attention_wgmma_ws_kernel<D, OutT, kPaged, C>;
+  auto* kernel = prefill_attention_wgmma_ws_kernel<D, OutT, kPaged, kTma, C>;
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
   if (attr != cudaSuccess) return attr;
   const dim3 grid(static_cast<unsigned>((p.n_q + C::kBlockM - 1) / C::kBlockM), static_cast<unsigned>(p.n_heads));
-  kernel<<<grid, C::kThreads, kSmem, stream>>>(p);
+  kernel<<<grid, C::kThreads, kSmem, stream>>>(p, maps);
   return cudaGetLastError();
+}
+
+// With the TMA where the keys allow (allow_tma), else cp.async.
+template <int D, typename OutT, bool kPaged, class C>
+cudaError_t launch_ws(const AttentionGpuParams& p, bool allow_tma, cudaStream_t stream) {
+  KvTensorMaps maps;
+  std::memset(&maps, 0, sizeof(maps));
+  if (allow_tma && make_kv_maps(p, C::kBox, &maps)) return launch_ws_kernel<D, OutT, kPaged, true, C>(p, maps, stream);
+  return launch_ws_kernel<D, OutT, kPaged, false, C>(p, maps, stream);
 }
 
 template <int D, typename OutT, bool kPaged>
 cudaError_t launch_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
   switch (variant) {
-    case 0: return launch_ws<D, OutT, kPaged, WsDefault>(p, stream);
-    case 1: return launch_ws<D, OutT, kPaged, WsNoPingpong>(p, stream);
-    case 2: return launch_ws<D, OutT, kPaged, WsThreeConsumers>(p, stream);
+    case 0: return launch_ws<D, OutT, kPaged, WsDefault>(p, true, stream);
+    case 1: return launch_ws<D, OutT, kPaged, WsNoPingpong>(p, true, stream);
+    case 2: return launch_ws<D, OutT, kPaged, WsThreeConsumers>(p, true, stream);
+    case 3: return launch_ws<D, OutT, kPaged, WsDefault>(p, false, stream);
     default: return cudaErrorInvalidValue;
   }
 }

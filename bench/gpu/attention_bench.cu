@@ -25,6 +25,8 @@
 
 namespace {
 
+bool g_wgmma_only = false;  // --wgmma-only: the wgmma variants and the default kernel, not the older ones
+
 constexpr double kGemmCeilingTflops = 768.0;  // bf16 dense GEMM measured on this H200 (DEVICE.md)
 
 __global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
@@ -118,9 +120,13 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   p.entropy = ent;
   p.q = q;
   if (tables) {
+    const int64_t n_pages = (n_kv >> page_shift) + ((n_kv & ((int64_t{1} << page_shift) - 1)) != 0);
     p.k_pages = tables;
-    p.v_pages = tables + (n_kv >> page_shift) + ((n_kv & ((int64_t{1} << page_shift) - 1)) != 0);
+    p.v_pages = tables + n_pages;
     p.page_shift = page_shift;
+    p.k_pool = k;  // the pools, as the engine passes them: the wgmma kernel reads pages with the TMA
+    p.v_pool = v;
+    p.pool_rows = n_pages << page_shift;
   } else {
     p.k = k;
     p.v = v;
@@ -146,17 +152,24 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   constexpr auto mma_v2 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
     return starserve::launch_prefill_attention_mma_variant(prm, 2, s);
   };
-  std::vector<Kernel> kernels = {Kernel{"wmma", starserve::launch_prefill_attention_wmma}, Kernel{"mma_v1", mma_v1},
-                                 Kernel{"mma_v2", mma_v2}};
+  std::vector<Kernel> kernels;
+  if (!g_wgmma_only) {
+    kernels = {Kernel{"wmma", starserve::launch_prefill_attention_wmma}, Kernel{"mma_v1", mma_v1},
+               Kernel{"mma_v2", mma_v2}};
+  }
   constexpr auto wgmma_v1 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
     return starserve::launch_prefill_attention_wgmma_variant(prm, 1, s);
   };
   constexpr auto wgmma_v2 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
     return starserve::launch_prefill_attention_wgmma_variant(prm, 2, s);
   };
+  constexpr auto wgmma_v3 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
+    return starserve::launch_prefill_attention_wgmma_variant(prm, 3, s);
+  };
   if (starserve::prefill_wgmma_supported()) {
     kernels.push_back({"wgmma_v1", wgmma_v1});
     kernels.push_back({"wgmma_v2", wgmma_v2});
+    kernels.push_back({"wgmma_v3", wgmma_v3});
     kernels.push_back({"wgmma", starserve::launch_prefill_attention_wgmma});
   }
   kernels.push_back({"mma", starserve::launch_prefill_attention_mma});
@@ -290,6 +303,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     quick |= std::strcmp(argv[i], "--quick") == 0;
     prefill_only |= std::strcmp(argv[i], "--prefill-only") == 0;
+    g_wgmma_only |= std::strcmp(argv[i], "--wgmma-only") == 0;
   }
   const int iters = quick ? 5 : 20;
   cudaDeviceProp prop{};

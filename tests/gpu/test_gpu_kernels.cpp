@@ -96,8 +96,9 @@ PagedKv make_paged(const Bf16Data& k, const Bf16Data& v, int64_t n_kv, int n_kv_
 }
 
 // The kernels under test: the prefill kernels by name, the other configurations of the mma kernel
-// (launch_prefill_attention_mma_variant 1, 2), the Hopper wgmma kernel and its variant 1 (run where
-// the device is sm_90 and the build carries sm_90a code), and decode.
+// (launch_prefill_attention_mma_variant 1, 2), the Hopper wgmma kernel and its variants 1-3 (run
+// where the device is sm_90 and the build carries sm_90a code; 0-2 copy with the TMA, 3 with
+// cp.async), and decode.
 enum class AttnKernel {
   kPrefillMma,
   kPrefillWmma,
@@ -106,12 +107,13 @@ enum class AttnKernel {
   kPrefillWgmma,
   kPrefillWgmmaV1,
   kPrefillWgmmaV2,
+  kPrefillWgmmaV3,
   kDecode
 };
 constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma,    AttnKernel::kPrefillWmma,
                                           AttnKernel::kPrefillMmaV1,  AttnKernel::kPrefillMmaV2,
                                           AttnKernel::kPrefillWgmma,  AttnKernel::kPrefillWgmmaV1,
-                                          AttnKernel::kPrefillWgmmaV2};
+                                          AttnKernel::kPrefillWgmmaV2, AttnKernel::kPrefillWgmmaV3};
 
 const char* kernel_name(AttnKernel k) {
   switch (k) {
@@ -122,6 +124,7 @@ const char* kernel_name(AttnKernel k) {
     case AttnKernel::kPrefillWgmma: return "prefill(wgmma) ";
     case AttnKernel::kPrefillWgmmaV1: return "prefill(wgmma v1) ";
     case AttnKernel::kPrefillWgmmaV2: return "prefill(wgmma v2) ";
+    case AttnKernel::kPrefillWgmmaV3: return "prefill(wgmma v3) ";
     case AttnKernel::kDecode: return "decode ";
   }
   return "?";
@@ -136,6 +139,7 @@ cudaError_t launch_prefill(AttnKernel k, const AttentionGpuParams& p) {
     case AttnKernel::kPrefillWgmma: return launch_prefill_attention_wgmma(p, nullptr);
     case AttnKernel::kPrefillWgmmaV1: return launch_prefill_attention_wgmma_variant(p, 1, nullptr);
     case AttnKernel::kPrefillWgmmaV2: return launch_prefill_attention_wgmma_variant(p, 2, nullptr);
+    case AttnKernel::kPrefillWgmmaV3: return launch_prefill_attention_wgmma_variant(p, 3, nullptr);
     case AttnKernel::kDecode: break;
   }
   return cudaErrorInvalidValue;
@@ -154,7 +158,7 @@ cudaError_t launch_prefill(AttnKernel k, const AttentionGpuParams& p) {
 void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, int page_shift = 0,
                      bool with_entropy = true, float scale_sign = 1.0f) {
   const bool wgmma = kernel == AttnKernel::kPrefillWgmma || kernel == AttnKernel::kPrefillWgmmaV1 ||
-                     kernel == AttnKernel::kPrefillWgmmaV2;
+                     kernel == AttnKernel::kPrefillWgmmaV2 || kernel == AttnKernel::kPrefillWgmmaV3;
   if (wgmma && !prefill_wgmma_supported()) {
     static bool said = false;
     if (!said) std::printf("  prefill(wgmma) not run: the device is not sm_90 or the build has no sm_90a code\n");
@@ -225,6 +229,10 @@ void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, in
     p.k_pages = dk_table.ptr;
     p.v_pages = dv_table.ptr;
     p.page_shift = page_shift;
+    // The pools (NaN outside the pages' keys): the wgmma kernel reads the pages with the TMA.
+    p.k_pool = dk_pool.ptr;
+    p.v_pool = dv_pool.ptr;
+    p.pool_rows = static_cast<int64_t>(pk.k_bits.size()) / (static_cast<int64_t>(c.n_kv_heads) * d);
   }
   p.n_q = c.n_q;
   p.n_kv = c.n_kv;
