@@ -72,12 +72,13 @@ constexpr int kPrefillMmaVariants = 3;
 cudaError_t launch_prefill_attention_mma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
 // The same contract on Hopper's warpgroup MMA (attention_prefill_wgmma.cu): 128 query rows x 128-key
 // tiles, a producer warpgroup (three stages, mbarriers) and two consumer warpgroups (wgmma, operands
-// from swizzled shared memory). The producer copies K and V with the TMA where it can (contiguous
-// keys; paged keys with k_pool / v_pool given), else with cp.async. Needs a build with sm_90a code
-// and a compute capability 9.0 device (prefill_wgmma_supported); otherwise cudaErrorNotSupported.
-// Variants: 0 (what launch_prefill_attention_wgmma runs) has the consumers take turns issuing their
-// products; 1 does not; 2 has three consumers (192 rows per block) on 96-key tiles; 3 is variant 0
-// with cp.async copies always.
+// from swizzled shared memory; each consumer's softmax of tile j overlaps its own P V of tile j - 1).
+// The producer copies K and V with the TMA where it can (contiguous keys; paged keys with k_pool /
+// v_pool given), else with cp.async. Needs a build with sm_90a code and a compute capability 9.0
+// device (prefill_wgmma_supported); otherwise cudaErrorNotSupported. Variants: 0 (what
+// launch_prefill_attention_wgmma runs); 1 has the consumers take turns issuing their products
+// (ping-pong); 2 has three consumers (192 rows per block) on 96-key tiles, one product at a time;
+// 3 is variant 0 with cp.async copies always. 0, 1 and 3 give bit-identical results.
 bool prefill_wgmma_supported();
 cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream);
 constexpr int kPrefillWgmmaVariants = 4;

@@ -4,26 +4,30 @@
 // operands read by the tensor cores straight from shared memory.
 //
 // One block = 128 query rows of one head, three warpgroups (384 threads):
-//   warpgroup 0, the producer: cp.async of Q once and of every K / V tile (128 keys), three stages
-//     deep, into the 128-byte swizzled panels the wgmma descriptors describe (wgmma.cuh); each
-//     stage's completion is an mbarrier its 128 threads arrive on as their copies land. It keeps
-//     kProducerRegs registers and gives the rest to the consumers (setmaxnreg).
+//   warpgroup 0, the producer: Q once by cp.async; every K / V tile (128 keys), three stages deep,
+//     by the tensor memory accelerator (TMA: one thread issues 64-column x 64-row boxes of a 2-D
+//     tensor map over the keys, or over the pool that holds the pages, which the TMA writes in the
+//     128-byte swizzled layout the wgmma descriptors describe, wgmma.cuh); a stage's mbarrier
+//     counts the bytes. Where no map can be made (paged keys without their pool) the producer's
+//     128 threads copy with cp.async instead. It keeps kProducerRegs registers and gives the rest
+//     to the consumers (setmaxnreg).
 //   warpgroups 1, 2, the consumers: 64 query rows each. Per key tile j:
-//     wait for the stage; issue, as one batch,  O += P_{j-1} V_{j-1}  (wgmma m64nDk16 x 8, P bf16
-//     from registers: the S accumulator layout is the A-fragment layout; V from shared memory,
-//     MN-major) and  S = Q K_j^T  (wgmma m64n128k16 x D/16, both from shared memory, K-major);
-//     wait; release stage j - 1 (its `empty` mbarrier); online softmax + entropy on S (the lean
-//     softmax: raw-score max, one FFMA per score, O rescaled only when a row's max grows by more
-//     than kSlack); P to A fragments.
-//   The consumers take turns issuing their batches (named barriers, "ping-pong"), so one's softmax
-//   runs while the other's products occupy the tensor cores.
+//     wait for the stage; issue  S = Q K_j^T  (wgmma m64n128k16 x D/16, both from shared memory,
+//     K-major) and then  O += P_{j-1} V_{j-1}  (wgmma m64nDk16 x 8, P bf16 from registers: the S
+//     accumulator layout is the A-fragment layout; V from shared memory, MN-major) as two groups;
+//     wait for S only, run the online softmax + entropy on it (the lean softmax: raw-score max,
+//     one FFMA per score, O rescaled only when a row's max grows by more than kSlack) while P V
+//     still multiplies; wait for P V, release stage j - 1 (its `empty` mbarrier), rescale O, and
+//     turn P into A fragments.
+//   The descriptors are uniform: one per operand and stage, each k16 step a constant added to it.
 // No block-wide barrier sits in the loop. Shared memory at D = 128: Q 32 KB + 3 x (K 32 KB + V
 // 32 KB) = 225 KB, one block per SM; at D = 64 half of that.
 //
-// Measured on the H200 (attention_bench, bf16, D = 128, entropy on, steady clocks; docs/perf.md):
-// 456-503 TFLOP/s on 4K x 8K non-causal and 16K causal, contiguous or paged GQA 4; the variants
-// (no ping-pong; three consumers on 96-key tiles) within a few percent of it; two stages 380-410;
-// the mma.sync kernel 330-340.
+// Measured on the H200 (attention_bench, bf16, D = 128, entropy on; docs/perf.md): 590-610 TFLOP/s
+// on 4K x 8K non-causal and 16K causal, contiguous or paged GQA 4 (cuDNN 645-656), 434 at D = 64
+// (cuDNN 448). With cp.async copies (variant 3) 490-520; the earlier order (P V then Q K^T in one
+// group, ping-pong) with cp.async and descriptors computed per step 485-500; the mma.sync kernel
+// 340.
 //
 // Register layouts (PTX ISA, wgmma .m64nNk16, per warp w of the warpgroup, g = lane / 4, t = lane % 4):
 //   accumulator: element 4 j + e of n-block j (columns 8 j ..): e = 0, 1 row 16 w + g, columns
@@ -33,7 +37,8 @@
 //
 // Masks, causal skipping, paged keys, empty rows and a negative scale behave as in the mma.sync
 // kernel (same contract, same tests). Pages hold >= 64 keys, so a 128-key tile is loaded as two
-// 64-key halves, one page-table read each.
+// 64-key halves, one page-table read each. A paged tile that runs past n_kv is copied by cp.async,
+// which zero-fills the rows past n_kv (the pool may hold NaN there, and 0 x NaN would reach O).
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
@@ -449,8 +454,10 @@ __device__ __forceinline__ void tma_kv_tile(const AttentionGpuParams& p, const K
 //     runs under the others' multiplies.
 // Registers: the producer keeps kProducerRegs, the consumers take what is left of the SM's 65536,
 // rounded down to setmaxnreg's multiple of 8 (setmaxnreg).
-template <int kConsumers_, int kBlockN_, int kStages_, bool kBatched_, bool kPingpong_, int kProducerRegs_>
+template <int kConsumers_, int kBlockN_, int kStages_, bool kBatched_, bool kPingpong_, int kProducerRegs_,
+          bool kQkFirst_ = false>
 struct WsConfig {
+  static constexpr bool kQkFirst = kQkFirst_;
   static constexpr int kConsumers = kConsumers_;
   static constexpr int kBlockM = kWgRows * kConsumers;
   static constexpr int kBlockN = kBlockN_;
@@ -462,13 +469,14 @@ struct WsConfig {
   static constexpr int kConsumerRegs = ((65536 - 128 * kProducerRegs) / (128 * kConsumers)) / 8 * 8;
   static constexpr int kBox = kBlockN % 64 == 0 ? 64 : 32;  // TMA box rows (tma_kv_tile)
   static_assert(kConsumerRegs <= 256, "setmaxnreg takes at most 256");
+  static_assert(!kQkFirst || kBatched, "Q K^T first is an order within the batched loop");
 };
-// Variant 0 (the default): two consumers, 128-key tiles, three stages, batched, ping-pong; the
-// producer keeps 40 registers and the consumers get 232 (24 / 240 and 56 / 224 measured slower
-// with cp.async copies).
-using WsDefault = WsConfig<2, 128, 3, true, true, 40>;
-// Variant 1: the same without the ping-pong.
-using WsNoPingpong = WsConfig<2, 128, 3, true, false, 40>;
+// Variant 0 (the default): two consumers, 128-key tiles, three stages, batched with Q K^T issued
+// before P V of the previous tile (a consumer's softmax overlaps its own P V), no ping-pong; the
+// producer keeps 40 registers and the consumers get 232.
+using WsDefault = WsConfig<2, 128, 3, true, false, 40, true>;
+// Variant 1: the same with the ping-pong.
+using WsPingpong = WsConfig<2, 128, 3, true, true, 40, true>;
 // Variant 2: three consumers (192 query rows per K / V load: two thirds of the L2-to-SM traffic per
 // FLOP), 96-key tiles, three stages, one product at a time; producer 24, consumers 160 registers.
 using WsThreeConsumers = WsConfig<3, 96, 3, false, false, 24>;
@@ -639,16 +647,35 @@ __global__ void __launch_bounds__(C::kThreads, 1)
         wgmma::hold(o);
         wgmma::hold(s);
         wgmma::fence();
-        issue_pv<D, N>(o, pa, dv(prev));
-        issue_qk<D, N, kQPanelBytes>(s, dq, dk(cur.stage));
-        wgmma::commit();
-        turn_end();
-        wgmma::wait<0>();
-        wgmma::hold(o);
-        wgmma::hold(s);
-        mbar_arrive(empty_bar(prev));
-        if (scores_to_p<N>(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * N, t, scale2, corr))
-          rescale_o<D>(o, corr);
+        if constexpr (C::kQkFirst) {
+          // S of tile j first, in its own group; the softmax on it runs while P V of tile j - 1
+          // still multiplies. O and P stay untouched until that product is done (held across).
+          issue_qk<D, N, kQPanelBytes>(s, dq, dk(cur.stage));
+          wgmma::commit();
+          issue_pv<D, N>(o, pa, dv(prev));
+          wgmma::commit();
+          turn_end();
+          wgmma::wait<1>();
+          wgmma::hold(s);
+          const bool rescale =
+              scores_to_p<N>(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * N, t, scale2, corr);
+          wgmma::wait<0>();
+          wgmma::hold(o);
+          wgmma::hold(pa);
+          mbar_arrive(empty_bar(prev));
+          if (rescale) rescale_o<D>(o, corr);
+        } else {
+          issue_pv<D, N>(o, pa, dv(prev));
+          issue_qk<D, N, kQPanelBytes>(s, dq, dk(cur.stage));
+          wgmma::commit();
+          turn_end();
+          wgmma::wait<0>();
+          wgmma::hold(o);
+          wgmma::hold(s);
+          mbar_arrive(empty_bar(prev));
+          if (scores_to_p<N>(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * N, t, scale2, corr))
+            rescale_o<D>(o, corr);
+        }
         to_p_fragments<N>(s, pa);
       }
       turn_begin();
@@ -772,7 +799,7 @@ template <int D, typename OutT, bool kPaged>
 cudaError_t launch_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
   switch (variant) {
     case 0: return launch_ws<D, OutT, kPaged, WsDefault>(p, true, stream);
-    case 1: return launch_ws<D, OutT, kPaged, WsNoPingpong>(p, true, stream);
+    case 1: return launch_ws<D, OutT, kPaged, WsPingpong>(p, true, stream);
     case 2: return launch_ws<D, OutT, kPaged, WsThreeConsumers>(p, true, stream);
     case 3: return launch_ws<D, OutT, kPaged, WsDefault>(p, false, stream);
     default: return cudaErrorInvalidValue;

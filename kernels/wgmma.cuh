@@ -77,6 +77,14 @@ __device__ __forceinline__ void hold(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// The same for A fragments still read by an issued multiply: live, unmoved, until after its wait.
+template <int N>
+__device__ __forceinline__ void hold(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    asm volatile("" : "+r"(a[i][0]), "+r"(a[i][1]), "+r"(a[i][2]), "+r"(a[i][3])::"memory");
+}
+
 #if STARSERVE_WGMMA_ENABLED
 // The 64 accumulator operands %0 .. %63 of an m64n128 product, as they appear in the instruction.
 #define STARSERVE_WGMMA_D64                                                                                 \

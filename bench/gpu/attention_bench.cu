@@ -14,6 +14,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <string>
 #include <random>
 #include <vector>
 
@@ -143,33 +145,22 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   if (causal && n_q == n_kv) flops /= 2;
   const double predicted_ms = flops / (kGemmCeilingTflops * 1e12) * 1e3;
   struct Kernel {
-    const char* name;
-    cudaError_t (*launch)(const starserve::AttentionGpuParams&, cudaStream_t);
-  };
-  constexpr auto mma_v1 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
-    return starserve::launch_prefill_attention_mma_variant(prm, 1, s);
-  };
-  constexpr auto mma_v2 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
-    return starserve::launch_prefill_attention_mma_variant(prm, 2, s);
+    std::string name;
+    std::function<cudaError_t(const starserve::AttentionGpuParams&, cudaStream_t)> launch;
   };
   std::vector<Kernel> kernels;
   if (!g_wgmma_only) {
-    kernels = {Kernel{"wmma", starserve::launch_prefill_attention_wmma}, Kernel{"mma_v1", mma_v1},
-               Kernel{"mma_v2", mma_v2}};
+    kernels.push_back({"wmma", starserve::launch_prefill_attention_wmma});
+    for (int variant : {1, 2})
+      kernels.push_back({"mma_v" + std::to_string(variant), [variant](const auto& prm, cudaStream_t s) {
+                           return starserve::launch_prefill_attention_mma_variant(prm, variant, s);
+                         }});
   }
-  constexpr auto wgmma_v1 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
-    return starserve::launch_prefill_attention_wgmma_variant(prm, 1, s);
-  };
-  constexpr auto wgmma_v2 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
-    return starserve::launch_prefill_attention_wgmma_variant(prm, 2, s);
-  };
-  constexpr auto wgmma_v3 = [](const starserve::AttentionGpuParams& prm, cudaStream_t s) {
-    return starserve::launch_prefill_attention_wgmma_variant(prm, 3, s);
-  };
   if (starserve::prefill_wgmma_supported()) {
-    kernels.push_back({"wgmma_v1", wgmma_v1});
-    kernels.push_back({"wgmma_v2", wgmma_v2});
-    kernels.push_back({"wgmma_v3", wgmma_v3});
+    for (int variant = 1; variant < starserve::kPrefillWgmmaVariants; ++variant)
+      kernels.push_back({"wgmma_v" + std::to_string(variant), [variant](const auto& prm, cudaStream_t s) {
+                           return starserve::launch_prefill_attention_wgmma_variant(prm, variant, s);
+                         }});
     kernels.push_back({"wgmma", starserve::launch_prefill_attention_wgmma});
   }
   kernels.push_back({"mma", starserve::launch_prefill_attention_mma});
@@ -191,7 +182,7 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
         "{\"bench\":\"attention_prefill\",\"impl\":\"starserve\",\"kernel\":\"%s\",\"case\":\"%s\",\"n_q\":%lld,"
         "\"n_kv\":%lld,\"causal\":%s,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"page_size\":%lld,\"entropy\":true,"
         "\"gflop\":%.1f,\"predicted_ms_at_ceiling\":%.3f,\"ceiling_tflops\":%.0f,\"ms\":%.3f,\"tflops\":%.1f}\n",
-        kernel.name, name, static_cast<long long>(n_q), static_cast<long long>(n_kv), causal ? "true" : "false", heads,
+        kernel.name.c_str(), name, static_cast<long long>(n_q), static_cast<long long>(n_kv), causal ? "true" : "false", heads,
         kv_heads, d, static_cast<long long>(page_shift ? int64_t{1} << page_shift : 0), flops / 1e9, predicted_ms,
         kGemmCeilingTflops, ms, flops / (ms * 1e-3) / 1e12);
     std::fflush(stdout);

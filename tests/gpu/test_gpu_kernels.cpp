@@ -509,6 +509,100 @@ TEST(GpuAttention, PagedPrefillMatchesReference) {
   }
 }
 
+// The wgmma configurations with 128-key tiles and two consumers (variants 0, 1, 3) do the same
+// arithmetic in the same order, whatever copies the keys (TMA or cp.async), however the consumers
+// take turns, and whether the keys are contiguous or paged: their outputs must agree bit for bit.
+// This also checks the TMA's page addressing exactly (pages placed out of order in a NaN pool).
+TEST(GpuAttention, WgmmaCopyPathsAgreeBitwise) {
+  SKIP_WITHOUT_GPU();
+  if (!prefill_wgmma_supported()) GTEST_SKIP() << "the device is not sm_90 or the build has no sm_90a code";
+  std::mt19937 rng(21);
+  struct Case {
+    int64_t n_q, n_kv;
+    int heads, kv_heads, d;
+    bool causal;
+    int64_t offset;
+    int page_shift;
+  };
+  const Case cases[] = {
+      {300, 1000, 8, 2, 128, true, 700, 6},   // anchor + block, pages of 64
+      {256, 700, 4, 4, 64, false, 0, 8},      // every key visible, last page partly filled
+      {517, 517, 6, 3, 128, true, 0, 8},      // causal square
+      {129, 2300, 8, 1, 64, true, 2171, 7},   // many pages of 128
+  };
+  for (const Case& c : cases) {
+    std::ostringstream trace;
+    trace << "q" << c.n_q << " kv" << c.n_kv << " d" << c.d << " page_shift " << c.page_shift;
+    SCOPED_TRACE(trace.str());
+    const int64_t row = static_cast<int64_t>(c.kv_heads) * c.d;
+    auto q = random_bf16(c.n_q * c.heads * c.d, -1.0f, 1.0f, rng);
+    auto k = random_bf16(c.n_kv * row, -1.0f, 1.0f, rng);
+    auto v = random_bf16(c.n_kv * row, -1.0f, 1.0f, rng);
+    PagedKv pk = make_paged(k, v, c.n_kv, c.kv_heads, c.d, c.page_shift, rng);
+    DeviceBuffer<__nv_bfloat16> dq(q.bits), dk(k.bits), dv(v.bits), dk_pool(pk.k_bits), dv_pool(pk.v_bits);
+    std::vector<const __nv_bfloat16*> k_table, v_table;
+    for (int64_t slot : pk.slot) {
+      k_table.push_back(dk_pool.ptr + slot * pk.page_elems);
+      v_table.push_back(dv_pool.ptr + slot * pk.page_elems);
+    }
+    DeviceBuffer<const __nv_bfloat16*> dk_table(k_table), dv_table(v_table);
+    const int64_t rows = c.n_q * c.heads;
+    DeviceBuffer<__nv_bfloat16> d_o(rows * c.d);
+    DeviceBuffer<float> d_lse(rows), d_h(rows);
+    AttentionGpuParams p;
+    p.out = d_o.ptr;
+    p.lse = d_lse.ptr;
+    p.entropy = d_h.ptr;
+    p.q = dq.ptr;
+    p.n_q = c.n_q;
+    p.n_kv = c.n_kv;
+    p.n_heads = c.heads;
+    p.n_kv_heads = c.kv_heads;
+    p.head_dim = c.d;
+    p.scale = 1.0f / std::sqrt(static_cast<float>(c.d));
+    p.causal = c.causal;
+    p.causal_offset = c.offset;
+    struct Result {
+      std::vector<__nv_bfloat16> o;
+      std::vector<float> lse, h;
+    };
+    auto run = [&](int variant, bool paged, bool pool) {
+      AttentionGpuParams r = p;
+      if (paged) {
+        r.k_pages = dk_table.ptr;
+        r.v_pages = dv_table.ptr;
+        r.page_shift = c.page_shift;
+        if (pool) {
+          r.k_pool = dk_pool.ptr;
+          r.v_pool = dv_pool.ptr;
+          r.pool_rows = static_cast<int64_t>(pk.k_bits.size()) / row;
+        }
+      } else {
+        r.k = dk.ptr;
+        r.v = dv.ptr;
+      }
+      SS_CUDA_CHECK(cudaMemset(d_o.ptr, 0xff, rows * c.d * sizeof(__nv_bfloat16)));
+      EXPECT_EQ(launch_prefill_attention_wgmma_variant(r, variant, nullptr), cudaSuccess);
+      SS_CUDA_CHECK(cudaDeviceSynchronize());
+      return Result{d_o.get(), d_lse.get(), d_h.get()};
+    };
+    const Result want = run(0, false, false);  // contiguous keys, TMA
+    struct Path {
+      int variant;
+      bool paged, pool;
+      const char* what;
+    };
+    for (const Path& path : {Path{0, true, true, "paged, TMA"}, Path{0, true, false, "paged, cp.async (no pool)"},
+                             Path{3, false, false, "contiguous, cp.async"}, Path{3, true, true, "paged, cp.async"},
+                             Path{1, true, true, "ping-pong, paged, TMA"}, Path{1, false, false, "ping-pong"}}) {
+      const Result got = run(path.variant, path.paged, path.pool);
+      EXPECT_EQ(std::memcmp(got.o.data(), want.o.data(), got.o.size() * sizeof(got.o[0])), 0) << path.what << ": O";
+      EXPECT_EQ(std::memcmp(got.lse.data(), want.lse.data(), got.lse.size() * sizeof(float)), 0) << path.what << ": LSE";
+      EXPECT_EQ(std::memcmp(got.h.data(), want.h.data(), got.h.size() * sizeof(float)), 0) << path.what << ": entropy";
+    }
+  }
+}
+
 TEST(GpuAttention, PagedDecodeMatchesReference) {
   SKIP_WITHOUT_GPU();
   std::mt19937 rng(12);
