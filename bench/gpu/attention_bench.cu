@@ -2,8 +2,10 @@
 //   prefill: TFLOP/s on the DEVICE.md shapes (32 heads, head_dim 128, bf16, entropy on);
 //            FLOPs = 4 n_q n_kv d heads (QK^T and PV), halved for causal squares (FlashAttention's count).
 //            One line per kernel: "wmma", "mma_v1", "mma_v2" (launch_prefill_attention_mma_variant 1, 2),
-//            "wgmma" (launch_prefill_attention_wgmma, where the device runs it), then "mma", the one launch_prefill_attention runs, last; all carry impl "starserve", and
-//            summarize.py prints one row per kernel (a reader that keeps a case's last line gets "mma").
+//            where the device runs them "wgmma_v1".."wgmma_v3" (launch_prefill_attention_wgmma_variant)
+//            and "wgmma" (the default on sm_90), then "mma" (launch_prefill_attention_mma, the default
+//            elsewhere) last; all carry impl "starserve", and summarize.py prints one row per kernel.
+//            --wgmma-only leaves out wmma and mma_v1, mma_v2.
 //   decode:  GB/s of K and V read (q = 1, 128K keys), next to the device's copy bandwidth measured
 //            here (cudaMemcpy device to device: read + write bytes over time); contiguous KV, and
 //            KV in pages of 256 keys placed in scrambled order in one pool (page_size 0 = contiguous).
