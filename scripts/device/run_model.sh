@@ -3,7 +3,8 @@
 # scripts/device/env.sh), then, as asked:
 #   model   — GPU whole-model parity tests (tests/gpu_model) and the default model's check;
 #   ranks   — `starserve generate` with the CUDA backend: 1 rank vs 2 and 4 ranks sharing the GPU
-#             (star and exact), the greedy text must be identical;
+#             (star and exact), the greedy text must be identical; where it is not, the token at
+#             which the runs part and its top-2 logprob margin in each (logprob_diff.py);
 #   bench   — bench/gpu/model_bench (JSON) next to bench/gpu/model_peers.py (HF transformers,
 #             torch matmul) in the same run; BENCH_LENGTHS / BENCH_LAYERS / BENCH_MODES / BENCH_PREFILL
 #             (the --prefill-kernel) override.
@@ -65,22 +66,38 @@ for step in $STEPS; do
     [ -f "$MODEL" ] || { echo "ranks: no model"; continue; }
     echo "== CUDA backend: 1 rank vs several ranks ($(nvidia-smi -L | wc -l) GPU(s); greedy text must match)"
     head -c 6000 README.md > /tmp/ctx.txt
+    # gen TAG NP ARGS...: the greedy text on stdout; stderr (with each token's top-2 logprobs) in
+    # $OUT/ranks_TAG.err, so a difference can be traced to the token and its margin.
     gen() {
-      local np=$1; shift
+      local tag=$1 np=$2; shift 2
       timeout 120 mpirun --allow-run-as-root --oversubscribe -np "$np" -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH \
         "$BIN/starserve" generate --model "$MODEL" --backend cuda --context-file /tmp/ctx.txt \
-        --query "What is starserve? Answer briefly." --chat --max-tokens 40 --temperature 0 "$@" 2>>"$OUT/ranks.log"
+        --query "What is starserve? Answer briefly." --chat --max-tokens 40 --temperature 0 --logprobs 2 "$@" \
+        2>"$OUT/ranks_$tag.err"
+      cat "$OUT/ranks_$tag.err" >>"$OUT/ranks.log"
     }
-    ref=$(gen 1 --attention global)
+    # SAME, or DIFFERENT with the word at which the two texts part (1-based, whitespace words).
+    verdict() {
+      [ "$1" = "$2" ] && { echo SAME; return; }
+      local -a a b
+      read -r -a a <<<"$(echo "$1" | tr '\n' ' ')"
+      read -r -a b <<<"$(echo "$2" | tr '\n' ' ')"
+      local i=0
+      while [ $i -lt ${#a[@]} ] && [ $i -lt ${#b[@]} ] && [ "${a[$i]}" = "${b[$i]}" ]; do i=$((i + 1)); done
+      echo "DIFFERENT from word $((i + 1))"
+    }
+    margins() { python3 scripts/device/logprob_diff.py "$OUT/ranks_$1.err" "$OUT/ranks_$2.err" | tee -a "$OUT/ranks.txt"; }
+    ref=$(gen global1 1 --attention global)
     echo "global on 1 rank: $ref" | tee "$OUT/ranks.txt"
     for np in 2 4; do
-      one=$(gen 1 --attention star --n-blocks "$np")
-      got=$(gen "$np" --attention star)
-      [ "$got" = "$one" ] && v=SAME || v=DIFFERENT
-      echo "star on $np ranks vs star with $np blocks on 1 rank: $v | $got" | tee -a "$OUT/ranks.txt"
-      got=$(gen "$np" --attention exact)
-      [ "$got" = "$ref" ] && v=SAME || v=DIFFERENT
-      echo "exact on $np ranks vs global on 1 rank: $v | $got" | tee -a "$OUT/ranks.txt"
+      one=$(gen "star1x$np" 1 --attention star --n-blocks "$np")
+      got=$(gen "star$np" "$np" --attention star)
+      echo "star with $np blocks on 1 rank: $one" | tee -a "$OUT/ranks.txt"
+      echo "star on $np ranks vs star with $np blocks on 1 rank: $(verdict "$got" "$one") | $got" | tee -a "$OUT/ranks.txt"
+      [ "$got" = "$one" ] || margins "star$np" "star1x$np"
+      got=$(gen "exact$np" "$np" --attention exact)
+      echo "exact on $np ranks vs global on 1 rank: $(verdict "$got" "$ref") | $got" | tee -a "$OUT/ranks.txt"
+      [ "$got" = "$ref" ] || margins "exact$np" global1
     done
     grep -i "nccl\|warn\|error" "$OUT/ranks.log" | sort | uniq -c | head -20
     ;;
