@@ -6,7 +6,7 @@
 //            and "wgmma" (the default on sm_90), then "mma" (launch_prefill_attention_mma, the default
 //            elsewhere) last; all carry impl "starserve", and summarize.py prints one row per kernel.
 //            --wgmma-only leaves out wmma and mma_v1, mma_v2.
-//   decode:  GB/s of K and V read (q = 1, 128K keys), next to the device's copy bandwidth measured
+//   decode:  GB/s of K and V read (q = 1, 128K and 16K keys), next to the device's copy bandwidth measured
 //            here (cudaMemcpy device to device: read + write bytes over time); contiguous KV, and
 //            KV in pages of 256 keys placed in scrambled order in one pool (page_size 0 = contiguous).
 // Each line carries the prediction made before running: the time at the ceiling (GEMM ~768 TFLOP/s
@@ -313,8 +313,10 @@ int main(int argc, char** argv) {
   const double copy_gbs = copy_bandwidth_gbs(size_t{2} << 30);
   std::printf("{\"bench\":\"copy\",\"impl\":\"cudaMemcpy_d2d\",\"bytes\":%zu,\"gbs\":%.0f}\n", size_t{2} << 30,
               copy_gbs);
-  bench_decode(1, 128 * 1024, 32, 32, 128, 0, copy_gbs);
-  bench_decode(1, 128 * 1024, 32, 8, 128, 0, copy_gbs);
-  bench_decode(1, 128 * 1024, 32, 8, 128, 8, copy_gbs);
+  for (int64_t n_kv : {int64_t{128} * 1024, int64_t{16} * 1024}) {  // 16K: where fixed costs weigh most
+    bench_decode(1, n_kv, 32, 32, 128, 0, copy_gbs);
+    bench_decode(1, n_kv, 32, 8, 128, 0, copy_gbs);
+    bench_decode(1, n_kv, 32, 8, 128, 8, copy_gbs);
+  }
   return 0;
 }

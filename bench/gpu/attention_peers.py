@@ -66,8 +66,8 @@ def main():
                                   "error": str(e).splitlines()[0][:200]}), flush=True)
         del q, k, v
     d = 128
-    for kv_heads in (32, 8):
-        n_kv = 128 * 1024
+    for kv_heads, n_kv in [(32, 128 * 1024), (8, 128 * 1024), (32, 16 * 1024), (8, 16 * 1024)]:
+        case = f"decode_q1_{n_kv // 1024}k"
         q = torch.randn(1, heads, 1, d, device=dev, dtype=torch.bfloat16)
         k = torch.randn(1, kv_heads, n_kv, d, device=dev, dtype=torch.bfloat16)
         v = torch.randn(1, kv_heads, n_kv, d, device=dev, dtype=torch.bfloat16)
@@ -76,11 +76,11 @@ def main():
             try:
                 with sdpa_kernel([backend]):
                     ms = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=kv_heads != heads), 30)
-                print(json.dumps({"bench": "attention_decode", "impl": impl, "case": "decode_q1_128k", "n_q": 1,
+                print(json.dumps({"bench": "attention_decode", "impl": impl, "case": case, "n_q": 1,
                                   "n_kv": n_kv, "heads": heads, "kv_heads": kv_heads, "head_dim": d,
                                   "ms": round(ms, 4), "gbs": round(nbytes / (ms * 1e-3) / 1e9)}), flush=True)
             except RuntimeError as e:
-                print(json.dumps({"bench": "attention_decode", "impl": impl, "kv_heads": kv_heads,
+                print(json.dumps({"bench": "attention_decode", "impl": impl, "case": case, "kv_heads": kv_heads,
                                   "error": str(e).splitlines()[0][:200]}), flush=True)
         del q, k, v
 
