@@ -18,6 +18,7 @@
 #include <spdlog/spdlog.h>
 
 #include "backend/backend.h"
+#include "backend/page_pool.h"
 #include "kernels/attention.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
@@ -515,33 +516,20 @@ class CudaBackend final : public Backend {
     return paged ? std::countr_zero(static_cast<uint64_t>(page)) : 0;
   }
 
-  // The ranges that hold every page of K and of V (each page at a whole row from the lowest page),
-  // so the wgmma prefill kernel can read pages through one tensor map each (one row count, the
-  // larger of the two extents: the kernel reads only the pages' rows); left unset when some page
-  // is not a whole number of rows from the lowest.
-  static void bind_pools(std::span<const KvView> kv, int64_t page, AttentionGpuParams* p) {
-    const uintptr_t row = static_cast<uintptr_t>(p->n_kv_heads) * p->head_dim * sizeof(__nv_bfloat16);
-    const auto span_of = [&](auto data_of, uintptr_t* lo, int64_t* rows) {
-      uintptr_t min = UINTPTR_MAX, max = 0;
-      for (const KvView& s : kv) {
-        const auto a = reinterpret_cast<uintptr_t>(data_of(s));
-        min = std::min(min, a);
-        max = std::max(max, a);
-      }
-      for (const KvView& s : kv)
-        if ((reinterpret_cast<uintptr_t>(data_of(s)) - min) % row != 0) return false;
-      *lo = min;
-      *rows = static_cast<int64_t>((max - min) / row) + page;
-      return true;
-    };
-    uintptr_t k_lo = 0, v_lo = 0;
-    int64_t k_rows = 0, v_rows = 0;
-    if (!span_of([](const KvView& s) { return s.k.data; }, &k_lo, &k_rows) ||
-        !span_of([](const KvView& s) { return s.v.data; }, &v_lo, &v_rows))
-      return;
-    p->k_pool = reinterpret_cast<const __nv_bfloat16*>(k_lo);
-    p->v_pool = reinterpret_cast<const __nv_bfloat16*>(v_lo);
-    p->pool_rows = std::max(k_rows, v_rows);
+  // The ranges that hold every page of K and of V (table_host_: the K pages, then the V pages), so
+  // the wgmma prefill kernel can read pages through one tensor map each (one row count, the larger
+  // of the two extents: the kernel reads only the pages' rows); left unset when some page is not a
+  // whole number of rows from the lowest.
+  void bind_pools(int64_t page, AttentionGpuParams* p) const {
+    const uint64_t row = static_cast<uint64_t>(p->n_kv_heads) * p->head_dim * sizeof(__nv_bfloat16);
+    const std::span<const void* const> all(table_host_.data(), table_host_.size());
+    const size_t n = all.size() / 2;
+    const std::optional<PagePool> k = page_pool_span(all.first(n), row, page);
+    const std::optional<PagePool> v = page_pool_span(all.subspan(n), row, page);
+    if (!k || !v) return;
+    p->k_pool = reinterpret_cast<const __nv_bfloat16*>(k->base);
+    p->v_pool = reinterpret_cast<const __nv_bfloat16*>(v->base);
+    p->pool_rows = std::max(k->rows, v->rows);
   }
 
   // Points the kernel at the keys: one contiguous run as is; equal pages of 2^s >= 64 tokens (all
@@ -564,7 +552,7 @@ class CudaBackend final : public Backend {
       p->k_pages = reinterpret_cast<const __nv_bfloat16* const*>(d);
       p->v_pages = reinterpret_cast<const __nv_bfloat16* const*>(d + kv.size());
       p->page_shift = std::countr_zero(static_cast<uint64_t>(page));
-      bind_pools(kv, page, p);
+      bind_pools(page, p);
       return;
     }
     const size_t row = static_cast<size_t>(p->n_kv_heads) * p->head_dim * sizeof(__nv_bfloat16);
