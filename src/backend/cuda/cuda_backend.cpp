@@ -275,6 +275,7 @@ class CudaBackend final : public Backend {
       void* w = grow(attn_ws_, ws);
       SS_CUDA_OK(launch_decode_attention(p, w, ws, stream_));
     } else {
+      if (p.k_pages) bind_pools(int64_t{1} << p.page_shift, &p);  // decode reads pages by pointer only
       using Prefill = CudaBackendOptions::Prefill;
       switch (options_.prefill) {
         case Prefill::kDefault: SS_CUDA_OK(launch_prefill_attention(p, stream_)); break;
@@ -516,10 +517,10 @@ class CudaBackend final : public Backend {
     return paged ? std::countr_zero(static_cast<uint64_t>(page)) : 0;
   }
 
-  // The ranges that hold every page of K and of V (table_host_: the K pages, then the V pages), so
-  // the wgmma prefill kernel can read pages through one tensor map each (one row count, the larger
-  // of the two extents: the kernel reads only the pages' rows); left unset when some page is not a
-  // whole number of rows from the lowest.
+  // After bind_keys bound a page table: the ranges that hold every page of K and of V (table_host_:
+  // the K pages, then the V pages), so the wgmma prefill kernel can read pages through one tensor
+  // map each (one row count, the larger of the two extents: the kernel reads only the pages' rows);
+  // left unset when some page is not a whole number of rows from the lowest.
   void bind_pools(int64_t page, AttentionGpuParams* p) const {
     const uint64_t row = static_cast<uint64_t>(p->n_kv_heads) * p->head_dim * sizeof(__nv_bfloat16);
     const std::span<const void* const> all(table_host_.data(), table_host_.size());
@@ -552,7 +553,6 @@ class CudaBackend final : public Backend {
       p->k_pages = reinterpret_cast<const __nv_bfloat16* const*>(d);
       p->v_pages = reinterpret_cast<const __nv_bfloat16* const*>(d + kv.size());
       p->page_shift = std::countr_zero(static_cast<uint64_t>(page));
-      bind_pools(page, p);
       return;
     }
     const size_t row = static_cast<size_t>(p->n_kv_heads) * p->head_dim * sizeof(__nv_bfloat16);
