@@ -450,6 +450,9 @@ __device__ __forceinline__ void tma_kv_tile(const AttentionGpuParams& p, const K
 //     the Q K^T product of tile j, then runs tile j's softmax while the tensor cores work (S, O and
 //     P live at once). Otherwise Q K^T, softmax, P V one after the other (fewer live registers; the
 //     other consumers keep the tensor cores busy).
+//   kQkFirst (with kBatched): Q K^T of tile j is issued first and P V of tile j - 1 second, as two
+//     groups; the consumer waits for S only and runs the softmax while its own P V multiplies,
+//     holding O and P unchanged until that product is done.
 //   kPingpong: the consumers take turns issuing (named barriers, in a ring), so one's softmax
 //     runs under the others' multiplies.
 // Registers: the producer keeps kProducerRegs, the consumers take what is left of the SM's 65536,
