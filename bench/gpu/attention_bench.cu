@@ -292,23 +292,26 @@ int main(int argc, char** argv) {
     std::printf("{\"bench\":\"attention\",\"skipped\":\"no CUDA device\"}\n");
     return 0;
   }
-  bool quick = false, prefill_only = false;
+  bool quick = false, prefill_only = false, decode_only = false;
   for (int i = 1; i < argc; ++i) {
     quick |= std::strcmp(argv[i], "--quick") == 0;
     prefill_only |= std::strcmp(argv[i], "--prefill-only") == 0;
+    decode_only |= std::strcmp(argv[i], "--decode-only") == 0;
     g_wgmma_only |= std::strcmp(argv[i], "--wgmma-only") == 0;
   }
   const int iters = quick ? 5 : 20;
   cudaDeviceProp prop{};
   SS_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("{\"bench\":\"device\",\"name\":\"%s\",\"sms\":%d}\n", prop.name, prop.multiProcessorCount);
-  bench_prefill("noncausal_4kx8k", 4096, 8192, false, 32, 32, 128, 0, iters);
-  bench_prefill("causal_16kx16k", 16384, 16384, true, 32, 32, 128, 0, iters);
-  // The engine's case: keys in the paged KV cache (pages of 256), Llama-3-8B's GQA 4.
-  bench_prefill("noncausal_4kx8k_gqa4_paged", 4096, 8192, false, 32, 8, 128, 8, iters);
-  bench_prefill("causal_16kx16k_gqa4_paged", 16384, 16384, true, 32, 8, 128, 8, iters);
-  // head_dim 64 (SmolLM2's), the other size the kernels support.
-  bench_prefill("causal_16kx16k_d64", 16384, 16384, true, 32, 32, 64, 0, iters);
+  if (!decode_only) {
+    bench_prefill("noncausal_4kx8k", 4096, 8192, false, 32, 32, 128, 0, iters);
+    bench_prefill("causal_16kx16k", 16384, 16384, true, 32, 32, 128, 0, iters);
+    // The engine's case: keys in the paged KV cache (pages of 256), Llama-3-8B's GQA 4.
+    bench_prefill("noncausal_4kx8k_gqa4_paged", 4096, 8192, false, 32, 8, 128, 8, iters);
+    bench_prefill("causal_16kx16k_gqa4_paged", 16384, 16384, true, 32, 8, 128, 8, iters);
+    // head_dim 64 (SmolLM2's), the other size the kernels support.
+    bench_prefill("causal_16kx16k_d64", 16384, 16384, true, 32, 32, 64, 0, iters);
+  }
   if (prefill_only) return 0;
   const double copy_gbs = copy_bandwidth_gbs(size_t{2} << 30);
   std::printf("{\"bench\":\"copy\",\"impl\":\"cudaMemcpy_d2d\",\"bytes\":%zu,\"gbs\":%.0f}\n", size_t{2} << 30,

@@ -47,9 +47,10 @@ def main():
     dev = torch.device("cuda")
     backends = [(SDPBackend.FLASH_ATTENTION, "torch_flash"), (SDPBackend.CUDNN_ATTENTION, "cudnn_sdpa")]
     heads = 32
-    for case, n_q, n_kv, causal, d in [("noncausal_4kx8k", 4096, 8192, False, 128),
+    prefill_cases = [] if "--decode-only" in sys.argv else [("noncausal_4kx8k", 4096, 8192, False, 128),
                                        ("causal_16kx16k", 16384, 16384, True, 128),
-                                       ("causal_16kx16k_d64", 16384, 16384, True, 64)]:
+                                       ("causal_16kx16k_d64", 16384, 16384, True, 64)]
+    for case, n_q, n_kv, causal, d in prefill_cases:
         # (batch, heads, tokens, head_dim) views over (tokens, heads, head_dim) storage, like ours.
         q = torch.randn(n_q, heads, d, device=dev, dtype=torch.bfloat16).transpose(0, 1).unsqueeze(0)
         k = torch.randn(n_kv, heads, d, device=dev, dtype=torch.bfloat16).transpose(0, 1).unsqueeze(0)
