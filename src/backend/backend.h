@@ -193,6 +193,22 @@ class Backend {
   virtual void merge_sum_finish(float* out, float* lse, float* entropy, const float* terms, const float* max_lse,
                                 int64_t n_rows, int head_dim) = 0;
 
+  // --- a decode step's ops as CUDA graphs (the CUDA backend; no-ops elsewhere) ---
+  // Between begin_graph_step() and end_graph_step() a backend may record the ops it is given into
+  // graphs of a few dozen ops and launch each graph once it is recorded, instead of launching the
+  // ops one by one. Results are bit for bit those of the same ops launched one by one. An op that
+  // waits for the device or allocates (download, synchronize, alloc, free) closes the open graph
+  // first and runs as usual; the next op opens a new one. The graphs of a step are kept and updated
+  // in place by the next step's, which for decode steps holds the same ops with new arguments.
+  struct GraphStats {
+    int64_t launches = 0;        // graphs launched
+    int64_t instantiations = 0;  // of which built anew (the rest updated a kept graph)
+    int64_t ops = 0;             // ops recorded into them
+  };
+  virtual void begin_graph_step() {}
+  virtual void end_graph_step() {}
+  virtual GraphStats graph_stats() const { return {}; }
+
   // --- token sampling on the device (the CUDA backend); others keep the logits on the host path ---
   virtual bool can_sample_rows() const { return false; }
   // tokens[r] = the token the host Sampler picks from row r of logits (rows, >= n_vocab columns,
@@ -252,6 +268,12 @@ struct CudaBackendOptions {
   // partial_attentions: decode-sized calls of several sequences in one launch per kernel
   // (launch_decode_attention_batch) instead of one per sequence.
   bool batch_decode = true;
+  // Decode steps recorded as CUDA graphs (Backend::begin_graph_step) of graph_segment_ops ops
+  // each, launched as each is recorded, so the host records the next while the GPU runs one (on
+  // the H200: docs/perf.md, "Decode steps as CUDA graphs"). Off here; the runtime turns it on for a
+  // single rank (the collectives of several ranks stay outside graphs).
+  bool decode_graphs = false;
+  int graph_segment_ops = 48;
 };
 // "auto" (the default), "wgmma", "mma" (= "mma-m128"), "mma-m64", "mma-m128", "mma-m64-lazy", "wmma";
 // kInvalidArgument otherwise.

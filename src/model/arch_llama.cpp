@@ -170,6 +170,16 @@ class LlamaModel final : public Model {
     Tensor gu = fused ? make({t, 2 * ffn}) : Tensor();
     auto flat = [](Tensor m) { return Tensor::make(m.data, m.dtype, {m.shape[0], m.numel() / m.shape[0]}); };
 
+    // A decode step (one token per sequence) may run as CUDA graphs (Backend::begin_graph_step);
+    // the step ends when this call returns, before its activations are freed.
+    struct GraphStep {
+      Backend* backend;
+      ~GraphStep() {
+        if (backend) backend->end_graph_step();
+      }
+    } graph_step{t == static_cast<int64_t>(batch.size()) ? &backend_ : nullptr};
+    if (graph_step.backend) backend_.begin_graph_step();
+
     Status st = attn.begin_forward(batch);
     if (!st.ok()) return st;
     backend_.embedding(x, tok_embd_, ids);

@@ -1,13 +1,15 @@
 // Whole-model parity on the GPU: the CUDA backend (bf16 storage, fp32 accumulation) against the CPU
 // backend (fp32) on the same weights, through the same model code and attention handlers.
 // Global prefill + decode, Star Attention phase 1 + phase 2 on one rank, a random model of
-// Llama-3-8B's shape (2 of its 32 layers), and the default SmolLM2 GGUF when present. Every case
-// reports SKIPPED without a CUDA device.
+// Llama-3-8B's shape (2 of its 32 layers), and the default SmolLM2 GGUF when present; decode steps
+// as CUDA graphs against the same steps launched op by op. Every case reports SKIPPED without a
+// CUDA device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <numeric>
 
@@ -226,6 +228,49 @@ TEST(ModelGpu, BatchedDecodeMatchesCpu) {
   // Random weights give flat logits: of these 24 rows only 2 lead by > 0.5 (H200, 2026-11-29), so
   // the logit bound above is the main check here.
   EXPECT_GE(d.decided, 2);
+}
+
+// Decode steps as CUDA graphs (CudaBackendOptions::decode_graphs; graphs of 7 ops, so that they
+// end mid-layer and mid-attention) against the same model launching its ops one by one: the same
+// logits bit for bit, for one sequence decoding across a page boundary and for a batch of 4. The
+// graphs must have run, and later steps must have updated the kept graphs, not built new ones.
+TEST(ModelGpu, DecodeGraphsMatchEagerBitwise) {
+  REQUIRE_GPU();
+  const ModelHParams hp = small_llama_hd64_hparams();
+  RandomWeightSource src(hp, 13);
+  CudaBackendOptions with_graphs;
+  with_graphs.decode_graphs = true;
+  with_graphs.graph_segment_ops = 7;
+  auto eager_be = make_cuda_backend(0);
+  auto graph_be = make_cuda_backend(0, with_graphs);
+  ASSERT_TRUE(eager_be.ok() && graph_be.ok());
+  auto eager = create_model(src, **eager_be);
+  auto graphs = create_model(src, **graph_be);
+  ASSERT_TRUE(eager.ok() && graphs.ok());
+
+  const auto prompt = pseudo_tokens(120, hp.n_vocab, 3);
+  const auto feed = pseudo_tokens(20, hp.n_vocab, 4);  // positions 120..139 cross the page at 128
+  const auto ref = run_global(**eager, prompt, feed, 64);
+  const auto got = run_global(**graphs, prompt, feed, 64);
+  ASSERT_EQ(ref.size(), got.size());
+  EXPECT_EQ(std::memcmp(ref.data(), got.data(), ref.size() * sizeof(float)), 0) << "one sequence";
+
+  std::vector<std::vector<int32_t>> prompts, feeds;
+  for (size_t len : {size_t{70}, size_t{200}, size_t{33}, size_t{128}}) {
+    prompts.push_back(pseudo_tokens(len, hp.n_vocab, static_cast<uint32_t>(len) + 5));
+    feeds.push_back(pseudo_tokens(6, hp.n_vocab, static_cast<uint32_t>(len) + 6));
+  }
+  const auto ref_batch = run_batch(**eager, prompts, feeds);
+  const auto got_batch = run_batch(**graphs, prompts, feeds);
+  ASSERT_EQ(ref_batch.size(), got_batch.size());
+  EXPECT_EQ(std::memcmp(ref_batch.data(), got_batch.data(), ref_batch.size() * sizeof(float)), 0) << "batch of 4";
+
+  const Backend::GraphStats st = (*graph_be)->graph_stats();
+  std::printf("  graphs: %lld launched, %lld built anew, %lld ops recorded\n", static_cast<long long>(st.launches),
+              static_cast<long long>(st.instantiations), static_cast<long long>(st.ops));
+  EXPECT_GT(st.launches, 26 * 3);  // 26 decode steps of > 3 graphs each
+  EXPECT_LT(st.instantiations, st.launches / 2);
+  EXPECT_EQ((*eager_be)->graph_stats().launches, 0);
 }
 
 TEST(ModelGpu, StarPhase1AndPhase2MatchCpu) {

@@ -57,6 +57,9 @@ class ForwardingBackend : public Backend {
                         int64_t n_rows, int head_dim) override {
     inner_->merge_sum_finish(out, lse, entropy, terms, max_lse, n_rows, head_dim);
   }
+  void begin_graph_step() override { inner_->begin_graph_step(); }
+  void end_graph_step() override { inner_->end_graph_step(); }
+  GraphStats graph_stats() const override { return inner_->graph_stats(); }
   bool can_sample_rows() const override { return inner_->can_sample_rows(); }
   void sample_rows(std::span<int32_t> tokens, Tensor logits, std::span<const SampleRow> rows) override {
     inner_->sample_rows(tokens, logits, rows);

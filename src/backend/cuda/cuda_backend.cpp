@@ -56,6 +56,15 @@ class PinnedRing {
  public:
   explicit PinnedRing(size_t bytes) : size_(bytes) { SS_CUDA_OK(cudaMallocHost(&base_, bytes)); }
   ~PinnedRing() { cudaFreeHost(base_); }
+  // Starts the ring over when it is past half full (waiting for the stream first): called where
+  // the stream is idle anyway, so that no upload of the next steps must wait.
+  void rewind(cudaStream_t stream) {
+    if (head_ <= size_ / 2) return;
+    SS_CUDA_OK(cudaStreamSynchronize(stream));
+    head_ = 0;
+  }
+  // Whether upload(bytes) goes without waiting for the stream (no wrap, not a large copy).
+  bool fits(size_t bytes) const { return bytes <= size_ / 2 && head_ + (bytes + 255) / 256 * 256 <= size_; }
   void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
     if (bytes > size_ / 2) {  // large: synchronous pageable copy
       SS_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
@@ -100,7 +109,14 @@ class CudaBackend final : public Backend {
   }
 
   ~CudaBackend() override {
+    if (recording_) {
+      cudaGraph_t g = nullptr;
+      cudaStreamEndCapture(stream_, &g);
+      if (g) cudaGraphDestroy(g);
+    }
     cudaStreamSynchronize(stream_);
+    for (cudaGraphExec_t e : execs_)
+      if (e) cudaGraphExecDestroy(e);
     for (auto& [key, plan] : plans_) {
       cublasLtMatmulDescDestroy(plan.desc);
       cublasLtMatrixLayoutDestroy(plan.a);
@@ -132,6 +148,7 @@ class CudaBackend final : public Backend {
   void* stream() override { return stream_; }
 
   DeviceBuffer alloc(size_t bytes) override {
+    flush_graph();
     void* p = nullptr;
     const cudaError_t e = cudaMallocAsync(&p, std::max<size_t>(bytes, 256), stream_);
     if (e != cudaSuccess) {
@@ -142,9 +159,13 @@ class CudaBackend final : public Backend {
     }
     return DeviceBuffer(this, p, bytes);
   }
-  void free_raw(void* ptr) override { cudaFreeAsync(ptr, stream_); }
+  void free_raw(void* ptr) override {
+    flush_graph();
+    cudaFreeAsync(ptr, stream_);
+  }
 
   void upload_f32(Tensor dst, const float* src) override {
+    flush_graph();
     const int64_t n = dst.numel();
     if (dst.dtype == DType::kF32) {
       SS_CUDA_OK(cudaMemcpyAsync(dst.data, src, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
@@ -162,6 +183,7 @@ class CudaBackend final : public Backend {
     SS_CUDA_OK(cudaStreamSynchronize(stream_));
   }
   void download_f32(float* dst, Tensor src) override {
+    flush_graph();
     const int64_t n = src.numel();
     if (src.dtype == DType::kF32) {
       SS_CUDA_OK(cudaMemcpyAsync(dst, src.data, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
@@ -173,11 +195,13 @@ class CudaBackend final : public Backend {
     SS_CUDA_OK(cudaStreamSynchronize(stream_));
   }
   void copy(Tensor dst, Tensor src) override {
+    OpScope op(this);
     SS_CHECK(dst.bytes() == src.bytes() && dst.dtype == src.dtype, "copy {} -> {} bytes", src.bytes(), dst.bytes());
     if (dst.data == src.data || src.bytes() == 0) return;
     SS_CUDA_OK(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
   }
   void convert(Tensor dst, Tensor src) override {
+    OpScope op(this);
     SS_CHECK(dst.numel() == src.numel(), "convert {} -> {} elements", src.numel(), dst.numel());
     if (dst.dtype == src.dtype) return copy(dst, src);
     if (dst.dtype == DType::kBF16) {
@@ -187,25 +211,48 @@ class CudaBackend final : public Backend {
     }
   }
   void upload_bytes(void* dst, const void* src, size_t bytes) override {
-    if (bytes) ring_.upload(dst, src, bytes, stream_);
+    OpScope op(this);
+    if (bytes) ring_upload(dst, src, bytes);
   }
   void download_bytes(void* dst, const void* src, size_t bytes) override {
+    flush_graph();
     if (bytes == 0) return;
     SS_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     SS_CUDA_OK(cudaStreamSynchronize(stream_));
   }
-  void synchronize() override { SS_CUDA_OK(cudaStreamSynchronize(stream_)); }
+  void synchronize() override {
+    flush_graph();
+    SS_CUDA_OK(cudaStreamSynchronize(stream_));
+  }
+
+  void begin_graph_step() override {
+    if (!options_.decode_graphs || graph_step_) return;
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    SS_CUDA_OK(cudaStreamIsCapturing(stream_, &status));
+    if (status != cudaStreamCaptureStatusNone) return;  // the caller records this stream itself
+    ring_.rewind(stream_);  // a decode step follows the previous step's download: the stream is idle
+    graph_step_ = true;
+    segment_ = 0;
+  }
+  void end_graph_step() override {
+    flush_graph();
+    graph_step_ = false;
+  }
+  GraphStats graph_stats() const override { return graph_stats_; }
 
   void embedding(Tensor out, Tensor table, std::span<const int32_t> ids) override {
+    OpScope op(this);
     const int64_t n = static_cast<int64_t>(ids.size());
     auto* d_ids = static_cast<int32_t*>(grow(ids_, n * sizeof(int32_t)));
-    ring_.upload(d_ids, ids.data(), n * sizeof(int32_t), stream_);
+    ring_upload(d_ids, ids.data(), n * sizeof(int32_t));
     SS_CUDA_OK(launch_embedding_bf16(bf16(out), bf16(table), d_ids, n, static_cast<int>(table.cols()), stream_));
   }
   void rms_norm(Tensor out, Tensor in, Tensor weight, float eps) override {
+    OpScope op(this);
     SS_CUDA_OK(launch_rms_norm(bf16(out), bf16(in), bf16(weight), in.rows(), static_cast<int>(in.cols()), eps, stream_));
   }
   void matmul(Tensor out, Tensor in, Tensor weight) override {
+    OpScope op(this);
     const int64_t t = in.rows(), k = in.cols(), n = weight.rows();
     SS_CHECK(weight.cols() == k && out.rows() == t && out.cols() == n, "matmul ({}x{}) x ({}x{})^T -> ({}x{})", t, k,
              n, weight.cols(), out.rows(), out.cols());
@@ -225,11 +272,13 @@ class CudaBackend final : public Backend {
                                 stream_));
   }
   void rope(Tensor x, std::span<const int32_t> positions, Tensor inv_freq, int rope_dim, RopeStyle style) override {
+    OpScope op(this);
     SS_CUDA_OK(launch_rope(bf16(x), device_positions(positions), inv_freq.f32(), x.shape[0],
                            static_cast<int>(x.shape[1]), static_cast<int>(x.shape[2]), rope_dim, style, stream_));
   }
   void split_qkv_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, std::span<const int32_t> positions, Tensor inv_freq,
                       int rope_dim, RopeStyle style) override {
+    OpScope op(this);
     check_split_qkv_rope(q, k, v, qkv, positions.size());
     SS_CUDA_OK(launch_split_qkv_rope(bf16(q), bf16(k), bf16(v), bf16(qkv), device_positions(positions),
                                      inv_freq.f32(), q.shape[0], static_cast<int>(q.shape[1]),
@@ -237,24 +286,29 @@ class CudaBackend final : public Backend {
                                      stream_));
   }
   void swiglu_fused(Tensor out, Tensor gate_up) override {
+    OpScope op(this);
     SS_CHECK(gate_up.rows() == out.rows() && gate_up.cols() == 2 * out.cols(), "swiglu_fused ({}x{}) -> ({}x{})",
              gate_up.rows(), gate_up.cols(), out.rows(), out.cols());
     SS_CUDA_OK(launch_swiglu_fused(bf16(out), bf16(gate_up), out.rows(), out.cols(), stream_));
   }
   void add_rms_norm(Tensor out, Tensor x, Tensor h, Tensor weight, float eps) override {
+    OpScope op(this);
     SS_CHECK(x.numel() == h.numel() && out.numel() == x.numel(), "add_rms_norm: {} + {} -> {} elements", x.numel(),
              h.numel(), out.numel());
     SS_CUDA_OK(launch_add_rms_norm(bf16(out), bf16(x), bf16(h), bf16(weight), x.rows(), static_cast<int>(x.cols()),
                                    eps, stream_));
   }
   void swiglu(Tensor out, Tensor gate, Tensor up) override {
+    OpScope op(this);
     SS_CUDA_OK(launch_swiglu(bf16(out), bf16(gate), bf16(up), out.numel(), stream_));
   }
   void add(Tensor out, Tensor a, Tensor b) override {
+    OpScope op(this);
     SS_CUDA_OK(launch_add_bf16(bf16(out), bf16(a), bf16(b), out.numel(), stream_));
   }
 
   void partial_attention(const AttentionCall& c) override {
+    OpScope op(this);
     const int64_t n_q = c.n_q();
     if (n_q == 0) return;
     SS_CHECK(c.head_dim == 64 || c.head_dim == 128, "the CUDA attention kernels support head_dim 64 and 128, not {}",
@@ -289,6 +343,7 @@ class CudaBackend final : public Backend {
   }
 
   void partial_attentions(std::span<const AttentionCall> calls) override {
+    OpScope op(this);
     // Decode-sized calls whose keys are one run or a page table join batches by kernel
     // (decode_attention_batch_key); the rest (empty, prefill-sized, keys to gather) run alone.
     std::vector<AttentionGpuParams> batchable;
@@ -328,7 +383,7 @@ class CudaBackend final : public Backend {
       for (const KvView& kv : c->kv) table_host_.push_back(kv.k.data);
       for (const KvView& kv : c->kv) table_host_.push_back(kv.v.data);
     }
-    if (n_ptrs) ring_.upload(tables, table_host_.data(), n_ptrs * sizeof(void*), stream_);
+    if (n_ptrs) ring_upload(tables, table_host_.data(), n_ptrs * sizeof(void*));
     size_t at = 0, next_paged = 0;
     for (AttentionGpuParams& p : batchable) {
       if (p.page_shift == 0) continue;
@@ -367,6 +422,7 @@ class CudaBackend final : public Backend {
 
   void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts, int64_t n_rows,
                       int head_dim) override {
+    OpScope op(this);
     SS_CHECK(!parts.empty() && parts.size() <= static_cast<size_t>(kMergeMaxParts), "merge of {} parts (1..{})",
              parts.size(), kMergeMaxParts);
     AttentionPartialGpu table[kMergeMaxParts];
@@ -376,16 +432,19 @@ class CudaBackend final : public Backend {
   }
   void merge_sum_terms(float* terms, const float* out, const float* lse, const float* entropy, const float* max_lse,
                        int64_t n_rows, int head_dim) override {
+    OpScope op(this);
     SS_CUDA_OK(launch_merge_sum_terms(terms, out, lse, entropy, max_lse, n_rows, head_dim, stream_));
   }
   void merge_sum_finish(float* out, float* lse, float* entropy, const float* terms, const float* max_lse,
                         int64_t n_rows, int head_dim) override {
+    OpScope op(this);
     SS_CUDA_OK(launch_merge_sum_finish(out, lse, entropy, terms, max_lse, n_rows, head_dim, stream_));
   }
 
   bool can_sample_rows() const override { return true; }
 
   void sample_rows(std::span<int32_t> tokens, Tensor logits, std::span<const SampleRow> rows) override {
+    OpScope op(this);
     const int64_t n_rows = static_cast<int64_t>(rows.size());
     SS_CHECK(logits.rows() == n_rows && static_cast<int64_t>(tokens.size()) == n_rows,
              "sample_rows: {} rows, {} logits rows, {} tokens", n_rows, logits.rows(), tokens.size());
@@ -434,8 +493,8 @@ class CudaBackend final : public Backend {
     }
     const size_t params_bytes = n_rows * sizeof(SampleRowParams);
     char* d_in = static_cast<char*>(grow(sample_in_, params_bytes + 2 * n_pen * sizeof(int32_t)));
-    ring_.upload(d_in, sample_params_.data(), params_bytes, stream_);
-    if (n_pen > 0) ring_.upload(d_in + params_bytes, sample_penalties_.data(), 2 * n_pen * sizeof(int32_t), stream_);
+    ring_upload(d_in, sample_params_.data(), params_bytes);
+    if (n_pen > 0) ring_upload(d_in + params_bytes, sample_penalties_.data(), 2 * n_pen * sizeof(int32_t));
     auto* d_out = static_cast<int32_t*>(grow(sample_out_, n_rows * sizeof(int32_t)));
     const auto* d_tokens = reinterpret_cast<const int32_t*>(d_in + params_bytes);
     SS_CUDA_OK(launch_sample_rows(d_out, f32, reinterpret_cast<const SampleRowParams*>(d_in), d_tokens,
@@ -549,7 +608,7 @@ class CudaBackend final : public Backend {
         table_host_[kv.size() + i] = kv[i].v.data;
       }
       auto* d = static_cast<void**>(grow(tables_, table_host_.size() * sizeof(void*)));
-      ring_.upload(d, table_host_.data(), table_host_.size() * sizeof(void*), stream_);
+      ring_upload(d, table_host_.data(), table_host_.size() * sizeof(void*));
       p->k_pages = reinterpret_cast<const __nv_bfloat16* const*>(d);
       p->v_pages = reinterpret_cast<const __nv_bfloat16* const*>(d + kv.size());
       p->page_shift = std::countr_zero(static_cast<uint64_t>(page));
@@ -575,7 +634,7 @@ class CudaBackend final : public Backend {
     const int64_t n = static_cast<int64_t>(positions.size());
     if (last_pos_.size() != positions.size() || !std::equal(positions.begin(), positions.end(), last_pos_.begin())) {
       auto* d = static_cast<int32_t*>(grow(pos_, n * sizeof(int32_t)));
-      ring_.upload(d, positions.data(), n * sizeof(int32_t), stream_);
+      ring_upload(d, positions.data(), n * sizeof(int32_t));
       last_pos_.assign(positions.begin(), positions.end());
     }
     return static_cast<const int32_t*>(pos_.data());
@@ -583,12 +642,76 @@ class CudaBackend final : public Backend {
 
   void fill_neg_inf(float* dst, int64_t n) {
     if (neg_inf_.bytes() < n * sizeof(float)) {
+      flush_graph();  // a pageable copy and a wait follow
       neg_inf_ = alloc(n * 2 * sizeof(float));
       std::vector<float> h(n * 2, -std::numeric_limits<float>::infinity());
       SS_CUDA_OK(cudaMemcpyAsync(neg_inf_.data(), h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
       SS_CUDA_OK(cudaStreamSynchronize(stream_));
     }
     SS_CUDA_OK(cudaMemcpyAsync(dst, neg_inf_.data(), n * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  }
+
+  // Host bytes to the device in stream order through the pinned ring; when the ring must wait for
+  // the stream, the open graph is launched first (a graph being recorded cannot be waited for).
+  void ring_upload(void* dst, const void* src, size_t bytes) {
+    if (!ring_.fits(bytes)) flush_graph();
+    ring_.upload(dst, src, bytes, stream_);
+  }
+
+  // Brackets each op that enqueues device work. In a graph step the op opens a graph when none is
+  // being recorded, and the graph is launched once it holds options_.graph_segment_ops ops. Ops
+  // called from ops (partial_attentions -> partial_attention) count once.
+  class OpScope {
+   public:
+    explicit OpScope(CudaBackend* b) : b_(b) {
+      if (b_->op_depth_++ == 0) b_->record_begin();
+    }
+    ~OpScope() {
+      if (--b_->op_depth_ == 0) b_->record_end();
+    }
+    OpScope(const OpScope&) = delete;
+    OpScope& operator=(const OpScope&) = delete;
+
+   private:
+    CudaBackend* b_;
+  };
+  void record_begin() {
+    if (!graph_step_ || recording_) return;
+    SS_CUDA_OK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    recording_ = true;
+    segment_ops_ = 0;
+  }
+  void record_end() {
+    if (!recording_) return;
+    ++graph_stats_.ops;
+    if (++segment_ops_ >= std::max(1, options_.graph_segment_ops)) flush_graph();
+  }
+  // Ends the graph being recorded (if any) and launches it: the step's graph of the same index,
+  // kept from the previous step, is updated with it when their nodes match, else built anew.
+  void flush_graph() {
+    if (!recording_) return;
+    recording_ = false;
+    cudaGraph_t g = nullptr;
+    SS_CUDA_OK(cudaStreamEndCapture(stream_, &g));
+    if (segment_ >= execs_.size()) execs_.push_back(nullptr);
+    cudaGraphExec_t& exec = execs_[segment_++];
+    if (exec) {
+      cudaGraphExecUpdateResultInfo info{};
+      if (cudaGraphExecUpdate(exec, g, &info) != cudaSuccess) {
+        (void)cudaGetLastError();  // the update's error is not sticky: build the graph anew
+        cudaGraphExecDestroy(exec);
+        exec = nullptr;
+      }
+    }
+    cudaError_t e = cudaSuccess;
+    if (!exec) {
+      e = cudaGraphInstantiate(&exec, g, 0);
+      ++graph_stats_.instantiations;
+    }
+    if (e == cudaSuccess) e = cudaGraphLaunch(exec, stream_);
+    cudaGraphDestroy(g);
+    SS_CUDA_OK(e);
+    ++graph_stats_.launches;
   }
 
   void* grow(DeviceBuffer& buf, size_t bytes) {
@@ -611,6 +734,13 @@ class CudaBackend final : public Backend {
   std::vector<int32_t> sample_penalties_;  // every row's penalty tokens, then their counts
   std::vector<int32_t> last_pos_;
   std::vector<void*> table_host_;
+  // Graph steps (begin_graph_step): whether one is open, whether a graph is being recorded, the
+  // index of that graph in the step and its op count, the nesting of OpScope, the kept graphs.
+  bool graph_step_ = false, recording_ = false;
+  size_t segment_ = 0;
+  int segment_ops_ = 0, op_depth_ = 0;
+  std::vector<cudaGraphExec_t> execs_;
+  GraphStats graph_stats_;
 };
 
 }  // namespace
