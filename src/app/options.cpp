@@ -31,6 +31,8 @@ void add_common(CLI::App* app, Config& c) {
                   "CUDA prefill attention kernel: auto (the default: wgmma on sm_90, else mma) | wgmma | mma | "
                   "mma-m64 | mma-m128 | mma-m64-lazy | wmma")
       ->check(CLI::IsMember({"auto", "wgmma", "mma", "mma-m64", "mma-m128", "mma-m64-lazy", "wmma"}));
+  app->add_option("--cuda-graphs", c.parallel.cuda_graphs,
+                  "CUDA backend, one rank: run decode steps as CUDA graphs (on | off; default on)");
   app->add_option("--attention", c.star.mode, "global | exact | star")
       ->transform(CLI::CheckedTransformer(kModes, CLI::ignore_case));
   app->add_option("--block-size", c.star.block_size, "context tokens per block (0 = one block per rank)");
@@ -108,11 +110,11 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
 std::string describe_config(const Config& c) {
   return fmt::format(
       "model.path={} model.chat_template={} model.max_context={} parallel.backend={} parallel.prefill_kernel={} "
-      "star.mode={} "
+      "parallel.cuda_graphs={} star.mode={} "
       "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.kv_page_size={} "
       "scheduler.kv_memory_mb={} log.level={}",
       c.model.path, c.model.chat_template.empty() ? "(model's)" : c.model.chat_template, c.model.max_context,
-      c.parallel.backend, c.parallel.prefill_kernel, attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
+      c.parallel.backend, c.parallel.prefill_kernel, c.parallel.cuda_graphs ? "on" : "off", attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
       c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.log.level);
 }
 

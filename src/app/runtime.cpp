@@ -28,6 +28,8 @@ Status start_runtime(const Config& config, Runtime& rt) {
     const int device = pick_local_device(lay, std::max(1, n_gpus));
     CudaBackendOptions cuda;
     SS_ASSIGN_OR_RETURN(cuda.prefill, parse_prefill_kernel(config.parallel.prefill_kernel));
+    // Graphs hold the ops of one process; several ranks' steps keep their collectives eager.
+    cuda.decode_graphs = config.parallel.cuda_graphs && rt.comm->world_size() == 1;
     SS_ASSIGN_OR_RETURN(rt.backend, make_cuda_backend(device, cuda));
     if (rt.comm->world_size() > 1) {
       if (lay.local_size <= n_gpus) {
