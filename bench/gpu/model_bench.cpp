@@ -18,6 +18,7 @@
 //                    [--prefill-kernel auto|wgmma|mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
 //                    [--query 32] [--decode 16] [--entropy] [--gemm-only] [--graph-probe] [--op-census]
 //                    [--gemv on|off]  (one-row GEMMs: the skinny kernel, or cuBLASLt)
+//                    [--graphs on|off]  (one rank: decode steps as CUDA graphs, as the server runs them)
 //                    [--seqs S] [--batch-decode on|off]  (S sequences decoded together; their
 //                    attention in one launch per layer, or one launch per sequence)
 // --op-census: a decode step's ops by kind, each captured as a CUDA graph (see op_census).
@@ -420,7 +421,7 @@ Work phase1_work(const StarLayout& lay, AttentionMode mode) {
 int run(int argc, char** argv) {
   int layers = 32, blocks = 4, query = 32, decode = 16, seqs = 1;
   bool gemm_only = false, entropy = false, graph_probe = false, census = false;
-  std::string prefill_kernel = "auto", merge = "allreduce", gemv = "on", batch_decode = "on";
+  std::string prefill_kernel = "auto", merge = "allreduce", gemv = "on", batch_decode = "on", graphs = "on";
   std::vector<int64_t> lengths = {16384, 32768};
   std::vector<std::string> mode_names = {"global", "star"};
   for (int i = 1; i < argc; ++i) {
@@ -447,6 +448,7 @@ int run(int argc, char** argv) {
     else if (a == "--gemv") gemv = next();
     else if (a == "--seqs") seqs = std::atoi(next());
     else if (a == "--batch-decode") batch_decode = next();
+    else if (a == "--graphs") graphs = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -497,6 +499,8 @@ int run(int argc, char** argv) {
   options.prefill = *prefill;
   if (gemv == "off") options.gemv_max_tokens = 0;
   options.batch_decode = batch_decode != "off";
+  // As the runtime sets it; the probe and the census capture steps themselves.
+  options.decode_graphs = graphs != "off" && world == 1 && !graph_probe && !census;
   auto backend_or = make_cuda_backend(device, options);
   if (!backend_or.ok()) {
     std::fprintf(stderr, "rank %d: %s\n", comm->rank(), backend_or.status().to_string().c_str());
@@ -683,10 +687,10 @@ int run(int argc, char** argv) {
       if (lead && print) {
         std::printf(
             "{\"bench\":\"decode\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"block_size\":%d,"
-            "\"ranks\":%d,\"gpus\":%d,\"merge\":\"%s\",\"layers\":%d,\"gemv\":%s,\"entropy\":%s,"
+            "\"ranks\":%d,\"gpus\":%d,\"merge\":\"%s\",\"layers\":%d,\"gemv\":%s,\"graphs\":%s,\"entropy\":%s,"
             "\"ms_per_token\":%.2f,\"tokens_per_s\":%.1f",
             mode.name.c_str(), static_cast<long long>(n), block_size, world, gpus, merge.c_str(), layers,
-            options.gemv_max_tokens > 0 ? "true" : "false",
+            options.gemv_max_tokens > 0 ? "true" : "false", options.decode_graphs ? "true" : "false",
             with_entropy ? "true" : "false", ms, 1e3 / ms);
         if (with_entropy) {
           std::printf(",\"entropy_rows_per_layer\":%lld,\"entropy_layer0_mean\":%.4f,\"entropy_last_layer_mean\":%.4f",
@@ -755,9 +759,9 @@ int run(int argc, char** argv) {
     const double ms = since(t0) * 1e3 / std::max(decode, 1);
     std::printf(
         "{\"bench\":\"decode_batch\",\"impl\":\"starserve\",\"mode\":\"global\",\"context\":%lld,\"seqs\":%d,"
-        "\"layers\":%d,\"batch_decode\":%s,\"gemv\":%s,\"ms_per_step\":%.2f,\"tokens_per_s\":%.1f}\n",
+        "\"layers\":%d,\"batch_decode\":%s,\"gemv\":%s,\"graphs\":%s,\"ms_per_step\":%.2f,\"tokens_per_s\":%.1f}\n",
         static_cast<long long>(n), seqs, layers, options.batch_decode ? "true" : "false",
-        options.gemv_max_tokens > 0 ? "true" : "false", ms, seqs * 1e3 / ms);
+        options.gemv_max_tokens > 0 ? "true" : "false", options.decode_graphs ? "true" : "false", ms, seqs * 1e3 / ms);
     std::fflush(stdout);
     for (int s = 0; s < seqs; ++s) cache.free_sequence(100 + s);
     return 0;
