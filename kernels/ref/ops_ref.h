@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "model/hparams.h"
+#include "kernels/rope_style.h"
 
 namespace starserve {
 

@@ -5,16 +5,12 @@
 #include <cstdint>
 #include <string>
 
+#include "kernels/rope_style.h"
+
 namespace starserve {
 
 // One value per architecture file under src/model/arch_*.cpp.
 enum class Arch { kLlama };
-
-// How RoPE pairs the dimensions of a head.
-// kInterleaved: (x[2i], x[2i+1]) rotate together — the layout of Q/K weights in llama.cpp GGUF files,
-//               whose converter permutes the rows of attn_q/attn_k.
-// kHalf:        (x[i], x[i + head_dim/2]) rotate together — Hugging Face's rotate_half layout.
-enum class RopeStyle { kInterleaved, kHalf };
 
 struct RopeScaling {
   enum class Type { kNone, kLinear, kLlama3 };
