@@ -138,31 +138,32 @@ v1::AttentionMode parse_mode(const std::string& s) {
   throw UsageError(fmt::format("--attention {}: must be global, exact or star", s));
 }
 
-// Sampling and Star fields; the four generation requests share these names.
-template <typename Req>
-void fill_generation(const GenerationOptions& g, Req* r) {
-  if (!g.model.empty()) r->set_model(g.model);
-  if (g.has("--max-tokens")) r->set_max_tokens(g.max_tokens);
-  if (g.has("--temperature")) r->set_temperature(g.temperature);
-  if (g.has("--top-p")) r->set_top_p(g.top_p);
-  if (g.has("--top-k")) r->set_top_k(g.top_k);
-  if (g.has("--min-p")) r->set_min_p(g.min_p);
-  if (g.has("--repetition-penalty")) r->set_repetition_penalty(g.repetition_penalty);
-  if (g.has("--frequency-penalty")) r->set_frequency_penalty(g.frequency_penalty);
-  if (g.has("--presence-penalty")) r->set_presence_penalty(g.presence_penalty);
-  if (g.has("--seed")) r->set_seed(g.seed);
-  for (const std::string& s : g.stop) r->add_stop(s);
-  for (int32_t id : g.stop_token_ids) r->add_stop_token_ids(id);
-  if (g.ignore_eos) r->set_ignore_eos(true);
-  if (g.has("--logprobs")) r->set_logprobs(g.logprobs);
-  r->set_attention_mode(parse_mode(g.attention));
-  if (g.has("--block-size")) r->set_block_size(g.block_size);
-  if (g.has("--anchor-size")) r->set_anchor_size(g.anchor_size);
-  if (g.entropy) r->set_return_attention_entropy(true);
+// GenerationParams from the flags, built once whatever the RPC; flags not given stay unset (the server's default).
+v1::GenerationParams make_params(const GenerationOptions& g) {
+  v1::GenerationParams p;
+  if (g.has("--max-tokens")) p.set_max_tokens(g.max_tokens);
+  if (g.has("--temperature")) p.set_temperature(g.temperature);
+  if (g.has("--top-p")) p.set_top_p(g.top_p);
+  if (g.has("--top-k")) p.set_top_k(g.top_k);
+  if (g.has("--min-p")) p.set_min_p(g.min_p);
+  if (g.has("--repetition-penalty")) p.set_repetition_penalty(g.repetition_penalty);
+  if (g.has("--frequency-penalty")) p.set_frequency_penalty(g.frequency_penalty);
+  if (g.has("--presence-penalty")) p.set_presence_penalty(g.presence_penalty);
+  if (g.has("--seed")) p.set_seed(g.seed);
+  for (const std::string& s : g.stop) p.add_stop(s);
+  for (int32_t id : g.stop_token_ids) p.add_stop_token_ids(id);
+  if (g.ignore_eos) p.set_ignore_eos(true);
+  if (g.has("--logprobs")) p.set_logprobs(g.logprobs);
+  p.set_attention_mode(parse_mode(g.attention));
+  if (g.has("--block-size")) p.set_block_size(g.block_size);
+  if (g.has("--anchor-size")) p.set_anchor_size(g.anchor_size);
+  if (g.entropy) p.set_return_attention_entropy(true);
+  return p;
 }
 
+// The prompt parts: what the request kinds do not share. Completions take one of three inputs and --echo.
 template <typename Req>
-void fill_completion_input(const GenerationOptions& g, Req* r) {
+void set_completion_prompt(const GenerationOptions& g, Req* r) {
   const int n_inputs = (!g.prompt.empty()) + (!g.context_file.empty()) + (!g.prompt_token_ids.empty());
   if (n_inputs != 1) throw UsageError("give exactly one of --prompt, --context-file (with --query) or --token-ids");
   if (!g.prompt.empty()) {
@@ -175,11 +176,11 @@ void fill_completion_input(const GenerationOptions& g, Req* r) {
     r->mutable_split()->set_query(g.query);
   }
   if (g.echo) r->set_echo(true);
-  fill_generation(g, r);
 }
 
+// Chat: an optional system message, the user message and an optional document.
 template <typename Req>
-void fill_chat_input(const GenerationOptions& g, Req* r) {
+void set_chat_prompt(const GenerationOptions& g, Req* r) {
   if (g.prompt.empty()) throw UsageError("chat needs a message (positional or --prompt)");
   if (!g.system.empty()) {
     v1::ChatMessage* m = r->add_messages();
@@ -190,8 +191,17 @@ void fill_chat_input(const GenerationOptions& g, Req* r) {
   m->set_role("user");
   m->set_content(g.prompt);
   if (!g.context_file.empty()) r->set_context(read_file(g.context_file, "--context-file"));
-  fill_generation(g, r);
 }
+
+void set_prompt(const GenerationOptions& g, v1::CompleteRequest* r) { set_completion_prompt(g, r); }
+void set_prompt(const GenerationOptions& g, v1::StreamCompleteRequest* r) { set_completion_prompt(g, r); }
+void set_prompt(const GenerationOptions& g, v1::ChatCompleteRequest* r) { set_chat_prompt(g, r); }
+void set_prompt(const GenerationOptions& g, v1::StreamChatCompleteRequest* r) { set_chat_prompt(g, r); }
+
+// The text of a choice: a completion's text, a chat reply's message, a chat stream's delta.
+const std::string& choice_text(const v1::CompletionChoice& c) { return c.text(); }
+const std::string& choice_text(const v1::ChatChoice& c) { return c.message().content(); }
+const std::string& choice_text(const v1::ChatDeltaChoice& c) { return c.delta().content(); }
 
 const char* finish_name(v1::FinishReason r) {
   switch (r) {
@@ -234,79 +244,66 @@ void print_tail(const Msg& m, v1::FinishReason finish) {
   }
 }
 
-int run_complete(const ConnectionOptions& c, const GenerationOptions& g) {
-  v1::CompleteRequest req;
-  fill_completion_input(g, &req);
-  auto stub = v1::CompletionService::NewStub(make_channel(c));
-  grpc::ClientContext ctx;
-  prepare_context(c, &ctx);
-  v1::CompleteResponse resp;
-  grpc::Status s = stub->Complete(&ctx, req, &resp);
-  if (!s.ok()) return report_error(s);
-  const v1::CompletionChoice& choice = resp.choices(0);
-  fmt::print("{}\n", choice.text());
-  if (choice.has_logprobs()) print_logprobs(choice.logprobs());
-  print_tail(resp, choice.finish_reason());
-  return 0;
+using Stub = v1::CompletionService::Stub;
+
+// The two call shapes; on_message sees each response message as it arrives.
+template <typename Req, typename Resp, typename OnMessage>
+grpc::Status call(grpc::Status (Stub::*rpc)(grpc::ClientContext*, const Req&, Resp*), Stub& stub,
+                  grpc::ClientContext& ctx, const Req& req, const OnMessage& on_message) {
+  Resp resp;
+  grpc::Status s = (stub.*rpc)(&ctx, req, &resp);
+  if (s.ok()) on_message(resp);
+  return s;
 }
 
-int run_stream(const ConnectionOptions& c, const GenerationOptions& g) {
-  v1::StreamCompleteRequest req;
-  fill_completion_input(g, &req);
-  auto stub = v1::CompletionService::NewStub(make_channel(c));
-  grpc::ClientContext ctx;
-  prepare_context(c, &ctx);
-  auto reader = stub->StreamComplete(&ctx, req);
-  v1::StreamCompleteResponse m, last;
-  while (reader->Read(&m)) {
-    for (const v1::CompletionChoice& choice : m.choices()) {
-      std::fwrite(choice.text().data(), 1, choice.text().size(), stdout);
-      std::fflush(stdout);
-      if (choice.has_logprobs()) print_logprobs(choice.logprobs());
-    }
-    last = m;
-  }
-  grpc::Status s = reader->Finish();
-  if (!s.ok()) return report_error(s);
-  std::fputc('\n', stdout);
-  print_tail(last, last.choices_size() ? last.choices(0).finish_reason() : v1::FINISH_REASON_UNSPECIFIED);
-  return 0;
+template <typename Req, typename Resp, typename OnMessage>
+grpc::Status call(std::unique_ptr<grpc::ClientReader<Resp>> (Stub::*rpc)(grpc::ClientContext*, const Req&),
+                  Stub& stub, grpc::ClientContext& ctx, const Req& req, const OnMessage& on_message) {
+  auto reader = (stub.*rpc)(&ctx, req);
+  Resp m;
+  while (reader->Read(&m)) on_message(m);
+  return reader->Finish();
 }
 
-int run_chat(const ConnectionOptions& c, const GenerationOptions& g) {
+// Every generation command: GenerationParams from the flags, the request kind's prompt parts, then one RPC.
+// Text goes to stdout as it arrives (a unary response is a stream of one message), logprobs to stderr, and the
+// usage and timing of the last message to stderr at the end.
+template <typename Req, typename Resp, typename Rpc>
+int run_generation(const ConnectionOptions& c, const GenerationOptions& g, Rpc rpc) {
+  Req req;
+  set_prompt(g, &req);
+  if (!g.model.empty()) req.set_model(g.model);
+  *req.mutable_params() = make_params(g);
   auto stub = v1::CompletionService::NewStub(make_channel(c));
   grpc::ClientContext ctx;
   prepare_context(c, &ctx);
-  if (!g.stream) {
-    v1::ChatCompleteRequest req;
-    fill_chat_input(g, &req);
-    v1::ChatCompleteResponse resp;
-    grpc::Status s = stub->ChatComplete(&ctx, req, &resp);
-    if (!s.ok()) return report_error(s);
-    const v1::ChatChoice& choice = resp.choices(0);
-    fmt::print("{}\n", choice.message().content());
-    if (choice.has_logprobs()) print_logprobs(choice.logprobs());
-    print_tail(resp, choice.finish_reason());
-    return 0;
-  }
-  v1::StreamChatCompleteRequest req;
-  fill_chat_input(g, &req);
-  auto reader = stub->StreamChatComplete(&ctx, req);
-  v1::StreamChatCompleteResponse m, last;
-  while (reader->Read(&m)) {
-    for (const v1::ChatDeltaChoice& choice : m.choices()) {
-      const std::string& t = choice.delta().content();
+  Resp last;
+  grpc::Status s = call(rpc, *stub, ctx, req, [&last](const Resp& m) {
+    for (const auto& choice : m.choices()) {
+      const std::string& t = choice_text(choice);
       std::fwrite(t.data(), 1, t.size(), stdout);
       std::fflush(stdout);
       if (choice.has_logprobs()) print_logprobs(choice.logprobs());
     }
     last = m;
-  }
-  grpc::Status s = reader->Finish();
+  });
   if (!s.ok()) return report_error(s);
   std::fputc('\n', stdout);
   print_tail(last, last.choices_size() ? last.choices(0).finish_reason() : v1::FINISH_REASON_UNSPECIFIED);
   return 0;
+}
+
+int run_complete(const ConnectionOptions& c, const GenerationOptions& g, bool stream) {
+  if (stream) return run_generation<v1::StreamCompleteRequest, v1::StreamCompleteResponse>(c, g, &Stub::StreamComplete);
+  return run_generation<v1::CompleteRequest, v1::CompleteResponse>(c, g, &Stub::Complete);
+}
+
+int run_chat(const ConnectionOptions& c, const GenerationOptions& g) {
+  if (g.stream) {
+    return run_generation<v1::StreamChatCompleteRequest, v1::StreamChatCompleteResponse>(c, g,
+                                                                                        &Stub::StreamChatComplete);
+  }
+  return run_generation<v1::ChatCompleteRequest, v1::ChatCompleteResponse>(c, g, &Stub::ChatComplete);
 }
 
 std::string to_json(const google::protobuf::Message& m) {
@@ -473,7 +470,7 @@ int main(int argc, char** argv) {
 
   std::string tok_text;
   bool tok_chat = false, tok_no_special = false, tok_strings = false;
-  CLI::App* tokenize = app.add_subcommand("tokenize", "token ids of a text and how it would be split");
+  CLI::App* tokenize = app.add_subcommand("tokenize", "token ids of a text, as a completion would see them");
   tokenize->add_option("text", tok_text, "text to tokenize")->required();
   tokenize->add_flag("--chat", tok_chat, "render as a user message with the chat template first");
   tokenize->add_flag("--no-special", tok_no_special, "do not add BOS/EOS");
@@ -489,8 +486,8 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
   try {
-    if (complete->parsed()) return run_complete(c, complete_opts);
-    if (stream->parsed()) return run_stream(c, stream_opts);
+    if (complete->parsed()) return run_complete(c, complete_opts, /*stream=*/false);
+    if (stream->parsed()) return run_complete(c, stream_opts, /*stream=*/true);
     if (chat->parsed()) return run_chat(c, chat_opts);
     if (tokenize->parsed()) return run_tokenize(c, tok_text, tok_chat, tok_no_special, tok_strings);
     if (app.got_subcommand("info")) return run_info(c);

@@ -2,6 +2,7 @@
 
 #include <condition_variable>
 #include <ctime>
+#include <type_traits>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -55,12 +56,63 @@ void append_tokens(const std::vector<EngineEvent>& tokens, const Tokenizer& tok,
   }
 }
 
+// Usage (the context/query split as the engine made it), timing and entropy: from the engine's finish event.
 template <typename Response>
 void fill_tail(const EngineEvent& finished, Clock::time_point rpc_start, Response* r) {
   fill_usage(finished.usage, r->mutable_usage());
   fill_timing(finished.timing, 1000.0 * seconds_between(rpc_start, Clock::now()), r->mutable_timing());
   if (finished.entropy && finished.entropy->enabled()) fill_entropy(*finished.entropy, r->mutable_attention_entropy());
 }
+
+grpc::Status stream_closed() {
+  return grpc::Status(grpc::StatusCode::CANCELLED,
+                      "the stream closed before the request finished (client gone, or the server is shutting down)");
+}
+
+grpc::Status no_chat_template() {
+  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                      fmt::format("this model has no chat template the server recognises; use Complete, or start "
+                                  "the server with a built-in template ({})",
+                                  fmt::join(ChatTemplate::builtin_names(), ", ")));
+}
+
+// What sets the four generation RPCs apart; CompletionService::serve_generation does the rest. Response is the
+// unary response or the message a stream is made of.
+template <typename Request>
+struct GenerationRpc;
+template <>
+struct GenerationRpc<v1::CompleteRequest> {
+  using Response = v1::CompleteResponse;
+  static constexpr std::string_view kName = "Complete", kIdPrefix = "cmpl";
+  static constexpr bool kChat = false;
+};
+template <>
+struct GenerationRpc<v1::StreamCompleteRequest> {
+  using Response = v1::StreamCompleteResponse;
+  static constexpr std::string_view kName = "StreamComplete", kIdPrefix = "cmpl";
+  static constexpr bool kChat = false;
+};
+template <>
+struct GenerationRpc<v1::ChatCompleteRequest> {
+  using Response = v1::ChatCompleteResponse;
+  static constexpr std::string_view kName = "ChatComplete", kIdPrefix = "chatcmpl";
+  static constexpr bool kChat = true;
+};
+template <>
+struct GenerationRpc<v1::StreamChatCompleteRequest> {
+  using Response = v1::StreamChatCompleteResponse;
+  static constexpr std::string_view kName = "StreamChatComplete", kIdPrefix = "chatcmpl";
+  static constexpr bool kChat = true;
+};
+
+// Where a choice's text goes: the completion's text, the chat reply's message, the chat stream's delta.
+void set_text(v1::CompletionChoice* c, std::string text) { c->set_text(std::move(text)); }
+void set_text(v1::ChatChoice* c, std::string text) { c->mutable_message()->set_content(std::move(text)); }
+void set_text(v1::ChatDeltaChoice* c, std::string text) { c->mutable_delta()->set_content(std::move(text)); }
+// The assistant role: on the chat reply, and on the first message of a chat stream only (as OpenAI).
+void set_role(v1::CompletionChoice*) {}
+void set_role(v1::ChatChoice* c) { c->mutable_message()->set_role("assistant"); }
+void set_role(v1::ChatDeltaChoice* c) { c->mutable_delta()->set_role("assistant"); }
 
 }  // namespace
 
@@ -151,7 +203,7 @@ grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedReque
     batch.clear();
     if (!tokens.empty() && !sink(tokens)) {
       engine_.cancel(*id);
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the stream closed before the request finished (client gone, or the server is shutting down)");
+      return stream_closed();
     }
     if (end) {
       *finished = std::move(*end);
@@ -194,183 +246,96 @@ void CompletionService::record_finish(const EngineEvent& finished, Clock::time_p
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Completion
+// Completion and chat, unary and streaming
+
+template <typename Request, typename Out>
+grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const Request& request, Out* out) {
+  using Rpc = GenerationRpc<Request>;
+  using Response = typename Rpc::Response;
+  // Unary RPCs fill *out, a Response; streaming ones write Responses to *out, a ServerWriter.
+  constexpr bool kStream = !std::is_same_v<Out, Response>;
+  const Clock::time_point start = Clock::now();
+  if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
+  if constexpr (Rpc::kChat) {
+    if (!chat_template_) return no_chat_template();
+  }
+  const EngineInfo info = engine_.info();
+  Result<PreparedRequest> prepared =
+      prepare_request(request, tokenizer_, chat_template_ ? &*chat_template_ : nullptr, limits(info));
+  if (!prepared.ok()) return to_grpc_status(prepared.status());
+
+  const std::string id = new_id(Rpc::kIdPrefix);
+  const int64_t stream_created = unix_seconds();  // the same on every message of a stream
+  bool role_sent = false;
+  // The header of a message and its one choice (the unary response's choice is added before generating).
+  const auto begin = [&](Response* m, int64_t created) {
+    m->set_id(id);
+    m->set_model(info.model_name);
+    m->set_created(created);
+    auto* c = m->choices_size() > 0 ? m->mutable_choices(0) : m->add_choices();
+    c->set_index(0);
+    if (!role_sent) set_role(c);
+    role_sent = true;
+    return c;
+  };
+  // Unary: the whole output text. Streaming: the text the next message carries (the echo, until one is sent).
+  std::string text = std::move(prepared->echo_text);
+  EngineEvent finished;
+  grpc::Status s;
+  if constexpr (kStream) {
+    s = generate(ctx, *prepared, start,
+                 [&](const std::vector<EngineEvent>& tokens) {
+                   Response m;
+                   auto* c = begin(&m, stream_created);
+                   append_tokens(tokens, tokenizer_, &text, c);
+                   set_text(c, std::move(text));
+                   text.clear();
+                   return out->Write(m);
+                 },
+                 &finished);
+  } else {
+    auto* c = out->add_choices();
+    s = generate(ctx, *prepared, start,
+                 [&](const std::vector<EngineEvent>& tokens) {
+                   append_tokens(tokens, tokenizer_, &text, c);
+                   return true;
+                 },
+                 &finished);
+  }
+  if (!s.ok()) return s;
+  if (s = finish_status(ctx, finished); !s.ok()) return s;
+  Response last_message;
+  Response* last = &last_message;
+  if constexpr (!kStream) last = out;
+  auto* c = begin(last, kStream ? stream_created : unix_seconds());
+  if (!kStream || !text.empty()) set_text(c, std::move(text));
+  c->set_finish_reason(to_proto(finished.finish));
+  fill_tail(finished, start, last);
+  if constexpr (kStream) {
+    if (!out->Write(*last)) return stream_closed();
+  }
+  return grpc::Status::OK;
+}
 
 grpc::Status CompletionService::Complete(grpc::ServerContext* ctx, const v1::CompleteRequest* request,
                                          v1::CompleteResponse* response) {
-  return done("Complete", complete(ctx, *request, response));
-}
-
-grpc::Status CompletionService::complete(grpc::ServerContext* ctx, const v1::CompleteRequest& request,
-                                         v1::CompleteResponse* response) {
-  const Clock::time_point start = Clock::now();
-  if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
-  const EngineInfo info = engine_.info();
-  Result<PreparedRequest> prepared = prepare_completion(request, tokenizer_, limits(info));
-  if (!prepared.ok()) return to_grpc_status(prepared.status());
-
-  v1::CompletionChoice* choice = response->add_choices();
-  choice->set_index(0);
-  std::string text = prepared->echo_text;
-  EngineEvent finished;
-  grpc::Status s = generate(ctx, *prepared, start,
-                            [&](const std::vector<EngineEvent>& tokens) {
-                              append_tokens(tokens, tokenizer_, &text, choice);
-                              return true;
-                            },
-                            &finished);
-  if (!s.ok()) return s;
-  if (s = finish_status(ctx, finished); !s.ok()) return s;
-  response->set_id(new_id("cmpl"));
-  response->set_model(info.model_name);
-  response->set_created(unix_seconds());
-  choice->set_text(std::move(text));
-  choice->set_finish_reason(to_proto(finished.finish));
-  fill_tail(finished, start, response);
-  return grpc::Status::OK;
+  return done(GenerationRpc<v1::CompleteRequest>::kName, serve_generation(ctx, *request, response));
 }
 
 grpc::Status CompletionService::StreamComplete(grpc::ServerContext* ctx, const v1::StreamCompleteRequest* request,
                                                grpc::ServerWriter<v1::StreamCompleteResponse>* writer) {
-  return done("StreamComplete", stream_complete(ctx, *request, writer));
+  return done(GenerationRpc<v1::StreamCompleteRequest>::kName, serve_generation(ctx, *request, writer));
 }
-
-grpc::Status CompletionService::stream_complete(grpc::ServerContext* ctx, const v1::StreamCompleteRequest& request,
-                                                grpc::ServerWriter<v1::StreamCompleteResponse>* writer) {
-  const Clock::time_point start = Clock::now();
-  if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
-  const EngineInfo info = engine_.info();
-  Result<PreparedRequest> prepared = prepare_completion(request, tokenizer_, limits(info));
-  if (!prepared.ok()) return to_grpc_status(prepared.status());
-
-  const std::string id = new_id("cmpl");
-  const int64_t created = unix_seconds();
-  const auto header = [&](v1::StreamCompleteResponse* m) {
-    m->set_id(id);
-    m->set_model(info.model_name);
-    m->set_created(created);
-  };
-  std::string pending_echo = std::move(prepared->echo_text);  // goes out with the first message
-  EngineEvent finished;
-  grpc::Status s = generate(ctx, *prepared, start,
-                            [&](const std::vector<EngineEvent>& tokens) {
-                              v1::StreamCompleteResponse m;
-                              header(&m);
-                              v1::CompletionChoice* c = m.add_choices();
-                              std::string text = std::move(pending_echo);
-                              pending_echo.clear();
-                              append_tokens(tokens, tokenizer_, &text, c);
-                              c->set_text(std::move(text));
-                              return writer->Write(m);
-                            },
-                            &finished);
-  if (!s.ok()) return s;
-  if (s = finish_status(ctx, finished); !s.ok()) return s;
-  v1::StreamCompleteResponse last;
-  header(&last);
-  v1::CompletionChoice* c = last.add_choices();
-  c->set_text(std::move(pending_echo));
-  c->set_finish_reason(to_proto(finished.finish));
-  fill_tail(finished, start, &last);
-  if (!writer->Write(last)) return grpc::Status(grpc::StatusCode::CANCELLED, "the stream closed before the request finished (client gone, or the server is shutting down)");
-  return grpc::Status::OK;
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Chat
 
 grpc::Status CompletionService::ChatComplete(grpc::ServerContext* ctx, const v1::ChatCompleteRequest* request,
                                              v1::ChatCompleteResponse* response) {
-  return done("ChatComplete", chat_complete(ctx, *request, response));
-}
-
-namespace {
-grpc::Status no_chat_template() {
-  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
-                      fmt::format("this model has no chat template the server recognises; use Complete, or start "
-                                  "the server with a built-in template ({})",
-                                  fmt::join(ChatTemplate::builtin_names(), ", ")));
-}
-}  // namespace
-
-grpc::Status CompletionService::chat_complete(grpc::ServerContext* ctx, const v1::ChatCompleteRequest& request,
-                                              v1::ChatCompleteResponse* response) {
-  const Clock::time_point start = Clock::now();
-  if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
-  if (!chat_template_) return no_chat_template();
-  const EngineInfo info = engine_.info();
-  Result<PreparedRequest> prepared = prepare_chat(request, tokenizer_, *chat_template_, limits(info));
-  if (!prepared.ok()) return to_grpc_status(prepared.status());
-
-  v1::ChatChoice* choice = response->add_choices();
-  choice->set_index(0);
-  std::string text;
-  EngineEvent finished;
-  grpc::Status s = generate(ctx, *prepared, start,
-                            [&](const std::vector<EngineEvent>& tokens) {
-                              append_tokens(tokens, tokenizer_, &text, choice);
-                              return true;
-                            },
-                            &finished);
-  if (!s.ok()) return s;
-  if (s = finish_status(ctx, finished); !s.ok()) return s;
-  response->set_id(new_id("chatcmpl"));
-  response->set_model(info.model_name);
-  response->set_created(unix_seconds());
-  choice->mutable_message()->set_role("assistant");
-  choice->mutable_message()->set_content(std::move(text));
-  choice->set_finish_reason(to_proto(finished.finish));
-  fill_tail(finished, start, response);
-  return grpc::Status::OK;
+  return done(GenerationRpc<v1::ChatCompleteRequest>::kName, serve_generation(ctx, *request, response));
 }
 
 grpc::Status CompletionService::StreamChatComplete(grpc::ServerContext* ctx,
                                                    const v1::StreamChatCompleteRequest* request,
                                                    grpc::ServerWriter<v1::StreamChatCompleteResponse>* writer) {
-  return done("StreamChatComplete", stream_chat_complete(ctx, *request, writer));
-}
-
-grpc::Status CompletionService::stream_chat_complete(grpc::ServerContext* ctx,
-                                                     const v1::StreamChatCompleteRequest& request,
-                                                     grpc::ServerWriter<v1::StreamChatCompleteResponse>* writer) {
-  const Clock::time_point start = Clock::now();
-  if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
-  if (!chat_template_) return no_chat_template();
-  const EngineInfo info = engine_.info();
-  Result<PreparedRequest> prepared = prepare_chat(request, tokenizer_, *chat_template_, limits(info));
-  if (!prepared.ok()) return to_grpc_status(prepared.status());
-
-  const std::string id = new_id("chatcmpl");
-  const int64_t created = unix_seconds();
-  bool role_sent = false;  // OpenAI: the role is in the first delta only
-  const auto begin = [&](v1::StreamChatCompleteResponse* m) {
-    m->set_id(id);
-    m->set_model(info.model_name);
-    m->set_created(created);
-    v1::ChatDeltaChoice* c = m->add_choices();
-    if (!role_sent) c->mutable_delta()->set_role("assistant");
-    role_sent = true;
-    return c;
-  };
-  EngineEvent finished;
-  grpc::Status s = generate(ctx, *prepared, start,
-                            [&](const std::vector<EngineEvent>& tokens) {
-                              v1::StreamChatCompleteResponse m;
-                              v1::ChatDeltaChoice* c = begin(&m);
-                              std::string text;
-                              append_tokens(tokens, tokenizer_, &text, c);
-                              c->mutable_delta()->set_content(std::move(text));
-                              return writer->Write(m);
-                            },
-                            &finished);
-  if (!s.ok()) return s;
-  if (s = finish_status(ctx, finished); !s.ok()) return s;
-  v1::StreamChatCompleteResponse last;
-  v1::ChatDeltaChoice* c = begin(&last);
-  c->set_finish_reason(to_proto(finished.finish));
-  fill_tail(finished, start, &last);
-  if (!writer->Write(last)) return grpc::Status(grpc::StatusCode::CANCELLED, "the stream closed before the request finished (client gone, or the server is shutting down)");
-  return grpc::Status::OK;
+  return done(GenerationRpc<v1::StreamChatCompleteRequest>::kName, serve_generation(ctx, *request, writer));
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -76,13 +76,10 @@ class CompletionService final : public v1::CompletionService::Service {
   grpc::Status done(std::string_view rpc, grpc::Status status);
   std::string new_id(std::string_view prefix);
 
-  grpc::Status complete(grpc::ServerContext* ctx, const v1::CompleteRequest& request, v1::CompleteResponse* response);
-  grpc::Status stream_complete(grpc::ServerContext* ctx, const v1::StreamCompleteRequest& request,
-                               grpc::ServerWriter<v1::StreamCompleteResponse>* writer);
-  grpc::Status chat_complete(grpc::ServerContext* ctx, const v1::ChatCompleteRequest& request,
-                             v1::ChatCompleteResponse* response);
-  grpc::Status stream_chat_complete(grpc::ServerContext* ctx, const v1::StreamChatCompleteRequest& request,
-                                    grpc::ServerWriter<v1::StreamChatCompleteResponse>* writer);
+  // The four generation RPCs: Request is one of their request types; Out is the unary response or the stream's
+  // writer. Admission, conversion, generation and the final usage/timing are the same for all four.
+  template <typename Request, typename Out>
+  grpc::Status serve_generation(grpc::ServerContext* ctx, const Request& request, Out* out);
 
   const ServerConfig config_;
   Engine& engine_;

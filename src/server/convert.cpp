@@ -2,11 +2,12 @@
 
 #include <algorithm>
 #include <climits>
+#include <type_traits>
 
 #include <fmt/ranges.h>
 
+#include "common/check.h"
 #include "common/log.h"
-#include "star/partition.h"
 
 namespace starserve {
 namespace {
@@ -16,27 +17,24 @@ Status check_model(const std::string& requested, const RequestLimits& limits) {
   return not_found("model \"{}\" is not served here; this server serves \"{}\"", requested, limits.model_name);
 }
 
-// Fields every generation request has (CompleteRequest, StreamCompleteRequest, ChatCompleteRequest,
-// StreamChatCompleteRequest share their names and numbers), checked before any tokenizing.
-template <typename Req>
-Status check_shape(const Req& r, const RequestLimits& limits) {
-  SS_RETURN_IF_ERROR(check_model(r.model(), limits));
+// The GenerationParams checks that need no prompt, made before any tokenizing.
+Status check_params(const v1::GenerationParams& g, const RequestLimits& limits) {
   // One choice per request: n > 1 would need the engine to fork a sequence after phase 2 (sharing the context
   // KV), which it does not do yet.
-  if (r.has_n() && r.n() != 1) {
-    if (r.n() > 1) return invalid_argument("n = {}: n > 1 is not supported yet", r.n());
-    return invalid_argument("n = {} must be 1", r.n());
+  if (g.has_n() && g.n() != 1) {
+    if (g.n() > 1) return invalid_argument("n = {}: n > 1 is not supported yet", g.n());
+    return invalid_argument("n = {} must be 1", g.n());
   }
-  if (r.has_max_tokens() && (r.max_tokens() < 1 || r.max_tokens() > limits.max_tokens_limit)) {
-    return invalid_argument("max_tokens = {} must be in [1, {}] (server limit max_tokens_limit)", r.max_tokens(),
+  if (g.has_max_tokens() && (g.max_tokens() < 1 || g.max_tokens() > limits.max_tokens_limit)) {
+    return invalid_argument("max_tokens = {} must be in [1, {}] (server limit max_tokens_limit)", g.max_tokens(),
                             limits.max_tokens_limit);
   }
-  if (r.stop_size() > limits.max_stop_strings) {
-    return invalid_argument("stop has {} strings; the server allows at most {} (max_stop_strings)", r.stop_size(),
+  if (g.stop_size() > limits.max_stop_strings) {
+    return invalid_argument("stop has {} strings; the server allows at most {} (max_stop_strings)", g.stop_size(),
                             limits.max_stop_strings);
   }
-  for (int i = 0; i < r.stop_size(); ++i) {
-    const size_t n = r.stop(i).size();
+  for (int i = 0; i < g.stop_size(); ++i) {
+    const size_t n = g.stop(i).size();
     if (n == 0) return invalid_argument("stop[{}] is empty", i);
     if (n > static_cast<size_t>(limits.max_stop_string_bytes)) {
       return invalid_argument("stop[{}] has {} bytes; the server allows at most {} (max_stop_string_bytes)", i, n,
@@ -46,17 +44,16 @@ Status check_shape(const Req& r, const RequestLimits& limits) {
   return Status();
 }
 
-// Sampling and Star fields -> EngineRequest; `n_prompt` tokens are already known. default_max_tokens applies when
-// the request leaves max_tokens unset.
-template <typename Req>
-Status fill_generation(const Req& r, int64_t n_prompt, int default_max_tokens, const RequestLimits& limits,
-                       EngineRequest* out) {
+// GenerationParams -> EngineRequest's sampling and Star fields, once the prompt (`n_prompt` tokens) is known.
+// default_max_tokens applies when max_tokens is unset.
+Status apply_params(const v1::GenerationParams& g, int64_t n_prompt, int default_max_tokens,
+                    const RequestLimits& limits, EngineRequest* out) {
   if (limits.max_prompt_tokens > 0 && n_prompt > limits.max_prompt_tokens) {
     return invalid_argument("the prompt has {} tokens; the server allows at most {} (max_prompt_tokens)", n_prompt,
                             limits.max_prompt_tokens);
   }
   SamplingParams& s = out->sampling;
-  s.max_tokens = r.has_max_tokens() ? r.max_tokens() : default_max_tokens;
+  s.max_tokens = g.has_max_tokens() ? g.max_tokens() : default_max_tokens;
   if (s.max_tokens < 1) {
     return invalid_argument("the prompt has {} tokens and leaves no room to generate in the context limit of {}",
                             n_prompt, limits.max_context);
@@ -65,69 +62,70 @@ Status fill_generation(const Req& r, int64_t n_prompt, int default_max_tokens, c
     return invalid_argument("prompt ({} tokens) + max_tokens ({}) = {} exceeds the context limit of {} tokens",
                             n_prompt, s.max_tokens, n_prompt + s.max_tokens, limits.max_context);
   }
-  if (r.has_temperature()) s.temperature = r.temperature();
-  if (r.has_top_p()) s.top_p = r.top_p();
-  if (r.has_top_k()) s.top_k = r.top_k();
-  if (r.has_min_p()) s.min_p = r.min_p();
-  if (r.has_repetition_penalty()) s.repetition_penalty = r.repetition_penalty();
-  if (r.has_frequency_penalty()) s.frequency_penalty = r.frequency_penalty();
-  if (r.has_presence_penalty()) s.presence_penalty = r.presence_penalty();
-  if (r.has_seed()) s.seed = r.seed();
-  s.stop.assign(r.stop().begin(), r.stop().end());
-  s.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
+  if (g.has_temperature()) s.temperature = g.temperature();
+  if (g.has_top_p()) s.top_p = g.top_p();
+  if (g.has_top_k()) s.top_k = g.top_k();
+  if (g.has_min_p()) s.min_p = g.min_p();
+  if (g.has_repetition_penalty()) s.repetition_penalty = g.repetition_penalty();
+  if (g.has_frequency_penalty()) s.frequency_penalty = g.frequency_penalty();
+  if (g.has_presence_penalty()) s.presence_penalty = g.presence_penalty();
+  if (g.has_seed()) s.seed = g.seed();
+  s.stop.assign(g.stop().begin(), g.stop().end());
+  s.stop_token_ids.assign(g.stop_token_ids().begin(), g.stop_token_ids().end());
   for (size_t i = 0; i < s.stop_token_ids.size(); ++i) {
     if (s.stop_token_ids[i] < 0 || s.stop_token_ids[i] >= limits.n_vocab) {
       return invalid_argument("stop_token_ids[{}] = {} must be in [0, {}) (n_vocab)", i, s.stop_token_ids[i],
                               limits.n_vocab);
     }
   }
-  if (r.has_ignore_eos()) s.ignore_eos = r.ignore_eos();
-  if (r.has_logprobs()) s.logprobs = r.logprobs();
+  if (g.has_ignore_eos()) s.ignore_eos = g.ignore_eos();
+  if (g.has_logprobs()) s.logprobs = g.logprobs();
   SS_RETURN_IF_ERROR(s.validate(limits.n_vocab));
 
-  switch (r.attention_mode()) {
+  switch (g.attention_mode()) {
     case v1::ATTENTION_MODE_GLOBAL: out->mode = AttentionMode::kGlobal; break;
     case v1::ATTENTION_MODE_EXACT: out->mode = AttentionMode::kExact; break;
     case v1::ATTENTION_MODE_STAR: out->mode = AttentionMode::kStar; break;
     case v1::ATTENTION_MODE_UNSPECIFIED: out->mode = limits.default_mode; break;
     default:
       return invalid_argument("attention_mode = {} is not a known AttentionMode",
-                              static_cast<int>(r.attention_mode()));
+                              static_cast<int>(g.attention_mode()));
   }
   const int size_bound = limits.max_context > 0 ? limits.max_context : INT_MAX;
-  if (r.has_block_size()) {
-    if (r.block_size() < 1 || r.block_size() > size_bound) {
-      return invalid_argument("block_size = {} must be in [1, {}]", r.block_size(), size_bound);
+  if (g.has_block_size()) {
+    if (g.block_size() < 1 || g.block_size() > size_bound) {
+      return invalid_argument("block_size = {} must be in [1, {}]", g.block_size(), size_bound);
     }
-    out->block_size = r.block_size();
+    out->block_size = g.block_size();
   }
-  if (r.has_anchor_size()) {
-    if (r.anchor_size() < 0 || r.anchor_size() > size_bound) {
-      return invalid_argument("anchor_size = {} must be in [0, {}] (0 = no anchor)", r.anchor_size(), size_bound);
+  if (g.has_anchor_size()) {
+    if (g.anchor_size() < 0 || g.anchor_size() > size_bound) {
+      return invalid_argument("anchor_size = {} must be in [0, {}] (0 = no anchor)", g.anchor_size(), size_bound);
     }
-    out->anchor_size = r.anchor_size();
+    out->anchor_size = g.anchor_size();
   }
-  out->return_entropy = r.has_return_attention_entropy() && r.return_attention_entropy();
+  out->return_entropy = g.has_return_attention_entropy() && g.return_attention_entropy();
   return Status();
 }
 
-void split_tokens(std::vector<int32_t> all, int query_tail, EngineRequest* out) {
-  const int64_t n_ctx = split_plain_prompt(static_cast<int64_t>(all.size()), query_tail);
-  out->query.assign(all.begin() + n_ctx, all.end());
-  all.resize(static_cast<size_t>(n_ctx));
-  out->context = std::move(all);
+// A prompt without a split of its own: all of it is the query and the engine picks the context/query cut.
+void set_plain_prompt(std::vector<int32_t> all, EngineRequest* out) {
+  out->context.clear();
+  out->query = std::move(all);
+  out->split_prompt = true;
 }
 
+// ---- prompt builders, one per input shape ----
+
+// CompleteRequest and StreamCompleteRequest: the `input` oneof and `echo`.
 template <typename Req>
-Result<PreparedRequest> prepare_completion_impl(const Req& r, const Tokenizer& tok, const RequestLimits& limits) {
-  SS_RETURN_IF_ERROR(check_shape(r, limits));
-  PreparedRequest p;
+Status build_completion_prompt(const Req& r, const Tokenizer& tok, const RequestLimits& limits,
+                               PreparedRequest* p) {
   switch (r.input_case()) {
     case Req::kPrompt: {
       if (r.prompt().empty()) return invalid_argument("prompt is empty");
-      split_tokens(tok.encode(r.prompt(), /*add_special=*/true, /*parse_special=*/false), limits.query_tail,
-                   &p.engine);
-      if (r.echo()) p.echo_text = r.prompt();
+      set_plain_prompt(tok.encode(r.prompt(), /*add_special=*/true, /*parse_special=*/false), &p->engine);
+      if (r.echo()) p->echo_text = r.prompt();
       break;
     }
     case Req::kPromptTokenIds: {
@@ -139,33 +137,28 @@ Result<PreparedRequest> prepare_completion_impl(const Req& r, const Tokenizer& t
         }
       }
       std::vector<int32_t> all(ids.begin(), ids.end());
-      if (r.echo()) p.echo_text = tok.decode(all);
-      split_tokens(std::move(all), limits.query_tail, &p.engine);
+      if (r.echo()) p->echo_text = tok.decode(all);
+      set_plain_prompt(std::move(all), &p->engine);
       break;
     }
     case Req::kSplit: {
       const v1::SplitPrompt& s = r.split();
       if (s.query().empty()) return invalid_argument("split.query is empty (the question goes to phase 2)");
       if (s.context().empty()) {
-        p.engine.query = tok.encode(s.query(), /*add_special=*/true, /*parse_special=*/false);
+        p->engine.query = tok.encode(s.query(), /*add_special=*/true, /*parse_special=*/false);
       } else {
         // BOS belongs to the start of the sequence, which is the context.
-        p.engine.context = tok.encode(s.context(), /*add_special=*/true, /*parse_special=*/false);
-        p.engine.query = tok.encode(s.query(), /*add_special=*/false, /*parse_special=*/false);
+        p->engine.context = tok.encode(s.context(), /*add_special=*/true, /*parse_special=*/false);
+        p->engine.query = tok.encode(s.query(), /*add_special=*/false, /*parse_special=*/false);
       }
-      if (r.echo()) p.echo_text = s.context() + s.query();
+      if (r.echo()) p->echo_text = s.context() + s.query();
       break;
     }
     default:
       return invalid_argument("no input: set one of prompt, prompt_token_ids or split");
   }
-  if (p.engine.query.empty()) return invalid_argument("the prompt tokenizes to no query tokens");
-  const int64_t n_prompt = static_cast<int64_t>(p.engine.context.size() + p.engine.query.size());
-  // OpenAI's completions default.
-  constexpr int kDefaultCompletionMaxTokens = 16;
-  SS_RETURN_IF_ERROR(
-      fill_generation(r, n_prompt, std::min(kDefaultCompletionMaxTokens, limits.max_tokens_limit), limits, &p.engine));
-  return p;
+  if (p->engine.query.empty()) return invalid_argument("the prompt tokenizes to no query tokens");
+  return Status();
 }
 
 std::string_view trim(std::string_view s) {
@@ -201,14 +194,14 @@ Status check_messages(const google::protobuf::RepeatedPtrField<v1::ChatMessage>&
   return Status();
 }
 
-// Chat prompt -> (context, query). Without a document: the rendered prompt is split like a plain prompt (the last
-// query-tail tokens are the query), as `starserve generate --chat --prompt` does. With a document: it opens the
-// last user message, followed by a blank line and the message's own content (the question); the cut is at the end
-// of the document, so the question, the end of the turn and the assistant header are the query and get exact
-// attention in phase 2 (Star Attention's accuracy depends on the question being in phase 2).
+// Chat prompt -> engine tokens. Without a document: the rendered prompt is a plain prompt (whole in the query,
+// split by the engine), as `starserve generate --chat --prompt` does. With a document: it opens the last user
+// message, followed by a blank line and the message's own content (the question); the cut is at the end of the
+// document, so the question, the end of the turn and the assistant header are the query and get exact attention
+// in phase 2 (Star Attention's accuracy depends on the question being in phase 2).
 Status build_chat_prompt(const google::protobuf::RepeatedPtrField<v1::ChatMessage>& messages,
                          const std::string& document, const Tokenizer& tok, const ChatTemplate& tmpl,
-                         int query_tail, EngineRequest* out, std::string* rendered_out) {
+                         EngineRequest* out, std::string* rendered_out) {
   SS_RETURN_IF_ERROR(check_messages(messages, tmpl));
   std::vector<ChatMessage> msgs;
   msgs.reserve(static_cast<size_t>(messages.size()));
@@ -242,30 +235,64 @@ Status build_chat_prompt(const google::protobuf::RepeatedPtrField<v1::ChatMessag
       out->query = tok.encode(std::string_view(rendered).substr(cut), false, true);
       return Status();
     }
-    spdlog::warn("chat template {} changed the document text; splitting the prompt by the query-tail rule",
+    spdlog::warn("chat template {} changed the document text; the engine splits the prompt by the query-tail rule",
                  tmpl.name());
   }
-  split_tokens(tok.encode(rendered, false, true), query_tail, out);
+  set_plain_prompt(tok.encode(rendered, false, true), out);
+  return Status();
+}
+
+// ChatCompleteRequest and StreamChatCompleteRequest: messages and the optional document.
+template <typename Req>
+Status build_chat_request_prompt(const Req& r, const Tokenizer& tok, const ChatTemplate& tmpl,
+                                 PreparedRequest* p) {
+  SS_RETURN_IF_ERROR(build_chat_prompt(r.messages(), r.context(), tok, tmpl, &p->engine, nullptr));
+  if (p->engine.query.empty()) return invalid_argument("the conversation renders to no query tokens");
   return Status();
 }
 
 template <typename Req>
-Result<PreparedRequest> prepare_chat_impl(const Req& r, const Tokenizer& tok, const ChatTemplate& tmpl,
-                                          const RequestLimits& limits) {
-  SS_RETURN_IF_ERROR(check_shape(r, limits));
+constexpr bool kIsChatRequest =
+    std::is_same_v<Req, v1::ChatCompleteRequest> || std::is_same_v<Req, v1::StreamChatCompleteRequest>;
+
+}  // namespace
+
+template <typename Request>
+Result<PreparedRequest> prepare_request(const Request& r, const Tokenizer& tok, const ChatTemplate* tmpl,
+                                        const RequestLimits& limits) {
+  SS_RETURN_IF_ERROR(check_model(r.model(), limits));
+  SS_RETURN_IF_ERROR(check_params(r.params(), limits));
   PreparedRequest p;
-  SS_RETURN_IF_ERROR(build_chat_prompt(r.messages(), r.context(), tok, tmpl, limits.query_tail, &p.engine, nullptr));
-  if (p.engine.query.empty()) return invalid_argument("the conversation renders to no query tokens");
+  int64_t default_max_tokens = 0;
+  if constexpr (kIsChatRequest<Request>) {
+    SS_CHECK(tmpl != nullptr, "chat requests need a chat template (the service answers FAILED_PRECONDITION)");
+    SS_RETURN_IF_ERROR(build_chat_request_prompt(r, tok, *tmpl, &p));
+  } else {
+    SS_RETURN_IF_ERROR(build_completion_prompt(r, tok, limits, &p));
+  }
   const int64_t n_prompt = static_cast<int64_t>(p.engine.context.size() + p.engine.query.size());
-  // Chat default (as OpenAI and vLLM): as much as the context leaves, capped by the server's limit.
-  int64_t default_max = limits.max_tokens_limit;
-  if (limits.max_context > 0) default_max = std::min<int64_t>(default_max, limits.max_context - n_prompt);
-  SS_RETURN_IF_ERROR(fill_generation(r, n_prompt, static_cast<int>(std::max<int64_t>(default_max, 0)), limits,
-                                     &p.engine));
+  if constexpr (kIsChatRequest<Request>) {
+    // Chat default (as OpenAI and vLLM): as much as the context leaves, capped by the server's limit.
+    default_max_tokens = limits.max_tokens_limit;
+    if (limits.max_context > 0) default_max_tokens = std::min<int64_t>(default_max_tokens, limits.max_context - n_prompt);
+  } else {
+    // OpenAI's completions default.
+    constexpr int kDefaultCompletionMaxTokens = 16;
+    default_max_tokens = std::min(kDefaultCompletionMaxTokens, limits.max_tokens_limit);
+  }
+  SS_RETURN_IF_ERROR(apply_params(r.params(), n_prompt, static_cast<int>(std::max<int64_t>(default_max_tokens, 0)),
+                                  limits, &p.engine));
   return p;
 }
 
-}  // namespace
+template Result<PreparedRequest> prepare_request(const v1::CompleteRequest&, const Tokenizer&, const ChatTemplate*,
+                                                 const RequestLimits&);
+template Result<PreparedRequest> prepare_request(const v1::StreamCompleteRequest&, const Tokenizer&,
+                                                 const ChatTemplate*, const RequestLimits&);
+template Result<PreparedRequest> prepare_request(const v1::ChatCompleteRequest&, const Tokenizer&,
+                                                 const ChatTemplate*, const RequestLimits&);
+template Result<PreparedRequest> prepare_request(const v1::StreamChatCompleteRequest&, const Tokenizer&,
+                                                 const ChatTemplate*, const RequestLimits&);
 
 RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& info, const Tokenizer& tokenizer) {
   RequestLimits l;
@@ -278,40 +305,18 @@ RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& 
   l.max_stop_string_bytes = std::min(config.max_stop_string_bytes, kMaxStopStringBytes);
   // The model's output layer may be padded past the tokenizer's vocabulary; ids must be valid for both.
   l.n_vocab = info.n_vocab > 0 ? std::min(info.n_vocab, tokenizer.n_vocab()) : tokenizer.n_vocab();
-  l.query_tail = info.star_defaults.query_tail;
   l.default_mode = info.star_defaults.mode;
   return l;
-}
-
-Result<PreparedRequest> prepare_completion(const v1::CompleteRequest& request, const Tokenizer& tokenizer,
-                                           const RequestLimits& limits) {
-  return prepare_completion_impl(request, tokenizer, limits);
-}
-
-Result<PreparedRequest> prepare_completion(const v1::StreamCompleteRequest& request, const Tokenizer& tokenizer,
-                                           const RequestLimits& limits) {
-  return prepare_completion_impl(request, tokenizer, limits);
-}
-
-Result<PreparedRequest> prepare_chat(const v1::ChatCompleteRequest& request, const Tokenizer& tokenizer,
-                                     const ChatTemplate& chat_template, const RequestLimits& limits) {
-  return prepare_chat_impl(request, tokenizer, chat_template, limits);
-}
-
-Result<PreparedRequest> prepare_chat(const v1::StreamChatCompleteRequest& request, const Tokenizer& tokenizer,
-                                     const ChatTemplate& chat_template, const RequestLimits& limits) {
-  return prepare_chat_impl(request, tokenizer, chat_template, limits);
 }
 
 Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const Tokenizer& tokenizer,
                                       const ChatTemplate* chat_template, const RequestLimits& limits) {
   v1::TokenizeResponse resp;
-  EngineRequest split;
+  std::vector<int32_t> ids;
   switch (request.input_case()) {
     case v1::TokenizeRequest::kPrompt: {
       const bool add_special = !request.has_add_special_tokens() || request.add_special_tokens();
-      split_tokens(tokenizer.encode(request.prompt(), add_special, /*parse_special=*/false), limits.query_tail,
-                   &split);
+      ids = tokenizer.encode(request.prompt(), add_special, /*parse_special=*/false);
       break;
     }
     case v1::TokenizeRequest::kChat: {
@@ -320,19 +325,19 @@ Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const 
                              fmt::join(ChatTemplate::builtin_names(), ", "));
       }
       std::string rendered;
+      EngineRequest prompt;
       SS_RETURN_IF_ERROR(build_chat_prompt(request.chat().messages(), std::string(), tokenizer, *chat_template,
-                                           limits.query_tail, &split, &rendered));
+                                           &prompt, &rendered));
+      ids = std::move(prompt.context);
+      ids.insert(ids.end(), prompt.query.begin(), prompt.query.end());
       resp.set_rendered(rendered);
       break;
     }
     default:
       return invalid_argument("no input: set prompt or chat");
   }
-  for (int32_t id : split.context) resp.add_token_ids(id);
-  for (int32_t id : split.query) resp.add_token_ids(id);
+  for (int32_t id : ids) resp.add_token_ids(id);
   resp.set_count(resp.token_ids_size());
-  resp.set_context_tokens(static_cast<int32_t>(split.context.size()));
-  resp.set_query_tokens(static_cast<int32_t>(split.query.size()));
   resp.set_max_model_len(limits.max_context);
   if (request.return_token_strings()) {
     for (int32_t id : resp.token_ids()) {

@@ -1,5 +1,6 @@
-// The edge between protobuf and the engine: requests are parsed into native types here (tokenized, split into
-// context and query, validated against the server's limits) and engine results are written back into responses.
+// The edge between protobuf and the engine: requests are parsed into native types here (tokenized, validated
+// against the server's limits) and engine results are written back into responses. How a plain prompt is split
+// into context and query is the engine's decision, not this file's.
 // Nothing past this file sees a protobuf type. All functions are pure apart from tokenizing, so they run on the
 // RPC's thread before the engine is involved.
 #pragma once
@@ -19,7 +20,7 @@
 
 namespace starserve {
 
-// What validation and splitting need to know; built per RPC from ServerConfig and Engine::info().
+// What validation needs to know; built per RPC from ServerConfig and Engine::info().
 struct RequestLimits {
   std::string model_name;     // a request's non-empty `model` must equal it
   int max_context = 0;        // tokens per request (prompt + generated); 0 = not bounded here
@@ -28,7 +29,6 @@ struct RequestLimits {
   int max_stop_strings = 0;
   int max_stop_string_bytes = 0;
   int n_vocab = 0;            // bounds prompt_token_ids, stop_token_ids, top_k
-  int query_tail = 0;         // plain prompts: query tokens; 0 = split_plain_prompt's default rule
   AttentionMode default_mode = AttentionMode::kStar;  // for attention_mode = UNSPECIFIED
 };
 
@@ -39,21 +39,20 @@ struct PreparedRequest {
   std::string echo_text;  // completion with echo: the prompt text the output starts with
 };
 
-// Completion requests: the oneof input -> (context, query) tokens, sampling and Star fields -> EngineRequest.
-// Every error is kInvalidArgument naming the field and the limit (kNotFound for an unknown `model`).
-Result<PreparedRequest> prepare_completion(const v1::CompleteRequest& request, const Tokenizer& tokenizer,
-                                           const RequestLimits& limits);
-Result<PreparedRequest> prepare_completion(const v1::StreamCompleteRequest& request, const Tokenizer& tokenizer,
-                                           const RequestLimits& limits);
-// Chat requests: rendered with chat_template (the caller answers FAILED_PRECONDITION when the model has none).
-// How the rendered prompt is split into context and query: see build_chat_prompt in convert.cpp and the Chat
-// section of completion.proto.
-Result<PreparedRequest> prepare_chat(const v1::ChatCompleteRequest& request, const Tokenizer& tokenizer,
-                                     const ChatTemplate& chat_template, const RequestLimits& limits);
-Result<PreparedRequest> prepare_chat(const v1::StreamChatCompleteRequest& request, const Tokenizer& tokenizer,
-                                     const ChatTemplate& chat_template, const RequestLimits& limits);
+// The four generation requests (CompleteRequest, StreamCompleteRequest, ChatCompleteRequest,
+// StreamChatCompleteRequest) take one path: `model` and the GenerationParams are checked, the request's own prompt
+// builder turns its input into tokens, then the GenerationParams fill EngineRequest's sampling and Star fields.
+// Prompt builders: a plain prompt (text, token ids, or a chat without a document) goes whole into
+// EngineRequest::query with split_prompt set, and the engine decides its context/query split; an explicit split
+// (SplitPrompt, or a chat document) is kept as given. chat_template: required by the chat requests (the caller
+// answers FAILED_PRECONDITION when the model has none), unused by the others. Every error is kInvalidArgument
+// naming the field and the limit (kNotFound for an unknown `model`). Instantiated in convert.cpp for those four.
+template <typename Request>
+Result<PreparedRequest> prepare_request(const Request& request, const Tokenizer& tokenizer,
+                                        const ChatTemplate* chat_template, const RequestLimits& limits);
 
-// Tokenize: chat_template may be null (then chat input is kUnimplemented).
+// Tokenize: chat_template may be null (then chat input is kUnimplemented). The ids are what the engine would get
+// for the same prompt or conversation.
 Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const Tokenizer& tokenizer,
                                       const ChatTemplate* chat_template, const RequestLimits& limits);
 
