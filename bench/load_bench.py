@@ -144,7 +144,8 @@ class Client:
 
     def stream(self, prompt_ids):
         """One streamed greedy completion: TTFT, per-token ITL samples, tokens, server queue time (all ms)."""
-        req = self.pb2.StreamCompleteRequest(max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True)
+        req = self.pb2.StreamCompleteRequest(
+            params=self.pb2.GenerationParams(max_tokens=self.max_tokens, temperature=0.0, ignore_eos=True))
         req.prompt_token_ids.ids.extend(prompt_ids)
         t0 = time.perf_counter()
         first = last = None

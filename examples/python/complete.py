@@ -65,15 +65,17 @@ def fill_request(req, args, pb2):
         req.split.query = args.query
     else:
         req.prompt = args.prompt
-    req.max_tokens = args.max_tokens
+    # Sampling and Star settings live in one GenerationParams, the same message in every generation request.
+    params = req.params
+    params.max_tokens = args.max_tokens
     if args.temperature is not None:
-        req.temperature = args.temperature
+        params.temperature = args.temperature
     if args.seed is not None:
-        req.seed = args.seed
+        params.seed = args.seed
     if args.attention:
-        req.attention_mode = pb2.AttentionMode.Value("ATTENTION_MODE_" + args.attention.upper())
+        params.attention_mode = pb2.AttentionMode.Value("ATTENTION_MODE_" + args.attention.upper())
     if args.entropy:
-        req.return_attention_entropy = True
+        params.return_attention_entropy = True
     return req
 
 
