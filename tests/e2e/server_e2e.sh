@@ -52,6 +52,39 @@ check "unary greedy == generate" 'diff <(printf "%s" "$(cat "$WORK/gen_greedy.tx
 check "stream seeded == generate seeded" 'diff <(printf "%s" "$(cat "$WORK/gen_seed.txt")") <(printf "%s" "$(cat "$WORK/stream_seed.txt")")'
 check "usage and timing reported" 'grep -q "completion 12 tokens" "$WORK/unary_greedy.err"'
 
+# Usage reports the split the engine made: a plain prompt goes to it whole and it keeps the last query-tail
+# tokens as the query; an explicit context/query split is kept as given.
+usage_of() { sed -n 's/^\[finish [a-z]*\] prompt \([0-9]*\) tokens (context \([0-9]*\), query \([0-9]*\)).*/\1 \2 \3/p' "$1"; }
+read -r n_prompt n_ctx n_query <<<"$(usage_of "$WORK/unary_greedy.err")"
+check "usage: the engine splits a plain prompt (context $n_ctx + query $n_query = $n_prompt)" \
+  '[ "${n_ctx:-0}" -gt 0 ] && [ "${n_query:-0}" -gt 0 ] && [ $((n_ctx + n_query)) = "$n_prompt" ]'
+printf "%s" "Red, yellow and blue are the primary colors of paint." >"$WORK/doc.txt"
+QUESTION=" Which colors are named?"
+"${CTL[@]}" tokenize "$(cat "$WORK/doc.txt")" >"$WORK/tok_doc.json" 2>/dev/null
+"${CTL[@]}" tokenize --no-special "$QUESTION" >"$WORK/tok_q.json" 2>/dev/null
+count_of() { sed -n 's/^ *"count": \([0-9]*\).*/\1/p' "$1"; }
+"${CTL[@]}" complete --context-file "$WORK/doc.txt" --query "$QUESTION" --max-tokens 4 --temperature 0 \
+  >/dev/null 2>"$WORK/split.err"
+read -r _ s_ctx s_query <<<"$(usage_of "$WORK/split.err")"
+check "usage: an explicit split is kept (context $s_ctx, query $s_query)" \
+  '[ -n "$s_ctx" ] && [ "$s_ctx" = "$(count_of "$WORK/tok_doc.json")" ] && [ "$s_query" = "$(count_of "$WORK/tok_q.json")" ]'
+
+# Echo: unary and streaming both start with the prompt and agree.
+"${CTL[@]}" complete --prompt "$PROMPT" --max-tokens 4 --temperature 0 --ignore-eos --echo >"$WORK/echo_unary.txt" 2>/dev/null
+"${CTL[@]}" stream --prompt "$PROMPT" --max-tokens 4 --temperature 0 --ignore-eos --echo >"$WORK/echo_stream.txt" 2>/dev/null
+check "echo: the output starts with the prompt, unary == stream" \
+  '[ "$(head -c ${#PROMPT} "$WORK/echo_unary.txt")" = "$PROMPT" ] && diff -q "$WORK/echo_unary.txt" "$WORK/echo_stream.txt" >/dev/null'
+
+# Chat: unary and streaming give the same reply; a document is the context and the question the query.
+"${CTL[@]}" chat "What is the capital of France?" --max-tokens 8 --temperature 0 >"$WORK/chat_unary.txt" 2>"$WORK/chat_unary.err"
+"${CTL[@]}" chat "What is the capital of France?" --max-tokens 8 --temperature 0 --stream >"$WORK/chat_stream.txt" 2>/dev/null
+check "chat: unary == stream, non-empty" '[ -s "$WORK/chat_unary.txt" ] && diff -q "$WORK/chat_unary.txt" "$WORK/chat_stream.txt" >/dev/null'
+"${CTL[@]}" chat "Which colors are named?" --context-file "$WORK/doc.txt" --max-tokens 4 --temperature 0 \
+  >/dev/null 2>"$WORK/chat_doc.err"
+read -r _ c_ctx c_query <<<"$(usage_of "$WORK/chat_doc.err")"
+check "chat with a document: the document is in the context (context $c_ctx, query $c_query)" \
+  '[ "${c_ctx:-0}" -gt "$(count_of "$WORK/tok_doc.json")" ] && [ "${c_query:-0}" -gt 0 ]'
+
 # Attention entropy over gRPC (2 ranks, merged across them) equals `starserve generate --entropy`'s, layer by layer.
 "$BIN/starserve" generate --model "$MODEL" --prompt "$PROMPT" --max-tokens 6 --temperature 0 --ignore-eos \
   --attention global --entropy --log-level warn 2>&1 >/dev/null |
