@@ -41,7 +41,7 @@
 #include "kernels/gemv.h"
 #include "bench/gpu/bench_args.h"
 #include "comm/communicator.h"
-#include "engine/local_attention.h"
+#include "star/local_attention.h"
 #include "model/random_source.h"
 #include "star/context_encoder.h"
 #include "star/partition.h"

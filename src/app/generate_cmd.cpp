@@ -1,25 +1,19 @@
 // `starserve generate`: one request, start to end, on every rank of the job.
-#include <chrono>
+#include <algorithm>
 #include <cstdio>
+#include <optional>
 #include <fstream>
 #include <sstream>
 
-#include <spdlog/spdlog.h>
-
 #include "app/commands.h"
 #include "app/runtime.h"
-#include "engine/text_controller.h"
+#include "common/log.h"
+#include "engine/serving_engine.h"
 #include "model/chat_template.h"
-#include "star/context_encoder.h"
 
 namespace starserve {
 
 namespace {
-
-struct PromptTokens {
-  std::vector<int32_t> context;
-  std::vector<int32_t> query;
-};
 
 Result<std::string> read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -29,8 +23,10 @@ Result<std::string> read_file(const std::string& path) {
   return ss.str();
 }
 
-// Rank 0: text -> (context tokens, query tokens).
-Result<PromptTokens> build_prompt(const CommandLine& cl, const Tokenizer& tok, int query_tail) {
+// Rank 0: text -> the request's tokens. With --context-file the split is the user's: the document
+// is the context and the question the query. A plain prompt goes whole, and the engine splits it
+// (EngineRequest::split_prompt), exactly as it does for the gRPC API.
+Status build_prompt(const CommandLine& cl, const Tokenizer& tok, EngineRequest* req) {
   const GenerateInputs& g = cl.generate;
   const bool split = !g.context_file.empty();
   if (split && g.query.empty()) return invalid_argument("--context-file needs --query");
@@ -40,7 +36,6 @@ Result<PromptTokens> build_prompt(const CommandLine& cl, const Tokenizer& tok, i
   if (split) {
     SS_ASSIGN_OR_RETURN(context_text, read_file(g.context_file));
   }
-  PromptTokens out;
   if (g.chat) {
     Result<ChatTemplate> tmpl = cl.config.model.chat_template.empty()
                                     ? ChatTemplate::detect(tok.chat_template())
@@ -56,133 +51,83 @@ Result<PromptTokens> build_prompt(const CommandLine& cl, const Tokenizer& tok, i
       const size_t at = rendered.find(context_text);
       SS_CHECK(at != std::string::npos, "chat template dropped the context text");
       const size_t cut = at + context_text.size();
-      out.context = tok.encode(std::string_view(rendered).substr(0, cut), false, true);
-      out.query = tok.encode(std::string_view(rendered).substr(cut), false, true);
-      return out;
+      req->context = tok.encode(std::string_view(rendered).substr(0, cut), false, true);
+      req->query = tok.encode(std::string_view(rendered).substr(cut), false, true);
+      return Status();
     }
-    std::vector<int32_t> all = tok.encode(rendered, false, true);
-    const int64_t n_ctx = split_plain_prompt(static_cast<int64_t>(all.size()), query_tail);
-    out.context.assign(all.begin(), all.begin() + n_ctx);
-    out.query.assign(all.begin() + n_ctx, all.end());
-    return out;
+    req->query = tok.encode(rendered, false, true);
+    req->split_prompt = true;
+    return Status();
   }
   if (split) {
-    out.context = tok.encode(context_text, true, false);
-    out.query = tok.encode(g.query, false, false);
-    return out;
+    req->context = tok.encode(context_text, true, false);
+    req->query = tok.encode(g.query, false, false);
+    return Status();
   }
-  std::vector<int32_t> all = tok.encode(g.prompt, true, false);
-  const int64_t n_ctx = split_plain_prompt(static_cast<int64_t>(all.size()), query_tail);
-  out.context.assign(all.begin(), all.begin() + n_ctx);
-  out.query.assign(all.begin() + n_ctx, all.end());
-  return out;
+  req->query = tok.encode(g.prompt, true, false);
+  req->split_prompt = true;
+  return Status();
 }
 
-// Rank 0's prompt, checked and broadcast to every rank. An error is broadcast too (as size -1)
-// so that no rank waits for tokens that will never come.
-Result<PromptTokens> share_prompt(Communicator& comm, Result<PromptTokens> mine) {
-  int64_t sizes[2] = {-1, -1};
-  if (comm.rank() == 0 && mine.ok()) {
-    sizes[0] = static_cast<int64_t>(mine->context.size());
-    sizes[1] = static_cast<int64_t>(mine->query.size());
-  }
-  SS_RETURN_IF_ERROR(comm.broadcast(sizes, sizeof(sizes), 0));
-  if (sizes[0] < 0) return comm.rank() == 0 ? mine.status() : unavailable("rank 0 could not build the prompt");
-  PromptTokens p;
-  if (comm.rank() == 0) p = std::move(mine).value();
-  p.context.resize(sizes[0]);
-  p.query.resize(sizes[1]);
-  if (sizes[0] > 0) SS_RETURN_IF_ERROR(comm.broadcast(p.context.data(), sizes[0] * sizeof(int32_t), 0));
-  if (sizes[1] > 0) SS_RETURN_IF_ERROR(comm.broadcast(p.query.data(), sizes[1] * sizeof(int32_t), 0));
-  return p;
-}
-
-Status generate(const CommandLine& cl, Runtime& rt) {
-  using Clock = std::chrono::steady_clock;
-  Communicator& comm = *rt.comm;
-  const bool coord = comm.rank() == 0;
+// Rank 0: the one request, submitted to the serving engine; its text streams to stdout and its
+// timing (and entropy) go to stderr when it finishes. The engine stops after it.
+Status generate(const CommandLine& cl, Runtime& rt, ServingEngine& engine) {
   const GenerateInputs& g = cl.generate;
   const ModelHParams& hp = rt.model->hparams();
-
-  Result<PromptTokens> local = invalid_argument("not the coordinator");
-  if (coord) {
-    SS_RETURN_IF_ERROR(g.sampling.validate(hp.n_vocab));
-    local = build_prompt(cl, *rt.files.tokenizer, cl.config.star.query_tail);
-    if (local.ok()) {
-      const int64_t total = static_cast<int64_t>(local->context.size() + local->query.size()) + g.sampling.max_tokens;
-      if (local->query.empty()) {
-        local = invalid_argument("the query is empty after tokenization");
-      } else if (total > rt.max_context) {
-        local = out_of_range("prompt of {} tokens + max_tokens {} = {} exceeds the maximum context of {} tokens",
-                             local->context.size() + local->query.size(), g.sampling.max_tokens, total,
-                             rt.max_context);
+  EngineRequest req;
+  req.sampling = g.sampling;
+  req.mode = cl.config.star.mode;
+  req.block_size = cl.config.star.block_size;
+  req.anchor_size = cl.config.star.anchor_size;
+  req.n_blocks = cl.config.star.n_blocks;
+  req.return_entropy = g.print_entropy;
+  SS_RETURN_IF_ERROR(build_prompt(cl, *rt.files.tokenizer, &req));
+  if (req.query.empty()) return invalid_argument("the query is empty after tokenization");
+  const int64_t n_prompt = static_cast<int64_t>(req.context.size() + req.query.size());
+  if (n_prompt + g.sampling.max_tokens > rt.max_context) {
+    return out_of_range("prompt of {} tokens + max_tokens {} = {} exceeds the maximum context of {} tokens", n_prompt,
+                        g.sampling.max_tokens, n_prompt + g.sampling.max_tokens, rt.max_context);
+  }
+  const AttentionMode mode = req.mode;
+  std::optional<EngineEvent> finished;
+  SS_ASSIGN_OR_RETURN(RequestId id, engine.submit(std::move(req), [&](const EngineEvent& ev) {
+    if (ev.kind == EngineEvent::Kind::kToken) {
+      std::fwrite(ev.token.text.data(), 1, ev.token.text.size(), stdout);
+      std::fflush(stdout);
+      if (ev.token.logprobs) {
+        std::string top;
+        for (const auto& [tid, lp] : ev.token.logprobs->top) top += fmt::format(" {}:{:.3f}", tid, lp);
+        std::fprintf(stderr, "[logprobs] token %d %.4f top%s\n", ev.token.token, ev.token.logprobs->logprob,
+                     top.c_str());
       }
+      return;
     }
-  }
-  SS_ASSIGN_OR_RETURN(PromptTokens prompt, share_prompt(comm, std::move(local)));
-  const int64_t n_ctx = static_cast<int64_t>(prompt.context.size());
-
-  // Phase 1 (or the global / exact context encoding).
-  const SeqId seq = 1;
-  ContextEncoder encoder(*rt.model, *rt.cache, comm);
-  const ContextPlan plan{cl.config.star.mode, cl.config.star.block_size, cl.config.star.anchor_size,
-                         cl.config.star.n_blocks};
-  SS_ASSIGN_OR_RETURN(StarLayout layout, encoder.layout_for(n_ctx, plan));
-  if (coord) {
-    spdlog::info("prompt: {} context + {} query tokens; attention {} with {} blocks of {} tokens, anchor {}",
-                 n_ctx, prompt.query.size(), attention_mode_name(plan.mode), layout.blocks.size(), layout.block_size,
-                 layout.anchor_size);
-  }
-  const auto t0 = Clock::now();
-  SS_RETURN_IF_ERROR(encoder.encode(seq, prompt.context, layout, plan.mode, [&](int done, int total) {
-    spdlog::info("phase 1: block {}/{} encoded on this rank", done, total);
+    finished = ev;
+    engine.stop();
   }));
-  float phase1_s = std::chrono::duration<float>(Clock::now() - t0).count();
-  SS_RETURN_IF_ERROR(comm.all_reduce_max(&phase1_s, 1));  // the slowest rank sets the pace
-
-  // Phase 2: query and generation.
-  Phase2Attention phase2(rt.model->backend(), *rt.cache, hp, comm, MergeAlgo::kAuto);
-  phase2.register_sequence(seq, comm.rank() == layout.query_host, n_ctx);
-  EntropyStats entropy;
-  if (g.print_entropy) {
-    entropy.reset(hp.n_layers, hp.n_heads);
-    phase2.track_entropy(seq, &entropy);
-  }
-  std::unique_ptr<TextController> controller;
-  if (coord) {
-    std::vector<int32_t> all = prompt.context;
-    all.insert(all.end(), prompt.query.begin(), prompt.query.end());
-    controller = std::make_unique<TextController>(
-        *rt.files.tokenizer, g.sampling, std::move(all), [&](const TokenEvent& ev) {
-          std::fwrite(ev.text.data(), 1, ev.text.size(), stdout);
-          std::fflush(stdout);
-          if (ev.logprobs) {
-            std::string top;
-            for (const auto& [id, lp] : ev.logprobs->top) top += fmt::format(" {}:{:.3f}", id, lp);
-            std::fprintf(stderr, "[logprobs] token %d %.4f top%s\n", ev.token, ev.logprobs->logprob, top.c_str());
-          }
-        });
-  }
-  SS_ASSIGN_OR_RETURN(DecodeOutcome out, run_decode_loop(*rt.model, phase2, seq, prompt.query, n_ctx, comm,
-                                                         controller.get()));
-  rt.cache->free_sequence(seq);
-  if (coord) {
-    controller->finish(out.finish);
-    std::fputc('\n', stdout);
-    std::fflush(stdout);
-    const double n_gen = static_cast<double>(out.tokens.size());
-    std::fprintf(stderr,
-                 "[timing] context %lld tokens in %.3f s (%.1f tok/s, %s); query %zu tokens + first token %.3f s; "
-                 "decode %d tokens in %.3f s (%.2f tok/s); finish %s\n",
-                 static_cast<long long>(n_ctx), phase1_s, phase1_s > 0 ? n_ctx / phase1_s : 0.0,
-                 attention_mode_name(plan.mode), prompt.query.size(), out.first_step_s,
-                 static_cast<int>(n_gen - 1), out.decode_s, n_gen > 1 && out.decode_s > 0 ? (n_gen - 1) / out.decode_s : 0.0,
-                 finish_reason_name(out.finish));
-    if (g.print_entropy) {
-      for (int l = 0; l < hp.n_layers; ++l) {
-        std::fprintf(stderr, "[entropy] layer %2d mean %.4f nats (max %.4f)\n", l, entropy.layer_mean(l),
-                     entropy.mean_max(l, 0));
-      }
+  log_info("request {}: {} prompt tokens; attention {}", id, n_prompt, attention_mode_name(mode));
+  SS_RETURN_IF_ERROR(engine.run());
+  SS_CHECK(finished.has_value(), "the engine stopped before request {} finished", id);
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+  if (finished->finish == FinishReason::kError) return finished->error;
+  const EngineTiming& t = finished->timing;
+  const EngineUsage& u = finished->usage;
+  const double phase1_s = t.phase1_ms / 1000.0;
+  // The query's forward and the first token: from the end of phase 1 to the first token.
+  const double first_step_s = std::max(0.0, t.time_to_first_token_ms - t.queue_ms - t.phase1_ms) / 1000.0;
+  const double decode_s = t.decode_ms / 1000.0;
+  const long long n_decode = std::max<long long>(0, u.completion_tokens - 1);
+  std::fprintf(stderr,
+               "[timing] context %lld tokens in %.3f s (%.1f tok/s, %s); query %lld tokens + first token %.3f s; "
+               "decode %lld tokens in %.3f s (%.2f tok/s); finish %s\n",
+               static_cast<long long>(u.context_tokens), phase1_s, phase1_s > 0 ? u.context_tokens / phase1_s : 0.0,
+               attention_mode_name(mode), static_cast<long long>(u.query_tokens), first_step_s, n_decode, decode_s,
+               n_decode > 0 && decode_s > 0 ? n_decode / decode_s : 0.0, finish_reason_name(finished->finish));
+  if (g.print_entropy && finished->entropy) {
+    for (int l = 0; l < hp.n_layers; ++l) {
+      std::fprintf(stderr, "[entropy] layer %2d mean %.4f nats (max %.4f)\n", l, finished->entropy->layer_mean(l),
+                   finished->entropy->mean_max(l, 0));
     }
   }
   return Status();
@@ -199,9 +144,26 @@ int run_generate(const CommandLine& cl, int* argc, char*** argv) {
   Runtime rt;
   rt.comm = std::move(comm).value();
   Status st = start_runtime(cl.config, rt);
-  if (st.ok()) st = generate(cl, rt);
   if (!st.ok()) {
-    spdlog::error("{}", st.to_string());
+    log_error("{}", st.to_string());
+    return 1;
+  }
+  // The same engine as `serve`: rank 0 submits and runs the scheduler loop, the other ranks follow
+  // its steps until it stops them.
+  const EngineContext ctx = engine_context(cl.config, rt);
+  if (rt.comm->rank() != 0) {
+    st = run_worker(ctx);
+    if (!st.ok()) log_error("worker stopped: {}", st.to_string());
+    return st.ok() ? 0 : 1;
+  }
+  ServingEngine engine(ctx);
+  st = generate(cl, rt, engine);
+  if (!st.ok()) {
+    // A request refused before it ran leaves the workers waiting for a step: stop them.
+    engine.stop();
+    const Status stopped = engine.run();
+    if (!stopped.ok()) log_error("{}", stopped.to_string());
+    log_error("{}", st.to_string());
     return 1;
   }
   return 0;

@@ -4,7 +4,7 @@
 #include <chrono>
 #include <thread>
 
-#include <spdlog/spdlog.h>
+#include "common/log.h"
 
 #include "app/options.h"
 #include "common/log.h"
@@ -19,7 +19,7 @@ Result<std::unique_ptr<Communicator>> start_communicator(int* argc, char*** argv
 Status start_runtime(const Config& config, Runtime& rt) {
   SS_RETURN_IF_ERROR(setup_logging(config.log.level, rt.comm->rank(), rt.comm->world_size()));
   if (rt.comm->rank() == 0) {
-    spdlog::info("starserve {} ranks ({}), config: {}", rt.comm->world_size(), rt.comm->name(), describe_config(config));
+    log_info("starserve {} ranks ({}), config: {}", rt.comm->world_size(), rt.comm->name(), describe_config(config));
   }
   const int n_gpus = config.parallel.backend == "cpu" ? 0 : cuda_device_count();
   if (config.parallel.backend == "cuda" || (config.parallel.backend == "auto" && n_gpus > 0)) {
@@ -36,11 +36,11 @@ Status start_runtime(const Config& config, Runtime& rt) {
         // Phase-2 merges and exact-mode KV exchange then run on device buffers over NCCL.
         SS_ASSIGN_OR_RETURN(rt.comm, make_nccl_communicator(std::move(rt.comm), device));
         if (lay.rank == 0) {
-          spdlog::info("{} ranks, one GPU each ({} per host): device collectives over {}", lay.world_size,
+          log_info("{} ranks, one GPU each ({} per host): device collectives over {}", lay.world_size,
                        lay.local_size, rt.comm->name());
         }
       } else if (lay.rank == 0) {
-        spdlog::warn("{} ranks per host share {} GPU(s): collectives go through {} on host memory (NCCL needs one "
+        log_warn("{} ranks per host share {} GPU(s): collectives go through {} on host memory (NCCL needs one "
                      "GPU per rank)",
                      lay.local_size, n_gpus, rt.comm->name());
       }
@@ -60,7 +60,7 @@ Status start_runtime(const Config& config, Runtime& rt) {
   const ModelHParams& hp = rt.model->hparams();
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (rt.comm->rank() == 0) {
-    spdlog::info("model {} ({}): {} layers, hidden {}, heads {}/{}, vocab {}, context {}; loaded in {:.2f} s on {}",
+    log_info("model {} ({}): {} layers, hidden {}, heads {}/{}, vocab {}, context {}; loaded in {:.2f} s on {}",
                  hp.name, rt.files.weights->describe(), hp.n_layers, hp.hidden, hp.n_heads, hp.n_kv_heads,
                  hp.n_vocab, hp.max_context, load_s, rt.backend->name());
   }
@@ -79,11 +79,25 @@ Status start_runtime(const Config& config, Runtime& rt) {
   rt.cache = std::make_unique<KvCache>(
       *rt.backend, KvCacheShape{hp.n_layers, hp.n_kv_heads, hp.head_dim, config.scheduler.kv_page_size, pages});
   if (rt.comm->rank() == 0) {
-    spdlog::info("KV cache per rank: {} pages x {} tokens = {} tokens ({} MiB)", pages,
+    log_info("KV cache per rank: {} pages x {} tokens = {} tokens ({} MiB)", pages,
                  config.scheduler.kv_page_size, pages * config.scheduler.kv_page_size,
                  pages * page_bytes >> 20);
   }
   return Status();
+}
+
+EngineContext engine_context(const Config& config, const Runtime& rt) {
+  EngineContext ctx;
+  ctx.model = rt.model.get();
+  ctx.cache = rt.cache.get();
+  ctx.comm = rt.comm.get();
+  ctx.tokenizer = rt.files.tokenizer.get();
+  ctx.model_path = config.model.path;
+  ctx.max_context = rt.max_context;
+  ctx.star = config.star;
+  ctx.scheduler = config.scheduler;
+  ctx.devices.assign(rt.comm->world_size(), rt.backend->name());
+  return ctx;
 }
 
 }  // namespace starserve

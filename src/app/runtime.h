@@ -7,7 +7,8 @@
 #include "backend/backend.h"
 #include "comm/communicator.h"
 #include "common/config.h"
-#include "engine/kv_cache.h"
+#include "engine/serving_engine.h"
+#include "kv/kv_cache.h"
 #include "model/loader.h"
 #include "model/model.h"
 
@@ -25,5 +26,7 @@ struct Runtime {
 // MPI when started by a launcher, else a world of one. Errors are already logged.
 Result<std::unique_ptr<Communicator>> start_communicator(int* argc, char*** argv);
 Status start_runtime(const Config& config, Runtime& rt);
+// What the serving engine (rank 0) and run_worker (the others) need of the runtime.
+EngineContext engine_context(const Config& config, const Runtime& rt);
 
 }  // namespace starserve

@@ -3,7 +3,7 @@
 #include <csignal>
 #include <thread>
 
-#include <spdlog/spdlog.h>
+#include "common/log.h"
 
 #include "app/commands.h"
 #include "app/runtime.h"
@@ -37,22 +37,13 @@ int run_serve(const CommandLine& cl, int* argc, char*** argv) {
   rt.comm = std::move(comm).value();
   Status st = start_runtime(cl.config, rt);
   if (!st.ok()) {
-    spdlog::error("{}", st.to_string());
+    log_error("{}", st.to_string());
     return 1;
   }
-  EngineContext ctx;
-  ctx.model = rt.model.get();
-  ctx.cache = rt.cache.get();
-  ctx.comm = rt.comm.get();
-  ctx.tokenizer = rt.files.tokenizer.get();
-  ctx.model_path = cl.config.model.path;
-  ctx.max_context = rt.max_context;
-  ctx.star = cl.config.star;
-  ctx.scheduler = cl.config.scheduler;
-  ctx.devices.assign(rt.comm->world_size(), rt.backend->name());
+  const EngineContext ctx = engine_context(cl.config, rt);
   if (rt.comm->rank() != 0) {
     st = run_worker(ctx);
-    if (!st.ok()) spdlog::error("worker stopped: {}", st.to_string());
+    if (!st.ok()) log_error("worker stopped: {}", st.to_string());
     return st.ok() ? 0 : 1;
   }
 
@@ -62,10 +53,10 @@ int run_serve(const CommandLine& cl, int* argc, char*** argv) {
   if (t.ok()) {
     tmpl = std::move(t).value();
   } else if (!cl.config.model.chat_template.empty()) {
-    spdlog::error("{}", t.status().to_string());
+    log_error("{}", t.status().to_string());
     return 1;
   } else {
-    spdlog::warn("chat RPCs disabled: {}", t.status().to_string());
+    log_warn("chat RPCs disabled: {}", t.status().to_string());
   }
   ServerConfig server_cfg = cl.config.server;
   if (server_cfg.max_prompt_tokens == 0) server_cfg.max_prompt_tokens = rt.max_context;
@@ -73,7 +64,7 @@ int run_serve(const CommandLine& cl, int* argc, char*** argv) {
   GrpcServer server(server_cfg, engine, *rt.files.tokenizer, std::move(tmpl));
   st = server.start();
   if (!st.ok()) {
-    spdlog::error("{}", st.to_string());
+    log_error("{}", st.to_string());
     // Workers wait for steps: end them cleanly.
     engine.stop();
     (void)engine.run();
@@ -81,11 +72,11 @@ int run_serve(const CommandLine& cl, int* argc, char*** argv) {
   }
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
-  spdlog::info("serving on {}:{} ({} ranks){}", server_cfg.host, server.port(), rt.comm->world_size(),
+  log_info("serving on {}:{} ({} ranks){}", server_cfg.host, server.port(), rt.comm->world_size(),
                server.metrics_port() ? fmt::format(", metrics on :{}", server.metrics_port()) : "");
   std::thread watcher([&] {
     while (!g_stop) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    spdlog::info("shutting down");
+    log_info("shutting down");
     server.shutdown(std::chrono::seconds(5));
     engine.stop();
   });
@@ -94,7 +85,7 @@ int run_serve(const CommandLine& cl, int* argc, char*** argv) {
   watcher.join();
   server.wait();
   if (!st.ok()) {
-    spdlog::error("engine stopped: {}", st.to_string());
+    log_error("engine stopped: {}", st.to_string());
     rt.comm->abort_job(1);  // a rank is gone: end the job rather than hang
     return 1;
   }

@@ -1,9 +1,21 @@
-// SS_CHECK: the one macro for broken invariants. It aborts with file:line; it is never used for
-// errors a user can cause (those return Status).
+// The one checking family of the code base.
+//   SS_CHECK(cond, fmt, ...)   a broken invariant: aborts with file:line. Never used for errors a
+//                              user can cause (those return Status).
+// Return codes of the libraries we call (CUDA runtime, cuBLAS, NCCL, MPI) go through two macros
+// over the same per-library description:
+//   SS_CHECK_CALL(expr)        aborts with file:line, the call and the library's message unless the
+//                              call succeeded (host code around kernels, where a failure is a bug);
+//   SS_RETURN_IF_CALL_FAILED(expr)
+//                              returns kInternal naming the call and the message (communicators,
+//                              where a failure is an expected error: a peer is gone).
+// A library takes part by declaring, next to the one place that includes its header, two
+// overloads in namespace starserve on its return-code type: `bool call_ok(Code)` and `std::string call_message(Code)`
+// (kernels/cuda_check.h for CUDA, the cuBLAS wrapper in backend/cuda, comm/ for NCCL and MPI).
 #pragma once
 
 #include <cstdio>
 #include <cstdlib>
+#include <string>
 
 #include <fmt/format.h>
 
@@ -20,4 +32,20 @@ namespace starserve::detail {
   do {                                                                                           \
     if (!(cond)) ::starserve::detail::check_failed(__FILE__, __LINE__, #cond,                    \
                                                    ::fmt::format("" __VA_ARGS__));               \
+  } while (0)
+
+// SS_CHECK_CALL(cudaMalloc(&p, n));
+#define SS_CHECK_CALL(expr)                                                                      \
+  do {                                                                                           \
+    const auto ss_rc_ = (expr);                                                                  \
+    if (!::starserve::call_ok(ss_rc_)) ::starserve::detail::check_failed(__FILE__, __LINE__, #expr,           \
+                                                            "failed: " + ::starserve::call_message(ss_rc_));  \
+  } while (0)
+
+// SS_RETURN_IF_CALL_FAILED(ncclAllReduce(...)); needs common/status.h.
+#define SS_RETURN_IF_CALL_FAILED(expr)                                                           \
+  do {                                                                                           \
+    const auto ss_rc_ = (expr);                                                                  \
+    if (!::starserve::call_ok(ss_rc_))                                                          \
+      return ::starserve::internal_error("{} failed: {}", #expr, ::starserve::call_message(ss_rc_)); \
   } while (0)

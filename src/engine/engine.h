@@ -1,6 +1,7 @@
 // Engine: what the server (and any other front end) sees of inference. Requests arrive as token
 // ids with their settings; results leave as events. The engine runs on rank 0 and drives the
-// worker ranks through the control protocol (engine/control.h); it never sees protobuf types.
+// worker ranks through the control protocol (engine/control.h); `starserve generate` and `serve`
+// both submit to it; it never sees protobuf types.
 // Thread-safety: submit/cancel/info may be called from any thread; events are delivered on the
 // engine's own thread, in order per request, and must not block.
 #pragma once
@@ -14,22 +15,26 @@
 
 #include "common/config.h"
 #include "common/status.h"
-#include "engine/attention_stats.h"
-#include "engine/decode_loop.h"
+#include "star/attention_stats.h"
+#include "engine/decode_controller.h"
+#include "engine/scheduler.h"
 #include "engine/sampling.h"
 #include "engine/text_controller.h"
 
 namespace starserve {
 
-using RequestId = uint64_t;
-
 struct EngineRequest {
   std::vector<int32_t> context;  // encoded in phase 1 (may be empty)
   std::vector<int32_t> query;    // phase 2; at least one token
+  // A plain prompt with no context/query split of its own: `query` holds the whole prompt (context
+  // empty) and the engine splits it, keeping the last StarConfig::query_tail tokens as the query
+  // (split_plain_prompt's rule when 0). Front ends never decide the split themselves.
+  bool split_prompt = false;
   SamplingParams sampling;       // validated by the engine
   AttentionMode mode = AttentionMode::kStar;
   int block_size = 0;            // 0 = server default
   int anchor_size = -1;          // -1 = server default
+  int n_blocks = 0;              // > 0: blocks of ceil(n_context / n_blocks) tokens, overriding block_size
   bool return_entropy = false;   // per-layer/head mean entropy of the query and generated tokens
   std::optional<std::chrono::steady_clock::time_point> deadline;
 };
@@ -45,6 +50,7 @@ struct EngineTiming {
   double phase1_ms = 0;          // context encoding (slowest rank)
   double time_to_first_token_ms = 0;  // submit -> first token
   double tokens_per_second = 0;  // decode rate after the first token
+  double decode_ms = 0;          // first token -> finish
 };
 
 struct EngineEvent {

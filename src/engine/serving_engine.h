@@ -1,34 +1,29 @@
-// The serving engine: continuous batching over MPI ranks.
+// The serving engine: continuous batching over MPI ranks, the one path every front end uses
+// (`starserve generate` submits one request and stops; `serve` submits from gRPC threads).
 //
-// Rank 0 (ServingEngine::run) owns the request queue and the scheduler. Each iteration it picks
-// one step and broadcasts it to the workers (run_worker) through the control protocol, then every
-// rank executes the same step:
-//   ADMIT   new requests (context tokens and plan) — every rank records them;
-//   ENCODE  one phase-1 block per encoding request on each rank (exact mode: the whole context, a
-//           collective step) — interleaved with decode steps, so running requests keep streaming;
-//   DECODE  one forward over a batch: the query of requests whose context is encoded, and one
-//           token for each running request; Phase2Attention merges across ranks once per layer;
-//   RELEASE finished or cancelled requests: every rank frees their KV;
-//   STOP    shut down.
-// KV admission is decided on rank 0 against a mirror of every rank's page pool (all ranks have the
-// same pool and deterministic demand), so a request is only started when it fits on every rank;
-// otherwise it waits in a bounded queue (RESOURCE_EXHAUSTED beyond it, or when it could never fit).
+// Rank 0 (ServingEngine::run) owns the requests and the Scheduler (engine/scheduler.h). Each
+// iteration it releases what finished, admits what fits, then runs one phase-1 step for every
+// request still encoding and one decode forward over every request whose context is encoded, so
+// running requests keep streaming while new contexts are encoded. Each step goes to the workers
+// (run_worker) through the control protocol (engine/control.h) and every rank executes it.
+// Requests that do not fit wait in a bounded queue (RESOURCE_EXHAUSTED beyond it, or when they
+// could never fit).
 #pragma once
 
 #include <atomic>
 #include <condition_variable>
-#include <deque>
 #include <map>
 #include <memory>
 #include <mutex>
 
 #include "comm/communicator.h"
 #include "common/config.h"
+#include "engine/control.h"
 #include "engine/engine.h"
-#include "engine/kv_cache.h"
+#include "engine/scheduler.h"
+#include "kv/kv_cache.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
-#include "star/context_encoder.h"
 
 namespace starserve {
 
@@ -62,23 +57,24 @@ class ServingEngine final : public Engine {
  private:
   struct Active;
   Status step();
-  bool admit_waiting();
+  void admit_waiting();
   void finish(Active& a, FinishReason reason, Status error = Status());
+  Status release_finished();
+  void publish_stats();
 
   EngineContext ctx_;
   std::atomic<bool> ready_{false};
   std::atomic<bool> stopping_{false};
   mutable std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<std::unique_ptr<Active>> incoming_;   // submitted, not yet admitted (guarded by mu_)
-  std::map<RequestId, std::unique_ptr<Active>> active_;  // engine thread only
-  std::vector<RequestId> cancel_requests_;         // guarded by mu_
-  RequestId next_id_ = 1;
-  int64_t pages_free_ = 0;                         // mirror of each rank's free pages (engine thread)
+  Scheduler scheduler_;                               // guarded by mu_
+  std::map<RequestId, std::unique_ptr<Active>> waiting_;  // submitted, not yet admitted (guarded by mu_)
+  std::map<RequestId, std::unique_ptr<Active>> active_;   // engine thread only
+  std::vector<RequestId> cancel_requests_;            // guarded by mu_
+  RequestId next_id_ = 1;                             // guarded by mu_
   std::atomic<int> queue_depth_{0}, running_{0};
   std::atomic<int64_t> pages_free_snapshot_{0};
-  std::unique_ptr<class EngineState> state_;
-  void publish_stats();
+  std::unique_ptr<StepExecutor> executor_;
   mutable std::mutex stats_mu_;  // guards the snapshots below, read by info() from other threads
   std::vector<int64_t> pages_used_snapshot_;
   double merge_seconds_snapshot_ = 0;

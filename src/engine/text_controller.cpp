@@ -4,6 +4,17 @@
 
 namespace starserve {
 
+const char* finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::kUnspecified: return "unspecified";
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kError: return "error";
+  }
+  return "unknown";
+}
+
 TextController::TextController(const Tokenizer& tokenizer, const SamplingParams& params,
                                std::vector<int32_t> prompt_tokens, EventFn on_event, PollFn poll)
     : tokenizer_(tokenizer),

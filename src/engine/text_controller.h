@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "engine/decode_loop.h"
+#include "engine/decode_controller.h"
 #include "engine/sampling.h"
 #include "engine/stop.h"
 #include "model/tokenizer.h"

@@ -2,8 +2,6 @@
 
 #include <numeric>
 
-#include <spdlog/spdlog.h>
-
 namespace starserve {
 
 ContextEncoder::ContextEncoder(Model& model, KvCache& cache, Communicator& comm)
@@ -14,22 +12,7 @@ ContextEncoder::ContextEncoder(Model& model, KvCache& cache, Communicator& comm)
       exact_attention_(model.backend(), cache, model.hparams(), comm) {}
 
 Result<StarLayout> ContextEncoder::layout_for(int64_t n_context, const ContextPlan& plan) const {
-  if (plan.mode == AttentionMode::kGlobal) {
-    // One block holding everything, on rank 0; no anchor (block 1 is encoded alone anyway).
-    StarLayout lay;
-    lay.n_context = n_context;
-    lay.block_size = static_cast<int>(std::max<int64_t>(1, n_context));
-    lay.anchor_size = 0;
-    lay.world_size = comm_.world_size();
-    lay.query_host = 0;
-    if (n_context > 0) lay.blocks.push_back({0, 0, n_context, 0});
-    return lay;
-  }
-  const int anchor = plan.mode == AttentionMode::kExact ? 0 : plan.anchor_size;
-  int block = plan.block_size;
-  if (plan.n_blocks < 0) return invalid_argument("n_blocks = {} must be >= 0", plan.n_blocks);
-  if (plan.n_blocks > 0) block = static_cast<int>(std::max<int64_t>(1, (n_context + plan.n_blocks - 1) / plan.n_blocks));
-  return partition_context(n_context, block, anchor, comm_.world_size());
+  return plan_layout(n_context, plan, comm_.world_size());
 }
 
 Status ContextEncoder::forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position) {

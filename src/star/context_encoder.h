@@ -17,13 +17,6 @@
 
 namespace starserve {
 
-struct ContextPlan {
-  AttentionMode mode = AttentionMode::kStar;
-  int block_size = 0;    // 0 = one block per rank
-  int anchor_size = -1;  // -1 = block_size; 0 = no anchor
-  int n_blocks = 0;      // > 0: block_size = ceil(n_context / n_blocks), for block = 1/4 of the context etc.
-};
-
 // Called after each block this rank finishes: (blocks done, blocks of this rank).
 using BlockProgressFn = std::function<void(int, int)>;
 // Checked between blocks; returning a non-OK status stops the encoding (cancellation, deadline).

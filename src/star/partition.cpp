@@ -52,6 +52,25 @@ Result<StarLayout> partition_context(int64_t n_context, int block_size, int anch
   return lay;
 }
 
+Result<StarLayout> plan_layout(int64_t n_context, const ContextPlan& plan, int world_size) {
+  if (plan.mode == AttentionMode::kGlobal) {
+    // One block holding everything, on rank 0; no anchor (block 1 is encoded alone anyway).
+    StarLayout lay;
+    lay.n_context = n_context;
+    lay.block_size = static_cast<int>(std::max<int64_t>(1, n_context));
+    lay.anchor_size = 0;
+    lay.world_size = world_size;
+    lay.query_host = 0;
+    if (n_context > 0) lay.blocks.push_back({0, 0, n_context, 0});
+    return lay;
+  }
+  const int anchor = plan.mode == AttentionMode::kExact ? 0 : plan.anchor_size;
+  int block = plan.block_size;
+  if (plan.n_blocks < 0) return invalid_argument("n_blocks = {} must be >= 0", plan.n_blocks);
+  if (plan.n_blocks > 0) block = static_cast<int>(std::max<int64_t>(1, (n_context + plan.n_blocks - 1) / plan.n_blocks));
+  return partition_context(n_context, block, anchor, world_size);
+}
+
 int64_t split_plain_prompt(int64_t n_prompt, int query_tail) {
   int64_t tail = query_tail > 0 ? query_tail : std::min<int64_t>(32, std::max<int64_t>(1, n_prompt / 4));
   tail = std::min<int64_t>(tail, n_prompt);

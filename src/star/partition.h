@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/config.h"
 #include "common/status.h"
 
 namespace starserve {
@@ -33,6 +34,18 @@ struct StarLayout {
 // block_size 0 = one block per rank (ceil(n_context / world_size)); anchor_size -1 = block_size.
 // anchor_size is clamped to the first block's length. Errors name the bad value.
 Result<StarLayout> partition_context(int64_t n_context, int block_size, int anchor_size, int world_size);
+
+// How a request's context is to be encoded: its attention mode and block/anchor sizes.
+struct ContextPlan {
+  AttentionMode mode = AttentionMode::kStar;
+  int block_size = 0;    // 0 = one block per rank
+  int anchor_size = -1;  // -1 = block_size; 0 = no anchor
+  int n_blocks = 0;      // > 0: block_size = ceil(n_context / n_blocks), for block = 1/4 of the context etc.
+};
+
+// The layout every rank derives for a request: global puts the whole context in one block on rank
+// 0 (no anchor); exact partitions without an anchor; star partitions by the plan.
+Result<StarLayout> plan_layout(int64_t n_context, const ContextPlan& plan, int world_size);
 
 // How a plain prompt (no explicit context/query split) is split: the last `query_tail` tokens are
 // the query (phase 2) and the rest is the context. query_tail 0 picks the default:

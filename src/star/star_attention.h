@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "comm/communicator.h"
-#include "engine/attention_stats.h"
-#include "engine/entropy_collector.h"
-#include "engine/kv_cache.h"
+#include "star/attention_stats.h"
+#include "star/entropy_collector.h"
+#include "kv/kv_cache.h"
 #include "model/model.h"
 #include "star/merge.h"
 

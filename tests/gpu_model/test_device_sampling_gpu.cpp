@@ -4,15 +4,15 @@
 // oracle (tests/unit/sampling_oracle.h) finds the draw or the top-p edge within double rounding.
 // Covers the CUDA backend's side (bf16 -> fp32 rows, parameters and penalty entries of several
 // rows packed into one upload) with the entries and draws the TextController builds, through
-// run_decode_loop (one row per step) and the serving engine (one row per request per step).
+// the serving engine: one request on its own (one row per step, the `starserve generate` path) and
+// requests together (one row per request per step).
 // SKIPPED without a CUDA device.
 #include <gtest/gtest.h>
 
 #include <filesystem>
 
 #include "comm/communicator.h"
-#include "engine/decode_loop.h"
-#include "engine/local_attention.h"
+#include "star/local_attention.h"
 #include "engine/serving_engine.h"
 #include "engine/text_controller.h"
 #include "model/loader.h"
@@ -131,14 +131,21 @@ TEST(DeviceSamplingGpu, EveryStepOfAGenerationMatchesTheHostSampler) {
   for (size_t i = 0; i < all.size(); ++i) {
     SCOPED_TRACE("setting " + std::to_string(i));
     const std::vector<int32_t> prompt = prompt_ids(i);
+    // One request on its own through the serving engine (the `starserve generate` path).
     KvCache cache(*w.backend, {hp.n_layers, hp.n_kv_heads, hp.head_dim, 64, 8});
-    LocalAttention attn(*w.backend, cache, hp);
-    TextController controller(*w.files.tokenizer, all[i], prompt, {});
-    auto out = run_decode_loop(*w.model, attn, 1, prompt, 0, *w.comm, &controller);
-    ASSERT_TRUE(out.ok()) << out.status().to_string();
-    EXPECT_EQ(out->tokens.size(), static_cast<size_t>(all[i].max_tokens));
-    steps += static_cast<int64_t>(out->tokens.size());
-    cache.free_sequence(1);
+    EngineContext ctx;
+    ctx.model = w.model.get();
+    ctx.cache = &cache;
+    ctx.comm = w.comm.get();
+    ctx.tokenizer = w.files.tokenizer.get();
+    ctx.max_context = 1024;
+    ServingEngine engine(ctx);
+    std::vector<testing_engine::ServedRequest> served;
+    const Status st = testing_engine::serve_requests(engine, {testing_engine::global_request(prompt, all[i])}, &served);
+    ASSERT_TRUE(st.ok()) << st.to_string();
+    ASSERT_TRUE(served[0].error.ok()) << served[0].error.to_string();
+    EXPECT_EQ(served[0].tokens.size(), static_cast<size_t>(all[i].max_tokens));
+    steps += static_cast<int64_t>(served[0].tokens.size());
   }
   EXPECT_EQ(w.backend->rows_checked, steps) << "every step sampled on the device";
   EXPECT_LE(w.backend->ambiguous, 1);

@@ -15,7 +15,7 @@
 
 #include "backend/backend.h"
 #include "comm/communicator.h"
-#include "engine/local_attention.h"
+#include "star/local_attention.h"
 #include "model/loader.h"
 #include "model/random_source.h"
 #include "star/context_encoder.h"

@@ -10,7 +10,7 @@
 #include <numeric>
 #include <thread>
 
-#include "engine/local_attention.h"
+#include "star/local_attention.h"
 #include "engine/serving_engine.h"
 #include "mpi_gtest_main.h"
 #include "model/loader.h"

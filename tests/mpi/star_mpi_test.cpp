@@ -11,8 +11,10 @@
 #include "backend/backend.h"
 #include "comm/communicator.h"
 #include "mpi_gtest_main.h"
-#include "engine/decode_loop.h"
-#include "engine/local_attention.h"
+#include "../unit/serve_requests.h"
+#include "../unit/tiny_tokenizer.h"
+#include "engine/serving_engine.h"
+#include "star/local_attention.h"
 #include "model/random_source.h"
 #include "star/context_encoder.h"
 
@@ -254,34 +256,44 @@ TEST(StarExactness, EmptyRanksDropOut) {
   expect_same(r, ref, "exact with empty ranks");
 }
 
-// Greedy generation through the decode loop (coordinator samples, tokens broadcast): star with one
-// block generates the same tokens as global attention.
-class Greedy final : public DecodeController {
- public:
-  explicit Greedy(int max_tokens) : max_(max_tokens) {}
-  int32_t choose(std::span<float> logits) override {
-    return static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
-  }
-  FinishReason accept(int32_t) override { return ++n_ >= max_ ? FinishReason::kLength : FinishReason::kUnspecified; }
-
- private:
-  int max_, n_ = 0;
-};
-
+// Greedy generation through the serving engine (rank 0 decides every token, the others follow its
+// steps): star with one block generates the same tokens as global attention. Every rank receives
+// rank 0's tokens, so every rank checks them.
 std::vector<int32_t> generate(std::span<const int32_t> ctx, std::span<const int32_t> qry, const ContextPlan& plan) {
   TinyModel& m = tiny();
   KvCache cache = m.make_cache();
-  ContextEncoder enc(*m.model, cache, *g_comm);
-  auto lay = enc.layout_for(static_cast<int64_t>(ctx.size()), plan);
-  EXPECT_TRUE(enc.encode(3, ctx, *lay, plan.mode).ok());
-  Phase2Attention p2(*m.backend, cache, m.hp, *g_comm, MergeAlgo::kAllReduce);
-  p2.register_sequence(3, g_comm->rank() == lay->query_host, static_cast<int64_t>(ctx.size()));
-  Greedy greedy(12);
-  auto out = run_decode_loop(*m.model, p2, 3, qry, static_cast<int64_t>(ctx.size()), *g_comm,
-                             g_comm->rank() == 0 ? &greedy : nullptr);
-  EXPECT_TRUE(out.ok());
-  EXPECT_EQ(out->finish, FinishReason::kLength);
-  return out->tokens;
+  static const Tokenizer tokenizer = testing_engine::tiny_tokenizer(m.hp.n_vocab);
+  EngineContext ec;
+  ec.model = m.model.get();
+  ec.cache = &cache;
+  ec.comm = g_comm;
+  ec.tokenizer = &tokenizer;
+  ec.max_context = 4096;
+  std::vector<int32_t> tokens;
+  if (g_comm->rank() == 0) {
+    EngineRequest r;
+    r.context.assign(ctx.begin(), ctx.end());
+    r.query.assign(qry.begin(), qry.end());
+    r.mode = plan.mode;
+    r.block_size = plan.block_size;
+    r.anchor_size = plan.anchor_size;
+    r.sampling.temperature = 0.0f;
+    r.sampling.max_tokens = 12;
+    r.sampling.ignore_eos = true;
+    ServingEngine engine(ec);
+    std::vector<testing_engine::ServedRequest> out;
+    EXPECT_TRUE(testing_engine::serve_requests(engine, {r}, &out).ok());
+    EXPECT_TRUE(out[0].error.ok()) << out[0].error.to_string();
+    tokens = out[0].tokens;
+  } else {
+    EXPECT_TRUE(run_worker(ec).ok());
+  }
+  int64_t n = static_cast<int64_t>(tokens.size());
+  EXPECT_TRUE(g_comm->broadcast(&n, sizeof(n), 0).ok());
+  tokens.resize(n);
+  if (n > 0) EXPECT_TRUE(g_comm->broadcast(tokens.data(), n * sizeof(int32_t), 0).ok());
+  EXPECT_EQ(cache.pages_free(), cache.pages_total()) << "KV pages leaked on rank " << g_comm->rank();
+  return tokens;
 }
 
 TEST(StarExactness, GreedyTokensStarOneBlockEqualGlobal) {

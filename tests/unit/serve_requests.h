@@ -8,17 +8,15 @@
 #include <vector>
 
 #include "engine/serving_engine.h"
-#include "star/partition.h"
 
 namespace starserve::testing_engine {
 
-// A global-attention request over prompt ids, split into context and query the way a plain prompt
-// is split by the server.
+// A global-attention request over prompt ids, split into context and query by the engine as any
+// plain prompt is (EngineRequest::split_prompt).
 inline EngineRequest global_request(const std::vector<int32_t>& ids, const SamplingParams& params) {
   EngineRequest r;
-  const int64_t n_ctx = split_plain_prompt(static_cast<int64_t>(ids.size()), 0);
-  r.context.assign(ids.begin(), ids.begin() + n_ctx);
-  r.query.assign(ids.begin() + n_ctx, ids.end());
+  r.query = ids;
+  r.split_prompt = true;
   r.sampling = params;
   r.mode = AttentionMode::kGlobal;
   return r;

@@ -12,8 +12,6 @@
 
 #include "backend/backend.h"
 #include "comm/communicator.h"
-#include "engine/decode_loop.h"
-#include "engine/local_attention.h"
 #include "engine/serving_engine.h"
 #include "engine/text_controller.h"
 #include "model/loader.h"
@@ -104,20 +102,15 @@ std::vector<int32_t> prompt_ids(int i) {
   return world()->files.tokenizer->encode(prompts[i % 4], false, false);
 }
 
-// One request through run_decode_loop (the `starserve generate` path).
+std::vector<std::vector<int32_t>> serve(const std::vector<EngineRequest>& requests);
+
+// One request through the serving engine on its own (the `starserve generate` path).
 std::vector<int32_t> generate(const SamplingParams& params, const std::vector<int32_t>& prompt) {
-  World& w = *world();
-  const ModelHParams& hp = w.model->hparams();
-  KvCache cache(w.backend, {hp.n_layers, hp.n_kv_heads, hp.head_dim, 64, 8});
-  LocalAttention attn(w.backend, cache, hp);
-  TextController controller(*w.files.tokenizer, params, prompt, {});
-  auto out = run_decode_loop(*w.model, attn, 1, prompt, 0, *w.comm, &controller);
-  EXPECT_TRUE(out.ok()) << out.status().to_string();
-  cache.free_sequence(1);
-  return out.ok() ? out->tokens : std::vector<int32_t>{};
+  const auto out = serve({testing_engine::global_request(prompt, params)});
+  return out.empty() ? std::vector<int32_t>{} : out[0];
 }
 
-TEST(DeviceSampling, DecodeLoopPicksTheHostPathsTokens) {
+TEST(DeviceSampling, GenerateRequestPicksTheHostPathsTokens) {
   REQUIRE_MODEL();
   World& w = *world();
   int i = 0;

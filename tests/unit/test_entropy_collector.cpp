@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "backend/backend.h"
-#include "engine/entropy_collector.h"
-#include "engine/local_attention.h"
+#include "star/entropy_collector.h"
+#include "star/local_attention.h"
 #include "model/random_source.h"
 #include "tests/unit/forwarding_backend.h"
 

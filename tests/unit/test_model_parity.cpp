@@ -13,7 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
-#include "engine/local_attention.h"
+#include "star/local_attention.h"
 #include "model/chat_template.h"
 #include "model/dequant.h"
 #include "model/loader.h"

@@ -6,9 +6,9 @@
 #include <unordered_map>
 #include <vector>
 
-#include "engine/attention_stats.h"
-#include "engine/entropy_collector.h"
-#include "engine/kv_cache.h"
+#include "star/attention_stats.h"
+#include "star/entropy_collector.h"
+#include "kv/kv_cache.h"
 #include "model/model.h"
 
 namespace starserve {

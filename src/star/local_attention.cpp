@@ -1,4 +1,4 @@
-#include "engine/local_attention.h"
+#include "star/local_attention.h"
 
 #include <cmath>
 #include <utility>

@@ -1,4 +1,4 @@
-#include "engine/entropy_collector.h"
+#include "star/entropy_collector.h"
 
 #include <utility>
 

@@ -1,19 +1,16 @@
-// The token loop shared by every attention mode and every rank (SPMD): forward the first tokens
-// (prompt, or the query after the context was encoded), then one token per step. Only the
-// coordinator computes logits and decides (sampling, stop rules, cancellation); its decision is
-// broadcast, so every rank runs exactly the same steps (ranks never sample on their own: rounding
-// differences would make them diverge). On a backend that samples on the device, the coordinator's
-// last-position logits stay there and only the token comes back (DecodeController::
-// prepare_device_sample); otherwise they are downloaded and choose() picks on the host.
+// How a request's tokens are decided: the coordinator's DecodeController picks each token from the
+// last position's logits (sampling, stop rules, cancellation). Only rank 0 decides; the engine
+// broadcasts its steps, so every rank runs exactly the same forwards (ranks never sample on their
+// own: rounding differences would make them diverge). On a backend that samples on the device,
+// the last-position logits stay there and only the token comes back (prepare_device_sample);
+// otherwise they are downloaded and choose() picks on the host.
 #pragma once
 
 #include <cstdint>
 #include <span>
-#include <vector>
 
-#include "comm/communicator.h"
-#include "engine/kv_cache.h"
-#include "model/model.h"
+#include "backend/backend.h"
+#include "common/check.h"
 
 namespace starserve {
 
@@ -42,18 +39,5 @@ class DecodeController {
   // Checked before every forward step: cancellation and deadlines end generation here.
   virtual FinishReason poll() { return FinishReason::kUnspecified; }
 };
-
-struct DecodeOutcome {
-  std::vector<int32_t> tokens;  // every sampled token, in order (identical on all ranks)
-  FinishReason finish = FinishReason::kUnspecified;
-  double first_step_s = 0.0;    // wall time of the first forward (prompt/query prefill + first token)
-  double decode_s = 0.0;        // wall time of the remaining steps
-};
-
-// controller: non-null exactly on the coordinator (rank 0). first_position: RoPE position of
-// first_tokens[0] (the number of context tokens before them).
-Result<DecodeOutcome> run_decode_loop(Model& model, AttentionHandler& attention, SeqId seq,
-                                      std::span<const int32_t> first_tokens, int64_t first_position,
-                                      Communicator& comm, DecodeController* controller);
 
 }  // namespace starserve

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "backend/backend.h"
-#include "engine/attention_stats.h"
+#include "star/attention_stats.h"
 
 namespace starserve {
 

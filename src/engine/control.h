@@ -1,0 +1,83 @@
+// The control protocol between rank 0 and the worker ranks. Rank 0 decides each step, encodes it
+// as one message of int64 words and broadcasts it; then every rank, rank 0 included, executes the
+// same message with its StepExecutor (SPMD: ranks never decide on their own, so they stay in step).
+//
+// Commands (first word), then the entry count, then the entries:
+//   ADMIT   (id, mode, block_size, anchor_size, n_blocks, n_context, context tokens...) per request:
+//           every rank records the request and derives the same layout;
+//   ENCODE  (id, k) per request: its k-th phase-1 step on every rank (exact mode: the whole
+//           context, one collective step);
+//   DECODE  (id, first position, n, tokens...) per request: one forward over the batch, the query of
+//           requests just encoded and one token for each running request; Phase2Attention merges
+//           across ranks once per layer;
+//   RELEASE (id) per request: every rank frees its KV;
+//   STOP    no entries: the workers return.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <span>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "kv/kv_cache.h"
+#include "model/model.h"
+#include "star/context_encoder.h"
+
+namespace starserve {
+
+enum class ControlCommand : int64_t { kStop = 1, kAdmit, kEncode, kDecode, kRelease };
+
+// One step's message, built on rank 0.
+class ControlMessage {
+ public:
+  explicit ControlMessage(ControlCommand cmd) : words_{static_cast<int64_t>(cmd), 0} {}
+  void add_admit(SeqId id, const ContextPlan& plan, std::span<const int32_t> context);
+  void add_encode(SeqId id, int k);
+  void add_decode(SeqId id, int64_t first_position, std::span<const int32_t> tokens);
+  void add_release(SeqId id);
+  bool empty() const { return words_[1] == 0; }
+  std::vector<int64_t>& words() { return words_; }
+
+ private:
+  void begin_entry() { ++words_[1]; }
+  std::vector<int64_t> words_;
+};
+
+// Rank 0 sends (length, words); the workers receive into msg.
+Status broadcast_control(Communicator& comm, std::vector<int64_t>& msg);
+
+// What every rank keeps per request, and how it executes a step.
+class StepExecutor {
+ public:
+  StepExecutor(Model& model, KvCache& cache, Communicator& comm);
+
+  // Executes one message, then every rank reports the KV pages it holds (one small all-gather) for
+  // the per-rank metrics. On rank 0 a DECODE step returns one logits row per entry in *logits, or,
+  // when `rows` is not empty, one token per entry picked on the device (Model::forward_sample) in
+  // `sampled`.
+  Status execute(const std::vector<int64_t>& msg, std::vector<float>* logits, std::span<const SampleRow> rows = {},
+                 std::span<int32_t> sampled = {});
+  const std::vector<int64_t>& pages_used() const { return pages_used_; }
+  Phase2Attention& phase2() { return phase2_; }
+
+ private:
+  struct Seq {
+    AttentionMode mode = AttentionMode::kStar;
+    StarLayout layout;
+    std::vector<int32_t> context;
+    bool registered = false;
+  };
+  Status execute_command(const std::vector<int64_t>& msg, std::vector<float>* logits, std::span<const SampleRow> rows,
+                         std::span<int32_t> sampled);
+
+  Model& model_;
+  KvCache& cache_;
+  Communicator& comm_;
+  ContextEncoder encoder_;
+  Phase2Attention phase2_;
+  std::map<SeqId, Seq> seqs_;
+  std::vector<int64_t> pages_used_;
+};
+
+}  // namespace starserve

@@ -1,0 +1,98 @@
+#include "engine/scheduler.h"
+
+#include <algorithm>
+
+namespace starserve {
+
+KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size) {
+  auto pages_for = [&](int64_t n) { return (n + page_size - 1) / page_size; };
+  KvDemand d;
+  int max_blocks = 0;
+  for (int r = 0; r < layout.world_size; ++r) {
+    const std::vector<StarBlock> mine = layout.blocks_of(r);
+    int64_t pages = pages_for(layout.tokens_of(r) + (r == layout.query_host ? query_and_generated : 0));
+    if (!mine.empty() && mine.front().index != 0 && layout.anchor_size > 0 && mode == AttentionMode::kStar) {
+      pages += pages_for(layout.anchor_size);
+    }
+    d.pages = std::max(d.pages, pages);
+    max_blocks = std::max(max_blocks, static_cast<int>(mine.size()));
+  }
+  d.encode_steps = mode == AttentionMode::kExact ? (layout.n_context == 0 ? 0 : 1) : max_blocks;
+  return d;
+}
+
+Scheduler::Scheduler(const SchedulerConfig& config, int64_t pages_total)
+    : config_(config), pages_total_(pages_total), pages_free_(pages_total) {}
+
+Status Scheduler::enqueue(RequestId id, const KvDemand& demand) {
+  if (demand.pages > pages_total_) {
+    return resource_exhausted("request needs {} KV pages on one rank, each rank has {} in total", demand.pages,
+                              pages_total_);
+  }
+  if (static_cast<int>(waiting_.size()) >= config_.max_queue) {
+    return resource_exhausted("request queue is full ({} waiting, limit {})", waiting_.size(), config_.max_queue);
+  }
+  waiting_.emplace_back(id, demand);
+  return Status();
+}
+
+bool Scheduler::drop_waiting(RequestId id) {
+  auto it = std::find_if(waiting_.begin(), waiting_.end(), [&](const auto& w) { return w.first == id; });
+  if (it == waiting_.end()) return false;
+  waiting_.erase(it);
+  return true;
+}
+
+std::vector<RequestId> Scheduler::admit() {
+  std::vector<RequestId> out;
+  while (!waiting_.empty() && static_cast<int>(running_.size()) < config_.max_running &&
+         waiting_.front().second.pages <= pages_free_) {
+    const auto [id, demand] = waiting_.front();
+    waiting_.pop_front();
+    pages_free_ -= demand.pages;
+    running_[id] = Running{demand, 0, false};
+    out.push_back(id);
+  }
+  return out;
+}
+
+std::vector<std::pair<RequestId, int>> Scheduler::encode_batch() const {
+  std::vector<std::pair<RequestId, int>> out;
+  for (const auto& [id, r] : running_) {
+    if (!r.finished && r.encode_done < r.demand.encode_steps) out.emplace_back(id, r.encode_done);
+  }
+  return out;
+}
+
+std::vector<RequestId> Scheduler::decode_batch() const {
+  std::vector<RequestId> out;
+  for (const auto& [id, r] : running_) {
+    if (!r.finished && r.encode_done >= r.demand.encode_steps) out.push_back(id);
+  }
+  return out;
+}
+
+bool Scheduler::encoded(RequestId id) {
+  Running& r = running_.at(id);
+  ++r.encode_done;
+  return r.encode_done == r.demand.encode_steps;
+}
+
+bool Scheduler::phase1_done(RequestId id) const {
+  const Running& r = running_.at(id);
+  return r.encode_done >= r.demand.encode_steps;
+}
+
+void Scheduler::finish(RequestId id) {
+  auto it = running_.find(id);
+  if (it != running_.end()) it->second.finished = true;
+}
+
+void Scheduler::release(RequestId id) {
+  auto it = running_.find(id);
+  if (it == running_.end()) return;
+  pages_free_ += it->second.demand.pages;
+  running_.erase(it);
+}
+
+}  // namespace starserve

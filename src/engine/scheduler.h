@@ -1,0 +1,80 @@
+// The scheduler: which requests wait, which run, the KV pages they hold, and which of them take
+// part in the next step. Plain bookkeeping on rank 0 — no threads, no ranks, no model — so it is
+// unit-tested alone (tests/unit/test_scheduler.cpp).
+//
+// KV admission works against a mirror of every rank's page pool: all ranks have the same pool and
+// a request's demand on each rank follows from its layout, so the busiest rank's demand decides.
+// A request is admitted only when that many pages are free (FIFO: no overtaking, so a large
+// request is not starved by small ones) and fewer than max_running requests run; otherwise it
+// waits in a bounded queue.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <utility>
+#include <vector>
+
+#include "common/config.h"
+#include "common/status.h"
+#include "star/partition.h"
+
+namespace starserve {
+
+using RequestId = uint64_t;
+
+// What a request asks of the ranks.
+struct KvDemand {
+  int64_t pages = 0;     // KV pages on the rank that needs most
+  int encode_steps = 0;  // phase-1 steps: the most blocks any rank encodes (exact: 1 with context)
+};
+
+// Per rank: its context share, plus the query and generated tokens on the query host, plus the
+// anchor's scratch on star ranks that do not own c1. page_size: tokens per KV page.
+KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size);
+
+class Scheduler {
+ public:
+  Scheduler(const SchedulerConfig& config, int64_t pages_total);
+
+  // RESOURCE_EXHAUSTED when the request could never fit a rank's pool, or the queue is full.
+  Status enqueue(RequestId id, const KvDemand& demand);
+  // Removes a request that is still waiting; false when it is not waiting.
+  bool drop_waiting(RequestId id);
+  // Moves waiting requests into the running set while they fit; returns them in admission order.
+  std::vector<RequestId> admit();
+  // A step's work over the running requests that have not finished, in increasing request id:
+  // first one phase-1 step for each request still encoding, as (request, its k-th step); then,
+  // once encoded() has recorded those, one decode forward over every request whose phase 1 is
+  // complete (a request whose last phase-1 step just ran takes its query in the same step).
+  std::vector<std::pair<RequestId, int>> encode_batch() const;
+  std::vector<RequestId> decode_batch() const;
+  // After a step ran: one phase-1 step of `id` is done; returns true when its phase 1 is complete.
+  bool encoded(RequestId id);
+  // The request will take no further steps (finished, cancelled, failed); its pages stay held
+  // until release.
+  void finish(RequestId id);
+  // A running request leaves: its pages return to the pool.
+  void release(RequestId id);
+
+  bool running(RequestId id) const { return running_.count(id) != 0; }
+  bool phase1_done(RequestId id) const;
+  int64_t pages_total() const { return pages_total_; }
+  int64_t pages_free() const { return pages_free_; }
+  int waiting_count() const { return static_cast<int>(waiting_.size()); }
+  int running_count() const { return static_cast<int>(running_.size()); }
+
+ private:
+  struct Running {
+    KvDemand demand;
+    int encode_done = 0;
+    bool finished = false;
+  };
+  SchedulerConfig config_;
+  int64_t pages_total_ = 0;
+  int64_t pages_free_ = 0;
+  std::deque<std::pair<RequestId, KvDemand>> waiting_;
+  std::map<RequestId, Running> running_;
+};
+
+}  // namespace starserve
