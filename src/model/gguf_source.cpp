@@ -80,7 +80,7 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
   if (hp.arch_name != "llama") {
     return unimplemented("gguf: architecture '{}' is not supported (only llama)", hp.arch_name);
   }
-  hp.arch = Arch::kLlama;
+  hp.arch = "llama";
   const std::string& a = hp.arch_name;
   SS_ASSIGN_OR_RETURN(hp.name, f.get_string_or("general.name", ""));
 

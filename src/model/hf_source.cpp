@@ -166,7 +166,7 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
   if (hp.arch_name != "llama" && hp.arch_name != "mistral") {
     return unimplemented("{}: model_type '{}' is not supported (llama, mistral)", origin, hp.arch_name);
   }
-  hp.arch = Arch::kLlama;
+  hp.arch = "llama";
   SS_ASSIGN_OR_RETURN(hp.name, string_or(cfg, "_name_or_path", "", origin));
 
   SS_ASSIGN_OR_RETURN(hp.n_layers, positive_int(cfg, "num_hidden_layers", std::nullopt, origin));

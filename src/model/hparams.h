@@ -9,9 +9,6 @@
 
 namespace starserve {
 
-// One value per architecture file under src/model/arch_*.cpp.
-enum class Arch { kLlama };
-
 struct RopeScaling {
   enum class Type { kNone, kLinear, kLlama3 };
   Type type = Type::kNone;
@@ -22,8 +19,8 @@ struct RopeScaling {
 };
 
 struct ModelHParams {
-  Arch arch = Arch::kLlama;
-  std::string arch_name;     // as written in the file ("llama")
+  std::string arch = "llama";  // the registry entry that builds it (model/arch_registry.h)
+  std::string arch_name;     // as written in the file ("llama", "mistral")
   std::string name;          // human-readable model name, for logs and GetModelInfo
   int n_layers = 0;
   int hidden = 0;            // residual stream width

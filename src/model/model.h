@@ -63,8 +63,4 @@ struct ModelOptions {
 Result<std::unique_ptr<Model>> create_model(const WeightSource& source, Backend& backend,
                                             const ModelOptions& options = {});
 
-// RoPE angular frequencies per rotated pair (rope_dim / 2), with the file's scaling applied.
-// rope_freqs: optional per-pair divisors stored by llama.cpp for llama3-style scaling.
-std::vector<float> rope_inv_freq(const ModelHParams& hp, std::span<const float> rope_freqs);
-
 }  // namespace starserve

@@ -91,7 +91,7 @@ std::string RandomWeightSource::describe() const {
 
 ModelHParams tiny_llama_hparams() {
   ModelHParams hp;
-  hp.arch = Arch::kLlama;
+  hp.arch = "llama";
   hp.arch_name = "llama";
   hp.name = "tiny-random-llama";
   hp.n_layers = 2;
@@ -126,7 +126,7 @@ ModelHParams small_llama_hd64_hparams() {
 
 ModelHParams llama3_8b_hparams(int n_layers) {
   ModelHParams hp;
-  hp.arch = Arch::kLlama;
+  hp.arch = "llama";
   hp.arch_name = "llama";
   hp.name = "random-llama-3-8b-shape";
   hp.n_layers = n_layers;

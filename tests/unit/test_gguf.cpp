@@ -611,7 +611,7 @@ TEST(Gguf, SourceReadsLlamaHParamsWithDefaults) {
   auto r = source_from(b.build());
   ASSERT_TRUE(r.ok()) << r.status().to_string();
   const ModelHParams& hp = (*r)->hparams();
-  EXPECT_EQ(hp.arch, Arch::kLlama);
+  EXPECT_EQ(hp.arch, "llama");
   EXPECT_EQ(hp.arch_name, "llama");
   EXPECT_EQ(hp.name, "tiny");
   EXPECT_EQ(hp.n_layers, 2);

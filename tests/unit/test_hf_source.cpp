@@ -17,8 +17,8 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
-#include "engine/kv_cache.h"
-#include "engine/local_attention.h"
+#include "kv/kv_cache.h"
+#include "star/local_attention.h"
 #include "model/hf_source.h"
 #include "model/model.h"
 
@@ -54,7 +54,7 @@ TEST(HfConfig, ReadsLlamaFieldsAndDefaults) {
   auto r = parse(base_config());
   ASSERT_TRUE(r.ok()) << r.status().to_string();
   const ModelHParams& hp = *r;
-  EXPECT_EQ(hp.arch, Arch::kLlama);
+  EXPECT_EQ(hp.arch, "llama");
   EXPECT_EQ(hp.arch_name, "llama");
   EXPECT_EQ(hp.n_layers, 1);
   EXPECT_EQ(hp.hidden, 8);
@@ -161,7 +161,7 @@ TEST(HfConfig, UnsupportedModelsAndFeaturesAreUnimplemented) {
   cfg["sliding_window"] = nullptr;
   auto m = parse(cfg);
   ASSERT_TRUE(m.ok()) << m.status().to_string();
-  EXPECT_EQ(m->arch, Arch::kLlama);
+  EXPECT_EQ(m->arch, "llama");
   EXPECT_EQ(m->arch_name, "mistral");
   cfg["sliding_window"] = 16;
   expect_error(parse(cfg), StatusCode::kUnimplemented, "sliding_window 16");
@@ -432,7 +432,7 @@ TEST(HfSource, TinyLlamaGoldenCheckpoint) {
   ASSERT_TRUE(r.ok()) << r.status().to_string();
   const HfWeightSource& src = **r;
   const ModelHParams& hp = src.hparams();
-  EXPECT_EQ(hp.arch, Arch::kLlama);
+  EXPECT_EQ(hp.arch, "llama");
   EXPECT_EQ(hp.n_layers, 2);
   EXPECT_EQ(hp.hidden, 64);
   EXPECT_EQ(hp.n_heads, 4);

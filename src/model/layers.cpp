@@ -1,0 +1,292 @@
+#include "model/layers.h"
+
+#include <cmath>
+#include <numbers>
+
+namespace starserve {
+
+namespace {
+
+std::string shape_text(std::span<const int64_t> dims) {
+  std::string s;
+  for (int64_t d : dims) s += (s.empty() ? "" : "x") + std::to_string(d);
+  return s;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- weights and activations
+
+Result<Tensor> WeightStore::load(const std::string& name, std::initializer_list<int64_t> dims) {
+  SS_ASSIGN_OR_RETURN(HostTensor ht, source_.load(name));
+  const std::vector<int64_t> want(dims);
+  if (ht.numel() != Tensor::make(nullptr, DType::kF32, dims).numel() || ht.shape.back() != want.back()) {
+    return data_loss("tensor {} has shape {}, the hyper-parameters say {}", name, shape_text(ht.shape),
+                     shape_text(want));
+  }
+  Tensor t = Tensor::make(nullptr, backend_.compute_dtype(), dims);
+  buffers_.push_back(backend_.alloc(t.bytes()));
+  t.data = buffers_.back().data();
+  backend_.upload_f32(t, ht.data.data());
+  return t;
+}
+
+Result<Tensor> WeightStore::load_stacked(std::initializer_list<std::pair<std::string, int64_t>> parts, int64_t cols) {
+  int64_t rows = 0;
+  for (const auto& part : parts) rows += part.second;
+  std::vector<float> all;
+  all.reserve(static_cast<size_t>(rows * cols));
+  for (const auto& [name, part_rows] : parts) {
+    SS_ASSIGN_OR_RETURN(HostTensor ht, source_.load(name));
+    if (ht.numel() != part_rows * cols || ht.shape.back() != cols) {
+      return data_loss("tensor {} has shape {}, the hyper-parameters say {}x{}", name, shape_text(ht.shape),
+                       part_rows, cols);
+    }
+    all.insert(all.end(), ht.data.begin(), ht.data.end());
+  }
+  Tensor t = Tensor::make(nullptr, backend_.compute_dtype(), {rows, cols});
+  buffers_.push_back(backend_.alloc(t.bytes()));
+  t.data = buffers_.back().data();
+  backend_.upload_f32(t, all.data());
+  return t;
+}
+
+Tensor WeightStore::upload_f32(const std::vector<float>& values) {
+  buffers_.push_back(backend_.alloc(values.size() * sizeof(float)));
+  Tensor t = buffers_.back().view(DType::kF32, {static_cast<int64_t>(values.size())});
+  backend_.upload_f32(t, values.data());
+  return t;
+}
+
+Tensor Activations::make(std::initializer_list<int64_t> dims) {
+  Tensor m = Tensor::make(nullptr, backend_.compute_dtype(), dims);
+  bufs_.push_back(backend_.alloc(m.bytes()));
+  m.data = bufs_.back().data();
+  return m;
+}
+
+// ---------------------------------------------------------------- batch and positions
+
+Result<FlatBatch> flatten_batch(std::span<const BatchSeq> batch, int n_vocab) {
+  FlatBatch f;
+  for (const BatchSeq& s : batch) {
+    SS_CHECK(s.tokens.size() == s.positions.size() && !s.tokens.empty(), "seq {} tokens {} positions {}", s.seq_id,
+             s.tokens.size(), s.positions.size());
+    for (int32_t t : s.tokens) {
+      if (t < 0 || t >= n_vocab) return invalid_argument("token id {} out of range [0, {})", t, n_vocab);
+    }
+    f.ids.insert(f.ids.end(), s.tokens.begin(), s.tokens.end());
+    f.positions.insert(f.positions.end(), s.positions.begin(), s.positions.end());
+    f.n_out += s.all_logits ? static_cast<int64_t>(s.tokens.size()) : 1;
+  }
+  return f;
+}
+
+std::vector<float> rope_inv_freq(const ModelHParams& hp, std::span<const float> rope_freqs) {
+  const int half = hp.rope_dim / 2;
+  std::vector<float> inv(half);
+  for (int i = 0; i < half; ++i) {
+    // theta^(-2i/d), as the references compute it (fp32 result).
+    inv[i] = static_cast<float>(1.0 / std::pow(static_cast<double>(hp.rope_theta), (2.0 * i) / hp.rope_dim));
+  }
+  const RopeScaling& rs = hp.rope_scaling;
+  if (rs.type == RopeScaling::Type::kLinear) {
+    for (float& f : inv) f /= rs.factor;
+  } else if (rs.type == RopeScaling::Type::kLlama3) {
+    // Llama 3.1 scaling: long wavelengths are stretched by `factor`, short ones kept, and the band
+    // between low_freq_wavelen and high_freq_wavelen interpolated smoothly.
+    const double low_wavelen = rs.original_context / rs.low_freq_factor;
+    const double high_wavelen = rs.original_context / rs.high_freq_factor;
+    for (float& f : inv) {
+      const double wavelen = 2.0 * std::numbers::pi / f;
+      if (wavelen < high_wavelen) continue;
+      if (wavelen > low_wavelen) {
+        f = static_cast<float>(f / rs.factor);
+        continue;
+      }
+      const double smooth = (rs.original_context / wavelen - rs.low_freq_factor) /
+                            (rs.high_freq_factor - rs.low_freq_factor);
+      f = static_cast<float>((1.0 - smooth) * f / rs.factor + smooth * f);
+    }
+  }
+  if (!rope_freqs.empty()) {
+    for (int i = 0; i < half && i < static_cast<int>(rope_freqs.size()); ++i) inv[i] /= rope_freqs[i];
+  }
+  return inv;
+}
+
+Result<Rope> Rope::load(WeightStore& store, const ModelHParams& hp) {
+  std::vector<float> rope_freqs;
+  if (store.has("rope_freqs.weight")) {
+    SS_ASSIGN_OR_RETURN(HostTensor rf, store.load_host("rope_freqs.weight"));
+    rope_freqs = std::move(rf.data);
+  }
+  Rope r;
+  r.inv_freq = store.upload_f32(rope_inv_freq(hp, rope_freqs));
+  r.rope_dim = hp.rope_dim;
+  r.style = hp.rope_style;
+  return r;
+}
+
+// ---------------------------------------------------------------- norms
+
+Result<RmsNorm> RmsNorm::load(WeightStore& store, const std::string& name, const ModelHParams& hp) {
+  RmsNorm n;
+  SS_ASSIGN_OR_RETURN(n.weight, store.load(name, {hp.hidden}));
+  n.eps = hp.rms_eps;
+  return n;
+}
+
+// ---------------------------------------------------------------- attention block
+
+Result<AttentionWeights> AttentionWeights::load(WeightStore& store, const std::string& p, const ModelHParams& hp) {
+  const int64_t q_dim = static_cast<int64_t>(hp.n_heads) * hp.head_dim;
+  const int64_t kv_dim = static_cast<int64_t>(hp.n_kv_heads) * hp.head_dim;
+  AttentionWeights w;
+  SS_ASSIGN_OR_RETURN(w.wqkv, store.load_stacked({{p + "attn_q.weight", q_dim}, {p + "attn_k.weight", kv_dim},
+                                                  {p + "attn_v.weight", kv_dim}},
+                                                 hp.hidden));
+  w.wq = w.wqkv.slice_rows(0, q_dim);
+  w.wk = w.wqkv.slice_rows(q_dim, kv_dim);
+  w.wv = w.wqkv.slice_rows(q_dim + kv_dim, kv_dim);
+  SS_ASSIGN_OR_RETURN(w.wo, store.load(p + "attn_output.weight", {hp.hidden, q_dim}));
+  return w;
+}
+
+AttentionBuffers::AttentionBuffers(Activations& act, const ModelHParams& hp, int64_t t, bool fused) {
+  const int64_t hd = hp.head_dim, nh = hp.n_heads, nkv = hp.n_kv_heads;
+  q = act.make({t, nh, hd});
+  k = act.make({t, nkv, hd});
+  v = act.make({t, nkv, hd});
+  a = act.make({t, nh, hd});
+  if (fused) qkv = act.make({t, (nh + 2 * nkv) * hd});
+}
+
+Status attention_block(Backend& backend, const AttentionWeights& w, const Rope& rope, AttentionHandler& attn,
+                       int layer, std::span<const BatchSeq> batch, std::span<const int32_t> positions, Tensor xn,
+                       bool fused, AttentionBuffers& buf, Tensor h) {
+  if (fused) {
+    backend.matmul(buf.qkv, xn, w.wqkv);
+    backend.split_qkv_rope(buf.q, buf.k, buf.v, buf.qkv, positions, rope.inv_freq, rope.rope_dim, rope.style);
+  } else {
+    backend.matmul(as_matrix(buf.q), xn, w.wq);
+    backend.matmul(as_matrix(buf.k), xn, w.wk);
+    backend.matmul(as_matrix(buf.v), xn, w.wv);
+    backend.rope(buf.q, positions, rope.inv_freq, rope.rope_dim, rope.style);
+    backend.rope(buf.k, positions, rope.inv_freq, rope.rope_dim, rope.style);
+  }
+  SS_RETURN_IF_ERROR(attn.attend(layer, batch, buf.q, buf.k, buf.v, buf.a));
+  backend.matmul(h, as_matrix(buf.a), w.wo);
+  return Status();
+}
+
+// ---------------------------------------------------------------- MLP kinds
+
+Result<MlpWeights> MlpWeights::load_swiglu(WeightStore& store, const std::string& p, const ModelHParams& hp) {
+  MlpWeights w;
+  w.kind = MlpKind::kSwiGlu;
+  SS_ASSIGN_OR_RETURN(w.w_gate_up, store.load_stacked({{p + "ffn_gate.weight", hp.ffn_hidden},
+                                                       {p + "ffn_up.weight", hp.ffn_hidden}},
+                                                      hp.hidden));
+  w.w_gate = w.w_gate_up.slice_rows(0, hp.ffn_hidden);
+  w.w_up = w.w_gate_up.slice_rows(hp.ffn_hidden, hp.ffn_hidden);
+  SS_ASSIGN_OR_RETURN(w.w_down, store.load(p + "ffn_down.weight", {hp.hidden, hp.ffn_hidden}));
+  return w;
+}
+
+MlpBuffers::MlpBuffers(Activations& act, const ModelHParams& hp, int64_t t, bool fused) {
+  g = act.make({t, hp.ffn_hidden});
+  if (fused) {
+    gu = act.make({t, 2 * static_cast<int64_t>(hp.ffn_hidden)});
+  } else {
+    u = act.make({t, hp.ffn_hidden});
+  }
+}
+
+void mlp_block(Backend& backend, const MlpWeights& w, Tensor xn, bool fused, MlpBuffers& buf, Tensor h) {
+  SS_CHECK(w.kind == MlpKind::kSwiGlu, "MLP kind {}", static_cast<int>(w.kind));
+  if (fused) {
+    backend.matmul(buf.gu, xn, w.w_gate_up);
+    backend.swiglu_fused(buf.g, buf.gu);
+  } else {
+    backend.matmul(buf.g, xn, w.w_gate);
+    backend.matmul(buf.u, xn, w.w_up);
+    backend.swiglu(buf.g, buf.g, buf.u);
+  }
+  backend.matmul(h, buf.g, w.w_down);
+}
+
+// ---------------------------------------------------------------- output head
+
+Result<OutputHead> OutputHead::load(WeightStore& store, const ModelHParams& hp, Tensor token_embedding) {
+  OutputHead o;
+  SS_ASSIGN_OR_RETURN(o.norm, RmsNorm::load(store, "output_norm.weight", hp));
+  if (hp.tied_embeddings) {
+    o.weight = token_embedding;
+  } else {
+    SS_ASSIGN_OR_RETURN(o.weight, store.load("output.weight", {hp.n_vocab, hp.hidden}));
+  }
+  return o;
+}
+
+void OutputHead::logits(Backend& backend, Tensor x, std::span<const BatchSeq> batch, int64_t n_out, int n_vocab,
+                        DeviceBuffer* lg_buf, Tensor* lg) const {
+  // Gather the rows that need logits, then norm + output projection on those rows only.
+  const DType dt = backend.compute_dtype();
+  const int64_t hidden = x.shape[1];
+  DeviceBuffer sel_buf = backend.alloc(n_out * hidden * dtype_size(dt));
+  Tensor sel = sel_buf.view(dt, {n_out, hidden});
+  int64_t row = 0, start = 0;
+  for (const BatchSeq& s : batch) {
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    if (s.all_logits) {
+      backend.copy(sel.slice_rows(row, n), x.slice_rows(start, n));
+      row += n;
+    } else {
+      backend.copy(sel.slice_rows(row, 1), x.slice_rows(start + n - 1, 1));
+      row += 1;
+    }
+    start += n;
+  }
+  norm.apply(backend, sel, sel);
+  *lg_buf = backend.alloc(n_out * n_vocab * dtype_size(dt));
+  *lg = lg_buf->view(dt, {n_out, n_vocab});
+  backend.matmul(*lg, sel, weight);
+}
+
+// ---------------------------------------------------------------- Model plumbing
+
+Status DecoderModel::forward(std::span<const BatchSeq> batch, AttentionHandler& attn, std::vector<float>* logits) {
+  DeviceBuffer lg_buf;
+  Tensor lg;
+  SS_RETURN_IF_ERROR(run(batch, attn, logits != nullptr, &lg_buf, &lg));
+  if (logits == nullptr) return Status();
+  logits->resize(static_cast<size_t>(lg.numel()));
+  backend_.download_f32(logits->data(), lg);
+  return Status();
+}
+
+Status DecoderModel::forward_sample(std::span<const BatchSeq> batch, AttentionHandler& attn,
+                                    std::span<const SampleRow> rows, std::span<int32_t> tokens) {
+  SS_CHECK(backend_.can_sample_rows(), "backend {} does not sample on the device", backend_.name());
+  DeviceBuffer lg_buf;
+  Tensor lg;
+  SS_RETURN_IF_ERROR(run(batch, attn, true, &lg_buf, &lg));
+  SS_CHECK(static_cast<int64_t>(rows.size()) == lg.rows(), "{} sampling rows for {} logits rows", rows.size(),
+           lg.rows());
+  backend_.sample_rows(tokens, lg, rows);
+  return Status();
+}
+
+GraphStepScope::GraphStepScope(Backend& backend, const FlatBatch& flat, std::span<const BatchSeq> batch) {
+  if (flat.n_tokens() == static_cast<int64_t>(batch.size())) {
+    backend_ = &backend;
+    backend.begin_graph_step();
+  }
+}
+
+GraphStepScope::~GraphStepScope() {
+  if (backend_) backend_->end_graph_step();
+}
+
+}  // namespace starserve

@@ -1,0 +1,191 @@
+// Shared pieces of decoder architectures, so that an architecture file (arch_*.cpp) says only how
+// its blocks are wired: weights uploaded with shape checks, per-call activations, norms, the
+// attention block with the handler hook, MLP kinds, embeddings and positions, the output head, and
+// the forward / forward_sample plumbing every Model shares. Each piece issues the same backend ops
+// in the same order as the code it replaced, so results are unchanged bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <initializer_list>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "backend/backend.h"
+#include "common/status.h"
+#include "model/hparams.h"
+#include "model/model.h"
+#include "model/weight_source.h"
+
+namespace starserve {
+
+// Uploads named tensors of a WeightSource to a backend (in its compute dtype), checking each shape
+// against the hyper-parameters; owns the device memory of everything it uploaded.
+class WeightStore {
+ public:
+  WeightStore(Backend& backend, const WeightSource& source) : backend_(backend), source_(source) {}
+  bool has(const std::string& name) const { return source_.has(name); }
+  Result<Tensor> load(const std::string& name, std::initializer_list<int64_t> dims);
+  // Several (rows_i, cols) tensors stacked row-wise into one device matrix, in the order given.
+  Result<Tensor> load_stacked(std::initializer_list<std::pair<std::string, int64_t>> parts, int64_t cols);
+  // A tensor as the file holds it, in host fp32 (for values the model derives others from).
+  Result<HostTensor> load_host(const std::string& name) const { return source_.load(name); }
+  // Host values to the device as fp32 (e.g. RoPE frequencies).
+  Tensor upload_f32(const std::vector<float>& values);
+
+ private:
+  Backend& backend_;
+  const WeightSource& source_;
+  std::vector<DeviceBuffer> buffers_;
+};
+
+// One forward call's activations, in the compute dtype, freed in stream order when it goes.
+class Activations {
+ public:
+  explicit Activations(Backend& backend) : backend_(backend) {}
+  Tensor make(std::initializer_list<int64_t> dims);
+
+ private:
+  Backend& backend_;
+  std::vector<DeviceBuffer> bufs_;
+};
+
+// (T, ...) -> (T, numel / T): a tensor as the 2-D matrix a GEMM takes.
+inline Tensor as_matrix(Tensor m) { return Tensor::make(m.data, m.dtype, {m.shape[0], m.numel() / m.shape[0]}); }
+
+// ---- batch and positions
+
+// The batch flattened: token ids and positions of all sequences in batch order, and the number of
+// logits rows the call returns (every token of all_logits sequences, else the last). Token ids
+// are range-checked (INVALID_ARGUMENT).
+struct FlatBatch {
+  std::vector<int32_t> ids, positions;
+  int64_t n_out = 0;
+  int64_t n_tokens() const { return static_cast<int64_t>(ids.size()); }
+};
+Result<FlatBatch> flatten_batch(std::span<const BatchSeq> batch, int n_vocab);
+
+// Rotary positions: the per-pair frequencies on the device (scaling and the file's optional
+// rope_freqs.weight applied), and how pairs are formed.
+struct Rope {
+  Tensor inv_freq;  // (rope_dim / 2) fp32
+  int rope_dim = 0;
+  RopeStyle style = RopeStyle::kHalf;
+  static Result<Rope> load(WeightStore& store, const ModelHParams& hp);
+};
+
+// RoPE angular frequencies per rotated pair (rope_dim / 2), with the file's scaling applied.
+// rope_freqs: optional per-pair divisors stored by llama.cpp for llama3-style scaling.
+std::vector<float> rope_inv_freq(const ModelHParams& hp, std::span<const float> rope_freqs);
+
+// ---- norms
+
+struct RmsNorm {
+  Tensor weight;  // (hidden)
+  float eps = 1e-5f;
+  static Result<RmsNorm> load(WeightStore& store, const std::string& name, const ModelHParams& hp);
+  void apply(Backend& backend, Tensor out, Tensor in) const { backend.rms_norm(out, in, weight, eps); }
+};
+
+// ---- attention block
+
+// q, k, v projections stored as one matrix (rows [q | k | v]): a decode step reads them in one
+// GEMM (fused path) while a prefill multiplies by the row ranges wq, wk, wv (views into it) and
+// keeps its activations smaller.
+struct AttentionWeights {
+  Tensor wqkv, wq, wk, wv, wo;
+  // GGUF names under `prefix` ("blk.N."): attn_q, attn_k, attn_v, attn_output.
+  static Result<AttentionWeights> load(WeightStore& store, const std::string& prefix, const ModelHParams& hp);
+};
+
+struct AttentionBuffers {
+  Tensor q, k, v, a;  // (T, n_heads | n_kv_heads, head_dim)
+  Tensor qkv;         // fused path: (T, (n_heads + 2 n_kv_heads) * head_dim)
+  AttentionBuffers(Activations& act, const ModelHParams& hp, int64_t n_tokens, bool fused);
+};
+
+// h (T, hidden) = wo . attention(rope(xn wq), rope(xn wk), xn wv) with the handler deciding which
+// keys each query meets. On a handler error the caller ends the forward.
+Status attention_block(Backend& backend, const AttentionWeights& w, const Rope& rope, AttentionHandler& attn,
+                       int layer, std::span<const BatchSeq> batch, std::span<const int32_t> positions, Tensor xn,
+                       bool fused, AttentionBuffers& buf, Tensor h);
+
+// ---- MLP kinds
+
+enum class MlpKind { kSwiGlu };
+
+// SwiGLU: down(silu(gate(x)) * up(x)); gate and up stored as one matrix (rows [gate | up]).
+struct MlpWeights {
+  MlpKind kind = MlpKind::kSwiGlu;
+  Tensor w_gate_up, w_gate, w_up, w_down;
+  // GGUF names under `prefix`: ffn_gate, ffn_up, ffn_down.
+  static Result<MlpWeights> load_swiglu(WeightStore& store, const std::string& prefix, const ModelHParams& hp);
+};
+
+struct MlpBuffers {
+  Tensor g;   // (T, ffn)
+  Tensor u;   // unfused path: (T, ffn)
+  Tensor gu;  // fused path: (T, 2 ffn)
+  MlpBuffers(Activations& act, const ModelHParams& hp, int64_t n_tokens, bool fused);
+};
+
+// h (T, hidden) = mlp(xn).
+void mlp_block(Backend& backend, const MlpWeights& w, Tensor xn, bool fused, MlpBuffers& buf, Tensor h);
+
+// ---- embeddings and output head
+
+struct OutputHead {
+  RmsNorm norm;
+  Tensor weight;  // (n_vocab, hidden): the token embedding itself when tied
+  // output_norm, then output.weight or the tied token_embd.
+  static Result<OutputHead> load(WeightStore& store, const ModelHParams& hp, Tensor token_embedding);
+  // The rows of x (T, hidden) that need logits (FlatBatch::n_out), normed and projected:
+  // *lg = (n_out, n_vocab) in the compute dtype, held by *lg_buf.
+  void logits(Backend& backend, Tensor x, std::span<const BatchSeq> batch, int64_t n_out, int n_vocab,
+              DeviceBuffer* lg_buf, Tensor* lg) const;
+};
+
+// ---- the Model plumbing
+
+// A decoder whose forward and forward_sample differ only in what happens to the logits: the
+// architecture implements run(); this class downloads or samples.
+class DecoderModel : public Model {
+ public:
+  DecoderModel(const ModelHParams& hp, Backend& backend, const ModelOptions& options, const WeightSource& source)
+      : hp_(hp), backend_(backend), options_(options), store_(backend, source) {}
+  const ModelHParams& hparams() const override { return hp_; }
+  Backend& backend() override { return backend_; }
+  Status forward(std::span<const BatchSeq> batch, AttentionHandler& attention, std::vector<float>* logits) override;
+  Status forward_sample(std::span<const BatchSeq> batch, AttentionHandler& attention, std::span<const SampleRow> rows,
+                        std::span<int32_t> tokens) override;
+
+ protected:
+  // Every layer over the batch; with want_logits, *lg = (rows, n_vocab) logits on the device in
+  // the compute dtype (per sequence in batch order: every token if all_logits, else the last),
+  // held by *lg_buf.
+  virtual Status run(std::span<const BatchSeq> batch, AttentionHandler& attention, bool want_logits,
+                     DeviceBuffer* lg_buf, Tensor* lg) = 0;
+  // Whether a call of n_tokens takes the fused path (ModelOptions::fused_max_tokens).
+  bool fused(int64_t n_tokens) const { return n_tokens <= options_.fused_max_tokens; }
+
+  ModelHParams hp_;
+  Backend& backend_;
+  ModelOptions options_;
+  WeightStore store_;
+};
+
+// A decode step (one token per sequence) may run as CUDA graphs (Backend::begin_graph_step); the
+// step ends when this object goes, before the call's activations are freed (declare it after them).
+class GraphStepScope {
+ public:
+  GraphStepScope(Backend& backend, const FlatBatch& flat, std::span<const BatchSeq> batch);
+  ~GraphStepScope();
+  GraphStepScope(const GraphStepScope&) = delete;
+  GraphStepScope& operator=(const GraphStepScope&) = delete;
+
+ private:
+  Backend* backend_ = nullptr;
+};
+
+}  // namespace starserve
