@@ -1,20 +1,18 @@
-// SS_CUDA_CHECK: the one macro for CUDA runtime return codes in host code around the kernels
-// (tests, benchmarks, backend). A failure is a broken invariant: it aborts with file:line.
-// Launchers themselves never abort; they return the cudaError_t of the launch.
+// The CUDA runtime's part in the one checking family (common/check.h): host code around the
+// kernels (tests, benchmarks, the CUDA backend) writes SS_CHECK_CALL(cudaMalloc(&p, n)); a failure
+// there is a broken invariant and aborts with file:line, the call and cudaGetErrorString.
+// Launchers themselves never abort or log; they return the cudaError_t of the launch.
 #pragma once
 
-#include <cstdio>
-#include <cstdlib>
+#include <string>
 
 #include <cuda_runtime.h>
 
-#define SS_CUDA_CHECK(expr)                                                                        \
-  do {                                                                                             \
-    const cudaError_t ss_err_ = (expr);                                                            \
-    if (ss_err_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "FATAL %s:%d: %s: %s\n", __FILE__, __LINE__, #expr,                    \
-                   cudaGetErrorString(ss_err_));                                                   \
-      std::fflush(stderr);                                                                         \
-      std::abort();                                                                                \
-    }                                                                                              \
-  } while (0)
+#include "common/check.h"
+
+namespace starserve {
+
+inline bool call_ok(cudaError_t e) { return e == cudaSuccess; }
+inline std::string call_message(cudaError_t e) { return cudaGetErrorString(e); }
+
+}  // namespace starserve

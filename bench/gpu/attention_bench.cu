@@ -47,41 +47,41 @@ __global__ void fill_random(__nv_bfloat16* x, size_t n, uint32_t seed) {
 template <typename F>
 double median_ms(F&& launch, int iters) {
   cudaEvent_t a, b;
-  SS_CUDA_CHECK(cudaEventCreate(&a));
-  SS_CUDA_CHECK(cudaEventCreate(&b));
+  SS_CHECK_CALL(cudaEventCreate(&a));
+  SS_CHECK_CALL(cudaEventCreate(&b));
   // Warm-up: at least 3 launches and 100 ms of them, so the clocks settle on this kernel's own
   // load rather than on the previous one's (seen: the same kernel 5-10% faster right after a
   // lighter one when warmed for 3 launches only).
-  SS_CUDA_CHECK(cudaEventRecord(a));
+  SS_CHECK_CALL(cudaEventRecord(a));
   for (int i = 0;; ++i) {
     launch();
-    SS_CUDA_CHECK(cudaEventRecord(b));
-    SS_CUDA_CHECK(cudaEventSynchronize(b));
+    SS_CHECK_CALL(cudaEventRecord(b));
+    SS_CHECK_CALL(cudaEventSynchronize(b));
     float warm_ms = 0;
-    SS_CUDA_CHECK(cudaEventElapsedTime(&warm_ms, a, b));
+    SS_CHECK_CALL(cudaEventElapsedTime(&warm_ms, a, b));
     if (i >= 2 && warm_ms >= 100.0f) break;
   }
   std::vector<float> t;
   for (int i = 0; i < iters; ++i) {
-    SS_CUDA_CHECK(cudaEventRecord(a));
+    SS_CHECK_CALL(cudaEventRecord(a));
     launch();
-    SS_CUDA_CHECK(cudaEventRecord(b));
-    SS_CUDA_CHECK(cudaEventSynchronize(b));
+    SS_CHECK_CALL(cudaEventRecord(b));
+    SS_CHECK_CALL(cudaEventSynchronize(b));
     float ms = 0;
-    SS_CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+    SS_CHECK_CALL(cudaEventElapsedTime(&ms, a, b));
     t.push_back(ms);
   }
   std::sort(t.begin(), t.end());
-  SS_CUDA_CHECK(cudaEventDestroy(a));
-  SS_CUDA_CHECK(cudaEventDestroy(b));
+  SS_CHECK_CALL(cudaEventDestroy(a));
+  SS_CHECK_CALL(cudaEventDestroy(b));
   return t[t.size() / 2];
 }
 
 __nv_bfloat16* random_device(size_t n, uint32_t seed) {
   __nv_bfloat16* p = nullptr;
-  SS_CUDA_CHECK(cudaMalloc(&p, n * sizeof(__nv_bfloat16)));
+  SS_CHECK_CALL(cudaMalloc(&p, n * sizeof(__nv_bfloat16)));
   fill_random<<<1024, 256>>>(p, n, seed);
-  SS_CUDA_CHECK(cudaGetLastError());
+  SS_CHECK_CALL(cudaGetLastError());
   return p;
 }
 
@@ -103,8 +103,8 @@ const __nv_bfloat16** make_keys(int64_t n_kv, int kv_heads, int d, int page_shif
     host[n_pages + i] = *v + slot * page_elems;
   }
   const __nv_bfloat16** tables = nullptr;
-  SS_CUDA_CHECK(cudaMalloc(&tables, host.size() * sizeof(host[0])));
-  SS_CUDA_CHECK(cudaMemcpy(tables, host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
+  SS_CHECK_CALL(cudaMalloc(&tables, host.size() * sizeof(host[0])));
+  SS_CHECK_CALL(cudaMemcpy(tables, host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
   return tables;
 }
 
@@ -115,9 +115,9 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   const __nv_bfloat16** tables = make_keys(n_kv, kv_heads, d, page_shift, &k, &v);
   __nv_bfloat16* o = nullptr;
   float *lse = nullptr, *ent = nullptr;
-  SS_CUDA_CHECK(cudaMalloc(&o, n_q * heads * d * sizeof(__nv_bfloat16)));
-  SS_CUDA_CHECK(cudaMalloc(&lse, n_q * heads * sizeof(float)));
-  SS_CUDA_CHECK(cudaMalloc(&ent, n_q * heads * sizeof(float)));
+  SS_CHECK_CALL(cudaMalloc(&o, n_q * heads * d * sizeof(__nv_bfloat16)));
+  SS_CHECK_CALL(cudaMalloc(&lse, n_q * heads * sizeof(float)));
+  SS_CHECK_CALL(cudaMalloc(&ent, n_q * heads * sizeof(float)));
   starserve::AttentionGpuParams p;
   p.out = o;
   p.lse = lse;
@@ -174,7 +174,7 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   for (int r = 0; r < kRounds; ++r)
     for (size_t j = 0; j < kernels.size(); ++j) {
       const size_t i = (j + r) % kernels.size();  // each round starts one kernel later
-      rounds[i].push_back(median_ms([&] { SS_CUDA_CHECK(kernels[i].launch(p, nullptr)); }, iters));
+      rounds[i].push_back(median_ms([&] { SS_CHECK_CALL(kernels[i].launch(p, nullptr)); }, iters));
     }
   for (size_t i = 0; i < kernels.size(); ++i) {
     const Kernel& kernel = kernels[i];
@@ -200,10 +200,10 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
 
 double copy_bandwidth_gbs(size_t bytes) {
   void *a = nullptr, *b = nullptr;
-  SS_CUDA_CHECK(cudaMalloc(&a, bytes));
-  SS_CUDA_CHECK(cudaMalloc(&b, bytes));
-  SS_CUDA_CHECK(cudaMemset(a, 1, bytes));
-  const double ms = median_ms([&] { SS_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, 20);
+  SS_CHECK_CALL(cudaMalloc(&a, bytes));
+  SS_CHECK_CALL(cudaMalloc(&b, bytes));
+  SS_CHECK_CALL(cudaMemset(a, 1, bytes));
+  const double ms = median_ms([&] { SS_CHECK_CALL(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice)); }, 20);
   cudaFree(a);
   cudaFree(b);
   return 2.0 * bytes / (ms * 1e-3) / 1e9;
@@ -226,14 +226,14 @@ void bench_decode(int64_t n_q, int64_t n_kv, int heads, int kv_heads, int d, int
       host[i] = k + slot * page_elems;
       host[n_pages + i] = v + slot * page_elems;
     }
-    SS_CUDA_CHECK(cudaMalloc(&tables, host.size() * sizeof(host[0])));
-    SS_CUDA_CHECK(cudaMemcpy(tables, host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
+    SS_CHECK_CALL(cudaMalloc(&tables, host.size() * sizeof(host[0])));
+    SS_CHECK_CALL(cudaMemcpy(tables, host.data(), host.size() * sizeof(host[0]), cudaMemcpyHostToDevice));
   }
   __nv_bfloat16* o = nullptr;
   float *lse = nullptr, *ent = nullptr;
-  SS_CUDA_CHECK(cudaMalloc(&o, n_q * heads * d * sizeof(__nv_bfloat16)));
-  SS_CUDA_CHECK(cudaMalloc(&lse, n_q * heads * sizeof(float)));
-  SS_CUDA_CHECK(cudaMalloc(&ent, n_q * heads * sizeof(float)));
+  SS_CHECK_CALL(cudaMalloc(&o, n_q * heads * d * sizeof(__nv_bfloat16)));
+  SS_CHECK_CALL(cudaMalloc(&lse, n_q * heads * sizeof(float)));
+  SS_CHECK_CALL(cudaMalloc(&ent, n_q * heads * sizeof(float)));
   starserve::AttentionGpuParams p;
   p.out = o;
   p.lse = lse;
@@ -257,11 +257,11 @@ void bench_decode(int64_t n_q, int64_t n_kv, int heads, int kv_heads, int d, int
   p.causal_offset = n_kv - n_q;
   const size_t ws_bytes = starserve::decode_attention_workspace_bytes(p);
   void* ws = nullptr;
-  SS_CUDA_CHECK(cudaMalloc(&ws, ws_bytes));
+  SS_CHECK_CALL(cudaMalloc(&ws, ws_bytes));
   const double bytes = 2.0 * n_kv * kv_heads * d * sizeof(__nv_bfloat16);  // K and V once; Q, O negligible
   const double predicted_ms = bytes / (copy_gbs * 1e9) * 1e3;
   const double ms =
-      median_ms([&] { SS_CUDA_CHECK(starserve::launch_decode_attention(p, ws, ws_bytes, nullptr)); }, 30);
+      median_ms([&] { SS_CHECK_CALL(starserve::launch_decode_attention(p, ws, ws_bytes, nullptr)); }, 30);
   char name[64];
   std::snprintf(name, sizeof(name), "decode_q%lld_%lldk%s", static_cast<long long>(n_q),
                 static_cast<long long>(n_kv / 1024), page_shift ? "_paged" : "");
@@ -301,7 +301,7 @@ int main(int argc, char** argv) {
   }
   const int iters = quick ? 5 : 20;
   cudaDeviceProp prop{};
-  SS_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  SS_CHECK_CALL(cudaGetDeviceProperties(&prop, 0));
   std::printf("{\"bench\":\"device\",\"name\":\"%s\",\"sms\":%d}\n", prop.name, prop.multiProcessorCount);
   if (!decode_only) {
     bench_prefill("noncausal_4kx8k", 4096, 8192, false, 32, 32, 128, 0, iters);

@@ -91,19 +91,19 @@ void run(const Mode& mode, int rows, int n_vocab, bool quick, const std::string&
   SampleRowParams* d_params = nullptr;
   int32_t *d_pen = nullptr, *d_out = nullptr;
   const size_t pen_cap = static_cast<size_t>(rows) * 2 * (prompt.size() + generated.size());
-  SS_CUDA_CHECK(cudaMalloc(&d_logits, logits.size() * sizeof(float)));
-  SS_CUDA_CHECK(cudaMalloc(&d_params, rows * sizeof(SampleRowParams)));
-  SS_CUDA_CHECK(cudaMalloc(&d_pen, pen_cap * sizeof(int32_t)));
-  SS_CUDA_CHECK(cudaMalloc(&d_out, rows * sizeof(int32_t)));
-  SS_CUDA_CHECK(cudaMemcpy(d_logits, logits.data(), logits.size() * sizeof(float), cudaMemcpyHostToDevice));
+  SS_CHECK_CALL(cudaMalloc(&d_logits, logits.size() * sizeof(float)));
+  SS_CHECK_CALL(cudaMalloc(&d_params, rows * sizeof(SampleRowParams)));
+  SS_CHECK_CALL(cudaMalloc(&d_pen, pen_cap * sizeof(int32_t)));
+  SS_CHECK_CALL(cudaMalloc(&d_out, rows * sizeof(int32_t)));
+  SS_CHECK_CALL(cudaMemcpy(d_logits, logits.data(), logits.size() * sizeof(float), cudaMemcpyHostToDevice));
   // Pinned staging for what the device path uploads (params, then tokens, then counts) and the tokens.
   void* h_stage = nullptr;
   const size_t stage_bytes = rows * sizeof(SampleRowParams) + pen_cap * sizeof(int32_t);
-  SS_CUDA_CHECK(cudaMallocHost(&h_stage, stage_bytes));
+  SS_CHECK_CALL(cudaMallocHost(&h_stage, stage_bytes));
   int32_t* h_out = nullptr;
-  SS_CUDA_CHECK(cudaMallocHost(&h_out, rows * sizeof(int32_t)));
+  SS_CHECK_CALL(cudaMallocHost(&h_out, rows * sizeof(int32_t)));
   cudaStream_t stream;
-  SS_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  SS_CHECK_CALL(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
   // The device path, as the CUDA backend runs it; the kernel is launched on the same rows each time
   // (the penalties compound in place, which does not change the work).
@@ -135,17 +135,17 @@ void run(const Mode& mode, int rows, int n_vocab, bool quick, const std::string&
     auto* pen = reinterpret_cast<int32_t*>(params + rows);
     std::memcpy(pen, all_tokens.data(), n_pen * sizeof(int32_t));
     std::memcpy(pen + n_pen, all_counts.data(), n_pen * sizeof(int32_t));
-    SS_CUDA_CHECK(cudaMemcpyAsync(d_params, params, rows * sizeof(SampleRowParams), cudaMemcpyHostToDevice, stream));
-    SS_CUDA_CHECK(cudaMemcpyAsync(d_pen, pen, 2 * n_pen * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
-    SS_CUDA_CHECK(launch_sample_rows(d_out, d_logits, d_params, d_pen, d_pen + n_pen, rows, n_vocab, stream));
-    SS_CUDA_CHECK(cudaMemcpyAsync(h_out, d_out, rows * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
-    SS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    SS_CHECK_CALL(cudaMemcpyAsync(d_params, params, rows * sizeof(SampleRowParams), cudaMemcpyHostToDevice, stream));
+    SS_CHECK_CALL(cudaMemcpyAsync(d_pen, pen, 2 * n_pen * sizeof(int32_t), cudaMemcpyHostToDevice, stream));
+    SS_CHECK_CALL(launch_sample_rows(d_out, d_logits, d_params, d_pen, d_pen + n_pen, rows, n_vocab, stream));
+    SS_CHECK_CALL(cudaMemcpyAsync(h_out, d_out, rows * sizeof(int32_t), cudaMemcpyDeviceToHost, stream));
+    SS_CHECK_CALL(cudaStreamSynchronize(stream));
   };
   std::vector<float> host_rows(logits.size());
   const auto host_step = [&] {
-    SS_CUDA_CHECK(cudaMemcpyAsync(host_rows.data(), d_logits, host_rows.size() * sizeof(float),
+    SS_CHECK_CALL(cudaMemcpyAsync(host_rows.data(), d_logits, host_rows.size() * sizeof(float),
                                   cudaMemcpyDeviceToHost, stream));
-    SS_CUDA_CHECK(cudaStreamSynchronize(stream));
+    SS_CHECK_CALL(cudaStreamSynchronize(stream));
     for (int r = 0; r < rows; ++r) {
       std::span<float> row(host_rows.data() + static_cast<size_t>(r) * n_vocab, n_vocab);
       h_out[r] = samplers[r].sample(row, prompt, generated, nullptr);
@@ -169,19 +169,19 @@ void run(const Mode& mode, int rows, int n_vocab, bool quick, const std::string&
   // The kernel alone: the parameters of the last device step stay on the device.
   device_step();
   cudaEvent_t e0, e1;
-  SS_CUDA_CHECK(cudaEventCreate(&e0));
-  SS_CUDA_CHECK(cudaEventCreate(&e1));
+  SS_CHECK_CALL(cudaEventCreate(&e0));
+  SS_CHECK_CALL(cudaEventCreate(&e1));
   const int kernel_iters = quick ? 5 : 50;
   const int32_t n_pen = static_cast<const SampleRowParams*>(h_stage)[rows - 1].penalty_begin +
                         static_cast<const SampleRowParams*>(h_stage)[rows - 1].penalty_count;
-  SS_CUDA_CHECK(cudaEventRecord(e0, stream));
+  SS_CHECK_CALL(cudaEventRecord(e0, stream));
   for (int i = 0; i < kernel_iters; ++i) {
-    SS_CUDA_CHECK(launch_sample_rows(d_out, d_logits, d_params, d_pen, d_pen + n_pen, rows, n_vocab, stream));
+    SS_CHECK_CALL(launch_sample_rows(d_out, d_logits, d_params, d_pen, d_pen + n_pen, rows, n_vocab, stream));
   }
-  SS_CUDA_CHECK(cudaEventRecord(e1, stream));
-  SS_CUDA_CHECK(cudaEventSynchronize(e1));
+  SS_CHECK_CALL(cudaEventRecord(e1, stream));
+  SS_CHECK_CALL(cudaEventSynchronize(e1));
   float ms = 0.0f;
-  SS_CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+  SS_CHECK_CALL(cudaEventElapsedTime(&ms, e0, e1));
   const double kernel_us = 1e3 * ms / kernel_iters;
   const double logits_bytes = static_cast<double>(logits.size()) * sizeof(float);
 
@@ -193,15 +193,15 @@ void run(const Mode& mode, int rows, int n_vocab, bool quick, const std::string&
       host_us / device_us);
   std::fflush(stdout);
 
-  SS_CUDA_CHECK(cudaEventDestroy(e0));
-  SS_CUDA_CHECK(cudaEventDestroy(e1));
-  SS_CUDA_CHECK(cudaStreamDestroy(stream));
-  SS_CUDA_CHECK(cudaFreeHost(h_out));
-  SS_CUDA_CHECK(cudaFreeHost(h_stage));
-  SS_CUDA_CHECK(cudaFree(d_out));
-  SS_CUDA_CHECK(cudaFree(d_pen));
-  SS_CUDA_CHECK(cudaFree(d_params));
-  SS_CUDA_CHECK(cudaFree(d_logits));
+  SS_CHECK_CALL(cudaEventDestroy(e0));
+  SS_CHECK_CALL(cudaEventDestroy(e1));
+  SS_CHECK_CALL(cudaStreamDestroy(stream));
+  SS_CHECK_CALL(cudaFreeHost(h_out));
+  SS_CHECK_CALL(cudaFreeHost(h_stage));
+  SS_CHECK_CALL(cudaFree(d_out));
+  SS_CHECK_CALL(cudaFree(d_pen));
+  SS_CHECK_CALL(cudaFree(d_params));
+  SS_CHECK_CALL(cudaFree(d_logits));
 }
 
 }  // namespace
@@ -215,7 +215,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   cudaDeviceProp prop{};
-  SS_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  SS_CHECK_CALL(cudaGetDeviceProperties(&prop, 0));
   for (const auto& mode : starserve::modes()) {
     for (int n_vocab : {49152, 128256}) {
       for (int rows : {1, 8, 64}) starserve::run(mode, rows, n_vocab, quick, prop.name);

@@ -53,16 +53,16 @@ template <typename T>
 struct DeviceBuffer {
   T* ptr = nullptr;
   size_t n = 0;
-  explicit DeviceBuffer(size_t count) : n(count) { SS_CUDA_CHECK(cudaMalloc(&ptr, sizeof(T) * (count ? count : 1))); }
+  explicit DeviceBuffer(size_t count) : n(count) { SS_CHECK_CALL(cudaMalloc(&ptr, sizeof(T) * (count ? count : 1))); }
   explicit DeviceBuffer(const std::vector<T>& v) : DeviceBuffer(v.size()) {
-    SS_CUDA_CHECK(cudaMemcpy(ptr, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
+    SS_CHECK_CALL(cudaMemcpy(ptr, v.data(), sizeof(T) * v.size(), cudaMemcpyHostToDevice));
   }
   ~DeviceBuffer() { cudaFree(ptr); }
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   std::vector<T> get() const {
     std::vector<T> v(n);
-    SS_CUDA_CHECK(cudaMemcpy(v.data(), ptr, sizeof(T) * n, cudaMemcpyDeviceToHost));
+    SS_CHECK_CALL(cudaMemcpy(v.data(), ptr, sizeof(T) * n, cudaMemcpyDeviceToHost));
     return v;
   }
 };

@@ -247,10 +247,10 @@ void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, in
     ASSERT_GT(ws_bytes, 0u);
     DeviceBuffer<unsigned char> ws(ws_bytes);
     ASSERT_EQ(launch_decode_attention(p, ws.ptr, ws_bytes, nullptr), cudaSuccess);
-    SS_CUDA_CHECK(cudaDeviceSynchronize());
+    SS_CHECK_CALL(cudaDeviceSynchronize());
   } else {
     ASSERT_EQ(launch_prefill(kernel, p), cudaSuccess);
-    SS_CUDA_CHECK(cudaDeviceSynchronize());
+    SS_CHECK_CALL(cudaDeviceSynchronize());
   }
   const std::vector<float> o = c.out_fp32 ? d_of.get() : to_float(d_ob.get());
   expect_close(o, o_ref, 4.0f * kBf16U * 1.0f, "O");  // max|v| = 1
@@ -454,19 +454,19 @@ TEST(GpuAttention, DecodeBatchMatchesOneLaunchPerSequence) {
       const size_t bytes = decode_attention_workspace_bytes(s.p);
       ws.push_back(std::make_unique<DeviceBuffer<unsigned char>>(bytes));
       ASSERT_EQ(launch_decode_attention(s.p, ws.back()->ptr, bytes, nullptr), cudaSuccess);
-      SS_CUDA_CHECK(cudaDeviceSynchronize());
+      SS_CHECK_CALL(cudaDeviceSynchronize());
       single.push_back(decode_outputs(s));
       // NaN until the batched launch rewrites them.
       const int64_t rows = s.p.n_q * s.p.n_heads;
-      SS_CUDA_CHECK(cudaMemset(s.p.lse, 0xff, rows * sizeof(float)));
-      SS_CUDA_CHECK(cudaMemset(s.p.entropy, 0xff, rows * sizeof(float)));
-      SS_CUDA_CHECK(cudaMemset(s.p.out, 0xff, rows * s.p.head_dim * (s.p.out_fp32 ? 4 : 2)));
+      SS_CHECK_CALL(cudaMemset(s.p.lse, 0xff, rows * sizeof(float)));
+      SS_CHECK_CALL(cudaMemset(s.p.entropy, 0xff, rows * sizeof(float)));
+      SS_CHECK_CALL(cudaMemset(s.p.out, 0xff, rows * s.p.head_dim * (s.p.out_fp32 ? 4 : 2)));
       params.push_back(s.p);
       ws_ptrs.push_back(ws.back()->ptr);
     }
     ASSERT_EQ(launch_decode_attention_batch(params.data(), ws_ptrs.data(), static_cast<int>(params.size()), nullptr),
               cudaSuccess);
-    SS_CUDA_CHECK(cudaDeviceSynchronize());
+    SS_CHECK_CALL(cudaDeviceSynchronize());
     int differing_bits = 0;
     for (size_t i = 0; i < seqs.size(); ++i) {
       const std::vector<float> got = decode_outputs(seqs[i]);
@@ -581,9 +581,9 @@ TEST(GpuAttention, WgmmaCopyPathsAgreeBitwise) {
         r.k = dk.ptr;
         r.v = dv.ptr;
       }
-      SS_CUDA_CHECK(cudaMemset(d_o.ptr, 0xff, rows * c.d * sizeof(__nv_bfloat16)));
+      SS_CHECK_CALL(cudaMemset(d_o.ptr, 0xff, rows * c.d * sizeof(__nv_bfloat16)));
       EXPECT_EQ(launch_prefill_attention_wgmma_variant(r, variant, nullptr), cudaSuccess);
-      SS_CUDA_CHECK(cudaDeviceSynchronize());
+      SS_CHECK_CALL(cudaDeviceSynchronize());
       return Result{d_o.get(), d_lse.get(), d_h.get()};
     };
     const Result want = run(0, false, false);  // contiguous keys, TMA
@@ -736,7 +736,7 @@ TEST(GpuAttention, MergeMatchesReference) {
   ASSERT_EQ(launch_merge_partials(o.ptr, lse.ptr, h.ptr, gparts.data(), static_cast<int>(gparts.size()), rows, d,
                                   nullptr),
             cudaSuccess);
-  SS_CUDA_CHECK(cudaDeviceSynchronize());
+  SS_CHECK_CALL(cudaDeviceSynchronize());
   expect_close(o.get(), o_ref, 1e-5f, "O");
   expect_close(lse.get(), lse_ref, 1e-4f, "LSE");
   expect_close(h.get(), h_ref, 1e-4f, "entropy");
@@ -758,7 +758,7 @@ TEST(GpuAttention, MergeMatchesReference) {
       const float* dent = with_entropy ? gparts[s].entropy : nullptr;
       ASSERT_EQ(launch_merge_sum_terms(dterms.ptr, gparts[s].out, gparts[s].lse, dent, dmax.ptr, rows, d, nullptr),
                 cudaSuccess);
-      SS_CUDA_CHECK(cudaDeviceSynchronize());
+      SS_CHECK_CALL(cudaDeviceSynchronize());
       merge_sum_terms_ref(terms_ref.data(), outs[s].data(), lses[s].data(), with_entropy ? ents[s].data() : nullptr,
                           max_lse.data(), rows, d);
       expect_close(dterms.get(), terms_ref, 1e-5f, "sum-form terms");
@@ -767,7 +767,7 @@ TEST(GpuAttention, MergeMatchesReference) {
   }
   DeviceBuffer<float> dsum(sum);
   ASSERT_EQ(launch_merge_sum_finish(o.ptr, lse.ptr, h.ptr, dsum.ptr, dmax.ptr, rows, d, nullptr), cudaSuccess);
-  SS_CUDA_CHECK(cudaDeviceSynchronize());
+  SS_CHECK_CALL(cudaDeviceSynchronize());
   expect_close(o.get(), o_ref, 1e-5f, "sum-form O");
   expect_close(lse.get(), lse_ref, 1e-4f, "sum-form LSE");
   expect_close(h.get(), h_ref, 1e-4f, "sum-form entropy");

@@ -107,7 +107,7 @@ int run_and_check(const Batch& b) {
   DeviceBuffer<int32_t> dtok(b.penalty_tokens), dcnt(b.penalty_counts), dout(b.params.size());
   EXPECT_EQ(launch_sample_rows(dout.ptr, dlogits.ptr, dparams.ptr, dtok.ptr, dcnt.ptr, b.rows(), b.ld, nullptr),
             cudaSuccess);
-  SS_CUDA_CHECK(cudaDeviceSynchronize());
+  SS_CHECK_CALL(cudaDeviceSynchronize());
   const std::vector<int32_t> got = dout.get();
   const std::vector<float> got_logits = dlogits.get();
   int ambiguous = 0;

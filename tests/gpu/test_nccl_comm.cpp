@@ -39,9 +39,9 @@ bool g_ranks_share_gpu = false;  // more ranks on this host than GPUs: NCCL init
 template <typename T>
 class DeviceArray {
  public:
-  explicit DeviceArray(size_t n) : n_(n) { SS_CUDA_CHECK(cudaMalloc(&ptr_, sizeof(T) * (n ? n : 1))); }
+  explicit DeviceArray(size_t n) : n_(n) { SS_CHECK_CALL(cudaMalloc(&ptr_, sizeof(T) * (n ? n : 1))); }
   explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) {
-    SS_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), sizeof(T) * n_, cudaMemcpyHostToDevice));
+    SS_CHECK_CALL(cudaMemcpy(ptr_, host.data(), sizeof(T) * n_, cudaMemcpyHostToDevice));
   }
   ~DeviceArray() { cudaFree(ptr_); }
   DeviceArray(const DeviceArray&) = delete;
@@ -49,7 +49,7 @@ class DeviceArray {
   T* get() const { return ptr_; }
   std::vector<T> download() const {
     std::vector<T> host(n_);
-    SS_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, sizeof(T) * n_, cudaMemcpyDeviceToHost));
+    SS_CHECK_CALL(cudaMemcpy(host.data(), ptr_, sizeof(T) * n_, cudaMemcpyDeviceToHost));
     return host;
   }
 
@@ -60,12 +60,12 @@ class DeviceArray {
 
 class Stream {
  public:
-  Stream() { SS_CUDA_CHECK(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
+  Stream() { SS_CHECK_CALL(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking)); }
   ~Stream() { cudaStreamDestroy(s_); }
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;
   void* handle() const { return s_; }
-  void sync() const { SS_CUDA_CHECK(cudaStreamSynchronize(s_)); }
+  void sync() const { SS_CHECK_CALL(cudaStreamSynchronize(s_)); }
 
  private:
   cudaStream_t s_ = nullptr;
@@ -124,7 +124,7 @@ TEST(NcclCommunicator, AllGatherDevice) {
     for (size_t i = 0; i < bytes; ++i) mine[i] = gather_byte(rank, i);
     DeviceArray<uint8_t> send(mine);
     DeviceArray<uint8_t> recv(bytes * world);
-    SS_CUDA_CHECK(cudaMemset(recv.get(), 0, bytes * world));
+    SS_CHECK_CALL(cudaMemset(recv.get(), 0, bytes * world));
     ASSERT_TRUE(g_comm->all_gather_device(send.get(), recv.get(), bytes, stream.handle()).ok());
     stream.sync();
     const std::vector<uint8_t> got = recv.download();

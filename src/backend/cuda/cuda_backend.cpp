@@ -18,8 +18,10 @@
 #include <spdlog/spdlog.h>
 
 #include "backend/backend.h"
+#include "backend/cuda/cublas_check.h"
 #include "backend/page_pool.h"
 #include "kernels/attention.h"
+#include "kernels/cuda_check.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
 #include "kernels/gemv.h"
@@ -32,18 +34,6 @@ namespace starserve {
 
 namespace {
 
-#define SS_CUDA_OK(expr)                                                                   \
-  do {                                                                                     \
-    const cudaError_t ss_e_ = (expr);                                                      \
-    SS_CHECK(ss_e_ == cudaSuccess, "{} failed: {}", #expr, cudaGetErrorString(ss_e_));     \
-  } while (0)
-
-#define SS_CUBLAS_OK(expr)                                                                 \
-  do {                                                                                     \
-    const cublasStatus_t ss_s_ = (expr);                                                   \
-    SS_CHECK(ss_s_ == CUBLAS_STATUS_SUCCESS, "{} failed: status {}", #expr, static_cast<int>(ss_s_)); \
-  } while (0)
-
 __nv_bfloat16* bf16(Tensor t) {
   SS_CHECK(t.dtype == DType::kBF16, "expected a bf16 tensor");
   return static_cast<__nv_bfloat16*>(t.data);
@@ -54,31 +44,31 @@ __nv_bfloat16* bf16(Tensor t) {
 // many decode steps' worth of ids, positions and page tables).
 class PinnedRing {
  public:
-  explicit PinnedRing(size_t bytes) : size_(bytes) { SS_CUDA_OK(cudaMallocHost(&base_, bytes)); }
+  explicit PinnedRing(size_t bytes) : size_(bytes) { SS_CHECK_CALL(cudaMallocHost(&base_, bytes)); }
   ~PinnedRing() { cudaFreeHost(base_); }
   // Starts the ring over when it is past half full (waiting for the stream first): called where
   // the stream is idle anyway, so that no upload of the next steps must wait.
   void rewind(cudaStream_t stream) {
     if (head_ <= size_ / 2) return;
-    SS_CUDA_OK(cudaStreamSynchronize(stream));
+    SS_CHECK_CALL(cudaStreamSynchronize(stream));
     head_ = 0;
   }
   // Whether upload(bytes) goes without waiting for the stream (no wrap, not a large copy).
   bool fits(size_t bytes) const { return bytes <= size_ / 2 && head_ + (bytes + 255) / 256 * 256 <= size_; }
   void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
     if (bytes > size_ / 2) {  // large: synchronous pageable copy
-      SS_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
-      SS_CUDA_OK(cudaStreamSynchronize(stream));
+      SS_CHECK_CALL(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+      SS_CHECK_CALL(cudaStreamSynchronize(stream));
       return;
     }
     const size_t aligned = (bytes + 255) / 256 * 256;
     if (head_ + aligned > size_) {
-      SS_CUDA_OK(cudaStreamSynchronize(stream));
+      SS_CHECK_CALL(cudaStreamSynchronize(stream));
       head_ = 0;
     }
     char* slot = static_cast<char*>(base_) + head_;
     std::memcpy(slot, src, bytes);
-    SS_CUDA_OK(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream));
+    SS_CHECK_CALL(cudaMemcpyAsync(dst, slot, bytes, cudaMemcpyHostToDevice, stream));
     head_ += aligned;
   }
 
@@ -94,17 +84,17 @@ class CudaBackend final : public Backend {
       : device_(device), options_(options), ring_(size_t{8} << 20) {}
 
   Status init() {
-    SS_CUDA_OK(cudaSetDevice(device_));
+    SS_CHECK_CALL(cudaSetDevice(device_));
     cudaDeviceProp prop{};
-    SS_CUDA_OK(cudaGetDeviceProperties(&prop, device_));
+    SS_CHECK_CALL(cudaGetDeviceProperties(&prop, device_));
     name_ = fmt::format("cuda:{} ({}, sm_{}{})", device_, prop.name, prop.major, prop.minor);
-    SS_CUDA_OK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    SS_CHECK_CALL(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     cudaMemPool_t pool;
-    SS_CUDA_OK(cudaDeviceGetDefaultMemPool(&pool, device_));
+    SS_CHECK_CALL(cudaDeviceGetDefaultMemPool(&pool, device_));
     uint64_t keep = std::numeric_limits<uint64_t>::max();  // keep freed memory in the pool
-    SS_CUDA_OK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
-    SS_CUBLAS_OK(cublasLtCreate(&lt_));
-    SS_CUDA_OK(cudaMalloc(&lt_ws_, kLtWorkspace));
+    SS_CHECK_CALL(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    SS_CHECK_CALL(cublasLtCreate(&lt_));
+    SS_CHECK_CALL(cudaMalloc(&lt_ws_, kLtWorkspace));
     return Status();
   }
 
@@ -168,8 +158,8 @@ class CudaBackend final : public Backend {
     flush_graph();
     const int64_t n = dst.numel();
     if (dst.dtype == DType::kF32) {
-      SS_CUDA_OK(cudaMemcpyAsync(dst.data, src, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
-      SS_CUDA_OK(cudaStreamSynchronize(stream_));
+      SS_CHECK_CALL(cudaMemcpyAsync(dst.data, src, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      SS_CHECK_CALL(cudaStreamSynchronize(stream_));
       return;
     }
     // fp32 host -> fp32 staging on the device -> bf16, in chunks.
@@ -177,37 +167,37 @@ class CudaBackend final : public Backend {
     float* stage = static_cast<float*>(grow(staging_, std::min(n, kChunk) * sizeof(float)));
     for (int64_t off = 0; off < n; off += kChunk) {
       const int64_t m = std::min(kChunk, n - off);
-      SS_CUDA_OK(cudaMemcpyAsync(stage, src + off, m * sizeof(float), cudaMemcpyHostToDevice, stream_));
-      SS_CUDA_OK(launch_f32_to_bf16(bf16(dst) + off, stage, m, stream_));
+      SS_CHECK_CALL(cudaMemcpyAsync(stage, src + off, m * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      SS_CHECK_CALL(launch_f32_to_bf16(bf16(dst) + off, stage, m, stream_));
     }
-    SS_CUDA_OK(cudaStreamSynchronize(stream_));
+    SS_CHECK_CALL(cudaStreamSynchronize(stream_));
   }
   void download_f32(float* dst, Tensor src) override {
     flush_graph();
     const int64_t n = src.numel();
     if (src.dtype == DType::kF32) {
-      SS_CUDA_OK(cudaMemcpyAsync(dst, src.data, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      SS_CHECK_CALL(cudaMemcpyAsync(dst, src.data, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
     } else {
       float* stage = static_cast<float*>(grow(staging_, n * sizeof(float)));
-      SS_CUDA_OK(launch_bf16_to_f32(stage, bf16(src), n, stream_));
-      SS_CUDA_OK(cudaMemcpyAsync(dst, stage, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+      SS_CHECK_CALL(launch_bf16_to_f32(stage, bf16(src), n, stream_));
+      SS_CHECK_CALL(cudaMemcpyAsync(dst, stage, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
     }
-    SS_CUDA_OK(cudaStreamSynchronize(stream_));
+    SS_CHECK_CALL(cudaStreamSynchronize(stream_));
   }
   void copy(Tensor dst, Tensor src) override {
     OpScope op(this);
     SS_CHECK(dst.bytes() == src.bytes() && dst.dtype == src.dtype, "copy {} -> {} bytes", src.bytes(), dst.bytes());
     if (dst.data == src.data || src.bytes() == 0) return;
-    SS_CUDA_OK(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
+    SS_CHECK_CALL(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
   }
   void convert(Tensor dst, Tensor src) override {
     OpScope op(this);
     SS_CHECK(dst.numel() == src.numel(), "convert {} -> {} elements", src.numel(), dst.numel());
     if (dst.dtype == src.dtype) return copy(dst, src);
     if (dst.dtype == DType::kBF16) {
-      SS_CUDA_OK(launch_f32_to_bf16(bf16(dst), src.f32(), src.numel(), stream_));
+      SS_CHECK_CALL(launch_f32_to_bf16(bf16(dst), src.f32(), src.numel(), stream_));
     } else {
-      SS_CUDA_OK(launch_bf16_to_f32(dst.f32(), bf16(src), src.numel(), stream_));
+      SS_CHECK_CALL(launch_bf16_to_f32(dst.f32(), bf16(src), src.numel(), stream_));
     }
   }
   void upload_bytes(void* dst, const void* src, size_t bytes) override {
@@ -217,18 +207,18 @@ class CudaBackend final : public Backend {
   void download_bytes(void* dst, const void* src, size_t bytes) override {
     flush_graph();
     if (bytes == 0) return;
-    SS_CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
-    SS_CUDA_OK(cudaStreamSynchronize(stream_));
+    SS_CHECK_CALL(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    SS_CHECK_CALL(cudaStreamSynchronize(stream_));
   }
   void synchronize() override {
     flush_graph();
-    SS_CUDA_OK(cudaStreamSynchronize(stream_));
+    SS_CHECK_CALL(cudaStreamSynchronize(stream_));
   }
 
   void begin_graph_step() override {
     if (!options_.decode_graphs || graph_step_) return;
     cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-    SS_CUDA_OK(cudaStreamIsCapturing(stream_, &status));
+    SS_CHECK_CALL(cudaStreamIsCapturing(stream_, &status));
     if (status != cudaStreamCaptureStatusNone) return;  // the caller records this stream itself
     ring_.rewind(stream_);  // a decode step follows the previous step's download: the stream is idle
     graph_step_ = true;
@@ -245,11 +235,11 @@ class CudaBackend final : public Backend {
     const int64_t n = static_cast<int64_t>(ids.size());
     auto* d_ids = static_cast<int32_t*>(grow(ids_, n * sizeof(int32_t)));
     ring_upload(d_ids, ids.data(), n * sizeof(int32_t));
-    SS_CUDA_OK(launch_embedding_bf16(bf16(out), bf16(table), d_ids, n, static_cast<int>(table.cols()), stream_));
+    SS_CHECK_CALL(launch_embedding_bf16(bf16(out), bf16(table), d_ids, n, static_cast<int>(table.cols()), stream_));
   }
   void rms_norm(Tensor out, Tensor in, Tensor weight, float eps) override {
     OpScope op(this);
-    SS_CUDA_OK(launch_rms_norm(bf16(out), bf16(in), bf16(weight), in.rows(), static_cast<int>(in.cols()), eps, stream_));
+    SS_CHECK_CALL(launch_rms_norm(bf16(out), bf16(in), bf16(weight), in.rows(), static_cast<int>(in.cols()), eps, stream_));
   }
   void matmul(Tensor out, Tensor in, Tensor weight) override {
     OpScope op(this);
@@ -262,25 +252,25 @@ class CudaBackend final : public Backend {
     auto aligned16 = [](const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; };
     if (t <= std::min<int64_t>(options_.gemv_max_tokens, kGemvMaxTokens) && k % 8 == 0 && aligned16(in.data) && aligned16(weight.data) &&
         out.data != in.data && out.data != weight.data) {
-      SS_CUDA_OK(launch_gemv(out.data, out.dtype == DType::kF32, bf16(in), bf16(weight), t, n, k, stream_));
+      SS_CHECK_CALL(launch_gemv(out.data, out.dtype == DType::kF32, bf16(in), bf16(weight), t, n, k, stream_));
       return;
     }
     const Plan& plan = plan_for(n, t, k, out.dtype);
     const float alpha = 1.0f, beta = 0.0f;
-    SS_CUBLAS_OK(cublasLtMatmul(lt_, plan.desc, &alpha, weight.data, plan.a, in.data, plan.b, &beta, out.data, plan.c,
+    SS_CHECK_CALL(cublasLtMatmul(lt_, plan.desc, &alpha, weight.data, plan.a, in.data, plan.b, &beta, out.data, plan.c,
                                 out.data, plan.c, plan.has_algo ? &plan.algo : nullptr, lt_ws_, kLtWorkspace,
                                 stream_));
   }
   void rope(Tensor x, std::span<const int32_t> positions, Tensor inv_freq, int rope_dim, RopeStyle style) override {
     OpScope op(this);
-    SS_CUDA_OK(launch_rope(bf16(x), device_positions(positions), inv_freq.f32(), x.shape[0],
+    SS_CHECK_CALL(launch_rope(bf16(x), device_positions(positions), inv_freq.f32(), x.shape[0],
                            static_cast<int>(x.shape[1]), static_cast<int>(x.shape[2]), rope_dim, style, stream_));
   }
   void split_qkv_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, std::span<const int32_t> positions, Tensor inv_freq,
                       int rope_dim, RopeStyle style) override {
     OpScope op(this);
     check_split_qkv_rope(q, k, v, qkv, positions.size());
-    SS_CUDA_OK(launch_split_qkv_rope(bf16(q), bf16(k), bf16(v), bf16(qkv), device_positions(positions),
+    SS_CHECK_CALL(launch_split_qkv_rope(bf16(q), bf16(k), bf16(v), bf16(qkv), device_positions(positions),
                                      inv_freq.f32(), q.shape[0], static_cast<int>(q.shape[1]),
                                      static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2]), rope_dim, style,
                                      stream_));
@@ -289,22 +279,22 @@ class CudaBackend final : public Backend {
     OpScope op(this);
     SS_CHECK(gate_up.rows() == out.rows() && gate_up.cols() == 2 * out.cols(), "swiglu_fused ({}x{}) -> ({}x{})",
              gate_up.rows(), gate_up.cols(), out.rows(), out.cols());
-    SS_CUDA_OK(launch_swiglu_fused(bf16(out), bf16(gate_up), out.rows(), out.cols(), stream_));
+    SS_CHECK_CALL(launch_swiglu_fused(bf16(out), bf16(gate_up), out.rows(), out.cols(), stream_));
   }
   void add_rms_norm(Tensor out, Tensor x, Tensor h, Tensor weight, float eps) override {
     OpScope op(this);
     SS_CHECK(x.numel() == h.numel() && out.numel() == x.numel(), "add_rms_norm: {} + {} -> {} elements", x.numel(),
              h.numel(), out.numel());
-    SS_CUDA_OK(launch_add_rms_norm(bf16(out), bf16(x), bf16(h), bf16(weight), x.rows(), static_cast<int>(x.cols()),
+    SS_CHECK_CALL(launch_add_rms_norm(bf16(out), bf16(x), bf16(h), bf16(weight), x.rows(), static_cast<int>(x.cols()),
                                    eps, stream_));
   }
   void swiglu(Tensor out, Tensor gate, Tensor up) override {
     OpScope op(this);
-    SS_CUDA_OK(launch_swiglu(bf16(out), bf16(gate), bf16(up), out.numel(), stream_));
+    SS_CHECK_CALL(launch_swiglu(bf16(out), bf16(gate), bf16(up), out.numel(), stream_));
   }
   void add(Tensor out, Tensor a, Tensor b) override {
     OpScope op(this);
-    SS_CUDA_OK(launch_add_bf16(bf16(out), bf16(a), bf16(b), out.numel(), stream_));
+    SS_CHECK_CALL(launch_add_bf16(bf16(out), bf16(a), bf16(b), out.numel(), stream_));
   }
 
   void partial_attention(const AttentionCall& c) override {
@@ -317,9 +307,9 @@ class CudaBackend final : public Backend {
     int64_t n_kv = 0;
     for (const KvView& kv : c.kv) n_kv += kv.n_tokens();
     if (n_kv == 0) {  // nothing visible: O = 0, LSE = -inf, H = 0
-      SS_CUDA_OK(cudaMemsetAsync(c.out.data, 0, c.out.bytes(), stream_));
+      SS_CHECK_CALL(cudaMemsetAsync(c.out.data, 0, c.out.bytes(), stream_));
       fill_neg_inf(c.lse, rows);
-      if (c.entropy) SS_CUDA_OK(cudaMemsetAsync(c.entropy, 0, rows * sizeof(float), stream_));
+      if (c.entropy) SS_CHECK_CALL(cudaMemsetAsync(c.entropy, 0, rows * sizeof(float), stream_));
       return;
     }
     AttentionGpuParams p = gpu_params(c, n_kv);
@@ -327,17 +317,17 @@ class CudaBackend final : public Backend {
     if (n_q <= kDecodeRows) {
       const size_t ws = decode_attention_workspace_bytes(p);
       void* w = grow(attn_ws_, ws);
-      SS_CUDA_OK(launch_decode_attention(p, w, ws, stream_));
+      SS_CHECK_CALL(launch_decode_attention(p, w, ws, stream_));
     } else {
       if (p.k_pages) bind_pools(int64_t{1} << p.page_shift, &p);  // decode reads pages by pointer only
       using Prefill = CudaBackendOptions::Prefill;
       switch (options_.prefill) {
-        case Prefill::kDefault: SS_CUDA_OK(launch_prefill_attention(p, stream_)); break;
-        case Prefill::kWgmma: SS_CUDA_OK(launch_prefill_attention_wgmma(p, stream_)); break;
-        case Prefill::kMmaM64: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 0, stream_)); break;
-        case Prefill::kMmaM128: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 1, stream_)); break;
-        case Prefill::kMmaM64Lazy: SS_CUDA_OK(launch_prefill_attention_mma_variant(p, 2, stream_)); break;
-        case Prefill::kWmma: SS_CUDA_OK(launch_prefill_attention_wmma(p, stream_)); break;
+        case Prefill::kDefault: SS_CHECK_CALL(launch_prefill_attention(p, stream_)); break;
+        case Prefill::kWgmma: SS_CHECK_CALL(launch_prefill_attention_wgmma(p, stream_)); break;
+        case Prefill::kMmaM64: SS_CHECK_CALL(launch_prefill_attention_mma_variant(p, 0, stream_)); break;
+        case Prefill::kMmaM128: SS_CHECK_CALL(launch_prefill_attention_mma_variant(p, 1, stream_)); break;
+        case Prefill::kMmaM64Lazy: SS_CHECK_CALL(launch_prefill_attention_mma_variant(p, 2, stream_)); break;
+        case Prefill::kWmma: SS_CHECK_CALL(launch_prefill_attention_wmma(p, stream_)); break;
       }
     }
   }
@@ -415,7 +405,7 @@ class CudaBackend final : public Backend {
         group.push_back(batchable[j]);
         group_ws.push_back(ws + offsets[j]);
       }
-      SS_CUDA_OK(launch_decode_attention_batch(group.data(), group_ws.data(), static_cast<int>(group.size()),
+      SS_CHECK_CALL(launch_decode_attention_batch(group.data(), group_ws.data(), static_cast<int>(group.size()),
                                                stream_));
     }
   }
@@ -427,18 +417,18 @@ class CudaBackend final : public Backend {
              parts.size(), kMergeMaxParts);
     AttentionPartialGpu table[kMergeMaxParts];
     for (size_t i = 0; i < parts.size(); ++i) table[i] = {parts[i].out, parts[i].lse, parts[i].entropy};
-    SS_CUDA_OK(launch_merge_partials(out, lse, entropy, table, static_cast<int>(parts.size()), n_rows, head_dim,
+    SS_CHECK_CALL(launch_merge_partials(out, lse, entropy, table, static_cast<int>(parts.size()), n_rows, head_dim,
                                      stream_));
   }
   void merge_sum_terms(float* terms, const float* out, const float* lse, const float* entropy, const float* max_lse,
                        int64_t n_rows, int head_dim) override {
     OpScope op(this);
-    SS_CUDA_OK(launch_merge_sum_terms(terms, out, lse, entropy, max_lse, n_rows, head_dim, stream_));
+    SS_CHECK_CALL(launch_merge_sum_terms(terms, out, lse, entropy, max_lse, n_rows, head_dim, stream_));
   }
   void merge_sum_finish(float* out, float* lse, float* entropy, const float* terms, const float* max_lse,
                         int64_t n_rows, int head_dim) override {
     OpScope op(this);
-    SS_CUDA_OK(launch_merge_sum_finish(out, lse, entropy, terms, max_lse, n_rows, head_dim, stream_));
+    SS_CHECK_CALL(launch_merge_sum_finish(out, lse, entropy, terms, max_lse, n_rows, head_dim, stream_));
   }
 
   bool can_sample_rows() const override { return true; }
@@ -456,7 +446,7 @@ class CudaBackend final : public Backend {
       f32 = logits.f32();
     } else {
       f32 = static_cast<float*>(grow(sample_logits_, n_rows * ld * sizeof(float)));
-      SS_CUDA_OK(launch_bf16_to_f32(f32, bf16(logits), n_rows * ld, stream_));
+      SS_CHECK_CALL(launch_bf16_to_f32(f32, bf16(logits), n_rows * ld, stream_));
     }
     // One upload: the rows' parameters, then every row's penalty tokens, then their counts.
     size_t n_pen = 0;
@@ -497,7 +487,7 @@ class CudaBackend final : public Backend {
     if (n_pen > 0) ring_upload(d_in + params_bytes, sample_penalties_.data(), 2 * n_pen * sizeof(int32_t));
     auto* d_out = static_cast<int32_t*>(grow(sample_out_, n_rows * sizeof(int32_t)));
     const auto* d_tokens = reinterpret_cast<const int32_t*>(d_in + params_bytes);
-    SS_CUDA_OK(launch_sample_rows(d_out, f32, reinterpret_cast<const SampleRowParams*>(d_in), d_tokens,
+    SS_CHECK_CALL(launch_sample_rows(d_out, f32, reinterpret_cast<const SampleRowParams*>(d_in), d_tokens,
                                   d_tokens + n_pen, n_rows, ld, stream_));
     download_bytes(tokens.data(), d_out, n_rows * sizeof(int32_t));
     for (int64_t i = 0; i < n_rows; ++i) {
@@ -522,18 +512,18 @@ class CudaBackend final : public Backend {
     auto it = plans_.find(key);
     if (it != plans_.end()) return it->second;
     Plan p;
-    SS_CUBLAS_OK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    SS_CHECK_CALL(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t op_t = CUBLAS_OP_T, op_n = CUBLAS_OP_N;
-    SS_CUBLAS_OK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
-    SS_CUBLAS_OK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
+    SS_CHECK_CALL(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_t, sizeof(op_t)));
+    SS_CHECK_CALL(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_n, sizeof(op_n)));
     const cudaDataType_t c_type = out_dtype == DType::kF32 ? CUDA_R_32F : CUDA_R_16BF;
-    SS_CUBLAS_OK(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, k, n, k));
-    SS_CUBLAS_OK(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, k, t, k));
-    SS_CUBLAS_OK(cublasLtMatrixLayoutCreate(&p.c, c_type, n, t, n));
+    SS_CHECK_CALL(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_16BF, k, n, k));
+    SS_CHECK_CALL(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_16BF, k, t, k));
+    SS_CHECK_CALL(cublasLtMatrixLayoutCreate(&p.c, c_type, n, t, n));
     cublasLtMatmulPreference_t pref;
-    SS_CUBLAS_OK(cublasLtMatmulPreferenceCreate(&pref));
+    SS_CHECK_CALL(cublasLtMatmulPreferenceCreate(&pref));
     const size_t ws = kLtWorkspace;
-    SS_CUBLAS_OK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
+    SS_CHECK_CALL(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws)));
     cublasLtMatmulHeuristicResult_t result{};
     int found = 0;
     if (cublasLtMatmulAlgoGetHeuristic(lt_, p.desc, p.a, p.b, p.c, p.c, pref, 1, &result, &found) ==
@@ -620,8 +610,8 @@ class CudaBackend final : public Backend {
     size_t off = 0;
     for (const KvView& s : kv) {
       const size_t bytes = s.n_tokens() * row;
-      SS_CUDA_OK(cudaMemcpyAsync(k + off, s.k.data, bytes, cudaMemcpyDeviceToDevice, stream_));
-      SS_CUDA_OK(cudaMemcpyAsync(v + off, s.v.data, bytes, cudaMemcpyDeviceToDevice, stream_));
+      SS_CHECK_CALL(cudaMemcpyAsync(k + off, s.k.data, bytes, cudaMemcpyDeviceToDevice, stream_));
+      SS_CHECK_CALL(cudaMemcpyAsync(v + off, s.v.data, bytes, cudaMemcpyDeviceToDevice, stream_));
       off += bytes;
     }
     p->k = reinterpret_cast<const __nv_bfloat16*>(k);
@@ -645,10 +635,10 @@ class CudaBackend final : public Backend {
       flush_graph();  // a pageable copy and a wait follow
       neg_inf_ = alloc(n * 2 * sizeof(float));
       std::vector<float> h(n * 2, -std::numeric_limits<float>::infinity());
-      SS_CUDA_OK(cudaMemcpyAsync(neg_inf_.data(), h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
-      SS_CUDA_OK(cudaStreamSynchronize(stream_));
+      SS_CHECK_CALL(cudaMemcpyAsync(neg_inf_.data(), h.data(), h.size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+      SS_CHECK_CALL(cudaStreamSynchronize(stream_));
     }
-    SS_CUDA_OK(cudaMemcpyAsync(dst, neg_inf_.data(), n * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+    SS_CHECK_CALL(cudaMemcpyAsync(dst, neg_inf_.data(), n * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
   }
 
   // Host bytes to the device in stream order through the pinned ring; when the ring must wait for
@@ -677,7 +667,7 @@ class CudaBackend final : public Backend {
   };
   void record_begin() {
     if (!graph_step_ || recording_) return;
-    SS_CUDA_OK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    SS_CHECK_CALL(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
     recording_ = true;
     segment_ops_ = 0;
   }
@@ -692,7 +682,7 @@ class CudaBackend final : public Backend {
     if (!recording_) return;
     recording_ = false;
     cudaGraph_t g = nullptr;
-    SS_CUDA_OK(cudaStreamEndCapture(stream_, &g));
+    SS_CHECK_CALL(cudaStreamEndCapture(stream_, &g));
     if (segment_ >= execs_.size()) execs_.push_back(nullptr);
     cudaGraphExec_t& exec = execs_[segment_++];
     if (exec) {
@@ -710,7 +700,7 @@ class CudaBackend final : public Backend {
     }
     if (e == cudaSuccess) e = cudaGraphLaunch(exec, stream_);
     cudaGraphDestroy(g);
-    SS_CUDA_OK(e);
+    SS_CHECK_CALL(e);
     ++graph_stats_.launches;
   }
 
