@@ -1,11 +1,12 @@
 // Attention kernel benchmark: prints one JSON line per case.
 //   prefill: TFLOP/s on the DEVICE.md shapes (32 heads, head_dim 128, bf16, entropy on);
 //            FLOPs = 4 n_q n_kv d heads (QK^T and PV), halved for causal squares (FlashAttention's count).
-//            One line per kernel: "wmma", "mma_v1", "mma_v2" (launch_prefill_attention_mma_variant 1, 2),
-//            where the device runs them "wgmma_v1".."wgmma_v3" (launch_prefill_attention_wgmma_variant)
-//            and "wgmma" (the default on sm_90), then "mma" (launch_prefill_attention_mma, the default
-//            elsewhere) last; all carry impl "starserve", and summarize.py prints one row per kernel.
-//            --wgmma-only leaves out wmma and mma_v1, mma_v2.
+//            One line per kernel: the baselines (kernels/baselines/prefill_baselines.h) "wmma",
+//            "mma_v0" (mma.sync m64), "mma_v2" (m64-lean), where the device runs them "wgmma_v1"
+//            (ping-pong), "wgmma_v2" (three consumers), "wgmma_v3" (cp.async copies); then what
+//            ships: "wgmma" (auto on sm_90), then "mma" (auto elsewhere) last. All carry impl
+//            "starserve", and summarize.py prints one row per kernel. --wgmma-only leaves out wmma
+//            and mma_v0, mma_v2.
 //   decode:  GB/s of K and V read (q = 1, 128K and 16K keys), next to the device's copy bandwidth measured
 //            here (cudaMemcpy device to device: read + write bytes over time); contiguous KV, and
 //            KV in pages of 256 keys placed in scrambled order in one pool (page_size 0 = contiguous).
@@ -24,7 +25,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "kernels/attention.h"
+#include "kernels/attention/attention.h"
+#include "kernels/baselines/prefill_baselines.h"
 #include "kernels/cuda_check.h"
 
 namespace {
@@ -153,16 +155,13 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   std::vector<Kernel> kernels;
   if (!g_wgmma_only) {
     kernels.push_back({"wmma", starserve::launch_prefill_attention_wmma});
-    for (int variant : {1, 2})
-      kernels.push_back({"mma_v" + std::to_string(variant), [variant](const auto& prm, cudaStream_t s) {
-                           return starserve::launch_prefill_attention_mma_variant(prm, variant, s);
-                         }});
+    kernels.push_back({"mma_v0", starserve::launch_prefill_attention_mma_m64});
+    kernels.push_back({"mma_v2", starserve::launch_prefill_attention_mma_m64_lean});
   }
   if (starserve::prefill_wgmma_supported()) {
-    for (int variant = 1; variant < starserve::kPrefillWgmmaVariants; ++variant)
-      kernels.push_back({"wgmma_v" + std::to_string(variant), [variant](const auto& prm, cudaStream_t s) {
-                           return starserve::launch_prefill_attention_wgmma_variant(prm, variant, s);
-                         }});
+    kernels.push_back({"wgmma_v1", starserve::launch_prefill_attention_wgmma_pingpong});
+    kernels.push_back({"wgmma_v2", starserve::launch_prefill_attention_wgmma_three_consumers});
+    kernels.push_back({"wgmma_v3", starserve::launch_prefill_attention_wgmma_cp_async});
     kernels.push_back({"wgmma", starserve::launch_prefill_attention_wgmma});
   }
   kernels.push_back({"mma", starserve::launch_prefill_attention_mma});

@@ -255,12 +255,10 @@ std::unique_ptr<Backend> make_cpu_backend(int threads = 0);
 
 // Choices of the CUDA backend (config slice ParallelConfig).
 struct CudaBackendOptions {
-  // Prefill attention kernel (kernels/attention.h): the default launcher (the wgmma kernel on
-  // sm_90, the mma.sync one elsewhere), the wgmma kernel by name, one of the mma.sync variants by
-  // name (64 query rows per block; 128 rows per block with the lazy-rescale softmax; 64 rows with
-  // that softmax), or the earlier WMMA kernel.
-  enum class Prefill { kDefault, kWgmma, kMmaM64, kMmaM128, kMmaM64Lazy, kWmma };
-  Prefill prefill = Prefill::kDefault;
+  // Prefill attention kernel, among those that ship (kernels/attention/attention.h): auto (the
+  // wgmma kernel on sm_90, the mma.sync one elsewhere), the wgmma kernel, or the mma.sync kernel.
+  enum class Prefill { kAuto, kWgmma, kMma };
+  Prefill prefill = Prefill::kAuto;
   // GEMMs of up to this many rows go through the bandwidth-bound skinny kernel (kernels/gemv.h)
   // instead of cuBLASLt; 0 = never. 1 (single-sequence decode steps) is where it measured faster
   // on the H200 (docs/perf.md); with 4 rows cuBLASLt is faster.
@@ -275,8 +273,7 @@ struct CudaBackendOptions {
   bool decode_graphs = false;
   int graph_segment_ops = 48;
 };
-// "auto" (the default), "wgmma", "mma" (= "mma-m128"), "mma-m64", "mma-m128", "mma-m64-lazy", "wmma";
-// kInvalidArgument otherwise.
+// "auto" (the default), "wgmma", "mma"; kInvalidArgument naming the value and these otherwise.
 Result<CudaBackendOptions::Prefill> parse_prefill_kernel(const std::string& name);
 
 // The CUDA backend on one device (bf16 weights and activations, fp32 accumulation). kUnimplemented

@@ -149,14 +149,10 @@ std::unique_ptr<Backend> make_cpu_backend(int threads) {
 
 Result<CudaBackendOptions::Prefill> parse_prefill_kernel(const std::string& name) {
   using Prefill = CudaBackendOptions::Prefill;
-  if (name == "auto") return Prefill::kDefault;
+  if (name == "auto") return Prefill::kAuto;
   if (name == "wgmma") return Prefill::kWgmma;
-  if (name == "mma" || name == "mma-m128") return Prefill::kMmaM128;
-  if (name == "mma-m64") return Prefill::kMmaM64;
-  if (name == "mma-m64-lazy") return Prefill::kMmaM64Lazy;
-  if (name == "wmma") return Prefill::kWmma;
-  return invalid_argument("prefill kernel \"{}\" is not one of auto, wgmma, mma, mma-m64, mma-m128, mma-m64-lazy, wmma",
-                          name);
+  if (name == "mma") return Prefill::kMma;
+  return invalid_argument("prefill kernel \"{}\" is not one of auto, wgmma, mma", name);
 }
 
 #if !STARSERVE_HAVE_CUDA

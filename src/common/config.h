@@ -21,7 +21,7 @@ struct ModelConfig {
 struct ParallelConfig {
   std::string backend = "auto";     // cpu | cuda | auto (cuda when a GPU is visible)
   int cpu_threads = 0;              // BLAS threads per rank; 0 = library default
-  std::string prefill_kernel = "auto";  // CUDA prefill attention: auto (wgmma on sm_90, else mma) | wgmma | mma | mma-m64 | mma-m128 | mma-m64-lazy | wmma
+  std::string prefill_kernel = "auto";  // CUDA prefill attention: auto (wgmma on sm_90, else mma) | wgmma | mma
   bool cuda_graphs = true;          // CUDA: decode steps as CUDA graphs when running on one rank
 };
 

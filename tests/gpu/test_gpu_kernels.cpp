@@ -23,7 +23,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "kernels/attention.h"
+#include "kernels/attention/attention.h"
+#include "kernels/baselines/prefill_baselines.h"
 #include "kernels/cuda_check.h"
 #include "kernels/elementwise.h"
 #include "kernels/gemv.h"
@@ -95,51 +96,61 @@ PagedKv make_paged(const Bf16Data& k, const Bf16Data& v, int64_t n_kv, int n_kv_
   return pk;
 }
 
-// The kernels under test: the prefill kernels by name, the other configurations of the mma kernel
-// (launch_prefill_attention_mma_variant 1, 2), the Hopper wgmma kernel and its variants 1-3 (run
-// where the device is sm_90 and the build carries sm_90a code; 0-2 copy with the TMA, 3 with
-// cp.async), and decode.
+// The kernels under test: the shipped prefill kernels (mma.sync, and the Hopper wgmma kernel where
+// the device is sm_90 and the build carries sm_90a code), the baselines the benchmark compares
+// them with (kernels/baselines/prefill_baselines.h: the WMMA kernel, the mma.sync m64 and m64-lean
+// configurations, and the wgmma ping-pong, three-consumer and cp.async-only configurations), and
+// decode.
 enum class AttnKernel {
   kPrefillMma,
-  kPrefillWmma,
-  kPrefillMmaV1,
-  kPrefillMmaV2,
   kPrefillWgmma,
-  kPrefillWgmmaV1,
-  kPrefillWgmmaV2,
-  kPrefillWgmmaV3,
+  kPrefillWmma,
+  kPrefillMmaM64,
+  kPrefillMmaM64Lean,
+  kPrefillWgmmaPingpong,
+  kPrefillWgmmaThreeConsumers,
+  kPrefillWgmmaCpAsync,
   kDecode
 };
-constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma,    AttnKernel::kPrefillWmma,
-                                          AttnKernel::kPrefillMmaV1,  AttnKernel::kPrefillMmaV2,
-                                          AttnKernel::kPrefillWgmma,  AttnKernel::kPrefillWgmmaV1,
-                                          AttnKernel::kPrefillWgmmaV2, AttnKernel::kPrefillWgmmaV3};
+constexpr AttnKernel kPrefillKernels[] = {AttnKernel::kPrefillMma,
+                                          AttnKernel::kPrefillWgmma,
+                                          AttnKernel::kPrefillWmma,
+                                          AttnKernel::kPrefillMmaM64,
+                                          AttnKernel::kPrefillMmaM64Lean,
+                                          AttnKernel::kPrefillWgmmaPingpong,
+                                          AttnKernel::kPrefillWgmmaThreeConsumers,
+                                          AttnKernel::kPrefillWgmmaCpAsync};
 
 const char* kernel_name(AttnKernel k) {
   switch (k) {
     case AttnKernel::kPrefillMma: return "prefill(mma) ";
-    case AttnKernel::kPrefillWmma: return "prefill(wmma) ";
-    case AttnKernel::kPrefillMmaV1: return "prefill(mma v1) ";
-    case AttnKernel::kPrefillMmaV2: return "prefill(mma v2) ";
     case AttnKernel::kPrefillWgmma: return "prefill(wgmma) ";
-    case AttnKernel::kPrefillWgmmaV1: return "prefill(wgmma v1) ";
-    case AttnKernel::kPrefillWgmmaV2: return "prefill(wgmma v2) ";
-    case AttnKernel::kPrefillWgmmaV3: return "prefill(wgmma v3) ";
+    case AttnKernel::kPrefillWmma: return "prefill(baseline wmma) ";
+    case AttnKernel::kPrefillMmaM64: return "prefill(baseline mma m64) ";
+    case AttnKernel::kPrefillMmaM64Lean: return "prefill(baseline mma m64-lean) ";
+    case AttnKernel::kPrefillWgmmaPingpong: return "prefill(baseline wgmma ping-pong) ";
+    case AttnKernel::kPrefillWgmmaThreeConsumers: return "prefill(baseline wgmma three consumers) ";
+    case AttnKernel::kPrefillWgmmaCpAsync: return "prefill(baseline wgmma cp.async) ";
     case AttnKernel::kDecode: return "decode ";
   }
   return "?";
 }
 
+bool is_wgmma(AttnKernel k) {
+  return k == AttnKernel::kPrefillWgmma || k == AttnKernel::kPrefillWgmmaPingpong ||
+         k == AttnKernel::kPrefillWgmmaThreeConsumers || k == AttnKernel::kPrefillWgmmaCpAsync;
+}
+
 cudaError_t launch_prefill(AttnKernel k, const AttentionGpuParams& p) {
   switch (k) {
     case AttnKernel::kPrefillMma: return launch_prefill_attention_mma(p, nullptr);
-    case AttnKernel::kPrefillWmma: return launch_prefill_attention_wmma(p, nullptr);
-    case AttnKernel::kPrefillMmaV1: return launch_prefill_attention_mma_variant(p, 1, nullptr);
-    case AttnKernel::kPrefillMmaV2: return launch_prefill_attention_mma_variant(p, 2, nullptr);
     case AttnKernel::kPrefillWgmma: return launch_prefill_attention_wgmma(p, nullptr);
-    case AttnKernel::kPrefillWgmmaV1: return launch_prefill_attention_wgmma_variant(p, 1, nullptr);
-    case AttnKernel::kPrefillWgmmaV2: return launch_prefill_attention_wgmma_variant(p, 2, nullptr);
-    case AttnKernel::kPrefillWgmmaV3: return launch_prefill_attention_wgmma_variant(p, 3, nullptr);
+    case AttnKernel::kPrefillWmma: return launch_prefill_attention_wmma(p, nullptr);
+    case AttnKernel::kPrefillMmaM64: return launch_prefill_attention_mma_m64(p, nullptr);
+    case AttnKernel::kPrefillMmaM64Lean: return launch_prefill_attention_mma_m64_lean(p, nullptr);
+    case AttnKernel::kPrefillWgmmaPingpong: return launch_prefill_attention_wgmma_pingpong(p, nullptr);
+    case AttnKernel::kPrefillWgmmaThreeConsumers: return launch_prefill_attention_wgmma_three_consumers(p, nullptr);
+    case AttnKernel::kPrefillWgmmaCpAsync: return launch_prefill_attention_wgmma_cp_async(p, nullptr);
     case AttnKernel::kDecode: break;
   }
   return cudaErrorInvalidValue;
@@ -157,9 +168,7 @@ cudaError_t launch_prefill(AttnKernel k, const AttentionGpuParams& p) {
 // missed key moves them by >= 1e-2 at these sizes).
 void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, int page_shift = 0,
                      bool with_entropy = true, float scale_sign = 1.0f) {
-  const bool wgmma = kernel == AttnKernel::kPrefillWgmma || kernel == AttnKernel::kPrefillWgmmaV1 ||
-                     kernel == AttnKernel::kPrefillWgmmaV2 || kernel == AttnKernel::kPrefillWgmmaV3;
-  if (wgmma && !prefill_wgmma_supported()) {
+  if (is_wgmma(kernel) && !prefill_wgmma_supported()) {
     static bool said = false;
     if (!said) std::printf("  prefill(wgmma) not run: the device is not sm_90 or the build has no sm_90a code\n");
     said = true;
@@ -258,7 +267,7 @@ void check_attention(const AttnCase& c, AttnKernel kernel, std::mt19937& rng, in
   if (with_entropy) expect_close(d_h.get(), h_ref, 1e-3f, "entropy");
 }
 
-// Every prefill kernel (mma variants 0-2, wmma) on the same cases and tolerances.
+// Every prefill kernel (shipped and baselines) on the same cases and tolerances.
 TEST(GpuAttention, PrefillMatchesReference) {
   SKIP_WITHOUT_GPU();
   for (AttnKernel kernel : kPrefillKernels) {
@@ -280,8 +289,8 @@ TEST(GpuAttention, PrefillMatchesReference) {
   }
 }
 
-// Shapes around the tile edges and the mask's extremes, for every prefill kernel. Variant 1's
-// 128-row blocks: 129 and 150 rows put one or a few rows into a second block; 200 causal rows
+// Shapes around the tile edges and the mask's extremes, for every prefill kernel. The 128-row
+// blocks of mma.sync m128 and wgmma: 129 and 150 rows put one or a few rows into a second block; 200 causal rows
 // leave the first warps of a block with a last key tile they skip.
 TEST(GpuAttention, PrefillEdgeCases) {
   SKIP_WITHOUT_GPU();
@@ -300,7 +309,8 @@ TEST(GpuAttention, PrefillEdgeCases) {
       for (const auto& c : cases) check_attention(c, kernel, rng);
       check_attention({77, 300, 8, 1, d, true, 223, false}, kernel, rng, 0, /*with_entropy=*/false);
       check_attention({77, 300, 8, 1, d, false, 0, true}, kernel, rng, 8, /*with_entropy=*/false);
-      // Negative scale: variants 1, 2 take the row max on raw scores and negate Q in shared memory.
+      // Negative scale: the lean softmax (mma.sync m128, m64-lean; wgmma) takes the row max on raw
+      // scores and negates Q in shared memory.
       check_attention({200, 200, 6, 2, d, true, 0, false}, kernel, rng, 0, true, -1.0f);
       check_attention({130, 600, 4, 4, d, false, 0, true}, kernel, rng, 6, true, -1.0f);
     }
@@ -509,9 +519,10 @@ TEST(GpuAttention, PagedPrefillMatchesReference) {
   }
 }
 
-// The wgmma configurations with 128-key tiles and two consumers (variants 0, 1, 3) do the same
-// arithmetic in the same order, whatever copies the keys (TMA or cp.async), however the consumers
-// take turns, and whether the keys are contiguous or paged: their outputs must agree bit for bit.
+// The wgmma configurations with 128-key tiles and two consumers (the shipped one and the ping-pong
+// and cp.async-only baselines) do the same arithmetic in the same order, whatever copies the keys
+// (TMA or cp.async), however the consumers take turns, and whether the keys are contiguous or
+// paged: their outputs must agree bit for bit.
 // This also checks the TMA's page addressing exactly (pages placed out of order in a NaN pool).
 TEST(GpuAttention, WgmmaCopyPathsAgreeBitwise) {
   SKIP_WITHOUT_GPU();
@@ -566,7 +577,7 @@ TEST(GpuAttention, WgmmaCopyPathsAgreeBitwise) {
       std::vector<__nv_bfloat16> o;
       std::vector<float> lse, h;
     };
-    auto run = [&](int variant, bool paged, bool pool) {
+    auto run = [&](AttnKernel kernel, bool paged, bool pool) {
       AttentionGpuParams r = p;
       if (paged) {
         r.k_pages = dk_table.ptr;
@@ -582,20 +593,25 @@ TEST(GpuAttention, WgmmaCopyPathsAgreeBitwise) {
         r.v = dv.ptr;
       }
       SS_CHECK_CALL(cudaMemset(d_o.ptr, 0xff, rows * c.d * sizeof(__nv_bfloat16)));
-      EXPECT_EQ(launch_prefill_attention_wgmma_variant(r, variant, nullptr), cudaSuccess);
+      EXPECT_EQ(launch_prefill(kernel, r), cudaSuccess);
       SS_CHECK_CALL(cudaDeviceSynchronize());
       return Result{d_o.get(), d_lse.get(), d_h.get()};
     };
-    const Result want = run(0, false, false);  // contiguous keys, TMA
+    const Result want = run(AttnKernel::kPrefillWgmma, false, false);  // contiguous keys, TMA
     struct Path {
-      int variant;
+      AttnKernel kernel;
       bool paged, pool;
       const char* what;
     };
-    for (const Path& path : {Path{0, true, true, "paged, TMA"}, Path{0, true, false, "paged, cp.async (no pool)"},
-                             Path{3, false, false, "contiguous, cp.async"}, Path{3, true, true, "paged, cp.async"},
-                             Path{1, true, true, "ping-pong, paged, TMA"}, Path{1, false, false, "ping-pong"}}) {
-      const Result got = run(path.variant, path.paged, path.pool);
+    constexpr AttnKernel kShipped = AttnKernel::kPrefillWgmma, kCpAsync = AttnKernel::kPrefillWgmmaCpAsync,
+                         kPingpong = AttnKernel::kPrefillWgmmaPingpong;
+    for (const Path& path : {Path{kShipped, true, true, "paged, TMA"},
+                             Path{kShipped, true, false, "paged, cp.async (no pool)"},
+                             Path{kCpAsync, false, false, "contiguous, cp.async"},
+                             Path{kCpAsync, true, true, "paged, cp.async"},
+                             Path{kPingpong, true, true, "ping-pong, paged, TMA"},
+                             Path{kPingpong, false, false, "ping-pong"}}) {
+      const Result got = run(path.kernel, path.paged, path.pool);
       EXPECT_EQ(std::memcmp(got.o.data(), want.o.data(), got.o.size() * sizeof(got.o[0])), 0) << path.what << ": O";
       EXPECT_EQ(std::memcmp(got.lse.data(), want.lse.data(), got.lse.size() * sizeof(float)), 0) << path.what << ": LSE";
       EXPECT_EQ(std::memcmp(got.h.data(), want.h.data(), got.h.size() * sizeof(float)), 0) << path.what << ": entropy";
@@ -650,22 +666,15 @@ TEST(GpuAttention, PagedParamsValidated) {
   for (int shift : {0, 5, 31, -1}) {
     p.page_shift = shift;
     EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
-    EXPECT_EQ(launch_prefill_attention_mma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
-    EXPECT_EQ(launch_prefill_attention_wmma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
-    EXPECT_EQ(launch_prefill_attention_wgmma(p, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
-    for (int variant = 0; variant < kPrefillMmaVariants; ++variant)
-      EXPECT_EQ(launch_prefill_attention_mma_variant(p, variant, nullptr), cudaErrorInvalidValue)
-          << "page_shift " << shift << " variant " << variant;
+    for (AttnKernel kernel : kPrefillKernels)
+      EXPECT_EQ(launch_prefill(kernel, p), cudaErrorInvalidValue) << kernel_name(kernel) << "page_shift " << shift;
     EXPECT_EQ(launch_decode_attention(p, &lse, ws_bytes, nullptr), cudaErrorInvalidValue) << "page_shift " << shift;
   }
   p.page_shift = 8;
   p.v_pages = nullptr;
   EXPECT_EQ(launch_prefill_attention(p, nullptr), cudaErrorInvalidValue);
-  EXPECT_EQ(launch_prefill_attention_mma(p, nullptr), cudaErrorInvalidValue);
-  EXPECT_EQ(launch_prefill_attention_wmma(p, nullptr), cudaErrorInvalidValue);
-  EXPECT_EQ(launch_prefill_attention_wgmma(p, nullptr), cudaErrorInvalidValue);
-  for (int variant = 0; variant < kPrefillMmaVariants; ++variant)
-    EXPECT_EQ(launch_prefill_attention_mma_variant(p, variant, nullptr), cudaErrorInvalidValue) << variant;
+  for (AttnKernel kernel : kPrefillKernels)
+    EXPECT_EQ(launch_prefill(kernel, p), cudaErrorInvalidValue) << kernel_name(kernel);
   EXPECT_EQ(launch_decode_attention(p, &lse, ws_bytes, nullptr), cudaErrorInvalidValue);
   // The workspace depends on the shape only, paged or not.
   p.k_pages = nullptr;

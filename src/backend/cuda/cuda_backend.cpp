@@ -20,7 +20,7 @@
 #include "backend/backend.h"
 #include "backend/cuda/cublas_check.h"
 #include "backend/page_pool.h"
-#include "kernels/attention.h"
+#include "kernels/attention/attention.h"
 #include "kernels/cuda_check.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
@@ -322,12 +322,9 @@ class CudaBackend final : public Backend {
       if (p.k_pages) bind_pools(int64_t{1} << p.page_shift, &p);  // decode reads pages by pointer only
       using Prefill = CudaBackendOptions::Prefill;
       switch (options_.prefill) {
-        case Prefill::kDefault: SS_CHECK_CALL(launch_prefill_attention(p, stream_)); break;
+        case Prefill::kAuto: SS_CHECK_CALL(launch_prefill_attention(p, stream_)); break;
         case Prefill::kWgmma: SS_CHECK_CALL(launch_prefill_attention_wgmma(p, stream_)); break;
-        case Prefill::kMmaM64: SS_CHECK_CALL(launch_prefill_attention_mma_variant(p, 0, stream_)); break;
-        case Prefill::kMmaM128: SS_CHECK_CALL(launch_prefill_attention_mma_variant(p, 1, stream_)); break;
-        case Prefill::kMmaM64Lazy: SS_CHECK_CALL(launch_prefill_attention_mma_variant(p, 2, stream_)); break;
-        case Prefill::kWmma: SS_CHECK_CALL(launch_prefill_attention_wmma(p, stream_)); break;
+        case Prefill::kMma: SS_CHECK_CALL(launch_prefill_attention_mma(p, stream_)); break;
       }
     }
   }

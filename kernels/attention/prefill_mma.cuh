@@ -9,39 +9,46 @@
 // S accumulator layout of m16n8k16 is exactly the A-operand layout of the next m16n8k16, so P is
 // S rounded to bf16 pairs; V's B operand comes from ldmatrix.trans.
 //
-// Configurations (launch_prefill_attention_mma_variant; ptxas -v, nvcc 13.0, sm_90a):
-//   0: 64 rows/block (16 per warp), Q in registers, 3 blocks/SM: 166-168 registers, no spill.
-//   1: 128 rows/block (32 per warp: every K / V fragment feeds two m16 tiles), lean softmax,
-//      2 blocks/SM, 8 warps/SM. D = 128: 255 registers, Q re-read per k-step (O 128 + S 64 + Q 64
-//      would be 256), 4-8 bytes of spill stores before the loop, at most one 4-byte reload per key
-//      tile (paged; none contiguous). D = 64: 250-254 registers, Q in registers, no spill.
-//   2: variant 0's tiling with variant 1's softmax: 145-168 registers; at D = 128 8 bytes spilled
-//      outside the key loop. It separates the two effects when measuring.
+// The kernel template, included by the .cu files that instantiate it: attention/prefill_mma.cu
+// (m128, what ships: launch_prefill_attention_mma) and baselines/prefill_mma_variants.cu (m64,
+// m64-lean). Everything is in an anonymous namespace, so each includer gets its own kernels with
+// internal linkage, as when this was one file: no kernel instance is shared by two translation
+// units (whose registrations with the CUDA runtime would then alias one host stub).
 //
-// Why variant 1 should be faster (H100 / H200, per SM: 128 B/clk of shared memory; mma.sync bf16
+// Configurations (MmaConfig; ptxas -v, nvcc 13.0, sm_90a):
+//   m64:      64 rows/block (16 per warp), Q in registers, 3 blocks/SM: 166-168 registers, no spill.
+//   m128:     128 rows/block (32 per warp: every K / V fragment feeds two m16 tiles), lean softmax,
+//             2 blocks/SM, 8 warps/SM. D = 128: 255 registers, Q re-read per k-step (O 128 + S 64 +
+//             Q 64 would be 256), 4-8 bytes of spill stores before the loop, at most one 4-byte
+//             reload per key tile (paged; none contiguous). D = 64: 250-254 registers, Q in
+//             registers, no spill.
+//   m64-lean: m64's tiling with m128's softmax: 145-168 registers; at D = 128 8 bytes spilled
+//             outside the key loop. It separates the two effects when measuring.
+//
+// Why m128 should be faster (H100 / H200, per SM: 128 B/clk of shared memory; mma.sync bf16
 // at ~660 TFLOP/s = 4096 FLOP per m16n8k16 every ~1.6 clk at 1.98 GHz on 132 SMs). Shared-memory
 // bytes per m16n8k16 at D = 128, ldmatrix.x4 = 512 B:
-//   variant 0: Q K^T 1 ldmatrix per 2 mma (256 B), P V 1 per 2 (256 B), cp.async writes 32 KB of
+//   m64:  Q K^T 1 ldmatrix per 2 mma (256 B), P V 1 per 2 (256 B), cp.async writes 32 KB of
 //              K + V per 64 x 64 tile step = 512 mma (64 B): 320 B = 2.5 clk per mma > 1.6, so
 //              shared memory bounds it at ~430 TFLOP/s (measured 249, 58%).
-//   variant 1: Q K^T 2 Q + 4 K ldmatrix per 16 mma (192 B), P V 1 per 4 (128 B), cp.async 32 KB
+//   m128: Q K^T 2 Q + 4 K ldmatrix per 16 mma (192 B), P V 1 per 4 (128 B), cp.async 32 KB
 //              per 1024 mma (32 B): 192 B = 1.5 clk per mma, below the tensor rate: the roofline
 //              moves to the mma.sync peak. (D = 64, Q in registers: 160 B.) The L2 -> SM traffic
 //              per FLOP halves too (twice the rows per K / V tile).
-//   Issue slots per mma on an unmasked tile (SASS of the loop): variant 0 ~5.5 (~700 instructions
-//   per 128 HMMA), variant 1 ~3.5 (~900 per 256 HMMA), from the two m16 tiles sharing address
+//   Issue slots per mma on an unmasked tile (SASS of the loop): m64 ~5.5 (~700 instructions
+//   per 128 HMMA), m128 ~3.5 (~900 per 256 HMMA), from the two m16 tiles sharing address
 //   and loop work, the lean softmax, and the predicate-free copy of full key tiles.
-//   Prediction: variant 1 at 60-65% of the ~660 mma.sync peak, 330-400 TFLOP/s (variant 0
+//   Prediction: m128 at 60-65% of the ~660 mma.sync peak, 330-400 TFLOP/s (m64
 //   reaches 58% of its smem roofline; FA2 with the same 128 x 64 tiling measures 340).
 //   Measured on the H200 (attention_bench, 4K x 8K non-causal / 16K causal, entropy on):
-//   variant 1 350 / 340 TFLOP/s, variant 2 283 / 281, variant 0 245 / 252; variant 1 is the default.
+//   m128 350 / 340 TFLOP/s, m64-lean 283 / 281, m64 245 / 252; m128 ships.
 //
 // Online softmax with the entropy state (m, l, u) of entropy.md, in base 2 (s2 = s * scale *
 // log2 e, so each exponential is one MUFU.EX2); u = sum 2^t t with t = s2 - m. Each thread holds
 // 16 of a row's 64 scores per tile; the row max needs the quad's shuffle every tile, but l and u
 // stay per-thread partial sums until the end: the rescale u' = c (u + (m - m') l) + pu, l' = c l + ps
 // is linear in (u, l) with factors (c, m - m') common to the row, so partials add up at the end.
-// Lean softmax (variants 1, 2), per score 4 FP32 ops + EX2 instead of 6 + EX2, and per tile no
+// Lean softmax (m128, m64-lean), per score 4 FP32 ops + EX2 instead of 6 + EX2, and per tile no
 // O rescale in the common case: the max is taken on raw scores and t = s |scale| log2 e - m is
 // one FFMA (for scale < 0, Q is negated once in shared memory: exact); the -inf clamp runs only on
 // masked tiles (others hold finite scores only); m moves only when a tile's max exceeds it by more
@@ -54,21 +61,23 @@
 //   C (16 x 8):  c0, c1 (g, 2t..2t+1), c2, c3 (g+8, 2t..2t+1)
 //
 // Shared memory per block: K and V tiles of 64 x D bf16, two stages; rows padded by 16 bytes so the
-// 8 row addresses of one ldmatrix phase fall in distinct bank groups. Variants 0, 2 stage Q once in
+// 8 row addresses of one ldmatrix phase fall in distinct bank groups. m64 and m64-lean stage Q once in
 // stage 1's K buffer before the loop: 36 KB at D = 64, 68 KB at D = 128 (three blocks per SM).
-// Variant 1 keeps Q (128 rows) in its own buffer: 54 KB at D = 64, 102 KB at D = 128 (two per SM).
+// m128 keeps Q (128 rows) in its own buffer: 54 KB at D = 64, 102 KB at D = 128 (two per SM).
 //
 // Causal: tiles wholly above the block's last visible key are never loaded; the mask is applied
 // only on tiles that contain a hidden key for some row of the warp (the diagonal and the n_kv tail);
 // with 128-row blocks a warp skips the block's last tile when it holds no key its rows see.
 // Paged keys: a 64-key tile lies in one page (pages hold >= 64 keys): one page-table read per tile.
+#pragma once
+
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
-#include "kernels/attention.h"
-#include "kernels/attention_common.cuh"
+#include "kernels/attention/attention.h"
+#include "kernels/attention/common.cuh"
 
 namespace starserve {
 namespace {
@@ -86,7 +95,7 @@ using detail::store_pair;
 
 constexpr int kBlockN = 64;  // keys per tile (cp.async and S alike)
 
-// One compile-time configuration of the kernel (a variant of launch_prefill_attention_mma_variant).
+// One compile-time configuration of the kernel (m128 below; the baselines' in prefill_mma_variants.cu).
 // kMTiles m16 row tiles per warp share every K / V fragment a warp loads with ldmatrix.
 template <int kWarps_, int kMTiles_, int kMinBlocks_, bool kLeanSoftmax_>
 struct MmaConfig {
@@ -102,14 +111,8 @@ struct MmaConfig {
   static constexpr bool kLeanSoftmax = kLeanSoftmax_;
 };
 
-// Variant 0: 64 rows per block, 16 per warp, three blocks per SM (168 registers). Uncapped, ptxas
-// takes ~190 (D = 64) and ~250 (D = 128), mostly to hoist ldmatrix loads; at 168 neither head dim
-// spills (ptxas -v, nvcc 13.0, sm_90a). Shared memory allows it (3 x 68 KB at D = 128).
-using MmaVariant0 = MmaConfig<4, 1, 3, false>;
-// Variant 1: 128 rows per block, 32 per warp, two blocks per SM (255 registers, 8 warps per SM).
-using MmaVariant1 = MmaConfig<4, 2, 2, true>;
-// Variant 2: variant 0's tiling with variant 1's softmax (separates the two effects when measuring).
-using MmaVariant2 = MmaConfig<4, 1, 3, true>;
+// m128, what ships: 128 rows per block, 32 per warp, two blocks per SM (255 registers, 8 warps per SM).
+using MmaM128 = MmaConfig<4, 2, 2, true>;
 
 // Lean softmax: a row's reference max m is raised only when a tile's max exceeds it by more than
 // kSlack (log2 units), so p = 2^(s2 - m) <= 2^8, far inside the fp32 and bf16 ranges; l, O grow by at
@@ -136,7 +139,7 @@ struct MmaSmem {
 
 // threadIdx.x through an empty asm: values derived from it look new at each use, so the optimiser
 // recomputes them (a few integer ops per key tile) rather than holding them live, or spilling
-// them, across the key loop; the 255-register variant at D = 128 needs every register.
+// them, across the key loop; m128 at D = 128 (255 registers) needs every register.
 __device__ __forceinline__ int thread_index_opaque() {
   int x = static_cast<int>(threadIdx.x);
   asm volatile("" : "+r"(x));
@@ -620,6 +623,8 @@ cudaError_t launch_mma_typed(const AttentionGpuParams& p, cudaStream_t stream) {
                    : launch_mma_instance<C, D, OutT, false>(p, stream);
 }
 
+// The launcher of configuration C: validation, then the instance for the head dim, output type
+// and key source.
 template <class C>
 cudaError_t launch_mma_config(const AttentionGpuParams& p, cudaStream_t stream) {
   if (!detail::prefill_params_ok(p, C::kBlockM)) return cudaErrorInvalidValue;
@@ -632,27 +637,4 @@ cudaError_t launch_mma_config(const AttentionGpuParams& p, cudaStream_t stream) 
 }
 
 }  // namespace
-
-cudaError_t launch_prefill_attention_mma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
-  switch (variant) {
-    case 0: return launch_mma_config<MmaVariant0>(p, stream);
-    case 1: return launch_mma_config<MmaVariant1>(p, stream);
-    case 2: return launch_mma_config<MmaVariant2>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-// The default: variant 1 (128 rows per block) measured 350 / 340 TFLOP/s on the H200 against
-// 245 / 252 for variant 0 (attention_bench, 2026-11-29; docs/perf.md).
-cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream_t stream) {
-  return launch_prefill_attention_mma_variant(p, 1, stream);
-}
-
-// The wgmma kernel where the device and the build run it (sm_90a), else the mma.sync kernel.
-cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream) {
-  if ((p.head_dim == 64 || p.head_dim == 128) && prefill_wgmma_supported())
-    return launch_prefill_attention_wgmma(p, stream);
-  return launch_prefill_attention_mma(p, stream);
-}
-
 }  // namespace starserve

@@ -1,6 +1,6 @@
 // Hopper (sm_90a) warpgroup matrix multiply building blocks: shared-memory matrix descriptors for
 // the 128-byte swizzled layout, the wgmma fences, and the bf16 -> fp32 shapes the prefill kernel
-// issues (attention_prefill_wgmma.cu). Facts from the PTX ISA (asynchronous warpgroup-level matrix
+// issues (prefill_wgmma.cuh). Facts from the PTX ISA (asynchronous warpgroup-level matrix
 // instructions); everything here compiles to nothing useful below sm_90a, so callers guard with
 // STARSERVE_WGMMA_ENABLED.
 //

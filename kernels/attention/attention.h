@@ -52,37 +52,28 @@ struct AttentionGpuParams {
 constexpr int kMinPageShift = 6;
 constexpr int kMaxPageShift = 30;
 
-// Prefill / block-local attention (phase 1, and any n_q): tensor-core tiles of 64 queries x 64 keys,
-// grid (query tiles, heads). Returns cudaErrorInvalidValue for unsupported shapes, and when paged
-// with only one of k_pages / v_pages or page_shift outside [kMinPageShift, kMaxPageShift].
-// launch_prefill_attention runs the wgmma kernel (FlashAttention-3 style, attention_prefill_wgmma.cu)
-// on sm_90 devices with sm_90a code in the build, the mma.sync kernel (FlashAttention-2 style,
-// attention_prefill_mma.cu) elsewhere. The earlier WMMA kernel keeps the same contract; the CUDA
-// backend selects any of them with --prefill-kernel, and the tests and the benchmark call each by name.
-cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream);
-cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream_t stream);
-cudaError_t launch_prefill_attention_wmma(const AttentionGpuParams& p, cudaStream_t stream);
-// The mma.sync kernel's compile-time configurations, same contract (attention_prefill_mma.cu):
-// 0: 64 query rows per block, 16 per warp.
-// 1: 128 rows per block, 32 per warp (each K / V fragment feeds two m16 tiles), leaner softmax;
-//    what launch_prefill_attention_mma (and launch_prefill_attention below sm_90) runs: 350 / 340 TFLOP/s
-//    against 245 / 252 for variant 0 on the H200 (docs/perf.md).
-// 2: variant 0's tiling with variant 1's softmax. Other values: cudaErrorInvalidValue.
-constexpr int kPrefillMmaVariants = 3;
-cudaError_t launch_prefill_attention_mma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
-// The same contract on Hopper's warpgroup MMA (attention_prefill_wgmma.cu): 128 query rows x 128-key
-// tiles, a producer warpgroup (three stages, mbarriers) and two consumer warpgroups (wgmma, operands
-// from swizzled shared memory; each consumer's softmax of tile j overlaps its own P V of tile j - 1).
-// The producer copies K and V with the TMA where it can (contiguous keys; paged keys with k_pool /
-// v_pool given), else with cp.async. Needs a build with sm_90a code and a compute capability 9.0
-// device (prefill_wgmma_supported); otherwise cudaErrorNotSupported. Variants: 0 (what
-// launch_prefill_attention_wgmma runs); 1 has the consumers take turns issuing their products
-// (ping-pong); 2 has three consumers (192 rows per block) on 96-key tiles, one product at a time;
-// 3 is variant 0 with cp.async copies always. 0, 1 and 3 give bit-identical results.
+// Prefill / block-local attention (phase 1, and any n_q) on tensor cores. Returns
+// cudaErrorInvalidValue for unsupported shapes (head_dim other than 64 or 128), and when paged with
+// only one of k_pages / v_pages or page_shift outside [kMinPageShift, kMaxPageShift]. The kernels
+// that ship, each chosen by --prefill-kernel (CudaBackendOptions::Prefill):
+//   auto   launch_prefill_attention: the wgmma kernel on sm_90 devices with sm_90a code in the
+//          build, the mma.sync kernel elsewhere.
+//   wgmma  launch_prefill_attention_wgmma (FlashAttention-3 style, prefill_wgmma.cuh): Hopper's
+//          warpgroup MMA, 128 query rows x 128-key tiles, a producer warpgroup (three stages,
+//          mbarriers) and two consumer warpgroups (wgmma, operands from swizzled shared memory;
+//          each consumer's softmax of tile j overlaps its own P V of tile j - 1). The producer
+//          copies K and V with the TMA where it can (contiguous keys; paged keys with k_pool /
+//          v_pool given), else with cp.async. Needs a build with sm_90a code and a compute
+//          capability 9.0 device (prefill_wgmma_supported); otherwise cudaErrorNotSupported.
+//   mma    launch_prefill_attention_mma (FlashAttention-2 style, prefill_mma.cuh): mma.sync on
+//          sm_80 and later, 128 query rows per block, 32 per warp (each K / V fragment feeds two
+//          m16 tiles), lean softmax: 350 / 340 TFLOP/s on the H200 (docs/perf.md).
+// The kernels they superseded and their other configurations keep the same contract and are in
+// kernels/baselines/ (prefill_baselines.h), for the benchmark and the parity tests only.
 bool prefill_wgmma_supported();
+cudaError_t launch_prefill_attention(const AttentionGpuParams& p, cudaStream_t stream);
 cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream);
-constexpr int kPrefillWgmmaVariants = 4;
-cudaError_t launch_prefill_attention_wgmma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream);
+cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream_t stream);
 
 // Decode attention (flash-decoding): few query rows (n_q <= kDecodeMaxQ) against long KV. Pass 1
 // splits the keys into chunks, each giving (O, LSE, H) per row; pass 2 merges the chunks with the

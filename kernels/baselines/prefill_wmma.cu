@@ -1,6 +1,6 @@
 // Prefill / block-local partial attention with LSE and entropy, on tensor cores (WMMA bf16
 // m16n16k16, fp32 accumulate): the first kernel, kept as launch_prefill_attention_wmma, the
-// baseline and fallback of the mma.sync kernel in attention_prefill_mma.cu. One block = 64 query
+// baseline of the mma.sync kernel (kernels/attention/prefill_mma.cuh). One block = 64 query
 // rows of one head, 4 warps x 16 rows; the keys stream through shared memory in tiles of 64. Per
 // row the online state (m, l, u) of entropy.md is kept in base 2: s2 = s * log2(e), so exp2 is one
 // MUFU op; converted at the end.
@@ -16,8 +16,9 @@
 
 #include <algorithm>
 
-#include "kernels/attention.h"
-#include "kernels/attention_common.cuh"
+#include "kernels/attention/attention.h"
+#include "kernels/attention/common.cuh"
+#include "kernels/baselines/prefill_baselines.h"
 
 namespace starserve {
 namespace {

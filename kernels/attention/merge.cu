@@ -1,7 +1,7 @@
 // Exact merge of attention partials across shards (phase 2 of Star Attention): the all-gather form
 // (one warp per row over every shard's partials) and the all-reduce form's two element-wise halves.
-#include "kernels/attention.h"
-#include "kernels/attention_common.cuh"
+#include "kernels/attention/attention.h"
+#include "kernels/attention/common.cuh"
 
 #include <algorithm>
 

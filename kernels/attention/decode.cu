@@ -68,8 +68,8 @@
 #include <cstdint>
 #include <cstring>
 
-#include "kernels/attention.h"
-#include "kernels/attention_common.cuh"
+#include "kernels/attention/attention.h"
+#include "kernels/attention/common.cuh"
 
 namespace starserve {
 namespace {

@@ -1,7 +1,12 @@
 // Prefill / block-local partial attention with LSE and entropy on Hopper's warpgroup MMA (wgmma,
 // sm_90a), warp-specialised in the manner of FlashAttention-3 (Shah et al. 2024): the online
-// softmax of attention_prefill_mma.cu, with both products issued by whole warpgroups and their
+// softmax of prefill_mma.cuh, with both products issued by whole warpgroups and their
 // operands read by the tensor cores straight from shared memory.
+//
+// The kernel template, included by the .cu files that instantiate it: attention/prefill_wgmma.cu
+// (WsDefault with the TMA, what ships: launch_prefill_attention_wgmma) and
+// baselines/prefill_wgmma_variants.cu (ping-pong, three consumers, cp.async copies always). As in
+// prefill_mma.cuh, everything is in an anonymous namespace: each includer has its own kernels.
 //
 // One block = 128 query rows of one head, three warpgroups (384 threads):
 //   warpgroup 0, the producer: Q once by cp.async; every K / V tile (128 keys), three stages deep,
@@ -25,7 +30,7 @@
 //
 // Measured on the H200 (attention_bench, bf16, D = 128, entropy on; docs/perf.md): 590-610 TFLOP/s
 // on 4K x 8K non-causal and 16K causal, contiguous or paged GQA 4 (cuDNN 645-656), 434 at D = 64
-// (cuDNN 448). With cp.async copies (variant 3) 490-520; the earlier order (P V then Q K^T in one
+// (cuDNN 448). With cp.async copies (the cp_async baseline) 490-520; the earlier order (P V then Q K^T in one
 // group, ping-pong) with cp.async and descriptors computed per step 485-500; the mma.sync kernel
 // 340.
 //
@@ -39,6 +44,8 @@
 // kernel (same contract, same tests). Pages hold >= 64 keys, so a 128-key tile is loaded as two
 // 64-key halves, one page-table read each. A paged tile that runs past n_kv is copied by cp.async,
 // which zero-fills the rows past n_kv (the pool may hold NaN there, and 0 x NaN would reach O).
+#pragma once
+
 #include <cfloat>
 #include <cstdint>
 #include <cstring>
@@ -46,9 +53,9 @@
 
 #include <cuda.h>
 
-#include "kernels/attention.h"
-#include "kernels/attention_common.cuh"
-#include "kernels/wgmma.cuh"
+#include "kernels/attention/attention.h"
+#include "kernels/attention/common.cuh"
+#include "kernels/attention/wgmma.cuh"
 
 namespace starserve {
 namespace {
@@ -64,7 +71,7 @@ using detail::smem_u32;
 using detail::store_pair;
 
 constexpr int kWgRows = 64;             // wgmma M: query rows per consumer warpgroup
-constexpr float kSlack = 8.0f;          // as in attention_prefill_mma.cu
+constexpr float kSlack = 8.0f;          // as in prefill_mma.cuh
 constexpr int kCopyThreads = 128;       // the producer warpgroup
 
 // Starts the copy of rows [row0, row0 + kRows) of one head (row stride `stride` elements) into rows
@@ -220,7 +227,7 @@ __device__ __forceinline__ void mask_tile(float (&s)[N / 2], const AttentionGpuP
   }
 }
 
-// The lean online softmax of attention_prefill_mma.cu on one tile of raw scores: S becomes P
+// The lean online softmax of prefill_mma.cuh on one tile of raw scores: S becomes P
 // (probabilities relative to the row's reference max), (m, l, u) are updated, and O is rescaled
 // when some row of the warp raised its max by more than kSlack. kMasked: the tile holds -inf
 // scores (t is clamped at -256 so that p t = 0 rather than NaN).
@@ -474,15 +481,11 @@ struct WsConfig {
   static_assert(kConsumerRegs <= 256, "setmaxnreg takes at most 256");
   static_assert(!kQkFirst || kBatched, "Q K^T first is an order within the batched loop");
 };
-// Variant 0 (the default): two consumers, 128-key tiles, three stages, batched with Q K^T issued
-// before P V of the previous tile (a consumer's softmax overlaps its own P V), no ping-pong; the
-// producer keeps 40 registers and the consumers get 232.
+// What ships: two consumers, 128-key tiles, three stages, batched with Q K^T issued before P V of
+// the previous tile (a consumer's softmax overlaps its own P V), no ping-pong; the producer keeps
+// 40 registers and the consumers get 232. The other configurations are baselines
+// (baselines/prefill_wgmma_variants.cu).
 using WsDefault = WsConfig<2, 128, 3, true, false, 40, true>;
-// Variant 1: the same with the ping-pong.
-using WsPingpong = WsConfig<2, 128, 3, true, true, 40, true>;
-// Variant 2: three consumers (192 query rows per K / V load: two thirds of the L2-to-SM traffic per
-// FLOP), 96-key tiles, three stages, one product at a time; producer 24, consumers 160 registers.
-using WsThreeConsumers = WsConfig<3, 96, 3, false, false, 24>;
 
 template <int D, class C>
 struct WsSmem {
@@ -789,30 +792,16 @@ cudaError_t launch_ws_kernel(const AttentionGpuParams& p, const KvTensorMaps& ma
   return cudaGetLastError();
 }
 
-// With the TMA where the keys allow (allow_tma), else cp.async.
-template <int D, typename OutT, bool kPaged, class C>
-cudaError_t launch_ws(const AttentionGpuParams& p, bool allow_tma, cudaStream_t stream) {
+// With the TMA where the keys allow (kAllowTma), else cp.async. A compile-time choice, so that a
+// launcher without the TMA carries no TMA kernel.
+template <int D, typename OutT, bool kPaged, class C, bool kAllowTma>
+cudaError_t launch_ws(const AttentionGpuParams& p, cudaStream_t stream) {
   KvTensorMaps maps;
   std::memset(&maps, 0, sizeof(maps));
-  if (allow_tma && make_kv_maps(p, C::kBox, &maps)) return launch_ws_kernel<D, OutT, kPaged, true, C>(p, maps, stream);
-  return launch_ws_kernel<D, OutT, kPaged, false, C>(p, maps, stream);
-}
-
-template <int D, typename OutT, bool kPaged>
-cudaError_t launch_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
-  switch (variant) {
-    case 0: return launch_ws<D, OutT, kPaged, WsDefault>(p, true, stream);
-    case 1: return launch_ws<D, OutT, kPaged, WsPingpong>(p, true, stream);
-    case 2: return launch_ws<D, OutT, kPaged, WsThreeConsumers>(p, true, stream);
-    case 3: return launch_ws<D, OutT, kPaged, WsDefault>(p, false, stream);
-    default: return cudaErrorInvalidValue;
+  if constexpr (kAllowTma) {
+    if (make_kv_maps(p, C::kBox, &maps)) return launch_ws_kernel<D, OutT, kPaged, true, C>(p, maps, stream);
   }
-}
-
-template <int D, typename OutT>
-cudaError_t launch_typed(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
-  return p.k_pages ? launch_variant<D, OutT, true>(p, variant, stream)
-                   : launch_variant<D, OutT, false>(p, variant, stream);
+  return launch_ws_kernel<D, OutT, kPaged, false, C>(p, maps, stream);
 }
 
 // 1 in the device code of a build for sm_90a (the kernel's body is there), 0 in any other.
@@ -837,24 +826,25 @@ bool wgmma_device_ok() {
   return state[device] == 1;
 }
 
-}  // namespace
+template <int D, typename OutT, class C, bool kAllowTma>
+cudaError_t launch_ws_typed(const AttentionGpuParams& p, cudaStream_t stream) {
+  return p.k_pages ? launch_ws<D, OutT, true, C, kAllowTma>(p, stream)
+                   : launch_ws<D, OutT, false, C, kAllowTma>(p, stream);
+}
 
-bool prefill_wgmma_supported() { return wgmma_device_ok(); }
-
-cudaError_t launch_prefill_attention_wgmma_variant(const AttentionGpuParams& p, int variant, cudaStream_t stream) {
-  if (!detail::prefill_params_ok(p, WsThreeConsumers::kBlockM)) return cudaErrorInvalidValue;
+// The launcher of configuration C: validation, then the instance for the head dim, output type
+// and key source; with the TMA where the keys allow when kAllowTma, else cp.async always.
+template <class C, bool kAllowTma>
+cudaError_t launch_ws_config(const AttentionGpuParams& p, cudaStream_t stream) {
+  if (!detail::prefill_params_ok(p, C::kBlockM)) return cudaErrorInvalidValue;
   if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
-  if (variant < 0 || variant >= kPrefillWgmmaVariants) return cudaErrorInvalidValue;
   if (p.n_q == 0) return cudaSuccess;
   if (!wgmma_device_ok()) return cudaErrorNotSupported;
-  if (p.head_dim == 64) return p.out_fp32 ? launch_typed<64, float>(p, variant, stream)
-                                          : launch_typed<64, __nv_bfloat16>(p, variant, stream);
-  return p.out_fp32 ? launch_typed<128, float>(p, variant, stream)
-                    : launch_typed<128, __nv_bfloat16>(p, variant, stream);
+  if (p.head_dim == 64) return p.out_fp32 ? launch_ws_typed<64, float, C, kAllowTma>(p, stream)
+                                          : launch_ws_typed<64, __nv_bfloat16, C, kAllowTma>(p, stream);
+  return p.out_fp32 ? launch_ws_typed<128, float, C, kAllowTma>(p, stream)
+                    : launch_ws_typed<128, __nv_bfloat16, C, kAllowTma>(p, stream);
 }
 
-cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream) {
-  return launch_prefill_attention_wgmma_variant(p, 0, stream);  // with the ping-pong
-}
-
+}  // namespace
 }  // namespace starserve

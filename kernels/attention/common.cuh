@@ -1,5 +1,11 @@
-// Device building blocks shared by the attention kernels: base-2 constants and the exact merge of
-// (O, LSE, H) partials (entropy.md: LSE = M + ln D, H = sum w_h H_h - sum w_h (LSE_h - M) + ln D).
+// Device building blocks shared by the attention kernels (prefill, decode, merge, and the
+// baselines): base-2 constants, the launchers' checks of the key source (contiguous or page
+// tables), cp.async copies, exp2, bf16 packing and paired stores, and the exact merge of (O, LSE, H)
+// partials (entropy.md: LSE = M + ln D, H = sum w_h H_h - sum w_h (LSE_h - M) + ln D).
+// The Hopper wrappers stay in wgmma.cuh beside this header rather than in it: they are sm_90a-only
+// inline PTX (guarded by STARSERVE_WGMMA_ENABLED) for the one wgmma kernel, and describe the
+// tensor-core ISA (descriptor bits, fences, instruction shapes) rather than attention; here they
+// would reach every attention kernel's translation unit and mix the two levels.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,7 +14,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "kernels/attention.h"
+#include "kernels/attention/attention.h"
 
 namespace starserve::detail {
 
