@@ -7,6 +7,7 @@
 #include "common/log.h"
 
 #include "app/options.h"
+#include "common/config.h"
 #include "common/log.h"
 
 namespace starserve {

@@ -89,8 +89,4 @@ Result<std::unique_ptr<Communicator>> make_nccl_communicator(std::unique_ptr<Com
 // -1 when n_devices < 1.
 int pick_local_device(const WorldLayout& layout, int n_devices);
 
-// True when this process was started by mpirun/srun with more than one rank (reads the launcher's
-// environment; only the config layer calls it).
-bool launched_by_mpi();
-
 }  // namespace starserve

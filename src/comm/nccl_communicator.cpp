@@ -13,25 +13,26 @@
 #include <nccl.h>
 
 #include "comm/communicator.h"
+#include "common/check.h"
+#include "common/cuda_call.h"
+#include "common/config.h"
 
 namespace starserve {
 namespace {
 
-Status cuda_status(cudaError_t rc, const char* what) {
-  if (rc == cudaSuccess) return Status();
-  return internal_error("CUDA {} failed: {} ({})", what, cudaGetErrorName(rc), cudaGetErrorString(rc));
-}
+}  // namespace
 
+// NCCL's part in the checking family (common/check.h); CUDA's is common/cuda_call.h.
+bool call_ok(ncclResult_t rc) { return rc == ncclSuccess; }
 // ncclGetLastError keeps the text of NCCL's last warning (e.g. "Duplicate GPU detected : rank 1 and
 // rank 0 both on CUDA device ..."), which says far more than the result code alone.
-Status nccl_status(ncclResult_t rc, const char* what) {
-  if (rc == ncclSuccess) return Status();
+std::string call_message(ncclResult_t rc) {
   const char* detail = ncclGetLastError(nullptr);
   const bool has_detail = detail != nullptr && detail[0] != '\0';
-  return internal_error("NCCL {} failed: {}{}{}", what, ncclGetErrorString(rc), has_detail ? ": " : "",
-                        has_detail ? detail : "");
+  return std::string(ncclGetErrorString(rc)) + (has_detail ? ": " : "") + (has_detail ? detail : "");
 }
-#define SS_NCCL(call) SS_RETURN_IF_ERROR(nccl_status((call), #call))
+
+namespace {
 
 cudaStream_t as_stream(void* stream) { return static_cast<cudaStream_t>(stream); }
 
@@ -65,22 +66,22 @@ class NcclCommunicator final : public Communicator {
   // Byte-wise (ncclInt8), so any element type gathers; NCCL counts are size_t, no 2^31 limit here.
   Status all_gather_device(const void* send, void* recv, size_t bytes_per_rank, void* stream) override {
     if (bytes_per_rank == 0) return Status();
-    SS_NCCL(ncclAllGather(send, recv, bytes_per_rank, ncclInt8, comm_, as_stream(stream)));
+    SS_RETURN_IF_CALL_FAILED(ncclAllGather(send, recv, bytes_per_rank, ncclInt8, comm_, as_stream(stream)));
     return Status();
   }
   Status all_reduce_sum_device(float* data, size_t n, void* stream) override {
     if (n == 0) return Status();
-    SS_NCCL(ncclAllReduce(data, data, n, ncclFloat32, ncclSum, comm_, as_stream(stream)));
+    SS_RETURN_IF_CALL_FAILED(ncclAllReduce(data, data, n, ncclFloat32, ncclSum, comm_, as_stream(stream)));
     return Status();
   }
   Status all_reduce_max_device(float* data, size_t n, void* stream) override {
     if (n == 0) return Status();
-    SS_NCCL(ncclAllReduce(data, data, n, ncclFloat32, ncclMax, comm_, as_stream(stream)));
+    SS_RETURN_IF_CALL_FAILED(ncclAllReduce(data, data, n, ncclFloat32, ncclMax, comm_, as_stream(stream)));
     return Status();
   }
   Status broadcast_device(void* data, size_t bytes, int root, void* stream) override {
     if (bytes == 0) return Status();
-    SS_NCCL(ncclBroadcast(data, data, bytes, ncclInt8, root, comm_, as_stream(stream)));
+    SS_RETURN_IF_CALL_FAILED(ncclBroadcast(data, data, bytes, ncclInt8, root, comm_, as_stream(stream)));
     return Status();
   }
 
@@ -92,12 +93,12 @@ class NcclCommunicator final : public Communicator {
 // Checks `device` against this host's devices and makes it current.
 Status select_device(int device, int rank, int* n_devices) {
   *n_devices = 0;
-  SS_RETURN_IF_ERROR(cuda_status(cudaGetDeviceCount(n_devices), "cudaGetDeviceCount"));
+  SS_RETURN_IF_ERROR(SS_CALL_STATUS(cudaGetDeviceCount(n_devices), "cudaGetDeviceCount"));
   if (device < 0 || device >= *n_devices) {
     return invalid_argument("rank {}: CUDA device {} is out of range: this host has {} device(s)", rank, device,
                             *n_devices);
   }
-  return cuda_status(cudaSetDevice(device), "cudaSetDevice");
+  return SS_CALL_STATUS(cudaSetDevice(device), "cudaSetDevice");
 }
 
 // Every rank learns whether any rank failed a step, so that none goes on into a collective (NCCL init)
@@ -130,7 +131,7 @@ Result<std::unique_ptr<Communicator>> make_nccl_communicator(std::unique_ptr<Com
   IdMessage message;
   Status local;
   if (layout.rank == 0) {
-    local = nccl_status(ncclGetUniqueId(&message.id), "ncclGetUniqueId");
+    local = SS_CALL_STATUS(ncclGetUniqueId(&message.id), "ncclGetUniqueId");
     message.ok = local.ok() ? 1 : 0;
   }
   SS_RETURN_IF_ERROR(host->broadcast(&message, sizeof(message), 0));
@@ -141,13 +142,11 @@ Result<std::unique_ptr<Communicator>> make_nccl_communicator(std::unique_ptr<Com
   if (local.ok()) local = select_device(device, layout.rank, &n_devices);
   SS_RETURN_IF_ERROR(agree_on(*host, local, "to select its CUDA device before NCCL init"));
 
-  // NVLink multicast (NVLS) stays off: on the shared H200 hosts a program using it can take the GPUs
-  // out of service for everyone. An explicit setting in the environment wins.
-  setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+  apply_library_environment();  // NVLink multicast off (common/config.h)
 
   ncclComm_t comm = nullptr;
   Status init =
-      nccl_status(ncclCommInitRank(&comm, layout.world_size, message.id, layout.rank), "ncclCommInitRank");
+      SS_CALL_STATUS(ncclCommInitRank(&comm, layout.world_size, message.id, layout.rank), "ncclCommInitRank");
   if (!init.ok() && layout.local_size > n_devices) {
     // The usual cause: NCCL refuses two ranks on one GPU.
     init = Status(init.code(),

@@ -7,7 +7,8 @@
 //                              call succeeded (host code around kernels, where a failure is a bug);
 //   SS_RETURN_IF_CALL_FAILED(expr)
 //                              returns kInternal naming the call and the message (communicators,
-//                              where a failure is an expected error: a peer is gone).
+//                              where a failure is an expected error: a peer is gone);
+//   SS_CALL_STATUS(expr, what) the same as a Status, for code that handles the failure itself.
 // A library takes part by declaring, next to the one place that includes its header, two
 // overloads in namespace starserve on its return-code type: `bool call_ok(Code)` and `std::string call_message(Code)`
 // (kernels/cuda_check.h for CUDA, the cuBLAS wrapper in backend/cuda, comm/ for NCCL and MPI).
@@ -18,6 +19,8 @@
 #include <string>
 
 #include <fmt/format.h>
+
+#include "common/status.h"
 
 namespace starserve::detail {
 [[noreturn]] inline void check_failed(const char* file, int line, const char* expr, const std::string& msg) {
@@ -42,10 +45,15 @@ namespace starserve::detail {
                                                             "failed: " + ::starserve::call_message(ss_rc_));  \
   } while (0)
 
-// SS_RETURN_IF_CALL_FAILED(ncclAllReduce(...)); needs common/status.h.
-#define SS_RETURN_IF_CALL_FAILED(expr)                                                           \
-  do {                                                                                           \
+// SS_CALL_STATUS(expr, "what"): the Status form of a library call's return code, for code that
+// handles the failure itself: OK, or kInternal "<what> failed: <the library's message>". A macro
+// (not a template) so that the overloads are looked up where it is used.
+#define SS_CALL_STATUS(expr, what)                                                               \
+  ([&]() -> ::starserve::Status {                                                                \
     const auto ss_rc_ = (expr);                                                                  \
-    if (!::starserve::call_ok(ss_rc_))                                                          \
-      return ::starserve::internal_error("{} failed: {}", #expr, ::starserve::call_message(ss_rc_)); \
-  } while (0)
+    if (::starserve::call_ok(ss_rc_)) return ::starserve::Status();                              \
+    return ::starserve::internal_error("{} failed: {}", (what), ::starserve::call_message(ss_rc_)); \
+  }())
+
+// SS_RETURN_IF_CALL_FAILED(ncclAllReduce(...));
+#define SS_RETURN_IF_CALL_FAILED(expr) SS_RETURN_IF_ERROR(SS_CALL_STATUS((expr), #expr))

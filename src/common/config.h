@@ -1,6 +1,7 @@
 // Config: every user setting, in slices handed to the module that owns them. Parsed once from CLI
-// flags (and an optional JSON config file) by src/app/config_cli.cpp, validated, logged at start-up,
-// then immutable. Hyper-parameters read from the weights are not here (model/hparams.h).
+// flags (and an optional TOML/INI file of flag defaults) by src/app/options.cpp, validated, logged
+// at start-up, then immutable. Hyper-parameters read from the weights are not here
+// (model/hparams.h). The process environment is read and written here only (config.cpp).
 #pragma once
 
 #include <cstdint>
@@ -69,5 +70,13 @@ struct Config {
   ServerConfig server;
   LogConfig log;
 };
+
+// True when a launcher (mpirun, srun) started this process as one rank of a job (its variables are
+// in the environment).
+bool launched_by_mpi();
+
+// Settings that libraries read from the environment, applied before any NCCL communicator exists
+// (make_nccl_communicator calls it too): NCCL_NVLS_ENABLE=0 unless the environment sets it.
+void apply_library_environment();
 
 }  // namespace starserve

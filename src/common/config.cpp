@@ -1,0 +1,20 @@
+#include "common/config.h"
+
+#include <cstdlib>
+
+namespace starserve {
+
+bool launched_by_mpi() {
+  for (const char* var : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "SLURM_NTASKS"}) {
+    if (std::getenv(var) != nullptr) return true;
+  }
+  return false;
+}
+
+void apply_library_environment() {
+  // NVLink multicast (NVLS) stays off: on the shared H200 hosts a program using it can take the
+  // GPUs out of service for everyone. An explicit setting in the environment wins.
+  setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+}
+
+}  // namespace starserve
