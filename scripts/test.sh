@@ -5,6 +5,8 @@ install_packages
 fetch_model
 ensure_cuda_toolkit always
 build
+log "checking the layers (scripts/check_layers.py)"
+python3 "$REPO_ROOT/scripts/check_layers.py" "$REPO_ROOT"
 log "running tests"
 cd "$BUILD_DIR"
 # Several tests start mpirun with more ranks than cores; tell Open MPI that is intended.
