@@ -91,6 +91,9 @@ class Engine {
   // Ends the request at the next block or decode step on every rank (FinishReason::kCancelled).
   virtual void cancel(RequestId id) = 0;
   virtual EngineInfo info() const = 0;
+  // How the engine splits a plain prompt of n_prompt tokens (EngineRequest::split_prompt): the
+  // number of context tokens; the rest is the query. For front ends that report the split ahead.
+  virtual int64_t plain_prompt_context_tokens(int64_t n_prompt) const = 0;
   // True once every rank has loaded the model.
   virtual bool ready() const = 0;
 };

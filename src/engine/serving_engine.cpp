@@ -50,7 +50,7 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
   if (request.split_prompt) {
     // A plain prompt: the last query_tail tokens are the query (phase 2), the rest the context.
     if (!request.context.empty()) return invalid_argument("a prompt to split must come without a separate context");
-    const int64_t n_ctx = split_plain_prompt(static_cast<int64_t>(request.query.size()), ctx_.star.query_tail);
+    const int64_t n_ctx = plain_prompt_context_tokens(static_cast<int64_t>(request.query.size()));
     request.context.assign(request.query.begin(), request.query.begin() + n_ctx);
     request.query.erase(request.query.begin(), request.query.begin() + n_ctx);
     request.split_prompt = false;
@@ -88,6 +88,10 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
   queue_depth_ = scheduler_.waiting_count();
   cv_.notify_one();
   return id;
+}
+
+int64_t ServingEngine::plain_prompt_context_tokens(int64_t n_prompt) const {
+  return split_plain_prompt(n_prompt, ctx_.star.query_tail);
 }
 
 void ServingEngine::cancel(RequestId id) {

@@ -48,6 +48,7 @@ class ServingEngine final : public Engine {
   void cancel(RequestId id) override;
   EngineInfo info() const override;
   bool ready() const override { return ready_.load(); }
+  int64_t plain_prompt_context_tokens(int64_t n_prompt) const override;
 
   // Rank 0's scheduler loop; returns after stop() (broadcasting STOP to the workers) or on a
   // communication error (which ends the job).

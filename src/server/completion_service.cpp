@@ -347,8 +347,14 @@ grpc::Status CompletionService::Tokenize(grpc::ServerContext* ctx, const v1::Tok
   if (s.ok()) {
     const ChatTemplate* tmpl = chat_template_ ? &*chat_template_ : nullptr;
     Result<v1::TokenizeResponse> r = tokenize(*request, tokenizer_, tmpl, limits(engine_.info()));
-    if (r.ok()) *response = std::move(r).value();
-    else s = to_grpc_status(r.status());
+    if (r.ok()) {
+      *response = std::move(r).value();
+      const int64_t n_ctx = engine_.plain_prompt_context_tokens(response->count());
+      response->set_context_tokens(static_cast<int32_t>(n_ctx));
+      response->set_query_tokens(static_cast<int32_t>(response->count() - n_ctx));
+    } else {
+      s = to_grpc_status(r.status());
+    }
   }
   return done("Tokenize", s);
 }

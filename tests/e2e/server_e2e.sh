@@ -58,6 +58,10 @@ usage_of() { sed -n 's/^\[finish [a-z]*\] prompt \([0-9]*\) tokens (context \([0
 read -r n_prompt n_ctx n_query <<<"$(usage_of "$WORK/unary_greedy.err")"
 check "usage: the engine splits a plain prompt (context $n_ctx + query $n_query = $n_prompt)" \
   '[ "${n_ctx:-0}" -gt 0 ] && [ "${n_query:-0}" -gt 0 ] && [ $((n_ctx + n_query)) = "$n_prompt" ]'
+"${CTL[@]}" tokenize "$PROMPT" >"$WORK/tok_prompt.json" 2>/dev/null
+field_of() { sed -n "s/^ *\"$2\": \([0-9]*\).*/\1/p" "$1"; }
+check "tokenize reports the split the engine makes of the same prompt" \
+  '[ "$(field_of "$WORK/tok_prompt.json" context_tokens)" = "$n_ctx" ] && [ "$(field_of "$WORK/tok_prompt.json" query_tokens)" = "$n_query" ]'
 printf "%s" "Red, yellow and blue are the primary colors of paint." >"$WORK/doc.txt"
 QUESTION=" Which colors are named?"
 "${CTL[@]}" tokenize "$(cat "$WORK/doc.txt")" >"$WORK/tok_doc.json" 2>/dev/null
