@@ -27,10 +27,9 @@ void add_common(CLI::App* app, Config& c) {
   app->add_option("--max-context", c.model.max_context, "tokens per request; 0 = the model's trained context");
   app->add_option("--backend", c.parallel.backend, "cpu | cuda | auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   app->add_option("--threads", c.parallel.cpu_threads, "BLAS threads per rank (0 = library default)");
-  app->add_option("--prefill-kernel", c.parallel.prefill_kernel, 
-                  "CUDA prefill attention kernel: auto (the default: wgmma on sm_90, else mma) | wgmma | mma | "
-                  "mma-m64 | mma-m128 | mma-m64-lazy | wmma")
-      ->check(CLI::IsMember({"auto", "wgmma", "mma", "mma-m64", "mma-m128", "mma-m64-lazy", "wmma"}));
+  app->add_option("--prefill-kernel", c.parallel.prefill_kernel,
+                  "CUDA prefill attention kernel: auto (the default: wgmma on sm_90, else mma) | wgmma | mma")
+      ->check(CLI::IsMember({"auto", "wgmma", "mma"}));
   app->add_option("--cuda-graphs", c.parallel.cuda_graphs,
                   "CUDA backend, one rank: run decode steps as CUDA graphs (on | off; default on)");
   app->add_option("--attention", c.star.mode, "global | exact | star")

@@ -72,7 +72,7 @@ void partial_attention_cpu(const PartialAttentionParams& p) {
             continue;
           }
           const float m_new = std::max(m[r], tile_max);
-          // Rescale the running state (entropy.md): u <- a (u + (m - m') l), l <- a l, acc <- a acc.
+          // Rescale the running state (docs/specs/entropy.md): u <- a (u + (m - m') l), l <- a l, acc <- a acc.
           if (m[r] != kNegInf && m_new != m[r]) {
             const float a = std::exp(m[r] - m_new);
             u[r] = a * (u[r] + (m[r] - m_new) * l[r]);

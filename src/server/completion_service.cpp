@@ -148,7 +148,7 @@ RequestLimits CompletionService::limits(const EngineInfo& info) const {
 grpc::Status CompletionService::done(std::string_view rpc, grpc::Status status) {
   if (metrics_) metrics_->record_request(rpc, grpc_code_name(status.error_code()));
   if (!status.ok()) {
-    spdlog::debug("{}: {}: {}", rpc, grpc_code_name(status.error_code()), status.error_message());
+    log_debug("{}: {}: {}", rpc, grpc_code_name(status.error_code()), status.error_message());
   }
   return status;
 }

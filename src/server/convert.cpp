@@ -235,7 +235,7 @@ Status build_chat_prompt(const google::protobuf::RepeatedPtrField<v1::ChatMessag
       out->query = tok.encode(std::string_view(rendered).substr(cut), false, true);
       return Status();
     }
-    spdlog::warn("chat template {} changed the document text; the engine splits the prompt by the query-tail rule",
+    log_warn("chat template {} changed the document text; the engine splits the prompt by the query-tail rule",
                  tmpl.name());
   }
   set_plain_prompt(tok.encode(rendered, false, true), out);

@@ -92,7 +92,7 @@ void GrpcServer::Impl::watch_readiness() {
   while (!stopping) {
     if (engine.ready()) {
       server->GetHealthCheckService()->SetServingStatus(kReadinessService, true);
-      spdlog::info("model ready on every rank: {} is SERVING", kReadinessService);
+      log_info("model ready on every rank: {} is SERVING", kReadinessService);
       return;
     }
     cv.wait_for(lock, std::chrono::milliseconds(100));
@@ -193,7 +193,7 @@ Status GrpcServer::start() {
     }
   }
   m.readiness = std::thread([&m] { m.watch_readiness(); });
-  spdlog::info("gRPC listening on {} (TLS {}, API key {}{}){}", listen_address(c.host, m.port),
+  log_info("gRPC listening on {} (TLS {}, API key {}{}){}", listen_address(c.host, m.port),
                c.tls_cert.empty() ? "off" : (c.tls_client_ca.empty() ? "on" : "on, client certificates required"),
                m.api_key->enabled() ? "required" : "off",
                m.api_key->enabled() ? (c.auth_health ? ", health included" : ", health exempt") : "",
@@ -214,7 +214,7 @@ void GrpcServer::shutdown(std::chrono::milliseconds grace) {
     m.stopping = true;
   }
   m.cv.notify_all();
-  spdlog::info("gRPC server shutting down ({} ms for running requests)", grace.count());
+  log_info("gRPC server shutting down ({} ms for running requests)", grace.count());
   m.service.begin_shutdown();
   m.server->GetHealthCheckService()->Shutdown();  // every service NOT_SERVING, for load balancers
   // Stops accepting, waits for running RPCs until the deadline, then cancels them: the handlers see IsCancelled and

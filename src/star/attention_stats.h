@@ -1,4 +1,4 @@
-// Per-layer, per-head mean softmax entropy of a set of query rows (entropy.md: the health and
+// Per-layer, per-head mean softmax entropy of a set of query rows (docs/specs/entropy.md: the health and
 // Star-approximation signal). Accumulated by attention handlers, read by the API and evals.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Encodes a request's context on every rank according to its mode (star-attention.md):
+// Encodes a request's context on every rank according to its mode (docs/specs/star-attention.md):
 //   global: one rank holds the whole context (ordinary causal prefill);
 //   exact:  each rank encodes its contiguous span with attention to all earlier context (all ranks);
 //   star:   phase 1 — each rank encodes its blocks as [anchor ; block]; the only communication is

@@ -1,4 +1,4 @@
-// Exact merge of partial attention across ranks (star-attention.md phase 2 step 3, entropy.md).
+// Exact merge of partial attention across ranks (docs/specs/star-attention.md phase 2 step 3, docs/specs/entropy.md).
 // Two implementations with identical results (up to summation order):
 //   kAllReduce: all-reduce max of LSE, then one all-reduce sum of [e*O | e | e*H | e*(LSE-M)];
 //   kAllGather: all-gather (O, LSE, H) from every rank, then merge locally.
@@ -19,7 +19,7 @@ namespace starserve {
 enum class MergeAlgo { kAllReduce, kAllGather, kAuto };
 
 // kAuto's crossover: all-gather while n_rows * world_size <= this. On 2 and 4 H200s
-// (docs/data/h200x{2,4}_merge_summary_2026-11-29.txt) all-gather was faster at 1, 4 and 32 query
+// (docs/data/h200x2_merge_summary_2026-11-29.txt, docs/data/h200x4_merge_summary_2026-11-29.txt) all-gather was faster at 1, 4 and 32 query
 // tokens (32 heads: up to 4,096 rows x ranks) and at 256 tokens on 2 GPUs (16,384), all-reduce at
 // 256 tokens on 4 GPUs (32,768) and at 2,048 tokens on both.
 constexpr int64_t kAutoAllGatherRows = 16384;
@@ -28,7 +28,7 @@ constexpr int64_t kAutoAllGatherRows = 16384;
 // all-reduce beyond kMaxDeviceMergeParts ranks, which the device all-gather merge does not take).
 MergeAlgo device_merge_algo(MergeAlgo algo, int64_t n_rows, int world_size);
 
-// Most ranks the device merge handles in one launch (kernels/attention.h kMergeMaxParts).
+// Most ranks the device merge handles in one launch (kernels/attention/attention.h kMergeMaxParts).
 constexpr int kMaxDeviceMergeParts = 16;
 
 class RankMerger {

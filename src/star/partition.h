@@ -1,4 +1,4 @@
-// Star Attention context partitioning (star-attention.md, phase 1 steps 1-3).
+// Star Attention context partitioning (docs/specs/star-attention.md, phase 1 steps 1-3).
 // Pure bookkeeping: which tokens form which block, which rank encodes it, what the anchor is.
 #pragma once
 

@@ -1,4 +1,4 @@
-// Attention handlers of the three context modes (star-attention.md):
+// Attention handlers of the three context modes (docs/specs/star-attention.md):
 //   BlockLocalAttention  — phase 1 of star: a block attends to an optional prefix (the anchor) and
 //                          causally to itself, never to other blocks; also ordinary causal prefill.
 //   ExactContextAttention — phase 1 of exact mode: every rank's context span attends to all earlier
@@ -28,7 +28,7 @@ struct AttentionDims {
   static AttentionDims from(const ModelHParams& hp);
 };
 
-// The anchor's KV travelling between ranks in phase 1 (star-attention.md phase 1 step 7): the rank
+// The anchor's KV travelling between ranks in phase 1 (docs/specs/star-attention.md phase 1 step 7): the rank
 // that owns c1 broadcasts the K and V of c1's first anchor_len tokens layer by layer while it
 // encodes c1; every other rank receives them while it encodes its first block, writing them into
 // its anchor sequence before that layer's attention. No rank computes the anchor a second time.

@@ -1,4 +1,4 @@
-// Star Attention exactness checks (star-attention.md, "Exactness checks the engine must pass"),
+// Star Attention exactness checks (docs/specs/star-attention.md, "Exactness checks the engine must pass"),
 // run SPMD under `mpirun -np N` (also N = 1). Every rank runs every test in the same order; the
 // distributed result is compared with single-process computations each rank does on its own.
 #include <gtest/gtest.h>
@@ -137,7 +137,7 @@ QueryResult distributed(std::span<const int32_t> context, std::span<const int32_
   EXPECT_EQ(local, lay->tokens_of(g_comm->rank()));
   EXPECT_FALSE(cache.has(anchor_seq_id(seq)));
   // No rank runs the anchor through the model a second time: with several ranks it arrives from
-  // the owner of c1 (star-attention.md phase 1 step 7), on one rank it is c1's own KV.
+  // the owner of c1 (docs/specs/star-attention.md phase 1 step 7), on one rank it is c1's own KV.
   EXPECT_EQ(enc.tokens_forwarded(), lay->tokens_of(g_comm->rank())) << "rank " << g_comm->rank();
 
   Phase2Attention p2(*m.backend, cache, m.hp, *g_comm, algo);
