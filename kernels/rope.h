@@ -7,7 +7,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "kernels/rope_style.h"
+#include "kernels/ref/rope_style.h"
 
 namespace starserve {
 

@@ -27,7 +27,7 @@
 
 #include "kernels/attention/attention.h"
 #include "kernels/baselines/prefill_baselines.h"
-#include "kernels/cuda_check.h"
+#include "common/cuda_call.h"
 
 namespace {
 

@@ -15,7 +15,7 @@
 // transformers on one GPU) is bench/gpu/model_peers.py; summarize_model.py joins them.
 // Usage: [mpirun -np W] model_bench [--layers 32] [--lengths 16384,32768] [--modes global,star]
 //                    [--blocks 4] [--merge allreduce|allgather|auto]
-//                    [--prefill-kernel auto|wgmma|mma|mma-m64|mma-m128|mma-m64-lazy|wmma]
+//                    [--prefill-kernel auto|wgmma|mma]
 //                    [--query 32] [--decode 16] [--entropy] [--gemm-only] [--graph-probe] [--op-census]
 //                    [--gemv on|off]  (one-row GEMMs: the skinny kernel, or cuBLASLt)
 //                    [--graphs on|off]  (one rank: decode steps as CUDA graphs, as the server runs them)
@@ -41,6 +41,7 @@
 #include "kernels/gemv.h"
 #include "bench/gpu/bench_args.h"
 #include "comm/communicator.h"
+#include "common/config.h"
 #include "star/local_attention.h"
 #include "model/random_source.h"
 #include "star/context_encoder.h"

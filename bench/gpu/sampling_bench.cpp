@@ -23,7 +23,7 @@
 #include <cuda_runtime.h>
 
 #include "engine/sampling.h"
-#include "kernels/cuda_check.h"
+#include "common/cuda_call.h"
 #include "kernels/sampling.h"
 
 namespace starserve {

@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "kernels/rope_style.h"
+#include "kernels/ref/rope_style.h"
 
 namespace starserve {
 

@@ -13,7 +13,7 @@
 #include "common/check.h"
 #include "common/status.h"
 #include "kernels/ref/attention_ref.h"
-#include "kernels/rope_style.h"
+#include "kernels/ref/rope_style.h"
 
 namespace starserve {
 

@@ -11,7 +11,8 @@
 //   SS_CALL_STATUS(expr, what) the same as a Status, for code that handles the failure itself.
 // A library takes part by declaring, next to the one place that includes its header, two
 // overloads in namespace starserve on its return-code type: `bool call_ok(Code)` and `std::string call_message(Code)`
-// (kernels/cuda_check.h for CUDA, the cuBLAS wrapper in backend/cuda, comm/ for NCCL and MPI).
+// (common/cuda_call.h for CUDA, backend/cuda/cublas_check.h for cuBLAS, src/comm for NCCL and MPI).
+// Launchers never abort or log; they return the cudaError_t of the launch.
 #pragma once
 
 #include <cstdio>

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-#include "kernels/rope_style.h"
+#include "kernels/ref/rope_style.h"
 
 namespace starserve {
 

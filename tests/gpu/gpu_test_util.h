@@ -14,7 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include "kernels/cuda_check.h"
+#include "common/cuda_call.h"
 
 namespace starserve::gpu_test {
 

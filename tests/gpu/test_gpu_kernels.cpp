@@ -25,7 +25,7 @@
 
 #include "kernels/attention/attention.h"
 #include "kernels/baselines/prefill_baselines.h"
-#include "kernels/cuda_check.h"
+#include "common/cuda_call.h"
 #include "kernels/elementwise.h"
 #include "kernels/gemv.h"
 #include "kernels/ref/attention_ref.h"

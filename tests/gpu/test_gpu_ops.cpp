@@ -17,7 +17,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/argmax.h"
-#include "kernels/cuda_check.h"
+#include "common/cuda_call.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
 #include "kernels/ref/ops_ref.h"

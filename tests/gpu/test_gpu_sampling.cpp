@@ -19,7 +19,7 @@
 #include <cuda_runtime.h>
 
 #include "engine/sampling.h"
-#include "kernels/cuda_check.h"
+#include "common/cuda_call.h"
 #include "kernels/sampling.h"
 #include "tests/gpu/gpu_test_util.h"
 #include "tests/unit/sampling_oracle.h"

@@ -23,7 +23,7 @@
 #include <cuda_runtime.h>
 
 #include "comm/communicator.h"
-#include "kernels/cuda_check.h"
+#include "common/cuda_call.h"
 
 namespace starserve {
 namespace {

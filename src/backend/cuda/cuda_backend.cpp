@@ -15,13 +15,13 @@
 #include <tuple>
 #include <vector>
 
-#include <spdlog/spdlog.h>
+#include "common/log.h"
 
 #include "backend/backend.h"
 #include "backend/cuda/cublas_check.h"
 #include "backend/page_pool.h"
 #include "kernels/attention/attention.h"
-#include "kernels/cuda_check.h"
+#include "common/cuda_call.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
 #include "kernels/gemv.h"
@@ -744,7 +744,7 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(int device, const CudaBackend
   if (device < 0 || device >= n) return invalid_argument("CUDA device {} does not exist ({} visible)", device, n);
   auto b = std::make_unique<CudaBackend>(device, options);
   SS_RETURN_IF_ERROR(b->init());
-  spdlog::debug("backend {}", b->name());
+  log_debug("backend {}", b->name());
   return std::unique_ptr<Backend>(std::move(b));
 }
 
