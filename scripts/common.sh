@@ -13,7 +13,8 @@ log() { printf '\033[1m[starserve]\033[0m %s\n' "$*" >&2; }
 # Debian packages the build and tests need.
 DEB_PACKAGES=(build-essential cmake ninja-build pkg-config git python3 python3-pip unzip ca-certificates
   libopenmpi-dev openmpi-bin libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
-  libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libopenblas-dev libgtest-dev libpcre2-dev)
+  libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libopenblas-dev libgtest-dev libpcre2-dev
+  libcpp-httplib-dev curl)
 
 install_packages() {
   local missing=()

@@ -100,34 +100,8 @@ void GrpcServer::Impl::watch_readiness() {
 }
 
 void GrpcServer::Impl::register_engine_gauges() {
-  MetricsRegistry& r = metrics.registry();
-  Engine* e = &engine;
-  r.gauge("starserve_queue_depth", "Requests waiting for admission.", {},
-          [e] { return static_cast<double>(e->info().queue_depth); });
-  r.gauge("starserve_requests_running", "Requests admitted and being processed.", {},
-          [e] { return static_cast<double>(e->info().running); });
-  const int world = std::max(1, e->info().world_size);
-  for (int rank = 0; rank < world; ++rank) {
-    r.gauge("starserve_kv_pages_used", "KV cache pages holding KV, per rank (as of the last step).",
-            {{"rank", std::to_string(rank)}}, [e, rank] {
-              const EngineInfo info = e->info();
-              return rank < static_cast<int>(info.kv_pages_used.size())
-                         ? static_cast<double>(info.kv_pages_used[rank]) : 0.0;
-            });
-    r.gauge("starserve_kv_pages_total", "KV cache pages in the pool, per rank.", {{"rank", std::to_string(rank)}},
-            [e] { return static_cast<double>(e->info().kv_pages_total); });
-  }
-  r.gauge("starserve_kv_pages_reserved", "KV pages reserved by admitted requests (largest rank share).", {},
-          [e] {
-            const EngineInfo info = e->info();
-            return static_cast<double>(info.kv_pages_total - info.kv_pages_free);
-          });
-  r.gauge("starserve_merge_seconds_total", "Time in the cross-rank attention merge (rank 0, collectives included).",
-          {}, [e] { return e->info().merge_seconds_total; });
-  r.gauge("starserve_merges_total", "Cross-rank attention merges (one per layer per decode step).", {},
-          [e] { return static_cast<double>(e->info().merges_total); });
-  r.gauge("starserve_ready", "1 once every rank has loaded the model.", {},
-          [e] { return e->ready() ? 1.0 : 0.0; });
+  // The metric names, types and help texts have one home: server/metrics.cpp.
+  metrics.register_engine(engine);
 }
 
 GrpcServer::GrpcServer(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,

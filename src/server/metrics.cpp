@@ -1,18 +1,14 @@
 #include "server/metrics.h"
 
-#include <netdb.h>
-#include <netinet/in.h>
-#include <poll.h>
 #include <sys/socket.h>
-#include <sys/time.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
+#include <chrono>
 #include <cmath>
-#include <cstring>
+#include <set>
 
 #include <fmt/format.h>
+#include <httplib.h>
 
 #include "common/check.h"
 #include "common/log.h"
@@ -20,37 +16,32 @@
 namespace starserve {
 namespace {
 
-// Label values escape backslash, double quote and newline (exposition format 0.0.4).
-std::string escape_label_value(std::string_view v) {
+// Label values escape backslash, double quote and newline; HELP text backslash and newline (exposition format 0.0.4).
+std::string escape(std::string_view v, bool quote) {
   std::string out;
   out.reserve(v.size());
   for (char c : v) {
     if (c == '\\') out += "\\\\";
-    else if (c == '"') out += "\\\"";
+    else if (c == '"' && quote) out += "\\\"";
     else if (c == '\n') out += "\\n";
     else out += c;
   }
   return out;
 }
 
-// {a="x",b="y"}, or "" without labels. `extra` is appended last (the histogram's le).
-std::string render_labels(const MetricLabels& labels, std::string_view extra = {}) {
-  if (labels.empty() && extra.empty()) return "";
+// {a="x",b="y"}, or "" without labels.
+std::string render_labels(const MetricLabels& labels) {
+  if (labels.empty()) return "";
   std::string out = "{";
-  bool first = true;
-  for (const auto& [k, v] : labels) {
-    if (!first) out += ',';
-    first = false;
-    out += fmt::format("{}=\"{}\"", k, escape_label_value(v));
-  }
-  if (!extra.empty()) {
-    if (!first) out += ',';
-    out += extra;
+  for (size_t i = 0; i < labels.size(); ++i) {
+    if (i > 0) out += ',';
+    out += fmt::format("{}=\"{}\"", labels[i].first, escape(labels[i].second, true));
   }
   out += '}';
   return out;
 }
 
+// Go's ParseFloat reads all of these; fmt's shortest round-trip form keeps integers integral ("12", "0.005").
 std::string format_value(double v) {
   if (std::isinf(v)) return v > 0 ? "+Inf" : "-Inf";
   if (std::isnan(v)) return "NaN";
@@ -60,6 +51,22 @@ std::string format_value(double v) {
 // "{a="x"}" -> "a="x"" so a histogram's le label can be appended inside the braces.
 std::string inner_labels(const std::string& rendered) {
   return rendered.empty() ? std::string() : rendered.substr(1, rendered.size() - 2);
+}
+
+bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
+// [a-zA-Z_][a-zA-Z0-9_]*: the metric name rule without colons (those are for recording rules) and the label name
+// rule.
+bool valid_name(std::string_view s) {
+  if (s.empty()) return false;
+  for (size_t i = 0; i < s.size(); ++i) {
+    const char c = s[i];
+    const bool alpha = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_';
+    if (!alpha && !(i > 0 && c >= '0' && c <= '9')) return false;
+  }
+  return true;
 }
 
 }  // namespace
@@ -92,7 +99,29 @@ Histogram::Snapshot Histogram::snapshot() const {
   return s;
 }
 
-MetricsRegistry::Family& MetricsRegistry::family(const std::string& name, const std::string& help, Type type) {
+MetricsRegistry::Family& MetricsRegistry::family(const std::string& name, const std::string& help, Type type,
+                                                 const MetricLabels& labels) {
+  SS_CHECK(valid_name(name), "metric name '{}' must match [a-zA-Z_][a-zA-Z0-9_]*", name);
+  SS_CHECK(!help.empty(), "metric {} needs a HELP text", name);
+  // Prometheus' naming rules: a counter's samples end in _total, and nothing else's do (a gauge named *_total reads
+  // as a counter to every query and dashboard). A histogram's own series end in _bucket, _sum and _count.
+  if (type == Type::kCounter) {
+    SS_CHECK(ends_with(name, "_total") && name.size() > 6, "counter {} must end in _total", name);
+  } else {
+    SS_CHECK(!ends_with(name, "_total"), "{} {} must not end in _total (only counters do)",
+             type == Type::kGauge ? "gauge" : "histogram", name);
+  }
+  if (type == Type::kHistogram) {
+    SS_CHECK(!ends_with(name, "_bucket") && !ends_with(name, "_sum") && !ends_with(name, "_count"),
+             "histogram {} must not end in _bucket, _sum or _count (its series add those)", name);
+  }
+  std::set<std::string_view> seen;
+  for (const auto& [k, v] : labels) {
+    SS_CHECK(valid_name(k) && k.rfind("__", 0) != 0, "label name '{}' of {} must match [a-zA-Z_][a-zA-Z0-9_]* "
+             "and not start with __", k, name);
+    SS_CHECK(type != Type::kHistogram || k != "le", "histogram {} must not have an le label (its buckets do)", name);
+    SS_CHECK(seen.insert(k).second, "label {} given twice for {}", k, name);
+  }
   auto [it, inserted] = families_.try_emplace(name);
   if (inserted) {
     it->second.type = type;
@@ -104,8 +133,10 @@ MetricsRegistry::Family& MetricsRegistry::family(const std::string& name, const 
 
 Counter& MetricsRegistry::counter(const std::string& name, const std::string& help, const MetricLabels& labels) {
   std::lock_guard<std::mutex> lock(mu_);
-  Family& f = family(name, help, Type::kCounter);
-  auto& slot = f.counters[render_labels(labels)];
+  Family& f = family(name, help, Type::kCounter, labels);
+  const std::string key = render_labels(labels);
+  SS_CHECK(!f.sampled.count(key), "counter {}{} is already a sampled counter", name, key);
+  auto& slot = f.counters[key];
   if (!slot) slot = std::make_unique<Counter>();
   return *slot;
 }
@@ -113,47 +144,60 @@ Counter& MetricsRegistry::counter(const std::string& name, const std::string& he
 Histogram& MetricsRegistry::histogram(const std::string& name, const std::string& help,
                                       const std::vector<double>& bounds, const MetricLabels& labels) {
   std::lock_guard<std::mutex> lock(mu_);
-  Family& f = family(name, help, Type::kHistogram);
+  Family& f = family(name, help, Type::kHistogram, labels);
   auto& slot = f.histograms[render_labels(labels)];
   if (!slot) slot = std::make_unique<Histogram>(bounds);
   return *slot;
 }
 
 void MetricsRegistry::gauge(const std::string& name, const std::string& help, const MetricLabels& labels,
-                            std::function<double()> fn) {
+                            ValueFn fn) {
   std::lock_guard<std::mutex> lock(mu_);
-  Family& f = family(name, help, Type::kGauge);
-  f.gauges[render_labels(labels)] = std::move(fn);
+  Family& f = family(name, help, Type::kGauge, labels);
+  f.sampled[render_labels(labels)] = std::move(fn);
+}
+
+void MetricsRegistry::sampled_counter(const std::string& name, const std::string& help, const MetricLabels& labels,
+                                      ValueFn fn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Family& f = family(name, help, Type::kCounter, labels);
+  const std::string key = render_labels(labels);
+  SS_CHECK(!f.counters.count(key), "counter {}{} already has a value of its own", name, key);
+  f.sampled[key] = std::move(fn);
 }
 
 std::string MetricsRegistry::render() const {
-  // Gauge callbacks may be slow (they ask the engine), so they run after the lock is released; counters and
-  // histograms are never removed, so their pointers stay valid.
-  struct Line {
+  // Callbacks may be slow (they ask the engine), so they run after the lock is released; counters and histograms
+  // are never removed, so their pointers stay valid.
+  struct Lines {
     std::string name, help, type;
-    std::vector<std::pair<std::string, const Counter*>> counters;
+    std::map<std::string, const Counter*> counters;
+    std::map<std::string, ValueFn> sampled;
     std::vector<std::pair<std::string, const Histogram*>> histograms;
-    std::vector<std::pair<std::string, std::function<double()>>> gauges;
   };
-  std::vector<Line> lines;
+  std::vector<Lines> families;
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [name, f] : families_) {
-      Line l;
+      Lines l;
       l.name = name;
       l.help = f.help;
       l.type = f.type == Type::kCounter ? "counter" : f.type == Type::kGauge ? "gauge" : "histogram";
-      for (const auto& [labels, c] : f.counters) l.counters.emplace_back(labels, c.get());
+      for (const auto& [labels, c] : f.counters) l.counters.emplace(labels, c.get());
+      l.sampled = f.sampled;
       for (const auto& [labels, h] : f.histograms) l.histograms.emplace_back(labels, h.get());
-      for (const auto& [labels, g] : f.gauges) l.gauges.emplace_back(labels, g);
-      lines.push_back(std::move(l));
+      families.push_back(std::move(l));
     }
   }
   std::string out;
-  for (const Line& l : lines) {
-    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", l.name, l.help, l.name, l.type);
-    for (const auto& [labels, c] : l.counters) out += fmt::format("{}{} {}\n", l.name, labels, format_value(c->value()));
-    for (const auto& [labels, g] : l.gauges) out += fmt::format("{}{} {}\n", l.name, labels, format_value(g()));
+  for (const Lines& l : families) {
+    out += fmt::format("# HELP {} {}\n# TYPE {} {}\n", l.name, escape(l.help, false), l.name, l.type);
+    // A family's plain series in label order, whichever kind holds their value (keys never collide: checked when
+    // they are registered).
+    std::map<std::string, double> values;
+    for (const auto& [labels, c] : l.counters) values[labels] = c->value();
+    for (const auto& [labels, fn] : l.sampled) values[labels] = fn();
+    for (const auto& [labels, v] : values) out += fmt::format("{}{} {}\n", l.name, labels, format_value(v));
     for (const auto& [labels, h] : l.histograms) {
       const Histogram::Snapshot s = h->snapshot();
       const std::string inner = inner_labels(labels);
@@ -194,6 +238,39 @@ ServerMetrics::ServerMetrics() {
   prompt_ = &registry_.counter("starserve_prompt_tokens_total", "Prompt tokens (context + query) admitted.");
 }
 
+void ServerMetrics::register_engine(const Engine& engine) {
+  MetricsRegistry& r = registry_;
+  const Engine* e = &engine;
+  r.gauge("starserve_queue_depth", "Requests waiting for admission.", {},
+          [e] { return static_cast<double>(e->info().queue_depth); });
+  r.gauge("starserve_requests_running", "Requests admitted and being processed.", {},
+          [e] { return static_cast<double>(e->info().running); });
+  const int world = std::max(1, e->info().world_size);
+  for (int rank = 0; rank < world; ++rank) {
+    const MetricLabels rank_label = {{"rank", std::to_string(rank)}};
+    r.gauge("starserve_kv_pages_used", "KV cache pages holding KV, per rank (as of the last step).", rank_label,
+            [e, rank] {
+              const EngineInfo info = e->info();
+              return rank < static_cast<int>(info.kv_pages_used.size())
+                         ? static_cast<double>(info.kv_pages_used[rank]) : 0.0;
+            });
+    // Every rank has a pool of the same size (the scheduler's mirrored budget), so each reports the engine's one
+    // number.
+    r.gauge("starserve_kv_pages_capacity", "KV cache pages in the pool, per rank.", rank_label,
+            [e] { return static_cast<double>(e->info().kv_pages_total); });
+  }
+  r.gauge("starserve_kv_pages_reserved", "KV pages reserved by admitted requests (largest rank share).", {}, [e] {
+    const EngineInfo info = e->info();
+    return static_cast<double>(info.kv_pages_total - info.kv_pages_free);
+  });
+  r.sampled_counter("starserve_merge_seconds_total",
+                    "Time in the cross-rank attention merge (rank 0, collectives included).", {},
+                    [e] { return e->info().merge_seconds_total; });
+  r.sampled_counter("starserve_merges_total", "Cross-rank attention merges (one per layer per decode step).", {},
+                    [e] { return static_cast<double>(e->info().merges_total); });
+  r.gauge("starserve_ready", "1 once every rank has loaded the model.", {}, [e] { return e->ready() ? 1.0 : 0.0; });
+}
+
 void ServerMetrics::record_request(std::string_view rpc, std::string_view status) {
   registry_
       .counter("starserve_requests_total", "RPCs served, by method and final gRPC status.",
@@ -203,116 +280,98 @@ void ServerMetrics::record_request(std::string_view rpc, std::string_view status
 
 // ---------------------------------------------------------------------------------------------------------------
 
+namespace {
+// Workers of the endpoint. An open connection holds one (httplib serves a connection on one thread for its
+// lifetime), so this many clients may sit idle before a scrape waits for their timeout. Scrapers are a few
+// Prometheus replicas and the odd curl; a worker is a parked thread.
+constexpr size_t kWorkerThreads = 8;
+// Seconds a connection may send nothing, before its first request or between two: a scraper sends its request as
+// soon as it connects, and stop() waits this long at most for a connection left open.
+constexpr time_t kIdleTimeoutS = 2;
+// Seconds one read or write of a started request or its response may block.
+constexpr time_t kIoTimeoutS = 5;
+// Requests one connection may make before the server closes it.
+constexpr size_t kMaxRequestsPerConnection = 5;
+// A scrape has no body.
+constexpr size_t kMaxPayloadBytes = 8192;
+constexpr char kContentType[] = "text/plain; version=0.0.4; charset=utf-8";
+// Connections the kernel queues before the accept loop takes them.
+constexpr int kListenBacklog = 128;
+
+// httplib 0.11 listens with a backlog of 5, so a burst of more connections than that (scrapers and idle clients
+// arriving together) waits for the clients' SYN retransmission (1 s, then 3 s). Listening again on the bound socket
+// sets a larger one (Linux updates the backlog of a listening socket); the socket is httplib's protected member.
+class HttpServer : public httplib::Server {
+ public:
+  void raise_backlog(int n) {
+    if (::listen(svr_sock_, n) != 0) log_warn("metrics endpoint: cannot raise the listen backlog to {}", n);
+  }
+};
+}  // namespace
+
+MetricsHttpServer::MetricsHttpServer() = default;
+
 MetricsHttpServer::~MetricsHttpServer() { stop(); }
 
 Status MetricsHttpServer::start(const std::string& host, int port, RenderFn render) {
-  SS_CHECK(listen_fd_ < 0, "metrics server started twice");
+  SS_CHECK(!http_, "metrics server started twice");
   render_ = std::move(render);
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE;
-  addrinfo* res = nullptr;
-  const std::string port_str = std::to_string(port);
-  const int gai = getaddrinfo(host.empty() ? nullptr : host.c_str(), port_str.c_str(), &hints, &res);
-  if (gai != 0) return unavailable("metrics endpoint: cannot resolve {}:{}: {}", host, port, gai_strerror(gai));
-  std::string last_error = "no address";
-  for (addrinfo* a = res; a != nullptr; a = a->ai_next) {
-    const int fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-    if (fd < 0) {
-      last_error = std::strerror(errno);
-      continue;
-    }
+  auto http = std::make_unique<HttpServer>();
+  http->new_task_queue = [] { return new httplib::ThreadPool(kWorkerThreads); };
+  // httplib's default sets SO_REUSEPORT, which lets a second server bind the same port and take half its
+  // connections; SO_REUSEADDR alone rebinds after a restart (TIME_WAIT) but refuses a port another socket listens on.
+  http->set_socket_options([](socket_t fd) {
     const int one = 1;
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(fd, a->ai_addr, a->ai_addrlen) == 0 && listen(fd, 16) == 0) {
-      listen_fd_ = fd;
-      break;
-    }
-    last_error = std::strerror(errno);
-    close(fd);
+  });
+  http->set_keep_alive_timeout(kIdleTimeoutS);
+  http->set_keep_alive_max_count(kMaxRequestsPerConnection);
+  http->set_read_timeout(kIoTimeoutS, 0);
+  http->set_write_timeout(kIoTimeoutS, 0);
+  http->set_payload_max_length(kMaxPayloadBytes);
+  // HEAD is answered by the GET handler, without the body.
+  http->Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+    res.set_content(render_(), kContentType);
+  });
+  http->set_error_handler([](const httplib::Request&, httplib::Response& res) {
+    if (res.body.empty()) res.set_content("only GET /metrics\n", "text/plain");
+  });
+
+  const std::string bind_host = host.empty() ? "0.0.0.0" : host;
+  if (port == 0) {
+    port_ = http->bind_to_any_port(bind_host);
+  } else {
+    port_ = http->bind_to_port(bind_host, port) ? port : -1;
   }
-  freeaddrinfo(res);
-  if (listen_fd_ < 0) return unavailable("metrics endpoint: cannot listen on {}:{}: {}", host, port, last_error);
-  sockaddr_storage bound{};
-  socklen_t len = sizeof(bound);
-  if (getsockname(listen_fd_, reinterpret_cast<sockaddr*>(&bound), &len) == 0) {
-    port_ = bound.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port)
-                                        : ntohs(reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  if (port_ <= 0) {
+    port_ = 0;
+    return unavailable("metrics endpoint: cannot listen on {}:{} (address in use, or not an address of this host)",
+                       bind_host, port);
   }
-  stop_.store(false);
-  thread_ = std::thread([this] { serve(); });
+  http->raise_backlog(kListenBacklog);
+  http_ = std::move(http);
+  // Shared with the thread, which may outlive this call's frame.
+  auto returned = std::make_shared<std::atomic<bool>>(false);
+  thread_ = std::thread([this, returned] {
+    if (!http_->listen_after_bind()) log_warn("metrics endpoint on port {} stopped with an error", port_);
+    returned->store(true);
+  });
+  // stop() only reaches a server whose accept loop has begun, so wait for it (it begins at once).
+  while (!http_->is_running() && !returned->load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (!http_->is_running()) {
+    thread_.join();
+    http_.reset();
+    port_ = 0;
+    return unavailable("metrics endpoint: the server on {}:{} did not start", bind_host, port);
+  }
   return Status();
 }
 
 void MetricsHttpServer::stop() {
-  stop_.store(true);
+  if (!http_) return;
+  http_->stop();
   if (thread_.joinable()) thread_.join();
-  if (listen_fd_ >= 0) {
-    close(listen_fd_);
-    listen_fd_ = -1;
-  }
-}
-
-void MetricsHttpServer::serve() {
-  while (!stop_.load()) {
-    pollfd p{listen_fd_, POLLIN, 0};
-    // 200 ms: how long stop() may wait for this thread.
-    const int r = poll(&p, 1, 200);
-    if (r <= 0 || !(p.revents & POLLIN)) continue;
-    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) continue;
-    answer(fd);
-    close(fd);
-  }
-}
-
-void MetricsHttpServer::answer(int fd) {
-  timeval tv{5, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-  // The request head only; a scrape has no body. 8 KiB bounds what a client can make us buffer.
-  std::string head;
-  char buf[1024];
-  while (head.find("\r\n\r\n") == std::string::npos && head.find("\n\n") == std::string::npos &&
-         head.size() < 8192) {
-    const ssize_t n = recv(fd, buf, sizeof(buf), 0);
-    if (n <= 0) break;
-    head.append(buf, static_cast<size_t>(n));
-  }
-  const size_t eol = head.find_first_of("\r\n");
-  const std::string request_line = head.substr(0, eol);
-  // "GET /metrics HTTP/1.1"; a query string is allowed and ignored.
-  const size_t sp1 = request_line.find(' ');
-  const size_t sp2 = sp1 == std::string::npos ? std::string::npos : request_line.find(' ', sp1 + 1);
-  const std::string method = request_line.substr(0, sp1);
-  std::string target = sp1 == std::string::npos ? "" : request_line.substr(sp1 + 1, sp2 - sp1 - 1);
-  target = target.substr(0, target.find('?'));
-
-  std::string status = "200 OK";
-  std::string content_type = "text/plain; version=0.0.4; charset=utf-8";
-  std::string body;
-  if (method != "GET" && method != "HEAD") {
-    status = "405 Method Not Allowed";
-    content_type = "text/plain";
-    body = "only GET /metrics\n";
-  } else if (target != "/metrics") {
-    status = "404 Not Found";
-    content_type = "text/plain";
-    body = "only GET /metrics\n";
-  } else {
-    body = render_();
-  }
-  std::string response = fmt::format(
-      "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", status,
-      content_type, body.size());
-  if (method != "HEAD") response += body;
-  size_t sent = 0;
-  while (sent < response.size()) {
-    const ssize_t n = send(fd, response.data() + sent, response.size() - sent, MSG_NOSIGNAL);
-    if (n <= 0) break;
-    sent += static_cast<size_t>(n);
-  }
+  http_.reset();
 }
 
 }  // namespace starserve

@@ -1,10 +1,14 @@
-// Prometheus metrics: a small thread-safe registry rendered in the text exposition format (0.0.4), and a minimal
-// HTTP/1.1 endpoint that serves it on ServerConfig.metrics_port (GET /metrics). No client library: the format is a
-// few lines per series and the endpoint answers one request per connection.
+// Prometheus metrics: a small thread-safe registry rendered in the text exposition format (0.0.4), the metrics the
+// server exports (ServerMetrics, with the engine's counters read from EngineInfo at scrape time), and the HTTP
+// endpoint that serves them on ServerConfig.metrics_port (GET /metrics, through cpp-httplib with a worker pool).
+//
+// Naming follows Prometheus' rules, and the registry enforces them when a series is registered (a wrong name is a
+// broken invariant, so it aborts): counters end in `_total`, gauges and histograms do not; names carry their base
+// unit (`_seconds`, `_bytes`); every family has a HELP and a TYPE line.
 //
 // Thread-safety: every method may be called from any thread. Counters and histograms are updated by the RPC
-// threads; gauges are read from callbacks at scrape time (the engine's counters are the source of truth, so they
-// are sampled rather than mirrored).
+// threads; gauges and sampled counters are read from callbacks at scrape time (the engine's counters are the source
+// of truth, so they are sampled rather than mirrored), on the HTTP worker threads, possibly several at once.
 #pragma once
 
 #include <atomic>
@@ -20,6 +24,11 @@
 #include <vector>
 
 #include "common/status.h"
+#include "engine/engine.h"
+
+namespace httplib {
+class Server;
+}
 
 namespace starserve {
 
@@ -58,16 +67,21 @@ class Histogram {
 
 class MetricsRegistry {
  public:
+  using ValueFn = std::function<double()>;
+
   // The returned reference lives as long as the registry. Asking again with the same name and labels returns the
-  // same series; a name registered with another type is a broken invariant.
+  // same series. Broken invariants (abort): a name registered with another type, a name or label that breaks the
+  // rules above, a histogram with an `le` label.
   Counter& counter(const std::string& name, const std::string& help, const MetricLabels& labels = {});
   Histogram& histogram(const std::string& name, const std::string& help, const std::vector<double>& bounds,
                        const MetricLabels& labels = {});
-  // A gauge whose value is read at scrape time: render() calls fn on the scraping thread, without the registry
-  // lock held, so fn must be thread-safe and may be slow-ish (engine.info()).
-  void gauge(const std::string& name, const std::string& help, const MetricLabels& labels, std::function<double()> fn);
+  // Series whose value is read at scrape time: render() calls fn on the scraping thread, without the registry
+  // lock held, so fn must be thread-safe and may be slow-ish (engine.info()). A sampled counter's fn must never
+  // decrease (a running total kept elsewhere, e.g. EngineInfo::merges_total).
+  void gauge(const std::string& name, const std::string& help, const MetricLabels& labels, ValueFn fn);
+  void sampled_counter(const std::string& name, const std::string& help, const MetricLabels& labels, ValueFn fn);
 
-  // Text exposition format, families in name order.
+  // Text exposition format 0.0.4, families in name order, series in label order.
   std::string render() const;
 
  private:
@@ -78,20 +92,25 @@ class MetricsRegistry {
     // Keyed by the rendered label set ({a="x",b="y"}), so series render in a stable order.
     std::map<std::string, std::unique_ptr<Counter>> counters;
     std::map<std::string, std::unique_ptr<Histogram>> histograms;
-    std::map<std::string, std::function<double()>> gauges;
+    std::map<std::string, ValueFn> sampled;  // gauges, and counters read from a callback
   };
-  Family& family(const std::string& name, const std::string& help, Type type);  // mu_ held
+  Family& family(const std::string& name, const std::string& help, Type type, const MetricLabels& labels);  // mu_
 
   mutable std::mutex mu_;
   std::map<std::string, Family> families_;
 };
 
-// The metrics the server exports, on top of a registry.
+// The metrics the server exports, on top of a registry. README.md ("Metrics") lists them.
 class ServerMetrics {
  public:
   ServerMetrics();
 
   MetricsRegistry& registry() { return registry_; }
+
+  // The engine's state, read from Engine::info() / ready() at every scrape: queue and running requests, KV pages
+  // per rank (used, capacity) and reserved, cross-rank merges and their time, readiness. Call once, before the
+  // endpoint serves; the engine must outlive the registry's scrapes.
+  void register_engine(const Engine& engine);
 
   // One finished RPC: rpc is the method name ("Complete"), status the gRPC code name ("OK", "INVALID_ARGUMENT").
   void record_request(std::string_view rpc, std::string_view status);
@@ -112,31 +131,33 @@ class ServerMetrics {
   Counter* prompt_;
 };
 
-// GET /metrics on a plain TCP socket. One thread accepts and answers connections one at a time (a scrape every few
-// seconds is the whole load); each connection gets a 5 s budget so a stuck client cannot block the next scrape.
+// GET /metrics (and HEAD) over HTTP/1.1, served by cpp-httplib: one thread accepts, kWorkerThreads (metrics.cpp)
+// answer. A connection holds a worker while it is open, so the limits keep idle and slow clients from starving a
+// scrape: a connection that sends nothing for 2 s (before its first request or between keep-alive requests) is
+// closed, a started request must keep arriving (5 s per read), and a connection serves at most 5 requests. Fewer
+// open connections than workers never delay a scrape; more only until the idle ones time out.
 class MetricsHttpServer {
  public:
   using RenderFn = std::function<std::string()>;
-  MetricsHttpServer() = default;
+  MetricsHttpServer();
   ~MetricsHttpServer();
   MetricsHttpServer(const MetricsHttpServer&) = delete;
   MetricsHttpServer& operator=(const MetricsHttpServer&) = delete;
 
-  // Binds host:port (port 0 = any free port) and starts the serving thread. kUnavailable when the address cannot
-  // be bound, naming it and the OS error.
+  // Binds host:port (port 0 = any free port) and starts serving; returns once the server accepts connections.
+  // render is called on the worker threads, possibly concurrently. kUnavailable when the address cannot be bound
+  // (in use, or not an address of this host), naming it. A port in use is an error: the socket does not set
+  // SO_REUSEPORT, so a second server cannot share the port silently.
   Status start(const std::string& host, int port, RenderFn render);
   int port() const { return port_; }
+  // Stops accepting and waits for the workers: at most the idle or read timeout of a connection still open.
   void stop();
 
  private:
-  void serve();
-  void answer(int fd);
-
   RenderFn render_;
-  int listen_fd_ = -1;
+  std::unique_ptr<httplib::Server> http_;
   int port_ = 0;
-  std::atomic<bool> stop_{false};
-  std::thread thread_;
+  std::thread thread_;  // runs httplib's accept loop until stop()
 };
 
 }  // namespace starserve
