@@ -12,9 +12,8 @@
 # STARSERVE_CHECK_BUILD_ARGS (more build flags, e.g. --no-cache to time a cold build),
 # STARSERVE_CHECK_DRAIN_TOKENS (the stream running through the drain, 40 tokens: about 2 s on 2 cores; the server
 # gives running requests 5 s after SIGTERM today),
-# STARSERVE_CHECK_GRACE (stop's grace period, 30 s), STARCTL (the host's starctl; default build/bin/starctl,
-# else the image's own, copied out and run on the host, which needs the host's gRPC libraries as a Debian 12
-# build does). Every wait is bounded; the containers are removed on exit. Exit status: the number of failures.
+# STARSERVE_CHECK_GRACE (stop's grace period, 30 s), STARCTL (the client run on the host; default the image's
+# own, copied out, which needs the host's gRPC libraries as a Debian 12 build of starserve does). Every wait is bounded; the containers are removed on exit. Exit status: the number of failures.
 set -uo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 IMAGE="${STARSERVE_IMAGE:-starserve:cpu}"
@@ -92,18 +91,15 @@ echo "--- stdout:"; cat "$WORK/star.out"; echo "--- stderr (last 6 lines):"; tai
 check "generate, 2 ranks, star: exit 0 and text ($(since "$t0") s)" '[ $rc = 0 ] && [ -s "$WORK/star.out" ]'
 
 # --- 3. serve, answered from the host ----------------------------------------------------------------------------
+# The client of the same build as the server: the image's starctl, copied out and run on the host.
 if [ -z "${STARCTL:-}" ]; then
-  if [ -x "$REPO_ROOT/build/bin/starctl" ]; then
-    STARCTL="$REPO_ROOT/build/bin/starctl"
-  else
-    id=$("$ENGINE" create "$IMAGE")
-    "$ENGINE" cp "$id:/opt/starserve/bin/starctl" "$WORK/starctl" && "$ENGINE" rm "$id" >/dev/null
-    STARCTL="$WORK/starctl"
-  fi
+  id=$("$ENGINE" create "$IMAGE")
+  "$ENGINE" cp "$id:/opt/starserve/bin/starctl" "$WORK/starctl" && "$ENGINE" rm "$id" >/dev/null
+  STARCTL="$WORK/starctl"
 fi
 say "host client: $STARCTL"
 PORT=$(free_port) MPORT=$(free_port)
-CTL=("$STARCTL" --address "127.0.0.1:$PORT" --timeout 300)
+CTL=("$STARCTL" --address "127.0.0.1:$PORT")
 say "run -d -p 127.0.0.1:$PORT:50051 -p 127.0.0.1:$MPORT:9090 $IMAGE serve --port 50051 --metrics-port 9090"
 t0=$(now)
 "$ENGINE" run -d --name "$NAME" -p "127.0.0.1:$PORT:50051" -p "127.0.0.1:$MPORT:9090" "$IMAGE" \
@@ -116,16 +112,16 @@ for _ in $(seq 1 300); do
 done
 check "serve, 2 ranks: readiness SERVING through the published port ($(since "$t0") s)" '[ $ready = 1 ]'
 if [ $ready != 1 ]; then "$ENGINE" logs "$NAME" 2>&1 | tail -n 30; exit "$FAILS"; fi
-"${CTL[@]}" complete "The capital of France is" --max-tokens 12 --temperature 0 >"$WORK/c.out" 2>"$WORK/c.err"
+"${CTL[@]}" --timeout 300 complete "The capital of France is" --max-tokens 12 --temperature 0 >"$WORK/c.out" 2>"$WORK/c.err"
 rc=$?
 echo "--- starctl complete:"; cat "$WORK/c.out"; echo; cat "$WORK/c.err"
 check "starctl complete from the host" '[ $rc = 0 ] && [ -s "$WORK/c.out" ]'
-"${CTL[@]}" chat --attention star "$doc What is the pass key? Answer with the number only." --max-tokens 12 \
+"${CTL[@]}" --timeout 300 chat --attention star "$doc What is the pass key? Answer with the number only." --max-tokens 12 \
   --temperature 0 >"$WORK/chat.out" 2>"$WORK/chat.err"
 rc=$?
 echo "--- starctl chat --attention star:"; cat "$WORK/chat.out"; echo; cat "$WORK/chat.err"
 check "starctl chat (star, document split over 2 ranks)" '[ $rc = 0 ] && [ -s "$WORK/chat.out" ]'
-"${CTL[@]}" info >"$WORK/info.out" 2>&1
+"${CTL[@]}" --timeout 30 info >"$WORK/info.out" 2>&1
 check "starctl info reports 2 ranks" 'grep -Eq "\"(world_size|worldSize)\": *2" "$WORK/info.out"' ||
   cat "$WORK/info.out"
 curl -sf "http://127.0.0.1:$MPORT/metrics" >"$WORK/metrics.out"
@@ -135,7 +131,7 @@ check "Prometheus text on the published metrics port ($(wc -l <"$WORK/metrics.ou
 # --- 4. drain: stop --time GRACE while a stream runs -----------------------------------------------------------------
 DRAIN_TOKENS="${STARSERVE_CHECK_DRAIN_TOKENS:-40}"
 say "drain: a $DRAIN_TOKENS-token stream, then $ENGINE stop --time $GRACE once its first tokens arrived"
-"${CTL[@]}" stream "Once upon a time" --max-tokens "$DRAIN_TOKENS" --ignore-eos --temperature 0 >"$WORK/s.out" 2>"$WORK/s.err" &
+"${CTL[@]}" --timeout 300 stream "Once upon a time" --max-tokens "$DRAIN_TOKENS" --ignore-eos --temperature 0 >"$WORK/s.out" 2>"$WORK/s.err" &
 BG=$!
 for _ in $(seq 1 200); do [ -s "$WORK/s.out" ] && break; sleep 0.1; done
 t0=$(now)
