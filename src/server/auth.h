@@ -1,12 +1,12 @@
 // API-key authentication: with ServerConfig.api_key set, every RPC must carry the metadata
 // `authorization: Bearer <key>`.
 //
-// Two enforcement points, because gRPC 1.51 cannot attach an AuthMetadataProcessor to plaintext
-// (insecure) server credentials:
-//   - starserve.v1 handlers call ApiKeyCheck::check first (before any tokenizing or engine work);
-//   - RPCs served by gRPC itself (health, reflection) go through the interceptor made by
-//     make_auth_interceptor_factory. Health is covered only when ServerConfig.auth_health is set, so
-//     orchestrator probes keep working without the key by default.
+// Every service of the server is its own (starserve.v1, grpc.health.v1, grpc.reflection.v1 / v1alpha), and each
+// handler calls ApiKeyCheck::check first, before any tokenizing or engine work, so a call without the key ends
+// UNAUTHENTICATED whatever its kind, streams included. (gRPC 1.51 cannot attach an AuthMetadataProcessor to
+// plaintext server credentials, and an interceptor cannot stop a streaming handler from running: it could only
+// cancel the call, which the client sees as CANCELLED.) Health alone can be exempted, for orchestrator probes
+// (HealthService's without_key).
 #pragma once
 
 #include <map>
@@ -14,7 +14,6 @@
 #include <string>
 
 #include <grpcpp/grpcpp.h>
-#include <grpcpp/support/server_interceptor.h>
 
 namespace starserve {
 
@@ -29,12 +28,5 @@ class ApiKeyCheck {
  private:
   std::string key_;
 };
-
-// Interceptor for every method outside starserve.v1 (health: only when auth_health). Server interceptors cannot
-// stop a handler from running, so a rejected call is neutralised instead: a unary call (health Check) answers
-// UNAUTHENTICATED with an empty message in place of the real one; a streaming call (health Watch, reflection) is
-// cancelled at once (the client sees CANCELLED), since its handler would otherwise keep it open.
-std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> make_auth_interceptor_factory(
-    std::shared_ptr<const ApiKeyCheck> check, bool auth_health);
 
 }  // namespace starserve

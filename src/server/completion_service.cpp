@@ -119,13 +119,24 @@ void set_role(v1::ChatDeltaChoice* c) { c->mutable_delta()->set_role("assistant"
 CompletionService::CompletionService(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
                                      std::optional<ChatTemplate> chat_template,
                                      std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics)
-    : config_(config),
+    : CheckedService("starserve.v1.CompletionService"),
+      config_(config),
       engine_(engine),
       tokenizer_(tokenizer),
       chat_template_(std::move(chat_template)),
+      max_token_bytes_(longest_token_bytes(tokenizer_)),
       api_key_(std::move(api_key)),
       metrics_(metrics),
-      id_rng_(std::random_device{}()) {}
+      id_rng_(std::random_device{}()) {
+  add_unary("Complete", &CompletionService::Complete);
+  add_server_streaming("StreamComplete", &CompletionService::StreamComplete);
+  add_unary("ChatComplete", &CompletionService::ChatComplete);
+  add_server_streaming("StreamChatComplete", &CompletionService::StreamChatComplete);
+  add_unary("Tokenize", &CompletionService::Tokenize);
+  add_unary("GetModelInfo", &CompletionService::GetModelInfo);
+  add_unary("GetServerInfo", &CompletionService::GetServerInfo);
+  check_all_registered();
+}
 
 grpc::Status CompletionService::admit(const grpc::ServerContext* ctx, bool needs_ready) const {
   if (api_key_) {
@@ -142,7 +153,7 @@ grpc::Status CompletionService::admit(const grpc::ServerContext* ctx, bool needs
 }
 
 RequestLimits CompletionService::limits(const EngineInfo& info) const {
-  return make_request_limits(config_, info, tokenizer_);
+  return make_request_limits(config_, info, tokenizer_, max_token_bytes_);
 }
 
 grpc::Status CompletionService::done(std::string_view rpc, grpc::Status status) {
@@ -396,6 +407,7 @@ grpc::Status CompletionService::GetServerInfo(grpc::ServerContext* ctx, const v1
     star->set_query_tail(info.star_defaults.query_tail);
     v1::RequestLimits* lim = response->mutable_limits();
     lim->set_max_prompt_tokens(l.max_prompt_tokens);
+    lim->set_max_prompt_bytes(l.max_prompt_bytes);
     lim->set_max_tokens(l.max_tokens_limit);
     lim->set_max_stop_strings(l.max_stop_strings);
     lim->set_max_stop_string_bytes(l.max_stop_string_bytes);

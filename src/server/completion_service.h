@@ -1,5 +1,7 @@
 // starserve.v1.CompletionService on the synchronous gRPC API: one gRPC thread per RPC, which converts the request
-// at the edge (server/convert.h), submits it to the Engine and waits for its events on a per-RPC queue.
+// at the edge (server/convert.h), submits it to the Engine and waits for its events on a per-RPC queue. The methods
+// are registered through CheckedService (server/checked_service.h), so a request that does not parse (a string
+// field with invalid UTF-8) is answered INVALID_ARGUMENT naming the field.
 //
 // Threads: handlers run on gRPC's threads. Engine events arrive on the engine's thread and are only appended to
 // the RPC's queue there (the engine requires its callbacks not to block); the RPC thread drains the queue, writes
@@ -24,15 +26,16 @@
 #include "model/chat_template.h"
 #include "model/tokenizer.h"
 #include "server/auth.h"
+#include "server/checked_service.h"
 #include "server/convert.h"
 #include "server/metrics.h"
-#include "starserve/v1/completion.grpc.pb.h"
+#include "starserve/v1/completion.pb.h"
 
 namespace starserve {
 
 inline constexpr std::chrono::milliseconds kCancelPollInterval{50};
 
-class CompletionService final : public v1::CompletionService::Service {
+class CompletionService final : public CheckedService<CompletionService> {
  public:
   // chat_template: nullopt = the chat RPCs answer FAILED_PRECONDITION. metrics may be null.
   CompletionService(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
@@ -40,19 +43,19 @@ class CompletionService final : public v1::CompletionService::Service {
                     ServerMetrics* metrics);
 
   grpc::Status Complete(grpc::ServerContext* ctx, const v1::CompleteRequest* request,
-                        v1::CompleteResponse* response) override;
+                        v1::CompleteResponse* response);
   grpc::Status StreamComplete(grpc::ServerContext* ctx, const v1::StreamCompleteRequest* request,
-                              grpc::ServerWriter<v1::StreamCompleteResponse>* writer) override;
+                              grpc::ServerWriter<v1::StreamCompleteResponse>* writer);
   grpc::Status ChatComplete(grpc::ServerContext* ctx, const v1::ChatCompleteRequest* request,
-                            v1::ChatCompleteResponse* response) override;
+                            v1::ChatCompleteResponse* response);
   grpc::Status StreamChatComplete(grpc::ServerContext* ctx, const v1::StreamChatCompleteRequest* request,
-                                  grpc::ServerWriter<v1::StreamChatCompleteResponse>* writer) override;
+                                  grpc::ServerWriter<v1::StreamChatCompleteResponse>* writer);
   grpc::Status Tokenize(grpc::ServerContext* ctx, const v1::TokenizeRequest* request,
-                        v1::TokenizeResponse* response) override;
+                        v1::TokenizeResponse* response);
   grpc::Status GetModelInfo(grpc::ServerContext* ctx, const v1::GetModelInfoRequest* request,
-                            v1::GetModelInfoResponse* response) override;
+                            v1::GetModelInfoResponse* response);
   grpc::Status GetServerInfo(grpc::ServerContext* ctx, const v1::GetServerInfoRequest* request,
-                             v1::GetServerInfoResponse* response) override;
+                             v1::GetServerInfoResponse* response);
 
   // From now on new RPCs answer UNAVAILABLE; running ones go on until grpc::Server::Shutdown's deadline cancels
   // them (which reaches the engine through the cancellation poll).
@@ -85,6 +88,7 @@ class CompletionService final : public v1::CompletionService::Service {
   Engine& engine_;
   const Tokenizer tokenizer_;  // copies share the immutable tables
   const std::optional<ChatTemplate> chat_template_;
+  const int max_token_bytes_;  // longest_token_bytes(tokenizer_), for the prompt byte bound
   const std::shared_ptr<const ApiKeyCheck> api_key_;
   ServerMetrics* const metrics_;
   std::atomic<bool> shutting_down_{false};

@@ -8,6 +8,7 @@
 
 #include "common/check.h"
 #include "common/log.h"
+#include "server/chat_prompt.h"
 
 namespace starserve {
 namespace {
@@ -108,6 +109,20 @@ Status apply_params(const v1::GenerationParams& g, int64_t n_prompt, int default
   return Status();
 }
 
+// Refuses prompt text that cannot fit in max_prompt_tokens, by its size alone (before any tokenizing).
+Status check_prompt_bytes(std::string_view what, size_t n_bytes, const RequestLimits& limits) {
+  if (limits.max_prompt_bytes <= 0 || n_bytes <= static_cast<uint64_t>(limits.max_prompt_bytes)) return Status();
+  return invalid_argument("{} has {} bytes; the server allows at most {} (max_prompt_bytes = max_prompt_tokens {} x "
+                          "{} bytes, the longest token: more bytes cannot fit in max_prompt_tokens)",
+                          what, n_bytes, limits.max_prompt_bytes, limits.max_prompt_tokens, limits.max_token_bytes);
+}
+
+size_t content_bytes(const google::protobuf::RepeatedPtrField<v1::ChatMessage>& messages) {
+  size_t n = 0;
+  for (const v1::ChatMessage& m : messages) n += m.content().size();
+  return n;
+}
+
 // A prompt without a split of its own: all of it is the query and the engine picks the context/query cut.
 void set_plain_prompt(std::vector<int32_t> all, EngineRequest* out) {
   out->context.clear();
@@ -124,6 +139,7 @@ Status build_completion_prompt(const Req& r, const Tokenizer& tok, const Request
   switch (r.input_case()) {
     case Req::kPrompt: {
       if (r.prompt().empty()) return invalid_argument("prompt is empty");
+      SS_RETURN_IF_ERROR(check_prompt_bytes("prompt", r.prompt().size(), limits));
       set_plain_prompt(tok.encode(r.prompt(), /*add_special=*/true, /*parse_special=*/false), &p->engine);
       if (r.echo()) p->echo_text = r.prompt();
       break;
@@ -144,6 +160,7 @@ Status build_completion_prompt(const Req& r, const Tokenizer& tok, const Request
     case Req::kSplit: {
       const v1::SplitPrompt& s = r.split();
       if (s.query().empty()) return invalid_argument("split.query is empty (the question goes to phase 2)");
+      SS_RETURN_IF_ERROR(check_prompt_bytes("split (context + query)", s.context().size() + s.query().size(), limits));
       if (s.context().empty()) {
         p->engine.query = tok.encode(s.query(), /*add_special=*/true, /*parse_special=*/false);
       } else {
@@ -199,17 +216,21 @@ Status check_messages(const google::protobuf::RepeatedPtrField<v1::ChatMessage>&
 // message, followed by a blank line and the message's own content (the question); the cut is at the end of the
 // document, so the question, the end of the turn and the assistant header are the query and get exact attention
 // in phase 2 (Star Attention's accuracy depends on the question being in phase 2).
+// Control tokens come only from the template; contents (and the document) are tokenized as text
+// (server/chat_prompt.h), so a message cannot forge a turn.
 Status build_chat_prompt(const google::protobuf::RepeatedPtrField<v1::ChatMessage>& messages,
                          const std::string& document, const Tokenizer& tok, const ChatTemplate& tmpl,
-                         EngineRequest* out, std::string* rendered_out) {
+                         const RequestLimits& limits, EngineRequest* out, std::string* rendered_out) {
   SS_RETURN_IF_ERROR(check_messages(messages, tmpl));
+  SS_RETURN_IF_ERROR(check_prompt_bytes("the messages' contents + context", content_bytes(messages) + document.size(),
+                                        limits));
   std::vector<ChatMessage> msgs;
   msgs.reserve(static_cast<size_t>(messages.size()));
   for (const v1::ChatMessage& m : messages) msgs.push_back({m.role(), m.content()});
 
   std::string doc_text, question_text;
+  int last_user = -1;
   if (!document.empty()) {
-    int last_user = -1;
     for (int i = 0; i < messages.size(); ++i) {
       if (messages[i].role() == "user") last_user = i;
     }
@@ -224,29 +245,29 @@ Status build_chat_prompt(const google::protobuf::RepeatedPtrField<v1::ChatMessag
     }
     msgs[static_cast<size_t>(last_user)].content = doc_text + "\n\n" + question_text;
   }
-  const std::string rendered = tmpl.apply(msgs, /*add_generation_prompt=*/true);
-  if (rendered_out) *rendered_out = rendered;
-  // The template's own markers (and BOS where the family writes it) are in the text: parse them as control tokens.
-  if (!doc_text.empty()) {
-    const size_t at = rendered.rfind(doc_text + "\n\n" + question_text);
-    if (at != std::string::npos) {
-      const size_t cut = at + doc_text.size();
-      out->context = tok.encode(std::string_view(rendered).substr(0, cut), false, true);
-      out->query = tok.encode(std::string_view(rendered).substr(cut), false, true);
+  SS_ASSIGN_OR_RETURN(ChatPrompt prompt, render_chat_prompt(tmpl, msgs, tok));
+  if (rendered_out) *rendered_out = prompt.text;
+  if (last_user >= 0) {
+    const auto [begin, end] = prompt.contents[static_cast<size_t>(last_user)];
+    if (begin != ChatPrompt::kNotWritten &&
+        std::string_view(prompt.text).substr(begin, end - begin) == msgs[static_cast<size_t>(last_user)].content) {
+      const size_t cut = begin + doc_text.size();
+      out->context = prompt.encode(tok, 0, cut);
+      out->query = prompt.encode(tok, cut, prompt.text.size());
       return Status();
     }
     log_warn("chat template {} changed the document text; the engine splits the prompt by the query-tail rule",
-                 tmpl.name());
+             tmpl.name());
   }
-  set_plain_prompt(tok.encode(rendered, false, true), out);
+  set_plain_prompt(prompt.encode(tok), out);
   return Status();
 }
 
 // ChatCompleteRequest and StreamChatCompleteRequest: messages and the optional document.
 template <typename Req>
 Status build_chat_request_prompt(const Req& r, const Tokenizer& tok, const ChatTemplate& tmpl,
-                                 PreparedRequest* p) {
-  SS_RETURN_IF_ERROR(build_chat_prompt(r.messages(), r.context(), tok, tmpl, &p->engine, nullptr));
+                                 const RequestLimits& limits, PreparedRequest* p) {
+  SS_RETURN_IF_ERROR(build_chat_prompt(r.messages(), r.context(), tok, tmpl, limits, &p->engine, nullptr));
   if (p->engine.query.empty()) return invalid_argument("the conversation renders to no query tokens");
   return Status();
 }
@@ -266,7 +287,7 @@ Result<PreparedRequest> prepare_request(const Request& r, const Tokenizer& tok, 
   int64_t default_max_tokens = 0;
   if constexpr (kIsChatRequest<Request>) {
     SS_CHECK(tmpl != nullptr, "chat requests need a chat template (the service answers FAILED_PRECONDITION)");
-    SS_RETURN_IF_ERROR(build_chat_request_prompt(r, tok, *tmpl, &p));
+    SS_RETURN_IF_ERROR(build_chat_request_prompt(r, tok, *tmpl, limits, &p));
   } else {
     SS_RETURN_IF_ERROR(build_completion_prompt(r, tok, limits, &p));
   }
@@ -294,12 +315,15 @@ template Result<PreparedRequest> prepare_request(const v1::ChatCompleteRequest&,
 template Result<PreparedRequest> prepare_request(const v1::StreamChatCompleteRequest&, const Tokenizer&,
                                                  const ChatTemplate*, const RequestLimits&);
 
-RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& info, const Tokenizer& tokenizer) {
+RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& info, const Tokenizer& tokenizer,
+                                  int max_token_bytes) {
   RequestLimits l;
   l.model_name = info.model_name;
   l.max_context = info.max_context;
   l.max_prompt_tokens = config.max_prompt_tokens > 0 ? config.max_prompt_tokens : info.max_context;
   if (info.max_context > 0 && l.max_prompt_tokens > 0) l.max_prompt_tokens = std::min(l.max_prompt_tokens, info.max_context);
+  l.max_token_bytes = std::max(1, max_token_bytes);
+  if (l.max_prompt_tokens > 0) l.max_prompt_bytes = int64_t{l.max_prompt_tokens} * l.max_token_bytes;
   l.max_tokens_limit = std::min(config.max_tokens_limit, kMaxMaxTokens);
   l.max_stop_strings = std::min(config.max_stop_strings, kMaxStopStrings);
   l.max_stop_string_bytes = std::min(config.max_stop_string_bytes, kMaxStopStringBytes);
@@ -309,12 +333,20 @@ RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& 
   return l;
 }
 
+int longest_token_bytes(const Tokenizer& tokenizer) {
+  size_t longest = 1;
+  for (int32_t id = 0; id < tokenizer.n_vocab(); ++id) longest = std::max(longest, tokenizer.token_to_bytes(id).size());
+  return static_cast<int>(std::min<size_t>(longest, INT_MAX));
+}
+
 Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const Tokenizer& tokenizer,
                                       const ChatTemplate* chat_template, const RequestLimits& limits) {
   v1::TokenizeResponse resp;
   std::vector<int32_t> ids;
   switch (request.input_case()) {
     case v1::TokenizeRequest::kPrompt: {
+      // A text over the byte bound could never be a prompt here; the server does not spend time tokenizing it.
+      SS_RETURN_IF_ERROR(check_prompt_bytes("prompt", request.prompt().size(), limits));
       const bool add_special = !request.has_add_special_tokens() || request.add_special_tokens();
       ids = tokenizer.encode(request.prompt(), add_special, /*parse_special=*/false);
       break;
@@ -327,7 +359,7 @@ Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const 
       std::string rendered;
       EngineRequest prompt;
       SS_RETURN_IF_ERROR(build_chat_prompt(request.chat().messages(), std::string(), tokenizer, *chat_template,
-                                           &prompt, &rendered));
+                                           limits, &prompt, &rendered));
       ids = std::move(prompt.context);
       ids.insert(ids.end(), prompt.query.begin(), prompt.query.end());
       resp.set_rendered(rendered);

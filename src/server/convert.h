@@ -25,6 +25,10 @@ struct RequestLimits {
   std::string model_name;     // a request's non-empty `model` must equal it
   int max_context = 0;        // tokens per request (prompt + generated); 0 = not bounded here
   int max_prompt_tokens = 0;  // context + query tokens; 0 = not bounded here
+  // Bytes of prompt text (prompt, split context + query, chat contents + document), checked before tokenizing: a
+  // text longer than this cannot fit in max_prompt_tokens (see make_request_limits). 0 = not bounded here.
+  int64_t max_prompt_bytes = 0;
+  int max_token_bytes = 0;    // the vocabulary's longest token in bytes (for the messages)
   int max_tokens_limit = 0;   // upper bound of max_tokens
   int max_stop_strings = 0;
   int max_stop_string_bytes = 0;
@@ -32,7 +36,16 @@ struct RequestLimits {
   AttentionMode default_mode = AttentionMode::kStar;  // for attention_mode = UNSPECIFIED
 };
 
-RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& info, const Tokenizer& tokenizer);
+// max_prompt_bytes = max_prompt_tokens x max_token_bytes. Every byte of a text is covered by exactly one of its
+// tokens and no token covers more than max_token_bytes bytes, so a text of more bytes has more than
+// max_prompt_tokens tokens and would be refused once tokenized: the byte check refuses nothing the token check would
+// accept, and turns away an oversized prompt before the tokenizer spends time on it. (A configured byte limit could
+// be tighter, but would refuse prompts of long tokens that fit; this one needs no setting and follows the token limit.)
+// max_token_bytes: longest_token_bytes(tokenizer), computed once by the caller.
+RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& info, const Tokenizer& tokenizer,
+                                  int max_token_bytes);
+// The longest token of the vocabulary in bytes (control and added tokens included), at least 1.
+int longest_token_bytes(const Tokenizer& tokenizer);
 
 struct PreparedRequest {
   EngineRequest engine;

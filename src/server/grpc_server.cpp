@@ -7,7 +7,8 @@
 #include <sstream>
 #include <thread>
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <arpa/inet.h>
+
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
@@ -15,7 +16,9 @@
 #include "common/log.h"
 #include "server/auth.h"
 #include "server/completion_service.h"
+#include "server/health_service.h"
 #include "server/metrics.h"
+#include "server/reflection_service.h"
 
 namespace starserve {
 namespace {
@@ -31,10 +34,46 @@ Result<std::string> read_pem(const std::string& path, const char* what) {
   return ss.str();
 }
 
-// IPv6 literals need brackets in a gRPC address.
-std::string listen_address(const std::string& host, int port) {
-  if (host.find(':') != std::string::npos && host.front() != '[') return fmt::format("[{}]:{}", host, port);
-  return fmt::format("{}:{}", host, port);
+// The host to listen on, without brackets: an IPv4 address ("0.0.0.0", "127.0.0.1"), an IPv6 address with or
+// without brackets ("::", "::1", "[::1]", "fe80::1%eth0"), or a name ("localhost"). A host that carries a port
+// ("127.0.0.1:50051") is refused: the port is ServerConfig.port.
+Result<std::string> parse_host(const std::string& host) {
+  if (host.empty()) return invalid_argument("host is empty (e.g. 0.0.0.0, 127.0.0.1, ::, ::1 or a name)");
+  std::string bare = host;
+  if (host.front() == '[') {
+    if (host.back() != ']') {
+      return invalid_argument("host = \"{}\": a bracketed IPv6 address takes no port here (the port is --port)", host);
+    }
+    bare = host.substr(1, host.size() - 2);
+  }
+  if (bare.find(':') != std::string::npos) {
+    const std::string address = bare.substr(0, bare.find('%'));  // a zone index (%eth0) is not part of the address
+    in6_addr parsed{};
+    if (inet_pton(AF_INET6, address.c_str(), &parsed) != 1) {
+      return invalid_argument("host = \"{}\" is neither an IPv6 address nor a name; give the port with --port, not "
+                              "in --host",
+                              host);
+    }
+  }
+  return bare;
+}
+
+// A gRPC address (and the address in log lines): IPv6 literals need brackets.
+std::string listen_address(const std::string& bare_host, int port) {
+  if (bare_host.find(':') != std::string::npos) return fmt::format("[{}]:{}", bare_host, port);
+  return fmt::format("{}:{}", bare_host, port);
+}
+
+// Whether health answers without the API key (for orchestrator probes): ServerConfig::health_without_key, the
+// setting of --health-without-key. src/common/config.h gains that field with the flag; until then health needs the
+// key like every other service.
+template <typename Config>
+bool health_without_key(const Config& c) {
+  if constexpr (requires { c.health_without_key; }) {
+    return c.health_without_key;
+  } else {
+    return false;
+  }
 }
 
 Result<std::shared_ptr<grpc::ServerCredentials>> make_credentials(const ServerConfig& config) {
@@ -65,7 +104,15 @@ struct GrpcServer::Impl {
       : config(c),
         engine(e),
         api_key(std::make_shared<ApiKeyCheck>(c.api_key)),
-        service(c, e, t, std::move(tmpl), api_key, &metrics) {}
+        service(c, e, t, std::move(tmpl), api_key, &metrics),
+        health(api_key, health_without_key(c)),
+        reflection_v1("grpc.reflection.v1.ServerReflection", service_names(), api_key),
+        reflection_v1alpha("grpc.reflection.v1alpha.ServerReflection", service_names(), api_key) {}
+
+  static std::vector<std::string> service_names() {
+    return {"starserve.v1.CompletionService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection"};
+  }
 
   void watch_readiness();
   void register_engine_gauges();
@@ -75,6 +122,9 @@ struct GrpcServer::Impl {
   ServerMetrics metrics;
   std::shared_ptr<const ApiKeyCheck> api_key;
   CompletionService service;
+  HealthService health;
+  ReflectionServiceV1 reflection_v1;
+  ReflectionServiceV1alpha reflection_v1alpha;
   std::unique_ptr<grpc::Server> server;
   MetricsHttpServer metrics_http;
   int port = 0;
@@ -91,7 +141,7 @@ void GrpcServer::Impl::watch_readiness() {
   std::unique_lock<std::mutex> lock(mu);
   while (!stopping) {
     if (engine.ready()) {
-      server->GetHealthCheckService()->SetServingStatus(kReadinessService, true);
+      health.set_serving(kReadinessService, true);
       log_info("model ready on every rank: {} is SERVING", kReadinessService);
       return;
     }
@@ -126,14 +176,15 @@ Status GrpcServer::start() {
   if (c.max_message_bytes < 1024) {
     return invalid_argument("max_message_bytes = {} must be at least 1024", c.max_message_bytes);
   }
+  SS_ASSIGN_OR_RETURN(const std::string host, parse_host(c.host));
   SS_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, make_credentials(c));
 
-  // Both are process-wide switches read by ServerBuilder.
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  // Health and reflection are this server's own services (they check the API key); gRPC's default health service
+  // (a process-wide switch read by ServerBuilder) stays off.
+  grpc::EnableDefaultHealthCheckService(false);
 
   grpc::ServerBuilder builder;
-  const std::string address = listen_address(c.host, c.port);
+  const std::string address = listen_address(host, c.port);
   builder.AddListeningPort(address, credentials, &m.port);
   builder.SetMaxReceiveMessageSize(c.max_message_bytes);
   builder.SetMaxSendMessageSize(c.max_message_bytes);
@@ -141,24 +192,20 @@ Status GrpcServer::start() {
   // traffic; a port in use must be an error instead.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.RegisterService(&m.service);
-  if (m.api_key->enabled()) {
-    std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
-    interceptors.push_back(make_auth_interceptor_factory(m.api_key, c.auth_health));
-    builder.experimental().SetInterceptorCreators(std::move(interceptors));
-  }
+  builder.RegisterService(&m.health);
+  builder.RegisterService(&m.reflection_v1);
+  builder.RegisterService(&m.reflection_v1alpha);
   m.server = builder.BuildAndStart();
   if (!m.server || m.port == 0) {
     m.server.reset();
     return unavailable("cannot listen for gRPC on {} (address in use, or not an address of this host)", address);
   }
-  grpc::HealthCheckServiceInterface* health = m.server->GetHealthCheckService();
-  SS_CHECK(health != nullptr, "the default health service is enabled");
-  health->SetServingStatus("", true);
-  health->SetServingStatus(kReadinessService, false);
+  m.health.set_serving("", true);
+  m.health.set_serving(kReadinessService, false);
 
   if (c.metrics_port > 0) {
     m.register_engine_gauges();
-    Status s = m.metrics_http.start(c.host, c.metrics_port, [&m] { return m.metrics.registry().render(); });
+    Status s = m.metrics_http.start(host, c.metrics_port, [&m] { return m.metrics.registry().render(); });
     if (!s.ok()) {
       m.server->Shutdown();
       m.server->Wait();
@@ -167,13 +214,12 @@ Status GrpcServer::start() {
     }
   }
   m.readiness = std::thread([&m] { m.watch_readiness(); });
-  log_info("gRPC listening on {} (TLS {}, API key {}{}){}", listen_address(c.host, m.port),
-               c.tls_cert.empty() ? "off" : (c.tls_client_ca.empty() ? "on" : "on, client certificates required"),
-               m.api_key->enabled() ? "required" : "off",
-               m.api_key->enabled() ? (c.auth_health ? ", health included" : ", health exempt") : "",
-               c.metrics_port > 0 ? fmt::format("; metrics on http://{}/metrics",
-                                                listen_address(c.host, m.metrics_http.port()))
-                                  : std::string());
+  log_info("gRPC listening on {} (TLS {}, API key {}{}){}", listen_address(host, m.port),
+           c.tls_cert.empty() ? "off" : (c.tls_client_ca.empty() ? "on" : "on, client certificates required"),
+           m.api_key->enabled() ? "required" : "off",
+           m.api_key->enabled() ? (health_without_key(c) ? ", health exempt" : ", health included") : "",
+           c.metrics_port > 0 ? fmt::format("; metrics on http://{}/metrics", listen_address(host, m.metrics_http.port()))
+                              : std::string());
   return Status();
 }
 
@@ -190,7 +236,7 @@ void GrpcServer::shutdown(std::chrono::milliseconds grace) {
   m.cv.notify_all();
   log_info("gRPC server shutting down ({} ms for running requests)", grace.count());
   m.service.begin_shutdown();
-  m.server->GetHealthCheckService()->Shutdown();  // every service NOT_SERVING, for load balancers
+  m.health.shutdown();  // every service NOT_SERVING, for load balancers; Watch calls end
   // Stops accepting, waits for running RPCs until the deadline, then cancels them: the handlers see IsCancelled and
   // cancel their engine requests.
   m.server->Shutdown(std::chrono::system_clock::now() + grace);

@@ -1,6 +1,7 @@
-// The gRPC front end of rank 0: starserve.v1.CompletionService, grpc.health.v1.Health, server reflection, API-key
-// auth, optional TLS / mutual TLS, and the Prometheus endpoint. This header includes no gRPC code, so the app that
-// wires engine and server stays free of it.
+// The gRPC front end of rank 0: starserve.v1.CompletionService, grpc.health.v1.Health (server/health_service.h),
+// server reflection v1 and v1alpha (server/reflection_service.h), API-key auth on all of them (server/auth.h),
+// optional TLS / mutual TLS, and the Prometheus endpoint. This header includes no gRPC code, so the app that wires
+// engine and server stays free of it.
 //
 // Health: service "" is SERVING from start() until shutdown (liveness). "starserve.v1.CompletionService" is
 // NOT_SERVING until Engine::ready() (every rank has loaded the model), then SERVING until shutdown; it never turns
@@ -35,8 +36,9 @@ class GrpcServer {
   GrpcServer& operator=(const GrpcServer&) = delete;
 
   // Reads the TLS files, binds config.host:config.port (and the metrics port when set) and starts serving; returns
-  // at once. Errors: kInvalidArgument (inconsistent TLS settings), kNotFound (unreadable PEM file), kUnavailable
-  // (an address cannot be bound).
+  // at once. config.host: an IPv4 address, an IPv6 address with or without brackets ("::1", "[::1]"), or a name;
+  // never with a port. Errors: kInvalidArgument (inconsistent TLS settings, a host that carries a port or is no
+  // address), kNotFound (unreadable PEM file), kUnavailable (an address cannot be bound).
   Status start();
   int port() const;          // the bound port (config.port 0 picks a free one)
   int metrics_port() const;  // 0 when the endpoint is off

@@ -1,0 +1,473 @@
+// The gRPC front end in process (src/server/grpc_server.h), over real gRPC on loopback, with an engine that ends
+// every request at once: requests whose string fields are not valid UTF-8 are refused INVALID_ARGUMENT naming the
+// field (not gRPC's INTERNAL with no message); with an API key, every service (starserve.v1, health Check and Watch,
+// reflection v1 and v1alpha) answers UNAUTHENTICATED without it, and health can be exempted; reflection answers
+// from the descriptor pool; the server listens on IPv4 and IPv6 hosts, bracketed or not.
+//
+// The clients set invalid UTF-8 into proto3 string fields; the protobuf library serializes them as given (logging
+// an error line), which is what any client sending raw bytes does.
+#include <gtest/gtest.h>
+
+#if __has_include("starserve/v1/completion.grpc.pb.h")
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <google/protobuf/descriptor.pb.h>
+#include <grpcpp/grpcpp.h>
+
+#include "common/check.h"
+#include "engine/engine.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpc/reflection/v1/reflection.grpc.pb.h"
+#include "grpc/reflection/v1alpha/reflection.grpc.pb.h"
+#include "model/chat_template.h"
+#include "model/tokenizer.h"
+#include "server/checked_service.h"
+#include "server/grpc_server.h"
+#include "server/health_service.h"
+#include "starserve/v1/completion.grpc.pb.h"
+
+#ifndef STARSERVE_GOLDEN_DIR
+#error "STARSERVE_GOLDEN_DIR must name tests/golden"
+#endif
+
+namespace starserve {
+namespace {
+
+using grpc::health::v1::HealthCheckRequest;
+using grpc::health::v1::HealthCheckResponse;
+
+const Tokenizer& tiny() {
+  static const Tokenizer tok = [] {
+    const std::string dir = std::string(STARSERVE_GOLDEN_DIR) + "/tokenizer/";
+    auto t = Tokenizer::from_hf_json(dir + "tiny.tokenizer.json", dir + "tiny_tokenizer_config.json");
+    SS_CHECK(t.ok(), "tiny tokenizer: {}", t.status().to_string());
+    return std::move(t).value();
+  }();
+  return tok;
+}
+
+// Ready at once; every request finishes (length) as soon as it is submitted, with no token.
+class InstantEngine final : public Engine {
+ public:
+  Result<RequestId> submit(EngineRequest request, EngineEventFn on_event) override {
+    submitted.fetch_add(1);
+    EngineEvent done;
+    done.kind = EngineEvent::Kind::kFinished;
+    done.finish = FinishReason::kLength;
+    done.usage.query_tokens = static_cast<int64_t>(request.query.size());
+    on_event(done);
+    return next_id_.fetch_add(1);
+  }
+  void cancel(RequestId) override {}
+  EngineInfo info() const override {
+    EngineInfo i;
+    i.model_name = "tiny";
+    i.max_context = 256;
+    i.n_vocab = tiny().n_vocab();
+    i.devices = {"cpu"};
+    return i;
+  }
+  int64_t plain_prompt_context_tokens(int64_t n_prompt) const override { return n_prompt / 2; }
+  bool ready() const override { return true; }
+
+  std::atomic<int> submitted{0};
+
+ private:
+  std::atomic<RequestId> next_id_{1};
+};
+
+ServerConfig config_for(const std::string& host, const std::string& api_key = "") {
+  ServerConfig c;
+  c.host = host;
+  c.port = 0;
+  c.metrics_port = 0;
+  c.api_key = api_key;
+  return c;
+}
+
+struct Served {
+  InstantEngine engine;
+  std::unique_ptr<GrpcServer> server;
+
+  Status start(const ServerConfig& config) {
+    server = std::make_unique<GrpcServer>(config, engine, tiny(), ChatTemplate::builtin("llama3").value());
+    return server->start();
+  }
+  std::shared_ptr<grpc::Channel> channel(const std::string& host = "127.0.0.1") const {
+    return grpc::CreateChannel(fmt::format("{}:{}", host, server->port()), grpc::InsecureChannelCredentials());
+  }
+};
+
+void with_key(grpc::ClientContext* ctx, const std::string& key) {
+  ctx->AddMetadata("authorization", "Bearer " + key);
+}
+
+void expect_status(const grpc::Status& s, grpc::StatusCode code, const std::string& fragment) {
+  EXPECT_EQ(s.error_code(), code) << s.error_code() << ": " << s.error_message();
+  EXPECT_NE(s.error_message().find(fragment), std::string::npos)
+      << "\"" << s.error_message() << "\" lacks \"" << fragment << "\"";
+}
+
+// ---- requests that do not parse ----
+
+TEST(GrpcServer, InvalidUtf8IsInvalidArgumentNamingTheField) {
+  Served s;
+  ASSERT_TRUE(s.start(config_for("127.0.0.1")).ok());
+  auto stub = v1::CompletionService::NewStub(s.channel());
+  const auto complete = [&](const v1::CompleteRequest& r) {
+    grpc::ClientContext ctx;
+    v1::CompleteResponse resp;
+    return stub->Complete(&ctx, r, &resp);
+  };
+
+  v1::CompleteRequest r;
+  r.set_prompt("The capital of \xff");
+  expect_status(complete(r), grpc::StatusCode::INVALID_ARGUMENT, "prompt is not valid UTF-8");
+  r.set_prompt("fine");
+  r.mutable_params()->add_stop()->assign("ok");
+  r.mutable_params()->add_stop()->assign("\xc3");  // a lead byte with nothing after it
+  expect_status(complete(r), grpc::StatusCode::INVALID_ARGUMENT, "params.stop[1] is not valid UTF-8");
+  r.mutable_params()->clear_stop();
+  r.set_model("\xfe\xfe");
+  expect_status(complete(r), grpc::StatusCode::INVALID_ARGUMENT, "model is not valid UTF-8");
+  r.clear_model();
+  r.mutable_split()->set_context("doc \xed\xa0\x80");  // a UTF-16 surrogate written as UTF-8
+  r.mutable_split()->set_query("q");
+  expect_status(complete(r), grpc::StatusCode::INVALID_ARGUMENT, "split.context is not valid UTF-8");
+
+  // A server stream, a chat message and Tokenize take the same path.
+  v1::StreamCompleteRequest sr;
+  sr.set_prompt("\x80");
+  {
+    grpc::ClientContext ctx;
+    auto reader = stub->StreamComplete(&ctx, sr);
+    v1::StreamCompleteResponse m;
+    EXPECT_FALSE(reader->Read(&m));
+    expect_status(reader->Finish(), grpc::StatusCode::INVALID_ARGUMENT, "prompt is not valid UTF-8");
+  }
+  v1::ChatCompleteRequest cr;
+  cr.add_messages()->set_content("hi");
+  cr.mutable_messages(0)->set_role("user");
+  cr.add_messages()->set_content("bad \xc0\xaf");  // an overlong encoding of '/'
+  cr.mutable_messages(1)->set_role("user");
+  {
+    grpc::ClientContext ctx;
+    v1::ChatCompleteResponse resp;
+    expect_status(stub->ChatComplete(&ctx, cr, &resp), grpc::StatusCode::INVALID_ARGUMENT,
+                  "messages[1].content is not valid UTF-8");
+  }
+  v1::TokenizeRequest tr;
+  tr.set_prompt("\xff");
+  {
+    grpc::ClientContext ctx;
+    v1::TokenizeResponse resp;
+    expect_status(stub->Tokenize(&ctx, tr, &resp), grpc::StatusCode::INVALID_ARGUMENT, "prompt is not valid UTF-8");
+  }
+  EXPECT_EQ(s.engine.submitted.load(), 0);
+
+  // Valid text still goes through.
+  v1::CompleteRequest ok;
+  ok.set_prompt("caf\xc3\xa9");
+  EXPECT_TRUE(complete(ok).ok());
+  EXPECT_EQ(s.engine.submitted.load(), 1);
+}
+
+TEST(GrpcServer, BytesThatAreNoMessageAreInvalidArgument) {
+  const google::protobuf::Descriptor& type = *v1::CompleteRequest::descriptor();
+  // Field 2 (prompt), length 100, but only 3 bytes follow.
+  const std::string truncated = std::string("\x12\x64", 2) + "abc";
+  expect_status(diagnose_unparsed_request(type, truncated), grpc::StatusCode::INVALID_ARGUMENT,
+                "not a valid starserve.v1.CompleteRequest message");
+  v1::ChatCompleteRequest chat;
+  chat.add_messages()->set_content("\xff");
+  expect_status(diagnose_unparsed_request(*v1::ChatCompleteRequest::descriptor(), chat.SerializeAsString()),
+                grpc::StatusCode::INVALID_ARGUMENT, "messages[0].content is not valid UTF-8");
+}
+
+// ---- the API key on every service ----
+
+std::vector<std::string> list_services_v1(const std::shared_ptr<grpc::Channel>& channel, const std::string& key,
+                                          grpc::Status* status) {
+  auto stub = grpc::reflection::v1::ServerReflection::NewStub(channel);
+  grpc::ClientContext ctx;
+  if (!key.empty()) with_key(&ctx, key);
+  auto stream = stub->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1::ServerReflectionRequest req;
+  req.set_list_services("");
+  std::vector<std::string> names;
+  if (stream->Write(req)) {
+    grpc::reflection::v1::ServerReflectionResponse resp;
+    if (stream->Read(&resp)) {
+      for (const auto& svc : resp.list_services_response().service()) names.push_back(svc.name());
+    }
+  }
+  stream->WritesDone();
+  *status = stream->Finish();
+  return names;
+}
+
+std::vector<std::string> list_services_v1alpha(const std::shared_ptr<grpc::Channel>& channel, const std::string& key,
+                                               grpc::Status* status) {
+  auto stub = grpc::reflection::v1alpha::ServerReflection::NewStub(channel);
+  grpc::ClientContext ctx;
+  if (!key.empty()) with_key(&ctx, key);
+  auto stream = stub->ServerReflectionInfo(&ctx);
+  grpc::reflection::v1alpha::ServerReflectionRequest req;
+  req.set_list_services("");
+  std::vector<std::string> names;
+  if (stream->Write(req)) {
+    grpc::reflection::v1alpha::ServerReflectionResponse resp;
+    if (stream->Read(&resp)) {
+      for (const auto& svc : resp.list_services_response().service()) names.push_back(svc.name());
+    }
+  }
+  stream->WritesDone();
+  *status = stream->Finish();
+  return names;
+}
+
+// Health Watch: the first status sent, then the call is ended by the client.
+grpc::Status watch_first(const std::shared_ptr<grpc::Channel>& channel, const std::string& key,
+                         const std::string& service, HealthCheckResponse* first) {
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  grpc::ClientContext ctx;
+  if (!key.empty()) with_key(&ctx, key);
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+  HealthCheckRequest req;
+  req.set_service(service);
+  auto reader = stub->Watch(&ctx, req);
+  if (reader->Read(first)) {
+    ctx.TryCancel();
+    while (reader->Read(first)) {
+    }
+    reader->Finish();
+    return grpc::Status::OK;
+  }
+  return reader->Finish();
+}
+
+TEST(GrpcServer, EveryServiceNeedsTheApiKey) {
+  const std::string key = "unit-test-key";
+  Served s;
+  ASSERT_TRUE(s.start(config_for("127.0.0.1", key)).ok());
+  const auto channel = s.channel();
+
+  // starserve.v1
+  auto completion = v1::CompletionService::NewStub(channel);
+  {
+    grpc::ClientContext ctx;
+    v1::GetServerInfoResponse info;
+    expect_status(completion->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info),
+                  grpc::StatusCode::UNAUTHENTICATED, "authorization");
+  }
+  // grpc.health.v1: Check and Watch
+  auto health = grpc::health::v1::Health::NewStub(channel);
+  {
+    grpc::ClientContext ctx;
+    HealthCheckResponse resp;
+    expect_status(health->Check(&ctx, HealthCheckRequest(), &resp), grpc::StatusCode::UNAUTHENTICATED,
+                  "authorization");
+  }
+  HealthCheckResponse first;
+  expect_status(watch_first(channel, "", "", &first), grpc::StatusCode::UNAUTHENTICATED, "authorization");
+  // grpc.reflection v1 and v1alpha
+  grpc::Status status;
+  EXPECT_TRUE(list_services_v1(channel, "", &status).empty());
+  expect_status(status, grpc::StatusCode::UNAUTHENTICATED, "authorization");
+  EXPECT_TRUE(list_services_v1alpha(channel, "", &status).empty());
+  expect_status(status, grpc::StatusCode::UNAUTHENTICATED, "authorization");
+  {
+    auto stub = grpc::reflection::v1::ServerReflection::NewStub(channel);
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("authorization", "Bearer wrong");
+    auto stream = stub->ServerReflectionInfo(&ctx);
+    stream->WritesDone();
+    expect_status(stream->Finish(), grpc::StatusCode::UNAUTHENTICATED, "invalid API key");
+  }
+
+  // With the key, all of them answer.
+  {
+    grpc::ClientContext ctx;
+    with_key(&ctx, key);
+    v1::GetServerInfoResponse info;
+    EXPECT_TRUE(completion->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info).ok());
+    EXPECT_TRUE(info.auth_required());
+  }
+  {
+    grpc::ClientContext ctx;
+    with_key(&ctx, key);
+    HealthCheckResponse resp;
+    ASSERT_TRUE(health->Check(&ctx, HealthCheckRequest(), &resp).ok());
+    EXPECT_EQ(resp.status(), HealthCheckResponse::SERVING);
+  }
+  ASSERT_TRUE(watch_first(channel, key, "", &first).ok());
+  EXPECT_EQ(first.status(), HealthCheckResponse::SERVING);
+  const std::vector<std::string> expected = {"starserve.v1.CompletionService", "grpc.health.v1.Health",
+                                             "grpc.reflection.v1.ServerReflection",
+                                             "grpc.reflection.v1alpha.ServerReflection"};
+  EXPECT_EQ(list_services_v1(channel, key, &status), expected);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+  EXPECT_EQ(list_services_v1alpha(channel, key, &status), expected);
+  EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
+TEST(GrpcServer, ReflectionAnswersFromTheDescriptorPool) {
+  Served s;
+  ASSERT_TRUE(s.start(config_for("127.0.0.1")).ok());
+  auto stub = grpc::reflection::v1::ServerReflection::NewStub(s.channel());
+  grpc::ClientContext ctx;
+  auto stream = stub->ServerReflectionInfo(&ctx);
+  using Request = grpc::reflection::v1::ServerReflectionRequest;
+  using Response = grpc::reflection::v1::ServerReflectionResponse;
+  const auto ask = [&](const Request& req) {
+    Response resp;
+    EXPECT_TRUE(stream->Write(req));
+    EXPECT_TRUE(stream->Read(&resp));
+    return resp;
+  };
+  const auto file_names = [](const Response& resp) {
+    std::vector<std::string> names;
+    for (const std::string& bytes : resp.file_descriptor_response().file_descriptor_proto()) {
+      google::protobuf::FileDescriptorProto file;
+      EXPECT_TRUE(file.ParseFromString(bytes));
+      names.push_back(file.name());
+    }
+    return names;
+  };
+  Request req;
+  req.set_file_containing_symbol("starserve.v1.CompletionService");
+  Response resp = ask(req);
+  ASSERT_FALSE(file_names(resp).empty()) << resp.DebugString();
+  EXPECT_EQ(file_names(resp)[0], "starserve/v1/completion.proto");
+  EXPECT_EQ(resp.original_request().file_containing_symbol(), "starserve.v1.CompletionService");
+  req.set_file_containing_symbol("starserve.v1.CompletionService.Complete");  // a method
+  EXPECT_EQ(file_names(ask(req)).at(0), "starserve/v1/completion.proto");
+  req.set_file_by_filename("grpc/health/v1/health.proto");
+  EXPECT_EQ(file_names(ask(req)), std::vector<std::string>{"grpc/health/v1/health.proto"});
+  req.set_file_containing_symbol("grpc.reflection.v1alpha.ServerReflection");
+  EXPECT_EQ(file_names(ask(req)).at(0), "grpc/reflection/v1alpha/reflection.proto");
+  req.set_file_containing_symbol("no.such.Symbol");
+  resp = ask(req);
+  EXPECT_EQ(resp.error_response().error_code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
+  req.set_all_extension_numbers_of_type("starserve.v1.CompleteRequest");
+  resp = ask(req);
+  EXPECT_EQ(resp.all_extension_numbers_response().base_type_name(), "starserve.v1.CompleteRequest");
+  EXPECT_EQ(resp.all_extension_numbers_response().extension_number_size(), 0);
+  resp = ask(Request());
+  EXPECT_EQ(resp.error_response().error_code(), static_cast<int>(grpc::StatusCode::INVALID_ARGUMENT));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+// --health-without-key: health answers probes without the key; the other services still need it.
+TEST(HealthService, WithoutKeyAnswersProbes) {
+  auto key = std::make_shared<ApiKeyCheck>("k");
+  HealthService health(key, /*without_key=*/true);
+  health.set_serving("", true);
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&health);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_TRUE(server && port > 0);
+  const auto channel = grpc::CreateChannel(fmt::format("127.0.0.1:{}", port), grpc::InsecureChannelCredentials());
+  auto stub = grpc::health::v1::Health::NewStub(channel);
+  {
+    grpc::ClientContext ctx;
+    HealthCheckResponse resp;
+    ASSERT_TRUE(stub->Check(&ctx, HealthCheckRequest(), &resp).ok());
+    EXPECT_EQ(resp.status(), HealthCheckResponse::SERVING);
+  }
+  {
+    grpc::ClientContext ctx;
+    HealthCheckRequest req;
+    req.set_service("unknown");
+    HealthCheckResponse resp;
+    EXPECT_EQ(stub->Check(&ctx, req, &resp).error_code(), grpc::StatusCode::NOT_FOUND);
+  }
+  HealthCheckResponse first;
+  ASSERT_TRUE(watch_first(channel, "", "unknown", &first).ok());
+  EXPECT_EQ(first.status(), HealthCheckResponse::SERVICE_UNKNOWN);
+
+  // Shutdown: a running Watch sees NOT_SERVING, then its call ends UNAVAILABLE.
+  grpc::ClientContext ctx;
+  auto reader = stub->Watch(&ctx, HealthCheckRequest());
+  HealthCheckResponse m;
+  ASSERT_TRUE(reader->Read(&m));
+  EXPECT_EQ(m.status(), HealthCheckResponse::SERVING);
+  health.shutdown();
+  ASSERT_TRUE(reader->Read(&m));
+  EXPECT_EQ(m.status(), HealthCheckResponse::NOT_SERVING);
+  EXPECT_FALSE(reader->Read(&m));
+  EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
+  server->Shutdown();
+}
+
+// ---- listen addresses ----
+
+bool ipv6_loopback_available() {
+  const int fd = socket(AF_INET6, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  sockaddr_in6 addr{};
+  addr.sin6_family = AF_INET6;
+  addr.sin6_addr = in6addr_loopback;
+  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  close(fd);
+  return ok;
+}
+
+TEST(GrpcServer, ListensOnIpv4AndIpv6Hosts) {
+  struct Case {
+    std::string host;     // --host
+    std::string connect;  // where a client reaches it
+    bool ipv6;
+  };
+  const std::vector<Case> cases = {{"127.0.0.1", "127.0.0.1", false}, {"0.0.0.0", "127.0.0.1", false},
+                                   {"localhost", "localhost", false}, {"::1", "[::1]", true},
+                                   {"[::1]", "[::1]", true},           {"::", "[::1]", true}};
+  const bool v6 = ipv6_loopback_available();
+  for (const Case& c : cases) {
+    if (c.ipv6 && !v6) {
+      std::printf("no IPv6 loopback here: --host %s not tried\n", c.host.c_str());
+      continue;
+    }
+    Served s;
+    const Status started = s.start(config_for(c.host));
+    ASSERT_TRUE(started.ok()) << c.host << ": " << started.to_string();
+    auto stub = v1::CompletionService::NewStub(s.channel(c.connect));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    v1::GetModelInfoResponse info;
+    const grpc::Status st = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
+    EXPECT_TRUE(st.ok()) << c.host << " via " << c.connect << ": " << st.error_message();
+    EXPECT_EQ(info.model(), "tiny");
+  }
+  // A port in --host is refused with what to do instead; so is text that is no address.
+  for (const std::string host : {"127.0.0.1:50051", "[::1]:50051", "::1::2::3", ""}) {
+    Served s;
+    const Status started = s.start(config_for(host));
+    EXPECT_EQ(started.code(), StatusCode::kInvalidArgument) << host << ": " << started.to_string();
+  }
+  if (!v6) GTEST_SKIP() << "IPv6 hosts not tried: this machine has no IPv6 loopback";
+}
+
+}  // namespace
+}  // namespace starserve
+
+#else  // unit_tests is not linked with starserve_server
+
+TEST(GrpcServer, NeedsTheServerLibrary) {
+  GTEST_SKIP() << "unit_tests is built without starserve_server (no gRPC, or tests/CMakeLists.txt does not link it)";
+}
+
+#endif
