@@ -5,8 +5,11 @@
 //   starctl chat "What is the capital of France?" --system "Answer briefly." --stream
 //   starctl tokenize "Hello world"        starctl info        starctl health --ready
 //
+// tokenize prints each token's id and text (--ids-only: the ids), and only the fields the response holds.
+//
 // Generated text goes to stdout; usage, timing, entropy and logprobs go to stderr so stdout can be piped.
 // Exit status: 0 success, 1 the RPC failed (the gRPC status is printed), 2 bad command line or unreadable file.
+#include <cctype>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -20,6 +23,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <google/protobuf/util/json_util.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
@@ -58,6 +62,9 @@ struct GenerationOptions {
   bool entropy = false;
   bool stream = false;  // chat only
   std::string model;
+  // Hidden, for tests of the server's input checks: \xHH in the prompt, query, system message, stop strings and
+  // model is the byte HH (\\ a backslash), so invalid UTF-8 can be sent.
+  bool unescape = false;
   std::map<std::string, CLI::Option*> given;  // flag name -> option, to test count()
   bool has(const std::string& name) const {
     auto it = given.find(name);
@@ -136,6 +143,24 @@ v1::AttentionMode parse_mode(const std::string& s) {
   if (s == "exact") return v1::ATTENTION_MODE_EXACT;
   if (s == "star") return v1::ATTENTION_MODE_STAR;
   throw UsageError(fmt::format("--attention {}: must be global, exact or star", s));
+}
+
+// `\xHH` -> the byte HH, `\\` -> a backslash; anything else as it is.
+std::string unescape_bytes(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size(); ++i) {
+    if (s[i] == '\\' && i + 1 < s.size() && s[i + 1] == '\\') {
+      out.push_back('\\');
+      ++i;
+    } else if (s[i] == '\\' && i + 3 < s.size() && s[i + 1] == 'x' &&
+               std::isxdigit(static_cast<unsigned char>(s[i + 2])) && std::isxdigit(static_cast<unsigned char>(s[i + 3]))) {
+      out.push_back(static_cast<char>(std::stoi(s.substr(i + 2, 2), nullptr, 16)));
+      i += 3;
+    } else {
+      out.push_back(s[i]);
+    }
+  }
+  return out;
 }
 
 // GenerationParams from the flags, built once whatever the RPC; flags not given stay unset (the server's default).
@@ -269,7 +294,12 @@ grpc::Status call(std::unique_ptr<grpc::ClientReader<Resp>> (Stub::*rpc)(grpc::C
 // Text goes to stdout as it arrives (a unary response is a stream of one message), logprobs to stderr, and the
 // usage and timing of the last message to stderr at the end.
 template <typename Req, typename Resp, typename Rpc>
-int run_generation(const ConnectionOptions& c, const GenerationOptions& g, Rpc rpc) {
+int run_generation(const ConnectionOptions& c, const GenerationOptions& given, Rpc rpc) {
+  GenerationOptions g = given;
+  if (g.unescape) {
+    for (std::string* text : {&g.prompt, &g.query, &g.system, &g.model}) *text = unescape_bytes(*text);
+    for (std::string& stop : g.stop) stop = unescape_bytes(stop);
+  }
   Req req;
   set_prompt(g, &req);
   if (!g.model.empty()) req.set_model(g.model);
@@ -316,7 +346,40 @@ std::string to_json(const google::protobuf::Message& m) {
   return out;
 }
 
-int run_tokenize(const ConnectionOptions& c, const std::string& text, bool chat, bool no_special, bool strings) {
+// A JSON string: quotes, backslashes and control characters escaped; the rest (UTF-8) as it is.
+std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  for (char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(ch);
+    } else if (c == '\n') {
+      out += "\\n";
+    } else if (c < 0x20) {
+      out += fmt::format("\\u{:04x}", c);
+    } else {
+      out.push_back(ch);
+    }
+  }
+  return out + "\"";
+}
+
+// What the response holds, one field per line: `tokens` only when the server sent them, `rendered` only for chat
+// input (protobuf's JSON printer would print them empty, or drop every field that is 0).
+std::string tokenize_json(const v1::TokenizeResponse& r) {
+  std::vector<std::string> ids, tokens;
+  for (int32_t id : r.token_ids()) ids.push_back(std::to_string(id));
+  for (const std::string& t : r.tokens()) tokens.push_back(json_string(t));
+  std::string out = fmt::format("{{\n  \"token_ids\": [{}],\n", fmt::join(ids, ", "));
+  if (r.tokens_size() > 0) out += fmt::format("  \"tokens\": [{}],\n", fmt::join(tokens, ", "));
+  out += fmt::format("  \"count\": {},\n  \"max_model_len\": {},\n  \"context_tokens\": {},\n  \"query_tokens\": {}",
+                     r.count(), r.max_model_len(), r.context_tokens(), r.query_tokens());
+  if (!r.rendered().empty()) out += fmt::format(",\n  \"rendered\": {}", json_string(r.rendered()));
+  return out + "\n}\n";
+}
+
+int run_tokenize(const ConnectionOptions& c, const std::string& text, bool chat, bool no_special, bool ids_only) {
   v1::TokenizeRequest req;
   if (chat) {
     v1::ChatMessage* m = req.mutable_chat()->add_messages();
@@ -326,14 +389,14 @@ int run_tokenize(const ConnectionOptions& c, const std::string& text, bool chat,
     req.set_prompt(text);
     if (no_special) req.set_add_special_tokens(false);
   }
-  if (strings) req.set_return_token_strings(true);
+  if (!ids_only) req.set_return_token_strings(true);
   auto stub = v1::CompletionService::NewStub(make_channel(c));
   grpc::ClientContext ctx;
   prepare_context(c, &ctx);
   v1::TokenizeResponse resp;
   grpc::Status s = stub->Tokenize(&ctx, req, &resp);
   if (!s.ok()) return report_error(s);
-  fmt::print("{}", to_json(resp));
+  fmt::print("{}", tokenize_json(resp));
   return 0;
 }
 
@@ -440,6 +503,7 @@ void add_generation_flags(CLI::App* cmd, GenerationOptions* g, bool completion) 
   tracked("--anchor-size", g->anchor_size, "anchor size in tokens (0 = none)");
   cmd->add_flag("--entropy", g->entropy, "report per-layer attention entropy (stderr)");
   cmd->add_option("--model", g->model, "model name to check against the server's");
+  cmd->add_flag("--unescape", g->unescape, "\\xHH in texts is the byte HH (tests)")->group("");
 }
 
 }  // namespace
@@ -469,12 +533,14 @@ int main(int argc, char** argv) {
   add_generation_flags(chat, &chat_opts, false);
 
   std::string tok_text;
-  bool tok_chat = false, tok_no_special = false, tok_strings = false;
-  CLI::App* tokenize = app.add_subcommand("tokenize", "token ids of a text, as a completion would see them");
+  bool tok_chat = false, tok_no_special = false, tok_ids_only = false, tok_strings = false;
+  CLI::App* tokenize = app.add_subcommand("tokenize", "token ids and texts of a text, as a completion would see them");
   tokenize->add_option("text", tok_text, "text to tokenize")->required();
   tokenize->add_flag("--chat", tok_chat, "render as a user message with the chat template first");
   tokenize->add_flag("--no-special", tok_no_special, "do not add BOS/EOS");
-  tokenize->add_flag("--strings", tok_strings, "also print each token's text");
+  tokenize->add_flag("--ids-only", tok_ids_only, "print the token ids without each token's text");
+  // Token texts are printed by default now; the old flag that asked for them is kept for scripts.
+  tokenize->add_flag("--strings", tok_strings, "print each token's text (the default)")->group("");
 
   app.add_subcommand("info", "model and server information (JSON)");
 
@@ -489,7 +555,7 @@ int main(int argc, char** argv) {
     if (complete->parsed()) return run_complete(c, complete_opts, /*stream=*/false);
     if (stream->parsed()) return run_complete(c, stream_opts, /*stream=*/true);
     if (chat->parsed()) return run_chat(c, chat_opts);
-    if (tokenize->parsed()) return run_tokenize(c, tok_text, tok_chat, tok_no_special, tok_strings);
+    if (tokenize->parsed()) return run_tokenize(c, tok_text, tok_chat, tok_no_special, tok_ids_only);
     if (app.got_subcommand("info")) return run_info(c);
     if (health->parsed()) {
       return run_health(c, health_ready ? std::string("starserve.v1.CompletionService") : health_service);
