@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The checks are strings that check() evals (SC2016, SC2034); cleanup runs from the trap (SC2317).
 # shellcheck disable=SC2016,SC2034,SC2317
-# The release check of the CPU image (README "Containers"): builds the Dockerfile, then, inside the image,
+# The release check of the CPU image (README "Several machines"): deploy/check_manifests.py, then it builds the
+# Dockerfile and, inside the image,
 #   1. `starserve generate` on 2 MPI ranks (global, then star attention over the two ranks);
 #   2. `starserve serve` on 2 ranks with its ports published, answered by `starctl` and curl from the host;
-#   3. a drain: `stop --time GRACE` while a stream runs: SIGTERM must reach mpirun (PID 1) and the ranks, the
-#      stream must finish, new requests must be refused, and the container must exit 0 before the grace ends.
+#   3. a drain: `stop --time GRACE` while a stream runs: SIGTERM must reach rank 0 through the entry point (PID 1),
+#      the stream must finish, new requests must be refused, and the container must exit 0 before the grace ends.
 # Usage: scripts/container_check.sh                 (podman, else docker; CONTAINER_ENGINE=docker picks one)
 # Settings: STARSERVE_IMAGE (starserve:cpu), STARSERVE_CHECK_BUILD=0 (use the image as it is),
 # STARSERVE_CHECK_SOURCE (the commit to build, HEAD; `worktree`: the working tree as it is),
@@ -13,7 +14,8 @@
 # STARSERVE_CHECK_DRAIN_TOKENS (the stream running through the drain, 40 tokens: about 2 s on 2 cores; the server
 # gives running requests 5 s after SIGTERM today),
 # STARSERVE_CHECK_GRACE (stop's grace period, 30 s), STARCTL (the client run on the host; default the image's
-# own, copied out, which needs the host's gRPC libraries as a Debian 12 build of starserve does). Every wait is bounded; the containers are removed on exit. Exit status: the number of failures.
+# own, copied out, which needs the host's gRPC libraries as a Debian 12 build of starserve does).
+# Every wait is bounded; the containers are removed on exit. Exit status: the number of failures.
 set -uo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 IMAGE="${STARSERVE_IMAGE:-starserve:cpu}"
@@ -41,6 +43,14 @@ now() { date +%s.%N; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$(now)"; }
 say "engine: $("$ENGINE" --version)"
 
+# --- 0. the deploy files against the Dockerfile (static) ---------------------------------------------------------
+if python3 "$REPO_ROOT/deploy/check_manifests.py" "$REPO_ROOT" >"$WORK/manifests.log" 2>&1; then
+  pass "deploy/check_manifests.py: k8s and compose files match the image"
+else
+  cat "$WORK/manifests.log"
+  fail "deploy/check_manifests.py"
+fi
+
 # --- 1. build ----------------------------------------------------------------------------------------------------
 # The build context is a commit's tree (git archive), not the working tree: what is released, and nothing that
 # someone is editing meanwhile. STARSERVE_CHECK_SOURCE=worktree builds the working tree instead.
@@ -57,14 +67,16 @@ if [ "${STARSERVE_CHECK_BUILD:-1}" != 0 ]; then
   say "building $IMAGE from $SOURCE ($CTX/Dockerfile)"
   t0=$(now)
   # shellcheck disable=SC2086  # a list of flags
-  if "$ENGINE" build ${STARSERVE_CHECK_BUILD_ARGS:-} -t "$IMAGE" -f "$CTX/Dockerfile" "$CTX" >"$WORK/build.log" 2>&1; then
+  if "$ENGINE" build ${STARSERVE_CHECK_BUILD_ARGS:-} -t "$IMAGE" -f "$CTX/Dockerfile" "$CTX" \
+    >"$WORK/build.log" 2>&1; then
     pass "image builds ($(since "$t0") s)"
   else
     tail -n 40 "$WORK/build.log"
     fail "image builds"
     exit "$FAILS"
   fi
-  grep -A20 'runtime-packages.txt' "$WORK/build.log" | grep -E '^[a-z0-9.+-]+$' | tr '\n' ' ' | sed 's/^/runtime packages: /'
+  grep -A20 'runtime-packages.txt' "$WORK/build.log" | grep -E '^[a-z0-9][a-z0-9.+-]*$' | tr '\n' ' ' |
+    sed 's/^/runtime packages: /'
   echo
 fi
 "$ENGINE" image exists "$IMAGE" 2>/dev/null || "$ENGINE" image inspect "$IMAGE" >/dev/null 2>&1 ||
@@ -112,11 +124,13 @@ for _ in $(seq 1 300); do
 done
 check "serve, 2 ranks: readiness SERVING through the published port ($(since "$t0") s)" '[ $ready = 1 ]'
 if [ $ready != 1 ]; then "$ENGINE" logs "$NAME" 2>&1 | tail -n 30; exit "$FAILS"; fi
-"${CTL[@]}" --timeout 300 complete "The capital of France is" --max-tokens 12 --temperature 0 >"$WORK/c.out" 2>"$WORK/c.err"
+"${CTL[@]}" --timeout 300 complete "The capital of France is" --max-tokens 12 --temperature 0 \
+  >"$WORK/c.out" 2>"$WORK/c.err"
 rc=$?
 echo "--- starctl complete:"; cat "$WORK/c.out"; echo; cat "$WORK/c.err"
 check "starctl complete from the host" '[ $rc = 0 ] && [ -s "$WORK/c.out" ]'
-"${CTL[@]}" --timeout 300 chat --attention star "$doc What is the pass key? Answer with the number only." --max-tokens 12 \
+"${CTL[@]}" --timeout 300 chat --attention star "$doc What is the pass key? Answer with the number only." \
+  --max-tokens 12 \
   --temperature 0 >"$WORK/chat.out" 2>"$WORK/chat.err"
 rc=$?
 echo "--- starctl chat --attention star:"; cat "$WORK/chat.out"; echo; cat "$WORK/chat.err"
@@ -131,7 +145,8 @@ check "Prometheus text on the published metrics port ($(wc -l <"$WORK/metrics.ou
 # --- 4. drain: stop --time GRACE while a stream runs -----------------------------------------------------------------
 DRAIN_TOKENS="${STARSERVE_CHECK_DRAIN_TOKENS:-40}"
 say "drain: a $DRAIN_TOKENS-token stream, then $ENGINE stop --time $GRACE once its first tokens arrived"
-"${CTL[@]}" --timeout 300 stream "Once upon a time" --max-tokens "$DRAIN_TOKENS" --ignore-eos --temperature 0 >"$WORK/s.out" 2>"$WORK/s.err" &
+"${CTL[@]}" --timeout 300 stream "Once upon a time" --max-tokens "$DRAIN_TOKENS" --ignore-eos --temperature 0 \
+  >"$WORK/s.out" 2>"$WORK/s.err" &
 BG=$!
 for _ in $(seq 1 200); do [ -s "$WORK/s.out" ] && break; sleep 0.1; done
 t0=$(now)
