@@ -7,8 +7,8 @@
 #   deploy/slurm/one-node-slurm.sh stop       # stop the daemons
 set -euo pipefail
 if [ "${1:-}" = stop ]; then
-  for p in slurmd slurmctld munged; do
-    if [ -f "/run/$p.pid" ]; then kill "$(cat "/run/$p.pid")" 2>/dev/null || true; fi
+  for f in /run/slurmd.pid /run/slurmctld.pid /run/munge/munged.pid; do
+    if [ -f "$f" ]; then kill "$(cat "$f")" 2>/dev/null || true; fi
   done
   exit 0
 fi
