@@ -36,6 +36,8 @@ struct StarConfig {
 
 struct SchedulerConfig {
   int max_batch_tokens = 2048;      // tokens per forward step (prefill chunks + decodes)
+  int prefill_chunk_tokens = 512;   // chunked prefill: a phase-1 step does about this many tokens' work
+                                    // (longer blocks split by layers, engine/scheduler.h); 0 = off
   int max_running = 16;             // sequences decoded together
   int max_queue = 64;               // requests waiting beyond that -> RESOURCE_EXHAUSTED
   int kv_page_size = 256;           // tokens per KV page

@@ -4,10 +4,12 @@
 
 namespace starserve {
 
-void ControlMessage::add_admit(SeqId id, const ContextPlan& plan, std::span<const int32_t> context) {
+void ControlMessage::add_admit(SeqId id, const ContextPlan& plan, int layers_per_chunk,
+                               std::span<const int32_t> context) {
   begin_entry();
   words_.insert(words_.end(), {static_cast<int64_t>(id), static_cast<int64_t>(plan.mode), plan.block_size,
-                               plan.anchor_size, plan.n_blocks, static_cast<int64_t>(context.size())});
+                               plan.anchor_size, plan.n_blocks, layers_per_chunk,
+                               static_cast<int64_t>(context.size())});
   words_.insert(words_.end(), context.begin(), context.end());
 }
 
@@ -68,6 +70,7 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
         plan.block_size = static_cast<int>(m[i++]);
         plan.anchor_size = static_cast<int>(m[i++]);
         plan.n_blocks = static_cast<int>(m[i++]);
+        s.layers_per_chunk = static_cast<int>(m[i++]);
         const int64_t n_ctx = m[i++];
         s.context.assign(m.begin() + i, m.begin() + i + n_ctx);
         i += n_ctx;
@@ -78,15 +81,19 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
     case ControlCommand::kEncode:
       for (int64_t r = 0; r < n; ++r) {
         const SeqId id = m[i++];
-        const int k = static_cast<int>(m[i++]);
+        const int step = static_cast<int>(m[i++]);
         Seq& s = seqs_.at(id);
+        // Step `step` of phase 1: chunk c of block k (exact: chunk c of the one collective forward).
+        const int per_block = encoder_.chunks_per_block(s.layers_per_chunk);
+        const int k = step / per_block, c = step % per_block;
         if (s.mode == AttentionMode::kExact) {
-          SS_RETURN_IF_ERROR(encoder_.encode_exact(id, s.context, s.layout));
+          SS_RETURN_IF_ERROR(encoder_.encode_exact(id, s.context, s.layout, c, s.layers_per_chunk));
         } else if (k < static_cast<int>(s.layout.blocks_of(comm_.rank()).size())) {
-          SS_RETURN_IF_ERROR(encoder_.encode_block(id, s.context, s.layout, k));
+          SS_RETURN_IF_ERROR(encoder_.encode_block(id, s.context, s.layout, k, c, s.layers_per_chunk));
         } else {
-          SS_RETURN_IF_ERROR(encoder_.join_block(s.layout, k));
+          SS_RETURN_IF_ERROR(encoder_.join_block(id, s.layout, k, c, s.layers_per_chunk));
         }
+        ++phase1_steps_;
       }
       return Status();
     case ControlCommand::kDecode: {

@@ -3,10 +3,12 @@
 // same message with its StepExecutor (SPMD: ranks never decide on their own, so they stay in step).
 //
 // Commands (first word), then the entry count, then the entries:
-//   ADMIT   (id, mode, block_size, anchor_size, n_blocks, n_context, context tokens...) per request:
-//           every rank records the request and derives the same layout;
-//   ENCODE  (id, k) per request: its k-th phase-1 step on every rank (exact mode: the whole
-//           context, one collective step);
+//   ADMIT   (id, mode, block_size, anchor_size, n_blocks, layers_per_chunk, n_context, context
+//           tokens...) per request: every rank records the request and derives the same layout;
+//   ENCODE  (id, s) per request: its s-th phase-1 step on every rank: chunk s % C of block s / C,
+//           where C = chunks per block (ContextEncoder::chunks_per_block of layers_per_chunk; a
+//           chunk is a range of layers, see engine/scheduler.h); exact mode: chunk s of the one
+//           collective forward;
 //   DECODE  (id, first position, n, tokens...) per request: one forward over the batch, the query of
 //           requests just encoded and one token for each running request; Phase2Attention merges
 //           across ranks once per layer;
@@ -32,7 +34,7 @@ enum class ControlCommand : int64_t { kStop = 1, kAdmit, kEncode, kDecode, kRele
 class ControlMessage {
  public:
   explicit ControlMessage(ControlCommand cmd) : words_{static_cast<int64_t>(cmd), 0} {}
-  void add_admit(SeqId id, const ContextPlan& plan, std::span<const int32_t> context);
+  void add_admit(SeqId id, const ContextPlan& plan, int layers_per_chunk, std::span<const int32_t> context);
   void add_encode(SeqId id, int k);
   void add_decode(SeqId id, int64_t first_position, std::span<const int32_t> tokens);
   void add_release(SeqId id);
@@ -59,6 +61,10 @@ class StepExecutor {
   Status execute(const std::vector<int64_t>& msg, std::vector<float>* logits, std::span<const SampleRow> rows = {},
                  std::span<int32_t> sampled = {});
   const std::vector<int64_t>& pages_used() const { return pages_used_; }
+  // Phase-1 steps (chunks) this rank has executed, over all requests.
+  int64_t phase1_steps() const { return phase1_steps_; }
+  // Chunks of each block's forward for a request admitted with layers_per_chunk.
+  int chunks_per_block(int layers_per_chunk) const { return encoder_.chunks_per_block(layers_per_chunk); }
   Phase2Attention& phase2() { return phase2_; }
 
  private:
@@ -66,6 +72,7 @@ class StepExecutor {
     AttentionMode mode = AttentionMode::kStar;
     StarLayout layout;
     std::vector<int32_t> context;
+    int layers_per_chunk = 0;  // 0: each block's forward in one step
     bool registered = false;
   };
   Status execute_command(const std::vector<int64_t>& msg, std::vector<float>* logits, std::span<const SampleRow> rows,
@@ -78,6 +85,7 @@ class StepExecutor {
   Phase2Attention phase2_;
   std::map<SeqId, Seq> seqs_;
   std::vector<int64_t> pages_used_;
+  int64_t phase1_steps_ = 0;
 };
 
 }  // namespace starserve

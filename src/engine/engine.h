@@ -51,6 +51,7 @@ struct EngineTiming {
   double time_to_first_token_ms = 0;  // submit -> first token
   double tokens_per_second = 0;  // decode rate after the first token
   double decode_ms = 0;          // first token -> finish
+  int phase1_steps = 0;          // phase-1 steps (prefill chunks) it ran
 };
 
 struct EngineEvent {
@@ -79,6 +80,7 @@ struct EngineInfo {
   std::vector<int64_t> kv_pages_used;  // per rank: pages actually holding KV, as of the last step
   double merge_seconds_total = 0;      // rank 0: time in the cross-rank attention merge
   int64_t merges_total = 0;            // rank 0: merges (one per layer per decode step)
+  int64_t phase1_steps = 0;            // rank 0: phase-1 steps (prefill chunks) run, all requests
   int queue_depth = 0, running = 0;
 };
 

@@ -4,7 +4,14 @@
 
 namespace starserve {
 
-KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size) {
+int prefill_layers_per_chunk(int n_layers, int64_t chunk_tokens, int64_t block_tokens) {
+  if (chunk_tokens <= 0 || block_tokens <= chunk_tokens || n_layers <= 1) return 0;
+  const int64_t layers = (static_cast<int64_t>(n_layers) * chunk_tokens + block_tokens - 1) / block_tokens;
+  return static_cast<int>(std::clamp<int64_t>(layers, 1, n_layers));
+}
+
+KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size,
+                   int chunks_per_block) {
   auto pages_for = [&](int64_t n) { return (n + page_size - 1) / page_size; };
   KvDemand d;
   int max_blocks = 0;
@@ -17,7 +24,7 @@ KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_a
     d.pages = std::max(d.pages, pages);
     max_blocks = std::max(max_blocks, static_cast<int>(mine.size()));
   }
-  d.encode_steps = mode == AttentionMode::kExact ? (layout.n_context == 0 ? 0 : 1) : max_blocks;
+  d.encode_steps = (mode == AttentionMode::kExact ? (layout.n_context == 0 ? 0 : 1) : max_blocks) * chunks_per_block;
   return d;
 }
 

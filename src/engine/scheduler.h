@@ -31,7 +31,20 @@ struct KvDemand {
 
 // Per rank: its context share, plus the query and generated tokens on the query host, plus the
 // anchor's scratch on star ranks that do not own c1. page_size: tokens per KV page.
-KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size);
+// chunks_per_block: phase-1 steps per block (chunked prefill), 1 when unchunked.
+KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size,
+                   int chunks_per_block = 1);
+
+// Chunked prefill: a block's forward is split by layers, so that each phase-1 step does about
+// chunk_tokens x n_layers token-layers of work, the work of a chunk_tokens-token forward. Chunks
+// are layer ranges rather than token ranges because every block of star's phase 1 must see the
+// whole anchor from its first token, and the anchor travels layer by layer with the owner of c1's
+// forward (a token chunk of a later block would wait for the whole anchor); exact mode's span
+// likewise needs every earlier rank's whole span in every layer. By layers, every mode chunks the
+// same way and keeps its exchanges. The layers per chunk come from the request's longest block:
+// ceil(n_layers x chunk_tokens / block_tokens), at least 1; 0 = unchunked (block_tokens <=
+// chunk_tokens, or chunk_tokens 0).
+int prefill_layers_per_chunk(int n_layers, int64_t chunk_tokens, int64_t block_tokens);
 
 class Scheduler {
  public:

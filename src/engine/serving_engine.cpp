@@ -23,6 +23,8 @@ struct ServingEngine::Active {
   EngineRequest req;
   EngineEventFn on_event;
   bool admitted = false;         // ADMIT broadcast
+  int layers_per_chunk = 0;      // chunked prefill (engine/scheduler.h); 0 = each block in one step
+  int phase1_steps = 0;          // phase-1 steps run so far
   bool prefilled = false;        // query went through
   int64_t position = 0;          // next RoPE position
   std::vector<int32_t> next_tokens;
@@ -74,9 +76,19 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
   const ContextPlan plan{a->req.mode, a->req.block_size, a->req.anchor_size, a->req.n_blocks};
   SS_ASSIGN_OR_RETURN(const StarLayout layout, plan_layout(static_cast<int64_t>(a->req.context.size()), plan,
                                                            ctx_.comm->world_size()));
+  // Chunked prefill: the longest forward of phase 1 (a block; exact: a rank's span) is split by
+  // layers so that each step does about prefill_chunk_tokens tokens' work.
+  int64_t longest = 0;
+  for (int r = 0; r < layout.world_size; ++r) {
+    if (plan.mode == AttentionMode::kExact) longest = std::max(longest, layout.tokens_of(r));
+  }
+  for (const StarBlock& b : layout.blocks) {
+    if (plan.mode != AttentionMode::kExact) longest = std::max(longest, b.size());
+  }
+  a->layers_per_chunk = prefill_layers_per_chunk(hp.n_layers, ctx_.scheduler.prefill_chunk_tokens, longest);
   const KvDemand demand = kv_demand(layout, plan.mode,
                                     static_cast<int64_t>(a->req.query.size()) + a->req.sampling.max_tokens,
-                                    ctx_.cache->shape().page_size);
+                                    ctx_.cache->shape().page_size, executor_->chunks_per_block(a->layers_per_chunk));
   a->on_event = std::move(on_event);
   a->submitted = Clock::now();
   std::lock_guard<std::mutex> lock(mu_);
@@ -128,6 +140,7 @@ EngineInfo ServingEngine::info() const {
     i.kv_pages_used = pages_used_snapshot_;
     i.merge_seconds_total = merge_seconds_snapshot_;
     i.merges_total = merges_snapshot_;
+    i.phase1_steps = phase1_steps_snapshot_;
   }
   i.queue_depth = queue_depth_.load();
   i.running = running_.load();
@@ -149,6 +162,7 @@ void ServingEngine::finish(Active& a, FinishReason reason, Status error) {
   ev.usage.context_tokens = static_cast<int64_t>(a.req.context.size());
   ev.usage.query_tokens = static_cast<int64_t>(a.req.query.size());
   ev.usage.completion_tokens = a.n_generated;
+  ev.timing.phase1_steps = a.phase1_steps;
   const auto now = Clock::now();
   if (a.phase1_start != Clock::time_point{}) {
     ev.timing.queue_ms = ms_between(a.submitted, a.phase1_start);
@@ -256,7 +270,7 @@ Status ServingEngine::step() {
     a->admitted = true;
     a->phase1_start = Clock::now();
     admit.add_admit(static_cast<SeqId>(id), {a->req.mode, a->req.block_size, a->req.anchor_size, a->req.n_blocks},
-                    a->req.context);
+                    a->layers_per_chunk, a->req.context);
   }
   if (!admit.empty()) {
     SS_RETURN_IF_ERROR(broadcast_control(*ctx_.comm, admit.words()));
@@ -282,9 +296,12 @@ Status ServingEngine::step() {
     SS_RETURN_IF_ERROR(executor_->execute(msg.words(), nullptr));
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [id, k] : encoding) {
-      if (scheduler_.encoded(id)) active_.at(id)->phase1_end = Clock::now();
+      Active& a = *active_.at(id);
+      ++a.phase1_steps;
+      if (scheduler_.encoded(id)) a.phase1_end = Clock::now();
     }
   }
+  publish_stats();  // the KV pages phase 1 filled, live
 
   // 5. One decode step over every request whose context is encoded: its query (first time) or its
   //    last sampled token.
@@ -349,6 +366,7 @@ void ServingEngine::publish_stats() {
   if (!executor_->pages_used().empty()) pages_used_snapshot_ = executor_->pages_used();
   merge_seconds_snapshot_ = executor_->phase2().merge_seconds();
   merges_snapshot_ = executor_->phase2().merges();
+  phase1_steps_snapshot_ = executor_->phase1_steps();
 }
 
 Status ServingEngine::run() {

@@ -80,6 +80,7 @@ class ServingEngine final : public Engine {
   std::vector<int64_t> pages_used_snapshot_;
   double merge_seconds_snapshot_ = 0;
   int64_t merges_snapshot_ = 0;
+  int64_t phase1_steps_snapshot_ = 0;
 };
 
 // Worker ranks: execute rank 0's steps until STOP.

@@ -37,52 +37,78 @@ class LlamaModel final : public DecoderModel {
   }
 
  private:
+  // One call's buffers besides the residual stream: normed xn, projection h, and the blocks'
+  // buffers. Fused path (ModelOptions): one GEMM for q|k|v and one for gate|up, RoPE fused with the
+  // q|k|v split, each residual add fused with the norm after it. A decode step is bound by its
+  // launches and small GEMMs; large batches are GEMM bound and skip the fused buffers.
+  struct Buffers {
+    bool fused;
+    Tensor h, xn;
+    AttentionBuffers attn;
+    MlpBuffers mlp;
+    Buffers(Activations& act, const ModelHParams& hp, int64_t t, bool fused_path)
+        : fused(fused_path),
+          h(act.make({t, hp.hidden})),
+          xn(fused_path ? act.make({t, hp.hidden}) : h),  // unfused: the norm's output may take h's place
+          attn(act, hp, t, fused_path),
+          mlp(act, hp, t, fused_path) {}
+  };
+
   Status run(std::span<const BatchSeq> batch, AttentionHandler& attn, bool want_logits, DeviceBuffer* lg_buf,
              Tensor* lg) override {
     SS_ASSIGN_OR_RETURN(const FlatBatch flat, flatten_batch(batch, hp_.n_vocab));
     const int64_t t = flat.n_tokens();
-
-    // Activations for this call: (T, hidden) residual x, normed xn, projection h, and the blocks'
-    // buffers. Fused path (ModelOptions): one GEMM for q|k|v and one for gate|up, RoPE fused with
-    // the q|k|v split, each residual add fused with the norm after it. A decode step is bound by
-    // its launches and small GEMMs; large batches are GEMM bound and skip the fused buffers.
-    const bool fused = DecoderModel::fused(t);
     Activations act(backend_);
-    Tensor x = act.make({t, hp_.hidden}), h = act.make({t, hp_.hidden});
-    Tensor xn = fused ? act.make({t, hp_.hidden}) : h;  // unfused: the norm's output may take h's place
-    AttentionBuffers ab(act, hp_, t, fused);
-    MlpBuffers mb(act, hp_, t, fused);
+    Tensor x = act.make({t, hp_.hidden});
+    Buffers buf(act, hp_, t, fused(t));
+    // Allocations come first: a graph step (decode) records only ops.
     GraphStepScope graph_step(backend_, flat, batch);
-
     SS_RETURN_IF_ERROR(attn.begin_forward(batch));
-    backend_.embedding(x, tok_embd_, flat.ids);
-    for (int l = 0; l < hp_.n_layers; ++l) {
+    embed(flat, x);
+    SS_RETURN_IF_ERROR(layers(batch, attn, flat, 0, hp_.n_layers, x, buf));
+    attn.end_forward(batch);
+    if (!want_logits) return Status();
+    head_.logits(backend_, x, batch, flat.n_out, hp_.n_vocab, lg_buf, lg);
+    return Status();
+  }
+
+  void embed(const FlatBatch& flat, Tensor x) override { backend_.embedding(x, tok_embd_, flat.ids); }
+
+  Status run_layers(std::span<const BatchSeq> batch, AttentionHandler& attn, const FlatBatch& flat, int first,
+                    int last, Tensor x) override {
+    Activations act(backend_);
+    Buffers buf(act, hp_, flat.n_tokens(), fused(flat.n_tokens()));
+    return layers(batch, attn, flat, first, last, x, buf);
+  }
+
+  Status layers(std::span<const BatchSeq> batch, AttentionHandler& attn, const FlatBatch& flat, int first, int last,
+                Tensor x, Buffers& b) {
+    for (int l = first; l < last; ++l) {
       const LlamaLayer& w = layers_[l];
-      // xn = attn_norm(x); on the fused path the previous layer's last add already produced it.
-      if (!fused || l == 0) w.attn_norm.apply(backend_, xn, x);
-      const Status st = attention_block(backend_, w.attn, rope_, attn, l, batch, flat.positions, xn, fused, ab, h);
+      // xn = attn_norm(x); on the fused path the previous layer's last add already produced it
+      // (within one call: a call ends its last layer with a plain add).
+      if (!b.fused || l == first) w.attn_norm.apply(backend_, b.xn, x);
+      const Status st =
+          attention_block(backend_, w.attn, rope_, attn, l, batch, flat.positions, b.xn, b.fused, b.attn, b.h);
       if (!st.ok()) {
         attn.end_forward({});
         return st;
       }
-      if (fused) {
-        backend_.add_rms_norm(xn, x, h, w.ffn_norm.weight, w.ffn_norm.eps);
-        mlp_block(backend_, w.mlp, xn, fused, mb, h);
-        if (l + 1 < hp_.n_layers) {
-          backend_.add_rms_norm(xn, x, h, layers_[l + 1].attn_norm.weight, layers_[l + 1].attn_norm.eps);
+      if (b.fused) {
+        backend_.add_rms_norm(b.xn, x, b.h, w.ffn_norm.weight, w.ffn_norm.eps);
+        mlp_block(backend_, w.mlp, b.xn, b.fused, b.mlp, b.h);
+        if (l + 1 < last) {
+          backend_.add_rms_norm(b.xn, x, b.h, layers_[l + 1].attn_norm.weight, layers_[l + 1].attn_norm.eps);
         } else {
-          backend_.add(x, x, h);
+          backend_.add(x, x, b.h);
         }
       } else {
-        backend_.add(x, x, h);
-        w.ffn_norm.apply(backend_, xn, x);
-        mlp_block(backend_, w.mlp, xn, fused, mb, h);
-        backend_.add(x, x, h);
+        backend_.add(x, x, b.h);
+        w.ffn_norm.apply(backend_, b.xn, x);
+        mlp_block(backend_, w.mlp, b.xn, b.fused, b.mlp, b.h);
+        backend_.add(x, x, b.h);
       }
     }
-    attn.end_forward(batch);
-    if (!want_logits) return Status();
-    head_.logits(backend_, x, batch, flat.n_out, hp_.n_vocab, lg_buf, lg);
     return Status();
   }
 

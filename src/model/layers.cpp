@@ -1,5 +1,6 @@
 #include "model/layers.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 
@@ -275,6 +276,30 @@ Status DecoderModel::forward_sample(std::span<const BatchSeq> batch, AttentionHa
   SS_CHECK(static_cast<int64_t>(rows.size()) == lg.rows(), "{} sampling rows for {} logits rows", rows.size(),
            lg.rows());
   backend_.sample_rows(tokens, lg, rows);
+  return Status();
+}
+
+Status DecoderModel::forward_layers(std::span<const BatchSeq> batch, AttentionHandler& attn, int n_layers,
+                                    PartialForward* state) {
+  SS_CHECK(n_layers >= 1 && state->next_layer < hp_.n_layers, "forward_layers: {} layers from layer {} of {}",
+           n_layers, state->next_layer, hp_.n_layers);
+  SS_ASSIGN_OR_RETURN(const FlatBatch flat, flatten_batch(batch, hp_.n_vocab));
+  const int64_t t = flat.n_tokens();
+  if (state->next_layer == 0) {
+    state->x = backend_.alloc(static_cast<size_t>(t * hp_.hidden) * dtype_size(backend_.compute_dtype()));
+    SS_RETURN_IF_ERROR(attn.begin_forward(batch));
+    embed(flat, state->x.view(backend_.compute_dtype(), {t, hp_.hidden}));
+  }
+  const Tensor x = state->x.view(backend_.compute_dtype(), {t, hp_.hidden});
+  const int first = state->next_layer;
+  const int last = std::min(hp_.n_layers, first + n_layers);
+  SS_RETURN_IF_ERROR(run_layers(batch, attn, flat, first, last, x));
+  state->next_layer = last;
+  ++state->calls;
+  if (last == hp_.n_layers) {
+    attn.end_forward(batch);
+    state->x.reset();
+  }
   return Status();
 }
 

@@ -159,6 +159,8 @@ class DecoderModel : public Model {
   Status forward(std::span<const BatchSeq> batch, AttentionHandler& attention, std::vector<float>* logits) override;
   Status forward_sample(std::span<const BatchSeq> batch, AttentionHandler& attention, std::span<const SampleRow> rows,
                         std::span<int32_t> tokens) override;
+  Status forward_layers(std::span<const BatchSeq> batch, AttentionHandler& attention, int n_layers,
+                        PartialForward* state) override;
 
  protected:
   // Every layer over the batch; with want_logits, *lg = (rows, n_vocab) logits on the device in
@@ -166,6 +168,13 @@ class DecoderModel : public Model {
   // held by *lg_buf.
   virtual Status run(std::span<const BatchSeq> batch, AttentionHandler& attention, bool want_logits,
                      DeviceBuffer* lg_buf, Tensor* lg) = 0;
+  // Layers [first, last) over the batch's residual stream x (T, hidden), which the first layer of
+  // the model finds embedded. The handler's forward is already begun and is ended by the caller; on
+  // a handler error this ends it and returns the error.
+  virtual Status run_layers(std::span<const BatchSeq> batch, AttentionHandler& attention, const FlatBatch& flat,
+                            int first, int last, Tensor x) = 0;
+  // Embeds the batch into x (T, hidden).
+  virtual void embed(const FlatBatch& flat, Tensor x) = 0;
   // Whether a call of n_tokens takes the fused path (ModelOptions::fused_max_tokens).
   bool fused(int64_t n_tokens) const { return n_tokens <= options_.fused_max_tokens; }
 

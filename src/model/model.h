@@ -49,6 +49,20 @@ class Model {
   // Only on a backend with can_sample_rows().
   virtual Status forward_sample(std::span<const BatchSeq> batch, AttentionHandler& attention,
                                 std::span<const SampleRow> rows, std::span<int32_t> tokens) = 0;
+  // A forward split by layers over several calls (chunked prefill): each call runs the next
+  // n_layers layers of the batch, and the residual stream waits in *state between calls. The call
+  // with state->next_layer == 0 begins the handler's forward (and embeds the tokens); the call that
+  // runs the last layer ends it. No logits (prefill of context only). Results equal forward()'s
+  // within the rounding of one residual add at each boundary (the fused add + norm is split there).
+  virtual Status forward_layers(std::span<const BatchSeq> batch, AttentionHandler& attention, int n_layers,
+                                struct PartialForward* state) = 0;
+};
+
+// The residual stream of a forward_layers sequence between its calls.
+struct PartialForward {
+  DeviceBuffer x;       // (T, hidden) in the compute dtype
+  int next_layer = 0;   // the first layer the next call runs
+  int calls = 0;        // calls made so far
 };
 
 // Choices of how a model computes (not what): both paths give the same results within rounding.

@@ -1,5 +1,6 @@
 #include "star/context_encoder.h"
 
+#include <algorithm>
 #include <numeric>
 
 namespace starserve {
@@ -23,6 +24,40 @@ Status ContextEncoder::forward_block(SeqId seq, std::span<const int32_t> tokens,
   return model_.forward({&bs, 1}, block_attention_, nullptr);
 }
 
+int ContextEncoder::chunks_per_block(int layers_per_chunk) const {
+  const int n = model_.hparams().n_layers;
+  if (layers_per_chunk <= 0 || layers_per_chunk >= n) return 1;
+  return (n + layers_per_chunk - 1) / layers_per_chunk;
+}
+
+std::pair<int, int> ContextEncoder::chunk_layers(int chunk, int layers_per_chunk) const {
+  const int n = model_.hparams().n_layers;
+  if (chunks_per_block(layers_per_chunk) == 1) return {0, n};
+  return {chunk * layers_per_chunk, std::min(n, (chunk + 1) * layers_per_chunk)};
+}
+
+Status ContextEncoder::forward_chunk(AttentionHandler& attention, SeqId seq, std::span<const int32_t> tokens,
+                                     int64_t first_position, int chunk, int layers_per_chunk) {
+  std::vector<int32_t> pos(tokens.size());
+  std::iota(pos.begin(), pos.end(), static_cast<int32_t>(first_position));
+  BatchSeq bs{seq, tokens, pos, false};
+  if (chunk == 0) tokens_forwarded_ += static_cast<int64_t>(tokens.size());
+  if (chunks_per_block(layers_per_chunk) == 1) return model_.forward({&bs, 1}, attention, nullptr);
+  PartialForward& pf = partial_[seq];
+  if (chunk == 0) pf = PartialForward{};
+  SS_CHECK(pf.next_layer == chunk_layers(chunk, layers_per_chunk).first, "sequence {}: chunk {} after layer {}", seq,
+           chunk, pf.next_layer);
+  const Status st = model_.forward_layers({&bs, 1}, attention, layers_per_chunk, &pf);
+  if (!st.ok() || pf.next_layer == model_.hparams().n_layers) partial_.erase(seq);
+  return st;
+}
+
+void ContextEncoder::finish(SeqId seq) {
+  cache_.free_sequence(anchor_seq_id(seq));
+  partial_.erase(seq);
+  exact_attention_.forget(seq);
+}
+
 Status ContextEncoder::encode(SeqId seq, std::span<const int32_t> context, const StarLayout& layout,
                               AttentionMode mode, const BlockProgressFn& progress, const ContinueFn& keep_going) {
   SS_CHECK(static_cast<int64_t>(context.size()) == layout.n_context, "context {} tokens, layout {}", context.size(),
@@ -32,7 +67,7 @@ Status ContextEncoder::encode(SeqId seq, std::span<const int32_t> context, const
     st = encode_exact(seq, context, layout);
   } else {
     const int n = static_cast<int>(layout.blocks_of(comm_.rank()).size());
-    if (n == 0) st = join_block(layout, 0);
+    if (n == 0) st = join_block(seq, layout, 0);
     for (int k = 0; k < n && st.ok(); ++k) {
       if (keep_going) st = keep_going();
       if (st.ok()) st = encode_block(seq, context, layout, k);
@@ -48,16 +83,19 @@ bool ContextEncoder::exchanges_anchor(const StarLayout& layout) const {
   return comm_.world_size() > 1 && layout.anchor_size > 0 && layout.blocks.size() > 1;
 }
 
-Status ContextEncoder::join_block(const StarLayout& layout, int k) {
+Status ContextEncoder::join_block(SeqId seq, const StarLayout& layout, int k, int chunk, int layers_per_chunk) {
+  (void)seq;
   if (k != 0 || !exchanges_anchor(layout) || comm_.rank() == layout.blocks.front().rank) return Status();
   AnchorExchange x;
   x.comm = &comm_;
   x.root = layout.blocks.front().rank;
   x.anchor_len = layout.anchor_size;
-  return block_attention_.join_anchor_exchange(x, model_.hparams().n_layers);
+  const auto [first, last] = chunk_layers(chunk, layers_per_chunk);
+  return block_attention_.join_anchor_exchange(x, first, last);
 }
 
-Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k) {
+Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k,
+                                    int chunk, int layers_per_chunk) {
   const std::vector<StarBlock> mine = layout.blocks_of(comm_.rank());
   SS_CHECK(k >= 0 && k < static_cast<int>(mine.size()), "block {} of {}", k, mine.size());
   const StarBlock& b = mine[k];
@@ -75,47 +113,49 @@ Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context,
     block_attention_.set_prefix(std::nullopt, 0);
     if (exchange && b.index == 0) x.role = AnchorExchange::Role::kSend;
     block_attention_.set_anchor_exchange(x);
-    Status st = forward_block(seq, tokens, b.begin);
+    Status st = forward_chunk(block_attention_, seq, tokens, b.begin, chunk, layers_per_chunk);
     block_attention_.set_anchor_exchange(AnchorExchange());
     return st;
   }
   // The anchor's KV is the KV of c1's first anchor_size tokens (same tokens, positions 0.., causal):
   // the rank that owns c1 reuses its own, every other rank gets it once and keeps it for all its
-  // blocks (spec phase 1 step 7), from the owner of c1 or, on one rank, by encoding it itself.
+  // blocks (spec phase 1 step 7), from the owner of c1 (layer by layer during its first block, in
+  // every chunk of it) or, on one rank, by encoding it itself.
   SeqId anchor_seq = seq;
   if (mine.front().index != 0) {
     anchor_seq = anchor_seq_id(seq);
-    if (!cache_.has(anchor_seq) || cache_.length(anchor_seq) < anchor_len) {
-      if (exchange) {
-        SS_CHECK(k == 0, "the anchor arrives with a rank's first block, not block {}", k);
-        SS_RETURN_IF_ERROR(cache_.reserve(anchor_seq, anchor_len));
-        cache_.set_length(anchor_seq, anchor_len);
+    if (exchange) {
+      if (k == 0) {
+        if (chunk == 0) {
+          SS_RETURN_IF_ERROR(cache_.reserve(anchor_seq, anchor_len));
+          cache_.set_length(anchor_seq, anchor_len);
+        }
         x.role = AnchorExchange::Role::kReceive;
         x.anchor_seq = anchor_seq;
-      } else {
-        block_attention_.set_prefix(std::nullopt, 0);
-        SS_RETURN_IF_ERROR(forward_block(anchor_seq, context.subspan(0, anchor_len), 0));
       }
+    } else if (chunk == 0 && (!cache_.has(anchor_seq) || cache_.length(anchor_seq) < anchor_len)) {
+      block_attention_.set_prefix(std::nullopt, 0);
+      SS_RETURN_IF_ERROR(forward_block(anchor_seq, context.subspan(0, anchor_len), 0));
     }
   }
   block_attention_.set_prefix(anchor_seq, anchor_len);
   block_attention_.set_anchor_exchange(x);
-  Status st = forward_block(seq, tokens, b.begin);
+  Status st = forward_chunk(block_attention_, seq, tokens, b.begin, chunk, layers_per_chunk);
   block_attention_.set_prefix(std::nullopt, 0);
   block_attention_.set_anchor_exchange(AnchorExchange());
   return st;
 }
 
-Status ContextEncoder::encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout) {
+Status ContextEncoder::encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int chunk,
+                                    int layers_per_chunk) {
   // This rank's blocks are contiguous: encode them as one span in a single forward.
   const std::vector<StarBlock> mine = layout.blocks_of(comm_.rank());
-  if (mine.empty()) return exact_attention_.participate_without_tokens(model_.hparams().n_layers);
+  if (mine.empty()) {
+    const auto [first, last] = chunk_layers(chunk, layers_per_chunk);
+    return exact_attention_.participate_without_tokens(seq, first, last, model_.hparams().n_layers);
+  }
   const int64_t begin = mine.front().begin, end = mine.back().end;
-  std::vector<int32_t> pos(end - begin);
-  std::iota(pos.begin(), pos.end(), static_cast<int32_t>(begin));
-  BatchSeq bs{seq, context.subspan(begin, end - begin), pos, false};
-  tokens_forwarded_ += end - begin;
-  return model_.forward({&bs, 1}, exact_attention_, nullptr);
+  return forward_chunk(exact_attention_, seq, context.subspan(begin, end - begin), begin, chunk, layers_per_chunk);
 }
 
 }  // namespace starserve

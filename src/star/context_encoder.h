@@ -10,6 +10,8 @@
 
 #include <functional>
 #include <span>
+#include <unordered_map>
+#include <utility>
 
 #include "common/config.h"
 #include "star/partition.h"
@@ -36,24 +38,37 @@ class ContextEncoder {
   Status encode(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, AttentionMode mode,
                 const BlockProgressFn& progress = {}, const ContinueFn& keep_going = {});
 
-  // Step-wise form for a scheduler that interleaves phase 1 with other work; every rank takes the
-  // same steps k = 0, 1, ... up to the most blocks any rank has.
-  // star / global: encodes this rank's k-th block (k < layout.blocks_of(rank).size()). With several
-  // ranks and an anchor, step 0 carries the anchor's KV from the owner of c1 to the other ranks,
-  // layer by layer (no other communication in phase 1): a rank without a k-th block calls
-  // join_block instead, so that it still takes part.
-  Status encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k);
-  Status join_block(const StarLayout& layout, int k);
-  // exact: the whole context in one collective step (every rank calls it).
-  Status encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout);
-  // Ends phase 1 for the sequence: the anchor's scratch KV is dropped.
-  void finish(SeqId seq) { cache_.free_sequence(anchor_seq_id(seq)); }
+  // Step-wise form for a scheduler that interleaves phase 1 with other work. A block's forward
+  // may be split by layers into chunks of `layers_per_chunk` layers (chunked prefill: one chunk per
+  // step, so decode steps and cancellation checks come between chunks); every block of a request is
+  // split the same way, so every rank takes the same steps: block k = 0, 1, ... up to the most
+  // blocks any rank has, and within it chunk c = 0 .. chunks_per_block - 1.
+  // star / global: chunk c of this rank's k-th block (k < layout.blocks_of(rank).size()). With
+  // several ranks and an anchor, the steps of block 0 carry the anchor's KV from the owner of c1
+  // to the other ranks, layer by layer (no other communication in phase 1): a rank without a k-th
+  // block calls join_block instead, so that it still takes part.
+  Status encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k, int chunk = 0,
+                      int layers_per_chunk = 0);
+  Status join_block(SeqId seq, const StarLayout& layout, int k, int chunk = 0, int layers_per_chunk = 0);
+  // exact: the whole context in one collective forward (every rank calls it), chunk c of it.
+  Status encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int chunk = 0,
+                      int layers_per_chunk = 0);
+  // Chunks of each block's forward: ceil(n_layers / layers_per_chunk) (1 when 0 = unchunked).
+  int chunks_per_block(int layers_per_chunk) const;
+  // Ends phase 1 for the sequence: the anchor's scratch KV is dropped, and a forward stopped
+  // part-way (cancelled between chunks) is forgotten.
+  void finish(SeqId seq);
   // Context tokens this rank has run through the model in phase 1 so far (its own blocks, plus the
   // anchor wherever a rank has to compute it itself).
   int64_t tokens_forwarded() const { return tokens_forwarded_; }
 
  private:
   Status forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position);
+  // Chunk `chunk` of a forward split by layers (the whole forward when layers_per_chunk is 0).
+  Status forward_chunk(AttentionHandler& attention, SeqId seq, std::span<const int32_t> tokens, int64_t first_position,
+                       int chunk, int layers_per_chunk);
+  // The layers [first, last) of a chunk.
+  std::pair<int, int> chunk_layers(int chunk, int layers_per_chunk) const;
   bool exchanges_anchor(const StarLayout& layout) const;
 
   Model& model_;
@@ -62,6 +77,7 @@ class ContextEncoder {
   BlockLocalAttention block_attention_;
   ExactContextAttention exact_attention_;
   int64_t tokens_forwarded_ = 0;
+  std::unordered_map<SeqId, PartialForward> partial_;  // forwards split by layers, between their chunks
 };
 
 }  // namespace starserve

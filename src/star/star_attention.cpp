@@ -82,11 +82,11 @@ Status BlockLocalAttention::exchange_anchor(int layer, Tensor k, Tensor v) {
   return Status();
 }
 
-Status BlockLocalAttention::join_anchor_exchange(const AnchorExchange& x, int n_layers) {
+Status BlockLocalAttention::join_anchor_exchange(const AnchorExchange& x, int first, int last) {
   exchange_ = x;
   exchange_.role = AnchorExchange::Role::kNone;  // receive and drop
   Status st;
-  for (int layer = 0; layer < n_layers && st.ok(); ++layer) st = exchange_anchor(layer, Tensor(), Tensor());
+  for (int layer = first; layer < last && st.ok(); ++layer) st = exchange_anchor(layer, Tensor(), Tensor());
   exchange_ = AnchorExchange();
   return st;
 }
@@ -161,9 +161,20 @@ Status ExactContextAttention::layer_exchange(Tensor k, Tensor v, int64_t n) {
   return gather_rows(v, n, v_all_);
 }
 
-Status ExactContextAttention::participate_without_tokens(int n_layers) {
-  SS_RETURN_IF_ERROR(gather_sizes(0));
-  for (int l = 0; l < n_layers; ++l) SS_RETURN_IF_ERROR(layer_exchange(Tensor{}, Tensor{}, 0));
+void ExactContextAttention::load_exchange(SeqId seq) {
+  const auto& e = exchanges_.at(seq);
+  counts_ = e.first;
+  max_count_ = e.second;
+}
+
+Status ExactContextAttention::participate_without_tokens(SeqId seq, int first, int last, int n_layers) {
+  if (first == 0) {
+    SS_RETURN_IF_ERROR(gather_sizes(0));
+    exchanges_[seq] = {counts_, max_count_};
+  }
+  load_exchange(seq);
+  for (int l = first; l < last; ++l) SS_RETURN_IF_ERROR(layer_exchange(Tensor{}, Tensor{}, 0));
+  if (last == n_layers) exchanges_.erase(seq);
   return Status();
 }
 
@@ -171,12 +182,15 @@ Status ExactContextAttention::begin_forward(std::span<const BatchSeq> batch) {
   SS_CHECK(batch.size() == 1, "exact context encoding runs one span per forward, got {}", batch.size());
   const int64_t n = static_cast<int64_t>(batch[0].tokens.size());
   SS_RETURN_IF_ERROR(cache_.reserve(batch[0].seq_id, cache_.length(batch[0].seq_id) + n));
-  return gather_sizes(n);
+  SS_RETURN_IF_ERROR(gather_sizes(n));
+  exchanges_[batch[0].seq_id] = {counts_, max_count_};
+  return Status();
 }
 
 Status ExactContextAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v,
                                      Tensor out) {
   const BatchSeq& s = batch[0];
+  load_exchange(s.seq_id);
   const int64_t n = static_cast<int64_t>(s.tokens.size());
   const DType dt = backend_.compute_dtype();
   const int64_t kv_row = static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
@@ -220,7 +234,10 @@ Status ExactContextAttention::attend(int layer, std::span<const BatchSeq> batch,
 }
 
 void ExactContextAttention::end_forward(std::span<const BatchSeq> batch) {
-  for (const BatchSeq& s : batch) cache_.set_length(s.seq_id, static_cast<int64_t>(s.tokens.size()));
+  for (const BatchSeq& s : batch) {
+    cache_.set_length(s.seq_id, static_cast<int64_t>(s.tokens.size()));
+    exchanges_.erase(s.seq_id);
+  }
 }
 
 // ---------------------------------------------------------------- Phase2Attention

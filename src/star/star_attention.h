@@ -54,8 +54,9 @@ class BlockLocalAttention final : public AttentionHandler {
   void set_prefix(std::optional<SeqId> prefix_seq, int64_t prefix_len);
   // The anchor exchange of the next forward (one sequence in the batch); kNone turns it off.
   void set_anchor_exchange(const AnchorExchange& x) { exchange_ = x; }
-  // A rank with no block to encode still joins every layer's anchor broadcast (and drops it).
-  Status join_anchor_exchange(const AnchorExchange& x, int n_layers);
+  // A rank with no block to encode still joins every layer's anchor broadcast (and drops it):
+  // layers [first, last).
+  Status join_anchor_exchange(const AnchorExchange& x, int first, int last);
 
   Status begin_forward(std::span<const BatchSeq> batch) override;
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
@@ -76,8 +77,11 @@ class BlockLocalAttention final : public AttentionHandler {
 class ExactContextAttention final : public AttentionHandler {
  public:
   ExactContextAttention(Backend& backend, KvCache& cache, const ModelHParams& hp, Communicator& comm);
-  // A rank whose span is empty still takes part in every collective of the forward pass.
-  Status participate_without_tokens(int n_layers);
+  // A rank whose span is empty still takes part in every collective of the forward pass: layers
+  // [first, last) of sequence seq's (the sizes' exchange comes with layer 0).
+  Status participate_without_tokens(SeqId seq, int first, int last, int n_layers);
+  // Drops what the handler keeps of a sequence whose encoding stopped part-way (chunked prefill).
+  void forget(SeqId seq) { exchanges_.erase(seq); }
 
   Status begin_forward(std::span<const BatchSeq> batch) override;
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
@@ -92,8 +96,12 @@ class ExactContextAttention final : public AttentionHandler {
   KvCache& cache_;
   AttentionDims dims_;
   Communicator& comm_;
+  // Sequence seq's exchange sizes into counts_ / max_count_ (kept between the calls of a forward
+  // split by layers, since other sequences' forwards may run in between).
+  void load_exchange(SeqId seq);
   std::vector<int64_t> counts_;        // context tokens per rank in this forward
   int64_t max_count_ = 0;
+  std::unordered_map<SeqId, std::pair<std::vector<int64_t>, int64_t>> exchanges_;
   std::vector<char> send_host_, recv_host_;
   Scratch send_, k_all_, v_all_, part_out_, part_lse_, part_ent_, lse_, ent_, out32_;
 };

@@ -91,13 +91,17 @@ struct Collector {
 };
 
 // Runs `client` on a thread of rank 0 against a fresh engine; every rank takes part in the steps.
-void with_engine(const std::function<void(ServingEngine&)>& client) {
+// `adjust` changes the engine's settings (the same on every rank).
+void with_engine(const std::function<void(ServingEngine&)>& client,
+                 const std::function<void(EngineContext&)>& adjust = {}) {
   World& w = world();
+  EngineContext ctx = w.ctx;
+  if (adjust) adjust(ctx);
   if (g_comm->rank() != 0) {
-    ASSERT_TRUE(run_worker(w.ctx).ok());
+    ASSERT_TRUE(run_worker(ctx).ok());
     return;
   }
-  ServingEngine engine(w.ctx);
+  ServingEngine engine(ctx);
   std::thread t([&] {
     client(engine);
     engine.stop();
@@ -262,6 +266,43 @@ TEST(ServingEngine, BadRequestsAreRefusedWithTheNumbers) {
     r.query.clear();
     EXPECT_EQ(engine.submit(r, c.fn()).status().code(), StatusCode::kInvalidArgument);
   });
+}
+
+// Chunked prefill: a long phase 1 runs in chunks (steps of a few layers each), and a cancel that
+// arrives during phase 1 ends it at the next chunk on every rank: the cancelled request ran fewer
+// phase-1 steps than the same request runs to the end, its KV is freed, and the engine goes on to
+// answer the next request.
+TEST(ServingEngine, CancelDuringPhase1StopsBetweenChunks) {
+  std::string text;
+  for (int i = 0; i < 40; ++i) text += "The grass is green and the sky is blue. ";
+  EngineRequest req = greedy_request(text + "What color is the sky?", 4, AttentionMode::kStar);
+  with_engine(
+      [&](ServingEngine& engine) {
+        Collector whole;
+        ASSERT_TRUE(engine.submit(req, whole.fn()).ok());
+        const Outcome full = whole.wait();
+        ASSERT_EQ(full.finish, FinishReason::kLength) << full.error.to_string();
+        const int steps = full.last.timing.phase1_steps;
+        EXPECT_GE(steps, 8) << "phase 1 of a 400-token context in 16-token chunks takes many steps";
+
+        Collector cancelled;
+        const int64_t before = engine.info().phase1_steps;
+        auto id = engine.submit(req, cancelled.fn());
+        ASSERT_TRUE(id.ok());
+        // Cancel once phase 1 has begun (its first chunk ran).
+        while (engine.info().phase1_steps < before + 1) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        engine.cancel(*id);
+        const Outcome o = cancelled.wait();
+        EXPECT_EQ(o.finish, FinishReason::kCancelled);
+        EXPECT_GE(o.last.timing.phase1_steps, 1);
+        EXPECT_LT(o.last.timing.phase1_steps, steps);
+        EXPECT_EQ(o.last.usage.completion_tokens, 0);
+
+        Collector next;
+        ASSERT_TRUE(engine.submit(greedy_request(kPrompts[0], 4, AttentionMode::kGlobal), next.fn()).ok());
+        EXPECT_EQ(next.wait().finish, FinishReason::kLength);
+      },
+      [](EngineContext& ctx) { ctx.scheduler.prefill_chunk_tokens = 16; });
 }
 
 }  // namespace

@@ -36,6 +36,20 @@ TEST(KvDemand, ExactTakesOneCollectiveStep) {
   EXPECT_EQ(kv_demand(layout(0, AttentionMode::kExact, 0, 0, 4), AttentionMode::kExact, 1, 256).encode_steps, 0);
 }
 
+TEST(ChunkedPrefill, LayersPerChunkFollowTheLongestBlock) {
+  // A block no longer than the chunk runs whole (0 = unchunked), as does everything with chunks off.
+  EXPECT_EQ(prefill_layers_per_chunk(30, 512, 512), 0);
+  EXPECT_EQ(prefill_layers_per_chunk(30, 0, 100000), 0);
+  // 2048 tokens in 512-token chunks: 30 x 512 / 2048 = 7.5 -> 8 layers per step, 4 steps.
+  EXPECT_EQ(prefill_layers_per_chunk(30, 512, 2048), 8);
+  // Very long blocks: one layer per step at least.
+  EXPECT_EQ(prefill_layers_per_chunk(30, 512, 1 << 20), 1);
+  // Phase-1 steps: blocks x chunks per block.
+  auto lay = plan_layout(1024, {AttentionMode::kStar, 256, 256, 0}, 2);
+  ASSERT_TRUE(lay.ok());
+  EXPECT_EQ(kv_demand(*lay, AttentionMode::kStar, 64, 256, 4).encode_steps, 8);
+}
+
 SchedulerConfig config(int max_running, int max_queue) {
   SchedulerConfig c;
   c.max_running = max_running;
