@@ -8,6 +8,7 @@
 # fmt, GoogleTest and OpenBLAS, but not:
 #   - PCRE2 dev files (pkg_check_modules libpcre2-8 in CMakeLists.txt), nlohmann_json, CLI11;
 #   - gRPC C++ (bookworm's 1.51 is built against protobuf 3.21.12, the same as the device's);
+#   - cpp-httplib (src/server's metrics endpoint);
 #   - possibly pkg-config itself (find_package(PkgConfig REQUIRED)): pkgconf is a few tens of KB.
 # libssl-dev is here only for openssl.pc and the libssl.so/libcrypto.so link names, which
 # grpc.pc requires; env.sh points those names at the device's own libssl.so.3/libcrypto.so.3.
@@ -29,6 +30,8 @@ PACKAGES=(
   libgrpc++-dev libgrpc++1.51 libgrpc29 libgrpc-dev protobuf-compiler-grpc
   libabsl-dev libabsl20220623 libre2-9 libre2-dev libc-ares2 libc-ares-dev
   libssl-dev
+  # cpp-httplib (the metrics endpoint) and the modules its .pc file requires (zlib, brotli).
+  libcpp-httplib-dev libcpp-httplib0.11 libbrotli-dev libbrotli1 zlib1g-dev
   # pkg-config, used only when the device has none.
   pkgconf-bin libpkgconf3
 )
