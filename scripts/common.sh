@@ -14,7 +14,7 @@ log() { printf '\033[1m[starserve]\033[0m %s\n' "$*" >&2; }
 DEB_PACKAGES=(build-essential cmake ninja-build pkg-config git python3 python3-pip unzip ca-certificates
   libopenmpi-dev openmpi-bin libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libopenblas-dev libgtest-dev libpcre2-dev
-  libcpp-httplib-dev curl)
+  libcpp-httplib-dev curl libutf8proc-dev)
 
 install_packages() {
   local missing=()
@@ -100,6 +100,9 @@ ensure_cuda_toolkit() {
       ln -sf "$(basename "$so")" "${so%%.so.*}.so"
     done
     chmod +x "$cu"/bin/* "$cu"/nvvm/bin/* 2>/dev/null || true
+    # nvcc.profile names lib64/ for the linker; the wheels have lib/ (CMake 3.28 links its test
+    # program through that path, CMake 3.25 does not).
+    ln -sfn lib "$cu/lib64"
     echo "${CUDA_WHEELS[*]}" >"$stamp"
   fi
   log "CUDA toolkit: $cu"

@@ -8,7 +8,7 @@
 # fmt, GoogleTest and OpenBLAS, but not:
 #   - PCRE2 dev files (pkg_check_modules libpcre2-8 in CMakeLists.txt), nlohmann_json, CLI11;
 #   - gRPC C++ (bookworm's 1.51 is built against protobuf 3.21.12, the same as the device's);
-#   - cpp-httplib (src/server's metrics endpoint);
+#   - cpp-httplib (src/server's metrics endpoint), utf8proc (Unicode normalisation);
 #   - possibly pkg-config itself (find_package(PkgConfig REQUIRED)): pkgconf is a few tens of KB.
 # libssl-dev is here only for openssl.pc and the libssl.so/libcrypto.so link names, which
 # grpc.pc requires; env.sh points those names at the device's own libssl.so.3/libcrypto.so.3.
@@ -32,6 +32,8 @@ PACKAGES=(
   libssl-dev
   # cpp-httplib (the metrics endpoint) and the modules its .pc file requires (zlib, brotli).
   libcpp-httplib-dev libcpp-httplib0.11 libbrotli-dev libbrotli1 zlib1g-dev
+  # utf8proc (the tokenizers' Unicode normalisation).
+  libutf8proc-dev libutf8proc2
   # pkg-config, used only when the device has none.
   pkgconf-bin libpkgconf3
 )
