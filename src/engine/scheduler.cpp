@@ -17,11 +17,16 @@ KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_a
   int max_blocks = 0;
   for (int r = 0; r < layout.world_size; ++r) {
     const std::vector<StarBlock> mine = layout.blocks_of(r);
-    int64_t pages = pages_for(layout.tokens_of(r) + (r == layout.query_host ? query_and_generated : 0));
+    const int64_t share = layout.tokens_of(r);
+    // Phase 1: the rank's blocks, plus the anchor's scratch on a star rank without c1 (freed when
+    // phase 1 ends, before the query's KV is written: StepExecutor's first DECODE of the request).
+    int64_t phase1 = pages_for(share);
     if (!mine.empty() && mine.front().index != 0 && layout.anchor_size > 0 && mode == AttentionMode::kStar) {
-      pages += pages_for(layout.anchor_size);
+      phase1 += pages_for(layout.anchor_size);
     }
-    d.pages = std::max(d.pages, pages);
+    // Phase 2: the blocks, plus the query and generated tokens on the query host.
+    const int64_t phase2 = pages_for(share + (r == layout.query_host ? query_and_generated : 0));
+    d.pages = std::max({d.pages, phase1, phase2});
     max_blocks = std::max(max_blocks, static_cast<int>(mine.size()));
   }
   d.encode_steps = (mode == AttentionMode::kExact ? (layout.n_context == 0 ? 0 : 1) : max_blocks) * chunks_per_block;

@@ -29,9 +29,14 @@ struct KvDemand {
   int encode_steps = 0;  // phase-1 steps: the most blocks any rank encodes (exact: 1 with context)
 };
 
-// Per rank: its context share, plus the query and generated tokens on the query host, plus the
-// anchor's scratch on star ranks that do not own c1. page_size: tokens per KV page.
-// chunks_per_block: phase-1 steps per block (chunked prefill), 1 when unchunked.
+// The peak pages on the busiest rank. A rank holds its context share throughout; during phase 1 a
+// star rank without c1 also holds the anchor's scratch, during phase 2 the query host also holds
+// the query and the generated tokens; the scratch is freed before the query arrives, so a rank's
+// peak is the larger of the two phases, not their sum. Hence N ranks admit every request one rank
+// admits when the blocks are whole pages (a rank's share + anchor <= the context); with blocks that
+// end inside a page, the scratch's own pages can cost a rank at most one page more than the one
+// rank would need. page_size: tokens per KV page. chunks_per_block: phase-1 steps per block
+// (chunked prefill), 1 when unchunked.
 KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size,
                    int chunks_per_block = 1);
 
