@@ -9,6 +9,7 @@
 #include "app/runtime.h"
 #include "common/log.h"
 #include "engine/serving_engine.h"
+#include "model/chat_prompt.h"
 #include "model/chat_template.h"
 
 namespace starserve {
@@ -43,19 +44,32 @@ Status build_prompt(const CommandLine& cl, const Tokenizer& tok, EngineRequest* 
     if (!tmpl.ok()) return tmpl.status();
     std::vector<ChatMessage> msgs;
     if (!g.system.empty()) msgs.push_back({"system", g.system});
+    if (split) {
+      // Outer whitespace goes (a file's last newline, say), so that templates that trim a message's
+      // content (llama3, gemma, llama2) keep the document whole and it is found again below.
+      const size_t first = context_text.find_first_not_of(" \t\r\n");
+      if (first == std::string::npos) return invalid_argument("--context-file {} is only whitespace", g.context_file);
+      context_text = context_text.substr(first, context_text.find_last_not_of(" \t\r\n") + 1 - first);
+    }
     msgs.push_back({"user", split ? context_text + "\n\n" + g.query : g.prompt});
-    const std::string rendered = tmpl->apply(msgs, /*add_generation_prompt=*/true);
+    // Control tokens come only from the template; the prompt, document and question are text
+    // (model/chat_prompt.h), as in the gRPC chat RPCs.
+    SS_ASSIGN_OR_RETURN(const ChatPrompt prompt, render_chat_prompt(*tmpl, msgs, tok));
     if (split) {
       // Context = the rendered text up to the end of the document; query = the question and the
       // rest of the template (end of turn, assistant header).
-      const size_t at = rendered.find(context_text);
-      SS_CHECK(at != std::string::npos, "chat template dropped the context text");
-      const size_t cut = at + context_text.size();
-      req->context = tok.encode(std::string_view(rendered).substr(0, cut), false, true);
-      req->query = tok.encode(std::string_view(rendered).substr(cut), false, true);
+      const auto [begin, end] = prompt.contents.back();
+      if (begin == ChatPrompt::kNotWritten ||
+          std::string_view(prompt.text).substr(begin, context_text.size()) != context_text) {
+        return invalid_argument("chat template {} changed the document's text; it cannot be kept as the context",
+                                tmpl->name());
+      }
+      const size_t cut = begin + context_text.size();
+      req->context = prompt.encode(tok, 0, cut);
+      req->query = prompt.encode(tok, cut, prompt.text.size());
       return Status();
     }
-    req->query = tok.encode(rendered, false, true);
+    req->query = prompt.encode(tok);
     req->split_prompt = true;
     return Status();
   }

@@ -8,7 +8,7 @@
 
 #include "common/check.h"
 #include "common/log.h"
-#include "server/chat_prompt.h"
+#include "model/chat_prompt.h"
 
 namespace starserve {
 namespace {
@@ -217,7 +217,7 @@ Status check_messages(const google::protobuf::RepeatedPtrField<v1::ChatMessage>&
 // document, so the question, the end of the turn and the assistant header are the query and get exact attention
 // in phase 2 (Star Attention's accuracy depends on the question being in phase 2).
 // Control tokens come only from the template; contents (and the document) are tokenized as text
-// (server/chat_prompt.h), so a message cannot forge a turn.
+// (model/chat_prompt.h), so a message cannot forge a turn.
 Status build_chat_prompt(const google::protobuf::RepeatedPtrField<v1::ChatMessage>& messages,
                          const std::string& document, const Tokenizer& tok, const ChatTemplate& tmpl,
                          const RequestLimits& limits, EngineRequest* out, std::string* rendered_out) {

@@ -22,7 +22,7 @@
 #include "model/gguf.h"
 #include "model/tokenizer.h"
 #include "model/tokenizer_gguf.h"
-#include "server/chat_prompt.h"
+#include "model/chat_prompt.h"
 #include "server/convert.h"
 
 #ifndef STARSERVE_GOLDEN_DIR

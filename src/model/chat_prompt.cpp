@@ -1,4 +1,4 @@
-#include "server/chat_prompt.h"
+#include "model/chat_prompt.h"
 
 #include <algorithm>
 #include <string_view>
