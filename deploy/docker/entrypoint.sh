@@ -5,14 +5,18 @@
 #   IMAGE PROGRAM ARGS...          runs that program as it is (exec), e.g. `IMAGE starctl ...`, `IMAGE bash`.
 #
 # Stopping (docker/podman stop, compose down, a pod's termination): SIGTERM or SIGINT to this script, PID 1, is
-# passed to rank 0 alone, the rank that drains (stops admitting, finishes running requests, then ends the other
-# ranks through the engine, so every rank and mpirun exit 0). The runtime's grace period (`stop --time N`,
-# stop_grace_period, terminationGracePeriodSeconds) bounds the drain; SIGKILL ends it after that.
+# passed to rank 0 alone, the rank that drains (stops admitting, gives running requests --shutdown-grace seconds,
+# default 30, ends those left as cancelled with their partial output, then stops the other ranks through the engine,
+# so every rank and mpirun exit 0). The other ranks ignore SIGTERM/SIGINT and wait for rank 0. The runtime's grace
+# period (`stop --time N`, stop_grace_period, terminationGracePeriodSeconds) should exceed --shutdown-grace by a few
+# seconds; SIGKILL ends the drain after it.
 # Why not `exec mpirun` and let mpirun have the signal: Open MPI 4.1's mpirun does not forward SIGTERM or SIGINT
 # (ess_base_forward_signals refuses them); it aborts the job instead: SIGCONT to every rank, then SIGTERM
 # odls_base_sigkill_timeout seconds later (default 1), then SIGKILL after as long again. That is a fixed sleep,
 # not a wait for exit, so no setting of it gives a drain, and the workers (which take SIGTERM's default action)
-# would die under rank 0. When rank 0 is not (yet) a child of mpirun here, the signal goes to mpirun (an abort).
+# would see SIGTERM only after that sleep. Measured with 4.1.4: SIGTERM to mpirun, `--mca odls_base_sigkill_timeout
+# 25`: the ranks got SIGTERM about 25 s later (rank 0 then drained and every rank exited 0), mpirun exited 1 about 48 s
+# after the signal; with the default of 1 s, rank 0 was killed a second into its drain. When rank 0 is not (yet) a child of mpirun here, the signal goes to mpirun (an abort).
 # SIGUSR1, SIGUSR2, SIGHUP and SIGQUIT go to mpirun as well (it forwards the USR signals to every rank).
 # The functions below run from traps (SC2317).
 # shellcheck disable=SC2317

@@ -89,7 +89,14 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
   srv->add_option("--tls-key", sv.tls_key, "server private key (PEM)");
   srv->add_option("--tls-client-ca", sv.tls_client_ca, "CA that client certificates must chain to (mutual TLS)");
   srv->add_option("--api-key", sv.api_key, "require 'authorization: Bearer <key>' on every RPC");
-  srv->add_flag("--auth-health", sv.auth_health, "health checks need the key too");
+  srv->add_flag("--health-without-key", sv.health_without_key,
+                "with --api-key: health checks answer without the key (for orchestrator probes)");
+  srv->add_option("--watchdog-timeout", sv.watchdog_timeout_s,
+                  "seconds without a heartbeat from a rank before the job is failed and ended (0 = off)")
+      ->check(CLI::NonNegativeNumber);
+  srv->add_option("--shutdown-grace", sv.shutdown_grace_s,
+                  "seconds running requests get to finish after SIGTERM/SIGINT, then they end as cancelled")
+      ->check(CLI::NonNegativeNumber);
   srv->add_option("--max-message-bytes", sv.max_message_bytes, "gRPC message size limit");
   srv->add_option("--max-prompt-tokens", sv.max_prompt_tokens, "prompt token limit (0 = max context)");
   srv->add_option("--max-tokens-limit", sv.max_tokens_limit, "upper bound for a request's max_tokens");
@@ -114,11 +121,12 @@ std::string describe_config(const Config& c) {
       "parallel.cuda_graphs={} star.mode={} "
       "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.prefill_chunk_tokens={} "
       "scheduler.kv_page_size={} "
-      "scheduler.kv_memory_mb={} log.level={}",
+      "scheduler.kv_memory_mb={} server.watchdog_timeout_s={} server.shutdown_grace_s={} log.level={}",
       c.model.path, c.model.chat_template.empty() ? "(model's)" : c.model.chat_template, c.model.max_context,
       c.parallel.backend, c.parallel.prefill_kernel, c.parallel.cuda_graphs ? "on" : "off", attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
       c.scheduler.prefill_chunk_tokens,
-      c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.log.level);
+      c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.server.watchdog_timeout_s, c.server.shutdown_grace_s,
+      c.log.level);
 }
 
 }  // namespace starserve

@@ -17,11 +17,20 @@ Result<std::unique_ptr<Communicator>> start_communicator(int* argc, char*** argv
   return make_local_communicator();
 }
 
-Status start_runtime(const Config& config, Runtime& rt) {
+Status start_logging(const Config& config, const Runtime& rt) {
   SS_RETURN_IF_ERROR(setup_logging(config.log.level, rt.comm->rank(), rt.comm->world_size()));
   if (rt.comm->rank() == 0) {
     log_info("starserve {} ranks ({}), config: {}", rt.comm->world_size(), rt.comm->name(), describe_config(config));
   }
+  return Status();
+}
+
+Status start_runtime(const Config& config, Runtime& rt) {
+  SS_RETURN_IF_ERROR(start_logging(config, rt));
+  return load_runtime(config, rt);
+}
+
+Status load_runtime(const Config& config, Runtime& rt) {
   const int n_gpus = config.parallel.backend == "cpu" ? 0 : cuda_device_count();
   if (config.parallel.backend == "cuda" || (config.parallel.backend == "auto" && n_gpus > 0)) {
     // One GPU per rank by local rank; ranks beyond the GPU count share devices round-robin.

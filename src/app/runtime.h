@@ -25,7 +25,10 @@ struct Runtime {
 
 // MPI when started by a launcher, else a world of one. Errors are already logged.
 Result<std::unique_ptr<Communicator>> start_communicator(int* argc, char*** argv);
+// start_logging (logging, then the config line from rank 0) and load_runtime (backend, model, KV cache).
 Status start_runtime(const Config& config, Runtime& rt);
+Status start_logging(const Config& config, const Runtime& rt);
+Status load_runtime(const Config& config, Runtime& rt);
 // What the serving engine (rank 0) and run_worker (the others) need of the runtime.
 EngineContext engine_context(const Config& config, const Runtime& rt);
 

@@ -3,10 +3,12 @@
 // Only src/comm includes mpi.h / nccl.h; everything else talks to ranks through this interface.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "common/status.h"
 
@@ -20,6 +22,27 @@ struct WorldLayout {
   int local_size = 1;
   std::string host;
   bool is_coordinator() const { return rank == 0; }
+};
+
+// What rank 0 last heard from another rank's heartbeat (Communicator::start_heartbeat).
+struct PeerBeat {
+  int rank = 0;
+  std::string host;
+  bool heard = false;    // at least one beat arrived
+  double age_s = 0;      // seconds since its last beat (since start_heartbeat when none arrived yet)
+  int64_t progress = 0;  // the value it last reported through Heartbeat::set_progress
+};
+
+// Liveness reports: every rank other than 0 sends rank 0 a beat (its progress value) every interval from a thread
+// of its own, on a communicator of its own, so beats flow while the main threads are blocked inside collectives.
+// Destroying it stops the thread (before the communicator is destroyed).
+class Heartbeat {
+ public:
+  virtual ~Heartbeat() = default;
+  // Thread-safe; sent with this rank's next beat (the serving engine reports the control steps it completed).
+  virtual void set_progress(int64_t value) = 0;
+  // Rank 0: every other rank, in rank order. Other ranks: empty. Thread-safe.
+  virtual std::vector<PeerBeat> peers() const = 0;
 };
 
 class Communicator {
@@ -39,8 +62,23 @@ class Communicator {
   virtual Status barrier() = 0;
   virtual Status send(const void* data, size_t bytes, int dst, int tag) = 0;
   virtual Status recv(void* data, size_t bytes, int src, int tag) = 0;
-  // Stops every rank of the job (used when a rank cannot continue, so others do not hang).
+  // Stops every rank of the job (used when a rank cannot continue, so others do not hang). Callable from any
+  // thread.
   virtual void abort_job(int code) = 0;
+
+  // Broadcast and barrier for waits that may be long (a worker waiting for rank 0's next step, every rank waiting
+  // for the slowest to load the model): the same results as broadcast()/barrier(), but the wait does not spin
+  // (MPI: the nonblocking collective, tested in a short spin and then between sleeps that grow to 1 ms), so an idle
+  // rank uses no CPU while a busy one sees no added latency. Blocking and nonblocking collectives do not match:
+  // every rank must call the _idle form for the same operation.
+  virtual Status broadcast_idle(void* data, size_t bytes, int root) { return broadcast(data, bytes, root); }
+  virtual Status barrier_idle() { return barrier(); }
+
+  // Collective: starts this rank's heartbeat (see Heartbeat), a beat every `interval`. kUnimplemented where the
+  // communicator cannot run one (one process; an MPI library without MPI_THREAD_MULTIPLE).
+  virtual Result<std::unique_ptr<Heartbeat>> start_heartbeat(std::chrono::milliseconds /*interval*/) {
+    return unimplemented("communicator '{}' has no heartbeat", name());
+  }
 
   // Device-buffer collectives (the NCCL communicator; host-only communicators answer kUnimplemented).
   // Pointers are device memory on this rank's GPU; `stream` is a cudaStream_t passed as void* (nullptr
@@ -70,7 +108,8 @@ class Communicator {
 // A world of one: every collective is the identity.
 std::unique_ptr<Communicator> make_local_communicator();
 
-// Initialises MPI (thread level FUNNELED) and builds the layout. Fails with kUnimplemented when the
+// Initialises MPI (asking for MPI_THREAD_MULTIPLE: the heartbeat thread communicates while the main thread is in
+// a collective; every other MPI call stays on the main thread) and builds the layout. Fails with kUnimplemented when the
 // build has no MPI. MPI is finalised when the communicator is destroyed.
 Result<std::unique_ptr<Communicator>> make_mpi_communicator(int* argc, char*** argv);
 

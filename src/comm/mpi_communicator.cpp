@@ -1,5 +1,10 @@
-// MPI communicator over host buffers. Collectives run on the thread that created it (FUNNELED).
+// MPI communicator over host buffers. Collectives run on the thread that created it; the heartbeat thread
+// (start_heartbeat) uses a duplicate of the world of its own, which needs MPI_THREAD_MULTIPLE.
 #include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <thread>
 
 #include "comm/communicator.h"
 #include "common/check.h"
@@ -45,9 +50,124 @@ Status in_pieces(size_t n, Fn&& fn) {
   return Status();
 }
 
+using Clock = std::chrono::steady_clock;
+
+// Waits for a nonblocking operation without spinning for long: MPI_Test in a tight loop for kSpin (a busy rank's
+// next message is usually there by then), then between sleeps that double from kFirstSleep up to kMaxSleep. The
+// added latency is at most about the time already waited, and never above kMaxSleep; an idle rank wakes about
+// 1000 times a second, which costs no measurable CPU.
+constexpr auto kSpin = std::chrono::microseconds(100);
+constexpr auto kFirstSleep = std::chrono::microseconds(10);
+constexpr auto kMaxSleep = std::chrono::microseconds(1000);
+
+Status wait_without_spinning(MPI_Request* request, const char* what) {
+  const Clock::time_point start = Clock::now();
+  auto sleep = kFirstSleep;
+  for (;;) {
+    int done = 0;
+    SS_RETURN_IF_ERROR(SS_CALL_STATUS(mpi(MPI_Test(request, &done, MPI_STATUS_IGNORE)), what));
+    if (done) return Status();
+    if (Clock::now() - start < kSpin) continue;
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min<std::chrono::microseconds>(sleep * 2, kMaxSleep);
+  }
+}
+
+constexpr int kHeartbeatTag = 1;
+constexpr int kHostChars = 256;  // host names as gathered for the heartbeat, cut to this length
+
+// Workers send rank 0 {progress} every interval on a duplicate of the world; rank 0's thread receives them (any
+// source) and keeps the time and value of each rank's last one.
+class MpiHeartbeat final : public Heartbeat {
+ public:
+  MpiHeartbeat(MPI_Comm comm, int rank, std::vector<std::string> hosts, std::chrono::milliseconds interval)
+      : comm_(comm), rank_(rank), interval_(interval), start_(Clock::now()) {
+    peers_.resize(hosts.size());
+    last_.assign(hosts.size(), start_);
+    for (size_t r = 0; r < hosts.size(); ++r) {
+      peers_[r].rank = static_cast<int>(r);
+      peers_[r].host = std::move(hosts[r]);
+    }
+    thread_ = std::thread([this] { rank_ == 0 ? receive_loop() : send_loop(); });
+  }
+  ~MpiHeartbeat() override {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  void set_progress(int64_t value) override { progress_ = value; }
+  std::vector<PeerBeat> peers() const override {
+    if (rank_ != 0) return {};
+    std::lock_guard<std::mutex> lock(mu_);
+    const Clock::time_point now = Clock::now();
+    std::vector<PeerBeat> out(peers_.begin() + 1, peers_.end());
+    for (PeerBeat& p : out) p.age_s = std::chrono::duration<double>(now - last_[p.rank]).count();
+    return out;
+  }
+
+ private:
+  void send_loop() {
+    MPI_Request pending = MPI_REQUEST_NULL;
+    while (!stop_) {
+      int done = 1;
+      if (pending != MPI_REQUEST_NULL) MPI_Test(&pending, &done, MPI_STATUS_IGNORE);
+      // A beat still in flight (rank 0 not receiving) is not stacked with another.
+      if (done) {
+        out_ = progress_.load();
+        MPI_Isend(&out_, 1, MPI_INT64_T, 0, kHeartbeatTag, comm_, &pending);
+      }
+      for (auto slept = std::chrono::milliseconds(0); slept < interval_ && !stop_; slept += kPoll) {
+        std::this_thread::sleep_for(kPoll);
+      }
+    }
+    // An unreceived beat is dropped with the duplicate communicator when MPI is finalised.
+    if (pending != MPI_REQUEST_NULL) MPI_Request_free(&pending);
+  }
+  void receive_loop() {
+    int64_t in = 0;
+    MPI_Request request = MPI_REQUEST_NULL;
+    MPI_Irecv(&in, 1, MPI_INT64_T, MPI_ANY_SOURCE, kHeartbeatTag, comm_, &request);
+    while (!stop_) {
+      int done = 0;
+      MPI_Status status;
+      if (MPI_Test(&request, &done, &status) != MPI_SUCCESS) break;
+      if (!done) {
+        std::this_thread::sleep_for(kPoll);
+        continue;
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        const int src = status.MPI_SOURCE;
+        if (src > 0 && src < static_cast<int>(peers_.size())) {
+          peers_[src].heard = true;
+          peers_[src].progress = in;
+          last_[src] = Clock::now();
+        }
+      }
+      MPI_Irecv(&in, 1, MPI_INT64_T, MPI_ANY_SOURCE, kHeartbeatTag, comm_, &request);
+    }
+    if (request != MPI_REQUEST_NULL) {
+      MPI_Cancel(&request);
+      MPI_Wait(&request, MPI_STATUS_IGNORE);
+    }
+  }
+
+  static constexpr std::chrono::milliseconds kPoll{20};
+  const MPI_Comm comm_;
+  const int rank_;
+  const std::chrono::milliseconds interval_;
+  const Clock::time_point start_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int64_t> progress_{0};
+  int64_t out_ = 0;  // the beat being sent (send thread)
+  mutable std::mutex mu_;
+  std::vector<PeerBeat> peers_;         // guarded by mu_; index = rank
+  std::vector<Clock::time_point> last_;  // guarded by mu_: each rank's last beat (start_ until one arrives)
+  std::thread thread_;
+};
+
 class MpiCommunicator final : public Communicator {
  public:
-  explicit MpiCommunicator(WorldLayout layout) : layout_(std::move(layout)) {}
+  MpiCommunicator(WorldLayout layout, int thread_level) : layout_(std::move(layout)), thread_level_(thread_level) {}
   ~MpiCommunicator() override {
     int finalized = 0;
     MPI_Finalized(&finalized);
@@ -101,15 +221,49 @@ class MpiCommunicator final : public Communicator {
   }
   void abort_job(int code) override { MPI_Abort(MPI_COMM_WORLD, code); }
 
+  Status broadcast_idle(void* data, size_t bytes, int root) override {
+    char* p = static_cast<char*>(data);
+    return in_pieces(bytes, [&](size_t off, int count) {
+      MPI_Request request;
+      SS_RETURN_IF_ERROR(
+          SS_CALL_STATUS(mpi(MPI_Ibcast(p + off, count, MPI_BYTE, root, MPI_COMM_WORLD, &request)), "MPI_Ibcast"));
+      return wait_without_spinning(&request, "MPI_Ibcast (test)");
+    });
+  }
+  Status barrier_idle() override {
+    MPI_Request request;
+    SS_RETURN_IF_ERROR(SS_CALL_STATUS(mpi(MPI_Ibarrier(MPI_COMM_WORLD, &request)), "MPI_Ibarrier"));
+    return wait_without_spinning(&request, "MPI_Ibarrier (test)");
+  }
+
+  Result<std::unique_ptr<Heartbeat>> start_heartbeat(std::chrono::milliseconds interval) override {
+    if (thread_level_ < MPI_THREAD_MULTIPLE) {
+      return unimplemented("the MPI library gives thread level {} (MPI_THREAD_MULTIPLE = {} is needed for the "
+                           "heartbeat thread)",
+                           thread_level_, static_cast<int>(MPI_THREAD_MULTIPLE));
+    }
+    MPI_Comm dup;
+    SS_RETURN_IF_CALL_FAILED(mpi(MPI_Comm_dup(MPI_COMM_WORLD, &dup)));
+    MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN);
+    // Every rank's host, so that rank 0 can name where a silent rank runs.
+    std::vector<char> mine(kHostChars, '\0'), all(static_cast<size_t>(kHostChars) * layout_.world_size);
+    std::memcpy(mine.data(), layout_.host.data(), std::min<size_t>(layout_.host.size(), kHostChars - 1));
+    SS_RETURN_IF_CALL_FAILED(mpi(MPI_Allgather(mine.data(), kHostChars, MPI_CHAR, all.data(), kHostChars, MPI_CHAR, dup)));
+    std::vector<std::string> hosts(layout_.world_size);
+    for (int r = 0; r < layout_.world_size; ++r) hosts[r] = std::string(all.data() + static_cast<size_t>(r) * kHostChars);
+    return std::unique_ptr<Heartbeat>(std::make_unique<MpiHeartbeat>(dup, layout_.rank, std::move(hosts), interval));
+  }
+
  private:
   WorldLayout layout_;
+  const int thread_level_;
 };
 
 }  // namespace
 
 Result<std::unique_ptr<Communicator>> make_mpi_communicator(int* argc, char*** argv) {
   int provided = 0;
-  SS_RETURN_IF_CALL_FAILED(mpi(MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided)));
+  SS_RETURN_IF_CALL_FAILED(mpi(MPI_Init_thread(argc, argv, MPI_THREAD_MULTIPLE, &provided)));
   // Errors come back as codes so they become Status values with a message, not a silent abort.
   MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
   WorldLayout layout;
@@ -124,7 +278,7 @@ Result<std::unique_ptr<Communicator>> make_mpi_communicator(int* argc, char*** a
   int len = 0;
   SS_RETURN_IF_CALL_FAILED(mpi(MPI_Get_processor_name(host, &len)));
   layout.host.assign(host, len);
-  return std::unique_ptr<Communicator>(std::make_unique<MpiCommunicator>(std::move(layout)));
+  return std::unique_ptr<Communicator>(std::make_unique<MpiCommunicator>(std::move(layout), provided));
 }
 
 #else

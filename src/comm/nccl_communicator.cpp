@@ -60,6 +60,11 @@ class NcclCommunicator final : public Communicator {
   Status send(const void* data, size_t bytes, int dst, int tag) override { return host_->send(data, bytes, dst, tag); }
   Status recv(void* data, size_t bytes, int src, int tag) override { return host_->recv(data, bytes, src, tag); }
   void abort_job(int code) override { host_->abort_job(code); }
+  Status broadcast_idle(void* data, size_t bytes, int root) override { return host_->broadcast_idle(data, bytes, root); }
+  Status barrier_idle() override { return host_->barrier_idle(); }
+  Result<std::unique_ptr<Heartbeat>> start_heartbeat(std::chrono::milliseconds interval) override {
+    return host_->start_heartbeat(interval);
+  }
 
   bool has_device_collectives() const override { return true; }
 

@@ -52,12 +52,19 @@ struct ServerConfig {
   std::string tls_cert, tls_key;    // PEM files; both set = TLS
   std::string tls_client_ca;        // PEM; set = mutual TLS
   std::string api_key;              // non-empty: every RPC needs "authorization: Bearer <key>"
-  bool auth_health = false;         // whether health checks also need the key
+  bool health_without_key = false;  // with an api_key: health answers without it (orchestrator probes)
   int max_message_bytes = 16 << 20; // gRPC message size limit
   int max_prompt_tokens = 0;        // 0 = max_context
   int max_tokens_limit = 4096;      // upper bound for a request's max_tokens
   int max_stop_strings = 16;
   int max_stop_string_bytes = 256;
+  // Seconds without a heartbeat from a rank (or a step stuck behind lagging ranks) before rank 0 fails the
+  // requests and ends the job; 0 = off. Beats come every second from a thread of their own, whatever the
+  // steps do, so 30 missed beats means a stopped or cut-off rank, not a slow one, while brief stalls of an
+  // overloaded host or network pass.
+  double watchdog_timeout_s = 30;
+  // Seconds that running requests get to finish after SIGTERM/SIGINT before they end as cancelled.
+  double shutdown_grace_s = 30;
 };
 
 struct LogConfig {

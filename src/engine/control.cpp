@@ -30,10 +30,11 @@ void ControlMessage::add_release(SeqId id) {
 }
 
 Status broadcast_control(Communicator& comm, std::vector<int64_t>& msg) {
+  // The _idle forms: a worker waits here for as long as the server has nothing to do, without spinning.
   int64_t n = static_cast<int64_t>(msg.size());
-  SS_RETURN_IF_ERROR(comm.broadcast(&n, sizeof(n), 0));
+  SS_RETURN_IF_ERROR(comm.broadcast_idle(&n, sizeof(n), 0));
   msg.resize(n);
-  if (n > 0) SS_RETURN_IF_ERROR(comm.broadcast(msg.data(), n * sizeof(int64_t), 0));
+  if (n > 0) SS_RETURN_IF_ERROR(comm.broadcast_idle(msg.data(), n * sizeof(int64_t), 0));
   return Status();
 }
 

@@ -46,7 +46,8 @@ class ControlMessage {
   std::vector<int64_t> words_;
 };
 
-// Rank 0 sends (length, words); the workers receive into msg.
+// Rank 0 sends (length, words); the workers receive into msg. Waits without spinning
+// (Communicator::broadcast_idle), so every rank must take part through this function.
 Status broadcast_control(Communicator& comm, std::vector<int64_t>& msg);
 
 // What every rank keeps per request, and how it executes a step.

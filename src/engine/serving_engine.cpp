@@ -21,7 +21,7 @@ double ms_between(Clock::time_point a, Clock::time_point b) {
 struct ServingEngine::Active {
   RequestId id = 0;
   EngineRequest req;
-  EngineEventFn on_event;
+  std::shared_ptr<Sink> sink;
   bool admitted = false;         // ADMIT broadcast
   int layers_per_chunk = 0;      // chunked prefill (engine/scheduler.h); 0 = each block in one step
   int phase1_steps = 0;          // phase-1 steps run so far
@@ -44,8 +44,19 @@ ServingEngine::ServingEngine(const EngineContext& ctx)
 
 ServingEngine::~ServingEngine() = default;
 
+void ServingEngine::Sink::deliver(const EngineEvent& ev) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (closed) return;
+  if (ev.kind == EngineEvent::Kind::kFinished) closed = true;
+  if (fn) fn(ev);
+}
+
 Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_event) {
-  if (stopping_) return unavailable("the server is shutting down");
+  if (failed_) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return failure_;
+  }
+  if (stopping_ || draining_) return unavailable("the server is shutting down");
   const ModelHParams& hp = ctx_.model->hparams();
   SS_RETURN_IF_ERROR(request.sampling.validate(hp.n_vocab));
   if (request.query.empty()) return invalid_argument("the query is empty (at least one token is needed)");
@@ -89,13 +100,16 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
   const KvDemand demand = kv_demand(layout, plan.mode,
                                     static_cast<int64_t>(a->req.query.size()) + a->req.sampling.max_tokens,
                                     ctx_.cache->shape().page_size, executor_->chunks_per_block(a->layers_per_chunk));
-  a->on_event = std::move(on_event);
+  a->sink = std::make_shared<Sink>();
+  a->sink->fn = std::move(on_event);
   a->submitted = Clock::now();
   std::lock_guard<std::mutex> lock(mu_);
+  if (failed_) return failure_;
   const RequestId id = next_id_;
   SS_RETURN_IF_ERROR(scheduler_.enqueue(id, demand));
   ++next_id_;
   a->id = id;
+  sinks_[id] = a->sink;
   waiting_[id] = std::move(a);
   queue_depth_ = scheduler_.waiting_count();
   cv_.notify_one();
@@ -116,6 +130,49 @@ void ServingEngine::stop() {
   stopping_ = true;
   std::lock_guard<std::mutex> lock(mu_);
   cv_.notify_one();
+}
+
+void ServingEngine::drain(std::chrono::milliseconds grace) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (draining_) return;
+  drain_deadline_ = Clock::now() + grace;
+  draining_ = true;
+  cv_.notify_one();
+}
+
+void ServingEngine::fail_all(const Status& error) {
+  std::vector<std::shared_ptr<Sink>> sinks;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!failed_) failure_ = error;
+    failed_ = true;
+    for (auto& [id, sink] : sinks_) sinks.push_back(sink);
+    sinks_.clear();
+    cv_.notify_one();
+  }
+  EngineEvent ev;
+  ev.kind = EngineEvent::Kind::kFinished;
+  ev.finish = FinishReason::kError;
+  ev.error = error;
+  for (auto& sink : sinks) sink->deliver(ev);
+}
+
+StepState ServingEngine::step_state() const {
+  StepState s;
+  s.completed = steps_completed_.load();
+  s.started = steps_started_.load();
+  if (s.in_step()) {
+    const int64_t now = Clock::now().time_since_epoch().count();
+    s.running_s = std::chrono::duration<double>(Clock::duration(now - step_since_ns_.load())).count();
+  }
+  return s;
+}
+
+Status ServingEngine::broadcast_step(std::vector<int64_t>& words) {
+  SS_RETURN_IF_ERROR(broadcast_control(*ctx_.comm, words));
+  step_since_ns_ = Clock::now().time_since_epoch().count();
+  ++steps_started_;
+  return Status();
 }
 
 EngineInfo ServingEngine::info() const {
@@ -150,9 +207,10 @@ EngineInfo ServingEngine::info() const {
 void ServingEngine::finish(Active& a, FinishReason reason, Status error) {
   if (a.done) return;
   a.done = true;
-  if (a.admitted) {
+  {
     std::lock_guard<std::mutex> lock(mu_);
-    scheduler_.finish(a.id);
+    if (a.admitted) scheduler_.finish(a.id);
+    sinks_.erase(a.id);
   }
   if (a.controller && reason != FinishReason::kError) a.controller->finish(reason);
   EngineEvent ev;
@@ -175,7 +233,7 @@ void ServingEngine::finish(Active& a, FinishReason reason, Status error) {
     if (a.n_generated > 1 && decode_s > 0) ev.timing.tokens_per_second = (a.n_generated - 1) / decode_s;
   }
   ev.entropy = a.entropy;
-  if (a.on_event) a.on_event(ev);
+  a.sink->deliver(ev);
 }
 
 // Moves what the scheduler admits from the queue into the active set and sets it up.
@@ -201,7 +259,7 @@ void ServingEngine::admit_waiting() {
           EngineEvent ev;
           ev.kind = EngineEvent::Kind::kToken;
           ev.token = t;
-          if (raw->on_event) raw->on_event(ev);
+          raw->sink->deliver(ev);
         });
     if (a->req.return_entropy) {
       a->entropy.emplace();
@@ -227,8 +285,10 @@ Status ServingEngine::release_finished() {
     }
   }
   if (msg.empty()) return Status();
-  SS_RETURN_IF_ERROR(broadcast_control(*ctx_.comm, msg.words()));
-  return executor_->execute(msg.words(), nullptr);
+  SS_RETURN_IF_ERROR(broadcast_step(msg.words()));
+  SS_RETURN_IF_ERROR(executor_->execute(msg.words(), nullptr));
+  end_step();
+  return Status();
 }
 
 Status ServingEngine::step() {
@@ -273,8 +333,9 @@ Status ServingEngine::step() {
                     a->layers_per_chunk, a->req.context);
   }
   if (!admit.empty()) {
-    SS_RETURN_IF_ERROR(broadcast_control(*ctx_.comm, admit.words()));
+    SS_RETURN_IF_ERROR(broadcast_step(admit.words()));
     SS_RETURN_IF_ERROR(executor_->execute(admit.words(), nullptr));
+    end_step();
   }
   running_ = static_cast<int>(active_.size());
   {
@@ -292,8 +353,9 @@ Status ServingEngine::step() {
   if (!encoding.empty()) {
     ControlMessage msg(ControlCommand::kEncode);
     for (const auto& [id, k] : encoding) msg.add_encode(static_cast<SeqId>(id), k);
-    SS_RETURN_IF_ERROR(broadcast_control(*ctx_.comm, msg.words()));
+    SS_RETURN_IF_ERROR(broadcast_step(msg.words()));
     SS_RETURN_IF_ERROR(executor_->execute(msg.words(), nullptr));
+    end_step();
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [id, k] : encoding) {
       Active& a = *active_.at(id);
@@ -319,7 +381,7 @@ Status ServingEngine::step() {
     msg.add_decode(static_cast<SeqId>(id), a->position, a->next_tokens);
     decoding.push_back(a);
   }
-  SS_RETURN_IF_ERROR(broadcast_control(*ctx_.comm, msg.words()));
+  SS_RETURN_IF_ERROR(broadcast_step(msg.words()));
   // On a backend that samples on the device, only the tokens come back, unless a request of this
   // step needs its logits on the host (logprobs): then the whole step takes the host path.
   const bool on_device =
@@ -339,6 +401,7 @@ Status ServingEngine::step() {
   }
   std::vector<float> logits;
   Status st = executor_->execute(msg.words(), on_device ? nullptr : &logits, rows, tokens);
+  end_step();
   if (!st.ok()) {
     // A forward failure is a bug or a broken rank: fail the requests of this step, keep serving.
     for (Active* a : decoding) finish(*a, FinishReason::kError, st);
@@ -370,15 +433,29 @@ void ServingEngine::publish_stats() {
 }
 
 Status ServingEngine::run() {
+  // Every rank has loaded the model once all are here (run_worker starts with the same barrier).
+  SS_RETURN_IF_ERROR(ctx_.comm->barrier_idle());
   ready_ = true;
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait_for(lock, std::chrono::milliseconds(50), [&] {
-        return stopping_ || !waiting_.empty() || !cancel_requests_.empty() || !active_.empty();
+        return stopping_ || failed_ || draining_ || !waiting_.empty() || !cancel_requests_.empty() ||
+               !active_.empty();
       });
     }
-    if (stopping_) break;
+    if (stopping_ || failed_) break;
+    if (draining_) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (waiting_.empty() && active_.empty() && cancel_requests_.empty()) break;
+      // Past the grace: cancel what is left (queued ones are dropped, running ones end with their
+      // output so far); the next steps finish and release them.
+      if (!drain_cancelled_ && Clock::now() >= drain_deadline_) {
+        drain_cancelled_ = true;
+        for (const auto& [id, a] : waiting_) cancel_requests_.push_back(id);
+        for (const auto& [id, a] : active_) cancel_requests_.push_back(id);
+      }
+    }
     Status st = step();
     if (!st.ok()) return st;
   }
@@ -403,7 +480,9 @@ Status ServingEngine::run() {
 
 Status run_worker(const EngineContext& ctx) {
   StepExecutor executor(*ctx.model, *ctx.cache, *ctx.comm);
+  SS_RETURN_IF_ERROR(ctx.comm->barrier_idle());  // matches ServingEngine::run's: this rank has loaded
   std::vector<int64_t> msg;
+  int64_t completed = 0;
   while (true) {
     SS_RETURN_IF_ERROR(broadcast_control(*ctx.comm, msg));
     if (msg.empty()) return internal_error("empty control message from rank 0");
@@ -411,6 +490,7 @@ Status run_worker(const EngineContext& ctx) {
     Status st = executor.execute(msg, nullptr);
     // Rank 0 fails the affected requests; a worker that cannot execute a step cannot stay in step.
     if (!st.ok()) return st;
+    if (ctx.heartbeat) ctx.heartbeat->set_progress(++completed);
   }
 }
 

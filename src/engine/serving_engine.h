@@ -21,6 +21,7 @@
 #include "engine/control.h"
 #include "engine/engine.h"
 #include "engine/scheduler.h"
+#include "engine/watchdog.h"
 #include "kv/kv_cache.h"
 #include "model/model.h"
 #include "model/tokenizer.h"
@@ -37,6 +38,7 @@ struct EngineContext {
   StarConfig star;
   SchedulerConfig scheduler;
   std::vector<std::string> devices;  // per rank
+  Heartbeat* heartbeat = nullptr;    // workers: where they report the steps they completed (null = none)
 };
 
 class ServingEngine final : public Engine {
@@ -50,13 +52,36 @@ class ServingEngine final : public Engine {
   bool ready() const override { return ready_.load(); }
   int64_t plain_prompt_context_tokens(int64_t n_prompt) const override;
 
-  // Rank 0's scheduler loop; returns after stop() (broadcasting STOP to the workers) or on a
-  // communication error (which ends the job).
+  // Rank 0's scheduler loop. Starts with a barrier of every rank (ready() turns true once every rank
+  // has loaded the model and reached it); returns after stop() or drain() (broadcasting STOP to the
+  // workers) or on a communication error (which ends the job).
   Status run();
+  // Stops at the next step: requests left end with kError UNAVAILABLE "the server is shutting down".
   void stop();
+  // Graceful stop, thread-safe: new requests are refused (UNAVAILABLE "the server is shutting down");
+  // queued and running ones go on for `grace`; those left then end with FinishReason::kCancelled and
+  // the output they had (an answer, not an error). run() returns once none is left. Only the first
+  // call's grace counts.
+  void drain(std::chrono::milliseconds grace);
+  // Ends every queued and running request now with kError `error`, and refuses new ones with it.
+  // Thread-safe, and callable while the engine's thread is blocked inside a step (the watchdog): the
+  // events go straight to the requests' callbacks, and whatever the engine thread produces for them
+  // afterwards is dropped.
+  void fail_all(const Status& error);
+  // Rank 0's control steps, for the watchdog. Thread-safe.
+  StepState step_state() const;
 
  private:
   struct Active;
+  // One request's callback; closed once its kFinished event went out (by the engine thread or fail_all).
+  struct Sink {
+    std::mutex mu;
+    bool closed = false;  // guarded by mu
+    EngineEventFn fn;
+    void deliver(const EngineEvent& ev);
+  };
+  Status broadcast_step(std::vector<int64_t>& words);  // broadcast_control + the step counters
+  void end_step() { ++steps_completed_; }
   Status step();
   void admit_waiting();
   void finish(Active& a, FinishReason reason, Status error = Status());
@@ -66,6 +91,14 @@ class ServingEngine final : public Engine {
   EngineContext ctx_;
   std::atomic<bool> ready_{false};
   std::atomic<bool> stopping_{false};
+  std::atomic<bool> draining_{false};
+  std::atomic<bool> failed_{false};
+  Status failure_;                                   // guarded by mu_: fail_all's error
+  std::chrono::steady_clock::time_point drain_deadline_;  // guarded by mu_
+  bool drain_cancelled_ = false;                     // engine thread: the requests left were cancelled
+  std::map<RequestId, std::shared_ptr<Sink>> sinks_;  // guarded by mu_: requests not yet finished
+  std::atomic<int64_t> steps_started_{0}, steps_completed_{0};
+  std::atomic<int64_t> step_since_ns_{0};             // steady clock, when the current step was broadcast
   mutable std::mutex mu_;
   std::condition_variable cv_;
   Scheduler scheduler_;                               // guarded by mu_

@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "common/check.h"
 #include "common/log.h"
 
 #ifndef STARSERVE_VERSION
@@ -116,15 +117,10 @@ void set_role(v1::ChatDeltaChoice* c) { c->mutable_delta()->set_role("assistant"
 
 }  // namespace
 
-CompletionService::CompletionService(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
-                                     std::optional<ChatTemplate> chat_template,
-                                     std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics)
+CompletionService::CompletionService(const ServerConfig& config, std::shared_ptr<const ApiKeyCheck> api_key,
+                                     ServerMetrics* metrics)
     : CheckedService("starserve.v1.CompletionService"),
       config_(config),
-      engine_(engine),
-      tokenizer_(tokenizer),
-      chat_template_(std::move(chat_template)),
-      max_token_bytes_(longest_token_bytes(tokenizer_)),
       api_key_(std::move(api_key)),
       metrics_(metrics),
       id_rng_(std::random_device{}()) {
@@ -138,13 +134,33 @@ CompletionService::CompletionService(const ServerConfig& config, Engine& engine,
   check_all_registered();
 }
 
+CompletionService::CompletionService(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
+                                     std::optional<ChatTemplate> chat_template,
+                                     std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics)
+    : CompletionService(config, std::move(api_key), metrics) {
+  attach(engine, tokenizer, std::move(chat_template));
+}
+
+void CompletionService::attach(Engine& engine, const Tokenizer& tokenizer, std::optional<ChatTemplate> chat_template) {
+  SS_CHECK(!attached_.load(), "CompletionService::attach called twice");
+  auto a = std::make_unique<Attached>(Attached{engine, tokenizer, std::move(chat_template), 0});
+  a->max_token_bytes = longest_token_bytes(a->tokenizer);
+  attached_owner_ = std::move(a);
+  attached_.store(attached_owner_.get());
+}
+
 grpc::Status CompletionService::admit(const grpc::ServerContext* ctx, bool needs_ready) const {
   if (api_key_) {
     grpc::Status s = api_key_->check(ctx->client_metadata());
     if (!s.ok()) return s;
   }
   if (shutting_down_.load()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the server is shutting down");
-  if (needs_ready && !engine_.ready()) {
+  if (!attached_.load()) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                        "the model loading is under way (health service starserve.v1.CompletionService turns "
+                        "SERVING when every rank has loaded it)");
+  }
+  if (needs_ready && !engine().ready()) {
     return grpc::Status(grpc::StatusCode::UNAVAILABLE,
                         "the model is still loading on some ranks (health service "
                         "starserve.v1.CompletionService turns SERVING when it is ready)");
@@ -153,7 +169,7 @@ grpc::Status CompletionService::admit(const grpc::ServerContext* ctx, bool needs
 }
 
 RequestLimits CompletionService::limits(const EngineInfo& info) const {
-  return make_request_limits(config_, info, tokenizer_, max_token_bytes_);
+  return make_request_limits(config_, info, tokenizer(), attached()->max_token_bytes);
 }
 
 grpc::Status CompletionService::done(std::string_view rpc, grpc::Status status) {
@@ -174,7 +190,7 @@ grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedReque
   prepared.engine.deadline = steady_deadline(ctx);
   const int64_t n_prompt = static_cast<int64_t>(prepared.engine.context.size() + prepared.engine.query.size());
   auto queue = std::make_shared<EventQueue>();
-  Result<RequestId> id = engine_.submit(std::move(prepared.engine), [queue](const EngineEvent& e) {
+  Result<RequestId> id = engine().submit(std::move(prepared.engine), [queue](const EngineEvent& e) {
     {
       std::lock_guard<std::mutex> lock(queue->mu);
       queue->events.emplace_back(e, Clock::now());
@@ -213,7 +229,7 @@ grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedReque
     }
     batch.clear();
     if (!tokens.empty() && !sink(tokens)) {
-      engine_.cancel(*id);
+      engine().cancel(*id);
       return stream_closed();
     }
     if (end) {
@@ -223,7 +239,7 @@ grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedReque
     }
     // True when the client cancelled, its deadline passed or the server is past its shutdown deadline.
     if (ctx->IsCancelled()) {
-      engine_.cancel(*id);
+      engine().cancel(*id);
       if (deadline_passed(ctx)) {
         return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                             fmt::format("the deadline passed after {} generated tokens", n_tokens));
@@ -268,11 +284,11 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
   const Clock::time_point start = Clock::now();
   if (grpc::Status s = admit(ctx, true); !s.ok()) return s;
   if constexpr (Rpc::kChat) {
-    if (!chat_template_) return no_chat_template();
+    if (!chat_template()) return no_chat_template();
   }
-  const EngineInfo info = engine_.info();
+  const EngineInfo info = engine().info();
   Result<PreparedRequest> prepared =
-      prepare_request(request, tokenizer_, chat_template_ ? &*chat_template_ : nullptr, limits(info));
+      prepare_request(request, tokenizer(), chat_template() ? &*chat_template() : nullptr, limits(info));
   if (!prepared.ok()) return to_grpc_status(prepared.status());
 
   const std::string id = new_id(Rpc::kIdPrefix);
@@ -298,7 +314,7 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
                  [&](const std::vector<EngineEvent>& tokens) {
                    Response m;
                    auto* c = begin(&m, stream_created);
-                   append_tokens(tokens, tokenizer_, &text, c);
+                   append_tokens(tokens, tokenizer(), &text, c);
                    set_text(c, std::move(text));
                    text.clear();
                    return out->Write(m);
@@ -308,7 +324,7 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
     auto* c = out->add_choices();
     s = generate(ctx, *prepared, start,
                  [&](const std::vector<EngineEvent>& tokens) {
-                   append_tokens(tokens, tokenizer_, &text, c);
+                   append_tokens(tokens, tokenizer(), &text, c);
                    return true;
                  },
                  &finished);
@@ -356,11 +372,11 @@ grpc::Status CompletionService::Tokenize(grpc::ServerContext* ctx, const v1::Tok
                                          v1::TokenizeResponse* response) {
   grpc::Status s = admit(ctx, false);
   if (s.ok()) {
-    const ChatTemplate* tmpl = chat_template_ ? &*chat_template_ : nullptr;
-    Result<v1::TokenizeResponse> r = tokenize(*request, tokenizer_, tmpl, limits(engine_.info()));
+    const ChatTemplate* tmpl = chat_template() ? &*chat_template() : nullptr;
+    Result<v1::TokenizeResponse> r = tokenize(*request, tokenizer(), tmpl, limits(engine().info()));
     if (r.ok()) {
       *response = std::move(r).value();
-      const int64_t n_ctx = engine_.plain_prompt_context_tokens(response->count());
+      const int64_t n_ctx = engine().plain_prompt_context_tokens(response->count());
       response->set_context_tokens(static_cast<int32_t>(n_ctx));
       response->set_query_tokens(static_cast<int32_t>(response->count() - n_ctx));
     } else {
@@ -374,7 +390,7 @@ grpc::Status CompletionService::GetModelInfo(grpc::ServerContext* ctx, const v1:
                                              v1::GetModelInfoResponse* response) {
   grpc::Status s = admit(ctx, false);
   if (s.ok()) {
-    const EngineInfo info = engine_.info();
+    const EngineInfo info = engine().info();
     response->set_model(info.model_name);
     response->set_architecture(info.architecture);
     response->set_n_layers(info.n_layers);
@@ -383,9 +399,9 @@ grpc::Status CompletionService::GetModelInfo(grpc::ServerContext* ctx, const v1:
     response->set_hidden(info.hidden);
     response->set_n_vocab(info.n_vocab);
     response->set_max_context(info.max_context);
-    if (chat_template_) response->set_chat_template(std::string(chat_template_->name()));
-    if (auto bos = tokenizer_.bos_id()) response->set_bos_token_id(*bos);
-    if (auto eos = tokenizer_.eos_id()) response->set_eos_token_id(*eos);
+    if (chat_template()) response->set_chat_template(std::string(chat_template()->name()));
+    if (auto bos = tokenizer().bos_id()) response->set_bos_token_id(*bos);
+    if (auto eos = tokenizer().eos_id()) response->set_eos_token_id(*eos);
   }
   return done("GetModelInfo", s);
 }
@@ -394,7 +410,7 @@ grpc::Status CompletionService::GetServerInfo(grpc::ServerContext* ctx, const v1
                                               v1::GetServerInfoResponse* response) {
   grpc::Status s = admit(ctx, false);
   if (s.ok()) {
-    const EngineInfo info = engine_.info();
+    const EngineInfo info = engine().info();
     const RequestLimits l = limits(info);
     response->set_version(STARSERVE_VERSION);
     response->set_world_size(info.world_size);
@@ -413,7 +429,7 @@ grpc::Status CompletionService::GetServerInfo(grpc::ServerContext* ctx, const v1
     lim->set_max_stop_string_bytes(l.max_stop_string_bytes);
     lim->set_max_message_bytes(config_.max_message_bytes);
     lim->set_max_logprobs(kMaxLogprobs);
-    response->set_ready(engine_.ready());
+    response->set_ready(engine().ready());
     response->set_kv_pages_total(info.kv_pages_total);
     response->set_kv_pages_free(info.kv_pages_free);
     response->set_queue_depth(info.queue_depth);

@@ -37,10 +37,15 @@ inline constexpr std::chrono::milliseconds kCancelPollInterval{50};
 
 class CompletionService final : public CheckedService<CompletionService> {
  public:
-  // chat_template: nullopt = the chat RPCs answer FAILED_PRECONDITION. metrics may be null.
+  // Without a model: every RPC answers UNAVAILABLE "the model loading is under way" (after the API-key check)
+  // until attach(). metrics may be null.
+  CompletionService(const ServerConfig& config, std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics);
+  // Attached at once. chat_template: nullopt = the chat RPCs answer FAILED_PRECONDITION.
   CompletionService(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
                     std::optional<ChatTemplate> chat_template, std::shared_ptr<const ApiKeyCheck> api_key,
                     ServerMetrics* metrics);
+  // Once, from any thread, while RPCs run: from now on they go to `engine` (which must outlive the service).
+  void attach(Engine& engine, const Tokenizer& tokenizer, std::optional<ChatTemplate> chat_template);
 
   grpc::Status Complete(grpc::ServerContext* ctx, const v1::CompleteRequest* request,
                         v1::CompleteResponse* response);
@@ -84,11 +89,22 @@ class CompletionService final : public CheckedService<CompletionService> {
   template <typename Request, typename Out>
   grpc::Status serve_generation(grpc::ServerContext* ctx, const Request& request, Out* out);
 
+  // What attach() gives; set once, then immutable.
+  struct Attached {
+    Engine& engine;
+    const Tokenizer tokenizer;  // copies share the immutable tables
+    const std::optional<ChatTemplate> chat_template;
+    int max_token_bytes;  // longest_token_bytes(tokenizer), for the prompt byte bound
+  };
+  // Only after admit() succeeded (which checks that the model is attached).
+  const Attached* attached() const { return attached_.load(); }
+  Engine& engine() const { return attached()->engine; }
+  const Tokenizer& tokenizer() const { return attached()->tokenizer; }
+  const std::optional<ChatTemplate>& chat_template() const { return attached()->chat_template; }
+
   const ServerConfig config_;
-  Engine& engine_;
-  const Tokenizer tokenizer_;  // copies share the immutable tables
-  const std::optional<ChatTemplate> chat_template_;
-  const int max_token_bytes_;  // longest_token_bytes(tokenizer_), for the prompt byte bound
+  std::unique_ptr<Attached> attached_owner_;
+  std::atomic<const Attached*> attached_{nullptr};
   const std::shared_ptr<const ApiKeyCheck> api_key_;
   ServerMetrics* const metrics_;
   std::atomic<bool> shutting_down_{false};

@@ -64,18 +64,6 @@ std::string listen_address(const std::string& bare_host, int port) {
   return fmt::format("{}:{}", bare_host, port);
 }
 
-// Whether health answers without the API key (for orchestrator probes): ServerConfig::health_without_key, the
-// setting of --health-without-key. src/common/config.h gains that field with the flag; until then health needs the
-// key like every other service.
-template <typename Config>
-bool health_without_key(const Config& c) {
-  if constexpr (requires { c.health_without_key; }) {
-    return c.health_without_key;
-  } else {
-    return false;
-  }
-}
-
 Result<std::shared_ptr<grpc::ServerCredentials>> make_credentials(const ServerConfig& config) {
   const bool has_cert = !config.tls_cert.empty(), has_key = !config.tls_key.empty();
   if (has_cert != has_key) {
@@ -100,12 +88,11 @@ Result<std::shared_ptr<grpc::ServerCredentials>> make_credentials(const ServerCo
 }  // namespace
 
 struct GrpcServer::Impl {
-  Impl(const ServerConfig& c, Engine& e, const Tokenizer& t, std::optional<ChatTemplate> tmpl)
+  explicit Impl(const ServerConfig& c)
       : config(c),
-        engine(e),
         api_key(std::make_shared<ApiKeyCheck>(c.api_key)),
-        service(c, e, t, std::move(tmpl), api_key, &metrics),
-        health(api_key, health_without_key(c)),
+        service(c, api_key, &metrics),
+        health(api_key, c.health_without_key),
         reflection_v1("grpc.reflection.v1.ServerReflection", service_names(), api_key),
         reflection_v1alpha("grpc.reflection.v1alpha.ServerReflection", service_names(), api_key) {}
 
@@ -115,10 +102,10 @@ struct GrpcServer::Impl {
   }
 
   void watch_readiness();
-  void register_engine_gauges();
+  Status start_metrics();
 
   const ServerConfig config;
-  Engine& engine;
+  std::atomic<Engine*> engine{nullptr};  // set once by attach()
   ServerMetrics metrics;
   std::shared_ptr<const ApiKeyCheck> api_key;
   CompletionService service;
@@ -128,10 +115,12 @@ struct GrpcServer::Impl {
   std::unique_ptr<grpc::Server> server;
   MetricsHttpServer metrics_http;
   int port = 0;
+  std::string host;  // bare, as listened on
 
   std::mutex mu;
   std::condition_variable cv;
   bool stopping = false;   // guarded by mu
+  bool admitting = true;   // guarded by mu: false after begin_shutdown() or set_unavailable()
   bool shut_down = false;  // guarded by mu: shutdown() has finished
   std::thread readiness;
 };
@@ -139,8 +128,9 @@ struct GrpcServer::Impl {
 void GrpcServer::Impl::watch_readiness() {
   // Polled because the Engine interface has no readiness callback; 100 ms is far below any model load time.
   std::unique_lock<std::mutex> lock(mu);
-  while (!stopping) {
-    if (engine.ready()) {
+  while (!stopping && admitting) {
+    Engine* e = engine.load();
+    if (e && e->ready()) {
       health.set_serving(kReadinessService, true);
       log_info("model ready on every rank: {} is SERVING", kReadinessService);
       return;
@@ -149,14 +139,35 @@ void GrpcServer::Impl::watch_readiness() {
   }
 }
 
-void GrpcServer::Impl::register_engine_gauges() {
+Status GrpcServer::Impl::start_metrics() {
+  if (config.metrics_port <= 0) return Status();
   // The metric names, types and help texts have one home: server/metrics.cpp.
-  metrics.register_engine(engine);
+  metrics.register_engine(*engine.load());
+  return metrics_http.start(host, config.metrics_port, [this] { return metrics.registry().render(); });
 }
+
+GrpcServer::GrpcServer(const ServerConfig& config) : impl_(std::make_unique<Impl>(config)) {}
 
 GrpcServer::GrpcServer(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
                        std::optional<ChatTemplate> chat_template)
-    : impl_(std::make_unique<Impl>(config, engine, tokenizer, std::move(chat_template))) {}
+    : GrpcServer(config) {
+  impl_->service.attach(engine, tokenizer, std::move(chat_template));
+  impl_->engine.store(&engine);
+}
+
+Status GrpcServer::attach(Engine& engine, const Tokenizer& tokenizer, std::optional<ChatTemplate> chat_template) {
+  Impl& m = *impl_;
+  SS_CHECK(!m.engine.load(), "GrpcServer::attach called twice");
+  m.service.attach(engine, tokenizer, std::move(chat_template));
+  m.engine.store(&engine);
+  m.cv.notify_all();
+  if (!m.server) return Status();  // start() opens the metrics endpoint
+  Status s = m.start_metrics();
+  if (s.ok() && m.config.metrics_port > 0) {
+    log_info("metrics on http://{}/metrics", listen_address(m.host, m.metrics_http.port()));
+  }
+  return s;
+}
 
 GrpcServer::~GrpcServer() {
   if (impl_->server) {
@@ -176,7 +187,9 @@ Status GrpcServer::start() {
   if (c.max_message_bytes < 1024) {
     return invalid_argument("max_message_bytes = {} must be at least 1024", c.max_message_bytes);
   }
-  SS_ASSIGN_OR_RETURN(const std::string host, parse_host(c.host));
+  SS_ASSIGN_OR_RETURN(std::string bare_host, parse_host(c.host));
+  m.host = std::move(bare_host);
+  const std::string& host = m.host;
   SS_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials, make_credentials(c));
 
   // Health and reflection are this server's own services (they check the API key); gRPC's default health service
@@ -203,9 +216,9 @@ Status GrpcServer::start() {
   m.health.set_serving("", true);
   m.health.set_serving(kReadinessService, false);
 
-  if (c.metrics_port > 0) {
-    m.register_engine_gauges();
-    Status s = m.metrics_http.start(host, c.metrics_port, [&m] { return m.metrics.registry().render(); });
+  // The metrics endpoint reads the engine: it opens once one is attached (here, or in attach()).
+  if (m.engine.load()) {
+    Status s = m.start_metrics();
     if (!s.ok()) {
       m.server->Shutdown();
       m.server->Wait();
@@ -214,17 +227,40 @@ Status GrpcServer::start() {
     }
   }
   m.readiness = std::thread([&m] { m.watch_readiness(); });
-  log_info("gRPC listening on {} (TLS {}, API key {}{}){}", listen_address(host, m.port),
+  log_info("gRPC listening on {} (TLS {}, API key {}{}){}{}", listen_address(host, m.port),
            c.tls_cert.empty() ? "off" : (c.tls_client_ca.empty() ? "on" : "on, client certificates required"),
            m.api_key->enabled() ? "required" : "off",
-           m.api_key->enabled() ? (health_without_key(c) ? ", health exempt" : ", health included") : "",
-           c.metrics_port > 0 ? fmt::format("; metrics on http://{}/metrics", listen_address(host, m.metrics_http.port()))
-                              : std::string());
+           m.api_key->enabled() ? (c.health_without_key ? ", health exempt" : ", health included") : "",
+           m.metrics_http.port() > 0
+               ? fmt::format("; metrics on http://{}/metrics", listen_address(host, m.metrics_http.port()))
+               : std::string(),
+           m.engine.load() ? "" : "; model loading");
   return Status();
 }
 
 int GrpcServer::port() const { return impl_->port; }
 int GrpcServer::metrics_port() const { return impl_->metrics_http.port(); }
+
+void GrpcServer::begin_shutdown() {
+  Impl& m = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.admitting = false;
+  }
+  m.cv.notify_all();
+  m.service.begin_shutdown();
+  m.health.set_serving(kReadinessService, false);
+}
+
+void GrpcServer::set_unavailable() {
+  Impl& m = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(m.mu);
+    m.admitting = false;
+  }
+  m.cv.notify_all();
+  m.health.set_serving(kReadinessService, false);
+}
 
 void GrpcServer::shutdown(std::chrono::milliseconds grace) {
   Impl& m = *impl_;

@@ -18,6 +18,7 @@
 #include <atomic>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <fmt/format.h>
@@ -411,6 +412,96 @@ TEST(HealthService, WithoutKeyAnswersProbes) {
   EXPECT_FALSE(reader->Read(&m));
   EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::UNAVAILABLE);
   server->Shutdown();
+}
+
+// ServerConfig::health_without_key through the whole server: with a key and the setting, health answers without
+// the key and the other services still need it; without the setting health is UNAUTHENTICATED too.
+TEST(GrpcServer, HealthWithoutKeyExemptsHealthOnly) {
+  const std::string key = "unit-test-key";
+  for (const bool exempt : {true, false}) {
+    ServerConfig c = config_for("127.0.0.1", key);
+    c.health_without_key = exempt;
+    Served s;
+    ASSERT_TRUE(s.start(c).ok());
+    auto health = grpc::health::v1::Health::NewStub(s.channel());
+    grpc::ClientContext ctx;
+    HealthCheckResponse resp;
+    const grpc::Status st = health->Check(&ctx, HealthCheckRequest(), &resp);
+    if (exempt) {
+      EXPECT_TRUE(st.ok()) << st.error_message();
+      EXPECT_EQ(resp.status(), HealthCheckResponse::SERVING);
+    } else {
+      expect_status(st, grpc::StatusCode::UNAUTHENTICATED, "authorization");
+    }
+    auto completion = v1::CompletionService::NewStub(s.channel());
+    grpc::ClientContext info_ctx;
+    v1::GetServerInfoResponse info;
+    expect_status(completion->GetServerInfo(&info_ctx, v1::GetServerInfoRequest(), &info),
+                  grpc::StatusCode::UNAUTHENTICATED, "authorization");
+  }
+}
+
+// `starserve serve` starts the server before the model loads: liveness SERVING, readiness NOT_SERVING, every
+// completion RPC UNAVAILABLE "loading" (after the key check); once the engine is attached and ready, readiness
+// turns SERVING and the RPCs go to it. begin_shutdown() (a drain) turns readiness NOT_SERVING and refuses new
+// RPCs while liveness stays SERVING.
+TEST(GrpcServer, AnswersHealthBeforeTheModelIsAttached) {
+  InstantEngine engine;
+  ServerConfig c = config_for("127.0.0.1", "k");
+  GrpcServer server(c);
+  ASSERT_TRUE(server.start().ok());
+  const auto channel =
+      grpc::CreateChannel(fmt::format("127.0.0.1:{}", server.port()), grpc::InsecureChannelCredentials());
+  auto completion = v1::CompletionService::NewStub(channel);
+  const auto complete = [&](const std::string& key) {
+    grpc::ClientContext ctx;
+    if (!key.empty()) with_key(&ctx, key);
+    v1::CompleteRequest r;
+    r.set_prompt("hi");
+    v1::CompleteResponse resp;
+    return completion->Complete(&ctx, r, &resp);
+  };
+  const auto health_of = [&](const std::string& service) {
+    auto health = grpc::health::v1::Health::NewStub(channel);
+    grpc::ClientContext ctx;
+    with_key(&ctx, "k");
+    HealthCheckRequest req;
+    req.set_service(service);
+    HealthCheckResponse resp;
+    const grpc::Status st = health->Check(&ctx, req, &resp);
+    EXPECT_TRUE(st.ok()) << st.error_message();
+    return resp.status();
+  };
+  EXPECT_EQ(health_of(""), HealthCheckResponse::SERVING);
+  EXPECT_EQ(health_of("starserve.v1.CompletionService"), HealthCheckResponse::NOT_SERVING);
+  expect_status(complete(""), grpc::StatusCode::UNAUTHENTICATED, "authorization");
+  expect_status(complete("k"), grpc::StatusCode::UNAVAILABLE, "model loading");
+  {
+    grpc::ClientContext ctx;
+    with_key(&ctx, "k");
+    v1::GetServerInfoResponse info;
+    expect_status(completion->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info), grpc::StatusCode::UNAVAILABLE,
+                  "model loading");
+  }
+  EXPECT_EQ(engine.submitted.load(), 0);
+
+  ASSERT_TRUE(server.attach(engine, tiny(), ChatTemplate::builtin("llama3").value()).ok());
+  HealthCheckResponse::ServingStatus ready = HealthCheckResponse::NOT_SERVING;
+  for (int i = 0; i < 600 && ready != HealthCheckResponse::SERVING; ++i) {  // the readiness poll: 100 ms
+    ready = health_of("starserve.v1.CompletionService");
+    if (ready != HealthCheckResponse::SERVING) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(ready, HealthCheckResponse::SERVING);
+  EXPECT_TRUE(complete("k").ok());
+  EXPECT_EQ(engine.submitted.load(), 1);
+
+  server.begin_shutdown();
+  EXPECT_EQ(health_of("starserve.v1.CompletionService"), HealthCheckResponse::NOT_SERVING);
+  EXPECT_EQ(health_of(""), HealthCheckResponse::SERVING);
+  expect_status(complete("k"), grpc::StatusCode::UNAVAILABLE, "shutting down");
+  EXPECT_EQ(engine.submitted.load(), 1);
+  server.shutdown(std::chrono::milliseconds(0));
+  server.wait();
 }
 
 // ---- listen addresses ----

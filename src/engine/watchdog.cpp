@@ -1,0 +1,69 @@
+#include "engine/watchdog.h"
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "common/log.h"
+
+namespace starserve {
+
+namespace {
+// How often the watchdog looks: a small fraction of any sensible timeout (seconds).
+constexpr std::chrono::milliseconds kCheckInterval{200};
+
+std::string where(const PeerBeat& p) { return fmt::format("rank {} (host {})", p.rank, p.host); }
+}  // namespace
+
+std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& peers, const StepState& rank0,
+                                                 double timeout_s) {
+  std::vector<std::string> silent;
+  for (const PeerBeat& p : peers) {
+    if (p.age_s <= timeout_s) continue;
+    silent.push_back(p.heard ? fmt::format("{} has sent no heartbeat for {:.1f} s", where(p), p.age_s)
+                             : fmt::format("{} has sent no heartbeat since the watchdog started {:.1f} s ago",
+                                           where(p), p.age_s));
+  }
+  if (!silent.empty()) {
+    return fmt::format("{} (watchdog timeout {:g} s)", fmt::join(silent, "; "), timeout_s);
+  }
+  if (!rank0.in_step() || rank0.running_s <= timeout_s) return std::nullopt;
+  // Rank 0 is in step `started`; a rank that reports fewer than started - 1 completed steps never got to it.
+  std::vector<std::string> lagging;
+  for (const PeerBeat& p : peers) {
+    if (p.progress < rank0.started - 1) {
+      lagging.push_back(fmt::format("{} has completed {} steps", where(p), p.progress));
+    }
+  }
+  if (lagging.empty()) return std::nullopt;
+  return fmt::format("step {} has run for {:.1f} s on rank 0 and {} (watchdog timeout {:g} s)", rank0.started,
+                     rank0.running_s, fmt::join(lagging, "; "), timeout_s);
+}
+
+Watchdog::Watchdog(const Heartbeat& heartbeat, double timeout_s, std::function<StepState()> step,
+                   std::function<void(const Status&)> on_hang)
+    : heartbeat_(heartbeat), timeout_s_(timeout_s), step_(std::move(step)), on_hang_(std::move(on_hang)) {
+  thread_ = std::thread([this] { loop(); });
+}
+
+Watchdog::~Watchdog() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+void Watchdog::loop() {
+  std::unique_lock<std::mutex> lock(mu_);
+  while (!cv_.wait_for(lock, kCheckInterval, [this] { return stop_; })) {
+    const std::optional<std::string> found = diagnose_silent_ranks(heartbeat_.peers(), step_(), timeout_s_);
+    if (!found) continue;
+    log_error("watchdog: {}", *found);
+    lock.unlock();
+    on_hang_(unavailable("{}", *found));
+    return;
+  }
+}
+
+}  // namespace starserve

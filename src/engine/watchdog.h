@@ -1,0 +1,59 @@
+// Rank 0's watchdog: notices a rank that stopped answering. Its thread reads the heartbeats the other ranks send
+// (comm/communicator.h, Heartbeat) and rank 0's own step progress, and names
+//   - a rank whose last beat is older than the timeout (stopped, frozen, cut off: its heartbeat thread is silent),
+//   - or, when rank 0 has been inside one control step longer than the timeout, the ranks that have not completed
+//     the step before it (their heartbeat thread lives but their main thread is stuck).
+// A step that runs long on every rank (a long forward) is no hang and is not reported. On a diagnosis the watchdog
+// logs it and calls on_hang once, on its own thread (the main thread may be blocked inside MPI).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "comm/communicator.h"
+#include "common/status.h"
+
+namespace starserve {
+
+// Rank 0's control steps (ServingEngine::step_state).
+struct StepState {
+  int64_t started = 0;    // steps broadcast so far; the current one is number `started` when in_step
+  int64_t completed = 0;  // steps rank 0 has finished executing
+  double running_s = 0;   // how long the current step has run (0 when not in a step)
+  bool in_step() const { return started > completed; }
+};
+
+// The diagnosis, or nullopt when every rank answers. timeout_s > 0.
+std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& peers, const StepState& rank0,
+                                                 double timeout_s);
+
+class Watchdog {
+ public:
+  // heartbeat and the callables must outlive the watchdog; `step` is called from the watchdog's thread.
+  Watchdog(const Heartbeat& heartbeat, double timeout_s, std::function<StepState()> step,
+           std::function<void(const Status&)> on_hang);
+  ~Watchdog();  // stops the thread (waits for on_hang if it is running)
+  Watchdog(const Watchdog&) = delete;
+  Watchdog& operator=(const Watchdog&) = delete;
+
+ private:
+  void loop();
+
+  const Heartbeat& heartbeat_;
+  const double timeout_s_;
+  const std::function<StepState()> step_;
+  const std::function<void(const Status&)> on_hang_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;  // guarded by mu_
+  std::thread thread_;
+};
+
+}  // namespace starserve

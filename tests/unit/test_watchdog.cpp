@@ -1,0 +1,50 @@
+// The watchdog's diagnosis (engine/watchdog.h): which ranks it names, from their heartbeats and rank 0's step.
+#include <gtest/gtest.h>
+
+#include "engine/watchdog.h"
+
+namespace starserve {
+namespace {
+
+PeerBeat beat(int rank, double age_s, int64_t progress, bool heard = true) {
+  PeerBeat p;
+  p.rank = rank;
+  p.host = "node" + std::to_string(rank);
+  p.heard = heard;
+  p.age_s = age_s;
+  p.progress = progress;
+  return p;
+}
+
+TEST(Watchdog, EveryRankBeatingIsNoHang) {
+  EXPECT_FALSE(diagnose_silent_ranks({beat(1, 0.9, 10), beat(2, 0.1, 10)}, StepState{10, 10, 0}, 3));
+  EXPECT_FALSE(diagnose_silent_ranks({}, StepState{}, 3));
+}
+
+TEST(Watchdog, NamesTheSilentRankAndItsHost) {
+  const auto d = diagnose_silent_ranks({beat(1, 0.5, 7), beat(2, 4.2, 7), beat(3, 0.2, 7)}, StepState{8, 7, 4}, 3);
+  ASSERT_TRUE(d);
+  EXPECT_NE(d->find("rank 2 (host node2) has sent no heartbeat for 4.2 s"), std::string::npos) << *d;
+  EXPECT_EQ(d->find("rank 1"), std::string::npos) << *d;
+  EXPECT_EQ(d->find("rank 3"), std::string::npos) << *d;
+  const auto never = diagnose_silent_ranks({beat(1, 3.5, 0, false)}, StepState{}, 3);
+  ASSERT_TRUE(never);
+  EXPECT_NE(never->find("rank 1 (host node1) has sent no heartbeat since the watchdog started"), std::string::npos)
+      << *never;
+}
+
+// A long step on every rank (a long forward) is no hang; a rank behind the others in completed steps is.
+TEST(Watchdog, LongStepNamesOnlyTheRanksThatLag) {
+  // Rank 0 is in step 12 (11 completed) for 10 s; rank 1 completed 11 too, rank 2 only 9.
+  EXPECT_FALSE(diagnose_silent_ranks({beat(1, 0.5, 11), beat(2, 0.5, 11)}, StepState{12, 11, 10}, 3));
+  const auto d = diagnose_silent_ranks({beat(1, 0.5, 11), beat(2, 0.5, 9)}, StepState{12, 11, 10}, 3);
+  ASSERT_TRUE(d);
+  EXPECT_NE(d->find("step 12"), std::string::npos) << *d;
+  EXPECT_NE(d->find("rank 2 (host node2) has completed 9 steps"), std::string::npos) << *d;
+  EXPECT_EQ(d->find("rank 1"), std::string::npos) << *d;
+  // The same lag inside the timeout is not reported yet.
+  EXPECT_FALSE(diagnose_silent_ranks({beat(1, 0.5, 11), beat(2, 0.5, 9)}, StepState{12, 11, 2}, 3));
+}
+
+}  // namespace
+}  // namespace starserve
