@@ -1,4 +1,5 @@
-// Byte-level BPE: see tokenizer.h for the encoding pipeline.
+// The tokenizer pipeline of tokenizer.h: added-token split, normalizers, pre-tokenizer steps, byte-level and
+// SentencePiece-style BPE, decoding.
 #include "model/tokenizer.h"
 
 #include <algorithm>
@@ -15,7 +16,8 @@
 #include <pcre2.h>
 
 #include <fmt/format.h>
-#include <nlohmann/json.hpp>
+
+#include "model/tokenizer_unicode.h"
 
 namespace starserve {
 namespace {
@@ -212,29 +214,26 @@ class PreRegex {
 
   pcre2_code* code() const { return code_; }
 
-  // Appends to `out` the pieces of `text`: every match and every non-empty span between matches, in order.
-  void split(std::string_view text, pcre2_match_data* match, std::vector<std::string_view>& out) const {
+  // Appends to `out` the [begin, end) byte ranges of the non-empty matches in `text`, left to right.
+  void find_all(std::string_view text, pcre2_match_data* match, std::vector<std::pair<size_t, size_t>>& out) const {
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(text.data());
     const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match);
-    size_t emitted = 0;  // end of the last piece pushed
-    size_t start = 0;    // where the next search begins
+    size_t start = 0;  // where the next search begins
     while (start < text.size()) {
       int rc = pcre2_match(code_, subject, text.size(), start, 0, match, nullptr);
       if (rc < 0 && rc != PCRE2_ERROR_NOMATCH) {
         // A JIT resource limit: the interpreter has none that these patterns can reach.
         rc = pcre2_match(code_, subject, text.size(), start, PCRE2_NO_JIT, match, nullptr);
       }
-      if (rc < 0) break;  // no further match: the rest is one unmatched span
+      if (rc < 0) break;  // no further match
       const size_t begin = ovector[0], end = ovector[1];
       if (end == begin) {  // empty match: step over one character and search again
         start = begin + std::max<size_t>(1, utf8_step(text, begin).len);
         continue;
       }
-      if (begin > emitted) out.push_back(text.substr(emitted, begin - emitted));
-      out.push_back(text.substr(begin, end - begin));
-      emitted = start = end;
+      out.emplace_back(begin, end);
+      start = end;
     }
-    if (emitted < text.size()) out.push_back(text.substr(emitted));
   }
 
  private:
@@ -264,6 +263,57 @@ constexpr std::array<std::string_view, 9> kEndOfGenerationTexts = {
 constexpr std::array<std::string_view, 5> kEndOfTurnTexts = {"<|eot_id|>", "<|im_end|>", "<end_of_turn>", "<|end|>",
                                                              "<EOT>"};
 
+constexpr std::string_view kSpaceMarker = "\xE2\x96\x81";  // U+2581, SentencePiece's stand-in for a space
+
+std::string replace_all(std::string_view text, std::string_view from, std::string_view to) {
+  std::string out;
+  out.reserve(text.size() + text.size() / 4);
+  size_t pos = 0;
+  for (size_t at = text.find(from); at != std::string_view::npos; at = text.find(from, pos)) {
+    out.append(text.substr(pos, at - pos)).append(to);
+    pos = at + from.size();
+  }
+  out.append(text.substr(pos));
+  return out;
+}
+
+// Unicode White_Space characters ending `s` / starting `s`, in bytes (Hugging Face's lstrip / rstrip).
+size_t trailing_whitespace(std::string_view s) {
+  size_t end = s.size();
+  while (end > 0) {
+    size_t start = end - 1;
+    while (start > 0 && (static_cast<uint8_t>(s[start]) & 0xC0) == 0x80 && end - start < 4) --start;
+    const auto c = tokenizer_unicode::next_code_point(s, start);
+    if (c.cp == 0xFFFFFFFFu || start + c.len != end || !tokenizer_unicode::is_whitespace(c.cp)) break;
+    end = start;
+  }
+  return s.size() - end;
+}
+
+size_t leading_whitespace(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const auto c = tokenizer_unicode::next_code_point(s, i);
+    if (c.cp == 0xFFFFFFFFu || !tokenizer_unicode::is_whitespace(c.cp)) break;
+    i += c.len;
+  }
+  return i;
+}
+
+bool ends_with_word_char(std::string_view s) {
+  if (s.empty()) return false;
+  size_t start = s.size() - 1;
+  while (start > 0 && (static_cast<uint8_t>(s[start]) & 0xC0) == 0x80 && s.size() - start < 4) --start;
+  const auto c = tokenizer_unicode::next_code_point(s, start);
+  return c.cp != 0xFFFFFFFFu && tokenizer_unicode::is_word_char(c.cp);
+}
+
+bool starts_with_word_char(std::string_view s) {
+  if (s.empty()) return false;
+  const auto c = tokenizer_unicode::next_code_point(s, 0);
+  return c.cp != 0xFFFFFFFFu && tokenizer_unicode::is_word_char(c.cp);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -273,25 +323,46 @@ struct TokenizerImpl {
     int32_t rank;
     int32_t merged_id;
   };
-  struct SpecialToken {
+  // A token cut out of the text before normalization (raw) or after it (normalized).
+  struct AddedToken {
     std::string_view text;  // into spec.tokens
     int32_t id;
     bool control;  // matched only with parse_special
+    AddedTokenSpec options;
+  };
+  // Added tokens of one pass, longest first so the first match at a position is the longest.
+  struct AddedSet {
+    std::vector<AddedToken> tokens;
+    std::array<std::vector<uint32_t>, 256> by_first_byte;  // indices into tokens, longest first
+    bool empty() const { return tokens.empty(); }
+  };
+  struct PreStep {
+    PreTokenizerStep spec;
+    std::unique_ptr<PreRegex> regex;  // kSplit
   };
 
   TokenizerSpec spec;
-  std::vector<std::unique_ptr<PreRegex>> pre;
+  bool sentencepiece = false;  // model "llama": characters, byte fallback, "\u2581" for spaces
+  bool by_score = false;       // "llama" without merges: merge the pair whose concatenation has the highest score
+  tokenizer_unicode::Normalizer normalizer;
+  std::vector<PreStep> pre;
   std::unordered_map<std::string, int32_t, StringHash, std::equal_to<>> token_to_id;
-  std::array<int32_t, 256> byte_token{};  // id of the one-character token of each byte, -1 if the vocab lacks it
+  std::array<int32_t, 256> byte_token{};  // "gpt2": the one-character token of each byte; "llama": <0xNN>; -1 if none
   std::unordered_map<uint64_t, Merge> merges;  // pair_key(left id, right id) -> rank, merged id
-  std::vector<std::string> token_bytes;        // id -> raw bytes
-  std::vector<SpecialToken> specials;          // longest first, so the first match at a position is the longest
-  std::array<std::vector<uint32_t>, 256> specials_by_first_byte;  // indices into specials, longest first
-  std::vector<uint8_t> end_of_generation;      // id -> 1 when is_end_of_generation
+  std::vector<std::string> token_bytes;        // id -> raw bytes when decoded (not the first token of a sequence)
+  AddedSet raw_added, normalized_added;
+  std::vector<uint8_t> end_of_generation;  // id -> 1 when is_end_of_generation
 
   TokenType type(int32_t id) const {
     if (spec.token_types.empty()) return TokenType::kNormal;
     return static_cast<TokenType>(spec.token_types[static_cast<size_t>(id)]);
+  }
+
+  // Control and unknown tokens: written in the text only with parse_special, dropped by skip_special (llama.cpp and
+  // Hugging Face treat <unk> as the special token it is).
+  bool is_special(int32_t id) const {
+    const TokenType t = type(id);
+    return t == TokenType::kControl || t == TokenType::kUnknown;
   }
 
   std::optional<int32_t> find(std::string_view text) const {
@@ -300,63 +371,77 @@ struct TokenizerImpl {
     return it->second;
   }
 
+  // Text of the first token of a decoded sequence: the Metaspace decoder drops its replacement characters.
+  std::string first_token_bytes(int32_t id) const {
+    if (!sentencepiece || !spec.sp_decoder.metaspace_first || type(id) == TokenType::kByte) {
+      return token_bytes[static_cast<size_t>(id)];
+    }
+    if (spec.sp_decoder.byte_fallback && parse_byte_token(spec.tokens[static_cast<size_t>(id)])) {
+      return token_bytes[static_cast<size_t>(id)];
+    }
+    return replace_all(spec.tokens[static_cast<size_t>(id)], kSpaceMarker, "");
+  }
+
   // Scratch buffers of one encode call.
   struct Symbol {
     int32_t id;
-    int32_t prev, next;  // neighbours among live symbols, -1 at the ends
+    uint32_t start, len;  // bytes of the piece it covers ("llama" score merges look its text up)
+    int32_t prev, next;   // neighbours among live symbols, -1 at the ends
     bool alive;
+    bool mergeable;  // "llama" score merges: byte-fallback and unknown symbols take part in none
   };
   struct Candidate {
-    int32_t rank;
-    int32_t left, right;       // symbol indices; left is the byte position, so it orders ties leftmost-first
+    double key;                 // lower merges first: the merge rank, or minus the merged token's score
+    int32_t left, right;        // symbol indices; left is the position, so it orders ties leftmost-first
     int32_t left_id, right_id;  // ids when queued: the candidate is stale if either symbol changed since
     int32_t merged_id;
-    bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : left > o.left; }
+    bool operator>(const Candidate& o) const { return key != o.key ? key > o.key : left > o.left; }
+  };
+  struct Piece {
+    std::string text;
+    bool at_start;  // begins at offset 0 of the input (Metaspace prepend_scheme "first")
   };
   struct Scratch {
-    std::vector<MatchData> match;  // one per pre-tokenizer regex
-    std::vector<std::string_view> pieces, next_pieces;
+    std::vector<MatchData> match;  // one per pre-tokenizer step (null for Metaspace)
+    std::vector<Piece> pieces, next_pieces;
+    std::vector<std::pair<size_t, size_t>> ranges;
     std::vector<Symbol> symbols;
     std::vector<Candidate> heap;
   };
 
-  // A byte whose one-character token is missing from the vocabulary (SmolLM2 lacks 0x04, 0xF1, 0xFF, ...) becomes the
-  // unknown token, or is dropped as Hugging Face BPE does without one. A control token named as unknown
+  // "gpt2": a byte whose one-character token is missing from the vocabulary (SmolLM2 lacks 0x04, 0xF1, 0xFF, ...)
+  // becomes the unknown token, or is dropped as Hugging Face BPE does without one. A control token named as unknown
   // (SmolLM2's GGUF says <|endoftext|>) is not used: it would end the document in the middle of the prompt.
   void push_byte(uint8_t byte, std::vector<int32_t>& out) const {
     if (byte_token[byte] >= 0) {
       out.push_back(byte_token[byte]);
-    } else if (spec.unk_id && type(*spec.unk_id) != TokenType::kControl) {
+    } else if (usable_unk()) {
       out.push_back(*spec.unk_id);
     }
   }
+  bool usable_unk() const { return spec.unk_id && type(*spec.unk_id) != TokenType::kControl; }
 
-  // BPE over the bytes of one piece (Sennrich et al. 2016, applied to bytes as in GPT-2): O(n log n) in its length.
-  void bpe(std::string_view piece, Scratch& s, std::vector<int32_t>& out) const {
-    if (piece.size() == 1) {
-      push_byte(static_cast<uint8_t>(piece[0]), out);
-      return;
-    }
-    if (spec.ignore_merges) {
-      if (auto id = find(byte_level_encode(piece))) {
-        out.push_back(*id);
-        return;
-      }
-    }
-    const auto n = static_cast<int32_t>(piece.size());
-    s.symbols.resize(piece.size());
-    for (int32_t i = 0; i < n; ++i) {
-      s.symbols[i] = {byte_token[static_cast<uint8_t>(piece[i])], i - 1, i + 1 < n ? i + 1 : -1, true};
-    }
+  // Merges the initial symbols of s.symbols (linked in order) by rank or by score, then appends their ids.
+  // O(n log n) in the number of symbols. `piece` is the text the symbols cover (score lookups).
+  void merge_symbols(std::string_view piece, Scratch& s) const {
+    const auto n = static_cast<int32_t>(s.symbols.size());
     s.heap.clear();
     const auto greater = std::greater<Candidate>();
     auto try_queue = [&](int32_t left, int32_t right) {
       if (left < 0 || right < 0) return;
-      const int32_t a = s.symbols[left].id, b = s.symbols[right].id;
-      if (a < 0 || b < 0) return;
-      auto it = merges.find(pair_key(a, b));
-      if (it == merges.end()) return;
-      s.heap.push_back({it->second.rank, left, right, a, b, it->second.merged_id});
+      const Symbol& l = s.symbols[left];
+      const Symbol& r = s.symbols[right];
+      if (l.id < 0 || r.id < 0) return;
+      if (by_score) {
+        if (!l.mergeable || !r.mergeable) return;
+        auto id = find(piece.substr(l.start, l.len + r.len));
+        if (!id || type(*id) == TokenType::kByte) return;
+        s.heap.push_back({-static_cast<double>(spec.scores[static_cast<size_t>(*id)]), left, right, l.id, r.id, *id});
+      } else {
+        auto it = merges.find(pair_key(l.id, r.id));
+        if (it == merges.end()) return;
+        s.heap.push_back({static_cast<double>(it->second.rank), left, right, l.id, r.id, it->second.merged_id});
+      }
       std::push_heap(s.heap.begin(), s.heap.end(), greater);
     };
     for (int32_t i = 0; i + 1 < n; ++i) try_queue(i, i + 1);
@@ -370,12 +455,34 @@ struct TokenizerImpl {
         continue;  // one side was merged into something else after this candidate was queued
       }
       left.id = c.merged_id;
+      left.len += right.len;
       left.next = right.next;
       right.alive = false;
       if (right.next >= 0) s.symbols[right.next].prev = c.left;
       try_queue(left.prev, c.left);
       try_queue(c.left, left.next);
     }
+  }
+
+  // Byte-level BPE over the bytes of one piece (Sennrich et al. 2016, applied to bytes as in GPT-2).
+  void bpe_bytes(std::string_view piece, Scratch& s, std::vector<int32_t>& out) const {
+    if (piece.size() == 1) {
+      push_byte(static_cast<uint8_t>(piece[0]), out);
+      return;
+    }
+    if (spec.ignore_merges) {
+      if (auto id = find(byte_level_encode(piece))) {
+        out.push_back(*id);
+        return;
+      }
+    }
+    const auto n = static_cast<int32_t>(piece.size());
+    s.symbols.resize(piece.size());
+    for (int32_t i = 0; i < n; ++i) {
+      s.symbols[i] = {byte_token[static_cast<uint8_t>(piece[i])], static_cast<uint32_t>(i), 1, i - 1,
+                      i + 1 < n ? i + 1 : -1, true, true};
+    }
+    merge_symbols(piece, s);
     for (int32_t i = 0; i >= 0; i = s.symbols[i].next) {
       if (s.symbols[i].id >= 0) {
         out.push_back(s.symbols[i].id);
@@ -385,28 +492,215 @@ struct TokenizerImpl {
     }
   }
 
-  // Pre-tokenize and BPE one span of text that holds no special token.
-  void encode_text(std::string_view text, Scratch& s, std::vector<int32_t>& out) const {
-    if (text.empty()) return;
-    s.pieces.assign(1, text);
-    for (size_t r = 0; r < pre.size(); ++r) {
-      s.next_pieces.clear();
-      for (std::string_view piece : s.pieces) pre[r]->split(piece, s.match[r].get(), s.next_pieces);
-      std::swap(s.pieces, s.next_pieces);
-    }
-    for (std::string_view piece : s.pieces) bpe(piece, s, out);
-  }
-
-  // Leftmost-longest special token at or after `from`: (position, index into specials), or npos.
-  std::pair<size_t, size_t> next_special(std::string_view text, size_t from, bool parse_special) const {
-    for (size_t pos = from; pos < text.size(); ++pos) {
-      for (uint32_t k : specials_by_first_byte[static_cast<uint8_t>(text[pos])]) {
-        const SpecialToken& st = specials[k];
-        if (st.control && !parse_special) continue;
-        if (text.compare(pos, st.text.size(), st.text) == 0) return {pos, k};
+  // SentencePiece-style BPE over the characters of one piece. A character without a token becomes its bytes as
+  // <0xNN> tokens (byte_fallback) or the unknown token (consecutive ones fused into one with fuse_unk), or is dropped
+  // when the vocabulary has neither, as Hugging Face's BPE model does.
+  void bpe_chars(std::string_view piece, Scratch& s, std::vector<int32_t>& out) const {
+    if (piece.empty()) return;
+    if (spec.ignore_merges) {
+      if (auto id = find(piece)) {
+        out.push_back(*id);
+        return;
       }
     }
-    return {std::string_view::npos, 0};
+    s.symbols.clear();
+    bool last_is_unk = false;
+    auto add = [&](int32_t id, size_t start, size_t len, bool mergeable) {
+      const auto index = static_cast<int32_t>(s.symbols.size());
+      if (index > 0) s.symbols.back().next = index;
+      s.symbols.push_back({id, static_cast<uint32_t>(start), static_cast<uint32_t>(len), index - 1, -1, true,
+                           mergeable});
+    };
+    for (size_t i = 0; i < piece.size();) {
+      const Utf8Step step = utf8_step(piece, i);
+      const size_t len = step.len;  // an ill-formed subpart goes to byte fallback as a whole
+      std::optional<int32_t> id;
+      if (step.kind == Utf8Step::kValid) id = find(piece.substr(i, len));
+      if (id) {
+        add(*id, i, len, true);
+        last_is_unk = false;
+      } else {
+        bool bytes_ok = spec.byte_fallback;
+        for (size_t k = 0; bytes_ok && k < len; ++k) bytes_ok = byte_token[static_cast<uint8_t>(piece[i + k])] >= 0;
+        if (bytes_ok) {
+          for (size_t k = 0; k < len; ++k) add(byte_token[static_cast<uint8_t>(piece[i + k])], i + k, 1, false);
+          last_is_unk = false;
+        } else if (spec.unk_id) {
+          if (spec.fuse_unk && last_is_unk) {
+            s.symbols.back().len += static_cast<uint32_t>(len);
+          } else {
+            add(*spec.unk_id, i, len, false);
+          }
+          last_is_unk = true;
+        }
+      }
+      i += len;
+    }
+    if (s.symbols.empty()) return;
+    merge_symbols(piece, s);
+    for (int32_t i = 0; i >= 0; i = s.symbols[i].next) out.push_back(s.symbols[i].id);
+  }
+
+  // Runs the pre-tokenizer steps over one span of normalized text.
+  void pre_tokenize(std::string_view text, bool at_start, Scratch& s) const {
+    s.pieces.clear();
+    s.pieces.push_back({std::string(text), at_start});
+    for (size_t r = 0; r < pre.size(); ++r) {
+      const PreTokenizerStep& step = pre[r].spec;
+      s.next_pieces.clear();
+      for (Piece& piece : s.pieces) {
+        if (step.kind == PreTokenizerStep::Kind::kMetaspace) {
+          std::string replaced = replace_all(piece.text, " ", step.replacement);
+          const bool starts = replaced.compare(0, step.replacement.size(), step.replacement) == 0;
+          if (!starts && (step.prepend == PreTokenizerStep::Prepend::kAlways ||
+                          (step.prepend == PreTokenizerStep::Prepend::kFirst && piece.at_start))) {
+            replaced.insert(0, step.replacement);
+          }
+          if (!step.split) {
+            s.next_pieces.push_back({std::move(replaced), piece.at_start});
+            continue;
+          }
+          // Split before every replacement character (MergedWithNext).
+          size_t from = 0;
+          for (size_t at = replaced.find(step.replacement, 1); at != std::string::npos;
+               at = replaced.find(step.replacement, at + step.replacement.size())) {
+            s.next_pieces.push_back({replaced.substr(from, at - from), piece.at_start && from == 0});
+            from = at;
+          }
+          if (from < replaced.size()) s.next_pieces.push_back({replaced.substr(from), piece.at_start && from == 0});
+          continue;
+        }
+        split_piece(piece, step, r, s);
+      }
+      std::swap(s.pieces, s.next_pieces);
+    }
+  }
+
+  // One regex split step (Hugging Face's Split / ByteLevel regex / Digits) over one piece.
+  void split_piece(const Piece& piece, const PreTokenizerStep& step, size_t r, Scratch& s) const {
+    s.ranges.clear();
+    pre[r].regex->find_all(piece.text, s.match[r].get(), s.ranges);
+    // Spans in order: (begin, end, is_match).
+    struct Span {
+      size_t begin, end;
+      bool match;
+    };
+    std::vector<Span> spans;
+    size_t last = 0;
+    for (const auto& [b, e] : s.ranges) {
+      if (b > last) spans.push_back({last, b, false});
+      spans.push_back({b, e, true});
+      last = e;
+    }
+    if (last < piece.text.size()) spans.push_back({last, piece.text.size(), false});
+    std::vector<Span> kept;
+    switch (step.behavior) {
+      case PreTokenizerStep::Behavior::kIsolated:
+        kept = spans;
+        break;
+      case PreTokenizerStep::Behavior::kRemoved:
+        for (const Span& sp : spans) {
+          if (!sp.match) kept.push_back(sp);
+        }
+        break;
+      case PreTokenizerStep::Behavior::kMergedWithPrevious: {
+        bool previous_match = false;
+        for (const Span& sp : spans) {
+          if (sp.match && !previous_match && !kept.empty()) {
+            kept.back().end = sp.end;
+          } else {
+            kept.push_back(sp);
+          }
+          previous_match = sp.match;
+        }
+        break;
+      }
+      case PreTokenizerStep::Behavior::kMergedWithNext: {
+        bool next_match = false;  // walking right to left: whether the span after this one is a match
+        for (size_t k = spans.size(); k-- > 0;) {
+          const Span& sp = spans[k];
+          if (sp.match && !next_match && !kept.empty()) {
+            kept.back().begin = sp.begin;
+          } else {
+            kept.push_back(sp);
+          }
+          next_match = sp.match;
+        }
+        std::reverse(kept.begin(), kept.end());
+        break;
+      }
+    }
+    for (const Span& sp : kept) {
+      s.next_pieces.push_back({piece.text.substr(sp.begin, sp.end - sp.begin), piece.at_start && sp.begin == 0});
+    }
+  }
+
+  // Normalized text of one span with no raw added token: normalized added tokens, pre-tokenization, BPE.
+  void encode_normalized(std::string_view text, bool at_start, bool parse_special, Scratch& s,
+                         std::vector<int32_t>& out) const {
+    if (text.empty()) return;
+    auto model = [&](std::string_view span, bool span_at_start) {
+      if (span.empty()) return;
+      pre_tokenize(span, span_at_start, s);
+      for (const Piece& piece : s.pieces) {
+        if (sentencepiece) {
+          bpe_chars(piece.text, s, out);
+        } else {
+          bpe_bytes(piece.text, s, out);
+        }
+      }
+    };
+    if (normalized_added.empty()) {
+      model(text, at_start);
+      return;
+    }
+    split_added(text, normalized_added, parse_special, [&](std::string_view span, size_t offset, int32_t id) {
+      if (id >= 0) {
+        out.push_back(id);
+      } else {
+        model(span, at_start && offset == 0);
+      }
+    });
+  }
+
+  // Cuts the added tokens of `set` out of `text`, as Hugging Face's added vocabulary does: the leftmost-longest
+  // matches left to right, none overlapping; a single_word token touching a word character, or a control token
+  // without parse_special, is not cut (its text stays in the span around it); lstrip / rstrip widen a match over the
+  // whitespace beside it. Calls emit(span, offset, -1) for text and emit(text, offset, id) for tokens, in order.
+  template <typename Emit>
+  void split_added(std::string_view text, const AddedSet& set, bool parse_special, Emit&& emit) const {
+    size_t emitted = 0;  // end of the last thing emitted
+    size_t pos = 0;      // where the next search begins
+    while (pos < text.size()) {
+      // The leftmost-longest match at or after pos.
+      size_t at = std::string_view::npos;
+      const AddedToken* hit = nullptr;
+      for (size_t p = pos; p < text.size() && hit == nullptr; ++p) {
+        for (uint32_t k : set.by_first_byte[static_cast<uint8_t>(text[p])]) {
+          const AddedToken& t = set.tokens[k];
+          if (text.compare(p, t.text.size(), t.text) == 0) {
+            at = p;
+            hit = &t;
+            break;
+          }
+        }
+      }
+      if (hit == nullptr) break;
+      size_t begin = at, end = at + hit->text.size();
+      pos = end;
+      if (hit->control && !parse_special) continue;
+      if (hit->options.single_word &&
+          (ends_with_word_char(text.substr(0, begin)) || starts_with_word_char(text.substr(end)))) {
+        continue;
+      }
+      if (hit->options.lstrip) begin = std::max(begin - trailing_whitespace(text.substr(0, begin)), emitted);
+      if (hit->options.rstrip) end += leading_whitespace(text.substr(end));
+      if (begin > emitted) emit(text.substr(emitted, begin - emitted), emitted, -1);
+      emit(text.substr(begin, end - begin), begin, hit->id);
+      emitted = end;
+      pos = std::max(pos, end);
+    }
+    if (emitted < text.size()) emit(text.substr(emitted), emitted, -1);
   }
 };
 
@@ -414,8 +708,10 @@ struct TokenizerImpl {
 // Validation and construction.
 
 Result<Tokenizer> Tokenizer::create(TokenizerSpec spec) {
-  if (spec.model != "gpt2") {
-    return unimplemented("tokenizer model '{}' is not supported (only 'gpt2', byte-level BPE)", spec.model);
+  if (spec.model != "gpt2" && spec.model != "llama") {
+    return unimplemented(
+        "tokenizer model '{}' is not supported (supported: 'gpt2' byte-level BPE, 'llama' SentencePiece BPE)",
+        spec.model);
   }
   const size_t n_vocab = spec.tokens.size();
   if (n_vocab == 0) return data_loss("tokenizer has no tokens");
@@ -428,6 +724,9 @@ Result<Tokenizer> Tokenizer::create(TokenizerSpec spec) {
       return data_loss("token {} has type {}, outside 0..6", i, spec.token_types[i]);
     }
   }
+  if (!spec.scores.empty() && spec.scores.size() != n_vocab) {
+    return data_loss("tokenizer has {} scores for {} tokens", spec.scores.size(), n_vocab);
+  }
   const std::pair<const char*, const std::optional<int32_t>*> special_ids[] = {
       {"bos_id", &spec.bos_id}, {"eos_id", &spec.eos_id}, {"eot_id", &spec.eot_id},
       {"pad_id", &spec.pad_id}, {"unk_id", &spec.unk_id}};
@@ -436,21 +735,67 @@ Result<Tokenizer> Tokenizer::create(TokenizerSpec spec) {
       return data_loss("tokenizer {} = {} is outside the vocabulary [0, {})", name, **id, n_vocab);
     }
   }
+  for (const AddedTokenSpec& a : spec.added_tokens) {
+    if (a.id < 0 || static_cast<size_t>(a.id) >= n_vocab) {
+      return data_loss("added token id {} is outside the vocabulary [0, {})", a.id, n_vocab);
+    }
+  }
   if (spec.add_bos && !spec.bos_id) return data_loss("tokenizer adds BOS but has no bos_id");
   if (spec.add_eos && !spec.eos_id) return data_loss("tokenizer adds EOS but has no eos_id");
 
   auto impl = std::make_shared<TokenizerImpl>();
   TokenizerImpl& t = *impl;
   t.spec = std::move(spec);
-
-  // Regexes of the pre-tokenizer.
-  std::vector<std::string> regexes = t.spec.pre_regexes;
-  if (regexes.empty()) {
-    SS_ASSIGN_OR_RETURN(regexes, regexes_for_pre(t.spec.pre));
+  t.sentencepiece = t.spec.model == "llama";
+  if (t.sentencepiece && t.spec.merges.empty()) {
+    if (t.spec.scores.empty()) return data_loss("tokenizer model 'llama' has neither merges nor scores");
+    t.by_score = true;
   }
-  for (const std::string& pattern : regexes) {
-    SS_ASSIGN_OR_RETURN(auto re, PreRegex::compile(pattern));
-    t.pre.push_back(std::move(re));
+  if (!t.sentencepiece && t.spec.byte_fallback) {
+    return unimplemented("byte_fallback with the byte-level model 'gpt2' is not supported");
+  }
+
+  SS_ASSIGN_OR_RETURN(t.normalizer, tokenizer_unicode::Normalizer::create(t.spec.normalizers));
+
+  // Pre-tokenizer steps: explicit steps, else (byte-level) the regexes, else the named pre-tokenizer's regexes.
+  std::vector<PreTokenizerStep> steps = t.spec.pre_steps;
+  if (steps.empty() && !t.sentencepiece) {
+    std::vector<std::string> regexes = t.spec.pre_regexes;
+    if (regexes.empty()) {
+      SS_ASSIGN_OR_RETURN(regexes, regexes_for_pre(t.spec.pre));
+    }
+    for (std::string& pattern : regexes) {
+      PreTokenizerStep step;
+      step.pattern = std::move(pattern);
+      steps.push_back(std::move(step));
+    }
+  }
+  for (PreTokenizerStep& step : steps) {
+    TokenizerImpl::PreStep compiled;
+    if (step.kind == PreTokenizerStep::Kind::kMetaspace) {
+      if (!t.sentencepiece) return unimplemented("Metaspace pre-tokenizer with the byte-level model 'gpt2'");
+      if (step.replacement.empty()) return data_loss("Metaspace pre-tokenizer with an empty replacement");
+    } else {
+      if (step.invert && step.behavior != PreTokenizerStep::Behavior::kIsolated) {
+        return unimplemented("Split with invert=true is supported only with behavior Isolated");
+      }
+      SS_ASSIGN_OR_RETURN(compiled.regex, PreRegex::compile(step.pattern));
+    }
+    compiled.spec = std::move(step);
+    t.pre.push_back(std::move(compiled));
+  }
+
+  // An added token matched in the normalized text is the normalized form of its content, in matching and in
+  // decoding (Hugging Face normalizes the content when it builds its matcher: "fizz" behind Prepend("\u2581") is
+  // "\u2581fizz").
+  if (!t.normalizer.empty()) {
+    for (const AddedTokenSpec& a : t.spec.added_tokens) {
+      const TokenType type = t.type(a.id);
+      if (!a.normalized || (type != TokenType::kControl && type != TokenType::kUserDefined)) continue;
+      std::string& text = t.spec.tokens[static_cast<size_t>(a.id)];
+      std::string normalized = t.normalizer.apply(text);
+      if (!normalized.empty()) text = std::move(normalized);
+    }
   }
 
   // Vocabulary lookups. A text that occurs twice keeps its first id.
@@ -460,7 +805,20 @@ Result<Tokenizer> Tokenizer::create(TokenizerSpec spec) {
     const auto id = static_cast<int32_t>(i);
     const std::string& text = t.spec.tokens[i];
     if (!text.empty()) t.token_to_id.emplace(text, id);
-    switch (t.type(id)) {
+    const TokenType type = t.type(id);
+    if (t.sentencepiece) {
+      // The decoder chain of tokenizer.json runs over every token, added ones included.
+      const auto byte = parse_byte_token(text);
+      if (byte && t.spec.sp_decoder.byte_fallback) {
+        t.token_bytes[i] = std::string(1, static_cast<char>(*byte));
+      } else if (t.spec.sp_decoder.replace_marker) {
+        t.token_bytes[i] = replace_all(text, kSpaceMarker, " ");
+      } else {
+        t.token_bytes[i] = text;
+      }
+      continue;
+    }
+    switch (type) {
       case TokenType::kControl:
       case TokenType::kUserDefined:
         t.token_bytes[i] = text;  // stored in literal form by converters
@@ -477,7 +835,12 @@ Result<Tokenizer> Tokenizer::create(TokenizerSpec spec) {
     }
   }
   for (int b = 0; b < 256; ++b) {
-    auto id = t.find(byte_level().byte_to_text[b]);
+    std::optional<int32_t> id;
+    if (t.sentencepiece) {
+      id = t.find(fmt::format("<0x{:02X}>", b));
+    } else {
+      id = t.find(byte_level().byte_to_text[b]);
+    }
     t.byte_token[b] = id ? *id : -1;
   }
 
@@ -504,18 +867,26 @@ Result<Tokenizer> Tokenizer::create(TokenizerSpec spec) {
                          TokenizerImpl::Merge{static_cast<int32_t>(rank), *merged_id});
   }
 
-  // Special tokens cut out of the text before pre-tokenization.
+  // Added tokens: control and user-defined tokens, raw or normalized per their options.
+  std::unordered_map<int32_t, AddedTokenSpec> options;
+  for (const AddedTokenSpec& a : t.spec.added_tokens) options[a.id] = a;
   for (size_t i = 0; i < n_vocab; ++i) {
     const auto id = static_cast<int32_t>(i);
     const TokenType type = t.type(id);
-    if ((type == TokenType::kControl || type == TokenType::kUserDefined) && !t.spec.tokens[i].empty()) {
-      t.specials.push_back({t.spec.tokens[i], id, type == TokenType::kControl});
-    }
+    const bool special = type == TokenType::kControl || type == TokenType::kUnknown;
+    if ((!special && type != TokenType::kUserDefined) || t.spec.tokens[i].empty()) continue;
+    AddedTokenSpec opt;
+    opt.id = id;
+    if (auto it = options.find(id); it != options.end()) opt = it->second;
+    TokenizerImpl::AddedSet& set = opt.normalized ? t.normalized_added : t.raw_added;
+    set.tokens.push_back({t.spec.tokens[i], id, special, opt});
   }
-  std::stable_sort(t.specials.begin(), t.specials.end(),
-                   [](const auto& a, const auto& b) { return a.text.size() > b.text.size(); });
-  for (size_t k = 0; k < t.specials.size(); ++k) {
-    t.specials_by_first_byte[static_cast<uint8_t>(t.specials[k].text[0])].push_back(static_cast<uint32_t>(k));
+  for (TokenizerImpl::AddedSet* set : {&t.raw_added, &t.normalized_added}) {
+    std::stable_sort(set->tokens.begin(), set->tokens.end(),
+                     [](const auto& a, const auto& b) { return a.text.size() > b.text.size(); });
+    for (size_t k = 0; k < set->tokens.size(); ++k) {
+      set->by_first_byte[static_cast<uint8_t>(set->tokens[k].text[0])].push_back(static_cast<uint32_t>(k));
+    }
   }
 
   // End of generation.
@@ -549,33 +920,48 @@ std::vector<int32_t> Tokenizer::encode(std::string_view text, bool add_special, 
   if (add_special && t.spec.add_bos) out.push_back(*t.spec.bos_id);
 
   TokenizerImpl::Scratch scratch;
-  for (const auto& re : t.pre) scratch.match.emplace_back(pcre2_match_data_create_from_pattern(re->code(), nullptr));
-
-  size_t pos = 0;
-  while (pos < text.size()) {
-    const auto [at, k] = t.next_special(text, pos, parse_special);
-    if (at == std::string_view::npos) {
-      t.encode_text(text.substr(pos), scratch, out);
-      break;
-    }
-    t.encode_text(text.substr(pos, at - pos), scratch, out);
-    out.push_back(t.specials[k].id);
-    pos = at + t.specials[k].text.size();
+  for (const auto& step : t.pre) {
+    scratch.match.emplace_back(step.regex ? pcre2_match_data_create_from_pattern(step.regex->code(), nullptr)
+                                          : nullptr);
   }
+  auto encode_span = [&](std::string_view span, size_t offset) {
+    if (span.empty()) return;
+    if (t.normalizer.empty()) {
+      t.encode_normalized(span, offset == 0, parse_special, scratch, out);
+    } else {
+      t.encode_normalized(t.normalizer.apply(span), offset == 0, parse_special, scratch, out);
+    }
+  };
+  t.split_added(text, t.raw_added, parse_special, [&](std::string_view span, size_t offset, int32_t id) {
+    if (id >= 0) {
+      out.push_back(id);
+    } else {
+      encode_span(span, offset);
+    }
+  });
 
   if (add_special && t.spec.add_eos) out.push_back(*t.spec.eos_id);
   return out;
 }
 
 std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special) const {
+  const TokenizerImpl& t = *impl_;
   std::string bytes;
+  bool first = true;
   for (int32_t id : ids) {
     if (id < 0 || id >= n_vocab()) continue;
-    if (skip_special && impl_->type(id) == TokenType::kControl) continue;
-    bytes += impl_->token_bytes[static_cast<size_t>(id)];
+    if (skip_special && t.is_special(id)) continue;
+    bytes += first ? t.first_token_bytes(id) : t.token_bytes[static_cast<size_t>(id)];
+    first = false;
+  }
+  size_t strip = 0;
+  if (t.sentencepiece) {
+    while (strip < bytes.size() && static_cast<int>(strip) < t.spec.sp_decoder.strip_leading && bytes[strip] == ' ') {
+      ++strip;
+    }
   }
   std::string out;
-  append_utf8_lossy(bytes, out);
+  append_utf8_lossy(std::string_view(bytes).substr(strip), out);
   return out;
 }
 
@@ -591,6 +977,7 @@ TokenType Tokenizer::token_type(int32_t id) const {
   return impl_->type(id);
 }
 
+std::string Tokenizer::kind() const { return impl_->sentencepiece ? "SentencePiece BPE" : "byte-level BPE"; }
 int32_t Tokenizer::n_vocab() const { return static_cast<int32_t>(impl_->spec.tokens.size()); }
 std::optional<int32_t> Tokenizer::bos_id() const { return impl_->spec.bos_id; }
 std::optional<int32_t> Tokenizer::eos_id() const { return impl_->spec.eos_id; }
@@ -609,8 +996,19 @@ Tokenizer::StreamDecoder::StreamDecoder(const Tokenizer& tokenizer, bool skip_sp
 
 std::string Tokenizer::StreamDecoder::push(int32_t id) {
   if (id < 0 || static_cast<size_t>(id) >= impl_->spec.tokens.size()) return {};
-  if (skip_special_ && impl_->type(id) == TokenType::kControl) return {};
-  pending_ += impl_->token_bytes[static_cast<size_t>(id)];
+  if (skip_special_ && impl_->is_special(id)) return {};
+  pending_ += pushed_ == 0 ? impl_->first_token_bytes(id) : impl_->token_bytes[static_cast<size_t>(id)];
+  ++pushed_;
+  // The decoder's leading strip: spaces at the very start of the text, up to strip_leading of them.
+  const int strip_leading = impl_->sentencepiece ? impl_->spec.sp_decoder.strip_leading : 0;
+  while (stripped_ >= 0 && !pending_.empty()) {
+    if (stripped_ < strip_leading && pending_[0] == ' ') {
+      pending_.erase(0, 1);
+      ++stripped_;
+    } else {
+      stripped_ = -1;
+    }
+  }
   // Everything up to a trailing truncated sequence is final: lossy conversion replaces ill-formed subparts locally,
   // so converting it now gives the same text as converting the whole sequence at the end.
   size_t keep_from = pending_.size();
@@ -632,6 +1030,8 @@ std::string Tokenizer::StreamDecoder::flush() {
   std::string out;
   append_utf8_lossy(pending_, out);
   pending_.clear();
+  pushed_ = 0;
+  stripped_ = 0;
   return out;
 }
 
@@ -658,304 +1058,6 @@ bool is_valid_utf8(std::string_view bytes) {
 }
 
 std::span<const std::string_view> known_pre_tokenizers() { return kKnownPre; }
-
-// ---------------------------------------------------------------------------------------------------------------
-// Hugging Face tokenizer.json.
-
-namespace {
-
-using nlohmann::json;
-
-Result<json> read_json_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return not_found("cannot open {}", path);
-  std::stringstream buffer;
-  buffer << in.rdbuf();
-  json doc = json::parse(buffer.str(), nullptr, /*allow_exceptions=*/false);
-  if (doc.is_discarded()) return data_loss("{} is not valid JSON", path);
-  return doc;
-}
-
-// Member `key` of an object, nullptr when absent or null.
-const json* member(const json& obj, std::string_view key) {
-  if (!obj.is_object()) return nullptr;
-  auto it = obj.find(key);
-  if (it == obj.end() || it->is_null()) return nullptr;
-  return &*it;
-}
-
-std::string string_member(const json& obj, std::string_view key) {
-  const json* v = member(obj, key);
-  return v != nullptr && v->is_string() ? v->get<std::string>() : std::string();
-}
-
-bool bool_member(const json& obj, std::string_view key, bool fallback) {
-  const json* v = member(obj, key);
-  return v != nullptr && v->is_boolean() ? v->get<bool>() : fallback;
-}
-
-// A literal for PCRE2: every ASCII punctuation character escaped.
-std::string regex_escape(std::string_view literal) {
-  std::string out;
-  for (char c : literal) {
-    const auto u = static_cast<unsigned char>(c);
-    if (u < 0x80 && !std::isalnum(u)) out.push_back('\\');
-    out.push_back(c);
-  }
-  return out;
-}
-
-// Maps a pre_tokenizer node to regex stages. Byte-level mapping must be the last step (later regexes would see
-// "Ġ" instead of spaces), and it must be present: this tokenizer only does byte-level BPE.
-Status add_hf_pre_tokenizer(const json& node, const std::string& where, std::vector<std::string>& regexes,
-                            bool& byte_level_seen) {
-  const std::string type = string_member(node, "type");
-  if (byte_level_seen) return unimplemented("{}: pre-tokenizer '{}' after ByteLevel is not supported", where, type);
-  if (type == "Sequence") {
-    const json* list = member(node, "pretokenizers");
-    if (list == nullptr || !list->is_array()) return data_loss("{}: Sequence without 'pretokenizers'", where);
-    for (const json& child : *list) SS_RETURN_IF_ERROR(add_hf_pre_tokenizer(child, where, regexes, byte_level_seen));
-    return Status::ok_status();
-  }
-  if (type == "Split") {
-    const std::string behavior = string_member(node, "behavior");
-    if (behavior != "Isolated") {
-      return unimplemented("{}: Split behavior '{}' is not supported (only Isolated)", where, behavior);
-    }
-    if (bool_member(node, "invert", false)) return unimplemented("{}: Split with invert=true is not supported", where);
-    const json* pattern = member(node, "pattern");
-    if (pattern == nullptr) return data_loss("{}: Split without 'pattern'", where);
-    if (const json* re = member(*pattern, "Regex"); re != nullptr && re->is_string()) {
-      regexes.push_back(re->get<std::string>());
-    } else if (const json* lit = member(*pattern, "String"); lit != nullptr && lit->is_string()) {
-      regexes.push_back(regex_escape(lit->get<std::string>()));
-    } else {
-      return data_loss("{}: Split pattern is neither Regex nor String", where);
-    }
-    return Status::ok_status();
-  }
-  if (type == "Digits") {
-    regexes.push_back(bool_member(node, "individual_digits", false) ? R"(\p{N})" : R"(\p{N}+)");
-    return Status::ok_status();
-  }
-  if (type == "ByteLevel") {
-    if (bool_member(node, "add_prefix_space", false)) {
-      return unimplemented("{}: ByteLevel with add_prefix_space=true is not supported", where);
-    }
-    if (bool_member(node, "use_regex", true)) regexes.emplace_back(kGpt2Regex);
-    byte_level_seen = true;
-    return Status::ok_status();
-  }
-  return unimplemented("{}: pre-tokenizer '{}' is not supported (supported: Sequence, Split, Digits, ByteLevel)",
-                       where, type.empty() ? node.dump() : type);
-}
-
-// Which special tokens a TemplateProcessing post-processor puts around a single sequence.
-Status read_post_processor(const json& node, const std::string& where, std::optional<int32_t>& prefix,
-                           std::optional<int32_t>& suffix) {
-  const std::string type = string_member(node, "type");
-  if (type == "ByteLevel") return Status::ok_status();  // offsets only
-  if (type == "Sequence") {
-    const json* list = member(node, "processors");
-    if (list == nullptr || !list->is_array()) return data_loss("{}: Sequence without 'processors'", where);
-    for (const json& child : *list) SS_RETURN_IF_ERROR(read_post_processor(child, where, prefix, suffix));
-    return Status::ok_status();
-  }
-  if (type != "TemplateProcessing") {
-    return unimplemented("{}: post-processor '{}' is not supported (supported: TemplateProcessing, ByteLevel)", where,
-                         type);
-  }
-  const json* single = member(node, "single");
-  const json* special_tokens = member(node, "special_tokens");
-  if (single == nullptr || !single->is_array()) return data_loss("{}: TemplateProcessing without 'single'", where);
-  bool seen_sequence = false;
-  for (const json& item : *single) {
-    if (member(item, "Sequence") != nullptr) {
-      seen_sequence = true;
-      continue;
-    }
-    const json* st = member(item, "SpecialToken");
-    if (st == nullptr) return data_loss("{}: TemplateProcessing item {} is not understood", where, item.dump());
-    const std::string name = string_member(*st, "id");
-    const json* entry = special_tokens != nullptr ? member(*special_tokens, name) : nullptr;
-    const json* ids = entry != nullptr ? member(*entry, "ids") : nullptr;
-    if (ids == nullptr || !ids->is_array() || ids->size() != 1 || !(*ids)[0].is_number_integer()) {
-      return unimplemented("{}: TemplateProcessing token '{}' must map to exactly one id", where, name);
-    }
-    std::optional<int32_t>& slot = seen_sequence ? suffix : prefix;
-    if (slot) return unimplemented("{}: more than one special token on one side of the sequence", where);
-    slot = (*ids)[0].get<int32_t>();
-  }
-  return Status::ok_status();
-}
-
-// tokenizer_config.json names special tokens as a string or as {"content": ...}.
-std::string config_token_text(const json& config, std::string_view key) {
-  const json* v = member(config, key);
-  if (v == nullptr) return {};
-  if (v->is_string()) return v->get<std::string>();
-  return string_member(*v, "content");
-}
-
-}  // namespace
-
-Result<Tokenizer> Tokenizer::from_hf_json(const std::string& tokenizer_json_path,
-                                          const std::string& tokenizer_config_path_or_empty) {
-  SS_ASSIGN_OR_RETURN(json doc, read_json_file(tokenizer_json_path));
-  const std::string& where = tokenizer_json_path;
-  TokenizerSpec spec;
-  spec.model = "gpt2";
-  spec.pre = "tokenizer.json";
-
-  const json* model = member(doc, "model");
-  if (model == nullptr) return data_loss("{}: no 'model'", where);
-  const std::string model_type = string_member(*model, "type");
-  if (!(model_type == "BPE" || (model_type.empty() && member(*model, "merges") != nullptr))) {
-    return unimplemented("{}: model type '{}' is not supported (only BPE)", where, model_type);
-  }
-  if (bool_member(*model, "byte_fallback", false)) {
-    return unimplemented("{}: BPE byte_fallback is not supported", where);
-  }
-  if (!string_member(*model, "continuing_subword_prefix").empty() ||
-      !string_member(*model, "end_of_word_suffix").empty()) {
-    return unimplemented("{}: BPE subword prefix/suffix is not supported", where);
-  }
-  if (const json* dropout = member(*model, "dropout"); dropout != nullptr && dropout->is_number() &&
-                                                        dropout->get<double>() > 0.0) {
-    return unimplemented("{}: BPE dropout is not supported", where);
-  }
-  spec.ignore_merges = bool_member(*model, "ignore_merges", false);
-
-  // Vocabulary: the model's vocab plus added tokens, dense by id.
-  const json* vocab = member(*model, "vocab");
-  if (vocab == nullptr || !vocab->is_object()) return data_loss("{}: model has no 'vocab' object", where);
-  const json* added = member(doc, "added_tokens");
-  int64_t max_id = -1;
-  for (const auto& [text, id] : vocab->items()) {
-    if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= INT32_MAX) {
-      return data_loss("{}: vocab entry '{}' has id {}", where, text, id.dump());
-    }
-    max_id = std::max(max_id, id.get<int64_t>());
-  }
-  if (added != nullptr) {
-    if (!added->is_array()) return data_loss("{}: 'added_tokens' is not an array", where);
-    for (const json& a : *added) {
-      const json* id = member(a, "id");
-      if (id == nullptr || !id->is_number_integer() || id->get<int64_t>() < 0 || id->get<int64_t>() >= INT32_MAX) {
-        return data_loss("{}: added token {} has no valid id", where, a.dump());
-      }
-      max_id = std::max(max_id, id->get<int64_t>());
-    }
-  }
-  if (max_id < 0) return data_loss("{}: empty vocabulary", where);
-  spec.tokens.assign(static_cast<size_t>(max_id + 1), std::string());
-  spec.token_types.assign(static_cast<size_t>(max_id + 1), static_cast<int32_t>(TokenType::kUnused));
-  for (const auto& [text, id] : vocab->items()) {
-    spec.tokens[id.get<size_t>()] = text;
-    spec.token_types[id.get<size_t>()] = static_cast<int32_t>(TokenType::kNormal);
-  }
-  if (added != nullptr) {
-    for (const json& a : *added) {
-      const auto id = member(a, "id")->get<size_t>();
-      const std::string content = string_member(a, "content");
-      if (bool_member(a, "lstrip", false) || bool_member(a, "rstrip", false) || bool_member(a, "single_word", false)) {
-        return unimplemented("{}: added token '{}' uses lstrip/rstrip/single_word, which is not supported", where,
-                             content);
-      }
-      spec.tokens[id] = content;
-      spec.token_types[id] = static_cast<int32_t>(bool_member(a, "special", false) ? TokenType::kControl
-                                                                                    : TokenType::kUserDefined);
-    }
-  }
-  auto find_text = [&](const std::string& text) -> std::optional<int32_t> {
-    if (text.empty()) return std::nullopt;
-    for (size_t i = 0; i < spec.tokens.size(); ++i) {
-      if (spec.tokens[i] == text) return static_cast<int32_t>(i);
-    }
-    return std::nullopt;
-  };
-
-  // Merges: "a b" strings (tokenizers < 0.20) or ["a", "b"] pairs.
-  const json* merges = member(*model, "merges");
-  if (merges == nullptr || !merges->is_array()) return data_loss("{}: model has no 'merges' array", where);
-  spec.merges.reserve(merges->size());
-  for (const json& m : *merges) {
-    if (m.is_string()) {
-      spec.merges.push_back(m.get<std::string>());
-    } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
-      spec.merges.push_back(m[0].get<std::string>() + " " + m[1].get<std::string>());
-    } else {
-      return data_loss("{}: merge {} is neither 'a b' nor [a, b]", where, m.dump());
-    }
-  }
-  if (const std::string unk = string_member(*model, "unk_token"); !unk.empty()) spec.unk_id = find_text(unk);
-
-  // Normalizer: none supported (byte-level BPE models ship without one, except NFC in some).
-  if (const json* normalizer = member(doc, "normalizer"); normalizer != nullptr) {
-    const json* list = member(*normalizer, "normalizers");
-    const bool empty_sequence = string_member(*normalizer, "type") == "Sequence" && list != nullptr &&
-                                list->is_array() && list->empty();
-    if (!empty_sequence) {
-      return unimplemented("{}: normalizer '{}' is not supported", where, string_member(*normalizer, "type"));
-    }
-  }
-
-  const json* pre = member(doc, "pre_tokenizer");
-  bool byte_level_seen = false;
-  if (pre != nullptr) SS_RETURN_IF_ERROR(add_hf_pre_tokenizer(*pre, where, spec.pre_regexes, byte_level_seen));
-  if (!byte_level_seen) return unimplemented("{}: no ByteLevel pre-tokenizer, so not a byte-level BPE", where);
-  // An empty regex list would mean "use the named pre-tokenizer"; ByteLevel(use_regex=false) alone means no split.
-  if (spec.pre_regexes.empty()) spec.pre_regexes.push_back(R"((?s).+)");
-
-  if (const json* decoder = member(doc, "decoder"); decoder != nullptr) {
-    if (string_member(*decoder, "type") != "ByteLevel") {
-      return unimplemented("{}: decoder '{}' is not supported (only ByteLevel)", where,
-                           string_member(*decoder, "type"));
-    }
-  }
-
-  std::optional<int32_t> prefix, suffix;
-  if (const json* post = member(doc, "post_processor"); post != nullptr) {
-    SS_RETURN_IF_ERROR(read_post_processor(*post, where, prefix, suffix));
-  }
-  if (prefix) {
-    spec.bos_id = prefix;
-    spec.add_bos = true;
-  }
-  if (suffix) {
-    spec.eos_id = suffix;
-    spec.add_eos = true;
-  }
-
-  if (!tokenizer_config_path_or_empty.empty()) {
-    SS_ASSIGN_OR_RETURN(json config, read_json_file(tokenizer_config_path_or_empty));
-    const std::string& cwhere = tokenizer_config_path_or_empty;
-    const std::pair<const char*, std::optional<int32_t>*> named[] = {
-        {"bos_token", &spec.bos_id}, {"eos_token", &spec.eos_id}, {"pad_token", &spec.pad_id},
-        {"unk_token", &spec.unk_id}};
-    for (const auto& [key, slot] : named) {
-      const std::string text = config_token_text(config, key);
-      if (text.empty()) continue;
-      auto id = find_text(text);
-      if (!id) return data_loss("{}: {} '{}' is not in the vocabulary", cwhere, key, text);
-      // The post-processor decides what encode() adds; the config only fills ids it did not name.
-      if (std::string(key) == "bos_token" && prefix) continue;
-      if (std::string(key) == "eos_token" && suffix) continue;
-      *slot = id;
-    }
-    if (const json* v = member(config, "add_bos_token"); v != nullptr && v->is_boolean()) spec.add_bos = v->get<bool>();
-    if (const json* v = member(config, "add_eos_token"); v != nullptr && v->is_boolean()) spec.add_eos = v->get<bool>();
-    if (const json* ct = member(config, "chat_template"); ct != nullptr) {
-      if (ct->is_string()) {
-        spec.chat_template = ct->get<std::string>();
-      } else if (ct->is_array()) {  // [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
-        for (const json& entry : *ct) {
-          if (string_member(entry, "name") == "default") spec.chat_template = string_member(entry, "template");
-        }
-      }
-    }
-  }
-  return create(std::move(spec));
-}
+std::string_view gpt2_pre_tokenizer_regex() { return kGpt2Regex; }
 
 }  // namespace starserve

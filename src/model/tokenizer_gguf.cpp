@@ -4,6 +4,60 @@
 
 namespace starserve {
 
+namespace {
+
+// tokenizer.ggml.model = "llama": a SentencePiece BPE vocabulary. The pipeline is llama.cpp's (the format's reference):
+// spaces become "\u2581", with add_space_prefix one more is put before the text and after every special token (as
+// the Prepend normalizer of Llama 2's tokenizer.json does), characters without a token fall back to <0xNN> bytes,
+// and pieces merge by score unless the file has merges. Decoding strips the prefix space again.
+Status sentencepiece_from_gguf(const gguf::GgufFile& file, TokenizerSpec& spec) {
+  if (file.find("tokenizer.ggml.scores") != nullptr) {
+    SS_ASSIGN_OR_RETURN(spec.scores, file.get_f32_array("tokenizer.ggml.scores"));
+  }
+  SS_ASSIGN_OR_RETURN(const bool add_space_prefix, file.get_bool_or("tokenizer.ggml.add_space_prefix", true));
+  SS_ASSIGN_OR_RETURN(const std::string arch, file.get_string_or("general.architecture", ""));
+  if (arch == "gemma" || arch == "gemma2" || arch == "gemma3") {
+    // Gemma files store tokens of two or more spaces as real spaces while the text reaching BPE has "\u2581" for
+    // each space: spelt with "\u2581" they take part in merges as in Gemma's own tokenizer. Gemma's scores do not
+    // follow its merge order (the whitespace tokens carry placeholder scores); the order of the tokens in the file
+    // does, so the priority of a token is its position.
+    for (size_t i = 0; i < spec.tokens.size(); ++i) {
+      std::string& t = spec.tokens[i];
+      if (t.size() >= 2 && t.find_first_not_of(' ') == std::string::npos) {
+        std::string marked;
+        for (size_t k = 0; k < t.size(); ++k) marked += "\u2581";
+        t = std::move(marked);
+        if (i < spec.token_types.size()) spec.token_types[i] = static_cast<int32_t>(TokenType::kNormal);
+      }
+    }
+    spec.scores.resize(spec.tokens.size());
+    for (size_t i = 0; i < spec.scores.size(); ++i) spec.scores[i] = -static_cast<float>(i);
+  }
+  if (spec.merges.empty() && spec.scores.empty()) {
+    return data_loss("tokenizer.ggml.model 'llama' has neither tokenizer.ggml.merges nor tokenizer.ggml.scores");
+  }
+  spec.pre.clear();
+  if (add_space_prefix) {
+    NormalizerStep prepend;
+    prepend.kind = NormalizerStep::Kind::kPrepend;
+    prepend.content = "\u2581";
+    spec.normalizers.push_back(std::move(prepend));
+  }
+  NormalizerStep replace;
+  replace.kind = NormalizerStep::Kind::kReplace;
+  replace.pattern = " ";
+  replace.content = "\u2581";
+  spec.normalizers.push_back(std::move(replace));
+  spec.byte_fallback = true;
+  spec.fuse_unk = true;
+  spec.sp_decoder.replace_marker = true;
+  spec.sp_decoder.byte_fallback = true;
+  spec.sp_decoder.strip_leading = add_space_prefix ? 1 : 0;
+  return Status::ok_status();
+}
+
+}  // namespace
+
 Result<TokenizerSpec> tokenizer_spec_from_gguf(const gguf::GgufFile& file) {
   TokenizerSpec spec;
   SS_ASSIGN_OR_RETURN(spec.model, file.get_string("tokenizer.ggml.model"));
@@ -29,6 +83,10 @@ Result<TokenizerSpec> tokenizer_spec_from_gguf(const gguf::GgufFile& file) {
   SS_ASSIGN_OR_RETURN(spec.add_bos, file.get_bool_or("tokenizer.ggml.add_bos_token", false));
   SS_ASSIGN_OR_RETURN(spec.add_eos, file.get_bool_or("tokenizer.ggml.add_eos_token", false));
   SS_ASSIGN_OR_RETURN(spec.chat_template, file.get_string_or("tokenizer.chat_template", ""));
+  if (spec.model == "llama") {
+    SS_RETURN_IF_ERROR(sentencepiece_from_gguf(file, spec));
+    return spec;
+  }
   // Llama 3's tokenizer.json sets ignore_merges; GGUF has no key for it, so llama.cpp ties it to the pre-tokenizer.
   spec.ignore_merges = spec.pre == "llama3" || spec.pre == "llama-bpe" || spec.pre == "llama-v3";
   return spec;

@@ -102,6 +102,7 @@ void expect_golden(const Tokenizer& tok, const json& golden, bool with_bos) {
 TEST(Tokenizer, SpecFromGguf) {
   REQUIRE_SMOLLM2_SPEC();
   const TokenizerSpec& spec = smollm2_spec().value();
+  EXPECT_EQ(smollm2().kind(), "byte-level BPE");
   EXPECT_EQ(spec.model, "gpt2");
   EXPECT_EQ(spec.pre, "smollm");
   EXPECT_EQ(spec.tokens.size(), 49152u);
@@ -398,8 +399,16 @@ TEST(Tokenizer, InvalidSpecsAreErrors) {
   }
   {
     TokenizerSpec spec = byte_spec();
-    spec.model = "llama";
-    EXPECT_EQ(Tokenizer::create(spec).status().code(), StatusCode::kUnimplemented);
+    spec.model = "t5";
+    auto tok = Tokenizer::create(spec);
+    ASSERT_FALSE(tok.ok());
+    EXPECT_EQ(tok.status().code(), StatusCode::kUnimplemented);
+    EXPECT_NE(tok.status().message().find("'t5'"), std::string::npos) << tok.status().message();
+  }
+  {
+    TokenizerSpec spec = byte_spec();
+    spec.model = "llama";  // neither merges nor scores
+    EXPECT_EQ(Tokenizer::create(spec).status().code(), StatusCode::kDataLoss);
   }
   {
     TokenizerSpec spec = byte_spec();
@@ -414,7 +423,8 @@ TEST(Tokenizer, InvalidSpecsAreErrors) {
   EXPECT_EQ(Tokenizer::create(empty).status().code(), StatusCode::kDataLoss);
 }
 
-// tokenizer.json features outside byte-level BPE are named in a kUnimplemented error.
+// tokenizer.json features outside what is supported are named in a kUnimplemented error (more in
+// test_tokenizer_families.cpp).
 TEST(Tokenizer, HfJsonUnsupportedFeatures) {
   const std::string path = ::testing::TempDir() + "/starserve_test_tokenizer.json";
   auto write_and_load = [&](const json& doc) {
@@ -424,18 +434,19 @@ TEST(Tokenizer, HfJsonUnsupportedFeatures) {
   json base = load_golden("tokenizer/tiny.tokenizer.json");
   {
     json doc = base;
-    doc["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "▁"}};
+    doc["pre_tokenizer"] = {{"type", "Whitespace"}};
     auto tok = write_and_load(doc);
     ASSERT_FALSE(tok.ok());
     EXPECT_EQ(tok.status().code(), StatusCode::kUnimplemented);
-    EXPECT_NE(tok.status().message().find("Metaspace"), std::string::npos) << tok.status().message();
+    EXPECT_NE(tok.status().message().find("Whitespace"), std::string::npos) << tok.status().message();
   }
   {
     json doc = base;
-    doc["normalizer"] = {{"type", "NFC"}};
+    doc["normalizer"] = {{"type", "BertNormalizer"}};
     auto tok = write_and_load(doc);
     ASSERT_FALSE(tok.ok());
-    EXPECT_NE(tok.status().message().find("NFC"), std::string::npos) << tok.status().message();
+    EXPECT_EQ(tok.status().code(), StatusCode::kUnimplemented);
+    EXPECT_NE(tok.status().message().find("BertNormalizer"), std::string::npos) << tok.status().message();
   }
   {
     json doc = base;
