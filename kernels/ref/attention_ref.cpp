@@ -36,6 +36,7 @@ void partial_attention_ref(const PartialAttentionParams& p) {
           float s = 0.0f;
           for (int c = 0; c < d; ++c) s += q[c] * k[c];
           s *= p.scale;
+          if (p.softcap > 0.0f) s = p.softcap * std::tanh(s / p.softcap);
           if (s > m) {
             // New running maximum m' = s: rescale by alpha = e^{m - m'} and shift u by (m - m') l.
             // On the first visible key (m = -inf) the sums are still empty; skip the -inf * 0.

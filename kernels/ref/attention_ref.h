@@ -23,10 +23,33 @@ struct KvSegment {
 //   context shard without the query's own KV (phase 2 on other ranks): not causal (every key visible).
 // Never derive the offset from n_q when the queries' keys are not local: that hides the last
 // context tokens from early query rows (the pitfall in star-attention.md).
+//
+// A sliding window (window > 0) also hides keys too far behind the query in *positions*: query
+// row i at position qpos(i) = i + window_offset sees key j at position kpos(j) only when
+// qpos(i) - kpos(j) < window. Key positions follow the logical index with one optional jump, for
+// [anchor ; block] in Star phase 1 (anchor at 0.., block at its original positions):
+// kpos(j) = j for j < key_gap_from, j + key_gap for j >= key_gap_from (key_gap >= 0). The window
+// lower bound is monotone in i and j, so the visible keys of a row are one range
+// [first_visible(i), i + causal_offset] (causal) or [first_visible(i), n_keys) (not causal).
 struct AttentionMask {
   bool causal = true;
   int64_t causal_offset = 0;
-  bool visible(int64_t i, int64_t j) const { return !causal || j <= i + causal_offset; }
+  int64_t window = 0;         // tokens; 0 = no window
+  int64_t window_offset = 0;  // qpos(i) - i
+  int64_t key_gap_from = 0;   // first logical key index whose position jumps by key_gap
+  int64_t key_gap = 0;
+  int64_t key_position(int64_t j) const { return j >= key_gap_from ? j + key_gap : j; }
+  // The first logical key index row i may see under the window (0 without one).
+  int64_t first_visible(int64_t i) const {
+    if (window <= 0) return 0;
+    const int64_t lo = i + window_offset - window + 1;  // smallest visible key position
+    if (lo <= 0) return 0;
+    if (lo < key_gap_from) return lo;
+    return lo - key_gap > key_gap_from ? lo - key_gap : key_gap_from;
+  }
+  bool visible(int64_t i, int64_t j) const {
+    return (!causal || j <= i + causal_offset) && j >= first_visible(i);
+  }
 };
 
 struct PartialAttentionParams {
@@ -41,6 +64,10 @@ struct PartialAttentionParams {
   int head_dim = 0;
   float scale = 1.0f;         // usually 1/sqrt(head_dim)
   AttentionMask mask;
+  // Attention logit soft-capping (Gemma 2): each score s = scale * q.k becomes softcap *
+  // tanh(s / softcap) before the softmax, so O, LSE and the entropy are those of the capped
+  // scores. 0 = off.
+  float softcap = 0.0f;
 };
 
 // Straightforward reference: one query row at a time, online softmax over keys with the running

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <numbers>
 #include <cstring>
 
 namespace starserve {
@@ -84,6 +85,28 @@ void matmul_ref(float* out, const float* in, const float* weight, int64_t n_toke
 
 void add_ref(float* out, const float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+void add_bias_ref(float* x, const float* bias, int64_t n_rows, int64_t n_cols) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t c = 0; c < n_cols; ++c) x[r * n_cols + c] += bias[c];
+  }
+}
+
+void gelu_tanh_mul_ref(float* out, const float* gate, const float* up, int64_t n) {
+  const float k = std::sqrt(2.0f / std::numbers::pi_v<float>);
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = 0.5f * g * (1.0f + std::tanh(k * (g + 0.044715f * g * g * g))) * up[i];
+  }
+}
+
+void scale_softcap_ref(float* x, float scale, float cap, int64_t n) {
+  if (cap > 0.0f) {
+    for (int64_t i = 0; i < n; ++i) x[i] = cap * std::tanh(x[i] * scale / cap);
+  } else {
+    for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+  }
 }
 
 void embedding_ref(float* out, const float* table, const int32_t* ids, int64_t n_tokens, int hidden) {

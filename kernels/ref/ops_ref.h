@@ -42,6 +42,16 @@ void matmul_ref(float* out, const float* in, const float* weight, int64_t n_toke
 // out = a + b over n elements. out may alias a.
 void add_ref(float* out, const float* a, const float* b, int64_t n);
 
+// x: (n_rows, n_cols) += bias (n_cols) on every row.
+void add_bias_ref(float* x, const float* bias, int64_t n_rows, int64_t n_cols);
+
+// out = gelu_tanh(gate) * up over n elements, with GELU's tanh approximation
+// 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) (PyTorch's approximate="tanh"). out may alias gate.
+void gelu_tanh_mul_ref(float* out, const float* gate, const float* up, int64_t n);
+
+// x = cap > 0 ? cap * tanh(x * scale / cap) : x * scale over n elements, in place.
+void scale_softcap_ref(float* x, float scale, float cap, int64_t n);
+
 // out: (n_tokens, hidden) = table[ids[t]]; table: (n_vocab, hidden). ids must be in range.
 void embedding_ref(float* out, const float* table, const int32_t* ids, int64_t n_tokens, int hidden);
 

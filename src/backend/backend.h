@@ -83,8 +83,20 @@ struct AttentionCall {
   int n_kv_heads = 0;
   int head_dim = 0;
   float scale = 1.0f;
-  AttentionMask mask;
+  AttentionMask mask;    // mask.window > 0: a sliding window (attention_ref.h)
+  float softcap = 0.0f;  // attention logit soft-capping (PartialAttentionParams::softcap); 0 = off
   int64_t n_q() const { return q.shape[0]; }
+};
+
+// What a model needs of a backend beyond the Llama ops: the model factories ask
+// Backend::check_features before uploading anything, so that a backend without an op or an
+// attention feature refuses the model with a Status naming it instead of failing mid-forward.
+struct BackendFeatures {
+  bool bias = false;           // add_bias (Qwen2 q/k/v biases)
+  bool gelu_tanh = false;      // gelu_tanh_mul (Gemma's GeGLU)
+  bool scale_softcap = false;  // scale_softcap (Gemma's embedding scale, final logit soft-capping)
+  int64_t window = 0;          // the largest sliding window of any layer (0 = none)
+  float attn_softcap = 0.0f;   // attention logit soft-capping (0 = none)
 };
 
 // One logits row to pick a token from on the device, with the host Sampler's semantics
@@ -175,6 +187,33 @@ class Backend {
   virtual void swiglu_fused(Tensor out, Tensor gate_up) = 0;
   // add(x, x, h) then rms_norm(out, x, weight, eps); out (T, hidden) aliases neither x nor h.
   virtual void add_rms_norm(Tensor out, Tensor x, Tensor h, Tensor weight, float eps) = 0;
+  // --- ops of model families beyond Llama (BackendFeatures); a backend that lacks one refuses it in
+  // check_features, and the model factories ask first, so the defaults below are never reached. ---
+  // x: (rows, C) += bias (C), row by row.
+  virtual void add_bias(Tensor x, Tensor bias) {
+    SS_CHECK(false, "backend {} has no add_bias ({} x {})", name(), x.rows(), bias.numel());
+  }
+  // out = gelu_tanh(gate) * up over all elements (GELU with the tanh approximation); out may alias gate.
+  virtual void gelu_tanh_mul(Tensor out, Tensor gate, Tensor up) {
+    SS_CHECK(false, "backend {} has no gelu_tanh_mul ({} elements, {} {})", name(), out.numel(), gate.numel(),
+             up.numel());
+  }
+  // x = cap > 0 ? cap * tanh(x * scale / cap) : x * scale, in place.
+  virtual void scale_softcap(Tensor x, float scale, float cap) {
+    SS_CHECK(false, "backend {} has no scale_softcap ({} elements, scale {}, cap {})", name(), x.numel(), scale, cap);
+  }
+  // OK when every feature asked for is available; else kUnimplemented naming the first one missing.
+  virtual Status check_features(const BackendFeatures& f) const {
+    if (f.bias) return unimplemented("backend {} has no bias op (add_bias)", name());
+    if (f.gelu_tanh) return unimplemented("backend {} has no GeGLU op (gelu_tanh_mul)", name());
+    if (f.scale_softcap) return unimplemented("backend {} has no scale / soft-capping op (scale_softcap)", name());
+    if (f.window > 0) return unimplemented("backend {} cannot apply a sliding attention window ({} tokens)", name(), f.window);
+    if (f.attn_softcap > 0.0f) {
+      return unimplemented("backend {} cannot soft-cap attention logits (softcap {})", name(), f.attn_softcap);
+    }
+    return Status();
+  }
+
   // Partial attention over local keys: O normalised within them, LSE, entropy. See attention_ref.h.
   virtual void partial_attention(const AttentionCall& c) = 0;
   // Several independent calls (one per sequence of a batch, each writing its own outputs), which a

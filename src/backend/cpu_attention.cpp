@@ -56,18 +56,24 @@ void partial_attention_cpu(const PartialAttentionParams& p) {
       for (const KeyTile& kt : tiles) {
         // Skip tiles no row of this query tile can see (causal: key j visible iff j <= i + offset).
         if (p.mask.causal && kt.j0 > i0 + nq - 1 + p.mask.causal_offset) continue;
+        // ... or tiles wholly behind every row's sliding window (the bound grows with the row).
+        if (kt.j0 + kt.n <= p.mask.first_visible(i0)) continue;
         // S (nq x n) = scale * Q_h (nq x d) . K_kvh (n x d)^T
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(nq), static_cast<int>(kt.n), d,
                     p.scale, q, static_cast<int>(q_stride), kt.k + static_cast<int64_t>(kvh) * d,
                     static_cast<int>(kv_stride), 0.0f, s.data(), static_cast<int>(kt.n));
         for (int64_t r = 0; r < nq; ++r) {
           float* row = s.data() + r * kt.n;
-          // Visible keys of this row within the tile: [0, vis).
+            // Visible keys of this row within the tile: [lo, vis) (the window's bound, then causal).
           int64_t vis = kt.n;
           if (p.mask.causal) vis = std::clamp<int64_t>(i0 + r + p.mask.causal_offset - kt.j0 + 1, 0, kt.n);
+          const int64_t lo = std::clamp<int64_t>(p.mask.first_visible(i0 + r) - kt.j0, 0, kt.n);
+          if (p.softcap > 0.0f) {
+            for (int64_t c = lo; c < vis; ++c) row[c] = p.softcap * std::tanh(row[c] / p.softcap);
+          }
           float tile_max = kNegInf;
-          for (int64_t c = 0; c < vis; ++c) tile_max = std::max(tile_max, row[c]);
-          if (vis == 0) {
+          for (int64_t c = lo; c < vis; ++c) tile_max = std::max(tile_max, row[c]);
+          if (vis <= lo) {
             std::fill(row, row + kt.n, 0.0f);
             continue;
           }
@@ -82,14 +88,15 @@ void partial_attention_cpu(const PartialAttentionParams& p) {
           }
           m[r] = m_new;
           float sum_p = 0.0f, sum_ps = 0.0f;
-          for (int64_t c = 0; c < vis; ++c) {
+          for (int64_t c = lo; c < vis; ++c) {
             const float shifted = row[c] - m_new;
             const float e = std::exp(shifted);
             row[c] = e;
             sum_p += e;
             sum_ps += e * shifted;
           }
-          std::fill(row + vis, row + kt.n, 0.0f);  // masked keys: exactly zero weight
+          std::fill(row, row + lo, 0.0f);  // masked keys: exactly zero weight
+          std::fill(row + vis, row + kt.n, 0.0f);
           l[r] += sum_p;
           u[r] += sum_ps;
         }

@@ -106,6 +106,18 @@ class CpuBackend final : public Backend {
              "add_rms_norm: {} + {} -> {} elements", x.numel(), h.numel(), out.numel());
     add_rms_norm_ref(out.f32(), x.f32(), h.f32(), weight.f32(), x.rows(), static_cast<int>(x.cols()), eps);
   }
+  void add_bias(Tensor x, Tensor bias) override {
+    SS_CHECK(bias.numel() == x.cols(), "add_bias: {} columns, bias of {}", x.cols(), bias.numel());
+    add_bias_ref(x.f32(), bias.f32(), x.rows(), x.cols());
+  }
+  void gelu_tanh_mul(Tensor out, Tensor gate, Tensor up) override {
+    SS_CHECK(out.numel() == gate.numel() && out.numel() == up.numel(), "gelu_tanh_mul {} {} {}", out.numel(),
+             gate.numel(), up.numel());
+    gelu_tanh_mul_ref(out.f32(), gate.f32(), up.f32(), out.numel());
+  }
+  void scale_softcap(Tensor x, float scale, float cap) override { scale_softcap_ref(x.f32(), scale, cap, x.numel()); }
+  Status check_features(const BackendFeatures&) const override { return Status(); }
+
   void partial_attention(const AttentionCall& c) override {
     segs_.clear();
     for (const KvView& kv : c.kv) segs_.push_back({kv.k.f32(), kv.v.f32(), kv.n_tokens()});
@@ -120,6 +132,7 @@ class CpuBackend final : public Backend {
     p.n_kv_heads = c.n_kv_heads;
     p.head_dim = c.head_dim;
     p.scale = c.scale;
+    p.softcap = c.softcap;
     p.mask = c.mask;
     partial_attention_cpu(p);
   }

@@ -121,6 +121,10 @@ class LlamaModel final : public DecoderModel {
 }  // namespace
 
 Result<std::unique_ptr<Model>> build_llama(const WeightSource& source, Backend& backend, const ModelOptions& options) {
+  // Mistral's sliding window is applied by the attention handlers; the backend must support it.
+  BackendFeatures f;
+  f.window = source.hparams().max_window();
+  SS_RETURN_IF_ERROR(backend.check_features(f));
   auto m = std::make_unique<LlamaModel>(source.hparams(), backend, options, source);
   SS_RETURN_IF_ERROR(m->load());
   return std::unique_ptr<Model>(std::move(m));

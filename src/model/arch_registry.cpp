@@ -5,7 +5,17 @@ namespace starserve {
 namespace {
 // One entry per architecture file; a new architecture adds its factory here.
 constexpr ArchEntry kArchitectures[] = {
-    {"llama", build_llama, "Llama 2/3 and the families that share its blocks (Mistral, SmolLM): RMSNorm, GQA with RoPE, SwiGLU"},
+    {"llama", build_llama,
+     "Llama 2/3 and the families that share its blocks (Mistral with its sliding window, SmolLM): RMSNorm, GQA with "
+     "RoPE, SwiGLU"},
+    {"qwen2", build_qwen, "Qwen2 / Qwen2.5: Llama blocks with q/k/v projection biases"},
+    {"qwen3", build_qwen, "Qwen3: Llama blocks with per-head q/k RMSNorm before RoPE"},
+    {"gemma2", build_gemma,
+     "Gemma 2: (1 + w) sandwich RMSNorms, GeGLU, scaled embeddings, attention and final logit soft-capping, "
+     "alternating sliding-window layers"},
+    {"gemma3", build_gemma,
+     "Gemma 3 (text): Gemma 2's blocks with q/k RMSNorm, 5 local : 1 global layers, separate local RoPE base"},
+    {"phi3", build_phi3, "Phi-3: Llama blocks with fused qkv and gate|up projections, partial RoPE, sliding window"},
 };
 }  // namespace
 

@@ -32,5 +32,8 @@ std::string architecture_names();
 
 // Factories, one per arch_*.cpp.
 Result<std::unique_ptr<Model>> build_llama(const WeightSource& source, Backend& backend, const ModelOptions& options);
+Result<std::unique_ptr<Model>> build_qwen(const WeightSource& source, Backend& backend, const ModelOptions& options);
+Result<std::unique_ptr<Model>> build_gemma(const WeightSource& source, Backend& backend, const ModelOptions& options);
+Result<std::unique_ptr<Model>> build_phi3(const WeightSource& source, Backend& backend, const ModelOptions& options);
 
 }  // namespace starserve

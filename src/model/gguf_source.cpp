@@ -72,15 +72,50 @@ Result<int> read_vocab_size(const gguf::GgufFile& f, const std::string& arch) {
   return not_found("gguf: no vocabulary size: none of {}, tokenizer.ggml.tokens, token_embd.weight", key);
 }
 
+// The GGUF architectures read here (general.architecture; the registry entry has the same name).
+constexpr std::string_view kGgufArchs[] = {"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"};
+
+// What llama.cpp hard-codes per architecture rather than storing in the file: which layers use
+// the sliding window, the local RoPE base of Gemma 3, Gemma's embedding scale and query scale.
+Status read_family_keys(const gguf::GgufFile& f, ModelHParams& hp) {
+  const std::string& a = hp.arch_name;
+  const bool gemma = a == "gemma2" || a == "gemma3";
+  if (f.find(a + ".attention.sliding_window") != nullptr) {
+    SS_ASSIGN_OR_RETURN(hp.sliding_window, positive_int(f, a + ".attention.sliding_window", std::nullopt));
+  }
+  if (gemma) {
+    // Gemma 2: every other layer windowed (0, 2, ...); Gemma 3: five local layers to one global.
+    const int period = a == "gemma2" ? 2 : 6;
+    hp.sliding_layers.assign(hp.n_layers, 0);
+    for (int l = 0; l < hp.n_layers; ++l) hp.sliding_layers[l] = (l % period) < period - 1 ? 1 : 0;
+    hp.embed_scale = std::sqrt(static_cast<float>(hp.hidden));
+    SS_ASSIGN_OR_RETURN(hp.attn_softcap, f.get_f32_or(a + ".attn_logit_softcapping", 0.0f));
+    SS_ASSIGN_OR_RETURN(hp.final_softcap, f.get_f32_or(a + ".final_logit_softcapping", 0.0f));
+    // Queries are scaled by query_pre_attn_scalar^-1/2, which llama.cpp takes to be head_dim except
+    // for the 27B models (hidden / n_heads; 46 layers in Gemma 2, 62 in Gemma 3).
+    const bool big = (a == "gemma2" && hp.n_layers == 46) || (a == "gemma3" && hp.n_layers == 62);
+    hp.attn_scale = 1.0f / std::sqrt(static_cast<float>(big ? hp.hidden / hp.n_heads : hp.head_dim));
+    if (a == "gemma3") hp.rope_theta_local = 10000.0f;
+  }
+  if (a == "phi3" && (f.find_tensor("rope_factors_long.weight") != nullptr ||
+                      f.find_tensor("rope_factors_short.weight") != nullptr)) {
+    return unimplemented("gguf: phi3 with LongRoPE scaling (rope_factors_long/short.weight) is not supported");
+  }
+  return Status();
+}
+
 }  // namespace
 
 Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
   ModelHParams hp;
   SS_ASSIGN_OR_RETURN(hp.arch_name, f.get_string("general.architecture"));
-  if (hp.arch_name != "llama") {
-    return unimplemented("gguf: architecture '{}' is not supported (only llama)", hp.arch_name);
+  bool known = false;
+  for (std::string_view k : kGgufArchs) known = known || k == hp.arch_name;
+  if (!known) {
+    return unimplemented("gguf: architecture '{}' is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3)",
+                         hp.arch_name);
   }
-  hp.arch = "llama";
+  hp.arch = hp.arch_name;
   const std::string& a = hp.arch_name;
   SS_ASSIGN_OR_RETURN(hp.name, f.get_string_or("general.name", ""));
 
@@ -97,7 +132,7 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
                      a, hp.hidden, a, hp.n_heads, a);
   }
   SS_ASSIGN_OR_RETURN(hp.head_dim, positive_int(f, a + ".attention.key_length", hp.hidden / hp.n_heads));
-  if (static_cast<int64_t>(hp.n_heads) * hp.head_dim != hp.hidden) {
+  if (a == "llama" && static_cast<int64_t>(hp.n_heads) * hp.head_dim != hp.hidden) {
     return data_loss("gguf: llama needs hidden == n_heads * head_dim, got {} != {} * {}", hp.hidden, hp.n_heads,
                      hp.head_dim);
   }
@@ -116,8 +151,9 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
   SS_ASSIGN_OR_RETURN(hp.rope_theta, positive_float(f, a + ".rope.freq_base", 10000.0f));
   SS_ASSIGN_OR_RETURN(hp.rms_eps, positive_float(f, a + ".attention.layer_norm_rms_epsilon", 1e-5f));
   SS_ASSIGN_OR_RETURN(hp.rope_scaling, read_rope_scaling(f, a));
-  // llama.cpp's converter permutes the rows of attn_q / attn_k so that RoPE pairs are adjacent.
-  hp.rope_style = RopeStyle::kInterleaved;
+  // llama.cpp's converter permutes the rows of attn_q / attn_k of "llama" so that RoPE pairs are
+  // adjacent; the other architectures keep Hugging Face's rows and rotate halves (NEOX style).
+  hp.rope_style = a == "llama" ? RopeStyle::kInterleaved : RopeStyle::kHalf;
 
   SS_ASSIGN_OR_RETURN(hp.n_vocab, read_vocab_size(f, a));
   if (const gguf::TensorInfo* emb = f.find_tensor("token_embd.weight")) {
@@ -128,6 +164,7 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
   }
   // Without an output projection the logits reuse the token embedding.
   hp.tied_embeddings = f.find_tensor("output.weight") == nullptr;
+  SS_RETURN_IF_ERROR(read_family_keys(f, hp));
   return hp;
 }
 

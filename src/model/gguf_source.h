@@ -13,8 +13,9 @@
 namespace starserve {
 
 // Reads ModelHParams from the metadata of a GGUF file (keys "<arch>.block_count", ...; see
-// gguf_source.cpp for each key and its default). Only general.architecture = "llama" is supported;
-// others give kUnimplemented naming the architecture. Missing required keys give kNotFound,
+// gguf_source.cpp for each key and its default). general.architecture llama, qwen2, qwen3, gemma2,
+// gemma3 and phi3 are supported (what llama.cpp hard-codes for them, such as Gemma's layer pattern,
+// is filled in here); others give kUnimplemented naming the architecture. Missing required keys give kNotFound,
 // inconsistent values (hidden != n_heads * head_dim, n_heads % n_kv_heads != 0, ...) kDataLoss.
 // Llama3-style RoPE scaling is not in the metadata: llama.cpp stores it as the tensor
 // "rope_freqs.weight" (per-pair divisors), which the caller loads when has() says it is there.

@@ -120,6 +120,7 @@ Status read_rope(const json& cfg, std::string_view origin, ModelHParams& hp) {
 
 // Expected (out, in) shape of each canonical tensor, from the hyper-parameters.
 std::optional<std::vector<int64_t>> expected_shape(const std::string& canonical, const ModelHParams& hp) {
+  const int64_t qkv_rows = int64_t{hp.n_heads + 2 * hp.n_kv_heads} * hp.head_dim;
   const int64_t hidden = hp.hidden, q_dim = int64_t{hp.n_heads} * hp.head_dim,
                 kv_dim = int64_t{hp.n_kv_heads} * hp.head_dim, ffn = hp.ffn_hidden, vocab = hp.n_vocab;
   if (canonical == "token_embd.weight" || canonical == "output.weight") return std::vector<int64_t>{vocab, hidden};
@@ -127,7 +128,15 @@ std::optional<std::vector<int64_t>> expected_shape(const std::string& canonical,
   const size_t dot = canonical.find('.', 4);  // after "blk.N"
   if (canonical.rfind("blk.", 0) != 0 || dot == std::string::npos) return std::nullopt;
   const std::string_view leaf = std::string_view(canonical).substr(dot + 1);
-  if (leaf == "attn_norm.weight" || leaf == "ffn_norm.weight") return std::vector<int64_t>{hidden};
+  if (leaf == "attn_norm.weight" || leaf == "ffn_norm.weight" || leaf == "post_attention_norm.weight" ||
+      leaf == "post_ffw_norm.weight") {
+    return std::vector<int64_t>{hidden};
+  }
+  if (leaf == "attn_q_norm.weight" || leaf == "attn_k_norm.weight") return std::vector<int64_t>{hp.head_dim};
+  if (leaf == "attn_q.bias") return std::vector<int64_t>{q_dim};
+  if (leaf == "attn_k.bias" || leaf == "attn_v.bias") return std::vector<int64_t>{kv_dim};
+  if (leaf == "attn_qkv.weight") return std::vector<int64_t>{qkv_rows, hidden};
+  if (leaf == "ffn_up.weight" && hp.arch == "phi3") return std::vector<int64_t>{2 * ffn, hidden};
   if (leaf == "attn_q.weight") return std::vector<int64_t>{q_dim, hidden};
   if (leaf == "attn_k.weight" || leaf == "attn_v.weight") return std::vector<int64_t>{kv_dim, hidden};
   if (leaf == "attn_output.weight") return std::vector<int64_t>{hidden, q_dim};
@@ -136,9 +145,26 @@ std::optional<std::vector<int64_t>> expected_shape(const std::string& canonical,
   return std::nullopt;
 }
 
-constexpr const char* kLayerLeaves[] = {"attn_norm.weight", "attn_q.weight",   "attn_k.weight",
-                                        "attn_v.weight",    "attn_output.weight", "ffn_norm.weight",
-                                        "ffn_gate.weight",  "ffn_up.weight",   "ffn_down.weight"};
+// The canonical tensors every layer of an architecture must have.
+std::vector<std::string_view> layer_leaves(const std::string& arch) {
+  std::vector<std::string_view> v = {"attn_norm.weight", "attn_output.weight", "ffn_norm.weight", "ffn_up.weight",
+                                     "ffn_down.weight"};
+  if (arch == "phi3") {
+    v.push_back("attn_qkv.weight");
+    return v;
+  }
+  for (std::string_view leaf : {"attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_gate.weight"}) v.push_back(leaf);
+  if (arch == "qwen2") {
+    for (std::string_view leaf : {"attn_q.bias", "attn_k.bias", "attn_v.bias"}) v.push_back(leaf);
+  }
+  if (arch == "qwen3" || arch == "gemma3") {
+    for (std::string_view leaf : {"attn_q_norm.weight", "attn_k_norm.weight"}) v.push_back(leaf);
+  }
+  if (arch == "gemma2" || arch == "gemma3") {
+    for (std::string_view leaf : {"post_attention_norm.weight", "post_ffw_norm.weight"}) v.push_back(leaf);
+  }
+  return v;
+}
 
 Result<std::string> read_text(const fs::path& path) {
   std::ifstream in(path, std::ios::binary);
@@ -163,11 +189,30 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
   ModelHParams hp;
   SS_ASSIGN_OR_RETURN(hp.arch_name, string_or(cfg, "model_type", "", origin));
   if (hp.arch_name.empty()) return not_found("{}: model_type is missing", origin);
-  if (hp.arch_name != "llama" && hp.arch_name != "mistral") {
-    return unimplemented("{}: model_type '{}' is not supported (llama, mistral)", origin, hp.arch_name);
+  SS_ASSIGN_OR_RETURN(std::string name_or_path, string_or(cfg, "_name_or_path", "", origin));
+  // Gemma 3's multimodal checkpoints nest the language model's config as text_config.
+  if (hp.arch_name == "gemma3") {
+    const json* text = member(cfg, "text_config");
+    if (text == nullptr || !text->is_object()) return not_found("{}: model_type gemma3 without a text_config", origin);
+    json inner = *text;
+    inner["model_type"] = "gemma3_text";
+    cfg = std::move(inner);
+    hp.arch_name = "gemma3_text";
   }
-  hp.arch = "llama";
-  SS_ASSIGN_OR_RETURN(hp.name, string_or(cfg, "_name_or_path", "", origin));
+  const std::string& mt = hp.arch_name;
+  if (mt == "llama" || mt == "mistral") {
+    hp.arch = "llama";
+  } else if (mt == "qwen2" || mt == "qwen3" || mt == "gemma2" || mt == "phi3") {
+    hp.arch = mt;
+  } else if (mt == "gemma3_text") {
+    hp.arch = "gemma3";
+  } else {
+    return unimplemented("{}: model_type '{}' is not supported (llama, mistral, qwen2, qwen3, gemma2, gemma3, "
+                         "gemma3_text, phi3)",
+                         origin, mt);
+  }
+  const bool gemma = hp.arch == "gemma2" || hp.arch == "gemma3";
+  hp.name = name_or_path;
 
   SS_ASSIGN_OR_RETURN(hp.n_layers, positive_int(cfg, "num_hidden_layers", std::nullopt, origin));
   SS_ASSIGN_OR_RETURN(hp.hidden, positive_int(cfg, "hidden_size", std::nullopt, origin));
@@ -182,37 +227,123 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
     return data_loss("{}: hidden_size {} is not a multiple of num_attention_heads {} and there is no head_dim", origin,
                      hp.hidden, hp.n_heads);
   }
-  SS_ASSIGN_OR_RETURN(hp.head_dim, positive_int(cfg, "head_dim", hp.hidden / hp.n_heads, origin));
+  // The head_dim defaults of the config classes: Qwen3 128, Gemma 256, else hidden / n_heads.
+  const int default_head_dim = hp.arch == "qwen3" ? 128 : gemma ? 256 : hp.hidden / hp.n_heads;
+  SS_ASSIGN_OR_RETURN(hp.head_dim, positive_int(cfg, "head_dim", default_head_dim, origin));
   if (hp.head_dim % 2 != 0) return data_loss("{}: head_dim {} must be even for RoPE", origin, hp.head_dim);
   hp.rope_dim = hp.head_dim;
   // Defaults are transformers' LlamaConfig defaults.
   SS_ASSIGN_OR_RETURN(hp.n_vocab, positive_int(cfg, "vocab_size", 32000, origin));
   SS_ASSIGN_OR_RETURN(hp.max_context, positive_int(cfg, "max_position_embeddings", 2048, origin));
   SS_ASSIGN_OR_RETURN(hp.rms_eps, positive_float(cfg, "rms_norm_eps", 1e-6f, origin));
-  SS_ASSIGN_OR_RETURN(hp.tied_embeddings, boolean(cfg, "tie_word_embeddings", false, origin));
-  SS_RETURN_IF_ERROR(read_rope(cfg, origin, hp));
+  SS_ASSIGN_OR_RETURN(hp.tied_embeddings, boolean(cfg, "tie_word_embeddings", gemma, origin));
+  if (const json* rp = member(cfg, "rope_parameters"); rp != nullptr && rp->is_object() && rp->contains("full_attention")) {
+    // transformers 5.x Gemma 3: one RoPE per layer type; the global layers' may be scaled.
+    json global = cfg;
+    global["rope_parameters"] = (*rp)["full_attention"];
+    SS_RETURN_IF_ERROR(read_rope(global, origin, hp));
+    if (const json* local = member(*rp, "sliding_attention")) {
+      json local_cfg = cfg;
+      local_cfg["rope_parameters"] = *local;
+      ModelHParams lp;
+      SS_RETURN_IF_ERROR(read_rope(local_cfg, origin, lp));
+      if (lp.rope_scaling.type != RopeScaling::Type::kNone) {
+        return unimplemented("{}: RoPE scaling of the sliding-window layers is not supported", origin);
+      }
+      hp.rope_theta_local = lp.rope_theta;
+    }
+  } else {
+    SS_RETURN_IF_ERROR(read_rope(cfg, origin, hp));
+    if (hp.arch == "gemma3") {
+      SS_ASSIGN_OR_RETURN(hp.rope_theta_local, positive_float(cfg, "rope_local_base_freq", 10000.0f, origin));
+    }
+  }
   hp.rope_style = RopeStyle::kHalf;
+  if (hp.arch == "phi3") {
+    // Partial rotation: the first partial_rotary_factor of each head's dimensions (4.x: top level,
+    // 5.x: inside rope_parameters).
+    const json* rp = member(cfg, "rope_parameters");
+    const json& holder = rp != nullptr && rp->contains("partial_rotary_factor") ? *rp : cfg;
+    SS_ASSIGN_OR_RETURN(float factor, positive_float(holder, "partial_rotary_factor", 1.0f, origin));
+    hp.rope_dim = static_cast<int>(static_cast<float>(hp.head_dim) * factor);
+    if (factor > 1.0f || hp.rope_dim % 2 != 0 || hp.rope_dim == 0) {
+      return data_loss("{}: partial_rotary_factor {} gives {} rotated dimensions of {}", origin, factor, hp.rope_dim,
+                       hp.head_dim);
+    }
+  }
 
-  // Features of the config classes that the Llama architecture file does not implement.
+  // Biases: Qwen2's q/k/v biases are part of the architecture; elsewhere attention_bias would add
+  // an output bias too, and mlp_bias MLP biases, neither of which the architecture files have.
   SS_ASSIGN_OR_RETURN(bool attention_bias, boolean(cfg, "attention_bias", false, origin));
   SS_ASSIGN_OR_RETURN(bool mlp_bias, boolean(cfg, "mlp_bias", false, origin));
-  if (attention_bias || mlp_bias) {
-    return unimplemented("{}: {} = true is not supported (no bias terms)", origin,
-                         attention_bias ? "attention_bias" : "mlp_bias");
+  if ((attention_bias && hp.arch != "qwen2") || mlp_bias) {
+    return unimplemented("{}: {} = true is not supported for model_type '{}'", origin,
+                         mlp_bias ? "mlp_bias" : "attention_bias", mt);
   }
-  SS_ASSIGN_OR_RETURN(std::string act, string_or(cfg, "hidden_act", "silu", origin));
-  if (act != "silu") return unimplemented("{}: hidden_act '{}' is not supported (silu)", origin, act);
+  const char* act_key = gemma ? "hidden_activation" : "hidden_act";
+  SS_ASSIGN_OR_RETURN(std::string act, string_or(cfg, act_key, gemma ? "gelu_pytorch_tanh" : "silu", origin));
+  const char* want_act = gemma ? "gelu_pytorch_tanh" : "silu";
+  if (act != want_act) return unimplemented("{}: {} '{}' is not supported ({})", origin, act_key, act, want_act);
+
+  // Sliding windows: which layers have one (layer_types where the file has it, else each family's
+  // rule) and how wide.
   if (const json* sw = member(cfg, "sliding_window")) {
-    if (!sw->is_number_integer()) return data_loss("{}: sliding_window = {} must be an integer", origin, sw->dump());
-    if (sw->get<int64_t>() < hp.max_context) {
-      return unimplemented("{}: sliding_window {} < max_position_embeddings {} is not supported", origin,
-                           sw->get<int64_t>(), hp.max_context);
+    if (!sw->is_number_integer() || sw->get<int64_t>() <= 0 || sw->get<int64_t>() > kMaxInt) {
+      return data_loss("{}: sliding_window = {} must be a positive integer", origin, sw->dump());
     }
+    hp.sliding_window = static_cast<int>(sw->get<int64_t>());
+  }
+  if (const json* lt = member(cfg, "layer_types")) {
+    if (!lt->is_array() || static_cast<int>(lt->size()) != hp.n_layers) {
+      return data_loss("{}: layer_types must list {} layer types", origin, hp.n_layers);
+    }
+    hp.sliding_layers.assign(hp.n_layers, 0);
+    for (int l = 0; l < hp.n_layers; ++l) {
+      const json& t = (*lt)[l];
+      if (t == "sliding_attention") {
+        hp.sliding_layers[l] = 1;
+      } else if (t != "full_attention") {
+        return unimplemented("{}: layer_types[{}] = {} is not supported (full_attention, sliding_attention)", origin,
+                             l, t.dump());
+      }
+    }
+  } else if (hp.arch == "qwen2" || hp.arch == "qwen3") {
+    // Qwen: windows only with use_sliding_window, on the layers from max_window_layers on.
+    SS_ASSIGN_OR_RETURN(bool use, boolean(cfg, "use_sliding_window", false, origin));
+    SS_ASSIGN_OR_RETURN(int from, positive_int(cfg, "max_window_layers", 28, origin));
+    hp.sliding_layers.assign(hp.n_layers, 0);
+    for (int l = 0; l < hp.n_layers; ++l) hp.sliding_layers[l] = use && l >= from ? 1 : 0;
+  } else if (gemma) {
+    SS_ASSIGN_OR_RETURN(int period, positive_int(cfg, "sliding_window_pattern", hp.arch == "gemma2" ? 2 : 6, origin));
+    hp.sliding_layers.assign(hp.n_layers, 0);
+    for (int l = 0; l < hp.n_layers; ++l) hp.sliding_layers[l] = (l + 1) % period != 0 ? 1 : 0;
+  }
+  if (hp.sliding_window == 0) hp.sliding_layers.clear();
+
+  if (gemma) {
+    hp.norm_weight_offset = 1.0f;  // Gemma's RMSNorm multiplies by (1 + w)
+    hp.embed_scale = std::sqrt(static_cast<float>(hp.hidden));
+    SS_ASSIGN_OR_RETURN(int qpas, positive_int(cfg, "query_pre_attn_scalar", 256, origin));
+    hp.attn_scale = 1.0f / std::sqrt(static_cast<float>(qpas));
+    SS_ASSIGN_OR_RETURN(hp.attn_softcap, positive_float(cfg, "attn_logit_softcapping", 0.0f, origin));
+    SS_ASSIGN_OR_RETURN(hp.final_softcap, positive_float(cfg, "final_logit_softcapping", 0.0f, origin));
+    SS_ASSIGN_OR_RETURN(bool bidirectional, boolean(cfg, "use_bidirectional_attention", false, origin));
+    if (bidirectional) return unimplemented("{}: use_bidirectional_attention = true is not supported", origin);
   }
   return hp;
 }
 
-std::optional<std::string> hf_to_canonical_name(std::string_view n) {
+std::optional<std::string> hf_to_canonical_name(std::string_view n, std::string_view arch) {
+  // Gemma 3's multimodal checkpoints keep the language model under another prefix.
+  std::string stripped;
+  for (std::string_view prefix : {"model.language_model.", "language_model.model."}) {
+    if (n.substr(0, prefix.size()) == prefix) {
+      stripped = "model." + std::string(n.substr(prefix.size()));
+      n = stripped;
+      break;
+    }
+  }
+  if (n == "language_model.lm_head.weight") return "output.weight";
   if (n == "model.embed_tokens.weight") return "token_embd.weight";
   if (n == "model.norm.weight") return "output_norm.weight";
   if (n == "lm_head.weight") return "output.weight";
@@ -238,8 +369,32 @@ std::optional<std::string> hf_to_canonical_name(std::string_view n) {
       {"mlp.up_proj.weight", "ffn_up.weight"},
       {"mlp.down_proj.weight", "ffn_down.weight"},
   };
+  const bool gemma = arch == "gemma2" || arch == "gemma3";
+  // Gemma's post_attention_layernorm normalises the attention output (a norm of its own), not the
+  // FFN input as in Llama.
+  static constexpr std::pair<std::string_view, std::string_view> kGemmaLeaves[] = {
+      {"post_attention_layernorm.weight", "post_attention_norm.weight"},
+      {"pre_feedforward_layernorm.weight", "ffn_norm.weight"},
+      {"post_feedforward_layernorm.weight", "post_ffw_norm.weight"},
+  };
+  static constexpr std::pair<std::string_view, std::string_view> kFamilyLeaves[] = {
+      {"self_attn.q_proj.bias", "attn_q.bias"},           {"self_attn.k_proj.bias", "attn_k.bias"},
+      {"self_attn.v_proj.bias", "attn_v.bias"},           {"self_attn.q_norm.weight", "attn_q_norm.weight"},
+      {"self_attn.k_norm.weight", "attn_k_norm.weight"},  {"self_attn.qkv_proj.weight", "attn_qkv.weight"},
+      {"mlp.gate_up_proj.weight", "ffn_up.weight"},
+  };
+  if (gemma) {
+    for (const auto& [hf, canonical] : kGemmaLeaves) {
+      if (leaf == hf) return fmt::format("blk.{}.{}", layer, canonical);
+    }
+  }
   for (const auto& [hf, canonical] : kLeaves) {
     if (leaf == hf) return fmt::format("blk.{}.{}", layer, canonical);
+  }
+  if (arch != "llama") {
+    for (const auto& [hf, canonical] : kFamilyLeaves) {
+      if (leaf == hf) return fmt::format("blk.{}.{}", layer, canonical);
+    }
   }
   return std::nullopt;
 }
@@ -260,12 +415,12 @@ Result<std::unique_ptr<HfWeightSource>> HfWeightSource::open(const std::string& 
 
   for (const std::string& name : src->ckpt_->names()) {
     const safetensors::TensorInfo* t = src->ckpt_->find(name);
-    std::optional<std::string> canonical = hf_to_canonical_name(name);
+    std::optional<std::string> canonical = hf_to_canonical_name(name, hp.arch);
     if (!canonical) {
       // Bias terms would be silently dropped otherwise; everything else unknown (e.g. the rotary
       // inv_freq buffer older checkpoints saved) is recomputed or unused.
       if (name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
-        return unimplemented("hf: tensor '{}' is a bias, which the llama architecture does not have", name);
+        return unimplemented("hf: tensor '{}' is a bias, which the {} architecture does not have", name, hp.arch);
       }
       ++src->n_ignored_;
       continue;
@@ -293,7 +448,7 @@ Result<std::unique_ptr<HfWeightSource>> HfWeightSource::open(const std::string& 
   // than halfway through building the model.
   std::vector<std::string> required = {"token_embd.weight", "output_norm.weight"};
   for (int l = 0; l < hp.n_layers; ++l) {
-    for (const char* leaf : kLayerLeaves) required.push_back(fmt::format("blk.{}.{}", l, leaf));
+    for (std::string_view leaf : layer_leaves(hp.arch)) required.push_back(fmt::format("blk.{}.{}", l, leaf));
   }
   for (const std::string& name : required) {
     if (src->tensors_.find(name) == src->tensors_.end()) {

@@ -28,9 +28,10 @@
 namespace starserve {
 
 // Reads ModelHParams from the text of a config.json; `origin` names it in messages.
-// model_type "llama" and "mistral" (without sliding-window attention) are supported; other model
-// types, attention/MLP biases, activations other than silu and RoPE types other than default /
-// linear / llama3 give kUnimplemented naming the value. num_hidden_layers, hidden_size,
+// model_type llama, mistral (sliding_window), qwen2, qwen3, gemma2, gemma3_text (and gemma3 with a
+// text_config) and phi3 are supported; other model types, biases the family does not have,
+// activations other than the family's and RoPE types other than default / linear / llama3 (e.g.
+// Phi-3's longrope) give kUnimplemented naming the value. num_hidden_layers, hidden_size,
 // intermediate_size and num_attention_heads are required (kNotFound); the others default as in
 // transformers' LlamaConfig. RoPE settings are read from both spellings transformers has written:
 // top-level "rope_theta" + "rope_scaling" {"rope_type" or "type", ...} (4.x) and
@@ -40,7 +41,11 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
 
 // Canonical name of a Hugging Face tensor name ("model.layers.3.mlp.up_proj.weight" ->
 // "blk.3.ffn_up.weight"); nullopt for names that are not Llama weights.
-std::optional<std::string> hf_to_canonical_name(std::string_view hf_name);
+// arch (ModelHParams::arch) picks the family's names: Gemma's sandwich norms
+// (post_attention_layernorm -> post_attention_norm, pre_feedforward_layernorm -> ffn_norm,
+// post_feedforward_layernorm -> post_ffw_norm), Qwen's q/k/v biases and q/k norms (attn_q.bias,
+// attn_q_norm.weight), Phi-3's fused qkv_proj -> attn_qkv and gate_up_proj -> ffn_up (2 ffn rows).
+std::optional<std::string> hf_to_canonical_name(std::string_view hf_name, std::string_view arch = "llama");
 
 class HfWeightSource : public WeightSource {
  public:

@@ -2,8 +2,10 @@
 // model and never change; user settings (block size, sampling, ...) live in Config, not here.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/ref/rope_style.h"
 
@@ -36,6 +38,33 @@ struct ModelHParams {
   RopeStyle rope_style = RopeStyle::kHalf;
   RopeScaling rope_scaling;
   bool tied_embeddings = false;  // output projection reuses token_embd
+
+  // ---- features of families beyond Llama (model/arch_*.cpp); the defaults are Llama's.
+  // Sliding-window attention: a layer with a window sees keys at positions p - window < j <= p.
+  int sliding_window = 0;              // tokens; 0 = none
+  std::vector<uint8_t> sliding_layers;  // per layer 1 = windowed; empty = every layer when sliding_window > 0
+  float rope_theta_local = 0.0f;       // RoPE base of windowed layers (Gemma 3); 0 = rope_theta
+  float attn_scale = 0.0f;             // score scale; 0 = 1/sqrt(head_dim) (Gemma: query_pre_attn_scalar^-1/2)
+  float attn_softcap = 0.0f;           // attention logit soft-capping (Gemma 2); 0 = none
+  float final_softcap = 0.0f;          // final logit soft-capping (Gemma 2); 0 = none
+  float embed_scale = 1.0f;            // token embeddings are multiplied by it (Gemma: sqrt(hidden))
+  // Added to every RMSNorm weight at load: Gemma's checkpoints store w of x * (1 + w); llama.cpp's
+  // converter has already added the 1 in GGUF files (0 there).
+  float norm_weight_offset = 0.0f;
+
+  // The window of layer `layer` (0 = full causal attention).
+  int64_t window_of(int layer) const {
+    if (sliding_window <= 0) return 0;
+    if (sliding_layers.empty()) return sliding_window;
+    return layer >= 0 && layer < static_cast<int>(sliding_layers.size()) && sliding_layers[layer] ? sliding_window : 0;
+  }
+  int64_t max_window() const {
+    for (int l = 0; l < n_layers; ++l) {
+      if (window_of(l) > 0) return sliding_window;
+    }
+    return 0;
+  }
+  float attention_scale() const { return attn_scale > 0.0f ? attn_scale : 1.0f / std::sqrt(static_cast<float>(head_dim)); }
 };
 
 }  // namespace starserve

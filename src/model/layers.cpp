@@ -52,6 +52,22 @@ Result<Tensor> WeightStore::load_stacked(std::initializer_list<std::pair<std::st
   return t;
 }
 
+Result<Tensor> WeightStore::load_offset(const std::string& name, std::initializer_list<int64_t> dims, float offset) {
+  if (offset == 0.0f) return load(name, dims);
+  SS_ASSIGN_OR_RETURN(HostTensor ht, source_.load(name));
+  const std::vector<int64_t> want(dims);
+  if (ht.numel() != Tensor::make(nullptr, DType::kF32, dims).numel() || ht.shape.back() != want.back()) {
+    return data_loss("tensor {} has shape {}, the hyper-parameters say {}", name, shape_text(ht.shape),
+                     shape_text(want));
+  }
+  for (float& v : ht.data) v += offset;
+  Tensor t = Tensor::make(nullptr, backend_.compute_dtype(), dims);
+  buffers_.push_back(backend_.alloc(t.bytes()));
+  t.data = buffers_.back().data();
+  backend_.upload_f32(t, ht.data.data());
+  return t;
+}
+
 Tensor WeightStore::upload_f32(const std::vector<float>& values) {
   buffers_.push_back(backend_.alloc(values.size() * sizeof(float)));
   Tensor t = buffers_.back().view(DType::kF32, {static_cast<int64_t>(values.size())});
@@ -132,8 +148,12 @@ Result<Rope> Rope::load(WeightStore& store, const ModelHParams& hp) {
 // ---------------------------------------------------------------- norms
 
 Result<RmsNorm> RmsNorm::load(WeightStore& store, const std::string& name, const ModelHParams& hp) {
+  return load_dim(store, name, hp.hidden, hp);
+}
+
+Result<RmsNorm> RmsNorm::load_dim(WeightStore& store, const std::string& name, int64_t dim, const ModelHParams& hp) {
   RmsNorm n;
-  SS_ASSIGN_OR_RETURN(n.weight, store.load(name, {hp.hidden}));
+  SS_ASSIGN_OR_RETURN(n.weight, store.load_offset(name, {dim}, hp.norm_weight_offset));
   n.eps = hp.rms_eps;
   return n;
 }
@@ -144,14 +164,39 @@ Result<AttentionWeights> AttentionWeights::load(WeightStore& store, const std::s
   const int64_t q_dim = static_cast<int64_t>(hp.n_heads) * hp.head_dim;
   const int64_t kv_dim = static_cast<int64_t>(hp.n_kv_heads) * hp.head_dim;
   AttentionWeights w;
-  SS_ASSIGN_OR_RETURN(w.wqkv, store.load_stacked({{p + "attn_q.weight", q_dim}, {p + "attn_k.weight", kv_dim},
-                                                  {p + "attn_v.weight", kv_dim}},
-                                                 hp.hidden));
+  if (store.has(p + "attn_qkv.weight")) {
+    SS_ASSIGN_OR_RETURN(w.wqkv, store.load(p + "attn_qkv.weight", {q_dim + 2 * kv_dim, hp.hidden}));
+  } else {
+    SS_ASSIGN_OR_RETURN(w.wqkv, store.load_stacked({{p + "attn_q.weight", q_dim}, {p + "attn_k.weight", kv_dim},
+                                                    {p + "attn_v.weight", kv_dim}},
+                                                   hp.hidden));
+  }
   w.wq = w.wqkv.slice_rows(0, q_dim);
   w.wk = w.wqkv.slice_rows(q_dim, kv_dim);
   w.wv = w.wqkv.slice_rows(q_dim + kv_dim, kv_dim);
   SS_ASSIGN_OR_RETURN(w.wo, store.load(p + "attn_output.weight", {hp.hidden, q_dim}));
   return w;
+}
+
+Status AttentionWeights::load_extras(WeightStore& store, const std::string& p, const ModelHParams& hp) {
+  const int64_t q_dim = static_cast<int64_t>(hp.n_heads) * hp.head_dim;
+  const int64_t kv_dim = static_cast<int64_t>(hp.n_kv_heads) * hp.head_dim;
+  if (store.has(p + "attn_q.bias")) {
+    SS_ASSIGN_OR_RETURN(bq, store.load(p + "attn_q.bias", {q_dim}));
+  }
+  if (store.has(p + "attn_k.bias")) {
+    SS_ASSIGN_OR_RETURN(bk, store.load(p + "attn_k.bias", {kv_dim}));
+  }
+  if (store.has(p + "attn_v.bias")) {
+    SS_ASSIGN_OR_RETURN(bv, store.load(p + "attn_v.bias", {kv_dim}));
+  }
+  if (store.has(p + "attn_q_norm.weight")) {
+    SS_ASSIGN_OR_RETURN(q_norm, RmsNorm::load_dim(store, p + "attn_q_norm.weight", hp.head_dim, hp));
+  }
+  if (store.has(p + "attn_k_norm.weight")) {
+    SS_ASSIGN_OR_RETURN(k_norm, RmsNorm::load_dim(store, p + "attn_k_norm.weight", hp.head_dim, hp));
+  }
+  return Status();
 }
 
 AttentionBuffers::AttentionBuffers(Activations& act, const ModelHParams& hp, int64_t t, bool fused) {
@@ -167,12 +212,18 @@ Status attention_block(Backend& backend, const AttentionWeights& w, const Rope& 
                        int layer, std::span<const BatchSeq> batch, std::span<const int32_t> positions, Tensor xn,
                        bool fused, AttentionBuffers& buf, Tensor h) {
   if (fused) {
+    SS_CHECK(!w.has_extras(), "the fused q|k|v path has no biases or q/k norms");
     backend.matmul(buf.qkv, xn, w.wqkv);
     backend.split_qkv_rope(buf.q, buf.k, buf.v, buf.qkv, positions, rope.inv_freq, rope.rope_dim, rope.style);
   } else {
     backend.matmul(as_matrix(buf.q), xn, w.wq);
     backend.matmul(as_matrix(buf.k), xn, w.wk);
     backend.matmul(as_matrix(buf.v), xn, w.wv);
+    if (w.bq.data) backend.add_bias(as_matrix(buf.q), w.bq);
+    if (w.bk.data) backend.add_bias(as_matrix(buf.k), w.bk);
+    if (w.bv.data) backend.add_bias(as_matrix(buf.v), w.bv);
+    if (w.q_norm.present()) w.q_norm.apply(backend, buf.q, buf.q);
+    if (w.k_norm.present()) w.k_norm.apply(backend, buf.k, buf.k);
     backend.rope(buf.q, positions, rope.inv_freq, rope.rope_dim, rope.style);
     backend.rope(buf.k, positions, rope.inv_freq, rope.rope_dim, rope.style);
   }
@@ -186,12 +237,22 @@ Status attention_block(Backend& backend, const AttentionWeights& w, const Rope& 
 Result<MlpWeights> MlpWeights::load_swiglu(WeightStore& store, const std::string& p, const ModelHParams& hp) {
   MlpWeights w;
   w.kind = MlpKind::kSwiGlu;
-  SS_ASSIGN_OR_RETURN(w.w_gate_up, store.load_stacked({{p + "ffn_gate.weight", hp.ffn_hidden},
-                                                       {p + "ffn_up.weight", hp.ffn_hidden}},
-                                                      hp.hidden));
+  if (!store.has(p + "ffn_gate.weight")) {
+    SS_ASSIGN_OR_RETURN(w.w_gate_up, store.load(p + "ffn_up.weight", {2 * int64_t{hp.ffn_hidden}, hp.hidden}));
+  } else {
+    SS_ASSIGN_OR_RETURN(w.w_gate_up, store.load_stacked({{p + "ffn_gate.weight", hp.ffn_hidden},
+                                                         {p + "ffn_up.weight", hp.ffn_hidden}},
+                                                        hp.hidden));
+  }
   w.w_gate = w.w_gate_up.slice_rows(0, hp.ffn_hidden);
   w.w_up = w.w_gate_up.slice_rows(hp.ffn_hidden, hp.ffn_hidden);
   SS_ASSIGN_OR_RETURN(w.w_down, store.load(p + "ffn_down.weight", {hp.hidden, hp.ffn_hidden}));
+  return w;
+}
+
+Result<MlpWeights> MlpWeights::load_geglu(WeightStore& store, const std::string& p, const ModelHParams& hp) {
+  SS_ASSIGN_OR_RETURN(MlpWeights w, load_swiglu(store, p, hp));
+  w.kind = MlpKind::kGeGlu;
   return w;
 }
 
@@ -205,7 +266,14 @@ MlpBuffers::MlpBuffers(Activations& act, const ModelHParams& hp, int64_t t, bool
 }
 
 void mlp_block(Backend& backend, const MlpWeights& w, Tensor xn, bool fused, MlpBuffers& buf, Tensor h) {
-  SS_CHECK(w.kind == MlpKind::kSwiGlu, "MLP kind {}", static_cast<int>(w.kind));
+  if (w.kind == MlpKind::kGeGlu) {
+    SS_CHECK(!fused, "GeGLU runs the unfused path only");
+    backend.matmul(buf.g, xn, w.w_gate);
+    backend.matmul(buf.u, xn, w.w_up);
+    backend.gelu_tanh_mul(buf.g, buf.g, buf.u);
+    backend.matmul(h, buf.g, w.w_down);
+    return;
+  }
   if (fused) {
     backend.matmul(buf.gu, xn, w.w_gate_up);
     backend.swiglu_fused(buf.g, buf.gu);

@@ -29,6 +29,8 @@ class WeightStore {
   Result<Tensor> load(const std::string& name, std::initializer_list<int64_t> dims);
   // Several (rows_i, cols) tensors stacked row-wise into one device matrix, in the order given.
   Result<Tensor> load_stacked(std::initializer_list<std::pair<std::string, int64_t>> parts, int64_t cols);
+  // load() with `offset` added to every value on the host first (Gemma's (1 + w) norms).
+  Result<Tensor> load_offset(const std::string& name, std::initializer_list<int64_t> dims, float offset);
   // A tensor as the file holds it, in host fp32 (for values the model derives others from).
   Result<HostTensor> load_host(const std::string& name) const { return source_.load(name); }
   // Host values to the device as fp32 (e.g. RoPE frequencies).
@@ -84,8 +86,13 @@ std::vector<float> rope_inv_freq(const ModelHParams& hp, std::span<const float> 
 struct RmsNorm {
   Tensor weight;  // (hidden)
   float eps = 1e-5f;
+  // weight (hidden) plus hp.norm_weight_offset.
   static Result<RmsNorm> load(WeightStore& store, const std::string& name, const ModelHParams& hp);
+  // A norm over the last `dim` values of each row (per-head q/k norms: dim = head_dim).
+  static Result<RmsNorm> load_dim(WeightStore& store, const std::string& name, int64_t dim, const ModelHParams& hp);
+  // Rows of in.cols() values each (a (T, n_heads, head_dim) tensor is T * n_heads rows).
   void apply(Backend& backend, Tensor out, Tensor in) const { backend.rms_norm(out, in, weight, eps); }
+  bool present() const { return weight.data != nullptr; }
 };
 
 // ---- attention block
@@ -95,8 +102,16 @@ struct RmsNorm {
 // keeps its activations smaller.
 struct AttentionWeights {
   Tensor wqkv, wq, wk, wv, wo;
-  // GGUF names under `prefix` ("blk.N."): attn_q, attn_k, attn_v, attn_output.
+  // Optional, each on the unfused path only (attention_block): q/k/v biases (Qwen2), added after
+  // the projections, and per-head RMSNorms of q and k before RoPE (Qwen3, Gemma 3).
+  Tensor bq, bk, bv;
+  RmsNorm q_norm, k_norm;
+  bool has_extras() const { return bq.data || bk.data || bv.data || q_norm.present() || k_norm.present(); }
+  // GGUF names under `prefix` ("blk.N."): attn_q, attn_k, attn_v, attn_output; or, when the file
+  // holds attn_qkv (Phi-3), that one fused matrix (rows [q | k | v]) and attn_output.
   static Result<AttentionWeights> load(WeightStore& store, const std::string& prefix, const ModelHParams& hp);
+  // The optional attn_{q,k,v}.bias and attn_{q,k}_norm.weight that the file holds.
+  Status load_extras(WeightStore& store, const std::string& prefix, const ModelHParams& hp);
 };
 
 struct AttentionBuffers {
@@ -113,14 +128,17 @@ Status attention_block(Backend& backend, const AttentionWeights& w, const Rope& 
 
 // ---- MLP kinds
 
-enum class MlpKind { kSwiGlu };
+enum class MlpKind { kSwiGlu, kGeGlu };
 
-// SwiGLU: down(silu(gate(x)) * up(x)); gate and up stored as one matrix (rows [gate | up]).
+// SwiGLU: down(silu(gate(x)) * up(x)); GeGLU: down(gelu_tanh(gate(x)) * up(x)) (Gemma); gate and up
+// stored as one matrix (rows [gate | up]).
 struct MlpWeights {
   MlpKind kind = MlpKind::kSwiGlu;
   Tensor w_gate_up, w_gate, w_up, w_down;
-  // GGUF names under `prefix`: ffn_gate, ffn_up, ffn_down.
+  // GGUF names under `prefix`: ffn_gate, ffn_up, ffn_down; or, without ffn_gate (Phi-3), ffn_up
+  // holding gate and up fused (2 ffn rows, gate first) and ffn_down.
   static Result<MlpWeights> load_swiglu(WeightStore& store, const std::string& prefix, const ModelHParams& hp);
+  static Result<MlpWeights> load_geglu(WeightStore& store, const std::string& prefix, const ModelHParams& hp);
 };
 
 struct MlpBuffers {
@@ -130,7 +148,7 @@ struct MlpBuffers {
   MlpBuffers(Activations& act, const ModelHParams& hp, int64_t n_tokens, bool fused);
 };
 
-// h (T, hidden) = mlp(xn).
+// h (T, hidden) = mlp(xn). GeGLU runs the unfused path only.
 void mlp_block(Backend& backend, const MlpWeights& w, Tensor xn, bool fused, MlpBuffers& buf, Tensor h);
 
 // ---- embeddings and output head

@@ -1,5 +1,6 @@
 #include "star/local_attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <utility>
 
@@ -20,7 +21,7 @@ Status LocalAttention::begin_forward(std::span<const BatchSeq> batch) {
 }
 
 Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) {
-  const int64_t nh = hp_.n_heads, hd = hp_.head_dim;
+  const int64_t nh = hp_.n_heads;
   int64_t total = 0;
   for (const BatchSeq& s : batch) total += static_cast<int64_t>(s.tokens.size());
   float* lse = lse_.floats(backend_, total * nh);
@@ -46,8 +47,14 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
     c.n_heads = hp_.n_heads;
     c.n_kv_heads = hp_.n_kv_heads;
     c.head_dim = hp_.head_dim;
-    c.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+    c.scale = hp_.attention_scale();
+    c.softcap = hp_.attn_softcap;
     c.mask = {true, past};  // new token i sees keys 0 .. past + i
+    if (const int64_t w = hp_.window_of(layer); w > 0) {
+      // Keys sit at positions 0, 1, ... in cache order, so distances are those of the indices.
+      c.mask.window = w;
+      c.mask.window_offset = past;
+    }
     start += n;
   }
   backend_.partial_attentions(calls_);
@@ -58,7 +65,8 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     const int64_t past = calls_[i].mask.causal_offset;
     std::vector<int64_t> visible(n);
-    for (int64_t j = 0; j < n; ++j) visible[j] = past + j + 1;
+    const int64_t w = hp_.window_of(layer);
+    for (int64_t j = 0; j < n; ++j) visible[j] = w > 0 ? std::min(past + j + 1, w) : past + j + 1;
     collector_.add(it->second, layer, calls_[i].entropy, n, std::move(visible));
   }
   return Status();

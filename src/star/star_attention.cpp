@@ -22,8 +22,21 @@ AttentionCall make_call(const AttentionDims& d, Tensor out, float* lse, float* e
   c.n_kv_heads = d.n_kv_heads;
   c.head_dim = d.head_dim;
   c.scale = d.scale;
+  c.softcap = d.softcap;
   c.mask = mask;
   return c;
+}
+
+// mask with layer's sliding window (if any): query row i is at position i + window_offset; keys
+// are at their logical index, plus key_gap from key_gap_from on (AttentionMask).
+AttentionMask windowed(AttentionMask mask, int64_t window, int64_t window_offset, int64_t key_gap_from = 0,
+                       int64_t key_gap = 0) {
+  if (window <= 0) return mask;
+  mask.window = window;
+  mask.window_offset = window_offset;
+  mask.key_gap_from = key_gap_from;
+  mask.key_gap = key_gap;
+  return mask;
 }
 
 // fp32 rows for partials: the output itself when it is fp32 (CPU), else device scratch.
@@ -34,7 +47,12 @@ Tensor fp32_target(Backend& backend, Tensor out, Scratch& scratch) {
 }  // namespace
 
 AttentionDims AttentionDims::from(const ModelHParams& hp) {
-  return {hp.n_heads, hp.n_kv_heads, hp.head_dim, 1.0f / std::sqrt(static_cast<float>(hp.head_dim))};
+  AttentionDims d{hp.n_heads, hp.n_kv_heads, hp.head_dim, hp.attention_scale(), hp.attn_softcap, {}};
+  if (hp.max_window() > 0) {
+    d.layer_window.resize(hp.n_layers);
+    for (int l = 0; l < hp.n_layers; ++l) d.layer_window[l] = hp.window_of(l);
+  }
+  return d;
 }
 
 // ---------------------------------------------------------------- BlockLocalAttention
@@ -107,9 +125,17 @@ Status BlockLocalAttention::attend(int layer, std::span<const BatchSeq> batch, T
     const std::vector<KvView> own = cache_.segments(layer, s.seq_id, past, past + n);
     segs.insert(segs.end(), own.begin(), own.end());
     float* lse = lse_.floats(backend_, n * dims_.n_heads);
-    // Keys [prefix ; block]: block token i sees the whole prefix and block tokens 0..i.
-    backend_.partial_attention(make_call(dims_, out.slice_rows(start, n), lse, nullptr, q.slice_rows(start, n), segs,
-                                         {true, prefix_len_}));
+    // Keys [prefix ; block]: block token i sees the whole prefix and block tokens 0..i. Under a
+    // sliding window, positions decide: the prefix (the anchor) sits at 0.., the block at its own
+    // positions s0.., so the key positions jump by s0 - prefix_len where the block begins.
+    const int64_t s0 = s.positions[0];
+    if (dims_.window(layer) > 0 && s0 < prefix_len_) {
+      return invalid_argument("block at position {} overlaps its {}-token prefix under a sliding window", s0,
+                              prefix_len_);
+    }
+    const AttentionMask mask = windowed({true, prefix_len_}, dims_.window(layer), s0, prefix_len_, s0 - prefix_len_);
+    backend_.partial_attention(
+        make_call(dims_, out.slice_rows(start, n), lse, nullptr, q.slice_rows(start, n), segs, mask));
     start += n;
   }
   return Status();
@@ -211,17 +237,21 @@ Status ExactContextAttention::attend(int layer, std::span<const BatchSeq> batch,
     return Tensor::make(p_out + i * rows * dims_.head_dim, DType::kF32, {n, dims_.n_heads, dims_.head_dim});
   };
   const std::vector<KvView> own = cache_.segments(layer, s.seq_id, 0, n);
-  backend_.partial_attention(make_call(dims_, part_view(0), p_lse, p_ent, q, own, {true, 0}));
+  const int64_t window = dims_.window(layer);
+  backend_.partial_attention(make_call(dims_, part_view(0), p_lse, p_ent, q, own, windowed({true, 0}, window, 0)));
   int p = 1;
   for (int r = 0; r < me; ++r) {
     if (counts_[r] == 0) continue;
+    // Spans are contiguous in rank order: rank r's keys begin this many positions before ours.
+    int64_t behind = 0;
+    for (int x = r; x < me; ++x) behind += counts_[x];
     const size_t off = static_cast<size_t>(r * max_count_ * kv_row) * dtype_size(dt);
     const KvView seg{Tensor::make(static_cast<char*>(k_all_.ensure(backend_, 0)) + off, dt,
                                   {counts_[r], dims_.n_kv_heads, dims_.head_dim}),
                      Tensor::make(static_cast<char*>(v_all_.ensure(backend_, 0)) + off, dt,
                                   {counts_[r], dims_.n_kv_heads, dims_.head_dim})};
-    backend_.partial_attention(
-        make_call(dims_, part_view(p), p_lse + p * rows, p_ent + p * rows, q, {&seg, 1}, {false, 0}));
+    backend_.partial_attention(make_call(dims_, part_view(p), p_lse + p * rows, p_ent + p * rows, q, {&seg, 1},
+                                         windowed({false, 0}, window, behind)));
     ++p;
   }
   std::vector<AttentionPartial> parts;
@@ -251,10 +281,12 @@ Phase2Attention::Phase2Attention(Backend& backend, KvCache& cache, const ModelHP
       merger_(comm, algo),
       collector_(backend) {}
 
-void Phase2Attention::register_sequence(SeqId seq, bool query_host, int64_t n_context_total) {
+void Phase2Attention::register_sequence(SeqId seq, bool query_host, int64_t n_context_total,
+                                        int64_t first_context_position) {
   SeqInfo info;
   info.query_host = query_host;
   info.n_context_total = n_context_total;
+  info.first_context_position = first_context_position;
   info.n_local_context = cache_.length(seq);
   if (auto it = entropy_before_registration_.find(seq); it != entropy_before_registration_.end()) {
     info.entropy = it->second;
@@ -286,6 +318,13 @@ Status Phase2Attention::begin_forward(std::span<const BatchSeq> batch) {
       SS_RETURN_IF_ERROR(cache_.reserve(s.seq_id, cache_.length(s.seq_id) + static_cast<int64_t>(s.tokens.size())));
     }
     if (it->second.entropy && it->second.entropy->enabled()) tracked_rows += static_cast<int64_t>(s.tokens.size());
+    // A context-only rank places its keys by their first position (register_sequence).
+    if (!dims_.layer_window.empty() && !it->second.query_host && it->second.first_context_position < 0 &&
+        it->second.n_local_context > 0) {
+      return invalid_argument("sequence {}: a sliding-window model needs the position of this rank's first "
+                                 "context token (Phase2Attention::register_sequence)",
+                                 s.seq_id);
+    }
   }
   collector_.begin(tracked_rows * n_layers_, dims_.n_heads);
   return Status();
@@ -314,11 +353,15 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
       cache_.write(layer, s.seq_id, past, k.slice_rows(start, n), v.slice_rows(start, n));
       segs_[i] = cache_.segments(layer, s.seq_id, 0, past + n);
       // Keys [local context ; earlier query/generated ; new]: new token i sees all context, every
-      // earlier query/generated token, and new tokens 0..i.
-      mask = {true, past};
+      // earlier query/generated token, and new tokens 0..i. The query host holds the last context
+      // span, so its keys' positions run on without a gap: distances are those of the indices.
+      mask = windowed({true, past}, dims_.window(layer), past);
     } else {
-      // Context only: every key visible to every query row (no causal alignment at all).
+      // Context only: every key visible to every query row (no causal alignment at all), except
+      // keys behind a sliding window: query row i is at n_context_total + n_generated + i.
       segs_[i] = cache_.segments(layer, s.seq_id, 0, info.n_local_context);
+      mask = windowed(mask, dims_.window(layer),
+                      info.n_context_total + info.n_generated - std::max<int64_t>(info.first_context_position, 0));
     }
     // An empty key list gives O = 0, LSE = -inf, H = 0: this rank contributes nothing to the merge.
     calls_.push_back(make_call(dims_, o32.slice_rows(start, n), lse_all + start * nh, ent_all + start * nh,
@@ -344,7 +387,10 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     if (info.entropy && info.entropy->enabled()) {
       std::vector<int64_t> visible(n);
-      for (int64_t i = 0; i < n; ++i) visible[i] = info.n_context_total + info.n_generated + i + 1;
+      for (int64_t i = 0; i < n; ++i) {
+        visible[i] = info.n_context_total + info.n_generated + i + 1;
+        if (dims_.window(layer) > 0) visible[i] = std::min(visible[i], dims_.window(layer));
+      }
       collector_.add(info.entropy, layer, ent_all + start * nh, n, std::move(visible));
     }
     start += n;

@@ -25,6 +25,11 @@ namespace starserve {
 struct AttentionDims {
   int n_heads = 0, n_kv_heads = 0, head_dim = 0;
   float scale = 1.0f;
+  float softcap = 0.0f;              // attention logit soft-capping (ModelHParams::attn_softcap)
+  std::vector<int64_t> layer_window;  // per layer: the sliding window, 0 = none (ModelHParams::window_of)
+  int64_t window(int layer) const {
+    return layer >= 0 && layer < static_cast<int>(layer_window.size()) ? layer_window[layer] : 0;
+  }
   static AttentionDims from(const ModelHParams& hp);
 };
 
@@ -112,7 +117,9 @@ class Phase2Attention final : public AttentionHandler {
 
   // Per sequence: whether this rank stores its query/generated KV, and the global number of
   // context tokens (for the entropy maximum log(n_visible)).
-  void register_sequence(SeqId seq, bool query_host, int64_t n_context_total);
+  // first_context_position: the position of this rank's first context token, which a context-only
+  // rank needs under a sliding window (-1 = not given; the query host never needs it).
+  void register_sequence(SeqId seq, bool query_host, int64_t n_context_total, int64_t first_context_position = -1);
   void forget_sequence(SeqId seq);
   // Accumulates the entropy of the sequence's rows into stats from its next forward on; may come
   // before register_sequence, so that the query's own rows (the first forward) are counted.
@@ -130,6 +137,7 @@ class Phase2Attention final : public AttentionHandler {
   struct SeqInfo {
     bool query_host = false;
     int64_t n_context_total = 0;
+    int64_t first_context_position = -1;  // of this rank's context (register_sequence)
     int64_t n_local_context = 0;  // KV length at registration: this rank's context tokens
     int64_t n_generated = 0;      // query + generated tokens processed so far (global count)
     EntropyStats* entropy = nullptr;

@@ -535,6 +535,11 @@ class CudaBackend final : public Backend {
   }
 
   AttentionGpuParams gpu_params(const AttentionCall& c, int64_t n_kv) {
+    // The kernels have no sliding window or logit soft-capping yet; check_features (the Backend
+    // default) refuses models that need them, so a call with either is a broken invariant.
+    SS_CHECK(c.mask.window == 0 && c.softcap == 0.0f,
+             "the CUDA attention kernels apply neither a sliding window ({}) nor logit soft-capping ({})",
+             c.mask.window, c.softcap);
     AttentionGpuParams p;
     p.out = c.out.data;
     p.out_fp32 = c.out.dtype == DType::kF32;
