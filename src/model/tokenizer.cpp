@@ -330,11 +330,38 @@ struct TokenizerImpl {
     bool control;  // matched only with parse_special
     AddedTokenSpec options;
   };
-  // Added tokens of one pass, longest first so the first match at a position is the longest.
+  // Added tokens of one pass in a byte trie, so the longest token at a position costs one walk of at most the
+  // longest token's length whatever their number (Gemma has 6384, thousands of them starting with '<').
   struct AddedSet {
     std::vector<AddedToken> tokens;
-    std::array<std::vector<uint32_t>, 256> by_first_byte;  // indices into tokens, longest first
+    std::unordered_map<uint64_t, int32_t> edges;  // (node << 8) | byte -> child node; node 0 is the root
+    std::vector<int32_t> terminal{-1};            // node -> index into tokens, -1 when no token ends there
+    std::array<bool, 256> first_byte{};           // some token starts with this byte
     bool empty() const { return tokens.empty(); }
+
+    void insert(size_t index) {
+      int32_t node = 0;
+      for (char c : tokens[index].text) {
+        const uint64_t key = (static_cast<uint64_t>(node) << 8) | static_cast<uint8_t>(c);
+        auto [it, added] = edges.try_emplace(key, static_cast<int32_t>(terminal.size()));
+        if (added) terminal.push_back(-1);
+        node = it->second;
+      }
+      if (terminal[static_cast<size_t>(node)] < 0) terminal[static_cast<size_t>(node)] = static_cast<int32_t>(index);
+      first_byte[static_cast<uint8_t>(tokens[index].text[0])] = true;
+    }
+    // The longest token that text[p..] starts with, or nullptr.
+    const AddedToken* longest_at(std::string_view text, size_t p) const {
+      if (!first_byte[static_cast<uint8_t>(text[p])]) return nullptr;
+      int32_t node = 0, best = -1;
+      for (size_t i = p; i < text.size(); ++i) {
+        auto it = edges.find((static_cast<uint64_t>(node) << 8) | static_cast<uint8_t>(text[i]));
+        if (it == edges.end()) break;
+        node = it->second;
+        if (terminal[static_cast<size_t>(node)] >= 0) best = terminal[static_cast<size_t>(node)];
+      }
+      return best < 0 ? nullptr : &tokens[static_cast<size_t>(best)];
+    }
   };
   struct PreStep {
     PreTokenizerStep spec;
@@ -676,14 +703,8 @@ struct TokenizerImpl {
       size_t at = std::string_view::npos;
       const AddedToken* hit = nullptr;
       for (size_t p = pos; p < text.size() && hit == nullptr; ++p) {
-        for (uint32_t k : set.by_first_byte[static_cast<uint8_t>(text[p])]) {
-          const AddedToken& t = set.tokens[k];
-          if (text.compare(p, t.text.size(), t.text) == 0) {
-            at = p;
-            hit = &t;
-            break;
-          }
-        }
+        hit = set.longest_at(text, p);
+        at = p;
       }
       if (hit == nullptr) break;
       size_t begin = at, end = at + hit->text.size();
@@ -882,11 +903,7 @@ Result<Tokenizer> Tokenizer::create(TokenizerSpec spec) {
     set.tokens.push_back({t.spec.tokens[i], id, special, opt});
   }
   for (TokenizerImpl::AddedSet* set : {&t.raw_added, &t.normalized_added}) {
-    std::stable_sort(set->tokens.begin(), set->tokens.end(),
-                     [](const auto& a, const auto& b) { return a.text.size() > b.text.size(); });
-    for (size_t k = 0; k < set->tokens.size(); ++k) {
-      set->by_first_byte[static_cast<uint8_t>(set->tokens[k].text[0])].push_back(static_cast<uint32_t>(k));
-    }
+    for (size_t k = 0; k < set->tokens.size(); ++k) set->insert(k);  // id order: a repeated text keeps its first id
   }
 
   // End of generation.
