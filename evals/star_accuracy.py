@@ -31,9 +31,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
           "There and back again. ")
-# Tokens per filler repetition for the SmolLM2 vocabulary, measured from the [timing] line of a run
-# (the script reports the exact context length of every sample; this only sizes the haystack).
+# Tokens per filler repetition: measured for the model at start-up (calibrate()) from the [timing] line of a
+# short run; it only sizes the haystacks (every sample reports its exact context length).
 TOKENS_PER_FILLER = 25
+CALIBRATION_REPS = 40
 
 KEY_WORDS = ["amber", "falcon", "granite", "harbor", "juniper", "lantern", "meadow", "nebula",
              "orchid", "pebble", "quartz", "river", "saffron", "thistle", "velvet", "willow"]
@@ -49,7 +50,7 @@ CONFIGS = {
 
 def haystack(n_tokens, needles, rng):
     """Filler of about n_tokens tokens with each needle sentence inserted at a random depth."""
-    reps = max(1, n_tokens // TOKENS_PER_FILLER)
+    reps = max(1, int(n_tokens / TOKENS_PER_FILLER))
     parts = [FILLER] * reps
     for sentence in needles:
         parts.insert(rng.randint(0, len(parts)), sentence + " ")
@@ -83,12 +84,12 @@ TIMING = re.compile(r"\[timing\] context (\d+) tokens in ([\d.]+) s")
 ENTROPY = re.compile(r"\[entropy\] layer\s+(\d+) mean ([\d.]+) nats")
 
 
-def run(binary, model, cfg, ranks, ctx_file, query, max_tokens, backend="auto"):
+def run(binary, model, cfg, ranks, ctx_file, query, max_tokens, backend="auto", kv_mb=512):
     n = cfg.get("ranks", ranks)
     cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(n), binary, "generate",
            "--model", model, "--chat", "--context-file", ctx_file, "--query", query,
            "--max-tokens", str(max_tokens), "--temperature", "0", "--attention", cfg["mode"],
-           "--entropy", "--log-level", "warn", "--kv-memory-mb", "512", "--backend", backend]
+           "--entropy", "--log-level", "warn", "--kv-memory-mb", str(kv_mb), "--backend", backend]
     if "n_blocks" in cfg:
         cmd += ["--n-blocks", str(cfg["n_blocks"])]
     if "anchor" in cfg:
@@ -100,6 +101,19 @@ def run(binary, model, cfg, ranks, ctx_file, query, max_tokens, backend="auto"):
     m = TIMING.search(p.stderr)
     ent = [float(v) for _, v in sorted((int(a), b) for a, b in ENTROPY.findall(p.stderr))]
     return p.stdout.strip(), int(m.group(1)), float(m.group(2)), ent
+
+
+def calibrate(args):
+    """Tokens per filler repetition for this model: one global run over CALIBRATION_REPS repetitions."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+        f.write(FILLER * CALIBRATION_REPS)
+        ctx_file = f.name
+    try:
+        _, n_ctx, _, _ = run(args.binary, args.model, CONFIGS["global"], 1, ctx_file, "Say yes.", 1, args.backend,
+                             args.kv_memory_mb)
+    finally:
+        os.unlink(ctx_file)
+    return n_ctx / CALIBRATION_REPS
 
 
 def main():
@@ -114,8 +128,13 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backend", default="auto", help="cpu | cuda | auto (starserve generate --backend)")
+    ap.add_argument("--kv-memory-mb", type=int, default=512, help="KV cache budget per rank (starserve generate)")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = ap.parse_args()
+
+    global TOKENS_PER_FILLER
+    TOKENS_PER_FILLER = calibrate(args)
+    print(f"# {os.path.basename(args.model)}: {TOKENS_PER_FILLER:.2f} tokens per filler repetition", file=sys.stderr)
 
     out = open(args.out, "a") if args.out else None
     results = {}  # (task, length, config) -> [correct...]
@@ -131,7 +150,8 @@ def main():
                 try:
                     for name in args.configs:
                         text, n_ctx, phase1_s, ent = run(args.binary, args.model, CONFIGS[name], args.ranks,
-                                                         ctx_file, query, args.max_tokens, args.backend)
+                                                         ctx_file, query, args.max_tokens, args.backend,
+                                                         args.kv_memory_mb)
                         ok = all(a in text for a in answers)
                         results.setdefault((task, length, name), []).append(ok)
                         entropies.setdefault((length, name), []).append(ent)
@@ -147,7 +167,8 @@ def main():
                     os.unlink(ctx_file)
 
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    print(f"\n# {datetime.date.today()} {platform.node()} {cpu} x{os.cpu_count()}; samples per cell {args.samples}",
+    print(f"\n# {datetime.date.today()} {platform.node()} {cpu} x{os.cpu_count()}; {os.path.basename(args.model)}, "
+          f"backend {args.backend}; samples per cell {args.samples}",
           file=sys.stderr)
     print("| task | tokens | " + " | ".join(args.configs) + " |", file=sys.stderr)
     print("|---|---|" + "---|" * len(args.configs), file=sys.stderr)
