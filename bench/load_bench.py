@@ -18,14 +18,19 @@ multiple of the C=1 figure. No other serving engine is installed on this machine
 
 By default the script starts the server itself (mpirun, --ranks ranks, a free port), waits until
 `starctl health --ready` answers, and stops it with SIGTERM to mpirun at the end. --address uses a running server.
-The Python stubs are generated at start-up from proto/starserve/v1/completion.proto (grpcio-tools).
+The Python stubs are generated at start-up from proto/starserve/v1/completion.proto (grpcio-tools). Where
+grpcio-tools is not installed, the stubs made beforehand by bench/make_stubs.py are imported instead (from
+$STARSERVE_PY_STUBS, default third_party/wheels/stubs; they must come from the same .proto and a grpcio-tools
+release no newer than the grpcio that imports them).
 
     python3 -m venv /opt/load-venv && /opt/load-venv/bin/pip install grpcio grpcio-tools
     /opt/load-venv/bin/python bench/load_bench.py --requests 4 > load.jsonl
 """
 import argparse
 import datetime
+import hashlib
 import importlib
+import importlib.util
 import json
 import os
 import signal
@@ -37,25 +42,51 @@ import threading
 import time
 
 import grpc
-from grpc_tools import protoc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTO_ROOT = os.path.join(ROOT, "proto")
 PROTO_FILE = "starserve/v1/completion.proto"
+# Stubs made beforehand (bench/make_stubs.py), for machines without grpcio-tools.
+PREBUILT_STUBS = os.environ.get("STARSERVE_PY_STUBS", os.path.join(ROOT, "third_party/wheels/stubs"))
+PROTO_HASH_FILE = "completion.proto.sha256"
 # Prompts are windows of this text's token ids at different offsets, so no two requests send the same ids.
 FILLER = ("The report describes how the river changed its course over many centuries, how the villages along its "
           "banks moved with it, how the farmers learned to read the floods, and how the market towns traded grain, "
           "salt and timber up and down the valley until the railway arrived and the old ferries were abandoned. ")
 
 
-def load_stubs():
-    """Compile the .proto into a temporary package and import its message and service modules."""
-    out = tempfile.mkdtemp(prefix="starserve_stubs_")
+def proto_sha256():
+    with open(os.path.join(PROTO_ROOT, PROTO_FILE), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def generate_stubs(out):
+    """Compile the .proto with grpcio-tools into `out` (a package tree starserve/v1/) and record its hash."""
+    from grpc_tools import protoc
     well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
     rc = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out}",
                       f"--grpc_python_out={out}", os.path.join(PROTO_ROOT, PROTO_FILE)])
     if rc != 0:
         sys.exit(f"protoc failed on {PROTO_FILE} (exit {rc})")
+    with open(os.path.join(out, PROTO_HASH_FILE), "w") as f:
+        f.write(proto_sha256() + "\n")
+
+
+def load_stubs():
+    """Import the message and service modules: generated now when grpcio-tools is there, else the prebuilt ones."""
+    if importlib.util.find_spec("grpc_tools") is not None:
+        out = tempfile.mkdtemp(prefix="starserve_stubs_")
+        generate_stubs(out)
+    else:
+        out = PREBUILT_STUBS
+        try:
+            with open(os.path.join(out, PROTO_HASH_FILE)) as f:
+                recorded = f.read().strip()
+        except OSError:
+            sys.exit(f"no grpcio-tools and no prebuilt stubs in {out} (make them with bench/make_stubs.py)")
+        if recorded != proto_sha256():
+            sys.exit(f"the stubs in {out} were made from another {PROTO_FILE}: make them again (bench/make_stubs.py)")
+        print(f"grpcio-tools not installed: using the stubs in {out}", file=sys.stderr)
     sys.path.insert(0, out)
     return (importlib.import_module("starserve.v1.completion_pb2"),
             importlib.import_module("starserve.v1.completion_pb2_grpc"))
@@ -117,12 +148,14 @@ class Server:
         self.fail(f"the server was not ready after {timeout_s} s")
 
     def fail(self, why):
-        self.stop()
+        self.stop(keep_log=True)
         with open(self.log.name, errors="replace") as f:
             tail = f.read()[-4000:]
-        sys.exit(f"{why}; server log {self.log.name}:\n{tail}")
+        os.unlink(self.log.name)
+        sys.exit(f"{why}; server log:\n{tail}")
 
-    def stop(self):
+    def stop(self, keep_log=False):
+        """Idempotent; the log file is removed unless keep_log."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -130,7 +163,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        os.unlink(self.log.name)
+        if not keep_log and os.path.exists(self.log.name):
+            os.unlink(self.log.name)
 
 
 class Client:

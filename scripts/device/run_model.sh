@@ -15,7 +15,15 @@
 #             completion over a document, a bad request and a timed-out one, then a completion
 #             again to show the server kept serving. SERVE_RANKS=N starts it on N ranks (one GPU
 #             each where the machine has N GPUs: phase 2 merges over NCCL).
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve]  (default: model ranks bench)
+#   chunked — bench/chunked_prefill_bench.py (configures with gRPC): the CPU backend on 2 ranks, then the
+#             CUDA backend on 1 rank, each with chunking off and on (JSON: $OUT/chunked_cpu.jsonl,
+#             $OUT/chunked_cuda.jsonl); CHUNKED_CPU_ARGS / CHUNKED_CUDA_ARGS add or override its flags.
+#             The Python stubs come from third_party/wheels/stubs (bench/make_stubs.py; carry that
+#             folder) where grpcio-tools is not installed.
+#   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
+#             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle]
+#        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -40,7 +48,7 @@ fi
 SECONDS=0
 TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
 GRPC=${STARSERVE_GRPC:-OFF}
-case " $STEPS " in *" serve "*) GRPC=ON TARGETS+=(starctl) ;; esac
+case " $STEPS " in *" serve "* | *" chunked "* | *" lifecycle "*) GRPC=ON TARGETS+=(starctl) ;; esac
 if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRPC:BOOL=ON" "$BUILD/CMakeCache.txt"; }; then
   STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
@@ -49,6 +57,8 @@ fi
 for t in star_gpu_mpi_tests nccl_comm_tests; do
   grep -q "^build bin/$t:" "$BUILD/build.ninja" && TARGETS+=("$t")
 done
+# The server steps alone need only the server and its client.
+case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" eval "*) ;; *) TARGETS=(starserve starctl) ;; esac
 cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" \
   >"$OUT/build_model.log" 2>&1 || { grep -B2 -A10 "error" "$OUT/build_model.log" | head -80; exit 1; }
 echo "built in ${SECONDS}s"
@@ -153,6 +163,30 @@ PY
     } 2>&1 | tee -a "$OUT/serve.txt"
     kill $SERVER; wait $SERVER 2>/dev/null
     grep -i "ranks\|nccl\|error\|warn" "$OUT/serve.log" | head -10
+    ;;
+  chunked)
+    [ -f "$MODEL" ] || { echo "chunked: no model"; continue; }
+    [ -x "$BIN/starctl" ] ||
+      { echo "chunked: no $BIN/starctl (the build has no gRPC)"; continue; }
+    CB=(python3 bench/chunked_prefill_bench.py --starserve "$BIN/starserve" --starctl "$BIN/starctl" --model "$MODEL")
+    echo "== chunked prefill, CPU backend, 2 ranks ($(nproc) cores)"
+    # shellcheck disable=SC2086  # the *_ARGS are lists of flags
+    PYTHONUNBUFFERED=1 timeout 420 "${CB[@]}" --ranks 2 --server-arg=--backend=cpu \
+      --server-arg=--threads=$(($(nproc) / 2)) ${CHUNKED_CPU_ARGS:-} \
+      >"$OUT/chunked_cpu.jsonl" 2>"$OUT/chunked_cpu.err"
+    echo "exit $?"; tail -12 "$OUT/chunked_cpu.err"
+    echo "== chunked prefill, CUDA backend, 1 rank"
+    # shellcheck disable=SC2086
+    PYTHONUNBUFFERED=1 timeout 420 "${CB[@]}" --ranks 1 --server-arg=--backend=cuda \
+      --long-tokens 2048 8000 ${CHUNKED_CUDA_ARGS:-} >"$OUT/chunked_cuda.jsonl" 2>"$OUT/chunked_cuda.err"
+    echo "exit $?"; tail -14 "$OUT/chunked_cuda.err"
+    ;;
+  lifecycle)
+    [ -f "$MODEL" ] || { echo "lifecycle: no model"; continue; }
+    echo "== server lifecycle on the CUDA backend (2 ranks sharing the GPU)"
+    LIFECYCLE_SERVER_ARGS="--backend cuda" timeout 600 bash tests/e2e/lifecycle_e2e.sh "$BIN" "$MODEL" 2>&1 |
+      tee "$OUT/lifecycle.txt" | grep -v "^PASS"
+    echo "lifecycle: exit ${PIPESTATUS[0]}"
     ;;
   esac
 done

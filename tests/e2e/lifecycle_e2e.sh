@@ -7,8 +7,11 @@
 #   - watchdog: a SIGSTOPped worker fails the running stream with UNAVAILABLE naming rank 1, readiness turns
 #     NOT_SERVING, mpirun exits non-zero; a SIGKILLed worker ends the job with a log naming it.
 # Every wait is bounded (generously: no timing is asserted); servers are stopped on exit whatever happens.
+# LIFECYCLE_SERVER_ARGS (default empty) is appended to every server's flags, split on whitespace, e.g.
+# LIFECYCLE_SERVER_ARGS="--backend cuda" on a GPU machine (both ranks then share the GPU).
 set -uo pipefail
 BIN="$1" MODEL="$2"
+read -r -a EXTRA_SERVER_ARGS <<<"${LIFECYCLE_SERVER_ARGS:-}"
 WORK="$(mktemp -d)"
 FAILS=0 PASSES=0
 PIDS=()
@@ -30,7 +33,7 @@ start() {
   shift
   PORT=$(free_port)
   mpirun --oversubscribe --allow-run-as-root -np 2 "$BIN/starserve" serve --model "$MODEL" --host 127.0.0.1 \
-    --port "$PORT" "$@" >"$WORK/$name.log" 2>&1 &
+    --port "$PORT" "$@" "${EXTRA_SERVER_ARGS[@]}" >"$WORK/$name.log" 2>&1 &
   MPI_PID=$!
   PIDS+=("$MPI_PID")
   CTL=("$BIN/starctl" --address "127.0.0.1:$PORT" --timeout 300)
