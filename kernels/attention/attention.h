@@ -14,7 +14,8 @@
 namespace starserve {
 
 // The keys of one call are either one contiguous run (k, v) or a page table (k_pages, v_pages).
-// Query row i sees key j iff !causal || j <= i + causal_offset (AttentionMask in attention_ref.h).
+// Query row i sees key j iff (!causal || j <= i + causal_offset) and j >= window_first_key(p, i)
+// (AttentionMask in attention_ref.h).
 struct AttentionGpuParams {
   void* out = nullptr;               // (n_q, n_heads, head_dim): bf16, or fp32 when out_fp32
   bool out_fp32 = false;
@@ -47,7 +48,28 @@ struct AttentionGpuParams {
   const __nv_bfloat16* k_pool = nullptr;
   const __nv_bfloat16* v_pool = nullptr;
   int64_t pool_rows = 0;
+  // Sliding window (AttentionMask in attention_ref.h, same fields and rule): window > 0 also hides
+  // key j from query row i unless qpos(i) - kpos(j) < window, qpos(i) = i + window_offset,
+  // kpos(j) = j + (j >= key_gap_from ? key_gap : 0). The visible keys of a row stay one range
+  // [window_first_key(p, i), causal bound]; every kernel skips the key tiles wholly before it.
+  int64_t window = 0;
+  int64_t window_offset = 0;
+  int64_t key_gap_from = 0;
+  int64_t key_gap = 0;
+  // Attention logit soft-capping: each scaled score s becomes softcap * tanh(s / softcap) before
+  // the mask and the softmax, so O, LSE and H are those of the capped scores. 0 = off.
+  float softcap = 0.0f;
 };
+
+// The first key index query row i sees under the window (AttentionMask::first_visible); 0
+// without one. Non-decreasing in i.
+__host__ __device__ inline int64_t window_first_key(const AttentionGpuParams& p, int64_t i) {
+  if (p.window <= 0) return 0;
+  const int64_t lo = i + p.window_offset - p.window + 1;  // smallest visible key position
+  if (lo <= 0) return 0;
+  if (lo < p.key_gap_from) return lo;
+  return lo - p.key_gap > p.key_gap_from ? lo - p.key_gap : p.key_gap_from;
+}
 
 constexpr int kMinPageShift = 6;
 constexpr int kMaxPageShift = 30;
@@ -96,6 +118,13 @@ constexpr int kDecodeBatchMax = 16;
 int decode_attention_batch_key(const AttentionGpuParams& p);
 cudaError_t launch_decode_attention_batch(const AttentionGpuParams* seqs, void* const* workspaces, int n_seqs,
                                           cudaStream_t stream);
+
+// Any n_q and head_dim in [1, kSmallHeadMaxDim] (small_head.cu): one warp per (query row, head),
+// keys one at a time, fp32 throughout, O not rounded before the output. For the head sizes the
+// kernels above do not take (other than 64 and 128); slow at long contexts. Same contract, mask,
+// soft-cap and paging as the others; cudaErrorInvalidValue for head_dim outside the range.
+constexpr int kSmallHeadMaxDim = 256;
+cudaError_t launch_attention_small_head(const AttentionGpuParams& p, cudaStream_t stream);
 
 // One shard's partial, on the device, as the kernels above write it with out_fp32.
 struct AttentionPartialGpu {

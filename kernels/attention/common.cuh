@@ -30,6 +30,11 @@ inline bool kv_source_ok(const AttentionGpuParams& p) {
          p.page_shift <= kMaxPageShift;
 }
 
+// Whether a call needs the extended mask (sliding window) or score transform (soft-capping): the
+// kernels that ship run such calls through separate instances, so the plain ones are untouched;
+// the baselines refuse them (cudaErrorNotSupported).
+inline bool mask_extended(const AttentionGpuParams& p) { return p.window > 0 || p.softcap > 0.0f; }
+
 // Launcher check shared by the prefill kernels (block_m query rows per block): shapes, outputs, key source.
 inline bool prefill_params_ok(const AttentionGpuParams& p, int block_m) {
   return p.n_heads > 0 && p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0 && p.n_q >= 0 && p.n_kv >= 0 && p.out &&

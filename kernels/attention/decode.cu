@@ -63,6 +63,12 @@
 // Paged keys: a warp's group of keys (8 or 16) starts at a multiple of its size (chunks start at
 // multiples of 64), so it lies in one page of >= 64 keys; the warp reads a page's pointer once
 // when it enters the page and addresses its rows from there. Chunks need no page alignment.
+//
+// Sliding window: the launchers first drop the keys behind the window of the first query row (the
+// lowest bound; by whole pages when paged) and shift the mask with them, so the splits cover the
+// keys some row sees; the kernels then mask each row from below as from above. Soft-capping
+// replaces each scaled score s by softcap tanh(s / softcap) (in base 2: c tanh(s2 / c), c =
+// softcap log2 e) before the mask.
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -213,9 +219,11 @@ __device__ __forceinline__ void decode_simt_body(AttentionGpuParams p, DecodePla
   const int rows_total = static_cast<int>(p.n_q) * plan.group;
   const int n_rows = min(kRows, rows_total - row0);
   const float scale2 = p.scale * kLog2e;
+  const float cap2 = p.softcap * kLog2e;  // soft-cap in base 2 (0: off)
 
   float q[kRows][E];
   int64_t limit[kRows];  // keys j < limit are visible
+  int64_t first[kRows];  // ... and keys j >= first (the window; 0 without one)
   for (int r = 0; r < kRows; ++r) {
     const int rr = row0 + min(r, n_rows - 1);
     const int64_t tok = rr / plan.group;
@@ -224,6 +232,7 @@ __device__ __forceinline__ void decode_simt_body(AttentionGpuParams p, DecodePla
     to_float<D>(raw, q[r]);
     for (int e = 0; e < E; ++e) q[r][e] *= scale2;
     limit[r] = p.causal ? tok + p.causal_offset + 1 : p.n_kv;
+    first[r] = window_first_key(p, tok);
   }
 
   const int64_t begin = split * plan.chunk;
@@ -287,11 +296,15 @@ __device__ __forceinline__ void decode_simt_body(AttentionGpuParams p, DecodePla
       for (int off = 16; off > 0; off /= 2)
 #pragma unroll
         for (int t = 0; t < kUnroll; ++t) s[t] += __shfl_xor_sync(0xffffffffu, s[t], off);
+      if (cap2 > 0.0f) {
+#pragma unroll
+        for (int t = 0; t < kUnroll; ++t) s[t] = cap2 * tanhf(s[t] / cap2);
+      }
       float smax = kNegInfF;
 #pragma unroll
       for (int t = 0; t < kUnroll; ++t) {
         const int64_t j = j0 + t;
-        s[t] = (j < end && j < limit[r]) ? s[t] : kNegInfF;  // masked: contributes nothing
+        s[t] = (j < end && j < limit[r] && j >= first[r]) ? s[t] : kNegInfF;  // masked: contributes nothing
         smax = fmaxf(smax, s[t]);
       }
       if (smax == kNegInfF) continue;  // warp-uniform
@@ -380,9 +393,11 @@ __device__ __forceinline__ void decode_mma_body(AttentionGpuParams p, DecodePlan
   const int row0 = row_group * kRows;  // over n_q * group: r -> (token r / group, head kv_head * group + r % group)
   const int n_rows = min(kRows, static_cast<int>(p.n_q) * plan.group - row0);
   const float scale2 = p.scale * kLog2e;
+  const float cap2 = p.softcap * kLog2e;  // soft-cap in base 2 (0: off)
 
   uint32_t qf[kRowTiles][kKWords];  // B operand of S^T: row 8 nt + g, dims 32 c + 8 t .. + 7 in words 4c..4c+3
   int64_t limit[kRowTiles][2];      // keys j < limit are visible to row 8 nt + 2t + e (this lane's S columns)
+  int64_t first[kRowTiles][2];      // ... and keys j >= first (the window; 0 without one)
 #pragma unroll
   for (int nt = 0; nt < kRowTiles; ++nt) {
     const int rq = row0 + min(8 * nt + g, n_rows - 1);
@@ -395,6 +410,7 @@ __device__ __forceinline__ void decode_mma_body(AttentionGpuParams p, DecodePlan
     for (int e = 0; e < 2; ++e) {
       const int rr = row0 + min(8 * nt + 2 * t + e, n_rows - 1);
       limit[nt][e] = p.causal ? rr / plan.group + p.causal_offset + 1 : p.n_kv;
+      first[nt][e] = window_first_key(p, rr / plan.group);
     }
   }
 
@@ -502,8 +518,13 @@ __device__ __forceinline__ void decode_mma_body(AttentionGpuParams p, DecodePlan
       float w[2][2];  // [e][key g, key g + 8]
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const float x0 = (ja < end && ja < limit[nt][e]) ? s[nt][e] * scale2 : kNegInfF;
-        const float x1 = (jb < end && jb < limit[nt][e]) ? s[nt][2 + e] * scale2 : kNegInfF;
+        float y0 = s[nt][e] * scale2, y1 = s[nt][2 + e] * scale2;
+        if (cap2 > 0.0f) {
+          y0 = cap2 * tanhf(y0 / cap2);
+          y1 = cap2 * tanhf(y1 / cap2);
+        }
+        const float x0 = (ja < end && ja < limit[nt][e] && ja >= first[nt][e]) ? y0 : kNegInfF;
+        const float x1 = (jb < end && jb < limit[nt][e] && jb >= first[nt][e]) ? y1 : kNegInfF;
         float mx = fmaxf(x0, x1);
 #pragma unroll
         for (int off = 4; off < 32; off *= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
@@ -835,6 +856,31 @@ int64_t resident_blocks(int head_dim, int rows_per_block) {
   return n;
 }
 
+// The call without the keys behind the window of its first query row (the lowest bound): dropped
+// from the front, by any count when contiguous and by whole pages when paged, with the mask's
+// indices shifted to match (key positions keep their distance to the queries' positions). At least
+// one key stays. Without a window, the call itself.
+AttentionGpuParams drop_keys_behind_window(const AttentionGpuParams& p) {
+  if (p.window <= 0 || p.n_kv <= 1) return p;
+  int64_t b = std::min(window_first_key(p, 0), p.n_kv - 1);
+  if (p.k_pages) b = (b >> p.page_shift) << p.page_shift;
+  if (b <= 0) return p;
+  AttentionGpuParams q = p;
+  if (p.k_pages) {
+    q.k_pages += b >> p.page_shift;
+    q.v_pages += b >> p.page_shift;
+  } else {
+    const int64_t stride = static_cast<int64_t>(p.n_kv_heads) * p.head_dim;
+    q.k += b * stride;
+    q.v += b * stride;
+  }
+  q.n_kv -= b;
+  q.causal_offset -= b;
+  q.window_offset -= b;  // kpos'(j) = kpos(j + b) - b: the same distances to the queries
+  q.key_gap_from = std::max<int64_t>(0, p.key_gap_from - b);
+  return q;
+}
+
 bool decode_shape_ok(const AttentionGpuParams& p) {
   return p.n_heads > 0 && p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0 && p.n_q >= 0 &&
          p.n_q <= kDecodeMaxQ && p.n_kv >= 0 && (p.head_dim == 64 || p.head_dim == 128);
@@ -842,8 +888,9 @@ bool decode_shape_ok(const AttentionGpuParams& p) {
 
 }  // namespace
 
-size_t decode_attention_workspace_bytes(const AttentionGpuParams& p) {
-  if (!decode_shape_ok(p)) return 0;
+size_t decode_attention_workspace_bytes(const AttentionGpuParams& call) {
+  if (!decode_shape_ok(call)) return 0;
+  const AttentionGpuParams p = drop_keys_behind_window(call);
   const DecodePlan plan = make_plan(p);
   return sizeof(float) * static_cast<size_t>(plan.n_splits * plan.n_rows * (p.head_dim + 2));
 }
@@ -865,10 +912,10 @@ cudaError_t launch_decode_attention_batch(const AttentionGpuParams* seqs, void* 
   b.row_begin[0] = 0;
   const int key = decode_attention_batch_key(seqs[0]);
   for (int i = 0; i < n_seqs; ++i) {
-    const AttentionGpuParams& p = seqs[i];
-    if (key < 0 || decode_attention_batch_key(p) != key || p.n_kv_heads >= 1023 || !p.out || !p.lse || !p.q ||
-        !detail::kv_source_ok(p) || !workspaces[i])
+    if (key < 0 || decode_attention_batch_key(seqs[i]) != key || seqs[i].n_kv_heads >= 1023 || !seqs[i].out ||
+        !seqs[i].lse || !seqs[i].q || !detail::kv_source_ok(seqs[i]) || !workspaces[i])
       return cudaErrorInvalidValue;
+    const AttentionGpuParams p = drop_keys_behind_window(seqs[i]);
     b.p[i] = p;
     b.plan[i] = make_plan(p);
     b.ws[i] = static_cast<float*>(workspaces[i]);
@@ -879,12 +926,13 @@ cudaError_t launch_decode_attention_batch(const AttentionGpuParams* seqs, void* 
   return launch_decode_batch_typed<128>(b, stream);
 }
 
-cudaError_t launch_decode_attention(const AttentionGpuParams& p, void* workspace, size_t workspace_bytes,
+cudaError_t launch_decode_attention(const AttentionGpuParams& call, void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream) {
-  if (!decode_shape_ok(p) || !p.out || !p.lse || !p.q || !detail::kv_source_ok(p))
+  if (!decode_shape_ok(call) || !call.out || !call.lse || !call.q || !detail::kv_source_ok(call))
     return cudaErrorInvalidValue;
-  if (p.n_q == 0) return cudaSuccess;
-  if (workspace_bytes < decode_attention_workspace_bytes(p) || !workspace) return cudaErrorInvalidValue;
+  if (call.n_q == 0) return cudaSuccess;
+  if (workspace_bytes < decode_attention_workspace_bytes(call) || !workspace) return cudaErrorInvalidValue;
+  const AttentionGpuParams p = drop_keys_behind_window(call);
   const DecodePlan plan = make_plan(p);
   if (p.head_dim == 64) return launch_decode_typed<64>(p, plan, workspace, stream);
   return launch_decode_typed<128>(p, plan, workspace, stream);

@@ -8,7 +8,7 @@ namespace starserve {
 // m128 (128 rows per block) measured 350 / 340 TFLOP/s on the H200 against 245 / 252 for m64
 // (attention_bench, 2026-11-29; docs/perf.md).
 cudaError_t launch_prefill_attention_mma(const AttentionGpuParams& p, cudaStream_t stream) {
-  return launch_mma_config<MmaM128>(p, stream);
+  return launch_mma_config<MmaM128, /*kAllowExt=*/true>(p, stream);
 }
 
 // The wgmma kernel where the device and the build run it (sm_90a), else the mma.sync kernel.

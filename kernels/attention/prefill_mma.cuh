@@ -69,6 +69,13 @@
 // only on tiles that contain a hidden key for some row of the warp (the diagonal and the n_kv tail);
 // with 128-row blocks a warp skips the block's last tile when it holds no key its rows see.
 // Paged keys: a 64-key tile lies in one page (pages hold >= 64 keys): one page-table read per tile.
+//
+// Sliding window and soft-capping (kExt, a separate instance of the lean configurations so the
+// plain loop is untouched): the block starts at the first tile its first row sees (the window's
+// lower bound grows with the row), a warp skips the tiles before its own first row's bound, and
+// tiles below its last row's bound are masked from below as well. Soft-capping turns the raw
+// scores into softcap tanh(s |scale| / softcap) before the mask; the softmax then runs with the
+// scale 1 (log2 e into base 2).
 #pragma once
 
 #include <cfloat>
@@ -226,8 +233,9 @@ __device__ __forceinline__ void negate_tile(unsigned char* tile) {
 
 // kPaged: keys through p.k_pages / p.v_pages; a separate instance so the contiguous loop is untouched.
 // Thread state for its fragment rows, indexed i = 2 mt + r: row g + 8 r of the warp's m16 tile mt.
-template <class C, int D, typename OutT, bool kPaged>
+template <class C, int D, typename OutT, bool kPaged, bool kExt>
 __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) prefill_attention_mma_kernel(AttentionGpuParams p) {
+  static_assert(!kExt || C::kLeanSoftmax, "the window / soft-cap instance is built on the lean softmax");
   using L = MmaSmem<C, D>;
   constexpr int kLd = L::kLd;
   constexpr int kThreads = C::kThreads;
@@ -257,6 +265,9 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) prefill_attention_
     kv_end = last_key + 1 < kv_end ? last_key + 1 : kv_end;
   }
   const int n_tiles = kv_end > 0 ? static_cast<int>((kv_end + kBlockN - 1) / kBlockN) : 0;
+  // Tiles before first_tile are behind the window of every row of the block (its first row's
+  // bound is the lowest). Stage of tile it: (it - first_tile) % 2.
+  const int first_tile = kExt ? static_cast<int>(window_first_key(p, q0) / kBlockN) : 0;
 
   auto load_kv = [&](int tile, int stage) {
     const int64_t kv0 = static_cast<int64_t>(tile) * kBlockN;
@@ -281,7 +292,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) prefill_attention_
   const __nv_bfloat16* s_q = smem + L::kQOffset;
   load_tile_async<D, kThreads, C::kBlockM>(smem_u32(s_q), p.q + head * D, q0, p.n_q, q_stride);
   cp_async_commit();
-  if (n_tiles > 0) load_kv(0, 0);
+  if (first_tile < n_tiles) load_kv(first_tile, 0);
   cp_async_commit();
   cp_async_wait<1>();  // Q has landed (tile 0 may still be in flight)
   if constexpr (C::kLeanSoftmax) {
@@ -324,10 +335,24 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) prefill_attention_
       if (tiles < warp_tiles) warp_tiles = static_cast<int>(tiles);
     }
   }
+  // Window: tiles [first_tile, warp_first) lie wholly behind the bound of the warp's first row
+  // (skipped); tiles before window_mask_to hold a key behind the bound of its last row (masked).
+  int warp_first = first_tile, window_mask_to = 0;
+  if constexpr (kExt) {
+    if (p.window > 0) {
+      const int64_t first_row = q0 + warp * C::kWarpRows;
+      warp_first = static_cast<int>(window_first_key(p, first_row) / kBlockN);
+      window_mask_to = static_cast<int>((window_first_key(p, first_row + C::kWarpRows - 1) + kBlockN - 1) / kBlockN);
+    }
+  }
 
   // Lean softmax: |scale| (Q was negated for scale < 0), at least FLT_MIN so that a masked -inf
   // score times scale2 stays -inf rather than NaN when scale = 0.
-  const float scale2 = C::kLeanSoftmax ? fmaxf(fabsf(p.scale) * kLog2e, FLT_MIN) : p.scale * kLog2e;
+  // Soft-capped (kExt): the capped scores already carry the scale, so the softmax's is log2 e.
+  const bool capped = kExt && p.softcap > 0.0f;
+  const float scale2 = capped                ? kLog2e
+                       : C::kLeanSoftmax ? fmaxf(fabsf(p.scale) * kLog2e, FLT_MIN)
+                                         : p.scale * kLog2e;
   float o[kMT][2 * kKSteps][4];  // O (16 x D) per m16 tile: n-tile dn holds columns 8 dn .. 8 dn + 7
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
@@ -368,11 +393,16 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) prefill_attention_
     for (int i = 0; i < kRows; ++i) {
       const int rel = min(tail, p.causal ? diag + 16 * (i / 2) + 8 * (i % 2) : kBlockN);
       const int last = rel < -1 ? -1 : (rel > kBlockN ? kBlockN : rel);
+      // Window (kExt): columns below the row's first visible key, clamped to [0, 64].
+      int first = 0;
+      if constexpr (kExt) first = clamp_col(window_first_key(p, thread_row() + 16 * (i / 2) + 8 * (i % 2)) - kv0, 0, kBlockN);
 #pragma unroll
       for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-        for (int e = 0; e < 2; ++e)
-          if (nt * 8 + 2 * t + e > last) sc[i / 2][nt][2 * (i % 2) + e] = kNegInfF;
+        for (int e = 0; e < 2; ++e) {
+          const int col = nt * 8 + 2 * t + e;
+          if (col > last || (kExt && col < first)) sc[i / 2][nt][2 * (i % 2) + e] = kNegInfF;
+        }
     }
   };
   auto rescale_o = [&](const float(&corr)[kRows]) {
@@ -387,17 +417,18 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) prefill_attention_
       }
   };
 
-  for (int it = 0; it < n_tiles; ++it) {
+  for (int it = first_tile; it < n_tiles; ++it) {
     // Tile it has landed for every thread, and every warp is done with tile it - 1 (and with Q,
     // when staged in stage 1), whose stage the prefetch below overwrites.
     cp_async_wait<0>();
     __syncthreads();
-    if (it + 1 < n_tiles) load_kv(it + 1, (it + 1) % 2);
+    if (it + 1 < n_tiles) load_kv(it + 1, (it + 1 - first_tile) % 2);
     cp_async_commit();
 
     if (it >= warp_tiles) continue;  // warp-uniform; only the block's last causal tile
+    if (kExt && it < warp_first) continue;  // warp-uniform; behind the window of all its rows
     const int64_t kv0 = static_cast<int64_t>(it) * kBlockN;
-    const __nv_bfloat16* s_k = smem + 2 * (it % 2) * L::kTileElems;
+    const __nv_bfloat16* s_k = smem + 2 * ((it - first_tile) % 2) * L::kTileElems;
     const __nv_bfloat16* s_v = s_k + L::kTileElems;
 
     // S (16 x 64 per m16 tile) = Q_w K^T. ldmatrix matrix `mat` of a 16-key group: keys
@@ -527,7 +558,19 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) prefill_attention_
         }
         if (__any_sync(0xffffffffu, grow_any)) rescale_o(corr);
       };
-      if (it >= mask_from) {
+      if constexpr (kExt) {
+        if (capped) {
+          // s (raw, Q negated for scale < 0) -> softcap tanh(s |scale| / softcap): the capped scaled score.
+          const float cap = p.softcap, in = fabsf(p.scale) / p.softcap;
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) s[mt][nt][e] = cap * tanhf(s[mt][nt][e] * in);
+        }
+      }
+      if (it >= mask_from || (kExt && it < window_mask_to)) {
         mask_tile(s, kv0);
         softmax(std::true_type{});
       } else {
@@ -598,41 +641,48 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) prefill_attention_
   }
 }
 
-template <class C, int D, typename OutT, bool kPaged>
+template <class C, int D, typename OutT, bool kPaged, bool kExt>
 cudaError_t launch_mma_instance(const AttentionGpuParams& p, cudaStream_t stream) {
   constexpr size_t kSmem = MmaSmem<C, D>::kBytes;
   // Once per process: the dynamic shared-memory limit above 48 KB, and the largest carveout so that
   // C::kMinBlocks blocks fit beside each other.
   static const cudaError_t attr = [] {
-    cudaError_t e = cudaFuncSetAttribute(prefill_attention_mma_kernel<C, D, OutT, kPaged>,
+    cudaError_t e = cudaFuncSetAttribute(prefill_attention_mma_kernel<C, D, OutT, kPaged, kExt>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
     if (e == cudaSuccess)
-      e = cudaFuncSetAttribute(prefill_attention_mma_kernel<C, D, OutT, kPaged>,
+      e = cudaFuncSetAttribute(prefill_attention_mma_kernel<C, D, OutT, kPaged, kExt>,
                                cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
     return e;
   }();
   if (attr != cudaSuccess) return attr;
   const dim3 grid(static_cast<unsigned>((p.n_q + C::kBlockM - 1) / C::kBlockM), static_cast<unsigned>(p.n_heads));
-  prefill_attention_mma_kernel<C, D, OutT, kPaged><<<grid, C::kThreads, kSmem, stream>>>(p);
+  prefill_attention_mma_kernel<C, D, OutT, kPaged, kExt><<<grid, C::kThreads, kSmem, stream>>>(p);
   return cudaGetLastError();
 }
 
-template <class C, int D, typename OutT>
+template <class C, int D, typename OutT, bool kAllowExt>
 cudaError_t launch_mma_typed(const AttentionGpuParams& p, cudaStream_t stream) {
-  return p.k_pages ? launch_mma_instance<C, D, OutT, true>(p, stream)
-                   : launch_mma_instance<C, D, OutT, false>(p, stream);
+  if constexpr (kAllowExt) {
+    if (detail::mask_extended(p))
+      return p.k_pages ? launch_mma_instance<C, D, OutT, true, true>(p, stream)
+                       : launch_mma_instance<C, D, OutT, false, true>(p, stream);
+  }
+  return p.k_pages ? launch_mma_instance<C, D, OutT, true, false>(p, stream)
+                   : launch_mma_instance<C, D, OutT, false, false>(p, stream);
 }
 
 // The launcher of configuration C: validation, then the instance for the head dim, output type
-// and key source.
-template <class C>
+// and key source. kAllowExt: C has the window / soft-cap instances (else such calls are refused
+// with cudaErrorNotSupported).
+template <class C, bool kAllowExt = false>
 cudaError_t launch_mma_config(const AttentionGpuParams& p, cudaStream_t stream) {
   if (!detail::prefill_params_ok(p, C::kBlockM)) return cudaErrorInvalidValue;
+  if (!kAllowExt && detail::mask_extended(p)) return cudaErrorNotSupported;
   if (p.n_q == 0) return cudaSuccess;
-  if (p.head_dim == 64) return p.out_fp32 ? launch_mma_typed<C, 64, float>(p, stream)
-                                          : launch_mma_typed<C, 64, __nv_bfloat16>(p, stream);
-  if (p.head_dim == 128) return p.out_fp32 ? launch_mma_typed<C, 128, float>(p, stream)
-                                           : launch_mma_typed<C, 128, __nv_bfloat16>(p, stream);
+  if (p.head_dim == 64) return p.out_fp32 ? launch_mma_typed<C, 64, float, kAllowExt>(p, stream)
+                                          : launch_mma_typed<C, 64, __nv_bfloat16, kAllowExt>(p, stream);
+  if (p.head_dim == 128) return p.out_fp32 ? launch_mma_typed<C, 128, float, kAllowExt>(p, stream)
+                                           : launch_mma_typed<C, 128, __nv_bfloat16, kAllowExt>(p, stream);
   return cudaErrorInvalidValue;
 }
 

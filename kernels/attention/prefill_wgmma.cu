@@ -8,7 +8,7 @@ namespace starserve {
 bool prefill_wgmma_supported() { return wgmma_device_ok(); }
 
 cudaError_t launch_prefill_attention_wgmma(const AttentionGpuParams& p, cudaStream_t stream) {
-  return launch_ws_config<WsDefault, /*kAllowTma=*/true>(p, stream);
+  return launch_ws_config<WsDefault, /*kAllowTma=*/true, /*kAllowExt=*/true>(p, stream);
 }
 
 }  // namespace starserve

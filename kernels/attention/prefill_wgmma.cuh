@@ -44,6 +44,13 @@
 // kernel (same contract, same tests). Pages hold >= 64 keys, so a 128-key tile is loaded as two
 // 64-key halves, one page-table read each. A paged tile that runs past n_kv is copied by cp.async,
 // which zero-fills the rows past n_kv (the pool may hold NaN there, and 0 x NaN would reach O).
+//
+// Sliding window and soft-capping (kExt, separate instances of the shipped configuration): the
+// producer starts at the first tile the block's first row sees (BlockGeom::first_tile) and every
+// consumer walks the same tiles; tiles holding a key behind the bound of one of a warpgroup's
+// rows are masked from below too (a warpgroup's rows span 64 keys of bounds, so at most one
+// tile it sees nothing of is still multiplied, fully masked). Soft-capping turns the raw scores
+// into softcap tanh(s |scale| / softcap) before the mask, and the softmax then runs with scale 1.
 #pragma once
 
 #include <cfloat>
@@ -208,8 +215,9 @@ struct RowState {
   float m[2] = {kNegInfF, kNegInfF}, l[2] = {0.0f, 0.0f}, u[2] = {0.0f, 0.0f};
 };
 
-// Sets to -inf the scores of this tile (keys kv0 ..) that the thread's rows (row_base, + 8) do not see.
-template <int N>
+// Sets to -inf the scores of this tile (keys kv0 ..) that the thread's rows (row_base, + 8) do not
+// see; kExt: the window's lower bound too.
+template <int N, bool kExt>
 __device__ __forceinline__ void mask_tile(float (&s)[N / 2], const AttentionGpuParams& p, int64_t row_base,
                                           int64_t kv0, int t) {
   auto clamp_col = [](int64_t x, int64_t lo, int64_t hi) { return static_cast<int>(x < lo ? lo : (x > hi ? hi : x)); };
@@ -219,11 +227,15 @@ __device__ __forceinline__ void mask_tile(float (&s)[N / 2], const AttentionGpuP
   for (int i = 0; i < 2; ++i) {
     const int rel = min(tail, p.causal ? diag + 8 * i : N);
     const int last = rel < -1 ? -1 : (rel > N ? N : rel);
+    int first = 0;  // the row's first visible column (window), clamped to [0, N]
+    if constexpr (kExt) first = clamp_col(window_first_key(p, row_base + 8 * i) - kv0, 0, N);
 #pragma unroll
     for (int nb = 0; nb < N / 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 2; ++e)
-        if (nb * 8 + 2 * t + e > last) s[4 * nb + 2 * i + e] = kNegInfF;
+      for (int e = 0; e < 2; ++e) {
+        const int col = nb * 8 + 2 * t + e;
+        if (col > last || (kExt && col < first)) s[4 * nb + 2 * i + e] = kNegInfF;
+      }
   }
 }
 
@@ -294,14 +306,22 @@ __device__ __forceinline__ void to_p_fragments(const float (&s)[N / 2], uint32_t
   }
 }
 
-// Masks (when the tile needs it) and runs the softmax on one tile.
+// Soft-caps (kExt, when asked), masks (when the tile needs it) and runs the softmax on one tile.
 // Returns whether O needs rescaling by corr.
-template <int N>
+template <int N, bool kExt>
 __device__ __forceinline__ bool scores_to_p(float (&s)[N / 2], RowState& st, const AttentionGpuParams& p,
                                             bool masked, int64_t row_base, int64_t kv0, int t, float scale2,
                                             float (&corr)[2]) {
+  if constexpr (kExt) {
+    if (p.softcap > 0.0f) {
+      // Raw s (Q negated for scale < 0) -> softcap tanh(s |scale| / softcap); scale2 is log2 e then.
+      const float cap = p.softcap, in = fabsf(p.scale) / p.softcap;
+#pragma unroll
+      for (int i = 0; i < N / 2; ++i) s[i] = cap * tanhf(s[i] * in);
+    }
+  }
   if (masked) {
-    mask_tile<N>(s, p, row_base, kv0, t);
+    mask_tile<N, kExt>(s, p, row_base, kv0, t);
     return softmax_tile<N, true>(s, st, scale2, corr);
   }
   return softmax_tile<N, false>(s, st, scale2, corr);
@@ -347,6 +367,7 @@ template <int M, int N>
 struct BlockGeom {
   int64_t q0;
   int head, kv_head, n_tiles;
+  int first_tile = 0;  // tiles before it are behind the window of every row of the block (its first row's bound)
   __device__ BlockGeom(const AttentionGpuParams& p) {
     q0 = static_cast<int64_t>(gridDim.x - 1 - blockIdx.x) * M;  // heaviest causal blocks first
     head = static_cast<int>(blockIdx.y);
@@ -358,6 +379,13 @@ struct BlockGeom {
       kv_end = last_key + 1 < kv_end ? last_key + 1 : kv_end;
     }
     n_tiles = kv_end > 0 ? static_cast<int>((kv_end + N - 1) / N) : 0;
+    if (p.window > 0) first_tile = static_cast<int>(window_first_key(p, q0) / N);
+  }
+  // Window: tiles before the returned index hold a key behind the bound of one of the
+  // warpgroup's rows (its last row's bound is the highest); 0 without a window.
+  __device__ int wg_window_mask_to(const AttentionGpuParams& p, int wg_row0) const {
+    if (p.window <= 0) return 0;
+    return static_cast<int>((window_first_key(p, q0 + wg_row0 + kWgRows - 1) + N - 1) / N);
   }
   __device__ void wg_tiles(const AttentionGpuParams& p, int wg_row0, int* tiles_out, int* mask_from_out) const {
     int mask_from = static_cast<int>(p.n_kv / N), tiles = n_tiles;
@@ -510,7 +538,7 @@ struct Ring {
 
 constexpr int kProducerBarrier = 7;  // named barrier of the producer warpgroup (1.. are the consumers')
 
-template <int D, typename OutT, bool kPaged, bool kTma, class C>
+template <int D, typename OutT, bool kPaged, bool kTma, class C, bool kExt>
 __global__ void __launch_bounds__(C::kThreads, 1)
     prefill_attention_wgmma_ws_kernel(AttentionGpuParams p, const __grid_constant__ KvTensorMaps maps) {
 #if STARSERVE_WGMMA_ENABLED
@@ -532,6 +560,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // descriptors and stage addresses derived from it then stay in uniform registers).
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
   const BlockGeom<C::kBlockM, N> geom(p);
+  const int first_tile = kExt ? geom.first_tile : 0;  // tiles [first_tile, n_tiles) go through the ring
   if (tid == 0) {
     for (int st = 0; st < kStages; ++st) {
       // cp.async: the producer's 128 threads arrive (.noinc); TMA: the issuing thread's arrival
@@ -554,8 +583,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
                       : kPaged && static_cast<int64_t>(geom.n_tiles) * N > p.n_kv ? geom.n_tiles - 1
                                                                                      : geom.n_tiles;
     Ring<kStages> r;
-    for (int it = 0; it < geom.n_tiles; r.next(), ++it) {
-      if (it >= kStages) mbar_wait(empty_bar(r.stage), r.phase ^ 1u);
+    for (int it = first_tile; it < geom.n_tiles; r.next(), ++it) {
+      if (it - first_tile >= kStages) mbar_wait(empty_bar(r.stage), r.phase ^ 1u);
       const uint32_t dk = s_k(r.stage), dv = dk + L::kTileBytes;
       if (it < n_tma) {
         if (tid == 0) {
@@ -584,8 +613,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   const int t = lane % 4;
   int wg_tiles = 0, mask_from = 0;
   geom.wg_tiles(p, c * kWgRows, &wg_tiles, &mask_from);
+  const int window_mask_to = kExt ? geom.wg_window_mask_to(p, c * kWgRows) : 0;
+  auto tile_masked = [&](int it) { return it >= mask_from || (kExt && it < window_mask_to); };
   const int64_t row_base = geom.q0 + c * kWgRows + warp * 16 + lane / 4;
-  const float scale2 = fmaxf(fabsf(p.scale) * kLog2e, FLT_MIN);
+  // Soft-capped (kExt): the capped scores already carry the scale, so the softmax's is log2 e.
+  const float scale2 = kExt && p.softcap > 0.0f ? kLog2e : fmaxf(fabsf(p.scale) * kLog2e, FLT_MIN);
   const uint32_t q_wg = s_q + static_cast<uint32_t>(c * kWgRows * wgmma::kRowBytes);
   constexpr uint32_t kQPanelBytes = C::kBlockM * wgmma::kRowBytes;
   // Descriptors: Q's rows of this warpgroup, K and V of stage 0; a stage is 2 tiles further on.
@@ -633,8 +665,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
   // waits on a turn that will not come. Each branch below holds a whole fence / issue / commit /
   // wait sequence, so every wgmma is issued by a converged warpgroup.
   if constexpr (C::kBatched) {
-    if (wg_tiles > 0) {
-      wait_full(cur, 0);
+    if (wg_tiles > first_tile) {
+      wait_full(cur, first_tile);
       turn_begin();
       wgmma::hold(s);
       wgmma::fence();
@@ -643,9 +675,11 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       turn_end();
       wgmma::wait<0>();
       wgmma::hold(s);
-      scores_to_p<N>(s, st, p, 0 >= mask_from, row_base, 0, t, scale2, corr);  // O is still 0: no rescale
+      // O is still 0: no rescale.
+      scores_to_p<N, kExt>(s, st, p, tile_masked(first_tile), row_base, static_cast<int64_t>(first_tile) * N, t,
+                           scale2, corr);
       to_p_fragments<N>(s, pa);
-      for (int it = 1; it < wg_tiles; ++it) {
+      for (int it = first_tile + 1; it < wg_tiles; ++it) {
         const int prev = cur.stage;
         cur.next();
         wait_full(cur, it);
@@ -664,7 +698,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           wgmma::wait<1>();
           wgmma::hold(s);
           const bool rescale =
-              scores_to_p<N>(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * N, t, scale2, corr);
+              scores_to_p<N, kExt>(s, st, p, tile_masked(it), row_base, static_cast<int64_t>(it) * N, t, scale2, corr);
           wgmma::wait<0>();
           wgmma::hold(o);
           wgmma::hold(pa);
@@ -679,7 +713,8 @@ __global__ void __launch_bounds__(C::kThreads, 1)
           wgmma::hold(o);
           wgmma::hold(s);
           mbar_arrive(empty_bar(prev));
-          if (scores_to_p<N>(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * N, t, scale2, corr))
+          if (scores_to_p<N, kExt>(s, st, p, tile_masked(it), row_base, static_cast<int64_t>(it) * N, t, scale2,
+                                   corr))
             rescale_o<D>(o, corr);
         }
         to_p_fragments<N>(s, pa);
@@ -699,7 +734,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       turn_end();
     }
   } else {
-    for (int it = 0; it < wg_tiles; ++it, cur.next()) {
+    for (int it = first_tile; it < wg_tiles; ++it, cur.next()) {
       wait_full(cur, it);
       turn_begin();
       wgmma::hold(s);
@@ -709,7 +744,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
       turn_end();
       wgmma::wait<0>();
       wgmma::hold(s);
-      if (scores_to_p<N>(s, st, p, it >= mask_from, row_base, static_cast<int64_t>(it) * N, t, scale2, corr))
+      if (scores_to_p<N, kExt>(s, st, p, tile_masked(it), row_base, static_cast<int64_t>(it) * N, t, scale2, corr))
         rescale_o<D>(o, corr);
       to_p_fragments<N>(s, pa);
       wgmma::hold(o);
@@ -722,7 +757,7 @@ __global__ void __launch_bounds__(C::kThreads, 1)
     }
   }
   // Tiles past this warpgroup's rows (causal): release them in order, keep taking turns.
-  for (int it = wg_tiles; it < geom.n_tiles; ++it, cur.next()) {
+  for (int it = wg_tiles > first_tile ? wg_tiles : first_tile; it < geom.n_tiles; ++it, cur.next()) {
     wait_full(cur, it);
     turn_begin();
     turn_end();
@@ -780,10 +815,10 @@ bool make_kv_maps(const AttentionGpuParams& p, int box_rows, KvTensorMaps* maps)
          encode_rows(&maps->v, p.v, row_elems, p.n_kv, box_rows);
 }
 
-template <int D, typename OutT, bool kPaged, bool kTma, class C>
+template <int D, typename OutT, bool kPaged, bool kTma, class C, bool kExt>
 cudaError_t launch_ws_kernel(const AttentionGpuParams& p, const KvTensorMaps& maps, cudaStream_t stream) {
   constexpr size_t kSmem = WsSmem<D, C>::kBytes;
-  auto* kernel = prefill_attention_wgmma_ws_kernel<D, OutT, kPaged, kTma, C>;
+  auto* kernel = prefill_attention_wgmma_ws_kernel<D, OutT, kPaged, kTma, C, kExt>;
   static const cudaError_t attr =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem));
   if (attr != cudaSuccess) return attr;
@@ -794,14 +829,14 @@ cudaError_t launch_ws_kernel(const AttentionGpuParams& p, const KvTensorMaps& ma
 
 // With the TMA where the keys allow (kAllowTma), else cp.async. A compile-time choice, so that a
 // launcher without the TMA carries no TMA kernel.
-template <int D, typename OutT, bool kPaged, class C, bool kAllowTma>
+template <int D, typename OutT, bool kPaged, class C, bool kAllowTma, bool kExt>
 cudaError_t launch_ws(const AttentionGpuParams& p, cudaStream_t stream) {
   KvTensorMaps maps;
   std::memset(&maps, 0, sizeof(maps));
   if constexpr (kAllowTma) {
-    if (make_kv_maps(p, C::kBox, &maps)) return launch_ws_kernel<D, OutT, kPaged, true, C>(p, maps, stream);
+    if (make_kv_maps(p, C::kBox, &maps)) return launch_ws_kernel<D, OutT, kPaged, true, C, kExt>(p, maps, stream);
   }
-  return launch_ws_kernel<D, OutT, kPaged, false, C>(p, maps, stream);
+  return launch_ws_kernel<D, OutT, kPaged, false, C, kExt>(p, maps, stream);
 }
 
 // 1 in the device code of a build for sm_90a (the kernel's body is there), 0 in any other.
@@ -826,24 +861,31 @@ bool wgmma_device_ok() {
   return state[device] == 1;
 }
 
-template <int D, typename OutT, class C, bool kAllowTma>
+template <int D, typename OutT, class C, bool kAllowTma, bool kAllowExt>
 cudaError_t launch_ws_typed(const AttentionGpuParams& p, cudaStream_t stream) {
-  return p.k_pages ? launch_ws<D, OutT, true, C, kAllowTma>(p, stream)
-                   : launch_ws<D, OutT, false, C, kAllowTma>(p, stream);
+  if constexpr (kAllowExt) {
+    if (detail::mask_extended(p))
+      return p.k_pages ? launch_ws<D, OutT, true, C, kAllowTma, true>(p, stream)
+                       : launch_ws<D, OutT, false, C, kAllowTma, true>(p, stream);
+  }
+  return p.k_pages ? launch_ws<D, OutT, true, C, kAllowTma, false>(p, stream)
+                   : launch_ws<D, OutT, false, C, kAllowTma, false>(p, stream);
 }
 
 // The launcher of configuration C: validation, then the instance for the head dim, output type
 // and key source; with the TMA where the keys allow when kAllowTma, else cp.async always.
-template <class C, bool kAllowTma>
+// kAllowExt: C has the window / soft-cap instances (else such calls get cudaErrorNotSupported).
+template <class C, bool kAllowTma, bool kAllowExt = false>
 cudaError_t launch_ws_config(const AttentionGpuParams& p, cudaStream_t stream) {
   if (!detail::prefill_params_ok(p, C::kBlockM)) return cudaErrorInvalidValue;
   if (p.head_dim != 64 && p.head_dim != 128) return cudaErrorInvalidValue;
+  if (!kAllowExt && detail::mask_extended(p)) return cudaErrorNotSupported;
   if (p.n_q == 0) return cudaSuccess;
   if (!wgmma_device_ok()) return cudaErrorNotSupported;
-  if (p.head_dim == 64) return p.out_fp32 ? launch_ws_typed<64, float, C, kAllowTma>(p, stream)
-                                          : launch_ws_typed<64, __nv_bfloat16, C, kAllowTma>(p, stream);
-  return p.out_fp32 ? launch_ws_typed<128, float, C, kAllowTma>(p, stream)
-                    : launch_ws_typed<128, __nv_bfloat16, C, kAllowTma>(p, stream);
+  if (p.head_dim == 64) return p.out_fp32 ? launch_ws_typed<64, float, C, kAllowTma, kAllowExt>(p, stream)
+                                          : launch_ws_typed<64, __nv_bfloat16, C, kAllowTma, kAllowExt>(p, stream);
+  return p.out_fp32 ? launch_ws_typed<128, float, C, kAllowTma, kAllowExt>(p, stream)
+                    : launch_ws_typed<128, __nv_bfloat16, C, kAllowTma, kAllowExt>(p, stream);
 }
 
 }  // namespace

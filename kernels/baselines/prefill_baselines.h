@@ -3,7 +3,8 @@
 // (bench/gpu/attention_bench.cu) times them next to what ships, and the GPU parity tests keep them
 // correct (a baseline that is wrong measures nothing); the backend never links them
 // (starserve_kernel_baselines). Every launcher has the contract of launch_prefill_attention
-// (kernels/attention/attention.h): same parameters, same results up to rounding, same validation.
+// (kernels/attention/attention.h): same parameters, same results up to rounding, same validation,
+// except that none applies a sliding window or soft-capping: such calls get cudaErrorNotSupported.
 #pragma once
 
 #include <cuda_runtime.h>

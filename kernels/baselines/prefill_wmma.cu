@@ -229,6 +229,7 @@ cudaError_t launch_prefill_typed(const AttentionGpuParams& p, cudaStream_t strea
 
 cudaError_t launch_prefill_attention_wmma(const AttentionGpuParams& p, cudaStream_t stream) {
   if (!detail::prefill_params_ok(p, kBlockM)) return cudaErrorInvalidValue;
+  if (detail::mask_extended(p)) return cudaErrorNotSupported;  // no window or soft-cap here
   if (p.n_q == 0) return cudaSuccess;
   if (p.head_dim == 64) return p.out_fp32 ? launch_prefill_typed<64, float>(p, stream)
                                           : launch_prefill_typed<64, __nv_bfloat16>(p, stream);

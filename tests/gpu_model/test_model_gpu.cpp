@@ -2,8 +2,10 @@
 // backend (fp32) on the same weights, through the same model code and attention handlers.
 // Global prefill + decode, Star Attention phase 1 + phase 2 on one rank, a random model of
 // Llama-3-8B's shape (2 of its 32 layers), and the default SmolLM2 GGUF when present; decode steps
-// as CUDA graphs against the same steps launched op by op. Every case reports SKIPPED without a
-// CUDA device.
+// as CUDA graphs against the same steps launched op by op. The model families beyond Llama: the
+// tiny family goldens (tests/golden/<family>/, Hugging Face transformers in fp32) on the GPU, and a
+// random windowed, soft-capped model of the tensor-core kernels' head size against the CPU. Every
+// case reports SKIPPED without a CUDA device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -11,11 +13,15 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <numeric>
+
+#include <nlohmann/json.hpp>
 
 #include "backend/backend.h"
 #include "comm/communicator.h"
 #include "star/local_attention.h"
+#include "model/gguf_source.h"
 #include "model/loader.h"
 #include "model/random_source.h"
 #include "star/context_encoder.h"
@@ -368,6 +374,178 @@ TEST(ModelGpu, SmolLM2GreedyMatchesCpu) {
   }
   std::printf("  gpu argmax follows the cpu greedy text for %zu of %zu tokens\n", follow, cont.size());
 }
+
+// ---------------------------------------------------------------- model families beyond Llama
+
+// Sliding window (on every layer, shorter than a page and than a key tile, and crossed by the
+// decode steps) and attention logit soft-capping on a model of head_dim 64, so that the
+// tensor-core prefill kernels (the shipped one chosen by --prefill-kernel: auto, i.e. wgmma on
+// the H200, and mma), decode (one sequence and batched) and Star Attention's phase 1 / phase 2
+// run them; GPU logits against the CPU backend's within the bf16 bound above.
+ModelHParams windowed_softcap_hparams() {
+  ModelHParams hp = small_llama_hd64_hparams();
+  hp.name = "small-random-windowed-softcapped";
+  hp.sliding_window = 40;
+  hp.attn_softcap = 2.0f;
+  return hp;
+}
+
+TEST(ModelGpuFamilies, WindowAndSoftcapGlobalAndDecodeMatchCpu) {
+  REQUIRE_GPU();
+  const ModelHParams hp = windowed_softcap_hparams();
+  RandomWeightSource src(hp, 17);
+  auto cpu = make_cpu_backend();
+  auto cpu_model = create_model(src, *cpu);
+  ASSERT_TRUE(cpu_model.ok()) << cpu_model.status().to_string();
+  const auto prompt = pseudo_tokens(300, hp.n_vocab, 21);
+  const auto feed = pseudo_tokens(8, hp.n_vocab, 22);
+  using Prefill = CudaBackendOptions::Prefill;
+  for (Prefill kernel : {Prefill::kAuto, Prefill::kMma}) {
+    CudaBackendOptions opts;
+    opts.prefill = kernel;
+    auto gpu = make_cuda_backend(0, opts);
+    ASSERT_TRUE(gpu.ok()) << gpu.status().to_string();
+    auto gpu_model = create_model(src, **gpu);
+    ASSERT_TRUE(gpu_model.ok()) << gpu_model.status().to_string();
+    for (int page : {64, 256}) {
+      SCOPED_TRACE(std::string(kernel == Prefill::kAuto ? "prefill auto" : "prefill mma") + ", page " +
+                   std::to_string(page));
+      const auto ref = run_global(**cpu_model, prompt, feed, page);
+      const auto got = run_global(**gpu_model, prompt, feed, page);
+      const Diff d = compare(ref, got, hp.n_vocab, 0.5f);
+      EXPECT_LE(d.max_abs, kRelTol * d.max_ref);
+      EXPECT_EQ(d.agree, d.decided);
+    }
+    // The window and the cap matter here: without them the same weights give other logits.
+    ModelHParams plain_hp = hp;
+    plain_hp.sliding_window = 0;
+    plain_hp.attn_softcap = 0.0f;
+    RandomWeightSource plain_src(plain_hp, 17);
+    auto plain = create_model(plain_src, **gpu);
+    ASSERT_TRUE(plain.ok());
+    const auto a = run_global(**gpu_model, prompt, {}, 64);
+    const auto b = run_global(**plain, prompt, {}, 64);
+    double diff = 0;
+    for (size_t i = 0; i < a.size(); ++i) diff = std::max(diff, static_cast<double>(std::fabs(a[i] - b[i])));
+    EXPECT_GT(diff, 0.1);
+  }
+  // A continuous batch: decode steps of 4 sequences in one launch per layer, windows over their
+  // cached keys.
+  auto gpu = make_cuda_backend(0);
+  ASSERT_TRUE(gpu.ok());
+  auto gpu_model = create_model(src, **gpu);
+  ASSERT_TRUE(gpu_model.ok());
+  std::vector<std::vector<int32_t>> prompts, feeds;
+  for (size_t len : {size_t{30}, size_t{300}, size_t{130}, size_t{64}}) {
+    prompts.push_back(pseudo_tokens(len, hp.n_vocab, static_cast<uint32_t>(len) + 30));
+    feeds.push_back(pseudo_tokens(5, hp.n_vocab, static_cast<uint32_t>(len) + 31));
+  }
+  const auto ref = run_batch(**cpu_model, prompts, feeds);
+  const auto got = run_batch(**gpu_model, prompts, feeds);
+  const Diff d = compare(ref, got, hp.n_vocab, 0.5f);
+  EXPECT_LE(d.max_abs, kRelTol * d.max_ref) << "batch";
+  EXPECT_EQ(d.agree, d.decided) << "batch";
+}
+
+TEST(ModelGpuFamilies, WindowAndSoftcapStarMatchesCpu) {
+  REQUIRE_GPU();
+  const ModelHParams hp = windowed_softcap_hparams();
+  RandomWeightSource src(hp, 19);
+  Engines e = load(src);
+  const auto context = pseudo_tokens(300, hp.n_vocab, 23);
+  const auto query = pseudo_tokens(12, hp.n_vocab, 24);
+  // (block, anchor, page): blocks longer and shorter than the window; page-table and gathered keys.
+  for (auto [block, anchor, page] : {std::tuple{64, 64, 64}, std::tuple{48, 40, 64}, std::tuple{100, 30, 256}}) {
+    const auto ref = run_star(*e.cpu_model, context, query, block, anchor, page);
+    const auto got = run_star(*e.gpu_model, context, query, block, anchor, page);
+    const Diff d = compare(ref, got, hp.n_vocab, 0.5f);
+    EXPECT_LE(d.max_abs, kRelTol * d.max_ref) << "block " << block << " anchor " << anchor << " page " << page;
+    EXPECT_EQ(d.agree, d.decided) << "block " << block;
+  }
+}
+
+// The tiny family goldens (head_dim 16 or 32: the small-head attention kernel) on the GPU: each
+// prompt's last-position logits against transformers' fp32 logits, then the golden greedy
+// continuation teacher-forced through decode steps (windows over cached keys). Tolerance: 4% of
+// the prompt's largest |logit| (kRelTol: bf16 weights and activations, 2^-9 relative per
+// rounding, through 2-6 layers; for the families the extra ops are exact in bf16 terms (the bias
+// add, (1 + w) folded into the weight) or contract errors (tanh soft-caps, |d tanh| <= 1)).
+// Where the golden top-1 leads by more than twice the tolerance the GPU's argmax must be it.
+class FamilyGoldenGpu : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(FamilyGoldenGpu, LogitsAndGreedyMatchTransformers) {
+  REQUIRE_GPU();
+  const std::string family = GetParam();
+  const std::string dir = std::string(STARSERVE_GOLDEN_DIR) + "/" + family;
+  std::ifstream in(dir + "/golden.json");
+  ASSERT_TRUE(in.good()) << dir;
+  const nlohmann::json g = nlohmann::json::parse(in);
+  auto src = GgufWeightSource::open(dir + "/model.gguf");
+  ASSERT_TRUE(src.ok()) << src.status().to_string();
+  Engines e = load(**src);
+  ASSERT_TRUE(e.gpu_model && e.cpu_model);
+  const ModelHParams& hp = e.gpu_model->hparams();
+  const int vocab = hp.n_vocab;
+  ASSERT_EQ(vocab, g["n_vocab"].get<int>());
+  int decided = 0, rows = 0;
+  auto check_row = [&](const float* got, const float* want, const float* cpu, float tol, float margin,
+                       int32_t want_top, const std::string& what) {
+    ++rows;
+    float worst = 0.0f, worst_cpu = 0.0f;
+    for (int c = 0; c < vocab; ++c) {
+      EXPECT_TRUE(std::isfinite(got[c])) << what;
+      if (want) worst = std::max(worst, std::fabs(got[c] - want[c]));
+      worst_cpu = std::max(worst_cpu, std::fabs(got[c] - cpu[c]));
+    }
+    EXPECT_LE(worst, tol) << what << ": against transformers";
+    EXPECT_LE(worst_cpu, tol) << what << ": against the CPU backend";
+    if (margin > 2.0f * tol) {
+      ++decided;
+      EXPECT_EQ(std::max_element(got, got + vocab) - got, want_top) << what;
+    }
+  };
+  for (const nlohmann::json& p : g["prompts"]) {
+    const auto ids = p["token_ids"].get<std::vector<int32_t>>();
+    const auto want = p["last_logits"].get<std::vector<float>>();
+    const float tol = static_cast<float>(kRelTol) * p["max_abs_logit"].get<float>();
+    const auto got = run_global(*e.gpu_model, ids, {}, 16);
+    const auto cpu = run_global(*e.cpu_model, ids, {}, 16);
+    ASSERT_EQ(got.size(), ids.size() * vocab);
+    const float* last = got.data() + (ids.size() - 1) * vocab;
+    std::vector<float> sorted = want;
+    std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
+    const int32_t top = static_cast<int32_t>(std::max_element(want.begin(), want.end()) - want.begin());
+    check_row(last, want.data(), cpu.data() + (ids.size() - 1) * vocab, tol, sorted[0] - sorted[1], top,
+              family + " prompt of " + std::to_string(ids.size()) + " tokens");
+  }
+  for (const nlohmann::json& r : g["greedy"]) {
+    const auto prompt = r["prompt_ids"].get<std::vector<int32_t>>();
+    const auto gen = r["generated_ids"].get<std::vector<int32_t>>();
+    const auto margins = r["margins"].get<std::vector<float>>();
+    // Prompt rows, then one decode step per generated token but the last: row prompt - 1 + i
+    // predicts gen[i].
+    const std::span<const int32_t> feed(gen.data(), gen.size() - 1);
+    const auto got = run_global(*e.gpu_model, prompt, feed, 16);
+    const auto cpu = run_global(*e.cpu_model, prompt, feed, 16);
+    ASSERT_EQ(got.size(), (prompt.size() + feed.size()) * vocab);
+    float max_cpu = 0.0f;
+    for (float v : cpu) max_cpu = std::max(max_cpu, std::fabs(v));
+    const float tol = static_cast<float>(kRelTol) * max_cpu;
+    for (size_t i = 0; i < gen.size(); ++i) {
+      const size_t row = prompt.size() - 1 + i;
+      check_row(got.data() + row * vocab, nullptr, cpu.data() + row * vocab, tol, margins[i], gen[i],
+                family + " greedy step " + std::to_string(i) + " after " + std::to_string(prompt.size()));
+    }
+  }
+  std::printf("  %s: %d rows, %d with the golden top-1 decided beyond twice the tolerance\n", family.c_str(), rows,
+              decided);
+  EXPECT_GT(decided, 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Families, FamilyGoldenGpu,
+                         ::testing::Values(std::string("qwen2"), std::string("qwen3"), std::string("mistral"),
+                                           std::string("gemma2"), std::string("gemma3"), std::string("phi3")),
+                         [](const auto& info) { return info.param; });
 
 }  // namespace
 }  // namespace starserve

@@ -22,12 +22,15 @@
 #include "backend/page_pool.h"
 #include "kernels/attention/attention.h"
 #include "common/cuda_call.h"
+#include "kernels/bias.h"
 #include "kernels/elementwise.h"
 #include "kernels/embedding.h"
+#include "kernels/geglu.h"
 #include "kernels/gemv.h"
 #include "kernels/rms_norm.h"
 #include "kernels/rope.h"
 #include "kernels/sampling.h"
+#include "kernels/softcap.h"
 #include "kernels/swiglu.h"
 
 namespace starserve {
@@ -296,13 +299,41 @@ class CudaBackend final : public Backend {
     OpScope op(this);
     SS_CHECK_CALL(launch_add_bf16(bf16(out), bf16(a), bf16(b), out.numel(), stream_));
   }
+  // The ops of the families beyond Llama (BackendFeatures). The rest of what they need is built
+  // from the ops above: (1 + w) norms are rms_norm with the offset added to the weights at load,
+  // pre- and post-norms are rms_norm, partial RoPE is rope with rope_dim < head_dim, fused q|k|v
+  // and gate|up projections are split_qkv_rope and swiglu_fused.
+  void add_bias(Tensor x, Tensor bias) override {
+    OpScope op(this);
+    SS_CHECK(bias.numel() == x.cols(), "add_bias: {} columns, bias of {}", x.cols(), bias.numel());
+    SS_CHECK_CALL(launch_add_bias(bf16(x), bf16(bias), x.rows(), x.cols(), stream_));
+  }
+  void gelu_tanh_mul(Tensor out, Tensor gate, Tensor up) override {
+    OpScope op(this);
+    SS_CHECK(out.numel() == gate.numel() && out.numel() == up.numel(), "gelu_tanh_mul {} {} {}", out.numel(),
+             gate.numel(), up.numel());
+    SS_CHECK_CALL(launch_gelu_tanh_mul(bf16(out), bf16(gate), bf16(up), out.numel(), stream_));
+  }
+  void scale_softcap(Tensor x, float scale, float cap) override {
+    OpScope op(this);
+    if (x.dtype == DType::kF32) {
+      SS_CHECK_CALL(launch_scale_softcap(x.f32(), scale, cap, x.numel(), stream_));
+    } else {
+      SS_CHECK_CALL(launch_scale_softcap(bf16(x), scale, cap, x.numel(), stream_));
+    }
+  }
+  // Every feature of BackendFeatures is here: the ops above, and the sliding window and logit
+  // soft-capping inside every attention kernel (kernels/attention/attention.h).
+  // What stays refused lies outside BackendFeatures and is refused where the weights are read
+  // (Phi-3's LongRoPE scaling, for every backend).
+  Status check_features(const BackendFeatures&) const override { return Status(); }
 
   void partial_attention(const AttentionCall& c) override {
     OpScope op(this);
     const int64_t n_q = c.n_q();
     if (n_q == 0) return;
-    SS_CHECK(c.head_dim == 64 || c.head_dim == 128, "the CUDA attention kernels support head_dim 64 and 128, not {}",
-             c.head_dim);
+    SS_CHECK(c.head_dim >= 1 && c.head_dim <= kSmallHeadMaxDim, "the CUDA attention kernels take head_dim 1..{}, not {}",
+             kSmallHeadMaxDim, c.head_dim);
     const int64_t rows = n_q * c.n_heads;
     int64_t n_kv = 0;
     for (const KvView& kv : c.kv) n_kv += kv.n_tokens();
@@ -314,7 +345,9 @@ class CudaBackend final : public Backend {
     }
     AttentionGpuParams p = gpu_params(c, n_kv);
     bind_keys(c.kv, n_kv, &p);
-    if (n_q <= kDecodeRows) {
+    if (c.head_dim != 64 && c.head_dim != 128) {  // the tensor-core kernels' head sizes only
+      SS_CHECK_CALL(launch_attention_small_head(p, stream_));
+    } else if (n_q <= kDecodeRows) {
       const size_t ws = decode_attention_workspace_bytes(p);
       void* w = grow(attn_ws_, ws);
       SS_CHECK_CALL(launch_decode_attention(p, w, ws, stream_));
@@ -535,11 +568,6 @@ class CudaBackend final : public Backend {
   }
 
   AttentionGpuParams gpu_params(const AttentionCall& c, int64_t n_kv) {
-    // The kernels have no sliding window or logit soft-capping yet; check_features (the Backend
-    // default) refuses models that need them, so a call with either is a broken invariant.
-    SS_CHECK(c.mask.window == 0 && c.softcap == 0.0f,
-             "the CUDA attention kernels apply neither a sliding window ({}) nor logit soft-capping ({})",
-             c.mask.window, c.softcap);
     AttentionGpuParams p;
     p.out = c.out.data;
     p.out_fp32 = c.out.dtype == DType::kF32;
@@ -554,6 +582,11 @@ class CudaBackend final : public Backend {
     p.scale = c.scale;
     p.causal = c.mask.causal;
     p.causal_offset = c.mask.causal_offset;
+    p.window = c.mask.window;
+    p.window_offset = c.mask.window_offset;
+    p.key_gap_from = c.mask.key_gap_from;
+    p.key_gap = c.mask.key_gap;
+    p.softcap = c.softcap;
     return p;
   }
 
