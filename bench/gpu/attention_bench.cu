@@ -110,8 +110,10 @@ const __nv_bfloat16** make_keys(int64_t n_kv, int kv_heads, int d, int page_shif
   return tables;
 }
 
+// window > 0 / softcap > 0: the sliding window and logit soft-capping (the shipped kernels only;
+// the baselines refuse them). FLOPs then count the visible (query, key) pairs only.
 void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int heads, int kv_heads, int d,
-                   int page_shift, int iters) {
+                   int page_shift, int iters, int64_t window = 0, float softcap = 0.0f) {
   __nv_bfloat16* q = random_device(n_q * heads * d, 1);
   __nv_bfloat16 *k = nullptr, *v = nullptr;
   const __nv_bfloat16** tables = make_keys(n_kv, kv_heads, d, page_shift, &k, &v);
@@ -145,23 +147,38 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
   p.scale = 1.0f / std::sqrt(static_cast<float>(d));
   p.causal = causal;
   p.causal_offset = n_kv - n_q;
+  p.window = window;
+  p.window_offset = n_kv - n_q;
+  p.softcap = softcap;
   double flops = 4.0 * n_q * n_kv * d * heads;
   if (causal && n_q == n_kv) flops /= 2;
+  if (window > 0) {
+    double pairs = 0;  // query i (position i + n_kv - n_q) sees keys (pos - window, pos] within [0, n_kv)
+    for (int64_t i = 0; i < n_q; ++i) {
+      const int64_t pos = i + n_kv - n_q;
+      const int64_t hi = causal ? pos : n_kv - 1;
+      pairs += static_cast<double>(hi - std::max<int64_t>(0, pos - window + 1) + 1);
+    }
+    flops = 4.0 * pairs * d * heads;
+  }
+  const bool features = window > 0 || softcap > 0.0f;
   const double predicted_ms = flops / (kGemmCeilingTflops * 1e12) * 1e3;
   struct Kernel {
     std::string name;
     std::function<cudaError_t(const starserve::AttentionGpuParams&, cudaStream_t)> launch;
   };
   std::vector<Kernel> kernels;
-  if (!g_wgmma_only) {
+  if (!g_wgmma_only && !features) {
     kernels.push_back({"wmma", starserve::launch_prefill_attention_wmma});
     kernels.push_back({"mma_v0", starserve::launch_prefill_attention_mma_m64});
     kernels.push_back({"mma_v2", starserve::launch_prefill_attention_mma_m64_lean});
   }
   if (starserve::prefill_wgmma_supported()) {
-    kernels.push_back({"wgmma_v1", starserve::launch_prefill_attention_wgmma_pingpong});
-    kernels.push_back({"wgmma_v2", starserve::launch_prefill_attention_wgmma_three_consumers});
-    kernels.push_back({"wgmma_v3", starserve::launch_prefill_attention_wgmma_cp_async});
+    if (!features) {
+      kernels.push_back({"wgmma_v1", starserve::launch_prefill_attention_wgmma_pingpong});
+      kernels.push_back({"wgmma_v2", starserve::launch_prefill_attention_wgmma_three_consumers});
+      kernels.push_back({"wgmma_v3", starserve::launch_prefill_attention_wgmma_cp_async});
+    }
     kernels.push_back({"wgmma", starserve::launch_prefill_attention_wgmma});
   }
   kernels.push_back({"mma", starserve::launch_prefill_attention_mma});
@@ -182,9 +199,10 @@ void bench_prefill(const char* name, int64_t n_q, int64_t n_kv, bool causal, int
     std::printf(
         "{\"bench\":\"attention_prefill\",\"impl\":\"starserve\",\"kernel\":\"%s\",\"case\":\"%s\",\"n_q\":%lld,"
         "\"n_kv\":%lld,\"causal\":%s,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,\"page_size\":%lld,\"entropy\":true,"
-        "\"gflop\":%.1f,\"predicted_ms_at_ceiling\":%.3f,\"ceiling_tflops\":%.0f,\"ms\":%.3f,\"tflops\":%.1f}\n",
+        "\"window\":%lld,\"softcap\":%g,\"gflop\":%.1f,\"predicted_ms_at_ceiling\":%.3f,\"ceiling_tflops\":%.0f,\"ms\":%.3f,\"tflops\":%.1f}\n",
         kernel.name.c_str(), name, static_cast<long long>(n_q), static_cast<long long>(n_kv), causal ? "true" : "false", heads,
-        kv_heads, d, static_cast<long long>(page_shift ? int64_t{1} << page_shift : 0), flops / 1e9, predicted_ms,
+        kv_heads, d, static_cast<long long>(page_shift ? int64_t{1} << page_shift : 0), static_cast<long long>(window),
+        static_cast<double>(softcap), flops / 1e9, predicted_ms,
         kGemmCeilingTflops, ms, flops / (ms * 1e-3) / 1e12);
     std::fflush(stdout);
   }
@@ -310,6 +328,11 @@ int main(int argc, char** argv) {
     bench_prefill("causal_16kx16k_gqa4_paged", 16384, 16384, true, 32, 8, 128, 8, iters);
     // head_dim 64 (SmolLM2's), the other size the kernels support.
     bench_prefill("causal_16kx16k_d64", 16384, 16384, true, 32, 32, 64, 0, iters);
+    // The family features: Mistral's 4096-token window (tiles behind it skipped: the time should
+    // follow the visible pairs), Gemma 2's soft-cap of 50 (one tanh per score), both at once.
+    bench_prefill("causal_16kx16k_window4k", 16384, 16384, true, 32, 8, 128, 0, iters, 4096);
+    bench_prefill("causal_16kx16k_softcap50", 16384, 16384, true, 32, 8, 128, 0, iters, 0, 50.0f);
+    bench_prefill("causal_16kx16k_window4k_softcap50", 16384, 16384, true, 32, 8, 128, 0, iters, 4096, 50.0f);
   }
   if (prefill_only) return 0;
   const double copy_gbs = copy_bandwidth_gbs(size_t{2} << 30);
