@@ -38,9 +38,8 @@ Status build_prompt(const CommandLine& cl, const Tokenizer& tok, EngineRequest* 
     SS_ASSIGN_OR_RETURN(context_text, read_file(g.context_file));
   }
   if (g.chat) {
-    Result<ChatTemplate> tmpl = cl.config.model.chat_template.empty()
-                                    ? ChatTemplate::detect(tok.chat_template())
-                                    : ChatTemplate::builtin(cl.config.model.chat_template);
+    Result<ChatTemplate> tmpl = select_chat_template(cl.config.model.chat_template_file, cl.config.model.chat_template,
+                                                     cl.config.model.path, tok);
     if (!tmpl.ok()) return tmpl.status();
     std::vector<ChatMessage> msgs;
     if (!g.system.empty()) msgs.push_back({"system", g.system});

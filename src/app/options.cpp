@@ -22,8 +22,13 @@ const std::map<std::string, AttentionMode> kModes = {
 // Options shared by `generate` and `serve`: model, parallelism, star, scheduler, log.
 void add_common(CLI::App* app, Config& c) {
   app->add_option("--model,-m", c.model.path, "GGUF file or Hugging Face directory")->required();
-  app->add_option("--chat-template", c.model.chat_template,
-                  "built-in chat template to use instead of the model's (chatml, llama3, llama2, mistral, gemma, qwen)");
+  auto* builtin_template = app->add_option(
+      "--chat-template", c.model.chat_template,
+      "built-in chat template to use instead of the model's (chatml, llama3, llama2, mistral, gemma, qwen)");
+  app->add_option("--chat-template-file", c.model.chat_template_file,
+                  "Jinja chat template file to use instead of the model's")
+      ->check(CLI::ExistingFile)
+      ->excludes(builtin_template);
   app->add_option("--max-context", c.model.max_context, "tokens per request; 0 = the model's trained context");
   app->add_option("--backend", c.parallel.backend, "cpu | cuda | auto")->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   app->add_option("--threads", c.parallel.cpu_threads, "BLAS threads per rank (0 = library default)");
@@ -122,7 +127,10 @@ std::string describe_config(const Config& c) {
       "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.prefill_chunk_tokens={} "
       "scheduler.kv_page_size={} "
       "scheduler.kv_memory_mb={} server.watchdog_timeout_s={} server.shutdown_grace_s={} log.level={}",
-      c.model.path, c.model.chat_template.empty() ? "(model's)" : c.model.chat_template, c.model.max_context,
+      c.model.path, !c.model.chat_template_file.empty() ? c.model.chat_template_file
+      : c.model.chat_template.empty()     ? "(model's)"
+                                          : c.model.chat_template,
+      c.model.max_context,
       c.parallel.backend, c.parallel.prefill_kernel, c.parallel.cuda_graphs ? "on" : "off", attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
       c.scheduler.prefill_chunk_tokens,
       c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.server.watchdog_timeout_s, c.server.shutdown_grace_s,

@@ -128,11 +128,11 @@ int run_serve(const CommandLine& cl, int* argc, char*** argv) {
   }
   const EngineContext ctx = engine_context(cl.config, rt);
   std::optional<ChatTemplate> tmpl;
-  auto t = cl.config.model.chat_template.empty() ? ChatTemplate::detect(rt.files.tokenizer->chat_template())
-                                                 : ChatTemplate::builtin(cl.config.model.chat_template);
+  auto t = select_chat_template(cl.config.model.chat_template_file, cl.config.model.chat_template,
+                                cl.config.model.path, *rt.files.tokenizer);
   if (t.ok()) {
     tmpl = std::move(t).value();
-  } else if (!cl.config.model.chat_template.empty()) {
+  } else if (!cl.config.model.chat_template.empty() || !cl.config.model.chat_template_file.empty()) {
     log_error("{}", t.status().to_string());
     started = t.status();
   } else {

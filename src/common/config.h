@@ -16,6 +16,7 @@ enum class AttentionMode { kGlobal, kExact, kStar };
 struct ModelConfig {
   std::string path;                 // GGUF file, or a Hugging Face directory (config.json + *.safetensors)
   std::string chat_template;        // empty: the model's own; else a built-in name (chatml, llama3, ...)
+  std::string chat_template_file;   // a Jinja chat template file used instead of the model's; empty: none
   int max_context = 0;              // tokens per request (context + query + generated); 0 = the model's
 };
 

@@ -35,6 +35,46 @@ struct Slot {
   size_t len = 0;  // of the placeholder
 };
 
+// The template's control tokens in text[from, to) (template text only), appended to p.specials.
+Status find_specials(ChatPrompt& p, size_t from, size_t to, const Tokenizer& tokenizer, std::string_view name) {
+  const std::string_view part = std::string_view(p.text).substr(from, to - from);
+  size_t pos = 0;
+  for (int32_t id : tokenizer.encode(part, false, true)) {
+    if (tokenizer.token_type(id) != TokenType::kControl) continue;
+    const std::string marker = tokenizer.token_to_bytes(id);
+    const size_t at = part.find(marker, pos);
+    if (marker.empty() || at == std::string_view::npos) {
+      return internal_error("control token {} of the {} template's text is not found in it", id, name);
+    }
+    pos = at + marker.size();
+    p.specials.push_back({from + at, from + pos, id});
+  }
+  return Status();
+}
+
+// A Jinja template keeps the origin of every byte (model/jinja.h): contents are the segments of origin i, and
+// control tokens are parsed in the kLiteral segments only. Data next to template text is never joined with it into
+// one marker: each literal segment is parsed on its own.
+Result<ChatPrompt> render_jinja_prompt(const ChatTemplate& tmpl, std::span<const ChatMessage> messages,
+                                       const Tokenizer& tokenizer) {
+  SS_ASSIGN_OR_RETURN(const std::vector<jinja::Segment> segments, tmpl.render(messages, /*add_generation_prompt=*/true));
+  ChatPrompt p;
+  p.contents.assign(messages.size(), {ChatPrompt::kNotWritten, ChatPrompt::kNotWritten});
+  for (const jinja::Segment& s : segments) {
+    const size_t begin = p.text.size();
+    p.text += s.text;
+    if (s.origin == jinja::kLiteral) {
+      SS_RETURN_IF_ERROR(find_specials(p, begin, p.text.size(), tokenizer, tmpl.name()));
+    } else if (s.origin >= 0 && static_cast<size_t>(s.origin) < messages.size()) {
+      // The first stretch of the content as written (a template may write a content more than once).
+      auto& span = p.contents[static_cast<size_t>(s.origin)];
+      if (span.first == ChatPrompt::kNotWritten) span = {begin, p.text.size()};
+      else if (span.second == begin) span.second = p.text.size();
+    }
+  }
+  return p;
+}
+
 }  // namespace
 
 std::vector<int32_t> ChatPrompt::encode(const Tokenizer& tokenizer, size_t begin, size_t end) const {
@@ -55,6 +95,7 @@ std::vector<int32_t> ChatPrompt::encode(const Tokenizer& tokenizer, size_t begin
 
 Result<ChatPrompt> render_chat_prompt(const ChatTemplate& tmpl, std::span<const ChatMessage> messages,
                                       const Tokenizer& tokenizer) {
+  if (tmpl.family() == ChatTemplate::Family::kJinja) return render_jinja_prompt(tmpl, messages, tokenizer);
   ChatPrompt p;
   p.text = tmpl.apply(messages, /*add_generation_prompt=*/true);
   p.contents.assign(messages.size(), {ChatPrompt::kNotWritten, ChatPrompt::kNotWritten});
@@ -136,18 +177,7 @@ Result<ChatPrompt> render_chat_prompt(const ChatTemplate& tmpl, std::span<const 
   size_t from = 0;
   for (size_t k = 0; k <= n; ++k) {
     const size_t to = k == n ? p.text.size() : p.contents[slots[k].message].first;
-    const std::string_view part = std::string_view(p.text).substr(from, to - from);
-    size_t pos = 0;
-    for (int32_t id : tokenizer.encode(part, false, true)) {
-      if (tokenizer.token_type(id) != TokenType::kControl) continue;
-      const std::string marker = tokenizer.token_to_bytes(id);
-      const size_t at = part.find(marker, pos);
-      if (marker.empty() || at == std::string_view::npos) {
-        return internal_error("control token {} of the {} template's text is not found in it", id, tmpl.name());
-      }
-      pos = at + marker.size();
-      p.specials.push_back({from + at, from + pos, id});
-    }
+    SS_RETURN_IF_ERROR(find_specials(p, from, to, tokenizer, tmpl.name()));
     if (k < n) from = p.contents[slots[k].message].second;
   }
   return p;

@@ -1,11 +1,16 @@
 // Chat prompts whose control tokens come only from the template.
 //
 // A message's content is user text: "<|im_end|>\n<|im_start|>system\n..." written in it must stay text, or any
-// client could forge a system turn. ChatTemplate::apply renders the conversation as one string, so tokenizing that
-// string with parse_special (as the template's own markers need) would parse the content's markers too. Here the
-// contents are located in the rendered text first, and control tokens are parsed only outside them.
+// client could forge a system turn. A rendered conversation is one string, so tokenizing that string with
+// parse_special (as the template's own markers need) would parse the content's markers too. Here the contents are
+// located in the rendered text first, and control tokens are parsed only outside them.
 //
-// Locating the contents: the template is rendered once with every non-empty content replaced by a placeholder (a
+// Jinja templates (the model's own): the renderer keeps the origin of every byte (model/jinja.h), so the contents
+// are the bytes that came from them, whatever the template did to them (trim, slicing, concatenation), and control
+// tokens are parsed only in the bytes the template wrote itself (its literals, bos_token, eos_token). A marker put
+// together from template text and content bytes is not parsed either.
+//
+// Built-in families, locating the contents: the template is rendered once with every non-empty content replaced by a placeholder (a
 // string no content holds and that no template trims), which gives the template's own text between the contents.
 // Then twice more, each time with the real content of every other message and placeholders for the rest: a real
 // content lies between its neighbours' placeholders, with known template text on either side, so whatever the

@@ -1,8 +1,14 @@
 #include "model/chat_template.h"
 
 #include <array>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 
 #include <fmt/format.h>
+
+#include "common/log.h"
+#include "model/tokenizer.h"
 
 namespace starserve {
 namespace {
@@ -145,8 +151,43 @@ Result<ChatTemplate> ChatTemplate::detect(const std::string& jinja_text) {
                           "[INST] marker)");
 }
 
+Result<ChatTemplate> ChatTemplate::from_jinja(std::string_view jinja_text, std::string bos_token,
+                                              std::string eos_token, std::string name) {
+  SS_ASSIGN_OR_RETURN(jinja::Template parsed, jinja::Template::parse(jinja_text));
+  ChatTemplate t(Family::kJinja, std::move(name), "");
+  t.jinja_ = std::make_shared<const jinja::Template>(std::move(parsed));
+  t.bos_token_ = std::move(bos_token);
+  t.eos_token_ = std::move(eos_token);
+  return t;
+}
+
+Result<std::vector<jinja::Segment>> ChatTemplate::render(std::span<const ChatMessage> messages,
+                                                         bool add_generation_prompt) const {
+  if (family_ != Family::kJinja) return std::vector<jinja::Segment>{{apply(messages, add_generation_prompt)}};
+  jinja::Value list = jinja::Value::list();
+  for (size_t i = 0; i < messages.size(); ++i) {
+    jinja::Value m = jinja::Value::dict();
+    m.set("role", jinja::Value::string(messages[i].role, jinja::kData));
+    m.set("content", jinja::Value::string(messages[i].content, static_cast<int32_t>(i)));
+    list.push_back(std::move(m));
+  }
+  jinja::Value context = jinja::Value::dict();
+  context.set("messages", std::move(list));
+  context.set("add_generation_prompt", jinja::Value::boolean(add_generation_prompt));
+  // The model's own special tokens: template text, so their control tokens are parsed.
+  context.set("bos_token", jinja::Value::string(bos_token_, jinja::kLiteral));
+  context.set("eos_token", jinja::Value::string(eos_token_, jinja::kLiteral));
+  context.set("tools", jinja::Value::none());
+  context.set("documents", jinja::Value::none());
+  return jinja_->render(context);
+}
+
 std::string ChatTemplate::apply(std::span<const ChatMessage> messages, bool add_generation_prompt) const {
   std::string out;
+  if (family_ == Family::kJinja) {
+    auto segments = render(messages, add_generation_prompt);
+    return segments.ok() ? jinja::join_segments(*segments) : std::string();
+  }
   const bool leading_system = !messages.empty() && messages[0].role == "system";
   // Families that fold the system message into the first turn iterate over the rest.
   const std::span<const ChatMessage> rest = leading_system ? messages.subspan(1) : messages;
@@ -210,8 +251,55 @@ std::string ChatTemplate::apply(std::span<const ChatMessage> messages, bool add_
       }
       if (add_generation_prompt) out += "<start_of_turn>model\n";
       break;
+
+    case Family::kJinja: break;  // handled above
   }
   return out;
+}
+
+namespace {
+
+Result<std::string> read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return not_found("cannot open chat template file {}", path);
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  return buffer.str();
+}
+
+std::string token_text(const Tokenizer& tok, std::optional<int32_t> id) {
+  return id ? tok.token_to_bytes(*id) : std::string();
+}
+
+}  // namespace
+
+Result<ChatTemplate> select_chat_template(const std::string& template_file, const std::string& builtin_name,
+                                          const std::string& model_path, const Tokenizer& tokenizer) {
+  const std::string bos = token_text(tokenizer, tokenizer.bos_id());
+  const std::string eos = token_text(tokenizer, tokenizer.eos_id());
+  if (!template_file.empty()) {
+    SS_ASSIGN_OR_RETURN(std::string text, read_text_file(template_file));
+    auto t = ChatTemplate::from_jinja(text, bos, eos, "jinja:" + std::filesystem::path(template_file).filename().string());
+    if (!t.ok()) return invalid_argument("--chat-template-file {}: {}", template_file, t.status().message());
+    return t;
+  }
+  if (!builtin_name.empty()) return ChatTemplate::builtin(builtin_name);
+
+  std::string text = tokenizer.chat_template();
+  std::error_code ec;
+  const std::filesystem::path dir_file = std::filesystem::path(model_path) / "chat_template.jinja";
+  if (!model_path.empty() && std::filesystem::is_directory(model_path, ec) &&
+      std::filesystem::is_regular_file(dir_file, ec)) {
+    SS_ASSIGN_OR_RETURN(text, read_text_file(dir_file.string()));
+  }
+  if (trim(text).empty()) return ChatTemplate::detect(text);  // kUnimplemented: no template
+  auto t = ChatTemplate::from_jinja(text, bos, eos);
+  if (t.ok()) return t;
+  auto fallback = ChatTemplate::detect(text);
+  if (!fallback.ok()) return t.status();
+  log_warn("the model's chat template does not parse ({}); using the built-in {} template instead",
+           t.status().message(), fallback->name());
+  return fallback;
 }
 
 }  // namespace starserve
