@@ -110,7 +110,9 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
         Seq& s = seqs_.at(id);
         if (!s.registered) {
           encoder_.finish(id);  // phase 1 over: drop the anchor's scratch KV
-          phase2_.register_sequence(id, comm_.rank() == s.layout.query_host, s.layout.n_context);
+          // Under a sliding window a context-only rank places its keys by their first position.
+          phase2_.register_sequence(id, comm_.rank() == s.layout.query_host, s.layout.n_context,
+                                    s.layout.first_position_of(comm_.rank()));
           s.registered = true;
           s.context.clear();
           s.context.shrink_to_fit();

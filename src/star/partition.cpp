@@ -20,6 +20,13 @@ int64_t StarLayout::tokens_of(int rank) const {
   return n;
 }
 
+int64_t StarLayout::first_position_of(int rank) const {
+  for (const StarBlock& b : blocks) {
+    if (b.rank == rank) return b.begin;
+  }
+  return 0;
+}
+
 Result<StarLayout> partition_context(int64_t n_context, int block_size, int anchor_size, int world_size) {
   if (world_size < 1) return invalid_argument("world_size = {} must be >= 1", world_size);
   if (n_context < 0) return invalid_argument("context length = {} must be >= 0", n_context);

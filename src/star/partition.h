@@ -29,6 +29,9 @@ struct StarLayout {
   // Blocks of one rank, in order (contiguous group [r*B/N, (r+1)*B/N)).
   std::vector<StarBlock> blocks_of(int rank) const;
   int64_t tokens_of(int rank) const;
+  // Position of the rank's first context token: its blocks are one contiguous run of positions
+  // (0 when the rank holds none).
+  int64_t first_position_of(int rank) const;
 };
 
 // block_size 0 = one block per rank (ceil(n_context / world_size)); anchor_size -1 = block_size.
