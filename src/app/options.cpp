@@ -127,8 +127,9 @@ std::string describe_config(const Config& c) {
       "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.prefill_chunk_tokens={} "
       "scheduler.kv_page_size={} "
       "scheduler.kv_memory_mb={} server.watchdog_timeout_s={} server.shutdown_grace_s={} log.level={}",
-      c.model.path, !c.model.chat_template_file.empty() ? c.model.chat_template_file
-      : c.model.chat_template.empty()     ? "(model's)"
+      c.model.path,
+      !c.model.chat_template_file.empty() ? c.model.chat_template_file
+      : c.model.chat_template.empty()     ? std::string("(model's)")
                                           : c.model.chat_template,
       c.model.max_context,
       c.parallel.backend, c.parallel.prefill_kernel, c.parallel.cuda_graphs ? "on" : "off", attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,

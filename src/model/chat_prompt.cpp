@@ -57,7 +57,8 @@ Status find_specials(ChatPrompt& p, size_t from, size_t to, const Tokenizer& tok
 // one marker: each literal segment is parsed on its own.
 Result<ChatPrompt> render_jinja_prompt(const ChatTemplate& tmpl, std::span<const ChatMessage> messages,
                                        const Tokenizer& tokenizer) {
-  SS_ASSIGN_OR_RETURN(const std::vector<jinja::Segment> segments, tmpl.render(messages, /*add_generation_prompt=*/true));
+  SS_ASSIGN_OR_RETURN(const std::vector<jinja::Segment> segments,
+                      tmpl.render(messages, /*add_generation_prompt=*/true));
   ChatPrompt p;
   p.contents.assign(messages.size(), {ChatPrompt::kNotWritten, ChatPrompt::kNotWritten});
   for (const jinja::Segment& s : segments) {

@@ -279,7 +279,8 @@ Result<ChatTemplate> select_chat_template(const std::string& template_file, cons
   const std::string eos = token_text(tokenizer, tokenizer.eos_id());
   if (!template_file.empty()) {
     SS_ASSIGN_OR_RETURN(std::string text, read_text_file(template_file));
-    auto t = ChatTemplate::from_jinja(text, bos, eos, "jinja:" + std::filesystem::path(template_file).filename().string());
+    const std::string name = "jinja:" + std::filesystem::path(template_file).filename().string();
+    auto t = ChatTemplate::from_jinja(text, bos, eos, name);
     if (!t.ok()) return invalid_argument("--chat-template-file {}: {}", template_file, t.status().message());
     return t;
   }

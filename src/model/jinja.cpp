@@ -486,7 +486,9 @@ std::vector<size_t> slice_indices(int64_t n, const V& start, const V& stop, cons
 // ASCII case mappings (bytes outside ASCII are kept: the templates change the case of their own markers).
 char upper_c(char c) { return c >= 'a' && c <= 'z' ? static_cast<char>(c - 32) : c; }
 char lower_c(char c) { return c >= 'A' && c <= 'Z' ? static_cast<char>(c + 32) : c; }
-bool alpha_c(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || static_cast<unsigned char>(c) >= 0x80; }
+bool alpha_c(char c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || static_cast<unsigned char>(c) >= 0x80;
+}
 
 Text map_case(const Text& t, int mode) {  // 0 upper, 1 lower, 2 title, 3 capitalize
   Text out = t;
@@ -587,7 +589,9 @@ Text percent_format(const Text& f, const V& args, int line) {
     if (next >= items.size()) fail(line, "not enough arguments for format string");
     const V& a = items[next++];
     if (c == 's') out.append(to_text(a));
-    else if (c == 'd' || c == 'i') out.append(fmt::format("{}", a.is(V::K::kFloat) ? int64_t(a.f) : as_int(a)), kLiteral);
+    else if (c == 'd' || c == 'i') {
+      out.append(fmt::format("{}", a.is(V::K::kFloat) ? static_cast<int64_t>(a.f) : as_int(a)), kLiteral);
+    }
     else if (c == 'r') append_repr(out, a);
     else fail(line, fmt::format("format character '%{}' is not supported", c));
   }
@@ -852,8 +856,8 @@ std::vector<Tok> tokenize(const std::string& s, int line) {
           for (size_t k = 1; k <= n; ++k) {
             const char h = j + k < s.size() ? s[j + k] : '\0';
             if (!std::isxdigit(static_cast<unsigned char>(h))) fail(line, "bad \\x/\\u escape in string literal");
-            v = v * 16 + static_cast<uint32_t>(std::isdigit(static_cast<unsigned char>(h)) ? h - '0'
-                                                                                           : (std::tolower(h) - 'a' + 10));
+            const int digit = std::isdigit(static_cast<unsigned char>(h)) ? h - '0' : std::tolower(h) - 'a' + 10;
+            v = v * 16 + static_cast<uint32_t>(digit);
           }
           j += n;
           return v;
@@ -1972,7 +1976,8 @@ V apply_filter(Ctx& c, const std::string& name, const V& v, std::vector<V>& args
     const V width = arg(args, kw, 0, "width", V::integer(4));
     const bool first = truthy(arg(args, kw, 1, "first", V::boolean(false)));
     const bool blank = truthy(arg(args, kw, 2, "blank", V::boolean(false)));
-    const Text pad = width.is(V::K::kStr) ? width.s : Text(std::string(static_cast<size_t>(as_int(width)), ' '), kLiteral);
+    const Text pad =
+        width.is(V::K::kStr) ? width.s : Text(std::string(static_cast<size_t>(as_int(width)), ' '), kLiteral);
     const Text s = to_text(v);
     Text out;
     size_t pos = 0;

@@ -58,6 +58,18 @@ TEST_P(ChatGolden, DetectedTemplateMatchesHuggingFace) {
   expect_matches_golden(*tmpl, golden);
 }
 
+// The same template text run by the Jinja engine (what a model carrying it gets) renders like Hugging Face too.
+TEST_P(ChatGolden, JinjaEngineMatchesHuggingFace) {
+  const json golden = load_chat_golden(GetParam());
+  ASSERT_FALSE(golden.is_discarded());
+  const json tokens = golden.value("special_tokens", json::object());
+  auto tmpl = ChatTemplate::from_jinja(golden["template"].get<std::string>(), tokens.value("bos_token", ""),
+                                       tokens.value("eos_token", ""));
+  ASSERT_TRUE(tmpl.ok()) << tmpl.status().to_string();
+  EXPECT_EQ(tmpl->family(), ChatTemplate::Family::kJinja);
+  expect_matches_golden(*tmpl, golden);
+}
+
 INSTANTIATE_TEST_SUITE_P(Families, ChatGolden,
                          ::testing::Values("smollm2", "chatml", "qwen", "llama3", "llama2", "mistral", "gemma"),
                          [](const ::testing::TestParamInfo<const char*>& info) { return std::string(info.param); });
@@ -134,9 +146,15 @@ TEST(ChatTemplate, TrimRemovesUnicodeWhitespaceLikePython) {
   ASSERT_TRUE(tmpl.ok());
   // U+3000 ideographic space and U+00A0 no-break space are whitespace for str.strip(); U+200B is not.
   const std::vector<ChatMessage> msgs = {{"user", "\xE3\x80\x80\xC2\xA0 hi \t\n"}, {"user", "\xE2\x80\x8Bx"}};
-  EXPECT_EQ(tmpl->apply(msgs, false),
-            "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
-            "<|start_header_id|>user<|end_header_id|>\n\n\xE2\x80\x8Bx<|eot_id|>");
+  const std::string expected =
+      "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+      "<|start_header_id|>user<|end_header_id|>\n\n\xE2\x80\x8Bx<|eot_id|>";
+  EXPECT_EQ(tmpl->apply(msgs, false), expected);
+  // The Jinja engine's trim filter agrees.
+  const json golden = load_chat_golden("llama3");
+  auto jinja = ChatTemplate::from_jinja(golden["template"].get<std::string>(), "<|begin_of_text|>", "<|eot_id|>");
+  ASSERT_TRUE(jinja.ok()) << jinja.status().to_string();
+  EXPECT_EQ(jinja->apply(msgs, false), expected);
 }
 
 }  // namespace

@@ -169,8 +169,8 @@ TEST(Jinja, RuntimeErrorsNameTheLineAndTheValue) {
     EXPECT_NE(r.status().message().find(c.says), std::string::npos) << c.source << " -> " << r.status().message();
   }
   // Undefined values that are only printed, tested or defaulted are not errors (Jinja's default Undefined).
-  auto ok = render_one("[{{ nothing }}]{{ nothing is defined }}{{ nothing | default('d') }}{% if nothing %}x{% endif %}",
-                       "hi");
+  auto ok = render_one(
+      "[{{ nothing }}]{{ nothing is defined }}{{ nothing | default('d') }}{% if nothing %}x{% endif %}", "hi");
   ASSERT_TRUE(ok.ok()) << ok.status().to_string();
   EXPECT_EQ(jinja::join_segments(*ok), "[]Falsed");
 }
@@ -291,6 +291,28 @@ TEST(JinjaChatPrompt, ForgedTurnStaysText) {
   // Parsing the whole text would have made the forged turn real: the test would see it.
   const std::vector<int32_t> naive = tok.encode(prompt->text, false, true);
   EXPECT_GT(std::count(naive.begin(), naive.end(), im_start), 3);
+}
+
+// Token ids of SmolLM2 chat prompts through the model's Jinja template equal Hugging Face's (tests/golden/chat,
+// ids from the reference tokenizer).
+TEST(JinjaChatPrompt, IdsMatchHuggingFace) {
+  ASSERT_TRUE(smollm2().tokenizer) << smollm2().error;
+  const Tokenizer& tok = *smollm2().tokenizer;
+  auto tmpl = ChatTemplate::from_jinja(tok.chat_template(), tok.token_to_bytes(*tok.bos_id()),
+                                       tok.token_to_bytes(*tok.eos_id()));
+  ASSERT_TRUE(tmpl.ok()) << tmpl.status().to_string();
+  const json golden = json::parse(read_file(std::string(STARSERVE_GOLDEN_DIR) + "/chat/smollm2.json"), nullptr, false);
+  ASSERT_FALSE(golden.is_discarded());
+  size_t checked = 0;
+  for (const json& c : golden["cases"]) {
+    if (!c["add_generation_prompt"].get<bool>() || !c.contains("ids")) continue;  // chat prompts end with the header
+    auto prompt = render_chat_prompt(*tmpl, messages_of(c), tok);
+    ASSERT_TRUE(prompt.ok()) << prompt.status().to_string();
+    EXPECT_EQ(prompt->text, c["text"].get<std::string>());
+    EXPECT_EQ(prompt->encode(tok), c["ids"].get<std::vector<int32_t>>()) << c["messages"].dump();
+    ++checked;
+  }
+  EXPECT_GE(checked, 3u);
 }
 
 // An unparsable model template falls back to the built-in of its family; a broken --chat-template-file is an error;
