@@ -402,6 +402,7 @@ grpc::Status CompletionService::GetModelInfo(grpc::ServerContext* ctx, const v1:
     if (chat_template()) response->set_chat_template(std::string(chat_template()->name()));
     if (auto bos = tokenizer().bos_id()) response->set_bos_token_id(*bos);
     if (auto eos = tokenizer().eos_id()) response->set_eos_token_id(*eos);
+    response->set_tokenizer(tokenizer().kind());
   }
   return done("GetModelInfo", s);
 }

@@ -504,6 +504,35 @@ TEST(GrpcServer, AnswersHealthBeforeTheModelIsAttached) {
   server.wait();
 }
 
+// ---- model info ----
+
+// GetModelInfo names the tokenizer kind of the tokenizer the server holds: byte-level BPE for the tiny
+// HF tokenizer, SentencePiece BPE for a SentencePiece one (tests/golden/tokenizer/families/sp_legacy).
+TEST(GrpcServer, ModelInfoNamesTheTokenizerKind) {
+  auto sp = Tokenizer::from_hf_json(std::string(STARSERVE_GOLDEN_DIR) + "/tokenizer/families/sp_legacy.tokenizer.json", "");
+  ASSERT_TRUE(sp.ok()) << sp.status().to_string();
+  struct Case {
+    const Tokenizer* tokenizer;
+    std::string kind;
+  };
+  for (const Case& c : {Case{&tiny(), "byte-level BPE"}, Case{&*sp, "SentencePiece BPE"}}) {
+    InstantEngine engine;
+    GrpcServer server(config_for("127.0.0.1"), engine, *c.tokenizer, std::nullopt);
+    ASSERT_TRUE(server.start().ok());
+    auto stub = v1::CompletionService::NewStub(
+        grpc::CreateChannel(fmt::format("127.0.0.1:{}", server.port()), grpc::InsecureChannelCredentials()));
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    v1::GetModelInfoResponse info;
+    const grpc::Status st = stub->GetModelInfo(&ctx, v1::GetModelInfoRequest(), &info);
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(info.tokenizer(), c.kind);
+    EXPECT_EQ(info.tokenizer(), c.tokenizer->kind());
+    server.shutdown(std::chrono::milliseconds(0));
+    server.wait();
+  }
+}
+
 // ---- listen addresses ----
 
 bool ipv6_loopback_available() {
