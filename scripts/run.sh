@@ -6,7 +6,7 @@
 # The server keeps running afterwards; the last lines say how to stop it.
 source "$(dirname "$0")/common.sh"
 install_packages
-fetch_model
+fetch_models
 ensure_cuda_toolkit if-gpu
 build
 # One rank per GPU when the build has the CUDA backend and GPUs are visible; else 2 CPU ranks.
