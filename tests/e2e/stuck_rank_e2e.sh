@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# End-to-end test of the watchdog for a rank whose main thread is stuck while its heartbeat thread still beats:
+# real `mpirun -np 2 starserve serve --watchdog-timeout 3` on the default model, real gRPC through `starctl`.
+# Usage: stuck_rank_e2e.sh BIN_DIR MODEL. LIFECYCLE_SERVER_ARGS is appended to the server's flags (as in
+# lifecycle_e2e.sh).
+# Rank 1's main thread is stopped alone through ptrace (freeze_thread.py; SIGSTOP would stop the heartbeat thread
+# too, which lifecycle_e2e.sh covers), and the test first checks that this is the state it made: the main thread in
+# tracing stop, another thread of the rank not stopped. Two moments:
+#   - idle: the thread stops while the ranks wait for work, then a stream is sent;
+#   - in a step: the thread stops while a stream decodes (rank 0 then waits for it inside the same step).
+# Each time the stream must end UNAVAILABLE naming rank 1, readiness turn NOT_SERVING and mpirun exit non-zero.
+# Waits are bounded (60 s for a 3 s timeout); no timing is asserted.
+set -uo pipefail
+BIN="$1" MODEL="$2"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+WORK="$(mktemp -d)"
+read -r -a EXTRA_SERVER_ARGS <<<"${LIFECYCLE_SERVER_ARGS:-}"
+FAILS=0 PASSES=0
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+export OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none
+
+pass() { echo "PASS: $1"; PASSES=$((PASSES + 1)); }
+fail() { echo "FAIL: $1"; FAILS=$((FAILS + 1)); }
+check() { if eval "$2"; then pass "$1"; else fail "$1"; fi; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+start() {
+  local name="$1"
+  PORT=$(free_port)
+  mpirun --oversubscribe --allow-run-as-root -np 2 "$BIN/starserve" serve --model "$MODEL" --host 127.0.0.1 \
+    --port "$PORT" --watchdog-timeout 3 --log-level info "${EXTRA_SERVER_ARGS[@]}" >"$WORK/$name.log" 2>&1 &
+  MPI_PID=$!
+  PIDS+=("$MPI_PID")
+  CTL=("$BIN/starctl" --address "127.0.0.1:$PORT" --timeout 120)
+}
+wait_ready() {
+  for _ in $(seq 1 480); do
+    "${CTL[@]}" health --ready >/dev/null 2>&1 && return 0
+    kill -0 "$MPI_PID" 2>/dev/null || return 1
+    sleep 0.25
+  done
+  return 1
+}
+pid_of_rank() {
+  for p in $(pgrep -P "$MPI_PID"); do
+    if tr '\0' '\n' 2>/dev/null </proc/"$p"/environ | grep -qx "OMPI_COMM_WORLD_RANK=$1"; then echo "$p"; return; fi
+  done
+}
+wait_exit() {
+  RC=124
+  for _ in $(seq 1 $(($2 * 4))); do
+    if ! kill -0 "$1" 2>/dev/null; then wait "$1"; RC=$?; return; fi
+    sleep 0.25
+  done
+}
+wait_for() {  # wait_for FILE PATTERN: up to 120 s until FILE has a line matching PATTERN (empty: any text)
+  for _ in $(seq 1 480); do
+    if [ -z "$2" ]; then [ -s "$1" ] && return 0; else grep -q "$2" "$1" 2>/dev/null && return 0; fi
+    sleep 0.25
+  done
+  return 1
+}
+thread_state() { awk '/^State:/ {print $2}' "/proc/$1/task/$2/status" 2>/dev/null; }
+# freeze NAME: stops rank 1's main thread (its tid is the process id); sets WORKER and FREEZER.
+freeze() {
+  WORKER=$(pid_of_rank 1)
+  python3 "$HERE/freeze_thread.py" "$WORKER" >"$WORK/$1.freeze" 2>&1 &
+  FREEZER=$!
+  PIDS+=("$FREEZER")
+  wait_for "$WORK/$1.freeze" "^stopped"
+  local others=0 tid
+  for tid in $(ls "/proc/$WORKER/task"); do
+    [ "$tid" != "$WORKER" ] && [ "$(thread_state "$WORKER" "$tid")" != t ] && [ "$(thread_state "$WORKER" "$tid")" != T ] &&
+      others=$((others + 1))
+  done
+  check "$1: rank 1's main thread is in tracing stop ($(cat "$WORK/$1.freeze"))" \
+    '[ "$(thread_state "$WORKER" "$WORKER")" = t ]'
+  check "$1: $others other thread(s) of rank 1 still run (the heartbeat's among them)" '[ $others -ge 1 ]'
+}
+LONG_PROMPT="Once upon a time, in a small village by the sea, there lived"
+
+# run NAME WHEN: WHEN=idle freezes before the stream is sent, step while it decodes.
+run() {
+  local name="$1" when="$2"
+  start "$name"
+  wait_ready
+  check "$name: server ready" '[ $? = 0 ]'
+  ( while kill -0 "$MPI_PID" 2>/dev/null; do
+      "${CTL[@]}" --timeout 2 health --ready 2>/dev/null | head -1
+      sleep 0.1
+    done ) >"$WORK/$name.health" &
+  local poll=$!
+  [ "$when" = idle ] && freeze "$name"
+  "${CTL[@]}" stream --prompt "$LONG_PROMPT" --max-tokens 3000 --ignore-eos --temperature 0 \
+    >"$WORK/$name.out" 2>"$WORK/$name.err" &
+  local client=$!
+  PIDS+=("$client")
+  if [ "$when" = step ]; then
+    wait_for "$WORK/$name.out" ""
+    freeze "$name"
+  fi
+  wait_exit "$MPI_PID" 60
+  local mpi_rc=$RC
+  wait_exit "$client" 30
+  local client_rc=$RC
+  kill -TERM "$FREEZER" 2>/dev/null
+  kill -KILL "$MPI_PID" "$client" 2>/dev/null
+  wait "$poll" 2>/dev/null
+  check "$name: the stream ends UNAVAILABLE naming rank 1 (starctl exit $client_rc)" \
+    '[ $client_rc != 0 ] && [ $client_rc != 124 ] && grep -q "UNAVAILABLE: .*rank 1 (host " "$WORK/$name.err"'
+  check "$name: readiness turns NOT_SERVING after SERVING" \
+    'grep -q "^SERVING" "$WORK/$name.health" && sed -n "/^SERVING/,\$p" "$WORK/$name.health" | grep -q NOT_SERVING'
+  check "$name: the log names rank 1" 'grep -q "watchdog: .*rank 1 (host " "$WORK/$name.log"'
+  check "$name: mpirun exits non-zero by itself (exit $mpi_rc; 124 = still running after 60 s)" \
+    '[ $mpi_rc != 0 ] && [ $mpi_rc != 124 ]'
+}
+
+run idle idle
+run step step
+
+echo "$PASSES passed, $FAILS failed"
+[ $FAILS = 0 ] || { for f in "$WORK"/*.log "$WORK"/*.err; do echo "== $f"; tail -8 "$f"; done; }
+[ $FAILS = 0 ]
