@@ -9,7 +9,7 @@
 // multiple of 128 keys (the largest key tile), so a kernel that loads and multiplies a tile
 // wholly behind the window (instead of skipping it) turns its output into NaN, which the checks
 // reject. The kernels' tiles are 64 (mma.sync) and 128 (wgmma) keys; decode drops the keys in front
-// of its first query row's window (by whole pages when paged).
+// of its first query row's window (by whole pages when paged, so there the NaN keys stop at a page).
 //
 // Tolerances as the plain parity tests (test_gpu_kernels.cpp): O within 4u max|v| (P rounded to
 // bf16 before P V, O on output, u = 2^-9), LSE and entropy within 1e-3 (fp32 sums in another
@@ -81,11 +81,13 @@ AttentionMask full_mask(const FeatureCase& c) {
   return m;
 }
 
-// Keys [0, nan_keys) are seen by no query row (the lowest bound is row 0's), rounded down to 128.
-int64_t nan_keys(const FeatureCase& c) {
+// Keys [0, nan_keys) are seen by no query row (the lowest bound is row 0's), rounded down to 128
+// keys (the largest key tile) or to a page when pages are larger (paged decode drops whole pages).
+int64_t nan_keys(const FeatureCase& c, int page_shift) {
   if (c.mask.window <= 0 || c.n_kv <= 1) return 0;
+  const int64_t unit = std::max<int64_t>(128, page_shift ? int64_t{1} << page_shift : 0);
   const int64_t first = std::min(full_mask(c).first_visible(0), c.n_kv - 1);
-  return first / 128 * 128;
+  return first / unit * unit;
 }
 
 // One case on one kernel against the reference. page_shift > 0: keys through page tables (pages
@@ -104,7 +106,7 @@ void check_case(const FeatureCase& c, Kernel kernel, std::mt19937& rng, int page
   auto q = random_bf16(c.n_q * c.n_heads * d, -1.0f, 1.0f, rng);
   auto k = random_bf16(c.n_kv * row, -1.0f, 1.0f, rng);
   auto v = random_bf16(c.n_kv * row, -1.0f, 1.0f, rng);
-  const int64_t hidden = nan_keys(c);
+  const int64_t hidden = nan_keys(c, page_shift);
   const float nan = std::numeric_limits<float>::quiet_NaN();
   for (int64_t i = 0; i < hidden * row; ++i) {
     k.host[i] = v.host[i] = nan;
