@@ -39,6 +39,10 @@ GOLDEN = os.path.join(REPO, "tests", "golden")
 N_VOCAB = 256
 N_NEW = 32
 PROMPT_LENGTHS = (5, 13, 27)
+# phi3_longrope's factors (head_dim 16: 8 rotated pairs); the long ones stretch the low frequencies
+# (later pairs) the most, as LongRoPE's searched factors do.
+LONGROPE_SHORT = [1.0, 1.02, 1.05, 1.1, 1.2, 1.35, 1.5, 1.7]
+LONGROPE_LONG = [1.0, 1.3, 1.8, 2.5, 3.4, 4.6, 6.0, 8.0]
 
 
 def versions():
@@ -93,6 +97,17 @@ def families():
                                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                         "partial_rotary_factor": 0.5},
                                        max_position_embeddings=512, original_max_position_embeddings=512)),
+        # LongRoPE: per-pair frequency divisors for contexts up to original_max_position_embeddings
+        # (short) and beyond (long), cos/sin times sqrt(1 + ln(128 / 32) / ln(32)). Every prompt is
+        # longer than 32 tokens, so transformers uses the long factors throughout, as we do for a
+        # model whose context (128) exceeds the original one.
+        "phi3_longrope": dict(cls="Phi3ForCausalLM", gguf_arch="phi3", prompt_lengths=(34, 40, 48),
+                              config=Phi3Config(**common, num_hidden_layers=2, sliding_window=None,
+                                                tie_word_embeddings=False,
+                                                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                                                 "short_factor": LONGROPE_SHORT,
+                                                                 "long_factor": LONGROPE_LONG},
+                                                max_position_embeddings=128, original_max_position_embeddings=32)),
     }
 
 
@@ -188,8 +203,17 @@ def write_gguf(path, family, spec, model):
         w.add_rope_freq_base(rp["full_attention"]["rope_theta"])  # llama.cpp: 10000 for local layers
     else:
         w.add_rope_freq_base(rp["rope_theta"])
-    rope_dim = int(head_dim * rp.get("partial_rotary_factor", 1.0)) if family == "phi3" else head_dim
+    rope_dim = int(head_dim * rp.get("partial_rotary_factor", 1.0)) if arch == "phi3" else head_dim
     w.add_rope_dimension_count(rope_dim)
+    if rp.get("rope_type") == "longrope":
+        # llama.cpp's phi3 form: the original context and the attention factor as keys, the factors
+        # as the tensors rope_factors_{long,short}.weight (rope_dim / 2 fp32 values each).
+        orig = cfg.original_max_position_embeddings
+        scale = cfg.max_position_embeddings / orig
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+        w.add_tensor("rope_factors_long.weight", np.array(rp["long_factor"], dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rp["short_factor"], dtype=np.float32))
     if getattr(cfg, "sliding_window", None):
         w.add_sliding_window(cfg.sliding_window)
     if family == "gemma2":
@@ -283,7 +307,7 @@ def build(family, spec, seed):
     write_gguf(os.path.join(out, "model.gguf"), family, spec, model)
 
     rng = np.random.default_rng(seed)
-    prompts = [[int(t) for t in rng.integers(0, N_VOCAB, n)] for n in PROMPT_LENGTHS]
+    prompts = [[int(t) for t in rng.integers(0, N_VOCAB, n)] for n in spec.get("prompt_lengths", PROMPT_LENGTHS)]
     golden = {"family": family, "hf_class": spec["cls"], "gguf_arch": spec["gguf_arch"], "seed": seed,
               "versions": versions(),
               "dtype": "float32", "device": "cpu", "n_vocab": N_VOCAB, "prompts": [], "greedy": []}

@@ -1,7 +1,8 @@
 // Phi-3: Llama's pre-norm blocks (arch_prenorm.h) with q|k|v in one matrix (attn_qkv: rows
 // [q | k | v]) and gate|up in one (ffn_up: 2 ffn rows, gate first), partial rotary embeddings
 // (rope_dim = partial_rotary_factor * head_dim, halves rotated) and an optional sliding window on
-// every layer. LongRoPE ("longrope" / "su" scaling) is refused where the weights are read.
+// every layer. LongRoPE ("longrope" / "su" scaling: per-pair frequency divisors and an attention
+// factor) is in the RoPE table and the score scale (model/layers.cpp, ModelHParams), not here.
 #include "model/arch_prenorm.h"
 #include "model/arch_registry.h"
 

@@ -42,12 +42,41 @@ Result<RopeScaling> read_rope_scaling(const gguf::GgufFile& f, const std::string
     return s;
   }
   if (type == "none") return s;
+  if (type == "longrope") {
+    s.type = RopeScaling::Type::kLongRope;  // the rest in read_longrope
+    return s;
+  }
   if (type == "linear") {
     s.type = RopeScaling::Type::kLinear;
     SS_ASSIGN_OR_RETURN(s.factor, positive_float(f, arch + ".rope.scaling.factor", 1.0f));
     return s;
   }
-  return unimplemented("gguf: {}.rope.scaling.type '{}' is not supported (none, linear)", arch, type);
+  return unimplemented("gguf: {}.rope.scaling.type '{}' is not supported (none, linear, longrope)", arch, type);
+}
+
+// LongRoPE as llama.cpp's converter writes Phi-3 (no scaling type key): the factors as the tensors
+// rope_factors_{long,short}.weight (read by Rope::load), <arch>.rope.scaling.original_context_length,
+// and <arch>.rope.scaling.attn_factor (else sqrt(1 + ln(s) / ln(original)), s = context_length /
+// original, as transformers derives it).
+Status read_longrope(const gguf::GgufFile& f, ModelHParams& hp) {
+  const std::string& a = hp.arch_name;
+  const bool tensors =
+      f.find_tensor("rope_factors_long.weight") != nullptr || f.find_tensor("rope_factors_short.weight") != nullptr;
+  if (!tensors && hp.rope_scaling.type != RopeScaling::Type::kLongRope) return Status();
+  if (f.find_tensor("rope_factors_long.weight") == nullptr || f.find_tensor("rope_factors_short.weight") == nullptr) {
+    return data_loss("gguf: LongRoPE needs both rope_factors_long.weight and rope_factors_short.weight");
+  }
+  RopeScaling& rs = hp.rope_scaling;
+  rs = RopeScaling{};
+  rs.type = RopeScaling::Type::kLongRope;
+  const std::string orig_key = a + ".rope.scaling.original_context_length";
+  if (f.find(orig_key) == nullptr) return not_found("gguf: LongRoPE needs {}", orig_key);
+  SS_ASSIGN_OR_RETURN(rs.original_context, positive_int(f, orig_key, std::nullopt));
+  const double s = static_cast<double>(hp.max_context) / rs.original_context;
+  const float derived =
+      s <= 1.0 ? 1.0f : static_cast<float>(std::sqrt(1.0 + std::log(s) / std::log(static_cast<double>(rs.original_context))));
+  SS_ASSIGN_OR_RETURN(rs.attn_factor, positive_float(f, a + ".rope.scaling.attn_factor", derived));
+  return Status();
 }
 
 // The vocabulary size: <arch>.vocab_size, else the length of tokenizer.ggml.tokens, else the
@@ -97,11 +126,7 @@ Status read_family_keys(const gguf::GgufFile& f, ModelHParams& hp) {
     hp.attn_scale = 1.0f / std::sqrt(static_cast<float>(big ? hp.hidden / hp.n_heads : hp.head_dim));
     if (a == "gemma3") hp.rope_theta_local = 10000.0f;
   }
-  if (a == "phi3" && (f.find_tensor("rope_factors_long.weight") != nullptr ||
-                      f.find_tensor("rope_factors_short.weight") != nullptr)) {
-    return unimplemented("gguf: phi3 with LongRoPE scaling (rope_factors_long/short.weight) is not supported");
-  }
-  return Status();
+  return read_longrope(f, hp);
 }
 
 }  // namespace

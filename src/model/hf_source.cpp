@@ -115,7 +115,42 @@ Status read_rope(const json& cfg, std::string_view origin, ModelHParams& hp) {
     }
     return Status();
   }
-  return unimplemented("{}: rope_type '{}' is not supported (default, linear, llama3)", where, type);
+  if (type == "longrope" || type == "su") {
+    // Phi-3's LongRoPE (transformers: _compute_longrope_parameters). The original context is in
+    // the scaling object (5.x) or at the top level (Phi3Config); the attention factor is given or
+    // follows from factor (given, or max_position_embeddings / original context).
+    rs.type = RopeScaling::Type::kLongRope;
+    for (const char* key : {"short_factor", "long_factor"}) {
+      const json* a = member(*s, key);
+      if (a == nullptr) return not_found("{}: rope_type longrope needs {}", where, key);
+      if (!a->is_array() || a->empty()) return data_loss("{}: {} must be a non-empty array of numbers", where, key);
+      std::vector<float>& dst = std::string_view(key) == "short_factor" ? rs.short_factor : rs.long_factor;
+      for (const json& x : *a) {
+        if (!x.is_number()) return data_loss("{}: {} must be a non-empty array of numbers", where, key);
+        dst.push_back(x.get<float>());
+      }
+    }
+    const json& orig_holder = member(*s, "original_max_position_embeddings") != nullptr ? *s : cfg;
+    if (member(orig_holder, "original_max_position_embeddings") == nullptr) {
+      return not_found("{}: rope_type longrope needs original_max_position_embeddings", where);
+    }
+    SS_ASSIGN_OR_RETURN(rs.original_context,
+                        positive_int(orig_holder, "original_max_position_embeddings", std::nullopt, where));
+    double factor = static_cast<double>(hp.max_context) / rs.original_context;
+    if (member(*s, "factor") != nullptr) {
+      SS_ASSIGN_OR_RETURN(float given, positive_float(*s, "factor", 1.0f, where));
+      factor = given;
+    }
+    if (member(*s, "attention_factor") != nullptr) {
+      SS_ASSIGN_OR_RETURN(rs.attn_factor, positive_float(*s, "attention_factor", 1.0f, where));
+    } else {
+      rs.attn_factor = factor <= 1.0 ? 1.0f
+                                     : static_cast<float>(std::sqrt(1.0 + std::log(factor) / std::log(
+                                                                              static_cast<double>(rs.original_context))));
+    }
+    return Status();
+  }
+  return unimplemented("{}: rope_type '{}' is not supported (default, linear, llama3, longrope)", where, type);
 }
 
 // Expected (out, in) shape of each canonical tensor, from the hyper-parameters.

@@ -12,12 +12,19 @@
 namespace starserve {
 
 struct RopeScaling {
-  enum class Type { kNone, kLinear, kLlama3 };
+  enum class Type { kNone, kLinear, kLlama3, kLongRope };
   Type type = Type::kNone;
   float factor = 1.0f;            // linear and llama3: wavelength stretch
   float low_freq_factor = 1.0f;   // llama3 only
   float high_freq_factor = 4.0f;  // llama3 only
-  int original_context = 8192;    // llama3 only: tokens the model was pre-trained at
+  int original_context = 8192;    // llama3 and longrope: tokens the model was pre-trained at
+  // LongRoPE (Phi-3): per rotated pair, a divisor of the frequency, theta_i = theta^(-2i/d) / f_i,
+  // one set for contexts up to original_context (short) and one beyond (long). From config.json;
+  // empty from GGUF, whose rope_factors_{short,long}.weight tensors Rope::load reads.
+  std::vector<float> short_factor, long_factor;
+  // LongRoPE's attention factor: cos and sin are multiplied by it, so the rotated dimensions' q.k
+  // by its square; sqrt(1 + ln(s) / ln(original_context)) for s = max_context / original_context.
+  float attn_factor = 1.0f;
 };
 
 struct ModelHParams {
@@ -64,7 +71,19 @@ struct ModelHParams {
     }
     return 0;
   }
-  float attention_scale() const { return attn_scale > 0.0f ? attn_scale : 1.0f / std::sqrt(static_cast<float>(head_dim)); }
+  // LongRoPE uses its long factors for a model whose context exceeds the pre-training one, for
+  // every position (llama.cpp's rule for a context longer than the original; transformers picks
+  // per forward by the sequence's length, which a KV cache cannot follow).
+  bool rope_long_factors() const {
+    return rope_scaling.type == RopeScaling::Type::kLongRope && max_context > rope_scaling.original_context;
+  }
+  // Score scale. LongRoPE's attention factor scales the rotated part of q and of k, so the scores
+  // by its square when every dimension rotates (Rope::load refuses it with partial rotation).
+  float attention_scale() const {
+    const float base = attn_scale > 0.0f ? attn_scale : 1.0f / std::sqrt(static_cast<float>(head_dim));
+    const float m = rope_scaling.type == RopeScaling::Type::kLongRope ? rope_scaling.attn_factor : 1.0f;
+    return base * m * m;
+  }
 };
 
 }  // namespace starserve

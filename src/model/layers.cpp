@@ -126,15 +126,58 @@ std::vector<float> rope_inv_freq(const ModelHParams& hp, std::span<const float> 
       f = static_cast<float>((1.0 - smooth) * f / rs.factor + smooth * f);
     }
   }
+  if (rs.type == RopeScaling::Type::kLongRope) {
+    // LongRoPE: theta_i = theta^(-2i/d) / f_i with the long or the short factors (hparams.h); from
+    // GGUF they arrive as rope_freqs (Rope::load), from config.json they are in the hparams.
+    const std::vector<float>& f = hp.rope_long_factors() ? rs.long_factor : rs.short_factor;
+    for (int i = 0; i < half && i < static_cast<int>(f.size()); ++i) inv[i] /= f[i];
+  }
   if (!rope_freqs.empty()) {
     for (int i = 0; i < half && i < static_cast<int>(rope_freqs.size()); ++i) inv[i] /= rope_freqs[i];
   }
   return inv;
 }
 
+namespace {
+// LongRoPE's preconditions: one factor per rotated pair, every dimension rotated when the
+// attention factor is not 1 (it is folded into the score scale, ModelHParams::attention_scale),
+// and one RoPE for every layer (the score scale is the model's).
+Result<std::vector<float>> longrope_factors(WeightStore& store, const ModelHParams& hp) {
+  const RopeScaling& rs = hp.rope_scaling;
+  const bool use_long = hp.rope_long_factors();
+  if (rs.attn_factor != 1.0f && hp.rope_dim != hp.head_dim) {
+    return unimplemented("LongRoPE with attention factor {} on {} of {} rotated dimensions is not supported "
+                         "(partial rotation)",
+                         rs.attn_factor, hp.rope_dim, hp.head_dim);
+  }
+  if (hp.rope_theta_local > 0.0f) {
+    return unimplemented("LongRoPE with a separate RoPE base for the windowed layers is not supported");
+  }
+  std::vector<float> file;  // GGUF: the factors are tensors
+  const std::vector<float>* f = use_long ? &rs.long_factor : &rs.short_factor;
+  const char* tensor = use_long ? "rope_factors_long.weight" : "rope_factors_short.weight";
+  if (rs.long_factor.empty() && rs.short_factor.empty()) {
+    if (!store.has(tensor)) return not_found("LongRoPE: the weights have no {}", tensor);
+    SS_ASSIGN_OR_RETURN(HostTensor t, store.load_host(tensor));
+    file = std::move(t.data);
+    f = &file;
+  }
+  if (static_cast<int>(f->size()) != hp.rope_dim / 2) {
+    return data_loss("LongRoPE: {} {} factors for {} rotated pairs", use_long ? "long" : "short", f->size(),
+                     hp.rope_dim / 2);
+  }
+  for (float x : *f) {
+    if (!(x > 0.0f) || !std::isfinite(x)) return data_loss("LongRoPE: factor {} must be a finite number > 0", x);
+  }
+  return file;
+}
+}  // namespace
+
 Result<Rope> Rope::load(WeightStore& store, const ModelHParams& hp) {
   std::vector<float> rope_freqs;
-  if (store.has("rope_freqs.weight")) {
+  if (hp.rope_scaling.type == RopeScaling::Type::kLongRope) {
+    SS_ASSIGN_OR_RETURN(rope_freqs, longrope_factors(store, hp));
+  } else if (store.has("rope_freqs.weight")) {
     SS_ASSIGN_OR_RETURN(HostTensor rf, store.load_host("rope_freqs.weight"));
     rope_freqs = std::move(rf.data);
   }

@@ -21,6 +21,7 @@
 #include "kernels/ref/attention_ref.h"
 #include "model/gguf_source.h"
 #include "model/hf_source.h"
+#include "model/layers.h"
 #include "star/context_encoder.h"
 #include "star/local_attention.h"
 #include "forwarding_backend.h"
@@ -30,7 +31,7 @@ namespace {
 
 using nlohmann::json;
 
-constexpr const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3"};
+constexpr const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi3_longrope"};
 
 std::string family_dir(const std::string& family) { return std::string(STARSERVE_GOLDEN_DIR) + "/" + family; }
 
@@ -163,7 +164,8 @@ TEST_P(FamilyGolden, GreedyContinuationsMatchTransformers) {
 INSTANTIATE_TEST_SUITE_P(Families, FamilyGolden,
                          ::testing::Combine(::testing::Values(std::string("qwen2"), std::string("qwen3"),
                                                               std::string("mistral"), std::string("gemma2"),
-                                                              std::string("gemma3"), std::string("phi3")),
+                                                              std::string("gemma3"), std::string("phi3"),
+                                                              std::string("phi3_longrope")),
                                             ::testing::Values(std::string("gguf"), std::string("hf"))),
                          [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
 
@@ -397,13 +399,71 @@ TEST(FamilyErrors, UnsupportedArchitecturesAndFeaturesNameThemselves) {
   const std::string base = R"("num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
                                "num_attention_heads": 4)";
   expect_unimplemented(R"({"model_type": "falcon", )" + base + "}", "falcon");
-  expect_unimplemented(R"({"model_type": "phi3", )" + base +
-                           R"(, "rope_scaling": {"type": "longrope", "long_factor": [1], "short_factor": [1]}})",
-                       "longrope");
   expect_unimplemented(R"({"model_type": "qwen2", )" + base + R"(, "rope_scaling": {"rope_type": "yarn", "factor": 4}})",
                        "yarn");
   expect_unimplemented(R"({"model_type": "gemma2", )" + base + R"(, "hidden_activation": "relu"})", "relu");
   expect_unimplemented(R"({"model_type": "qwen3", )" + base + R"(, "attention_bias": true})", "attention_bias");
+}
+
+// ---------------------------------------------------------------- LongRoPE (Phi-3)
+
+// The tiny longrope model (tests/golden/phi3_longrope: original context 32, context 128, every
+// dimension rotated) from both formats: the same scaling, the long factors in the RoPE table, and
+// the attention factor of transformers' rule in the score scale. Its goldens above check the
+// logits against transformers with prompts longer than 32 tokens.
+TEST(FamilyLongRope, BothFormatsReadTheScaling) {
+  const json cfg = json::parse(std::ifstream(family_dir("phi3_longrope") + "/hf/config.json"));
+  const auto long_f = cfg["rope_parameters"]["long_factor"].get<std::vector<float>>();
+  const auto short_f = cfg["rope_parameters"]["short_factor"].get<std::vector<float>>();
+  const int orig = cfg["original_max_position_embeddings"].get<int>();
+  const int ctx = cfg["max_position_embeddings"].get<int>();
+  ASSERT_GT(ctx, orig);
+  const double m = std::sqrt(1.0 + std::log(static_cast<double>(ctx) / orig) / std::log(static_cast<double>(orig)));
+  for (const char* format : {"gguf", "hf"}) {
+    auto l = load("phi3_longrope", format);
+    ASSERT_TRUE(l) << format;
+    const ModelHParams& hp = l->model->hparams();
+    EXPECT_EQ(hp.rope_scaling.type, RopeScaling::Type::kLongRope) << format;
+    EXPECT_EQ(hp.rope_scaling.original_context, orig) << format;
+    EXPECT_TRUE(hp.rope_long_factors()) << format;
+    EXPECT_NEAR(hp.rope_scaling.attn_factor, m, 1e-6) << format;
+    EXPECT_NEAR(hp.attention_scale(), m * m / std::sqrt(static_cast<double>(hp.head_dim)), 1e-6) << format;
+  }
+  // The table: theta^(-2i/d) / long_i beyond the original context, / short_i within it.
+  auto h = load("phi3_longrope", "hf");
+  ASSERT_TRUE(h);
+  ModelHParams hp = h->model->hparams();
+  ASSERT_EQ(static_cast<int>(long_f.size()), hp.rope_dim / 2);
+  for (const bool beyond : {true, false}) {
+    hp.max_context = beyond ? ctx : orig;
+    const std::vector<float> inv = rope_inv_freq(hp, {});
+    ASSERT_EQ(inv.size(), long_f.size());
+    for (size_t i = 0; i < inv.size(); ++i) {
+      const double plain = std::pow(static_cast<double>(hp.rope_theta), -2.0 * static_cast<double>(i) / hp.rope_dim);
+      EXPECT_NEAR(inv[i], plain / (beyond ? long_f[i] : short_f[i]), 1e-6 * plain) << i << " beyond " << beyond;
+    }
+  }
+}
+
+TEST(FamilyLongRope, MalformedScalingIsRefusedByName) {
+  const std::string base = R"({"model_type": "phi3", "num_hidden_layers": 2, "hidden_size": 64,
+                               "intermediate_size": 128, "num_attention_heads": 4, "max_position_embeddings": 128)";
+  // Without the original context, or without a factor list.
+  auto a = parse_hf_config(base + R"(, "rope_scaling": {"type": "longrope", "long_factor": [1], "short_factor": [1]}})");
+  ASSERT_FALSE(a.ok());
+  EXPECT_NE(a.status().message().find("original_max_position_embeddings"), std::string::npos) << a.status().to_string();
+  auto b = parse_hf_config(base + R"(, "original_max_position_embeddings": 32,
+                                     "rope_scaling": {"type": "longrope", "short_factor": [1]}})");
+  ASSERT_FALSE(b.ok());
+  EXPECT_NE(b.status().message().find("long_factor"), std::string::npos) << b.status().to_string();
+  // "su" is the older name; the attention factor given explicitly wins over the derived one.
+  auto c = parse_hf_config(base + R"(, "original_max_position_embeddings": 32,
+                                     "rope_scaling": {"type": "su", "long_factor": [2], "short_factor": [1],
+                                                      "attention_factor": 1.5}})");
+  ASSERT_TRUE(c.ok()) << c.status().to_string();
+  EXPECT_EQ(c->rope_scaling.type, RopeScaling::Type::kLongRope);
+  EXPECT_FLOAT_EQ(c->rope_scaling.attn_factor, 1.5f);
+  EXPECT_EQ(c->rope_scaling.long_factor, std::vector<float>{2.0f});
 }
 
 // A backend that keeps Backend's default check_features (as the CUDA backend does for now) refuses
