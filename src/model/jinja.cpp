@@ -1501,7 +1501,7 @@ const V& need_str(const V& v, int line, std::string_view what) {
   return v;
 }
 
-V str_method(const V& self, const std::string& name, int line) {
+V str_method(const V& self, const std::string& name) {
   static const std::set<std::string> kNames = {"startswith", "endswith", "strip", "lstrip", "rstrip", "split",
                                                "upper",      "lower",    "title", "capitalize", "replace", "find",
                                                "count",      "join",     "format", "rsplit", "isspace", "isalpha",
@@ -1596,7 +1596,6 @@ V str_method(const V& self, const std::string& name, int line) {
     if (name == "islower") return V::boolean(map_case(s, 1).s == s.s && map_case(s, 0).s != s.s);
     return V::boolean(map_case(s, 0).s == s.s && map_case(s, 1).s != s.s);  // isupper
   });
-  (void)line;
 }
 
 V items_of(const V& d) {
@@ -1632,7 +1631,7 @@ V get_attr(const V& obj, const std::string& name, int line) {
       if (const V* v = obj.d->find(name)) return *v;
       return V::undef(fmt::format("'{} object' has no attribute '{}'", type_name(obj), name));
     }
-    case V::K::kStr: return str_method(obj, name, line);
+    case V::K::kStr: return str_method(obj, name);
     default: return V::undef(fmt::format("'{} object' has no attribute '{}'", type_name(obj), name));
   }
 }
@@ -1738,6 +1737,8 @@ V arith(const std::string& op, const V& a, const V& b, int line) {
   fail(line, fmt::format("unsupported operand types for {}: {} and {}", op, type_name(a), type_name(b)));
 }
 
+// Tests: defined, undefined, none, boolean, true, false, integer, float, number, string, mapping, iterable,
+// sequence, callable, equalto/eq/==/sameas, ne/!=, lt, le, gt, ge, in, odd, even, divisibleby, lower, upper.
 bool apply_test(Ctx& c, const std::string& name, const V& v, std::vector<V>& args, int line) {
   (void)c;
   const auto a0 = [&]() -> const V& {
@@ -1798,6 +1799,9 @@ V attribute_path(const V& item, const V& path, int line) {
   }
 }
 
+// Filters: default/d, trim/strip, length/count, upper, lower, title, capitalize, string, safe, tojson(indent), join(d,
+// attribute), first, last, items, list, reverse, replace, int, float, abs, select/reject, selectattr/rejectattr,
+// map(name | attribute=), unique, sort(reverse, attribute), min, max, sum, indent, format, dictsort.
 V apply_filter(Ctx& c, const std::string& name, const V& v, std::vector<V>& args, Kwargs& kw, int line) {
   const auto need_defined = [&]() {
     if (v.is(V::K::kUndef)) fail_undefined(line, v);

@@ -17,8 +17,10 @@
 // precedence (or and not, in / not in, comparison chains, ~ + - * / // % **, unary -), conditional expressions,
 // subscripts and slices of strings (by code point) and lists, attribute and method calls (str: startswith,
 // endswith, strip/lstrip/rstrip, split, upper, lower, title, capitalize, replace, find, count, join, format;
-// dict: get, items, keys, values), the common filters and tests (jinja.cpp lists them).
-// Not covered: template inheritance and includes, autoescape, call blocks, i18n.
+// dict: get, items, keys, values), the common filters and tests (listed at apply_filter / apply_test in jinja.cpp),
+// globals range, namespace, dict, raise_exception, strftime_now.
+// Not covered: template inheritance and includes, autoescape, call blocks, recursive loops, i18n; case mappings
+// change ASCII letters only; '%' formatting knows %s %d %i %r; of Python's line ends only \r\n and \r become \n.
 #pragma once
 
 #include <cstdint>
