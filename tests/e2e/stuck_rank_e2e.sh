@@ -73,8 +73,9 @@ freeze() {
   FREEZER=$!
   PIDS+=("$FREEZER")
   wait_for "$WORK/$1.freeze" "^stopped"
-  local others=0 tid
-  for tid in $(ls "/proc/$WORKER/task"); do
+  local others=0 tid task
+  for task in /proc/"$WORKER"/task/*; do
+    tid=${task##*/}
     [ "$tid" != "$WORKER" ] && [ "$(thread_state "$WORKER" "$tid")" != t ] && [ "$(thread_state "$WORKER" "$tid")" != T ] &&
       others=$((others + 1))
   done
@@ -91,7 +92,7 @@ run() {
   wait_ready
   check "$name: server ready" '[ $? = 0 ]'
   ( while kill -0 "$MPI_PID" 2>/dev/null; do
-      "${CTL[@]}" --timeout 2 health --ready 2>/dev/null | head -1
+      "$BIN/starctl" --address "127.0.0.1:$PORT" --timeout 2 health --ready 2>/dev/null | head -1
       sleep 0.1
     done ) >"$WORK/$name.health" &
   local poll=$!
