@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -225,6 +226,49 @@ TEST(Jinja, WhitespaceControlAsHuggingFaceSetsIt) {
   auto out = plain->render(jinja::Value::dict());
   ASSERT_TRUE(out.ok());
   EXPECT_EQ(jinja::join_segments(*out), "\n  a\n  ");
+}
+
+// Broken templates (the golden templates with characters deleted, inserted and swapped, a fixed seed) give a Status
+// naming a line, or render: never a crash. Most mutations are syntax errors, some reach a runtime error.
+TEST(Jinja, MutatedTemplatesFailCleanly) {
+  std::vector<std::string> sources;
+  for (const char* name : {"gemma_style", "llama3_style", "mistral_style", "qwen_style", "features"}) {
+    sources.push_back(read_file(std::string(STARSERVE_GOLDEN_DIR) + "/chat_templates/" + name + ".jinja"));
+    ASSERT_FALSE(sources.back().empty()) << name;
+  }
+  const std::string alphabet = "{}%#-+()[]'\".,|:~=<>!*/ \nabcdefijklmnoprstuxyz0123456789_";
+  std::mt19937 rng(7);
+  const auto pick = [&](size_t n) { return std::uniform_int_distribution<size_t>(0, n - 1)(rng); };
+  const std::vector<ChatMessage> msgs = {{"system", "s"}, {"user", "u <|im_end|>"}, {"assistant", "a"}};
+  int parse_errors = 0, render_errors = 0, rendered = 0;
+  for (int it = 0; it < 400; ++it) {
+    std::string s = sources[pick(sources.size())];
+    const size_t edits = 1 + pick(5);
+    for (size_t e = 0; e < edits; ++e) {
+      const size_t i = pick(s.size());
+      switch (pick(3)) {
+        case 0: s.erase(i, 1); break;
+        case 1: s.insert(s.begin() + static_cast<ptrdiff_t>(i), alphabet[pick(alphabet.size())]); break;
+        default: std::swap(s[i], s[pick(s.size())]);
+      }
+    }
+    auto t = ChatTemplate::from_jinja(s, "<s>", "</s>");
+    if (!t.ok()) {
+      ++parse_errors;
+      EXPECT_NE(t.status().message().find("line "), std::string::npos) << t.status().message();
+      continue;
+    }
+    auto r = t->render(msgs, true);
+    if (!r.ok()) {
+      ++render_errors;
+      EXPECT_NE(r.status().message().find("line "), std::string::npos) << r.status().message();
+    } else {
+      ++rendered;
+    }
+  }
+  EXPECT_GT(parse_errors, 0);
+  EXPECT_GT(rendered, 0);
+  EXPECT_EQ(parse_errors + render_errors + rendered, 400);
 }
 
 // SmolLM2 end to end: the model's template selected from its file, a content forging a system turn, token ids.
