@@ -298,7 +298,7 @@ __device__ __forceinline__ void decode_simt_body(AttentionGpuParams p, DecodePla
         for (int t = 0; t < kUnroll; ++t) s[t] += __shfl_xor_sync(0xffffffffu, s[t], off);
       if (cap2 > 0.0f) {
 #pragma unroll
-        for (int t = 0; t < kUnroll; ++t) s[t] = cap2 * tanhf(s[t] / cap2);
+        for (int t = 0; t < kUnroll; ++t) s[t] = detail::softcap_score(s[t], cap2, 1.0f / cap2);
       }
       float smax = kNegInfF;
 #pragma unroll
@@ -520,8 +520,8 @@ __device__ __forceinline__ void decode_mma_body(AttentionGpuParams p, DecodePlan
       for (int e = 0; e < 2; ++e) {
         float y0 = s[nt][e] * scale2, y1 = s[nt][2 + e] * scale2;
         if (cap2 > 0.0f) {
-          y0 = cap2 * tanhf(y0 / cap2);
-          y1 = cap2 * tanhf(y1 / cap2);
+          y0 = detail::softcap_score(y0, cap2, 1.0f / cap2);
+          y1 = detail::softcap_score(y1, cap2, 1.0f / cap2);
         }
         const float x0 = (ja < end && ja < limit[nt][e] && ja >= first[nt][e]) ? y0 : kNegInfF;
         const float x1 = (jb < end && jb < limit[nt][e] && jb >= first[nt][e]) ? y1 : kNegInfF;

@@ -567,7 +567,7 @@ __global__ void __launch_bounds__(C::kThreads, C::kMinBlocks) prefill_attention_
 #pragma unroll
             for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
-              for (int e = 0; e < 4; ++e) s[mt][nt][e] = cap * tanhf(s[mt][nt][e] * in);
+              for (int e = 0; e < 4; ++e) s[mt][nt][e] = detail::softcap_score(s[mt][nt][e], cap, in);
         }
       }
       if (it >= mask_from || (kExt && it < window_mask_to)) {

@@ -317,7 +317,7 @@ __device__ __forceinline__ bool scores_to_p(float (&s)[N / 2], RowState& st, con
       // Raw s (Q negated for scale < 0) -> softcap tanh(s |scale| / softcap); scale2 is log2 e then.
       const float cap = p.softcap, in = fabsf(p.scale) / p.softcap;
 #pragma unroll
-      for (int i = 0; i < N / 2; ++i) s[i] = cap * tanhf(s[i] * in);
+      for (int i = 0; i < N / 2; ++i) s[i] = detail::softcap_score(s[i], cap, in);
     }
   }
   if (masked) {
