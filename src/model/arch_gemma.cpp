@@ -8,7 +8,6 @@
 // logits soft-capped, sliding window on every other layer (0, 2, ...). Gemma 3: per-head q/k
 // RMSNorm before RoPE, five windowed layers to one global, the windowed layers on their own RoPE
 // base (rope_theta_local, unscaled) and the global ones on rope_theta with the file's scaling.
-#include "common/log.h"
 #include "model/arch_registry.h"
 #include "model/layers.h"
 
@@ -17,9 +16,8 @@ namespace starserve {
 namespace {
 
 struct GemmaLayer {
-  RmsNorm attn_norm, post_attn_norm, ffn_norm, post_ffw_norm;
-  AttentionWeights attn;
-  MlpWeights mlp;
+  DecoderLayerWeights base;  // attn_norm, attention with q/k norms, ffn_norm, GeGLU
+  RmsNorm post_attn_norm, post_ffw_norm;
 };
 
 class GemmaModel final : public DecoderModel {
@@ -27,24 +25,18 @@ class GemmaModel final : public DecoderModel {
   using DecoderModel::DecoderModel;
 
   Status load() {
-    SS_ASSIGN_OR_RETURN(tok_embd_, store_.load("token_embd.weight", {hp_.n_vocab, hp_.hidden}));
-    SS_ASSIGN_OR_RETURN(head_, OutputHead::load(store_, hp_, tok_embd_));
-    for (int l = 0; l < hp_.n_layers; ++l) {
-      const std::string p = "blk." + std::to_string(l) + ".";
+    SS_RETURN_IF_ERROR(load_embedding_and_head());
+    SS_RETURN_IF_ERROR(load_layers([this](int l, const std::string& p) -> Status {
       GemmaLayer w;
-      SS_ASSIGN_OR_RETURN(w.attn_norm, RmsNorm::load(store_, p + "attn_norm.weight", hp_));
-      SS_ASSIGN_OR_RETURN(w.attn, AttentionWeights::load(store_, p, hp_));
-      SS_RETURN_IF_ERROR(w.attn.load_extras(store_, p, hp_));
+      SS_ASSIGN_OR_RETURN(w.base, DecoderLayerWeights::load(store_, p, hp_, true, true));
       SS_ASSIGN_OR_RETURN(w.post_attn_norm, RmsNorm::load(store_, p + "post_attention_norm.weight", hp_));
-      SS_ASSIGN_OR_RETURN(w.ffn_norm, RmsNorm::load(store_, p + "ffn_norm.weight", hp_));
       SS_ASSIGN_OR_RETURN(w.post_ffw_norm, RmsNorm::load(store_, p + "post_ffw_norm.weight", hp_));
-      SS_ASSIGN_OR_RETURN(w.mlp, MlpWeights::load_geglu(store_, p, hp_));
-      if (hp_.arch == "gemma3" && !(w.attn.q_norm.present() && w.attn.k_norm.present())) {
+      if (hp_.arch == "gemma3" && !(w.base.attn.q_norm.present() && w.base.attn.k_norm.present())) {
         return data_loss("gemma3: layer {} lacks attn_q_norm / attn_k_norm", l);
       }
       layers_.push_back(w);
-      if ((l + 1) % 8 == 0 || l + 1 == hp_.n_layers) log_debug("loaded layer {}/{}", l + 1, hp_.n_layers);
-    }
+      return Status();
+    }));
     SS_ASSIGN_OR_RETURN(rope_global_, Rope::load(store_, hp_));
     if (hp_.rope_theta_local > 0.0f) {
       ModelHParams local = hp_;
@@ -58,30 +50,8 @@ class GemmaModel final : public DecoderModel {
   }
 
  private:
-  struct Buffers {
-    Tensor h, xn;
-    AttentionBuffers attn;
-    MlpBuffers mlp;
-    Buffers(Activations& act, const ModelHParams& hp, int64_t t)
-        : h(act.make({t, hp.hidden})), xn(act.make({t, hp.hidden})), attn(act, hp, t, false), mlp(act, hp, t, false) {}
-  };
-
-  Status run(std::span<const BatchSeq> batch, AttentionHandler& attn, bool want_logits, DeviceBuffer* lg_buf,
-             Tensor* lg) override {
-    SS_ASSIGN_OR_RETURN(const FlatBatch flat, flatten_batch(batch, hp_.n_vocab));
-    const int64_t t = flat.n_tokens();
-    Activations act(backend_);
-    Tensor x = act.make({t, hp_.hidden});
-    Buffers buf(act, hp_, t);
-    GraphStepScope graph_step(backend_, flat, batch);
-    SS_RETURN_IF_ERROR(attn.begin_forward(batch));
-    embed(flat, x);
-    SS_RETURN_IF_ERROR(layers(batch, attn, flat, 0, hp_.n_layers, x, buf));
-    attn.end_forward(batch);
-    if (!want_logits) return Status();
-    head_.logits(backend_, x, batch, flat.n_out, hp_.n_vocab, lg_buf, lg);
-    if (hp_.final_softcap > 0.0f) backend_.scale_softcap(*lg, 1.0f, hp_.final_softcap);
-    return Status();
+  void finish_logits(Tensor lg) override {
+    if (hp_.final_softcap > 0.0f) backend_.scale_softcap(lg, 1.0f, hp_.final_softcap);
   }
 
   void embed(const FlatBatch& flat, Tensor x) override {
@@ -89,36 +59,23 @@ class GemmaModel final : public DecoderModel {
     if (hp_.embed_scale != 1.0f) backend_.scale_softcap(x, hp_.embed_scale, 0.0f);
   }
 
-  Status run_layers(std::span<const BatchSeq> batch, AttentionHandler& attn, const FlatBatch& flat, int first,
-                    int last, Tensor x) override {
-    Activations act(backend_);
-    Buffers buf(act, hp_, flat.n_tokens());
-    return layers(batch, attn, flat, first, last, x, buf);
-  }
-
   Status layers(std::span<const BatchSeq> batch, AttentionHandler& attn, const FlatBatch& flat, int first, int last,
-                Tensor x, Buffers& b) {
+                Tensor x, LayerBuffers& b) override {
     for (int l = first; l < last; ++l) {
       const GemmaLayer& w = layers_[l];
       const Rope& rope = hp_.window_of(l) > 0 ? rope_local_ : rope_global_;
-      w.attn_norm.apply(backend_, b.xn, x);
-      const Status st = attention_block(backend_, w.attn, rope, attn, l, batch, flat.positions, b.xn, false, b.attn, b.h);
-      if (!st.ok()) {
-        attn.end_forward({});
-        return st;
-      }
+      w.base.attn_norm.apply(backend_, b.xn, x);
+      SS_RETURN_IF_ERROR(attention_step(w.base.attn, rope, attn, l, batch, flat, b));
       w.post_attn_norm.apply(backend_, b.h, b.h);
       backend_.add(x, x, b.h);
-      w.ffn_norm.apply(backend_, b.xn, x);
-      mlp_block(backend_, w.mlp, b.xn, false, b.mlp, b.h);
+      w.base.ffn_norm.apply(backend_, b.xn, x);
+      mlp_block(backend_, w.base.mlp, b.xn, false, b.mlp, b.h);
       w.post_ffw_norm.apply(backend_, b.h, b.h);
       backend_.add(x, x, b.h);
     }
     return Status();
   }
 
-  Tensor tok_embd_;
-  OutputHead head_;
   Rope rope_global_, rope_local_;
   std::vector<GemmaLayer> layers_;
 };

@@ -24,31 +24,11 @@ class PreNormDecoder final : public DecoderModel {
   BackendFeatures features() const;
 
  private:
-  struct Layer {
-    RmsNorm attn_norm, ffn_norm;
-    AttentionWeights attn;
-    MlpWeights mlp;
-  };
-  struct Buffers {
-    Tensor h, xn;
-    AttentionBuffers attn;
-    MlpBuffers mlp;
-    Buffers(Activations& act, const ModelHParams& hp, int64_t t)
-        : h(act.make({t, hp.hidden})), xn(act.make({t, hp.hidden})), attn(act, hp, t, false), mlp(act, hp, t, false) {}
-  };
-
-  Status run(std::span<const BatchSeq> batch, AttentionHandler& attn, bool want_logits, DeviceBuffer* lg_buf,
-             Tensor* lg) override;
-  void embed(const FlatBatch& flat, Tensor x) override { backend_.embedding(x, tok_embd_, flat.ids); }
-  Status run_layers(std::span<const BatchSeq> batch, AttentionHandler& attn, const FlatBatch& flat, int first,
-                    int last, Tensor x) override;
   Status layers(std::span<const BatchSeq> batch, AttentionHandler& attn, const FlatBatch& flat, int first, int last,
-                Tensor x, Buffers& b);
+                Tensor x, LayerBuffers& b) override;
 
-  Tensor tok_embd_;
-  OutputHead head_;
   Rope rope_;
-  std::vector<Layer> layers_;
+  std::vector<DecoderLayerWeights> layers_;
 };
 
 // Checks the backend, loads the weights and returns the model (the factories of arch_qwen.cpp and

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <numbers>
 
+#include "common/log.h"
+
 namespace starserve {
 
 namespace {
@@ -366,7 +368,78 @@ void OutputHead::logits(Backend& backend, Tensor x, std::span<const BatchSeq> ba
   backend.matmul(*lg, sel, weight);
 }
 
+// ---------------------------------------------------------------- decoder layers
+
+Result<DecoderLayerWeights> DecoderLayerWeights::load(WeightStore& store, const std::string& p, const ModelHParams& hp,
+                                                      bool extras, bool geglu) {
+  DecoderLayerWeights w;
+  SS_ASSIGN_OR_RETURN(w.attn_norm, RmsNorm::load(store, p + "attn_norm.weight", hp));
+  SS_ASSIGN_OR_RETURN(w.attn, AttentionWeights::load(store, p, hp));
+  if (extras) SS_RETURN_IF_ERROR(w.attn.load_extras(store, p, hp));
+  SS_ASSIGN_OR_RETURN(w.ffn_norm, RmsNorm::load(store, p + "ffn_norm.weight", hp));
+  if (geglu) {
+    SS_ASSIGN_OR_RETURN(w.mlp, MlpWeights::load_geglu(store, p, hp));
+  } else {
+    SS_ASSIGN_OR_RETURN(w.mlp, MlpWeights::load_swiglu(store, p, hp));
+  }
+  return w;
+}
+
+LayerBuffers::LayerBuffers(Activations& act, const ModelHParams& hp, int64_t t, bool fused_path, bool share_xn)
+    : fused(fused_path),
+      h(act.make({t, hp.hidden})),
+      xn(share_xn ? h : act.make({t, hp.hidden})),
+      attn(act, hp, t, fused_path),
+      mlp(act, hp, t, fused_path) {}
+
 // ---------------------------------------------------------------- Model plumbing
+
+Status DecoderModel::load_embedding_and_head() {
+  SS_ASSIGN_OR_RETURN(tok_embd_, store_.load("token_embd.weight", {hp_.n_vocab, hp_.hidden}));
+  SS_ASSIGN_OR_RETURN(head_, OutputHead::load(store_, hp_, tok_embd_));
+  return Status();
+}
+
+Status DecoderModel::load_layers(const std::function<Status(int, const std::string&)>& load_layer) {
+  for (int l = 0; l < hp_.n_layers; ++l) {
+    SS_RETURN_IF_ERROR(load_layer(l, "blk." + std::to_string(l) + "."));
+    if ((l + 1) % 8 == 0 || l + 1 == hp_.n_layers) log_debug("loaded layer {}/{}", l + 1, hp_.n_layers);
+  }
+  return Status();
+}
+
+Status DecoderModel::attention_step(const AttentionWeights& w, const Rope& rope, AttentionHandler& attn, int l,
+                                    std::span<const BatchSeq> batch, const FlatBatch& flat, LayerBuffers& b) {
+  const Status st = attention_block(backend_, w, rope, attn, l, batch, flat.positions, b.xn, b.fused, b.attn, b.h);
+  if (!st.ok()) attn.end_forward({});
+  return st;
+}
+
+Status DecoderModel::run(std::span<const BatchSeq> batch, AttentionHandler& attn, bool want_logits,
+                         DeviceBuffer* lg_buf, Tensor* lg) {
+  SS_ASSIGN_OR_RETURN(const FlatBatch flat, flatten_batch(batch, hp_.n_vocab));
+  const int64_t t = flat.n_tokens();
+  Activations act(backend_);
+  Tensor x = act.make({t, hp_.hidden});
+  LayerBuffers buf = make_buffers(act, t);
+  // Allocations come first: a graph step (decode) records only ops.
+  GraphStepScope graph_step(backend_, flat, batch);
+  SS_RETURN_IF_ERROR(attn.begin_forward(batch));
+  embed(flat, x);
+  SS_RETURN_IF_ERROR(layers(batch, attn, flat, 0, hp_.n_layers, x, buf));
+  attn.end_forward(batch);
+  if (!want_logits) return Status();
+  head_.logits(backend_, x, batch, flat.n_out, hp_.n_vocab, lg_buf, lg);
+  finish_logits(*lg);
+  return Status();
+}
+
+Status DecoderModel::run_layers(std::span<const BatchSeq> batch, AttentionHandler& attn, const FlatBatch& flat,
+                                int first, int last, Tensor x) {
+  Activations act(backend_);
+  LayerBuffers buf = make_buffers(act, flat.n_tokens());
+  return layers(batch, attn, flat, first, last, x, buf);
+}
 
 Status DecoderModel::forward(std::span<const BatchSeq> batch, AttentionHandler& attn, std::vector<float>* logits) {
   DeviceBuffer lg_buf;

@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 #include <span>
 #include <string>
@@ -164,10 +165,36 @@ struct OutputHead {
               DeviceBuffer* lg_buf, Tensor* lg) const;
 };
 
+// ---- decoder layers
+
+// What every decoder layer here holds: the norms before attention and before the FFN, the
+// attention (with the q/k/v biases and per-head q/k norms the file holds, when `extras`) and the
+// gated MLP (SwiGLU, or GeGLU when `geglu`), under `prefix` ("blk.N.").
+struct DecoderLayerWeights {
+  RmsNorm attn_norm, ffn_norm;
+  AttentionWeights attn;
+  MlpWeights mlp;
+  static Result<DecoderLayerWeights> load(WeightStore& store, const std::string& prefix, const ModelHParams& hp,
+                                          bool extras, bool geglu);
+};
+
+// One call's buffers besides the residual stream: the normed input xn, a block's output h, and the
+// attention and MLP blocks' own (fused: for the fused path). share_xn: xn takes h's place (each
+// block reads its normed input before it writes h).
+struct LayerBuffers {
+  bool fused;
+  Tensor h, xn;
+  AttentionBuffers attn;
+  MlpBuffers mlp;
+  LayerBuffers(Activations& act, const ModelHParams& hp, int64_t n_tokens, bool fused_path, bool share_xn);
+};
+
 // ---- the Model plumbing
 
-// A decoder whose forward and forward_sample differ only in what happens to the logits: the
-// architecture implements run(); this class downloads or samples.
+// A decoder whose forward and forward_sample differ only in what happens to the logits: run()
+// embeds, runs the architecture's layers() and the output head; forward downloads the logits or
+// samples them. An architecture loads its weights (load_embedding_and_head, load_layers) and
+// implements layers(), and where it differs the embedding, the buffers or the logits' last step.
 class DecoderModel : public Model {
  public:
   DecoderModel(const ModelHParams& hp, Backend& backend, const ModelOptions& options, const WeightSource& source)
@@ -184,22 +211,42 @@ class DecoderModel : public Model {
   // Every layer over the batch; with want_logits, *lg = (rows, n_vocab) logits on the device in
   // the compute dtype (per sequence in batch order: every token if all_logits, else the last),
   // held by *lg_buf.
-  virtual Status run(std::span<const BatchSeq> batch, AttentionHandler& attention, bool want_logits,
-                     DeviceBuffer* lg_buf, Tensor* lg) = 0;
+  Status run(std::span<const BatchSeq> batch, AttentionHandler& attention, bool want_logits, DeviceBuffer* lg_buf,
+             Tensor* lg);
   // Layers [first, last) over the batch's residual stream x (T, hidden), which the first layer of
   // the model finds embedded. The handler's forward is already begun and is ended by the caller; on
   // a handler error this ends it and returns the error.
-  virtual Status run_layers(std::span<const BatchSeq> batch, AttentionHandler& attention, const FlatBatch& flat,
-                            int first, int last, Tensor x) = 0;
-  // Embeds the batch into x (T, hidden).
-  virtual void embed(const FlatBatch& flat, Tensor x) = 0;
+  Status run_layers(std::span<const BatchSeq> batch, AttentionHandler& attention, const FlatBatch& flat, int first,
+                    int last, Tensor x);
+  // The architecture's blocks: layers [first, last) with one call's buffers, as run_layers.
+  virtual Status layers(std::span<const BatchSeq> batch, AttentionHandler& attention, const FlatBatch& flat,
+                        int first, int last, Tensor x, LayerBuffers& b) = 0;
+  // Embeds the batch into x (T, hidden): token_embd's rows.
+  virtual void embed(const FlatBatch& flat, Tensor x) { backend_.embedding(x, tok_embd_, flat.ids); }
+  // The buffers of a call of n_tokens (unfused, xn apart from h).
+  virtual LayerBuffers make_buffers(Activations& act, int64_t n_tokens) {
+    return LayerBuffers(act, hp_, n_tokens, false, false);
+  }
+  // The logits (rows, n_vocab) after the output head, on the device (nothing to do by default).
+  virtual void finish_logits(Tensor lg) { (void)lg; }
   // Whether a call of n_tokens takes the fused path (ModelOptions::fused_max_tokens).
   bool fused(int64_t n_tokens) const { return n_tokens <= options_.fused_max_tokens; }
+
+  // token_embd.weight and the output head (output_norm, output.weight or the tied embedding).
+  Status load_embedding_and_head();
+  // load_layer(l, "blk.<l>.") for every layer, in order, with progress at debug level.
+  Status load_layers(const std::function<Status(int, const std::string&)>& load_layer);
+  // attention_block of layer l over b.xn into b.h; on a handler error the handler's forward is
+  // ended (run_layers' contract) and the error returned.
+  Status attention_step(const AttentionWeights& w, const Rope& rope, AttentionHandler& attention, int l,
+                        std::span<const BatchSeq> batch, const FlatBatch& flat, LayerBuffers& b);
 
   ModelHParams hp_;
   Backend& backend_;
   ModelOptions options_;
   WeightStore store_;
+  Tensor tok_embd_;
+  OutputHead head_;
 };
 
 // A decode step (one token per sequence) may run as CUDA graphs (Backend::begin_graph_step); the
