@@ -22,7 +22,8 @@
 #include "backend/backend.h"
 #include "comm/communicator.h"
 #include "mpi_gtest_main.h"
-#include "../unit/serve_requests.h"
+#include "../unit/family_golden.h"
+#include "engine_generate.h"
 #include "../unit/tiny_tokenizer.h"
 #include "engine/serving_engine.h"
 #include "model/gguf_source.h"
@@ -33,18 +34,11 @@ namespace starserve {
 namespace {
 
 using nlohmann::json;
+using namespace family_golden;
 
 Communicator* g_comm = nullptr;
 
 constexpr const char* kWindowed[] = {"mistral", "gemma2", "gemma3", "phi3"};
-
-std::string family_dir(const std::string& family) { return std::string(STARSERVE_GOLDEN_DIR) + "/" + family; }
-
-json read_golden(const std::string& family) {
-  std::ifstream in(family_dir(family) + "/golden.json");
-  EXPECT_TRUE(in.good()) << family;
-  return json::parse(in);
-}
 
 struct Family {
   std::unique_ptr<Backend> backend = make_cpu_backend();
@@ -70,31 +64,17 @@ Family& family(const std::string& name) {
   return *f;
 }
 
-std::vector<int32_t> random_tokens(int64_t n, uint32_t seed, int n_vocab) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(0, n_vocab - 1);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = dist(rng);
-  return t;
-}
-
-std::vector<int32_t> iota_positions(int64_t n, int64_t start) {
-  std::vector<int32_t> p(n);
-  std::iota(p.begin(), p.end(), static_cast<int32_t>(start));
-  return p;
-}
-
 // Ordinary causal attention over context + query in one process (LocalAttention): the logits of
 // every query position (n_query x n_vocab).
 std::vector<float> global_reference(Family& f, std::span<const int32_t> context, std::span<const int32_t> query) {
   KvCache cache = f.make_cache();
   LocalAttention attn(*f.backend, cache, f.hp());
-  const auto pc = iota_positions(context.size(), 0);
+  const auto pc = iota_from(context.size(), 0);
   BatchSeq c{1, context, pc, false};
   if (!context.empty()) {
     EXPECT_TRUE(f.model->forward({&c, 1}, attn, nullptr).ok());
   }
-  const auto pq = iota_positions(query.size(), context.size());
+  const auto pq = iota_from(query.size(), context.size());
   BatchSeq q{1, query, pq, true};
   std::vector<float> logits;
   EXPECT_TRUE(f.model->forward({&q, 1}, attn, &logits).ok());
@@ -117,7 +97,7 @@ std::vector<float> run_mode(Family& f, Communicator& comm, std::span<const int32
   Phase2Attention p2(*f.backend, cache, f.hp(), comm, MergeAlgo::kAllReduce);
   p2.register_sequence(seq, comm.rank() == lay->query_host, static_cast<int64_t>(context.size()),
                        lay->first_position_of(comm.rank()));
-  const auto pq = iota_positions(query.size(), context.size());
+  const auto pq = iota_from(query.size(), context.size());
   BatchSeq q{seq, query, pq, true};
   std::vector<float> logits;
   const Status fs = f.model->forward({&q, 1}, p2, &logits);
@@ -129,23 +109,6 @@ std::vector<float> on_one_rank(Family& f, std::span<const int32_t> context, std:
                                const ContextPlan& plan) {
   auto local = make_local_communicator();
   return run_mode(f, *local, context, query, plan);
-}
-
-// Our fp32 logits against transformers' fp32 logits, or our modes against each other: only the
-// order of fp32 sums differs (tiling, the LSE merge across ranks), a few 1e-6 of the logit scale
-// over 2-6 layers; 2e-5 of the largest |logit| (at least 1e-4) is ten times that, far below what
-// a key wrongly inside or outside the window changes (tenths to whole units).
-float logit_tolerance(const std::vector<float>& ref) {
-  float m = 0.0f;
-  for (float v : ref) m = std::max(m, std::abs(v));
-  return std::max(1e-4f, 2e-5f * m);
-}
-
-float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  float m = 0.0f;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
-  return m;
 }
 
 std::string plan_name(const ContextPlan& p) {
@@ -282,39 +245,7 @@ std::vector<int32_t> generate(Family& f, Communicator& comm, std::span<const int
                               std::span<const int32_t> qry, const ContextPlan& plan, int n_new) {
   KvCache cache = f.make_cache();
   static const Tokenizer tokenizer = testing_engine::tiny_tokenizer(f.hp().n_vocab);
-  EngineContext ec;
-  ec.model = f.model.get();
-  ec.cache = &cache;
-  ec.comm = &comm;
-  ec.tokenizer = &tokenizer;
-  ec.max_context = 512;
-  std::vector<int32_t> tokens;
-  if (comm.rank() == 0) {
-    EngineRequest r;
-    r.context.assign(ctx.begin(), ctx.end());
-    r.query.assign(qry.begin(), qry.end());
-    r.mode = plan.mode;
-    r.block_size = plan.block_size;
-    r.anchor_size = plan.anchor_size;
-    r.sampling.temperature = 0.0f;
-    r.sampling.max_tokens = n_new;
-    r.sampling.ignore_eos = true;
-    ServingEngine engine(ec);
-    std::vector<testing_engine::ServedRequest> out;
-    EXPECT_TRUE(testing_engine::serve_requests(engine, {r}, &out).ok());
-    EXPECT_TRUE(out[0].error.ok()) << out[0].error.to_string();
-    tokens = out[0].tokens;
-  } else {
-    EXPECT_TRUE(run_worker(ec).ok());
-  }
-  int64_t n = static_cast<int64_t>(tokens.size());
-  EXPECT_TRUE(comm.broadcast(&n, sizeof(n), 0).ok());
-  tokens.resize(n);
-  if (n > 0) {
-    EXPECT_TRUE(comm.broadcast(tokens.data(), n * sizeof(int32_t), 0).ok());
-  }
-  EXPECT_EQ(cache.pages_free(), cache.pages_total()) << "KV pages leaked on rank " << comm.rank();
-  return tokens;
+  return testing_engine::generate_greedy(*f.model, cache, comm, tokenizer, ctx, qry, plan, n_new, 512);
 }
 
 // The engine's own path (admission, chunked phase 1, register_sequence with each rank's first

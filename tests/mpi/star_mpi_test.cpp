@@ -11,7 +11,7 @@
 #include "backend/backend.h"
 #include "comm/communicator.h"
 #include "mpi_gtest_main.h"
-#include "../unit/serve_requests.h"
+#include "engine_generate.h"
 #include "../unit/tiny_tokenizer.h"
 #include "engine/serving_engine.h"
 #include "star/local_attention.h"
@@ -334,37 +334,7 @@ std::vector<int32_t> generate(std::span<const int32_t> ctx, std::span<const int3
   TinyModel& m = tiny();
   KvCache cache = m.make_cache();
   static const Tokenizer tokenizer = testing_engine::tiny_tokenizer(m.hp.n_vocab);
-  EngineContext ec;
-  ec.model = m.model.get();
-  ec.cache = &cache;
-  ec.comm = g_comm;
-  ec.tokenizer = &tokenizer;
-  ec.max_context = 4096;
-  std::vector<int32_t> tokens;
-  if (g_comm->rank() == 0) {
-    EngineRequest r;
-    r.context.assign(ctx.begin(), ctx.end());
-    r.query.assign(qry.begin(), qry.end());
-    r.mode = plan.mode;
-    r.block_size = plan.block_size;
-    r.anchor_size = plan.anchor_size;
-    r.sampling.temperature = 0.0f;
-    r.sampling.max_tokens = 12;
-    r.sampling.ignore_eos = true;
-    ServingEngine engine(ec);
-    std::vector<testing_engine::ServedRequest> out;
-    EXPECT_TRUE(testing_engine::serve_requests(engine, {r}, &out).ok());
-    EXPECT_TRUE(out[0].error.ok()) << out[0].error.to_string();
-    tokens = out[0].tokens;
-  } else {
-    EXPECT_TRUE(run_worker(ec).ok());
-  }
-  int64_t n = static_cast<int64_t>(tokens.size());
-  EXPECT_TRUE(g_comm->broadcast(&n, sizeof(n), 0).ok());
-  tokens.resize(n);
-  if (n > 0) EXPECT_TRUE(g_comm->broadcast(tokens.data(), n * sizeof(int32_t), 0).ok());
-  EXPECT_EQ(cache.pages_free(), cache.pages_total()) << "KV pages leaked on rank " << g_comm->rank();
-  return tokens;
+  return testing_engine::generate_greedy(*m.model, cache, *g_comm, tokenizer, ctx, qry, plan, 12, 4096);
 }
 
 TEST(StarExactness, GreedyTokensStarOneBlockEqualGlobal) {

@@ -24,22 +24,16 @@
 #include "model/layers.h"
 #include "star/context_encoder.h"
 #include "star/local_attention.h"
+#include "family_golden.h"
 #include "forwarding_backend.h"
 
 namespace starserve {
 namespace {
 
 using nlohmann::json;
+using namespace family_golden;
 
 constexpr const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi3_longrope"};
-
-std::string family_dir(const std::string& family) { return std::string(STARSERVE_GOLDEN_DIR) + "/" + family; }
-
-json read_golden(const std::string& family) {
-  std::ifstream in(family_dir(family) + "/golden.json");
-  EXPECT_TRUE(in.good()) << family;
-  return json::parse(in);
-}
 
 struct Loaded {
   std::unique_ptr<Backend> backend = make_cpu_backend();
@@ -71,12 +65,6 @@ std::unique_ptr<Loaded> load(const std::string& family, const std::string& forma
 KvCache make_cache(Model& model) {
   const ModelHParams& hp = model.hparams();
   return KvCache(model.backend(), {hp.n_layers, hp.n_kv_heads, hp.head_dim, 16, 64});
-}
-
-std::vector<int32_t> iota_from(int64_t n, int64_t start) {
-  std::vector<int32_t> p(n);
-  std::iota(p.begin(), p.end(), static_cast<int32_t>(start));
-  return p;
 }
 
 std::vector<int32_t> ids_of(const json& a) { return a.get<std::vector<int32_t>>(); }
@@ -111,19 +99,6 @@ std::vector<int32_t> greedy(Model& model, const std::vector<int32_t>& prompt, in
     pos = {p};
   }
   return out;
-}
-
-// Tolerance for our fp32 logits against transformers' fp32 logits from the same (float16-exact)
-// weights. Both compute in fp32 and differ only in summation order and in the transcendental
-// functions' last bits: a dot product of K <= 128 terms carries a relative error of about
-// sqrt(K) * 2^-24 ~ 1e-6, and 2-6 layers (with soft-capping's tanh, which only shrinks
-// differences) keep it at a few 1e-6 of the logit scale. 2e-5 of the largest |logit| (at least
-// 1e-4 absolute) is ten times that and still far below any real error: a wrong RoPE pairing, a
-// missing (1 + w), bias or window shifts logits by tenths to whole units.
-float logit_tolerance(const std::vector<float>& ref) {
-  float m = 0.0f;
-  for (float v : ref) m = std::max(m, std::abs(v));
-  return std::max(1e-4f, 2e-5f * m);
 }
 
 class FamilyGolden : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
@@ -206,14 +181,6 @@ TEST(Families, BothFormatsGiveTheSameHyperParameters) {
 
 // ---------------------------------------------------------------- attention modes
 
-std::vector<int32_t> random_tokens(int64_t n, uint32_t seed, int n_vocab) {
-  std::mt19937 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(0, n_vocab - 1);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = dist(rng);
-  return t;
-}
-
 // Context encoded in `plan`'s mode by ContextEncoder on one CPU rank, then the query through
 // Phase2Attention: the logits of every query position (n_query x n_vocab).
 std::vector<float> run_mode(Model& model, const std::vector<int32_t>& context, const std::vector<int32_t>& query,
@@ -235,13 +202,6 @@ std::vector<float> run_mode(Model& model, const std::vector<int32_t>& context, c
   std::vector<float> logits;
   EXPECT_TRUE(model.forward({&q, 1}, p2, &logits).ok());
   return logits;
-}
-
-float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
-  EXPECT_EQ(a.size(), b.size());
-  float m = 0.0f;
-  for (size_t i = 0; i < a.size() && i < b.size(); ++i) m = std::max(m, std::abs(a[i] - b[i]));
-  return m;
 }
 
 // Between our own modes only the order of fp32 sums differs (tiling, the LSE merge of segments),
