@@ -464,7 +464,8 @@ TEST(ModelGpuFamilies, WindowAndSoftcapStarMatchesCpu) {
   }
 }
 
-// The tiny family goldens (head_dim 16 or 32: the small-head attention kernel) on the GPU: each
+// The tiny family goldens (head_dim 16 or 32: the small-head attention kernel; phi3_longrope with
+// LongRoPE's long frequency set and attention factor) on the GPU: each
 // prompt's last-position logits against transformers' fp32 logits, then the golden greedy
 // continuation teacher-forced through decode steps (windows over cached keys). Tolerance: 4% of
 // the prompt's largest |logit| (kRelTol: bf16 weights and activations, 2^-9 relative per
@@ -544,7 +545,8 @@ TEST_P(FamilyGoldenGpu, LogitsAndGreedyMatchTransformers) {
 
 INSTANTIATE_TEST_SUITE_P(Families, FamilyGoldenGpu,
                          ::testing::Values(std::string("qwen2"), std::string("qwen3"), std::string("mistral"),
-                                           std::string("gemma2"), std::string("gemma3"), std::string("phi3")),
+                                           std::string("gemma2"), std::string("gemma3"), std::string("phi3"),
+                                           std::string("phi3_longrope")),
                          [](const auto& info) { return info.param; });
 
 }  // namespace

@@ -324,8 +324,9 @@ class CudaBackend final : public Backend {
   }
   // Every feature of BackendFeatures is here: the ops above, and the sliding window and logit
   // soft-capping inside every attention kernel (kernels/attention/attention.h).
-  // What stays refused lies outside BackendFeatures and is refused where the weights are read
-  // (Phi-3's LongRoPE scaling, for every backend).
+  // What stays refused lies outside BackendFeatures and is refused where the weights are read,
+  // for every backend (unsupported RoPE scalings and architectures: model/gguf_source.cpp,
+  // model/hf_source.cpp); attention head sizes above kSmallHeadMaxDim abort in partial_attention.
   Status check_features(const BackendFeatures&) const override { return Status(); }
 
   void partial_attention(const AttentionCall& c) override {
