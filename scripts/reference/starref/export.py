@@ -1,0 +1,90 @@
+"""Export a reference model to the Hugging Face layout starserve loads: model.safetensors, config.json,
+tokenizer.json and tokenizer_config.json in one folder.
+
+  python -m starref.export --run runs/kvshift --tokenizer corpus/tokenizer.json --out models/kvshift-4l
+
+Tensor names follow HF Llama (model.embed_tokens.weight, model.layers.N.self_attn.q_proj.weight, ...,
+model.norm.weight, lm_head.weight when untied). The variants add:
+  kvshift  model.layers.N.self_attn.k_shift and .v_shift, float32 [n_kv_heads, 2]: column 0 weighs the previous
+           token's raw k (v), column 1 the current token's; config.json model_type "kvshift_llama",
+           architectures ["KVShiftLlamaForCausalLM"].
+Weights are stored in float32 (the models are small; starserve converts on load).
+"""
+import argparse
+import json
+import os
+import shutil
+
+import torch
+
+from .data import EOT
+from .model import DecoderLM, ModelConfig
+
+MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "kvshift": ("kvshift_llama", "KVShiftLlamaForCausalLM")}
+
+
+def hf_state_dict(model: DecoderLM):
+    out = {}
+    for name, t in model.state_dict().items():
+        key = name if name.startswith("lm_head") else "model." + name
+        out[key] = t.detach().float().contiguous().cpu()
+    return out
+
+
+def hf_config(cfg: ModelConfig, eot_id):
+    model_type, arch = MODEL_TYPES[cfg.variant]
+    c = dict(architectures=[arch], model_type=model_type, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+             intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+             num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, hidden_act="silu",
+             max_position_embeddings=cfg.max_position, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+             tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False, torch_dtype="float32",
+             bos_token_id=eot_id, eos_token_id=eot_id)
+    if cfg.variant == "kvshift":
+        c["kv_shift"] = dict(layout="[num_key_value_heads, 2]; column 0 previous token, column 1 current token",
+                             applies_to="raw k and v after the projections, before RoPE")
+    return c
+
+
+def export(model: DecoderLM, tokenizer_json, out_dir):
+    from safetensors.torch import save_file
+
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    eot_id = None
+    if tokenizer_json:
+        shutil.copyfile(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
+        with open(tokenizer_json) as f:
+            added = json.load(f)["added_tokens"]
+        eot_id = next((t["id"] for t in added if t["content"] == EOT), None)
+        write_json(os.path.join(out_dir, "tokenizer_config.json"),
+                   dict(bos_token=EOT, eos_token=EOT, add_bos_token=True, add_eos_token=False,
+                        model_max_length=model.cfg.max_position))
+    write_json(os.path.join(out_dir, "config.json"), hf_config(model.cfg, eot_id))
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def load_run(run_dir, device="cpu"):
+    run = json.load(open(os.path.join(run_dir, "config.json")))
+    model = DecoderLM(ModelConfig.from_dict(run["model"]))
+    ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location=device)
+    model.load_state_dict(ck["model"])
+    return model.eval(), run
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="training output folder (config.json, ckpt.pt)")
+    ap.add_argument("--tokenizer", help="tokenizer.json of the corpus the model was trained on")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    model, _ = load_run(args.run)
+    export(model, args.tokenizer, args.out)
+    print(f"exported {args.run} -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
