@@ -169,10 +169,10 @@ StepState ServingEngine::step_state() const {
 }
 
 Status ServingEngine::broadcast_step(std::vector<int64_t>& words) {
-  SS_RETURN_IF_ERROR(broadcast_control(*ctx_.comm, words));
+  // The step counts as started before its broadcast: a worker stuck between steps blocks the broadcast itself.
   step_since_ns_ = Clock::now().time_since_epoch().count();
   ++steps_started_;
-  return Status();
+  return broadcast_control(*ctx_.comm, words);
 }
 
 EngineInfo ServingEngine::info() const {
@@ -482,15 +482,17 @@ Status run_worker(const EngineContext& ctx) {
   StepExecutor executor(*ctx.model, *ctx.cache, *ctx.comm);
   SS_RETURN_IF_ERROR(ctx.comm->barrier_idle());  // matches ServingEngine::run's: this rank has loaded
   std::vector<int64_t> msg;
-  int64_t completed = 0;
+  int64_t step = 0;
   while (true) {
     SS_RETURN_IF_ERROR(broadcast_control(*ctx.comm, msg));
     if (msg.empty()) return internal_error("empty control message from rank 0");
     if (static_cast<ControlCommand>(msg[0]) == ControlCommand::kStop) return Status();
+    ++step;
+    if (ctx.heartbeat) ctx.heartbeat->set_progress(progress_received(step));
     Status st = executor.execute(msg, nullptr);
     // Rank 0 fails the affected requests; a worker that cannot execute a step cannot stay in step.
     if (!st.ok()) return st;
-    if (ctx.heartbeat) ctx.heartbeat->set_progress(++completed);
+    if (ctx.heartbeat) ctx.heartbeat->set_progress(progress_completed(step));
   }
 }
 

@@ -27,11 +27,11 @@ std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& pe
     return fmt::format("{} (watchdog timeout {:g} s)", fmt::join(silent, "; "), timeout_s);
   }
   if (!rank0.in_step() || rank0.running_s <= timeout_s) return std::nullopt;
-  // Rank 0 is in step `started`; a rank that reports fewer than started - 1 completed steps never got to it.
+  // Rank 0 is in step `started` (counted before its broadcast): a rank that has not received it is stuck outside.
   std::vector<std::string> lagging;
   for (const PeerBeat& p : peers) {
-    if (p.progress < rank0.started - 1) {
-      lagging.push_back(fmt::format("{} has completed {} steps", where(p), p.progress));
+    if (p.progress < progress_received(rank0.started)) {
+      lagging.push_back(fmt::format("{} has not received it ({} steps completed)", where(p), p.progress / 2));
     }
   }
   if (lagging.empty()) return std::nullopt;

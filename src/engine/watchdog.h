@@ -1,8 +1,8 @@
 // Rank 0's watchdog: notices a rank that stopped answering. Its thread reads the heartbeats the other ranks send
 // (comm/communicator.h, Heartbeat) and rank 0's own step progress, and names
 //   - a rank whose last beat is older than the timeout (stopped, frozen, cut off: its heartbeat thread is silent),
-//   - or, when rank 0 has been inside one control step longer than the timeout, the ranks that have not completed
-//     the step before it (their heartbeat thread lives but their main thread is stuck).
+//   - or, when rank 0 has been inside one control step longer than the timeout, the ranks that have not received
+//     that step (their heartbeat thread lives but their main thread is stuck outside it).
 // A step that runs long on every rank (a long forward) is no hang and is not reported. On a diagnosis the watchdog
 // logs it and calls on_hang once, on its own thread (the main thread may be blocked inside MPI).
 #pragma once
@@ -29,6 +29,12 @@ struct StepState {
   double running_s = 0;   // how long the current step has run (0 when not in a step)
   bool in_step() const { return started > completed; }
 };
+
+// A worker's heartbeat progress: 2·s − 1 once it has received control step s (1-based), 2·s once it has
+// completed it. Rank 0 can then tell a rank that never took the current step (stuck between steps, its
+// heartbeat thread alive) from ranks that are all inside it.
+inline int64_t progress_received(int64_t step) { return 2 * step - 1; }
+inline int64_t progress_completed(int64_t step) { return 2 * step; }
 
 // The diagnosis, or nullopt when every rank answers. timeout_s > 0.
 std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& peers, const StepState& rank0,
