@@ -1,4 +1,5 @@
 #include "model/jinja.h"
+#include "model/tokenizer_unicode.h"
 
 #include <algorithm>
 #include <cmath>
@@ -767,24 +768,6 @@ struct Tok {
   int line = 0;
 };
 
-void append_utf8(std::string& out, uint32_t cp) {
-  if (cp < 0x80) {
-    out.push_back(static_cast<char>(cp));
-  } else if (cp < 0x800) {
-    out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else if (cp < 0x10000) {
-    out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  } else {
-    out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-    out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-  }
-}
-
 std::vector<Tok> tokenize(const std::string& s, int line) {
   std::vector<Tok> out;
   size_t i = 0;
@@ -874,16 +857,16 @@ std::vector<Tok> tokenize(const std::string& s, int line) {
           case '\'': t.text.push_back('\''); break;
           case '"': t.text.push_back('"'); break;
           case '\n': ++line; break;  // a line continuation
-          case 'x': append_utf8(t.text, hex(2)); break;
-          case 'u': append_utf8(t.text, hex(4)); break;
-          case 'U': append_utf8(t.text, hex(8)); break;
+          case 'x': tokenizer_unicode::append_utf8(hex(2), t.text); break;
+          case 'u': tokenizer_unicode::append_utf8(hex(4), t.text); break;
+          case 'U': tokenizer_unicode::append_utf8(hex(8), t.text); break;
           default:
             if (e >= '0' && e <= '7') {
               uint32_t v = static_cast<uint32_t>(e - '0');
               for (int k = 0; k < 2 && j + 1 < s.size() && s[j + 1] >= '0' && s[j + 1] <= '7'; ++k) {
                 v = v * 8 + static_cast<uint32_t>(s[++j] - '0');
               }
-              append_utf8(t.text, v);
+              tokenizer_unicode::append_utf8(v, t.text);
             } else {
               t.text.push_back('\\');
               t.text.push_back(e);
