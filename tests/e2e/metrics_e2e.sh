@@ -7,7 +7,6 @@
 set -uo pipefail
 BIN="$1" MODEL="$2"
 WORK="$(mktemp -d)"
-FAILS=0 PASSES=0
 SERVER_PID=""
 cleanup() {
   if [ -n "$SERVER_PID" ]; then
@@ -19,10 +18,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-pass() { echo "PASS: $1"; PASSES=$((PASSES + 1)); }
-fail() { echo "FAIL: $1"; FAILS=$((FAILS + 1)); }
-check() { if eval "$2"; then pass "$1"; else fail "$1"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/e2e_lib.sh"
 # A scrape: the body in $1, the HTTP status on stdout ("000" when curl got no answer within 10 s).
 scrape() { curl -s --max-time 10 -o "$1" -w '%{http_code}' "http://127.0.0.1:$MPORT/metrics"; }
 

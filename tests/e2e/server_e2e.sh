@@ -5,7 +5,6 @@
 set -uo pipefail
 BIN="$1" MODEL="$2"
 WORK="$(mktemp -d)"
-FAILS=0 PASSES=0
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
@@ -14,12 +13,8 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-export OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none
 
-pass() { echo "PASS: $1"; PASSES=$((PASSES + 1)); }
-fail() { echo "FAIL: $1"; FAILS=$((FAILS + 1)); }
-check() { if eval "$2"; then pass "$1"; else fail "$1"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/e2e_lib.sh"
 
 PORT=$(free_port) MPORT=$(free_port) KEY="e2e-key-$$"
 CTL=("$BIN/starctl" --address "127.0.0.1:$PORT" --api-key "$KEY" --timeout 300)

@@ -18,19 +18,14 @@ CASES=("$@")
 HERE="$(cd "$(dirname "$0")" && pwd)"
 WORK="$(mktemp -d)"
 read -r -a EXTRA_SERVER_ARGS <<<"${LIFECYCLE_SERVER_ARGS:-}"
-FAILS=0 PASSES=0
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -KILL "$p" 2>/dev/null; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-export OMPI_MCA_mpi_yield_when_idle=1 OMPI_MCA_btl=self,vader OMPI_MCA_btl_vader_single_copy_mechanism=none
 
-pass() { echo "PASS: $1"; PASSES=$((PASSES + 1)); }
-fail() { echo "FAIL: $1"; FAILS=$((FAILS + 1)); }
-check() { if eval "$2"; then pass "$1"; else fail "$1"; fi; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$(dirname "$0")/e2e_lib.sh"
 
 start() {
   local name="$1"
@@ -40,26 +35,6 @@ start() {
   MPI_PID=$!
   PIDS+=("$MPI_PID")
   CTL=("$BIN/starctl" --address "127.0.0.1:$PORT" --timeout 120)
-}
-wait_ready() {
-  for _ in $(seq 1 480); do
-    "${CTL[@]}" health --ready >/dev/null 2>&1 && return 0
-    kill -0 "$MPI_PID" 2>/dev/null || return 1
-    sleep 0.25
-  done
-  return 1
-}
-pid_of_rank() {
-  for p in $(pgrep -P "$MPI_PID"); do
-    if tr '\0' '\n' 2>/dev/null </proc/"$p"/environ | grep -qx "OMPI_COMM_WORLD_RANK=$1"; then echo "$p"; return; fi
-  done
-}
-wait_exit() {
-  RC=124
-  for _ in $(seq 1 $(($2 * 4))); do
-    if ! kill -0 "$1" 2>/dev/null; then wait "$1"; RC=$?; return; fi
-    sleep 0.25
-  done
 }
 wait_for() {  # wait_for FILE PATTERN: up to 120 s until FILE has a line matching PATTERN (empty: any text)
   for _ in $(seq 1 480); do
