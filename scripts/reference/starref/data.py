@@ -147,11 +147,28 @@ class TokenFile:
 
 
 def induction_batch(step, batch_size, half_len, vocab_size, seed, device, bos=0):
-    """Inputs [B, 2L] = [BOS, x, x[:-1]], targets [B, 2L] = [x, x]; mask of the scored targets (x_2..x_L of the copy)."""
+    """The induction task: a random segment x of length L = half_len appears twice in a row of random tokens, at
+    random places, so the distance between the copies (L to 2L) differs from row to row and no fixed relative
+    position finds the answer: predicting the copy needs the induction pattern (find the earlier occurrence of the
+    current token, read the token after it).
+
+    Row: [BOS, 3L random tokens] with x written at a in [1, L] and again at b in [a + L, 2L + 1]. Inputs are the
+    first 3L + 1 tokens, targets the next ones; scored are the targets x_2..x_L of the second copy (x_1 cannot be
+    predicted). Returns inputs, targets [B, 3L] and the mask of the scored targets.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    n = 3 * half_len + 1
+    seq = torch.randint(1, vocab_size, (batch_size, n), generator=g)
+    seq[:, 0] = bos
     x = torch.randint(1, vocab_size, (batch_size, half_len), generator=g)
-    seq = torch.cat([torch.full((batch_size, 1), bos), x, x], dim=1)
+    a = torch.randint(1, half_len + 1, (batch_size,), generator=g)
+    b = a + half_len + (torch.rand(batch_size, generator=g) * (2 * half_len + 2 - a - half_len)).long()
+    scored = torch.zeros(batch_size, n - 1, dtype=torch.bool)
+    cols = torch.arange(half_len)
+    for r in range(batch_size):
+        seq[r, a[r] + cols] = x[r]
+        seq[r, b[r] + cols] = x[r]
+        # target index j predicts seq[j + 1]; x_2..x_L of the copy sit at b + 1 .. b + L - 1
+        scored[r, b[r]:b[r] + half_len - 1] = True
     inp, tgt = seq[:, :-1], seq[:, 1:]
-    scored = torch.zeros_like(tgt, dtype=torch.bool)
-    scored[:, half_len + 1:] = True
     return inp.to(device), tgt.to(device), scored.to(device)

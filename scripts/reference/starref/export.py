@@ -8,7 +8,7 @@ model.norm.weight, lm_head.weight when untied). The variants add:
   kvshift  model.layers.N.self_attn.k_shift and .v_shift, float32 [n_kv_heads, 2]: column 0 weighs the previous
            token's raw k (v), column 1 the current token's; config.json model_type "kvshift_llama",
            architectures ["KVShiftLlamaForCausalLM"].
-Weights are stored in float32 (the models are small; starserve converts on load).
+Weights are stored in float32 unless --dtype says otherwise (the shift weights always in float32).
 """
 import argparse
 import json
@@ -23,11 +23,16 @@ from .model import DecoderLM, ModelConfig
 MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "kvshift": ("kvshift_llama", "KVShiftLlamaForCausalLM")}
 
 
-def hf_state_dict(model: DecoderLM):
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def hf_state_dict(model: DecoderLM, dtype=torch.float32):
+    """The HF-named tensors, stored in dtype except the [n_kv, 2] shift weights, which stay float32."""
     out = {}
     for name, t in model.state_dict().items():
         key = name if name.startswith("lm_head") else "model." + name
-        out[key] = t.detach().float().contiguous().cpu()
+        keep = name.endswith("_shift")
+        out[key] = t.detach().to(torch.float32 if keep else dtype).contiguous().cpu()
     return out
 
 
@@ -45,11 +50,11 @@ def hf_config(cfg: ModelConfig, eot_id):
     return c
 
 
-def export(model: DecoderLM, tokenizer_json, out_dir):
+def export(model: DecoderLM, tokenizer_json, out_dir, dtype="float32"):
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
-    save_file(hf_state_dict(model), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(hf_state_dict(model, DTYPES[dtype]), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     eot_id = None
     if tokenizer_json:
         shutil.copyfile(tokenizer_json, os.path.join(out_dir, "tokenizer.json"))
@@ -59,7 +64,9 @@ def export(model: DecoderLM, tokenizer_json, out_dir):
         write_json(os.path.join(out_dir, "tokenizer_config.json"),
                    dict(bos_token=EOT, eos_token=EOT, add_bos_token=True, add_eos_token=False,
                         model_max_length=model.cfg.max_position))
-    write_json(os.path.join(out_dir, "config.json"), hf_config(model.cfg, eot_id))
+    config = hf_config(model.cfg, eot_id)
+    config["torch_dtype"] = dtype
+    write_json(os.path.join(out_dir, "config.json"), config)
 
 
 def write_json(path, obj):
@@ -80,9 +87,11 @@ def main(argv=None):
     ap.add_argument("--run", required=True, help="training output folder (config.json, ckpt.pt)")
     ap.add_argument("--tokenizer", help="tokenizer.json of the corpus the model was trained on")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                    help="storage type of the weights (the shift weights stay float32); the served model is what is stored")
     args = ap.parse_args(argv)
     model, _ = load_run(args.run)
-    export(model, args.tokenizer, args.out)
+    export(model, args.tokenizer, args.out, args.dtype)
     print(f"exported {args.run} -> {args.out}")
 
 

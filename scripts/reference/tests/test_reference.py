@@ -15,8 +15,10 @@ import unittest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from starref.data import induction_batch  # noqa: E402
 from starref.export import export  # noqa: E402
 from starref.model import DecoderLM, ModelConfig  # noqa: E402
+from starref.star import star_encode, star_query  # noqa: E402
 
 
 def tiny(variant, **kw):
@@ -91,6 +93,45 @@ class ReferenceTest(unittest.TestCase):
             with torch.no_grad():
                 ref = hf(self.ids).logits
         torch.testing.assert_close(m(self.ids), ref, rtol=0, atol=2e-5)
+
+    def test_star_one_block_is_global(self):
+        ids = self.ids[0].tolist()
+        for variant in ("llama", "kvshift"):
+            m = DecoderLM(tiny(variant), seed=13).eval()
+            enc = star_encode(m, ids[:17], 17)
+            q, _, _ = star_query(m, enc, ids[17:])
+            with torch.no_grad():
+                full = m(self.ids[:1])[0]
+            torch.testing.assert_close(torch.cat([enc["logits"], q]), full, rtol=0, atol=2e-5, msg=variant)
+
+    def test_star_halo_is_the_true_predecessor(self):
+        # Blocks of 7: block 3 (tokens 14..20) sees the anchor (tokens 0..6) and itself. Its first token mixes with
+        # token 13, the true previous context token (the halo), so changing token 13 changes block 3 under KV
+        # shifting and leaves it alone in the baseline, where nothing of block 2 reaches block 3.
+        ids = self.ids[0].tolist()[:21]
+        other = list(ids)
+        other[13] = (ids[13] + 1) % 97
+        for variant, changes in (("kvshift", True), ("llama", False)):
+            m = DecoderLM(tiny(variant), seed=15).eval()
+            a, b = star_encode(m, ids, 7)["logits"], star_encode(m, other, 7)["logits"]
+            diff = (a[14:] - b[14:]).abs().max().item()
+            if changes:
+                self.assertGreater(diff, 1e-4, variant)
+            else:
+                self.assertEqual(diff, 0.0, variant)
+            torch.testing.assert_close(a[:13], b[:13], rtol=0, atol=0)
+
+    def test_induction_distance_varies(self):
+        x, y, scored = induction_batch(3, 16, 8, 50, 0, "cpu")
+        seq = torch.cat([x, y[:, -1:]], 1)
+        dists = set()
+        for r in range(16):
+            b = int(scored[r].nonzero()[0])  # the copy starts at b (its first token is not scored)
+            copy = seq[r, b:b + 8]
+            a = next(a for a in range(1, b - 7) if torch.equal(seq[r, a:a + 8], copy))
+            dists.add(b - a)
+        self.assertGreater(len(dists), 3)
+        self.assertTrue(all(8 <= d <= 16 for d in dists))
 
 
 if __name__ == "__main__":

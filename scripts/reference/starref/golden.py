@@ -1,0 +1,235 @@
+"""Goldens for starserve from the reference models (float32, CPU):
+
+  python -m starref.golden tiny --out tests/golden/kvshift
+      a tiny random-weight KV-shifting model (hf/config.json + hf/model.safetensors, small enough to commit) and
+      golden.json: last-position logits and per-token prompt log-probabilities of three prompts, 32-token greedy
+      continuations through the decode path, and Star Attention cases (phase-1 context log-probabilities, query
+      logits, greedy) with the one-token halo semantics of starref/star.py.
+  python -m starref.golden trained --models models --corpus CORPUS --out tests/golden/kvshift_6l/golden.json
+      the trained models/kvshift-6l and models/llama-6l (made by scripts/device/train_reference.sh, not committed):
+      the tokenizer's ids for a few texts, top-64 last logits, prompt log-probabilities, greedy continuations, the
+      validation perplexity over the first windows of CORPUS/val.bin, and a star case.
+
+golden.json layout (the family goldens' layout plus the additions):
+  prompts[]  {token_ids, last_logits (tiny) | top_logits [[id, logit]...] + logsumexp (trained), prompt_logprobs
+              (logprob of token_ids[t+1] after token_ids[..t], t = 0..n-2), max_abs_logit}
+  greedy[]   {prompt_ids, generated_ids, margins, min_margin}
+  star[]     {context_ids, query_ids, block, anchor, context_logprobs (over context+query[0], phase 1),
+              query_logprobs (query[t+1] after query[..t]), last_logits | top_logits, generated_ids, margins,
+              min_margin}
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+from .data import EOT, TokenFile
+from .export import export
+from .model import DecoderLM, ModelConfig
+from .star import star_encode, star_query, token_logprobs
+
+
+def versions():
+    import safetensors
+    return {"torch": torch.__version__, "safetensors": safetensors.__version__, "numpy": np.__version__,
+            "python": sys.version.split()[0]}
+
+
+def f32(x):
+    return float(np.float32(x))
+
+
+@torch.no_grad()
+def full_logits(model, ids):
+    return model(torch.tensor([ids]))[0]
+
+
+@torch.no_grad()
+def greedy(model, prompt, n_new):
+    """Greedy continuation through the decode path (prefill, then a token a step), with top-1 minus top-2 margins."""
+    caches = model.new_caches()
+    last = model(torch.tensor([prompt]), caches=caches)[0, -1]
+    out, margins = [], []
+    for _ in range(n_new):
+        top = torch.topk(last, 2).values
+        margins.append(f32(top[0] - top[1]))
+        t = int(torch.argmax(last))
+        out.append(t)
+        last = model(torch.tensor([[t]]), caches=caches)[0, -1]
+    return out, margins
+
+
+def top_logits(lg, k=64):
+    v, i = torch.topk(lg, k)
+    return [[int(a), f32(b)] for a, b in zip(i.tolist(), v.tolist())]
+
+
+def prompt_entry(model, ids, full):
+    lg = full_logits(model, ids)
+    e = {"token_ids": ids}
+    if full:
+        e["last_logits"] = [f32(v) for v in lg[-1].tolist()]
+    else:
+        e["top_logits"] = top_logits(lg[-1])
+        e["logsumexp"] = float(torch.logsumexp(lg[-1].double(), -1))
+    e["prompt_logprobs"] = [f32(v) for v in token_logprobs(lg, ids)]
+    e["max_abs_logit"] = f32(lg[-1].abs().max())
+    return e
+
+
+def star_entry(model, context, query, block, anchor, n_new, full):
+    enc = star_encode(model, context, block, anchor)
+    q_logits, gen, margins = star_query(model, enc, query, n_new)
+    ctx_lp = token_logprobs(torch.cat([enc["logits"], q_logits[:1]]), context + query[:1])
+    e = {"context_ids": context, "query_ids": query, "block": block, "anchor": anchor,
+         "context_logprobs": [f32(v) for v in ctx_lp],
+         "query_logprobs": [f32(v) for v in token_logprobs(q_logits, query)]}
+    if full:
+        e["last_logits"] = [f32(v) for v in q_logits[-1].tolist()]
+    else:
+        e["top_logits"] = top_logits(q_logits[-1])
+    e.update(generated_ids=gen, margins=[f32(m) for m in margins], min_margin=f32(min(margins)) if margins else None)
+    return e, enc, q_logits
+
+
+def check_star_block_covers_context(model, context, query):
+    """A block at least as long as the context is global attention (a self-check of star.py)."""
+    enc = star_encode(model, context, len(context))
+    q_logits, _, _ = star_query(model, enc, query)
+    ref = full_logits(model, context + query)
+    torch.testing.assert_close(enc["logits"], ref[:len(context)], rtol=0, atol=1e-4)
+    torch.testing.assert_close(q_logits, ref[len(context):], rtol=0, atol=1e-4)
+
+
+MIN_MARGIN = 0.02
+
+
+def make_tiny(out, base_seed=7001):
+    for seed in range(base_seed, base_seed + 50):
+        g = build_tiny(out, seed)
+        margins = [x["min_margin"] for x in g["greedy"] + g["star"] if x["min_margin"] is not None]
+        if min(margins) >= MIN_MARGIN:
+            print("tiny seed", seed, "min margins", margins)
+            return
+    raise SystemExit("no seed gives greedy margins >= %g" % MIN_MARGIN)
+
+
+def build_tiny(out, seed):
+    cfg = ModelConfig(vocab_size=256, d_model=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=128, max_position=512,
+                      variant="kvshift", tie_embeddings=False, init_std=0.25).validate()
+    model = DecoderLM(cfg, seed=seed).eval()
+    # Shift weights away from a convex mix (either column may be negative or above 1) so that errors in which
+    # column weighs which token show.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.layers:
+            for p in (layer.self_attn.k_shift, layer.self_attn.v_shift):
+                p.copy_(torch.rand(p.shape, generator=g) * 1.6 - 0.3)
+    export(model, None, os.path.join(out, "hf"))
+    rng = np.random.default_rng(seed)
+    prompts = [[int(t) for t in rng.integers(1, 256, n)] for n in (5, 37, 90)]
+    golden = {"model": "tiny kvshift (random weights)", "reference": "scripts/reference/starref (float32, CPU)",
+              "seed": seed, "versions": versions(), "dtype": "float32", "device": "cpu", "n_vocab": 256,
+              "config": cfg.to_dict(), "prompts": [], "greedy": [], "star": []}
+    for p in prompts:
+        golden["prompts"].append(prompt_entry(model, p, True))
+    for p in prompts[1:]:
+        gen, margins = greedy(model, p, 32)
+        golden["greedy"].append({"prompt_ids": p, "generated_ids": gen, "margins": margins,
+                                 "min_margin": min(margins)})
+    context = [int(t) for t in rng.integers(1, 256, 96)]
+    query = [int(t) for t in rng.integers(1, 256, 7)]
+    check_star_block_covers_context(model, context, query)
+    for block, anchor in ((32, 32), (24, 16), (40, 40), (96, 96)):
+        e, _, _ = star_entry(model, context, query, block, anchor, 16, True)
+        golden["star"].append(e)
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump(golden, f, indent=1)
+    return golden
+
+
+TEXTS = [
+    "The package manager installs, upgrades and removes software on a Debian system.",
+    "In Python, a list comprehension builds a new list from an iterable:",
+    "Perl's regular expressions match patterns in strings, and the substitution operator",
+]
+
+
+def make_trained(models, corpus, out_path, windows=4, seq=512):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(models, "kvshift-6l", "tokenizer.json"))
+    eot = tok.token_to_id(EOT)
+    val = TokenFile(os.path.join(corpus, "val.bin"))
+    golden = {"reference": "scripts/reference/starref (float32, CPU) on the stored bfloat16 weights",
+              "versions": versions(), "dtype": "float32", "device": "cpu", "eot_id": eot, "texts": TEXTS,
+              "models": {}}
+    for name in ("kvshift-6l", "llama-6l"):
+        model = load_exported(os.path.join(models, name))
+        entry = {"prompts": [], "greedy": [], "star": []}
+        for text in TEXTS:
+            ids = [eot] + tok.encode(text).ids
+            p = prompt_entry(model, ids, False)
+            p["text"] = text
+            entry["prompts"].append(p)
+            gen, margins = greedy(model, ids, 32)
+            entry["greedy"].append({"prompt_ids": ids, "generated_ids": gen, "generated_text": tok.decode(gen),
+                                    "margins": margins, "min_margin": min(margins)})
+        total, count = 0.0, 0
+        for i in range(windows):
+            w = [int(t) for t in val.ids[i * seq:i * seq + seq + 1]]
+            lp = token_logprobs(full_logits(model, w[:-1]), w)
+            total -= sum(lp)
+            count += len(lp)
+        # The windows as starref.train evaluate_lm scores them: seq inputs, the next seq tokens as targets.
+        entry["val"] = {"windows": windows, "seq": seq, "tokens": count, "nll": total / count,
+                        "ppl": math.exp(total / count)}
+        w = [int(t) for t in val.ids[:seq]]
+        e, _, _ = star_entry(model, w[:448], w[448:], 128, 128, 16, False)
+        entry["star"].append(e)
+        golden["models"][name] = entry
+        print(name, "val ppl", entry["val"]["ppl"], "greedy", entry["greedy"][0]["generated_text"][:60])
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(golden, f, indent=1)
+
+
+def load_exported(path):
+    """A model exported by starref.export (any stored dtype), as a float32 reference model."""
+    from safetensors.torch import load_file
+
+    c = json.load(open(os.path.join(path, "config.json")))
+    variant = "kvshift" if c["model_type"] == "kvshift_llama" else "llama"
+    cfg = ModelConfig(vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+                      n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"],
+                      ffn_dim=c["intermediate_size"], max_position=c["max_position_embeddings"],
+                      rope_theta=c["rope_theta"], norm_eps=c["rms_norm_eps"], tie_embeddings=c["tie_word_embeddings"],
+                      variant=variant).validate()
+    model = DecoderLM(cfg)
+    state = {(k if k.startswith("lm_head") else k[len("model."):]): v.float()
+             for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["tiny", "trained"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="models")
+    ap.add_argument("--corpus")
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)
+    if args.what == "tiny":
+        os.makedirs(args.out, exist_ok=True)
+        make_tiny(args.out)
+    else:
+        make_trained(args.models, args.corpus, args.out)
+
+
+if __name__ == "__main__":
+    main()
