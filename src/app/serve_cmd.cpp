@@ -113,7 +113,7 @@ int run_serve(const CommandLine& cl, int* argc, char*** argv) {
           if (ServingEngine* e = engine_ptr.load()) e->fail_all(why);
           server.set_unavailable();
           std::this_thread::sleep_for(kFailureDelivery);
-          log_error("ending the job (exit code {}): a rank stopped answering", kWatchdogExitCode);
+          log_error("ending the job (exit code {}): a rank stopped answering or failed a step", kWatchdogExitCode);
           rt.comm->abort_job(kWatchdogExitCode);
         });
     log_info("watchdog on: a rank silent for {} s ends the job", timeout_s);

@@ -31,10 +31,16 @@ struct PeerBeat {
   bool heard = false;    // at least one beat arrived
   double age_s = 0;      // seconds since its last beat (since start_heartbeat when none arrived yet)
   int64_t progress = 0;  // the value it last reported through Heartbeat::set_progress
+  // Seconds since the rank's main thread (the one that started the heartbeat) last ran, as its beats tell: each
+  // beat carries that thread's CPU time, and this counts from the beat where it last grew (from start_heartbeat
+  // when it never did). A main thread waiting inside a collective still runs (MPI spins or polls); one stopped
+  // (SIGSTOP, a debugger) or stuck in the kernel does not.
+  double main_still_s = 0;
 };
 
-// Liveness reports: every rank other than 0 sends rank 0 a beat (its progress value) every interval from a thread
-// of its own, on a communicator of its own, so beats flow while the main threads are blocked inside collectives.
+// Liveness reports: every rank other than 0 sends rank 0 a beat (its progress value and its main thread's CPU time)
+// every interval from a thread of its own, on a communicator of its own, so beats flow while the main threads are
+// blocked inside collectives.
 // Destroying it stops the thread (before the communicator is destroyed).
 class Heartbeat {
  public:
@@ -74,7 +80,8 @@ class Communicator {
   virtual Status broadcast_idle(void* data, size_t bytes, int root) { return broadcast(data, bytes, root); }
   virtual Status barrier_idle() { return barrier(); }
 
-  // Collective: starts this rank's heartbeat (see Heartbeat), a beat every `interval`. kUnimplemented where the
+  // Collective, on the main thread (whose CPU time the beats carry): starts this rank's heartbeat (see Heartbeat), a
+  // beat every `interval`. kUnimplemented where the
   // communicator cannot run one (one process; an MPI library without MPI_THREAD_MULTIPLE).
   virtual Result<std::unique_ptr<Heartbeat>> start_heartbeat(std::chrono::milliseconds /*interval*/) {
     return unimplemented("communicator '{}' has no heartbeat", name());

@@ -6,6 +6,9 @@
 #include <mutex>
 #include <thread>
 
+#include <pthread.h>
+#include <time.h>
+
 #include "comm/communicator.h"
 #include "common/check.h"
 
@@ -76,14 +79,18 @@ Status wait_without_spinning(MPI_Request* request, const char* what) {
 constexpr int kHeartbeatTag = 1;
 constexpr int kHostChars = 256;  // host names as gathered for the heartbeat, cut to this length
 
-// Workers send rank 0 {progress} every interval on a duplicate of the world; rank 0's thread receives them (any
-// source) and keeps the time and value of each rank's last one.
+// Workers send rank 0 {progress, main thread's CPU ns} every interval on a duplicate of the world; rank 0's thread
+// receives them (any source) and keeps the time and value of each rank's last one, and when its CPU time last grew.
+// Constructed on the main thread (the one whose CPU time is reported).
 class MpiHeartbeat final : public Heartbeat {
  public:
   MpiHeartbeat(MPI_Comm comm, int rank, std::vector<std::string> hosts, std::chrono::milliseconds interval)
       : comm_(comm), rank_(rank), interval_(interval), start_(Clock::now()) {
+    has_main_clock_ = pthread_getcpuclockid(pthread_self(), &main_clock_) == 0;
     peers_.resize(hosts.size());
     last_.assign(hosts.size(), start_);
+    ran_.assign(hosts.size(), start_);
+    cpu_ns_.assign(hosts.size(), -1);
     for (size_t r = 0; r < hosts.size(); ++r) {
       peers_[r].rank = static_cast<int>(r);
       peers_[r].host = std::move(hosts[r]);
@@ -100,11 +107,20 @@ class MpiHeartbeat final : public Heartbeat {
     std::lock_guard<std::mutex> lock(mu_);
     const Clock::time_point now = Clock::now();
     std::vector<PeerBeat> out(peers_.begin() + 1, peers_.end());
-    for (PeerBeat& p : out) p.age_s = std::chrono::duration<double>(now - last_[p.rank]).count();
+    for (PeerBeat& p : out) {
+      p.age_s = std::chrono::duration<double>(now - last_[p.rank]).count();
+      p.main_still_s = std::chrono::duration<double>(now - ran_[p.rank]).count();
+    }
     return out;
   }
 
  private:
+  // The main thread's CPU time in ns; -1 where the clock cannot be read (then it never counts as still).
+  int64_t main_cpu_ns() const {
+    timespec ts{};
+    if (!has_main_clock_ || clock_gettime(main_clock_, &ts) != 0) return -1;
+    return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+  }
   void send_loop() {
     MPI_Request pending = MPI_REQUEST_NULL;
     while (!stop_) {
@@ -112,8 +128,9 @@ class MpiHeartbeat final : public Heartbeat {
       if (pending != MPI_REQUEST_NULL) MPI_Test(&pending, &done, MPI_STATUS_IGNORE);
       // A beat still in flight (rank 0 not receiving) is not stacked with another.
       if (done) {
-        out_ = progress_.load();
-        MPI_Isend(&out_, 1, MPI_INT64_T, 0, kHeartbeatTag, comm_, &pending);
+        out_[0] = progress_.load();
+        out_[1] = main_cpu_ns();
+        MPI_Isend(out_, 2, MPI_INT64_T, 0, kHeartbeatTag, comm_, &pending);
       }
       for (auto slept = std::chrono::milliseconds(0); slept < interval_ && !stop_; slept += kPoll) {
         std::this_thread::sleep_for(kPoll);
@@ -123,9 +140,9 @@ class MpiHeartbeat final : public Heartbeat {
     if (pending != MPI_REQUEST_NULL) MPI_Request_free(&pending);
   }
   void receive_loop() {
-    int64_t in = 0;
+    int64_t in[2] = {0, 0};
     MPI_Request request = MPI_REQUEST_NULL;
-    MPI_Irecv(&in, 1, MPI_INT64_T, MPI_ANY_SOURCE, kHeartbeatTag, comm_, &request);
+    MPI_Irecv(in, 2, MPI_INT64_T, MPI_ANY_SOURCE, kHeartbeatTag, comm_, &request);
     while (!stop_) {
       int done = 0;
       MPI_Status status;
@@ -139,11 +156,14 @@ class MpiHeartbeat final : public Heartbeat {
         const int src = status.MPI_SOURCE;
         if (src > 0 && src < static_cast<int>(peers_.size())) {
           peers_[src].heard = true;
-          peers_[src].progress = in;
+          peers_[src].progress = in[0];
           last_[src] = Clock::now();
+          // An unreadable clock (-1) keeps the rank counted as running.
+          if (in[1] < 0 || in[1] != cpu_ns_[src]) ran_[src] = last_[src];
+          cpu_ns_[src] = in[1];
         }
       }
-      MPI_Irecv(&in, 1, MPI_INT64_T, MPI_ANY_SOURCE, kHeartbeatTag, comm_, &request);
+      MPI_Irecv(in, 2, MPI_INT64_T, MPI_ANY_SOURCE, kHeartbeatTag, comm_, &request);
     }
     if (request != MPI_REQUEST_NULL) {
       MPI_Cancel(&request);
@@ -158,10 +178,14 @@ class MpiHeartbeat final : public Heartbeat {
   const Clock::time_point start_;
   std::atomic<bool> stop_{false};
   std::atomic<int64_t> progress_{0};
-  int64_t out_ = 0;  // the beat being sent (send thread)
+  clockid_t main_clock_{};
+  bool has_main_clock_ = false;
+  int64_t out_[2] = {0, 0};  // the beat being sent (send thread): progress, main thread's CPU ns
   mutable std::mutex mu_;
   std::vector<PeerBeat> peers_;         // guarded by mu_; index = rank
   std::vector<Clock::time_point> last_;  // guarded by mu_: each rank's last beat (start_ until one arrives)
+  std::vector<Clock::time_point> ran_;   // guarded by mu_: the beat where its main thread's CPU time last grew
+  std::vector<int64_t> cpu_ns_;          // guarded by mu_: that CPU time, ns (-1 before the first beat)
   std::thread thread_;
 };
 

@@ -1,7 +1,9 @@
 #include "engine/serving_engine.h"
 
 #include <algorithm>
+#include <thread>
 
+#include "common/log.h"
 #include "star/partition.h"
 
 namespace starserve {
@@ -9,6 +11,11 @@ namespace starserve {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// A worker whose step failed ends the job with this code (MPI_Abort) ...
+constexpr int kStepFailedExitCode = 4;
+// ... after this long for rank 0's watchdog to hear of it (beats come every second) and fail the requests first.
+constexpr std::chrono::seconds kFailureReportWait{10};
 
 double ms_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
@@ -490,8 +497,18 @@ Status run_worker(const EngineContext& ctx) {
     ++step;
     if (ctx.heartbeat) ctx.heartbeat->set_progress(progress_received(step));
     Status st = executor.execute(msg, nullptr);
-    // Rank 0 fails the affected requests; a worker that cannot execute a step cannot stay in step.
-    if (!st.ok()) return st;
+    if (!st.ok()) {
+      // A worker that cannot execute a step cannot stay in step, and the others may wait for it inside a collective
+      // of that step. Rank 0's watchdog learns it from the heartbeat, fails the requests naming this rank and ends
+      // the job; where no watchdog runs (no heartbeat, or rank 0 does not end it in time) this rank ends it.
+      log_error("step {} failed on this rank, ending the job: {}", step, st.to_string());
+      if (ctx.heartbeat) {
+        ctx.heartbeat->set_progress(progress_failed(step));
+        std::this_thread::sleep_for(kFailureReportWait);
+      }
+      ctx.comm->abort_job(kStepFailedExitCode);
+      return st;
+    }
     if (ctx.heartbeat) ctx.heartbeat->set_progress(progress_completed(step));
   }
 }

@@ -26,12 +26,27 @@ std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& pe
   if (!silent.empty()) {
     return fmt::format("{} (watchdog timeout {:g} s)", fmt::join(silent, "; "), timeout_s);
   }
+  std::vector<std::string> failed;
+  for (const PeerBeat& p : peers) {
+    if (p.progress < 0) failed.push_back(fmt::format("{} failed step {} (its log has the error)", where(p), -p.progress));
+  }
+  if (!failed.empty()) return fmt::format("{}", fmt::join(failed, "; "));
   if (!rank0.in_step() || rank0.running_s <= timeout_s) return std::nullopt;
   // Rank 0 is in step `started` (counted before its broadcast): a rank that has not received it is stuck outside.
   std::vector<std::string> lagging;
   for (const PeerBeat& p : peers) {
     if (p.progress < progress_received(rank0.started)) {
       lagging.push_back(fmt::format("{} has not received it ({} steps completed)", where(p), p.progress / 2));
+    }
+  }
+  if (lagging.empty()) {
+    // Every rank has the step. One whose main thread stopped running inside it holds the others, which wait for it
+    // inside a collective (and run while they wait).
+    for (const PeerBeat& p : peers) {
+      if (p.main_still_s > timeout_s) {
+        lagging.push_back(fmt::format("{} has received it but its main thread has not run for {:.1f} s", where(p),
+                                      p.main_still_s));
+      }
     }
   }
   if (lagging.empty()) return std::nullopt;

@@ -1,10 +1,15 @@
 // Rank 0's watchdog: notices a rank that stopped answering. Its thread reads the heartbeats the other ranks send
 // (comm/communicator.h, Heartbeat) and rank 0's own step progress, and names
 //   - a rank whose last beat is older than the timeout (stopped, frozen, cut off: its heartbeat thread is silent),
+//   - a rank that reports it failed a step (progress_failed: its forward returned an error, so it cannot stay in
+//     step with the others), at once,
 //   - or, when rank 0 has been inside one control step longer than the timeout, the ranks that have not received
-//     that step (their heartbeat thread lives but their main thread is stuck outside it).
-// A step that runs long on every rank (a long forward) is no hang and is not reported. On a diagnosis the watchdog
-// logs it and calls on_hang once, on its own thread (the main thread may be blocked inside MPI).
+//     that step (their heartbeat thread lives but their main thread is stuck outside it), else the ranks whose
+//     main thread has not run for the timeout (PeerBeat::main_still_s: stopped inside the step, while the others
+//     wait for it inside a collective, where their main threads still run).
+// A step that runs long while every rank's main thread runs (a long forward) is no hang and is not reported. On a
+// diagnosis the watchdog logs it and calls on_hang once, on its own thread (the main thread may be blocked inside
+// MPI).
 #pragma once
 
 #include <atomic>
@@ -35,6 +40,8 @@ struct StepState {
 // heartbeat thread alive) from ranks that are all inside it.
 inline int64_t progress_received(int64_t step) { return 2 * step - 1; }
 inline int64_t progress_completed(int64_t step) { return 2 * step; }
+// A worker whose step s failed reports −s (negative: no step count is).
+inline int64_t progress_failed(int64_t step) { return -step; }
 
 // The diagnosis, or nullopt when every rank answers. timeout_s > 0.
 std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& peers, const StepState& rank0,

@@ -112,8 +112,9 @@ run() {
     '[ $mpi_rc != 0 ] && [ $mpi_rc != 124 ]'
 }
 
-# The cases to run (default both): "idle" is detected every time; "step" (frozen inside a step, where every rank
-# is inside the step and a long forward looks the same) is detected only when the freeze falls between steps.
+# The cases to run (default both). "idle": rank 0 names the rank that has not received the step; "step": every rank
+# has the step, and rank 0 names the one whose main thread has stopped running (the heartbeat carries its CPU time)
+# while the others wait for it inside a collective.
 for c in "${CASES[@]}"; do run "$c" "$c"; done
 
 echo "$PASSES passed, $FAILS failed"

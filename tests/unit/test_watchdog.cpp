@@ -47,5 +47,43 @@ TEST(Watchdog, LongStepNamesOnlyTheRanksThatLag) {
   EXPECT_FALSE(diagnose_silent_ranks({beat(1, 0.5, in12), beat(2, 0.5, done11)}, StepState{12, 11, 2}, 3));
 }
 
+// Every rank has the step: one whose main thread has not run for the timeout is named (frozen inside the step);
+// ranks whose main threads run (computing, or waiting inside a collective) are a long step, not a hang.
+TEST(Watchdog, InsideAStepNamesTheRankWhoseMainThreadStopped) {
+  const int64_t in12 = progress_received(12);
+  PeerBeat running = beat(1, 0.5, in12), frozen = beat(2, 0.5, in12);
+  running.main_still_s = 0.8;
+  frozen.main_still_s = 9.5;
+  const auto d = diagnose_silent_ranks({running, frozen}, StepState{12, 11, 10}, 3);
+  ASSERT_TRUE(d);
+  EXPECT_NE(d->find("step 12"), std::string::npos) << *d;
+  EXPECT_NE(d->find("rank 2 (host node2) has received it but its main thread has not run for 9.5 s"),
+            std::string::npos)
+      << *d;
+  EXPECT_EQ(d->find("rank 1"), std::string::npos) << *d;
+  // Rank 0 not yet in the step for the timeout: nothing yet, however long the thread has not run (idle ranks).
+  EXPECT_FALSE(diagnose_silent_ranks({running, frozen}, StepState{12, 11, 2}, 3));
+  EXPECT_FALSE(diagnose_silent_ranks({running, frozen}, StepState{11, 11, 0}, 3));
+  // Both run: a long forward.
+  frozen.main_still_s = 1.0;
+  EXPECT_FALSE(diagnose_silent_ranks({running, frozen}, StepState{12, 11, 10}, 3));
+  // A rank that has not received the step is named as such, not as frozen inside it.
+  PeerBeat behind = beat(2, 0.5, progress_completed(11));
+  behind.main_still_s = 9.5;
+  const auto b = diagnose_silent_ranks({running, behind}, StepState{12, 11, 10}, 3);
+  ASSERT_TRUE(b);
+  EXPECT_NE(b->find("rank 2 (host node2) has not received it"), std::string::npos) << *b;
+}
+
+// A worker that failed a step is named at once, with the step, without waiting for the timeout.
+TEST(Watchdog, NamesARankThatFailedAStepAtOnce) {
+  const auto d = diagnose_silent_ranks({beat(1, 0.5, progress_received(7)), beat(2, 0.2, progress_failed(7))},
+                                       StepState{7, 6, 0.1}, 30);
+  ASSERT_TRUE(d);
+  EXPECT_NE(d->find("rank 2 (host node2) failed step 7"), std::string::npos) << *d;
+  EXPECT_EQ(d->find("rank 1"), std::string::npos) << *d;
+  EXPECT_FALSE(diagnose_silent_ranks({beat(1, 0.5, progress_completed(7))}, StepState{7, 7, 0}, 30));
+}
+
 }  // namespace
 }  // namespace starserve
