@@ -45,6 +45,9 @@ void add_common(CLI::App* app, Config& c) {
   app->add_option("--query-tail", c.star.query_tail, "plain prompts: tokens treated as the query (0 = default rule)");
   app->add_option("--prefill-chunk-tokens", c.scheduler.prefill_chunk_tokens,
                   "chunked prefill: a phase-1 step does about this many tokens' work (0 = off)");
+  app->add_option("--max-batch-tokens", c.scheduler.max_batch_tokens,
+                  "tokens of work per step, shared by the decodes and the phase-1 steps of several prompts "
+                  "(0 = no budget: every prompt still encoding takes a step)");
   app->add_option("--kv-page-size", c.scheduler.kv_page_size, "tokens per KV page");
   app->add_option("--kv-memory-mb", c.scheduler.kv_memory_mb, "KV cache budget per rank, MiB");
   app->add_option("--log-level", c.log.level, "trace | debug | info | warn | error");
@@ -125,7 +128,7 @@ std::string describe_config(const Config& c) {
       "model.path={} model.chat_template={} model.max_context={} parallel.backend={} parallel.prefill_kernel={} "
       "parallel.cuda_graphs={} star.mode={} "
       "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.prefill_chunk_tokens={} "
-      "scheduler.kv_page_size={} "
+      "scheduler.max_batch_tokens={} scheduler.kv_page_size={} "
       "scheduler.kv_memory_mb={} server.watchdog_timeout_s={} server.shutdown_grace_s={} log.level={}",
       c.model.path,
       !c.model.chat_template_file.empty() ? c.model.chat_template_file
@@ -133,7 +136,7 @@ std::string describe_config(const Config& c) {
                                           : c.model.chat_template,
       c.model.max_context,
       c.parallel.backend, c.parallel.prefill_kernel, c.parallel.cuda_graphs ? "on" : "off", attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
-      c.scheduler.prefill_chunk_tokens,
+      c.scheduler.prefill_chunk_tokens, c.scheduler.max_batch_tokens,
       c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.server.watchdog_timeout_s, c.server.shutdown_grace_s,
       c.log.level);
 }

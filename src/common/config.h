@@ -36,7 +36,8 @@ struct StarConfig {
 };
 
 struct SchedulerConfig {
-  int max_batch_tokens = 2048;      // tokens per forward step (prefill chunks + decodes)
+  int max_batch_tokens = 2048;      // tokens of work per step: the running decodes, then the phase-1 steps of
+                                    // several prompts in admission order (engine/scheduler.h); 0 = no budget
   int prefill_chunk_tokens = 512;   // chunked prefill: a phase-1 step does about this many tokens' work
                                     // (longer blocks split by layers, engine/scheduler.h); 0 = off
   int max_running = 16;             // sequences decoded together

@@ -10,6 +10,11 @@ int prefill_layers_per_chunk(int n_layers, int64_t chunk_tokens, int64_t block_t
   return static_cast<int>(std::clamp<int64_t>(layers, 1, n_layers));
 }
 
+int64_t prefill_step_tokens(int n_layers, int layers_per_chunk, int64_t block_tokens) {
+  if (layers_per_chunk <= 0 || n_layers <= 0 || layers_per_chunk >= n_layers) return block_tokens;
+  return (block_tokens * layers_per_chunk + n_layers - 1) / n_layers;
+}
+
 KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size,
                    int chunks_per_block) {
   auto pages_for = [&](int64_t n) { return (n + page_size - 1) / page_size; };
@@ -68,10 +73,15 @@ std::vector<RequestId> Scheduler::admit() {
   return out;
 }
 
-std::vector<std::pair<RequestId, int>> Scheduler::encode_batch() const {
+std::vector<std::pair<RequestId, int>> Scheduler::encode_batch(int64_t decode_tokens) const {
   std::vector<std::pair<RequestId, int>> out;
+  const bool budgeted = config_.max_batch_tokens > 0;
+  int64_t left = config_.max_batch_tokens - decode_tokens;
   for (const auto& [id, r] : running_) {
-    if (!r.finished && r.encode_done < r.demand.encode_steps) out.emplace_back(id, r.encode_done);
+    if (r.finished || r.encode_done >= r.demand.encode_steps) continue;
+    if (budgeted && !out.empty() && r.demand.step_tokens > left) continue;
+    out.emplace_back(id, r.encode_done);
+    left -= r.demand.step_tokens;
   }
   return out;
 }

@@ -27,6 +27,7 @@ using RequestId = uint64_t;
 struct KvDemand {
   int64_t pages = 0;     // KV pages on the rank that needs most
   int encode_steps = 0;  // phase-1 steps: the most blocks any rank encodes (exact: 1 with context)
+  int64_t step_tokens = 0;  // the work of one of its phase-1 steps, in tokens (prefill_step_tokens)
 };
 
 // The peak pages on the busiest rank. A rank holds its context share throughout; during phase 1 a
@@ -51,6 +52,11 @@ KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_a
 // chunk_tokens, or chunk_tokens 0).
 int prefill_layers_per_chunk(int n_layers, int64_t chunk_tokens, int64_t block_tokens);
 
+// The work of one phase-1 step in tokens (a token through every layer counts 1): the longest block's tokens times
+// the share of the layers a step runs, block_tokens x layers_per_chunk / n_layers, rounded up (about
+// chunk_tokens); the whole block when unchunked (layers_per_chunk 0).
+int64_t prefill_step_tokens(int n_layers, int layers_per_chunk, int64_t block_tokens);
+
 class Scheduler {
  public:
   Scheduler(const SchedulerConfig& config, int64_t pages_total);
@@ -62,10 +68,18 @@ class Scheduler {
   // Moves waiting requests into the running set while they fit; returns them in admission order.
   std::vector<RequestId> admit();
   // A step's work over the running requests that have not finished, in increasing request id:
-  // first one phase-1 step for each request still encoding, as (request, its k-th step); then,
+  // first phase-1 steps, as (request, its k-th step), at most one per request still encoding; then,
   // once encoded() has recorded those, one decode forward over every request whose phase 1 is
   // complete (a request whose last phase-1 step just ran takes its query in the same step).
-  std::vector<std::pair<RequestId, int>> encode_batch() const;
+  // The phase-1 steps share the step's token budget (SchedulerConfig::max_batch_tokens, as vLLM's
+  // max_num_batched_tokens) with the decodes: decode_tokens (what the running decodes will forward) come
+  // first, then requests in admission order take a step while its step_tokens fit what is left; one that
+  // does not fit waits while later, smaller ones may still fill the budget. The oldest request still
+  // encoding always takes its step, so phase 1 progresses whatever the decodes take. Requests that arrive
+  // together are thus encoded together in about total / budget steps, and a long one, cut into chunks of
+  // about prefill_chunk_tokens, takes one chunk per step: a running stream waits at most about one budget's
+  // worth of prefill between two tokens. max_batch_tokens <= 0: no budget (every request takes its step).
+  std::vector<std::pair<RequestId, int>> encode_batch(int64_t decode_tokens = 0) const;
   std::vector<RequestId> decode_batch() const;
   // After a step ran: one phase-1 step of `id` is done; returns true when its phase 1 is complete.
   bool encoded(RequestId id);

@@ -104,9 +104,10 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
     if (plan.mode != AttentionMode::kExact) longest = std::max(longest, b.size());
   }
   a->layers_per_chunk = prefill_layers_per_chunk(hp.n_layers, ctx_.scheduler.prefill_chunk_tokens, longest);
-  const KvDemand demand = kv_demand(layout, plan.mode,
+  KvDemand demand = kv_demand(layout, plan.mode,
                                     static_cast<int64_t>(a->req.query.size()) + a->req.sampling.max_tokens,
                                     ctx_.cache->shape().page_size, executor_->chunks_per_block(a->layers_per_chunk));
+  demand.step_tokens = prefill_step_tokens(hp.n_layers, a->layers_per_chunk, longest);
   a->sink = std::make_shared<Sink>();
   a->sink->fn = std::move(on_event);
   a->submitted = Clock::now();
@@ -351,11 +352,16 @@ Status ServingEngine::step() {
   }
   publish_stats();
 
-  // 4. One phase-1 step for every request still encoding (interleaved with decode below).
+  // 4. Phase-1 steps of the requests still encoding, as many as the step's token budget leaves after the
+  //    running decodes (engine/scheduler.h), interleaved with the decode step below.
   std::vector<std::pair<RequestId, int>> encoding;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    encoding = scheduler_.encode_batch();
+    int64_t decode_tokens = 0;
+    for (RequestId id : scheduler_.decode_batch()) {
+      decode_tokens += static_cast<int64_t>(active_.at(id)->next_tokens.size());
+    }
+    encoding = scheduler_.encode_batch(decode_tokens);
   }
   if (!encoding.empty()) {
     ControlMessage msg(ControlCommand::kEncode);

@@ -2,9 +2,10 @@
 // (`starserve generate` submits one request and stops; `serve` submits from gRPC threads).
 //
 // Rank 0 (ServingEngine::run) owns the requests and the Scheduler (engine/scheduler.h). Each
-// iteration it releases what finished, admits what fits, then runs one phase-1 step for every
-// request still encoding and one decode forward over every request whose context is encoded, so
-// running requests keep streaming while new contexts are encoded. Each step goes to the workers
+// iteration it releases what finished, admits what fits, then runs the phase-1 steps that the
+// iteration's token budget leaves after the running decodes (Scheduler::encode_batch) and one decode
+// forward over every request whose context is encoded, so running requests keep streaming while new
+// contexts are encoded. Each step goes to the workers
 // (run_worker) through the control protocol (engine/control.h) and every rank executes it.
 // Requests that do not fit wait in a bounded queue (RESOURCE_EXHAUSTED beyond it, or when they
 // could never fit).

@@ -178,5 +178,96 @@ TEST(Scheduler, StepsEncodeThenDecodeWhatIsEncoded) {
   EXPECT_EQ(s.pages_free(), 98);
 }
 
+TEST(ChunkedPrefill, StepTokensAreTheChunksShareOfTheBlock) {
+  EXPECT_EQ(prefill_step_tokens(30, 0, 48), 48);      // unchunked: the whole block
+  EXPECT_EQ(prefill_step_tokens(30, 8, 2048), 547);   // 2048 x 8 / 30, rounded up: about a 512-token chunk
+  EXPECT_EQ(prefill_step_tokens(30, 30, 2048), 2048);
+}
+
+SchedulerConfig budget_config(int max_batch_tokens) {
+  SchedulerConfig c = config(64, 64);
+  c.max_batch_tokens = max_batch_tokens;
+  return c;
+}
+
+// Runs phase-1 steps until every request's phase 1 is complete, each step with `decode_tokens` decoding;
+// returns the steps, each the requests that took part.
+std::vector<std::vector<RequestId>> encode_all(Scheduler& s, int64_t decode_tokens = 0) {
+  std::vector<std::vector<RequestId>> steps;
+  for (auto batch = s.encode_batch(decode_tokens); !batch.empty(); batch = s.encode_batch(decode_tokens)) {
+    steps.emplace_back();
+    for (const auto& [id, k] : batch) {
+      steps.back().push_back(id);
+      s.encoded(id);
+    }
+  }
+  return steps;
+}
+
+// Short prompts that arrive together share steps: ceil(total tokens / budget) of them, not one each.
+TEST(Scheduler, PromptsArrivingTogetherShareTheStepBudget) {
+  for (const int n : {1, 4, 10, 64}) {
+    Scheduler s(budget_config(256), 1000);
+    for (RequestId id = 1; id <= static_cast<RequestId>(n); ++id) ASSERT_TRUE(s.enqueue(id, {1, 1, 64}).ok());
+    ASSERT_EQ(s.admit().size(), static_cast<size_t>(n));
+    const auto steps = encode_all(s);
+    EXPECT_EQ(steps.size(), static_cast<size_t>((n * 64 + 255) / 256)) << n << " prompts";
+    EXPECT_EQ(steps.front().front(), 1u);  // admission order
+    for (const auto& step : steps) EXPECT_LE(step.size(), 4u);
+    EXPECT_TRUE(s.encode_batch().empty());
+    EXPECT_EQ(s.decode_batch().size(), static_cast<size_t>(n));
+  }
+}
+
+// The running decodes take their tokens of the budget first; the oldest prompt still progresses when they
+// take it all.
+TEST(Scheduler, DecodesTakeTheBudgetFirst) {
+  Scheduler s(budget_config(256), 1000);
+  for (RequestId id = 1; id <= 4; ++id) ASSERT_TRUE(s.enqueue(id, {1, 1, 64}).ok());
+  ASSERT_EQ(s.admit().size(), 4u);
+  EXPECT_EQ(encode_all(s, 128).size(), 2u);  // 128 left per step: two prompts each
+  Scheduler busy(budget_config(256), 1000);
+  for (RequestId id = 1; id <= 3; ++id) ASSERT_TRUE(busy.enqueue(id, {1, 1, 64}).ok());
+  ASSERT_EQ(busy.admit().size(), 3u);
+  const auto steps = encode_all(busy, 300);  // more decode tokens than the budget
+  ASSERT_EQ(steps.size(), 3u);
+  EXPECT_EQ(steps[0], std::vector<RequestId>{1});
+  EXPECT_EQ(steps[2], std::vector<RequestId>{3});
+}
+
+// A long prompt is still cut: one chunk per step, however large the budget; two long prompts with a budget of one
+// chunk alternate, so each step does one chunk's work; a short one fills what a chunk leaves.
+TEST(Scheduler, LongPromptsStayChunkedUnderTheBudget) {
+  Scheduler s(budget_config(2048), 1000);
+  ASSERT_TRUE(s.enqueue(1, {1, 8, 512}).ok());  // 8 chunks of ~512 tokens' work
+  ASSERT_EQ(s.admit().size(), 1u);
+  EXPECT_EQ(encode_all(s).size(), 8u);
+
+  Scheduler tight(budget_config(512), 1000);
+  ASSERT_TRUE(tight.enqueue(1, {1, 3, 512}).ok());
+  ASSERT_TRUE(tight.enqueue(2, {1, 3, 512}).ok());
+  ASSERT_EQ(tight.admit().size(), 2u);
+  const auto steps = encode_all(tight);
+  ASSERT_EQ(steps.size(), 6u);
+  for (const auto& step : steps) EXPECT_EQ(step.size(), 1u);
+  EXPECT_EQ(steps[0], std::vector<RequestId>{1});
+
+  Scheduler mixed(budget_config(600), 1000);
+  ASSERT_TRUE(mixed.enqueue(1, {1, 2, 512}).ok());
+  ASSERT_TRUE(mixed.enqueue(2, {1, 2, 512}).ok());  // does not fit beside 1: waits
+  ASSERT_TRUE(mixed.enqueue(3, {1, 1, 64}).ok());   // fits beside 1
+  ASSERT_EQ(mixed.admit().size(), 3u);
+  using Steps = std::vector<std::pair<RequestId, int>>;
+  EXPECT_EQ(mixed.encode_batch(), (Steps{{1, 0}, {3, 0}}));
+}
+
+// No budget (0): every request still encoding takes its step, as without the budget.
+TEST(Scheduler, NoBudgetEncodesEveryPromptInOneStep) {
+  Scheduler s(budget_config(0), 1000);
+  for (RequestId id = 1; id <= 10; ++id) ASSERT_TRUE(s.enqueue(id, {1, 1, 4096}).ok());
+  ASSERT_EQ(s.admit().size(), 10u);
+  EXPECT_EQ(encode_all(s).size(), 1u);
+}
+
 }  // namespace
 }  // namespace starserve
