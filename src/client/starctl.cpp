@@ -10,6 +10,7 @@
 // Generated text goes to stdout; usage, timing, entropy and logprobs go to stderr so stdout can be piped.
 // Exit status: 0 success, 1 the RPC failed (the gRPC status is printed), 2 bad command line or unreadable file.
 #include <cctype>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -56,6 +57,7 @@ struct GenerationOptions {
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
   int logprobs = 0;
+  int prompt_logprobs = 0;
   bool echo = false;
   std::string attention;
   int block_size = 0, anchor_size = 0;
@@ -179,6 +181,7 @@ v1::GenerationParams make_params(const GenerationOptions& g) {
   for (int32_t id : g.stop_token_ids) p.add_stop_token_ids(id);
   if (g.ignore_eos) p.set_ignore_eos(true);
   if (g.has("--logprobs")) p.set_logprobs(g.logprobs);
+  if (g.has("--prompt-logprobs")) p.set_prompt_logprobs(g.prompt_logprobs);
   p.set_attention_mode(parse_mode(g.attention));
   if (g.has("--block-size")) p.set_block_size(g.block_size);
   if (g.has("--anchor-size")) p.set_anchor_size(g.anchor_size);
@@ -243,6 +246,22 @@ void print_logprobs(const v1::Logprobs& lp) {
     fmt::print(stderr, "logprob {:>8.4f}  {:>6}  {:?}", e.logprob(), e.token_id(), e.token());
     for (const v1::TopLogprob& t : e.top_logprobs()) fmt::print(stderr, "  | {:?} {:.3f}", t.token(), t.logprob());
     fmt::print(stderr, "\n");
+  }
+}
+
+// The prompt's tokens after the first with their logprobs, then their sum and the perplexity exp(-mean).
+void print_prompt_logprobs(const v1::PromptLogprobs& lp) {
+  double sum = 0;
+  for (const v1::LogprobEntry& e : lp.content()) {
+    sum += e.logprob();
+    fmt::print(stderr, "prompt logprob {:>8.4f}  {:>6}  {:?}", e.logprob(), e.token_id(), e.token());
+    for (const v1::TopLogprob& t : e.top_logprobs()) fmt::print(stderr, "  | {:?} {:.3f}", t.token(), t.logprob());
+    fmt::print(stderr, "\n");
+  }
+  const int n = lp.content_size();
+  if (n > 0) {
+    fmt::print(stderr, "[prompt] {} scored tokens, sum logprob {:.4f}, perplexity {:.4f}\n", n, sum,
+               std::exp(-sum / n));
   }
 }
 
@@ -314,6 +333,7 @@ int run_generation(const ConnectionOptions& c, const GenerationOptions& given, R
       std::fwrite(t.data(), 1, t.size(), stdout);
       std::fflush(stdout);
       if (choice.has_logprobs()) print_logprobs(choice.logprobs());
+      if (choice.has_prompt_logprobs()) print_prompt_logprobs(choice.prompt_logprobs());
     }
     last = m;
   });
@@ -498,6 +518,8 @@ void add_generation_flags(CLI::App* cmd, GenerationOptions* g, bool completion) 
   cmd->add_option("--stop-token-id", g->stop_token_ids, "stop token id (repeatable)");
   cmd->add_flag("--ignore-eos", g->ignore_eos);
   tracked("--logprobs", g->logprobs, "report the top-N logprobs per token (stderr)");
+  tracked("--prompt-logprobs", g->prompt_logprobs,
+          "report each prompt token's logprob with the top-N alternatives, and the prompt's perplexity (stderr)");
   cmd->add_option("--attention", g->attention, "global | exact | star (default: the server's)");
   tracked("--block-size", g->block_size, "context block size in tokens");
   tracked("--anchor-size", g->anchor_size, "anchor size in tokens (0 = none)");

@@ -1,14 +1,16 @@
 #include "engine/control.h"
 
+#include <algorithm>
+#include <cstring>
 #include <numeric>
 
 namespace starserve {
 
 void ControlMessage::add_admit(SeqId id, const ContextPlan& plan, int layers_per_chunk,
-                               std::span<const int32_t> context) {
+                               std::span<const int32_t> context, int prompt_logprobs, int32_t after_context) {
   begin_entry();
   words_.insert(words_.end(), {static_cast<int64_t>(id), static_cast<int64_t>(plan.mode), plan.block_size,
-                               plan.anchor_size, plan.n_blocks, layers_per_chunk,
+                               plan.anchor_size, plan.n_blocks, layers_per_chunk, prompt_logprobs, after_context,
                                static_cast<int64_t>(context.size())});
   words_.insert(words_.end(), context.begin(), context.end());
 }
@@ -72,9 +74,15 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
         plan.anchor_size = static_cast<int>(m[i++]);
         plan.n_blocks = static_cast<int>(m[i++]);
         s.layers_per_chunk = static_cast<int>(m[i++]);
+        s.prompt_top_k = static_cast<int>(m[i++]);
+        const int32_t after_context = static_cast<int32_t>(m[i++]);
         const int64_t n_ctx = m[i++];
         s.context.assign(m.begin() + i, m.begin() + i + n_ctx);
         i += n_ctx;
+        if (s.prompt_top_k >= 0 && n_ctx > 0) {
+          s.next.assign(s.context.begin() + 1, s.context.end());
+          s.next.push_back(after_context);
+        }
         SS_ASSIGN_OR_RETURN(s.layout, encoder_.layout_for(n_ctx, plan));
         seqs_[id] = std::move(s);
       }
@@ -87,10 +95,12 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
         // Step `step` of phase 1: chunk c of block k (exact: chunk c of the one collective forward).
         const int per_block = encoder_.chunks_per_block(s.layers_per_chunk);
         const int k = step / per_block, c = step % per_block;
+        const ContextScoring scoring{s.next, s.prompt_top_k, &s.scores};
+        const ContextScoring* score = s.prompt_top_k >= 0 ? &scoring : nullptr;
         if (s.mode == AttentionMode::kExact) {
-          SS_RETURN_IF_ERROR(encoder_.encode_exact(id, s.context, s.layout, c, s.layers_per_chunk));
+          SS_RETURN_IF_ERROR(encoder_.encode_exact(id, s.context, s.layout, c, s.layers_per_chunk, score));
         } else if (k < static_cast<int>(s.layout.blocks_of(comm_.rank()).size())) {
-          SS_RETURN_IF_ERROR(encoder_.encode_block(id, s.context, s.layout, k, c, s.layers_per_chunk));
+          SS_RETURN_IF_ERROR(encoder_.encode_block(id, s.context, s.layout, k, c, s.layers_per_chunk, score));
         } else {
           SS_RETURN_IF_ERROR(encoder_.join_block(id, s.layout, k, c, s.layers_per_chunk));
         }
@@ -98,7 +108,8 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
       }
       return Status();
     case ControlCommand::kDecode: {
-      std::vector<std::vector<int32_t>> tokens(n), positions(n);
+      std::vector<std::vector<int32_t>> tokens(n), positions(n), targets(n);
+      std::vector<ScoreRequest> scores(n);
       std::vector<BatchSeq> batch(n);
       for (int64_t r = 0; r < n; ++r) {
         const SeqId id = m[i++];
@@ -108,6 +119,18 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
         positions[r].resize(count);
         std::iota(positions[r].begin(), positions[r].end(), static_cast<int32_t>(start));
         Seq& s = seqs_.at(id);
+        batch[r] = BatchSeq{id, tokens[r], positions[r], false};
+        if (!s.registered && s.prompt_top_k >= 0) {
+          // Phase 1's scores to rank 0, which scores the query itself: query token j is followed by
+          // j + 1; the last one's successor is the first generated token, not part of the prompt.
+          SS_RETURN_IF_ERROR(gather_scores(s));
+          if (comm_.rank() == 0) {
+            targets[r].assign(tokens[r].begin() + 1, tokens[r].end());
+            targets[r].push_back(-1);
+            scores[r] = ScoreRequest{targets[r], s.prompt_top_k, &s.scores};
+            batch[r].scores = &scores[r];
+          }
+        }
         if (!s.registered) {
           encoder_.finish(id);  // phase 1 over: drop the anchor's scratch KV
           // Under a sliding window a context-only rank places its keys by their first position.
@@ -116,8 +139,9 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
           s.registered = true;
           s.context.clear();
           s.context.shrink_to_fit();
+          s.next.clear();
+          s.next.shrink_to_fit();
         }
-        batch[r] = BatchSeq{id, tokens[r], positions[r], false};
       }
       if (comm_.rank() == 0 && !rows.empty()) return model_.forward_sample(batch, phase2_, rows, sampled);
       return model_.forward(batch, phase2_, comm_.rank() == 0 ? logits : nullptr);
@@ -133,6 +157,69 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
       return Status();
   }
   return internal_error("unknown control command {}", static_cast<int64_t>(cmd));
+}
+
+Status StepExecutor::gather_scores(Seq& s) {
+  // Fixed-size entries of int64 words: position, target, logprob bits, then top_k (token, logprob
+  // bits) pairs (token -1 where a vocabulary has fewer than top_k tokens), padded to the longest rank.
+  const auto bits = [](float f) {
+    uint32_t u = 0;
+    std::memcpy(&u, &f, sizeof(u));
+    return static_cast<int64_t>(u);
+  };
+  const auto value = [](int64_t w) {
+    const auto u = static_cast<uint32_t>(w);
+    float f = 0.0f;
+    std::memcpy(&f, &u, sizeof(f));
+    return f;
+  };
+  const int64_t k = s.prompt_top_k;
+  const int64_t words = 3 + 2 * k;
+  const int world = comm_.world_size();
+  const int64_t mine = static_cast<int64_t>(s.scores.size());
+  std::vector<int64_t> counts(world);
+  SS_RETURN_IF_ERROR(comm_.all_gather(&mine, counts.data(), sizeof(int64_t)));
+  const int64_t longest = *std::max_element(counts.begin(), counts.end());
+  std::vector<int64_t> send(static_cast<size_t>(longest * words), -1);
+  for (int64_t e = 0; e < mine; ++e) {
+    const ScoredToken& t = s.scores[e];
+    int64_t* w = send.data() + e * words;
+    w[0] = t.position;
+    w[1] = t.target;
+    w[2] = bits(t.logprob);
+    for (size_t j = 0; j < t.top.size() && static_cast<int64_t>(j) < k; ++j) {
+      w[3 + 2 * j] = t.top[j].token;
+      w[4 + 2 * j] = bits(t.top[j].logprob);
+    }
+  }
+  std::vector<int64_t> recv(static_cast<size_t>(longest * words * world));
+  if (longest > 0) {
+    SS_RETURN_IF_ERROR(comm_.all_gather(send.data(), recv.data(), static_cast<size_t>(longest * words) * 8));
+  }
+  s.scores.clear();
+  if (comm_.rank() != 0) return Status();
+  for (int r = 0; r < world; ++r) {
+    for (int64_t e = 0; e < counts[r]; ++e) {
+      const int64_t* w = recv.data() + (r * longest + e) * words;
+      ScoredToken t;
+      t.position = w[0];
+      t.target = static_cast<int32_t>(w[1]);
+      t.logprob = value(w[2]);
+      for (int64_t j = 0; j < k && w[3 + 2 * j] >= 0; ++j) {
+        t.top.push_back({static_cast<int32_t>(w[3 + 2 * j]), value(w[4 + 2 * j])});
+      }
+      s.scores.push_back(std::move(t));
+    }
+  }
+  std::stable_sort(s.scores.begin(), s.scores.end(),
+                   [](const ScoredToken& a, const ScoredToken& b) { return a.position < b.position; });
+  return Status();
+}
+
+std::vector<ScoredToken> StepExecutor::take_prompt_scores(SeqId id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return {};
+  return std::move(it->second.scores);
 }
 
 }  // namespace starserve

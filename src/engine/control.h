@@ -3,15 +3,18 @@
 // same message with its StepExecutor (SPMD: ranks never decide on their own, so they stay in step).
 //
 // Commands (first word), then the entry count, then the entries:
-//   ADMIT   (id, mode, block_size, anchor_size, n_blocks, layers_per_chunk, n_context, context
-//           tokens...) per request: every rank records the request and derives the same layout;
+//   ADMIT   (id, mode, block_size, anchor_size, n_blocks, layers_per_chunk, prompt_logprobs, after_context,
+//           n_context, context tokens...) per request: every rank records the request and derives the same
+//           layout; prompt_logprobs >= 0 asks for prompt log-probabilities with that many alternatives
+//           (-1: none), after_context is the token after the context (the query's first);
 //   ENCODE  (id, s) per request: its s-th phase-1 step on every rank: chunk s % C of block s / C,
 //           where C = chunks per block (ContextEncoder::chunks_per_block of layers_per_chunk; a
 //           chunk is a range of layers, see engine/scheduler.h); exact mode: chunk s of the one
 //           collective forward;
 //   DECODE  (id, first position, n, tokens...) per request: one forward over the batch, the query of
 //           requests just encoded and one token for each running request; Phase2Attention merges
-//           across ranks once per layer;
+//           across ranks once per layer. A request's first DECODE also gathers its phase-1 prompt
+//           log-probabilities (each rank scored its own blocks) on rank 0, which scores the query;
 //   RELEASE (id) per request: every rank frees its KV;
 //   STOP    no entries: the workers return.
 #pragma once
@@ -34,7 +37,8 @@ enum class ControlCommand : int64_t { kStop = 1, kAdmit, kEncode, kDecode, kRele
 class ControlMessage {
  public:
   explicit ControlMessage(ControlCommand cmd) : words_{static_cast<int64_t>(cmd), 0} {}
-  void add_admit(SeqId id, const ContextPlan& plan, int layers_per_chunk, std::span<const int32_t> context);
+  void add_admit(SeqId id, const ContextPlan& plan, int layers_per_chunk, std::span<const int32_t> context,
+                 int prompt_logprobs = -1, int32_t after_context = -1);
   void add_encode(SeqId id, int k);
   void add_decode(SeqId id, int64_t first_position, std::span<const int32_t> tokens);
   void add_release(SeqId id);
@@ -67,6 +71,9 @@ class StepExecutor {
   // Chunks of each block's forward for a request admitted with layers_per_chunk.
   int chunks_per_block(int layers_per_chunk) const { return encoder_.chunks_per_block(layers_per_chunk); }
   Phase2Attention& phase2() { return phase2_; }
+  // Rank 0, after a request's first DECODE: its prompt log-probabilities, one per prompt token after
+  // the first, in order (position p scores token p + 1); empty when it asked for none. Moves them out.
+  std::vector<ScoredToken> take_prompt_scores(SeqId id);
 
  private:
   struct Seq {
@@ -75,7 +82,12 @@ class StepExecutor {
     std::vector<int32_t> context;
     int layers_per_chunk = 0;  // 0: each block's forward in one step
     bool registered = false;
+    int prompt_top_k = -1;            // prompt log-probabilities: alternatives per token; -1 = none
+    std::vector<int32_t> next;        // the token after each context position (ContextScoring::next)
+    std::vector<ScoredToken> scores;  // this rank's phase-1 scores; rank 0 after the first DECODE: all
   };
+  // Every rank's phase-1 scores of s to rank 0, in position order (a collective of every rank).
+  Status gather_scores(Seq& s);
   Status execute_command(const std::vector<int64_t>& msg, std::vector<float>* logits, std::span<const SampleRow> rows,
                          std::span<int32_t> sampled);
 

@@ -36,6 +36,11 @@ struct EngineRequest {
   int anchor_size = -1;          // -1 = server default
   int n_blocks = 0;              // > 0: blocks of ceil(n_context / n_blocks) tokens, overriding block_size
   bool return_entropy = false;   // per-layer/head mean entropy of the query and generated tokens
+  // Prompt log-probabilities with this many alternatives per token, in [0, kMaxLogprobs] (unset:
+  // none): for every prompt token after the first, its logprob given the tokens before it, from
+  // the model's own distribution (no penalties, no temperature). Context tokens are scored where
+  // phase 1 encodes them (star: under block-local attention with the anchor), the query in phase 2.
+  std::optional<int> prompt_logprobs;
   std::optional<std::chrono::steady_clock::time_point> deadline;
 };
 
@@ -63,6 +68,9 @@ struct EngineEvent {
   EngineUsage usage;                 // kFinished
   EngineTiming timing;               // kFinished
   std::optional<EntropyStats> entropy;  // kFinished, when requested
+  // kFinished, when requested (EngineRequest::prompt_logprobs) and the prompt went through the
+  // model: one per prompt token after the first, in order (token = that prompt token).
+  std::vector<TokenLogprobs> prompt_logprobs;
 };
 
 using EngineEventFn = std::function<void(const EngineEvent&)>;

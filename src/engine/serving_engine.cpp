@@ -37,6 +37,7 @@ struct ServingEngine::Active {
   std::vector<int32_t> next_tokens;
   std::unique_ptr<TextController> controller;
   std::optional<EntropyStats> entropy;
+  std::vector<TokenLogprobs> prompt_logprobs;  // filled by the first decode step when requested
   Clock::time_point submitted, phase1_start, phase1_end, first_token;
   int64_t n_generated = 0;
   bool done = false;
@@ -66,6 +67,9 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
   if (stopping_ || draining_) return unavailable("the server is shutting down");
   const ModelHParams& hp = ctx_.model->hparams();
   SS_RETURN_IF_ERROR(request.sampling.validate(hp.n_vocab));
+  if (request.prompt_logprobs && (*request.prompt_logprobs < 0 || *request.prompt_logprobs > kMaxLogprobs)) {
+    return invalid_argument("prompt_logprobs = {} must be in [0, {}]", *request.prompt_logprobs, kMaxLogprobs);
+  }
   if (request.query.empty()) return invalid_argument("the query is empty (at least one token is needed)");
   if (request.split_prompt) {
     // A plain prompt: the last query_tail tokens are the query (phase 2), the rest the context.
@@ -241,6 +245,7 @@ void ServingEngine::finish(Active& a, FinishReason reason, Status error) {
     if (a.n_generated > 1 && decode_s > 0) ev.timing.tokens_per_second = (a.n_generated - 1) / decode_s;
   }
   ev.entropy = a.entropy;
+  ev.prompt_logprobs = std::move(a.prompt_logprobs);
   a.sink->deliver(ev);
 }
 
@@ -338,7 +343,7 @@ Status ServingEngine::step() {
     a->admitted = true;
     a->phase1_start = Clock::now();
     admit.add_admit(static_cast<SeqId>(id), {a->req.mode, a->req.block_size, a->req.anchor_size, a->req.n_blocks},
-                    a->layers_per_chunk, a->req.context);
+                    a->layers_per_chunk, a->req.context, a->req.prompt_logprobs.value_or(-1), a->req.query.front());
   }
   if (!admit.empty()) {
     SS_RETURN_IF_ERROR(broadcast_step(admit.words()));
@@ -423,6 +428,12 @@ Status ServingEngine::step() {
   const int n_vocab = ctx_.model->hparams().n_vocab;
   for (size_t r = 0; r < decoding.size(); ++r) {
     Active& a = *decoding[r];
+    if (!a.prefilled && a.req.prompt_logprobs) {
+      for (ScoredToken& t : executor_->take_prompt_scores(static_cast<SeqId>(a.id))) {
+        a.prompt_logprobs.push_back(TokenLogprobs{t.target, t.logprob, {}});
+        for (const TopToken& top : t.top) a.prompt_logprobs.back().top.push_back({top.token, top.logprob});
+      }
+    }
     a.prefilled = true;
     a.position += static_cast<int64_t>(a.next_tokens.size());
     const int32_t token =

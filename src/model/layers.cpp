@@ -368,6 +368,48 @@ void OutputHead::logits(Backend& backend, Tensor x, std::span<const BatchSeq> ba
   backend.matmul(*lg, sel, weight);
 }
 
+void DecoderModel::score_tokens(Tensor x, std::span<const BatchSeq> batch) {
+  const DType dt = backend_.compute_dtype();
+  const int64_t hidden = x.shape[1];
+  const int n_vocab = hp_.n_vocab;
+  const int64_t slice = score_slice_rows(n_vocab);
+  std::vector<float> host;
+  int64_t start = 0;
+  for (const BatchSeq& s : batch) {
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    if (s.scores != nullptr) {
+      const ScoreRequest& req = *s.scores;
+      SS_CHECK(static_cast<int64_t>(req.targets.size()) == n && req.out != nullptr,
+               "sequence {}: {} score targets for {} tokens", s.seq_id, req.targets.size(), n);
+      // Rows past the last one with a target need no logits.
+      int64_t end = n;
+      while (end > 0 && req.targets[end - 1] < 0) --end;
+      for (int64_t r0 = 0; r0 < end; r0 += slice) {
+        const int64_t rows = std::min(slice, end - r0);
+        DeviceBuffer sel_buf = backend_.alloc(static_cast<size_t>(rows * hidden) * dtype_size(dt));
+        const Tensor sel = sel_buf.view(dt, {rows, hidden});
+        backend_.copy(sel, x.slice_rows(start + r0, rows));
+        head_.norm.apply(backend_, sel, sel);
+        DeviceBuffer lg_buf = backend_.alloc(static_cast<size_t>(rows * n_vocab) * dtype_size(dt));
+        const Tensor lg = lg_buf.view(dt, {rows, n_vocab});
+        backend_.matmul(lg, sel, head_.weight);
+        finish_logits(lg);
+        host.resize(static_cast<size_t>(rows * n_vocab));
+        backend_.download_f32(host.data(), lg);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int32_t target = req.targets[r0 + r];
+          if (target < 0) continue;
+          ScoredToken t;
+          t.position = s.positions[r0 + r];
+          score_logits_row(std::span<const float>(host.data() + r * n_vocab, n_vocab), target, req.top_k, &t);
+          req.out->push_back(std::move(t));
+        }
+      }
+    }
+    start += n;
+  }
+}
+
 // ---------------------------------------------------------------- decoder layers
 
 Result<DecoderLayerWeights> DecoderLayerWeights::load(WeightStore& store, const std::string& p, const ModelHParams& hp,
@@ -428,6 +470,7 @@ Status DecoderModel::run(std::span<const BatchSeq> batch, AttentionHandler& attn
   embed(flat, x);
   SS_RETURN_IF_ERROR(layers(batch, attn, flat, 0, hp_.n_layers, x, buf));
   attn.end_forward(batch);
+  score_tokens(x, batch);
   if (!want_logits) return Status();
   head_.logits(backend_, x, batch, flat.n_out, hp_.n_vocab, lg_buf, lg);
   finish_logits(*lg);
@@ -482,13 +525,16 @@ Status DecoderModel::forward_layers(std::span<const BatchSeq> batch, AttentionHa
   ++state->calls;
   if (last == hp_.n_layers) {
     attn.end_forward(batch);
+    score_tokens(x, batch);
     state->x.reset();
   }
   return Status();
 }
 
 GraphStepScope::GraphStepScope(Backend& backend, const FlatBatch& flat, std::span<const BatchSeq> batch) {
-  if (flat.n_tokens() == static_cast<int64_t>(batch.size())) {
+  // Scoring downloads logits in the middle of the forward, which a captured graph cannot hold.
+  const bool scores = std::any_of(batch.begin(), batch.end(), [](const BatchSeq& s) { return s.scores != nullptr; });
+  if (flat.n_tokens() == static_cast<int64_t>(batch.size()) && !scores) {
     backend_ = &backend;
     backend.begin_graph_step();
   }

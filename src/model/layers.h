@@ -231,6 +231,10 @@ class DecoderModel : public Model {
   virtual void finish_logits(Tensor lg) { (void)lg; }
   // Whether a call of n_tokens takes the fused path (ModelOptions::fused_max_tokens).
   bool fused(int64_t n_tokens) const { return n_tokens <= options_.fused_max_tokens; }
+  // The scores the batch's sequences ask for (BatchSeq::scores) from the final residual stream x
+  // (T, hidden): output head and finish_logits on slices of score_slice_rows rows, downloaded and
+  // scored on the host.
+  void score_tokens(Tensor x, std::span<const BatchSeq> batch);
 
   // token_embd.weight and the output head (output_norm, output.weight or the tied embedding).
   Status load_embedding_and_head();

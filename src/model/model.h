@@ -10,6 +10,7 @@
 #include "backend/backend.h"
 #include "common/status.h"
 #include "model/hparams.h"
+#include "model/token_scores.h"
 #include "model/weight_source.h"
 
 namespace starserve {
@@ -22,6 +23,9 @@ struct BatchSeq {
   std::span<const int32_t> tokens;
   std::span<const int32_t> positions;
   bool all_logits = false;  // logits for every token (true) or only the last (false)
+  // When set, the forward also scores the sequence's tokens (model/token_scores.h): forward,
+  // forward_sample, and the forward_layers call that runs the last layer. Host memory of the caller.
+  const ScoreRequest* scores = nullptr;
 };
 
 // Where attention happens. The architecture computes q, k, v (RoPE applied) for all tokens of the

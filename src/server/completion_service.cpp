@@ -57,10 +57,14 @@ void append_tokens(const std::vector<EngineEvent>& tokens, const Tokenizer& tok,
   }
 }
 
-// Usage (the context/query split as the engine made it), timing and entropy: from the engine's finish event.
+// Usage (the context/query split as the engine made it), timing, entropy and the prompt's log-probabilities (on
+// the response's one choice): from the engine's finish event.
 template <typename Response>
-void fill_tail(const EngineEvent& finished, Clock::time_point rpc_start, Response* r) {
+void fill_tail(const EngineEvent& finished, const Tokenizer& tok, Clock::time_point rpc_start, Response* r) {
   fill_usage(finished.usage, r->mutable_usage());
+  if (!finished.prompt_logprobs.empty()) {
+    fill_prompt_logprobs(finished.prompt_logprobs, tok, r->mutable_choices(0)->mutable_prompt_logprobs());
+  }
   fill_timing(finished.timing, 1000.0 * seconds_between(rpc_start, Clock::now()), r->mutable_timing());
   if (finished.entropy && finished.entropy->enabled()) fill_entropy(*finished.entropy, r->mutable_attention_entropy());
 }
@@ -337,7 +341,7 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
   auto* c = begin(last, kStream ? stream_created : unix_seconds());
   if (!kStream || !text.empty()) set_text(c, std::move(text));
   c->set_finish_reason(to_proto(finished.finish));
-  fill_tail(finished, start, last);
+  fill_tail(finished, tokenizer(), start, last);
   if constexpr (kStream) {
     if (!out->Write(*last)) return stream_closed();
   }

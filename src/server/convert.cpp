@@ -42,6 +42,10 @@ Status check_params(const v1::GenerationParams& g, const RequestLimits& limits) 
                               limits.max_stop_string_bytes);
     }
   }
+  if (g.has_prompt_logprobs() && (g.prompt_logprobs() < 0 || g.prompt_logprobs() > kMaxLogprobs)) {
+    return invalid_argument("prompt_logprobs = {} must be in [0, {}] (max_logprobs)", g.prompt_logprobs(),
+                            kMaxLogprobs);
+  }
   return Status();
 }
 
@@ -106,6 +110,15 @@ Status apply_params(const v1::GenerationParams& g, int64_t n_prompt, int default
     out->anchor_size = g.anchor_size();
   }
   out->return_entropy = g.has_return_attention_entropy() && g.return_attention_entropy();
+  if (g.has_prompt_logprobs()) {
+    const int64_t bound = max_prompt_logprob_bytes(n_prompt, g.prompt_logprobs(), limits.max_token_bytes);
+    if (limits.max_message_bytes > 0 && bound > limits.max_message_bytes) {
+      return invalid_argument("prompt_logprobs = {} for a prompt of {} tokens may need {} bytes; the server's "
+                              "max_message_bytes is {} (fewer alternatives or a shorter prompt fit)",
+                              g.prompt_logprobs(), n_prompt, bound, limits.max_message_bytes);
+    }
+    out->prompt_logprobs = g.prompt_logprobs();
+  }
   return Status();
 }
 
@@ -323,6 +336,7 @@ RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& 
   l.max_prompt_tokens = config.max_prompt_tokens > 0 ? config.max_prompt_tokens : info.max_context;
   if (info.max_context > 0 && l.max_prompt_tokens > 0) l.max_prompt_tokens = std::min(l.max_prompt_tokens, info.max_context);
   l.max_token_bytes = std::max(1, max_token_bytes);
+  l.max_message_bytes = config.max_message_bytes;
   if (l.max_prompt_tokens > 0) l.max_prompt_bytes = int64_t{l.max_prompt_tokens} * l.max_token_bytes;
   l.max_tokens_limit = std::min(config.max_tokens_limit, kMaxMaxTokens);
   l.max_stop_strings = std::min(config.max_stop_strings, kMaxStopStrings);
@@ -431,7 +445,8 @@ void fill_entropy(const EntropyStats& entropy, v1::AttentionEntropy* out) {
   }
 }
 
-void append_logprobs(const TokenLogprobs& logprobs, const Tokenizer& tokenizer, v1::Logprobs* out) {
+namespace {
+void fill_logprob_entry(const TokenLogprobs& logprobs, const Tokenizer& tokenizer, v1::LogprobEntry* e) {
   // Proto strings must be valid UTF-8 and a token may hold part of a character: `token` is the lossy text,
   // `bytes` the exact bytes.
   const auto fill = [&tokenizer](int32_t id, auto* entry) {
@@ -442,7 +457,6 @@ void append_logprobs(const TokenLogprobs& logprobs, const Tokenizer& tokenizer, 
     entry->set_token(std::move(text));
     entry->set_bytes(bytes);
   };
-  v1::LogprobEntry* e = out->add_content();
   fill(logprobs.token, e);
   e->set_logprob(logprobs.logprob);
   for (const TokenLogprob& t : logprobs.top) {
@@ -450,6 +464,24 @@ void append_logprobs(const TokenLogprobs& logprobs, const Tokenizer& tokenizer, 
     fill(t.token, top);
     top->set_logprob(t.logprob);
   }
+}
+}  // namespace
+
+void append_logprobs(const TokenLogprobs& logprobs, const Tokenizer& tokenizer, v1::Logprobs* out) {
+  fill_logprob_entry(logprobs, tokenizer, out->add_content());
+}
+
+void fill_prompt_logprobs(const std::vector<TokenLogprobs>& logprobs, const Tokenizer& tokenizer,
+                          v1::PromptLogprobs* out) {
+  out->mutable_content()->Reserve(static_cast<int>(logprobs.size()));
+  for (const TokenLogprobs& lp : logprobs) fill_logprob_entry(lp, tokenizer, out->add_content());
+}
+
+int64_t max_prompt_logprob_bytes(int64_t n_prompt, int top_n, int max_token_bytes) {
+  // One value: token_id (1 + 5), token (1 + 3 + 3 L), bytes (1 + 3 + L), logprob (1 + 4), its message header
+  // (1 + 3): 22 + 4 L bytes for token lengths L below 2^21.
+  const int64_t value = 22 + 4 * static_cast<int64_t>(std::max(max_token_bytes, 1));
+  return std::max<int64_t>(n_prompt - 1, 0) * (top_n + 1) * value;
 }
 
 grpc::Status to_grpc_status(const Status& status) {

@@ -29,6 +29,8 @@ struct RequestLimits {
   // text longer than this cannot fit in max_prompt_tokens (see make_request_limits). 0 = not bounded here.
   int64_t max_prompt_bytes = 0;
   int max_token_bytes = 0;    // the vocabulary's longest token in bytes (for the messages)
+  // The largest response; bounds prompt log-probabilities (max_prompt_logprob_bytes). 0 = not bounded here.
+  int64_t max_message_bytes = 0;
   int max_tokens_limit = 0;   // upper bound of max_tokens
   int max_stop_strings = 0;
   int max_stop_string_bytes = 0;
@@ -77,6 +79,13 @@ void fill_usage(const EngineUsage& usage, v1::Usage* out);
 void fill_timing(const EngineTiming& timing, double total_ms, v1::Timing* out);
 void fill_entropy(const EntropyStats& entropy, v1::AttentionEntropy* out);
 void append_logprobs(const TokenLogprobs& logprobs, const Tokenizer& tokenizer, v1::Logprobs* out);
+// EngineEvent::prompt_logprobs -> the choice's prompt_logprobs.
+void fill_prompt_logprobs(const std::vector<TokenLogprobs>& logprobs, const Tokenizer& tokenizer,
+                          v1::PromptLogprobs* out);
+// An upper bound of the encoded size of prompt log-probabilities for n_prompt tokens with top_n alternatives each:
+// per value (the entry's own and each alternative's) an id, a logprob, the token's bytes and its text (a byte that
+// is not valid UTF-8 becomes U+FFFD, 3 bytes), with their field headers.
+int64_t max_prompt_logprob_bytes(int64_t n_prompt, int top_n, int max_token_bytes);
 
 // ---- status ----
 // Engine/validation codes -> gRPC codes (kOutOfRange -> OUT_OF_RANGE, kResourceExhausted -> RESOURCE_EXHAUSTED ...).

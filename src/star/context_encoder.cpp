@@ -37,10 +37,19 @@ std::pair<int, int> ContextEncoder::chunk_layers(int chunk, int layers_per_chunk
 }
 
 Status ContextEncoder::forward_chunk(AttentionHandler& attention, SeqId seq, std::span<const int32_t> tokens,
-                                     int64_t first_position, int chunk, int layers_per_chunk) {
+                                     int64_t first_position, int chunk, int layers_per_chunk,
+                                     const ContextScoring* scoring) {
   std::vector<int32_t> pos(tokens.size());
   std::iota(pos.begin(), pos.end(), static_cast<int32_t>(first_position));
   BatchSeq bs{seq, tokens, pos, false};
+  ScoreRequest scores;
+  if (scoring != nullptr) {
+    SS_CHECK(first_position + static_cast<int64_t>(tokens.size()) <= static_cast<int64_t>(scoring->next.size()),
+             "scoring {} tokens from position {} with {} next tokens", tokens.size(), first_position,
+             scoring->next.size());
+    scores = ScoreRequest{scoring->next.subspan(first_position, tokens.size()), scoring->top_k, scoring->out};
+    bs.scores = &scores;
+  }
   if (chunk == 0) tokens_forwarded_ += static_cast<int64_t>(tokens.size());
   if (chunks_per_block(layers_per_chunk) == 1) return model_.forward({&bs, 1}, attention, nullptr);
   PartialForward& pf = partial_[seq];
@@ -95,7 +104,7 @@ Status ContextEncoder::join_block(SeqId seq, const StarLayout& layout, int k, in
 }
 
 Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k,
-                                    int chunk, int layers_per_chunk) {
+                                    int chunk, int layers_per_chunk, const ContextScoring* scoring) {
   const std::vector<StarBlock> mine = layout.blocks_of(comm_.rank());
   SS_CHECK(k >= 0 && k < static_cast<int>(mine.size()), "block {} of {}", k, mine.size());
   const StarBlock& b = mine[k];
@@ -113,7 +122,7 @@ Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context,
     block_attention_.set_prefix(std::nullopt, 0);
     if (exchange && b.index == 0) x.role = AnchorExchange::Role::kSend;
     block_attention_.set_anchor_exchange(x);
-    Status st = forward_chunk(block_attention_, seq, tokens, b.begin, chunk, layers_per_chunk);
+    Status st = forward_chunk(block_attention_, seq, tokens, b.begin, chunk, layers_per_chunk, scoring);
     block_attention_.set_anchor_exchange(AnchorExchange());
     return st;
   }
@@ -140,14 +149,14 @@ Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context,
   }
   block_attention_.set_prefix(anchor_seq, anchor_len);
   block_attention_.set_anchor_exchange(x);
-  Status st = forward_chunk(block_attention_, seq, tokens, b.begin, chunk, layers_per_chunk);
+  Status st = forward_chunk(block_attention_, seq, tokens, b.begin, chunk, layers_per_chunk, scoring);
   block_attention_.set_prefix(std::nullopt, 0);
   block_attention_.set_anchor_exchange(AnchorExchange());
   return st;
 }
 
 Status ContextEncoder::encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int chunk,
-                                    int layers_per_chunk) {
+                                    int layers_per_chunk, const ContextScoring* scoring) {
   // This rank's blocks are contiguous: encode them as one span in a single forward.
   const std::vector<StarBlock> mine = layout.blocks_of(comm_.rank());
   if (mine.empty()) {
@@ -155,7 +164,8 @@ Status ContextEncoder::encode_exact(SeqId seq, std::span<const int32_t> context,
     return exact_attention_.participate_without_tokens(seq, first, last, model_.hparams().n_layers);
   }
   const int64_t begin = mine.front().begin, end = mine.back().end;
-  return forward_chunk(exact_attention_, seq, context.subspan(begin, end - begin), begin, chunk, layers_per_chunk);
+  return forward_chunk(exact_attention_, seq, context.subspan(begin, end - begin), begin, chunk, layers_per_chunk,
+                       scoring);
 }
 
 }  // namespace starserve

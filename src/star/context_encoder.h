@@ -24,6 +24,16 @@ using BlockProgressFn = std::function<void(int, int)>;
 // Checked between blocks; returning a non-OK status stops the encoding (cancellation, deadline).
 using ContinueFn = std::function<Status()>;
 
+// Prompt log-probabilities of phase 1 (model/token_scores.h): next[p] is the token after context
+// position p (after the last context token: the query's first), top_k the alternatives per token.
+// Each forward of this rank's own context tokens appends their scores to *out (ScoredToken::position
+// = the context position); the anchor a rank computes for itself is not scored.
+struct ContextScoring {
+  std::span<const int32_t> next;  // (n_context)
+  int top_k = 0;
+  std::vector<ScoredToken>* out = nullptr;
+};
+
 // Sequence id of a request's scratch anchor KV (phase 1 only; freed when phase 1 ends).
 inline SeqId anchor_seq_id(SeqId seq) { return seq | (int64_t{1} << 62); }
 
@@ -47,12 +57,13 @@ class ContextEncoder {
   // several ranks and an anchor, the steps of block 0 carry the anchor's KV from the owner of c1
   // to the other ranks, layer by layer (no other communication in phase 1): a rank without a k-th
   // block calls join_block instead, so that it still takes part.
+  // scoring (optional): this block's prompt log-probabilities (ContextScoring).
   Status encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k, int chunk = 0,
-                      int layers_per_chunk = 0);
+                      int layers_per_chunk = 0, const ContextScoring* scoring = nullptr);
   Status join_block(SeqId seq, const StarLayout& layout, int k, int chunk = 0, int layers_per_chunk = 0);
   // exact: the whole context in one collective forward (every rank calls it), chunk c of it.
   Status encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int chunk = 0,
-                      int layers_per_chunk = 0);
+                      int layers_per_chunk = 0, const ContextScoring* scoring = nullptr);
   // Chunks of each block's forward: ceil(n_layers / layers_per_chunk) (1 when 0 = unchunked).
   int chunks_per_block(int layers_per_chunk) const;
   // Ends phase 1 for the sequence: the anchor's scratch KV is dropped, and a forward stopped
@@ -66,7 +77,7 @@ class ContextEncoder {
   Status forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position);
   // Chunk `chunk` of a forward split by layers (the whole forward when layers_per_chunk is 0).
   Status forward_chunk(AttentionHandler& attention, SeqId seq, std::span<const int32_t> tokens, int64_t first_position,
-                       int chunk, int layers_per_chunk);
+                       int chunk, int layers_per_chunk, const ContextScoring* scoring = nullptr);
   // The layers [first, last) of a chunk.
   std::pair<int, int> chunk_layers(int chunk, int layers_per_chunk) const;
   bool exchanges_anchor(const StarLayout& layout) const;
