@@ -127,6 +127,11 @@ TEST(PromptLogprobsMpi, KvShiftStarMatchesTheReference) {
   if (!in.good()) GTEST_SKIP() << "no " << dir << "/golden.json";
   const nlohmann::json g = nlohmann::json::parse(in);
   auto source = HfWeightSource::open(dir + "/hf");
+  // Runs once the kvshift architecture is registered (issue 19 item 3); any other failure fails.
+  if (!source.ok() && source.status().code() == StatusCode::kUnimplemented &&
+      source.status().message().find("kvshift") != std::string::npos) {
+    GTEST_SKIP() << source.status().to_string();
+  }
   ASSERT_TRUE(source.ok()) << source.status().to_string();
   std::unique_ptr<Backend> backend = make_cpu_backend(1);
   auto model = create_model(**source, *backend);
