@@ -201,7 +201,11 @@ std::string_view trim(std::string_view s) {
 Status check_messages(const google::protobuf::RepeatedPtrField<v1::ChatMessage>& messages,
                       const ChatTemplate& tmpl) {
   if (messages.empty()) return invalid_argument("messages is empty");
-  const bool any_role = tmpl.family() == ChatTemplate::Family::kChatml;
+  // ChatML writes any role; a Jinja template decides itself which roles and orders it takes (its raise_exception
+  // becomes INVALID_ARGUMENT with the template's message), as Hugging Face's apply_chat_template does. The native
+  // Llama/Mistral/Gemma renderings know system, user and assistant only.
+  const bool any_role =
+      tmpl.family() == ChatTemplate::Family::kChatml || tmpl.family() == ChatTemplate::Family::kJinja;
   for (int i = 0; i < messages.size(); ++i) {
     const std::string& role = messages[i].role();
     if (role.empty() || role.size() > 32) return invalid_argument("messages[{}].role must have 1 to 32 characters", i);

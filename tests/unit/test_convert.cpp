@@ -249,6 +249,39 @@ TEST(Convert, ChatErrors) {
   expect_invalid(prepare(r).status(), "context is only whitespace");
 }
 
+// A Jinja template decides which roles it takes: one that writes any role accepts "tool" and a system message
+// after the first; one that refuses a role through raise_exception gives INVALID_ARGUMENT with its message.
+TEST(Convert, JinjaTemplateDecidesTheRoles) {
+  auto any = ChatTemplate::from_jinja(
+      "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>"
+      "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+      "", "");
+  ASSERT_TRUE(any.ok()) << any.status().to_string();
+  v1::ChatCompleteRequest r;
+  v1::ChatMessage* m = r.add_messages();
+  m->set_role("user");
+  m->set_content("What is the weather?");
+  m = r.add_messages();
+  m->set_role("tool");
+  m->set_content("sunny");
+  m = r.add_messages();
+  m->set_role("system");
+  m->set_content("Answer briefly.");
+  auto p = prepare_request(r, tiny(), &*any, limits());
+  ASSERT_TRUE(p.ok()) << p.status().to_string();
+  std::string text = tiny().decode(p->engine.context) + tiny().decode(p->engine.query);
+  EXPECT_NE(text.find("tool<|end_header_id|>\n\nsunny"), std::string::npos) << text;
+  // The built-in Llama 3 rendering still refuses the role.
+  expect_invalid(prepare(r).status(), "must be system, user or assistant");
+  // A role the template refuses.
+  auto strict = ChatTemplate::from_jinja(
+      "{% for m in messages %}{% if m.role not in ['user', 'assistant'] %}"
+      "{{ raise_exception('only user and assistant roles are supported') }}{% endif %}{{ m.content }}{% endfor %}",
+      "", "");
+  ASSERT_TRUE(strict.ok()) << strict.status().to_string();
+  expect_invalid(prepare_request(r, tiny(), &*strict, limits()).status(), "only user and assistant roles");
+}
+
 // ---- chat: control tokens come only from the template ----
 
 int count_of(const std::vector<int32_t>& ids, int32_t id) {
