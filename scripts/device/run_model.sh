@@ -20,9 +20,13 @@
 #             $OUT/chunked_cuda.jsonl); CHUNKED_CPU_ARGS / CHUNKED_CUDA_ARGS add or override its flags.
 #             The Python stubs come from third_party/wheels/stubs (bench/make_stubs.py; carry that
 #             folder) where grpcio-tools is not installed.
+#   kvshift — the trained KV-shifting model and its baseline (scripts/device/train_reference.sh; carry them with the
+#             corpus's val.bin in KVSHIFT_DIR, default .carry/kvshift/{kvshift-6l,llama-6l,val.bin}): the GPU
+#             tests whose names hold KvShift, then evals/perplexity.py over every validation window through a
+#             server per model, backend (cuda, cpu) and mode (global; star with blocks of 128) -> $OUT/kvshift_ppl.jsonl.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -48,7 +52,7 @@ fi
 SECONDS=0
 TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
 GRPC=${STARSERVE_GRPC:-OFF}
-case " $STEPS " in *" serve "* | *" chunked "* | *" lifecycle "*) GRPC=ON TARGETS+=(starctl) ;; esac
+case " $STEPS " in *" serve "* | *" chunked "* | *" lifecycle "* | *" kvshift "*) GRPC=ON TARGETS+=(starctl) ;; esac
 if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRPC:BOOL=ON" "$BUILD/CMakeCache.txt"; }; then
   STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
@@ -181,6 +185,31 @@ PY
     PYTHONUNBUFFERED=1 timeout 420 "${CB[@]}" --ranks 1 --server-arg=--backend=cuda \
       --long-tokens 2048 8000 ${CHUNKED_CUDA_ARGS:-} >"$OUT/chunked_cuda.jsonl" 2>"$OUT/chunked_cuda.err"
     echo "exit $?"; tail -14 "$OUT/chunked_cuda.err"
+    ;;
+  kvshift)
+    KD=${KVSHIFT_DIR:-.carry/kvshift}
+    [ -d "$KD/kvshift-6l" ] || { echo "kvshift: no $KD/kvshift-6l"; continue; }
+    echo "== KV shifting: GPU tests"
+    for t in gpu_kernel_tests gpu_model_tests; do
+      [ -x "$BIN/$t" ] && "$BIN/$t" --gtest_filter='*KvShift*:*Kvshift*:*KVShift*' 2>&1 | tail -25 | tee -a "$OUT/kvshift_tests.txt"
+    done
+    echo "== KV shifting: perplexity through gRPC (val.bin, windows of 512)"
+    PORT=50161
+    for m in kvshift-6l llama-6l; do
+      for be in cuda cpu; do
+        mpirun --allow-run-as-root --oversubscribe -np 1 -x LD_LIBRARY_PATH "$BIN/starserve" serve --model "$KD/$m" \
+          --backend $be --port $PORT --attention global --kv-memory-mb 2048 >"$OUT/kvshift_serve_${m}_$be.log" 2>&1 &
+        SERVER=$!
+        for _ in $(seq 1 120); do "$BIN/starctl" --address 127.0.0.1:$PORT --timeout 2 health --ready >/dev/null 2>&1 && break; sleep 0.5; done
+        for mode in "--attention global" "--attention star --block-size 128 --anchor-size 128"; do
+          # shellcheck disable=SC2086
+          r=$(timeout 300 python3 evals/perplexity.py --address 127.0.0.1:$PORT --val-bin "$KD/val.bin" --seq 512 \
+            --windows 1000 $mode 2>>"$OUT/kvshift_ppl.err")
+          echo "{\"model\": \"$m\", \"backend\": \"$be\", \"result\": ${r:-null}}" | tee -a "$OUT/kvshift_ppl.jsonl"
+        done
+        kill $SERVER; wait $SERVER 2>/dev/null
+      done
+    done
     ;;
   lifecycle)
     [ -f "$MODEL" ] || { echo "lifecycle: no model"; continue; }
