@@ -60,6 +60,38 @@ void split_qkv_rope_ref(float* q, float* k, float* v, const float* qkv, const in
   rope_ref(k, positions, inv_freq, n_tokens, n_kv_heads, head_dim, rope_dim, style);
 }
 
+void kv_shift_ref(float* k, float* v, const float* k_raw, const float* v_raw, int64_t raw_stride, const float* prev,
+                  const int32_t* prev_index, const float* k_shift, const float* v_shift, int64_t n_tokens,
+                  int n_kv_heads, int head_dim) {
+  const int64_t kvd = static_cast<int64_t>(n_kv_heads) * head_dim;
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* kc = k_raw + t * raw_stride;
+    const float* vc = v_raw + t * raw_stride;
+    const float* kp = prev_index[t] < 0 ? kc - raw_stride : prev + static_cast<int64_t>(prev_index[t]) * 2 * kvd;
+    const float* vp = prev_index[t] < 0 ? vc - raw_stride : prev + static_cast<int64_t>(prev_index[t]) * 2 * kvd + kvd;
+    for (int h = 0; h < n_kv_heads; ++h) {
+      for (int d = 0; d < head_dim; ++d) {
+        const int64_t i = static_cast<int64_t>(h) * head_dim + d;
+        k[t * kvd + i] = k_shift[2 * h + 1] * kc[i] + k_shift[2 * h] * kp[i];
+        v[t * kvd + i] = v_shift[2 * h + 1] * vc[i] + v_shift[2 * h] * vp[i];
+      }
+    }
+  }
+}
+
+void split_qkv_shift_rope_ref(float* q, float* k, float* v, const float* qkv, const float* prev,
+                              const int32_t* prev_index, const float* k_shift, const float* v_shift,
+                              const int32_t* positions, const float* inv_freq, int64_t n_tokens, int n_heads,
+                              int n_kv_heads, int head_dim, int rope_dim, RopeStyle style) {
+  const int64_t qd = static_cast<int64_t>(n_heads) * head_dim, kvd = static_cast<int64_t>(n_kv_heads) * head_dim;
+  const int64_t row = qd + 2 * kvd;
+  for (int64_t t = 0; t < n_tokens; ++t) std::copy(qkv + t * row, qkv + t * row + qd, q + t * qd);
+  kv_shift_ref(k, v, qkv + qd, qkv + qd + kvd, row, prev, prev_index, k_shift, v_shift, n_tokens, n_kv_heads,
+               head_dim);
+  rope_ref(q, positions, inv_freq, n_tokens, n_heads, head_dim, rope_dim, style);
+  rope_ref(k, positions, inv_freq, n_tokens, n_kv_heads, head_dim, rope_dim, style);
+}
+
 void swiglu_fused_ref(float* out, const float* gate_up, int64_t n_tokens, int64_t ffn) {
   for (int64_t t = 0; t < n_tokens; ++t) {
     const float* row = gate_up + t * 2 * ffn;

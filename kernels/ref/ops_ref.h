@@ -27,6 +27,26 @@ void split_qkv_rope_ref(float* q, float* k, float* v, const float* qkv, const in
                         const float* inv_freq, int64_t n_tokens, int n_heads, int n_kv_heads, int head_dim,
                         int rope_dim, RopeStyle style);
 
+// KV-shifting attention's mix (arXiv 2411.19574), before RoPE: for token t and KV head h,
+//   k[t, h] = k_shift[h, 1] * k_raw[t, h] + k_shift[h, 0] * k_raw[t - 1, h]   (v likewise with v_shift)
+// where the previous token's raw k/v is row t - 1 of the same input when prev_index[t] < 0, else
+// row prev_index[t] of prev (a sequence's first token: the raw k/v of the token before it, zeros at
+// its start). k_raw, v_raw: n_tokens rows of n_kv_heads * head_dim values, raw_stride values apart
+// (n_kv_heads * head_dim for separate buffers, the whole q|k|v row for a fused projection);
+// prev: (n_prev, 2, n_kv_heads, head_dim), rows [k, v]; k_shift, v_shift: (n_kv_heads, 2), column
+// 0 weighing the previous token, column 1 the current one. k, v: (n_tokens, n_kv_heads, head_dim),
+// not aliasing the inputs.
+void kv_shift_ref(float* k, float* v, const float* k_raw, const float* v_raw, int64_t raw_stride, const float* prev,
+                  const int32_t* prev_index, const float* k_shift, const float* v_shift, int64_t n_tokens,
+                  int n_kv_heads, int head_dim);
+
+// split_qkv_rope_ref with the KV-shifting mix between the split and RoPE: q as there, k and v
+// mixed by kv_shift_ref from the q|k|v rows, then k rotated (RoPE applies to the mixed key).
+void split_qkv_shift_rope_ref(float* q, float* k, float* v, const float* qkv, const float* prev,
+                              const int32_t* prev_index, const float* k_shift, const float* v_shift,
+                              const int32_t* positions, const float* inv_freq, int64_t n_tokens, int n_heads,
+                              int n_kv_heads, int head_dim, int rope_dim, RopeStyle style);
+
 // SwiGLU over one fused gate|up projection: out (n_tokens, ffn) = silu(gate_up[:, :ffn]) *
 // gate_up[:, ffn:]; gate_up: (n_tokens, 2 ffn).
 void swiglu_fused_ref(float* out, const float* gate_up, int64_t n_tokens, int64_t ffn);

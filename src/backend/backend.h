@@ -97,6 +97,18 @@ struct BackendFeatures {
   bool scale_softcap = false;  // scale_softcap (Gemma's embedding scale, final logit soft-capping)
   int64_t window = 0;          // the largest sliding window of any layer (0 = none)
   float attn_softcap = 0.0f;   // attention logit soft-capping (0 = none)
+  bool kv_shift = false;       // split_qkv_shift_rope and kv_shift_rope (KV-shifting attention)
+};
+
+// One layer's KV-shifting mix (arXiv 2411.19574; kernels/ref/ops_ref.h kv_shift_ref): each token's
+// raw k and v mixed with the previous token's before RoPE.
+struct KvShiftArgs {
+  // (n_prev, 2, n_kv_heads, head_dim) in the compute dtype: per sequence of the batch the raw k
+  // (row 0) and v (row 1) of the token before its first one (zeros at a sequence's start).
+  Tensor prev;
+  // Host (n_tokens): -1 = the previous token is the batch's previous row, s >= 0 = row s of prev.
+  std::span<const int32_t> prev_index;
+  Tensor k_shift, v_shift;  // (n_kv_heads, 2) fp32: column 0 weighs the previous token, column 1 the current
 };
 
 // One logits row to pick a token from on the device, with the host Sampler's semantics
@@ -202,11 +214,27 @@ class Backend {
   virtual void scale_softcap(Tensor x, float scale, float cap) {
     SS_CHECK(false, "backend {} has no scale_softcap ({} elements, scale {}, cap {})", name(), x.numel(), scale, cap);
   }
+  // split_qkv_rope with the KV-shifting mix of k and v (KvShiftArgs) between the split and RoPE.
+  virtual void split_qkv_shift_rope(Tensor /*q*/, Tensor /*k*/, Tensor /*v*/, Tensor qkv, const KvShiftArgs& shift,
+                                    std::span<const int32_t> /*positions*/, Tensor /*inv_freq*/, int rope_dim,
+                                    RopeStyle style) {
+    SS_CHECK(false, "backend {} has no split_qkv_shift_rope ({} tokens, {} prev rows, {} rope dims, style {})", name(),
+             qkv.rows(), shift.prev.rows(), rope_dim, static_cast<int>(style));
+  }
+  // The unfused form: k, v (T, n_kv_heads, head_dim) = the mix of k_raw, v_raw (same shape, not
+  // aliased by k, v), then k rotated as by rope().
+  virtual void kv_shift_rope(Tensor /*k*/, Tensor /*v*/, Tensor k_raw, Tensor /*v_raw*/, const KvShiftArgs& shift,
+                             std::span<const int32_t> /*positions*/, Tensor /*inv_freq*/, int rope_dim,
+                             RopeStyle style) {
+    SS_CHECK(false, "backend {} has no kv_shift_rope ({} tokens, {} prev rows, {} rope dims, style {})", name(),
+             k_raw.shape[0], shift.prev.rows(), rope_dim, static_cast<int>(style));
+  }
   // OK when every feature asked for is available; else kUnimplemented naming the first one missing.
   virtual Status check_features(const BackendFeatures& f) const {
     if (f.bias) return unimplemented("backend {} has no bias op (add_bias)", name());
     if (f.gelu_tanh) return unimplemented("backend {} has no GeGLU op (gelu_tanh_mul)", name());
     if (f.scale_softcap) return unimplemented("backend {} has no scale / soft-capping op (scale_softcap)", name());
+    if (f.kv_shift) return unimplemented("backend {} has no KV-shifting op (split_qkv_shift_rope)", name());
     if (f.window > 0) return unimplemented("backend {} cannot apply a sliding attention window ({} tokens)", name(), f.window);
     if (f.attn_softcap > 0.0f) {
       return unimplemented("backend {} cannot soft-cap attention logits (softcap {})", name(), f.attn_softcap);
@@ -267,6 +295,22 @@ inline void check_split_qkv_rope(const Tensor& q, const Tensor& k, const Tensor&
                qkv.numel() == q.numel() + k.numel() + v.numel() && q.shape[0] == static_cast<int64_t>(n_positions),
            "split_qkv_rope: q {} k {} v {} elements from {} for {} positions", q.numel(), k.numel(), v.numel(),
            qkv.numel(), n_positions);
+}
+
+// The shapes Backend::split_qkv_shift_rope / kv_shift_rope require besides their split's.
+inline void check_kv_shift(const Tensor& k, const KvShiftArgs& a) {
+  const int64_t kv_row = k.numel() / (k.shape[0] > 0 ? k.shape[0] : 1);
+  SS_CHECK(k.ndim == 3 && static_cast<int64_t>(a.prev_index.size()) == k.shape[0] &&
+               a.k_shift.numel() == 2 * k.shape[1] && a.v_shift.numel() == 2 * k.shape[1] &&
+               a.k_shift.dtype == DType::kF32 && a.v_shift.dtype == DType::kF32 && a.prev.dtype == k.dtype &&
+               a.prev.numel() % (2 * kv_row) == 0,
+           "kv_shift: {} tokens, {} prev indices, shift weights {} / {} for {} KV heads, prev {} elements", k.shape[0],
+           a.prev_index.size(), a.k_shift.numel(), a.v_shift.numel(), k.shape[1], a.prev.numel());
+  const int64_t n_prev = a.prev.numel() / (2 * kv_row);
+  for (size_t t = 0; t < a.prev_index.size(); ++t) {
+    SS_CHECK(a.prev_index[t] < n_prev && (a.prev_index[t] >= 0 || t > 0),
+             "kv_shift: token {} takes prev row {} of {}", t, a.prev_index[t], n_prev);
+  }
 }
 
 // Device scratch that grows on demand and is reused across calls.

@@ -96,6 +96,28 @@ class CpuBackend final : public Backend {
                        static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2]),
                        rope_dim, style);
   }
+  void split_qkv_shift_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, const KvShiftArgs& a,
+                            std::span<const int32_t> positions, Tensor inv_freq, int rope_dim,
+                            RopeStyle style) override {
+    check_split_qkv_rope(q, k, v, qkv, positions.size());
+    check_kv_shift(k, a);
+    split_qkv_shift_rope_ref(q.f32(), k.f32(), v.f32(), qkv.f32(), a.prev.f32(), a.prev_index.data(), a.k_shift.f32(),
+                             a.v_shift.f32(), positions.data(), inv_freq.f32(), q.shape[0],
+                             static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]),
+                             static_cast<int>(q.shape[2]), rope_dim, style);
+  }
+  void kv_shift_rope(Tensor k, Tensor v, Tensor k_raw, Tensor v_raw, const KvShiftArgs& a,
+                     std::span<const int32_t> positions, Tensor inv_freq, int rope_dim, RopeStyle style) override {
+    SS_CHECK(k.numel() == v.numel() && k_raw.numel() == k.numel() && v_raw.numel() == k.numel() &&
+                 positions.size() == static_cast<size_t>(k.shape[0]) && k.data != k_raw.data && v.data != v_raw.data,
+             "kv_shift_rope: k {} v {} from {} / {} elements for {} positions", k.numel(), v.numel(), k_raw.numel(),
+             v_raw.numel(), positions.size());
+    check_kv_shift(k, a);
+    const int nkv = static_cast<int>(k.shape[1]), hd = static_cast<int>(k.shape[2]);
+    kv_shift_ref(k.f32(), v.f32(), k_raw.f32(), v_raw.f32(), int64_t{nkv} * hd, a.prev.f32(), a.prev_index.data(),
+                 a.k_shift.f32(), a.v_shift.f32(), k.shape[0], nkv, hd);
+    rope_ref(k.f32(), positions.data(), inv_freq.f32(), k.shape[0], nkv, hd, rope_dim, style);
+  }
   void swiglu_fused(Tensor out, Tensor gate_up) override {
     SS_CHECK(gate_up.rows() == out.rows() && gate_up.cols() == 2 * out.cols(), "swiglu_fused ({}x{}) -> ({}x{})",
              gate_up.rows(), gate_up.cols(), out.rows(), out.cols());

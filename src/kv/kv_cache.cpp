@@ -96,7 +96,22 @@ std::vector<KvView> KvCache::segments(int layer, SeqId seq, int64_t begin, int64
   return out;
 }
 
+Tensor KvCache::shift_rows(int layer, SeqId seq) {
+  SS_CHECK(layer >= 0 && layer < shape_.n_layers, "shift_rows: layer {} of {}", layer, shape_.n_layers);
+  const int64_t per_layer = 2 * token_elems();
+  auto it = shift_.find(seq);
+  if (it == shift_.end()) {
+    DeviceBuffer buf = backend_.alloc(static_cast<size_t>(shape_.n_layers * per_layer) * dtype_size(dtype_));
+    const std::vector<float> zeros(static_cast<size_t>(shape_.n_layers * per_layer), 0.0f);
+    backend_.upload_f32(buf.view(dtype_, {shape_.n_layers * per_layer}), zeros.data());
+    it = shift_.emplace(seq, std::move(buf)).first;
+  }
+  char* base = static_cast<char*>(it->second.data()) + layer * per_layer * static_cast<int64_t>(dtype_size(dtype_));
+  return Tensor::make(base, dtype_, {2, shape_.n_kv_heads, shape_.head_dim});
+}
+
 void KvCache::free_sequence(SeqId seq) {
+  shift_.erase(seq);
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
   for (int64_t p : it->second.pages) free_pages_.push_back(p);

@@ -46,6 +46,11 @@ class KvCache {
   void write(int layer, SeqId seq, int64_t start, Tensor k, Tensor v);
   // Keys [begin, end) of one layer, one view per page touched.
   std::vector<KvView> segments(int layer, SeqId seq, int64_t begin, int64_t end) const;
+  // KV-shifting attention's decode state (arch kvshift): per layer the raw (pre-mix, pre-RoPE) k
+  // and v of the sequence's last token so far, (2, n_kv_heads, head_dim) rows [k, v] in the compute
+  // dtype. Zeros until the layer's first store (a sequence's first token has no predecessor).
+  // Allocated on first use, on the device, apart from the pages; freed with the sequence.
+  Tensor shift_rows(int layer, SeqId seq);
   // Bytes of K and V one token takes over all layers.
   int64_t bytes_per_token() const;
   void free_sequence(SeqId seq);
@@ -65,6 +70,7 @@ class KvCache {
   std::vector<DeviceBuffer> k_pool_, v_pool_;  // per layer
   std::vector<int64_t> free_pages_;
   std::unordered_map<SeqId, SeqState> seqs_;
+  std::unordered_map<SeqId, DeviceBuffer> shift_;  // shift_rows: (n_layers, 2, n_kv_heads, head_dim) per sequence
 };
 
 }  // namespace starserve

@@ -35,5 +35,7 @@ Result<std::unique_ptr<Model>> build_llama(const WeightSource& source, Backend& 
 Result<std::unique_ptr<Model>> build_qwen(const WeightSource& source, Backend& backend, const ModelOptions& options);
 Result<std::unique_ptr<Model>> build_gemma(const WeightSource& source, Backend& backend, const ModelOptions& options);
 Result<std::unique_ptr<Model>> build_phi3(const WeightSource& source, Backend& backend, const ModelOptions& options);
+Result<std::unique_ptr<Model>> build_kvshift(const WeightSource& source, Backend& backend,
+                                             const ModelOptions& options);
 
 }  // namespace starserve

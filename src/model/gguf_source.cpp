@@ -136,6 +136,13 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
   SS_ASSIGN_OR_RETURN(hp.arch_name, f.get_string("general.architecture"));
   bool known = false;
   for (std::string_view k : kGgufArchs) known = known || k == hp.arch_name;
+  if (hp.arch_name.rfind("kvshift", 0) == 0) {
+    // No converter writes KV-shifting weights (attn_{k,v}_shift) into GGUF; starserve reads them
+    // from the Hugging Face layout only.
+    return unimplemented("gguf: architecture '{}': KV-shifting models have no GGUF format; load the Hugging Face "
+                         "directory (config.json model_type kvshift_llama, model.safetensors) instead",
+                         hp.arch_name);
+  }
   if (!known) {
     return unimplemented("gguf: architecture '{}' is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3)",
                          hp.arch_name);

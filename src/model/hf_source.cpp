@@ -172,6 +172,7 @@ std::optional<std::vector<int64_t>> expected_shape(const std::string& canonical,
   if (leaf == "attn_k.bias" || leaf == "attn_v.bias") return std::vector<int64_t>{kv_dim};
   if (leaf == "attn_qkv.weight") return std::vector<int64_t>{qkv_rows, hidden};
   if (leaf == "ffn_up.weight" && hp.arch == "phi3") return std::vector<int64_t>{2 * ffn, hidden};
+  if (leaf == "attn_k_shift" || leaf == "attn_v_shift") return std::vector<int64_t>{hp.n_kv_heads, 2};
   if (leaf == "attn_q.weight") return std::vector<int64_t>{q_dim, hidden};
   if (leaf == "attn_k.weight" || leaf == "attn_v.weight") return std::vector<int64_t>{kv_dim, hidden};
   if (leaf == "attn_output.weight") return std::vector<int64_t>{hidden, q_dim};
@@ -197,6 +198,9 @@ std::vector<std::string_view> layer_leaves(const std::string& arch) {
   }
   if (arch == "gemma2" || arch == "gemma3") {
     for (std::string_view leaf : {"post_attention_norm.weight", "post_ffw_norm.weight"}) v.push_back(leaf);
+  }
+  if (arch == "kvshift") {
+    for (std::string_view leaf : {"attn_k_shift", "attn_v_shift"}) v.push_back(leaf);
   }
   return v;
 }
@@ -241,9 +245,13 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
     hp.arch = mt;
   } else if (mt == "gemma3_text") {
     hp.arch = "gemma3";
+  } else if (mt == "kvshift_llama") {
+    // Llama blocks with KV-shifting attention (scripts/reference/starref/export.py writes them).
+    hp.arch = "kvshift";
+    hp.kv_shift = true;
   } else {
     return unimplemented("{}: model_type '{}' is not supported (llama, mistral, qwen2, qwen3, gemma2, gemma3, "
-                         "gemma3_text, phi3)",
+                         "gemma3_text, phi3, kvshift_llama)",
                          origin, mt);
   }
   const bool gemma = hp.arch == "gemma2" || hp.arch == "gemma3";
@@ -425,6 +433,12 @@ std::optional<std::string> hf_to_canonical_name(std::string_view n, std::string_
   }
   for (const auto& [hf, canonical] : kLeaves) {
     if (leaf == hf) return fmt::format("blk.{}.{}", layer, canonical);
+  }
+  // KV-shifting attention's weights, (n_kv_heads, 2): column 0 previous token, column 1 current.
+  if (arch == "kvshift") {
+    if (leaf == "self_attn.k_shift") return fmt::format("blk.{}.attn_k_shift", layer);
+    if (leaf == "self_attn.v_shift") return fmt::format("blk.{}.attn_v_shift", layer);
+    return std::nullopt;
   }
   if (arch != "llama") {
     for (const auto& [hf, canonical] : kFamilyLeaves) {

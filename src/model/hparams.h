@@ -58,6 +58,9 @@ struct ModelHParams {
   // Added to every RMSNorm weight at load: Gemma's checkpoints store w of x * (1 + w); llama.cpp's
   // converter has already added the 1 in GGUF files (0 there).
   float norm_weight_offset = 0.0f;
+  // KV-shifting attention (arXiv 2411.19574; arch kvshift): each token's raw k and v are mixed with
+  // the previous token's before RoPE, by per-layer attn_{k,v}_shift weights (n_kv_heads, 2).
+  bool kv_shift = false;
 
   // The window of layer `layer` (0 = full causal attention).
   int64_t window_of(int layer) const {

@@ -38,6 +38,17 @@ class AttentionHandler {
   // q: (T, n_heads, head_dim); k, v: (T, n_kv_heads, head_dim); out: (T, n_heads, head_dim).
   virtual Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) = 0;
   virtual void end_forward(std::span<const BatchSeq> batch) = 0;
+  // KV-shifting attention (arch kvshift): a layer mixes each token's raw (pre-RoPE) k and v with
+  // the previous token's, and the token before a sequence's first new one is the handler's to know
+  // (its earlier tokens, another rank's block under Star Attention). last: (n_seqs, 2, n_kv_heads,
+  // head_dim) the raw k (row 0) and v (row 1) of each sequence's last new token in batch order;
+  // the handler fills prev (same shape) with those of the token before each sequence's first new
+  // one (zeros at a sequence's start) and keeps last for what follows. Called before attend(),
+  // once per layer; a handler that serves no such model answers kUnimplemented.
+  virtual Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) {
+    (void)batch, (void)last, (void)prev;
+    return unimplemented("this attention handler does not serve KV-shifting models (layer {})", layer);
+  }
 };
 
 class Model {

@@ -13,7 +13,27 @@ ContextEncoder::ContextEncoder(Model& model, KvCache& cache, Communicator& comm)
       exact_attention_(model.backend(), cache, model.hparams(), comm) {}
 
 Result<StarLayout> ContextEncoder::layout_for(int64_t n_context, const ContextPlan& plan) const {
-  return plan_layout(n_context, plan, comm_.world_size());
+  SS_ASSIGN_OR_RETURN(StarLayout lay, plan_layout(n_context, plan, comm_.world_size()));
+  // KV-shifting models: every rank's first block mixes with the previous block's last token, which
+  // its owner computes in the same step only when that is the owner's first block too.
+  if (model_.hparams().kv_shift && plan.mode == AttentionMode::kStar && shift_halo(lay)) {
+    for (const StarBlock& b : lay.blocks) {
+      if (b.index == 0) continue;
+      const int owner = lay.blocks[b.index - 1].rank;
+      const size_t owned = lay.blocks_of(owner).size();
+      if (owner != b.rank && owned > 1) {
+        return unimplemented("star with a KV-shifting model: rank {} holds {} blocks of {} tokens and hands its last "
+                             "token to rank {}; the ranks before the last must hold one block each (block size >= "
+                             "ceil({} / {}) tokens, or 0 = one block per rank)",
+                             owner, owned, lay.block_size, b.rank, n_context, comm_.world_size());
+      }
+    }
+  }
+  return lay;
+}
+
+bool ContextEncoder::shift_halo(const StarLayout& layout) const {
+  return model_.hparams().kv_shift && comm_.world_size() > 1 && layout.blocks.size() > 1;
 }
 
 Status ContextEncoder::forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position) {
@@ -94,11 +114,16 @@ bool ContextEncoder::exchanges_anchor(const StarLayout& layout) const {
 
 Status ContextEncoder::join_block(SeqId seq, const StarLayout& layout, int k, int chunk, int layers_per_chunk) {
   (void)seq;
-  if (k != 0 || !exchanges_anchor(layout) || comm_.rank() == layout.blocks.front().rank) return Status();
+  const bool halo = k == 0 && shift_halo(layout);
+  block_attention_.set_shift_halo(halo ? &comm_ : nullptr, -1);  // sends zeros, receives nothing
+  const bool anchor = k == 0 && exchanges_anchor(layout) && comm_.rank() != layout.blocks.front().rank;
+  if (!anchor && !halo) return Status();
   AnchorExchange x;
-  x.comm = &comm_;
-  x.root = layout.blocks.front().rank;
-  x.anchor_len = layout.anchor_size;
+  if (anchor) {
+    x.comm = &comm_;
+    x.root = layout.blocks.front().rank;
+    x.anchor_len = layout.anchor_size;
+  }
   const auto [first, last] = chunk_layers(chunk, layers_per_chunk);
   return block_attention_.join_anchor_exchange(x, first, last);
 }
@@ -108,6 +133,10 @@ Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context,
   const std::vector<StarBlock> mine = layout.blocks_of(comm_.rank());
   SS_CHECK(k >= 0 && k < static_cast<int>(mine.size()), "block {} of {}", k, mine.size());
   const StarBlock& b = mine[k];
+  // KV-shifting models on several ranks: a rank's first block takes the previous block's last
+  // token from its owner (a one-token halo per layer); later blocks follow this rank's own.
+  const bool halo = k == 0 && shift_halo(layout);
+  block_attention_.set_shift_halo(halo ? &comm_ : nullptr, halo && b.index > 0 ? layout.blocks[b.index - 1].rank : -1);
   const int64_t anchor_len = layout.anchor_size;
   const std::span<const int32_t> tokens = context.subspan(b.begin, b.size());
   // With several ranks the owner of c1 sends the anchor's KV while it encodes c1 and the others

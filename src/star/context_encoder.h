@@ -81,6 +81,9 @@ class ContextEncoder {
   // The layers [first, last) of a chunk.
   std::pair<int, int> chunk_layers(int chunk, int layers_per_chunk) const;
   bool exchanges_anchor(const StarLayout& layout) const;
+  // Whether the layout's first blocks exchange KV-shifting halos (a kv_shift model, several ranks
+  // and blocks).
+  bool shift_halo(const StarLayout& layout) const;
 
   Model& model_;
   KvCache& cache_;

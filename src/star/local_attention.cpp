@@ -1,5 +1,7 @@
 #include "star/local_attention.h"
 
+#include "star/kv_shift_state.h"
+
 #include <algorithm>
 #include <cmath>
 #include <utility>
@@ -69,6 +71,11 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
     for (int64_t j = 0; j < n; ++j) visible[j] = w > 0 ? std::min(past + j + 1, w) : past + j + 1;
     collector_.add(it->second, layer, calls_[i].entropy, n, std::move(visible));
   }
+  return Status();
+}
+
+Status LocalAttention::shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) {
+  shift_rows_from_cache(backend_, cache_, layer, batch, last, prev);
   return Status();
 }
 

@@ -24,6 +24,8 @@ class LocalAttention final : public AttentionHandler {
   Status begin_forward(std::span<const BatchSeq> batch) override;
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
   void end_forward(std::span<const BatchSeq> batch) override;
+  // KV-shifting models: each sequence's previous token is its last one so far (KvCache::shift_rows).
+  Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) override;
 
  private:
   Backend& backend_;

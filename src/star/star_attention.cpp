@@ -103,10 +103,28 @@ Status BlockLocalAttention::exchange_anchor(int layer, Tensor k, Tensor v) {
 Status BlockLocalAttention::join_anchor_exchange(const AnchorExchange& x, int first, int last) {
   exchange_ = x;
   exchange_.role = AnchorExchange::Role::kNone;  // receive and drop
+  const int64_t row = 2 * static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
   Status st;
-  for (int layer = first; layer < last && st.ok(); ++layer) st = exchange_anchor(layer, Tensor(), Tensor());
+  for (int layer = first; layer < last && st.ok(); ++layer) {
+    // The order of a rank that encodes: shift_neighbours, then attend.
+    if (halo_comm_ != nullptr) st = halo_.exchange(backend_, *halo_comm_, Tensor(), -1, Tensor(), row);
+    if (st.ok() && x.comm != nullptr) st = exchange_anchor(layer, Tensor(), Tensor());
+  }
   exchange_ = AnchorExchange();
   return st;
+}
+
+// A block's first token: the previous block's last token, which is this rank's own previous block
+// (the sequence's shift rows) or, for a rank's first block, the halo from the rank that owns the
+// previous block (spec: the true previous context token, not the anchor's last token).
+Status BlockLocalAttention::shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) {
+  shift_rows_from_cache(backend_, cache_, layer, batch, last, prev);
+  if (halo_comm_ == nullptr) return Status();
+  SS_CHECK(batch.size() == 1, "the KV-shifting halo runs with one sequence per forward, not {}", batch.size());
+  const int64_t row = 2 * static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
+  const Tensor mine = last.slice_rows(0, 1);
+  if (halo_source_ < 0) return halo_.exchange(backend_, *halo_comm_, mine, -1, Tensor(), row);
+  return halo_.exchange(backend_, *halo_comm_, mine, halo_source_, prev.slice_rows(0, 1), row);
 }
 
 Status BlockLocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v,
@@ -151,7 +169,7 @@ void BlockLocalAttention::end_forward(std::span<const BatchSeq> batch) {
 
 ExactContextAttention::ExactContextAttention(Backend& backend, KvCache& cache, const ModelHParams& hp,
                                              Communicator& comm)
-    : backend_(backend), cache_(cache), dims_(AttentionDims::from(hp)), comm_(comm) {}
+    : backend_(backend), cache_(cache), dims_(AttentionDims::from(hp)), comm_(comm), kv_shift_(hp.kv_shift) {}
 
 Status ExactContextAttention::gather_sizes(int64_t mine) {
   counts_.assign(comm_.world_size(), 0);
@@ -199,7 +217,11 @@ Status ExactContextAttention::participate_without_tokens(SeqId seq, int first, i
     exchanges_[seq] = {counts_, max_count_};
   }
   load_exchange(seq);
-  for (int l = first; l < last; ++l) SS_RETURN_IF_ERROR(layer_exchange(Tensor{}, Tensor{}, 0));
+  const int64_t row = 2 * static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
+  for (int l = first; l < last; ++l) {
+    if (kv_shift_) SS_RETURN_IF_ERROR(halo_.exchange(backend_, comm_, Tensor{}, -1, Tensor{}, row));
+    SS_RETURN_IF_ERROR(layer_exchange(Tensor{}, Tensor{}, 0));
+  }
   if (last == n_layers) exchanges_.erase(seq);
   return Status();
 }
@@ -261,6 +283,17 @@ Status ExactContextAttention::attend(int layer, std::span<const BatchSeq> batch,
                           dims_.head_dim);
   if (o32.data != out.data) backend_.convert(out, o32);
   return Status();
+}
+
+Status ExactContextAttention::shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last,
+                                               Tensor prev) {
+  SS_CHECK(batch.size() == 1, "exact context encoding runs one span per forward, got {}", batch.size());
+  load_exchange(batch[0].seq_id);
+  shift_rows_from_cache(backend_, cache_, layer, batch, last, prev);
+  int source = -1;
+  for (int r = comm_.rank() - 1; r >= 0 && source < 0; --r) source = counts_[r] > 0 ? r : -1;
+  const int64_t row = 2 * static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
+  return halo_.exchange(backend_, comm_, last.slice_rows(0, 1), source, prev.slice_rows(0, 1), row);
 }
 
 void ExactContextAttention::end_forward(std::span<const BatchSeq> batch) {
@@ -394,6 +427,24 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
       collector_.add(info.entropy, layer, ent_all + start * nh, n, std::move(visible));
     }
     start += n;
+  }
+  return Status();
+}
+
+Status Phase2Attention::shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) {
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const int64_t r = static_cast<int64_t>(i);
+    if (seqs_.at(batch[i].seq_id).query_host) {
+      shift_rows_from_cache(backend_, cache_, layer, batch.subspan(i, 1), last.slice_rows(r, 1), prev.slice_rows(r, 1));
+      continue;
+    }
+    const Tensor row = prev.slice_rows(r, 1);
+    if (zero_rows_.bytes() < row.bytes()) {
+      zero_rows_ = backend_.alloc(row.bytes());
+      const std::vector<float> zeros(static_cast<size_t>(row.numel()), 0.0f);
+      backend_.upload_f32(zero_rows_.view(row.dtype, {row.numel()}), zeros.data());
+    }
+    backend_.copy(row, zero_rows_.view(row.dtype, {1, row.shape[1], row.shape[2], row.shape[3]}));
   }
   return Status();
 }

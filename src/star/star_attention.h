@@ -15,6 +15,7 @@
 #include "comm/communicator.h"
 #include "star/attention_stats.h"
 #include "star/entropy_collector.h"
+#include "star/kv_shift_state.h"
 #include "kv/kv_cache.h"
 #include "model/model.h"
 #include "star/merge.h"
@@ -59,13 +60,23 @@ class BlockLocalAttention final : public AttentionHandler {
   void set_prefix(std::optional<SeqId> prefix_seq, int64_t prefix_len);
   // The anchor exchange of the next forward (one sequence in the batch); kNone turns it off.
   void set_anchor_exchange(const AnchorExchange& x) { exchange_ = x; }
-  // A rank with no block to encode still joins every layer's anchor broadcast (and drops it):
-  // layers [first, last).
+  // KV-shifting models on several ranks: in the next forward (every rank's first block), each
+  // layer's raw k/v of every rank's last token is all-gathered, and the block's first token mixes
+  // with rank `source`'s (the owner of the previous block; -1 = none: c1, or a rank that only
+  // sends). comm null turns it off.
+  void set_shift_halo(Communicator* comm, int source) {
+    halo_comm_ = comm;
+    halo_source_ = source;
+  }
+  // A rank with no block to encode still joins every layer's anchor broadcast (and drops it) and,
+  // when set_shift_halo is on, every layer's halo gather first: layers [first, last). x.comm null:
+  // no anchor broadcast.
   Status join_anchor_exchange(const AnchorExchange& x, int first, int last);
 
   Status begin_forward(std::span<const BatchSeq> batch) override;
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
   void end_forward(std::span<const BatchSeq> batch) override;
+  Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) override;
 
  private:
   Backend& backend_;
@@ -76,6 +87,9 @@ class BlockLocalAttention final : public AttentionHandler {
   std::optional<SeqId> prefix_seq_;
   int64_t prefix_len_ = 0;
   AnchorExchange exchange_;
+  Communicator* halo_comm_ = nullptr;
+  int halo_source_ = -1;
+  ShiftHalo halo_;
   Scratch lse_, anchor_k_, anchor_v_;
 };
 
@@ -91,6 +105,9 @@ class ExactContextAttention final : public AttentionHandler {
   Status begin_forward(std::span<const BatchSeq> batch) override;
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
   void end_forward(std::span<const BatchSeq> batch) override;
+  // KV-shifting models: the span's first token mixes with the last token of the nearest earlier
+  // rank that has context (a one-token halo per layer, gathered from every rank).
+  Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) override;
 
  private:
   Status gather_sizes(int64_t mine);
@@ -108,6 +125,8 @@ class ExactContextAttention final : public AttentionHandler {
   int64_t max_count_ = 0;
   std::unordered_map<SeqId, std::pair<std::vector<int64_t>, int64_t>> exchanges_;
   std::vector<char> send_host_, recv_host_;
+  bool kv_shift_ = false;  // ModelHParams::kv_shift: a halo gather before each layer's exchange
+  ShiftHalo halo_;
   Scratch send_, k_all_, v_all_, part_out_, part_lse_, part_ent_, lse_, ent_, out32_;
 };
 
@@ -132,6 +151,9 @@ class Phase2Attention final : public AttentionHandler {
   Status begin_forward(std::span<const BatchSeq> batch) override;
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
   void end_forward(std::span<const BatchSeq> batch) override;
+  // KV-shifting models: the query host's first query token mixes with its last context token (the
+  // query host owns the last block); a context-only rank's k/v are not kept, so it mixes with zeros.
+  Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) override;
 
  private:
   struct SeqInfo {
@@ -150,6 +172,7 @@ class Phase2Attention final : public AttentionHandler {
   std::unordered_map<SeqId, SeqInfo> seqs_;
   std::unordered_map<SeqId, EntropyStats*> entropy_before_registration_;
   Scratch lse_, ent_, out32_;
+  DeviceBuffer zero_rows_;  // shift_neighbours of a context-only rank
   std::vector<std::vector<KvView>> segs_;  // one forward layer's keys per sequence (calls_ point into them)
   std::vector<AttentionCall> calls_;
   EntropyCollector collector_;
