@@ -279,6 +279,45 @@ TEST(KvShift, StarOneProcessMatchesReference) {
   }
 }
 
+// The trained pair (models/kvshift-6l, models/llama-6l; made by scripts/device/train_reference.sh,
+// not committed) against tests/golden/kvshift_6l (the reference in fp32 on the stored bf16
+// weights): the tokenizer's ids, the top-64 last logits and every prompt log-probability, and the
+// greedy continuations. SKIPPED where the models are absent (CI).
+TEST(KvShift, TrainedModelsMatchReference) {
+  const std::string models = std::string(STARSERVE_SOURCE_DIR) + "/models";
+  if (!std::filesystem::exists(models + "/kvshift-6l/model.safetensors")) GTEST_SKIP() << "models/kvshift-6l absent";
+  const json g = read_golden("kvshift_6l");
+  for (const char* name : {"kvshift-6l", "llama-6l"}) {
+    auto l = load(models + "/" + name);
+    ASSERT_TRUE(l);
+    Model& m = *l->model;
+    const int nv = m.hparams().n_vocab;
+    const json& e = g["models"][name];
+    for (const json& p : e["prompts"]) {
+      const auto ids = ids_of(p["token_ids"]);
+      const auto lg = all_logits(m, ids);
+      const auto last = row(lg, static_cast<int64_t>(ids.size()) - 1, nv);
+      // fp32 on the same bf16-exact weights: the family-golden tolerance on the largest |logit|.
+      const float tol = std::max(1e-4f, 2e-5f * p["max_abs_logit"].get<float>());
+      for (const json& tl : p["top_logits"]) {
+        EXPECT_NEAR(last[tl[0].get<int>()], tl[1].get<float>(), tol) << name << " id " << tl[0];
+      }
+      const auto ref = p["prompt_logprobs"].get<std::vector<double>>();
+      for (size_t t = 0; t + 1 < ids.size(); ++t) {
+        const auto r = row(lg, static_cast<int64_t>(t), nv);
+        double mx = r[0], z = 0;
+        for (float v : r) mx = std::max<double>(mx, v);
+        for (float v : r) z += std::exp(v - mx);
+        EXPECT_NEAR(r[ids[t + 1]] - mx - std::log(z), ref[t], 1e-3) << name << " token " << t;
+      }
+    }
+    for (const json& gr : e["greedy"]) {
+      const auto want = ids_of(gr["generated_ids"]);
+      EXPECT_EQ(greedy(m, ids_of(gr["prompt_ids"]), static_cast<int>(want.size()), nullptr), want) << name;
+    }
+  }
+}
+
 TEST(KvShift, GgufNamingItIsRefused) {
   // A GGUF header with general.architecture = "kvshift" and nothing else.
   const std::string path = ::testing::TempDir() + "/kvshift.gguf";
