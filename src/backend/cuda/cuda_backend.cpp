@@ -28,6 +28,7 @@
 #include "kernels/geglu.h"
 #include "kernels/gemv.h"
 #include "kernels/rms_norm.h"
+#include "kernels/kv_shift.h"
 #include "kernels/rope.h"
 #include "kernels/sampling.h"
 #include "kernels/softcap.h"
@@ -119,6 +120,7 @@ class CudaBackend final : public Backend {
     // Scratch buffers free through this backend: release them before the stream goes.
     ids_ = DeviceBuffer();
     pos_ = DeviceBuffer();
+    shift_idx_ = DeviceBuffer();
     tables_ = DeviceBuffer();
     batch_tables_ = DeviceBuffer();
     gather_k_ = DeviceBuffer();
@@ -277,6 +279,36 @@ class CudaBackend final : public Backend {
                                      inv_freq.f32(), q.shape[0], static_cast<int>(q.shape[1]),
                                      static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2]), rope_dim, style,
                                      stream_));
+  }
+  void split_qkv_shift_rope(Tensor q, Tensor k, Tensor v, Tensor qkv, const KvShiftArgs& a,
+                            std::span<const int32_t> positions, Tensor inv_freq, int rope_dim,
+                            RopeStyle style) override {
+    OpScope op(this);
+    check_split_qkv_rope(q, k, v, qkv, positions.size());
+    check_kv_shift(k, a);
+    const int nh = static_cast<int>(q.shape[1]), nkv = static_cast<int>(k.shape[1]), hd = static_cast<int>(q.shape[2]);
+    KvShiftParams p = shift_params(k, v, a, positions, inv_freq, rope_dim, style);
+    p.q = bf16(q);
+    p.q_src = bf16(qkv);
+    p.k_src = p.q_src + int64_t{nh} * hd;
+    p.v_src = p.k_src + int64_t{nkv} * hd;
+    p.src_stride = int64_t{nh + 2 * nkv} * hd;
+    p.n_heads = nh;
+    SS_CHECK_CALL(launch_kv_shift_rope(p, stream_));
+  }
+  void kv_shift_rope(Tensor k, Tensor v, Tensor k_raw, Tensor v_raw, const KvShiftArgs& a,
+                     std::span<const int32_t> positions, Tensor inv_freq, int rope_dim, RopeStyle style) override {
+    OpScope op(this);
+    SS_CHECK(k.numel() == v.numel() && k_raw.numel() == k.numel() && v_raw.numel() == k.numel() &&
+                 positions.size() == static_cast<size_t>(k.shape[0]) && k.data != k_raw.data && v.data != v_raw.data,
+             "kv_shift_rope: k {} v {} from {} / {} elements for {} positions", k.numel(), v.numel(), k_raw.numel(),
+             v_raw.numel(), positions.size());
+    check_kv_shift(k, a);
+    KvShiftParams p = shift_params(k, v, a, positions, inv_freq, rope_dim, style);
+    p.k_src = bf16(k_raw);
+    p.v_src = bf16(v_raw);
+    p.src_stride = k.shape[1] * k.shape[2];
+    SS_CHECK_CALL(launch_kv_shift_rope(p, stream_));
   }
   void swiglu_fused(Tensor out, Tensor gate_up) override {
     OpScope op(this);
@@ -666,6 +698,33 @@ class CudaBackend final : public Backend {
     return static_cast<const int32_t*>(pos_.data());
   }
 
+  // What both KV-shifting ops share; prev_index goes to the device once per distinct list (every
+  // layer of a forward has the same one).
+  KvShiftParams shift_params(Tensor k, Tensor v, const KvShiftArgs& a, std::span<const int32_t> positions,
+                             Tensor inv_freq, int rope_dim, RopeStyle style) {
+    KvShiftParams p;
+    p.k = bf16(k);
+    p.v = bf16(v);
+    p.prev = bf16(a.prev);
+    const size_t n = a.prev_index.size();
+    if (last_shift_idx_.size() != n || !std::equal(a.prev_index.begin(), a.prev_index.end(), last_shift_idx_.begin())) {
+      auto* d = static_cast<int32_t*>(grow(shift_idx_, n * sizeof(int32_t)));
+      ring_upload(d, a.prev_index.data(), n * sizeof(int32_t));
+      last_shift_idx_.assign(a.prev_index.begin(), a.prev_index.end());
+    }
+    p.prev_index = static_cast<const int32_t*>(shift_idx_.data());
+    p.k_shift = a.k_shift.f32();
+    p.v_shift = a.v_shift.f32();
+    p.positions = device_positions(positions);
+    p.inv_freq = inv_freq.f32();
+    p.n_tokens = k.shape[0];
+    p.n_kv_heads = static_cast<int>(k.shape[1]);
+    p.head_dim = static_cast<int>(k.shape[2]);
+    p.rope_dim = rope_dim;
+    p.style = style;
+    return p;
+  }
+
   void fill_neg_inf(float* dst, int64_t n) {
     if (neg_inf_.bytes() < n * sizeof(float)) {
       flush_graph();  // a pageable copy and a wait follow
@@ -759,6 +818,8 @@ class CudaBackend final : public Backend {
   std::vector<SampleRowParams> sample_params_;
   std::vector<int32_t> sample_penalties_;  // every row's penalty tokens, then their counts
   std::vector<int32_t> last_pos_;
+  DeviceBuffer shift_idx_;                 // KvShiftArgs::prev_index on the device
+  std::vector<int32_t> last_shift_idx_;
   std::vector<void*> table_host_;
   // Graph steps (begin_graph_step): whether one is open, whether a graph is being recorded, the
   // index of that graph in the step and its op count, the nesting of OpScope, the kept graphs.
