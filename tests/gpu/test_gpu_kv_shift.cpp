@@ -2,7 +2,7 @@
 // shapes: one token, several sequences (prev rows), GQA ratios, partial rotation, both RoPE styles,
 // fused (q split too) and unfused (separate raw k/v). Inputs are bf16-exact, so the kernel and the
 // fp32 reference see the same values; the kernel mixes and rotates in fp32 and rounds once to bf16
-// (within 2^-9 of the value), and the two fp32 computations differ by a few fp32 roundings of
+// (within 2^-8 of the value: bf16 keeps 8 significant bits), and the two fp32 computations differ by a few fp32 roundings of
 // products of terms below 4 in magnitude (2^-20 absolute covers them).
 #include <gtest/gtest.h>
 
@@ -30,7 +30,7 @@ void expect_bf16_close(const std::vector<float>& got, const std::vector<float>& 
   ASSERT_EQ(got.size(), want.size());
   int bad = 0;
   for (size_t i = 0; i < got.size() && bad < 5; ++i) {
-    if (!(std::fabs(got[i] - want[i]) <= kBf16U * std::fabs(want[i]) + std::ldexp(1.0f, -20))) {
+    if (!(std::fabs(got[i] - want[i]) <= 2.0f * kBf16U * std::fabs(want[i]) + std::ldexp(1.0f, -20))) {
       ++bad;
       ADD_FAILURE() << what << "[" << i << "] = " << got[i] << ", want " << want[i] << " (T " << s.n_tokens
                     << ", seqs " << s.n_seqs << ", kv heads " << s.n_kv_heads << ", rope " << s.rope_dim << ")";

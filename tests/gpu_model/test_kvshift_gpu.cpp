@@ -1,7 +1,7 @@
 // KV-shifting attention on the CUDA backend (bf16) against the CPU backend (fp32) and the
 // reference goldens (tests/golden/kvshift, starref in fp32): prompt logits on the fused and
 // unfused paths, prefill then decode, and Star Attention on one process with the halo. Tolerance:
-// 4% of the row's largest |logit|, the whole-model GPU tests' bound (bf16 weights and activations,
+// 4% of the prompt's largest |logit|, the family GPU tests' bound (bf16 weights and activations,
 // 2^-9 relative per rounding, through 3 layers; the mix adds one rounding of the same size to k
 // and v). Where the golden's top-1 leads by more than twice the tolerance, the GPU's argmax must
 // be it. SKIPPED without a CUDA device.
@@ -89,8 +89,10 @@ float max_abs(const float* a, int n) {
   return m;
 }
 
-void expect_row(const float* got, const float* want, int nv, const std::string& what) {
-  const float tol = static_cast<float>(kRelTol) * max_abs(want, nv);
+// scale: the largest |logit| of the prompt (the bound's scale in the family GPU tests: a row whose
+// own logits are small still carries the rounding of the activations that made the large ones).
+void expect_row(const float* got, const float* want, int nv, float scale, const std::string& what) {
+  const float tol = static_cast<float>(kRelTol) * scale;
   float worst = 0.0f;
   for (int c = 0; c < nv; ++c) worst = std::max(worst, std::fabs(got[c] - want[c]));
   EXPECT_LE(worst, tol) << what;
@@ -114,9 +116,10 @@ TEST(KvShiftGpu, PromptLogitsMatchCpuAndReference) {
       const auto got = run_global(*p->gpu_model, ids, 0);
       const auto cpu = run_global(*p->cpu_model, ids, 0);
       const size_t last = (ids.size() - 1) * nv;
-      expect_row(got.data() + last, want.data(), nv, "reference, fused_max " + std::to_string(fused_max));
+      const float scale = max_abs(cpu.data(), static_cast<int>(cpu.size()));
+      expect_row(got.data() + last, want.data(), nv, scale, "reference, fused_max " + std::to_string(fused_max));
       for (size_t r = 0; r < ids.size(); ++r) {
-        expect_row(got.data() + r * nv, cpu.data() + r * nv, nv, "cpu row " + std::to_string(r));
+        expect_row(got.data() + r * nv, cpu.data() + r * nv, nv, scale, "cpu row " + std::to_string(r));
       }
     }
   }
@@ -134,8 +137,9 @@ TEST(KvShiftGpu, PrefillThenDecodeMatchesCpuForward) {
   const auto got = run_global(*p->gpu_model, ids, 9);
   const auto cpu = run_global(*p->cpu_model, ids, 0);
   ASSERT_EQ(got.size(), cpu.size());
+  const float scale = max_abs(cpu.data(), static_cast<int>(cpu.size()));
   for (size_t r = 8; r < ids.size(); ++r) {
-    expect_row(got.data() + r * nv, cpu.data() + r * nv, nv, "row " + std::to_string(r));
+    expect_row(got.data() + r * nv, cpu.data() + r * nv, nv, scale, "row " + std::to_string(r));
   }
 }
 
@@ -166,7 +170,7 @@ TEST(KvShiftGpu, StarOneProcessMatchesReference) {
     std::vector<float> lg;
     ASSERT_TRUE(m.forward({&bs, 1}, p2, &lg).ok());
     const auto want = e["last_logits"].get<std::vector<float>>();
-    expect_row(lg.data(), want.data(), hp.n_vocab, "star block " + std::to_string(e["block"].get<int>()));
+    expect_row(lg.data(), want.data(), hp.n_vocab, max_abs(want.data(), hp.n_vocab), "star block " + std::to_string(e["block"].get<int>()));
   }
 }
 
