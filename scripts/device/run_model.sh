@@ -23,7 +23,7 @@
 #   kvshift — the trained KV-shifting model and its baseline (scripts/device/train_reference.sh; carry them with the
 #             corpus's val.bin in KVSHIFT_DIR, default .carry/kvshift/{kvshift-6l,llama-6l,val.bin}): the GPU
 #             tests whose names hold KvShift, then evals/perplexity.py over every validation window through a
-#             server per model, backend (cuda, cpu) and mode (global; star with blocks of 128) -> $OUT/kvshift_ppl.jsonl.
+#             server per model, backend (KVSHIFT_BACKENDS, default "cuda cpu") and mode (global; star with blocks of 128) -> $OUT/kvshift_ppl.jsonl.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
 # Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift]
@@ -196,7 +196,7 @@ PY
     echo "== KV shifting: perplexity through gRPC (val.bin, windows of 512)"
     PORT=50161
     for m in kvshift-6l llama-6l; do
-      for be in cuda cpu; do
+      for be in ${KVSHIFT_BACKENDS:-cuda cpu}; do
         mpirun --allow-run-as-root --oversubscribe -np 1 -x LD_LIBRARY_PATH "$BIN/starserve" serve --model "$KD/$m" \
           --backend $be --port $PORT --attention global --kv-memory-mb 2048 >"$OUT/kvshift_serve_${m}_$be.log" 2>&1 &
         SERVER=$!
