@@ -91,8 +91,10 @@ float max_abs(const float* a, int n) {
 
 // scale: the largest |logit| of the prompt (the bound's scale in the family GPU tests: a row whose
 // own logits are small still carries the rounding of the activations that made the large ones).
-void expect_row(const float* got, const float* want, int nv, float scale, const std::string& what) {
-  const float tol = static_cast<float>(kRelTol) * scale;
+// floor: a bound of its own when larger than kRelTol * scale (0 = none).
+void expect_row(const float* got, const float* want, int nv, float scale, const std::string& what,
+                float floor = 0.0f) {
+  const float tol = std::max(static_cast<float>(kRelTol) * scale, floor);
   float worst = 0.0f;
   for (int c = 0; c < nv; ++c) worst = std::max(worst, std::fabs(got[c] - want[c]));
   EXPECT_LE(worst, tol) << what;
@@ -118,8 +120,13 @@ TEST(KvShiftGpu, PromptLogitsMatchCpuAndReference) {
       const size_t last = (ids.size() - 1) * nv;
       const float scale = max_abs(cpu.data(), static_cast<int>(cpu.size()));
       expect_row(got.data() + last, want.data(), nv, scale, "reference, fused_max " + std::to_string(fused_max));
+      // Mid-prompt rows of this random-weight model (weights ~0.25, so activations grow through the layers) are
+      // sensitive to bf16 itself: the reference run in bfloat16 (golden.py) moves them by bf16_max_abs_diff, up to
+      // 0.85 where 4% of the largest logit is 0.38, and the plain Llama block with the same weights moves by 0.46.
+      // A bf16 backend is held to 1.25x what the independent bf16 run shows.
+      const float bf16 = 1.25f * pr["bf16_max_abs_diff"].get<float>();
       for (size_t r = 0; r < ids.size(); ++r) {
-        expect_row(got.data() + r * nv, cpu.data() + r * nv, nv, scale, "cpu row " + std::to_string(r));
+        expect_row(got.data() + r * nv, cpu.data() + r * nv, nv, scale, "cpu row " + std::to_string(r), bf16);
       }
     }
   }

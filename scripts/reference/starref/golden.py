@@ -12,7 +12,8 @@
 
 golden.json layout (the family goldens' layout plus the additions):
   prompts[]  {token_ids, last_logits (tiny) | top_logits [[id, logit]...] + logsumexp (trained), prompt_logprobs
-              (logprob of token_ids[t+1] after token_ids[..t], t = 0..n-2), max_abs_logit}
+              (logprob of token_ids[t+1] after token_ids[..t], t = 0..n-2), max_abs_logit, bf16_max_abs_diff (tiny:
+              the largest logit change over the prompt's rows when the same model runs in bfloat16)}
   greedy[]   {prompt_ids, generated_ids, margins, min_margin}
   star[]     {context_ids, query_ids, block, anchor, context_logprobs (over context+query[0], phase 1),
               query_logprobs (query[t+1] after query[..t]), last_logits | top_logits, generated_ids, margins,
@@ -96,6 +97,17 @@ def star_entry(model, context, query, block, anchor, n_new, full):
     return e, enc, q_logits
 
 
+def bf16_copy(model):
+    m = DecoderLM(model.cfg)
+    m.load_state_dict(model.state_dict())
+    m = m.to(torch.bfloat16).eval()
+    for layer in m.layers:
+        if hasattr(layer.self_attn, "k_shift"):
+            layer.self_attn.k_shift.data = layer.self_attn.k_shift.data.float()
+            layer.self_attn.v_shift.data = layer.self_attn.v_shift.data.float()
+    return m
+
+
 def check_star_block_covers_context(model, context, query):
     """A block at least as long as the context is global attention (a self-check of star.py)."""
     enc = star_encode(model, context, len(context))
@@ -135,8 +147,13 @@ def build_tiny(out, seed):
     golden = {"model": "tiny kvshift (random weights)", "reference": "scripts/reference/starref (float32, CPU)",
               "seed": seed, "versions": versions(), "dtype": "float32", "device": "cpu", "n_vocab": 256,
               "config": cfg.to_dict(), "prompts": [], "greedy": [], "star": []}
+    mb = bf16_copy(model)
     for p in prompts:
-        golden["prompts"].append(prompt_entry(model, p, True))
+        e = prompt_entry(model, p, True)
+        # How far the same weights move in bfloat16 (weights and activations rounded to bf16 after every op,
+        # the shift weights in fp32), over every row of the prompt: the scale of a bf16 backend's honest error.
+        e["bf16_max_abs_diff"] = f32((full_logits(mb, p).float() - full_logits(model, p)).abs().max())
+        golden["prompts"].append(e)
     for p in prompts[1:]:
         gen, margins = greedy(model, p, 32)
         golden["greedy"].append({"prompt_ids": p, "generated_ids": gen, "margins": margins,
