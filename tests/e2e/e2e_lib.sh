@@ -6,6 +6,13 @@ FAILS=0 PASSES=0
 pass() { echo "PASS: $1"; PASSES=$((PASSES + 1)); }
 fail() { echo "FAIL: $1"; FAILS=$((FAILS + 1)); }
 check() { if eval "$2"; then pass "$1"; else fail "$1"; fi; }
+# SIGTERM to pid $1, up to $2 checks $3 s apart for it to end, then SIGKILL; nothing when $1 is empty.
+stop_pid() {
+  [ -n "$1" ] || return 0
+  kill -TERM "$1" 2>/dev/null
+  for _ in $(seq 1 "$2"); do kill -0 "$1" 2>/dev/null || break; sleep "$3"; done
+  kill -KILL "$1" 2>/dev/null
+}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # Up to 120 s until readiness answers SERVING; fails at once when mpirun has ended.

@@ -9,11 +9,7 @@ BIN="$1" MODEL="$2"
 WORK="$(mktemp -d)"
 SERVER_PID=""
 cleanup() {
-  if [ -n "$SERVER_PID" ]; then
-    kill -TERM "$SERVER_PID" 2>/dev/null
-    for _ in $(seq 1 20); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.5; done
-    kill -KILL "$SERVER_PID" 2>/dev/null
-  fi
+  stop_pid "$SERVER_PID" 20 0.5
   rm -rf "$WORK"
 }
 trap cleanup EXIT

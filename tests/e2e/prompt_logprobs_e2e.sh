@@ -12,11 +12,7 @@ ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 WORK="$(mktemp -d)"
 MPI_PID=""
 cleanup() {
-  if [ -n "$MPI_PID" ]; then
-    kill -TERM "$MPI_PID" 2>/dev/null
-    for _ in $(seq 1 40); do kill -0 "$MPI_PID" 2>/dev/null || break; sleep 0.25; done
-    kill -KILL "$MPI_PID" 2>/dev/null
-  fi
+  stop_pid "$MPI_PID" 40 0.25
   rm -rf "$WORK"
 }
 trap cleanup EXIT
