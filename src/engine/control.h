@@ -70,6 +70,11 @@ class StepExecutor {
   int64_t phase1_steps() const { return phase1_steps_; }
   // Chunks of each block's forward for a request admitted with layers_per_chunk.
   int chunks_per_block(int layers_per_chunk) const { return encoder_.chunks_per_block(layers_per_chunk); }
+  // The layout every rank will compute for this context, with the model's own limits checked
+  // (ContextEncoder::layout_for), so that rank 0 refuses a request before any rank runs it.
+  Result<StarLayout> layout_for(int64_t n_context, const ContextPlan& plan) const {
+    return encoder_.layout_for(n_context, plan);
+  }
   Phase2Attention& phase2() { return phase2_; }
   // Rank 0, after a request's first DECODE: its prompt log-probabilities, one per prompt token after
   // the first, in order (position p scores token p + 1); empty when it asked for none. Moves them out.

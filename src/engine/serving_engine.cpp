@@ -96,8 +96,10 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
   if (a->req.block_size == 0) a->req.block_size = ctx_.star.block_size;
   if (a->req.anchor_size == -1) a->req.anchor_size = ctx_.star.anchor_size;
   const ContextPlan plan{a->req.mode, a->req.block_size, a->req.anchor_size, a->req.n_blocks};
-  SS_ASSIGN_OR_RETURN(const StarLayout layout, plan_layout(static_cast<int64_t>(a->req.context.size()), plan,
-                                                           ctx_.comm->world_size()));
+  // The model's layout limits too (a KV-shifting or Attamba model's halo): a layout the ranks
+  // would refuse mid-step is refused here, as the request's error.
+  SS_ASSIGN_OR_RETURN(const StarLayout layout,
+                      executor_->layout_for(static_cast<int64_t>(a->req.context.size()), plan));
   // Chunked prefill: the longest forward of phase 1 (a block; exact: a rank's span) is split by
   // layers so that each step does about prefill_chunk_tokens tokens' work.
   int64_t longest = 0;
