@@ -24,9 +24,10 @@
 #             corpus's val.bin in KVSHIFT_DIR, default .carry/kvshift/{kvshift-6l,llama-6l,val.bin}): the GPU
 #             tests whose names hold KvShift, then evals/perplexity.py over every validation window through a
 #             server per model, backend (KVSHIFT_BACKENDS, default "cuda cpu") and mode (global; star with blocks of 128) -> $OUT/kvshift_ppl.jsonl.
+#   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -48,6 +49,15 @@ if [ -f "$MODEL" ]; then
   echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $MODEL" | sha256sum -c - || rm -f "$MODEL"
 fi
 [ -f "$MODEL" ] || echo "default model not here yet (parts: $(ls /tmp/starserve-model 2>/dev/null | tr '\n' ' '))"
+# Gemma-3-270M (253 MB) travels in five parts, .carry/gemma-{a..e}/gemma.part{0..4}, one per call.
+GEMMA=models/gemma-3-270m-q4_k_m.gguf
+mkdir -p /tmp/starserve-gemma
+for part in .carry/gemma-?/gemma.part*; do [ -f "$part" ] && cp -n "$part" /tmp/starserve-gemma/; done
+if [ ! -f "$GEMMA" ] && [ "$(ls /tmp/starserve-gemma 2>/dev/null | wc -l)" -ge 5 ]; then
+  cat /tmp/starserve-gemma/gemma.part0 /tmp/starserve-gemma/gemma.part1 /tmp/starserve-gemma/gemma.part2 \
+    /tmp/starserve-gemma/gemma.part3 /tmp/starserve-gemma/gemma.part4 > "$GEMMA"
+  echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $GEMMA" | sha256sum -c - || rm -f "$GEMMA"
+fi
 
 SECONDS=0
 TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
@@ -62,7 +72,7 @@ for t in star_gpu_mpi_tests nccl_comm_tests; do
   grep -q "^build bin/$t:" "$BUILD/build.ninja" && TARGETS+=("$t")
 done
 # The server steps alone need only the server and its client.
-case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" eval "*) ;; *) TARGETS=(starserve starctl) ;; esac
+case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" eval "* | *" gemma "*) ;; *) TARGETS=(starserve starctl) ;; esac
 cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" \
   >"$OUT/build_model.log" 2>&1 || { grep -B2 -A10 "error" "$OUT/build_model.log" | head -80; exit 1; }
 echo "built in ${SECONDS}s"
@@ -210,6 +220,11 @@ PY
         kill $SERVER; wait $SERVER 2>/dev/null
       done
     done
+    ;;
+  gemma)
+    [ -f "$GEMMA" ] || { echo "gemma: not here yet (parts: $(ls /tmp/starserve-gemma 2>/dev/null | tr '\n' ' '))"; continue; }
+    echo "== Gemma-3-270M on the GPU against transformers (Gemma3Gpu.*)"
+    "$BIN/gpu_model_tests" --gtest_filter='Gemma3Gpu.*' 2>&1 | tee "$OUT/gemma_gpu.txt" | grep -E "gemma3 gpu|OK|FAIL|PASSED"
     ;;
   lifecycle)
     [ -f "$MODEL" ] || { echo "lifecycle: no model"; continue; }
