@@ -90,6 +90,14 @@ int run_serve(const CommandLine& cl, int* argc, char*** argv) {
     }
     EngineContext ctx = engine_context(cl.config, rt);
     ctx.heartbeat = heartbeat.get();
+    // A stopped rank 0 cannot end the job itself; the first worker to notice does.
+    std::unique_ptr<Watchdog> root_watchdog;
+    if (heartbeat) {
+      root_watchdog = std::make_unique<Watchdog>(*heartbeat, timeout_s, [&](const Status& why) {
+        log_error("ending the job (exit code {}): {}", kWatchdogExitCode, why.message());
+        rt.comm->abort_job(kWatchdogExitCode);
+      });
+    }
     st = run_worker(ctx);
     if (!st.ok()) log_error("worker stopped: {}", st.to_string());
     return st.ok() ? 0 : 1;

@@ -49,6 +49,10 @@ class Heartbeat {
   virtual void set_progress(int64_t value) = 0;
   // Rank 0: every other rank, in rank order. Other ranks: empty. Thread-safe.
   virtual std::vector<PeerBeat> peers() const = 0;
+  // Other ranks: seconds since rank 0 last answered a beat (rank 0's heartbeat thread replies to each one), since
+  // start_heartbeat while none was answered. A stopped rank 0 (SIGSTOP, a frozen host) answers none. Rank 0: -1.
+  // Thread-safe.
+  virtual double root_silent_s() const { return -1; }
 };
 
 class Communicator {

@@ -77,10 +77,12 @@ Status wait_without_spinning(MPI_Request* request, const char* what) {
 }
 
 constexpr int kHeartbeatTag = 1;
+constexpr int kHeartbeatReplyTag = 2;
 constexpr int kHostChars = 256;  // host names as gathered for the heartbeat, cut to this length
 
 // Workers send rank 0 {progress, main thread's CPU ns} every interval on a duplicate of the world; rank 0's thread
-// receives them (any source) and keeps the time and value of each rank's last one, and when its CPU time last grew.
+// receives them (any source) and keeps the time and value of each rank's last one, and when its CPU time last grew,
+// and answers each with a reply, whose arrival the worker's thread times (root_silent_s).
 // Constructed on the main thread (the one whose CPU time is reported).
 class MpiHeartbeat final : public Heartbeat {
  public:
@@ -95,6 +97,8 @@ class MpiHeartbeat final : public Heartbeat {
       peers_[r].rank = static_cast<int>(r);
       peers_[r].host = std::move(hosts[r]);
     }
+    last_reply_ns_ = now_ns();
+    replies_.assign(hosts.size(), MPI_REQUEST_NULL);
     thread_ = std::thread([this] { rank_ == 0 ? receive_loop() : send_loop(); });
   }
   ~MpiHeartbeat() override {
@@ -102,6 +106,10 @@ class MpiHeartbeat final : public Heartbeat {
     if (thread_.joinable()) thread_.join();
   }
   void set_progress(int64_t value) override { progress_ = value; }
+  double root_silent_s() const override {
+    if (rank_ == 0) return -1;
+    return static_cast<double>(now_ns() - last_reply_ns_.load()) * 1e-9;
+  }
   std::vector<PeerBeat> peers() const override {
     if (rank_ != 0) return {};
     std::lock_guard<std::mutex> lock(mu_);
@@ -121,9 +129,19 @@ class MpiHeartbeat final : public Heartbeat {
     if (!has_main_clock_ || clock_gettime(main_clock_, &ts) != 0) return -1;
     return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
   }
+  static int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+  }
   void send_loop() {
     MPI_Request pending = MPI_REQUEST_NULL;
+    MPI_Request reply = MPI_REQUEST_NULL;
+    MPI_Irecv(&reply_in_, 1, MPI_INT64_T, 0, kHeartbeatReplyTag, comm_, &reply);
     while (!stop_) {
+      int got = 0;
+      if (MPI_Test(&reply, &got, MPI_STATUS_IGNORE) == MPI_SUCCESS && got) {
+        last_reply_ns_ = now_ns();
+        MPI_Irecv(&reply_in_, 1, MPI_INT64_T, 0, kHeartbeatReplyTag, comm_, &reply);
+      }
       int done = 1;
       if (pending != MPI_REQUEST_NULL) MPI_Test(&pending, &done, MPI_STATUS_IGNORE);
       // A beat still in flight (rank 0 not receiving) is not stacked with another.
@@ -138,6 +156,10 @@ class MpiHeartbeat final : public Heartbeat {
     }
     // An unreceived beat is dropped with the duplicate communicator when MPI is finalised.
     if (pending != MPI_REQUEST_NULL) MPI_Request_free(&pending);
+    if (reply != MPI_REQUEST_NULL) {
+      MPI_Cancel(&reply);
+      MPI_Wait(&reply, MPI_STATUS_IGNORE);
+    }
   }
   void receive_loop() {
     int64_t in[2] = {0, 0};
@@ -161,6 +183,10 @@ class MpiHeartbeat final : public Heartbeat {
           // An unreadable clock (-1) keeps the rank counted as running.
           if (in[1] < 0 || in[1] != cpu_ns_[src]) ran_[src] = last_[src];
           cpu_ns_[src] = in[1];
+          // The reply: one in flight per rank at most (a worker that does not receive gets no stack of them).
+          int sent = 1;
+          if (replies_[src] != MPI_REQUEST_NULL) MPI_Test(&replies_[src], &sent, MPI_STATUS_IGNORE);
+          if (sent) MPI_Isend(&reply_out_, 1, MPI_INT64_T, src, kHeartbeatReplyTag, comm_, &replies_[src]);
         }
       }
       MPI_Irecv(in, 2, MPI_INT64_T, MPI_ANY_SOURCE, kHeartbeatTag, comm_, &request);
@@ -168,6 +194,9 @@ class MpiHeartbeat final : public Heartbeat {
     if (request != MPI_REQUEST_NULL) {
       MPI_Cancel(&request);
       MPI_Wait(&request, MPI_STATUS_IGNORE);
+    }
+    for (MPI_Request& r : replies_) {
+      if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
     }
   }
 
@@ -181,6 +210,10 @@ class MpiHeartbeat final : public Heartbeat {
   clockid_t main_clock_{};
   bool has_main_clock_ = false;
   int64_t out_[2] = {0, 0};  // the beat being sent (send thread): progress, main thread's CPU ns
+  int64_t reply_in_ = 0;      // a reply being received (send thread)
+  int64_t reply_out_ = 0;     // the reply's payload (receive thread; its arrival is what counts)
+  std::vector<MPI_Request> replies_;             // receive thread: the reply in flight to each rank
+  std::atomic<int64_t> last_reply_ns_{0};        // send thread: when rank 0's last reply arrived (steady clock)
   mutable std::mutex mu_;
   std::vector<PeerBeat> peers_;         // guarded by mu_; index = rank
   std::vector<Clock::time_point> last_;  // guarded by mu_: each rank's last beat (start_ until one arrives)

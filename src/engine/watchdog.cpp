@@ -54,9 +54,23 @@ std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& pe
                      rank0.running_s, fmt::join(lagging, "; "), timeout_s);
 }
 
+std::optional<std::string> diagnose_silent_root(double root_silent_s, double timeout_s) {
+  if (root_silent_s <= timeout_s) return std::nullopt;
+  return fmt::format("rank 0 has answered no heartbeat for {:.1f} s (stopped, frozen or cut off)", root_silent_s);
+}
+
 Watchdog::Watchdog(const Heartbeat& heartbeat, double timeout_s, std::function<StepState()> step,
                    std::function<void(const Status&)> on_hang)
-    : heartbeat_(heartbeat), timeout_s_(timeout_s), step_(std::move(step)), on_hang_(std::move(on_hang)) {
+    : diagnose_([&heartbeat, timeout_s, step = std::move(step)] {
+        return diagnose_silent_ranks(heartbeat.peers(), step(), timeout_s);
+      }),
+      on_hang_(std::move(on_hang)) {
+  thread_ = std::thread([this] { loop(); });
+}
+
+Watchdog::Watchdog(const Heartbeat& heartbeat, double timeout_s, std::function<void(const Status&)> on_hang)
+    : diagnose_([&heartbeat, timeout_s] { return diagnose_silent_root(heartbeat.root_silent_s(), timeout_s); }),
+      on_hang_(std::move(on_hang)) {
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -72,7 +86,7 @@ Watchdog::~Watchdog() {
 void Watchdog::loop() {
   std::unique_lock<std::mutex> lock(mu_);
   while (!cv_.wait_for(lock, kCheckInterval, [this] { return stop_; })) {
-    const std::optional<std::string> found = diagnose_silent_ranks(heartbeat_.peers(), step_(), timeout_s_);
+    const std::optional<std::string> found = diagnose_();
     if (!found) continue;
     log_error("watchdog: {}", *found);
     lock.unlock();

@@ -1,4 +1,4 @@
-// Rank 0's watchdog: notices a rank that stopped answering. Its thread reads the heartbeats the other ranks send
+// Rank 0's watchdog: notices a rank that stopped answering (and the other ranks' one, a stopped rank 0: see below). Its thread reads the heartbeats the other ranks send
 // (comm/communicator.h, Heartbeat) and rank 0's own step progress, and names
 //   - a rank whose last beat is older than the timeout (stopped, frozen, cut off: its heartbeat thread is silent),
 //   - a rank that reports it failed a step (progress_failed: its forward returned an error, so it cannot stay in
@@ -46,12 +46,17 @@ inline int64_t progress_failed(int64_t step) { return -step; }
 // The diagnosis, or nullopt when every rank answers. timeout_s > 0.
 std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& peers, const StepState& rank0,
                                                  double timeout_s);
+// Another rank's diagnosis of rank 0 (Heartbeat::root_silent_s): nullopt while it answered within timeout_s.
+std::optional<std::string> diagnose_silent_root(double root_silent_s, double timeout_s);
 
 class Watchdog {
  public:
   // heartbeat and the callables must outlive the watchdog; `step` is called from the watchdog's thread.
   Watchdog(const Heartbeat& heartbeat, double timeout_s, std::function<StepState()> step,
            std::function<void(const Status&)> on_hang);
+  // The other ranks' watchdog: rank 0 stopped (its heartbeat thread answers no beat), so nobody else would end
+  // the job; on_hang is called once with the diagnosis.
+  Watchdog(const Heartbeat& heartbeat, double timeout_s, std::function<void(const Status&)> on_hang);
   ~Watchdog();  // stops the thread (waits for on_hang if it is running)
   Watchdog(const Watchdog&) = delete;
   Watchdog& operator=(const Watchdog&) = delete;
@@ -59,9 +64,7 @@ class Watchdog {
  private:
   void loop();
 
-  const Heartbeat& heartbeat_;
-  const double timeout_s_;
-  const std::function<StepState()> step_;
+  const std::function<std::optional<std::string>()> diagnose_;
   const std::function<void(const Status&)> on_hang_;
   std::mutex mu_;
   std::condition_variable cv_;

@@ -5,7 +5,8 @@
 #   - graceful shutdown: SIGTERM (to every rank) with --shutdown-grace 0 ends a long stream with finish reason
 #     cancelled and its partial text, the job exits 0; with a generous grace the stream completes, the job exits 0;
 #   - watchdog: a SIGSTOPped worker fails the running stream with UNAVAILABLE naming rank 1, readiness turns
-#     NOT_SERVING, mpirun exits non-zero; a SIGKILLed worker ends the job with a log naming it.
+#     NOT_SERVING, mpirun exits non-zero; a SIGKILLed worker ends the job with a log naming it; a SIGSTOPped rank 0
+#     is noticed by the worker, which ends the job (exit code 3) naming rank 0.
 # Every wait is bounded (generously: no timing is asserted); servers are stopped on exit whatever happens.
 # LIFECYCLE_SERVER_ARGS (default empty) is appended to every server's flags, split on whitespace, e.g.
 # LIFECYCLE_SERVER_ARGS="--backend cuda" on a GPU machine (both ranks then share the GPU).
@@ -141,6 +142,19 @@ kill -KILL "$(pid_of_rank 1)"
 wait_exit "$MPI_PID" 120
 check "killed worker: mpirun exits non-zero (exit $RC)" '[ $RC != 0 ] && [ $RC != 124 ]'
 check "killed worker: the log names rank 1 and the signal" 'grep -Eq "rank 1 .*(signal 9|Killed)" "$WORK/killed.log"'
+
+# ---- 5. a stopped rank 0: the worker ends the job ----
+start stopped0 --watchdog-timeout 3 --log-level info
+wait_ready
+check "fifth server ready" '[ $? = 0 ]'
+RANK0=$(pid_of_rank 0)
+kill -STOP "$RANK0"
+wait_exit "$MPI_PID" 120
+kill -CONT "$RANK0" 2>/dev/null
+check "stopped rank 0: mpirun exits with the watchdog's code 3 (exit $RC)" '[ $RC = 3 ]'
+check "stopped rank 0: rank 1's log names rank 0 and the job's end" \
+  'grep -q "\[rank 1/2\] watchdog: rank 0 has answered no heartbeat" "$WORK/stopped0.log" &&
+   grep -q "\[rank 1/2\] ending the job (exit code 3)" "$WORK/stopped0.log"'
 
 echo "$PASSES passed, $FAILS failed"
 [ $FAILS = 0 ] || { for f in "$WORK"/*.log; do echo "== $f"; tail -20 "$f"; done; }

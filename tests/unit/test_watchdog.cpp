@@ -85,5 +85,14 @@ TEST(Watchdog, NamesARankThatFailedAStepAtOnce) {
   EXPECT_FALSE(diagnose_silent_ranks({beat(1, 0.5, progress_completed(7))}, StepState{7, 7, 0}, 30));
 }
 
+// The other ranks' view of rank 0: silent past the timeout is a diagnosis naming rank 0, within it none.
+TEST(Watchdog, OtherRanksNameASilentRankZero) {
+  EXPECT_FALSE(diagnose_silent_root(1.2, 3));
+  EXPECT_FALSE(diagnose_silent_root(3.0, 3));
+  const auto found = diagnose_silent_root(4.5, 3);
+  ASSERT_TRUE(found);
+  EXPECT_NE(found->find("rank 0 has answered no heartbeat for 4.5 s"), std::string::npos) << *found;
+}
+
 }  // namespace
 }  // namespace starserve
