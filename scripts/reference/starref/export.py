@@ -8,7 +8,14 @@ model.norm.weight, lm_head.weight when untied). The variants add:
   kvshift  model.layers.N.self_attn.k_shift and .v_shift, float32 [n_kv_heads, 2]: column 0 weighs the previous
            token's raw k (v), column 1 the current token's; config.json model_type "kvshift_llama",
            architectures ["KVShiftLlamaForCausalLM"].
-Weights are stored in float32 unless --dtype says otherwise (the shift weights always in float32).
+  attamba  no self_attn.k_proj / v_proj; for S in {k_ssm, v_ssm}: model.layers.N.self_attn.S.in_proj.weight
+           (2*d_inner + 2*G*N + H, dim), .conv1d.weight (conv_dim, 1, W), .conv1d.bias (conv_dim), .dt_bias (H),
+           .A_log (H), .D (H), .norm.weight (d_inner), .out_proj.weight (dim, d_inner); config.json model_type
+           "attamba", architectures ["AttambaForCausalLM"], attamba_chunk_size, attamba_leading_tokens,
+           attamba_cyclic_offsets, ssm_d_inner, ssm_d_state, ssm_n_heads, ssm_n_groups, ssm_conv_width
+           (docs/specs/attamba.md, "Files").
+Weights are stored in float32 unless --dtype says otherwise (the shift weights and the SSMs' small tensors always
+in float32).
 """
 import argparse
 import json
@@ -20,18 +27,22 @@ import torch
 from .data import EOT
 from .model import DecoderLM, ModelConfig
 
-MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "kvshift": ("kvshift_llama", "KVShiftLlamaForCausalLM")}
+MODEL_TYPES = {"llama": ("llama", "LlamaForCausalLM"), "kvshift": ("kvshift_llama", "KVShiftLlamaForCausalLM"),
+               "attamba": ("attamba", "AttambaForCausalLM")}
+# The SSMs' small tensors, kept in float32 whatever the storage type.
+SSM_FP32 = (".conv1d.weight", ".conv1d.bias", ".dt_bias", ".A_log", ".D", "_ssm.norm.weight")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def hf_state_dict(model: DecoderLM, dtype=torch.float32):
-    """The HF-named tensors, stored in dtype except the [n_kv, 2] shift weights, which stay float32."""
+    """The HF-named tensors, stored in dtype except the [n_kv, 2] shift weights and the SSMs' small tensors, which
+    stay float32."""
     out = {}
     for name, t in model.state_dict().items():
         key = name if name.startswith("lm_head") else "model." + name
-        keep = name.endswith("_shift")
+        keep = name.endswith("_shift") or ("_ssm." in name and name.endswith(SSM_FP32))
         out[key] = t.detach().to(torch.float32 if keep else dtype).contiguous().cpu()
     return out
 
@@ -47,6 +58,11 @@ def hf_config(cfg: ModelConfig, eot_id):
     if cfg.variant == "kvshift":
         c["kv_shift"] = dict(layout="[num_key_value_heads, 2]; column 0 previous token, column 1 current token",
                              applies_to="raw k and v after the projections, before RoPE")
+    if cfg.variant == "attamba":
+        c.update(attamba_chunk_size=cfg.attamba_chunk, attamba_leading_tokens=cfg.attamba_leading,
+                 attamba_cyclic_offsets=cfg.attamba_cyclic_offsets, ssm_d_inner=cfg.ssm_d_inner,
+                 ssm_d_state=cfg.ssm_d_state, ssm_n_heads=cfg.ssm_heads, ssm_n_groups=cfg.ssm_groups,
+                 ssm_conv_width=cfg.ssm_conv)
     return c
 
 

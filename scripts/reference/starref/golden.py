@@ -219,13 +219,20 @@ def load_exported(path):
     """A model exported by starref.export (any stored dtype), as a float32 reference model."""
     from safetensors.torch import load_file
 
-    c = json.load(open(os.path.join(path, "config.json")))
-    variant = "kvshift" if c["model_type"] == "kvshift_llama" else "llama"
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    variant = {"kvshift_llama": "kvshift", "attamba": "attamba"}.get(c["model_type"], "llama")
+    extra = {}
+    if variant == "attamba":
+        extra = dict(attamba_chunk=c["attamba_chunk_size"], attamba_leading=c["attamba_leading_tokens"],
+                     attamba_cyclic_offsets=c["attamba_cyclic_offsets"], ssm_d_inner=c["ssm_d_inner"],
+                     ssm_d_state=c["ssm_d_state"], ssm_heads=c["ssm_n_heads"], ssm_groups=c["ssm_n_groups"],
+                     ssm_conv=c["ssm_conv_width"])
     cfg = ModelConfig(vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
                       n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"],
                       ffn_dim=c["intermediate_size"], max_position=c["max_position_embeddings"],
                       rope_theta=c["rope_theta"], norm_eps=c["rms_norm_eps"], tie_embeddings=c["tie_word_embeddings"],
-                      variant=variant).validate()
+                      variant=variant, **extra).validate()
     model = DecoderLM(cfg)
     state = {(k if k.startswith("lm_head") else k[len("model."):]): v.float()
              for k, v in load_file(os.path.join(path, "model.safetensors")).items()}

@@ -11,10 +11,16 @@ block and nothing else, so that a comparison between two trained models is a com
                      token, column 1 the current one), k_{-1} = v_{-1} = 0 at the sequence start. RoPE rotates k^_t
                      with the token's own position t. Init: a[:, 1], b[:, 1] ~ U(0, 1), a[:, 0] = 1 - a[:, 1],
                      b[:, 0] = 1 - b[:, 1].
+  variant "attamba"  Attamba (arXiv 2411.17685, docs/specs/attamba.md): the K and V projections replaced by
+                     chunk-local Mamba-2 SSMs with a residual (k = SSM_k(h) + h, v = SSM_v(h) + h, n_kv_heads =
+                     n_heads), attention over the band of the last L tokens and the chunks' boundary tokens
+                     (attamba.py). Settings: attamba_chunk (P), attamba_leading (L), attamba_cyclic_offsets,
+                     ssm_d_inner, ssm_d_state (N), ssm_heads (H), ssm_groups (G), ssm_conv (W).
 
 Every model runs two ways: forward() over a whole sequence (training, prefill), and step() one token at a time
 with a cache (decode). For kvshift the decode cache keeps, per layer, the raw (pre-mix, pre-RoPE) k and v of the
 last token, which is what the next token's mix needs; prefill_equals_decode() in tests checks the two agree.
+For attamba the cache holds only the boundary tokens' k/v and the carry (attamba.py).
 """
 from dataclasses import asdict, dataclass, field
 import math
@@ -23,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-VARIANTS = ("llama", "kvshift")
+VARIANTS = ("llama", "kvshift", "attamba")
 
 
 @dataclass
@@ -41,6 +47,15 @@ class ModelConfig:
     variant: str = "llama"
     init_std: float = 0.02
     extra: dict = field(default_factory=dict)
+    # attamba only (ignored by the other variants)
+    attamba_chunk: int = 4
+    attamba_leading: int = 32
+    attamba_cyclic_offsets: bool = True
+    ssm_d_inner: int = 128
+    ssm_d_state: int = 64
+    ssm_heads: int = 4
+    ssm_groups: int = 1
+    ssm_conv: int = 4
 
     @property
     def head_dim(self):
@@ -53,6 +68,13 @@ class ModelConfig:
             raise ValueError("d_model must divide by n_heads and n_heads by n_kv_heads")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
+        if self.variant == "attamba":
+            if self.n_kv_heads != self.n_heads:
+                raise ValueError("attamba: n_kv_heads must equal n_heads (k and v have the model's width)")
+            if self.attamba_chunk < 1 or self.attamba_leading < 0 or self.ssm_conv < 2:
+                raise ValueError("attamba: chunk size >= 1, leading tokens >= 0, conv width >= 2")
+            if self.ssm_d_inner % self.ssm_heads or self.ssm_heads % self.ssm_groups:
+                raise ValueError("attamba: ssm_d_inner must divide by ssm_heads and ssm_heads by ssm_groups")
         return self
 
     def to_dict(self):
@@ -182,10 +204,14 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer=0):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.self_attn = Attention(cfg)
+        if cfg.variant == "attamba":
+            from .attamba import AttambaAttention
+            self.self_attn = AttambaAttention(cfg, layer)
+        else:
+            self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
@@ -199,7 +225,7 @@ class DecoderLM(nn.Module):
         super().__init__()
         self.cfg = cfg.validate()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.reset_parameters(seed)
@@ -215,13 +241,20 @@ class DecoderLM(nn.Module):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * std)
         for layer in self.layers:
-            layer.self_attn.reset_shift(g)
+            if self.cfg.variant == "attamba":
+                layer.self_attn.reset_ssm(g)
+            else:
+                layer.self_attn.reset_shift(g)
 
     def forward(self, ids, positions=None, caches=None):
         """ids: [B, T] -> logits [B, T, V] (float32)."""
         T = ids.shape[1]
         if positions is None:
-            start = 0 if not caches or "k" not in caches[0] else caches[0]["k"].shape[2]
+            start = 0
+            if caches and "k" in caches[0]:
+                start = caches[0]["k"].shape[2]
+            elif caches and "n" in caches[0]:
+                start = caches[0]["n"]
             positions = torch.arange(start, start + T, device=ids.device)
         x = self.embed_tokens(ids)
         for i, layer in enumerate(self.layers):

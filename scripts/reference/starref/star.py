@@ -9,12 +9,18 @@
   star_query(model, enc, query, n_new)  phase 2: the query attends to every block's KV and to itself (exact), its
       first token mixing with the last context token's raw k/v; then greedy decode.
 
+For Attamba (variant "attamba") phase 1 is attamba.star_encode: blocks a multiple of the chunk size, the anchor's
+boundaries as compressed keys, each block starting from the carry (ring of the last L k/v and the SSM state of a
+straddling chunk) of the block before it; exact=True gives every block all earlier boundaries (global attention).
+Phase 2 is the decode path over every block's boundaries and the last block's carry.
+
 Everything runs in float32 on one device; blocks are independent within a layer, so doing them one after another
 here gives what N ranks give.
 """
 import torch
 import torch.nn.functional as F
 
+from . import attamba
 from .model import apply_rope, rope_tables
 
 
@@ -50,10 +56,14 @@ def _logits(model, x):
 
 
 @torch.no_grad()
-def star_encode(model, context, block, anchor=None):
-    """context: list of ids. Returns dict(k, v: per layer [1, H_kv, n_ctx, D]; k_raw_last, v_raw_last: per layer
+def star_encode(model, context, block, anchor=None, exact=False):
+    """context: list of ids. exact (attamba only): every block sees all earlier context (exact mode). Returns dict(k, v: per layer [1, H_kv, n_ctx, D]; k_raw_last, v_raw_last: per layer
     [1, 1, H_kv, D] of the last context token; logits [n_ctx, V]: each context position's next-token logits from
-    its block's phase-1 encoding)."""
+    its block's phase-1 encoding); for attamba see attamba.star_encode."""
+    if model.cfg.variant == "attamba":
+        return attamba.star_encode(model, context, block, anchor, exact)
+    if exact:
+        raise ValueError("exact mode is implemented here for attamba only")
     anchor = block if anchor is None else anchor
     assert 0 < anchor <= block
     n = len(context)
@@ -97,8 +107,11 @@ def star_encode(model, context, block, anchor=None):
 @torch.no_grad()
 def star_query(model, enc, query, n_new=0):
     """Phase 2 from star_encode's state: returns (query logits [len(query), V], greedy ids, margins)."""
-    caches = [dict(k=enc["k"][i], v=enc["v"][i], k_raw_last=enc["k_raw_last"][i], v_raw_last=enc["v_raw_last"][i])
-              for i in range(len(model.layers))]
+    if "caches" in enc:
+        caches = [attamba.copy_cache(c) for c in enc["caches"]]
+    else:
+        caches = [dict(k=enc["k"][i], v=enc["v"][i], k_raw_last=enc["k_raw_last"][i],
+                       v_raw_last=enc["v_raw_last"][i]) for i in range(len(model.layers))]
     n = enc["n"]
     q_logits = model.forward(torch.tensor([query]), positions=torch.arange(n, n + len(query)), caches=caches)[0]
     out, margins = [], []

@@ -3,6 +3,8 @@ resumable from its last checkpoint, loss logged as JSON lines.
 
   python -m starref.train --task lm --data corpus/ --out runs/kvshift --variant kvshift --steps 2000
   python -m starref.train --task induction --out runs/ind-kvshift-1l --variant kvshift --layers 1 --steps 1500
+  python -m starref.train --task lm --data corpus/ --out runs/attamba --variant attamba --attamba-chunk 4 \
+      --attamba-leading 32 --ssm-d-inner 128 --ssm-d-state 64 --ssm-heads 4
 
 The batch of step s depends only on (seed, s), so a run resumed from a checkpoint sees the same data as an
 uninterrupted one. Writes OUT/config.json (model and run settings), OUT/log.jsonl, OUT/ckpt.pt (model, optimiser,
@@ -61,7 +63,10 @@ def model_config(args, vocab):
     return ModelConfig(vocab_size=vocab, d_model=args.width, n_layers=args.layers, n_heads=args.heads,
                        n_kv_heads=args.kv_heads or args.heads, ffn_dim=args.ffn or int(round(args.width * 8 / 3 / 64)) * 64,
                        max_position=max(args.seq, 2 * args.half_len + 1, args.max_position), variant=args.variant,
-                       tie_embeddings=not args.untied).validate()
+                       tie_embeddings=not args.untied, attamba_chunk=args.attamba_chunk,
+                       attamba_leading=args.attamba_leading, attamba_cyclic_offsets=not args.no_cyclic_offsets,
+                       ssm_d_inner=args.ssm_d_inner or args.width // 2, ssm_d_state=args.ssm_d_state,
+                       ssm_heads=args.ssm_heads, ssm_groups=args.ssm_groups, ssm_conv=args.ssm_conv).validate()
 
 
 def main(argv=None):
@@ -89,6 +94,16 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, default=500)
     ap.add_argument("--half-len", type=int, default=64, help="induction: length of the random sequence repeated")
     ap.add_argument("--vocab", type=int, default=512, help="induction: vocabulary of the random tokens")
+    ap.add_argument("--attamba-chunk", type=int, default=4, help="attamba: chunk size P")
+    ap.add_argument("--attamba-leading", type=int, default=32, help="attamba: leading tokens L (the band)")
+    ap.add_argument("--no-cyclic-offsets", action="store_true", help="attamba: every layer's offset 0")
+    ap.add_argument("--ssm-d-inner", type=int, default=0, help="attamba: SSM inner width (0 = width / 2)")
+    ap.add_argument("--ssm-d-state", type=int, default=64, help="attamba: SSM state size N")
+    ap.add_argument("--ssm-heads", type=int, default=4, help="attamba: SSM heads H")
+    ap.add_argument("--ssm-groups", type=int, default=1, help="attamba: SSM B/C groups G")
+    ap.add_argument("--ssm-conv", type=int, default=4, help="attamba: SSM conv width W")
+    ap.add_argument("--final-fp32-eval", action="store_true",
+                    help="also score the validation windows in float32 at the end (val_ppl_fp32 in final.json)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast")
     args = ap.parse_args(argv)
@@ -167,6 +182,9 @@ def main(argv=None):
             save()
     final = dict(step=step, variant=args.variant, layers=args.layers, width=args.width, task=args.task,
                  seconds=round(time.time() - t0, 1), **evaluate())
+    if args.final_fp32_eval and args.task == "lm":
+        r = evaluate_lm(model, val, args.seq, args.eval_windows, device, torch.float32)
+        final.update(val_loss_fp32=r["val_loss"], val_ppl_fp32=r["val_ppl"])
     json.dump(final, open(os.path.join(args.out, "final.json"), "w"), indent=1)
     emit(dict(final=True, **final))
 
