@@ -5,6 +5,9 @@
       golden.json: last-position logits and per-token prompt log-probabilities of three prompts, 32-token greedy
       continuations through the decode path, and Star Attention cases (phase-1 context log-probabilities, query
       logits, greedy) with the one-token halo semantics of starref/star.py.
+  python -m starref.golden attamba-tiny --out tests/golden/attamba
+      a tiny random-weight Attamba model (hf/: config.json, model.safetensors, tokenizer.json) and golden.json
+      (build_attamba_tiny says what it holds).
   python -m starref.golden trained --models models --corpus CORPUS --out tests/golden/kvshift_6l/golden.json
       the trained models/kvshift-6l and models/llama-6l (made by scripts/device/train_reference.sh, not committed):
       the tokenizer's ids for a few texts, top-64 last logits, prompt log-probabilities, greedy continuations, the
@@ -29,7 +32,7 @@ import numpy as np
 import torch
 
 from .data import EOT, TokenFile
-from .export import export
+from .export import SSM_FP32, export
 from .model import DecoderLM, ModelConfig
 from .star import star_encode, star_query, token_logprobs
 
@@ -101,6 +104,9 @@ def bf16_copy(model):
     m = DecoderLM(model.cfg)
     m.load_state_dict(model.state_dict())
     m = m.to(torch.bfloat16).eval()
+    for name, p in m.named_parameters():
+        if "_ssm." in name and name.endswith(SSM_FP32):
+            p.data = p.data.float()  # stored in float32 (export.py)
     for layer in m.layers:
         if hasattr(layer.self_attn, "k_shift"):
             layer.self_attn.k_shift.data = layer.self_attn.k_shift.data.float()
@@ -166,6 +172,89 @@ def build_tiny(out, seed):
         golden["star"].append(e)
     with open(os.path.join(out, "golden.json"), "w") as f:
         json.dump(golden, f, indent=1)
+    return golden
+
+
+ATTAMBA_TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tests", "golden",
+                                 "tokenizer", "tiny.tokenizer.json")
+
+
+def g7(x):
+    """A float32 value written with 7 significant digits (keeps the golden small; far below any tolerance)."""
+    return float(f"{float(x):.7g}")
+
+
+def make_attamba_tiny(out, base_seed=9001):
+    for seed in range(base_seed, base_seed + 50):
+        g = build_attamba_tiny(out, seed)
+        margins = [x["min_margin"] for x in g["greedy"] + g["star"] if x["min_margin"] is not None]
+        if min(margins) >= MIN_MARGIN:
+            print("attamba tiny seed", seed, "min margins", margins)
+            return
+    raise SystemExit("no seed gives greedy margins >= %g" % MIN_MARGIN)
+
+
+def build_attamba_tiny(out, seed):
+    """tests/golden/attamba: a tiny random Attamba model (3 layers, P = 8 with cyclic offsets 0, 2, 4, L = 5) in the
+    HF layout (hf/), and golden.json: per prompt the logits of a few rows (row t = next-token logits after
+    token_ids[..t]) and every row's prompt log-probability, greedy continuations through the decode path (its
+    compressed cache), the boundary positions each layer's cache holds, and Star Attention cases (star and exact
+    mode; the reference is one process: N ranks holding the same blocks give the same numbers)."""
+    with open(ATTAMBA_TOKENIZER) as f:
+        vocab = max(t["id"] for t in json.load(f)["added_tokens"]) + 1
+    cfg = ModelConfig(vocab_size=vocab, d_model=32, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=64, max_position=512,
+                      variant="attamba", tie_embeddings=True, init_std=0.25, attamba_chunk=8, attamba_leading=5,
+                      attamba_cyclic_offsets=True, ssm_d_inner=16, ssm_d_state=8, ssm_heads=4, ssm_groups=1,
+                      ssm_conv=4).validate()
+    model = DecoderLM(cfg, seed=seed).eval()
+    # The final norm's weight at 5 spreads the logits (tied embeddings of std 0.25 alone give top-2 gaps of a few
+    # thousandths, too close for greedy goldens).
+    model.norm.weight.fill_(5.0)
+    export(model, ATTAMBA_TOKENIZER, os.path.join(out, "hf"))
+    rng = np.random.default_rng(seed)
+    prompts = [[int(t) for t in rng.integers(1, vocab, n)] for n in (5, 37, 90)]
+    no_ssm = DecoderLM(cfg, seed=seed).eval()
+    no_ssm.load_state_dict(model.state_dict())
+    for layer in no_ssm.layers:
+        layer.self_attn.k_ssm.out_proj.weight.zero_()
+        layer.self_attn.v_ssm.out_proj.weight.zero_()
+    golden = {"model": "tiny attamba (random weights)", "reference": "scripts/reference/starref (float32, CPU)",
+              "seed": seed, "versions": versions(), "dtype": "float32", "device": "cpu", "n_vocab": vocab,
+              "config": cfg.to_dict(), "layer_offsets": [layer.self_attn.off for layer in model.layers],
+              "prompts": [], "greedy": [], "star": []}
+    mb = bf16_copy(model)
+    for p in prompts:
+        lg = full_logits(model, p)
+        rows = sorted({0, 8, 13, len(p) - 1} & set(range(len(p))))
+        e = {"token_ids": p, "rows": rows, "row_logits": [[g7(v) for v in lg[r].tolist()] for r in rows],
+             "prompt_logprobs": [g7(v) for v in token_logprobs(lg, p)], "max_abs_logit": g7(lg.abs().max()),
+             "bf16_max_abs_diff": g7((full_logits(mb, p).float() - lg).abs().max()),
+             # How much the SSM path moves the logits (out_proj of both SSMs zeroed): a check that it matters.
+             "no_ssm_max_abs_diff": g7((full_logits(no_ssm, p) - lg).abs().max())}
+        golden["prompts"].append(e)
+    caches = model.new_caches()
+    model(torch.tensor([prompts[2]]), caches=caches)
+    golden["cache_boundaries"] = {"prompt": 2, "positions": [c["bpos"].tolist() for c in caches]}
+    for p in prompts[1:]:
+        gen, margins = greedy(model, p, 32)
+        golden["greedy"].append({"prompt_ids": p, "generated_ids": gen, "margins": [g7(m) for m in margins],
+                                 "min_margin": g7(min(margins))})
+    context = [int(t) for t in rng.integers(1, vocab, 96)]
+    query = [int(t) for t in rng.integers(1, vocab, 7)]
+    check_star_block_covers_context(model, context, query)
+    for block, anchor, exact in ((32, 32, False), (24, 16, False), (40, 40, False), (16, 16, False),
+                                 (32, 32, True)):
+        enc = star_encode(model, context, block, anchor, exact)
+        q_logits, gen, margins = star_query(model, enc, query, 16)
+        ctx_lp = token_logprobs(torch.cat([enc["logits"], q_logits[:1]]), context + query[:1])
+        golden["star"].append({
+            "context_ids": context, "query_ids": query, "block": block, "anchor": anchor, "exact": exact,
+            "context_logprobs": [g7(v) for v in ctx_lp],
+            "query_logprobs": [g7(v) for v in token_logprobs(q_logits, query)],
+            "last_logits": [g7(v) for v in q_logits[-1].tolist()], "generated_ids": gen,
+            "margins": [g7(m) for m in margins], "min_margin": g7(min(margins))})
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump(golden, f, separators=(",", ":"))
     return golden
 
 
@@ -242,7 +331,7 @@ def load_exported(path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["tiny", "trained"])
+    ap.add_argument("what", choices=["tiny", "trained", "attamba-tiny"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", default="models")
     ap.add_argument("--corpus")
@@ -251,6 +340,9 @@ def main(argv=None):
     if args.what == "tiny":
         os.makedirs(args.out, exist_ok=True)
         make_tiny(args.out)
+    elif args.what == "attamba-tiny":
+        os.makedirs(args.out, exist_ok=True)
+        make_attamba_tiny(args.out)
     else:
         make_trained(args.models, args.corpus, args.out)
 

@@ -6,7 +6,8 @@
     without cyclic offsets, L in {0, 3, 16}); the decode cache holds only boundary k/v and a ring of L;
   - Star Attention: block >= context and exact mode equal global; two blocks with anchor = block equal global; the
     halo (ring + straddling SSM state) carries exactly what it should; block sizes not a multiple of P are refused;
-  - the export's names, shapes, storage types and config keys are the spec's, and load back to the same model.
+  - the export's names, shapes, storage types and config keys are the spec's, and load back to the same model;
+  - tests/golden/attamba holds what this reference computes from its stored model.
 
   python -m unittest discover -s scripts/reference/tests
 """
@@ -308,6 +309,31 @@ class ExportTest(unittest.TestCase):
             back = load_exported(d)
         self.assertFalse(back.cfg.attamba_cyclic_offsets)
         torch.testing.assert_close(back(ids), m(ids), rtol=0, atol=0)
+
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tests", "golden", "attamba")
+
+
+class GoldenTest(unittest.TestCase):
+    """tests/golden/attamba (starref.golden attamba-tiny) is what this reference computes from the stored model."""
+
+    @torch.no_grad()
+    def test_golden_matches_the_reference(self):
+        with open(os.path.join(GOLDEN, "golden.json")) as f:
+            g = json.load(f)
+        m = load_exported(os.path.join(GOLDEN, "hf"))
+        self.assertEqual([layer.self_attn.off for layer in m.layers], g["layer_offsets"])
+        self.assertEqual(g["layer_offsets"], [0, 2, 4])
+        for p in g["prompts"]:
+            lg = m(torch.tensor([p["token_ids"]]))[0]
+            torch.testing.assert_close(lg[p["rows"]], torch.tensor(p["row_logits"]), rtol=0, atol=2e-4)
+        for e in g["greedy"]:
+            self.assertEqual(m.generate(torch.tensor([e["prompt_ids"]]), len(e["generated_ids"])), e["generated_ids"])
+        e = next(e for e in g["star"] if not e["exact"] and e["block"] == 24)
+        enc = star_encode(m, e["context_ids"], e["block"], e["anchor"])
+        q, gen, _ = star_query(m, enc, e["query_ids"], len(e["generated_ids"]))
+        torch.testing.assert_close(q[-1], torch.tensor(e["last_logits"]), rtol=0, atol=2e-4)
+        self.assertEqual(gen, e["generated_ids"])
 
 
 if __name__ == "__main__":
