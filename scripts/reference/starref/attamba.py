@@ -34,7 +34,17 @@ t >= block). The block starts from the carry (ring + SSM state of a straddling c
 token before it, per layer (the halo); the ring provides the band only, so the previous block's boundaries are not
 seen in phase 1 except those of the anchor. Exact mode gives every block all earlier blocks' boundaries instead of
 the anchor's, which is global attention. Phase 2 (star.star_query) is the decode path over a cache that holds every
-block's own boundaries (the anchor's are not counted twice) and the last block's carry.
+block's own boundaries (the anchor's are not counted twice) and the last block's carry. Splitting those
+boundaries by the rank that stores them and merging the partials by LSE gives the same result (disjoint keys).
+
+Choices where the spec leaves room (docs/specs/attamba.md is not changed by them):
+  - The spec's overview says "RoPE on K only"; its "What starserve fixes" section says RoPE on q and k, which is
+    what is done here (rotating k alone would make the scores depend on absolute positions).
+  - The carry's S and conv tail are those after the last token processed; a call that starts at a chunk start
+    ignores them (the chunk restarts from zero), so no explicit reset is needed after a boundary.
+  - Every block (not only a rank's first) starts from the carry of the block before it: with N ranks the carry
+    crosses a rank boundary only at a rank's first block, so N ranks equal one process with the same blocks.
+  - The gated RMSNorm normalises over the whole d_inner (the spec), not per group as Mamba-2 does for G > 1.
 """
 import math
 
