@@ -8,6 +8,8 @@
 
 #include <fmt/format.h>
 
+#include "common/check.h"
+
 namespace starserve {
 
 namespace {
@@ -27,27 +29,33 @@ uint64_t hash_name(std::string_view s) {
 
 // Maps the tensor name to (shape, init). Norm weights are near 1; linear weights ~ U(-a, a) with
 // a = sqrt(3 / fan_in), i.e. unit-variance outputs, so activations stay O(1) through the layers.
+// KV-shifting weights (n_kv_heads, 2): column 0 weighs the previous token, column 1 the current
+// one (arch_kvshift.cpp); previous in [0, 0.5) and current in [0.5, 1), so the mix keeps k and v at
+// the plain projections' scale while the previous token still counts.
+enum class Init { kLinear, kNorm, kShift };
+
 struct Spec {
   std::vector<int64_t> shape;
-  bool norm = false;
+  Init init = Init::kLinear;
 };
 
 bool spec_for(const ModelHParams& hp, const std::string& name, Spec* out) {
   const int64_t q_dim = static_cast<int64_t>(hp.n_heads) * hp.head_dim;
   const int64_t kv_dim = static_cast<int64_t>(hp.n_kv_heads) * hp.head_dim;
   if (name == "token_embd.weight") return *out = {{hp.n_vocab, hp.hidden}}, true;
-  if (name == "output_norm.weight") return *out = {{hp.hidden}, true}, true;
+  if (name == "output_norm.weight") return *out = {{hp.hidden}, Init::kNorm}, true;
   if (name == "output.weight") return hp.tied_embeddings ? false : (*out = {{hp.n_vocab, hp.hidden}}, true);
   int layer = -1;
   char rest[64] = {0};
   if (std::sscanf(name.c_str(), "blk.%d.%63s", &layer, rest) != 2 || layer < 0 || layer >= hp.n_layers) return false;
   const std::string r(rest);
-  if (r == "attn_norm.weight" || r == "ffn_norm.weight") return *out = {{hp.hidden}, true}, true;
+  if (r == "attn_norm.weight" || r == "ffn_norm.weight") return *out = {{hp.hidden}, Init::kNorm}, true;
   if (r == "attn_q.weight") return *out = {{q_dim, hp.hidden}}, true;
   if (r == "attn_k.weight" || r == "attn_v.weight") return *out = {{kv_dim, hp.hidden}}, true;
   if (r == "attn_output.weight") return *out = {{hp.hidden, q_dim}}, true;
   if (r == "ffn_gate.weight" || r == "ffn_up.weight") return *out = {{hp.ffn_hidden, hp.hidden}}, true;
   if (r == "ffn_down.weight") return *out = {{hp.hidden, hp.ffn_hidden}}, true;
+  if (hp.kv_shift && (r == "attn_k_shift" || r == "attn_v_shift")) return *out = {{hp.n_kv_heads, 2}, Init::kShift}, true;
   return false;
 }
 
@@ -67,12 +75,16 @@ Result<HostTensor> RandomWeightSource::load(const std::string& name) const {
   t.shape = s.shape;
   t.data.resize(t.numel());
   const uint64_t base = splitmix64(seed_ ^ hash_name(name));
-  const float a = s.norm ? 0.1f : std::sqrt(3.0f / static_cast<float>(s.shape.back()));
+  const float a = s.init == Init::kLinear ? std::sqrt(3.0f / static_cast<float>(s.shape.back())) : 0.1f;
   auto fill = [&](size_t begin, size_t end) {
     for (size_t i = begin; i < end; ++i) {
       // 24 random bits -> uniform in [-1, 1).
       const float u = static_cast<float>(splitmix64(base + i) >> 40) / static_cast<float>(1 << 23) - 1.0f;
-      t.data[i] = s.norm ? 1.0f + a * u : a * u;
+      switch (s.init) {
+        case Init::kLinear: t.data[i] = a * u; break;
+        case Init::kNorm: t.data[i] = 1.0f + a * u; break;
+        case Init::kShift: t.data[i] = (i % 2 == 0 ? 0.25f : 0.75f) + 0.25f * u; break;
+      }
     }
   };
   // Element i depends on i alone, so large tensors (8B-shaped models) fill in parallel.
@@ -86,7 +98,8 @@ Result<HostTensor> RandomWeightSource::load(const std::string& name) const {
 }
 
 std::string RandomWeightSource::describe() const {
-  return fmt::format("random weights (seed {}), {} layers, hidden {}", seed_, hp_.n_layers, hp_.hidden);
+  return fmt::format("random weights (seed {}), arch {}, {} layers, hidden {}", seed_, hp_.arch, hp_.n_layers,
+                     hp_.hidden);
 }
 
 ModelHParams tiny_llama_hparams() {
@@ -142,6 +155,15 @@ ModelHParams llama3_8b_hparams(int n_layers) {
   hp.rope_dim = 128;
   hp.rope_style = RopeStyle::kHalf;
   hp.tied_embeddings = false;
+  return hp;
+}
+
+ModelHParams kvshift_hparams(ModelHParams hp) {
+  SS_CHECK(hp.arch == "llama", "kvshift_hparams: {} is not a Llama shape", hp.arch);
+  hp.arch = "kvshift";
+  hp.arch_name = "kvshift_llama";
+  hp.name += "-kvshift";
+  hp.kv_shift = true;
   return hp;
 }
 

@@ -34,4 +34,8 @@ ModelHParams small_llama_hd64_hparams();
 // RoPE theta 500000) with n_layers layers (32 in the real model). Context limit set to 512K.
 ModelHParams llama3_8b_hparams(int n_layers = 32);
 
+// The KV-shifting variant of a Llama shape (arch kvshift, model/arch_kvshift.cpp): the same blocks,
+// and RandomWeightSource adds each layer's blk.N.attn_k_shift / attn_v_shift, (n_kv_heads, 2) fp32.
+ModelHParams kvshift_hparams(ModelHParams llama);
+
 }  // namespace starserve
