@@ -4,8 +4,9 @@
 // decode batches (one row per sequence), one long chunk, fp32 and bf16 rows, inputs read as slices of
 // one wider row (the in_proj output), and the same rows fed in two calls with the carry kept on the
 // device (the kernels' result must equal the reference's one call).
-// Tolerances: inputs are bf16-exact, so kernel and reference see the same values. The conv and the
-// norm differ by a few fp32 roundings of terms of order 1 (2^-18 relative + absolute). The scan's
+// Tolerances: inputs are bf16-exact, so kernel and reference see the same values. The conv differs
+// by a few fp32 roundings of terms of order 1 (2^-18 relative + absolute), the norm by its fp32 sum
+// of squares (2^-15). The scan's
 // state and y differ by fp32 roundings that grow with N (the dot) and the steps since the chunk start
 // (the recurrence), each at most 2^-24 of the magnitude sum M (the same recurrence run on |x|, |B|,
 // |C|, an upper bound of every partial sum); 2^-14 M covers N + steps ≤ 1024. bf16 outputs add one
@@ -248,7 +249,8 @@ void check_norm(const Shape& s, SsmDtype dt) {
   p.dtype = dt;
   SS_CHECK_CALL(launch_gated_rms_norm(p, nullptr));
   SS_CHECK_CALL(cudaDeviceSynchronize());
-  const float rel = dt == SsmDtype::kBf16 ? 2 * kBf16U : std::ldexp(1.0f, -18);
+  // fp32: the sum of d <= 256 squares may differ by d 2^-24 relative from the reference's double sum.
+  const float rel = dt == SsmDtype::kBf16 ? 2 * kBf16U : std::ldexp(1.0f, -15);
   expect_within(d_y.get(), out_ref, rel, {std::ldexp(1.0f, -18)}, "norm " + name(s, dt, 0));
 }
 
