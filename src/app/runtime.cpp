@@ -86,8 +86,15 @@ Status load_runtime(const Config& config, Runtime& rt) {
     return invalid_argument("kv_memory_mb = {} holds no page of {} tokens ({} bytes per page)",
                             config.scheduler.kv_memory_mb, config.scheduler.kv_page_size, page_bytes);
   }
-  rt.cache = std::make_unique<KvCache>(
-      *rt.backend, KvCacheShape{hp.n_layers, hp.n_kv_heads, hp.head_dim, config.scheduler.kv_page_size, pages});
+  KvCacheShape shape{hp.n_layers, hp.n_kv_heads, hp.head_dim, config.scheduler.kv_page_size, pages};
+  shape.compressed_chunk = hp.attamba.chunk;  // Attamba stores only chunk boundaries' k/v
+  rt.cache = std::make_unique<KvCache>(*rt.backend, shape);
+  if (rt.comm->rank() == 0 && hp.attamba.enabled()) {
+    log_info("Attamba: chunk size P = {}, leading tokens L = {}, cyclic offsets {}: each layer stores 1 KV entry "
+             "per {} tokens (plus position 0) and a band of {} tokens; carry {} floats per layer and sequence",
+             hp.attamba.chunk, hp.attamba.leading, hp.attamba.cyclic_offsets ? "on" : "off", hp.attamba.chunk,
+             hp.attamba.leading + 1, AttambaCarryLayout::of(hp.attamba, hp.hidden).floats());
+  }
   if (rt.comm->rank() == 0) {
     log_info("KV cache per rank: {} pages x {} tokens = {} tokens ({} MiB)", pages,
                  config.scheduler.kv_page_size, pages * config.scheduler.kv_page_size,

@@ -14,6 +14,7 @@
 #include "common/status.h"
 #include "kernels/ref/attention_ref.h"
 #include "kernels/ref/rope_style.h"
+#include "kernels/ref/ssm_ref.h"
 
 namespace starserve {
 
@@ -98,6 +99,14 @@ struct BackendFeatures {
   int64_t window = 0;          // the largest sliding window of any layer (0 = none)
   float attn_softcap = 0.0f;   // attention logit soft-capping (0 = none)
   bool kv_shift = false;       // split_qkv_shift_rope and kv_shift_rope (KV-shifting attention)
+  bool ssm = false;            // causal_conv1d_silu, ssd_scan, gated_rms_norm (Attamba's chunk-local SSMs)
+};
+
+// Sizes of one Mamba-2 SSD (Attamba's k_ssm / v_ssm): H heads of Pd values, G groups of N states.
+struct SsmDims {
+  int n_heads = 0, head_dim = 0, n_groups = 1, d_state = 0;
+  int64_t d_inner() const { return int64_t{n_heads} * head_dim; }
+  int64_t conv_dim() const { return d_inner() + 2 * int64_t{n_groups} * d_state; }
 };
 
 // One layer's KV-shifting mix (arXiv 2411.19574; kernels/ref/ops_ref.h kv_shift_ref): each token's
@@ -229,12 +238,35 @@ class Backend {
     SS_CHECK(false, "backend {} has no kv_shift_rope ({} tokens, {} prev rows, {} rope dims, style {})", name(),
              k_raw.shape[0], shift.prev.rows(), rope_dim, static_cast<int>(style));
   }
+  // Attamba's chunk-local SSM (kernels/ref/ssm_ref.h, the same semantics and argument order); rows
+  // describes the batch (each row's sequence and whether it starts a chunk). Weights and states fp32.
+  // out (T, conv_dim) = silu(conv1d(in[:, in_col : in_col + conv_dim]) + bias); in (T, in_cols) in the
+  // compute dtype; weight (conv_dim, W); bias (conv_dim); tail (n_seqs, W - 1, conv_dim) in/out.
+  virtual void causal_conv1d_silu(Tensor out, Tensor /*in*/, int64_t in_col, Tensor weight, Tensor /*bias*/,
+                                  Tensor /*tail*/, SsmRows /*rows*/) {
+    SS_CHECK(false, "backend {} has no causal_conv1d_silu ({} rows from column {}, width {})", name(), out.rows(),
+             in_col, weight.cols());
+  }
+  // y (T, d_inner) = the SSD scan of x = xbc[:, :d_inner], B, C = xbc's next G N columns each, dt =
+  // dt_src[:, dt_col : dt_col + H]; A_log, D, dt_bias (H); state (n_seqs, H, Pd, N) in/out.
+  virtual void ssd_scan(Tensor y, Tensor xbc, Tensor dt_src, int64_t dt_col, Tensor /*A_log*/, Tensor /*D*/,
+                        Tensor /*dt_bias*/, Tensor /*state*/, const SsmDims& d, SsmRows /*rows*/) {
+    SS_CHECK(false, "backend {} has no ssd_scan ({} rows, {} columns of x, {} of dt from {}, {} heads)", name(),
+             y.rows(), xbc.cols(), dt_src.cols(), dt_col, d.n_heads);
+  }
+  // out (T, d) = RMSNorm(y * silu(z)) * weight with z = z_src[:, z_col : z_col + d]; out may alias y.
+  virtual void gated_rms_norm(Tensor out, Tensor /*y*/, Tensor z_src, int64_t z_col, Tensor /*weight*/,
+                              float eps) {
+    SS_CHECK(false, "backend {} has no gated_rms_norm ({} rows, z of {} columns from {}, eps {})", name(), out.rows(),
+             z_src.cols(), z_col, eps);
+  }
   // OK when every feature asked for is available; else kUnimplemented naming the first one missing.
   virtual Status check_features(const BackendFeatures& f) const {
     if (f.bias) return unimplemented("backend {} has no bias op (add_bias)", name());
     if (f.gelu_tanh) return unimplemented("backend {} has no GeGLU op (gelu_tanh_mul)", name());
     if (f.scale_softcap) return unimplemented("backend {} has no scale / soft-capping op (scale_softcap)", name());
     if (f.kv_shift) return unimplemented("backend {} has no KV-shifting op (split_qkv_shift_rope)", name());
+    if (f.ssm) return unimplemented("backend {} has no SSM ops (causal_conv1d_silu, ssd_scan, gated_rms_norm)", name());
     if (f.window > 0) return unimplemented("backend {} cannot apply a sliding attention window ({} tokens)", name(), f.window);
     if (f.attn_softcap > 0.0f) {
       return unimplemented("backend {} cannot soft-cap attention logits (softcap {})", name(), f.attn_softcap);

@@ -9,6 +9,7 @@
 #include "backend/cpu_attention.h"
 #include "kernels/ref/attention_ref.h"
 #include "kernels/ref/ops_ref.h"
+#include "kernels/ref/ssm_ref.h"
 
 namespace starserve {
 
@@ -138,6 +139,40 @@ class CpuBackend final : public Backend {
     gelu_tanh_mul_ref(out.f32(), gate.f32(), up.f32(), out.numel());
   }
   void scale_softcap(Tensor x, float scale, float cap) override { scale_softcap_ref(x.f32(), scale, cap, x.numel()); }
+  void causal_conv1d_silu(Tensor out, Tensor in, int64_t in_col, Tensor weight, Tensor bias, Tensor tail,
+                          SsmRows rows) override {
+    const int64_t conv_dim = out.cols();
+    const int width = static_cast<int>(weight.numel() / (conv_dim > 0 ? conv_dim : 1));
+    SS_CHECK(in.rows() == out.rows() && in_col + conv_dim <= in.cols() && bias.numel() == conv_dim &&
+                 weight.numel() == conv_dim * width && width >= 1 &&
+                 tail.numel() % (int64_t{width - 1 > 0 ? width - 1 : 1} * conv_dim) == 0 &&
+                 rows.seq.size() == static_cast<size_t>(out.rows()) && rows.reset.size() == rows.seq.size(),
+             "causal_conv1d_silu: {} rows of {} from column {} of {}, weight {}, bias {}, tail {}", out.rows(),
+             conv_dim, in_col, in.cols(), weight.numel(), bias.numel(), tail.numel());
+    causal_conv1d_silu_ref(out.f32(), in.f32() + in_col, in.cols(), weight.f32(), bias.f32(), tail.f32(), out.rows(),
+                           conv_dim, width, rows);
+  }
+  void ssd_scan(Tensor y, Tensor xbc, Tensor dt_src, int64_t dt_col, Tensor A_log, Tensor D, Tensor dt_bias,
+                Tensor state, const SsmDims& d, SsmRows rows) override {
+    SS_CHECK(y.cols() == d.d_inner() && xbc.cols() == d.conv_dim() && xbc.rows() == y.rows() &&
+                 dt_src.rows() == y.rows() && dt_col + d.n_heads <= dt_src.cols() && A_log.numel() == d.n_heads &&
+                 D.numel() == d.n_heads && dt_bias.numel() == d.n_heads &&
+                 state.numel() % (d.d_inner() * d.d_state) == 0 && rows.seq.size() == static_cast<size_t>(y.rows()),
+             "ssd_scan: {} rows, y {} x {}, xbc {} columns, dt {} from {}, {} heads x {} x {} states", y.rows(),
+             y.cols(), d.d_inner(), xbc.cols(), dt_src.cols(), dt_col, d.n_heads, d.head_dim, d.d_state);
+    const float* x = xbc.f32();
+    const float* b = x + d.d_inner();
+    const float* c = b + int64_t{d.n_groups} * d.d_state;
+    ssd_scan_ref(y.f32(), x, xbc.cols(), b, c, xbc.cols(), dt_src.f32() + dt_col, dt_src.cols(), A_log.f32(), D.f32(),
+                 dt_bias.f32(), state.f32(), y.rows(), d.n_heads, d.head_dim, d.n_groups, d.d_state, rows);
+  }
+  void gated_rms_norm(Tensor out, Tensor y, Tensor z_src, int64_t z_col, Tensor weight, float eps) override {
+    SS_CHECK(out.numel() == y.numel() && y.rows() == z_src.rows() && z_col + y.cols() <= z_src.cols() &&
+                 weight.numel() == y.cols(),
+             "gated_rms_norm: {} x {}, z {} columns from {}, weight {}", y.rows(), y.cols(), z_src.cols(), z_col,
+             weight.numel());
+    gated_rms_norm_ref(out.f32(), y.f32(), z_src.f32() + z_col, z_src.cols(), weight.f32(), y.rows(), y.cols(), eps);
+  }
   Status check_features(const BackendFeatures&) const override { return Status(); }
 
   void partial_attention(const AttentionCall& c) override {

@@ -39,8 +39,8 @@ int64_t KvCache::length(SeqId seq) const {
 
 void KvCache::set_length(SeqId seq, int64_t n_tokens) {
   SeqState& st = seqs_.at(seq);
-  SS_CHECK(n_tokens <= static_cast<int64_t>(st.pages.size()) * shape_.page_size, "length {} beyond {} pages",
-           n_tokens, st.pages.size());
+  SS_CHECK(shape_.rows_for(n_tokens) <= static_cast<int64_t>(st.pages.size()) * shape_.page_size,
+           "length {} beyond {} pages", n_tokens, st.pages.size());
   st.length = n_tokens;
 }
 
@@ -110,8 +110,30 @@ Tensor KvCache::shift_rows(int layer, SeqId seq) {
   return Tensor::make(base, dtype_, {2, shape_.n_kv_heads, shape_.head_dim});
 }
 
+Tensor KvCache::carry(int layer, SeqId seq, int64_t floats) {
+  SS_CHECK(layer >= 0 && layer < shape_.n_layers && floats > 0, "carry: layer {} of {}, {} floats", layer,
+           shape_.n_layers, floats);
+  Compressed& c = compressed_[seq];
+  if (c.carry.data() == nullptr) {
+    c.floats = floats;
+    c.carry = backend_.alloc(static_cast<size_t>(shape_.n_layers * floats) * sizeof(float));
+    const std::vector<float> zeros(static_cast<size_t>(shape_.n_layers * floats), 0.0f);
+    backend_.upload_f32(c.carry.view(DType::kF32, {shape_.n_layers * floats}), zeros.data());
+  }
+  SS_CHECK(c.floats == floats, "carry of {} floats asked of one of {}", floats, c.floats);
+  return Tensor::make(static_cast<float*>(c.carry.data()) + layer * floats, DType::kF32, {floats});
+}
+
+std::vector<int32_t>& KvCache::stored_positions(int layer, SeqId seq) {
+  SS_CHECK(layer >= 0 && layer < shape_.n_layers, "stored_positions: layer {} of {}", layer, shape_.n_layers);
+  Compressed& c = compressed_[seq];
+  if (c.positions.empty()) c.positions.resize(static_cast<size_t>(shape_.n_layers));
+  return c.positions[static_cast<size_t>(layer)];
+}
+
 void KvCache::free_sequence(SeqId seq) {
   shift_.erase(seq);
+  compressed_.erase(seq);
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
   for (int64_t p : it->second.pages) free_pages_.push_back(p);

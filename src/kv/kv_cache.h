@@ -24,6 +24,15 @@ struct KvCacheShape {
   int head_dim = 0;
   int page_size = 256;  // tokens per page
   int64_t n_pages = 0;  // pages in the pool (shared by all sequences)
+  // Attamba (ModelHParams::attamba.chunk, P): a layer stores only its chunk boundaries' k/v, at most
+  // ceil(n / P) + 1 rows for any n consecutive tokens (the +1: position 0 is a boundary too). 0 =
+  // every token is stored.
+  int compressed_chunk = 0;
+  // Cache rows a sequence of n_tokens tokens needs in each layer.
+  int64_t rows_for(int64_t n_tokens) const {
+    if (compressed_chunk <= 0 || n_tokens <= 0) return n_tokens;
+    return (n_tokens + compressed_chunk - 1) / compressed_chunk + 1;
+  }
 };
 
 class KvCache {
@@ -33,15 +42,19 @@ class KvCache {
   const KvCacheShape& shape() const { return shape_; }
   int64_t pages_total() const { return shape_.n_pages; }
   int64_t pages_free() const { return static_cast<int64_t>(free_pages_.size()); }
-  int64_t pages_for(int64_t n_tokens) const { return (n_tokens + shape_.page_size - 1) / shape_.page_size; }
+  // Pages of rows_for(n_tokens) rows.
+  int64_t pages_for(int64_t n_tokens) const {
+    return (shape_.rows_for(n_tokens) + shape_.page_size - 1) / shape_.page_size;
+  }
 
-  // Ensures the sequence (created on first use) can hold n_tokens in total. Fails without side
+  // Ensures the sequence (created on first use) can hold n_tokens tokens in total (rows_for of them
+  // in each layer). Fails without side
   // effects when the pool has too few free pages.
   Status reserve(SeqId seq, int64_t n_tokens);
   bool has(SeqId seq) const { return seqs_.count(seq) != 0; }
   int64_t length(SeqId seq) const;
   void set_length(SeqId seq, int64_t n_tokens);  // within the reserved capacity
-  // Writes rows [start, start + n) of one layer; k, v: (n, n_kv_heads, head_dim) on the backend,
+  // length(): tokens (not rows) of the sequence. Writes rows [start, start + n) of one layer; k, v: (n, n_kv_heads, head_dim) on the backend,
   // in its compute dtype, n = k.shape[0].
   void write(int layer, SeqId seq, int64_t start, Tensor k, Tensor v);
   // Keys [begin, end) of one layer, one view per page touched.
@@ -51,6 +64,12 @@ class KvCache {
   // dtype. Zeros until the layer's first store (a sequence's first token has no predecessor).
   // Allocated on first use, on the device, apart from the pages; freed with the sequence.
   Tensor shift_rows(int layer, SeqId seq);
+  // Attamba's decode state (arch attamba): per layer the carry (AttambaCarryLayout), `floats` fp32
+  // values, zeros until written; and the positions of the rows the layer stores (its boundaries,
+  // appended in position order: row i of the layer holds position stored_positions(layer, seq)[i]).
+  // Allocated on first use apart from the pages; freed with the sequence.
+  Tensor carry(int layer, SeqId seq, int64_t floats);
+  std::vector<int32_t>& stored_positions(int layer, SeqId seq);
   // Bytes of K and V one token takes over all layers.
   int64_t bytes_per_token() const;
   void free_sequence(SeqId seq);
@@ -71,6 +90,12 @@ class KvCache {
   std::vector<int64_t> free_pages_;
   std::unordered_map<SeqId, SeqState> seqs_;
   std::unordered_map<SeqId, DeviceBuffer> shift_;  // shift_rows: (n_layers, 2, n_kv_heads, head_dim) per sequence
+  struct Compressed {
+    DeviceBuffer carry;                          // (n_layers, floats) fp32
+    int64_t floats = 0;
+    std::vector<std::vector<int32_t>> positions;  // per layer
+  };
+  std::unordered_map<SeqId, Compressed> compressed_;
 };
 
 }  // namespace starserve

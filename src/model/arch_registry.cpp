@@ -19,6 +19,9 @@ constexpr ArchEntry kArchitectures[] = {
     {"kvshift", build_kvshift,
      "KV-shifting attention (arXiv 2411.19574): Llama blocks whose raw k and v are mixed with the previous "
      "token's before RoPE"},
+    {"attamba", build_attamba,
+     "Attamba (arXiv 2411.17685): K and V from chunk-local Mamba-2 SSMs, attention over the chunk boundaries' "
+     "k/v and a band of the last tokens"},
 };
 }  // namespace
 

@@ -143,6 +143,11 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
                          "directory (config.json model_type kvshift_llama, model.safetensors) instead",
                          hp.arch_name);
   }
+  if (hp.arch_name == "attamba") {
+    // Attamba's SSM tensors (k_ssm / v_ssm) have no GGUF naming; starserve reads the HF layout only.
+    return unimplemented("gguf: architecture 'attamba' has no GGUF format; load the Hugging Face directory "
+                         "(config.json model_type attamba, model.safetensors) instead");
+  }
   if (!known) {
     return unimplemented("gguf: architecture '{}' is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3)",
                          hp.arch_name);

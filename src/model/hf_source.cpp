@@ -153,6 +153,39 @@ Status read_rope(const json& cfg, std::string_view origin, ModelHParams& hp) {
   return unimplemented("{}: rope_type '{}' is not supported (default, linear, llama3, longrope)", where, type);
 }
 
+// Attamba's keys (docs/specs/attamba.md, "Files"). K = SSM_k(h) + h and V = SSM_v(h) + h have the
+// model's width, so n_kv_heads = n_heads and n_heads * head_dim = hidden.
+Status read_attamba(const json& cfg, std::string_view origin, ModelHParams& hp) {
+  AttambaHParams& a = hp.attamba;
+  SS_ASSIGN_OR_RETURN(a.chunk, positive_int(cfg, "attamba_chunk_size", std::nullopt, origin));
+  const json* lead = member(cfg, "attamba_leading_tokens");
+  if (lead == nullptr) return not_found("{}: attamba_leading_tokens is missing", origin);
+  if (!lead->is_number_integer() || lead->get<int64_t>() < 0 || lead->get<int64_t>() > kMaxInt) {
+    return data_loss("{}: attamba_leading_tokens = {} must be an integer >= 0", origin, lead->dump());
+  }
+  a.leading = static_cast<int>(lead->get<int64_t>());
+  SS_ASSIGN_OR_RETURN(a.cyclic_offsets, boolean(cfg, "attamba_cyclic_offsets", true, origin));
+  SS_ASSIGN_OR_RETURN(a.d_inner, positive_int(cfg, "ssm_d_inner", std::nullopt, origin));
+  SS_ASSIGN_OR_RETURN(a.d_state, positive_int(cfg, "ssm_d_state", std::nullopt, origin));
+  SS_ASSIGN_OR_RETURN(a.n_heads, positive_int(cfg, "ssm_n_heads", std::nullopt, origin));
+  SS_ASSIGN_OR_RETURN(a.n_groups, positive_int(cfg, "ssm_n_groups", 1, origin));
+  SS_ASSIGN_OR_RETURN(a.conv_width, positive_int(cfg, "ssm_conv_width", 4, origin));
+  if (hp.n_kv_heads != hp.n_heads) {
+    return data_loss("{}: attamba needs num_key_value_heads = num_attention_heads ({} != {})", origin, hp.n_kv_heads,
+                     hp.n_heads);
+  }
+  if (int64_t{hp.n_heads} * hp.head_dim != hp.hidden) {
+    return data_loss("{}: attamba needs num_attention_heads x head_dim = hidden_size ({} x {} != {})", origin,
+                     hp.n_heads, hp.head_dim, hp.hidden);
+  }
+  if (a.d_inner % a.n_heads != 0 || a.n_heads % a.n_groups != 0) {
+    return data_loss("{}: ssm_d_inner {} must be a multiple of ssm_n_heads {}, which must be a multiple of "
+                     "ssm_n_groups {}",
+                     origin, a.d_inner, a.n_heads, a.n_groups);
+  }
+  return Status();
+}
+
 // Expected (out, in) shape of each canonical tensor, from the hyper-parameters.
 std::optional<std::vector<int64_t>> expected_shape(const std::string& canonical, const ModelHParams& hp) {
   const int64_t qkv_rows = int64_t{hp.n_heads + 2 * hp.n_kv_heads} * hp.head_dim;
@@ -173,6 +206,17 @@ std::optional<std::vector<int64_t>> expected_shape(const std::string& canonical,
   if (leaf == "attn_qkv.weight") return std::vector<int64_t>{qkv_rows, hidden};
   if (leaf == "ffn_up.weight" && hp.arch == "phi3") return std::vector<int64_t>{2 * ffn, hidden};
   if (leaf == "attn_k_shift" || leaf == "attn_v_shift") return std::vector<int64_t>{hp.n_kv_heads, 2};
+  if (hp.attamba.enabled() && (leaf.substr(0, 6) == "k_ssm." || leaf.substr(0, 6) == "v_ssm.")) {
+    const AttambaHParams& a = hp.attamba;
+    const std::string_view part = leaf.substr(6);
+    if (part == "in_proj.weight") return std::vector<int64_t>{a.in_proj_rows(), hidden};
+    if (part == "conv1d.weight") return std::vector<int64_t>{a.conv_dim(), 1, a.conv_width};
+    if (part == "conv1d.bias") return std::vector<int64_t>{a.conv_dim()};
+    if (part == "dt_bias" || part == "A_log" || part == "D") return std::vector<int64_t>{a.n_heads};
+    if (part == "norm.weight") return std::vector<int64_t>{a.d_inner};
+    if (part == "out_proj.weight") return std::vector<int64_t>{hidden, a.d_inner};
+    return std::nullopt;
+  }
   if (leaf == "attn_q.weight") return std::vector<int64_t>{q_dim, hidden};
   if (leaf == "attn_k.weight" || leaf == "attn_v.weight") return std::vector<int64_t>{kv_dim, hidden};
   if (leaf == "attn_output.weight") return std::vector<int64_t>{hidden, q_dim};
@@ -181,12 +225,41 @@ std::optional<std::vector<int64_t>> expected_shape(const std::string& canonical,
   return std::nullopt;
 }
 
+// An Attamba SSM's tensors, under self_attn.{k,v}_ssm. (HF) and blk.N.{k,v}_ssm. (canonical).
+constexpr std::string_view kAttambaSsmLeaves[] = {"in_proj.weight", "conv1d.weight", "conv1d.bias", "dt_bias",
+                                                   "A_log",          "D",             "norm.weight", "out_proj.weight"};
+// Interned "k_ssm.in_proj.weight" etc., so that layer_leaves can hand out views.
+std::string_view attamba_leaf(std::string_view ssm, std::string_view part) {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> n;
+    for (std::string_view s : {"k_ssm.", "v_ssm."}) {
+      for (std::string_view p : kAttambaSsmLeaves) n.push_back(std::string(s) + std::string(p));
+    }
+    return n;
+  }();
+  for (const std::string& n : names) {
+    if (n.size() == ssm.size() + part.size() && n.compare(0, ssm.size(), ssm) == 0 &&
+        n.compare(ssm.size(), part.size(), part) == 0) {
+      return n;
+    }
+  }
+  return {};
+}
+
 // The canonical tensors every layer of an architecture must have.
 std::vector<std::string_view> layer_leaves(const std::string& arch) {
   std::vector<std::string_view> v = {"attn_norm.weight", "attn_output.weight", "ffn_norm.weight", "ffn_up.weight",
                                      "ffn_down.weight"};
   if (arch == "phi3") {
     v.push_back("attn_qkv.weight");
+    return v;
+  }
+  if (arch == "attamba") {
+    // K and V come from the two SSMs (k_ssm, v_ssm) with a residual, not from projections.
+    for (std::string_view leaf : {"attn_q.weight", "ffn_gate.weight"}) v.push_back(leaf);
+    for (std::string_view ssm : {"k_ssm.", "v_ssm."}) {
+      for (std::string_view part : kAttambaSsmLeaves) v.push_back(attamba_leaf(ssm, part));
+    }
     return v;
   }
   for (std::string_view leaf : {"attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_gate.weight"}) v.push_back(leaf);
@@ -249,9 +322,12 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
     // Llama blocks with KV-shifting attention (scripts/reference/starref/export.py writes them).
     hp.arch = "kvshift";
     hp.kv_shift = true;
+  } else if (mt == "attamba") {
+    // Attamba (arXiv 2411.17685; scripts/reference/starref/export.py writes it): docs/specs/attamba.md.
+    hp.arch = "attamba";
   } else {
     return unimplemented("{}: model_type '{}' is not supported (llama, mistral, qwen2, qwen3, gemma2, gemma3, "
-                         "gemma3_text, phi3, kvshift_llama)",
+                         "gemma3_text, phi3, kvshift_llama, attamba)",
                          origin, mt);
   }
   const bool gemma = hp.arch == "gemma2" || hp.arch == "gemma3";
@@ -362,6 +438,7 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
     for (int l = 0; l < hp.n_layers; ++l) hp.sliding_layers[l] = (l + 1) % period != 0 ? 1 : 0;
   }
   if (hp.sliding_window == 0) hp.sliding_layers.clear();
+  if (hp.arch == "attamba") SS_RETURN_IF_ERROR(read_attamba(cfg, origin, hp));
 
   if (gemma) {
     hp.norm_weight_offset = 1.0f;  // Gemma's RMSNorm multiplies by (1 + w)
@@ -433,6 +510,17 @@ std::optional<std::string> hf_to_canonical_name(std::string_view n, std::string_
   }
   for (const auto& [hf, canonical] : kLeaves) {
     if (leaf == hf) return fmt::format("blk.{}.{}", layer, canonical);
+  }
+  // Attamba: the two SSMs that replace the K and V projections (their leaves keep the HF names).
+  if (arch == "attamba") {
+    for (std::string_view ssm : {"k_ssm.", "v_ssm."}) {
+      const std::string hf_prefix = "self_attn." + std::string(ssm);
+      if (leaf.substr(0, hf_prefix.size()) != hf_prefix) continue;
+      for (std::string_view part : kAttambaSsmLeaves) {
+        if (leaf.substr(hf_prefix.size()) == part) return fmt::format("blk.{}.{}{}", layer, ssm, part);
+      }
+    }
+    return std::nullopt;
   }
   // KV-shifting attention's weights, (n_kv_heads, 2): column 0 previous token, column 1 current.
   if (arch == "kvshift") {

@@ -27,6 +27,68 @@ struct RopeScaling {
   float attn_factor = 1.0f;
 };
 
+// Attamba (arXiv 2411.17685; arch attamba, docs/specs/attamba.md "What starserve fixes"): attention
+// over SSM-compressed chunks. chunk == 0 means the model is not Attamba.
+struct AttambaHParams {
+  int chunk = 0;              // P: tokens per chunk
+  int leading = 0;            // L: tokens before the query kept at full resolution (the band t - L .. t)
+  bool cyclic_offsets = true;  // off_l = min(P - 1, l * floor(P / n_layers)); false: every off_l = 0
+  int d_inner = 0;            // SSM inner width (x and z)
+  int d_state = 0;            // N
+  int n_heads = 0;            // H: SSM heads, Pd = d_inner / H
+  int n_groups = 1;           // G: B/C groups
+  int conv_width = 4;         // W
+  bool enabled() const { return chunk > 0; }
+  int64_t head_dim() const { return n_heads > 0 ? d_inner / n_heads : 0; }
+  int64_t conv_dim() const { return int64_t{d_inner} + 2 * int64_t{n_groups} * d_state; }
+  int64_t in_proj_rows() const { return 2 * int64_t{d_inner} + 2 * int64_t{n_groups} * d_state + n_heads; }
+  // Floats of one SSM's decode state: the conv tail (W - 1, conv_dim) and S (H, Pd, N).
+  int64_t conv_tail_floats() const { return int64_t{conv_width - 1} * conv_dim(); }
+  int64_t state_floats() const { return int64_t{d_inner} * d_state; }
+  // Layer l's chunk offset.
+  int offset(int layer, int n_layers) const {
+    if (!cyclic_offsets || n_layers <= 0) return 0;
+    const int64_t o = int64_t{layer} * (chunk / n_layers);
+    return static_cast<int>(o < chunk - 1 ? o : chunk - 1);
+  }
+  // Whether position p starts a chunk of layer l (the SSM restarts from zero there).
+  bool chunk_start(int layer, int n_layers, int64_t p) const { return (p + offset(layer, n_layers)) % chunk == 0; }
+  // Whether position p is a boundary of layer l (its k/v are stored): a chunk's last position, and 0.
+  bool boundary(int layer, int n_layers, int64_t p) const {
+    return p == 0 || (p + offset(layer, n_layers)) % chunk == chunk - 1;
+  }
+  // Boundaries of layer l among positions [begin, end).
+  int64_t boundaries(int layer, int n_layers, int64_t begin, int64_t end) const {
+    if (end <= begin) return 0;
+    const int64_t off = offset(layer, n_layers);
+    // Positions p >= 0 with (p + off) % P == P - 1 below x (off < P): floor((x + off) / P).
+    auto below = [&](int64_t x) { return x <= 0 ? int64_t{0} : (x + off) / chunk; };
+    int64_t n = below(end) - below(begin);
+    // Position 0 counts once even when it is also a chunk's last position (off = P - 1).
+    if (begin == 0 && off != chunk - 1) ++n;
+    return n;
+  }
+};
+
+// The decode state ("carry") of one Attamba layer and sequence, fp32, as one row of floats:
+//   [header (4): n_ring valid rows, 0, 0, 0]
+//   [k_ssm conv tail (W-1, conv_dim)] [k_ssm state (H, Pd, N)] [v_ssm conv tail] [v_ssm state]
+//   [ring k (L, hidden)] [ring v (L, hidden)]
+// The ring holds the last L tokens' k (after RoPE) and v, right-aligned: its valid rows are
+// [L - n_ring, L), oldest first. All zeros before a sequence's first token.
+struct AttambaCarryLayout {
+  int64_t conv = 0, state = 0, ring_rows = 0, row = 0;  // floats of a tail, a state, ring rows, one k/v row
+  static AttambaCarryLayout of(const AttambaHParams& a, int hidden) {
+    return {a.conv_tail_floats(), a.state_floats(), a.leading, hidden};
+  }
+  static constexpr int64_t kHeader = 4;
+  int64_t tail_at(int ssm) const { return kHeader + ssm * (conv + state); }
+  int64_t state_at(int ssm) const { return tail_at(ssm) + conv; }
+  int64_t ring_k_at() const { return kHeader + 2 * (conv + state); }
+  int64_t ring_v_at() const { return ring_k_at() + ring_rows * row; }
+  int64_t floats() const { return ring_v_at() + ring_rows * row; }
+};
+
 struct ModelHParams {
   std::string arch = "llama";  // the registry entry that builds it (model/arch_registry.h)
   std::string arch_name;     // as written in the file ("llama", "mistral")
@@ -61,6 +123,9 @@ struct ModelHParams {
   // KV-shifting attention (arXiv 2411.19574; arch kvshift): each token's raw k and v are mixed with
   // the previous token's before RoPE, by per-layer attn_{k,v}_shift weights (n_kv_heads, 2).
   bool kv_shift = false;
+  // Attamba (arch attamba): the K/V projections are chunk-local SSMs, the cache holds only chunk
+  // boundaries' k/v and the decode state is a per-layer carry (AttambaCarryLayout).
+  AttambaHParams attamba;
 
   // The window of layer `layer` (0 = full causal attention).
   int64_t window_of(int layer) const {

@@ -28,6 +28,17 @@ struct BatchSeq {
   const ScoreRequest* scores = nullptr;
 };
 
+// One Attamba layer's attention (arch attamba, docs/specs/attamba.md): the new tokens' q, k (after
+// the SSM residual and RoPE) and v, which of them are boundaries of the layer (their k/v are the
+// only ones the cache stores), and each sequence's carry before its first new token, whose ring
+// (the last L tokens' k/v) holds the band's older keys.
+struct CompressedAttention {
+  Tensor q, k, v;  // (T, n_heads, head_dim), compute dtype
+  Tensor out;      // (T, n_heads, head_dim), compute dtype
+  Tensor carry;    // (n_seqs, AttambaCarryLayout::floats()) fp32
+  std::span<const uint8_t> boundary;  // host (T)
+};
+
 // Where attention happens. The architecture computes q, k, v (RoPE applied) for all tokens of the
 // batch, sequences concatenated in batch order, and hands them over; the handler decides which keys
 // they meet (local KV cache, Star phase 1 anchor+block, phase 2 partial + merge across ranks).
@@ -48,6 +59,26 @@ class AttentionHandler {
   virtual Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) {
     (void)batch, (void)last, (void)prev;
     return unimplemented("this attention handler does not serve KV-shifting models (layer {})", layer);
+  }
+  // Attamba, per layer and in this order: load_carry fills carry (n_seqs, AttambaCarryLayout::
+  // floats()) fp32 with each sequence's carry before its first new token as this process keeps it
+  // (zeros at a sequence's start); store_carry hands over each sequence's carry after its last new
+  // token (computed from that) for the handler to keep, and where the true predecessor is another
+  // rank's (a Star Attention halo) replaces carry with it and sets *replaced: the model then
+  // recomputes the layer's k/v from it (the carry after the last token does not depend on it in the
+  // layouts the handlers accept). attend_compressed attends as the mask of the spec says.
+  virtual Status load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) {
+    (void)batch, (void)carry;
+    return unimplemented("this attention handler does not serve Attamba models (layer {})", layer);
+  }
+  virtual Status store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
+                             bool* replaced) {
+    (void)batch, (void)carry_out, (void)carry, (void)replaced;
+    return unimplemented("this attention handler does not serve Attamba models (layer {})", layer);
+  }
+  virtual Status attend_compressed(int layer, std::span<const BatchSeq> batch, const CompressedAttention& a) {
+    (void)batch, (void)a;
+    return unimplemented("this attention handler does not serve Attamba models (layer {})", layer);
   }
 };
 

@@ -14,18 +14,22 @@ ContextEncoder::ContextEncoder(Model& model, KvCache& cache, Communicator& comm)
 
 Result<StarLayout> ContextEncoder::layout_for(int64_t n_context, const ContextPlan& plan) const {
   SS_ASSIGN_OR_RETURN(StarLayout lay, plan_layout(n_context, plan, comm_.world_size()));
+  const ModelHParams& hp = model_.hparams();
+  if (hp.attamba.enabled()) SS_RETURN_IF_ERROR(check_attamba_layout(lay, plan.mode));
   // KV-shifting models: every rank's first block mixes with the previous block's last token, which
-  // its owner computes in the same step only when that is the owner's first block too.
-  if (model_.hparams().kv_shift && plan.mode == AttentionMode::kStar && shift_halo(lay)) {
+  // its owner computes in the same step only when that is the owner's first block too (Attamba:
+  // continues its carry).
+  if ((hp.kv_shift || hp.attamba.enabled()) && plan.mode == AttentionMode::kStar && shift_halo(lay)) {
     for (const StarBlock& b : lay.blocks) {
       if (b.index == 0) continue;
       const int owner = lay.blocks[b.index - 1].rank;
       const size_t owned = lay.blocks_of(owner).size();
       if (owner != b.rank && owned > 1) {
-        return unimplemented("star with a KV-shifting model: rank {} holds {} blocks of {} tokens and hands its last "
+        return unimplemented("star with a {} model: rank {} holds {} blocks of {} tokens and hands its last "
                              "token to rank {}; the ranks before the last must hold one block each (block size >= "
                              "ceil({} / {}) tokens, or 0 = one block per rank)",
-                             owner, owned, lay.block_size, b.rank, n_context, comm_.world_size());
+                             hp.kv_shift ? "KV-shifting" : "Attamba", owner, owned, lay.block_size, b.rank, n_context,
+                             comm_.world_size());
       }
     }
   }
@@ -33,7 +37,39 @@ Result<StarLayout> ContextEncoder::layout_for(int64_t n_context, const ContextPl
 }
 
 bool ContextEncoder::shift_halo(const StarLayout& layout) const {
-  return model_.hparams().kv_shift && comm_.world_size() > 1 && layout.blocks.size() > 1;
+  const ModelHParams& hp = model_.hparams();
+  return (hp.kv_shift || hp.attamba.enabled()) && comm_.world_size() > 1 && layout.blocks.size() > 1;
+}
+
+// Attamba (docs/specs/attamba.md, "Under Star Attention"): star blocks are a multiple of the chunk
+// size P. A rank that hands its carry to the next (star: its block, exact: its span) must be long
+// enough that the carry after its last token does not depend on the carry it receives itself in
+// the same layer: its last L tokens lie after its first chunk of every layer (L <= n - P + off_l,
+// L <= n with off_l = 0). Then one halo per layer gives what one process computes.
+Status ContextEncoder::check_attamba_layout(const StarLayout& lay, AttentionMode mode) const {
+  const ModelHParams& hp = model_.hparams();
+  const AttambaHParams& a = hp.attamba;
+  if (mode == AttentionMode::kStar && lay.blocks.size() > 1 && lay.block_size % a.chunk != 0) {
+    return invalid_argument("star with an Attamba model: block size {} is not a multiple of the chunk size {}",
+                            lay.block_size, a.chunk);
+  }
+  if (comm_.world_size() == 1 || lay.blocks.size() < 2) return Status();
+  for (int r = 0; r + 1 < comm_.world_size(); ++r) {
+    const std::vector<StarBlock> mine = lay.blocks_of(r);
+    if (mine.empty() || lay.blocks_of(r + 1).empty()) continue;
+    const int64_t n = mode == AttentionMode::kExact ? lay.tokens_of(r) : mine.back().size();
+    for (int l = 0; l < hp.n_layers; ++l) {
+      const int off = a.offset(l, hp.n_layers);
+      const int64_t most = off == 0 ? n : n - a.chunk + off;
+      if (a.leading > most) {
+        return invalid_argument("{} with an Attamba model: rank {} hands its carry on after {} tokens, fewer than the "
+                                "{} leading tokens plus the first chunk of layer {} ({} tokens); use longer blocks",
+                                mode == AttentionMode::kExact ? "exact" : "star", r, n, a.leading, l,
+                                off == 0 ? 0 : a.chunk - off);
+      }
+    }
+  }
+  return Status();
 }
 
 Status ContextEncoder::forward_block(SeqId seq, std::span<const int32_t> tokens, int64_t first_position) {

@@ -84,6 +84,8 @@ class ContextEncoder {
   // Whether the layout's first blocks exchange KV-shifting halos (a kv_shift model, several ranks
   // and blocks).
   bool shift_halo(const StarLayout& layout) const;
+  // Attamba's layout rules (block size, carry independence); kInvalidArgument naming the value.
+  Status check_attamba_layout(const StarLayout& layout, AttentionMode mode) const;
 
   Model& model_;
   KvCache& cache_;

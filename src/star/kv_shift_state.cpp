@@ -17,7 +17,17 @@ void shift_rows_from_cache(Backend& backend, KvCache& cache, int layer, std::spa
 
 Status ShiftHalo::exchange(Backend& backend, Communicator& comm, Tensor mine, int source, Tensor dst,
                            int64_t row_elems) {
-  const size_t bytes = static_cast<size_t>(row_elems) * dtype_size(backend.compute_dtype());
+  return exchange_bytes(backend, comm, mine, source, dst,
+                        static_cast<size_t>(row_elems) * dtype_size(backend.compute_dtype()));
+}
+
+Status ShiftHalo::exchange_f32(Backend& backend, Communicator& comm, Tensor mine, int source, Tensor dst,
+                               int64_t floats) {
+  return exchange_bytes(backend, comm, mine, source, dst, static_cast<size_t>(floats) * sizeof(float));
+}
+
+Status ShiftHalo::exchange_bytes(Backend& backend, Communicator& comm, Tensor mine, int source, Tensor dst,
+                                 size_t bytes) {
   send_.assign(bytes, 0);
   recv_.resize(bytes * static_cast<size_t>(comm.world_size()));
   if (mine.data != nullptr) {

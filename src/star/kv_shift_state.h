@@ -23,11 +23,15 @@ void shift_rows_from_cache(Backend& backend, KvCache& cache, int layer, std::spa
 // One layer's halo across ranks: every rank contributes mine ((2, n_kv_heads, head_dim) rows
 // [k, v], or an empty tensor for a rank that has none: zeros), and dst receives rank source's
 // (source < 0: nothing is written). Collective over comm (host memory: a few KiB per layer).
+// The same exchange carries an Attamba layer's carry (fp32, AttambaCarryLayout::floats() per rank):
+// exchange_f32.
 class ShiftHalo {
  public:
   Status exchange(Backend& backend, Communicator& comm, Tensor mine, int source, Tensor dst, int64_t row_elems);
+  Status exchange_f32(Backend& backend, Communicator& comm, Tensor mine, int source, Tensor dst, int64_t floats);
 
  private:
+  Status exchange_bytes(Backend& backend, Communicator& comm, Tensor mine, int source, Tensor dst, size_t bytes);
   std::vector<char> send_, recv_;
 };
 

@@ -9,7 +9,7 @@
 namespace starserve {
 
 LocalAttention::LocalAttention(Backend& backend, KvCache& cache, const ModelHParams& hp)
-    : backend_(backend), cache_(cache), hp_(hp), collector_(backend) {}
+    : compressed_(backend, hp), backend_(backend), cache_(cache), hp_(hp), collector_(backend) {}
 
 Status LocalAttention::begin_forward(std::span<const BatchSeq> batch) {
   int64_t tracked_rows = 0;
@@ -76,6 +76,37 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
 
 Status LocalAttention::shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) {
   shift_rows_from_cache(backend_, cache_, layer, batch, last, prev);
+  return Status();
+}
+
+Status LocalAttention::load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) {
+  compressed_.load(cache_, layer, batch, carry);
+  return Status();
+}
+
+Status LocalAttention::store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
+                                   bool* replaced) {
+  (void)carry;
+  compressed_.store(cache_, layer, batch, carry_out);
+  *replaced = false;
+  return Status();
+}
+
+Status LocalAttention::attend_compressed(int layer, std::span<const BatchSeq> batch, const CompressedAttention& a) {
+  const int64_t cf = compressed_.carry_floats();
+  int64_t start = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const BatchSeq& s = batch[i];
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    const Tensor k = a.k.slice_rows(start, n), v = a.v.slice_rows(start, n);
+    compressed_.append_boundaries(cache_, layer, s.seq_id, k, v, a.boundary.subspan(start, n), s.positions);
+    const std::vector<int32_t>& pos = cache_.stored_positions(layer, s.seq_id);
+    const std::vector<KvView> keys = cache_.segments(layer, s.seq_id, 0, static_cast<int64_t>(pos.size()));
+    compressed_.attend_local(a.q.slice_rows(start, n), k, v,
+                             Tensor::make(a.carry.f32() + static_cast<int64_t>(i) * cf, DType::kF32, {cf}),
+                             s.positions, keys, pos, a.out.slice_rows(start, n));
+    start += n;
+  }
   return Status();
 }
 

@@ -6,6 +6,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "star/attamba_attention.h"
 #include "star/attention_stats.h"
 #include "star/entropy_collector.h"
 #include "kv/kv_cache.h"
@@ -26,8 +27,15 @@ class LocalAttention final : public AttentionHandler {
   void end_forward(std::span<const BatchSeq> batch) override;
   // KV-shifting models: each sequence's previous token is its last one so far (KvCache::shift_rows).
   Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) override;
+  // Attamba models: the carry and the boundary rows in the KV cache, attention over the band and
+  // every stored boundary (CompressedAttender). Entropy is not tracked for them.
+  Status load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) override;
+  Status store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
+                     bool* replaced) override;
+  Status attend_compressed(int layer, std::span<const BatchSeq> batch, const CompressedAttention& a) override;
 
  private:
+  CompressedAttender compressed_;
   Backend& backend_;
   KvCache& cache_;
   ModelHParams hp_;

@@ -58,7 +58,7 @@ AttentionDims AttentionDims::from(const ModelHParams& hp) {
 // ---------------------------------------------------------------- BlockLocalAttention
 
 BlockLocalAttention::BlockLocalAttention(Backend& backend, KvCache& cache, const ModelHParams& hp)
-    : backend_(backend), cache_(cache), dims_(AttentionDims::from(hp)) {}
+    : backend_(backend), cache_(cache), dims_(AttentionDims::from(hp)), compressed_(backend, hp) {}
 
 void BlockLocalAttention::set_prefix(std::optional<SeqId> prefix_seq, int64_t prefix_len) {
   prefix_seq_ = prefix_seq;
@@ -106,9 +106,15 @@ Status BlockLocalAttention::join_anchor_exchange(const AnchorExchange& x, int fi
   const int64_t row = 2 * static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
   Status st;
   for (int layer = first; layer < last && st.ok(); ++layer) {
-    // The order of a rank that encodes: shift_neighbours, then attend.
-    if (halo_comm_ != nullptr) st = halo_.exchange(backend_, *halo_comm_, Tensor(), -1, Tensor(), row);
-    if (st.ok() && x.comm != nullptr) st = exchange_anchor(layer, Tensor(), Tensor());
+    // The order of a rank that encodes: shift_neighbours (Attamba: store_carry), then attend.
+    if (halo_comm_ != nullptr) {
+      st = compressed_.enabled()
+               ? halo_.exchange_f32(backend_, *halo_comm_, Tensor(), -1, Tensor(), compressed_.carry_floats())
+               : halo_.exchange(backend_, *halo_comm_, Tensor(), -1, Tensor(), row);
+    }
+    if (st.ok() && x.comm != nullptr) {
+      st = compressed_.enabled() ? exchange_compressed_anchor(layer, 0) : exchange_anchor(layer, Tensor(), Tensor());
+    }
   }
   exchange_ = AnchorExchange();
   return st;
@@ -159,6 +165,93 @@ Status BlockLocalAttention::attend(int layer, std::span<const BatchSeq> batch, T
   return Status();
 }
 
+// Attamba's anchor: the rows the owner of c1 stores for positions < anchor_len in this layer (its
+// boundaries there, appended already), broadcast as one run; a receiver stores them as its anchor
+// sequence's rows with their positions, a rank joining without tokens drops them.
+Status BlockLocalAttention::exchange_compressed_anchor(int layer, SeqId seq) {
+  const AnchorExchange& x = exchange_;
+  const ModelHParams& hp = compressed_.hparams();
+  const int64_t n = hp.attamba.boundaries(layer, hp.n_layers, 0, x.anchor_len);
+  const DType dt = backend_.compute_dtype();
+  const Tensor ak = anchor_k_.view(backend_, dt, {n, dims_.n_kv_heads, dims_.head_dim});
+  const Tensor av = anchor_v_.view(backend_, dt, {n, dims_.n_kv_heads, dims_.head_dim});
+  if (x.role == AnchorExchange::Role::kSend) {
+    const std::vector<int32_t>& pos = cache_.stored_positions(layer, seq);
+    SS_CHECK(static_cast<int64_t>(pos.size()) >= n && (n == 0 || pos[n - 1] < x.anchor_len),
+             "attamba anchor: {} stored rows, {} below position {} expected", pos.size(), n, x.anchor_len);
+    int64_t at = 0;
+    for (const KvView& kv : cache_.segments(layer, seq, 0, n)) {
+      backend_.copy(ak.slice_rows(at, kv.n_tokens()), kv.k);
+      backend_.copy(av.slice_rows(at, kv.n_tokens()), kv.v);
+      at += kv.n_tokens();
+    }
+  }
+  SS_RETURN_IF_ERROR(broadcast_tensor(backend_, *x.comm, ak, x.root));
+  SS_RETURN_IF_ERROR(broadcast_tensor(backend_, *x.comm, av, x.root));
+  if (x.role == AnchorExchange::Role::kReceive) {
+    cache_.write(layer, x.anchor_seq, 0, ak, av);
+    std::vector<int32_t>& pos = cache_.stored_positions(layer, x.anchor_seq);
+    pos.clear();
+    for (int64_t p = 0; p < x.anchor_len; ++p) {
+      if (hp.attamba.boundary(layer, hp.n_layers, p)) pos.push_back(static_cast<int32_t>(p));
+    }
+  }
+  return Status();
+}
+
+Status BlockLocalAttention::load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) {
+  compressed_.load(cache_, layer, batch, carry);
+  return Status();
+}
+
+Status BlockLocalAttention::store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
+                                        bool* replaced) {
+  compressed_.store(cache_, layer, batch, carry_out);
+  *replaced = false;
+  if (halo_comm_ == nullptr) return Status();
+  SS_CHECK(batch.size() == 1, "the Attamba carry halo runs with one sequence per forward, not {}", batch.size());
+  const int64_t f = compressed_.carry_floats();
+  const Tensor mine = Tensor::make(carry_out.data, DType::kF32, {f});
+  if (halo_source_ < 0) return halo_.exchange_f32(backend_, *halo_comm_, mine, -1, Tensor(), f);
+  *replaced = true;
+  return halo_.exchange_f32(backend_, *halo_comm_, mine, halo_source_, Tensor::make(carry.data, DType::kF32, {f}), f);
+}
+
+Status BlockLocalAttention::attend_compressed(int layer, std::span<const BatchSeq> batch,
+                                              const CompressedAttention& a) {
+  const int64_t cf = compressed_.carry_floats();
+  int64_t start = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const BatchSeq& s = batch[i];
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    const Tensor k = a.k.slice_rows(start, n), v = a.v.slice_rows(start, n);
+    const auto [begin, end] =
+        compressed_.append_boundaries(cache_, layer, s.seq_id, k, v, a.boundary.subspan(start, n), s.positions);
+    if (exchange_.role != AnchorExchange::Role::kNone) {
+      SS_CHECK(batch.size() == 1, "the anchor exchange runs with one sequence per forward, not {}", batch.size());
+      SS_RETURN_IF_ERROR(exchange_compressed_anchor(layer, s.seq_id));
+    }
+    // Keys in position order: the prefix's boundaries below prefix_len, then this block's own.
+    std::vector<KvView> keys;
+    std::vector<int32_t> key_pos;
+    if (prefix_seq_) {
+      const std::vector<int32_t>& pp = cache_.stored_positions(layer, *prefix_seq_);
+      const int64_t np = std::lower_bound(pp.begin(), pp.end(), static_cast<int32_t>(prefix_len_)) - pp.begin();
+      keys = cache_.segments(layer, *prefix_seq_, 0, np);
+      key_pos.assign(pp.begin(), pp.begin() + np);
+    }
+    const std::vector<int32_t>& own_pos = cache_.stored_positions(layer, s.seq_id);
+    const std::vector<KvView> own = cache_.segments(layer, s.seq_id, begin, end);
+    keys.insert(keys.end(), own.begin(), own.end());
+    key_pos.insert(key_pos.end(), own_pos.begin() + begin, own_pos.begin() + end);
+    compressed_.attend_local(a.q.slice_rows(start, n), k, v,
+                             Tensor::make(a.carry.f32() + static_cast<int64_t>(i) * cf, DType::kF32, {cf}),
+                             s.positions, keys, key_pos, a.out.slice_rows(start, n));
+    start += n;
+  }
+  return Status();
+}
+
 void BlockLocalAttention::end_forward(std::span<const BatchSeq> batch) {
   for (const BatchSeq& s : batch) {
     cache_.set_length(s.seq_id, cache_.length(s.seq_id) + static_cast<int64_t>(s.tokens.size()));
@@ -169,7 +262,12 @@ void BlockLocalAttention::end_forward(std::span<const BatchSeq> batch) {
 
 ExactContextAttention::ExactContextAttention(Backend& backend, KvCache& cache, const ModelHParams& hp,
                                              Communicator& comm)
-    : backend_(backend), cache_(cache), dims_(AttentionDims::from(hp)), comm_(comm), kv_shift_(hp.kv_shift) {}
+    : backend_(backend),
+      cache_(cache),
+      dims_(AttentionDims::from(hp)),
+      comm_(comm),
+      kv_shift_(hp.kv_shift),
+      compressed_(backend, hp) {}
 
 Status ExactContextAttention::gather_sizes(int64_t mine) {
   counts_.assign(comm_.world_size(), 0);
@@ -220,6 +318,9 @@ Status ExactContextAttention::participate_without_tokens(SeqId seq, int first, i
   const int64_t row = 2 * static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
   for (int l = first; l < last; ++l) {
     if (kv_shift_) SS_RETURN_IF_ERROR(halo_.exchange(backend_, comm_, Tensor{}, -1, Tensor{}, row));
+    if (compressed_.enabled()) {
+      SS_RETURN_IF_ERROR(halo_.exchange_f32(backend_, comm_, Tensor{}, -1, Tensor{}, compressed_.carry_floats()));
+    }
     SS_RETURN_IF_ERROR(layer_exchange(Tensor{}, Tensor{}, 0));
   }
   if (last == n_layers) exchanges_.erase(seq);
@@ -296,6 +397,76 @@ Status ExactContextAttention::shift_neighbours(int layer, std::span<const BatchS
   return halo_.exchange(backend_, comm_, last.slice_rows(0, 1), source, prev.slice_rows(0, 1), row);
 }
 
+Status ExactContextAttention::load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) {
+  SS_CHECK(batch.size() == 1, "exact context encoding runs one span per forward, got {}", batch.size());
+  compressed_.load(cache_, layer, batch, carry);
+  return Status();
+}
+
+// The span's carry continues the nearest earlier rank's that has context (its last token's).
+Status ExactContextAttention::store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
+                                          bool* replaced) {
+  SS_CHECK(batch.size() == 1, "exact context encoding runs one span per forward, got {}", batch.size());
+  load_exchange(batch[0].seq_id);
+  compressed_.store(cache_, layer, batch, carry_out);
+  int source = -1;
+  for (int r = comm_.rank() - 1; r >= 0 && source < 0; --r) source = counts_[r] > 0 ? r : -1;
+  const int64_t f = compressed_.carry_floats();
+  *replaced = source >= 0;
+  return halo_.exchange_f32(backend_, comm_, carry_out, source, Tensor::make(carry.data, DType::kF32, {f}), f);
+}
+
+Status ExactContextAttention::attend_compressed(int layer, std::span<const BatchSeq> batch,
+                                                const CompressedAttention& a) {
+  const BatchSeq& s = batch[0];
+  load_exchange(s.seq_id);
+  const ModelHParams& hp = compressed_.hparams();
+  const int64_t n = static_cast<int64_t>(s.tokens.size());
+  SS_CHECK(cache_.length(s.seq_id) == 0, "exact context encoding expects an empty sequence, it has {} tokens",
+           cache_.length(s.seq_id));
+  const auto [begin, end] = compressed_.append_boundaries(cache_, layer, s.seq_id, a.k, a.v, a.boundary, s.positions);
+  // This span's boundary rows as one run, all-gathered with every rank's (padded to the longest span).
+  const DType dt = backend_.compute_dtype();
+  const int64_t nb = end - begin;
+  const Tensor ok = own_k_.view(backend_, dt, {std::max<int64_t>(nb, 1), dims_.n_kv_heads, dims_.head_dim});
+  const Tensor ov = own_v_.view(backend_, dt, {std::max<int64_t>(nb, 1), dims_.n_kv_heads, dims_.head_dim});
+  int64_t at = 0;
+  for (const KvView& kv : cache_.segments(layer, s.seq_id, begin, end)) {
+    backend_.copy(ok.slice_rows(at, kv.n_tokens()), kv.k);
+    backend_.copy(ov.slice_rows(at, kv.n_tokens()), kv.v);
+    at += kv.n_tokens();
+  }
+  SS_RETURN_IF_ERROR(layer_exchange(ok, ov, nb));
+  // Keys in position order: every earlier rank's boundaries (spans are contiguous in rank order),
+  // then the own span's.
+  const int64_t kv_row = static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
+  std::vector<KvView> keys;
+  std::vector<int32_t> key_pos;
+  int64_t first = 0;
+  for (int r = 0; r < comm_.rank(); ++r) {
+    const int64_t cnt = hp.attamba.boundaries(layer, hp.n_layers, first, first + counts_[r]);
+    for (int64_t p = first; p < first + counts_[r]; ++p) {
+      if (hp.attamba.boundary(layer, hp.n_layers, p)) key_pos.push_back(static_cast<int32_t>(p));
+    }
+    if (cnt > 0) {
+      const size_t off = static_cast<size_t>(r * max_count_ * kv_row) * dtype_size(dt);
+      keys.push_back({Tensor::make(static_cast<char*>(k_all_.ensure(backend_, 0)) + off, dt,
+                                   {cnt, dims_.n_kv_heads, dims_.head_dim}),
+                      Tensor::make(static_cast<char*>(v_all_.ensure(backend_, 0)) + off, dt,
+                                   {cnt, dims_.n_kv_heads, dims_.head_dim})});
+    }
+    first += counts_[r];
+  }
+  const std::vector<int32_t>& own_pos = cache_.stored_positions(layer, s.seq_id);
+  const std::vector<KvView> own = cache_.segments(layer, s.seq_id, begin, end);
+  keys.insert(keys.end(), own.begin(), own.end());
+  key_pos.insert(key_pos.end(), own_pos.begin() + begin, own_pos.begin() + end);
+  compressed_.attend_local(a.q, a.k, a.v, Tensor::make(a.carry.data, DType::kF32, {compressed_.carry_floats()}),
+                           s.positions, keys, key_pos, a.out);
+  (void)n;
+  return Status();
+}
+
 void ExactContextAttention::end_forward(std::span<const BatchSeq> batch) {
   for (const BatchSeq& s : batch) {
     cache_.set_length(s.seq_id, static_cast<int64_t>(s.tokens.size()));
@@ -312,7 +483,8 @@ Phase2Attention::Phase2Attention(Backend& backend, KvCache& cache, const ModelHP
       dims_(AttentionDims::from(hp)),
       n_layers_(hp.n_layers),
       merger_(comm, algo),
-      collector_(backend) {}
+      collector_(backend),
+      compressed_(backend, hp) {}
 
 void Phase2Attention::register_sequence(SeqId seq, bool query_host, int64_t n_context_total,
                                         int64_t first_context_position) {
@@ -446,6 +618,74 @@ Status Phase2Attention::shift_neighbours(int layer, std::span<const BatchSeq> ba
     }
     backend_.copy(row, zero_rows_.view(row.dtype, {1, row.shape[1], row.shape[2], row.shape[3]}));
   }
+  return Status();
+}
+
+Status Phase2Attention::load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) {
+  const int64_t f = compressed_.carry_floats();
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const Tensor row = Tensor::make(carry.f32() + static_cast<int64_t>(i) * f, DType::kF32, {f});
+    if (seqs_.at(batch[i].seq_id).query_host) {
+      backend_.copy(row, cache_.carry(layer, batch[i].seq_id, f));
+    } else {
+      // A context-only rank's k/v of the query are neither stored nor attended to.
+      const std::vector<float> zeros(static_cast<size_t>(f), 0.0f);
+      backend_.upload_f32(row, zeros.data());
+    }
+  }
+  return Status();
+}
+
+Status Phase2Attention::store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
+                                    bool* replaced) {
+  (void)carry;
+  const int64_t f = compressed_.carry_floats();
+  for (size_t i = 0; i < batch.size(); ++i) {
+    if (!seqs_.at(batch[i].seq_id).query_host) continue;
+    backend_.copy(cache_.carry(layer, batch[i].seq_id, f),
+                  Tensor::make(carry_out.f32() + static_cast<int64_t>(i) * f, DType::kF32, {f}));
+  }
+  *replaced = false;
+  return Status();
+}
+
+Status Phase2Attention::attend_compressed(int layer, std::span<const BatchSeq> batch, const CompressedAttention& a) {
+  const int64_t nh = dims_.n_heads, hd = dims_.head_dim, cf = compressed_.carry_floats();
+  int64_t total = 0;
+  for (const BatchSeq& s : batch) total += static_cast<int64_t>(s.tokens.size());
+  float* lse_all = lse_.floats(backend_, std::max<int64_t>(total * nh, 1));
+  float* ent_all = ent_.floats(backend_, std::max<int64_t>(total * nh, 1));
+  const Tensor o32 = fp32_target(backend_, a.out, out32_);
+  int64_t start = 0;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const BatchSeq& s = batch[i];
+    const SeqInfo& info = seqs_.at(s.seq_id);
+    const int64_t n = static_cast<int64_t>(s.tokens.size());
+    const Tensor q = a.q.slice_rows(start, n);
+    const PartialBuffers mine{o32.f32() + start * nh * hd, lse_all + start * nh, ent_all + start * nh};
+    if (info.query_host) {
+      const Tensor k = a.k.slice_rows(start, n), v = a.v.slice_rows(start, n);
+      compressed_.append_boundaries(cache_, layer, s.seq_id, k, v, a.boundary.subspan(start, n), s.positions);
+      const std::vector<int32_t>& pos = cache_.stored_positions(layer, s.seq_id);
+      const std::vector<KvView> keys = cache_.segments(layer, s.seq_id, 0, static_cast<int64_t>(pos.size()));
+      const PartialBuffers band = compressed_.buffers(0, n);
+      const PartialBuffers comp = compressed_.buffers(1, n);
+      compressed_.band(q, k, v, Tensor::make(a.carry.f32() + static_cast<int64_t>(i) * cf, DType::kF32, {cf}), band);
+      compressed_.compressed(q, s.positions, keys, pos, comp);
+      const AttentionPartial parts[2] = {band.part(), comp.part()};
+      compressed_.merge(o32.slice_rows(start, n), mine.lse, mine.entropy, parts);
+    } else {
+      const std::vector<int32_t>& pos = cache_.stored_positions(layer, s.seq_id);
+      const std::vector<KvView> keys = cache_.segments(layer, s.seq_id, 0, static_cast<int64_t>(pos.size()));
+      compressed_.compressed(q, s.positions, keys, pos, mine);
+    }
+    start += n;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  SS_RETURN_IF_ERROR(merger_.merge_on(backend_, o32.f32(), lse_all, ent_all, total * nh, hd));
+  merge_seconds_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ++merges_;
+  if (o32.data != a.out.data) backend_.convert(a.out, o32);
   return Status();
 }
 

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "comm/communicator.h"
+#include "star/attamba_attention.h"
 #include "star/attention_stats.h"
 #include "star/entropy_collector.h"
 #include "star/kv_shift_state.h"
@@ -77,12 +78,22 @@ class BlockLocalAttention final : public AttentionHandler {
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
   void end_forward(std::span<const BatchSeq> batch) override;
   Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) override;
+  // Attamba models: the block's carry continues this sequence's (its previous block on this rank)
+  // or, with set_shift_halo, the halo carry of rank `source`; the block attends to its band and to
+  // the boundaries of the prefix (the anchor, positions < prefix_len) and of its own tokens.
+  Status load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) override;
+  Status store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
+                     bool* replaced) override;
+  Status attend_compressed(int layer, std::span<const BatchSeq> batch, const CompressedAttention& a) override;
 
  private:
   Backend& backend_;
   KvCache& cache_;
   AttentionDims dims_;
+  CompressedAttender compressed_;
   Status exchange_anchor(int layer, Tensor k, Tensor v);
+  // Attamba: the anchor's stored rows of the layer (its boundaries at positions < anchor_len).
+  Status exchange_compressed_anchor(int layer, SeqId seq);
 
   std::optional<SeqId> prefix_seq_;
   int64_t prefix_len_ = 0;
@@ -108,6 +119,12 @@ class ExactContextAttention final : public AttentionHandler {
   // KV-shifting models: the span's first token mixes with the last token of the nearest earlier
   // rank that has context (a one-token halo per layer, gathered from every rank).
   Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) override;
+  // Attamba models: the carry halo at every rank boundary, the band, and the boundaries of the own
+  // span and of every earlier rank's (all-gathered per layer).
+  Status load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) override;
+  Status store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
+                     bool* replaced) override;
+  Status attend_compressed(int layer, std::span<const BatchSeq> batch, const CompressedAttention& a) override;
 
  private:
   Status gather_sizes(int64_t mine);
@@ -127,6 +144,8 @@ class ExactContextAttention final : public AttentionHandler {
   std::vector<char> send_host_, recv_host_;
   bool kv_shift_ = false;  // ModelHParams::kv_shift: a halo gather before each layer's exchange
   ShiftHalo halo_;
+  CompressedAttender compressed_;
+  Scratch own_k_, own_v_;
   Scratch send_, k_all_, v_all_, part_out_, part_lse_, part_ent_, lse_, ent_, out32_;
 };
 
@@ -154,6 +173,13 @@ class Phase2Attention final : public AttentionHandler {
   // KV-shifting models: the query host's first query token mixes with its last context token (the
   // query host owns the last block); a context-only rank's k/v are not kept, so it mixes with zeros.
   Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) override;
+  // Attamba models: every rank's compressed partial over the boundaries it stores (j <= t - L - 1),
+  // the query host's merged with its band partial (its carry: it holds the last context token),
+  // then the exact merge across ranks. Entropy is not tracked for them.
+  Status load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) override;
+  Status store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
+                     bool* replaced) override;
+  Status attend_compressed(int layer, std::span<const BatchSeq> batch, const CompressedAttention& a) override;
 
  private:
   struct SeqInfo {
@@ -178,6 +204,7 @@ class Phase2Attention final : public AttentionHandler {
   EntropyCollector collector_;
   double merge_seconds_ = 0;
   int64_t merges_ = 0;
+  CompressedAttender compressed_;
 };
 
 }  // namespace starserve

@@ -359,7 +359,11 @@ class CudaBackend final : public Backend {
   // What stays refused lies outside BackendFeatures and is refused where the weights are read,
   // for every backend (unsupported RoPE scalings and architectures: model/gguf_source.cpp,
   // model/hf_source.cpp); attention head sizes above kSmallHeadMaxDim abort in partial_attention.
-  Status check_features(const BackendFeatures&) const override { return Status(); }
+  // Every feature but Attamba's SSM ops, which this backend does not have yet.
+  Status check_features(const BackendFeatures& f) const override {
+    if (f.ssm) return unimplemented("backend {} has no SSM ops (causal_conv1d_silu, ssd_scan, gated_rms_norm)", name());
+    return Status();
+  }
 
   void partial_attention(const AttentionCall& c) override {
     OpScope op(this);
