@@ -1,5 +1,7 @@
 #include "engine/scheduler.h"
 
+#include "kv/kv_cache.h"
+
 #include <algorithm>
 
 namespace starserve {
@@ -16,8 +18,10 @@ int64_t prefill_step_tokens(int n_layers, int layers_per_chunk, int64_t block_to
 }
 
 KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size,
-                   int chunks_per_block) {
-  auto pages_for = [&](int64_t n) { return (n + page_size - 1) / page_size; };
+                   int chunks_per_block, int compressed_chunk) {
+  KvCacheShape shape;
+  shape.compressed_chunk = compressed_chunk;
+  auto pages_for = [&](int64_t n) { return (shape.rows_for(n) + page_size - 1) / page_size; };
   KvDemand d;
   int max_blocks = 0;
   for (int r = 0; r < layout.world_size; ++r) {

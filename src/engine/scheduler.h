@@ -37,9 +37,10 @@ struct KvDemand {
 // admits when the blocks are whole pages (a rank's share + anchor <= the context); with blocks that
 // end inside a page, the scratch's own pages can cost a rank at most one page more than the one
 // rank would need. page_size: tokens per KV page. chunks_per_block: phase-1 steps per block
-// (chunked prefill), 1 when unchunked.
+// (chunked prefill), 1 when unchunked. compressed_chunk: KvCacheShape::compressed_chunk (Attamba's
+// P: a sequence of n tokens takes rows_for(n) = ceil(n / P) + 1 rows, not n; 0 = n).
 KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size,
-                   int chunks_per_block = 1);
+                   int chunks_per_block = 1, int compressed_chunk = 0);
 
 // Chunked prefill: a block's forward is split by layers, so that each phase-1 step does about
 // chunk_tokens x n_layers token-layers of work, the work of a chunk_tokens-token forward. Chunks

@@ -112,7 +112,8 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
   a->layers_per_chunk = prefill_layers_per_chunk(hp.n_layers, ctx_.scheduler.prefill_chunk_tokens, longest);
   KvDemand demand = kv_demand(layout, plan.mode,
                                     static_cast<int64_t>(a->req.query.size()) + a->req.sampling.max_tokens,
-                                    ctx_.cache->shape().page_size, executor_->chunks_per_block(a->layers_per_chunk));
+                                    ctx_.cache->shape().page_size, executor_->chunks_per_block(a->layers_per_chunk),
+                                    ctx_.cache->shape().compressed_chunk);
   demand.step_tokens = prefill_step_tokens(hp.n_layers, a->layers_per_chunk, longest);
   a->sink = std::make_shared<Sink>();
   a->sink->fn = std::move(on_event);

@@ -16,6 +16,7 @@
 #include "attamba_tiny.h"
 #include "backend/backend.h"
 #include "comm/communicator.h"
+#include "engine/scheduler.h"
 #include "family_golden.h"
 #include "model/gguf_source.h"
 #include "model/hf_source.h"
@@ -668,6 +669,15 @@ TEST(AttambaGolden, StarAndExactOnOneProcess) {
     }
     EXPECT_EQ(r->generated, want) << what;
   }
+}
+
+// Admission counts the rows Attamba stores: a rank's share of n tokens takes ceil(n / P) + 1 rows.
+TEST(Attamba, AdmissionCountsTheCompressedRows) {
+  auto lay = partition_context(1000, 0, 0, 2);  // 500 tokens per rank, no anchor
+  ASSERT_TRUE(lay.ok());
+  // Query host: 500 context + 100 query/generated tokens = 600 tokens, 600 / 8 + 1 = 76 rows, 5 pages of 16.
+  EXPECT_EQ(kv_demand(*lay, AttentionMode::kStar, 100, 16, 1, 8).pages, 5);
+  EXPECT_EQ(kv_demand(*lay, AttentionMode::kStar, 100, 16, 1, 0).pages, 38);  // every token stored
 }
 
 }  // namespace
