@@ -22,7 +22,23 @@ log() { printf '\033[1m[starserve]\033[0m %s\n' "$*" >&2; }
 DEB_PACKAGES=(build-essential cmake ninja-build pkg-config git python3 python3-pip python3-grpcio unzip ca-certificates
   libopenmpi-dev openmpi-bin libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libspdlog-dev libfmt-dev nlohmann-json3-dev libcli11-dev libopenblas-dev libgtest-dev libpcre2-dev
-  libcpp-httplib-dev curl libutf8proc-dev)
+  libcpp-httplib-dev curl libutf8proc-dev python3-venv openssl)
+
+# The official openai Python SDK (PyPI, pinned), for tests/e2e/openai_http_e2e.sh, in a venv of its own: Debian's
+# python refuses installs outside one (PEP 668). Without it (no network) that test's SDK part says SKIP.
+OPENAI_SDK_SPEC="openai==3.51.0"
+SDK_VENV="$REPO_ROOT/third_party/venv"
+
+install_python_sdk() {
+  if [ -x "$SDK_VENV/bin/python" ] && "$SDK_VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '${OPENAI_SDK_SPEC#*==}')" 2>/dev/null; then
+    log "openai SDK: present ($SDK_VENV)"
+    return
+  fi
+  log "installing $OPENAI_SDK_SPEC into $SDK_VENV"
+  { /usr/bin/python3 -m venv "$SDK_VENV" 2>/dev/null || python3 -m venv "$SDK_VENV"; } \
+    && "$SDK_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$OPENAI_SDK_SPEC" \
+    || log "openai SDK: not installed (openai_http_e2e's SDK part will say SKIP)"
+}
 
 install_packages() {
   local missing=()
@@ -31,6 +47,7 @@ install_packages() {
   done
   if [ ${#missing[@]} -eq 0 ]; then
     log "Debian packages: all present"
+    install_python_sdk
     return
   fi
   log "installing Debian packages: ${missing[*]}"
@@ -38,6 +55,7 @@ install_packages() {
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  install_python_sdk
 }
 
 python_bin() {

@@ -93,6 +93,8 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
   srv->add_option("--host", sv.host, "address to listen on");
   srv->add_option("--port", sv.port, "gRPC port (0 = pick a free one)");
   srv->add_option("--metrics-port", sv.metrics_port, "Prometheus text endpoint port (0 = off)");
+  srv->add_option("--http-port", sv.http_port, "OpenAI-compatible HTTP API port (0 = off)");
+  srv->add_option("--http-threads", sv.http_threads, "HTTP API worker threads (one per open connection)");
   srv->add_option("--tls-cert", sv.tls_cert, "server certificate (PEM)");
   srv->add_option("--tls-key", sv.tls_key, "server private key (PEM)");
   srv->add_option("--tls-client-ca", sv.tls_client_ca, "CA that client certificates must chain to (mutual TLS)");

@@ -51,6 +51,8 @@ struct ServerConfig {
   std::string host = "0.0.0.0";
   int port = 50051;
   int metrics_port = 0;             // 0 = no Prometheus endpoint
+  int http_port = 0;                // OpenAI-compatible HTTP API (server/openai_http.h); 0 = off
+  int http_threads = 64;            // HTTP worker threads; each open connection (a stream, a keep-alive) holds one
   std::string tls_cert, tls_key;    // PEM files; both set = TLS
   std::string tls_client_ca;        // PEM; set = mutual TLS
   std::string api_key;              // non-empty: every RPC needs "authorization: Bearer <key>"

@@ -18,6 +18,7 @@
 #include "server/completion_service.h"
 #include "server/health_service.h"
 #include "server/metrics.h"
+#include "server/openai_http.h"
 #include "server/reflection_service.h"
 
 namespace starserve {
@@ -94,7 +95,8 @@ struct GrpcServer::Impl {
         service(c, api_key, &metrics),
         health(api_key, c.health_without_key),
         reflection_v1("grpc.reflection.v1.ServerReflection", service_names(), api_key),
-        reflection_v1alpha("grpc.reflection.v1alpha.ServerReflection", service_names(), api_key) {}
+        reflection_v1alpha("grpc.reflection.v1alpha.ServerReflection", service_names(), api_key),
+        http_api(c, api_key, &metrics) {}
 
   static std::vector<std::string> service_names() {
     return {"starserve.v1.CompletionService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
@@ -114,6 +116,7 @@ struct GrpcServer::Impl {
   ReflectionServiceV1alpha reflection_v1alpha;
   std::unique_ptr<grpc::Server> server;
   MetricsHttpServer metrics_http;
+  OpenAiHttpServer http_api;  // started when config.http_port > 0
   int port = 0;
   std::string host;  // bare, as listened on
 
@@ -151,6 +154,7 @@ GrpcServer::GrpcServer(const ServerConfig& config) : impl_(std::make_unique<Impl
 GrpcServer::GrpcServer(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
                        std::optional<ChatTemplate> chat_template)
     : GrpcServer(config) {
+  impl_->http_api.attach(engine, tokenizer, chat_template);
   impl_->service.attach(engine, tokenizer, std::move(chat_template));
   impl_->engine.store(&engine);
 }
@@ -158,6 +162,7 @@ GrpcServer::GrpcServer(const ServerConfig& config, Engine& engine, const Tokeniz
 Status GrpcServer::attach(Engine& engine, const Tokenizer& tokenizer, std::optional<ChatTemplate> chat_template) {
   Impl& m = *impl_;
   SS_CHECK(!m.engine.load(), "GrpcServer::attach called twice");
+  m.http_api.attach(engine, tokenizer, chat_template);
   m.service.attach(engine, tokenizer, std::move(chat_template));
   m.engine.store(&engine);
   m.cv.notify_all();
@@ -183,6 +188,9 @@ Status GrpcServer::start() {
   if (c.port < 0 || c.port > 65535) return invalid_argument("port = {} must be in [0, 65535]", c.port);
   if (c.metrics_port < 0 || c.metrics_port > 65535) {
     return invalid_argument("metrics_port = {} must be in [0, 65535] (0 = off)", c.metrics_port);
+  }
+  if (c.http_port < 0 || c.http_port > 65535) {
+    return invalid_argument("http_port = {} must be in [0, 65535] (0 = off)", c.http_port);
   }
   if (c.max_message_bytes < 1024) {
     return invalid_argument("max_message_bytes = {} must be at least 1024", c.max_message_bytes);
@@ -226,6 +234,16 @@ Status GrpcServer::start() {
       return s;
     }
   }
+  if (c.http_port > 0) {
+    Status s = m.http_api.start(host);
+    if (!s.ok()) {
+      m.metrics_http.stop();
+      m.server->Shutdown();
+      m.server->Wait();
+      m.server.reset();
+      return s;
+    }
+  }
   m.readiness = std::thread([&m] { m.watch_readiness(); });
   log_info("gRPC listening on {} (TLS {}, API key {}{}){}{}", listen_address(host, m.port),
            c.tls_cert.empty() ? "off" : (c.tls_client_ca.empty() ? "on" : "on, client certificates required"),
@@ -235,6 +253,10 @@ Status GrpcServer::start() {
                ? fmt::format("; metrics on http://{}/metrics", listen_address(host, m.metrics_http.port()))
                : std::string(),
            m.engine.load() ? "" : "; model loading");
+  if (m.http_api.port() > 0) {
+    log_info("OpenAI-compatible HTTP API on {}://{}/v1", c.tls_cert.empty() ? "http" : "https",
+             listen_address(host, m.http_api.port()));
+  }
   return Status();
 }
 
@@ -249,6 +271,7 @@ void GrpcServer::begin_shutdown() {
   }
   m.cv.notify_all();
   m.service.begin_shutdown();
+  m.http_api.begin_shutdown();
   m.health.set_serving(kReadinessService, false);
 }
 
@@ -259,6 +282,7 @@ void GrpcServer::set_unavailable() {
     m.admitting = false;
   }
   m.cv.notify_all();
+  m.http_api.begin_shutdown();
   m.health.set_serving(kReadinessService, false);
 }
 
@@ -272,11 +296,13 @@ void GrpcServer::shutdown(std::chrono::milliseconds grace) {
   m.cv.notify_all();
   log_info("gRPC server shutting down ({} ms for running requests)", grace.count());
   m.service.begin_shutdown();
+  m.http_api.begin_shutdown();
   m.health.shutdown();  // every service NOT_SERVING, for load balancers; Watch calls end
   // Stops accepting, waits for running RPCs until the deadline, then cancels them: the handlers see IsCancelled and
   // cancel their engine requests.
   m.server->Shutdown(std::chrono::system_clock::now() + grace);
   if (m.readiness.joinable()) m.readiness.join();
+  m.http_api.stop(grace);
   m.metrics_http.stop();
   {
     std::lock_guard<std::mutex> lock(m.mu);

@@ -1,7 +1,8 @@
 // The gRPC front end of rank 0: starserve.v1.CompletionService, grpc.health.v1.Health (server/health_service.h),
 // server reflection v1 and v1alpha (server/reflection_service.h), API-key auth on all of them (server/auth.h),
-// optional TLS / mutual TLS, and the Prometheus endpoint. This header includes no gRPC code, so the app that wires
-// engine and server stays free of it.
+// optional TLS / mutual TLS, the Prometheus endpoint, and the OpenAI-compatible HTTP API (server/openai_http.h) on
+// config.http_port, which shares the key, the TLS files, the limits, the engine and this lifecycle. This header
+// includes no gRPC code, so the app that wires engine and server stays free of it.
 //
 // Health: service "" is SERVING from start() until shutdown (liveness). "starserve.v1.CompletionService" is
 // NOT_SERVING until an engine is attached and Engine::ready() (every rank has loaded the model), then SERVING until
