@@ -83,25 +83,20 @@ __device__ __forceinline__ bool segment_start(const SsdScanParams& p, int64_t t)
   return t == 0 || p.reset[t] != 0 || p.seq[t] != p.seq[t - 1];
 }
 
-// Block (segment starting at row blockIdx.x, head blockIdx.y); grid rows that do not start a segment,
-// or whose segment belongs to the other pass, exit at once. Warp w owns the state rows p = w, w + nw,
-// ...; lane l the columns n = l, l + 32, ...; each (p, n) lives in shared memory owned by one thread
-// for the whole segment, so the recurrence needs no barrier. y[p] = sum_n S[p, n] C[n] is a warp sum.
-// carry_in_pass: the pass of segments that read the entry state (first row does not reset).
-template <typename T>
-__global__ void ssd_scan_kernel(SsdScanParams p, bool carry_in_pass) {
-  extern __shared__ float S[];  // (Pd, N)
-  const int64_t t0 = blockIdx.x;
-  const int h = blockIdx.y;
-  if (!segment_start(p, t0)) return;
-  const bool carry_in = p.reset[t0] == 0;
-  if (carry_in != carry_in_pass) return;
-  const int32_t s = p.seq[t0];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
-  const int64_t state_off = (static_cast<int64_t>(s) * p.H + h) * p.Pd * p.N;
-  for (int pp = warp; pp < p.Pd; pp += n_warps)
-    for (int n = lane; n < p.N; n += 32) S[pp * p.N + n] = carry_in ? p.state[state_off + pp * p.N + n] : 0.0f;
+// Block (tile of `tile` rows starting at row blockIdx.x * tile, head blockIdx.y) scans, one after the
+// other, the segments that start in its tile and belong to this pass (a segment may run past the
+// tile's end). Warp w owns the state rows p = w, w + nw, ...; lane l the columns n = l + 32 i; each
+// (p, n) lives in shared memory owned by one thread for the whole segment, so the recurrence needs
+// no barrier. A lane loads its B and C columns once per row (registers, shared by its state rows);
+// y[p] = sum_n S[p, n] C[n] is a warp sum. carry_in_pass: the pass of segments that read the entry
+// state (first row does not reset).
+constexpr int kMaxColsPerLane = 8;  // N <= 256
 
+template <typename T>
+__global__ void ssd_scan_kernel(SsdScanParams p, int tile, bool carry_in_pass) {
+  extern __shared__ float S[];  // (Pd, N)
+  const int h = blockIdx.y;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n_warps = blockDim.x / 32;
   const T* x = static_cast<const T*>(p.x);
   const T* B = static_cast<const T*>(p.B);
   const T* C = static_cast<const T*>(p.C);
@@ -109,28 +104,50 @@ __global__ void ssd_scan_kernel(SsdScanParams p, bool carry_in_pass) {
   const float A = -expf(p.A_log[h]), Dh = p.D[h], dt_bias = p.dt_bias[h];
   const int g = h / (p.H / p.G);
   const int64_t y_stride = static_cast<int64_t>(p.H) * p.Pd;
-  int64_t t = t0;
-  for (; t < p.n_rows && (t == t0 || !segment_start(p, t)); ++t) {
-    const float dt = softplus(load(dt_raw, t * p.dt_stride + h) + dt_bias);
-    const float decay = expf(dt * A);
-    const int64_t bc = t * p.bc_stride + static_cast<int64_t>(g) * p.N;
-    for (int pp = warp; pp < p.Pd; pp += n_warps) {
-      const float xv = load(x, t * p.x_stride + static_cast<int64_t>(h) * p.Pd + pp);
-      const float dtx = dt * xv;
-      float acc = 0.0f;
-      for (int n = lane; n < p.N; n += 32) {
-        const float sv = decay * S[pp * p.N + n] + dtx * load(B, bc + n);
-        S[pp * p.N + n] = sv;
-        acc += sv * load(C, bc + n);
-      }
-      for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-      if (lane == 0) store(static_cast<T*>(p.y), t * y_stride + static_cast<int64_t>(h) * p.Pd + pp, acc + Dh * xv);
-    }
-  }
-  // The sequence's last segment leaves its state for the next batch.
-  if (t == p.n_rows || p.seq[t] != s)
+  const int64_t tile_begin = static_cast<int64_t>(blockIdx.x) * tile;
+  const int64_t tile_end = min(tile_begin + tile, p.n_rows);
+  for (int64_t t0 = tile_begin; t0 < tile_end; ++t0) {
+    if (!segment_start(p, t0)) continue;
+    const bool carry_in = p.reset[t0] == 0;
+    if (carry_in != carry_in_pass) continue;
+    const int32_t s = p.seq[t0];
+    const int64_t state_off = (static_cast<int64_t>(s) * p.H + h) * p.Pd * p.N;
     for (int pp = warp; pp < p.Pd; pp += n_warps)
-      for (int n = lane; n < p.N; n += 32) p.state[state_off + pp * p.N + n] = S[pp * p.N + n];
+      for (int n = lane; n < p.N; n += 32) S[pp * p.N + n] = carry_in ? p.state[state_off + pp * p.N + n] : 0.0f;
+    int64_t t = t0;
+    for (; t < p.n_rows && (t == t0 || !segment_start(p, t)); ++t) {
+      const float dt = softplus(load(dt_raw, t * p.dt_stride + h) + dt_bias);
+      const float decay = expf(dt * A);
+      const int64_t bc = t * p.bc_stride + static_cast<int64_t>(g) * p.N;
+      float b[kMaxColsPerLane], c[kMaxColsPerLane];
+#pragma unroll
+      for (int i = 0; i < kMaxColsPerLane; ++i) {
+        const int n = lane + 32 * i;
+        b[i] = n < p.N ? load(B, bc + n) : 0.0f;
+        c[i] = n < p.N ? load(C, bc + n) : 0.0f;
+      }
+      for (int pp = warp; pp < p.Pd; pp += n_warps) {
+        const float xv = load(x, t * p.x_stride + static_cast<int64_t>(h) * p.Pd + pp);
+        const float dtx = dt * xv;
+        float acc = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kMaxColsPerLane; ++i) {
+          const int n = lane + 32 * i;
+          if (n < p.N) {
+            const float sv = decay * S[pp * p.N + n] + dtx * b[i];
+            S[pp * p.N + n] = sv;
+            acc += sv * c[i];
+          }
+        }
+        for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (lane == 0) store(static_cast<T*>(p.y), t * y_stride + static_cast<int64_t>(h) * p.Pd + pp, acc + Dh * xv);
+      }
+    }
+    // The sequence's last segment leaves its state for the next batch.
+    if (t == p.n_rows || p.seq[t] != s)
+      for (int pp = warp; pp < p.Pd; pp += n_warps)
+        for (int n = lane; n < p.N; n += 32) p.state[state_off + pp * p.N + n] = S[pp * p.N + n];
+  }
 }
 
 constexpr int kNormThreads = 256;
@@ -179,10 +196,14 @@ cudaError_t scan_impl(const SsdScanParams& p, cudaStream_t stream) {
     if (e != cudaSuccess) return e;
   }
   // 4 warps: enough lanes for N = 64..128 (2..4 columns per lane) and Pd rows per warp to hide the
-  // per-row latency of the loads; the grid's many (segment, head) blocks fill the device.
-  const dim3 grid(static_cast<unsigned>(p.n_rows), static_cast<unsigned>(p.H));
-  ssd_scan_kernel<T><<<grid, 128, smem, stream>>>(p, true);
-  ssd_scan_kernel<T><<<grid, 128, smem, stream>>>(p, false);
+  // per-row latency of the loads. Tiles of rows: one row per block while that leaves fewer than
+  // ~8K (tile, head) blocks (decode: every row its own segment, all in parallel), else up to 16 rows,
+  // so a prefill grid does not spend its time on blocks whose rows start no segment.
+  int tile = 1;
+  while (tile < 16 && (p.n_rows / (2 * tile)) * p.H >= 8192) tile *= 2;
+  const dim3 grid(static_cast<unsigned>((p.n_rows + tile - 1) / tile), static_cast<unsigned>(p.H));
+  ssd_scan_kernel<T><<<grid, 128, smem, stream>>>(p, tile, true);
+  ssd_scan_kernel<T><<<grid, 128, smem, stream>>>(p, tile, false);
   return cudaGetLastError();
 }
 
@@ -202,7 +223,7 @@ cudaError_t launch_causal_conv1d_silu(const CausalConv1dParams& p, cudaStream_t 
 }
 
 cudaError_t launch_ssd_scan(const SsdScanParams& p, cudaStream_t stream) {
-  if (p.H <= 0 || p.Pd <= 0 || p.N <= 0 || p.G <= 0 || p.H % p.G != 0 || p.n_rows < 0 || p.n_rows > 0x7fffffff ||
+  if (p.H <= 0 || p.Pd <= 0 || p.N <= 0 || p.G <= 0 || p.H % p.G != 0 || p.N > 32 * kMaxColsPerLane || p.n_rows < 0 || p.n_rows > 0x7fffffff ||
       p.H > 65535 || sizeof(float) * static_cast<size_t>(p.Pd) * p.N > 227 * 1024)
     return cudaErrorInvalidValue;
   if (p.n_rows == 0) return cudaSuccess;

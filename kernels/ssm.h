@@ -56,6 +56,7 @@ struct SsdScanParams {
 // the entry state (a sequence's first segment when its first row does not reset), then those that
 // start from zero; a sequence's last segment writes its state, so no block overwrites a state
 // another block has still to read.
+// N <= 256.
 cudaError_t launch_ssd_scan(const SsdScanParams& p, cudaStream_t stream);
 
 struct GatedRmsNormParams {
