@@ -3,6 +3,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cmath>
 #include <condition_variable>
 #include <ctime>
@@ -921,6 +922,9 @@ Status OpenAiHttpServer::start(const std::string& host) {
   }
   std::unique_ptr<httplib::Server> http;
   if (!config_.tls_cert.empty()) {
+    // OpenSSL writes to the socket with write(2), which raises SIGPIPE once the peer has gone (plain HTTP sends with
+    // MSG_NOSIGNAL); its default action would end the server when a client leaves a stream.
+    std::signal(SIGPIPE, SIG_IGN);
     auto ssl = std::make_unique<httplib::SSLServer>(
         config_.tls_cert.c_str(), config_.tls_key.c_str(),
         config_.tls_client_ca.empty() ? nullptr : config_.tls_client_ca.c_str());

@@ -326,6 +326,17 @@ if command -v openssl >/dev/null 2>&1; then
   got=$(curl -s -o "$WORK/tls.json" -w '%{http_code}' --cacert "$WORK/cert.pem" --data-binary "$BODY" --max-time 300 \
     "https://localhost:$THPORT/v1/completions")
   check "HTTPS: a completion" '[ "$got" = 200 ] && [ -n "$(js tls.json "j[\"choices\"][0][\"text\"]")" ]'
+  # A client that leaves an HTTPS stream: the server goes on answering.
+  curl -s -N --cacert "$WORK/cert.pem" --data-binary "$BODY_LONG" "https://localhost:$THPORT/v1/completions" \
+    >"$WORK/tls_gone.txt" &
+  CURL_PID=$!
+  for _ in $(seq 1 600); do [ "$(grep -c '^data: ' "$WORK/tls_gone.txt")" -ge 3 ] && break; sleep 0.1; done
+  kill -KILL "$CURL_PID" 2>/dev/null
+  wait "$CURL_PID" 2>/dev/null
+  got=$(curl -s -o "$WORK/tls2.json" -w '%{http_code}' --cacert "$WORK/cert.pem" --data-binary "$BODY" --max-time 300 \
+    "https://localhost:$THPORT/v1/completions")
+  check "HTTPS: after a client left a stream, the next completion is answered" \
+    '[ "$(grep -c "^data: " "$WORK/tls_gone.txt")" -ge 3 ] && [ "$got" = 200 ] && kill -0 "$TLS_PID"'
   got=$(curl -s -o /dev/null -w '%{http_code}' --max-time 10 "http://localhost:$THPORT/health")
   check "HTTPS port: plain HTTP gets no answer" '[ "$got" != 200 ]'
 else
