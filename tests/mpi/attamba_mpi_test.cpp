@@ -20,6 +20,7 @@
 #include "star/context_encoder.h"
 #include "star/local_attention.h"
 #include "../unit/family_golden.h"
+#include "golden_model.h"
 #include "mpi_gtest_main.h"
 
 namespace starserve {
@@ -30,25 +31,7 @@ using namespace family_golden;
 
 Communicator* g_comm = nullptr;
 
-struct Tiny {
-  std::unique_ptr<Backend> backend = make_cpu_backend(1);
-  std::unique_ptr<WeightSource> source;
-  std::unique_ptr<Model> model;
-};
-
-Tiny& tiny() {
-  static Tiny* t = [] {
-    auto* x = new Tiny;
-    auto s = HfWeightSource::open(family_dir("attamba") + "/hf");
-    SS_CHECK(s.ok(), "{}", s.status().to_string());
-    x->source = std::move(s).value();
-    auto m = create_model(*x->source, *x->backend);
-    SS_CHECK(m.ok(), "{}", m.status().to_string());
-    x->model = std::move(m).value();
-    return x;
-  }();
-  return *t;
-}
+GoldenModel& tiny() { return golden_model("attamba"); }
 
 KvCache make_cache(Model& m) {
   const ModelHParams& hp = m.hparams();
