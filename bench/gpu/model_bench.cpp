@@ -21,6 +21,9 @@
 //                    [--graphs on|off]  (one rank: decode steps as CUDA graphs, as the server runs them)
 //                    [--seqs S] [--batch-decode on|off]  (S sequences decoded together; their
 //                    attention in one launch per layer, or one launch per sequence)
+//                    [--arch llama|kvshift|both]  (both: the plain Llama shape, then its KV-shifting
+//                    variant (model/arch_kvshift.cpp) in the same run, one model at a time, and a
+//                    {"bench":"kvshift_overhead",...} line per context and mode with the ratios)
 // --op-census: a decode step's ops by kind, each captured as a CUDA graph (see op_census).
 // --graph-probe (global mode, one rank) adds {"bench":"decode_probe",...}: where a decode step's
 // time goes. The same step eager, the host's time to enqueue it, the step captured once as a CUDA
@@ -33,6 +36,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
+#include <tuple>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -425,6 +430,7 @@ int run(int argc, char** argv) {
   std::string prefill_kernel = "auto", merge = "allreduce", gemv = "on", batch_decode = "on", graphs = "on";
   std::vector<int64_t> lengths = {16384, 32768};
   std::vector<std::string> mode_names = {"global", "star"};
+  std::string arch = "llama";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> const char* {
@@ -450,6 +456,7 @@ int run(int argc, char** argv) {
     else if (a == "--seqs") seqs = std::atoi(next());
     else if (a == "--batch-decode") batch_decode = next();
     else if (a == "--graphs") graphs = next();
+    else if (a == "--arch") arch = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -464,6 +471,13 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "--merge %s: allreduce, allgather or auto\n", merge.c_str());
     return 2;
   }
+  if (arch != "llama" && arch != "kvshift" && arch != "both") {
+    std::fprintf(stderr, "--arch %s: llama, kvshift or both\n", arch.c_str());
+    return 2;
+  }
+  std::vector<std::string> archs;
+  if (arch != "kvshift") archs.push_back("llama");
+  if (arch != "llama") archs.push_back("kvshift");
   const MergeAlgo algo = merge == "allgather" ? MergeAlgo::kAllGather
                          : merge == "auto"    ? MergeAlgo::kAuto
                                               : MergeAlgo::kAllReduce;
@@ -518,7 +532,8 @@ int run(int argc, char** argv) {
     comm = std::move(nccl).value();
   }
   const int gpus = std::min(world, n_gpus);
-  const ModelHParams hp = llama3_8b_hparams(layers);
+  const ModelHParams llama_hp = llama3_8b_hparams(layers);
+  ModelHParams hp = llama_hp;
   if (world == 1 && !census) bench_gemm(*be, hp, options.gemv_max_tokens);
   if (census) {
     for (int64_t n : lengths)
@@ -527,19 +542,32 @@ int run(int argc, char** argv) {
   }
   if (gemm_only) return 0;
 
-  const auto t_load = Clock::now();
-  RandomWeightSource src(hp, 1);
-  auto model_or = create_model(src, *be);
-  if (!model_or.ok()) {
-    std::fprintf(stderr, "model: %s\n", model_or.status().to_string().c_str());
-    comm->abort_job(1);
-    return 1;
-  }
-  std::unique_ptr<Model> model = std::move(model_or).value();
-  if (lead) {
-    std::fprintf(stderr, "random %d-layer Llama-3-8B-shaped model on %s in %.1f s; %d rank(s) on %d GPU(s) (%s)\n",
-                 layers, be->name().c_str(), since(t_load), world, gpus, comm->name().c_str());
-  }
+  // The model of the current --arch entry (one in memory at a time); both have the same shape,
+  // so one KV cache serves them.
+  std::unique_ptr<RandomWeightSource> src;
+  std::unique_ptr<Model> model;
+  std::string arch_name;
+  auto load_model = [&](const std::string& name) -> int {
+    model.reset();
+    const auto t_load = Clock::now();
+    hp = name == "kvshift" ? kvshift_hparams(llama_hp) : llama_hp;
+    src = std::make_unique<RandomWeightSource>(hp, 1);
+    auto model_or = create_model(*src, *be);
+    if (!model_or.ok()) {
+      std::fprintf(stderr, "model: %s\n", model_or.status().to_string().c_str());
+      comm->abort_job(1);
+      return 1;
+    }
+    model = std::move(model_or).value();
+    arch_name = name;
+    if (lead) {
+      std::fprintf(stderr, "random %d-layer Llama-3-8B-shaped %s model on %s in %.1f s; %d rank(s) on %d GPU(s) (%s)\n",
+                   layers, name.c_str(), be->name().c_str(), since(t_load), world, gpus, comm->name().c_str());
+    }
+    return 0;
+  };
+  // (arch, mode, context) -> {ttft_s, decode ms per token}, for the overhead lines.
+  std::map<std::tuple<std::string, std::string, int64_t>, std::pair<double, double>> results;
 
   // KV pages per rank: the longest context's share plus an anchor, the query and the decode.
   const int64_t max_len = *std::max_element(lengths.begin(), lengths.end());
@@ -640,15 +668,16 @@ int run(int argc, char** argv) {
     const double flops = lin * projected + attention_flops(hp, pairs);
     if (lead && print) {
       std::printf(
-          "{\"bench\":\"ttft\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"query\":%d,\"blocks\":%d,"
+          "{\"bench\":\"ttft\",\"impl\":\"starserve\",\"arch\":\"%s\",\"mode\":\"%s\",\"context\":%lld,\"query\":%d,\"blocks\":%d,"
           "\"block_size\":%d,\"ranks\":%d,\"gpus\":%d,\"comm\":\"%s\",\"merge\":\"%s\",\"layers\":%d,"
           "\"prefill_kernel\":\"%s\",\"ttft_s\":%.3f,\"phase1_s\":%.3f,\"phase1_rank_min_s\":%.3f,"
           "\"phase1_rank_max_s\":%.3f,\"tflop\":%.1f,\"tflops\":%.1f}\n",
-          mode.name.c_str(), static_cast<long long>(n), query, n_blocks, block_size, world, gpus,
+          arch_name.c_str(), mode.name.c_str(), static_cast<long long>(n), query, n_blocks, block_size, world, gpus,
           comm->name().c_str(), merge.c_str(), layers, prefill_kernel.c_str(), ttft, phase1, phase1_rank_min,
           phase1_rank_max, flops / 1e12, flops / ttft / 1e12);
       std::fflush(stdout);
     }
+    if (print) results[{arch_name, mode.name, n}].first = ttft;
 
     // Decode: greedy tokens one at a time after the context and query; rank 0 picks the token
     // (every rank holds the same merged logits) and broadcasts it, as the server does. With
@@ -684,13 +713,15 @@ int run(int argc, char** argv) {
         ++p;
       }
       const double ms = since(t1) * 1e3 / std::max(decode, 1);
+      if (print && !with_entropy) results[{arch_name, mode.name, n}].second = ms;
       if (with_entropy) track_entropy(nullptr);
       if (lead && print) {
         std::printf(
-            "{\"bench\":\"decode\",\"impl\":\"starserve\",\"mode\":\"%s\",\"context\":%lld,\"block_size\":%d,"
+            "{\"bench\":\"decode\",\"impl\":\"starserve\",\"arch\":\"%s\",\"mode\":\"%s\",\"context\":%lld,\"block_size\":%d,"
             "\"ranks\":%d,\"gpus\":%d,\"merge\":\"%s\",\"layers\":%d,\"gemv\":%s,\"graphs\":%s,\"entropy\":%s,"
             "\"ms_per_token\":%.2f,\"tokens_per_s\":%.1f",
-            mode.name.c_str(), static_cast<long long>(n), block_size, world, gpus, merge.c_str(), layers,
+            arch_name.c_str(), mode.name.c_str(), static_cast<long long>(n), block_size, world, gpus, merge.c_str(),
+            layers,
             options.gemv_max_tokens > 0 ? "true" : "false", options.decode_graphs ? "true" : "false",
             with_entropy ? "true" : "false", ms, 1e3 / ms);
         if (with_entropy) {
@@ -710,9 +741,12 @@ int run(int argc, char** argv) {
   };
   // Warm-up, not printed: every mode once at a short length (cuBLASLt plans, NCCL channels,
   // scratch buffers), so the first timed length does not carry them.
-  for (const Mode& mode : modes) {
-    if (const int rc = measure(std::min<int64_t>(4096, lengths.front()), mode, false)) return rc;
-  }
+  auto warm_up = [&]() -> int {
+    for (const Mode& mode : modes) {
+      if (const int rc = measure(std::min<int64_t>(4096, lengths.front()), mode, false)) return rc;
+    }
+    return 0;
+  };
   // --seqs S: S sequences of n context tokens each (global attention, one rank), prefilled one by
   // one, then decoded together, one token per sequence per step, as a server's continuous batch.
   auto measure_batch = [&](int64_t n) -> int {
@@ -768,6 +802,8 @@ int run(int argc, char** argv) {
     return 0;
   };
   if (seqs > 1) {
+    if (const int rc = load_model(archs.front())) return rc;
+    if (const int rc = warm_up()) return rc;
     if (world != 1) {
       if (lead) std::fprintf(stderr, "--seqs runs on one rank\n");
       return 2;
@@ -777,10 +813,30 @@ int run(int argc, char** argv) {
       if (const int rc = measure_batch(n)) return rc;
     return 0;
   }
-  for (int64_t n : lengths) {
-    for (const Mode& mode : modes) {
-      if (const int rc = measure(n, mode, true)) return rc;
+  for (const std::string& name : archs) {
+    if (const int rc = load_model(name)) return rc;
+    if (const int rc = warm_up()) return rc;
+    for (int64_t n : lengths) {
+      for (const Mode& mode : modes) {
+        if (const int rc = measure(n, mode, true)) return rc;
+      }
     }
+  }
+  // KV shifting against the plain shape measured above: > 1 means the variant is slower.
+  if (archs.size() == 2 && lead) {
+    for (const auto& [key, kv] : results) {
+      const auto& [a, mode, n] = key;
+      if (a != "kvshift") continue;
+      const auto base = results.find({"llama", mode, n});
+      if (base == results.end() || base->second.first <= 0 || base->second.second <= 0) continue;
+      std::printf(
+          "{\"bench\":\"kvshift_overhead\",\"peer\":\"llama\",\"mode\":\"%s\",\"context\":%lld,\"layers\":%d,"
+          "\"ttft_s\":%.4f,\"peer_ttft_s\":%.4f,\"ttft_ratio\":%.4f,\"ms_per_token\":%.3f,"
+          "\"peer_ms_per_token\":%.3f,\"decode_ratio\":%.4f}\n",
+          mode.c_str(), static_cast<long long>(n), layers, kv.first, base->second.first, kv.first / base->second.first,
+          kv.second, base->second.second, kv.second / base->second.second);
+    }
+    std::fflush(stdout);
   }
   return 0;
 }

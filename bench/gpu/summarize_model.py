@@ -34,6 +34,9 @@ def main():
                 key = f"{shape} m={m}"
                 print(f"{key:22s} {a['tflops']:10.1f} {b['tflops']:15.1f} {a['tflops'] / b['tflops']:9.2f}")
 
+    over = [r for r in rows if r["bench"] == "kvshift_overhead"]
+    # The plain shape's rows go into the table against HF; the KV-shifting rows into the overhead table.
+    rows = [r for r in rows if r.get("arch", "llama") == "llama"]
     ttft, dec = {}, {}
     for r in rows:
         if r["bench"] == "ttft":
@@ -61,6 +64,13 @@ def main():
             print(f"{n:7d} {f(g, 12)} {f(s, 12)} {f(h, 7)} {ratio(g, h)} {ratio(s, h)} "
                   f"{f(dg, 17)} {f(ds, 6)} {f(dh, 6)}")
         print("(ratios are HF time / starserve time: above 1 means starserve is faster)")
+    if over:
+        print()
+        print("KV shifting vs the plain Llama shape, same run (ratio = kvshift / llama: above 1 means slower)")
+        print("mode     context  TTFT llama s  TTFT kvshift s  ratio   decode ms llama  kvshift  ratio")
+        for r in sorted(over, key=lambda r: (r["mode"], r["context"])):
+            print(f"{r['mode']:8s} {r['context']:7d} {r['peer_ttft_s']:13.3f} {r['ttft_s']:15.3f} {r['ttft_ratio']:6.3f}"
+                  f" {r['peer_ms_per_token']:16.2f} {r['ms_per_token']:8.2f} {r['decode_ratio']:6.3f}")
 
 
 if __name__ == "__main__":

@@ -24,10 +24,13 @@
 #             corpus's val.bin in KVSHIFT_DIR, default .carry/kvshift/{kvshift-6l,llama-6l,val.bin}): the GPU
 #             tests whose names hold KvShift, then evals/perplexity.py over every validation window through a
 #             server per model, backend (KVSHIFT_BACKENDS, default "cuda cpu") and mode (global; star with blocks of 128) -> $OUT/kvshift_ppl.jsonl.
+#   kvbench — bench/gpu/model_bench --arch both: the Llama-3-8B shape and its KV-shifting variant in the
+#             same run (BENCH_LENGTHS default 16384,32768, BENCH_LAYERS, BENCH_MODES) -> $OUT/kvshift_bench.jsonl
+#             with {"bench":"kvshift_overhead",...} ratio lines, and the table from summarize_model.py.
 #   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift] [gemma]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift] [kvbench] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -143,6 +146,15 @@ for step in $STEPS; do
     LD_LIBRARY_PATH="$STARSERVE_BASE_LD_LIBRARY_PATH" PYTHONUNBUFFERED=1 timeout 300 python3 bench/gpu/model_peers.py --layers "$N" --lengths "$L" |
       tee "$OUT/model_peers.jsonl"
     python3 bench/gpu/summarize_model.py "$OUT/model_bench.jsonl" "$OUT/model_peers.jsonl" | tee "$OUT/model_summary.txt"
+    ;;
+  kvbench)
+    L=${BENCH_LENGTHS:-16384,32768}
+    N=${BENCH_LAYERS:-32}
+    M=${BENCH_MODES:-global,star}
+    echo "== KV shifting vs Llama, 8B shape (layers $N, lengths $L, modes $M)"
+    timeout 420 "$BIN/model_bench" --arch both --layers "$N" --lengths "$L" --modes "$M" --decode 32 |
+      tee "$OUT/kvshift_bench.jsonl"
+    python3 bench/gpu/summarize_model.py "$OUT/kvshift_bench.jsonl" /dev/null | tee "$OUT/kvshift_summary.txt"
     ;;
   serve)
     [ -f "$MODEL" ] || { echo "serve: no model"; continue; }
