@@ -24,13 +24,18 @@
 #             corpus's val.bin in KVSHIFT_DIR, default .carry/kvshift/{kvshift-6l,llama-6l,val.bin}): the GPU
 #             tests whose names hold KvShift, then evals/perplexity.py over every validation window through a
 #             server per model, backend (KVSHIFT_BACKENDS, default "cuda cpu") and mode (global; star with blocks of 128) -> $OUT/kvshift_ppl.jsonl.
+#   attamba — the trained Attamba models (scripts/device/train_attamba.sh; carry them with the corpus's val.bin in
+#             ATTAMBA_DIR, default .carry/attamba/{attamba-6l-p4-l32,attamba-6l-p8-l16,val.bin}; ATTAMBA_MODELS
+#             names the model folders): the GPU tests whose names hold Ssm or Attamba, then evals/perplexity.py
+#             over every validation window through a server per model on the CUDA backend, global and star with
+#             blocks of 128 -> $OUT/attamba_ppl.jsonl.
 #   kvbench — bench/gpu/model_bench --arch both: the Llama-3-8B shape and its KV-shifting variant in the
 #             same run (BENCH_LENGTHS default 16384,32768, BENCH_LAYERS, BENCH_MODES) -> $OUT/kvshift_bench.jsonl
 #             with {"bench":"kvshift_overhead",...} ratio lines, and the table from summarize_model.py.
 #   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift] [kvbench] [gemma]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift] [attamba] [kvbench] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -65,7 +70,7 @@ fi
 SECONDS=0
 TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
 GRPC=${STARSERVE_GRPC:-OFF}
-case " $STEPS " in *" serve "* | *" chunked "* | *" lifecycle "* | *" kvshift "*) GRPC=ON TARGETS+=(starctl) ;; esac
+case " $STEPS " in *" serve "* | *" chunked "* | *" lifecycle "* | *" kvshift "* | *" attamba "*) GRPC=ON TARGETS+=(starctl) ;; esac
 if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRPC:BOOL=ON" "$BUILD/CMakeCache.txt"; }; then
   STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
@@ -231,6 +236,30 @@ PY
         done
         kill $SERVER; wait $SERVER 2>/dev/null
       done
+    done
+    ;;
+  attamba)
+    AD=${ATTAMBA_DIR:-.carry/attamba}
+    echo "== Attamba: GPU tests"
+    for t in gpu_kernel_tests gpu_model_tests; do
+      [ -x "$BIN/$t" ] && "$BIN/$t" --gtest_filter='*Ssm*:*Attamba*' 2>&1 | tail -25 | tee -a "$OUT/attamba_tests.txt"
+    done
+    [ -f "$AD/val.bin" ] || { echo "attamba: no $AD/val.bin"; continue; }
+    echo "== Attamba: perplexity through gRPC on the CUDA backend (val.bin, windows of 512)"
+    PORT=50171
+    for m in ${ATTAMBA_MODELS:-attamba-6l-p4-l32 attamba-6l-p8-l16}; do
+      [ -d "$AD/$m" ] || { echo "attamba: no $AD/$m"; continue; }
+      mpirun --allow-run-as-root --oversubscribe -np 1 -x LD_LIBRARY_PATH "$BIN/starserve" serve --model "$AD/$m" \
+        --backend cuda --port $PORT --attention global --kv-memory-mb 2048 >"$OUT/attamba_serve_$m.log" 2>&1 &
+      SERVER=$!
+      for _ in $(seq 1 120); do "$BIN/starctl" --address 127.0.0.1:$PORT --timeout 2 health --ready >/dev/null 2>&1 && break; sleep 0.5; done
+      for mode in "--attention global" "--attention star --block-size 128 --anchor-size 128"; do
+        # shellcheck disable=SC2086
+        r=$(timeout 300 python3 evals/perplexity.py --address 127.0.0.1:$PORT --val-bin "$AD/val.bin" --seq 512 \
+          --windows 1000 $mode 2>>"$OUT/attamba_ppl.err")
+        echo "{\"model\": \"$m\", \"backend\": \"cuda\", \"result\": ${r:-null}}" | tee -a "$OUT/attamba_ppl.jsonl"
+      done
+      kill $SERVER; wait $SERVER 2>/dev/null
     done
     ;;
   gemma)

@@ -32,6 +32,7 @@
 #include "kernels/rope.h"
 #include "kernels/sampling.h"
 #include "kernels/softcap.h"
+#include "kernels/ssm.h"
 #include "kernels/swiglu.h"
 
 namespace starserve {
@@ -121,6 +122,7 @@ class CudaBackend final : public Backend {
     ids_ = DeviceBuffer();
     pos_ = DeviceBuffer();
     shift_idx_ = DeviceBuffer();
+    ssm_rows_ = DeviceBuffer();
     tables_ = DeviceBuffer();
     batch_tables_ = DeviceBuffer();
     gather_k_ = DeviceBuffer();
@@ -359,10 +361,89 @@ class CudaBackend final : public Backend {
   // What stays refused lies outside BackendFeatures and is refused where the weights are read,
   // for every backend (unsupported RoPE scalings and architectures: model/gguf_source.cpp,
   // model/hf_source.cpp); attention head sizes above kSmallHeadMaxDim abort in partial_attention.
-  // Every feature but Attamba's SSM ops, which this backend does not have yet.
-  Status check_features(const BackendFeatures& f) const override {
-    if (f.ssm) return unimplemented("backend {} has no SSM ops (causal_conv1d_silu, ssd_scan, gated_rms_norm)", name());
-    return Status();
+  Status check_features(const BackendFeatures&) const override { return Status(); }
+
+  // Attamba's chunk-local SSMs (kernels/ssm.h): row data in the compute dtype, weights, tails and
+  // states fp32; each row's sequence and reset flag go to the device once per distinct batch.
+  void causal_conv1d_silu(Tensor out, Tensor in, int64_t in_col, Tensor weight, Tensor bias, Tensor tail,
+                          SsmRows rows) override {
+    OpScope op(this);
+    const int64_t conv_dim = out.cols();
+    const int width = static_cast<int>(weight.numel() / (conv_dim > 0 ? conv_dim : 1));
+    SS_CHECK(in.rows() == out.rows() && in.dtype == out.dtype && in_col + conv_dim <= in.cols() &&
+                 bias.numel() == conv_dim && weight.numel() == conv_dim * width && width >= 1 &&
+                 weight.dtype == DType::kF32 && bias.dtype == DType::kF32 && tail.dtype == DType::kF32 &&
+                 rows.seq.size() == static_cast<size_t>(out.rows()) && rows.reset.size() == rows.seq.size(),
+             "causal_conv1d_silu: {} rows of {} from column {} of {}, weight {}, bias {}, tail {}", out.rows(),
+             conv_dim, in_col, in.cols(), weight.numel(), bias.numel(), tail.numel());
+    if (out.rows() == 0) return;
+    CausalConv1dParams p;
+    p.out = out.data;
+    p.in = static_cast<const char*>(in.data) + in_col * static_cast<int64_t>(dtype_size(in.dtype));
+    p.in_stride = in.cols();
+    p.weight = weight.f32();
+    p.bias = bias.f32();
+    p.tail = tail.f32();
+    std::tie(p.seq, p.reset) = device_ssm_rows(rows);
+    p.n_rows = out.rows();
+    p.conv_dim = conv_dim;
+    p.width = width;
+    p.dtype = ssm_dtype(out);
+    SS_CHECK_CALL(launch_causal_conv1d_silu(p, stream_));
+  }
+  void ssd_scan(Tensor y, Tensor xbc, Tensor dt_src, int64_t dt_col, Tensor A_log, Tensor D, Tensor dt_bias,
+                Tensor state, const SsmDims& d, SsmRows rows) override {
+    OpScope op(this);
+    SS_CHECK(y.cols() == d.d_inner() && xbc.cols() == d.conv_dim() && xbc.rows() == y.rows() &&
+                 xbc.dtype == y.dtype && dt_src.dtype == y.dtype && dt_src.rows() == y.rows() &&
+                 dt_col + d.n_heads <= dt_src.cols() && A_log.numel() == d.n_heads && D.numel() == d.n_heads &&
+                 dt_bias.numel() == d.n_heads && state.dtype == DType::kF32 &&
+                 state.numel() % (d.d_inner() * d.d_state) == 0 && rows.seq.size() == static_cast<size_t>(y.rows()) &&
+                 d.d_state <= 256,
+             "ssd_scan: {} rows, y {} x {}, xbc {} columns, dt {} from {}, {} heads x {} x {} states", y.rows(),
+             y.cols(), d.d_inner(), xbc.cols(), dt_src.cols(), dt_col, d.n_heads, d.head_dim, d.d_state);
+    if (y.rows() == 0) return;
+    const int64_t es = static_cast<int64_t>(dtype_size(y.dtype));
+    SsdScanParams p;
+    p.y = y.data;
+    p.x = xbc.data;
+    p.B = static_cast<const char*>(xbc.data) + d.d_inner() * es;
+    p.C = static_cast<const char*>(xbc.data) + (d.d_inner() + int64_t{d.n_groups} * d.d_state) * es;
+    p.dt_raw = static_cast<const char*>(dt_src.data) + dt_col * es;
+    p.x_stride = xbc.cols();
+    p.bc_stride = xbc.cols();
+    p.dt_stride = dt_src.cols();
+    p.A_log = A_log.f32();
+    p.D = D.f32();
+    p.dt_bias = dt_bias.f32();
+    p.state = state.f32();
+    std::tie(p.seq, p.reset) = device_ssm_rows(rows);
+    p.n_rows = y.rows();
+    p.H = d.n_heads;
+    p.Pd = d.head_dim;
+    p.G = d.n_groups;
+    p.N = d.d_state;
+    p.dtype = ssm_dtype(y);
+    SS_CHECK_CALL(launch_ssd_scan(p, stream_));
+  }
+  void gated_rms_norm(Tensor out, Tensor y, Tensor z_src, int64_t z_col, Tensor weight, float eps) override {
+    OpScope op(this);
+    SS_CHECK(out.numel() == y.numel() && out.dtype == y.dtype && z_src.dtype == y.dtype && y.rows() == z_src.rows() &&
+                 z_col + y.cols() <= z_src.cols() && weight.numel() == y.cols() && weight.dtype == DType::kF32,
+             "gated_rms_norm: {} x {}, z {} columns from {}, weight {}", y.rows(), y.cols(), z_src.cols(), z_col,
+             weight.numel());
+    if (y.rows() == 0) return;
+    GatedRmsNormParams p;
+    p.out = out.data;
+    p.y = y.data;
+    p.z = static_cast<const char*>(z_src.data) + z_col * static_cast<int64_t>(dtype_size(z_src.dtype));
+    p.z_stride = z_src.cols();
+    p.weight = weight.f32();
+    p.n_rows = y.rows();
+    p.d = y.cols();
+    p.eps = eps;
+    p.dtype = ssm_dtype(y);
+    SS_CHECK_CALL(launch_gated_rms_norm(p, stream_));
   }
 
   void partial_attention(const AttentionCall& c) override {
@@ -729,6 +810,28 @@ class CudaBackend final : public Backend {
     return p;
   }
 
+  static SsmDtype ssm_dtype(const Tensor& t) {
+    SS_CHECK(t.dtype == DType::kBF16 || t.dtype == DType::kF32, "SSM ops take bf16 or fp32 rows, not dtype {}",
+             static_cast<int>(t.dtype));
+    return t.dtype == DType::kBF16 ? SsmDtype::kBf16 : SsmDtype::kF32;
+  }
+  // SsmRows on the device: (T) int32 sequence indices, then (T) reset bytes; every SSM op of a
+  // forward has the same rows, so they are uploaded once per distinct batch.
+  std::pair<const int32_t*, const uint8_t*> device_ssm_rows(SsmRows rows) {
+    const size_t n = rows.seq.size();
+    const size_t seq_bytes = (n * sizeof(int32_t) + 255) / 256 * 256;
+    if (last_ssm_seq_.size() != n || !std::equal(rows.seq.begin(), rows.seq.end(), last_ssm_seq_.begin()) ||
+        !std::equal(rows.reset.begin(), rows.reset.end(), last_ssm_reset_.begin())) {
+      char* d = static_cast<char*>(grow(ssm_rows_, seq_bytes + n));
+      ring_upload(d, rows.seq.data(), n * sizeof(int32_t));
+      ring_upload(d + seq_bytes, rows.reset.data(), n);
+      last_ssm_seq_.assign(rows.seq.begin(), rows.seq.end());
+      last_ssm_reset_.assign(rows.reset.begin(), rows.reset.end());
+    }
+    const char* d = static_cast<const char*>(ssm_rows_.data());
+    return {reinterpret_cast<const int32_t*>(d), reinterpret_cast<const uint8_t*>(d + seq_bytes)};
+  }
+
   void fill_neg_inf(float* dst, int64_t n) {
     if (neg_inf_.bytes() < n * sizeof(float)) {
       flush_graph();  // a pageable copy and a wait follow
@@ -824,6 +927,9 @@ class CudaBackend final : public Backend {
   std::vector<int32_t> last_pos_;
   DeviceBuffer shift_idx_;                 // KvShiftArgs::prev_index on the device
   std::vector<int32_t> last_shift_idx_;
+  DeviceBuffer ssm_rows_;                  // SsmRows on the device (device_ssm_rows)
+  std::vector<int32_t> last_ssm_seq_;
+  std::vector<uint8_t> last_ssm_reset_;
   std::vector<void*> table_host_;
   // Graph steps (begin_graph_step): whether one is open, whether a graph is being recorded, the
   // index of that graph in the step and its op count, the nesting of OpScope, the kept graphs.
