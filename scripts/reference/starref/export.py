@@ -16,6 +16,11 @@ model.norm.weight, lm_head.weight when untied). The variants add:
            (docs/specs/attamba.md, "Files").
 Weights are stored in float32 unless --dtype says otherwise (the shift weights and the SSMs' small tensors always
 in float32).
+
+A run of `starref.train --arch gpt2` exports through starref/gpt2.py (export_gpt2): the baseline in HF GPT-2's own
+layout (model_type "gpt2", transformer.h.N.attn.c_attn.weight ... in Conv1D [in, out] orientation, LM head tied),
+the LN-free variants as model_type "gpt2_lnfree" (docs/specs/lnfree-gpt2.md, "Config layout"): the FFN fused into
+mlp.c_fused [d, d], alpha / beta per layer, attn.temperature [n_head, n_positions] where learnt, no LayerNorms.
 """
 import argparse
 import json
@@ -69,6 +74,11 @@ def hf_config(cfg: ModelConfig, eot_id):
 def export(model: DecoderLM, tokenizer_json, out_dir, dtype="float32"):
     from safetensors.torch import save_file
 
+    from .gpt2 import GPT2LM, export_gpt2
+    if isinstance(model, GPT2LM):
+        export_gpt2(model, tokenizer_json, out_dir, dtype, EOT)
+        return
+
     os.makedirs(out_dir, exist_ok=True)
     save_file(hf_state_dict(model, DTYPES[dtype]), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     eot_id = None
@@ -92,7 +102,11 @@ def write_json(path, obj):
 
 def load_run(run_dir, device="cpu"):
     run = json.load(open(os.path.join(run_dir, "config.json")))
-    model = DecoderLM(ModelConfig.from_dict(run["model"]))
+    if run.get("arch") == "gpt2":
+        from .gpt2 import GPT2Config, GPT2LM
+        model = GPT2LM(GPT2Config.from_dict(run["model"]))
+    else:
+        model = DecoderLM(ModelConfig.from_dict(run["model"]))
     ck = torch.load(os.path.join(run_dir, "ckpt.pt"), map_location=device)
     model.load_state_dict(ck["model"])
     return model.eval(), run

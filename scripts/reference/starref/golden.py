@@ -8,6 +8,9 @@
   python -m starref.golden attamba-tiny --out tests/golden/attamba
       a tiny random-weight Attamba model (hf/: config.json, model.safetensors, tokenizer.json) and golden.json
       (build_attamba_tiny says what it holds).
+  python -m starref.golden lnfree --out tests/golden/lnfree
+      a tiny random-weight LayerNorm-free GPT-2 (SM + ScFuFFN with learnable temperatures; hf/: config.json,
+      model.safetensors in the gpt2_lnfree layout) and golden.json (build_lnfree_tiny says what it holds).
   python -m starref.golden trained --models models --corpus CORPUS --out tests/golden/kvshift_6l/golden.json
       the trained models/kvshift-6l and models/llama-6l (made by scripts/device/train_reference.sh, not committed):
       the tokenizer's ids for a few texts, top-64 last logits, prompt log-probabilities, greedy continuations, the
@@ -258,6 +261,80 @@ def build_attamba_tiny(out, seed):
     return golden
 
 
+def make_lnfree_tiny(out, base_seed=4001):
+    for seed in range(base_seed, base_seed + 50):
+        g = build_lnfree_tiny(out, seed)
+        margins = [x["min_margin"] for x in g["greedy"]]
+        if min(margins) >= MIN_MARGIN:
+            print("lnfree tiny seed", seed, "min margins", margins)
+            return
+    raise SystemExit("no seed gives greedy margins >= %g" % MIN_MARGIN)
+
+
+def build_lnfree_tiny(out, seed):
+    """tests/golden/lnfree: a tiny random LN-free GPT-2 (2 layers, width 64, 4 heads, vocabulary 256, 64 positions,
+    learnable temperatures), exported by starref/gpt2.py to hf/ (config.json, model.safetensors; no tokenizer), and
+    golden.json, computed from the exported files reloaded (the fused FFN, float32, CPU):
+      prompts[]  {token_ids, last_logits (the next-token logits after the whole prompt), prompt_logprobs,
+                  entropy [layer][head] (mean over the prompt's query rows of -sum a log a, nats, on the
+                  temperature-scaled logits), max_abs_logit, no_temperature_max_abs_diff (the largest change of
+                  the prompt's logits when every temperature is 1: the temperatures matter)}
+      greedy[]   {prompt_ids, generated_ids (16, through the decode path), margins (top-1 minus top-2 logit),
+                  min_margin}
+    Weights N(0, 0.2) (the q and k projections doubled, so that attention is far from uniform), temperatures
+    U(0.3, 2) per head and position, alpha U(0.6, 1.8), beta U(0.7, 1.3) per layer, biases N(0, 0.1)."""
+    from .gpt2 import GPT2Config, GPT2LM, export_gpt2, load_exported_gpt2, attention_entropy
+
+    vocab = 256
+    cfg = GPT2Config(vocab_size=vocab, n_positions=64, d_model=64, n_layers=2, n_heads=4, ffn_dim=128,
+                     variant="lnfree", temperature=True, init_std=0.2).validate()
+    src = GPT2LM(cfg, seed=seed).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if name.endswith("temperature"):
+                p.copy_(0.3 + torch.rand(p.shape, generator=g) * 1.7)
+            elif name.endswith("alpha"):
+                p.copy_(0.6 + torch.rand(p.shape, generator=g) * 1.2)
+            elif name.endswith("beta"):
+                p.copy_(0.7 + torch.rand(p.shape, generator=g) * 0.6)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        for b in src.h:
+            b.attn.c_attn.weight[:2 * cfg.d_model] *= 2.0
+    hf = os.path.join(out, "hf")
+    export_gpt2(src, None, hf)
+    model = load_exported_gpt2(hf)
+    flat = load_exported_gpt2(hf)
+    with torch.no_grad():
+        for b in flat.h:
+            b.attn.temperature.fill_(1.0)
+    rng = np.random.default_rng(seed)
+    prompts = [[int(t) for t in rng.integers(1, vocab, n)] for n in (5, 23, 40)]
+    golden = {"model": "tiny gpt2_lnfree (random weights)", "reference": "scripts/reference/starref/gpt2.py "
+              "(float32, CPU, the exported files reloaded)", "seed": seed, "versions": versions(),
+              "dtype": "float32", "device": "cpu", "n_vocab": vocab, "config": cfg.to_dict(), "prompts": [],
+              "greedy": []}
+    for p in prompts:
+        ids = torch.tensor([p])
+        lg = model(ids)[0]
+        # The two-matrix model it was exported from gives the same logits (a self-check of the fused export).
+        torch.testing.assert_close(src(ids)[0], lg, rtol=0, atol=1e-4)
+        golden["prompts"].append({
+            "token_ids": p, "last_logits": [g7(v) for v in lg[-1].tolist()],
+            "prompt_logprobs": [g7(v) for v in token_logprobs(lg, p)],
+            "entropy": [[g7(v) for v in row] for row in attention_entropy(model, ids).tolist()],
+            "max_abs_logit": g7(lg.abs().max()),
+            "no_temperature_max_abs_diff": g7((flat(ids)[0] - lg).abs().max())})
+    for p in prompts:
+        gen, margins = greedy(model, p, 16)
+        golden["greedy"].append({"prompt_ids": p, "generated_ids": gen, "margins": [g7(m) for m in margins],
+                                 "min_margin": g7(min(margins))})
+    with open(os.path.join(out, "golden.json"), "w") as f:
+        json.dump(golden, f, separators=(",", ":"))
+    return golden
+
+
 TEXTS = [
     "The package manager installs, upgrades and removes software on a Debian system.",
     "In Python, a list comprehension builds a new list from an iterable:",
@@ -331,7 +408,7 @@ def load_exported(path):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["tiny", "trained", "attamba-tiny"])
+    ap.add_argument("what", choices=["tiny", "trained", "attamba-tiny", "lnfree"])
     ap.add_argument("--out", required=True)
     ap.add_argument("--models", default="models")
     ap.add_argument("--corpus")
@@ -343,6 +420,9 @@ def main(argv=None):
     elif args.what == "attamba-tiny":
         os.makedirs(args.out, exist_ok=True)
         make_attamba_tiny(args.out)
+    elif args.what == "lnfree":
+        os.makedirs(args.out, exist_ok=True)
+        make_lnfree_tiny(args.out)
     else:
         make_trained(args.models, args.corpus, args.out)
 

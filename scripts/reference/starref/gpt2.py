@@ -315,13 +315,15 @@ def attention_entropy(model: GPT2LM, ids):
     return torch.stack([r.double().mean(dim=(0, 2)) for r in rows])
 
 
-def entropy_summary(ent, n_keys, overload=0.9, collapse=0.1):
-    """A short description of an [L, H] entropy map: the map itself, the fraction of heads above overload·log
-    n_keys (entropic overload) and below collapse nats (entropy collapse)."""
+def entropy_summary(ent, n_rows, overload=0.9, collapse=0.1):
+    """A short description of an [L, H] entropy map of causal windows of n_rows tokens: the map itself, its largest
+    possible value (uniform attention, the mean over rows i of log(i + 1)), the fraction of heads above overload ×
+    that value (entropic overload) and below collapse nats (entropy collapse)."""
     e = torch.as_tensor(ent, dtype=torch.float64)
-    lim = overload * math.log(n_keys)
+    e_max = sum(math.log(i + 1) for i in range(n_rows)) / n_rows
+    lim = overload * e_max
     return dict(entropy=[[round(float(v), 5) for v in row] for row in e],
-                entropy_max=round(math.log(n_keys), 5), overload_threshold=round(lim, 5),
+                entropy_max=round(e_max, 5), overload_threshold=round(lim, 5),
                 overload_fraction=round(float((e > lim).double().mean()), 5),
                 collapse_fraction=round(float((e < collapse).double().mean()), 5),
                 entropy_mean_per_layer=[round(float(v), 5) for v in e.mean(1)])

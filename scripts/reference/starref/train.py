@@ -5,6 +5,13 @@ resumable from its last checkpoint, loss logged as JSON lines.
   python -m starref.train --task induction --out runs/ind-kvshift-1l --variant kvshift --layers 1 --steps 1500
   python -m starref.train --task lm --data corpus/ --out runs/attamba --variant attamba --attamba-chunk 4 \
       --attamba-leading 32 --ssm-d-inner 128 --ssm-d-state 64 --ssm-heads 4
+  python -m starref.train --arch gpt2 --variant lnfree_ent --data corpus/ --out runs/lnfree-ent --seq 128
+
+--arch gpt2 trains starref/gpt2.py (context = --seq, the learned positions' count): --variant baseline (GPT-2),
+lnfree (SM + ScFuFFN: no LayerNorm, linear FFN, learnable residual scaling), lnfree_temp (lnfree + the learnable
+temperature t[h, i]) or lnfree_ent (lnfree_temp + the entropy regulariser, weight --ent-lambda, tolerance
+--ent-gamma, thresholds θ initialised to --ent-theta). Its evaluations also log the attention entropy map
+(per layer x head, nats, over the first --entropy-windows validation windows) and the regulariser's value.
 
 The batch of step s depends only on (seed, s), so a run resumed from a checkpoint sees the same data as an
 uninterrupted one. Writes OUT/config.json (model and run settings), OUT/log.jsonl, OUT/ckpt.pt (model, optimiser,
@@ -21,7 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from .data import TokenFile, induction_batch
+from . import gpt2
 from .model import DecoderLM, ModelConfig, n_params
+
+GPT2_VARIANTS = {"baseline": dict(variant="baseline"), "lnfree": dict(variant="lnfree"),
+                 "lnfree_temp": dict(variant="lnfree", temperature=True),
+                 "lnfree_ent": dict(variant="lnfree", temperature=True, entropy_reg=True)}
 
 
 def lr_at(step, steps, lr, warmup):
@@ -59,7 +71,30 @@ def evaluate_induction(model, args, device, dtype, batches=8):
     return dict(induction_accuracy=correct / count, induction_scored=count)
 
 
+@torch.no_grad()
+def evaluate_entropy(model, val, seq_len, windows, device, dtype):
+    """The attention entropy map [L][H] (starref/gpt2.py attention_entropy) over the first validation windows."""
+    model.eval()
+    xs = torch.cat([x for x, _ in val.sequential(seq_len, windows, device)])
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        ent = gpt2.attention_entropy(model, xs)
+    model.train()
+    return gpt2.entropy_summary(ent.cpu(), seq_len)
+
+
+def gpt2_config(args, vocab):
+    if args.variant not in GPT2_VARIANTS:
+        raise SystemExit(f"--arch gpt2: --variant in {sorted(GPT2_VARIANTS)}")
+    return gpt2.GPT2Config(vocab_size=vocab, n_positions=args.seq, d_model=args.width, n_layers=args.layers,
+                           n_heads=args.heads, ffn_dim=args.ffn or 4 * args.width, ffn_fused=args.ffn_fused,
+                           ffn_norm=args.ffn_norm, alpha_init=args.alpha_init, beta_init=args.beta_init,
+                           entropy_lambda=args.ent_lambda, entropy_gamma=args.ent_gamma, theta_init=args.ent_theta,
+                           entropy_reduce=args.ent_reduce, **GPT2_VARIANTS[args.variant]).validate()
+
+
 def model_config(args, vocab):
+    if args.arch == "gpt2":
+        return gpt2_config(args, vocab)
     return ModelConfig(vocab_size=vocab, d_model=args.width, n_layers=args.layers, n_heads=args.heads,
                        n_kv_heads=args.kv_heads or args.heads, ffn_dim=args.ffn or int(round(args.width * 8 / 3 / 64)) * 64,
                        max_position=max(args.seq, 2 * args.half_len + 1, args.max_position), variant=args.variant,
@@ -74,6 +109,8 @@ def main(argv=None):
     ap.add_argument("--task", choices=["lm", "induction"], default="lm")
     ap.add_argument("--data", help="corpus folder (build_corpus): train.bin, val.bin, manifest.json")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--arch", choices=["llama", "gpt2"], default="llama",
+                    help="llama: starref/model.py (variants llama, kvshift, attamba); gpt2: starref/gpt2.py")
     ap.add_argument("--variant", default="llama")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=256)
@@ -102,6 +139,19 @@ def main(argv=None):
     ap.add_argument("--ssm-heads", type=int, default=4, help="attamba: SSM heads H")
     ap.add_argument("--ssm-groups", type=int, default=1, help="attamba: SSM B/C groups G")
     ap.add_argument("--ssm-conv", type=int, default=4, help="attamba: SSM conv width W")
+    ap.add_argument("--ffn-fused", action="store_true", help="gpt2 lnfree: train the FFN as one d x d matrix")
+    ap.add_argument("--ffn-norm", choices=list(gpt2.FFN_NORMS), default="none",
+                    help="gpt2 lnfree: weight / spectral normalisation of the FFN's linear layers")
+    ap.add_argument("--alpha-init", type=float, default=1.0, help="gpt2 lnfree: initial alpha (FFN divisor)")
+    ap.add_argument("--beta-init", type=float, default=1.0, help="gpt2 lnfree: initial beta (FFN residual scale)")
+    ap.add_argument("--ent-lambda", type=float, default=1e-5, help="gpt2 lnfree_ent: regulariser weight lambda")
+    ap.add_argument("--ent-gamma", type=float, default=0.2, help="gpt2 lnfree_ent: tolerance gamma (x log T)")
+    ap.add_argument("--ent-theta", type=float, default=0.5, help="gpt2 lnfree_ent: initial thresholds theta")
+    ap.add_argument("--ent-reduce", choices=list(gpt2.ENTROPY_REDUCE), default="rows",
+                    help="gpt2 lnfree_ent: penalty per query row (summed) or on the head's mean entropy")
+    ap.add_argument("--entropy-windows", type=int, default=32, help="gpt2: validation windows of the entropy map")
+    ap.add_argument("--time-limit", type=float, default=0,
+                    help="stop training after this many seconds (0: none); final.json says time_limited")
     ap.add_argument("--final-fp32-eval", action="store_true",
                     help="also score the validation windows in float32 at the end (val_ppl_fp32 in final.json)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -119,9 +169,16 @@ def main(argv=None):
     else:
         vocab, manifest = args.vocab, None
     cfg = model_config(args, vocab)
-    model = DecoderLM(cfg, seed=args.seed).to(device)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith("_shift")]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.endswith("_shift"))]
+    is_gpt2 = args.arch == "gpt2"
+    model = (gpt2.GPT2LM(cfg, seed=args.seed) if is_gpt2 else DecoderLM(cfg, seed=args.seed)).to(device)
+    count = gpt2.n_params if is_gpt2 else n_params
+    reg = is_gpt2 and cfg.entropy_reg
+
+    def decays(n, p):  # matrices and embeddings; not the per-head / per-position scalars
+        return p.dim() >= 2 and not n.endswith(("_shift", "temperature", "reg_theta"))
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    other = [p for n, p in model.named_parameters() if not decays(n, p)]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay), dict(params=other, weight_decay=0.0)],
                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -132,7 +189,7 @@ def main(argv=None):
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
         print(f"resumed at step {step}", file=sys.stderr)
-    run = dict(vars(args), model=cfg.to_dict(), params=n_params(model), params_non_embedding=n_params(model, True),
+    run = dict(vars(args), model=cfg.to_dict(), params=count(model), params_non_embedding=count(model, True),
                corpus=manifest and dict(splits=manifest["splits"], packages=list(manifest["packages"])))
     json.dump(run, open(os.path.join(args.out, "config.json"), "w"), indent=1)
     log = open(os.path.join(args.out, "log.jsonl"), "a")
@@ -143,10 +200,22 @@ def main(argv=None):
         log.flush()
         print(line, flush=True)
 
-    def evaluate():
-        if args.task == "lm":
-            return evaluate_lm(model, val, args.seq, args.eval_windows, device, dtype)
-        return evaluate_induction(model, args, device, dtype)
+    def evaluate(eval_dtype=dtype):
+        if args.task != "lm":
+            return evaluate_induction(model, args, device, eval_dtype)
+        r = evaluate_lm(model, val, args.seq, args.eval_windows, device, eval_dtype)
+        if is_gpt2:
+            r.update(evaluate_entropy(model, val, args.seq, args.entropy_windows, device, eval_dtype))
+            if cfg.variant == "lnfree":
+                r["alpha"] = [round(b.alpha.item(), 5) for b in model.h]
+                r["beta"] = [round(b.beta.item(), 5) for b in model.h]
+            if cfg.temperature:
+                t = torch.stack([b.attn.temperature.detach().float() for b in model.h])
+                r["temperature_min"], r["temperature_max"] = round(t.min().item(), 5), round(t.max().item(), 5)
+                r["temperature_mean_per_layer"] = [round(v, 5) for v in t.mean(dim=(1, 2)).tolist()]
+            if reg:
+                r["theta"] = [[round(v, 5) for v in row] for row in model.reg_theta.detach().float().tolist()]
+        return r
 
     def save():
         torch.save(dict(model=model.state_dict(), opt=opt.state_dict(), step=step), ckpt_path + ".tmp")
@@ -155,7 +224,12 @@ def main(argv=None):
     model.train()
     t0 = time.time()
     tokens = 0
+    skipped = 0
+    time_limited = False
     while step < args.steps:
+        if args.time_limit and time.time() - t0 > args.time_limit:
+            time_limited = True
+            break
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         if args.task == "lm":
@@ -163,28 +237,52 @@ def main(argv=None):
         else:
             x, y, _ = induction_batch(step, args.batch, args.half_len, vocab, args.seed, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = model(x)
+            if reg:
+                logits, rows = model(x, need="entropy")
+                reg_loss = model.entropy_loss(rows)
+            else:
+                logits = model(x)
         # Induction trains on the whole sequence too (the random first copy costs ln V at best); only the copy is
         # scored in evaluate_induction.
-        loss = F.cross_entropy(logits.view(-1, vocab), y.reshape(-1))
+        ce = F.cross_entropy(logits.view(-1, vocab), y.reshape(-1))
+        loss = ce + reg_loss if reg else ce
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if torch.isfinite(gnorm):
+            opt.step()
+        else:
+            # A non-finite loss or gradient: the step is skipped (counted in the log and final.json).
+            skipped += 1
+            if skipped > 20:
+                emit(dict(step=step, diverged=True, skipped_steps=skipped))
+                break
         step += 1
         tokens += x.numel()
         if step % 50 == 0 or step == 1:
-            emit(dict(step=step, loss=round(loss.item(), 5), lr=opt.param_groups[0]["lr"],
-                      tokens_per_s=round(tokens / (time.time() - t0))))
+            rec = dict(step=step, loss=round(loss.item(), 5), lr=opt.param_groups[0]["lr"],
+                       tokens_per_s=round(tokens / (time.time() - t0)))
+            if reg:
+                rec.update(ce=round(ce.item(), 5), entropy_reg=round(reg_loss.item(), 6))
+            if skipped:
+                rec["skipped_steps"] = skipped
+            emit(rec)
         if step % args.eval_every == 0 or step == args.steps:
             emit(dict(step=step, **evaluate()))
         if step % args.save_every == 0 or step == args.steps:
             save()
+    if time_limited or skipped > 20:
+        save()
     final = dict(step=step, variant=args.variant, layers=args.layers, width=args.width, task=args.task,
                  seconds=round(time.time() - t0, 1), **evaluate())
+    if is_gpt2:
+        final.update(arch="gpt2", time_limited=time_limited, skipped_steps=skipped, diverged=skipped > 20)
     if args.final_fp32_eval and args.task == "lm":
-        r = evaluate_lm(model, val, args.seq, args.eval_windows, device, torch.float32)
+        r = evaluate(torch.float32) if is_gpt2 else evaluate_lm(model, val, args.seq, args.eval_windows, device,
+                                                                 torch.float32)
         final.update(val_loss_fp32=r["val_loss"], val_ppl_fp32=r["val_ppl"])
+        if is_gpt2:
+            final["entropy_fp32"] = r["entropy"]
     json.dump(final, open(os.path.join(args.out, "final.json"), "w"), indent=1)
     emit(dict(final=True, **final))
 

@@ -4,7 +4,8 @@
   - the fused d×d FFN equals the two-matrix linear FFN (and folds weight / spectral normalisation);
   - the entropy statistic equals −Σ p log p of the softmax probabilities, recomputed here from q and k;
   - the regulariser is zero when every |δ| ≤ γ log T and δ² beyond;
-  - export → reload gives the same logits; cached decode equals one forward pass.
+  - export → reload gives the same logits; cached decode equals one forward pass;
+  - tests/golden/lnfree (starref.golden lnfree) is what the reference computes from its files.
 
   cd scripts/reference && python -m unittest discover -s tests
 """
@@ -185,6 +186,24 @@ class GPT2Test(unittest.TestCase):
             for t in range(9, ids.shape[1]):
                 steps.append(m(ids[:, t:t + 1], caches=caches))
             torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-5, msg=str(kw))
+
+    def test_committed_golden_is_the_reference(self):
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "tests", "golden", "lnfree")
+        if not os.path.exists(os.path.join(root, "golden.json")):
+            self.skipTest("tests/golden/lnfree not present")
+        with open(os.path.join(root, "golden.json")) as f:
+            golden = json.load(f)
+        m = load_exported_gpt2(os.path.join(root, "hf"))
+        self.assertTrue(m.cfg.temperature)
+        for p in golden["prompts"]:
+            ids = torch.tensor([p["token_ids"]])
+            torch.testing.assert_close(m(ids)[0, -1], torch.tensor(p["last_logits"]), rtol=0, atol=1e-4)
+            torch.testing.assert_close(attention_entropy(m, ids).float(), torch.tensor(p["entropy"]), rtol=0,
+                                       atol=1e-5)
+            self.assertGreater(p["no_temperature_max_abs_diff"], 0.1)
+        for g in golden["greedy"]:
+            self.assertEqual(m.generate(torch.tensor([g["prompt_ids"]]), len(g["generated_ids"])),
+                             g["generated_ids"])
 
     def test_positions_beyond_context_refused(self):
         m = GPT2LM(tiny(), seed=1)
