@@ -80,7 +80,9 @@ for t in star_gpu_mpi_tests nccl_comm_tests; do
   grep -q "^build bin/$t:" "$BUILD/build.ninja" && TARGETS+=("$t")
 done
 # The server steps alone need only the server and its client.
-case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" eval "* | *" gemma "*) ;; *) TARGETS=(starserve starctl) ;; esac
+case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" eval "* | *" gemma "* | *" kvshift "* | *" attamba "* | *" kvbench "*) ;;
+  *) TARGETS=(starserve starctl) ;;
+esac
 cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" \
   >"$OUT/build_model.log" 2>&1 || { grep -B2 -A10 "error" "$OUT/build_model.log" | head -80; exit 1; }
 echo "built in ${SECONDS}s"
