@@ -133,6 +133,32 @@ void gelu_tanh_mul_ref(float* out, const float* gate, const float* up, int64_t n
   }
 }
 
+void gelu_tanh_ref(float* out, const float* in, int64_t n) {
+  const float k = std::sqrt(2.0f / std::numbers::pi_v<float>);
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = in[i];
+    out[i] = 0.5f * g * (1.0f + std::tanh(k * (g + 0.044715f * g * g * g)));
+  }
+}
+
+void layer_norm_ref(float* out, const float* in, const float* weight, const float* bias, int64_t n_tokens, int hidden,
+                    float eps) {
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* x = in + t * hidden;
+    float* y = out + t * hidden;
+    // Two passes in double: the mean first, then the squares about it (no cancellation of
+    // E[x^2] - mean^2 when |mean| is large against the spread).
+    double sum = 0.0;
+    for (int c = 0; c < hidden; ++c) sum += x[c];
+    const double mean = sum / hidden;
+    double ss = 0.0;
+    for (int c = 0; c < hidden; ++c) ss += (x[c] - mean) * (x[c] - mean);
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / hidden + static_cast<double>(eps)));
+    const float m = static_cast<float>(mean);
+    for (int c = 0; c < hidden; ++c) y[c] = (x[c] - m) * inv * weight[c] + bias[c];
+  }
+}
+
 void scale_softcap_ref(float* x, float scale, float cap, int64_t n) {
   if (cap > 0.0f) {
     for (int64_t i = 0; i < n; ++i) x[i] = cap * std::tanh(x[i] * scale / cap);

@@ -69,6 +69,15 @@ void add_bias_ref(float* x, const float* bias, int64_t n_rows, int64_t n_cols);
 // 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) (PyTorch's approximate="tanh"). out may alias gate.
 void gelu_tanh_mul_ref(float* out, const float* gate, const float* up, int64_t n);
 
+// out = gelu_tanh(in) over n elements, GELU's tanh approximation as in gelu_tanh_mul_ref (GPT-2's
+// "gelu_new"). out may alias in.
+void gelu_tanh_ref(float* out, const float* in, int64_t n);
+
+// LayerNorm (GPT-2): out = (in - mean) / sqrt(var + eps) * weight + bias per row, with the row's
+// mean and biased variance. out, in: (n_tokens, hidden); weight, bias: (hidden). In-place allowed.
+void layer_norm_ref(float* out, const float* in, const float* weight, const float* bias, int64_t n_tokens, int hidden,
+                    float eps);
+
 // x = cap > 0 ? cap * tanh(x * scale / cap) : x * scale over n elements, in place.
 void scale_softcap_ref(float* x, float scale, float cap, int64_t n);
 

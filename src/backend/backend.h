@@ -100,6 +100,7 @@ struct BackendFeatures {
   float attn_softcap = 0.0f;   // attention logit soft-capping (0 = none)
   bool kv_shift = false;       // split_qkv_shift_rope and kv_shift_rope (KV-shifting attention)
   bool ssm = false;            // causal_conv1d_silu, ssd_scan, gated_rms_norm (Attamba's chunk-local SSMs)
+  bool layer_norm = false;     // layer_norm and gelu_tanh (GPT-2's LayerNorm and plain GELU MLP)
 };
 
 // Sizes of one Mamba-2 SSD (Attamba's k_ssm / v_ssm): H heads of Pd values, G groups of N states.
@@ -219,6 +220,16 @@ class Backend {
     SS_CHECK(false, "backend {} has no gelu_tanh_mul ({} elements, {} {})", name(), out.numel(), gate.numel(),
              up.numel());
   }
+  // out = gelu_tanh(in) over all elements (GELU with the tanh approximation); out may alias in.
+  virtual void gelu_tanh(Tensor out, Tensor in) {
+    SS_CHECK(false, "backend {} has no gelu_tanh ({} elements, {})", name(), out.numel(), in.numel());
+  }
+  // out, in: (T, hidden); weight, bias: (hidden). out = (in - mean) / sqrt(var + eps) * weight + bias
+  // per row (kernels/ref/ops_ref.h layer_norm_ref); out may alias in.
+  virtual void layer_norm(Tensor out, Tensor in, Tensor /*weight*/, Tensor /*bias*/, float eps) {
+    SS_CHECK(false, "backend {} has no layer_norm ({} x {} -> {} elements, eps {})", name(), in.rows(), in.cols(),
+             out.numel(), eps);
+  }
   // x = cap > 0 ? cap * tanh(x * scale / cap) : x * scale, in place.
   virtual void scale_softcap(Tensor x, float scale, float cap) {
     SS_CHECK(false, "backend {} has no scale_softcap ({} elements, scale {}, cap {})", name(), x.numel(), scale, cap);
@@ -267,6 +278,7 @@ class Backend {
     if (f.scale_softcap) return unimplemented("backend {} has no scale / soft-capping op (scale_softcap)", name());
     if (f.kv_shift) return unimplemented("backend {} has no KV-shifting op (split_qkv_shift_rope)", name());
     if (f.ssm) return unimplemented("backend {} has no SSM ops (causal_conv1d_silu, ssd_scan, gated_rms_norm)", name());
+    if (f.layer_norm) return unimplemented("backend {} has no LayerNorm / GELU ops (layer_norm, gelu_tanh)", name());
     if (f.window > 0) return unimplemented("backend {} cannot apply a sliding attention window ({} tokens)", name(), f.window);
     if (f.attn_softcap > 0.0f) {
       return unimplemented("backend {} cannot soft-cap attention logits (softcap {})", name(), f.attn_softcap);

@@ -138,6 +138,16 @@ class CpuBackend final : public Backend {
              gate.numel(), up.numel());
     gelu_tanh_mul_ref(out.f32(), gate.f32(), up.f32(), out.numel());
   }
+  void gelu_tanh(Tensor out, Tensor in) override {
+    SS_CHECK(out.numel() == in.numel(), "gelu_tanh {} -> {}", in.numel(), out.numel());
+    gelu_tanh_ref(out.f32(), in.f32(), out.numel());
+  }
+  void layer_norm(Tensor out, Tensor in, Tensor weight, Tensor bias, float eps) override {
+    SS_CHECK(out.numel() == in.numel() && weight.numel() == in.cols() && bias.numel() == in.cols(),
+             "layer_norm: {} x {} -> {}, weight {}, bias {}", in.rows(), in.cols(), out.numel(), weight.numel(),
+             bias.numel());
+    layer_norm_ref(out.f32(), in.f32(), weight.f32(), bias.f32(), in.rows(), static_cast<int>(in.cols()), eps);
+  }
   void scale_softcap(Tensor x, float scale, float cap) override { scale_softcap_ref(x.f32(), scale, cap, x.numel()); }
   void causal_conv1d_silu(Tensor out, Tensor in, int64_t in_col, Tensor weight, Tensor bias, Tensor tail,
                           SsmRows rows) override {

@@ -29,6 +29,7 @@
 #include "kernels/gemv.h"
 #include "kernels/rms_norm.h"
 #include "kernels/kv_shift.h"
+#include "kernels/layer_norm.h"
 #include "kernels/rope.h"
 #include "kernels/sampling.h"
 #include "kernels/softcap.h"
@@ -347,6 +348,19 @@ class CudaBackend final : public Backend {
     SS_CHECK(out.numel() == gate.numel() && out.numel() == up.numel(), "gelu_tanh_mul {} {} {}", out.numel(),
              gate.numel(), up.numel());
     SS_CHECK_CALL(launch_gelu_tanh_mul(bf16(out), bf16(gate), bf16(up), out.numel(), stream_));
+  }
+  void gelu_tanh(Tensor out, Tensor in) override {
+    OpScope op(this);
+    SS_CHECK(out.numel() == in.numel(), "gelu_tanh {} -> {}", in.numel(), out.numel());
+    SS_CHECK_CALL(launch_gelu_tanh(bf16(out), bf16(in), out.numel(), stream_));
+  }
+  void layer_norm(Tensor out, Tensor in, Tensor weight, Tensor bias, float eps) override {
+    OpScope op(this);
+    SS_CHECK(out.numel() == in.numel() && weight.numel() == in.cols() && bias.numel() == in.cols(),
+             "layer_norm: {} x {} -> {}, weight {}, bias {}", in.rows(), in.cols(), out.numel(), weight.numel(),
+             bias.numel());
+    SS_CHECK_CALL(launch_layer_norm(bf16(out), bf16(in), bf16(weight), bf16(bias), in.rows(),
+                                    static_cast<int>(in.cols()), eps, stream_));
   }
   void scale_softcap(Tensor x, float scale, float cap) override {
     OpScope op(this);
