@@ -76,6 +76,10 @@ Status load_runtime(const Config& config, Runtime& rt) {
   }
   rt.max_context = config.model.max_context > 0 ? config.model.max_context : hp.max_context;
   if (rt.max_context <= 0) return data_loss("the model does not state its context length; pass --max-context");
+  if (hp.learned_positions && rt.max_context > hp.max_context) {
+    return invalid_argument("--max-context {} exceeds the {} learned positions of {} (its n_positions)",
+                            rt.max_context, hp.max_context, hp.name.empty() ? hp.arch_name : hp.name);
+  }
 
   // KV budget: bytes per page = page_size tokens x layers x (K + V) x kv heads x head_dim x dtype.
   const int64_t page_bytes = static_cast<int64_t>(config.scheduler.kv_page_size) * hp.n_layers * 2 * hp.n_kv_heads *

@@ -16,6 +16,9 @@ constexpr ArchEntry kArchitectures[] = {
     {"gemma3", build_gemma,
      "Gemma 3 (text): Gemma 2's blocks with q/k RMSNorm, 5 local : 1 global layers, separate local RoPE base"},
     {"phi3", build_phi3, "Phi-3: Llama blocks with fused qkv and gate|up projections, partial RoPE, sliding window"},
+    {"gpt2", build_gpt2,
+     "GPT-2: learned absolute positions, LayerNorm with bias, fused q|k|v with biases, GELU (tanh) MLP, tied "
+     "output"},
     {"kvshift", build_kvshift,
      "KV-shifting attention (arXiv 2411.19574): Llama blocks whose raw k and v are mixed with the previous "
      "token's before RoPE"},

@@ -102,7 +102,7 @@ Result<int> read_vocab_size(const gguf::GgufFile& f, const std::string& arch) {
 }
 
 // The GGUF architectures read here (general.architecture; the registry entry has the same name).
-constexpr std::string_view kGgufArchs[] = {"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"};
+constexpr std::string_view kGgufArchs[] = {"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"};
 
 // What llama.cpp hard-codes per architecture rather than storing in the file: which layers use
 // the sliding window, the local RoPE base of Gemma 3, Gemma's embedding scale and query scale.
@@ -149,7 +149,7 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
                          "(config.json model_type attamba, model.safetensors) instead");
   }
   if (!known) {
-    return unimplemented("gguf: architecture '{}' is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3)",
+    return unimplemented("gguf: architecture '{}' is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3, gpt2)",
                          hp.arch_name);
   }
   hp.arch = hp.arch_name;
@@ -191,6 +191,24 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
   // llama.cpp's converter permutes the rows of attn_q / attn_k of "llama" so that RoPE pairs are
   // adjacent; the other architectures keep Hugging Face's rows and rotate halves (NEOX style).
   hp.rope_style = a == "llama" ? RopeStyle::kInterleaved : RopeStyle::kHalf;
+  if (a == "gpt2") {
+    // Learned positions (position_embd.weight, context_length rows) instead of RoPE; LayerNorm
+    // with weight and bias, its epsilon under layer_norm_epsilon.
+    SS_ASSIGN_OR_RETURN(hp.rms_eps, positive_float(f, a + ".attention.layer_norm_epsilon", 1e-5f));
+    hp.rope_dim = 0;
+    hp.learned_positions = true;
+    hp.layer_norm = true;
+    if (hp.n_kv_heads != hp.n_heads || int64_t{hp.n_heads} * hp.head_dim != hp.hidden) {
+      return data_loss("gguf: gpt2 needs head_count_kv == head_count and hidden == n_heads * head_dim, got {} / {} "
+                       "heads of {} for hidden {}",
+                       hp.n_kv_heads, hp.n_heads, hp.head_dim, hp.hidden);
+    }
+    if (const gguf::TensorInfo* pos = f.find_tensor("position_embd.weight");
+        pos == nullptr || pos->dims.size() != 2 || pos->dims[0] != hp.hidden || pos->dims[1] != hp.max_context) {
+      return data_loss("gguf: gpt2 needs position_embd.weight of ggml dims [{}, {}] (hidden, context_length)",
+                       hp.hidden, hp.max_context);
+    }
+  }
 
   SS_ASSIGN_OR_RETURN(hp.n_vocab, read_vocab_size(f, a));
   if (const gguf::TensorInfo* emb = f.find_tensor("token_embd.weight")) {

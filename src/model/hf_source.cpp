@@ -1,5 +1,6 @@
 #include "model/hf_source.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
@@ -192,10 +193,17 @@ std::optional<std::vector<int64_t>> expected_shape(const std::string& canonical,
   const int64_t hidden = hp.hidden, q_dim = int64_t{hp.n_heads} * hp.head_dim,
                 kv_dim = int64_t{hp.n_kv_heads} * hp.head_dim, ffn = hp.ffn_hidden, vocab = hp.n_vocab;
   if (canonical == "token_embd.weight" || canonical == "output.weight") return std::vector<int64_t>{vocab, hidden};
-  if (canonical == "output_norm.weight") return std::vector<int64_t>{hidden};
+  if (canonical == "output_norm.weight" || canonical == "output_norm.bias") return std::vector<int64_t>{hidden};
+  if (canonical == "position_embd.weight") return std::vector<int64_t>{hp.max_context, hidden};
   const size_t dot = canonical.find('.', 4);  // after "blk.N"
   if (canonical.rfind("blk.", 0) != 0 || dot == std::string::npos) return std::nullopt;
   const std::string_view leaf = std::string_view(canonical).substr(dot + 1);
+  // GPT-2's LayerNorm and projection biases.
+  if (leaf == "attn_norm.bias" || leaf == "ffn_norm.bias" || leaf == "attn_output.bias" || leaf == "ffn_down.bias") {
+    return std::vector<int64_t>{hidden};
+  }
+  if (leaf == "attn_qkv.bias") return std::vector<int64_t>{qkv_rows};
+  if (leaf == "ffn_up.bias") return std::vector<int64_t>{ffn};
   if (leaf == "attn_norm.weight" || leaf == "ffn_norm.weight" || leaf == "post_attention_norm.weight" ||
       leaf == "post_ffw_norm.weight") {
     return std::vector<int64_t>{hidden};
@@ -250,6 +258,13 @@ std::string_view attamba_leaf(std::string_view ssm, std::string_view part) {
 std::vector<std::string_view> layer_leaves(const std::string& arch) {
   std::vector<std::string_view> v = {"attn_norm.weight", "attn_output.weight", "ffn_norm.weight", "ffn_up.weight",
                                      "ffn_down.weight"};
+  if (arch == "gpt2") {
+    for (std::string_view leaf : {"attn_qkv.weight", "attn_norm.bias", "attn_qkv.bias", "attn_output.bias",
+                                  "ffn_norm.bias", "ffn_up.bias", "ffn_down.bias"}) {
+      v.push_back(leaf);
+    }
+    return v;
+  }
   if (arch == "phi3") {
     v.push_back("attn_qkv.weight");
     return v;
@@ -291,6 +306,45 @@ std::string existing_or_empty(const fs::path& p) {
   return fs::is_regular_file(p, ec) ? p.string() : std::string();
 }
 
+// GPT-2's config.json (transformers GPT2Config): its own key names, learned positions, LayerNorm.
+// Defaults are GPT2Config's.
+Result<ModelHParams> parse_gpt2_config(const json& cfg, std::string_view origin, ModelHParams hp) {
+  hp.arch = "gpt2";
+  SS_ASSIGN_OR_RETURN(hp.n_layers, positive_int(cfg, "n_layer", std::nullopt, origin));
+  SS_ASSIGN_OR_RETURN(hp.hidden, positive_int(cfg, "n_embd", std::nullopt, origin));
+  SS_ASSIGN_OR_RETURN(hp.n_heads, positive_int(cfg, "n_head", std::nullopt, origin));
+  if (hp.hidden % hp.n_heads != 0) {
+    return data_loss("{}: n_embd {} is not a multiple of n_head {}", origin, hp.hidden, hp.n_heads);
+  }
+  hp.n_kv_heads = hp.n_heads;
+  hp.head_dim = hp.hidden / hp.n_heads;
+  if (int64_t{hp.hidden} * 4 > kMaxInt) return data_loss("{}: n_embd {} is too large", origin, hp.hidden);
+  SS_ASSIGN_OR_RETURN(hp.ffn_hidden, positive_int(cfg, "n_inner", 4 * hp.hidden, origin));  // null: 4 n_embd
+  SS_ASSIGN_OR_RETURN(hp.n_vocab, positive_int(cfg, "vocab_size", 50257, origin));
+  SS_ASSIGN_OR_RETURN(hp.max_context, positive_int(cfg, "n_positions", 1024, origin));
+  SS_ASSIGN_OR_RETURN(hp.rms_eps, positive_float(cfg, "layer_norm_epsilon", 1e-5f, origin));
+  SS_ASSIGN_OR_RETURN(hp.tied_embeddings, boolean(cfg, "tie_word_embeddings", true, origin));
+  hp.rope_dim = 0;
+  hp.learned_positions = true;
+  hp.layer_norm = true;
+  // "gelu_new" and "gelu_pytorch_tanh" are the same tanh approximation; the exact (erf) GELU and
+  // other activations are not what the backend's gelu_tanh computes.
+  SS_ASSIGN_OR_RETURN(std::string act, string_or(cfg, "activation_function", "gelu_new", origin));
+  if (act != "gelu_new" && act != "gelu_pytorch_tanh") {
+    return unimplemented("{}: activation_function '{}' is not supported (gelu_new, gelu_pytorch_tanh)", origin, act);
+  }
+  // Attention variants of GPT2Config that the blocks here do not have.
+  SS_ASSIGN_OR_RETURN(bool scale, boolean(cfg, "scale_attn_weights", true, origin));
+  SS_ASSIGN_OR_RETURN(bool by_layer, boolean(cfg, "scale_attn_by_inverse_layer_idx", false, origin));
+  SS_ASSIGN_OR_RETURN(bool cross, boolean(cfg, "add_cross_attention", false, origin));
+  if (!scale || by_layer || cross) {
+    return unimplemented("{}: {} is not supported for model_type 'gpt2'", origin,
+                         !scale ? "scale_attn_weights = false"
+                                : by_layer ? "scale_attn_by_inverse_layer_idx = true" : "add_cross_attention = true");
+  }
+  return hp;
+}
+
 }  // namespace
 
 Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_view origin) {
@@ -312,6 +366,10 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
     hp.arch_name = "gemma3_text";
   }
   const std::string& mt = hp.arch_name;
+  if (mt == "gpt2") {
+    hp.name = name_or_path;
+    return parse_gpt2_config(cfg, origin, std::move(hp));
+  }
   if (mt == "llama" || mt == "mistral") {
     hp.arch = "llama";
   } else if (mt == "qwen2" || mt == "qwen3" || mt == "gemma2" || mt == "phi3") {
@@ -327,7 +385,7 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
     hp.arch = "attamba";
   } else {
     return unimplemented("{}: model_type '{}' is not supported (llama, mistral, qwen2, qwen3, gemma2, gemma3, "
-                         "gemma3_text, phi3, kvshift_llama, attamba)",
+                         "gemma3_text, phi3, gpt2, kvshift_llama, attamba)",
                          origin, mt);
   }
   const bool gemma = hp.arch == "gemma2" || hp.arch == "gemma3";
@@ -453,7 +511,54 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
   return hp;
 }
 
+namespace {
+
+// GPT-2's names, with or without the "transformer." prefix (GPT2LMHeadModel's state dict has it,
+// the original checkpoints' GPT2Model does not); nullopt for the causal-mask buffers
+// (h.N.attn.bias, h.N.attn.masked_bias) and anything else.
+std::optional<std::string> gpt2_canonical_name(std::string_view n) {
+  if (n == "lm_head.weight") return "output.weight";
+  constexpr std::string_view kPrefix = "transformer.";
+  if (n.substr(0, kPrefix.size()) == kPrefix) n.remove_prefix(kPrefix.size());
+  if (n == "wte.weight") return "token_embd.weight";
+  if (n == "wpe.weight") return "position_embd.weight";
+  if (n == "ln_f.weight") return "output_norm.weight";
+  if (n == "ln_f.bias") return "output_norm.bias";
+  if (n.substr(0, 2) != "h.") return std::nullopt;
+  n.remove_prefix(2);
+  size_t digits = 0;
+  while (digits < n.size() && n[digits] >= '0' && n[digits] <= '9') ++digits;
+  if (digits == 0 || digits > 9 || digits >= n.size() || n[digits] != '.' || (digits > 1 && n[0] == '0')) {
+    return std::nullopt;
+  }
+  const std::string_view layer = n.substr(0, digits);
+  const std::string_view leaf = n.substr(digits + 1);
+  static constexpr std::pair<std::string_view, std::string_view> kLeaves[] = {
+      {"ln_1.", "attn_norm."},        {"attn.c_attn.", "attn_qkv."}, {"attn.c_proj.", "attn_output."},
+      {"ln_2.", "ffn_norm."},         {"mlp.c_fc.", "ffn_up."},      {"mlp.c_proj.", "ffn_down."},
+  };
+  for (const auto& [hf, canonical] : kLeaves) {
+    if (leaf.substr(0, hf.size()) != hf) continue;
+    const std::string_view kind = leaf.substr(hf.size());
+    if (kind == "weight" || kind == "bias") return fmt::format("blk.{}.{}{}", layer, canonical, kind);
+  }
+  return std::nullopt;
+}
+
+// GPT-2's Conv1D projections store their weights as (in, out), the transpose of nn.Linear's.
+bool gpt2_conv1d_weight(const std::string& canonical) {
+  for (std::string_view leaf : {"attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight"}) {
+    if (canonical.size() > leaf.size() && canonical.compare(canonical.size() - leaf.size(), leaf.size(), leaf) == 0) {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
 std::optional<std::string> hf_to_canonical_name(std::string_view n, std::string_view arch) {
+  if (arch == "gpt2") return gpt2_canonical_name(n);
   // Gemma 3's multimodal checkpoints keep the language model under another prefix.
   std::string stripped;
   for (std::string_view prefix : {"model.language_model.", "language_model.model."}) {
@@ -556,7 +661,9 @@ Result<std::unique_ptr<HfWeightSource>> HfWeightSource::open(const std::string& 
     if (!canonical) {
       // Bias terms would be silently dropped otherwise; everything else unknown (e.g. the rotary
       // inv_freq buffer older checkpoints saved) is recomputed or unused.
-      if (name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
+      // GPT-2's h.N.attn.bias / masked_bias are causal-mask buffers, not weights.
+      const bool gpt2_mask = hp.arch == "gpt2" && (name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias"));
+      if (!gpt2_mask && name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
         return unimplemented("hf: tensor '{}' is a bias, which the {} architecture does not have", name, hp.arch);
       }
       ++src->n_ignored_;
@@ -573,17 +680,23 @@ Result<std::unique_ptr<HfWeightSource>> HfWeightSource::open(const std::string& 
         return data_loss("hf: tensor '{}' is for layer {} but num_hidden_layers is {}", name, layer, hp.n_layers);
       }
     }
-    const std::optional<std::vector<int64_t>> want = expected_shape(*canonical, hp);
+    std::optional<std::vector<int64_t>> want = expected_shape(*canonical, hp);
+    const bool transposed = hp.arch == "gpt2" && gpt2_conv1d_weight(*canonical);
+    if (want && transposed) std::reverse(want->begin(), want->end());
     if (want && t->shape != *want) {
       return data_loss("hf: tensor '{}' has shape [{}], expected [{}] from config.json", name,
                        fmt::join(t->shape, ", "), fmt::join(*want, ", "));
     }
     src->tensors_.emplace(*canonical, t);
+    if (transposed) src->transposed_.insert(*canonical);
   }
 
   // Checked here so that a truncated checkpoint fails at open with the Hugging Face name rather
   // than halfway through building the model.
   std::vector<std::string> required = {"token_embd.weight", "output_norm.weight"};
+  if (hp.arch == "gpt2") {
+    for (const char* name : {"position_embd.weight", "output_norm.bias"}) required.push_back(name);
+  }
   for (int l = 0; l < hp.n_layers; ++l) {
     for (std::string_view leaf : layer_leaves(hp.arch)) required.push_back(fmt::format("blk.{}.{}", l, leaf));
   }
@@ -612,6 +725,16 @@ Result<HostTensor> HfWeightSource::load(const std::string& name) const {
   out.shape = t.shape;
   out.data.resize(static_cast<size_t>(t.numel));
   SS_RETURN_IF_ERROR(safetensors::to_f32(t, out.data.data()));
+  if (transposed_.count(name) != 0) {
+    // (in, out) as stored -> (out, in).
+    const int64_t rows = t.shape[0], cols = t.shape[1];
+    std::vector<float> tr(out.data.size());
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) tr[static_cast<size_t>(c * rows + r)] = out.data[static_cast<size_t>(r * cols + c)];
+    }
+    out.data = std::move(tr);
+    out.shape = {cols, rows};
+  }
   return out;
 }
 

@@ -12,11 +12,18 @@
 //   model.layers.N.mlp.{gate,up,down}_proj.weight   -> blk.N.ffn_{gate,up,down}.weight
 // Shapes stay as stored, (out_features, in_features), which is already HostTensor's convention.
 // Q/K rows are in Hugging Face's order, so hparams().rope_style is RopeStyle::kHalf.
+// GPT-2 (model_type gpt2) has names of its own ([transformer.] prefix optional):
+//   wte / wpe / ln_f.{weight,bias}                  -> token_embd / position_embd / output_norm.*
+//   h.N.ln_1.*, h.N.ln_2.*                          -> blk.N.attn_norm.*, blk.N.ffn_norm.*
+//   h.N.attn.c_attn.*, h.N.attn.c_proj.*            -> blk.N.attn_qkv.*, blk.N.attn_output.*
+//   h.N.mlp.c_fc.*, h.N.mlp.c_proj.*                -> blk.N.ffn_up.*, blk.N.ffn_down.*
+// and its Conv1D weights are stored (in, out); load() hands them over transposed, as (out, in).
 #pragma once
 
 #include <map>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 
@@ -29,7 +36,8 @@ namespace starserve {
 
 // Reads ModelHParams from the text of a config.json; `origin` names it in messages.
 // model_type llama, mistral (sliding_window), qwen2, qwen3, gemma2, gemma3_text (and gemma3 with a
-// text_config) and phi3 are supported; other model types, biases the family does not have,
+// text_config), phi3 and gpt2 (GPT2Config's keys: n_layer, n_embd, n_head, n_inner, n_positions,
+// layer_norm_epsilon) are supported; other model types, biases the family does not have,
 // activations other than the family's and RoPE types other than default / linear / llama3 (e.g.
 // Phi-3's longrope) give kUnimplemented naming the value. num_hidden_layers, hidden_size,
 // intermediate_size and num_attention_heads are required (kNotFound); the others default as in
@@ -80,6 +88,7 @@ class HfWeightSource : public WeightSource {
   std::string tokenizer_json_;
   std::string tokenizer_config_;
   size_t n_ignored_ = 0;  // checkpoint tensors that are not Llama weights (e.g. rotary inv_freq)
+  std::set<std::string, std::less<>> transposed_;  // canonical names stored (in, out): GPT-2's Conv1D weights
 };
 
 }  // namespace starserve

@@ -100,8 +100,8 @@ struct ModelHParams {
   int head_dim = 0;          // usually hidden / n_heads
   int ffn_hidden = 0;        // SwiGLU inner width
   int n_vocab = 0;
-  int max_context = 0;       // tokens the model was trained for
-  float rms_eps = 1e-5f;
+  int max_context = 0;       // tokens the model was trained for (GPT-2: the rows of its position table)
+  float rms_eps = 1e-5f;     // the norms' epsilon (RMSNorm, or LayerNorm where layer_norm)
   float rope_theta = 10000.0f;
   int rope_dim = 0;          // dimensions of each head that RoPE rotates (== head_dim for Llama)
   RopeStyle rope_style = RopeStyle::kHalf;
@@ -123,6 +123,11 @@ struct ModelHParams {
   // KV-shifting attention (arXiv 2411.19574; arch kvshift): each token's raw k and v are mixed with
   // the previous token's before RoPE, by per-layer attn_{k,v}_shift weights (n_kv_heads, 2).
   bool kv_shift = false;
+  // GPT-2 (arch gpt2): learned absolute positions (position_embd.weight, max_context rows, added to
+  // the token embeddings; no RoPE, rope_dim 0), so no position may reach max_context; and LayerNorm
+  // with weight and bias in place of RMSNorm.
+  bool learned_positions = false;
+  bool layer_norm = false;
   // Attamba (arch attamba): the K/V projections are chunk-local SSMs, the cache holds only chunk
   // boundaries' k/v and the decode state is a per-layer carry (AttambaCarryLayout).
   AttambaHParams attamba;

@@ -203,6 +203,14 @@ Result<RmsNorm> RmsNorm::load_dim(WeightStore& store, const std::string& name, i
   return n;
 }
 
+Result<LayerNorm> LayerNorm::load(WeightStore& store, const std::string& prefix, const ModelHParams& hp) {
+  LayerNorm n;
+  SS_ASSIGN_OR_RETURN(n.weight, store.load(prefix + "weight", {hp.hidden}));
+  SS_ASSIGN_OR_RETURN(n.bias, store.load(prefix + "bias", {hp.hidden}));
+  n.eps = hp.rms_eps;
+  return n;
+}
+
 // ---------------------------------------------------------------- attention block
 
 Result<AttentionWeights> AttentionWeights::load(WeightStore& store, const std::string& p, const ModelHParams& hp) {
@@ -269,11 +277,14 @@ Status attention_block(Backend& backend, const AttentionWeights& w, const Rope& 
     if (w.bv.data) backend.add_bias(as_matrix(buf.v), w.bv);
     if (w.q_norm.present()) w.q_norm.apply(backend, buf.q, buf.q);
     if (w.k_norm.present()) w.k_norm.apply(backend, buf.k, buf.k);
-    backend.rope(buf.q, positions, rope.inv_freq, rope.rope_dim, rope.style);
-    backend.rope(buf.k, positions, rope.inv_freq, rope.rope_dim, rope.style);
+    if (rope.rope_dim > 0) {
+      backend.rope(buf.q, positions, rope.inv_freq, rope.rope_dim, rope.style);
+      backend.rope(buf.k, positions, rope.inv_freq, rope.rope_dim, rope.style);
+    }
   }
   SS_RETURN_IF_ERROR(attn.attend(layer, batch, buf.q, buf.k, buf.v, buf.a));
   backend.matmul(h, as_matrix(buf.a), w.wo);
+  if (w.bo.data) backend.add_bias(h, w.bo);
   return Status();
 }
 
@@ -334,7 +345,11 @@ void mlp_block(Backend& backend, const MlpWeights& w, Tensor xn, bool fused, Mlp
 
 Result<OutputHead> OutputHead::load(WeightStore& store, const ModelHParams& hp, Tensor token_embedding) {
   OutputHead o;
-  SS_ASSIGN_OR_RETURN(o.norm, RmsNorm::load(store, "output_norm.weight", hp));
+  if (hp.layer_norm) {
+    SS_ASSIGN_OR_RETURN(o.layer_norm, LayerNorm::load(store, "output_norm.", hp));
+  } else {
+    SS_ASSIGN_OR_RETURN(o.norm, RmsNorm::load(store, "output_norm.weight", hp));
+  }
   if (hp.tied_embeddings) {
     o.weight = token_embedding;
   } else {
@@ -362,7 +377,7 @@ void OutputHead::logits(Backend& backend, Tensor x, std::span<const BatchSeq> ba
     }
     start += n;
   }
-  norm.apply(backend, sel, sel);
+  apply_norm(backend, sel, sel);
   *lg_buf = backend.alloc(n_out * n_vocab * dtype_size(dt));
   *lg = lg_buf->view(dt, {n_out, n_vocab});
   backend.matmul(*lg, sel, weight);
@@ -389,7 +404,7 @@ void DecoderModel::score_tokens(Tensor x, std::span<const BatchSeq> batch) {
         DeviceBuffer sel_buf = backend_.alloc(static_cast<size_t>(rows * hidden) * dtype_size(dt));
         const Tensor sel = sel_buf.view(dt, {rows, hidden});
         backend_.copy(sel, x.slice_rows(start + r0, rows));
-        head_.norm.apply(backend_, sel, sel);
+        head_.apply_norm(backend_, sel, sel);
         DeviceBuffer lg_buf = backend_.alloc(static_cast<size_t>(rows * n_vocab) * dtype_size(dt));
         const Tensor lg = lg_buf.view(dt, {rows, n_vocab});
         backend_.matmul(lg, sel, head_.weight);
@@ -460,6 +475,7 @@ Status DecoderModel::attention_step(const AttentionWeights& w, const Rope& rope,
 Status DecoderModel::run(std::span<const BatchSeq> batch, AttentionHandler& attn, bool want_logits,
                          DeviceBuffer* lg_buf, Tensor* lg) {
   SS_ASSIGN_OR_RETURN(const FlatBatch flat, flatten_batch(batch, hp_.n_vocab));
+  SS_RETURN_IF_ERROR(check_positions(flat));
   const int64_t t = flat.n_tokens();
   Activations act(backend_);
   Tensor x = act.make({t, hp_.hidden});
@@ -511,6 +527,7 @@ Status DecoderModel::forward_layers(std::span<const BatchSeq> batch, AttentionHa
   SS_CHECK(n_layers >= 1 && state->next_layer < hp_.n_layers, "forward_layers: {} layers from layer {} of {}",
            n_layers, state->next_layer, hp_.n_layers);
   SS_ASSIGN_OR_RETURN(const FlatBatch flat, flatten_batch(batch, hp_.n_vocab));
+  SS_RETURN_IF_ERROR(check_positions(flat));
   const int64_t t = flat.n_tokens();
   if (state->next_layer == 0) {
     state->x = backend_.alloc(static_cast<size_t>(t * hp_.hidden) * dtype_size(backend_.compute_dtype()));

@@ -96,6 +96,16 @@ struct RmsNorm {
   bool present() const { return weight.data != nullptr; }
 };
 
+// LayerNorm with weight and bias (GPT-2): (x - mean) / sqrt(var + eps) * weight + bias per row.
+struct LayerNorm {
+  Tensor weight, bias;  // (hidden)
+  float eps = 1e-5f;
+  // `prefix` + "weight" and + "bias" ("blk.N.attn_norm."), eps hp.rms_eps.
+  static Result<LayerNorm> load(WeightStore& store, const std::string& prefix, const ModelHParams& hp);
+  void apply(Backend& backend, Tensor out, Tensor in) const { backend.layer_norm(out, in, weight, bias, eps); }
+  bool present() const { return weight.data != nullptr; }
+};
+
 // ---- attention block
 
 // q, k, v projections stored as one matrix (rows [q | k | v]): a decode step reads them in one
@@ -106,8 +116,11 @@ struct AttentionWeights {
   // Optional, each on the unfused path only (attention_block): q/k/v biases (Qwen2), added after
   // the projections, and per-head RMSNorms of q and k before RoPE (Qwen3, Gemma 3).
   Tensor bq, bk, bv;
+  Tensor bo;  // output projection bias (GPT-2), added after wo
   RmsNorm q_norm, k_norm;
-  bool has_extras() const { return bq.data || bk.data || bv.data || q_norm.present() || k_norm.present(); }
+  bool has_extras() const {
+    return bq.data || bk.data || bv.data || bo.data || q_norm.present() || k_norm.present();
+  }
   // GGUF names under `prefix` ("blk.N."): attn_q, attn_k, attn_v, attn_output; or, when the file
   // holds attn_qkv (Phi-3), that one fused matrix (rows [q | k | v]) and attn_output.
   static Result<AttentionWeights> load(WeightStore& store, const std::string& prefix, const ModelHParams& hp);
@@ -122,7 +135,9 @@ struct AttentionBuffers {
 };
 
 // h (T, hidden) = wo . attention(rope(xn wq), rope(xn wk), xn wv) with the handler deciding which
-// keys each query meets. On a handler error the caller ends the forward.
+// keys each query meets. A Rope of rope_dim 0 rotates nothing (GPT-2's positions are learned and
+// added to the embeddings; the handlers still place keys by position). On a handler error the
+// caller ends the forward.
 Status attention_block(Backend& backend, const AttentionWeights& w, const Rope& rope, AttentionHandler& attn,
                        int layer, std::span<const BatchSeq> batch, std::span<const int32_t> positions, Tensor xn,
                        bool fused, AttentionBuffers& buf, Tensor h);
@@ -156,9 +171,19 @@ void mlp_block(Backend& backend, const MlpWeights& w, Tensor xn, bool fused, Mlp
 
 struct OutputHead {
   RmsNorm norm;
+  LayerNorm layer_norm;  // GPT-2's ln_f, in place of norm when present
   Tensor weight;  // (n_vocab, hidden): the token embedding itself when tied
   // output_norm, then output.weight or the tied token_embd.
+  // With hp.layer_norm: output_norm.weight and output_norm.bias as a LayerNorm.
   static Result<OutputHead> load(WeightStore& store, const ModelHParams& hp, Tensor token_embedding);
+  // The final norm of rows x (R, hidden) into out.
+  void apply_norm(Backend& backend, Tensor out, Tensor in) const {
+    if (layer_norm.present()) {
+      layer_norm.apply(backend, out, in);
+    } else {
+      norm.apply(backend, out, in);
+    }
+  }
   // The rows of x (T, hidden) that need logits (FlatBatch::n_out), normed and projected:
   // *lg = (n_out, n_vocab) in the compute dtype, held by *lg_buf.
   void logits(Backend& backend, Tensor x, std::span<const BatchSeq> batch, int64_t n_out, int n_vocab,
@@ -223,6 +248,12 @@ class DecoderModel : public Model {
                         int first, int last, Tensor x, LayerBuffers& b) = 0;
   // Embeds the batch into x (T, hidden): token_embd's rows.
   virtual void embed(const FlatBatch& flat, Tensor x) { backend_.embedding(x, tok_embd_, flat.ids); }
+  // Whether the model can take the batch's positions (before anything runs): OK by default; a model
+  // with a table of learned positions refuses one past it (INVALID_ARGUMENT).
+  virtual Status check_positions(const FlatBatch& flat) const {
+    (void)flat;
+    return Status();
+  }
   // The buffers of a call of n_tokens (unfused, xn apart from h).
   virtual LayerBuffers make_buffers(Activations& act, int64_t n_tokens) {
     return LayerBuffers(act, hp_, n_tokens, false, false);

@@ -670,8 +670,8 @@ TEST(Gguf, SourceRejectsInconsistentHParams) {
     EXPECT_NE(st.message().find(part), std::string::npos) << st.message();
   };
   GgufBuilder b;
-  b.str("general.architecture", "gpt2");
-  expect(code_of(b), StatusCode::kUnimplemented, "gpt2");
+  b.str("general.architecture", "falcon");
+  expect(code_of(b), StatusCode::kUnimplemented, "falcon");
   expect(code_of(llama_builder().u32("llama.attention.head_count_kv", 3)), StatusCode::kDataLoss, "n_kv_heads 3");
   expect(code_of(llama_builder().u32("llama.attention.key_length", 32)), StatusCode::kDataLoss, "64 != 4 * 32");
   expect(code_of(llama_builder().str("llama.rope.scaling.type", "yarn")), StatusCode::kUnimplemented, "yarn");
