@@ -15,6 +15,11 @@ greedy [{prompt_ids, generated_ids (32), margins (top-1 minus top-2 logit per st
 The greedy continuation recomputes the whole sequence every step (use_cache=False), so no cache
 implementation is involved; attention is transformers' "eager" path (the one that soft-caps).
 
+gpt2 (GPT2LMHeadModel) has names of its own: the safetensors hold GPT2LMHeadModel's state dict as
+transformers saves it (Conv1D weights (in, out)), the GGUF llama.cpp's gpt2 names and keys with those
+weights transposed to (out, in) as its converter does (token_embd, position_embd, blk.N.attn_qkv,
+..., output_norm; gpt2.attention.layer_norm_epsilon; no output.weight, tied).
+
 Run (about a minute on 2 cores):
     /work/venv-arch/bin/python scripts/golden/make_family_goldens.py [family ...]
 Versions used for the committed files are recorded in each golden.json (torch 2.15.0,
@@ -54,7 +59,7 @@ def versions():
 # ---------------------------------------------------------------- the families
 
 def families():
-    from transformers import (Gemma2Config, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen2Config,
+    from transformers import (Gemma2Config, Gemma3TextConfig, GPT2Config, MistralConfig, Phi3Config, Qwen2Config,
                               Qwen3Config)
     common = dict(vocab_size=N_VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -108,6 +113,13 @@ def families():
                                                                  "short_factor": LONGROPE_SHORT,
                                                                  "long_factor": LONGROPE_LONG},
                                                 max_position_embeddings=128, original_max_position_embeddings=32)),
+        # Learned positions (128 of them, so a prompt past the table is cheap to try), LayerNorm with
+        # bias, fused c_attn with bias, GELU (tanh) MLP of the default 4 n_embd, tied output.
+        "gpt2": dict(cls="GPT2LMHeadModel", gguf_arch="gpt2",
+                     config=GPT2Config(vocab_size=N_VOCAB, n_positions=128, n_embd=64, n_layer=3, n_head=4,
+                                       n_inner=None, activation_function="gelu_new", layer_norm_epsilon=1e-5,
+                                       tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
+                                       pad_token_id=None)),
     }
 
 
@@ -122,10 +134,14 @@ def randomize(model, family, seed):
             if p.ndim == 2:
                 # Embedding and output rows of unit scale give logits of several units against a
                 # normed hidden state (Gemma's embedding is scaled by sqrt(hidden) on the way in).
-                if "embed_tokens" in name:
+                if "embed_tokens" in name or "wte" in name:
                     std = 0.3 if gemma else 1.0
+                elif "wpe" in name:
+                    std = 0.5  # positions matter next to the token rows, without drowning them
                 elif "lm_head" in name:
                     std = 1.0
+                elif family == "gpt2":
+                    std = 1.0 / math.sqrt(p.shape[0])  # Conv1D: (in, out)
                 else:
                     std = 1.0 / math.sqrt(p.shape[1])
                 v = torch.randn(p.shape, generator=g) * std
@@ -182,8 +198,49 @@ def gguf_name(hf, family):
     return f"blk.{layer}.{leaves[leaf]}"
 
 
+GPT2_LEAVES = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+               "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+
+
+def gpt2_gguf_name(hf):
+    top = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+           "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+           "lm_head.weight": "output.weight"}
+    if hf in top:
+        return top[hf]
+    parts = hf.split(".")  # transformer.h.N.<module...>.<weight|bias>
+    layer, module, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+    return f"blk.{layer}.{GPT2_LEAVES[module]}.{kind}"
+
+
+def write_gguf_gpt2(path, family, cfg, model):
+    w = gguf.GGUFWriter(path, "gpt2")
+    w.add_name(f"tiny-random-{family}")
+    w.add_block_count(cfg.n_layer)
+    w.add_context_length(cfg.n_positions)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_feed_forward_length(cfg.n_inner or 4 * cfg.n_embd)
+    w.add_head_count(cfg.n_head)
+    w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    sd = model.state_dict()
+    for name in sorted(sd):
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        t = sd[name].float().numpy().copy()
+        gname = gpt2_gguf_name(name)
+        if name.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight")):
+            t = t.T.copy()  # Conv1D (in, out) -> (out, in), as llama.cpp's converter does
+        w.add_tensor(gname, t.astype(np.float16) if t.ndim == 2 else t.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def write_gguf(path, family, spec, model):
     cfg = spec["config"]
+    if spec["gguf_arch"] == "gpt2":
+        return write_gguf_gpt2(path, family, cfg, model)
     arch = spec["gguf_arch"]
     w = gguf.GGUFWriter(path, arch)
     w.add_name(f"tiny-random-{family}")

@@ -1,4 +1,4 @@
-// Model families beyond Llama (Qwen2, Qwen3, Mistral's sliding window, Gemma 2, Gemma 3, Phi-3)
+// Model families beyond Llama (Qwen2, Qwen3, Mistral's sliding window, Gemma 2, Gemma 3, Phi-3, GPT-2)
 // against Hugging Face transformers: tiny random-weight models written both as safetensors +
 // config.json and as GGUF with llama.cpp's names by scripts/golden/make_family_goldens.py
 // (tests/golden/<family>/), their last-position logits and 32-token greedy continuations in fp32.
@@ -33,7 +33,7 @@ namespace {
 using nlohmann::json;
 using namespace family_golden;
 
-constexpr const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi3_longrope"};
+constexpr const char* kFamilies[] = {"qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "phi3_longrope", "gpt2"};
 
 struct Loaded {
   std::unique_ptr<Backend> backend = make_cpu_backend();
@@ -140,7 +140,7 @@ INSTANTIATE_TEST_SUITE_P(Families, FamilyGolden,
                          ::testing::Combine(::testing::Values(std::string("qwen2"), std::string("qwen3"),
                                                               std::string("mistral"), std::string("gemma2"),
                                                               std::string("gemma3"), std::string("phi3"),
-                                                              std::string("phi3_longrope")),
+                                                              std::string("phi3_longrope"), std::string("gpt2")),
                                             ::testing::Values(std::string("gguf"), std::string("hf"))),
                          [](const auto& info) { return std::get<0>(info.param) + "_" + std::get<1>(info.param); });
 
