@@ -263,7 +263,8 @@ def main(argv=None):
             rec = dict(step=step, loss=round(loss.item(), 5), lr=opt.param_groups[0]["lr"],
                        tokens_per_s=round(tokens / (time.time() - t0)))
             if reg:
-                rec.update(ce=round(ce.item(), 5), entropy_reg=round(reg_loss.item(), 6))
+                rec.update(ce=round(ce.item(), 5), entropy_reg=round(reg_loss.item(), 6),
+                           train_entropy_per_layer=[round(r.detach().float().mean().item(), 4) for r in rows])
             if skipped:
                 rec["skipped_steps"] = skipped
             emit(rec)
