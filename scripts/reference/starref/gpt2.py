@@ -129,7 +129,7 @@ class Attention(nn.Module):
         mask = key_pos[None, :] <= positions[:, None]                      # [T, S]
         if need is None:
             if cfg.temperature:
-                q = q / self.temperature[:, positions].to(q.dtype)[None, :, :, None]
+                q = (q.float() / self.temperature[:, positions].float()[None, :, :, None]).to(q.dtype)
             if S == T and cache is None:
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:

@@ -205,6 +205,36 @@ class GPT2Test(unittest.TestCase):
             self.assertEqual(m.generate(torch.tensor([g["prompt_ids"]]), len(g["generated_ids"])),
                              g["generated_ids"])
 
+    def test_trainer_and_exporter(self):
+        # Two steps of `starref.train --arch gpt2` per LN-free variant on a small synthetic corpus, then
+        # `starref.export`: the run's log carries the entropy map and the export reloads to the trained model.
+        import numpy as np
+
+        from starref import export as export_mod
+        from starref import train as train_mod
+        with tempfile.TemporaryDirectory() as d:
+            rng = np.random.default_rng(0)
+            for name, n in (("train", 4000), ("val", 400)):
+                rng.integers(0, 97, n).astype(np.uint16).tofile(os.path.join(d, f"{name}.bin"))
+            with open(os.path.join(d, "manifest.json"), "w") as f:
+                json.dump({"vocab_size": 97, "splits": {}, "packages": {}}, f)
+            for variant in ("lnfree", "lnfree_ent"):
+                run = os.path.join(d, variant)
+                train_mod.main(["--arch", "gpt2", "--variant", variant, "--data", d, "--out", run, "--layers", "2",
+                                "--width", "32", "--heads", "2", "--seq", "16", "--batch", "2", "--steps", "2",
+                                "--eval-windows", "2", "--entropy-windows", "2", "--device", "cpu"])
+                with open(os.path.join(run, "final.json")) as f:
+                    final = json.load(f)
+                self.assertEqual(len(final["entropy"]), 2)
+                self.assertEqual(len(final["entropy"][0]), 2)
+                self.assertFalse(final["diverged"])
+                self.assertEqual("theta" in final, variant == "lnfree_ent")
+                export_mod.main(["--run", run, "--out", os.path.join(d, "x-" + variant)])
+                model, _ = export_mod.load_run(run)
+                back = load_exported_gpt2(os.path.join(d, "x-" + variant))
+                ids = torch.randint(0, 97, (1, 16))
+                torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=1e-4)
+
     def test_positions_beyond_context_refused(self):
         m = GPT2LM(tiny(), seed=1)
         with self.assertRaises(ValueError):
