@@ -134,10 +134,15 @@ def randomize(model, family, seed):
             if p.ndim == 2:
                 # Embedding and output rows of unit scale give logits of several units against a
                 # normed hidden state (Gemma's embedding is scaled by sqrt(hidden) on the way in).
-                if "embed_tokens" in name or "wte" in name:
+                if "embed_tokens" in name:
                     std = 0.3 if gemma else 1.0
+                elif "wte" in name:
+                    # GPT-2's tied token rows at unit scale make a continuation repeat one token for
+                    # ever; smaller ones next to unit-scale position rows (wpe) give continuations that
+                    # move, so the decode steps' positions are exercised.
+                    std = 0.3
                 elif "wpe" in name:
-                    std = 0.5  # positions matter next to the token rows, without drowning them
+                    std = 1.0
                 elif "lm_head" in name:
                     std = 1.0
                 elif family == "gpt2":
