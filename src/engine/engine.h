@@ -90,6 +90,14 @@ struct EngineInfo {
   int64_t merges_total = 0;            // rank 0: merges (one per layer per decode step)
   int64_t phase1_steps = 0;            // rank 0: phase-1 steps (prefill chunks) run, all requests
   int queue_depth = 0, running = 0;
+  // The KV cache's layout (GetModelInfo's KvCacheInfo): n tokens take rows(n) rows of
+  // kv_bytes_per_row bytes (rows(n) = n, or ceil(n / kv_compressed_chunk) + 1), plus
+  // kv_state_bytes_per_sequence beside the pages.
+  int64_t kv_bytes_per_row = 0;
+  std::string kv_dtype;
+  int kv_page_size = 0;
+  int kv_compressed_chunk = 0, kv_leading_tokens = 0;
+  int64_t kv_state_bytes_per_sequence = 0;
 };
 
 class Engine {

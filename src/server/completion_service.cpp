@@ -407,6 +407,19 @@ grpc::Status CompletionService::GetModelInfo(grpc::ServerContext* ctx, const v1:
     if (auto bos = tokenizer().bos_id()) response->set_bos_token_id(*bos);
     if (auto eos = tokenizer().eos_id()) response->set_eos_token_id(*eos);
     response->set_tokenizer(tokenizer().kind());
+    v1::KvCacheInfo* kv = response->mutable_kv_cache();
+    kv->set_bytes_per_row(info.kv_bytes_per_row);
+    kv->set_dtype(info.kv_dtype);
+    kv->set_page_size(info.kv_page_size);
+    kv->set_compressed_chunk(info.kv_compressed_chunk);
+    kv->set_leading_tokens(info.kv_leading_tokens);
+    kv->set_state_bytes_per_sequence(info.kv_state_bytes_per_sequence);
+    if (info.max_context > 0) {
+      const int64_t n = info.max_context, p = info.kv_compressed_chunk;
+      const int64_t rows = p > 0 ? (n + p - 1) / p + 1 : n;
+      kv->set_bytes_per_token_at_max_context(
+          static_cast<double>(rows * info.kv_bytes_per_row + info.kv_state_bytes_per_sequence) / static_cast<double>(n));
+    }
   }
   return done("GetModelInfo", s);
 }

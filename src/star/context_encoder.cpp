@@ -12,9 +12,20 @@ ContextEncoder::ContextEncoder(Model& model, KvCache& cache, Communicator& comm)
       block_attention_(model.backend(), cache, model.hparams()),
       exact_attention_(model.backend(), cache, model.hparams(), comm) {}
 
-Result<StarLayout> ContextEncoder::layout_for(int64_t n_context, const ContextPlan& plan) const {
-  SS_ASSIGN_OR_RETURN(StarLayout lay, plan_layout(n_context, plan, comm_.world_size()));
+Result<StarLayout> ContextEncoder::layout_for(int64_t n_context, const ContextPlan& requested) const {
   const ModelHParams& hp = model_.hparams();
+  ContextPlan plan = requested;
+  // Attamba's star blocks are a multiple of the chunk size: a block size the plan derives (one block
+  // per rank, or n_blocks) is rounded up to one; a block size asked for explicitly is checked below.
+  if (hp.attamba.enabled() && plan.mode == AttentionMode::kStar && n_context > 0 &&
+      (plan.block_size == 0 || plan.n_blocks > 0)) {
+    const int64_t parts = plan.n_blocks > 0 ? plan.n_blocks : comm_.world_size();
+    const int64_t p = hp.attamba.chunk;
+    const int64_t block = ((n_context + parts - 1) / parts + p - 1) / p * p;
+    plan.block_size = static_cast<int>(block);
+    plan.n_blocks = 0;
+  }
+  SS_ASSIGN_OR_RETURN(StarLayout lay, plan_layout(n_context, plan, comm_.world_size()));
   if (hp.attamba.enabled()) SS_RETURN_IF_ERROR(check_attamba_layout(lay, plan.mode));
   // KV-shifting models: every rank's first block mixes with the previous block's last token, which
   // its owner computes in the same step only when that is the owner's first block too (Attamba:
@@ -25,10 +36,10 @@ Result<StarLayout> ContextEncoder::layout_for(int64_t n_context, const ContextPl
       const int owner = lay.blocks[b.index - 1].rank;
       const size_t owned = lay.blocks_of(owner).size();
       if (owner != b.rank && owned > 1) {
-        return unimplemented("star with a {} model: rank {} holds {} blocks of {} tokens and hands its last "
+        return unimplemented("star with {} model: rank {} holds {} blocks of {} tokens and hands its last "
                              "token to rank {}; the ranks before the last must hold one block each (block size >= "
                              "ceil({} / {}) tokens, or 0 = one block per rank)",
-                             hp.kv_shift ? "KV-shifting" : "Attamba", owner, owned, lay.block_size, b.rank, n_context,
+                             hp.kv_shift ? "a KV-shifting" : "an Attamba", owner, owned, lay.block_size, b.rank, n_context,
                              comm_.world_size());
       }
     }

@@ -324,6 +324,26 @@ TEST(Attamba, StarRefusesBlocksThatAreNotAMultipleOfTheChunk) {
   EXPECT_TRUE(enc.layout_for(40, {AttentionMode::kStar, 50, -1}).ok());
 }
 
+// A block size the plan derives (n_blocks, or one block per rank) is rounded up to a multiple of P:
+// 42 tokens in 4 blocks -> ceil(42 / 4) = 11 -> 12, so blocks of 12, 12, 12 and 6.
+TEST(Attamba, DerivedStarBlocksAreRoundedUpToTheChunk) {
+  Tiny t;
+  auto comm = make_local_communicator();
+  KvCache cache = make_cache(*t.model);
+  ContextEncoder enc(*t.model, cache, *comm);
+  ContextPlan plan{AttentionMode::kStar, 0, -1};
+  plan.n_blocks = 4;
+  auto lay = enc.layout_for(42, plan);
+  ASSERT_TRUE(lay.ok()) << lay.status().to_string();
+  EXPECT_EQ(lay->block_size, 12);
+  ASSERT_EQ(lay->blocks.size(), 4u);
+  EXPECT_EQ(lay->blocks.back().size(), 6);
+  // One block per rank on one rank: the whole context, rounded (one block = global).
+  auto one = enc.layout_for(42, {AttentionMode::kStar, 0, -1});
+  ASSERT_TRUE(one.ok()) << one.status().to_string();
+  EXPECT_EQ(one->blocks.size(), 1u);
+}
+
 // ---- loading
 
 class TempDir {
