@@ -465,7 +465,8 @@ TEST(ModelGpuFamilies, WindowAndSoftcapStarMatchesCpu) {
 }
 
 // The tiny family goldens (head_dim 16 or 32: the small-head attention kernel; phi3_longrope with
-// LongRoPE's long frequency set and attention factor) on the GPU: each
+// LongRoPE's long frequency set and attention factor; gpt2 with learned positions, LayerNorm and
+// GELU) on the GPU: each
 // prompt's last-position logits against transformers' fp32 logits, then the golden greedy
 // continuation teacher-forced through decode steps (windows over cached keys). Tolerance: 4% of
 // the prompt's largest |logit| (kRelTol: bf16 weights and activations, 2^-9 relative per
@@ -546,7 +547,7 @@ TEST_P(FamilyGoldenGpu, LogitsAndGreedyMatchTransformers) {
 INSTANTIATE_TEST_SUITE_P(Families, FamilyGoldenGpu,
                          ::testing::Values(std::string("qwen2"), std::string("qwen3"), std::string("mistral"),
                                            std::string("gemma2"), std::string("gemma3"), std::string("phi3"),
-                                           std::string("phi3_longrope")),
+                                           std::string("phi3_longrope"), std::string("gpt2")),
                          [](const auto& info) { return info.param; });
 
 }  // namespace
