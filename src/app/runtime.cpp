@@ -84,11 +84,17 @@ Status load_runtime(const Config& config, Runtime& rt) {
   // KV budget: bytes per page = page_size tokens x layers x (K + V) x kv heads x head_dim x dtype.
   const int64_t page_bytes = static_cast<int64_t>(config.scheduler.kv_page_size) * hp.n_layers * 2 * hp.n_kv_heads *
                              hp.head_dim * static_cast<int64_t>(dtype_size(rt.backend->compute_dtype()));
+  // A sequence's fixed decode state (Model::sequence_state_bytes: Attamba's carry, KV shifting's
+  // previous k/v) lives beside the pages: the budget holds it for as many sequences as run at once,
+  // and the pages take the rest.
+  const int64_t state_bytes = rt.model->sequence_state_bytes() * config.scheduler.max_running;
   int64_t pages = config.scheduler.kv_pages;
-  if (pages == 0) pages = config.scheduler.kv_memory_mb * (int64_t{1} << 20) / page_bytes;
+  if (pages == 0) pages = (config.scheduler.kv_memory_mb * (int64_t{1} << 20) - state_bytes) / page_bytes;
   if (pages < 1) {
-    return invalid_argument("kv_memory_mb = {} holds no page of {} tokens ({} bytes per page)",
-                            config.scheduler.kv_memory_mb, config.scheduler.kv_page_size, page_bytes);
+    return invalid_argument("kv_memory_mb = {} holds no page of {} tokens ({} bytes per page) beside the decode "
+                            "state of {} sequences ({} bytes)",
+                            config.scheduler.kv_memory_mb, config.scheduler.kv_page_size, page_bytes,
+                            config.scheduler.max_running, state_bytes);
   }
   KvCacheShape shape{hp.n_layers, hp.n_kv_heads, hp.head_dim, config.scheduler.kv_page_size, pages};
   shape.compressed_chunk = hp.attamba.chunk;  // Attamba stores only chunk boundaries' k/v
@@ -100,9 +106,9 @@ Status load_runtime(const Config& config, Runtime& rt) {
              hp.attamba.leading + 1, AttambaCarryLayout::of(hp.attamba, hp.hidden).floats());
   }
   if (rt.comm->rank() == 0) {
-    log_info("KV cache per rank: {} pages x {} tokens = {} tokens ({} MiB)", pages,
-                 config.scheduler.kv_page_size, pages * config.scheduler.kv_page_size,
-                 pages * page_bytes >> 20);
+    log_info("KV cache per rank: {} pages x {} tokens = {} tokens ({} MiB), decode state {} MiB ({} sequences)",
+             pages, config.scheduler.kv_page_size, pages * config.scheduler.kv_page_size, pages * page_bytes >> 20,
+             state_bytes >> 20, config.scheduler.max_running);
   }
   return Status();
 }

@@ -221,13 +221,8 @@ EngineInfo ServingEngine::info() const {
   i.kv_dtype = ctx_.model->backend().compute_dtype() == DType::kBF16 ? "bf16" : "f32";
   i.kv_page_size = kv.page_size;
   i.kv_compressed_chunk = kv.compressed_chunk;
-  if (hp.attamba.enabled()) {
-    i.kv_leading_tokens = hp.attamba.leading;
-    i.kv_state_bytes_per_sequence = int64_t{hp.n_layers} * AttambaCarryLayout::of(hp.attamba, hp.hidden).floats() *
-                                    static_cast<int64_t>(sizeof(float));
-  } else if (hp.kv_shift) {
-    i.kv_state_bytes_per_sequence = i.kv_bytes_per_row;  // the last token's raw k and v per layer
-  }
+  if (hp.attamba.enabled()) i.kv_leading_tokens = hp.attamba.leading;
+  i.kv_state_bytes_per_sequence = ctx_.model->sequence_state_bytes();
   return i;
 }
 

@@ -34,6 +34,12 @@ class AttambaModel final : public DecoderModel {
  public:
   using DecoderModel::DecoderModel;
 
+  // The carry: AttambaCarryLayout::floats() fp32 values per layer.
+  int64_t sequence_state_bytes() const override {
+    return int64_t{hp_.n_layers} * AttambaCarryLayout::of(hp_.attamba, hp_.hidden).floats() *
+           static_cast<int64_t>(sizeof(float));
+  }
+
   Status load() {
     const AttambaHParams& a = hp_.attamba;
     layout_ = AttambaCarryLayout::of(a, hp_.hidden);

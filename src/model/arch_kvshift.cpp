@@ -19,6 +19,12 @@ class KvShiftModel final : public DecoderModel {
  public:
   using DecoderModel::DecoderModel;
 
+  // KvCache::shift_rows: the last token's raw k and v per layer, in the compute dtype.
+  int64_t sequence_state_bytes() const override {
+    return int64_t{hp_.n_layers} * 2 * hp_.n_kv_heads * hp_.head_dim *
+           static_cast<int64_t>(dtype_size(backend_.compute_dtype()));
+  }
+
   Status load() {
     SS_RETURN_IF_ERROR(load_embedding_and_head());
     SS_RETURN_IF_ERROR(load_layers([this](int, const std::string& p) -> Status {

@@ -102,6 +102,9 @@ class Model {
   // within the rounding of one residual add at each boundary (the fused add + norm is split there).
   virtual Status forward_layers(std::span<const BatchSeq> batch, AttentionHandler& attention, int n_layers,
                                 struct PartialForward* state) = 0;
+  // Bytes of the fixed decode state one sequence holds beside its KV rows, over all layers (KvCache::
+  // carry, KvCache::shift_rows): Attamba's carry, KV shifting's previous raw k/v; 0 for the others.
+  virtual int64_t sequence_state_bytes() const { return 0; }
 };
 
 // The residual stream of a forward_layers sequence between its calls.
