@@ -87,8 +87,11 @@ def export(model: DecoderLM, tokenizer_json, out_dir, dtype="float32"):
         with open(tokenizer_json) as f:
             added = json.load(f)["added_tokens"]
         eot_id = next((t["id"] for t in added if t["content"] == EOT), None)
+        # The corpus tokenizer's end-of-text token opens and ends documents; a tokenizer without it (the
+        # goldens' tiny ones) names no special token.
+        special = dict(bos_token=EOT, eos_token=EOT) if eot_id is not None else {}
         write_json(os.path.join(out_dir, "tokenizer_config.json"),
-                   dict(bos_token=EOT, eos_token=EOT, add_bos_token=True, add_eos_token=False,
+                   dict(**special, add_bos_token=eot_id is not None, add_eos_token=False,
                         model_max_length=model.cfg.max_position))
     config = hf_config(model.cfg, eot_id)
     config["torch_dtype"] = dtype
