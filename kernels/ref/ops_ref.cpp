@@ -167,6 +167,17 @@ void scale_softcap_ref(float* x, float scale, float cap, int64_t n) {
   }
 }
 
+void head_temperature_ref(float* x, const float* temperature, const int32_t* positions, int64_t n_tokens, int n_heads,
+                          int head_dim, int64_t n_positions) {
+  for (int64_t i = 0; i < n_tokens; ++i) {
+    for (int h = 0; h < n_heads; ++h) {
+      const float t = temperature[h * n_positions + positions[i]];
+      float* row = x + (i * n_heads + h) * head_dim;
+      for (int d = 0; d < head_dim; ++d) row[d] /= t;
+    }
+  }
+}
+
 void embedding_ref(float* out, const float* table, const int32_t* ids, int64_t n_tokens, int hidden) {
   for (int64_t t = 0; t < n_tokens; ++t) {
     std::memcpy(out + t * hidden, table + static_cast<int64_t>(ids[t]) * hidden, sizeof(float) * hidden);

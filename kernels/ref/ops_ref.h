@@ -81,6 +81,14 @@ void layer_norm_ref(float* out, const float* in, const float* weight, const floa
 // x = cap > 0 ? cap * tanh(x * scale / cap) : x * scale over n elements, in place.
 void scale_softcap_ref(float* x, float scale, float cap, int64_t n);
 
+// A softmax temperature per head and query position (the LayerNorm-free GPT-2's t[h, i],
+// docs/specs/lnfree-gpt2.md): x[i, h, :] /= temperature[h, positions[i]], in place. Dividing a
+// query row divides its logits q.k^T, so attention after this op sees the tempered scores.
+// x: (n_tokens, n_heads, head_dim); temperature: (n_heads, n_positions); positions: (n_tokens),
+// each in [0, n_positions).
+void head_temperature_ref(float* x, const float* temperature, const int32_t* positions, int64_t n_tokens, int n_heads,
+                          int head_dim, int64_t n_positions);
+
 // out: (n_tokens, hidden) = table[ids[t]]; table: (n_vocab, hidden). ids must be in range.
 void embedding_ref(float* out, const float* table, const int32_t* ids, int64_t n_tokens, int hidden);
 

@@ -101,6 +101,7 @@ struct BackendFeatures {
   bool kv_shift = false;       // split_qkv_shift_rope and kv_shift_rope (KV-shifting attention)
   bool ssm = false;            // causal_conv1d_silu, ssd_scan, gated_rms_norm (Attamba's chunk-local SSMs)
   bool layer_norm = false;     // layer_norm and gelu_tanh (GPT-2's LayerNorm and plain GELU MLP)
+  bool head_temperature = false;  // head_temperature (the LayerNorm-free GPT-2's t[h, i])
 };
 
 // Sizes of one Mamba-2 SSD (Attamba's k_ssm / v_ssm): H heads of Pd values, G groups of N states.
@@ -234,6 +235,13 @@ class Backend {
   virtual void scale_softcap(Tensor x, float scale, float cap) {
     SS_CHECK(false, "backend {} has no scale_softcap ({} elements, scale {}, cap {})", name(), x.numel(), scale, cap);
   }
+  // x (T, n_heads, head_dim) in the compute dtype: row (i, h) divided by temperature[h, positions[i]],
+  // in place; temperature (n_heads, n_positions) fp32; positions host (T), each in [0, n_positions)
+  // (kernels/ref/ops_ref.h head_temperature_ref).
+  virtual void head_temperature(Tensor x, Tensor temperature, std::span<const int32_t> positions) {
+    SS_CHECK(false, "backend {} has no head_temperature ({} rows, table {}, {} positions)", name(), x.numel(),
+             temperature.numel(), positions.size());
+  }
   // split_qkv_rope with the KV-shifting mix of k and v (KvShiftArgs) between the split and RoPE.
   virtual void split_qkv_shift_rope(Tensor /*q*/, Tensor /*k*/, Tensor /*v*/, Tensor qkv, const KvShiftArgs& shift,
                                     std::span<const int32_t> /*positions*/, Tensor /*inv_freq*/, int rope_dim,
@@ -279,6 +287,9 @@ class Backend {
     if (f.kv_shift) return unimplemented("backend {} has no KV-shifting op (split_qkv_shift_rope)", name());
     if (f.ssm) return unimplemented("backend {} has no SSM ops (causal_conv1d_silu, ssd_scan, gated_rms_norm)", name());
     if (f.layer_norm) return unimplemented("backend {} has no LayerNorm / GELU ops (layer_norm, gelu_tanh)", name());
+    if (f.head_temperature) {
+      return unimplemented("backend {} has no per-head, per-position temperature op (head_temperature)", name());
+    }
     if (f.window > 0) return unimplemented("backend {} cannot apply a sliding attention window ({} tokens)", name(), f.window);
     if (f.attn_softcap > 0.0f) {
       return unimplemented("backend {} cannot soft-cap attention logits (softcap {})", name(), f.attn_softcap);

@@ -149,6 +149,18 @@ class CpuBackend final : public Backend {
     layer_norm_ref(out.f32(), in.f32(), weight.f32(), bias.f32(), in.rows(), static_cast<int>(in.cols()), eps);
   }
   void scale_softcap(Tensor x, float scale, float cap) override { scale_softcap_ref(x.f32(), scale, cap, x.numel()); }
+  void head_temperature(Tensor x, Tensor temperature, std::span<const int32_t> positions) override {
+    SS_CHECK(x.ndim == 3 && temperature.ndim == 2 && temperature.shape[0] == x.shape[1] &&
+                 static_cast<int64_t>(positions.size()) == x.shape[0],
+             "head_temperature: x {} x {} x {}, temperature {} x {}, {} positions", x.shape[0], x.shape[1],
+             x.shape[2], temperature.shape[0], temperature.shape[1], positions.size());
+    for (int32_t p : positions) {
+      SS_CHECK(p >= 0 && p < temperature.shape[1], "head_temperature: position {} outside {} temperature columns", p,
+               temperature.shape[1]);
+    }
+    head_temperature_ref(x.f32(), temperature.f32(), positions.data(), x.shape[0], static_cast<int>(x.shape[1]),
+                         static_cast<int>(x.shape[2]), temperature.shape[1]);
+  }
   void causal_conv1d_silu(Tensor out, Tensor in, int64_t in_col, Tensor weight, Tensor bias, Tensor tail,
                           SsmRows rows) override {
     const int64_t conv_dim = out.cols();

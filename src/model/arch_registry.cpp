@@ -19,6 +19,9 @@ constexpr ArchEntry kArchitectures[] = {
     {"gpt2", build_gpt2,
      "GPT-2: learned absolute positions, LayerNorm with bias, fused q|k|v with biases, GELU (tanh) MLP, tied "
      "output"},
+    {"gpt2_lnfree", build_gpt2_lnfree,
+     "LayerNorm-free GPT-2 (arXiv 2501.03489): GPT-2 without LayerNorm, the linear FFN fused into one matrix with "
+     "residual scalars alpha / beta, optional softmax temperature per head and position"},
     {"kvshift", build_kvshift,
      "KV-shifting attention (arXiv 2411.19574): Llama blocks whose raw k and v are mixed with the previous "
      "token's before RoPE"},

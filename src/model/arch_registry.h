@@ -38,6 +38,8 @@ Result<std::unique_ptr<Model>> build_phi3(const WeightSource& source, Backend& b
 Result<std::unique_ptr<Model>> build_kvshift(const WeightSource& source, Backend& backend,
                                              const ModelOptions& options);
 Result<std::unique_ptr<Model>> build_gpt2(const WeightSource& source, Backend& backend, const ModelOptions& options);
+Result<std::unique_ptr<Model>> build_gpt2_lnfree(const WeightSource& source, Backend& backend,
+                                                 const ModelOptions& options);
 Result<std::unique_ptr<Model>> build_attamba(const WeightSource& source, Backend& backend,
                                              const ModelOptions& options);
 

@@ -203,6 +203,11 @@ std::optional<std::vector<int64_t>> expected_shape(const std::string& canonical,
     return std::vector<int64_t>{hidden};
   }
   if (leaf == "attn_qkv.bias") return std::vector<int64_t>{qkv_rows};
+  // The LayerNorm-free GPT-2's fused FFN, its residual scalars and the temperature.
+  if (leaf == "ffn_fused.weight") return std::vector<int64_t>{hidden, hidden};
+  if (leaf == "ffn_fused.bias") return std::vector<int64_t>{hidden};
+  if (leaf == "ffn_alpha" || leaf == "ffn_beta") return std::vector<int64_t>{1};
+  if (leaf == "attn_temperature") return std::vector<int64_t>{hp.n_heads, hp.max_context};
   if (leaf == "ffn_up.bias") return std::vector<int64_t>{ffn};
   if (leaf == "attn_norm.weight" || leaf == "ffn_norm.weight" || leaf == "post_attention_norm.weight" ||
       leaf == "post_ffw_norm.weight") {
@@ -265,6 +270,10 @@ std::vector<std::string_view> layer_leaves(const std::string& arch) {
     }
     return v;
   }
+  if (arch == "gpt2_lnfree") {
+    return {"attn_qkv.weight", "attn_qkv.bias",  "attn_output.weight", "attn_output.bias",
+            "ffn_fused.weight", "ffn_fused.bias", "ffn_alpha",          "ffn_beta"};
+  }
   if (arch == "phi3") {
     v.push_back("attn_qkv.weight");
     return v;
@@ -309,7 +318,7 @@ std::string existing_or_empty(const fs::path& p) {
 // GPT-2's config.json (transformers GPT2Config): its own key names, learned positions, LayerNorm.
 // Defaults are GPT2Config's.
 Result<ModelHParams> parse_gpt2_config(const json& cfg, std::string_view origin, ModelHParams hp) {
-  hp.arch = "gpt2";
+  hp.arch = hp.arch_name;  // gpt2 or gpt2_lnfree
   SS_ASSIGN_OR_RETURN(hp.n_layers, positive_int(cfg, "n_layer", std::nullopt, origin));
   SS_ASSIGN_OR_RETURN(hp.hidden, positive_int(cfg, "n_embd", std::nullopt, origin));
   SS_ASSIGN_OR_RETURN(hp.n_heads, positive_int(cfg, "n_head", std::nullopt, origin));
@@ -326,19 +335,38 @@ Result<ModelHParams> parse_gpt2_config(const json& cfg, std::string_view origin,
   SS_ASSIGN_OR_RETURN(hp.tied_embeddings, boolean(cfg, "tie_word_embeddings", true, origin));
   hp.rope_dim = 0;
   hp.learned_positions = true;
-  hp.layer_norm = true;
-  // "gelu_new" and "gelu_pytorch_tanh" are the same tanh approximation; the exact (erf) GELU and
-  // other activations are not what the backend's gelu_tanh computes.
-  SS_ASSIGN_OR_RETURN(std::string act, string_or(cfg, "activation_function", "gelu_new", origin));
-  if (act != "gelu_new" && act != "gelu_pytorch_tanh") {
-    return unimplemented("{}: activation_function '{}' is not supported (gelu_new, gelu_pytorch_tanh)", origin, act);
+  const bool lnfree = hp.arch == "gpt2_lnfree";
+  hp.layer_norm = !lnfree;
+  if (lnfree) {
+    // docs/specs/lnfree-gpt2.md "Config layout": no LayerNorm, the linear FFN fused into one d x d
+    // matrix, the residual scalars alpha / beta, optionally the temperature t[h, i].
+    SS_ASSIGN_OR_RETURN(std::string act, string_or(cfg, "activation_function", "linear", origin));
+    SS_ASSIGN_OR_RETURN(std::string ffn, string_or(cfg, "lnfree_ffn", "fused", origin));
+    SS_ASSIGN_OR_RETURN(bool scaling, boolean(cfg, "lnfree_residual_scaling", true, origin));
+    SS_ASSIGN_OR_RETURN(hp.attn_temperature, boolean(cfg, "lnfree_attn_temperature", false, origin));
+    if (act != "linear" || ffn != "fused" || !scaling) {
+      return unimplemented("{}: {} is not supported for model_type 'gpt2_lnfree' (activation_function 'linear', "
+                           "lnfree_ffn 'fused', lnfree_residual_scaling true)",
+                           origin,
+                           act != "linear" ? fmt::format("activation_function '{}'", act)
+                           : ffn != "fused" ? fmt::format("lnfree_ffn '{}'", ffn)
+                                            : std::string("lnfree_residual_scaling false"));
+    }
+  } else {
+    // "gelu_new" and "gelu_pytorch_tanh" are the same tanh approximation; the exact (erf) GELU and
+    // other activations are not what the backend's gelu_tanh computes.
+    SS_ASSIGN_OR_RETURN(std::string act, string_or(cfg, "activation_function", "gelu_new", origin));
+    if (act != "gelu_new" && act != "gelu_pytorch_tanh") {
+      return unimplemented("{}: activation_function '{}' is not supported (gelu_new, gelu_pytorch_tanh)", origin,
+                           act);
+    }
   }
   // Attention variants of GPT2Config that the blocks here do not have.
   SS_ASSIGN_OR_RETURN(bool scale, boolean(cfg, "scale_attn_weights", true, origin));
   SS_ASSIGN_OR_RETURN(bool by_layer, boolean(cfg, "scale_attn_by_inverse_layer_idx", false, origin));
   SS_ASSIGN_OR_RETURN(bool cross, boolean(cfg, "add_cross_attention", false, origin));
   if (!scale || by_layer || cross) {
-    return unimplemented("{}: {} is not supported for model_type 'gpt2'", origin,
+    return unimplemented("{}: {} is not supported for model_type '{}'", origin, hp.arch_name,
                          !scale ? "scale_attn_weights = false"
                                 : by_layer ? "scale_attn_by_inverse_layer_idx = true" : "add_cross_attention = true");
   }
@@ -366,7 +394,7 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
     hp.arch_name = "gemma3_text";
   }
   const std::string& mt = hp.arch_name;
-  if (mt == "gpt2") {
+  if (mt == "gpt2" || mt == "gpt2_lnfree") {
     hp.name = name_or_path;
     return parse_gpt2_config(cfg, origin, std::move(hp));
   }
@@ -385,7 +413,7 @@ Result<ModelHParams> parse_hf_config(std::string_view json_text, std::string_vie
     hp.arch = "attamba";
   } else {
     return unimplemented("{}: model_type '{}' is not supported (llama, mistral, qwen2, qwen3, gemma2, gemma3, "
-                         "gemma3_text, phi3, gpt2, kvshift_llama, attamba)",
+                         "gemma3_text, phi3, gpt2, gpt2_lnfree, kvshift_llama, attamba)",
                          origin, mt);
   }
   const bool gemma = hp.arch == "gemma2" || hp.arch == "gemma3";
@@ -536,7 +564,12 @@ std::optional<std::string> gpt2_canonical_name(std::string_view n) {
   static constexpr std::pair<std::string_view, std::string_view> kLeaves[] = {
       {"ln_1.", "attn_norm."},        {"attn.c_attn.", "attn_qkv."}, {"attn.c_proj.", "attn_output."},
       {"ln_2.", "ffn_norm."},         {"mlp.c_fc.", "ffn_up."},      {"mlp.c_proj.", "ffn_down."},
+      {"mlp.c_fused.", "ffn_fused."},
   };
+  // The LayerNorm-free GPT-2's per-layer scalars and temperature (no weight / bias suffix).
+  if (leaf == "alpha") return fmt::format("blk.{}.ffn_alpha", layer);
+  if (leaf == "beta") return fmt::format("blk.{}.ffn_beta", layer);
+  if (leaf == "attn.temperature") return fmt::format("blk.{}.attn_temperature", layer);
   for (const auto& [hf, canonical] : kLeaves) {
     if (leaf.substr(0, hf.size()) != hf) continue;
     const std::string_view kind = leaf.substr(hf.size());
@@ -547,7 +580,8 @@ std::optional<std::string> gpt2_canonical_name(std::string_view n) {
 
 // GPT-2's Conv1D projections store their weights as (in, out), the transpose of nn.Linear's.
 bool gpt2_conv1d_weight(const std::string& canonical) {
-  for (std::string_view leaf : {"attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight"}) {
+  for (std::string_view leaf :
+       {"attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight", "ffn_fused.weight"}) {
     if (canonical.size() > leaf.size() && canonical.compare(canonical.size() - leaf.size(), leaf.size(), leaf) == 0) {
       return true;
     }
@@ -558,7 +592,7 @@ bool gpt2_conv1d_weight(const std::string& canonical) {
 }  // namespace
 
 std::optional<std::string> hf_to_canonical_name(std::string_view n, std::string_view arch) {
-  if (arch == "gpt2") return gpt2_canonical_name(n);
+  if (arch == "gpt2" || arch == "gpt2_lnfree") return gpt2_canonical_name(n);
   // Gemma 3's multimodal checkpoints keep the language model under another prefix.
   std::string stripped;
   for (std::string_view prefix : {"model.language_model.", "language_model.model."}) {
@@ -662,7 +696,8 @@ Result<std::unique_ptr<HfWeightSource>> HfWeightSource::open(const std::string& 
       // Bias terms would be silently dropped otherwise; everything else unknown (e.g. the rotary
       // inv_freq buffer older checkpoints saved) is recomputed or unused.
       // GPT-2's h.N.attn.bias / masked_bias are causal-mask buffers, not weights.
-      const bool gpt2_mask = hp.arch == "gpt2" && (name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias"));
+      const bool gpt2_mask =
+          hp.learned_positions && (name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias"));
       if (!gpt2_mask && name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0) {
         return unimplemented("hf: tensor '{}' is a bias, which the {} architecture does not have", name, hp.arch);
       }
@@ -681,7 +716,7 @@ Result<std::unique_ptr<HfWeightSource>> HfWeightSource::open(const std::string& 
       }
     }
     std::optional<std::vector<int64_t>> want = expected_shape(*canonical, hp);
-    const bool transposed = hp.arch == "gpt2" && gpt2_conv1d_weight(*canonical);
+    const bool transposed = hp.learned_positions && gpt2_conv1d_weight(*canonical);
     if (want && transposed) std::reverse(want->begin(), want->end());
     if (want && t->shape != *want) {
       return data_loss("hf: tensor '{}' has shape [{}], expected [{}] from config.json", name,
@@ -693,12 +728,13 @@ Result<std::unique_ptr<HfWeightSource>> HfWeightSource::open(const std::string& 
 
   // Checked here so that a truncated checkpoint fails at open with the Hugging Face name rather
   // than halfway through building the model.
-  std::vector<std::string> required = {"token_embd.weight", "output_norm.weight"};
-  if (hp.arch == "gpt2") {
-    for (const char* name : {"position_embd.weight", "output_norm.bias"}) required.push_back(name);
-  }
+  std::vector<std::string> required = {"token_embd.weight"};
+  if (hp.arch != "gpt2_lnfree") required.push_back("output_norm.weight");  // no final norm there
+  if (hp.arch == "gpt2") required.push_back("output_norm.bias");
+  if (hp.learned_positions) required.push_back("position_embd.weight");
   for (int l = 0; l < hp.n_layers; ++l) {
     for (std::string_view leaf : layer_leaves(hp.arch)) required.push_back(fmt::format("blk.{}.{}", l, leaf));
+    if (hp.attn_temperature) required.push_back(fmt::format("blk.{}.attn_temperature", l));
   }
   for (const std::string& name : required) {
     if (src->tensors_.find(name) == src->tensors_.end()) {

@@ -128,6 +128,9 @@ struct ModelHParams {
   // with weight and bias in place of RMSNorm.
   bool learned_positions = false;
   bool layer_norm = false;
+  // The LayerNorm-free GPT-2 (arch gpt2_lnfree, docs/specs/lnfree-gpt2.md) with a learned softmax
+  // temperature per layer, head and query position (blk.N.attn_temperature, (n_heads, max_context)).
+  bool attn_temperature = false;
   // Attamba (arch attamba): the K/V projections are chunk-local SSMs, the cache holds only chunk
   // boundaries' k/v and the decode state is a per-layer carry (AttambaCarryLayout).
   AttambaHParams attamba;

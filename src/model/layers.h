@@ -176,12 +176,15 @@ struct OutputHead {
   // output_norm, then output.weight or the tied token_embd.
   // With hp.layer_norm: output_norm.weight and output_norm.bias as a LayerNorm.
   static Result<OutputHead> load(WeightStore& store, const ModelHParams& hp, Tensor token_embedding);
-  // The final norm of rows x (R, hidden) into out.
+  // The final norm of rows x (R, hidden) into out; a head without either norm (the LayerNorm-free
+  // GPT-2) leaves them as they are.
   void apply_norm(Backend& backend, Tensor out, Tensor in) const {
     if (layer_norm.present()) {
       layer_norm.apply(backend, out, in);
-    } else {
+    } else if (norm.present()) {
       norm.apply(backend, out, in);
+    } else if (out.data != in.data) {
+      backend.copy(out, in);
     }
   }
   // The rows of x (T, hidden) that need logits (FlatBatch::n_out), normed and projected:

@@ -370,12 +370,19 @@ class CudaBackend final : public Backend {
       SS_CHECK_CALL(launch_scale_softcap(bf16(x), scale, cap, x.numel(), stream_));
     }
   }
-  // Every feature of BackendFeatures is here: the ops above, and the sliding window and logit
-  // soft-capping inside every attention kernel (kernels/attention/attention.h).
-  // What stays refused lies outside BackendFeatures and is refused where the weights are read,
-  // for every backend (unsupported RoPE scalings and architectures: model/gguf_source.cpp,
-  // model/hf_source.cpp); attention head sizes above kSmallHeadMaxDim abort in partial_attention.
-  Status check_features(const BackendFeatures&) const override { return Status(); }
+  // Every feature of BackendFeatures but head_temperature is here: the ops above, and the sliding
+  // window and logit soft-capping inside every attention kernel (kernels/attention/attention.h).
+  // head_temperature (the LayerNorm-free GPT-2's t[h, i]) has only the CPU reference so far, so a
+  // model that needs it is refused. What else stays refused lies outside BackendFeatures and is
+  // refused where the weights are read, for every backend (unsupported RoPE scalings and
+  // architectures: model/gguf_source.cpp, model/hf_source.cpp); attention head sizes above
+  // kSmallHeadMaxDim abort in partial_attention.
+  Status check_features(const BackendFeatures& f) const override {
+    if (f.head_temperature) {
+      return unimplemented("backend {} has no per-head, per-position temperature op (head_temperature)", name());
+    }
+    return Status();
+  }
 
   // Attamba's chunk-local SSMs (kernels/ssm.h): row data in the compute dtype, weights, tails and
   // states fp32; each row's sequence and reset flag go to the device once per distinct batch.
