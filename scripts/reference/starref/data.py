@@ -21,7 +21,10 @@ import subprocess
 import tempfile
 
 import numpy as np
-import torch
+try:  # the corpus builder needs only numpy and tokenizers; the batches need torch
+    import torch
+except ImportError:
+    torch = None
 
 # (package, version, sha256 of the .deb, the text it contributes: a glob under the unpacked tree)
 PACKAGES = [
