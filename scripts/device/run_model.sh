@@ -32,10 +32,16 @@
 #   kvbench — bench/gpu/model_bench --arch both: the Llama-3-8B shape and its KV-shifting variant in the
 #             same run (BENCH_LENGTHS default 16384,32768, BENCH_LAYERS, BENCH_MODES) -> $OUT/kvshift_bench.jsonl
 #             with {"bench":"kvshift_overhead",...} ratio lines, and the table from summarize_model.py.
+#   lnfree  — the LayerNorm-free GPT-2 family: trains it when no exports are found (scripts/device/train_lnfree.sh
+#             on the corpus in LNFREE_DIR, default .carry/corpus; exports kept in /tmp/lnfree-out on a warm machine,
+#             copied to $OUT), the GPU tests of its ops and golden (HeadTemperature, GpuGpt2Ops, LnFreeGoldenGpu,
+#             FamilyGoldenGpu/gpt2), then evals/entropy_map.py per trained model through a server on the CUDA
+#             backend (1 rank) and the CPU backend (2 ranks): global, exact and star (blocks of 32) against the
+#             PyTorch reference on the same windows -> $OUT/lnfree_entropy.jsonl and $OUT/lnfree_maps/.
 #   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift] [attamba] [kvbench] [gemma]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -70,7 +76,7 @@ fi
 SECONDS=0
 TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
 GRPC=${STARSERVE_GRPC:-OFF}
-case " $STEPS " in *" serve "* | *" chunked "* | *" lifecycle "* | *" kvshift "* | *" attamba "*) GRPC=ON TARGETS+=(starctl) ;; esac
+case " $STEPS " in *" serve "* | *" chunked "* | *" lifecycle "* | *" kvshift "* | *" attamba "* | *" lnfree "*) GRPC=ON TARGETS+=(starctl) ;; esac
 if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRPC:BOOL=ON" "$BUILD/CMakeCache.txt"; }; then
   STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
@@ -80,7 +86,7 @@ for t in star_gpu_mpi_tests nccl_comm_tests; do
   grep -q "^build bin/$t:" "$BUILD/build.ninja" && TARGETS+=("$t")
 done
 # The server steps alone need only the server and its client.
-case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" eval "* | *" gemma "* | *" kvshift "* | *" attamba "* | *" kvbench "*) ;;
+case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" eval "* | *" gemma "* | *" kvshift "* | *" attamba "* | *" kvbench "* | *" lnfree "*) ;;
   *) TARGETS=(starserve starctl) ;;
 esac
 cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" \
@@ -262,6 +268,44 @@ PY
         echo "{\"model\": \"$m\", \"backend\": \"cuda\", \"result\": ${r:-null}}" | tee -a "$OUT/attamba_ppl.jsonl"
       done
       kill $SERVER; wait $SERVER 2>/dev/null
+    done
+    ;;
+  lnfree)
+    LD=${LNFREE_DIR:-.carry/corpus}
+    LO=/tmp/lnfree-out
+    echo "== LayerNorm-free GPT-2: GPU tests"
+    "$BIN/gpu_kernel_tests" --gtest_filter='GpuGpt2Ops.*' 2>&1 | tail -12 | tee "$OUT/lnfree_tests.txt"
+    "$BIN/gpu_model_tests" --gtest_filter='LnFreeGoldenGpu.*:*FamilyGoldenGpu*gpt2*' 2>&1 | tail -14 |
+      tee -a "$OUT/lnfree_tests.txt"
+    if [ ! -f "$LO/results.json" ]; then
+      [ -f "$LD/train.bin" ] || { echo "lnfree: no corpus in $LD"; continue; }
+      echo "== training (scripts/device/train_lnfree.sh)"
+      LD_LIBRARY_PATH="$STARSERVE_BASE_LD_LIBRARY_PATH" timeout 420 bash scripts/device/train_lnfree.sh "$LD" "$LO" \
+        /tmp/starref-lnfree-runs 2>&1 | tail -8
+      for t in "$LO"/*.tar; do tar xf "$t" -C "$LO"; done
+    fi
+    cp "$LO"/*.tar "$LO/results.json" "$LO/runs.tar.gz" "$OUT/" 2>/dev/null
+    mkdir -p "$OUT/lnfree_maps"
+    PORT=50181
+    for m in gpt2-6l-base gpt2-lnfree-6l gpt2-lnfree-ent-6l; do
+      [ -d "$LO/$m" ] || { echo "lnfree: no $LO/$m"; continue; }
+      for be in cuda cpu; do
+        np=1; [ $be = cpu ] && np=2
+        mpirun --allow-run-as-root --oversubscribe -np $np -x LD_LIBRARY_PATH "$BIN/starserve" serve --model "$LO/$m" \
+          --backend $be --port $PORT --attention global >"$OUT/lnfree_serve_${m}_$be.log" 2>&1 &
+        SERVER=$!
+        for _ in $(seq 1 120); do "$BIN/starctl" --address 127.0.0.1:$PORT --timeout 2 health --ready >/dev/null 2>&1 && break; sleep 0.5; done
+        LD_LIBRARY_PATH="$STARSERVE_BASE_LD_LIBRARY_PATH" timeout 300 python3 evals/entropy_map.py \
+          --address 127.0.0.1:$PORT --val-bin "$LD/val.bin" --seq 127 --windows 32 --modes global exact star \
+          --block-size 32 --anchor-size 32 --reference "$LO/$m" --label "$m/$be" \
+          --out "$OUT/lnfree_maps/${m}_$be.json" 2>>"$OUT/lnfree_entropy.err" |
+          python3 -c 'import json,sys
+for l in sys.stdin:
+    d=json.loads(l); print(json.dumps({k: d.get(k) for k in ("label","mode","windows","query_tokens","max_abs_diff","mean_abs_diff","overload_fraction","collapse_fraction","server_mean_per_layer")}))' |
+          tee -a "$OUT/lnfree_entropy.jsonl"
+        kill $SERVER; wait $SERVER 2>/dev/null
+        PORT=$((PORT + 1))
+      done
     done
     ;;
   gemma)

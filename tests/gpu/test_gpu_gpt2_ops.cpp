@@ -6,7 +6,9 @@
 // statistics add: a sum of `hidden` terms in fp32 (per thread hidden / 256 sequential adds, then a
 // 5 + 3 level tree) is off by at most about (hidden / 256 + 8) * 2^-24 of the sum of |x|, which the
 // normalisation scales by 1 / std and the affine by |weight| (stat_tolerance). For GELU the
-// tanhf / std::tanh difference of a few fp32 ulps adds 1e-6 absolute (as for GeGLU).
+// tanhf / std::tanh difference of a few fp32 ulps adds 1e-6 absolute (as for GeGLU). The LN-free
+// variant's temperature (kernels/head_temperature.h) divides in fp32 like the reference: fp32 data
+// equal to the bit, bf16 data within one rounding of the reference's fp32 quotient.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -21,6 +23,7 @@
 
 #include "common/cuda_call.h"
 #include "kernels/geglu.h"
+#include "kernels/head_temperature.h"
 #include "kernels/layer_norm.h"
 #include "kernels/ref/ops_ref.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -111,6 +114,48 @@ TEST(GpuGpt2Ops, GeluTanhMatchesReference) {
       expect_close_rel(to_float(in_place ? dx.get() : dout.get()), ref, kOneRounding, "gelu_tanh");
     }
   }
+}
+
+// x[i, h, :] /= t[h, pos_i] against head_temperature_ref: fp32 in place bit for bit, bf16 within one
+// rounding; positions out of order and repeated (decode batches), GPT-2's head sizes and odd ones.
+void check_head_temperature(int64_t n_tokens, int n_heads, int head_dim, int64_t n_positions, std::mt19937& rng) {
+  SCOPED_TRACE(std::to_string(n_tokens) + " tokens x " + std::to_string(n_heads) + " heads x " +
+               std::to_string(head_dim) + ", " + std::to_string(n_positions) + " positions");
+  const int64_t n = n_tokens * n_heads * head_dim;
+  auto x = random_bf16(n, -3.0f, 3.0f, rng);
+  std::uniform_real_distribution<float> tdist(0.25f, 2.5f);
+  std::vector<float> t(static_cast<size_t>(n_heads) * n_positions);
+  for (float& v : t) v = tdist(rng);
+  std::uniform_int_distribution<int32_t> pdist(0, static_cast<int32_t>(n_positions - 1));
+  std::vector<int32_t> pos(n_tokens);
+  for (int32_t& p : pos) p = pdist(rng);
+  std::vector<float> ref = x.host;
+  head_temperature_ref(ref.data(), t.data(), pos.data(), n_tokens, n_heads, head_dim, n_positions);
+  DeviceBuffer<float> dt(t), dx32(x.host);
+  DeviceBuffer<int32_t> dpos(pos);
+  DeviceBuffer<__nv_bfloat16> dx(x.bits);
+  ASSERT_EQ(launch_head_temperature(dx32.ptr, dt.ptr, dpos.ptr, n_tokens, n_heads, head_dim, n_positions, nullptr),
+            cudaSuccess);
+  ASSERT_EQ(launch_head_temperature(dx.ptr, dt.ptr, dpos.ptr, n_tokens, n_heads, head_dim, n_positions, nullptr),
+            cudaSuccess);
+  expect_close(dx32.get(), ref, 0.0f, "head_temperature fp32");
+  expect_close_rel(to_float(dx.get()), ref, kOneRounding, "head_temperature bf16");
+}
+
+TEST(GpuGpt2Ops, HeadTemperatureMatchesReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(73);
+  check_head_temperature(1, 4, 16, 64, rng);      // one decode row, tests/golden/lnfree's heads
+  check_head_temperature(127, 4, 64, 128, rng);   // the trained models' prefill
+  check_head_temperature(300, 12, 64, 1024, rng);  // GPT-2 small
+  check_head_temperature(9, 3, 7, 5, rng);         // odd sizes, a row narrower than a warp
+  check_head_temperature(2, 40, 128, 33, rng);     // a row wider than the block
+  DeviceBuffer<__nv_bfloat16> b(8);
+  DeviceBuffer<float> t(8);
+  DeviceBuffer<int32_t> p(2);
+  EXPECT_EQ(launch_head_temperature(b.ptr, t.ptr, p.ptr, 1, 0, 8, 1, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(launch_head_temperature(b.ptr, nullptr, p.ptr, 1, 1, 8, 1, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(launch_head_temperature(b.ptr, t.ptr, p.ptr, 0, 1, 8, 1, nullptr), cudaSuccess);  // nothing to do
 }
 
 TEST(GpuGpt2Ops, InvalidSizesRejected) {

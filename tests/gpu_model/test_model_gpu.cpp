@@ -4,8 +4,9 @@
 // Llama-3-8B's shape (2 of its 32 layers), and the default SmolLM2 GGUF when present; decode steps
 // as CUDA graphs against the same steps launched op by op. The model families beyond Llama: the
 // tiny family goldens (tests/golden/<family>/, Hugging Face transformers in fp32) on the GPU, and a
-// random windowed, soft-capped model of the tensor-core kernels' head size against the CPU. Every
-// case reports SKIPPED without a CUDA device.
+// random windowed, soft-capped model of the tensor-core kernels' head size against the CPU; the
+// LayerNorm-free GPT-2 with per-head, per-position temperatures (tests/golden/lnfree, the PyTorch
+// reference in fp32): logits, entropy map and greedy. Every case reports SKIPPED without a CUDA device.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -22,8 +23,10 @@
 #include "comm/communicator.h"
 #include "star/local_attention.h"
 #include "model/gguf_source.h"
+#include "model/hf_source.h"
 #include "model/loader.h"
 #include "model/random_source.h"
+#include "star/attention_stats.h"
 #include "star/context_encoder.h"
 
 namespace starserve {
@@ -549,6 +552,104 @@ INSTANTIATE_TEST_SUITE_P(Families, FamilyGoldenGpu,
                                            std::string("gemma2"), std::string("gemma3"), std::string("phi3"),
                                            std::string("phi3_longrope"), std::string("gpt2")),
                          [](const auto& info) { return info.param; });
+
+// The LayerNorm-free GPT-2 (tests/golden/lnfree: 2 layers, 4 heads, a temperature t[h, i] per head
+// and position, the reference scripts/reference/starref/gpt2.py in fp32) on the GPU: each prompt's
+// last-position logits and its rows' [layer][head] entropy map against the golden and the CPU
+// backend, then the greedy continuation teacher-forced through decode steps (each step's q takes
+// its own position's temperature column). Logits within kRelTol of the largest |logit|, as the
+// families above. Entropy: a row's H changes by at most max|ds| * E_p|s - E_p s| <= max|ds| * the
+// row's logit range when its logits move by ds; with bf16 q and k (2^-9 relative each) and logits
+// of a few units the per-row change is a few 1e-2 nats at most, and the map averages rows, so
+// 0.05 nats is the bound checked; the worst difference is printed.
+TEST(LnFreeGoldenGpu, LogitsEntropyAndGreedyMatchReference) {
+  REQUIRE_GPU();
+  const std::string dir = std::string(STARSERVE_GOLDEN_DIR) + "/lnfree";
+  std::ifstream in(dir + "/golden.json");
+  ASSERT_TRUE(in.good()) << dir;
+  const nlohmann::json g = nlohmann::json::parse(in);
+  auto src = HfWeightSource::open(dir + "/hf");
+  ASSERT_TRUE(src.ok()) << src.status().to_string();
+  Engines e = load(**src);
+  ASSERT_TRUE(e.gpu_model && e.cpu_model);
+  const ModelHParams& hp = e.gpu_model->hparams();
+  const int vocab = hp.n_vocab;
+  ASSERT_TRUE(hp.attn_temperature);
+  constexpr double kEntropyTol = 0.05;
+  auto entropy_map = [&](Model& model, const std::vector<int32_t>& ids, std::vector<float>* logits) {
+    KvCache cache(model.backend(), {hp.n_layers, hp.n_kv_heads, hp.head_dim, 16,
+                                    (static_cast<int64_t>(ids.size()) + 15) / 16});
+    LocalAttention attn(model.backend(), cache, hp);
+    EntropyStats stats;
+    stats.reset(hp.n_layers, hp.n_heads);
+    attn.track_entropy(1, &stats);
+    const auto pos = iota_from(ids.size(), 0);
+    BatchSeq bs{1, ids, pos, false};
+    EXPECT_TRUE(model.forward({&bs, 1}, attn, logits).ok());
+    return stats;
+  };
+  double worst_entropy = 0.0, worst_entropy_cpu = 0.0;
+  for (const nlohmann::json& p : g["prompts"]) {
+    const auto ids = p["token_ids"].get<std::vector<int32_t>>();
+    const auto want = p["last_logits"].get<std::vector<float>>();
+    const float tol = static_cast<float>(kRelTol) * p["max_abs_logit"].get<float>();
+    std::vector<float> got, cpu;
+    const EntropyStats eg = entropy_map(*e.gpu_model, ids, &got);
+    const EntropyStats ec = entropy_map(*e.cpu_model, ids, &cpu);
+    ASSERT_EQ(got.size(), static_cast<size_t>(vocab));
+    ASSERT_EQ(cpu.size(), static_cast<size_t>(vocab));
+    float worst = 0.0f, worst_cpu = 0.0f;
+    for (int c = 0; c < vocab; ++c) {
+      ASSERT_TRUE(std::isfinite(got[c]));
+      worst = std::max(worst, std::fabs(got[c] - want[c]));
+      worst_cpu = std::max(worst_cpu, std::fabs(got[c] - cpu[c]));
+    }
+    EXPECT_LE(worst, tol) << ids.size() << " tokens: against the reference";
+    EXPECT_LE(worst_cpu, tol) << ids.size() << " tokens: against the CPU backend";
+    const nlohmann::json& ent = p["entropy"];
+    for (int l = 0; l < hp.n_layers; ++l) {
+      for (int h = 0; h < hp.n_heads; ++h) {
+        const size_t i = static_cast<size_t>(l) * hp.n_heads + h;
+        ASSERT_EQ(eg.count[i], static_cast<int64_t>(ids.size()));
+        const double gpu_h = eg.sum[i] / eg.count[i];
+        const double cpu_h = ec.sum[i] / ec.count[i];
+        worst_entropy = std::max(worst_entropy, std::fabs(gpu_h - ent[l][h].get<double>()));
+        worst_entropy_cpu = std::max(worst_entropy_cpu, std::fabs(gpu_h - cpu_h));
+        EXPECT_NEAR(gpu_h, ent[l][h].get<double>(), kEntropyTol) << "layer " << l << " head " << h;
+        EXPECT_NEAR(gpu_h, cpu_h, kEntropyTol) << "layer " << l << " head " << h << " against the CPU backend";
+      }
+    }
+  }
+  int decided = 0;
+  for (const nlohmann::json& r : g["greedy"]) {
+    const auto prompt = r["prompt_ids"].get<std::vector<int32_t>>();
+    const auto gen = r["generated_ids"].get<std::vector<int32_t>>();
+    const auto margins = r["margins"].get<std::vector<float>>();
+    const std::span<const int32_t> feed(gen.data(), gen.size() - 1);
+    const auto got = run_global(*e.gpu_model, prompt, feed, 16);
+    const auto cpu = run_global(*e.cpu_model, prompt, feed, 16);
+    ASSERT_EQ(got.size(), (prompt.size() + feed.size()) * vocab);
+    float max_cpu = 0.0f;
+    for (float v : cpu) max_cpu = std::max(max_cpu, std::fabs(v));
+    const float tol = static_cast<float>(kRelTol) * max_cpu;
+    for (size_t i = 0; i < gen.size(); ++i) {
+      const size_t row = prompt.size() - 1 + i;
+      const float* gr = got.data() + row * vocab;
+      const float* cr = cpu.data() + row * vocab;
+      float worst = 0.0f;
+      for (int c = 0; c < vocab; ++c) worst = std::max(worst, std::fabs(gr[c] - cr[c]));
+      EXPECT_LE(worst, tol) << "greedy step " << i << " after " << prompt.size();
+      if (margins[i] > 2.0f * tol) {
+        ++decided;
+        EXPECT_EQ(std::max_element(gr, gr + vocab) - gr, gen[i]) << "greedy step " << i;
+      }
+    }
+  }
+  std::printf("  lnfree: entropy map within %.2e nats of the reference, %.2e of the CPU backend; %d greedy steps "
+              "decided beyond twice the tolerance\n",
+              worst_entropy, worst_entropy_cpu, decided);
+  EXPECT_GT(decided, 0);
+}
 
 }  // namespace
 }  // namespace starserve

@@ -27,6 +27,7 @@
 #include "kernels/embedding.h"
 #include "kernels/geglu.h"
 #include "kernels/gemv.h"
+#include "kernels/head_temperature.h"
 #include "kernels/rms_norm.h"
 #include "kernels/kv_shift.h"
 #include "kernels/layer_norm.h"
@@ -370,19 +371,35 @@ class CudaBackend final : public Backend {
       SS_CHECK_CALL(launch_scale_softcap(bf16(x), scale, cap, x.numel(), stream_));
     }
   }
-  // Every feature of BackendFeatures but head_temperature is here: the ops above, and the sliding
-  // window and logit soft-capping inside every attention kernel (kernels/attention/attention.h).
-  // head_temperature (the LayerNorm-free GPT-2's t[h, i]) has only the CPU reference so far, so a
-  // model that needs it is refused. What else stays refused lies outside BackendFeatures and is
-  // refused where the weights are read, for every backend (unsupported RoPE scalings and
-  // architectures: model/gguf_source.cpp, model/hf_source.cpp); attention head sizes above
-  // kSmallHeadMaxDim abort in partial_attention.
-  Status check_features(const BackendFeatures& f) const override {
-    if (f.head_temperature) {
-      return unimplemented("backend {} has no per-head, per-position temperature op (head_temperature)", name());
+  // The LayerNorm-free GPT-2's t[h, i] (kernels/head_temperature.h): q of every row divided by its
+  // head's temperature at the row's position, the table fp32 on the device.
+  void head_temperature(Tensor x, Tensor temperature, std::span<const int32_t> positions) override {
+    OpScope op(this);
+    SS_CHECK(x.ndim == 3 && temperature.ndim == 2 && temperature.dtype == DType::kF32 &&
+                 temperature.shape[0] == x.shape[1] && static_cast<int64_t>(positions.size()) == x.shape[0],
+             "head_temperature: x {} x {} x {}, temperature {} x {}, {} positions", x.shape[0], x.shape[1],
+             x.shape[2], temperature.shape[0], temperature.shape[1], positions.size());
+    for (int32_t p : positions) {
+      SS_CHECK(p >= 0 && p < temperature.shape[1], "head_temperature: position {} outside {} temperature columns", p,
+               temperature.shape[1]);
     }
-    return Status();
+    const int32_t* pos = device_positions(positions);
+    const int n_heads = static_cast<int>(x.shape[1]);
+    const int head_dim = static_cast<int>(x.shape[2]);
+    if (x.dtype == DType::kF32) {
+      SS_CHECK_CALL(launch_head_temperature(x.f32(), temperature.f32(), pos, x.shape[0], n_heads, head_dim,
+                                            temperature.shape[1], stream_));
+    } else {
+      SS_CHECK_CALL(launch_head_temperature(bf16(x), temperature.f32(), pos, x.shape[0], n_heads, head_dim,
+                                            temperature.shape[1], stream_));
+    }
   }
+  // Every feature of BackendFeatures is here: the ops above, and the sliding window and logit
+  // soft-capping inside every attention kernel (kernels/attention/attention.h). What stays refused
+  // lies outside BackendFeatures and is refused where the weights are read, for every backend
+  // (unsupported RoPE scalings and architectures: model/gguf_source.cpp, model/hf_source.cpp);
+  // attention head sizes above kSmallHeadMaxDim abort in partial_attention.
+  Status check_features(const BackendFeatures&) const override { return Status(); }
 
   // Attamba's chunk-local SSMs (kernels/ssm.h): row data in the compute dtype, weights, tails and
   // states fp32; each row's sequence and reset flag go to the device once per distinct batch.
