@@ -1,5 +1,8 @@
 #include "app/options.h"
 
+#include <cmath>
+#include <cstdlib>
+
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
@@ -124,6 +127,26 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
   *exit_code = 0;
   return cl;
 }
+  srv->add_option("--entropy-overload-ratio", sv.entropy_overload_ratio,
+                  "attention health: a head is overloaded when its mean entropy > RATIO x the uniform maximum "
+                  "(in (0, 1]; requests may override it)")
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            const double r = std::strtod(v.c_str(), nullptr);
+            return r > 0.0 && r <= 1.0 ? std::string() : fmt::format("--entropy-overload-ratio {} must be in (0, 1]", v);
+          },
+          "(0, 1]"));
+  srv->add_option("--entropy-collapse-nats", sv.entropy_collapse_nats,
+                  "attention health: a head is collapsed when its mean entropy < NATS (finite, >= 0; requests may "
+                  "override it)")
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            const double n = std::strtod(v.c_str(), nullptr);
+            return std::isfinite(n) && n >= 0.0
+                       ? std::string()
+                       : fmt::format("--entropy-collapse-nats {} must be a finite number >= 0", v);
+          },
+          ">= 0"));
 
 std::string describe_config(const Config& c) {
   return fmt::format(
@@ -131,7 +154,8 @@ std::string describe_config(const Config& c) {
       "parallel.cuda_graphs={} star.mode={} "
       "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.prefill_chunk_tokens={} "
       "scheduler.max_batch_tokens={} scheduler.kv_page_size={} "
-      "scheduler.kv_memory_mb={} server.watchdog_timeout_s={} server.shutdown_grace_s={} log.level={}",
+      "scheduler.kv_memory_mb={} server.watchdog_timeout_s={} server.shutdown_grace_s={} "
+      "server.entropy_overload_ratio={} server.entropy_collapse_nats={} log.level={}",
       c.model.path,
       !c.model.chat_template_file.empty() ? c.model.chat_template_file
       : c.model.chat_template.empty()     ? std::string("(model's)")
@@ -140,7 +164,7 @@ std::string describe_config(const Config& c) {
       c.parallel.backend, c.parallel.prefill_kernel, c.parallel.cuda_graphs ? "on" : "off", attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
       c.scheduler.prefill_chunk_tokens, c.scheduler.max_batch_tokens,
       c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.server.watchdog_timeout_s, c.server.shutdown_grace_s,
-      c.log.level);
+      c.server.entropy_overload_ratio, c.server.entropy_collapse_nats, c.log.level);
 }
 
 }  // namespace starserve

@@ -2,15 +2,23 @@
 //
 //   starctl complete --prompt "The capital of France is" --max-tokens 16 --temperature 0
 //   starctl stream --context-file report.txt --query "What were the main findings?" --attention star --entropy
+//   starctl complete --prompt "..." --attention global --entropy-json global.json   (map + health as JSON)
 //   starctl chat "What is the capital of France?" --system "Answer briefly." --stream
 //   starctl tokenize "Hello world"        starctl info        starctl health --ready
 //
 // tokenize prints each token's id and text (--ids-only: the ids), and only the fields the response holds.
 //
 // Generated text goes to stdout; usage, timing, entropy and logprobs go to stderr so stdout can be piped.
+// --entropy prints per layer the mean entropy, then a layer x head heat map of H / head_max (ANSI 256-colour
+// background when stderr is a terminal and NO_COLOR is unset, else Unicode shade blocks) with the request's
+// attention health: o marks a head in entropic overload, c a collapsed one.
 // Exit status: 0 success, 1 the RPC failed (the gRPC status is printed), 2 bad command line or unreadable file.
+#include <unistd.h>
+
+#include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -62,6 +70,8 @@ struct GenerationOptions {
   std::string attention;
   int block_size = 0, anchor_size = 0;
   bool entropy = false;
+  std::string entropy_json;  // write the entropy map and its health here
+  double overload_ratio = 0, collapse_nats = 0;
   bool stream = false;  // chat only
   std::string model;
   // Hidden, for tests of the server's input checks: \xHH in the prompt, query, system message, stop strings and
@@ -185,7 +195,9 @@ v1::GenerationParams make_params(const GenerationOptions& g) {
   p.set_attention_mode(parse_mode(g.attention));
   if (g.has("--block-size")) p.set_block_size(g.block_size);
   if (g.has("--anchor-size")) p.set_anchor_size(g.anchor_size);
-  if (g.entropy) p.set_return_attention_entropy(true);
+  if (g.entropy || !g.entropy_json.empty()) p.set_return_attention_entropy(true);
+  if (g.has("--entropy-overload-ratio")) p.set_entropy_overload_ratio(g.overload_ratio);
+  if (g.has("--entropy-collapse-nats")) p.set_entropy_collapse_nats(g.collapse_nats);
   return p;
 }
 
@@ -265,17 +277,135 @@ void print_prompt_logprobs(const v1::PromptLogprobs& lp) {
   }
 }
 
-// Usage, timing and entropy of the final message, on stderr.
+// ---- the entropy map: terminal heat map and JSON ----
+
+std::string json_string(std::string_view s);
+
+// A cell's value: the head's mean entropy over its uniform maximum, in [0, 1]; negative when no key was visible.
+double cell_ratio(const v1::LayerEntropy& layer, int h) {
+  const float max = h < layer.head_max_size() ? layer.head_max(h) : 0.f;
+  if (!(max > 0.f) || h >= layer.head_mean_size()) return -1.0;
+  return std::clamp(static_cast<double>(layer.head_mean(h)) / max, 0.0, 1.0);
+}
+
+// Colour only on a terminal that wants it (https://no-color.org: NO_COLOR set to anything non-empty turns it off).
+bool stderr_wants_colour() {
+  const char* no_color = std::getenv("NO_COLOR");
+  if (no_color != nullptr && no_color[0] != '\0') return false;
+  const char* term = std::getenv("TERM");
+  if (term != nullptr && std::string_view(term) == "dumb") return false;
+  return isatty(fileno(stderr)) == 1;
+}
+
+// Layer rows x head columns, two characters a head. Plain: a shade block for the fifth of [0, 1] the value is in
+// (' ' under 0.2 ... '█' from 0.8), then the head's mark (o overloaded, c collapsed) or the block again. Colour: the
+// xterm-256 grey ramp (232 black .. 255 white) as background, the mark in bold red.
+std::string render_heat_map(const v1::AttentionEntropy& e, bool colour) {
+  static const char* const kShades[] = {" ", "\u2591", "\u2592", "\u2593", "\u2588"};
+  const int n_heads = e.n_heads();
+  std::vector<char> mark(static_cast<size_t>(e.n_layers()) * std::max(n_heads, 0), ' ');
+  const auto flag = [&](const v1::HeadIndex& i, char c) {
+    if (i.layer() >= 0 && i.layer() < e.n_layers() && i.head() >= 0 && i.head() < n_heads) {
+      char& m = mark[static_cast<size_t>(i.layer()) * n_heads + i.head()];
+      m = m == ' ' ? c : '*';  // both (possible when ratio x head_max < collapse_nats)
+    }
+  };
+  for (const v1::HeadIndex& i : e.health().overloaded()) flag(i, 'o');
+  for (const v1::HeadIndex& i : e.health().collapsed()) flag(i, 'c');
+  std::string out;
+  // Head numbers: the units digit over each column, the tens digit above it when there are ten heads or more.
+  if (n_heads >= 10) {
+    out += "          ";
+    for (int h = 0; h < n_heads; ++h) out += h >= 10 ? fmt::format("{} ", (h / 10) % 10) : std::string("  ");
+    out += '\n';
+  }
+  out += "    head  ";
+  for (int h = 0; h < n_heads; ++h) out += fmt::format("{} ", h % 10);
+  out += " H/max\n";
+  for (int l = 0; l < e.layers_size(); ++l) {
+    const v1::LayerEntropy& layer = e.layers(l);
+    out += fmt::format("  L{:<4}  ", l);
+    double sum = 0, sum_max = 0;
+    for (int h = 0; h < n_heads; ++h) {
+      const double r = cell_ratio(layer, h);
+      if (h < layer.head_mean_size()) sum += layer.head_mean(h);
+      if (h < layer.head_max_size()) sum_max += layer.head_max(h);
+      const char m = mark[static_cast<size_t>(l) * n_heads + h];
+      if (colour) {
+        const int grey = r < 0 ? 232 : 232 + static_cast<int>(std::lround(r * 23));
+        out += fmt::format("\x1b[48;5;{}m", grey);
+        out += m == ' ' ? std::string("  ") : fmt::format("\x1b[1;38;5;196m{} ", m);
+        out += "\x1b[0m";
+      } else {
+        const char* shade = r < 0 ? "\u00b7" : kShades[std::min(4, static_cast<int>(r * 5))];
+        out += shade;
+        out += m == ' ' ? std::string(shade) : std::string(1, m);
+      }
+    }
+    out += sum_max > 0 ? fmt::format("  {:.3f}\n", sum / sum_max) : std::string("  -\n");
+  }
+  const v1::AttentionHealth& hl = e.health();
+  if (colour) {
+    out += "  legend: H / head_max  0 ";
+    for (int g = 232; g <= 255; g += 2) out += fmt::format("\x1b[48;5;{}m \x1b[0m", g);
+    out += " 1";
+  } else {
+    out += "  legend: H / head_max  ' ' <0.2  \u2591 <0.4  \u2592 <0.6  \u2593 <0.8  \u2588 >=0.8  \u00b7 no keys";
+  }
+  out += fmt::format("\n          o overload (H > {} x head_max)  c collapse (H < {} nats)  * both\n",
+                     hl.overload_ratio(), hl.collapse_nats());
+  return out;
+}
+
+// A float as the double it is (exact: every float is a double), shortest form that reads back the same.
+std::string json_number(double v) { return std::isfinite(v) ? fmt::format("{}", v) : std::string("null"); }
+
+std::string head_list_json(const google::protobuf::RepeatedPtrField<v1::HeadIndex>& heads) {
+  std::vector<std::string> items;
+  for (const v1::HeadIndex& i : heads) items.push_back(fmt::format("{{\"layer\": {}, \"head\": {}}}", i.layer(), i.head()));
+  return fmt::format("[{}]", fmt::join(items, ", "));
+}
+
+// The map and its health as one JSON document (scripts/entropy_heatmap.py reads it): the request's attention mode
+// as asked ("" = the server's default), the token counts, then the response's fields with their proto names.
+std::string entropy_json(const v1::AttentionEntropy& e, const v1::Usage& u, const std::string& attention) {
+  std::string out = "{\n";
+  out += fmt::format("  \"attention_mode\": {},\n", json_string(attention));
+  out += fmt::format("  \"usage\": {{\"prompt_tokens\": {}, \"context_tokens\": {}, \"query_tokens\": {}, "
+                     "\"completion_tokens\": {}}},\n",
+                     u.prompt_tokens(), u.context_tokens(), u.query_tokens(), u.completion_tokens());
+  out += fmt::format("  \"n_layers\": {},\n  \"n_heads\": {},\n  \"layers\": [\n", e.n_layers(), e.n_heads());
+  for (int l = 0; l < e.layers_size(); ++l) {
+    const v1::LayerEntropy& layer = e.layers(l);
+    std::vector<std::string> mean, max;
+    for (float v : layer.head_mean()) mean.push_back(json_number(v));
+    for (float v : layer.head_max()) max.push_back(json_number(v));
+    out += fmt::format("    {{\"mean\": {}, \"head_mean\": [{}], \"head_max\": [{}]}}{}\n", json_number(layer.mean()),
+                       fmt::join(mean, ", "), fmt::join(max, ", "), l + 1 < e.layers_size() ? "," : "");
+  }
+  const v1::AttentionHealth& h = e.health();
+  out += "  ],\n  \"health\": {\n";
+  out += fmt::format("    \"overload_ratio\": {},\n    \"collapse_nats\": {},\n    \"n_heads_judged\": {},\n",
+                     json_number(h.overload_ratio()), json_number(h.collapse_nats()), h.n_heads_judged());
+  out += fmt::format("    \"overload_fraction\": {},\n    \"collapse_fraction\": {},\n",
+                     json_number(h.overload_fraction()), json_number(h.collapse_fraction()));
+  out += fmt::format("    \"overloaded\": {},\n    \"collapsed\": {}\n  }}\n}}\n", head_list_json(h.overloaded()),
+                     head_list_json(h.collapsed()));
+  return out;
+}
+
+// Usage, timing and entropy of the final message, on stderr; the entropy JSON to its file.
 template <typename Msg>
-void print_tail(const Msg& m, v1::FinishReason finish) {
+void print_tail(const Msg& m, v1::FinishReason finish, const GenerationOptions& g) {
   const v1::Usage& u = m.usage();
   const v1::Timing& t = m.timing();
   fmt::print(stderr, "\n[finish {}] prompt {} tokens (context {}, query {}), completion {} tokens\n",
              finish_name(finish), u.prompt_tokens(), u.context_tokens(), u.query_tokens(), u.completion_tokens());
   fmt::print(stderr, "[timing] queue {:.1f} ms, phase 1 {:.1f} ms, first token {:.1f} ms, {:.1f} tokens/s, total {:.1f} ms\n",
              t.queue_ms(), t.phase1_ms(), t.time_to_first_token_ms(), t.tokens_per_second(), t.total_ms());
-  if (m.has_attention_entropy()) {
-    const v1::AttentionEntropy& e = m.attention_entropy();
+  if (!m.has_attention_entropy()) return;
+  const v1::AttentionEntropy& e = m.attention_entropy();
+  if (g.entropy) {
     fmt::print(stderr, "[entropy] {} layers x {} heads, mean nats per layer (uniform = max):\n", e.n_layers(),
                e.n_heads());
     for (int l = 0; l < e.layers_size(); ++l) {
@@ -285,6 +415,16 @@ void print_tail(const Msg& m, v1::FinishReason finish) {
       if (layer.head_max_size() > 0) max_mean /= layer.head_max_size();
       fmt::print(stderr, "  layer {:>3}: {:.4f} (max {:.4f})\n", l, layer.mean(), max_mean);
     }
+    const v1::AttentionHealth& h = e.health();
+    fmt::print(stderr, "[health] overload {:.4f} ({} of {} heads, H > {} x max), collapse {:.4f} ({} heads, H < {} nats)\n",
+               h.overload_fraction(), h.overloaded_size(), h.n_heads_judged(), h.overload_ratio(),
+               h.collapse_fraction(), h.collapsed_size(), h.collapse_nats());
+    fmt::print(stderr, "{}", render_heat_map(e, stderr_wants_colour()));
+  }
+  if (!g.entropy_json.empty()) {
+    std::ofstream f(g.entropy_json, std::ios::binary | std::ios::trunc);
+    f << entropy_json(e, u, g.attention);
+    if (!f) fmt::print(stderr, "starctl: cannot write --entropy-json {}\n", g.entropy_json);
   }
 }
 
@@ -339,7 +479,7 @@ int run_generation(const ConnectionOptions& c, const GenerationOptions& given, R
   });
   if (!s.ok()) return report_error(s);
   std::fputc('\n', stdout);
-  print_tail(last, last.choices_size() ? last.choices(0).finish_reason() : v1::FINISH_REASON_UNSPECIFIED);
+  print_tail(last, last.choices_size() ? last.choices(0).finish_reason() : v1::FINISH_REASON_UNSPECIFIED, g);
   return 0;
 }
 
@@ -523,7 +663,14 @@ void add_generation_flags(CLI::App* cmd, GenerationOptions* g, bool completion) 
   cmd->add_option("--attention", g->attention, "global | exact | star (default: the server's)");
   tracked("--block-size", g->block_size, "context block size in tokens");
   tracked("--anchor-size", g->anchor_size, "anchor size in tokens (0 = none)");
-  cmd->add_flag("--entropy", g->entropy, "report per-layer attention entropy (stderr)");
+  cmd->add_flag("--entropy", g->entropy,
+                "report per-layer attention entropy, the attention health and a layer x head heat map (stderr)");
+  cmd->add_option("--entropy-json", g->entropy_json,
+                  "write the layer x head entropy map and its health as JSON to FILE (asks for entropy)");
+  tracked("--entropy-overload-ratio", g->overload_ratio,
+          "health threshold for this request: overload when H > RATIO x head_max (default: the server's)");
+  tracked("--entropy-collapse-nats", g->collapse_nats,
+          "health threshold for this request: collapse when H < NATS (default: the server's)");
   cmd->add_option("--model", g->model, "model name to check against the server's");
   cmd->add_flag("--unescape", g->unescape, "\\xHH in texts is the byte HH (tests)")->group("");
 }

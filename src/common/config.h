@@ -79,6 +79,9 @@ struct Config {
   ModelConfig model;
   ParallelConfig parallel;
   StarConfig star;
+  // Attention health of requests that ask for entropy (server/attention_health.h); a request may override both.
+  double entropy_overload_ratio = 0.9;  // overload: mean entropy > this x its uniform maximum; in (0, 1]
+  double entropy_collapse_nats = 0.1;   // collapse: mean entropy < this many nats; >= 0
   SchedulerConfig scheduler;
   ServerConfig server;
   LogConfig log;

@@ -57,16 +57,19 @@ void append_tokens(const std::vector<EngineEvent>& tokens, const Tokenizer& tok,
   }
 }
 
-// Usage (the context/query split as the engine made it), timing, entropy and the prompt's log-probabilities (on
-// the response's one choice): from the engine's finish event.
+// Usage (the context/query split as the engine made it), timing, entropy with its health and the prompt's
+// log-probabilities (on the response's one choice): from the engine's finish event.
 template <typename Response>
-void fill_tail(const EngineEvent& finished, const Tokenizer& tok, Clock::time_point rpc_start, Response* r) {
+void fill_tail(const EngineEvent& finished, const AttentionHealth* health, const Tokenizer& tok,
+               Clock::time_point rpc_start, Response* r) {
   fill_usage(finished.usage, r->mutable_usage());
   if (!finished.prompt_logprobs.empty()) {
     fill_prompt_logprobs(finished.prompt_logprobs, tok, r->mutable_choices(0)->mutable_prompt_logprobs());
   }
   fill_timing(finished.timing, 1000.0 * seconds_between(rpc_start, Clock::now()), r->mutable_timing());
-  if (finished.entropy && finished.entropy->enabled()) fill_entropy(*finished.entropy, r->mutable_attention_entropy());
+  if (finished.entropy && finished.entropy->enabled()) {
+    fill_entropy(*finished.entropy, health, r->mutable_attention_entropy());
+  }
 }
 
 grpc::Status stream_closed() {
@@ -294,6 +297,7 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
   Result<PreparedRequest> prepared =
       prepare_request(request, tokenizer(), chat_template() ? &*chat_template() : nullptr, limits(info));
   if (!prepared.ok()) return to_grpc_status(prepared.status());
+  const HealthThresholds thresholds = prepared->health;
 
   const std::string id = new_id(Rpc::kIdPrefix);
   const int64_t stream_created = unix_seconds();  // the same on every message of a stream
@@ -341,7 +345,12 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
   auto* c = begin(last, kStream ? stream_created : unix_seconds());
   if (!kStream || !text.empty()) set_text(c, std::move(text));
   c->set_finish_reason(to_proto(finished.finish));
-  fill_tail(finished, tokenizer(), start, last);
+  std::optional<AttentionHealth> health;
+  if (finished.entropy && finished.entropy->enabled()) {
+    health = attention_health(*finished.entropy, thresholds);
+    if (metrics_) metrics_->observe_attention_health(*health);
+  }
+  fill_tail(finished, health ? &*health : nullptr, tokenizer(), start, last);
   if constexpr (kStream) {
     if (!out->Write(*last)) return stream_closed();
   }

@@ -46,13 +46,17 @@ Status check_params(const v1::GenerationParams& g, const RequestLimits& limits) 
     return invalid_argument("prompt_logprobs = {} must be in [0, {}] (max_logprobs)", g.prompt_logprobs(),
                             kMaxLogprobs);
   }
+  // Checked whether or not the request asks for entropy, so a wrong value is never silently unused.
+  if (g.has_entropy_overload_ratio()) SS_RETURN_IF_ERROR(check_overload_ratio(g.entropy_overload_ratio()));
+  if (g.has_entropy_collapse_nats()) SS_RETURN_IF_ERROR(check_collapse_nats(g.entropy_collapse_nats()));
   return Status();
 }
 
 // GenerationParams -> EngineRequest's sampling and Star fields, once the prompt (`n_prompt` tokens) is known.
 // default_max_tokens applies when max_tokens is unset.
 Status apply_params(const v1::GenerationParams& g, int64_t n_prompt, int default_max_tokens,
-                    const RequestLimits& limits, EngineRequest* out) {
+                    const RequestLimits& limits, PreparedRequest* prepared) {
+  EngineRequest* out = &prepared->engine;
   if (limits.max_prompt_tokens > 0 && n_prompt > limits.max_prompt_tokens) {
     return invalid_argument("the prompt has {} tokens; the server allows at most {} (max_prompt_tokens)", n_prompt,
                             limits.max_prompt_tokens);
@@ -117,6 +121,9 @@ Status apply_params(const v1::GenerationParams& g, int64_t n_prompt, int default
                               "max_message_bytes is {} (fewer alternatives or a shorter prompt fit)",
                               g.prompt_logprobs(), n_prompt, bound, limits.max_message_bytes);
     }
+  prepared->health = limits.health;
+  if (g.has_entropy_overload_ratio()) prepared->health.overload_ratio = g.entropy_overload_ratio();
+  if (g.has_entropy_collapse_nats()) prepared->health.collapse_nats = g.entropy_collapse_nats();
     out->prompt_logprobs = g.prompt_logprobs();
   }
   return Status();
@@ -319,7 +326,7 @@ Result<PreparedRequest> prepare_request(const Request& r, const Tokenizer& tok, 
     default_max_tokens = std::min(kDefaultCompletionMaxTokens, limits.max_tokens_limit);
   }
   SS_RETURN_IF_ERROR(apply_params(r.params(), n_prompt, static_cast<int>(std::max<int64_t>(default_max_tokens, 0)),
-                                  limits, &p.engine));
+                                  limits, &p));
   return p;
 }
 
@@ -355,6 +362,8 @@ int longest_token_bytes(const Tokenizer& tokenizer) {
   size_t longest = 1;
   for (int32_t id = 0; id < tokenizer.n_vocab(); ++id) longest = std::max(longest, tokenizer.token_to_bytes(id).size());
   return static_cast<int>(std::min<size_t>(longest, INT_MAX));
+  l.health.overload_ratio = config.entropy_overload_ratio;
+  l.health.collapse_nats = config.entropy_collapse_nats;
 }
 
 Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const Tokenizer& tokenizer,
@@ -436,7 +445,26 @@ void fill_timing(const EngineTiming& timing, double total_ms, v1::Timing* out) {
   out->set_total_ms(total_ms);
 }
 
-void fill_entropy(const EntropyStats& entropy, v1::AttentionEntropy* out) {
+void fill_health(const AttentionHealth& health, v1::AttentionHealth* out) {
+  out->set_overload_ratio(health.thresholds.overload_ratio);
+  out->set_collapse_nats(health.thresholds.collapse_nats);
+  out->set_n_heads_judged(health.n_judged);
+  out->set_overload_fraction(health.overload_fraction());
+  out->set_collapse_fraction(health.collapse_fraction());
+  for (const HeadRef& h : health.overloaded) {
+    v1::HeadIndex* i = out->add_overloaded();
+    i->set_layer(h.layer);
+    i->set_head(h.head);
+  }
+  for (const HeadRef& h : health.collapsed) {
+    v1::HeadIndex* i = out->add_collapsed();
+    i->set_layer(h.layer);
+    i->set_head(h.head);
+  }
+}
+
+void fill_entropy(const EntropyStats& entropy, const AttentionHealth* health, v1::AttentionEntropy* out) {
+  if (health) fill_health(*health, out->mutable_health());
   out->set_n_layers(entropy.n_layers);
   out->set_n_heads(entropy.n_heads);
   for (int l = 0; l < entropy.n_layers; ++l) {

@@ -16,6 +16,7 @@
 #include "engine/engine.h"
 #include "model/chat_template.h"
 #include "model/tokenizer.h"
+#include "server/attention_health.h"
 #include "starserve/v1/completion.pb.h"
 
 namespace starserve {
@@ -36,6 +37,7 @@ struct RequestLimits {
   int max_stop_string_bytes = 0;
   int n_vocab = 0;            // bounds prompt_token_ids, stop_token_ids, top_k
   AttentionMode default_mode = AttentionMode::kStar;  // for attention_mode = UNSPECIFIED
+  HealthThresholds health;    // ServerConfig's entropy thresholds, for requests that set none
 };
 
 // max_prompt_bytes = max_prompt_tokens x max_token_bytes. Every byte of a text is covered by exactly one of its
@@ -52,6 +54,8 @@ int longest_token_bytes(const Tokenizer& tokenizer);
 struct PreparedRequest {
   EngineRequest engine;
   std::string echo_text;  // completion with echo: the prompt text the output starts with
+  // The request's entropy thresholds (else the server's), for the health of the entropy map it may ask for.
+  HealthThresholds health;
 };
 
 // The four generation requests (CompleteRequest, StreamCompleteRequest, ChatCompleteRequest,
@@ -77,7 +81,9 @@ v1::AttentionMode to_proto(AttentionMode mode);
 void fill_usage(const EngineUsage& usage, v1::Usage* out);
 // total_ms: the server's own measure from the RPC's arrival.
 void fill_timing(const EngineTiming& timing, double total_ms, v1::Timing* out);
-void fill_entropy(const EntropyStats& entropy, v1::AttentionEntropy* out);
+// The map, and with health its AttentionHealth (attention_health of the same map).
+void fill_entropy(const EntropyStats& entropy, const AttentionHealth* health, v1::AttentionEntropy* out);
+void fill_health(const AttentionHealth& health, v1::AttentionHealth* out);
 void append_logprobs(const TokenLogprobs& logprobs, const Tokenizer& tokenizer, v1::Logprobs* out);
 // EngineEvent::prompt_logprobs -> the choice's prompt_logprobs.
 void fill_prompt_logprobs(const std::vector<TokenLogprobs>& logprobs, const Tokenizer& tokenizer,

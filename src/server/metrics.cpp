@@ -238,6 +238,35 @@ ServerMetrics::ServerMetrics() {
   prompt_ = &registry_.counter("starserve_prompt_tokens_total", "Prompt tokens (context + query) admitted.");
 }
 
+// The attention families appear with the first request that asks for entropy (a server whose clients never do shows
+// none of them); the registry returns the same series on every call.
+void ServerMetrics::observe_attention_health(const AttentionHealth& health) {
+  registry_
+      .counter("starserve_attention_health_requests_total",
+               "Requests whose attention entropy was computed (they asked for it).")
+      .inc();
+  registry_
+      .counter("starserve_attention_judged_heads_total",
+               "Attention (layer, head) pairs judged for overload and collapse, all requests.")
+      .inc(health.n_judged);
+  registry_
+      .counter("starserve_attention_overloaded_heads_total",
+               "Attention heads in entropic overload (mean entropy > ratio x uniform maximum), all requests.")
+      .inc(static_cast<double>(health.overloaded.size()));
+  registry_
+      .counter("starserve_attention_collapsed_heads_total",
+               "Attention heads collapsed (mean entropy < collapse nats), all requests.")
+      .inc(static_cast<double>(health.collapsed.size()));
+  for (size_t l = 0; l < health.layer_ratio.size(); ++l) {
+    if (!health.layer_ratio[l]) continue;
+    registry_
+        .histogram("starserve_attention_entropy_ratio",
+                   "Per-layer mean attention entropy of a request over its uniform maximum (mean ln of visible keys).",
+                   kEntropyRatioBuckets, {{"layer", std::to_string(l)}})
+        .observe(*health.layer_ratio[l]);
+  }
+}
+
 void ServerMetrics::register_engine(const Engine& engine) {
   MetricsRegistry& r = registry_;
   const Engine* e = &engine;

@@ -25,6 +25,7 @@
 
 #include "common/status.h"
 #include "engine/engine.h"
+#include "server/attention_health.h"
 
 namespace httplib {
 class Server;
@@ -120,6 +121,11 @@ class ServerMetrics {
   void observe_request_duration(double seconds) { duration_->observe(seconds); }
   void add_generated_tokens(int64_t n) { generated_->inc(static_cast<double>(n)); }
   void add_prompt_tokens(int64_t n) { prompt_->inc(static_cast<double>(n)); }
+  // A request whose entropy was computed (it asked for it): each layer's mean entropy over its uniform maximum
+  // into starserve_attention_entropy_ratio{layer}, and its judged, overloaded and collapsed heads into counters.
+  // Series exist per layer seen, so the family holds at most n_layers x (kEntropyRatioBuckets + 3) series. These
+  // families appear with the first such request.
+  void observe_attention_health(const AttentionHealth& health);
 
  private:
   MetricsRegistry registry_;
@@ -130,6 +136,9 @@ class ServerMetrics {
   Counter* generated_;
   Counter* prompt_;
 };
+
+// The upper bounds of starserve_attention_entropy_ratio (+Inf implicit): fixed, a fraction of the uniform maximum.
+inline const std::vector<double> kEntropyRatioBuckets = {0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0};
 
 // GET /metrics (and HEAD) over HTTP/1.1, served by cpp-httplib: one thread accepts, kWorkerThreads (metrics.cpp)
 // answer. A connection holds a worker while it is open, so the limits keep idle and slow clients from starving a

@@ -179,6 +179,15 @@ Status set_float(const json& body, const char* name, Setter set) {
 }
 
 template <typename Setter>
+Status set_double(const json& body, const char* name, Setter set) {
+  const json* v = field(body, name);
+  if (!v) return Status();
+  if (!v->is_number()) return type_error(name, "a number");
+  set(v->get<double>());
+  return Status();
+}
+
+template <typename Setter>
 Status set_bool(const json& body, const char* name, Setter set) {
   const json* v = field(body, name);
   if (!v) return Status();
@@ -306,6 +315,9 @@ Status parse_params(const json& body, bool chat, v1::GenerationParams* g, Option
     if (!so->is_object()) return type_error("stream_options", "an object");
     if (!o->stream) return invalid_argument("stream_options needs stream = true");
     SS_RETURN_IF_ERROR(set_bool(*so, "include_usage", [o](bool v) { o->include_usage = v; }));
+  SS_RETURN_IF_ERROR(
+      set_double(body, "entropy_overload_ratio", [g](double v) { g->set_entropy_overload_ratio(v); }));
+  SS_RETURN_IF_ERROR(set_double(body, "entropy_collapse_nats", [g](double v) { g->set_entropy_collapse_nats(v); }));
   }
   return Status();
 }
@@ -488,17 +500,34 @@ json timing_json(const EngineTiming& t, double total_ms) {
           {"total_ms", total_ms}};
 }
 
-json entropy_json(const EntropyStats& e) {
+json health_json(const AttentionHealth& h) {
+  const auto heads = [](const std::vector<HeadRef>& v) {
+    json out = json::array();
+    for (const HeadRef& r : v) out.push_back({{"layer", r.layer}, {"head", r.head}});
+    return out;
+  };
+  return {{"overload_ratio", h.thresholds.overload_ratio},
+          {"collapse_nats", h.thresholds.collapse_nats},
+          {"n_heads_judged", h.n_judged},
+          {"overload_fraction", h.overload_fraction()},
+          {"collapse_fraction", h.collapse_fraction()},
+          {"overloaded", heads(h.overloaded)},
+          {"collapsed", heads(h.collapsed)}};
+}
+
+// The map's values rounded to float, as gRPC carries them and as the health judged them.
+json entropy_json(const EntropyStats& e, const AttentionHealth& health) {
+  const auto f = [](double v) { return static_cast<double>(static_cast<float>(v)); };
   json layers = json::array();
   for (int l = 0; l < e.n_layers; ++l) {
     json mean = json::array(), max = json::array();
     for (int h = 0; h < e.n_heads; ++h) {
-      mean.push_back(e.mean(l, h));
-      max.push_back(e.mean_max(l, h));
+      mean.push_back(f(e.mean(l, h)));
+      max.push_back(f(e.mean_max(l, h)));
     }
-    layers.push_back({{"mean", e.layer_mean(l)}, {"head_mean", std::move(mean)}, {"head_max", std::move(max)}});
+    layers.push_back({{"mean", f(e.layer_mean(l))}, {"head_mean", std::move(mean)}, {"head_max", std::move(max)}});
   }
-  return {{"n_layers", e.n_layers}, {"n_heads", e.n_heads}, {"layers", std::move(layers)}};
+  return {{"n_layers", e.n_layers}, {"n_heads", e.n_heads}, {"layers", std::move(layers)}, {"health", health_json(health)}};
 }
 
 // The per-request mailbox between the engine thread and the worker (as CompletionService's EventQueue); held by
@@ -532,6 +561,8 @@ struct OpenAiHttpServer::Request {
   // shutdown grace ran out (kAbandoned); the engine request is cancelled in the last two cases.
   End pump(const std::function<bool(const std::vector<EngineEvent>&)>& sink, EngineEvent* end) {
     std::vector<std::pair<EngineEvent, Clock::time_point>> batch;
+  HealthThresholds health_thresholds;     // the request's (else the server's)
+  std::optional<AttentionHealth> health;  // when the finish event carries entropy
     std::vector<EngineEvent> tokens;
     for (;;) {
       {
@@ -567,6 +598,10 @@ struct OpenAiHttpServer::Request {
             m->observe_phase1(end->timing.phase1_ms / 1000.0);
           }
           m->observe_request_duration(seconds_between(start, Clock::now()));
+        }
+        if (end->entropy && end->entropy->enabled()) {
+          health = attention_health(*end->entropy, health_thresholds);
+          if (server.metrics_) server.metrics_->observe_attention_health(*health);
         }
         return End::kFinished;
       }
@@ -615,7 +650,7 @@ struct OpenAiHttpServer::Request {
   void add_tail(const EngineEvent& end, json* m, bool with_usage) const {
     if (with_usage) (*m)["usage"] = usage_json(end.usage);
     (*m)["timing"] = timing_json(end.timing, 1000.0 * seconds_between(start, Clock::now()));
-    if (end.entropy && end.entropy->enabled()) (*m)["attention_entropy"] = entropy_json(*end.entropy);
+    if (end.entropy && end.entropy->enabled() && health) (*m)["attention_entropy"] = entropy_json(*end.entropy, *health);
     if (!end.prompt_logprobs.empty()) {
       json content = json::array();
       for (const TokenLogprobs& lp : end.prompt_logprobs) content.push_back(chat_logprob_entry(lp, a.tokenizer));
@@ -760,6 +795,7 @@ void OpenAiHttpServer::install_routes() {
       {
         thread_local std::mt19937_64 rng(std::random_device{}());
         r->id = fmt::format("{}-{:016x}{:08x}", chat ? "chatcmpl" : "cmpl", rng(), static_cast<uint32_t>(rng()));
+      r->health_thresholds = prepared->health;
       }
       const int64_t n_prompt = static_cast<int64_t>(prepared->engine.context.size() + prepared->engine.query.size());
       std::string echo = std::move(prepared->echo_text);
