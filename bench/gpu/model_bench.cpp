@@ -8,8 +8,10 @@
 //                                 picked on the device as the server does (with --entropy also
 //                                 while tracking every layer's entropy).
 // Modes: global (one causal prefill; one rank only), exact (context parallelism: each rank encodes
-// its span with attention to all earlier context), star (phase 1 over --blocks blocks, i.e. block
-// = 1/blocks of the context, anchor = block), star@N (blocks of N tokens).
+// its share with attention to all earlier context, in the default layout: zigzag for the Llama
+// shape), exact@zigzag / exact@contiguous (that layout: 2W chunks, rank r holding r and 2W-1-r, or
+// one span per rank), star (phase 1 over --blocks blocks, i.e. block = 1/blocks of the context,
+// anchor = block), star@N (blocks of N tokens).
 // Under `mpirun -np W` each rank drives GPU local_rank % n_gpus, and with one GPU per rank the
 // collectives (exact's KV all-gather, phase 2's merge) run over NCCL; rank 0 prints. The peer (HF
 // transformers on one GPU) is bench/gpu/model_peers.py; summarize_model.py joins them.
@@ -389,8 +391,11 @@ Result<Mode> parse_mode(const std::string& name, int blocks) {
   m.name = name;
   if (name == "global") {
     m.global = true;
-  } else if (name == "exact") {
+  } else if (name == "exact" || name == "exact@zigzag" || name == "exact@contiguous") {
+    // exact: the server's default layout (auto: zigzag for the Llama shape, contiguous for KV shifting).
     m.plan.mode = AttentionMode::kExact;
+    if (name == "exact@zigzag") m.plan.exact_layout = ExactLayout::kZigzag;
+    if (name == "exact@contiguous") m.plan.exact_layout = ExactLayout::kContiguous;
   } else if (name == "star") {
     m.plan.mode = AttentionMode::kStar;
     m.plan.n_blocks = blocks;
@@ -399,7 +404,7 @@ Result<Mode> parse_mode(const std::string& name, int blocks) {
     m.plan.block_size = std::atoi(name.c_str() + 5);
     if (m.plan.block_size < 1) return invalid_argument("mode {}: block size must be >= 1", name);
   } else {
-    return invalid_argument("unknown mode '{}' (global, exact, star, star@N)", name);
+    return invalid_argument("unknown mode '{}' (global, exact, exact@zigzag, exact@contiguous, star, star@N)", name);
   }
   return m;
 }
@@ -647,7 +652,7 @@ int run(int argc, char** argv) {
       phase1_rank_max = *std::max_element(all_ranks.begin(), all_ranks.end());
       phase1 = since(t0);
       auto p2 = std::make_unique<Phase2Attention>(*be, cache, hp, *comm, algo);
-      p2->register_sequence(seq, comm->rank() == layout->query_host, n);
+      p2->register_sequence(seq, *layout, comm->rank());
       pos.resize(qry.size());
       std::iota(pos.begin(), pos.end(), static_cast<int32_t>(n));
       BatchSeq bs{seq, qry, pos, false};

@@ -17,7 +17,19 @@ const char* attention_mode_name(AttentionMode mode) {
   return "?";
 }
 
+const char* exact_layout_name(ExactLayout layout) {
+  switch (layout) {
+    case ExactLayout::kAuto: return "auto";
+    case ExactLayout::kContiguous: return "contiguous";
+    case ExactLayout::kZigzag: return "zigzag";
+  }
+  return "?";
+}
+
 namespace {
+
+const std::map<std::string, ExactLayout> kExactLayouts = {
+    {"auto", ExactLayout::kAuto}, {"contiguous", ExactLayout::kContiguous}, {"zigzag", ExactLayout::kZigzag}};
 
 const std::map<std::string, AttentionMode> kModes = {
     {"global", AttentionMode::kGlobal}, {"exact", AttentionMode::kExact}, {"star", AttentionMode::kStar}};
@@ -42,6 +54,11 @@ void add_common(CLI::App* app, Config& c) {
                   "CUDA backend, one rank: run decode steps as CUDA graphs (on | off; default on)");
   app->add_option("--attention", c.star.mode, "global | exact | star")
       ->transform(CLI::CheckedTransformer(kModes, CLI::ignore_case));
+  app->add_option("--exact-layout", c.star.exact_layout,
+                  "exact mode's token assignment: zigzag (2W chunks, rank r holds r and 2W-1-r: balanced) | "
+                  "contiguous (one span per rank) | auto (the default: zigzag, contiguous for KV-shifting and "
+                  "Attamba models)")
+      ->transform(CLI::CheckedTransformer(kExactLayouts, CLI::ignore_case));
   app->add_option("--block-size", c.star.block_size, "context tokens per block (0 = one block per rank)");
   app->add_option("--n-blocks", c.star.n_blocks, "split the context into N blocks (overrides --block-size)");
   app->add_option("--anchor-size", c.star.anchor_size, "anchor tokens (-1 = block size, 0 = no anchor)");
@@ -151,7 +168,7 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
 std::string describe_config(const Config& c) {
   return fmt::format(
       "model.path={} model.chat_template={} model.max_context={} parallel.backend={} parallel.prefill_kernel={} "
-      "parallel.cuda_graphs={} star.mode={} "
+      "parallel.cuda_graphs={} star.mode={} star.exact_layout={} "
       "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.prefill_chunk_tokens={} "
       "scheduler.max_batch_tokens={} scheduler.kv_page_size={} "
       "scheduler.kv_memory_mb={} server.watchdog_timeout_s={} server.shutdown_grace_s={} "
@@ -161,7 +178,8 @@ std::string describe_config(const Config& c) {
       : c.model.chat_template.empty()     ? std::string("(model's)")
                                           : c.model.chat_template,
       c.model.max_context,
-      c.parallel.backend, c.parallel.prefill_kernel, c.parallel.cuda_graphs ? "on" : "off", attention_mode_name(c.star.mode), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
+      c.parallel.backend, c.parallel.prefill_kernel, c.parallel.cuda_graphs ? "on" : "off", attention_mode_name(c.star.mode),
+      exact_layout_name(c.star.exact_layout), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
       c.scheduler.prefill_chunk_tokens, c.scheduler.max_batch_tokens,
       c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.server.watchdog_timeout_s, c.server.shutdown_grace_s,
       c.server.entropy_overload_ratio, c.server.entropy_collapse_nats, c.log.level);

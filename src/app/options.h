@@ -35,5 +35,6 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
 std::string describe_config(const Config& config);
 
 const char* attention_mode_name(AttentionMode mode);
+const char* exact_layout_name(ExactLayout layout);
 
 }  // namespace starserve

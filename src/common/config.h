@@ -13,6 +13,15 @@ namespace starserve {
 
 enum class AttentionMode { kGlobal, kExact, kStar };
 
+// How exact mode assigns context tokens to ranks (docs/design.md, "Exact mode's layouts"):
+//   kContiguous: rank r encodes one span [r n/W, (r+1) n/W); the last rank attends over (W - 1/2)/W of the
+//                causal pairs, the first over 1/(2W) of them (the spec's baseline, kept for measurement);
+//   kZigzag:     the context cut into 2W chunks, rank r encodes chunks r and 2W-1-r, so every rank attends
+//                over about n^2 / (2W) pairs;
+//   kAuto:       kZigzag, except for models whose exact mode hands a halo across every rank boundary (KV
+//                shifting's previous token, Attamba's carry), which take kContiguous.
+enum class ExactLayout { kAuto, kContiguous, kZigzag };
+
 struct ModelConfig {
   std::string path;                 // GGUF file, or a Hugging Face directory (config.json + *.safetensors)
   std::string chat_template;        // empty: the model's own; else a built-in name (chatml, llama3, ...)
@@ -33,6 +42,7 @@ struct StarConfig {
   int n_blocks = 0;                 // split each context into this many blocks (overrides block_size); 0 = off
   int anchor_size = -1;             // tokens of the anchor; -1 = block_size; 0 = no anchor
   int query_tail = 0;               // plain prompts: tokens kept as the query; 0 = the rule in star/partition.h
+  ExactLayout exact_layout = ExactLayout::kAuto;  // exact mode's token assignment for requests that do not choose
 };
 
 struct SchedulerConfig {

@@ -10,7 +10,8 @@ void ControlMessage::add_admit(SeqId id, const ContextPlan& plan, int layers_per
                                std::span<const int32_t> context, int prompt_logprobs, int32_t after_context) {
   begin_entry();
   words_.insert(words_.end(), {static_cast<int64_t>(id), static_cast<int64_t>(plan.mode), plan.block_size,
-                               plan.anchor_size, plan.n_blocks, layers_per_chunk, prompt_logprobs, after_context,
+                               plan.anchor_size, plan.n_blocks, static_cast<int64_t>(plan.exact_layout),
+                               layers_per_chunk, prompt_logprobs, after_context,
                                static_cast<int64_t>(context.size())});
   words_.insert(words_.end(), context.begin(), context.end());
 }
@@ -73,6 +74,7 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
         plan.block_size = static_cast<int>(m[i++]);
         plan.anchor_size = static_cast<int>(m[i++]);
         plan.n_blocks = static_cast<int>(m[i++]);
+        plan.exact_layout = static_cast<ExactLayout>(m[i++]);
         s.layers_per_chunk = static_cast<int>(m[i++]);
         s.prompt_top_k = static_cast<int>(m[i++]);
         const int32_t after_context = static_cast<int32_t>(m[i++]);
@@ -133,9 +135,8 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
         }
         if (!s.registered) {
           encoder_.finish(id);  // phase 1 over: drop the anchor's scratch KV
-          // Under a sliding window a context-only rank places its keys by their first position.
-          phase2_.register_sequence(id, comm_.rank() == s.layout.query_host, s.layout.n_context,
-                                    s.layout.first_position_of(comm_.rank()));
+          // Under a sliding window a rank places its keys by their positions (its runs).
+          phase2_.register_sequence(id, s.layout, comm_.rank());
           s.registered = true;
           s.context.clear();
           s.context.shrink_to_fit();

@@ -3,9 +3,9 @@
 // same message with its StepExecutor (SPMD: ranks never decide on their own, so they stay in step).
 //
 // Commands (first word), then the entry count, then the entries:
-//   ADMIT   (id, mode, block_size, anchor_size, n_blocks, layers_per_chunk, prompt_logprobs, after_context,
-//           n_context, context tokens...) per request: every rank records the request and derives the same
-//           layout; prompt_logprobs >= 0 asks for prompt log-probabilities with that many alternatives
+//   ADMIT   (id, mode, block_size, anchor_size, n_blocks, exact_layout, layers_per_chunk, prompt_logprobs,
+//           after_context, n_context, context tokens...) per request: every rank records the request and
+//           derives the same layout; prompt_logprobs >= 0 asks for prompt log-probabilities with that many alternatives
 //           (-1: none), after_context is the token after the context (the query's first);
 //   ENCODE  (id, s) per request: its s-th phase-1 step on every rank: chunk s % C of block s / C,
 //           where C = chunks per block (ContextEncoder::chunks_per_block of layers_per_chunk; a

@@ -35,6 +35,7 @@ struct EngineRequest {
   int block_size = 0;            // 0 = server default
   int anchor_size = -1;          // -1 = server default
   int n_blocks = 0;              // > 0: blocks of ceil(n_context / n_blocks) tokens, overriding block_size
+  ExactLayout exact_layout = ExactLayout::kAuto;  // exact mode's token assignment; kAuto = server default
   bool return_entropy = false;   // per-layer/head mean entropy of the query and generated tokens
   // Prompt log-probabilities with this many alternatives per token, in [0, kMaxLogprobs] (unset:
   // none): for every prompt token after the first, its logprob given the tokens before it, from

@@ -95,7 +95,8 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
   a->req = std::move(request);
   if (a->req.block_size == 0) a->req.block_size = ctx_.star.block_size;
   if (a->req.anchor_size == -1) a->req.anchor_size = ctx_.star.anchor_size;
-  const ContextPlan plan{a->req.mode, a->req.block_size, a->req.anchor_size, a->req.n_blocks};
+  if (a->req.exact_layout == ExactLayout::kAuto) a->req.exact_layout = ctx_.star.exact_layout;
+  const ContextPlan plan{a->req.mode, a->req.block_size, a->req.anchor_size, a->req.n_blocks, a->req.exact_layout};
   // The model's layout limits too (a KV-shifting or Attamba model's halo): a layout the ranks
   // would refuse mid-step is refused here, as the request's error.
   SS_ASSIGN_OR_RETURN(const StarLayout layout,
@@ -352,7 +353,8 @@ Status ServingEngine::step() {
     if (a->admitted) continue;
     a->admitted = true;
     a->phase1_start = Clock::now();
-    admit.add_admit(static_cast<SeqId>(id), {a->req.mode, a->req.block_size, a->req.anchor_size, a->req.n_blocks},
+    admit.add_admit(static_cast<SeqId>(id),
+                    {a->req.mode, a->req.block_size, a->req.anchor_size, a->req.n_blocks, a->req.exact_layout},
                     a->layers_per_chunk, a->req.context, a->req.prompt_logprobs.value_or(-1), a->req.query.front());
   }
   if (!admit.empty()) {

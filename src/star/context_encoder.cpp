@@ -25,6 +25,21 @@ Result<StarLayout> ContextEncoder::layout_for(int64_t n_context, const ContextPl
     plan.block_size = static_cast<int>(block);
     plan.n_blocks = 0;
   }
+  // Exact mode's layout: zigzag unless the model hands a halo across every rank boundary of the
+  // span (KV shifting's previous token, Attamba's carry): a zigzag rank's two chunks continue two
+  // other ranks' chunks, in one forward, which ExactContextAttention's halo does not do.
+  if (plan.mode == AttentionMode::kExact) {
+    const bool halo = hp.kv_shift || hp.attamba.enabled();
+    if (plan.exact_layout == ExactLayout::kAuto) {
+      plan.exact_layout = halo ? ExactLayout::kContiguous : ExactLayout::kZigzag;
+    } else if (plan.exact_layout == ExactLayout::kZigzag && halo && comm_.world_size() > 1) {
+      return unimplemented("exact mode's zigzag layout with {} model on {} ranks: each rank's second chunk would "
+                           "continue the {} of a chunk on another rank, which only the contiguous layout hands on; "
+                           "use exact_layout contiguous (or auto, which picks it for this model)",
+                           hp.kv_shift ? "a KV-shifting" : "an Attamba", comm_.world_size(),
+                           hp.kv_shift ? "previous token's k/v" : "carry");
+    }
+  }
   SS_ASSIGN_OR_RETURN(StarLayout lay, plan_layout(n_context, plan, comm_.world_size()));
   if (hp.attamba.enabled()) SS_RETURN_IF_ERROR(check_attamba_layout(lay, plan.mode));
   // KV-shifting models: every rank's first block mixes with the previous block's last token, which
@@ -108,13 +123,24 @@ Status ContextEncoder::forward_chunk(AttentionHandler& attention, SeqId seq, std
                                      const ContextScoring* scoring) {
   std::vector<int32_t> pos(tokens.size());
   std::iota(pos.begin(), pos.end(), static_cast<int32_t>(first_position));
-  BatchSeq bs{seq, tokens, pos, false};
+  return forward_chunk(attention, seq, tokens, pos, chunk, layers_per_chunk, scoring);
+}
+
+Status ContextEncoder::forward_chunk(AttentionHandler& attention, SeqId seq, std::span<const int32_t> tokens,
+                                     std::span<const int32_t> positions, int chunk, int layers_per_chunk,
+                                     const ContextScoring* scoring) {
+  SS_CHECK(positions.size() == tokens.size(), "{} tokens with {} positions", tokens.size(), positions.size());
+  BatchSeq bs{seq, tokens, positions, false};
   ScoreRequest scores;
+  std::vector<int32_t> targets;
   if (scoring != nullptr) {
-    SS_CHECK(first_position + static_cast<int64_t>(tokens.size()) <= static_cast<int64_t>(scoring->next.size()),
-             "scoring {} tokens from position {} with {} next tokens", tokens.size(), first_position,
-             scoring->next.size());
-    scores = ScoreRequest{scoring->next.subspan(first_position, tokens.size()), scoring->top_k, scoring->out};
+    targets.resize(positions.size());
+    for (size_t i = 0; i < positions.size(); ++i) {
+      SS_CHECK(positions[i] >= 0 && static_cast<size_t>(positions[i]) < scoring->next.size(),
+               "scoring position {} with {} next tokens", positions[i], scoring->next.size());
+      targets[i] = scoring->next[positions[i]];
+    }
+    scores = ScoreRequest{targets, scoring->top_k, scoring->out};
     bs.scores = &scores;
   }
   if (chunk == 0) tokens_forwarded_ += static_cast<int64_t>(tokens.size());
@@ -233,15 +259,23 @@ Status ContextEncoder::encode_block(SeqId seq, std::span<const int32_t> context,
 
 Status ContextEncoder::encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int chunk,
                                     int layers_per_chunk, const ContextScoring* scoring) {
-  // This rank's blocks are contiguous: encode them as one span in a single forward.
-  const std::vector<StarBlock> mine = layout.blocks_of(comm_.rank());
-  if (mine.empty()) {
+  // This rank's runs (one span, or zigzag's two chunks) in a single forward, each token at its own
+  // position: the KV rows hold the runs one after the other.
+  const std::vector<TokenRun> runs = layout.runs_of(comm_.rank());
+  if (runs.empty()) {
     const auto [first, last] = chunk_layers(chunk, layers_per_chunk);
     return exact_attention_.participate_without_tokens(seq, first, last, model_.hparams().n_layers);
   }
-  const int64_t begin = mine.front().begin, end = mine.back().end;
-  return forward_chunk(exact_attention_, seq, context.subspan(begin, end - begin), begin, chunk, layers_per_chunk,
-                       scoring);
+  if (runs.size() == 1) {
+    return forward_chunk(exact_attention_, seq, context.subspan(runs[0].begin, runs[0].size()), runs[0].begin, chunk,
+                         layers_per_chunk, scoring);
+  }
+  std::vector<int32_t> tokens, pos;
+  for (const TokenRun& r : runs) {
+    tokens.insert(tokens.end(), context.begin() + r.begin, context.begin() + r.end);
+    for (int64_t p = r.begin; p < r.end; ++p) pos.push_back(static_cast<int32_t>(p));
+  }
+  return forward_chunk(exact_attention_, seq, tokens, pos, chunk, layers_per_chunk, scoring);
 }
 
 }  // namespace starserve

@@ -1,6 +1,7 @@
 // Encodes a request's context on every rank according to its mode (docs/specs/star-attention.md):
 //   global: one rank holds the whole context (ordinary causal prefill);
-//   exact:  each rank encodes its contiguous span with attention to all earlier context (all ranks);
+//   exact:  each rank encodes its share (one contiguous span, or zigzag's two chunks: the
+//           layout's exact_layout) with attention to all earlier context (all ranks);
 //   star:   phase 1 — each rank encodes its blocks as [anchor ; block]; the only communication is
 //           the anchor's KV, sent by the owner of c1 while it encodes c1.
 // Afterwards each rank holds the KV of its own context tokens in the request's KV sequence, and
@@ -61,7 +62,8 @@ class ContextEncoder {
   Status encode_block(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int k, int chunk = 0,
                       int layers_per_chunk = 0, const ContextScoring* scoring = nullptr);
   Status join_block(SeqId seq, const StarLayout& layout, int k, int chunk = 0, int layers_per_chunk = 0);
-  // exact: the whole context in one collective forward (every rank calls it), chunk c of it.
+  // exact: the whole context in one collective forward (every rank calls it), chunk c of it; a
+  // rank's runs (StarLayout::runs_of) go through it together.
   Status encode_exact(SeqId seq, std::span<const int32_t> context, const StarLayout& layout, int chunk = 0,
                       int layers_per_chunk = 0, const ContextScoring* scoring = nullptr);
   // Chunks of each block's forward: ceil(n_layers / layers_per_chunk) (1 when 0 = unchunked).
@@ -78,6 +80,10 @@ class ContextEncoder {
   // Chunk `chunk` of a forward split by layers (the whole forward when layers_per_chunk is 0).
   Status forward_chunk(AttentionHandler& attention, SeqId seq, std::span<const int32_t> tokens, int64_t first_position,
                        int chunk, int layers_per_chunk, const ContextScoring* scoring = nullptr);
+  // The same with each token's position given (zigzag exact: two runs of positions).
+  Status forward_chunk(AttentionHandler& attention, SeqId seq, std::span<const int32_t> tokens,
+                       std::span<const int32_t> positions, int chunk, int layers_per_chunk,
+                       const ContextScoring* scoring = nullptr);
   // The layers [first, last) of a chunk.
   std::pair<int, int> chunk_layers(int chunk, int layers_per_chunk) const;
   bool exchanges_anchor(const StarLayout& layout) const;

@@ -27,6 +27,46 @@ int64_t StarLayout::first_position_of(int rank) const {
   return 0;
 }
 
+std::vector<TokenRun> StarLayout::runs_of(int rank) const {
+  std::vector<TokenRun> runs;
+  for (const StarBlock& b : blocks) {
+    if (b.rank != rank || b.size() == 0) continue;
+    if (!runs.empty() && runs.back().end == b.begin) {
+      runs.back().end = b.end;
+    } else {
+      runs.push_back({b.begin, b.end});
+    }
+  }
+  return runs;
+}
+
+Result<StarLayout> partition_zigzag(int64_t n_context, int world_size) {
+  if (world_size < 1) return invalid_argument("world_size = {} must be >= 1", world_size);
+  if (n_context < 0) return invalid_argument("context length = {} must be >= 0", n_context);
+  StarLayout lay;
+  lay.n_context = n_context;
+  lay.world_size = world_size;
+  lay.anchor_size = 0;
+  lay.exact_layout = ExactLayout::kZigzag;
+  const int64_t chunks = 2 * static_cast<int64_t>(world_size);
+  const int64_t base = n_context / chunks, longer = n_context % chunks;
+  lay.block_size = static_cast<int>(std::max<int64_t>(1, base + (longer > 0 ? 1 : 0)));
+  int64_t at = 0;
+  for (int64_t i = 0; i < chunks; ++i) {
+    const int64_t size = base + (i < longer ? 1 : 0);
+    if (size == 0) break;  // every later chunk is empty too
+    StarBlock blk;
+    blk.index = static_cast<int>(lay.blocks.size());
+    blk.begin = at;
+    blk.end = at + size;
+    blk.rank = static_cast<int>(i < world_size ? i : chunks - 1 - i);
+    lay.blocks.push_back(blk);
+    at += size;
+  }
+  lay.query_host = lay.blocks.empty() ? 0 : lay.blocks.back().rank;
+  return lay;
+}
+
 Result<StarLayout> partition_context(int64_t n_context, int block_size, int anchor_size, int world_size) {
   if (world_size < 1) return invalid_argument("world_size = {} must be >= 1", world_size);
   if (n_context < 0) return invalid_argument("context length = {} must be >= 0", n_context);
@@ -70,6 +110,9 @@ Result<StarLayout> plan_layout(int64_t n_context, const ContextPlan& plan, int w
     lay.query_host = 0;
     if (n_context > 0) lay.blocks.push_back({0, 0, n_context, 0});
     return lay;
+  }
+  if (plan.mode == AttentionMode::kExact && plan.exact_layout != ExactLayout::kContiguous) {
+    return partition_zigzag(n_context, world_size);
   }
   const int anchor = plan.mode == AttentionMode::kExact ? 0 : plan.anchor_size;
   int block = plan.block_size;

@@ -269,11 +269,49 @@ ExactContextAttention::ExactContextAttention(Backend& backend, KvCache& cache, c
       kv_shift_(hp.kv_shift),
       compressed_(backend, hp) {}
 
-Status ExactContextAttention::gather_sizes(int64_t mine) {
-  counts_.assign(comm_.world_size(), 0);
-  SS_RETURN_IF_ERROR(comm_.all_gather(&mine, counts_.data(), sizeof(int64_t)));
+// Words per rank: kMaxRuns (begin, size) pairs in position order; size 0 ends the list.
+Status ExactContextAttention::gather_runs(std::span<const int32_t> positions) {
+  constexpr int kWords = 2 * kMaxRuns;
+  int64_t mine[kWords] = {};
+  int n_runs = 0;
+  for (size_t i = 0; i < positions.size(); ++i) {
+    if (i == 0 || positions[i] != positions[i - 1] + 1) {
+      SS_CHECK(n_runs < kMaxRuns, "exact context encoding: a rank's tokens in more than {} runs of positions",
+               kMaxRuns);
+      SS_CHECK(n_runs == 0 || positions[i] > mine[2 * (n_runs - 1)] + mine[2 * (n_runs - 1) + 1],
+               "exact context encoding: runs out of position order at token {} (position {})", i, positions[i]);
+      mine[2 * n_runs] = positions[i];
+      ++n_runs;
+    }
+    ++mine[2 * (n_runs - 1) + 1];
+  }
+  const int world = comm_.world_size();
+  std::vector<int64_t> all(static_cast<size_t>(world) * kWords);
+  SS_RETURN_IF_ERROR(comm_.all_gather(mine, all.data(), sizeof(mine)));
+  counts_.assign(world, 0);
+  runs_.assign(world, {});
+  for (int r = 0; r < world; ++r) {
+    for (int j = 0; j < kMaxRuns; ++j) {
+      const int64_t begin = all[r * kWords + 2 * j], size = all[r * kWords + 2 * j + 1];
+      if (size == 0) break;
+      runs_[r].push_back({begin, size, counts_[r]});
+      counts_[r] += size;
+    }
+  }
   max_count_ = *std::max_element(counts_.begin(), counts_.end());
   return Status();
+}
+
+bool ExactContextAttention::one_run_per_rank() const {
+  return std::all_of(runs_.begin(), runs_.end(), [](const std::vector<Run>& r) { return r.size() <= 1; });
+}
+
+KvView ExactContextAttention::gathered(int r, int64_t row, int64_t n) {
+  const DType dt = backend_.compute_dtype();
+  const int64_t kv_row = static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
+  const size_t off = static_cast<size_t>((r * max_count_ + row) * kv_row) * dtype_size(dt);
+  return {Tensor::make(static_cast<char*>(k_all_.ensure(backend_, 0)) + off, dt, {n, dims_.n_kv_heads, dims_.head_dim}),
+          Tensor::make(static_cast<char*>(v_all_.ensure(backend_, 0)) + off, dt, {n, dims_.n_kv_heads, dims_.head_dim})};
 }
 
 // All-gathers rows (n, n_kv_heads, head_dim) of every rank, padded to the longest span, into all:
@@ -304,15 +342,16 @@ Status ExactContextAttention::layer_exchange(Tensor k, Tensor v, int64_t n) {
 }
 
 void ExactContextAttention::load_exchange(SeqId seq) {
-  const auto& e = exchanges_.at(seq);
-  counts_ = e.first;
-  max_count_ = e.second;
+  const Exchange& e = exchanges_.at(seq);
+  counts_ = e.counts;
+  max_count_ = e.max_count;
+  runs_ = e.runs;
 }
 
 Status ExactContextAttention::participate_without_tokens(SeqId seq, int first, int last, int n_layers) {
   if (first == 0) {
-    SS_RETURN_IF_ERROR(gather_sizes(0));
-    exchanges_[seq] = {counts_, max_count_};
+    SS_RETURN_IF_ERROR(gather_runs({}));
+    exchanges_[seq] = {counts_, max_count_, runs_};
   }
   load_exchange(seq);
   const int64_t row = 2 * static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
@@ -331,8 +370,8 @@ Status ExactContextAttention::begin_forward(std::span<const BatchSeq> batch) {
   SS_CHECK(batch.size() == 1, "exact context encoding runs one span per forward, got {}", batch.size());
   const int64_t n = static_cast<int64_t>(batch[0].tokens.size());
   SS_RETURN_IF_ERROR(cache_.reserve(batch[0].seq_id, cache_.length(batch[0].seq_id) + n));
-  SS_RETURN_IF_ERROR(gather_sizes(n));
-  exchanges_[batch[0].seq_id] = {counts_, max_count_};
+  SS_RETURN_IF_ERROR(gather_runs(batch[0].positions));
+  exchanges_[batch[0].seq_id] = {counts_, max_count_, runs_};
   return Status();
 }
 
@@ -341,47 +380,79 @@ Status ExactContextAttention::attend(int layer, std::span<const BatchSeq> batch,
   const BatchSeq& s = batch[0];
   load_exchange(s.seq_id);
   const int64_t n = static_cast<int64_t>(s.tokens.size());
-  const DType dt = backend_.compute_dtype();
-  const int64_t kv_row = static_cast<int64_t>(dims_.n_kv_heads) * dims_.head_dim;
-  const int64_t rows = n * dims_.n_heads;
+  const int64_t nh = dims_.n_heads, hd = dims_.head_dim;
   const int64_t past = cache_.length(s.seq_id);
   SS_CHECK(past == 0, "exact context encoding expects an empty sequence, it has {} tokens", past);
   cache_.write(layer, s.seq_id, 0, k, v);
   SS_RETURN_IF_ERROR(layer_exchange(k, v, n));
 
-  // Partials: own span causally, then every earlier rank's span in full.
+  // Partials: for each of this rank's query runs, one per rank holding keys at or before the run's
+  // first position. Runs never interleave, so those keys are a prefix of the rank's runs, which
+  // are its first rows: rank r's rows [0, end of its last such run). They are all visible, except
+  // the query run's own (the last of this rank's prefix), which is causal: rows before it come
+  // first, so query row i sees keys j <= i + (its first row). Under a sliding window each key sits
+  // at its position: the prefix's runs begin at runs[0].begin and jump once (zigzag's second chunk).
   const int me = comm_.rank();
-  int n_parts = 1;
-  for (int r = 0; r < me; ++r) n_parts += counts_[r] > 0 ? 1 : 0;
-  float* p_out = part_out_.floats(backend_, n_parts * rows * dims_.head_dim);
-  float* p_lse = part_lse_.floats(backend_, n_parts * rows);
-  float* p_ent = part_ent_.floats(backend_, n_parts * rows);
-  auto part_view = [&](int i) {
-    return Tensor::make(p_out + i * rows * dims_.head_dim, DType::kF32, {n, dims_.n_heads, dims_.head_dim});
-  };
-  const std::vector<KvView> own = cache_.segments(layer, s.seq_id, 0, n);
   const int64_t window = dims_.window(layer);
-  backend_.partial_attention(make_call(dims_, part_view(0), p_lse, p_ent, q, own, windowed({true, 0}, window, 0)));
-  int p = 1;
-  for (int r = 0; r < me; ++r) {
-    if (counts_[r] == 0) continue;
-    // Spans are contiguous in rank order: rank r's keys begin this many positions before ours.
-    int64_t behind = 0;
-    for (int x = r; x < me; ++x) behind += counts_[x];
-    const size_t off = static_cast<size_t>(r * max_count_ * kv_row) * dtype_size(dt);
-    const KvView seg{Tensor::make(static_cast<char*>(k_all_.ensure(backend_, 0)) + off, dt,
-                                  {counts_[r], dims_.n_kv_heads, dims_.head_dim}),
-                     Tensor::make(static_cast<char*>(v_all_.ensure(backend_, 0)) + off, dt,
-                                  {counts_[r], dims_.n_kv_heads, dims_.head_dim})};
-    backend_.partial_attention(make_call(dims_, part_view(p), p_lse + p * rows, p_ent + p * rows, q, {&seg, 1},
-                                         windowed({false, 0}, window, behind)));
-    ++p;
+  struct Spec {
+    size_t query_run;
+    int rank;
+    size_t n_runs;
+  };
+  std::vector<Spec> specs;
+  std::vector<int64_t> part_rows;  // first partial row of each spec
+  int64_t total_rows = 0;
+  for (size_t a = 0; a < runs_[me].size(); ++a) {
+    const Run& qr = runs_[me][a];
+    for (int r = 0; r < comm_.world_size(); ++r) {
+      size_t m = 0;
+      while (m < runs_[r].size() && runs_[r][m].begin <= qr.begin) ++m;
+      if (m == 0) continue;
+      const Run& last = runs_[r][m - 1];
+      // Past the window of the run's first query row (and so of every later row): no key visible.
+      if (window > 0 && last.begin + last.size - 1 <= qr.begin - window) continue;
+      specs.push_back({a, r, m});
+      part_rows.push_back(total_rows);
+      total_rows += qr.size * nh;
+    }
   }
-  std::vector<AttentionPartial> parts;
-  for (int i = 0; i < n_parts; ++i) parts.push_back({p_out + i * rows * dims_.head_dim, p_lse + i * rows, p_ent + i * rows});
+  float* p_out = part_out_.floats(backend_, std::max<int64_t>(total_rows * hd, 1));
+  float* p_lse = part_lse_.floats(backend_, std::max<int64_t>(total_rows, 1));
+  float* p_ent = part_ent_.floats(backend_, std::max<int64_t>(total_rows, 1));
+  call_kv_.clear();
+  for (const Spec& sp : specs) {
+    const Run& last = runs_[sp.rank][sp.n_runs - 1];
+    call_kv_.push_back(gathered(sp.rank, 0, last.row + last.size));
+  }
+  calls_.clear();
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const Spec& sp = specs[i];
+    const Run& qr = runs_[me][sp.query_run];
+    const std::vector<Run>& kr = runs_[sp.rank];
+    const Run& last = kr[sp.n_runs - 1];
+    const bool own = sp.rank == me && last.begin == qr.begin;
+    const int64_t gap_from = sp.n_runs > 1 ? kr[0].size : 0;
+    const int64_t gap = sp.n_runs > 1 ? kr[1].begin - (kr[0].begin + kr[0].size) : 0;
+    const AttentionMask mask =
+        windowed({own, own ? last.row : 0}, window, qr.begin - kr[0].begin, gap_from, gap);
+    const Tensor po = Tensor::make(p_out + part_rows[i] * hd, DType::kF32, {qr.size, dims_.n_heads, dims_.head_dim});
+    calls_.push_back(make_call(dims_, po, p_lse + part_rows[i], p_ent + part_rows[i], q.slice_rows(qr.row, qr.size),
+                               {&call_kv_[i], 1}, mask));
+  }
+  backend_.partial_attentions(calls_);
   const Tensor o32 = fp32_target(backend_, out, out32_);
-  backend_.merge_partials(o32.f32(), lse_.floats(backend_, rows), ent_.floats(backend_, rows), parts, rows,
-                          dims_.head_dim);
+  float* lse = lse_.floats(backend_, n * nh);
+  float* ent = ent_.floats(backend_, n * nh);
+  std::vector<AttentionPartial> parts;
+  for (size_t i = 0; i < specs.size();) {
+    const Run& qr = runs_[me][specs[i].query_run];
+    parts.clear();
+    for (; i < specs.size() && runs_[me][specs[i].query_run].begin == qr.begin; ++i) {
+      parts.push_back({p_out + part_rows[i] * hd, p_lse + part_rows[i], p_ent + part_rows[i]});
+    }
+    backend_.merge_partials(o32.f32() + qr.row * nh * hd, lse + qr.row * nh, ent + qr.row * nh, parts,
+                            qr.size * nh, dims_.head_dim);
+  }
   if (o32.data != out.data) backend_.convert(out, o32);
   return Status();
 }
@@ -390,6 +461,7 @@ Status ExactContextAttention::shift_neighbours(int layer, std::span<const BatchS
                                                Tensor prev) {
   SS_CHECK(batch.size() == 1, "exact context encoding runs one span per forward, got {}", batch.size());
   load_exchange(batch[0].seq_id);
+  SS_CHECK(one_run_per_rank(), "the KV-shifting halo needs one run of positions per rank (contiguous layout)");
   shift_rows_from_cache(backend_, cache_, layer, batch, last, prev);
   int source = -1;
   for (int r = comm_.rank() - 1; r >= 0 && source < 0; --r) source = counts_[r] > 0 ? r : -1;
@@ -408,6 +480,7 @@ Status ExactContextAttention::store_carry(int layer, std::span<const BatchSeq> b
                                           bool* replaced) {
   SS_CHECK(batch.size() == 1, "exact context encoding runs one span per forward, got {}", batch.size());
   load_exchange(batch[0].seq_id);
+  SS_CHECK(one_run_per_rank(), "the Attamba carry halo needs one run of positions per rank (contiguous layout)");
   compressed_.store(cache_, layer, batch, carry_out);
   int source = -1;
   for (int r = comm_.rank() - 1; r >= 0 && source < 0; --r) source = counts_[r] > 0 ? r : -1;
@@ -420,6 +493,7 @@ Status ExactContextAttention::attend_compressed(int layer, std::span<const Batch
                                                 const CompressedAttention& a) {
   const BatchSeq& s = batch[0];
   load_exchange(s.seq_id);
+  SS_CHECK(one_run_per_rank(), "Attamba's exact mode needs one run of positions per rank (contiguous layout)");
   const ModelHParams& hp = compressed_.hparams();
   const int64_t n = static_cast<int64_t>(s.tokens.size());
   SS_CHECK(cache_.length(s.seq_id) == 0, "exact context encoding expects an empty sequence, it has {} tokens",
@@ -500,6 +574,18 @@ void Phase2Attention::register_sequence(SeqId seq, bool query_host, int64_t n_co
   seqs_[seq] = info;
 }
 
+void Phase2Attention::register_sequence(SeqId seq, const StarLayout& layout, int rank) {
+  const std::vector<TokenRun> runs = layout.runs_of(rank);
+  SS_CHECK(runs.size() <= 2, "rank {} holds {} runs of context positions; phase 2 places at most two", rank,
+           runs.size());
+  register_sequence(seq, rank == layout.query_host, layout.n_context, runs.empty() ? 0 : runs[0].begin);
+  if (runs.size() == 2) {
+    SeqInfo& info = seqs_.at(seq);
+    info.gap_from = runs[0].size();
+    info.gap = runs[1].begin - runs[0].end;
+  }
+}
+
 void Phase2Attention::forget_sequence(SeqId seq) {
   seqs_.erase(seq);
   entropy_before_registration_.erase(seq);
@@ -559,14 +645,16 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
       segs_[i] = cache_.segments(layer, s.seq_id, 0, past + n);
       // Keys [local context ; earlier query/generated ; new]: new token i sees all context, every
       // earlier query/generated token, and new tokens 0..i. The query host holds the last context
-      // span, so its keys' positions run on without a gap: distances are those of the indices.
-      mask = windowed({true, past}, dims_.window(layer), past);
+      // token, so its keys' positions run on from its last run without a gap; zigzag's first chunk
+      // lies gap positions before the rest.
+      mask = windowed({true, past}, dims_.window(layer), past + info.gap, info.gap_from, info.gap);
     } else {
       // Context only: every key visible to every query row (no causal alignment at all), except
       // keys behind a sliding window: query row i is at n_context_total + n_generated + i.
       segs_[i] = cache_.segments(layer, s.seq_id, 0, info.n_local_context);
       mask = windowed(mask, dims_.window(layer),
-                      info.n_context_total + info.n_generated - std::max<int64_t>(info.first_context_position, 0));
+                      info.n_context_total + info.n_generated - std::max<int64_t>(info.first_context_position, 0),
+                      info.gap_from, info.gap);
     }
     // An empty key list gives O = 0, LSE = -inf, H = 0: this rank contributes nothing to the merge.
     calls_.push_back(make_call(dims_, o32.slice_rows(start, n), lse_all + start * nh, ent_all + start * nh,

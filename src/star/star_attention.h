@@ -1,8 +1,9 @@
 // Attention handlers of the three context modes (docs/specs/star-attention.md):
 //   BlockLocalAttention  — phase 1 of star: a block attends to an optional prefix (the anchor) and
 //                          causally to itself, never to other blocks; also ordinary causal prefill.
-//   ExactContextAttention — phase 1 of exact mode: every rank's context span attends to all earlier
-//                          context on every rank (K/V all-gathered per layer) and causally to itself.
+//   ExactContextAttention — phase 1 of exact mode: every rank's context (one span, or zigzag's two
+//                          chunks) attends to all earlier context on every rank (K/V all-gathered
+//                          per layer) and causally to itself.
 //   Phase2Attention      — query and generated tokens: partial attention over this rank's KV (all
 //                          context visible; causal over query/generated KV on the query host), then
 //                          the exact LSE/entropy merge across ranks.
@@ -20,6 +21,7 @@
 #include "kv/kv_cache.h"
 #include "model/model.h"
 #include "star/merge.h"
+#include "star/partition.h"
 
 namespace starserve {
 
@@ -104,47 +106,73 @@ class BlockLocalAttention final : public AttentionHandler {
   Scratch lse_, anchor_k_, anchor_v_;
 };
 
+// Exact mode's phase 1. A rank's tokens are one or two runs of consecutive positions (the layout's
+// runs_of: one span, or zigzag's chunks r and 2W-1-r), concatenated in its forward. Per layer every
+// rank's K/V rows are all-gathered (padded to the longest share), and each of this rank's query runs
+// attends, rank by rank, to the runs that lie before it (and causally to itself): one partial per
+// rank that has such keys, then the exact merge of those partials.
 class ExactContextAttention final : public AttentionHandler {
  public:
   ExactContextAttention(Backend& backend, KvCache& cache, const ModelHParams& hp, Communicator& comm);
   // A rank whose span is empty still takes part in every collective of the forward pass: layers
-  // [first, last) of sequence seq's (the sizes' exchange comes with layer 0).
+  // [first, last) of sequence seq's (the runs' exchange comes with layer 0).
   Status participate_without_tokens(SeqId seq, int first, int last, int n_layers);
   // Drops what the handler keeps of a sequence whose encoding stopped part-way (chunked prefill).
   void forget(SeqId seq) { exchanges_.erase(seq); }
+  // Most runs one rank's forward may hold (zigzag's two chunks).
+  static constexpr int kMaxRuns = 2;
 
   Status begin_forward(std::span<const BatchSeq> batch) override;
   Status attend(int layer, std::span<const BatchSeq> batch, Tensor q, Tensor k, Tensor v, Tensor out) override;
   void end_forward(std::span<const BatchSeq> batch) override;
-  // KV-shifting models: the span's first token mixes with the last token of the nearest earlier
-  // rank that has context (a one-token halo per layer, gathered from every rank).
+  // KV-shifting models (contiguous layout only: ContextEncoder::layout_for refuses zigzag): the
+  // span's first token mixes with the last token of the nearest earlier rank that has context (a
+  // one-token halo per layer, gathered from every rank).
   Status shift_neighbours(int layer, std::span<const BatchSeq> batch, Tensor last, Tensor prev) override;
-  // Attamba models: the carry halo at every rank boundary, the band, and the boundaries of the own
-  // span and of every earlier rank's (all-gathered per layer).
+  // Attamba models (contiguous layout only): the carry halo at every rank boundary, the band, and
+  // the boundaries of the own span and of every earlier rank's (all-gathered per layer).
   Status load_carry(int layer, std::span<const BatchSeq> batch, Tensor carry) override;
   Status store_carry(int layer, std::span<const BatchSeq> batch, Tensor carry_out, Tensor carry,
                      bool* replaced) override;
   Status attend_compressed(int layer, std::span<const BatchSeq> batch, const CompressedAttention& a) override;
 
  private:
-  Status gather_sizes(int64_t mine);
+  // One run of a rank's rows: positions [begin, begin + size), rows [row, row + size) of its share.
+  struct Run {
+    int64_t begin = 0, size = 0, row = 0;
+  };
+  // What every rank holds in one forward: counts (tokens per rank), the longest, and the runs.
+  struct Exchange {
+    std::vector<int64_t> counts;
+    int64_t max_count = 0;
+    std::vector<std::vector<Run>> runs;  // per rank, in position order
+  };
+  // All-gathers every rank's runs, taken from its tokens' positions (empty: none).
+  Status gather_runs(std::span<const int32_t> positions);
   Status layer_exchange(Tensor k, Tensor v, int64_t n);
   Status gather_rows(Tensor rows, int64_t n, Scratch& all);
+  // Whether every rank's share is at most one run (the layouts the halos support).
+  bool one_run_per_rank() const;
+  // Rank r's gathered rows [row, row + n) of k_all_ / v_all_.
+  KvView gathered(int r, int64_t row, int64_t n);
 
   Backend& backend_;
   KvCache& cache_;
   AttentionDims dims_;
   Communicator& comm_;
-  // Sequence seq's exchange sizes into counts_ / max_count_ (kept between the calls of a forward
+  // Sequence seq's exchange into counts_ / max_count_ / runs_ (kept between the calls of a forward
   // split by layers, since other sequences' forwards may run in between).
   void load_exchange(SeqId seq);
   std::vector<int64_t> counts_;        // context tokens per rank in this forward
   int64_t max_count_ = 0;
-  std::unordered_map<SeqId, std::pair<std::vector<int64_t>, int64_t>> exchanges_;
+  std::vector<std::vector<Run>> runs_;
+  std::unordered_map<SeqId, Exchange> exchanges_;
   std::vector<char> send_host_, recv_host_;
   bool kv_shift_ = false;  // ModelHParams::kv_shift: a halo gather before each layer's exchange
   ShiftHalo halo_;
   CompressedAttender compressed_;
+  std::vector<KvView> call_kv_;  // one view per call of a layer (calls_ point into it)
+  std::vector<AttentionCall> calls_;
   Scratch own_k_, own_v_;
   Scratch send_, k_all_, v_all_, part_out_, part_lse_, part_ent_, lse_, ent_, out32_;
 };
@@ -158,6 +186,10 @@ class Phase2Attention final : public AttentionHandler {
   // first_context_position: the position of this rank's first context token, which a context-only
   // rank needs under a sliding window (-1 = not given; the query host never needs it).
   void register_sequence(SeqId seq, bool query_host, int64_t n_context_total, int64_t first_context_position = -1);
+  // The same from the request's layout: whether `rank` hosts the query, the context's length, and
+  // where this rank's keys sit (its runs: under a sliding window the mask places each key by its
+  // position, across zigzag exact's jump between a rank's two chunks).
+  void register_sequence(SeqId seq, const StarLayout& layout, int rank);
   void forget_sequence(SeqId seq);
   // Accumulates the entropy of the sequence's rows into stats from its next forward on; may come
   // before register_sequence, so that the query's own rows (the first forward) are counted.
@@ -186,6 +218,9 @@ class Phase2Attention final : public AttentionHandler {
     bool query_host = false;
     int64_t n_context_total = 0;
     int64_t first_context_position = -1;  // of this rank's context (register_sequence)
+    // This rank's context rows [0, gap_from) sit at first_context_position.., the rest `gap`
+    // positions further on (zigzag exact's second chunk); gap 0: one run.
+    int64_t gap_from = 0, gap = 0;
     int64_t n_local_context = 0;  // KV length at registration: this rank's context tokens
     int64_t n_generated = 0;      // query + generated tokens processed so far (global count)
     EntropyStats* entropy = nullptr;

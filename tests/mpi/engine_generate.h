@@ -34,6 +34,7 @@ inline std::vector<int32_t> generate_greedy(Model& model, KvCache& cache, Commun
     r.mode = plan.mode;
     r.block_size = plan.block_size;
     r.anchor_size = plan.anchor_size;
+    r.exact_layout = plan.exact_layout;
     r.sampling.temperature = 0.0f;
     r.sampling.max_tokens = n_new;
     r.sampling.ignore_eos = true;

@@ -95,8 +95,7 @@ std::vector<float> run_mode(Family& f, Communicator& comm, std::span<const int32
   enc.finish(seq);
   EXPECT_EQ(cache.length(seq), lay->tokens_of(comm.rank()));
   Phase2Attention p2(*f.backend, cache, f.hp(), comm, MergeAlgo::kAllReduce);
-  p2.register_sequence(seq, comm.rank() == lay->query_host, static_cast<int64_t>(context.size()),
-                       lay->first_position_of(comm.rank()));
+  p2.register_sequence(seq, *lay, comm.rank());
   const auto pq = iota_from(query.size(), context.size());
   BatchSeq q{seq, query, pq, true};
   std::vector<float> logits;
@@ -113,12 +112,17 @@ std::vector<float> on_one_rank(Family& f, std::span<const int32_t> context, std:
 
 std::string plan_name(const ContextPlan& p) {
   const char* mode = p.mode == AttentionMode::kStar ? "star" : p.mode == AttentionMode::kExact ? "exact" : "global";
-  return std::string(mode) + " block " + std::to_string(p.block_size) + " anchor " + std::to_string(p.anchor_size);
+  const char* layout = p.mode != AttentionMode::kExact                ? ""
+                       : p.exact_layout == ExactLayout::kContiguous ? " contiguous"
+                                                                     : " zigzag";
+  return std::string(mode) + layout + " block " + std::to_string(p.block_size) + " anchor " +
+         std::to_string(p.anchor_size);
 }
 
 // What the window does to the context-only ranks of a layout in phase 2: a rank is cut when the
 // first query row (at position n_context) sees some of its keys but not all, and behind when it
-// sees none of them (nor does any later row: windows only move forward).
+// sees none of them (nor does any later row: windows only move forward). A zigzag rank's keys are
+// two runs: its first key is its first run's, its last its second run's.
 struct WindowCuts {
   int cut = 0, behind = 0;
 };
@@ -128,9 +132,10 @@ WindowCuts window_cuts(int64_t n_context, const ContextPlan& plan, int world, in
   WindowCuts c;
   const int64_t lo = n_context - window + 1;  // the first row's smallest visible key position
   for (int r = 0; r < world; ++r) {
-    const int64_t n = lay->tokens_of(r), first = lay->first_position_of(r);
-    if (r == lay->query_host || n == 0) continue;
-    if (first + n - 1 < lo) {
+    const std::vector<TokenRun> runs = lay->runs_of(r);
+    if (r == lay->query_host || runs.empty()) continue;
+    const int64_t first = runs.front().begin, last = runs.back().end - 1;
+    if (last < lo) {
       ++c.behind;
     } else if (first < lo) {
       ++c.cut;
@@ -151,7 +156,11 @@ struct Case {
 const std::vector<Case> kExactCases = {
     {61, {AttentionMode::kExact, 0, 0, 0}},  {61, {AttentionMode::kExact, 7, 0, 0}},
     {61, {AttentionMode::kExact, 20, 0, 0}}, {61, {AttentionMode::kGlobal, 0, 0, 0}},
-    {13, {AttentionMode::kExact, 0, 0, 0}},  {13, {AttentionMode::kExact, 3, 0, 0}}};
+    {13, {AttentionMode::kExact, 0, 0, 0}},  {13, {AttentionMode::kExact, 3, 0, 0}},
+    {61, {AttentionMode::kExact, 0, 0, 0, ExactLayout::kContiguous}},
+    {61, {AttentionMode::kExact, 20, 0, 0, ExactLayout::kContiguous}},
+    {13, {AttentionMode::kExact, 0, 0, 0, ExactLayout::kContiguous}},
+    {7, {AttentionMode::kExact, 0, 0, 0, ExactLayout::kZigzag}}};
 const std::vector<Case> kStarCases = {
     {61, {AttentionMode::kStar, 0, -1, 0}},  {61, {AttentionMode::kStar, 0, 4, 0}},
     {61, {AttentionMode::kStar, 10, -1, 0}}, {61, {AttentionMode::kStar, 6, 0, 0}},
@@ -265,6 +274,8 @@ TEST(WindowedFamiliesOnRanks, GreedyThroughTheEngine) {
     const auto ctx = all.first(ids.size() - 3), qry = all.last(3);
     const int n_new = static_cast<int>(want.size());
     EXPECT_EQ(generate(f, *g_comm, ctx, qry, {AttentionMode::kExact, 0, 0, 0}, n_new), want) << name << " exact";
+    EXPECT_EQ(generate(f, *g_comm, ctx, qry, {AttentionMode::kExact, 0, 0, 0, ExactLayout::kContiguous}, n_new), want)
+        << name << " exact contiguous";
     EXPECT_EQ(generate(f, *g_comm, ctx, qry, {AttentionMode::kGlobal, 0, 0, 0}, n_new), want) << name << " global";
     auto local = make_local_communicator();
     for (const auto& [block, anchor] : std::vector<std::pair<int, int>>{{6, -1}, {5, 2}}) {

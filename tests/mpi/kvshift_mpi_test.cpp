@@ -170,6 +170,28 @@ TEST(KvShiftMpi, LayoutWithSeveralBlocksBeforeTheLastRankIsRefused) {
   EXPECT_NE(lay.status().message().find("one block each"), std::string::npos) << lay.status().to_string();
 }
 
+// Exact mode's zigzag layout needs each rank's second chunk to continue another rank's chunk,
+// which the halo does not do: asked for by name it is refused on several ranks (the same status on
+// every rank, before any forward); auto takes the contiguous layout, which the tests above run.
+TEST(KvShiftMpi, ExactZigzagIsRefusedAndAutoIsContiguous) {
+  Model& m = *tiny().model;
+  KvCache cache = make_cache(m);
+  ContextEncoder enc(m, cache, *g_comm);
+  auto zigzag = enc.layout_for(96, {AttentionMode::kExact, 0, 0, 0, ExactLayout::kZigzag});
+  auto automatic = enc.layout_for(96, {AttentionMode::kExact, 0, 0, 0, ExactLayout::kAuto});
+  ASSERT_TRUE(automatic.ok()) << automatic.status().to_string();
+  EXPECT_EQ(automatic->exact_layout, ExactLayout::kContiguous);
+  for (int r = 0; r < g_comm->world_size(); ++r) EXPECT_LE(automatic->runs_of(r).size(), 1u);
+  if (g_comm->world_size() == 1) {
+    EXPECT_TRUE(zigzag.ok()) << "one rank: zigzag's two chunks are one span";
+    return;
+  }
+  ASSERT_FALSE(zigzag.ok());
+  EXPECT_EQ(zigzag.status().code(), StatusCode::kUnimplemented);
+  EXPECT_NE(zigzag.status().message().find("a KV-shifting model"), std::string::npos) << zigzag.status().to_string();
+  EXPECT_NE(zigzag.status().message().find("contiguous"), std::string::npos) << zigzag.status().to_string();
+}
+
 }  // namespace
 }  // namespace starserve
 

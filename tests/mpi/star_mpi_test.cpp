@@ -141,7 +141,7 @@ QueryResult distributed(std::span<const int32_t> context, std::span<const int32_
   EXPECT_EQ(enc.tokens_forwarded(), lay->tokens_of(g_comm->rank())) << "rank " << g_comm->rank();
 
   Phase2Attention p2(*m.backend, cache, m.hp, *g_comm, algo);
-  p2.register_sequence(seq, g_comm->rank() == lay->query_host, static_cast<int64_t>(context.size()));
+  p2.register_sequence(seq, *lay, g_comm->rank());
   QueryResult r;
   r.entropy.reset(m.hp.n_layers, m.hp.n_heads);
   p2.track_entropy(seq, &r.entropy);
@@ -301,7 +301,7 @@ QueryResult distributed_chunked(std::span<const int32_t> context, std::span<cons
   for (const Req& r : reqs) enc.finish(r.seq);
   EXPECT_EQ(cache.length(7), reqs[0].lay.tokens_of(g_comm->rank()));
   Phase2Attention p2(*m.backend, cache, m.hp, *g_comm, MergeAlgo::kAllReduce);
-  p2.register_sequence(7, g_comm->rank() == reqs[0].lay.query_host, static_cast<int64_t>(context.size()));
+  p2.register_sequence(7, reqs[0].lay, g_comm->rank());
   QueryResult res;
   res.entropy.reset(m.hp.n_layers, m.hp.n_heads);
   p2.track_entropy(7, &res.entropy);
@@ -314,12 +314,15 @@ QueryResult distributed_chunked(std::span<const int32_t> context, std::span<cons
 TEST(StarExactness, ChunkedPhase1EqualsUnchunkedBitwise) {
   const auto ctx = random_tokens(150, 21, kVocab), qry = random_tokens(4, 22, kVocab);
   const auto other = random_tokens(97, 23, kVocab);
-  for (const ContextPlan& plan : {ContextPlan{AttentionMode::kStar, 32, -1}, ContextPlan{AttentionMode::kStar, 40, 16},
-                                  ContextPlan{AttentionMode::kExact, 0, 0}, ContextPlan{AttentionMode::kGlobal, 0, 0}}) {
+  for (const ContextPlan& plan :
+       {ContextPlan{AttentionMode::kStar, 32, -1}, ContextPlan{AttentionMode::kStar, 40, 16},
+        ContextPlan{AttentionMode::kExact, 0, 0, 0, ExactLayout::kZigzag},
+        ContextPlan{AttentionMode::kExact, 0, 0, 0, ExactLayout::kContiguous}, ContextPlan{AttentionMode::kGlobal, 0, 0}}) {
     SCOPED_TRACE(std::string("mode ") + (plan.mode == AttentionMode::kStar    ? "star"
                                          : plan.mode == AttentionMode::kExact ? "exact"
                                                                                : "global") +
-                 " block " + std::to_string(plan.block_size));
+                 " block " + std::to_string(plan.block_size) + " layout " +
+                 std::to_string(static_cast<int>(plan.exact_layout)));
     const QueryResult whole = distributed(ctx, qry, plan);
     const QueryResult chunked = distributed_chunked(ctx, qry, other, plan);
     ASSERT_EQ(chunked.logits.size(), whole.logits.size());
@@ -345,6 +348,136 @@ TEST(StarExactness, GreedyTokensStarOneBlockEqualGlobal) {
   EXPECT_EQ(global.size(), 12u);
   EXPECT_EQ(star, global);
   EXPECT_EQ(exact, global);
+}
+
+// ---------------------------------------------------------------- exact mode's zigzag layout
+
+ContextPlan exact_plan(ExactLayout layout) { return {AttentionMode::kExact, 0, 0, 0, layout}; }
+
+// The layouts under test really are what they say: zigzag gives rank r chunks r and 2W-1-r (two
+// runs once the context has 2W tokens and W > 1), contiguous one span per rank, and the default
+// (auto) is zigzag for this model.
+TEST(ExactZigzag, LayoutsAreWhatTheySay) {
+  TinyModel& m = tiny();
+  KvCache cache = m.make_cache();
+  ContextEncoder enc(*m.model, cache, *g_comm);
+  const int w = g_comm->world_size(), me = g_comm->rank();
+  for (int64_t n : {int64_t{2} * w, int64_t{2} * w + 1, int64_t{133}}) {
+    auto zig = enc.layout_for(n, exact_plan(ExactLayout::kZigzag));
+    auto contiguous = enc.layout_for(n, exact_plan(ExactLayout::kContiguous));
+    auto automatic = enc.layout_for(n, exact_plan(ExactLayout::kAuto));
+    ASSERT_TRUE(zig.ok() && contiguous.ok() && automatic.ok());
+    EXPECT_EQ(zig->exact_layout, ExactLayout::kZigzag);
+    EXPECT_EQ(automatic->exact_layout, ExactLayout::kZigzag);
+    EXPECT_EQ(contiguous->exact_layout, ExactLayout::kContiguous);
+    EXPECT_EQ(zig->runs_of(me).size(), w > 1 ? 2u : 1u) << n << " tokens";
+    EXPECT_LE(contiguous->runs_of(me).size(), 1u);
+    EXPECT_EQ(zig->query_host, 0) << "the last chunk is rank 0's";
+    EXPECT_EQ(contiguous->query_host, contiguous->blocks.back().rank);
+  }
+}
+
+// Balanced exact mode equals global on N ranks (logits of every query position and the entropy of
+// every layer and head): context lengths that do not divide by 2W, exactly 2W, shorter than 2W (a
+// rank with one chunk, or with none: it joins every collective with nothing), one token. The
+// contiguous layout on the same inputs too, so both layouts equal each other.
+TEST(ExactZigzag, EqualsGlobalAtAwkwardLengths) {
+  const int64_t w = g_comm->world_size();
+  for (int64_t n : {int64_t{1}, int64_t{2}, int64_t{3}, 2 * w - 1, 2 * w, 2 * w + 1, 4 * w + 3, int64_t{61},
+                    int64_t{133}}) {
+    if (n < 1) continue;
+    const auto ctx = random_tokens(n, 100 + static_cast<uint32_t>(n), kVocab);
+    const auto qry = random_tokens(5, 200 + static_cast<uint32_t>(n), kVocab);
+    const auto ref = global_reference(ctx, qry);
+    const std::string what = std::to_string(n) + " context tokens on " + std::to_string(w) + " ranks";
+    expect_same(distributed(ctx, qry, exact_plan(ExactLayout::kZigzag)), ref, ("zigzag, " + what).c_str());
+    expect_same(distributed(ctx, qry, exact_plan(ExactLayout::kContiguous)), ref, ("contiguous, " + what).c_str());
+  }
+  // A multi-token query on a zigzag layout with the all-gather merge.
+  const auto ctx = random_tokens(77, 301, kVocab), qry = random_tokens(12, 302, kVocab);
+  expect_same(distributed(ctx, qry, exact_plan(ExactLayout::kZigzag), MergeAlgo::kAllGather), global_reference(ctx, qry),
+              "zigzag, 12-token query, all-gather merge");
+}
+
+// Decode after zigzag phase 1: the query host (rank 0) stores the query and generated tokens after
+// its two chunks, the other ranks hold context only. Teacher-forced by the reference's greedy
+// tokens: every step's logits equal global attention's, and their argmax is the reference token.
+std::vector<std::vector<float>> decode_logits(std::span<const int32_t> context, std::span<const int32_t> query,
+                                              std::span<const int32_t> forced, const ContextPlan* plan) {
+  TinyModel& m = tiny();
+  KvCache cache = m.make_cache();
+  const SeqId seq = 9;
+  const int64_t n = static_cast<int64_t>(context.size());
+  std::unique_ptr<AttentionHandler> handler;
+  if (plan == nullptr) {
+    auto local = std::make_unique<LocalAttention>(*m.backend, cache, m.hp);
+    const auto pc = iota_positions(n, 0);
+    BatchSeq c{seq, context, pc, false};
+    EXPECT_TRUE(m.model->forward({&c, 1}, *local, nullptr).ok());
+    handler = std::move(local);
+  } else {
+    ContextEncoder enc(*m.model, cache, *g_comm);
+    auto lay = enc.layout_for(n, *plan);
+    EXPECT_TRUE(lay.ok());
+    EXPECT_TRUE(enc.encode(seq, context, *lay, plan->mode).ok());
+    auto p2 = std::make_unique<Phase2Attention>(*m.backend, cache, m.hp, *g_comm, MergeAlgo::kAllReduce);
+    p2->register_sequence(seq, *lay, g_comm->rank());
+    handler = std::move(p2);
+  }
+  std::vector<std::vector<float>> steps;
+  std::vector<float> logits;
+  const auto pq = iota_positions(query.size(), n);
+  BatchSeq q{seq, query, pq, false};
+  EXPECT_TRUE(m.model->forward({&q, 1}, *handler, &logits).ok());
+  steps.push_back(logits);
+  int32_t pos = static_cast<int32_t>(n + static_cast<int64_t>(query.size()));
+  for (int32_t t : forced) {
+    BatchSeq d{seq, {&t, 1}, {&pos, 1}, false};
+    logits.clear();
+    EXPECT_TRUE(m.model->forward({&d, 1}, *handler, &logits).ok());
+    steps.push_back(logits);
+    ++pos;
+  }
+  return steps;
+}
+
+int32_t argmax_of(const std::vector<float>& v) {
+  return static_cast<int32_t>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+TEST(ExactZigzag, DecodeStepsEqualGlobal) {
+  const int64_t w = g_comm->world_size();
+  for (int64_t n : {2 * w + 1, int64_t{3}, int64_t{90}}) {
+    const auto ctx = random_tokens(n, 400 + static_cast<uint32_t>(n), kVocab), qry = random_tokens(4, 401, kVocab);
+    // The reference's greedy continuation: 10 tokens.
+    std::vector<int32_t> forced;
+    for (int i = 0; i < 10; ++i) forced.push_back(argmax_of(decode_logits(ctx, qry, forced, nullptr).back()));
+    const auto want = decode_logits(ctx, qry, forced, nullptr);
+    for (ExactLayout layout : {ExactLayout::kZigzag, ExactLayout::kContiguous}) {
+      const ContextPlan plan = exact_plan(layout);
+      const auto got = decode_logits(ctx, qry, forced, &plan);
+      ASSERT_EQ(got.size(), want.size());
+      for (size_t s = 0; s < got.size(); ++s) {
+        EXPECT_LE(max_abs_diff(got[s], want[s]), kLogitTol)
+            << "step " << s << ", " << n << " context tokens, layout " << static_cast<int>(layout) << ", rank "
+            << g_comm->rank();
+        if (s + 1 < got.size()) EXPECT_EQ(argmax_of(got[s]), forced[s]) << "step " << s;
+      }
+    }
+  }
+}
+
+// Through the serving engine (admission, the control protocol's exact_layout word, phase 1,
+// decode): greedy tokens of zigzag and contiguous equal
+// global's, for a length that does not divide by 2W and one shorter than 2W.
+TEST(ExactZigzag, GreedyTokensThroughTheEngineEqualGlobal) {
+  for (int64_t n : {int64_t{83}, int64_t{3}}) {
+    const auto ctx = random_tokens(n, 500 + static_cast<uint32_t>(n), kVocab), qry = random_tokens(3, 501, kVocab);
+    const auto global = generate(ctx, qry, {AttentionMode::kGlobal, 0, 0});
+    EXPECT_EQ(global.size(), 12u);
+    EXPECT_EQ((generate)(ctx, qry, exact_plan(ExactLayout::kZigzag)), global) << n << " tokens, zigzag";
+    EXPECT_EQ((generate)(ctx, qry, exact_plan(ExactLayout::kContiguous)), global) << n << " tokens, contiguous";
+  }
 }
 
 }  // namespace
