@@ -18,7 +18,6 @@ namespace starserve {
 // (AttentionMask in attention_ref.h).
 struct AttentionGpuParams {
   void* out = nullptr;               // (n_q, n_heads, head_dim): bf16, or fp32 when out_fp32
-  bool out_fp32 = false;
   float* lse = nullptr;              // (n_q, n_heads)
   float* entropy = nullptr;          // (n_q, n_heads); may be null (then not computed)
   const __nv_bfloat16* q = nullptr;  // (n_q, n_heads, head_dim)
@@ -30,6 +29,7 @@ struct AttentionGpuParams {
   int n_kv_heads = 0;                // n_heads % n_kv_heads == 0; head h reads kv head h / (n_heads / n_kv_heads)
   int head_dim = 0;                  // 64 or 128
   float scale = 1.0f;                // usually 1/sqrt(head_dim)
+  bool out_fp32 = false;             // (beside causal: the struct is a decode batch's kernel parameter, < 4 KB)
   bool causal = true;
   int64_t causal_offset = 0;
   // Paged keys (optional): when k_pages is non-null, logical key j lives in page j >> page_shift,
@@ -40,6 +40,9 @@ struct AttentionGpuParams {
   const __nv_bfloat16* const* k_pages = nullptr;  // device array of page pointers
   const __nv_bfloat16* const* v_pages = nullptr;
   int page_shift = 0;                              // in [kMinPageShift, kMaxPageShift] when paged
+  // Attention logit soft-capping: each scaled score s becomes softcap * tanh(s / softcap) before
+  // the mask and the softmax, so O, LSE and H are those of the capped scores. 0 = off.
+  float softcap = 0.0f;
   // Paged keys, optional: the pools that hold every page of the tables. k_pool .. k_pool +
   // pool_rows rows (a row is n_kv_heads * head_dim bf16) hold every page of k_pages, each page
   // starting on a whole row; the same for v_pool and v_pages. Given these (and pools under 4 GB),
@@ -56,9 +59,10 @@ struct AttentionGpuParams {
   int64_t window_offset = 0;
   int64_t key_gap_from = 0;
   int64_t key_gap = 0;
-  // Attention logit soft-capping: each scaled score s becomes softcap * tanh(s / softcap) before
-  // the mask and the softmax, so O, LSE and H are those of the capped scores. 0 = off.
-  float softcap = 0.0f;
+  // Per-row key limit (AttentionMask::key_limit): device array (n_q) or null; row i also sees only
+  // keys j < key_limit[i]. Only launch_attention_small_head takes it (any head_dim up to
+  // kSmallHeadMaxDim); the other launchers refuse it (cudaErrorInvalidValue).
+  const int32_t* key_limit = nullptr;
 };
 
 // The first key index query row i sees under the window (AttentionMask::first_visible); 0

@@ -35,9 +35,11 @@ inline bool kv_source_ok(const AttentionGpuParams& p) {
 // the baselines refuse them (cudaErrorNotSupported).
 inline bool mask_extended(const AttentionGpuParams& p) { return p.window > 0 || p.softcap > 0.0f; }
 
-// Launcher check shared by the prefill kernels (block_m query rows per block): shapes, outputs, key source.
-inline bool prefill_params_ok(const AttentionGpuParams& p, int block_m) {
-  return p.n_heads > 0 && p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0 && p.n_q >= 0 && p.n_kv >= 0 && p.out &&
+// Launcher check shared by the prefill kernels (block_m query rows per block): shapes, outputs, key source;
+// per-row key limits only where the kernel takes them.
+inline bool prefill_params_ok(const AttentionGpuParams& p, int block_m, bool takes_key_limit = false) {
+  return (takes_key_limit || !p.key_limit) && p.n_heads > 0 && p.n_kv_heads > 0 && p.n_heads % p.n_kv_heads == 0 &&
+         p.n_q >= 0 && p.n_kv >= 0 && p.out &&
          p.lse && p.q && kv_source_ok(p) && (p.n_q + block_m - 1) / block_m <= 0x7fffffff;
 }
 

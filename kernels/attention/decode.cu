@@ -913,7 +913,7 @@ cudaError_t launch_decode_attention_batch(const AttentionGpuParams* seqs, void* 
   const int key = decode_attention_batch_key(seqs[0]);
   for (int i = 0; i < n_seqs; ++i) {
     if (key < 0 || decode_attention_batch_key(seqs[i]) != key || seqs[i].n_kv_heads >= 1023 || !seqs[i].out ||
-        !seqs[i].lse || !seqs[i].q || !detail::kv_source_ok(seqs[i]) || !workspaces[i])
+        !seqs[i].lse || !seqs[i].q || !detail::kv_source_ok(seqs[i]) || !workspaces[i] || seqs[i].key_limit)
       return cudaErrorInvalidValue;
     const AttentionGpuParams p = drop_keys_behind_window(seqs[i]);
     b.p[i] = p;
@@ -928,7 +928,7 @@ cudaError_t launch_decode_attention_batch(const AttentionGpuParams* seqs, void* 
 
 cudaError_t launch_decode_attention(const AttentionGpuParams& call, void* workspace, size_t workspace_bytes,
                                     cudaStream_t stream) {
-  if (!decode_shape_ok(call) || !call.out || !call.lse || !call.q || !detail::kv_source_ok(call))
+  if (!decode_shape_ok(call) || !call.out || !call.lse || !call.q || !detail::kv_source_ok(call) || call.key_limit)
     return cudaErrorInvalidValue;
   if (call.n_q == 0) return cudaSuccess;
   if (workspace_bytes < decode_attention_workspace_bytes(call) || !workspace) return cudaErrorInvalidValue;

@@ -43,6 +43,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) small_head_attention_kern
   // Visible keys: [first, last] (the window's bound, then causal and n_kv).
   int64_t last = p.n_kv - 1;
   if (p.causal && i + p.causal_offset < last) last = i + p.causal_offset;
+  if (p.key_limit && p.key_limit[i] - 1 < last) last = p.key_limit[i] - 1;
   const int64_t first = window_first_key(p, i);
   float m = kNegInfF, l = 0.0f, u = 0.0f;
   for (int64_t j = first; j <= last; ++j) {
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) small_head_attention_kern
 }  // namespace
 
 cudaError_t launch_attention_small_head(const AttentionGpuParams& p, cudaStream_t stream) {
-  if (!detail::prefill_params_ok(p, kWarpsPerBlock) || p.head_dim < 1 || p.head_dim > kSmallHeadMaxDim)
+  if (!detail::prefill_params_ok(p, kWarpsPerBlock, true) || p.head_dim < 1 || p.head_dim > kSmallHeadMaxDim)
     return cudaErrorInvalidValue;
   const int64_t rows = p.n_q * p.n_heads;
   if (rows == 0) return cudaSuccess;

@@ -31,6 +31,11 @@ struct KvSegment {
 // kpos(j) = j for j < key_gap_from, j + key_gap for j >= key_gap_from (key_gap >= 0). The window
 // lower bound is monotone in i and j, so the visible keys of a row are one range
 // [first_visible(i), i + causal_offset] (causal) or [first_visible(i), n_keys) (not causal).
+//
+// A per-row key limit (key_limit non-null, n_q entries) also hides key j from row i unless
+// j < key_limit[i]: Attamba's compressed keys, where a row sees the stored boundary keys up to a
+// position that moves in steps of P, not one key per row. The visible keys stay one range.
+// Host memory; the CUDA backend uploads it, and only the small-head kernel takes it.
 struct AttentionMask {
   bool causal = true;
   int64_t causal_offset = 0;
@@ -38,6 +43,7 @@ struct AttentionMask {
   int64_t window_offset = 0;  // qpos(i) - i
   int64_t key_gap_from = 0;   // first logical key index whose position jumps by key_gap
   int64_t key_gap = 0;
+  const int32_t* key_limit = nullptr;  // (n_q) or null: row i sees keys j < key_limit[i]
   int64_t key_position(int64_t j) const { return j >= key_gap_from ? j + key_gap : j; }
   // The first logical key index row i may see under the window (0 without one).
   int64_t first_visible(int64_t i) const {
@@ -48,7 +54,7 @@ struct AttentionMask {
     return lo - key_gap > key_gap_from ? lo - key_gap : key_gap_from;
   }
   bool visible(int64_t i, int64_t j) const {
-    return (!causal || j <= i + causal_offset) && j >= first_visible(i);
+    return (!causal || j <= i + causal_offset) && j >= first_visible(i) && (!key_limit || j < key_limit[i]);
   }
 };
 

@@ -127,23 +127,6 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
   srv->add_option("--shutdown-grace", sv.shutdown_grace_s,
                   "seconds running requests get to finish after SIGTERM/SIGINT, then they end as cancelled")
       ->check(CLI::NonNegativeNumber);
-  srv->add_option("--max-message-bytes", sv.max_message_bytes, "gRPC message size limit");
-  srv->add_option("--max-prompt-tokens", sv.max_prompt_tokens, "prompt token limit (0 = max context)");
-  srv->add_option("--max-tokens-limit", sv.max_tokens_limit, "upper bound for a request's max_tokens");
-  srv->add_option("--max-running", sc.max_running, "sequences decoded together");
-  srv->add_option("--max-queue", sc.max_queue, "requests waiting before RESOURCE_EXHAUSTED");
-
-  try {
-    app.parse(argc, argv);
-  } catch (const CLI::ParseError& e) {
-    *exit_code = app.exit(e);
-    return std::nullopt;
-  }
-  if (gen->parsed()) cl.command = "generate";
-  if (srv->parsed()) cl.command = "serve";
-  *exit_code = 0;
-  return cl;
-}
   srv->add_option("--entropy-overload-ratio", sv.entropy_overload_ratio,
                   "attention health: a head is overloaded when its mean entropy > RATIO x the uniform maximum "
                   "(in (0, 1]; requests may override it)")
@@ -164,6 +147,23 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
                        : fmt::format("--entropy-collapse-nats {} must be a finite number >= 0", v);
           },
           ">= 0"));
+  srv->add_option("--max-message-bytes", sv.max_message_bytes, "gRPC message size limit");
+  srv->add_option("--max-prompt-tokens", sv.max_prompt_tokens, "prompt token limit (0 = max context)");
+  srv->add_option("--max-tokens-limit", sv.max_tokens_limit, "upper bound for a request's max_tokens");
+  srv->add_option("--max-running", sc.max_running, "sequences decoded together");
+  srv->add_option("--max-queue", sc.max_queue, "requests waiting before RESOURCE_EXHAUSTED");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    *exit_code = app.exit(e);
+    return std::nullopt;
+  }
+  if (gen->parsed()) cl.command = "generate";
+  if (srv->parsed()) cl.command = "serve";
+  *exit_code = 0;
+  return cl;
+}
 
 std::string describe_config(const Config& c) {
   return fmt::format(

@@ -67,6 +67,7 @@ void partial_attention_cpu(const PartialAttentionParams& p) {
             // Visible keys of this row within the tile: [lo, vis) (the window's bound, then causal).
           int64_t vis = kt.n;
           if (p.mask.causal) vis = std::clamp<int64_t>(i0 + r + p.mask.causal_offset - kt.j0 + 1, 0, kt.n);
+          if (p.mask.key_limit) vis = std::min(vis, std::clamp<int64_t>(p.mask.key_limit[i0 + r] - kt.j0, 0, kt.n));
           const int64_t lo = std::clamp<int64_t>(p.mask.first_visible(i0 + r) - kt.j0, 0, kt.n);
           if (p.softcap > 0.0f) {
             for (int64_t c = lo; c < vis; ++c) row[c] = p.softcap * std::tanh(row[c] / p.softcap);

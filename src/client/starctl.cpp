@@ -13,12 +13,9 @@
 // background when stderr is a terminal and NO_COLOR is unset, else Unicode shade blocks) with the request's
 // attention health: o marks a head in entropic overload, c a collapsed one.
 // Exit status: 0 success, 1 the RPC failed (the gRPC status is printed), 2 bad command line or unreadable file.
-#include <unistd.h>
-
 #include <algorithm>
 #include <cctype>
 #include <cmath>
-#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
@@ -37,6 +34,7 @@
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
 
+#include "common/config.h"
 #include "starserve/v1/completion.grpc.pb.h"
 
 namespace v1 = starserve::v1;
@@ -288,15 +286,6 @@ double cell_ratio(const v1::LayerEntropy& layer, int h) {
   return std::clamp(static_cast<double>(layer.head_mean(h)) / max, 0.0, 1.0);
 }
 
-// Colour only on a terminal that wants it (https://no-color.org: NO_COLOR set to anything non-empty turns it off).
-bool stderr_wants_colour() {
-  const char* no_color = std::getenv("NO_COLOR");
-  if (no_color != nullptr && no_color[0] != '\0') return false;
-  const char* term = std::getenv("TERM");
-  if (term != nullptr && std::string_view(term) == "dumb") return false;
-  return isatty(fileno(stderr)) == 1;
-}
-
 // Layer rows x head columns, two characters a head. Plain: a shade block for the fifth of [0, 1] the value is in
 // (' ' under 0.2 ... '█' from 0.8), then the head's mark (o overloaded, c collapsed) or the block again. Colour: the
 // xterm-256 grey ramp (232 black .. 255 white) as background, the mark in bold red.
@@ -419,7 +408,7 @@ void print_tail(const Msg& m, v1::FinishReason finish, const GenerationOptions& 
     fmt::print(stderr, "[health] overload {:.4f} ({} of {} heads, H > {} x max), collapse {:.4f} ({} heads, H < {} nats)\n",
                h.overload_fraction(), h.overloaded_size(), h.n_heads_judged(), h.overload_ratio(),
                h.collapse_fraction(), h.collapsed_size(), h.collapse_nats());
-    fmt::print(stderr, "{}", render_heat_map(e, stderr_wants_colour()));
+    fmt::print(stderr, "{}", render_heat_map(e, starserve::terminal_wants_colour(fileno(stderr))));
   }
   if (!g.entropy_json.empty()) {
     std::ofstream f(g.entropy_json, std::ios::binary | std::ios::trunc);

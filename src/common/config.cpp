@@ -1,6 +1,9 @@
 #include "common/config.h"
 
+#include <unistd.h>
+
 #include <cstdlib>
+#include <cstring>
 
 namespace starserve {
 
@@ -9,6 +12,14 @@ bool launched_by_mpi() {
     if (std::getenv(var) != nullptr) return true;
   }
   return false;
+}
+
+bool terminal_wants_colour(int fd) {
+  const char* no_color = std::getenv("NO_COLOR");
+  if (no_color != nullptr && no_color[0] != '\0') return false;
+  const char* term = std::getenv("TERM");
+  if (term != nullptr && std::strcmp(term, "dumb") == 0) return false;
+  return isatty(fd) == 1;
 }
 
 void apply_library_environment() {

@@ -79,6 +79,9 @@ struct ServerConfig {
   double watchdog_timeout_s = 30;
   // Seconds that running requests get to finish after SIGTERM/SIGINT before they end as cancelled.
   double shutdown_grace_s = 30;
+  // Attention health of requests that ask for entropy (server/attention_health.h); a request may override both.
+  double entropy_overload_ratio = 0.9;  // overload: mean entropy > this x its uniform maximum; in (0, 1]
+  double entropy_collapse_nats = 0.1;   // collapse: mean entropy < this many nats; >= 0
 };
 
 struct LogConfig {
@@ -89,9 +92,6 @@ struct Config {
   ModelConfig model;
   ParallelConfig parallel;
   StarConfig star;
-  // Attention health of requests that ask for entropy (server/attention_health.h); a request may override both.
-  double entropy_overload_ratio = 0.9;  // overload: mean entropy > this x its uniform maximum; in (0, 1]
-  double entropy_collapse_nats = 0.1;   // collapse: mean entropy < this many nats; >= 0
   SchedulerConfig scheduler;
   ServerConfig server;
   LogConfig log;
@@ -100,6 +100,10 @@ struct Config {
 // True when a launcher (mpirun, srun) started this process as one rank of a job (its variables are
 // in the environment).
 bool launched_by_mpi();
+
+// True when output to file descriptor fd may carry ANSI colours: fd is a terminal, TERM is not "dumb" and NO_COLOR
+// is unset or empty (https://no-color.org). For the command-line tools' terminal views.
+bool terminal_wants_colour(int fd);
 
 // Settings that libraries read from the environment, applied before any NCCL communicator exists
 // (make_nccl_communicator calls it too): NCCL_NVLS_ENABLE=0 unless the environment sets it.

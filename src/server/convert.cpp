@@ -114,6 +114,9 @@ Status apply_params(const v1::GenerationParams& g, int64_t n_prompt, int default
     out->anchor_size = g.anchor_size();
   }
   out->return_entropy = g.has_return_attention_entropy() && g.return_attention_entropy();
+  prepared->health = limits.health;
+  if (g.has_entropy_overload_ratio()) prepared->health.overload_ratio = g.entropy_overload_ratio();
+  if (g.has_entropy_collapse_nats()) prepared->health.collapse_nats = g.entropy_collapse_nats();
   if (g.has_prompt_logprobs()) {
     const int64_t bound = max_prompt_logprob_bytes(n_prompt, g.prompt_logprobs(), limits.max_token_bytes);
     if (limits.max_message_bytes > 0 && bound > limits.max_message_bytes) {
@@ -121,9 +124,6 @@ Status apply_params(const v1::GenerationParams& g, int64_t n_prompt, int default
                               "max_message_bytes is {} (fewer alternatives or a shorter prompt fit)",
                               g.prompt_logprobs(), n_prompt, bound, limits.max_message_bytes);
     }
-  prepared->health = limits.health;
-  if (g.has_entropy_overload_ratio()) prepared->health.overload_ratio = g.entropy_overload_ratio();
-  if (g.has_entropy_collapse_nats()) prepared->health.collapse_nats = g.entropy_collapse_nats();
     out->prompt_logprobs = g.prompt_logprobs();
   }
   return Status();
@@ -355,6 +355,8 @@ RequestLimits make_request_limits(const ServerConfig& config, const EngineInfo& 
   // The model's output layer may be padded past the tokenizer's vocabulary; ids must be valid for both.
   l.n_vocab = info.n_vocab > 0 ? std::min(info.n_vocab, tokenizer.n_vocab()) : tokenizer.n_vocab();
   l.default_mode = info.star_defaults.mode;
+  l.health.overload_ratio = config.entropy_overload_ratio;
+  l.health.collapse_nats = config.entropy_collapse_nats;
   return l;
 }
 
@@ -362,8 +364,6 @@ int longest_token_bytes(const Tokenizer& tokenizer) {
   size_t longest = 1;
   for (int32_t id = 0; id < tokenizer.n_vocab(); ++id) longest = std::max(longest, tokenizer.token_to_bytes(id).size());
   return static_cast<int>(std::min<size_t>(longest, INT_MAX));
-  l.health.overload_ratio = config.entropy_overload_ratio;
-  l.health.collapse_nats = config.entropy_collapse_nats;
 }
 
 Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const Tokenizer& tokenizer,

@@ -308,6 +308,9 @@ Status parse_params(const json& body, bool chat, v1::GenerationParams* g, Option
   SS_RETURN_IF_ERROR(set_int32(body, "anchor_size", [g](int32_t v) { g->set_anchor_size(v); }));
   SS_RETURN_IF_ERROR(
       set_bool(body, "return_attention_entropy", [g](bool v) { g->set_return_attention_entropy(v); }));
+  SS_RETURN_IF_ERROR(
+      set_double(body, "entropy_overload_ratio", [g](double v) { g->set_entropy_overload_ratio(v); }));
+  SS_RETURN_IF_ERROR(set_double(body, "entropy_collapse_nats", [g](double v) { g->set_entropy_collapse_nats(v); }));
   SS_RETURN_IF_ERROR(set_int32(body, "prompt_logprobs", [g](int32_t v) { g->set_prompt_logprobs(v); }));
 
   SS_RETURN_IF_ERROR(set_bool(body, "stream", [o](bool v) { o->stream = v; }));
@@ -315,9 +318,6 @@ Status parse_params(const json& body, bool chat, v1::GenerationParams* g, Option
     if (!so->is_object()) return type_error("stream_options", "an object");
     if (!o->stream) return invalid_argument("stream_options needs stream = true");
     SS_RETURN_IF_ERROR(set_bool(*so, "include_usage", [o](bool v) { o->include_usage = v; }));
-  SS_RETURN_IF_ERROR(
-      set_double(body, "entropy_overload_ratio", [g](double v) { g->set_entropy_overload_ratio(v); }));
-  SS_RETURN_IF_ERROR(set_double(body, "entropy_collapse_nats", [g](double v) { g->set_entropy_collapse_nats(v); }));
   }
   return Status();
 }
@@ -554,6 +554,8 @@ struct OpenAiHttpServer::Request {
   std::shared_ptr<EventQueue> queue = std::make_shared<EventQueue>();
   RequestId engine_id{};
   bool finished = false;  // the engine's finish event was read
+  HealthThresholds health_thresholds;     // the request's (else the server's)
+  std::optional<AttentionHealth> health;  // when the finish event carries entropy
   std::optional<Clock::time_point> last_token_at;
 
   enum class End { kFinished, kClientGone, kAbandoned };
@@ -561,8 +563,6 @@ struct OpenAiHttpServer::Request {
   // shutdown grace ran out (kAbandoned); the engine request is cancelled in the last two cases.
   End pump(const std::function<bool(const std::vector<EngineEvent>&)>& sink, EngineEvent* end) {
     std::vector<std::pair<EngineEvent, Clock::time_point>> batch;
-  HealthThresholds health_thresholds;     // the request's (else the server's)
-  std::optional<AttentionHealth> health;  // when the finish event carries entropy
     std::vector<EngineEvent> tokens;
     for (;;) {
       {
@@ -592,16 +592,16 @@ struct OpenAiHttpServer::Request {
       if (fin) {
         *end = std::move(*fin);
         finished = true;
+        if (end->entropy && end->entropy->enabled()) {
+          health = attention_health(*end->entropy, health_thresholds);
+          if (server.metrics_) server.metrics_->observe_attention_health(*health);
+        }
         if (ServerMetrics* m = server.metrics_) {
           m->add_generated_tokens(end->usage.completion_tokens);
           if (end->usage.context_tokens > 0 && end->timing.phase1_ms > 0) {
             m->observe_phase1(end->timing.phase1_ms / 1000.0);
           }
           m->observe_request_duration(seconds_between(start, Clock::now()));
-        }
-        if (end->entropy && end->entropy->enabled()) {
-          health = attention_health(*end->entropy, health_thresholds);
-          if (server.metrics_) server.metrics_->observe_attention_health(*health);
         }
         return End::kFinished;
       }
@@ -788,6 +788,7 @@ void OpenAiHttpServer::install_routes() {
       auto r = std::make_shared<Request>(*this, a);
       r->chat = chat;
       r->options = options;
+      r->health_thresholds = prepared->health;
       r->rpc = rpc;
       r->model = info.model_name;
       r->created = unix_seconds();
@@ -795,7 +796,6 @@ void OpenAiHttpServer::install_routes() {
       {
         thread_local std::mt19937_64 rng(std::random_device{}());
         r->id = fmt::format("{}-{:016x}{:08x}", chat ? "chatcmpl" : "cmpl", rng(), static_cast<uint32_t>(rng()));
-      r->health_thresholds = prepared->health;
       }
       const int64_t n_prompt = static_cast<int64_t>(prepared->engine.context.size() + prepared->engine.query.size());
       std::string echo = std::move(prepared->echo_text);

@@ -104,25 +104,63 @@ void CompressedAttender::band(Tensor q, Tensor k, Tensor v, Tensor carry_row, co
   (void)n;
 }
 
+std::vector<KvView> key_range(std::span<const KvView> keys, int64_t from, int64_t to) {
+  std::vector<KvView> out;
+  int64_t at = 0;  // logical index of the run's first key
+  for (const KvView& kv : keys) {
+    const int64_t n = kv.n_tokens();
+    const int64_t lo = std::max(from, at), hi = std::min(to, at + n);
+    if (lo < hi) out.push_back({kv.k.slice_rows(lo - at, hi - lo), kv.v.slice_rows(lo - at, hi - lo)});
+    at += n;
+    if (at >= to) break;
+  }
+  return out;
+}
+
 void CompressedAttender::compressed(Tensor q, std::span<const int32_t> qpos, std::span<const KvView> keys,
                                     std::span<const int32_t> key_pos, const PartialBuffers& p) {
-  const int64_t n = q.shape[0], L = hp_.attamba.leading;
+  const int64_t n = q.shape[0], L = hp_.attamba.leading, nh = hp_.n_heads, hd = hp_.head_dim;
   SS_CHECK(static_cast<int64_t>(qpos.size()) == n, "attamba: {} query positions for {} rows", qpos.size(), n);
   int64_t n_keys = 0;
   for (const KvView& kv : keys) n_keys += kv.n_tokens();
   SS_CHECK(n_keys == static_cast<int64_t>(key_pos.size()), "attamba: {} stored keys with {} positions", n_keys,
            key_pos.size());
-  auto visible = [&](int64_t i) {
-    const int64_t limit = int64_t{qpos[i]} - L - 1;  // the last position row i sees compressed
-    return static_cast<int64_t>(std::upper_bound(key_pos.begin(), key_pos.end(), limit) - key_pos.begin());
-  };
-  for (int64_t i = 0; i < n;) {
-    const int64_t c = visible(i);
-    int64_t j = i + 1;
-    while (j < n && visible(j) == c) ++j;
-    const std::vector<KvView> prefix = key_prefix(keys, c);  // empty: O = 0, LSE = -inf, H = 0
-    backend_.partial_attention(call(q.slice_rows(i, j - i), prefix, AttentionMask{false, 0}, p, i));
-    i = j;
+  // limit_[i]: how many stored keys row i sees (those at positions <= qpos[i] - L - 1); it grows
+  // with i, by one key every P rows.
+  limit_.resize(static_cast<size_t>(n));
+  rel_limit_.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t last = int64_t{qpos[i]} - L - 1;
+    limit_[i] = static_cast<int32_t>(std::upper_bound(key_pos.begin(), key_pos.end(), last) - key_pos.begin());
+  }
+  // Rows in blocks of 64 P: the keys every row of a block sees ([0, c0), c0 the block's first
+  // limit) in one non-causal call that any kernel takes, the few the later rows add ([c0, c1), at
+  // most about 64 per row) in a call with per-row key limits (AttentionMask::key_limit), then the
+  // two merged. A block whose rows all see the same keys is one call.
+  const int64_t block = 64 * std::max(1, hp_.attamba.chunk);
+  for (int64_t i0 = 0; i0 < n; i0 += block) {
+    const int64_t nb = std::min(block, n - i0);
+    const int64_t c0 = limit_[i0], c1 = limit_[i0 + nb - 1];
+    const Tensor qb = q.slice_rows(i0, nb);
+    if (c0 == c1) {  // empty prefix included: O = 0, LSE = -inf, H = 0
+      const std::vector<KvView> prefix = key_prefix(keys, c0);
+      backend_.partial_attention(call(qb, prefix, AttentionMask{false, 0}, p, i0));
+      continue;
+    }
+    for (int64_t i = 0; i < nb; ++i) rel_limit_[i0 + i] = limit_[i0 + i] - static_cast<int32_t>(c0);
+    AttentionMask limited{false, 0};
+    limited.key_limit = rel_limit_.data() + i0;
+    const std::vector<KvView> tail = key_range(keys, c0, c1);
+    if (c0 == 0) {
+      backend_.partial_attention(call(qb, tail, limited, p, i0));
+      continue;
+    }
+    const PartialBuffers a = buffers(2, nb), b = buffers(3, nb);
+    const std::vector<KvView> prefix = key_prefix(keys, c0);
+    backend_.partial_attention(call(qb, prefix, AttentionMask{false, 0}, a, 0));
+    backend_.partial_attention(call(qb, tail, limited, b, 0));
+    const AttentionPartial parts[2] = {a.part(), b.part()};
+    backend_.merge_partials(p.out + i0 * nh * hd, p.lse + i0 * nh, p.entropy + i0 * nh, parts, nb * nh, hd);
   }
 }
 

@@ -5,9 +5,11 @@
 //         token (AttambaCarryLayout); a causal call with a window of L + 1 positions;
 //   compressed: the stored boundary keys (KV cache rows, in position order, with their positions
 //         kept beside them: KvCache::stored_positions) that lie at positions <= t - L - 1. Those
-//         are a prefix of the stored keys for each query row; the rows of a forward are grouped by
-//         that prefix's length (it changes at most once per P rows) into non-causal calls over the
-//         prefix, so the attention kernels need no new mask kind.
+//         are a prefix of the stored keys for each query row, one key longer every P rows. Rows
+//         go in blocks of 64 P: the prefix every row of the block sees in one non-causal call,
+//         the keys its later rows add in one call with per-row key limits
+//         (AttentionMask::key_limit), merged; so a forward of n rows makes about 3 n / (64 P)
+//         attention calls per layer instead of n / P.
 // Only boundary tokens' k/v go into the cache (append_boundaries); the carry lives beside it
 // (KvCache::carry), one per layer and sequence.
 #pragma once
@@ -71,9 +73,12 @@ class CompressedAttender {
   std::vector<Scratch> slots_;  // buffers(): 3 scratches per slot
   Scratch ring_k_, ring_v_, lse_, ent_, out32_;
   std::vector<float> header_;
+  std::vector<int32_t> limit_, rel_limit_;  // compressed(): each row's visible key count, and past its block's first
 };
 
 // Keys [0, n) of a list of runs.
 std::vector<KvView> key_prefix(std::span<const KvView> keys, int64_t n);
+// Keys [from, to) of a list of runs.
+std::vector<KvView> key_range(std::span<const KvView> keys, int64_t from, int64_t to);
 
 }  // namespace starserve

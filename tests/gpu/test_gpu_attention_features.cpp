@@ -50,6 +50,7 @@ struct FeatureCase {
   AttentionMask mask;  // window fields (causal ones are set from the two above)
   float softcap;
   bool out_fp32;
+  std::vector<int32_t> key_limit = {};  // AttentionMask::key_limit (n_q) or empty
 };
 
 std::string name(const FeatureCase& c) {
@@ -130,6 +131,7 @@ void check_case(const FeatureCase& c, Kernel kernel, std::mt19937& rng, int page
   rp.scale = scale;
   rp.mask = full_mask(c);
   rp.softcap = c.softcap;
+  if (!c.key_limit.empty()) rp.mask.key_limit = c.key_limit.data();
   partial_attention_ref(rp);
 
   // Paged: the keys in order in a pool with the last page padded by NaN (never read).
@@ -179,6 +181,8 @@ void check_case(const FeatureCase& c, Kernel kernel, std::mt19937& rng, int page
   p.key_gap_from = c.mask.key_gap_from;
   p.key_gap = c.mask.key_gap;
   p.softcap = c.softcap;
+  DeviceBuffer<int32_t> d_limit(c.key_limit);
+  if (!c.key_limit.empty()) p.key_limit = d_limit.ptr;
   switch (kernel) {
     case Kernel::kMma: ASSERT_EQ(launch_prefill_attention_mma(p, nullptr), cudaSuccess); break;
     case Kernel::kWgmma: ASSERT_EQ(launch_prefill_attention_wgmma(p, nullptr), cudaSuccess); break;
@@ -357,6 +361,42 @@ TEST(GpuAttentionFeatures, SmallHeadMatchesReference) {
   star.mask.key_gap = 512 - 32;
   check_case(star, Kernel::kSmallHead, rng);
   check_case(windowed(70, 400, 4, 2, 16, 8), Kernel::kSmallHead, rng, 6);
+}
+
+// Per-row key limits (Attamba's compressed keys): the small-head kernel against the reference,
+// limits that rise in steps of P, 0 (an empty row), past the keys; with a window and causal bound
+// too; the tensor-core and decode launchers refuse them.
+TEST(GpuAttentionFeatures, SmallHeadKeyLimitsMatchReference) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(306);
+  for (int d : {16, 64, 128}) {
+    for (int P : {4, 8}) {
+      FeatureCase c{100, 70, 4, 2, d, false, 0, {}, 0.0f, true};
+      for (int64_t i = 0; i < c.n_q; ++i) c.key_limit.push_back(static_cast<int32_t>(i < 5 ? 0 : i / P + 3));
+      c.key_limit.back() = 1000;
+      check_case(c, Kernel::kSmallHead, rng);
+      FeatureCase w = windowed(50, 300, 4, 1, d, 40);
+      for (int64_t i = 0; i < w.n_q; ++i) w.key_limit.push_back(static_cast<int32_t>(260 + i / P * P));
+      check_case(w, Kernel::kSmallHead, rng);
+    }
+  }
+  DeviceBuffer<__nv_bfloat16> buf(64 * 64);
+  DeviceBuffer<float> lse(64);
+  DeviceBuffer<int32_t> limit(8);
+  AttentionGpuParams p;
+  p.out = buf.ptr;
+  p.lse = lse.ptr;
+  p.q = p.k = p.v = buf.ptr;
+  p.n_q = 8;
+  p.n_kv = 8;
+  p.n_heads = p.n_kv_heads = 1;
+  p.head_dim = 64;
+  p.key_limit = limit.ptr;
+  EXPECT_EQ(launch_prefill_attention_mma(p, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(launch_prefill_attention_wgmma(p, nullptr), cudaErrorInvalidValue);
+  p.n_q = 1;  // a decode shape, refused for the limits alone
+  DeviceBuffer<unsigned char> ws(1 << 20);
+  EXPECT_EQ(launch_decode_attention(p, ws.ptr, 1 << 20, nullptr), cudaErrorInvalidValue);
 }
 
 // The baselines take neither feature: they refuse instead of ignoring it.

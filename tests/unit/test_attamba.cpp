@@ -118,6 +118,24 @@ TEST(Attamba, GlobalMatchesDenseReference) {
   }
 }
 
+// A prefill longer than the compressed partial's row blocks (64 P rows): the prefix every row of a
+// block sees, the keys its later rows add under per-row key limits, and their merge, against the
+// dense reference; then the same prompt in pieces that start inside a block.
+TEST(Attamba, LongPrefillOverSeveralRowBlocks) {
+  for (const ModelHParams& hp : {tiny_hparams(4, 5), tiny_hparams(3, 0), tiny_hparams(8, 2, false)}) {
+    Tiny t(hp);
+    const int64_t n = 160 * hp.attamba.chunk + 7;  // 2.5 blocks and a few rows
+    const auto ids = random_tokens(n, 19, hp.n_vocab);
+    const std::vector<float> want = dense_global(*t.source, ids);
+    KvCache cache = make_cache(*t.model, 16, 256);
+    const std::vector<float> got = local_in_pieces(*t.model, cache, 1, ids, {static_cast<int>(n)});
+    EXPECT_LE(max_abs_diff(got, want), logit_tolerance(want)) << "P " << hp.attamba.chunk;
+    KvCache cache2 = make_cache(*t.model, 16, 256);
+    const std::vector<float> pieces = local_in_pieces(*t.model, cache2, 2, ids, {100, 301, static_cast<int>(n)});
+    EXPECT_LE(max_abs_diff(pieces, want), logit_tolerance(want)) << "P " << hp.attamba.chunk << " in pieces";
+  }
+}
+
 TEST(Attamba, PrefillEqualsDecodeAndChunkedPrefill) {
   Tiny t;
   const int nv = t.model->hparams().n_vocab;

@@ -138,6 +138,47 @@ TEST(PartialAttentionRefMask, QueryOnContextShardSeesAllKeys) {
   EXPECT_NEAR(out[0], 3.0f, 1e-5);  // row 0 sees keys 0..6 only
 }
 
+// Per-row key limits (AttentionMask::key_limit, Attamba's compressed keys): row i sees keys
+// j < limit[i] only, with and without a causal bound; a limit of 0 leaves the row empty (O = 0,
+// LSE = -inf, H = 0), a limit past the keys changes nothing.
+TEST(PartialAttentionRefMask, PerRowKeyLimits) {
+  const int64_t n_q = 9, n_k = 40;
+  const int nh = 4, nkv = 2, d = 16;
+  std::mt19937 rng(77);
+  auto q = randn(n_q * nh * d, rng, 2.0f);
+  auto k = randn(n_k * nkv * d, rng, 1.0f);
+  auto v = randn(n_k * nkv * d, rng, 1.0f);
+  const std::vector<int32_t> limit = {0, 1, 1, 5, 12, 12, 13, 39, 100};
+  const float scale = 1.0f / std::sqrt(float(d));
+  const int64_t row = int64_t(nkv) * d;
+  std::vector<KvSegment> segs = {{k.data(), v.data(), 11}, {k.data() + 11 * row, v.data() + 11 * row, n_k - 11}};
+  for (bool causal : {false, true}) {
+    AttentionMask mask{causal, 20};
+    mask.key_limit = limit.data();
+    std::vector<float> out(n_q * nh * d), lse(n_q * nh), ent(n_q * nh);
+    PartialAttentionParams p{out.data(), lse.data(), ent.data(), q.data(), segs, n_q, nh, nkv, d, scale, mask};
+    partial_attention_ref(p);
+    const Dense ref = dense_attention(q, k, v, n_q, n_k, nh, nkv, d, scale, mask);
+    for (int64_t r = 0; r < n_q * nh; ++r) {
+      if (limit[r / nh] == 0) {
+        EXPECT_TRUE(std::isinf(lse[r]) && lse[r] < 0) << r;
+        EXPECT_EQ(ent[r], 0.0f);
+        for (int c = 0; c < d; ++c) EXPECT_EQ(out[r * d + c], 0.0f);
+        continue;
+      }
+      EXPECT_NEAR(lse[r], ref.lse[r], 1e-4 * std::max(1.0, std::abs(ref.lse[r]))) << r;
+      EXPECT_NEAR(ent[r], ref.ent[r], 2e-4) << r;
+      for (int c = 0; c < d; ++c) EXPECT_NEAR(out[r * d + c], ref.out[r * d + c], 1e-4) << r;
+    }
+    // The limits matter: without them row 4 (limit 12) sees more keys.
+    AttentionMask open{causal, 20};
+    const Dense all = dense_attention(q, k, v, n_q, n_k, nh, nkv, d, scale, open);
+    EXPECT_GT(std::abs(all.lse[4 * nh] - ref.lse[4 * nh]), 1e-3);
+    // A limit at or past the last visible key is no limit: row 8 (100) equals the open mask.
+    EXPECT_NEAR(ref.lse[8 * nh], all.lse[8 * nh], 1e-12);
+  }
+}
+
 // Merging partial results over shards of the keys equals attention over the union, including
 // shards that are empty for some or all rows.
 TEST(MergePartialsRef, EqualsDenseOverUnionWithEmptyShards) {

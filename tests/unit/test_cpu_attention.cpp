@@ -62,6 +62,44 @@ TEST_P(CpuAttention, MatchesReference) {
   }
 }
 
+// Per-row key limits (AttentionMask::key_limit) across key tiles and query tiles: the tiled
+// kernel against the scalar reference; limits that rise in steps, 0, and past the keys.
+TEST(CpuAttentionKeyLimit, MatchesReference) {
+  const int64_t n_q = 150, n_k = 700;
+  const int nh = 4, nkv = 2, d = 32;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto fill = [&](size_t n) {
+    std::vector<float> x(n);
+    for (float& f : x) f = nd(rng);
+    return x;
+  };
+  const auto q = fill(n_q * nh * d), k = fill(n_k * nkv * d), v = fill(n_k * nkv * d);
+  std::vector<int32_t> limit(n_q);
+  for (int64_t i = 0; i < n_q; ++i) limit[i] = static_cast<int32_t>(i < 3 ? 0 : i >= 140 ? 1000 : 5 * (i / 4));
+  std::vector<KvSegment> segs = {{k.data(), v.data(), 300}, {k.data() + 300 * nkv * d, v.data() + 300 * nkv * d, 400}};
+  const int64_t rows = n_q * nh;
+  std::vector<float> o1(rows * d), l1(rows), h1(rows), o2(rows * d), l2(rows), h2(rows);
+  AttentionMask mask{false, 0};
+  mask.key_limit = limit.data();
+  PartialAttentionParams p{o1.data(), l1.data(), h1.data(), q.data(), segs, n_q, nh, nkv, d,
+                           1.0f / std::sqrt(float(d)), mask};
+  partial_attention_ref(p);
+  p.out = o2.data();
+  p.lse = l2.data();
+  p.entropy = h2.data();
+  partial_attention_cpu(p);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (std::isinf(l1[r])) {
+      EXPECT_TRUE(std::isinf(l2[r])) << r;
+      continue;
+    }
+    ASSERT_NEAR(l1[r], l2[r], 2e-5 * std::max(1.0f, std::abs(l1[r]))) << "lse row " << r;
+    ASSERT_NEAR(h1[r], h2[r], 5e-5) << "entropy row " << r;
+    for (int x = 0; x < d; ++x) ASSERT_NEAR(o1[r * d + x], o2[r * d + x], 2e-5) << "out row " << r;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, CpuAttention,
     ::testing::Values(Shape{1, 1, 1, 1, 64, true, 0, 256, 1.0f},          // one token

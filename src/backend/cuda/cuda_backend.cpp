@@ -501,7 +501,12 @@ class CudaBackend final : public Backend {
     }
     AttentionGpuParams p = gpu_params(c, n_kv);
     bind_keys(c.kv, n_kv, &p);
-    if (c.head_dim != 64 && c.head_dim != 128) {  // the tensor-core kernels' head sizes only
+    if (c.mask.key_limit) {  // per-row key limits (Attamba's compressed keys): the small-head kernel takes them
+      auto* d = static_cast<int32_t*>(grow(key_limit_, static_cast<size_t>(n_q) * sizeof(int32_t)));
+      ring_upload(d, c.mask.key_limit, static_cast<size_t>(n_q) * sizeof(int32_t));
+      p.key_limit = d;
+      SS_CHECK_CALL(launch_attention_small_head(p, stream_));
+    } else if (c.head_dim != 64 && c.head_dim != 128) {  // the tensor-core kernels' head sizes only
       SS_CHECK_CALL(launch_attention_small_head(p, stream_));
     } else if (n_q <= kDecodeRows) {
       const size_t ws = decode_attention_workspace_bytes(p);
@@ -530,7 +535,7 @@ class CudaBackend final : public Backend {
       int64_t n_kv = 0;
       for (const KvView& kv : c.kv) n_kv += kv.n_tokens();
       const bool decode = options_.batch_decode && calls.size() > 1 && n_q >= 1 && n_q <= kDecodeRows && n_kv > 0 &&
-                          (c.head_dim == 64 || c.head_dim == 128);
+                          (c.head_dim == 64 || c.head_dim == 128) && !c.mask.key_limit;
       const bool bindable = c.kv.size() == 1 || page_table_shift(c.kv) > 0;
       AttentionGpuParams p;
       if (decode && bindable) {
@@ -964,6 +969,7 @@ class CudaBackend final : public Backend {
   std::vector<int32_t> sample_penalties_;  // every row's penalty tokens, then their counts
   std::vector<int32_t> last_pos_;
   DeviceBuffer shift_idx_;                 // KvShiftArgs::prev_index on the device
+  DeviceBuffer key_limit_;                 // AttentionMask::key_limit of the last call that had one
   std::vector<int32_t> last_shift_idx_;
   DeviceBuffer ssm_rows_;                  // SsmRows on the device (device_ssm_rows)
   std::vector<int32_t> last_ssm_seq_;
