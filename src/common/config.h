@@ -14,8 +14,8 @@ namespace starserve {
 enum class AttentionMode { kGlobal, kExact, kStar };
 
 // How exact mode assigns context tokens to ranks (docs/design.md, "Exact mode's layouts"):
-//   kContiguous: rank r encodes one span [r n/W, (r+1) n/W); the last rank attends over (W - 1/2)/W of the
-//                causal pairs, the first over 1/(2W) of them (the spec's baseline, kept for measurement);
+//   kContiguous: rank r encodes one span [r n/W, (r+1) n/W); the last rank attends over (2W - 1)/W^2 of the
+//                causal pairs, the first over 1/W^2 of them (the spec's baseline, kept for measurement);
 //   kZigzag:     the context cut into 2W chunks, rank r encodes chunks r and 2W-1-r, so every rank attends
 //                over about n^2 / (2W) pairs;
 //   kAuto:       kZigzag, except for models whose exact mode hands a halo across every rank boundary (KV

@@ -100,6 +100,13 @@ Status apply_params(const v1::GenerationParams& g, int64_t n_prompt, int default
       return invalid_argument("attention_mode = {} is not a known AttentionMode",
                               static_cast<int>(g.attention_mode()));
   }
+  switch (g.exact_layout()) {
+    case v1::EXACT_LAYOUT_UNSPECIFIED: out->exact_layout = ExactLayout::kAuto; break;  // the server's default
+    case v1::EXACT_LAYOUT_CONTIGUOUS: out->exact_layout = ExactLayout::kContiguous; break;
+    case v1::EXACT_LAYOUT_ZIGZAG: out->exact_layout = ExactLayout::kZigzag; break;
+    default:
+      return invalid_argument("exact_layout = {} is not a known ExactLayout", static_cast<int>(g.exact_layout()));
+  }
   const int size_bound = limits.max_context > 0 ? limits.max_context : INT_MAX;
   if (g.has_block_size()) {
     if (g.block_size() < 1 || g.block_size() > size_bound) {

@@ -304,6 +304,13 @@ Status parse_params(const json& body, bool chat, v1::GenerationParams* g, Option
     if (it == kModes.end()) return type_error("attention_mode", "one of \"global\", \"exact\", \"star\"");
     g->set_attention_mode(it->second);
   }
+  if (const json* layout = field(body, "exact_layout")) {
+    static const std::map<std::string, v1::ExactLayout> kLayouts = {{"contiguous", v1::EXACT_LAYOUT_CONTIGUOUS},
+                                                                    {"zigzag", v1::EXACT_LAYOUT_ZIGZAG}};
+    auto it = layout->is_string() ? kLayouts.find(layout->get<std::string>()) : kLayouts.end();
+    if (it == kLayouts.end()) return type_error("exact_layout", "one of \"contiguous\", \"zigzag\"");
+    g->set_exact_layout(it->second);
+  }
   SS_RETURN_IF_ERROR(set_int32(body, "block_size", [g](int32_t v) { g->set_block_size(v); }));
   SS_RETURN_IF_ERROR(set_int32(body, "anchor_size", [g](int32_t v) { g->set_anchor_size(v); }));
   SS_RETURN_IF_ERROR(

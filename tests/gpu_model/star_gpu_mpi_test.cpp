@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <numeric>
+#include <string>
 
 #include "backend/backend.h"
 #include "comm/communicator.h"
@@ -56,7 +57,7 @@ std::vector<float> run(Communicator& comm, std::span<const int32_t> context, std
   EXPECT_TRUE(lay.ok());
   EXPECT_TRUE(enc.encode(1, context, *lay, plan.mode).ok());
   Phase2Attention p2(*g_backend, cache, hp, comm, algo);
-  p2.register_sequence(1, comm.rank() == lay->query_host, static_cast<int64_t>(context.size()));
+  p2.register_sequence(1, *lay, comm.rank());
   std::vector<int32_t> pos(query.size());
   std::iota(pos.begin(), pos.end(), static_cast<int32_t>(context.size()));
   BatchSeq q{1, query, pos, true};
@@ -100,15 +101,26 @@ TEST(StarGpuMpi, StarAcrossRanksEqualsOneProcess) {
                run(*g_comm, context, query, plan, MergeAlgo::kAllReduce), "star, anchor 90");
 }
 
+// Exact mode in its default layout (zigzag: rank r holds chunks r and 2W-1-r) and in the contiguous
+// one, on a context that 2W does not divide and on one shorter than 2W (a rank with nothing).
 TEST(StarGpuMpi, ExactAcrossRanksEqualsGlobal) {
-  const auto context = tokens(500, 4), query = tokens(20, 5);
-  ContextPlan exact;
-  exact.mode = AttentionMode::kExact;
   ContextPlan global;
   global.mode = AttentionMode::kGlobal;
   auto local = make_local_communicator();
-  expect_close(run(*local, context, query, global, MergeAlgo::kAllReduce),
-               run(*g_comm, context, query, exact, MergeAlgo::kAllReduce), "exact vs global");
+  for (const int64_t n : {int64_t{500}, int64_t{501}, int64_t{3}}) {
+    const auto context = tokens(n, 4), query = tokens(20, 5);
+    const auto ref = run(*local, context, query, global, MergeAlgo::kAllReduce);
+    for (const ExactLayout layout : {ExactLayout::kAuto, ExactLayout::kZigzag, ExactLayout::kContiguous}) {
+      ContextPlan exact;
+      exact.mode = AttentionMode::kExact;
+      exact.exact_layout = layout;
+      const std::string what = "exact (" + std::string(layout == ExactLayout::kContiguous ? "contiguous"
+                                                       : layout == ExactLayout::kZigzag   ? "zigzag"
+                                                                                           : "default") +
+                               ", " + std::to_string(n) + " tokens) vs global";
+      expect_close(ref, run(*g_comm, context, query, exact, MergeAlgo::kAllReduce), what.c_str());
+    }
+  }
 }
 
 }  // namespace

@@ -127,7 +127,7 @@ TEST(ExactZigzagLayout, CoversTheContextOnceAndBalancesThePairs) {
 }
 
 // What zigzag is for: at 8 ranks the contiguous layout's last rank attends over 15/64 of the pairs
-// (about (W - 1/2) / W^2), zigzag's busiest rank over 1/8 of them.
+// (about (2W - 1) / W^2), zigzag's busiest rank over 1/8 of them.
 TEST(ExactZigzagLayout, BusiestRankAgainstContiguous) {
   const int64_t n = 1 << 14;
   const int world = 8;
