@@ -43,32 +43,42 @@ def model_tables(rows):
             dec[key] = r["ms_per_token"]
 
     def name(m):
+        if m.startswith("exact"):
+            return m.replace("exact@", "exact ")
         return "star ¼" if m == "star" else m.replace("star@", "star ") + " tokens"
 
     for w in sorted({k[2] for k in ttft if k[2] > 1}):
         contexts = sorted({k[1] for k in ttft if k[2] == w})
+        # exact: the default layout; exact@contiguous / exact@zigzag: that layout (model_bench's modes).
+        exact_modes = sorted({k[0] for k in ttft if k[0].startswith("exact") and k[2] == w})
         star_modes = sorted({k[0] for k in ttft if k[0].startswith("star") and k[2] == w},
                             key=lambda m: (m != "star", m))
-        head = ["context", "global, 1 GPU", f"exact, {w} GPUs"] + [f"{name(m)}, {w} GPUs" for m in star_modes]
-        head += [f"{name(m)} ÷ global" for m in star_modes[:1]] + [f"{name(m)} ÷ exact" for m in star_modes[:1]]
+        head = ["context", "global, 1 GPU"] + [f"{name(m)}, {w} GPUs" for m in exact_modes + star_modes]
+        head += [f"{name(m)} ÷ global" for m in star_modes[:1]]
+        head += [f"{name(s)} ÷ {name(e)}" for s in star_modes[:1] for e in exact_modes]
+        if "exact@contiguous" in exact_modes and "exact@zigzag" in exact_modes:
+            head.append("contiguous ÷ zigzag")
         print(f"Time to first token (s), {w} GPUs:\n")
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for n in contexts:
             g = ttft.get(("global", n, 1))
-            e = ttft.get(("exact", n, w))
+            exacts = [ttft.get((m, n, w)) for m in exact_modes]
             stars = [ttft.get((m, n, w)) for m in star_modes]
             s0 = stars[0] if stars else None
-            cells = [f"{n // 1024}K", fmt(g), fmt(e)] + [fmt(x) for x in stars]
-            cells += [fmt(ratio(g, s0), "×"), fmt(ratio(e, s0), "×")]
+            cells = [f"{n // 1024}K", fmt(g)] + [fmt(x) for x in exacts + stars]
+            cells += [fmt(ratio(g, s0), "×")] if star_modes else []
+            cells += [fmt(ratio(e, s0), "×") for e in exacts] if star_modes else []
+            if "exact@contiguous" in exact_modes and "exact@zigzag" in exact_modes:
+                cells.append(fmt(ratio(ttft.get(("exact@contiguous", n, w)), ttft.get(("exact@zigzag", n, w))), "×"))
             print("| " + " | ".join(cells) + " |")
         print(f"\nDecode (ms per token), {w} GPUs:\n")
-        head = ["context", "global, 1 GPU", f"exact, {w} GPUs"] + [f"{name(m)}, {w} GPUs" for m in star_modes]
+        head = ["context", "global, 1 GPU"] + [f"{name(m)}, {w} GPUs" for m in exact_modes + star_modes]
         print("| " + " | ".join(head) + " |")
         print("|" + "---|" * len(head))
         for n in contexts:
-            cells = [f"{n // 1024}K", fmt(dec.get(("global", n, 1))), fmt(dec.get(("exact", n, w)))]
-            cells += [fmt(dec.get((m, n, w))) for m in star_modes]
+            cells = [f"{n // 1024}K", fmt(dec.get(("global", n, 1)))]
+            cells += [fmt(dec.get((m, n, w))) for m in exact_modes + star_modes]
             print("| " + " | ".join(cells) + " |")
         print()
 
