@@ -66,6 +66,7 @@ struct GenerationOptions {
   int prompt_logprobs = 0;
   bool echo = false;
   std::string attention;
+  std::string exact_layout;
   int block_size = 0, anchor_size = 0;
   bool entropy = false;
   std::string entropy_json;  // write the entropy map and its health here
@@ -155,6 +156,13 @@ v1::AttentionMode parse_mode(const std::string& s) {
   throw UsageError(fmt::format("--attention {}: must be global, exact or star", s));
 }
 
+v1::ExactLayout parse_layout(const std::string& s) {
+  if (s.empty() || s == "auto") return v1::EXACT_LAYOUT_UNSPECIFIED;
+  if (s == "zigzag") return v1::EXACT_LAYOUT_ZIGZAG;
+  if (s == "contiguous") return v1::EXACT_LAYOUT_CONTIGUOUS;
+  throw UsageError(fmt::format("--exact-layout {}: must be zigzag, contiguous or auto", s));
+}
+
 // `\xHH` -> the byte HH, `\\` -> a backslash; anything else as it is.
 std::string unescape_bytes(const std::string& s) {
   std::string out;
@@ -191,6 +199,7 @@ v1::GenerationParams make_params(const GenerationOptions& g) {
   if (g.has("--logprobs")) p.set_logprobs(g.logprobs);
   if (g.has("--prompt-logprobs")) p.set_prompt_logprobs(g.prompt_logprobs);
   p.set_attention_mode(parse_mode(g.attention));
+  p.set_exact_layout(parse_layout(g.exact_layout));
   if (g.has("--block-size")) p.set_block_size(g.block_size);
   if (g.has("--anchor-size")) p.set_anchor_size(g.anchor_size);
   if (g.entropy || !g.entropy_json.empty()) p.set_return_attention_entropy(true);
@@ -650,6 +659,8 @@ void add_generation_flags(CLI::App* cmd, GenerationOptions* g, bool completion) 
   tracked("--prompt-logprobs", g->prompt_logprobs,
           "report each prompt token's logprob with the top-N alternatives, and the prompt's perplexity (stderr)");
   cmd->add_option("--attention", g->attention, "global | exact | star (default: the server's)");
+  cmd->add_option("--exact-layout", g->exact_layout,
+                  "exact mode's token layout: zigzag | contiguous | auto (default: the server's)");
   tracked("--block-size", g->block_size, "context block size in tokens");
   tracked("--anchor-size", g->anchor_size, "anchor size in tokens (0 = none)");
   cmd->add_flag("--entropy", g->entropy,

@@ -448,6 +448,7 @@ grpc::Status CompletionService::GetServerInfo(grpc::ServerContext* ctx, const v1
     star->set_n_blocks(info.star_defaults.n_blocks);
     star->set_anchor_size(info.star_defaults.anchor_size);
     star->set_query_tail(info.star_defaults.query_tail);
+    star->set_exact_layout(to_proto(info.star_defaults.exact_layout));
     v1::RequestLimits* lim = response->mutable_limits();
     lim->set_max_prompt_tokens(l.max_prompt_tokens);
     lim->set_max_prompt_bytes(l.max_prompt_bytes);

@@ -435,6 +435,15 @@ v1::AttentionMode to_proto(AttentionMode mode) {
   return v1::ATTENTION_MODE_UNSPECIFIED;
 }
 
+v1::ExactLayout to_proto(ExactLayout layout) {
+  switch (layout) {
+    case ExactLayout::kAuto: return v1::EXACT_LAYOUT_UNSPECIFIED;  // "auto": the model decides (common/config.h)
+    case ExactLayout::kContiguous: return v1::EXACT_LAYOUT_CONTIGUOUS;
+    case ExactLayout::kZigzag: return v1::EXACT_LAYOUT_ZIGZAG;
+  }
+  return v1::EXACT_LAYOUT_UNSPECIFIED;
+}
+
 void fill_usage(const EngineUsage& usage, v1::Usage* out) {
   const int64_t prompt = usage.context_tokens + usage.query_tokens;
   out->set_prompt_tokens(static_cast<int32_t>(prompt));

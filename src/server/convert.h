@@ -78,6 +78,7 @@ Result<v1::TokenizeResponse> tokenize(const v1::TokenizeRequest& request, const 
 // ---- results -> proto ----
 v1::FinishReason to_proto(FinishReason reason);
 v1::AttentionMode to_proto(AttentionMode mode);
+v1::ExactLayout to_proto(ExactLayout layout);
 void fill_usage(const EngineUsage& usage, v1::Usage* out);
 // total_ms: the server's own measure from the RPC's arrival.
 void fill_timing(const EngineTiming& timing, double total_ms, v1::Timing* out);

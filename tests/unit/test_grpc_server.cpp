@@ -19,6 +19,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -76,12 +77,14 @@ class InstantEngine final : public Engine {
     i.max_context = 256;
     i.n_vocab = tiny().n_vocab();
     i.devices = {"cpu"};
+    i.star_defaults = star_defaults;
     return i;
   }
   int64_t plain_prompt_context_tokens(int64_t n_prompt) const override { return n_prompt / 2; }
   bool ready() const override { return true; }
 
   std::atomic<int> submitted{0};
+  StarConfig star_defaults;
 
  private:
   std::atomic<RequestId> next_id_{1};
@@ -320,6 +323,29 @@ TEST(GrpcServer, EveryServiceNeedsTheApiKey) {
   EXPECT_TRUE(status.ok()) << status.error_message();
   EXPECT_EQ(list_services_v1alpha(channel, key, &status), expected);
   EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
+TEST(GrpcServer, ServerInfoReportsTheStarDefaults) {
+  const std::vector<std::pair<ExactLayout, v1::ExactLayout>> layouts = {
+      {ExactLayout::kAuto, v1::EXACT_LAYOUT_UNSPECIFIED},
+      {ExactLayout::kContiguous, v1::EXACT_LAYOUT_CONTIGUOUS},
+      {ExactLayout::kZigzag, v1::EXACT_LAYOUT_ZIGZAG}};
+  for (const auto& [layout, expected] : layouts) {
+    Served s;
+    s.engine.star_defaults.mode = AttentionMode::kExact;
+    s.engine.star_defaults.block_size = 96;
+    s.engine.star_defaults.anchor_size = 32;
+    s.engine.star_defaults.exact_layout = layout;
+    ASSERT_TRUE(s.start(config_for("127.0.0.1")).ok());
+    auto stub = v1::CompletionService::NewStub(s.channel());
+    grpc::ClientContext ctx;
+    v1::GetServerInfoResponse info;
+    ASSERT_TRUE(stub->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info).ok());
+    EXPECT_EQ(info.star().attention_mode(), v1::ATTENTION_MODE_EXACT);
+    EXPECT_EQ(info.star().block_size(), 96);
+    EXPECT_EQ(info.star().anchor_size(), 32);
+    EXPECT_EQ(info.star().exact_layout(), expected);
+  }
 }
 
 TEST(GrpcServer, ReflectionAnswersFromTheDescriptorPool) {
