@@ -120,10 +120,12 @@ class CudaBackend final : public Backend {
       cublasLtMatrixLayoutDestroy(plan.b);
       cublasLtMatrixLayoutDestroy(plan.c);
     }
-    // Scratch buffers free through this backend: release them before the stream goes.
+    // Scratch buffers free through this backend (cudaFreeAsync on stream_): release every DeviceBuffer member
+    // here, before the stream goes; one left to the implicit destructor frees on a destroyed stream.
     ids_ = DeviceBuffer();
     pos_ = DeviceBuffer();
     shift_idx_ = DeviceBuffer();
+    key_limit_ = DeviceBuffer();
     ssm_rows_ = DeviceBuffer();
     tables_ = DeviceBuffer();
     batch_tables_ = DeviceBuffer();
