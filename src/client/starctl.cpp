@@ -73,6 +73,7 @@ struct GenerationOptions {
   double overload_ratio = 0, collapse_nats = 0;
   bool stream = false;  // chat only
   std::string model;
+  std::string request_id;  // sent as x-request-id: the id Abort takes
   // Hidden, for tests of the server's input checks: \xHH in the prompt, query, system message, stop strings and
   // model is the byte HH (\\ a backslash), so invalid UTF-8 can be sent.
   bool unescape = false;
@@ -397,8 +398,9 @@ template <typename Msg>
 void print_tail(const Msg& m, v1::FinishReason finish, const GenerationOptions& g) {
   const v1::Usage& u = m.usage();
   const v1::Timing& t = m.timing();
-  fmt::print(stderr, "\n[finish {}] prompt {} tokens (context {}, query {}), completion {} tokens\n",
-             finish_name(finish), u.prompt_tokens(), u.context_tokens(), u.query_tokens(), u.completion_tokens());
+  fmt::print(stderr, "\n[finish {}] prompt {} tokens (context {}, query {}), completion {} tokens, id {}\n",
+             finish_name(finish), u.prompt_tokens(), u.context_tokens(), u.query_tokens(), u.completion_tokens(),
+             m.id());
   fmt::print(stderr, "[timing] queue {:.1f} ms, phase 1 {:.1f} ms, first token {:.1f} ms, {:.1f} tokens/s, total {:.1f} ms\n",
              t.queue_ms(), t.phase1_ms(), t.time_to_first_token_ms(), t.tokens_per_second(), t.total_ms());
   if (!m.has_attention_entropy()) return;
@@ -464,6 +466,7 @@ int run_generation(const ConnectionOptions& c, const GenerationOptions& given, R
   auto stub = v1::CompletionService::NewStub(make_channel(c));
   grpc::ClientContext ctx;
   prepare_context(c, &ctx);
+  if (!g.request_id.empty()) ctx.AddMetadata("x-request-id", g.request_id);
   Resp last;
   grpc::Status s = call(rpc, *stub, ctx, req, [&last](const Resp& m) {
     for (const auto& choice : m.choices()) {
@@ -578,6 +581,21 @@ int run_info(const ConnectionOptions& c) {
   return 0;
 }
 
+// Abort: one line per id, "aborted ID" or "not found ID"; exit 0 when every id was aborted, 1 otherwise.
+int run_abort(const ConnectionOptions& c, const std::vector<std::string>& ids) {
+  auto stub = v1::CompletionService::NewStub(make_channel(c));
+  v1::AbortRequest req;
+  for (const std::string& id : ids) req.add_ids(id);
+  v1::AbortResponse resp;
+  grpc::ClientContext ctx;
+  prepare_context(c, &ctx);
+  grpc::Status s = stub->Abort(&ctx, req, &resp);
+  if (!s.ok()) return report_error(s);
+  for (const std::string& id : resp.aborted()) fmt::print("aborted {}\n", id);
+  for (const std::string& id : resp.not_found()) fmt::print("not found {}\n", id);
+  return resp.not_found_size() == 0 ? 0 : 1;
+}
+
 // grpc.health.v1.Health/Check without the health .proto: HealthCheckRequest is {string service = 1} and
 // HealthCheckResponse is {ServingStatus status = 1}, both a single field on the wire.
 int run_health(const ConnectionOptions& c, const std::string& service) {
@@ -672,6 +690,8 @@ void add_generation_flags(CLI::App* cmd, GenerationOptions* g, bool completion) 
   tracked("--entropy-collapse-nats", g->collapse_nats,
           "health threshold for this request: collapse when H < NATS (default: the server's)");
   cmd->add_option("--model", g->model, "model name to check against the server's");
+  cmd->add_option("--request-id", g->request_id,
+                  "the request's id (metadata x-request-id; unique among running requests): `starctl abort` takes it");
   cmd->add_flag("--unescape", g->unescape, "\\xHH in texts is the byte HH (tests)")->group("");
 }
 
@@ -713,6 +733,11 @@ int main(int argc, char** argv) {
 
   app.add_subcommand("info", "model and server information (JSON)");
 
+  std::vector<std::string> abort_ids;
+  CLI::App* abort_cmd = app.add_subcommand("abort", "end queued or running requests by id (their output so far is "
+                                                    "returned to their clients, finish reason cancelled)");
+  abort_cmd->add_option("ids", abort_ids, "request ids (responses' id, or a --request-id)")->required();
+
   std::string health_service;
   bool health_ready = false;
   CLI::App* health = app.add_subcommand("health", "grpc.health.v1 check; exit 0 when SERVING");
@@ -726,6 +751,7 @@ int main(int argc, char** argv) {
     if (chat->parsed()) return run_chat(c, chat_opts);
     if (tokenize->parsed()) return run_tokenize(c, tok_text, tok_chat, tok_no_special, tok_ids_only);
     if (app.got_subcommand("info")) return run_info(c);
+    if (abort_cmd->parsed()) return run_abort(c, abort_ids);
     if (health->parsed()) {
       return run_health(c, health_ready ? std::string("starserve.v1.CompletionService") : health_service);
     }

@@ -125,11 +125,12 @@ void set_role(v1::ChatDeltaChoice* c) { c->mutable_delta()->set_role("assistant"
 }  // namespace
 
 CompletionService::CompletionService(const ServerConfig& config, std::shared_ptr<const ApiKeyCheck> api_key,
-                                     ServerMetrics* metrics)
+                                     ServerMetrics* metrics, RequestRegistry* registry)
     : CheckedService("starserve.v1.CompletionService"),
       config_(config),
       api_key_(std::move(api_key)),
       metrics_(metrics),
+      registry_(registry ? registry : &own_registry_),
       id_rng_(std::random_device{}()) {
   add_unary("Complete", &CompletionService::Complete);
   add_server_streaming("StreamComplete", &CompletionService::StreamComplete);
@@ -138,13 +139,15 @@ CompletionService::CompletionService(const ServerConfig& config, std::shared_ptr
   add_unary("Tokenize", &CompletionService::Tokenize);
   add_unary("GetModelInfo", &CompletionService::GetModelInfo);
   add_unary("GetServerInfo", &CompletionService::GetServerInfo);
+  add_unary("Abort", &CompletionService::Abort);
   check_all_registered();
 }
 
 CompletionService::CompletionService(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
                                      std::optional<ChatTemplate> chat_template,
-                                     std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics)
-    : CompletionService(config, std::move(api_key), metrics) {
+                                     std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics,
+                                     RequestRegistry* registry)
+    : CompletionService(config, std::move(api_key), metrics, registry) {
   attach(engine, tokenizer, std::move(chat_template));
 }
 
@@ -192,8 +195,30 @@ std::string CompletionService::new_id(std::string_view prefix) {
   return fmt::format("{}-{:016x}{:08x}", prefix, id_rng_(), static_cast<uint32_t>(id_rng_()));
 }
 
+grpc::Status CompletionService::register_id(const grpc::ServerContext* ctx, std::string_view prefix,
+                                            RequestRegistry::Handle* handle) {
+  const auto& md = ctx->client_metadata();
+  if (auto it = md.find(kRequestIdMetadata); it != md.end()) {
+    const std::string id(it->second.data(), it->second.size());
+    if (std::string why = RequestRegistry::check_client_id(id); !why.empty()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, fmt::format("metadata {}: {}", kRequestIdMetadata, why));
+    }
+    if (!registry_->reserve(id, handle)) {
+      return grpc::Status(grpc::StatusCode::ALREADY_EXISTS,
+                          fmt::format("metadata {}: a running request already has the id \"{}\"",
+                                      kRequestIdMetadata, id));
+    }
+    return grpc::Status::OK;
+  }
+  // 96 random bits: a collision with a running request is practically impossible, but a retry costs nothing.
+  while (!registry_->reserve(new_id(prefix), handle)) {
+  }
+  return grpc::Status::OK;
+}
+
 grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedRequest& prepared,
-                                         Clock::time_point rpc_start, const TokenSink& sink, EngineEvent* finished) {
+                                         Clock::time_point rpc_start, const TokenSink& sink, EngineEvent* finished,
+                                         RequestRegistry::Handle& handle) {
   prepared.engine.deadline = steady_deadline(ctx);
   const int64_t n_prompt = static_cast<int64_t>(prepared.engine.context.size() + prepared.engine.query.size());
   auto queue = std::make_shared<EventQueue>();
@@ -205,6 +230,7 @@ grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedReque
     queue->cv.notify_one();
   });
   if (!id.ok()) return to_grpc_status(id.status());
+  handle.bind(engine(), *id);
   if (metrics_) metrics_->add_prompt_tokens(n_prompt);
 
   std::vector<std::pair<EngineEvent, Clock::time_point>> batch;
@@ -299,7 +325,9 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
   if (!prepared.ok()) return to_grpc_status(prepared.status());
   const HealthThresholds thresholds = prepared->health;
 
-  const std::string id = new_id(Rpc::kIdPrefix);
+  RequestRegistry::Handle handle;
+  if (grpc::Status r = register_id(ctx, Rpc::kIdPrefix, &handle); !r.ok()) return r;
+  const std::string& id = handle.id();
   const int64_t stream_created = unix_seconds();  // the same on every message of a stream
   bool role_sent = false;
   // The header of a message and its one choice (the unary response's choice is added before generating).
@@ -327,7 +355,7 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
                    text.clear();
                    return out->Write(m);
                  },
-                 &finished);
+                 &finished, handle);
   } else {
     auto* c = out->add_choices();
     s = generate(ctx, *prepared, start,
@@ -335,7 +363,7 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
                    append_tokens(tokens, tokenizer(), &text, c);
                    return true;
                  },
-                 &finished);
+                 &finished, handle);
   }
   if (!s.ok()) return s;
   if (s = finish_status(ctx, finished); !s.ok()) return s;
@@ -467,6 +495,38 @@ grpc::Status CompletionService::GetServerInfo(grpc::ServerContext* ctx, const v1
     response->set_auth_required(!config_.api_key.empty());
   }
   return done("GetServerInfo", s);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Abort
+
+grpc::Status CompletionService::Abort(grpc::ServerContext* ctx, const v1::AbortRequest* request,
+                                      v1::AbortResponse* response) {
+  if (api_key_) {
+    if (grpc::Status s = api_key_->check(ctx->client_metadata()); !s.ok()) return done("Abort", s);
+  }
+  if (request->ids_size() == 0) {
+    return done("Abort", grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "ids: name at least one request id"));
+  }
+  if (request->ids_size() > kMaxAbortIds) {
+    return done("Abort", grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                      fmt::format("ids: at most {} per call, got {}", kMaxAbortIds,
+                                                  request->ids_size())));
+  }
+  for (int i = 0; i < request->ids_size(); ++i) {
+    if (std::string why = RequestRegistry::check_client_id(request->ids(i)); !why.empty()) {
+      return done("Abort", grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, fmt::format("ids[{}]: {}", i, why)));
+    }
+  }
+  for (const std::string& id : request->ids()) {
+    if (registry_->abort(id)) {
+      response->add_aborted(id);
+      log_info("Abort: request {} cancelled", id);
+    } else {
+      response->add_not_found(id);
+    }
+  }
+  return done("Abort", grpc::Status::OK);
 }
 
 }  // namespace starserve

@@ -29,21 +29,27 @@
 #include "server/checked_service.h"
 #include "server/convert.h"
 #include "server/metrics.h"
+#include "server/request_registry.h"
 #include "starserve/v1/completion.pb.h"
 
 namespace starserve {
 
 inline constexpr std::chrono::milliseconds kCancelPollInterval{50};
+// The metadata key of a client-chosen request id (gRPC keys are lower case), and Abort's most ids per call.
+inline constexpr char kRequestIdMetadata[] = "x-request-id";
+inline constexpr int kMaxAbortIds = 1024;
 
 class CompletionService final : public CheckedService<CompletionService> {
  public:
   // Without a model: every RPC answers UNAVAILABLE "the model loading is under way" (after the API-key check)
-  // until attach(). metrics may be null.
-  CompletionService(const ServerConfig& config, std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics);
+  // until attach(). metrics may be null. registry: the running requests Abort can reach, shared with the other
+  // front ends (null = the service's own).
+  CompletionService(const ServerConfig& config, std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics,
+                    RequestRegistry* registry = nullptr);
   // Attached at once. chat_template: nullopt = the chat RPCs answer FAILED_PRECONDITION.
   CompletionService(const ServerConfig& config, Engine& engine, const Tokenizer& tokenizer,
                     std::optional<ChatTemplate> chat_template, std::shared_ptr<const ApiKeyCheck> api_key,
-                    ServerMetrics* metrics);
+                    ServerMetrics* metrics, RequestRegistry* registry = nullptr);
   // Once, from any thread, while RPCs run: from now on they go to `engine` (which must outlive the service).
   void attach(Engine& engine, const Tokenizer& tokenizer, std::optional<ChatTemplate> chat_template);
 
@@ -61,6 +67,8 @@ class CompletionService final : public CheckedService<CompletionService> {
                             v1::GetModelInfoResponse* response);
   grpc::Status GetServerInfo(grpc::ServerContext* ctx, const v1::GetServerInfoRequest* request,
                              v1::GetServerInfoResponse* response);
+  // Answers during a drain too (the ids it names may be draining); only the API key is checked.
+  grpc::Status Abort(grpc::ServerContext* ctx, const v1::AbortRequest* request, v1::AbortResponse* response);
 
   // From now on new RPCs answer UNAVAILABLE; running ones go on until grpc::Server::Shutdown's deadline cancels
   // them (which reaches the engine through the cancellation poll).
@@ -76,8 +84,12 @@ class CompletionService final : public CheckedService<CompletionService> {
   RequestLimits limits(const EngineInfo& info) const;
   // Submits the request and pumps its events until it finishes (OK, *finished set) or the client cancels, its
   // deadline passes or a write fails (non-OK; the engine request is cancelled).
+  // `handle` (the request's public id) is bound to the engine request once submitted, so Abort reaches it.
   grpc::Status generate(grpc::ServerContext* ctx, PreparedRequest& prepared, Clock::time_point rpc_start,
-                        const TokenSink& sink, EngineEvent* finished);
+                        const TokenSink& sink, EngineEvent* finished, RequestRegistry::Handle& handle);
+  // The id a generation RPC's responses carry, registered: the client's `x-request-id` or a new "prefix-…" one.
+  // INVALID_ARGUMENT for a malformed x-request-id, ALREADY_EXISTS when a running request has it.
+  grpc::Status register_id(const grpc::ServerContext* ctx, std::string_view prefix, RequestRegistry::Handle* handle);
   // The RPC's final status given the engine's finish event.
   grpc::Status finish_status(const grpc::ServerContext* ctx, const EngineEvent& finished) const;
   void record_finish(const EngineEvent& finished, Clock::time_point rpc_start);
@@ -108,6 +120,8 @@ class CompletionService final : public CheckedService<CompletionService> {
   const std::shared_ptr<const ApiKeyCheck> api_key_;
   ServerMetrics* const metrics_;
   std::atomic<bool> shutting_down_{false};
+  RequestRegistry own_registry_;
+  RequestRegistry* const registry_;
   std::mutex id_mu_;
   std::mt19937_64 id_rng_;  // response ids (guarded by id_mu_)
 };

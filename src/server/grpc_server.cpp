@@ -92,11 +92,11 @@ struct GrpcServer::Impl {
   explicit Impl(const ServerConfig& c)
       : config(c),
         api_key(std::make_shared<ApiKeyCheck>(c.api_key)),
-        service(c, api_key, &metrics),
+        service(c, api_key, &metrics, &requests),
         health(api_key, c.health_without_key),
         reflection_v1("grpc.reflection.v1.ServerReflection", service_names(), api_key),
         reflection_v1alpha("grpc.reflection.v1alpha.ServerReflection", service_names(), api_key),
-        http_api(c, api_key, &metrics) {}
+        http_api(c, api_key, &metrics, &requests) {}
 
   static std::vector<std::string> service_names() {
     return {"starserve.v1.CompletionService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
@@ -110,6 +110,7 @@ struct GrpcServer::Impl {
   std::atomic<Engine*> engine{nullptr};  // set once by attach()
   ServerMetrics metrics;
   std::shared_ptr<const ApiKeyCheck> api_key;
+  RequestRegistry requests;  // both front ends' running requests, for Abort
   CompletionService service;
   HealthService health;
   ReflectionServiceV1 reflection_v1;

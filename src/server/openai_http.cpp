@@ -556,6 +556,7 @@ struct OpenAiHttpServer::Request {
   Options options;
   std::string rpc;  // "POST /v1/completions": the metrics label
   std::string id, model;
+  RequestRegistry::Handle handle;  // id, registered for Abort while the request lives
   int64_t created = 0;
   Clock::time_point start;
   std::shared_ptr<EventQueue> queue = std::make_shared<EventQueue>();
@@ -671,8 +672,11 @@ struct OpenAiHttpServer::Request {
 };
 
 OpenAiHttpServer::OpenAiHttpServer(const ServerConfig& config, std::shared_ptr<const ApiKeyCheck> api_key,
-                                   ServerMetrics* metrics)
-    : config_(config), api_key_(std::move(api_key)), metrics_(metrics) {}
+                                   ServerMetrics* metrics, RequestRegistry* registry)
+    : config_(config),
+      api_key_(std::move(api_key)),
+      metrics_(metrics),
+      registry_(registry ? registry : &own_registry_) {}
 
 OpenAiHttpServer::~OpenAiHttpServer() { stop(); }
 
@@ -800,10 +804,26 @@ void OpenAiHttpServer::install_routes() {
       r->model = info.model_name;
       r->created = unix_seconds();
       r->start = Clock::now();
-      {
+      if (req.has_header("X-Request-Id")) {
+        // The client's id (as vLLM's server takes it), shared with gRPC's x-request-id: Abort reaches it.
+        const std::string chosen = req.get_header_value("X-Request-Id");
+        if (std::string why = RequestRegistry::check_client_id(chosen); !why.empty()) {
+          return refuse(bad_request("X-Request-Id: " + why));
+        }
+        if (!registry_->reserve(chosen, &r->handle)) {
+          return refuse({409, "invalid_request_error",
+                         fmt::format("X-Request-Id: a running request already has the id \"{}\"", chosen), {},
+                         "request_id_in_use"});
+        }
+      } else {
         thread_local std::mt19937_64 rng(std::random_device{}());
-        r->id = fmt::format("{}-{:016x}{:08x}", chat ? "chatcmpl" : "cmpl", rng(), static_cast<uint32_t>(rng()));
+        while (!registry_->reserve(
+            fmt::format("{}-{:016x}{:08x}", chat ? "chatcmpl" : "cmpl", rng(), static_cast<uint32_t>(rng())),
+            &r->handle)) {
+        }
       }
+      r->id = r->handle.id();
+      res.set_header("X-Request-Id", r->id);
       const int64_t n_prompt = static_cast<int64_t>(prepared->engine.context.size() + prepared->engine.query.size());
       std::string echo = std::move(prepared->echo_text);
       Result<RequestId> id = a.engine.submit(std::move(prepared->engine), [queue = r->queue](const EngineEvent& e) {
@@ -815,6 +835,7 @@ void OpenAiHttpServer::install_routes() {
       });
       if (!id.ok()) return refuse(from_status(id.status()));
       r->engine_id = *id;
+      r->handle.bind(a.engine, *id);
       if (metrics_) metrics_->add_prompt_tokens(n_prompt);
 
       if (!options.stream) {

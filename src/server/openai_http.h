@@ -33,6 +33,7 @@
 #include "model/tokenizer.h"
 #include "server/auth.h"
 #include "server/metrics.h"
+#include "server/request_registry.h"
 
 namespace httplib {
 class Server;
@@ -42,8 +43,10 @@ namespace starserve {
 
 class OpenAiHttpServer {
  public:
-  // metrics may be null; api_key may be disabled.
-  OpenAiHttpServer(const ServerConfig& config, std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics);
+  // metrics may be null; api_key may be disabled. registry: the running requests gRPC's Abort reaches (null = the
+  // server's own). A request's id is its X-Request-Id header when sent (echoed in the response's header).
+  OpenAiHttpServer(const ServerConfig& config, std::shared_ptr<const ApiKeyCheck> api_key, ServerMetrics* metrics,
+                   RequestRegistry* registry = nullptr);
   ~OpenAiHttpServer();  // stop()
   OpenAiHttpServer(const OpenAiHttpServer&) = delete;
   OpenAiHttpServer& operator=(const OpenAiHttpServer&) = delete;
@@ -69,6 +72,8 @@ class OpenAiHttpServer {
   const ServerConfig config_;
   const std::shared_ptr<const ApiKeyCheck> api_key_;
   ServerMetrics* const metrics_;
+  RequestRegistry own_registry_;
+  RequestRegistry* const registry_;
   std::unique_ptr<Attached> attached_owner_;
   std::atomic<const Attached*> attached_{nullptr};
   std::atomic<bool> admitting_{true};

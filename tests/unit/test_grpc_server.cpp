@@ -16,7 +16,11 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <utility>
@@ -36,6 +40,7 @@
 #include "server/checked_service.h"
 #include "server/grpc_server.h"
 #include "server/health_service.h"
+#include "server/request_registry.h"
 #include "starserve/v1/completion.grpc.pb.h"
 
 #ifndef STARSERVE_GOLDEN_DIR
@@ -88,6 +93,64 @@ class InstantEngine final : public Engine {
 
  private:
   std::atomic<RequestId> next_id_{1};
+};
+
+// An engine whose requests run until cancelled: each submit sends one token at once, then holds; cancel() ends the
+// request with FINISH_REASON_CANCELLED (as the serving engine does at its next step) and the output it has.
+class HoldingEngine final : public Engine {
+ public:
+  Result<RequestId> submit(EngineRequest request, EngineEventFn on_event) override {
+    (void)request;
+    std::lock_guard<std::mutex> lock(mu);
+    const RequestId id = next_id_++;
+    EngineEvent token;
+    token.kind = EngineEvent::Kind::kToken;
+    token.token.token = 5;
+    token.token.text = "x";
+    on_event(token);
+    held_[id] = std::move(on_event);
+    cv.notify_all();
+    return id;
+  }
+  void cancel(RequestId id) override {
+    EngineEventFn fn;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = held_.find(id);
+      if (it == held_.end()) return;
+      fn = std::move(it->second);
+      held_.erase(it);
+      ++cancelled;
+    }
+    EngineEvent done;
+    done.kind = EngineEvent::Kind::kFinished;
+    done.finish = FinishReason::kCancelled;
+    done.usage.completion_tokens = 1;
+    fn(done);
+  }
+  EngineInfo info() const override {
+    EngineInfo i;
+    i.model_name = "tiny";
+    i.max_context = 256;
+    i.n_vocab = tiny().n_vocab();
+    i.devices = {"cpu"};
+    return i;
+  }
+  int64_t plain_prompt_context_tokens(int64_t n_prompt) const override { return n_prompt / 2; }
+  bool ready() const override { return true; }
+  // Waits until `n` requests are held.
+  bool wait_held(size_t n) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(20), [&] { return held_.size() >= n; });
+  }
+
+  std::mutex mu;
+  std::condition_variable cv;
+  int cancelled = 0;  // guarded by mu
+
+ private:
+  RequestId next_id_ = 1;
+  std::map<RequestId, EngineEventFn> held_;
 };
 
 ServerConfig config_for(const std::string& host, const std::string& api_key = "") {
@@ -346,6 +409,150 @@ TEST(GrpcServer, ServerInfoReportsTheStarDefaults) {
     EXPECT_EQ(info.star().anchor_size(), 32);
     EXPECT_EQ(info.star().exact_layout(), expected);
   }
+}
+
+// Abort by the client's x-request-id ends a running unary request with its output so far and
+// FINISH_REASON_CANCELLED; a second request with an id in use is ALREADY_EXISTS; unknown ids are reported, bad ones
+// refused; without an x-request-id the id Abort takes is the response's own (here read from a stream's first message).
+TEST(GrpcServer, AbortEndsRunningRequestsByTheirId) {
+  HoldingEngine engine;
+  GrpcServer server(config_for("127.0.0.1"), engine, tiny(), ChatTemplate::builtin("llama3").value());
+  ASSERT_TRUE(server.start().ok());
+  auto channel =
+      grpc::CreateChannel(fmt::format("127.0.0.1:{}", server.port()), grpc::InsecureChannelCredentials());
+  auto stub = v1::CompletionService::NewStub(channel);
+
+  v1::CompleteRequest req;
+  req.set_prompt("hello there");
+  grpc::Status held_status;
+  v1::CompleteResponse held;
+  std::thread unary([&] {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-request-id", "job-42");
+    held_status = stub->Complete(&ctx, req, &held);
+  });
+  ASSERT_TRUE(engine.wait_held(1));
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-request-id", "job-42");
+    v1::CompleteResponse r;
+    expect_status(stub->Complete(&ctx, req, &r), grpc::StatusCode::ALREADY_EXISTS, "job-42");
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.AddMetadata("x-request-id", std::string(kMaxClientRequestIdBytes + 1, 'a'));
+    v1::CompleteResponse r;
+    expect_status(stub->Complete(&ctx, req, &r), grpc::StatusCode::INVALID_ARGUMENT, "x-request-id");
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::AbortRequest a;
+    a.add_ids("job-42");
+    a.add_ids("nobody");
+    v1::AbortResponse r;
+    ASSERT_TRUE(stub->Abort(&ctx, a, &r).ok());
+    ASSERT_EQ(r.aborted_size(), 1);
+    EXPECT_EQ(r.aborted(0), "job-42");
+    ASSERT_EQ(r.not_found_size(), 1);
+    EXPECT_EQ(r.not_found(0), "nobody");
+  }
+  unary.join();
+  ASSERT_TRUE(held_status.ok()) << held_status.error_message();
+  EXPECT_EQ(held.id(), "job-42");
+  ASSERT_EQ(held.choices_size(), 1);
+  EXPECT_EQ(held.choices(0).finish_reason(), v1::FINISH_REASON_CANCELLED);
+  EXPECT_EQ(held.choices(0).text(), "x");
+  {  // finished: the id is free again, and no longer found
+    grpc::ClientContext ctx;
+    v1::AbortRequest a;
+    a.add_ids("job-42");
+    v1::AbortResponse r;
+    ASSERT_TRUE(stub->Abort(&ctx, a, &r).ok());
+    EXPECT_EQ(r.aborted_size(), 0);
+    EXPECT_EQ(r.not_found_size(), 1);
+  }
+
+  // A stream without an x-request-id: its first message's id.
+  grpc::ClientContext stream_ctx;
+  v1::StreamCompleteRequest sreq;
+  sreq.set_prompt("hello there");
+  auto reader = stub->StreamComplete(&stream_ctx, sreq);
+  v1::StreamCompleteResponse m;
+  ASSERT_TRUE(reader->Read(&m));
+  const std::string id = m.id();
+  EXPECT_EQ(id.rfind("cmpl-", 0), 0u) << id;
+  {
+    grpc::ClientContext ctx;
+    v1::AbortRequest a;
+    a.add_ids(id);
+    v1::AbortResponse r;
+    ASSERT_TRUE(stub->Abort(&ctx, a, &r).ok());
+    EXPECT_EQ(r.aborted_size(), 1);
+  }
+  v1::FinishReason last = v1::FINISH_REASON_UNSPECIFIED;
+  while (reader->Read(&m)) {
+    EXPECT_EQ(m.id(), id);
+    if (m.choices_size() > 0) last = m.choices(0).finish_reason();
+  }
+  EXPECT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(last, v1::FINISH_REASON_CANCELLED);
+
+  // Bad calls.
+  {
+    grpc::ClientContext ctx;
+    v1::AbortResponse r;
+    expect_status(stub->Abort(&ctx, v1::AbortRequest(), &r), grpc::StatusCode::INVALID_ARGUMENT, "at least one");
+  }
+  {
+    grpc::ClientContext ctx;
+    v1::AbortRequest a;
+    a.add_ids("ok");
+    a.add_ids("has space");
+    v1::AbortResponse r;
+    expect_status(stub->Abort(&ctx, a, &r), grpc::StatusCode::INVALID_ARGUMENT, "ids[1]");
+  }
+  std::lock_guard<std::mutex> lock(engine.mu);
+  EXPECT_EQ(engine.cancelled, 2);
+}
+
+// Abort needs the API key like every RPC.
+TEST(GrpcServer, AbortNeedsTheApiKey) {
+  Served s;
+  ASSERT_TRUE(s.start(config_for("127.0.0.1", "k")).ok());
+  auto stub = v1::CompletionService::NewStub(s.channel());
+  grpc::ClientContext ctx;
+  v1::AbortRequest a;
+  a.add_ids("x");
+  v1::AbortResponse r;
+  expect_status(stub->Abort(&ctx, a, &r), grpc::StatusCode::UNAUTHENTICATED, "authorization");
+}
+
+// The registry alone: an abort between reservation and binding is applied at the binding; ids are released with
+// their handle.
+TEST(RequestRegistry, AbortBeforeBindCancelsAtBind) {
+  HoldingEngine engine;
+  RequestRegistry registry;
+  RequestRegistry::Handle h;
+  ASSERT_TRUE(registry.reserve("a", &h));
+  RequestRegistry::Handle dup;
+  EXPECT_FALSE(registry.reserve("a", &dup));
+  EXPECT_TRUE(registry.abort("a"));
+  EXPECT_TRUE(h.aborted());
+  std::atomic<int> finished{0};
+  Result<RequestId> id = engine.submit(EngineRequest{}, [&](const EngineEvent& e) {
+    if (e.kind == EngineEvent::Kind::kFinished) finished.fetch_add(1);
+  });
+  ASSERT_TRUE(id.ok());
+  h.bind(engine, *id);
+  EXPECT_EQ(finished.load(), 1);
+  EXPECT_EQ(registry.running(), 1u);
+  h = RequestRegistry::Handle();
+  EXPECT_EQ(registry.running(), 0u);
+  EXPECT_FALSE(registry.abort("a"));
+  EXPECT_TRUE(registry.reserve("a", &h));
+  EXPECT_NE(RequestRegistry::check_client_id("").find("empty"), std::string::npos);
+  EXPECT_NE(RequestRegistry::check_client_id("a\x01").find("0x01"), std::string::npos);
+  EXPECT_TRUE(RequestRegistry::check_client_id("req-1.2:3_x").empty());
 }
 
 TEST(GrpcServer, ReflectionAnswersFromTheDescriptorPool) {
