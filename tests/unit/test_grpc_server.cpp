@@ -64,6 +64,16 @@ const Tokenizer& tiny() {
 }
 
 // Ready at once; every request finishes (length) as soon as it is submitted, with no token.
+// What the test engines report: the tiny tokenizer's model on one CPU rank.
+EngineInfo tiny_engine_info() {
+  EngineInfo i;
+  i.model_name = "tiny";
+  i.max_context = 256;
+  i.n_vocab = tiny().n_vocab();
+  i.devices = {"cpu"};
+  return i;
+}
+
 class InstantEngine final : public Engine {
  public:
   Result<RequestId> submit(EngineRequest request, EngineEventFn on_event) override {
@@ -77,11 +87,7 @@ class InstantEngine final : public Engine {
   }
   void cancel(RequestId) override {}
   EngineInfo info() const override {
-    EngineInfo i;
-    i.model_name = "tiny";
-    i.max_context = 256;
-    i.n_vocab = tiny().n_vocab();
-    i.devices = {"cpu"};
+    EngineInfo i = tiny_engine_info();
     i.star_defaults = star_defaults;
     return i;
   }
@@ -128,14 +134,7 @@ class HoldingEngine final : public Engine {
     done.usage.completion_tokens = 1;
     fn(done);
   }
-  EngineInfo info() const override {
-    EngineInfo i;
-    i.model_name = "tiny";
-    i.max_context = 256;
-    i.n_vocab = tiny().n_vocab();
-    i.devices = {"cpu"};
-    return i;
-  }
+  EngineInfo info() const override { return tiny_engine_info(); }
   int64_t plain_prompt_context_tokens(int64_t n_prompt) const override { return n_prompt / 2; }
   bool ready() const override { return true; }
   // Waits until `n` requests are held.
