@@ -45,7 +45,7 @@ class Server:
         cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "1", "-x", "LD_LIBRARY_PATH", args.binary,
                "serve", "--model", model, "--backend", args.backend, "--host", "127.0.0.1", "--port", str(self.port),
                "--attention", "global", "--kv-memory-mb", str(kv_mb), "--kv-page-size", str(args.kv_page_size),
-               "--max-running", str(max_running), "--log-level", "warn"]
+               "--max-running", str(max_running), "--log-level", "warn", "--context-cache-pages", "0"]
         self.log = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
 

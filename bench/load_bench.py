@@ -140,7 +140,9 @@ class Server:
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="load_bench_server_", suffix=".log", delete=False)
         cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(args.ranks), args.starserve, "serve",
-               "--model", args.model, "--port", str(self.port), "--log-level", "warn"] + args.server_arg
+               "--model", args.model, "--port", str(self.port), "--log-level", "warn",
+               # Context reuse off: requests repeat their prompts, and each is to be encoded.
+               "--context-cache-pages=0"] + args.server_arg
         env = dict(os.environ, OMPI_MCA_mpi_yield_when_idle="1")
         print("server: " + " ".join(cmd), file=sys.stderr)
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -8,8 +8,8 @@
 #   bench   — bench/gpu/model_bench (JSON) next to bench/gpu/model_peers.py (HF transformers,
 #             torch matmul) in the same run; BENCH_LENGTHS / BENCH_LAYERS / BENCH_MODES / BENCH_PREFILL
 #             (the --prefill-kernel) override.
-# The default model file is larger than one device call may carry: it travels in two halves
-# (.carry/model-a, .carry/model-b; see docs/perf.md) and is joined here when both are present.
+# The default model file is larger than one device call may carry: it travels in three parts, one per call with
+# third_party/debs (`split -b 33M` into .carry/model-a, -b and -c), and is joined here once all have arrived.
 #   eval    — evals/star_accuracy.py on the CUDA backend (EVAL_LENGTHS, EVAL_SAMPLES, EVAL_CONFIGS).
 #   serve   — the gRPC server on the CUDA backend (configures with gRPC): starctl chat, a star
 #             completion over a document, a bad request and a timed-out one, then a completion
@@ -20,6 +20,9 @@
 #             $OUT/chunked_cuda.jsonl); CHUNKED_CPU_ARGS / CHUNKED_CUDA_ARGS add or override its flags.
 #             The Python stubs come from third_party/wheels/stubs (bench/make_stubs.py; carry that
 #             folder) where grpcio-tools is not installed.
+#   reuse   — bench/context_reuse_bench.py (configures with gRPC): context reuse on the CUDA backend, 1 rank: the
+#             first question about a document of REUSE_LENGTHS tokens (default 8192 32768 131072), global and star,
+#             next to later ones answered from the cached context (JSON: $OUT/context_reuse.jsonl).
 #   kvshift — the trained KV-shifting model and its baseline (scripts/device/train_reference.sh; carry them with the
 #             corpus's val.bin in KVSHIFT_DIR, default .carry/kvshift/{kvshift-6l,llama-6l,val.bin}): the GPU
 #             tests whose names hold KvShift, then evals/perplexity.py over every validation window through a
@@ -41,7 +44,7 @@
 #   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [reuse] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -52,10 +55,10 @@ export NCCL_NVLS_ENABLE=0
 source scripts/device/env.sh || exit 1
 BUILD=${STARSERVE_DEVICE_BUILD:-build-gpu}
 
-# Keep the model halves between calls on a warm machine; join them once both arrived.
+# Keep the model's parts between calls on a warm machine; join them once all have arrived.
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p models /tmp/starserve-model
-for part in .carry/model-a/* .carry/model-b/*; do [ -f "$part" ] && cp -n "$part" /tmp/starserve-model/; done
+for part in .carry/model-?/*; do [ -f "$part" ] && cp -n "$part" /tmp/starserve-model/; done
 if [ ! -f "$MODEL" ] && [ "$(ls /tmp/starserve-model 2>/dev/null | wc -l)" -ge 3 ]; then
   cat /tmp/starserve-model/smol.part* > "$MODEL"
 fi
@@ -76,7 +79,7 @@ fi
 SECONDS=0
 TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
 GRPC=${STARSERVE_GRPC:-OFF}
-case " $STEPS " in *" serve "* | *" chunked "* | *" lifecycle "* | *" kvshift "* | *" attamba "* | *" lnfree "*) GRPC=ON TARGETS+=(starctl) ;; esac
+case " $STEPS " in *" serve "* | *" chunked "* | *" reuse "* | *" lifecycle "* | *" kvshift "* | *" attamba "* | *" lnfree "*) GRPC=ON TARGETS+=(starctl) ;; esac
 if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRPC:BOOL=ON" "$BUILD/CMakeCache.txt"; }; then
   STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
@@ -220,6 +223,16 @@ PY
     PYTHONUNBUFFERED=1 timeout 420 "${CB[@]}" --ranks 1 --server-arg=--backend=cuda \
       --long-tokens 2048 8000 ${CHUNKED_CUDA_ARGS:-} >"$OUT/chunked_cuda.jsonl" 2>"$OUT/chunked_cuda.err"
     echo "exit $?"; tail -14 "$OUT/chunked_cuda.err"
+    ;;
+  reuse)
+    [ -f "$MODEL" ] || { echo "reuse: no model"; continue; }
+    [ -x "$BIN/starctl" ] || { echo "reuse: no $BIN/starctl (the build has no gRPC)"; continue; }
+    echo "== context reuse, CUDA backend, 1 rank"
+    # shellcheck disable=SC2086
+    PYTHONUNBUFFERED=1 timeout 480 python3 bench/context_reuse_bench.py --starserve "$BIN/starserve" \
+      --starctl "$BIN/starctl" --model "$MODEL" --ranks 1 --lengths ${REUSE_LENGTHS:-8192 32768 131072} \
+      --server-arg=--backend=cuda --server-arg=--kv-memory-mb=16384 >"$OUT/context_reuse.jsonl" 2>"$OUT/context_reuse.err"
+    echo "exit $?"; grep -v "^server:" "$OUT/context_reuse.err" | tail -14
     ;;
   kvshift)
     KD=${KVSHIFT_DIR:-.carry/kvshift}

@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
@@ -152,6 +153,11 @@ std::optional<CommandLine> parse_command_line(int argc, char** argv, int* exit_c
   srv->add_option("--max-tokens-limit", sv.max_tokens_limit, "upper bound for a request's max_tokens");
   srv->add_option("--max-running", sc.max_running, "sequences decoded together");
   srv->add_option("--max-queue", sc.max_queue, "requests waiting before RESOURCE_EXHAUSTED");
+  srv->add_option("--context-cache-pages", sc.context_cache_pages,
+                  "context reuse: KV pages per rank that encoded contexts may keep for later requests with the "
+                  "same context (-1 = whatever the pool leaves free, evicted least recently used first when "
+                  "admissions need the pages; 0 = off)")
+      ->check(CLI::Range(int64_t{-1}, std::numeric_limits<int64_t>::max()));
 
   try {
     app.parse(argc, argv);
@@ -170,7 +176,7 @@ std::string describe_config(const Config& c) {
       "model.path={} model.chat_template={} model.max_context={} parallel.backend={} parallel.prefill_kernel={} "
       "parallel.cuda_graphs={} star.mode={} star.exact_layout={} "
       "star.block_size={} star.n_blocks={} star.anchor_size={} star.query_tail={} scheduler.prefill_chunk_tokens={} "
-      "scheduler.max_batch_tokens={} scheduler.kv_page_size={} "
+      "scheduler.max_batch_tokens={} scheduler.kv_page_size={} scheduler.context_cache_pages={} "
       "scheduler.kv_memory_mb={} server.watchdog_timeout_s={} server.shutdown_grace_s={} "
       "server.entropy_overload_ratio={} server.entropy_collapse_nats={} log.level={}",
       c.model.path,
@@ -181,7 +187,7 @@ std::string describe_config(const Config& c) {
       c.parallel.backend, c.parallel.prefill_kernel, c.parallel.cuda_graphs ? "on" : "off", attention_mode_name(c.star.mode),
       exact_layout_name(c.star.exact_layout), c.star.block_size, c.star.n_blocks, c.star.anchor_size, c.star.query_tail,
       c.scheduler.prefill_chunk_tokens, c.scheduler.max_batch_tokens,
-      c.scheduler.kv_page_size, c.scheduler.kv_memory_mb, c.server.watchdog_timeout_s, c.server.shutdown_grace_s,
+      c.scheduler.kv_page_size, c.scheduler.context_cache_pages, c.scheduler.kv_memory_mb, c.server.watchdog_timeout_s, c.server.shutdown_grace_s,
       c.server.entropy_overload_ratio, c.server.entropy_collapse_nats, c.log.level);
 }
 

@@ -74,6 +74,7 @@ struct GenerationOptions {
   bool stream = false;  // chat only
   std::string model;
   std::string request_id;  // sent as x-request-id: the id Abort takes
+  std::string context_id;  // a cached context instead of --context-file
   // Hidden, for tests of the server's input checks: \xHH in the prompt, query, system message, stop strings and
   // model is the byte HH (\\ a backslash), so invalid UTF-8 can be sent.
   bool unescape = false;
@@ -212,6 +213,19 @@ v1::GenerationParams make_params(const GenerationOptions& g) {
 // The prompt parts: what the request kinds do not share. Completions take one of three inputs and --echo.
 template <typename Req>
 void set_completion_prompt(const GenerationOptions& g, Req* r) {
+  if (!g.context_id.empty()) {
+    // A cached context by its id: the input is the query alone.
+    if (!g.context_file.empty()) throw UsageError("--context-id stands for the context: drop --context-file");
+    if ((!g.prompt.empty()) + (!g.query.empty()) + (!g.prompt_token_ids.empty()) != 1) {
+      throw UsageError("--context-id needs exactly one of --query, --prompt or --token-ids (the query)");
+    }
+    r->set_context_id(g.context_id);
+    if (!g.query.empty()) r->mutable_split()->set_query(g.query);
+    if (!g.prompt.empty()) r->set_prompt(g.prompt);
+    for (int32_t id : g.prompt_token_ids) r->mutable_prompt_token_ids()->add_ids(id);
+    if (g.echo) r->set_echo(true);
+    return;
+  }
   const int n_inputs = (!g.prompt.empty()) + (!g.context_file.empty()) + (!g.prompt_token_ids.empty());
   if (n_inputs != 1) throw UsageError("give exactly one of --prompt, --context-file (with --query) or --token-ids");
   if (!g.prompt.empty()) {
@@ -403,6 +417,10 @@ void print_tail(const Msg& m, v1::FinishReason finish, const GenerationOptions& 
              m.id());
   fmt::print(stderr, "[timing] queue {:.1f} ms, phase 1 {:.1f} ms, first token {:.1f} ms, {:.1f} tokens/s, total {:.1f} ms\n",
              t.queue_ms(), t.phase1_ms(), t.time_to_first_token_ms(), t.tokens_per_second(), t.total_ms());
+  if (!m.context_id().empty()) {
+    fmt::print(stderr, "[context] id {}, {} of {} context tokens from the cache\n", m.context_id(),
+               u.cached_context_tokens(), u.context_tokens());
+  }
   if (!m.has_attention_entropy()) return;
   const v1::AttentionEntropy& e = m.attention_entropy();
   if (g.entropy) {
@@ -655,6 +673,8 @@ void add_generation_flags(CLI::App* cmd, GenerationOptions* g, bool completion) 
                              : "document for Star Attention, placed before the message");
   if (completion) {
     cmd->add_option("--query", g->query, "question encoded in phase 2 (split form)");
+    cmd->add_option("--context-id", g->context_id,
+                    "a cached context, by the id a response returned ([context] line), instead of --context-file");
     cmd->add_option("--token-ids", g->prompt_token_ids, "prompt as token ids")->delimiter(',');
     cmd->add_flag("--echo", g->echo, "prepend the prompt to the output");
   } else {

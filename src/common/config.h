@@ -55,6 +55,10 @@ struct SchedulerConfig {
   int kv_page_size = 256;           // tokens per KV page
   int64_t kv_pages = 0;             // pages per rank; 0 = derive from kv_memory_mb
   int64_t kv_memory_mb = 1024;      // KV budget per rank, MiB
+  // Context reuse (engine/context_cache.h): KV pages per rank that cached contexts may keep after their
+  // requests; -1 = as many as the pool leaves free (they are evicted, least recently used first, whenever an
+  // admission needs their pages), 0 = off.
+  int64_t context_cache_pages = -1;
 };
 
 struct ServerConfig {

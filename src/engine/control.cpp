@@ -7,13 +7,20 @@
 namespace starserve {
 
 void ControlMessage::add_admit(SeqId id, const ContextPlan& plan, int layers_per_chunk,
-                               std::span<const int32_t> context, int prompt_logprobs, int32_t after_context) {
+                               std::span<const int32_t> context, int prompt_logprobs, int32_t after_context,
+                               SeqId from) {
   begin_entry();
+  if (from >= 0) context = {};
   words_.insert(words_.end(), {static_cast<int64_t>(id), static_cast<int64_t>(plan.mode), plan.block_size,
                                plan.anchor_size, plan.n_blocks, static_cast<int64_t>(plan.exact_layout),
-                               layers_per_chunk, prompt_logprobs, after_context,
+                               layers_per_chunk, prompt_logprobs, after_context, static_cast<int64_t>(from),
                                static_cast<int64_t>(context.size())});
   words_.insert(words_.end(), context.begin(), context.end());
+}
+
+void ControlMessage::add_retain(SeqId id, SeqId entry) {
+  begin_entry();
+  words_.insert(words_.end(), {static_cast<int64_t>(id), static_cast<int64_t>(entry)});
 }
 
 void ControlMessage::add_encode(SeqId id, int k) {
@@ -78,9 +85,19 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
         s.layers_per_chunk = static_cast<int>(m[i++]);
         s.prompt_top_k = static_cast<int>(m[i++]);
         const int32_t after_context = static_cast<int32_t>(m[i++]);
+        const SeqId from = m[i++];
         const int64_t n_ctx = m[i++];
         s.context.assign(m.begin() + i, m.begin() + i + n_ctx);
         i += n_ctx;
+        if (from >= 0) {
+          // A cached context: its KV (this rank's share) becomes the request's, phase 1 is skipped.
+          const Seq& entry = seqs_.at(from);
+          s.mode = entry.mode;
+          s.layout = entry.layout;
+          if (cache_.has(from)) SS_RETURN_IF_ERROR(cache_.fork(from, id));
+          seqs_[id] = std::move(s);
+          continue;
+        }
         if (s.prompt_top_k >= 0 && n_ctx > 0) {
           s.next.assign(s.context.begin() + 1, s.context.end());
           s.next.push_back(after_context);
@@ -147,6 +164,20 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
       if (comm_.rank() == 0 && !rows.empty()) return model_.forward_sample(batch, phase2_, rows, sampled);
       return model_.forward(batch, phase2_, comm_.rank() == 0 ? logits : nullptr);
     }
+    case ControlCommand::kRetain:
+      for (int64_t r = 0; r < n; ++r) {
+        const SeqId id = m[i++];
+        const SeqId entry = m[i++];
+        const Seq& s = seqs_.at(id);
+        SS_CHECK(!s.registered && seqs_.count(entry) == 0, "sequence {} retained as {} after its query", id, entry);
+        encoder_.finish(id);  // the anchor's scratch is not part of it
+        Seq e;
+        e.mode = s.mode;
+        e.layout = s.layout;
+        if (cache_.has(id)) SS_RETURN_IF_ERROR(cache_.fork(id, entry));
+        seqs_[entry] = std::move(e);
+      }
+      return Status();
     case ControlCommand::kRelease:
       for (int64_t r = 0; r < n; ++r) {
         const SeqId id = m[i++];

@@ -4,9 +4,13 @@
 //
 // Commands (first word), then the entry count, then the entries:
 //   ADMIT   (id, mode, block_size, anchor_size, n_blocks, exact_layout, layers_per_chunk, prompt_logprobs,
-//           after_context, n_context, context tokens...) per request: every rank records the request and
+//           after_context, from, n_context, context tokens...) per request: every rank records the request and
 //           derives the same layout; prompt_logprobs >= 0 asks for prompt log-probabilities with that many alternatives
-//           (-1: none), after_context is the token after the context (the query's first);
+//           (-1: none), after_context is the token after the context (the query's first); from >= 0 names a
+//           cached context (engine/context_cache.h) whose KV the request forks instead of running phase 1 (its
+//           context tokens are then not sent: n_context 0, the layout is the entry's);
+//   RETAIN  (id, entry) per request whose phase 1 is complete and whose query has not gone through: every rank
+//           forks the request's KV as it stands, its context share, into the cached context `entry`;
 //   ENCODE  (id, s) per request: its s-th phase-1 step on every rank: chunk s % C of block s / C,
 //           where C = chunks per block (ContextEncoder::chunks_per_block of layers_per_chunk; a
 //           chunk is a range of layers, see engine/scheduler.h); exact mode: chunk s of the one
@@ -15,7 +19,7 @@
 //           requests just encoded and one token for each running request; Phase2Attention merges
 //           across ranks once per layer. A request's first DECODE also gathers its phase-1 prompt
 //           log-probabilities (each rank scored its own blocks) on rank 0, which scores the query;
-//   RELEASE (id) per request: every rank frees its KV;
+//   RELEASE (id) per request or cached context: every rank frees its KV;
 //   STOP    no entries: the workers return.
 #pragma once
 
@@ -31,14 +35,15 @@
 
 namespace starserve {
 
-enum class ControlCommand : int64_t { kStop = 1, kAdmit, kEncode, kDecode, kRelease };
+enum class ControlCommand : int64_t { kStop = 1, kAdmit, kEncode, kDecode, kRelease, kRetain };
 
 // One step's message, built on rank 0.
 class ControlMessage {
  public:
   explicit ControlMessage(ControlCommand cmd) : words_{static_cast<int64_t>(cmd), 0} {}
   void add_admit(SeqId id, const ContextPlan& plan, int layers_per_chunk, std::span<const int32_t> context,
-                 int prompt_logprobs = -1, int32_t after_context = -1);
+                 int prompt_logprobs = -1, int32_t after_context = -1, SeqId from = -1);
+  void add_retain(SeqId id, SeqId entry);
   void add_encode(SeqId id, int k);
   void add_decode(SeqId id, int64_t first_position, std::span<const int32_t> tokens);
   void add_release(SeqId id);

@@ -43,12 +43,16 @@ struct EngineRequest {
   // phase 1 encodes them (star: under block-local attention with the anchor), the query in phase 2.
   std::optional<int> prompt_logprobs;
   std::optional<std::chrono::steady_clock::time_point> deadline;
+  // Context reuse: the id a finished request returned (EngineEvent::context_id) instead of the context
+  // itself (context empty, split_prompt false); kNotFound once no cached context has it.
+  std::string context_id;
 };
 
 struct EngineUsage {
   int64_t context_tokens = 0;
   int64_t query_tokens = 0;
   int64_t completion_tokens = 0;
+  int64_t cached_context_tokens = 0;  // context tokens whose KV came from a cached context (no phase 1)
 };
 
 struct EngineTiming {
@@ -72,6 +76,9 @@ struct EngineEvent {
   // kFinished, when requested (EngineRequest::prompt_logprobs) and the prompt went through the
   // model: one per prompt token after the first, in order (token = that prompt token).
   std::vector<TokenLogprobs> prompt_logprobs;
+  // kFinished: the context's id when its KV is cached for later requests (EngineRequest::context_id);
+  // empty when it was not (no context, context reuse off, prompt log-probabilities asked for, no room).
+  std::string context_id;
 };
 
 using EngineEventFn = std::function<void(const EngineEvent&)>;
@@ -91,6 +98,11 @@ struct EngineInfo {
   int64_t merges_total = 0;            // rank 0: merges (one per layer per decode step)
   int64_t phase1_steps = 0;            // rank 0: phase-1 steps (prefill chunks) run, all requests
   int queue_depth = 0, running = 0;
+  // Context reuse (engine/context_cache.h): cached contexts, the KV pages they hold (busiest rank), and
+  // admissions of requests with a context that found it cached (hits) or encoded it (misses).
+  int64_t context_cache_max_pages = 0;  // SchedulerConfig::context_cache_pages (-1: the pool, 0: off)
+  int64_t context_cache_entries = 0, context_cache_pages = 0;
+  int64_t context_cache_hits = 0, context_cache_misses = 0, context_cache_evictions = 0;
   // The KV cache's layout (GetModelInfo's KvCacheInfo): n tokens take rows(n) rows of
   // kv_bytes_per_row bytes (rows(n) = n, or ceil(n / kv_compressed_chunk) + 1), plus
   // kv_state_bytes_per_sequence beside the pages.

@@ -1,5 +1,6 @@
 #include "engine/scheduler.h"
 
+#include "common/check.h"
 #include "kv/kv_cache.h"
 
 #include <algorithm>
@@ -42,6 +43,30 @@ KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_a
   return d;
 }
 
+int64_t context_entry_pages(const StarLayout& layout, int64_t page_size, int compressed_chunk) {
+  KvCacheShape shape;
+  shape.compressed_chunk = compressed_chunk;
+  int64_t most = 0;
+  for (int r = 0; r < layout.world_size; ++r) {
+    most = std::max(most, (shape.rows_for(layout.tokens_of(r)) + page_size - 1) / page_size);
+  }
+  return most;
+}
+
+KvDemand kv_demand_cached(const StarLayout& layout, int64_t query_and_generated, int64_t page_size,
+                          int compressed_chunk) {
+  KvCacheShape shape;
+  shape.compressed_chunk = compressed_chunk;
+  KvDemand d;
+  for (int r = 0; r < layout.world_size; ++r) {
+    const int64_t share = layout.tokens_of(r);
+    const int64_t total = share + (r == layout.query_host ? query_and_generated : 0);
+    const int64_t own = (shape.rows_for(total) + page_size - 1) / page_size - shape.rows_for(share) / page_size;
+    d.pages = std::max(d.pages, own);
+  }
+  return d;
+}
+
 Scheduler::Scheduler(const SchedulerConfig& config, int64_t pages_total)
     : config_(config), pages_total_(pages_total), pages_free_(pages_total) {}
 
@@ -66,16 +91,41 @@ bool Scheduler::drop_waiting(RequestId id) {
 
 std::vector<RequestId> Scheduler::admit() {
   std::vector<RequestId> out;
-  while (!waiting_.empty() && static_cast<int>(running_.size()) < config_.max_running &&
-         waiting_.front().second.pages <= pages_free_) {
-    const auto [id, demand] = waiting_.front();
-    waiting_.pop_front();
-    pages_free_ -= demand.pages;
-    running_[id] = Running{demand, 0, false};
-    out.push_back(id);
-  }
+  while (const std::optional<RequestId> id = admit_front()) out.push_back(*id);
   return out;
 }
+
+std::optional<RequestId> Scheduler::front() const {
+  if (waiting_.empty()) return std::nullopt;
+  return waiting_.front().first;
+}
+
+void Scheduler::set_front_demand(const KvDemand& demand) {
+  SS_CHECK(!waiting_.empty(), "set_front_demand with nothing waiting");
+  waiting_.front().second = demand;
+}
+
+int64_t Scheduler::front_shortfall() const {
+  if (waiting_.empty() || static_cast<int>(running_.size()) >= config_.max_running) return -1;
+  return std::max<int64_t>(0, waiting_.front().second.pages - pages_free_);
+}
+
+std::optional<RequestId> Scheduler::admit_front() {
+  if (front_shortfall() != 0) return std::nullopt;
+  const auto [id, demand] = waiting_.front();
+  waiting_.pop_front();
+  pages_free_ -= demand.pages;
+  running_[id] = Running{demand, 0, false};
+  return id;
+}
+
+bool Scheduler::hold_pages(int64_t pages) {
+  if (pages > pages_free_) return false;
+  pages_free_ -= pages;
+  return true;
+}
+
+void Scheduler::return_pages(int64_t pages) { pages_free_ += pages; }
 
 std::vector<std::pair<RequestId, int>> Scheduler::encode_batch(int64_t decode_tokens) const {
   std::vector<std::pair<RequestId, int>> out;

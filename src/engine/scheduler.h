@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <deque>
 #include <map>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -42,6 +43,15 @@ struct KvDemand {
 KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_and_generated, int64_t page_size,
                    int chunks_per_block = 1, int compressed_chunk = 0);
 
+// Context reuse (engine/context_cache.h). The pages a cached context holds on the busiest rank: its
+// share of the context, as the request that encoded it held. And the demand of a request that forks
+// its sequence from a cached context: only the pages it owns on each rank, the copy of the rank's
+// last, partly filled context page plus, on the query host, the query and generated tokens; no
+// phase-1 steps. The whole pages stay the entry's, which is pinned meanwhile.
+int64_t context_entry_pages(const StarLayout& layout, int64_t page_size, int compressed_chunk = 0);
+KvDemand kv_demand_cached(const StarLayout& layout, int64_t query_and_generated, int64_t page_size,
+                          int compressed_chunk = 0);
+
 // Chunked prefill: a block's forward is split by layers, so that each phase-1 step does about
 // chunk_tokens x n_layers token-layers of work, the work of a chunk_tokens-token forward. Chunks
 // are layer ranges rather than token ranges because every block of star's phase 1 must see the
@@ -68,6 +78,17 @@ class Scheduler {
   bool drop_waiting(RequestId id);
   // Moves waiting requests into the running set while they fit; returns them in admission order.
   std::vector<RequestId> admit();
+  // The same one request at a time, for a caller that decides each demand at admission (context
+  // reuse: a cached context, if still there, lowers it): the oldest waiting request, its demand
+  // replaced (set_front_demand), admitted when it fits (admit_front).
+  std::optional<RequestId> front() const;
+  void set_front_demand(const KvDemand& demand);
+  // Pages the front request lacks (0 when it fits); -1 when none waits or max_running requests run.
+  int64_t front_shortfall() const;
+  std::optional<RequestId> admit_front();
+  // Pages held apart from requests (cached contexts): taken when that many are free, given back.
+  bool hold_pages(int64_t pages);
+  void return_pages(int64_t pages);
   // A step's work over the running requests that have not finished, in increasing request id:
   // first phase-1 steps, as (request, its k-th step), at most one per request still encoding; then,
   // once encoded() has recorded those, one decode forward over every request whose phase 1 is

@@ -41,6 +41,14 @@ struct ServingEngine::Active {
   Clock::time_point submitted, phase1_start, phase1_end, first_token;
   int64_t n_generated = 0;
   bool done = false;
+  // Context reuse (engine/context_cache.h).
+  StarLayout layout;
+  bool cacheable = false;              // its context may be cached, or found cached
+  std::vector<int64_t> cache_key;      // ContextCache::layout_key
+  KvDemand miss_demand, hit_demand;    // encoding the context, or forking a cached one
+  int64_t entry_pages = 0;             // what a cached copy of its context holds
+  SeqId from_entry = -1;               // the cached context it forked (a hit), pinned while it runs
+  std::string context_id;              // set once its context is cached (retained or found)
 };
 
 ServingEngine::ServingEngine(const EngineContext& ctx)
@@ -71,6 +79,19 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
     return invalid_argument("prompt_logprobs = {} must be in [0, {}]", *request.prompt_logprobs, kMaxLogprobs);
   }
   if (request.query.empty()) return invalid_argument("the query is empty (at least one token is needed)");
+  if (!request.context_id.empty()) {
+    if (!request.context.empty() || request.split_prompt) {
+      return invalid_argument("context_id {} stands for the context: a request with it carries only the query",
+                              request.context_id);
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    const std::vector<int32_t>* tokens = context_cache_.tokens_of(request.context_id);
+    if (tokens == nullptr) {
+      return not_found("context_id {} is not cached here (evicted, or not from this server): send the context itself",
+                       request.context_id);
+    }
+    request.context = *tokens;
+  }
   if (request.split_prompt) {
     // A plain prompt: the last query_tail tokens are the query (phase 2), the rest the context.
     if (!request.context.empty()) return invalid_argument("a prompt to split must come without a separate context");
@@ -116,6 +137,18 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
                                     ctx_.cache->shape().page_size, executor_->chunks_per_block(a->layers_per_chunk),
                                     ctx_.cache->shape().compressed_chunk);
   demand.step_tokens = prefill_step_tokens(hp.n_layers, a->layers_per_chunk, longest);
+  a->miss_demand = demand;
+  a->layout = layout;
+  const int64_t cache_limit = ctx_.scheduler.context_cache_pages;
+  if (cache_limit != 0 && !a->req.context.empty() && !a->req.prompt_logprobs) {
+    const int64_t page = ctx_.cache->shape().page_size;
+    const int compressed = ctx_.cache->shape().compressed_chunk;
+    a->entry_pages = context_entry_pages(layout, page, compressed);
+    a->cacheable = cache_limit < 0 || a->entry_pages <= cache_limit;
+    a->cache_key = ContextCache::layout_key(layout, plan.mode);
+    a->hit_demand = kv_demand_cached(layout, static_cast<int64_t>(a->req.query.size()) + a->req.sampling.max_tokens,
+                                     page, compressed);
+  }
   a->sink = std::make_shared<Sink>();
   a->sink->fn = std::move(on_event);
   a->submitted = Clock::now();
@@ -217,6 +250,15 @@ EngineInfo ServingEngine::info() const {
   }
   i.queue_depth = queue_depth_.load();
   i.running = running_.load();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    i.context_cache_max_pages = ctx_.scheduler.context_cache_pages;
+    i.context_cache_entries = context_cache_.size();
+    i.context_cache_pages = context_cache_.pages();
+    i.context_cache_hits = context_cache_.stats().hits;
+    i.context_cache_misses = context_cache_.stats().misses;
+    i.context_cache_evictions = context_cache_.stats().evictions;
+  }
   const KvCacheShape& kv = ctx_.cache->shape();
   i.kv_bytes_per_row = ctx_.cache->bytes_per_token();
   i.kv_dtype = ctx_.model->backend().compute_dtype() == DType::kBF16 ? "bf16" : "f32";
@@ -243,6 +285,8 @@ void ServingEngine::finish(Active& a, FinishReason reason, Status error) {
   ev.usage.context_tokens = static_cast<int64_t>(a.req.context.size());
   ev.usage.query_tokens = static_cast<int64_t>(a.req.query.size());
   ev.usage.completion_tokens = a.n_generated;
+  if (a.from_entry >= 0) ev.usage.cached_context_tokens = static_cast<int64_t>(a.req.context.size());
+  ev.context_id = a.context_id;
   ev.timing.phase1_steps = a.phase1_steps;
   const auto now = Clock::now();
   if (a.phase1_start != Clock::time_point{}) {
@@ -265,8 +309,30 @@ void ServingEngine::admit_waiting() {
   std::vector<std::unique_ptr<Active>> admitted;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (RequestId id : scheduler_.admit()) {
-      auto it = waiting_.find(id);
+    // One at a time (FIFO): a request whose context is cached now forks it and needs fewer pages; idle
+    // cached contexts give their pages up before a request waits for them.
+    while (const std::optional<RequestId> front = scheduler_.front()) {
+      auto it = waiting_.find(*front);
+      Active& a = *it->second;
+      SeqId entry = -1;
+      if (a.cacheable) {
+        if (const ContextCache::Entry* e = context_cache_.find(a.req.context, a.cache_key)) entry = e->seq;
+      }
+      scheduler_.set_front_demand(entry >= 0 ? a.hit_demand : a.miss_demand);
+      while (scheduler_.front_shortfall() > 0) {
+        const std::optional<SeqId> victim = context_cache_.lru_idle(entry);
+        if (!victim) break;
+        evict_locked(*victim);
+      }
+      if (!scheduler_.admit_front()) break;
+      if (entry >= 0) {
+        context_cache_.pin(entry);
+        a.from_entry = entry;
+        a.context_id = context_cache_.get(entry)->id;
+        ++context_cache_.stats().hits;
+      } else if (a.cacheable) {
+        ++context_cache_.stats().misses;
+      }
       admitted.push_back(std::move(it->second));
       waiting_.erase(it);
     }
@@ -302,11 +368,49 @@ Status ServingEngine::release_finished() {
       {
         std::lock_guard<std::mutex> lock(mu_);
         scheduler_.release(it->first);
+        if (it->second->from_entry >= 0) context_cache_.unpin(it->second->from_entry);
       }
       it = active_.erase(it);
     } else {
       ++it;
     }
+  }
+  if (msg.empty()) return Status();
+  SS_RETURN_IF_ERROR(broadcast_step(msg.words()));
+  SS_RETURN_IF_ERROR(executor_->execute(msg.words(), nullptr));
+  end_step();
+  return Status();
+}
+
+void ServingEngine::evict_locked(SeqId entry) {
+  scheduler_.return_pages(context_cache_.erase(entry));
+  evicted_.push_back(entry);
+  ++context_cache_.stats().evictions;
+}
+
+bool ServingEngine::make_room_locked(int64_t pages) {
+  const int64_t limit = ctx_.scheduler.context_cache_pages;
+  if (limit > 0) {
+    while (context_cache_.pages() + pages > limit) {
+      const std::optional<SeqId> victim = context_cache_.lru_idle();
+      if (!victim) return false;
+      evict_locked(*victim);
+    }
+  }
+  while (!scheduler_.hold_pages(pages)) {
+    const std::optional<SeqId> victim = context_cache_.lru_idle();
+    if (!victim) return false;
+    evict_locked(*victim);
+  }
+  return true;
+}
+
+Status ServingEngine::flush_evictions() {
+  ControlMessage msg(ControlCommand::kRelease);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (SeqId e : evicted_) msg.add_release(e);
+    evicted_.clear();
   }
   if (msg.empty()) return Status();
   SS_RETURN_IF_ERROR(broadcast_step(msg.words()));
@@ -348,14 +452,17 @@ Status ServingEngine::step() {
 
   // 3. New requests: every rank records them and derives their layout.
   admit_waiting();
+  SS_RETURN_IF_ERROR(flush_evictions());  // before the ADMIT: a request forking a cached context takes pages
   ControlMessage admit(ControlCommand::kAdmit);
   for (auto& [id, a] : active_) {
     if (a->admitted) continue;
     a->admitted = true;
     a->phase1_start = Clock::now();
+    if (a->from_entry >= 0) a->phase1_end = a->phase1_start;  // a cached context: no phase 1
     admit.add_admit(static_cast<SeqId>(id),
                     {a->req.mode, a->req.block_size, a->req.anchor_size, a->req.n_blocks, a->req.exact_layout},
-                    a->layers_per_chunk, a->req.context, a->req.prompt_logprobs.value_or(-1), a->req.query.front());
+                    a->layers_per_chunk, a->req.context, a->req.prompt_logprobs.value_or(-1), a->req.query.front(),
+                    a->from_entry);
   }
   if (!admit.empty()) {
     SS_RETURN_IF_ERROR(broadcast_step(admit.words()));
@@ -403,6 +510,30 @@ Status ServingEngine::step() {
     decode_ids = scheduler_.decode_batch();
   }
   if (decode_ids.empty()) return Status();
+  // Context reuse: a context whose phase 1 just completed is kept as a cached context, forked from
+  // the request's KV before its query is written.
+  ControlMessage retain(ControlCommand::kRetain);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (RequestId id : decode_ids) {
+      Active& a = *active_.at(id);
+      if (a.prefilled || !a.cacheable || a.from_entry >= 0 || !a.context_id.empty()) continue;
+      if (const ContextCache::Entry* e = context_cache_.find(a.req.context, a.cache_key)) {
+        a.context_id = e->id;  // another request's, cached meanwhile
+        continue;
+      }
+      if (!make_room_locked(a.entry_pages)) continue;
+      const SeqId entry = context_cache_.insert(a.req.context, a.layout, a.req.mode, a.entry_pages);
+      a.context_id = context_cache_.get(entry)->id;
+      retain.add_retain(static_cast<SeqId>(id), entry);
+    }
+  }
+  SS_RETURN_IF_ERROR(flush_evictions());
+  if (!retain.empty()) {
+    SS_RETURN_IF_ERROR(broadcast_step(retain.words()));
+    SS_RETURN_IF_ERROR(executor_->execute(retain.words(), nullptr));
+    end_step();
+  }
   ControlMessage msg(ControlCommand::kDecode);
   std::vector<Active*> decoding;
   for (RequestId id : decode_ids) {
@@ -509,6 +640,12 @@ Status ServingEngine::run() {
   for (auto& a : left) finish(*a, FinishReason::kError, unavailable("the server is shutting down"));
   for (auto& [id, a] : active_) finish(*a, FinishReason::kError, unavailable("the server is shutting down"));
   SS_RETURN_IF_ERROR(release_finished());
+  {
+    // The cached contexts go too: every rank's pool ends as it began.
+    std::lock_guard<std::mutex> lock(mu_);
+    while (const std::optional<SeqId> e = context_cache_.lru_idle()) evict_locked(*e);
+  }
+  SS_RETURN_IF_ERROR(flush_evictions());
   std::vector<int64_t> stop_msg = ControlMessage(ControlCommand::kStop).words();
   stop_msg.resize(1);
   return broadcast_control(*ctx_.comm, stop_msg);

@@ -19,6 +19,7 @@
 
 #include "comm/communicator.h"
 #include "common/config.h"
+#include "engine/context_cache.h"
 #include "engine/control.h"
 #include "engine/engine.h"
 #include "engine/scheduler.h"
@@ -87,6 +88,11 @@ class ServingEngine final : public Engine {
   void admit_waiting();
   void finish(Active& a, FinishReason reason, Status error = Status());
   Status release_finished();
+  // Context reuse, under mu_: drops a cached context (its RELEASE goes out with flush_evictions) ...
+  void evict_locked(SeqId entry);
+  // ... or as many idle ones as it takes for a new one of `pages` pages (false when that is not possible).
+  bool make_room_locked(int64_t pages);
+  Status flush_evictions();
   void publish_stats();
 
   EngineContext ctx_;
@@ -103,6 +109,8 @@ class ServingEngine final : public Engine {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   Scheduler scheduler_;                               // guarded by mu_
+  ContextCache context_cache_;                        // guarded by mu_
+  std::vector<SeqId> evicted_;                        // guarded by mu_: cached contexts to release on every rank
   std::map<RequestId, std::unique_ptr<Active>> waiting_;  // submitted, not yet admitted (guarded by mu_)
   std::map<RequestId, std::unique_ptr<Active>> active_;   // engine thread only
   std::vector<RequestId> cancel_requests_;            // guarded by mu_

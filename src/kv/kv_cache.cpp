@@ -14,6 +14,7 @@ KvCache::KvCache(Backend& backend, const KvCacheShape& shape)
   }
   // Hand out low page numbers first (stack order) so a small workload stays compact.
   for (int64_t p = shape.n_pages - 1; p >= 0; --p) free_pages_.push_back(p);
+  page_refs_.assign(static_cast<size_t>(shape.n_pages), 0);
 }
 
 Status KvCache::reserve(SeqId seq, int64_t n_tokens) {
@@ -27,9 +28,67 @@ Status KvCache::reserve(SeqId seq, int64_t n_tokens) {
   }
   for (int64_t i = 0; i < need; ++i) {
     st.pages.push_back(free_pages_.back());
+    page_refs_[static_cast<size_t>(free_pages_.back())] = 1;
     free_pages_.pop_back();
   }
   return Status();
+}
+
+Status KvCache::fork(SeqId src, SeqId dst) {
+  SS_CHECK(src != dst && seqs_.count(dst) == 0, "fork: sequence {} exists", dst);
+  auto it = seqs_.find(src);
+  if (it == seqs_.end()) return not_found("fork: sequence {} holds no KV", src);
+  const SeqState& from = it->second;
+  const int64_t rows_used = shape_.rows_for(from.length);
+  const int64_t whole = rows_used / shape_.page_size;
+  const int64_t tail_rows = rows_used % shape_.page_size;
+  if (tail_rows > 0 && free_pages_.empty()) {
+    return resource_exhausted("KV cache full: forking sequence {} needs 1 page, none of {} is free", src,
+                              pages_total());
+  }
+  SeqState to;
+  to.length = from.length;
+  for (int64_t i = 0; i < whole; ++i) {
+    to.pages.push_back(from.pages[static_cast<size_t>(i)]);
+    ++page_refs_[static_cast<size_t>(to.pages.back())];
+  }
+  if (tail_rows > 0) {
+    const int64_t page = free_pages_.back();
+    free_pages_.pop_back();
+    page_refs_[static_cast<size_t>(page)] = 1;
+    const int64_t src_page = from.pages[static_cast<size_t>(whole)];
+    for (int l = 0; l < shape_.n_layers; ++l) {
+      backend_.copy(rows(page_ptr(k_pool_[l], page), tail_rows), rows(page_ptr(k_pool_[l], src_page), tail_rows));
+      backend_.copy(rows(page_ptr(v_pool_[l], page), tail_rows), rows(page_ptr(v_pool_[l], src_page), tail_rows));
+    }
+    to.pages.push_back(page);
+  }
+  seqs_.emplace(dst, std::move(to));
+  if (auto sh = shift_.find(src); sh != shift_.end()) {
+    const int64_t n = shape_.n_layers * 2 * token_elems();
+    DeviceBuffer buf = backend_.alloc(static_cast<size_t>(n) * dtype_size(dtype_));
+    backend_.copy(buf.view(dtype_, {n}), sh->second.view(dtype_, {n}));
+    shift_.emplace(dst, std::move(buf));
+  }
+  if (auto c = compressed_.find(src); c != compressed_.end()) {
+    Compressed copy;
+    copy.floats = c->second.floats;
+    copy.positions = c->second.positions;
+    if (c->second.carry.data() != nullptr) {
+      const int64_t n = shape_.n_layers * copy.floats;
+      copy.carry = backend_.alloc(static_cast<size_t>(n) * sizeof(float));
+      backend_.copy(copy.carry.view(DType::kF32, {n}), c->second.carry.view(DType::kF32, {n}));
+    }
+    compressed_.emplace(dst, std::move(copy));
+  }
+  return Status();
+}
+
+int64_t KvCache::shared_pages(SeqId seq) const {
+  auto it = seqs_.find(seq);
+  if (it == seqs_.end()) return 0;
+  return std::count_if(it->second.pages.begin(), it->second.pages.end(),
+                       [&](int64_t p) { return page_refs_[static_cast<size_t>(p)] > 1; });
 }
 
 int64_t KvCache::length(SeqId seq) const {
@@ -71,6 +130,8 @@ void KvCache::write(int layer, SeqId seq, int64_t start, Tensor k, Tensor v) {
   while (done < n) {
     const int64_t pos = start + done;
     const int64_t page = st.pages[pos / shape_.page_size];
+    SS_CHECK(page_refs_[static_cast<size_t>(page)] == 1, "KV write of row {} into page {}, which {} sequences share",
+             pos, page, page_refs_[static_cast<size_t>(page)]);
     const int64_t off = pos % shape_.page_size;
     const int64_t take = std::min<int64_t>(n - done, shape_.page_size - off);
     backend_.copy(rows(page_ptr(k_pool_[layer], page) + off * row_bytes, take), rows(k_src + done * row_bytes, take));
@@ -136,7 +197,9 @@ void KvCache::free_sequence(SeqId seq) {
   compressed_.erase(seq);
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return;
-  for (int64_t p : it->second.pages) free_pages_.push_back(p);
+  for (int64_t p : it->second.pages) {
+    if (--page_refs_[static_cast<size_t>(p)] == 0) free_pages_.push_back(p);
+  }
   seqs_.erase(it);
 }
 

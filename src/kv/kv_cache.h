@@ -5,6 +5,9 @@
 // list through a page table when the page size is a power of two >= 64).
 // Admission control works in pages, so a request that does not fit is refused (kResourceExhausted)
 // instead of running the process out of memory. Plain bookkeeping: one owner thread, no locking.
+// Pages are reference-counted: fork() makes a sequence that shares another's whole pages (context
+// reuse: a cached context's KV under several requests) and owns a copy of its last, partly filled
+// one. A sequence writes only rows at or past its length, which lie in pages it owns alone.
 #pragma once
 
 #include <cstdint>
@@ -72,6 +75,13 @@ class KvCache {
   std::vector<int32_t>& stored_positions(int layer, SeqId seq);
   // Bytes of K and V one token takes over all layers.
   int64_t bytes_per_token() const;
+  // A new sequence `dst` equal to `src` as it stands (its length, its KV-shifting and Attamba
+  // state): src's whole pages are shared (both hold a reference; a page returns to the pool with
+  // its last one), the last page, when partly filled, is copied into a page of dst's own, so that
+  // either may then append. Fails without side effects when no page is free for that copy.
+  Status fork(SeqId src, SeqId dst);
+  // Pages of this sequence that another sequence also holds.
+  int64_t shared_pages(SeqId seq) const;
   void free_sequence(SeqId seq);
 
  private:
@@ -88,6 +98,7 @@ class KvCache {
   DType dtype_;
   std::vector<DeviceBuffer> k_pool_, v_pool_;  // per layer
   std::vector<int64_t> free_pages_;
+  std::vector<int32_t> page_refs_;  // per page: sequences holding it (0 = free)
   std::unordered_map<SeqId, SeqState> seqs_;
   std::unordered_map<SeqId, DeviceBuffer> shift_;  // shift_rows: (n_layers, 2, n_kv_heads, head_dim) per sequence
   struct Compressed {

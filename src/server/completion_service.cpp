@@ -63,6 +63,7 @@ template <typename Response>
 void fill_tail(const EngineEvent& finished, const AttentionHealth* health, const Tokenizer& tok,
                Clock::time_point rpc_start, Response* r) {
   fill_usage(finished.usage, r->mutable_usage());
+  r->set_context_id(finished.context_id);
   if (!finished.prompt_logprobs.empty()) {
     fill_prompt_logprobs(finished.prompt_logprobs, tok, r->mutable_choices(0)->mutable_prompt_logprobs());
   }
@@ -493,6 +494,14 @@ grpc::Status CompletionService::GetServerInfo(grpc::ServerContext* ctx, const v1
     response->set_tls(!config_.tls_cert.empty());
     response->set_mutual_tls(!config_.tls_cert.empty() && !config_.tls_client_ca.empty());
     response->set_auth_required(!config_.api_key.empty());
+    v1::ContextCacheInfo* cc = response->mutable_context_cache();
+    cc->set_enabled(info.context_cache_max_pages != 0);
+    cc->set_max_pages(info.context_cache_max_pages);
+    cc->set_entries(info.context_cache_entries);
+    cc->set_pages(info.context_cache_pages);
+    cc->set_hits(info.context_cache_hits);
+    cc->set_misses(info.context_cache_misses);
+    cc->set_evictions(info.context_cache_evictions);
   }
   return done("GetServerInfo", s);
 }

@@ -163,6 +163,38 @@ void set_plain_prompt(std::vector<int32_t> all, EngineRequest* out) {
 template <typename Req>
 Status build_completion_prompt(const Req& r, const Tokenizer& tok, const RequestLimits& limits,
                                PreparedRequest* p) {
+  if (!r.context_id().empty()) {
+    // A cached context by its id: the input is the query alone (after the context, so no BOS).
+    if (r.context_id().size() > 64) return invalid_argument("context_id is {} bytes, at most 64", r.context_id().size());
+    if (r.echo()) return invalid_argument("echo needs the prompt's text, which a request with context_id does not send");
+    p->engine.context_id = r.context_id();
+    switch (r.input_case()) {
+      case Req::kPrompt:
+        SS_RETURN_IF_ERROR(check_prompt_bytes("prompt", r.prompt().size(), limits));
+        p->engine.query = tok.encode(r.prompt(), /*add_special=*/false, /*parse_special=*/false);
+        break;
+      case Req::kPromptTokenIds:
+        for (int i = 0; i < r.prompt_token_ids().ids_size(); ++i) {
+          const int32_t id = r.prompt_token_ids().ids(i);
+          if (id < 0 || id >= limits.n_vocab) {
+            return invalid_argument("prompt_token_ids[{}] = {} must be in [0, {}) (n_vocab)", i, id, limits.n_vocab);
+          }
+        }
+        p->engine.query.assign(r.prompt_token_ids().ids().begin(), r.prompt_token_ids().ids().end());
+        break;
+      case Req::kSplit:
+        if (!r.split().context().empty()) {
+          return invalid_argument("split.context and context_id both set: context_id stands for the context");
+        }
+        SS_RETURN_IF_ERROR(check_prompt_bytes("split.query", r.split().query().size(), limits));
+        p->engine.query = tok.encode(r.split().query(), /*add_special=*/false, /*parse_special=*/false);
+        break;
+      default:
+        return invalid_argument("context_id needs the query: set prompt, prompt_token_ids or split.query");
+    }
+    if (p->engine.query.empty()) return invalid_argument("the query after context_id tokenizes to no tokens");
+    return Status();
+  }
   switch (r.input_case()) {
     case Req::kPrompt: {
       if (r.prompt().empty()) return invalid_argument("prompt is empty");
@@ -451,6 +483,7 @@ void fill_usage(const EngineUsage& usage, v1::Usage* out) {
   out->set_total_tokens(static_cast<int32_t>(prompt + usage.completion_tokens));
   out->set_context_tokens(static_cast<int32_t>(usage.context_tokens));
   out->set_query_tokens(static_cast<int32_t>(usage.query_tokens));
+  out->set_cached_context_tokens(static_cast<int32_t>(usage.cached_context_tokens));
 }
 
 void fill_timing(const EngineTiming& timing, double total_ms, v1::Timing* out) {

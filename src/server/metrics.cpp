@@ -290,8 +290,19 @@ void ServerMetrics::register_engine(const Engine& engine) {
   }
   r.gauge("starserve_kv_pages_reserved", "KV pages reserved by admitted requests (largest rank share).", {}, [e] {
     const EngineInfo info = e->info();
-    return static_cast<double>(info.kv_pages_total - info.kv_pages_free);
+    return static_cast<double>(info.kv_pages_total - info.kv_pages_free - info.context_cache_pages);
   });
+  r.gauge("starserve_context_cache_pages", "KV pages held by cached contexts (largest rank share).", {},
+          [e] { return static_cast<double>(e->info().context_cache_pages); });
+  r.gauge("starserve_context_cache_entries", "Contexts whose KV is cached for later requests.", {},
+          [e] { return static_cast<double>(e->info().context_cache_entries); });
+  r.sampled_counter("starserve_context_cache_hits_total", "Requests whose context was found cached (no phase 1).", {},
+                    [e] { return static_cast<double>(e->info().context_cache_hits); });
+  r.sampled_counter("starserve_context_cache_misses_total", "Requests with a context that had to encode it.", {},
+                    [e] { return static_cast<double>(e->info().context_cache_misses); });
+  r.sampled_counter("starserve_context_cache_evictions_total",
+                    "Cached contexts dropped for their pages (least recently used first).", {},
+                    [e] { return static_cast<double>(e->info().context_cache_evictions); });
   r.sampled_counter("starserve_merge_seconds_total",
                     "Time in the cross-rank attention merge (rank 0, collectives included).", {},
                     [e] { return e->info().merge_seconds_total; });

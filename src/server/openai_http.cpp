@@ -90,7 +90,14 @@ ApiError from_status(const Status& s) {
     case StatusCode::kOutOfRange:
       e.http = 400, e.type = "invalid_request_error", e.param = param_of(s.message());
       break;
-    case StatusCode::kNotFound: e.http = 404, e.type = "invalid_request_error", e.code = "model_not_found"; break;
+    case StatusCode::kNotFound:
+      e.http = 404, e.type = "invalid_request_error";
+      if (e.message.rfind("context_id", 0) == 0) {
+        e.code = "context_not_found", e.param = "context_id";
+      } else {
+        e.code = "model_not_found";
+      }
+      break;
     case StatusCode::kUnauthenticated: e.http = 401, e.type = "authentication_error", e.code = "invalid_api_key"; break;
     case StatusCode::kResourceExhausted:
       e.http = 429, e.type = "rate_limit_error", e.code = "resource_exhausted";
@@ -330,13 +337,19 @@ Status parse_params(const json& body, bool chat, v1::GenerationParams* g, Option
 }
 
 // /v1/completions: prompt (a string, an array of one string, token ids, or an array of one array of ids), echo,
-// and the `context` extension (the prompt is then the query of a split).
+// and the extensions `context` (the prompt is then the query of a split) and `context_id` (a cached context named by
+// an earlier response's context_id; the prompt is then the query).
 Status parse_completion(const json& body, v1::CompleteRequest* r, Options* o) {
   SS_RETURN_IF_ERROR(refuse_unsupported(body, false));
-  std::string model, context;
+  std::string model, context, context_id;
   SS_RETURN_IF_ERROR(get_string(body, "model", &model));
   r->set_model(model);
   SS_RETURN_IF_ERROR(get_string(body, "context", &context));
+  SS_RETURN_IF_ERROR(get_string(body, "context_id", &context_id));
+  if (!context_id.empty() && !context.empty()) {
+    return invalid_argument("context_id and context both set: context_id stands for the context");
+  }
+  r->set_context_id(context_id);
   const json* prompt = field(body, "prompt");
   if (!prompt) return invalid_argument("prompt is required");
   const json* p = prompt;
@@ -496,7 +509,9 @@ json usage_json(const EngineUsage& u) {
           {"completion_tokens", u.completion_tokens},
           {"total_tokens", prompt + u.completion_tokens},
           {"context_tokens", u.context_tokens},
-          {"query_tokens", u.query_tokens}};
+          {"query_tokens", u.query_tokens},
+          {"cached_context_tokens", u.cached_context_tokens},
+          {"prompt_tokens_details", {{"cached_tokens", u.cached_context_tokens}}}};
 }
 
 json timing_json(const EngineTiming& t, double total_ms) {
@@ -657,6 +672,7 @@ struct OpenAiHttpServer::Request {
   // The request's tail on the finishing message: usage, timing, entropy, prompt log-probabilities.
   void add_tail(const EngineEvent& end, json* m, bool with_usage) const {
     if (with_usage) (*m)["usage"] = usage_json(end.usage);
+    if (!end.context_id.empty()) (*m)["context_id"] = end.context_id;
     (*m)["timing"] = timing_json(end.timing, 1000.0 * seconds_between(start, Clock::now()));
     if (end.entropy && end.entropy->enabled() && health) (*m)["attention_entropy"] = entropy_json(*end.entropy, *health);
     if (!end.prompt_logprobs.empty()) {

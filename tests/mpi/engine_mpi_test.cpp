@@ -83,6 +83,10 @@ struct Collector {
       }
     };
   }
+  int token_events_so_far() {
+    std::lock_guard<std::mutex> lock(mu);
+    return out.token_events;
+  }
   Outcome wait() {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return done; });
@@ -302,7 +306,189 @@ TEST(ServingEngine, CancelDuringPhase1StopsBetweenChunks) {
         ASSERT_TRUE(engine.submit(greedy_request(kPrompts[0], 4, AttentionMode::kGlobal), next.fn()).ok());
         EXPECT_EQ(next.wait().finish, FinishReason::kLength);
       },
-      [](EngineContext& ctx) { ctx.scheduler.prefill_chunk_tokens = 16; });
+      [](EngineContext& ctx) {
+        ctx.scheduler.prefill_chunk_tokens = 16;
+        ctx.scheduler.context_cache_pages = 0;  // the second run must encode the context again
+      });
+}
+
+// ---- context reuse (engine/context_cache.h)
+
+EngineRequest split_request(const std::string& context, const std::string& query, int max_tokens, AttentionMode mode) {
+  World& w = world();
+  EngineRequest r;
+  r.context = w.files.tokenizer->encode(context, true, false);
+  r.query = w.files.tokenizer->encode(query, false, false);
+  r.sampling.temperature = 0.0f;
+  r.sampling.max_tokens = max_tokens;
+  r.sampling.ignore_eos = true;
+  r.mode = mode;
+  r.block_size = mode == AttentionMode::kGlobal ? 0 : 96;
+  return r;
+}
+
+Outcome run_one(ServingEngine& engine, const EngineRequest& r) {
+  Collector c;
+  auto id = engine.submit(r, c.fn());
+  if (!id.ok()) {
+    Outcome o;
+    o.finish = FinishReason::kError;
+    o.error = id.status();
+    return o;
+  }
+  return c.wait();
+}
+
+std::string document(int n_sentences, const std::string& topic) {
+  std::string doc = "Notes on " + topic + ". ";
+  const char* facts[] = {"The river runs north past the mill. ", "The baker opens at six every morning. ",
+                         "The blue door belongs to the painter. ", "Snow closed the pass for nine days. "};
+  for (int i = 0; i < n_sentences; ++i) doc += facts[i % 4];
+  return doc;
+}
+
+// A second question about the same context skips phase 1 and answers exactly as the same request does on an
+// engine without the cache, in every mode; so does a request that names the context by its context_id.
+TEST(ServingEngine, CachedContextAnswersAsEncodingItAgain) {
+  const std::string doc = document(30, "the town");
+  for (AttentionMode mode : {AttentionMode::kGlobal, AttentionMode::kExact, AttentionMode::kStar}) {
+    SCOPED_TRACE(static_cast<int>(mode));
+    const EngineRequest first = split_request(doc, " Who owns the blue door?", 6, mode);
+    const EngineRequest second = split_request(doc, " When does the baker open?", 10, mode);
+    Outcome cold;
+    with_engine([&](ServingEngine& engine) { cold = run_one(engine, second); },
+                [](EngineContext& ctx) { ctx.scheduler.context_cache_pages = 0; });
+    with_engine([&](ServingEngine& engine) {
+      ASSERT_EQ(cold.finish, FinishReason::kLength) << cold.error.to_string();
+      EXPECT_TRUE(cold.last.context_id.empty()) << "the cache is off";
+      const Outcome a = run_one(engine, first);
+      ASSERT_EQ(a.finish, FinishReason::kLength) << a.error.to_string();
+      ASSERT_FALSE(a.last.context_id.empty());
+      EXPECT_EQ(a.last.usage.cached_context_tokens, 0);
+      EXPECT_GT(a.last.timing.phase1_steps, 0);
+
+      const Outcome b = run_one(engine, second);
+      ASSERT_EQ(b.finish, FinishReason::kLength) << b.error.to_string();
+      EXPECT_EQ(b.tokens, cold.tokens);
+      EXPECT_EQ(b.last.usage.cached_context_tokens, static_cast<int64_t>(second.context.size()));
+      EXPECT_EQ(b.last.usage.context_tokens, static_cast<int64_t>(second.context.size()));
+      EXPECT_EQ(b.last.timing.phase1_steps, 0);
+      EXPECT_EQ(b.last.context_id, a.last.context_id);
+
+      EngineRequest by_id = second;
+      by_id.context.clear();
+      by_id.context_id = a.last.context_id;
+      const Outcome c = run_one(engine, by_id);
+      ASSERT_EQ(c.finish, FinishReason::kLength) << c.error.to_string();
+      EXPECT_EQ(c.tokens, cold.tokens);
+      EXPECT_EQ(c.last.usage.cached_context_tokens, static_cast<int64_t>(second.context.size()));
+
+      // Another layout of the same tokens is other KV: a miss, encoded.
+      EngineRequest other = second;
+      other.mode = mode == AttentionMode::kGlobal ? AttentionMode::kStar : AttentionMode::kGlobal;
+      other.block_size = other.mode == AttentionMode::kGlobal ? 0 : 96;
+      const Outcome d = run_one(engine, other);
+      ASSERT_EQ(d.finish, FinishReason::kLength) << d.error.to_string();
+      EXPECT_EQ(d.last.usage.cached_context_tokens, 0);
+
+      const EngineInfo info = engine.info();
+      EXPECT_EQ(info.context_cache_hits, 2);
+      EXPECT_EQ(info.context_cache_misses, 2);
+      EXPECT_EQ(info.context_cache_entries, 2);
+      EXPECT_GT(info.context_cache_pages, 0);
+    });
+  }
+}
+
+// Under page pressure idle cached contexts give their pages to new requests, least recently used first;
+// --context-cache-pages bounds what they keep.
+TEST(ServingEngine, IdleCachedContextsAreEvictedWhenPagesAreNeeded) {
+  // 48 pages of 64 tokens per rank; each context of ~500 tokens takes 8 pages on rank 0 (global).
+  std::vector<EngineRequest> reqs;
+  const char* topics[] = {"the mill", "the harbour", "the school", "the market", "the castle", "the forest",
+                          "the bridge", "the tower"};
+  for (const char* t : topics) reqs.push_back(split_request(document(58, t), " Who owns the blue door?", 2,
+                                                            AttentionMode::kGlobal));
+  ASSERT_GT(reqs[0].context.size(), 448u);
+  ASSERT_LE(reqs[0].context.size(), 500u);
+  with_engine([&](ServingEngine& engine) {
+    for (const EngineRequest& r : reqs) ASSERT_EQ(run_one(engine, r).finish, FinishReason::kLength);
+    EngineInfo info = engine.info();
+    EXPECT_EQ(info.context_cache_misses, 8);
+    EXPECT_GT(info.context_cache_evictions, 0);
+    EXPECT_EQ(info.context_cache_entries + info.context_cache_evictions, 8);
+    EXPECT_LE(info.context_cache_pages, info.kv_pages_total);
+    // The first was the least recently used: gone, so it is encoded again; the last is still there.
+    EXPECT_EQ(run_one(engine, reqs[0]).last.usage.cached_context_tokens, 0);
+    EXPECT_GT(run_one(engine, reqs[7]).last.usage.cached_context_tokens, 0);
+  });
+  with_engine(
+      [&](ServingEngine& engine) {
+        for (int i = 0; i < 4; ++i) ASSERT_EQ(run_one(engine, reqs[i]).finish, FinishReason::kLength);
+        const EngineInfo info = engine.info();
+        EXPECT_EQ(info.context_cache_entries, 2);
+        EXPECT_EQ(info.context_cache_pages, 16);
+        EXPECT_EQ(info.context_cache_evictions, 2);
+      },
+      [](EngineContext& ctx) { ctx.scheduler.context_cache_pages = 16; });
+}
+
+// A request that uses a cached context and is cancelled leaves the context cached for the next.
+TEST(ServingEngine, CachedContextSurvivesACancelledRequestThatUsedIt) {
+  const std::string doc = document(30, "the valley");
+  const EngineRequest warm = split_request(doc, " Who owns the blue door?", 2, AttentionMode::kStar);
+  EngineRequest cancelled = split_request(doc, " Tell me a long story about the river.", 1000, AttentionMode::kStar);
+  const EngineRequest after = split_request(doc, " When does the baker open?", 8, AttentionMode::kStar);
+  Outcome cold;
+  with_engine([&](ServingEngine& engine) { cold = run_one(engine, after); },
+              [](EngineContext& ctx) { ctx.scheduler.context_cache_pages = 0; });
+  with_engine([&](ServingEngine& engine) {
+    ASSERT_EQ(run_one(engine, warm).finish, FinishReason::kLength);
+    Collector c;
+    auto id = engine.submit(cancelled, c.fn());
+    ASSERT_TRUE(id.ok()) << id.status().to_string();
+    while (c.token_events_so_far() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    engine.cancel(*id);
+    const Outcome o = c.wait();
+    EXPECT_EQ(o.finish, FinishReason::kCancelled);
+    EXPECT_LT(o.last.usage.completion_tokens, 1000);
+    EXPECT_EQ(o.last.usage.cached_context_tokens, static_cast<int64_t>(cancelled.context.size()));
+    const Outcome next = run_one(engine, after);
+    ASSERT_EQ(next.finish, FinishReason::kLength) << next.error.to_string();
+    EXPECT_EQ(next.last.usage.cached_context_tokens, static_cast<int64_t>(after.context.size()));
+    EXPECT_EQ(next.tokens, cold.tokens);
+    EXPECT_EQ(engine.info().context_cache_hits, 2);
+  });
+}
+
+// An unknown context_id is NOT_FOUND; a request asking for prompt log-probabilities is neither served from the
+// cache nor cached (phase 1 must score its context).
+TEST(ServingEngine, ContextIdUnknownAndPromptLogprobsBypass) {
+  const std::string doc = document(12, "the port");
+  with_engine([&](ServingEngine& engine) {
+    EngineRequest r = split_request(doc, " Who owns the blue door?", 2, AttentionMode::kGlobal);
+    EngineRequest unknown = r;
+    unknown.context.clear();
+    unknown.context_id = "ctx-0000000000000000";
+    Collector c;
+    auto id = engine.submit(unknown, c.fn());
+    ASSERT_FALSE(id.ok());
+    EXPECT_EQ(id.status().code(), StatusCode::kNotFound);
+    EXPECT_NE(id.status().message().find("ctx-0000000000000000"), std::string::npos);
+    EngineRequest both = r;
+    both.context_id = "ctx-0000000000000000";
+    EXPECT_EQ(engine.submit(both, c.fn()).status().code(), StatusCode::kInvalidArgument);
+
+    EngineRequest scored = r;
+    scored.prompt_logprobs = 0;
+    const Outcome a = run_one(engine, scored);
+    ASSERT_EQ(a.finish, FinishReason::kLength);
+    EXPECT_TRUE(a.last.context_id.empty());
+    EXPECT_EQ(a.last.prompt_logprobs.size(), r.context.size() + r.query.size() - 1);
+    EXPECT_EQ(run_one(engine, r).last.usage.cached_context_tokens, 0);
+    EXPECT_GT(run_one(engine, r).last.usage.cached_context_tokens, 0);
+    EXPECT_EQ(run_one(engine, scored).last.prompt_logprobs.size(), r.context.size() + r.query.size() - 1);
+  });
 }
 
 }  // namespace

@@ -366,6 +366,11 @@ TEST(Metrics, ServerMetricsFollowTheExpositionFormatAndNamingRules) {
       {"starserve_kv_pages_capacity", "gauge"},
       {"starserve_kv_pages_reserved", "gauge"},
       {"starserve_ready", "gauge"},
+      {"starserve_context_cache_pages", "gauge"},
+      {"starserve_context_cache_entries", "gauge"},
+      {"starserve_context_cache_hits_total", "counter"},
+      {"starserve_context_cache_misses_total", "counter"},
+      {"starserve_context_cache_evictions_total", "counter"},
   };
   std::map<std::string, std::string> got;
   for (const auto& [name, f] : ex.families) got[name] = f.type;
