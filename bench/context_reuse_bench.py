@@ -7,7 +7,9 @@ For each --lengths L (context tokens, about) and each --modes mode, the script s
   first    the document and question 1: a miss, phase 1 encodes the document;
   text     the same document and question 2: found by its tokens (the server still tokenizes the text);
   id       question 3 with --context-id: found by its id (no document sent);
-  again    question 1 with --context-id: its answer must equal `first`'s (reported as same_text).
+  again    question 1 with --context-id: its answer must equal `first`'s (reported as same_text);
+  n4       the same with --n 4: four greedy choices forked after the query, each `first`'s answer (same_text);
+  par4     the same as four separate requests at once (decoded together), for comparison with n4.
 An untimed request about another document goes first. Each line is JSON: the server's time to first token and phase-1 time ([timing]), the client's wall time for the
 whole call (process start, sending the document, 8 tokens), the cached context tokens ([context]), and the ratios of
 each later call's figures to `first`'s. The server starts once (mpirun, --ranks, --server-arg flags passed through,
@@ -118,15 +120,30 @@ def main():
                     shape = ["--attention", mode] + (["--block-size", str(length // 4)] if mode == "star" else [])
                     calls = [("first", ["--context-file", doc, "--query", QUESTIONS[0]]),
                              ("text", ["--context-file", doc, "--query", QUESTIONS[1]]),
-                             ("id", None), ("again", None)]
+                             ("id", None), ("again", None), ("n4", None)]
                     results, first_text, cid = {}, None, None
                     for name, inp in calls:
                         if inp is None:
                             q = QUESTIONS[2] if name == "id" else QUESTIONS[0]
                             inp = ["--context-id", cid or "ctx-missing", "--query", q]
+                            if name == "n4":
+                                inp += ["--n", "4"]
                         t0 = time.monotonic()
                         r = subprocess.run(ctl + ["complete"] + inp + gen + shape, capture_output=True, text=True)
                         wall = (time.monotonic() - t0) * 1000
+                        if name == "n4":
+                            # Four separate requests at once, decoded together as the four choices are.
+                            procs = [subprocess.Popen(ctl + ["complete", "--context-id", cid or "ctx-missing",
+                                                             "--query", QUESTIONS[0]] + gen + shape,
+                                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                     for _ in range(4)]
+                            par = [p.communicate()[0].rstrip("\n") for p in procs]
+                            want = (first_text or "").rstrip("\n")
+                            prow = {"bench": "context_reuse", "length": length, "mode": mode, "call": "par4",
+                                    "same_text": all(t == want for t in par)}
+                            if not prow["same_text"]:
+                                prow["texts"] = par
+                            print(json.dumps(prow), flush=True)
                         row = {"bench": "context_reuse", "length": length, "mode": mode, "call": name,
                                "rc": r.returncode, "client_ms": round(wall, 1)}
                         row.update(parse(r.stderr))
@@ -136,6 +153,13 @@ def main():
                             first_text, cid = r.stdout, row.get("context_id")
                         if name == "again":
                             row["same_text"] = r.stdout == first_text
+                        if name == "n4":
+                            texts = re.split(r"^--- choice \d+ \(\w+\)\n", r.stdout, flags=re.M)[1:]
+                            want = (first_text or "").rstrip("\n")
+                            row["choices"] = len(texts)
+                            row["same_text"] = len(texts) == 4 and all(t.rstrip("\n") == want for t in texts)
+                            if not row["same_text"]:
+                                row["first_text"], row["choice_texts"] = want, [t.rstrip("\n") for t in texts]
                         results[name] = row
                         if name != "first" and "ttft_ms" in row and "ttft_ms" in results["first"]:
                             f = results["first"]

@@ -59,6 +59,7 @@ struct GenerationOptions {
   float temperature = 0, top_p = 0, min_p = 0, repetition_penalty = 0, frequency_penalty = 0, presence_penalty = 0;
   int top_k = 0;
   uint64_t seed = 0;
+  int n = 1;  // choices
   std::vector<std::string> stop;
   std::vector<int32_t> stop_token_ids;
   bool ignore_eos = false;
@@ -195,6 +196,7 @@ v1::GenerationParams make_params(const GenerationOptions& g) {
   if (g.has("--frequency-penalty")) p.set_frequency_penalty(g.frequency_penalty);
   if (g.has("--presence-penalty")) p.set_presence_penalty(g.presence_penalty);
   if (g.has("--seed")) p.set_seed(g.seed);
+  if (g.has("--n")) p.set_n(g.n);
   for (const std::string& s : g.stop) p.add_stop(s);
   for (int32_t id : g.stop_token_ids) p.add_stop_token_ids(id);
   if (g.ignore_eos) p.set_ignore_eos(true);
@@ -486,18 +488,30 @@ int run_generation(const ConnectionOptions& c, const GenerationOptions& given, R
   prepare_context(c, &ctx);
   if (!g.request_id.empty()) ctx.AddMetadata("x-request-id", g.request_id);
   Resp last;
-  grpc::Status s = call(rpc, *stub, ctx, req, [&last](const Resp& m) {
+  // One choice: its text as it arrives. Several: each choice's whole text at the end, under a header line.
+  const bool several = g.n > 1;
+  std::map<int, std::string> texts;
+  std::map<int, v1::FinishReason> finishes;
+  grpc::Status s = call(rpc, *stub, ctx, req, [&](const Resp& m) {
     for (const auto& choice : m.choices()) {
       const std::string& t = choice_text(choice);
-      std::fwrite(t.data(), 1, t.size(), stdout);
-      std::fflush(stdout);
+      if (several) {
+        texts[choice.index()] += t;
+        if (choice.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) finishes[choice.index()] = choice.finish_reason();
+      } else {
+        std::fwrite(t.data(), 1, t.size(), stdout);
+        std::fflush(stdout);
+      }
       if (choice.has_logprobs()) print_logprobs(choice.logprobs());
       if (choice.has_prompt_logprobs()) print_prompt_logprobs(choice.prompt_logprobs());
     }
     last = m;
   });
   if (!s.ok()) return report_error(s);
-  std::fputc('\n', stdout);
+  for (const auto& [index, text] : texts) {
+    fmt::print("--- choice {} ({})\n{}\n", index, finish_name(finishes[index]), text);
+  }
+  if (!several) std::fputc('\n', stdout);
   print_tail(last, last.choices_size() ? last.choices(0).finish_reason() : v1::FINISH_REASON_UNSPECIFIED, g);
   return 0;
 }
@@ -690,6 +704,7 @@ void add_generation_flags(CLI::App* cmd, GenerationOptions* g, bool completion) 
   tracked("--frequency-penalty", g->frequency_penalty);
   tracked("--presence-penalty", g->presence_penalty);
   tracked("--seed", g->seed);
+  tracked("--n", g->n, "choices: samples of the same prompt, sharing its KV (printed one after another)");
   cmd->add_option("--stop", g->stop, "stop string (repeatable)");
   cmd->add_option("--stop-token-id", g->stop_token_ids, "stop token id (repeatable)");
   cmd->add_flag("--ignore-eos", g->ignore_eos);

@@ -18,6 +18,11 @@ void ControlMessage::add_admit(SeqId id, const ContextPlan& plan, int layers_per
   words_.insert(words_.end(), context.begin(), context.end());
 }
 
+void ControlMessage::add_fork(SeqId id, SeqId child) {
+  begin_entry();
+  words_.insert(words_.end(), {static_cast<int64_t>(id), static_cast<int64_t>(child)});
+}
+
 void ControlMessage::add_retain(SeqId id, SeqId entry) {
   begin_entry();
   words_.insert(words_.end(), {static_cast<int64_t>(id), static_cast<int64_t>(entry)});
@@ -176,6 +181,21 @@ Status StepExecutor::execute_command(const std::vector<int64_t>& m, std::vector<
         e.layout = s.layout;
         if (cache_.has(id)) SS_RETURN_IF_ERROR(cache_.fork(id, entry));
         seqs_[entry] = std::move(e);
+      }
+      return Status();
+    case ControlCommand::kFork:
+      for (int64_t r = 0; r < n; ++r) {
+        const SeqId id = m[i++];
+        const SeqId child = m[i++];
+        const Seq& s = seqs_.at(id);
+        SS_CHECK(s.registered && seqs_.count(child) == 0, "sequence {} forked into {} before its query", id, child);
+        Seq c;
+        c.mode = s.mode;
+        c.layout = s.layout;
+        c.registered = true;
+        if (cache_.has(id)) SS_RETURN_IF_ERROR(cache_.fork(id, child));
+        phase2_.clone_sequence(id, child);
+        seqs_[child] = std::move(c);
       }
       return Status();
     case ControlCommand::kRelease:

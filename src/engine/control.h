@@ -19,6 +19,8 @@
 //           requests just encoded and one token for each running request; Phase2Attention merges
 //           across ranks once per layer. A request's first DECODE also gathers its phase-1 prompt
 //           log-probabilities (each rank scored its own blocks) on rank 0, which scores the query;
+//   FORK    (id, child) per choice of an n > 1 request, after the DECODE that took the request's query: every
+//           rank forks the request's KV and phase-2 placement into `child`, which decodes on its own from then;
 //   RELEASE (id) per request or cached context: every rank frees its KV;
 //   STOP    no entries: the workers return.
 #pragma once
@@ -35,7 +37,7 @@
 
 namespace starserve {
 
-enum class ControlCommand : int64_t { kStop = 1, kAdmit, kEncode, kDecode, kRelease, kRetain };
+enum class ControlCommand : int64_t { kStop = 1, kAdmit, kEncode, kDecode, kRelease, kRetain, kFork };
 
 // One step's message, built on rank 0.
 class ControlMessage {
@@ -44,6 +46,7 @@ class ControlMessage {
   void add_admit(SeqId id, const ContextPlan& plan, int layers_per_chunk, std::span<const int32_t> context,
                  int prompt_logprobs = -1, int32_t after_context = -1, SeqId from = -1);
   void add_retain(SeqId id, SeqId entry);
+  void add_fork(SeqId id, SeqId child);
   void add_encode(SeqId id, int k);
   void add_decode(SeqId id, int64_t first_position, std::span<const int32_t> tokens);
   void add_release(SeqId id);

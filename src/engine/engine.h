@@ -23,6 +23,9 @@
 
 namespace starserve {
 
+// Choices per request (EngineRequest::n), at most.
+constexpr int kMaxChoices = 16;
+
 struct EngineRequest {
   std::vector<int32_t> context;  // encoded in phase 1 (may be empty)
   std::vector<int32_t> query;    // phase 2; at least one token
@@ -46,6 +49,11 @@ struct EngineRequest {
   // Context reuse: the id a finished request returned (EngineEvent::context_id) instead of the context
   // itself (context empty, split_prompt false); kNotFound once no cached context has it.
   std::string context_id;
+  // Choices: n samples of the same prompt. The prompt is encoded once: after its query went through, the
+  // sequence is forked n - 1 times (sharing the context's and the query's KV) and each choice samples from the
+  // same logits on. Events carry their choice; each choice ends with a kFinished of its own. Choice c > 0
+  // samples with seed + c when a seed is set. In [1, kMaxChoices], and at most max_running.
+  int n = 1;
 };
 
 struct EngineUsage {
@@ -67,12 +75,13 @@ struct EngineTiming {
 struct EngineEvent {
   enum class Kind { kToken, kFinished };
   Kind kind = Kind::kToken;
+  int choice = 0;                    // which of the request's n choices (EngineRequest::n)
   TokenEvent token;                  // kToken: the token and its new text
   FinishReason finish = FinishReason::kUnspecified;  // kFinished
   Status error;                      // kFinished with FinishReason::kError
-  EngineUsage usage;                 // kFinished
+  EngineUsage usage;                 // kFinished: completion_tokens are this choice's
   EngineTiming timing;               // kFinished
-  std::optional<EntropyStats> entropy;  // kFinished, when requested
+  std::optional<EntropyStats> entropy;  // kFinished, when requested (choice 0: its query and tokens)
   // kFinished, when requested (EngineRequest::prompt_logprobs) and the prompt went through the
   // model: one per prompt token after the first, in order (token = that prompt token).
   std::vector<TokenLogprobs> prompt_logprobs;

@@ -67,6 +67,21 @@ KvDemand kv_demand_cached(const StarLayout& layout, int64_t query_and_generated,
   return d;
 }
 
+KvDemand kv_demand_fork(const StarLayout& layout, int64_t query, int64_t generated, int64_t page_size,
+                        int compressed_chunk) {
+  KvCacheShape shape;
+  shape.compressed_chunk = compressed_chunk;
+  KvDemand d;
+  for (int r = 0; r < layout.world_size; ++r) {
+    const bool host = r == layout.query_host;
+    const int64_t held = layout.tokens_of(r) + (host ? query : 0);
+    const int64_t total = held + (host ? generated : 0);
+    const int64_t own = (shape.rows_for(total) + page_size - 1) / page_size - shape.rows_for(held) / page_size;
+    d.pages = std::max(d.pages, own);
+  }
+  return d;
+}
+
 Scheduler::Scheduler(const SchedulerConfig& config, int64_t pages_total)
     : config_(config), pages_total_(pages_total), pages_free_(pages_total) {}
 
@@ -106,7 +121,7 @@ void Scheduler::set_front_demand(const KvDemand& demand) {
 }
 
 int64_t Scheduler::front_shortfall() const {
-  if (waiting_.empty() || static_cast<int>(running_.size()) >= config_.max_running) return -1;
+  if (waiting_.empty() || running_slots_ + waiting_.front().second.slots > config_.max_running) return -1;
   return std::max<int64_t>(0, waiting_.front().second.pages - pages_free_);
 }
 
@@ -115,8 +130,21 @@ std::optional<RequestId> Scheduler::admit_front() {
   const auto [id, demand] = waiting_.front();
   waiting_.pop_front();
   pages_free_ -= demand.pages;
+  running_slots_ += demand.slots;
   running_[id] = Running{demand, 0, false};
   return id;
+}
+
+void Scheduler::split(RequestId parent, RequestId child, const KvDemand& demand) {
+  Running& p = running_.at(parent);
+  SS_CHECK(p.demand.pages >= demand.pages && p.demand.slots > demand.slots && running_.count(child) == 0,
+           "split of request {} ({} pages, {} slots) for {} pages", parent, p.demand.pages, p.demand.slots,
+           demand.pages);
+  p.demand.pages -= demand.pages;
+  p.demand.slots -= demand.slots;
+  KvDemand d = demand;
+  d.encode_steps = 0;
+  running_[child] = Running{d, 0, false};
 }
 
 bool Scheduler::hold_pages(int64_t pages) {
@@ -168,6 +196,7 @@ void Scheduler::release(RequestId id) {
   auto it = running_.find(id);
   if (it == running_.end()) return;
   pages_free_ += it->second.demand.pages;
+  running_slots_ -= it->second.demand.slots;
   running_.erase(it);
 }
 

@@ -29,6 +29,7 @@ struct KvDemand {
   int64_t pages = 0;     // KV pages on the rank that needs most
   int encode_steps = 0;  // phase-1 steps: the most blocks any rank encodes (exact: 1 with context)
   int64_t step_tokens = 0;  // the work of one of its phase-1 steps, in tokens (prefill_step_tokens)
+  int slots = 1;            // sequences it decodes (n choices: n), of max_running
 };
 
 // The peak pages on the busiest rank. A rank holds its context share throughout; during phase 1 a
@@ -51,6 +52,11 @@ KvDemand kv_demand(const StarLayout& layout, AttentionMode mode, int64_t query_a
 int64_t context_entry_pages(const StarLayout& layout, int64_t page_size, int compressed_chunk = 0);
 KvDemand kv_demand_cached(const StarLayout& layout, int64_t query_and_generated, int64_t page_size,
                           int compressed_chunk = 0);
+// n > 1 choices: a choice forked from the first after its query (KvCache::fork) owns, on each rank, the copy
+// of the last, partly filled page of what was there (the share, plus the query on the query host) and, on the
+// query host, the pages of its generated tokens.
+KvDemand kv_demand_fork(const StarLayout& layout, int64_t query, int64_t generated, int64_t page_size,
+                        int compressed_chunk = 0);
 
 // Chunked prefill: a block's forward is split by layers, so that each phase-1 step does about
 // chunk_tokens x n_layers token-layers of work, the work of a chunk_tokens-token forward. Chunks
@@ -89,6 +95,9 @@ class Scheduler {
   // Pages held apart from requests (cached contexts): taken when that many are free, given back.
   bool hold_pages(int64_t pages);
   void return_pages(int64_t pages);
+  // n > 1: `child`, forked from the running `parent`, runs from now on with `demand` (pages and slots that
+  // parent's demand held for it, phase 1 done).
+  void split(RequestId parent, RequestId child, const KvDemand& demand);
   // A step's work over the running requests that have not finished, in increasing request id:
   // first phase-1 steps, as (request, its k-th step), at most one per request still encoding; then,
   // once encoded() has recorded those, one decode forward over every request whose phase 1 is
@@ -129,6 +138,7 @@ class Scheduler {
   int64_t pages_free_ = 0;
   std::deque<std::pair<RequestId, KvDemand>> waiting_;
   std::map<RequestId, Running> running_;
+  int running_slots_ = 0;
 };
 
 }  // namespace starserve

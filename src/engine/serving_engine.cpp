@@ -49,6 +49,13 @@ struct ServingEngine::Active {
   int64_t entry_pages = 0;             // what a cached copy of its context holds
   SeqId from_entry = -1;               // the cached context it forked (a hit), pinned while it runs
   std::string context_id;              // set once its context is cached (retained or found)
+  // n > 1 (EngineRequest::n): the request's first choice runs phase 1 and the query; the others are forked
+  // from it then (spawn_choices). group: the first choice's id, which cancel() takes, for all of them.
+  int choice = 0;
+  RequestId group = 0;
+  bool spawned = false;                // the other choices exist
+  KvDemand fork_demand;                // what each other choice holds once forked
+  int64_t cached_context_tokens = 0;   // of its context, from a cached context
 };
 
 ServingEngine::ServingEngine(const EngineContext& ctx)
@@ -62,9 +69,25 @@ ServingEngine::~ServingEngine() = default;
 
 void ServingEngine::Sink::deliver(const EngineEvent& ev) {
   std::lock_guard<std::mutex> lock(mu);
-  if (closed) return;
-  if (ev.kind == EngineEvent::Kind::kFinished) closed = true;
+  const size_t c = static_cast<size_t>(ev.choice);
+  if (closed || c >= done.size() || done[c]) return;
+  if (ev.kind == EngineEvent::Kind::kFinished) {
+    done[c] = 1;
+    closed = std::all_of(done.begin(), done.end(), [](char d) { return d != 0; });
+  }
   if (fn) fn(ev);
+}
+
+void ServingEngine::Sink::finish_open(EngineEvent ev) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (closed) return;
+  closed = true;
+  for (size_t c = 0; c < done.size(); ++c) {
+    if (done[c]) continue;
+    done[c] = 1;
+    ev.choice = static_cast<int>(c);
+    if (fn) fn(ev);
+  }
 }
 
 Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_event) {
@@ -79,6 +102,11 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
     return invalid_argument("prompt_logprobs = {} must be in [0, {}]", *request.prompt_logprobs, kMaxLogprobs);
   }
   if (request.query.empty()) return invalid_argument("the query is empty (at least one token is needed)");
+  if (request.n < 1 || request.n > kMaxChoices) return invalid_argument("n = {} must be in [1, {}]", request.n, kMaxChoices);
+  if (request.n > ctx_.scheduler.max_running) {
+    return invalid_argument("n = {} exceeds the sequences decoded together (--max-running {})", request.n,
+                            ctx_.scheduler.max_running);
+  }
   if (!request.context_id.empty()) {
     if (!request.context.empty() || request.split_prompt) {
       return invalid_argument("context_id {} stands for the context: a request with it carries only the query",
@@ -137,6 +165,14 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
                                     ctx_.cache->shape().page_size, executor_->chunks_per_block(a->layers_per_chunk),
                                     ctx_.cache->shape().compressed_chunk);
   demand.step_tokens = prefill_step_tokens(hp.n_layers, a->layers_per_chunk, longest);
+  // n > 1: the other choices' pages and decode slots are reserved with the first's.
+  const int n_more = a->req.n - 1;
+  if (n_more > 0) {
+    a->fork_demand = kv_demand_fork(layout, static_cast<int64_t>(a->req.query.size()), a->req.sampling.max_tokens,
+                                    ctx_.cache->shape().page_size, ctx_.cache->shape().compressed_chunk);
+    demand.pages += n_more * a->fork_demand.pages;
+    demand.slots += n_more;
+  }
   a->miss_demand = demand;
   a->layout = layout;
   const int64_t cache_limit = ctx_.scheduler.context_cache_pages;
@@ -148,9 +184,12 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
     a->cache_key = ContextCache::layout_key(layout, plan.mode);
     a->hit_demand = kv_demand_cached(layout, static_cast<int64_t>(a->req.query.size()) + a->req.sampling.max_tokens,
                                      page, compressed);
+    a->hit_demand.pages += n_more * a->fork_demand.pages;
+    a->hit_demand.slots += n_more;
   }
   a->sink = std::make_shared<Sink>();
   a->sink->fn = std::move(on_event);
+  a->sink->done.assign(static_cast<size_t>(a->req.n), 0);
   a->submitted = Clock::now();
   std::lock_guard<std::mutex> lock(mu_);
   if (failed_) return failure_;
@@ -158,6 +197,7 @@ Result<RequestId> ServingEngine::submit(EngineRequest request, EngineEventFn on_
   SS_RETURN_IF_ERROR(scheduler_.enqueue(id, demand));
   ++next_id_;
   a->id = id;
+  a->group = id;
   sinks_[id] = a->sink;
   waiting_[id] = std::move(a);
   queue_depth_ = scheduler_.waiting_count();
@@ -203,7 +243,7 @@ void ServingEngine::fail_all(const Status& error) {
   ev.kind = EngineEvent::Kind::kFinished;
   ev.finish = FinishReason::kError;
   ev.error = error;
-  for (auto& sink : sinks) sink->deliver(ev);
+  for (auto& sink : sinks) sink->finish_open(ev);
 }
 
 StepState ServingEngine::step_state() const {
@@ -275,7 +315,6 @@ void ServingEngine::finish(Active& a, FinishReason reason, Status error) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (a.admitted) scheduler_.finish(a.id);
-    sinks_.erase(a.id);
   }
   if (a.controller && reason != FinishReason::kError) a.controller->finish(reason);
   EngineEvent ev;
@@ -285,7 +324,7 @@ void ServingEngine::finish(Active& a, FinishReason reason, Status error) {
   ev.usage.context_tokens = static_cast<int64_t>(a.req.context.size());
   ev.usage.query_tokens = static_cast<int64_t>(a.req.query.size());
   ev.usage.completion_tokens = a.n_generated;
-  if (a.from_entry >= 0) ev.usage.cached_context_tokens = static_cast<int64_t>(a.req.context.size());
+  ev.usage.cached_context_tokens = a.cached_context_tokens;
   ev.context_id = a.context_id;
   ev.timing.phase1_steps = a.phase1_steps;
   const auto now = Clock::now();
@@ -299,9 +338,32 @@ void ServingEngine::finish(Active& a, FinishReason reason, Status error) {
     const double decode_s = ev.timing.decode_ms / 1000.0;
     if (a.n_generated > 1 && decode_s > 0) ev.timing.tokens_per_second = (a.n_generated - 1) / decode_s;
   }
+  ev.choice = a.choice;
   ev.entropy = a.entropy;
   ev.prompt_logprobs = std::move(a.prompt_logprobs);
+  // n > 1 ending before the other choices were forked: they end with it, with nothing generated.
+  std::vector<EngineEvent> others;
+  if (a.choice == 0 && !a.spawned) {
+    for (int c = 1; c < a.req.n; ++c) {
+      EngineEvent o = ev;
+      o.choice = c;
+      o.usage.completion_tokens = 0;
+      o.entropy.reset();
+      o.prompt_logprobs.clear();
+      others.push_back(std::move(o));
+    }
+  }
   a.sink->deliver(ev);
+  for (const EngineEvent& o : others) a.sink->deliver(o);
+  bool closed = false;
+  {
+    std::lock_guard<std::mutex> lock(a.sink->mu);
+    closed = a.sink->closed;
+  }
+  if (closed) {
+    std::lock_guard<std::mutex> lock(mu_);
+    sinks_.erase(a.group);
+  }
 }
 
 // Moves what the scheduler admits from the queue into the active set and sets it up.
@@ -329,6 +391,7 @@ void ServingEngine::admit_waiting() {
         context_cache_.pin(entry);
         a.from_entry = entry;
         a.context_id = context_cache_.get(entry)->id;
+        a.cached_context_tokens = static_cast<int64_t>(a.req.context.size());
         ++context_cache_.stats().hits;
       } else if (a.cacheable) {
         ++context_cache_.stats().misses;
@@ -348,6 +411,7 @@ void ServingEngine::admit_waiting() {
         *ctx_.tokenizer, a->req.sampling, std::move(prompt), [raw](const TokenEvent& t) {
           EngineEvent ev;
           ev.kind = EngineEvent::Kind::kToken;
+          ev.choice = raw->choice;
           ev.token = t;
           raw->sink->deliver(ev);
         });
@@ -362,18 +426,25 @@ void ServingEngine::admit_waiting() {
 // Every rank frees the KV of what finished; the scheduler takes the pages back.
 Status ServingEngine::release_finished() {
   ControlMessage msg(ControlCommand::kRelease);
-  for (auto it = active_.begin(); it != active_.end();) {
-    if (it->second->done) {
-      if (it->second->admitted) msg.add_release(static_cast<SeqId>(it->first));
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        scheduler_.release(it->first);
-        if (it->second->from_entry >= 0) context_cache_.unpin(it->second->from_entry);
-      }
-      it = active_.erase(it);
-    } else {
-      ++it;
+  // n > 1: the first choice's KV holds the pages the others share (its context and query), so it goes last.
+  const auto others_left = [&](const Active& a) {
+    if (!a.spawned || a.choice != 0) return false;
+    return std::any_of(active_.begin(), active_.end(),
+                       [&](const auto& e) { return e.second.get() != &a && e.second->group == a.group; });
+  };
+  // Newest first: a request's other choices have larger ids than its first, so they go before it.
+  std::vector<RequestId> ids;
+  for (auto it = active_.rbegin(); it != active_.rend(); ++it) ids.push_back(it->first);
+  for (RequestId id : ids) {
+    auto it = active_.find(id);
+    if (!it->second->done || others_left(*it->second)) continue;
+    if (it->second->admitted) msg.add_release(static_cast<SeqId>(it->first));
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      scheduler_.release(it->first);
+      if (it->second->from_entry >= 0) context_cache_.unpin(it->second->from_entry);
     }
+    active_.erase(it);
   }
   if (msg.empty()) return Status();
   SS_RETURN_IF_ERROR(broadcast_step(msg.words()));
@@ -438,8 +509,9 @@ Status ServingEngine::step() {
   for (auto& a : dropped) finish(*a, FinishReason::kCancelled);
   const auto now = Clock::now();
   for (RequestId id : cancels) {
-    auto it = active_.find(id);
-    if (it != active_.end()) finish(*it->second, FinishReason::kCancelled);
+    for (auto& [aid, a] : active_) {
+      if (a->group == id || aid == id) finish(*a, FinishReason::kCancelled);  // the request's every choice
+    }
   }
   for (auto& [id, a] : active_) {
     if (!a->done && a->req.deadline && now > *a->req.deadline) {
@@ -545,9 +617,12 @@ Status ServingEngine::step() {
   SS_RETURN_IF_ERROR(broadcast_step(msg.words()));
   // On a backend that samples on the device, only the tokens come back, unless a request of this
   // step needs its logits on the host (logprobs): then the whole step takes the host path.
+  // n > 1: the query's logits are sampled by every choice, on the host.
   const bool on_device =
       ctx_.model->backend().can_sample_rows() &&
-      std::all_of(decoding.begin(), decoding.end(), [](const Active* a) { return a->controller->can_sample_on_device(); });
+      std::all_of(decoding.begin(), decoding.end(), [](const Active* a) {
+        return a->controller->can_sample_on_device() && (a->prefilled || a->req.n == 1);
+      });
   std::vector<SampleRow> rows;
   std::vector<int32_t> tokens;
   if (on_device) {
@@ -569,8 +644,11 @@ Status ServingEngine::step() {
     return Status();
   }
   const int n_vocab = ctx_.model->hparams().n_vocab;
+  ControlMessage fork(ControlCommand::kFork);
   for (size_t r = 0; r < decoding.size(); ++r) {
     Active& a = *decoding[r];
+    std::vector<float> query_logits;  // n > 1: the others sample their first token from these too
+    if (!a.prefilled && a.req.n > 1) query_logits.assign(logits.begin() + r * n_vocab, logits.begin() + (r + 1) * n_vocab);
     if (!a.prefilled && a.req.prompt_logprobs) {
       for (ScoredToken& t : executor_->take_prompt_scores(static_cast<SeqId>(a.id))) {
         a.prompt_logprobs.push_back(TokenLogprobs{t.target, t.logprob, {}});
@@ -585,10 +663,65 @@ Status ServingEngine::step() {
     ++a.n_generated;
     const FinishReason fr = a.controller->accept(token);
     a.next_tokens.assign(1, token);
+    if (!query_logits.empty()) spawn_choices(a, query_logits, &fork);
     if (fr != FinishReason::kUnspecified) finish(a, fr);
+  }
+  if (!fork.empty()) {
+    SS_RETURN_IF_ERROR(broadcast_step(fork.words()));
+    SS_RETURN_IF_ERROR(executor_->execute(fork.words(), nullptr));
+    end_step();
   }
   publish_stats();
   return Status();
+}
+
+void ServingEngine::spawn_choices(Active& first, std::span<const float> logits, ControlMessage* fork) {
+  first.spawned = true;
+  for (int c = 1; c < first.req.n; ++c) {
+    auto s = std::make_unique<Active>();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      s->id = next_id_++;
+      scheduler_.split(first.id, s->id, first.fork_demand);
+    }
+    s->req = first.req;
+    if (s->req.sampling.seed) s->req.sampling.seed = *s->req.sampling.seed + static_cast<uint64_t>(c);
+    s->choice = c;
+    s->group = first.group;
+    s->spawned = true;
+    s->sink = first.sink;
+    s->admitted = true;
+    s->prefilled = true;
+    s->position = first.position;
+    s->layers_per_chunk = first.layers_per_chunk;
+    s->context_id = first.context_id;
+    s->cached_context_tokens = first.cached_context_tokens;
+    s->submitted = first.submitted;
+    s->phase1_start = first.phase1_start;
+    s->phase1_end = first.phase1_end;
+    s->phase1_steps = first.phase1_steps;
+    std::vector<int32_t> prompt = first.req.context;
+    prompt.insert(prompt.end(), first.req.query.begin(), first.req.query.end());
+    Active* raw = s.get();
+    s->controller = std::make_unique<TextController>(
+        *ctx_.tokenizer, s->req.sampling, std::move(prompt), [raw](const TokenEvent& t) {
+          EngineEvent ev;
+          ev.kind = EngineEvent::Kind::kToken;
+          ev.choice = raw->choice;
+          ev.token = t;
+          raw->sink->deliver(ev);
+        });
+    fork->add_fork(static_cast<SeqId>(first.id), static_cast<SeqId>(s->id));
+    std::vector<float> row(logits.begin(), logits.end());
+    const int32_t token = s->controller->choose(std::span<float>(row));
+    s->first_token = Clock::now();
+    s->n_generated = 1;
+    s->next_tokens.assign(1, token);
+    const FinishReason fr = s->controller->accept(token);
+    const RequestId id = s->id;
+    active_[id] = std::move(s);
+    if (fr != FinishReason::kUnspecified) finish(*active_.at(id), fr);
+  }
 }
 
 void ServingEngine::publish_stats() {

@@ -76,12 +76,19 @@ class ServingEngine final : public Engine {
  private:
   struct Active;
   // One request's callback; closed once its kFinished event went out (by the engine thread or fail_all).
+  // Shared by a request's n choices; closed once each choice's kFinished went out.
   struct Sink {
     std::mutex mu;
-    bool closed = false;  // guarded by mu
+    bool closed = false;     // guarded by mu
+    std::vector<char> done;  // guarded by mu: per choice, its kFinished went out
     EngineEventFn fn;
     void deliver(const EngineEvent& ev);
+    // kFinished with `ev` for every choice still open (fail_all).
+    void finish_open(EngineEvent ev);
   };
+  // n > 1: the choices after the first, forked from it after its query went through (the DECODE whose
+  // logits they sample their first token from); their FORK goes to every rank.
+  void spawn_choices(Active& first, std::span<const float> logits, ControlMessage* fork);
   Status broadcast_step(std::vector<int64_t>& words);  // broadcast_control + the step counters
   void end_step() { ++steps_completed_; }
   Status step();

@@ -218,9 +218,12 @@ grpc::Status CompletionService::register_id(const grpc::ServerContext* ctx, std:
 }
 
 grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedRequest& prepared,
-                                         Clock::time_point rpc_start, const TokenSink& sink, EngineEvent* finished,
-                                         RequestRegistry::Handle& handle) {
+                                         Clock::time_point rpc_start, const TokenSink& sink,
+                                         std::vector<EngineEvent>* finished, RequestRegistry::Handle& handle) {
   prepared.engine.deadline = steady_deadline(ctx);
+  const int n_choices = prepared.engine.n;
+  finished->assign(static_cast<size_t>(n_choices), EngineEvent());
+  int n_finished = 0;
   const int64_t n_prompt = static_cast<int64_t>(prepared.engine.context.size() + prepared.engine.query.size());
   auto queue = std::make_shared<EventQueue>();
   Result<RequestId> id = engine().submit(std::move(prepared.engine), [queue](const EngineEvent& e) {
@@ -245,10 +248,12 @@ grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedReque
       batch.swap(queue->events);
     }
     tokens.clear();
-    std::optional<EngineEvent> end;
     for (auto& [event, at] : batch) {
       if (event.kind == EngineEvent::Kind::kFinished) {
-        end = std::move(event);
+        if (event.choice >= 0 && event.choice < n_choices) {
+          (*finished)[static_cast<size_t>(event.choice)] = std::move(event);
+          ++n_finished;
+        }
         continue;
       }
       if (event.token.token >= 0) {
@@ -266,8 +271,7 @@ grpc::Status CompletionService::generate(grpc::ServerContext* ctx, PreparedReque
       engine().cancel(*id);
       return stream_closed();
     }
-    if (end) {
-      *finished = std::move(*end);
+    if (n_finished == n_choices) {
       record_finish(*finished, rpc_start);
       return grpc::Status::OK;
     }
@@ -297,9 +301,10 @@ grpc::Status CompletionService::finish_status(const grpc::ServerContext* ctx, co
   return grpc::Status::OK;
 }
 
-void CompletionService::record_finish(const EngineEvent& finished, Clock::time_point rpc_start) {
+void CompletionService::record_finish(const std::vector<EngineEvent>& choices, Clock::time_point rpc_start) {
   if (!metrics_) return;
-  metrics_->add_generated_tokens(finished.usage.completion_tokens);
+  const EngineEvent& finished = choices.front();
+  for (const EngineEvent& c : choices) metrics_->add_generated_tokens(c.usage.completion_tokens);
   if (finished.usage.context_tokens > 0 && finished.timing.phase1_ms > 0) {
     metrics_->observe_phase1(finished.timing.phase1_ms / 1000.0);
   }
@@ -330,56 +335,90 @@ grpc::Status CompletionService::serve_generation(grpc::ServerContext* ctx, const
   if (grpc::Status r = register_id(ctx, Rpc::kIdPrefix, &handle); !r.ok()) return r;
   const std::string& id = handle.id();
   const int64_t stream_created = unix_seconds();  // the same on every message of a stream
-  bool role_sent = false;
-  // The header of a message and its one choice (the unary response's choice is added before generating).
-  const auto begin = [&](Response* m, int64_t created) {
+  const int n_choices = prepared->engine.n;
+  std::vector<bool> role_sent(static_cast<size_t>(n_choices), false);
+  // The header of a message (streams: once per message; the unary response once, at the end).
+  const auto header = [&](Response* m, int64_t created) {
     m->set_id(id);
     m->set_model(info.model_name);
     m->set_created(created);
-    auto* c = m->choices_size() > 0 ? m->mutable_choices(0) : m->add_choices();
-    c->set_index(0);
-    if (!role_sent) set_role(c);
-    role_sent = true;
-    return c;
   };
-  // Unary: the whole output text. Streaming: the text the next message carries (the echo, until one is sent).
-  std::string text = std::move(prepared->echo_text);
-  EngineEvent finished;
+  // A message's choice `c`: a new entry of a stream message, the unary response's own (added before generating).
+  const auto choice_of = [&](Response* m, int c) {
+    auto* ch = kStream ? m->add_choices() : m->mutable_choices(c);
+    ch->set_index(c);
+    if (!role_sent[static_cast<size_t>(c)]) set_role(ch);
+    role_sent[static_cast<size_t>(c)] = true;
+    return ch;
+  };
+  // Per choice. Unary: the whole output text. Streaming: the text its next message carries (the echo, until one
+  // is sent).
+  std::vector<std::string> texts(static_cast<size_t>(n_choices), prepared->echo_text);
+  std::vector<EngineEvent> finished;
   grpc::Status s;
+  // Token events by choice, in order.
+  const auto by_choice = [n_choices](const std::vector<EngineEvent>& tokens) {
+    std::vector<std::vector<EngineEvent>> per(static_cast<size_t>(n_choices));
+    for (const EngineEvent& e : tokens) {
+      if (e.choice >= 0 && e.choice < n_choices) per[static_cast<size_t>(e.choice)].push_back(e);
+    }
+    return per;
+  };
   if constexpr (kStream) {
     s = generate(ctx, *prepared, start,
                  [&](const std::vector<EngineEvent>& tokens) {
                    Response m;
-                   auto* c = begin(&m, stream_created);
-                   append_tokens(tokens, tokenizer(), &text, c);
-                   set_text(c, std::move(text));
-                   text.clear();
+                   header(&m, stream_created);
+                   const auto per = by_choice(tokens);
+                   for (int ci = 0; ci < n_choices; ++ci) {
+                     if (per[static_cast<size_t>(ci)].empty()) continue;
+                     auto* c = choice_of(&m, ci);
+                     std::string& text = texts[static_cast<size_t>(ci)];
+                     append_tokens(per[static_cast<size_t>(ci)], tokenizer(), &text, c);
+                     set_text(c, std::move(text));
+                     text.clear();
+                   }
                    return out->Write(m);
                  },
                  &finished, handle);
   } else {
-    auto* c = out->add_choices();
+    for (int ci = 0; ci < n_choices; ++ci) out->add_choices();
     s = generate(ctx, *prepared, start,
                  [&](const std::vector<EngineEvent>& tokens) {
-                   append_tokens(tokens, tokenizer(), &text, c);
+                   const auto per = by_choice(tokens);
+                   for (int ci = 0; ci < n_choices; ++ci) {
+                     append_tokens(per[static_cast<size_t>(ci)], tokenizer(), &texts[static_cast<size_t>(ci)],
+                                   out->mutable_choices(ci));
+                   }
                    return true;
                  },
                  &finished, handle);
   }
   if (!s.ok()) return s;
-  if (s = finish_status(ctx, finished); !s.ok()) return s;
+  for (const EngineEvent& f : finished) {
+    if (s = finish_status(ctx, f); !s.ok()) return s;
+  }
   Response last_message;
   Response* last = &last_message;
   if constexpr (!kStream) last = out;
-  auto* c = begin(last, kStream ? stream_created : unix_seconds());
-  if (!kStream || !text.empty()) set_text(c, std::move(text));
-  c->set_finish_reason(to_proto(finished.finish));
+  header(last, kStream ? stream_created : unix_seconds());
+  for (int ci = 0; ci < n_choices; ++ci) {
+    auto* c = choice_of(last, ci);
+    std::string& text = texts[static_cast<size_t>(ci)];
+    if (!kStream || !text.empty()) set_text(c, std::move(text));
+    c->set_finish_reason(to_proto(finished[static_cast<size_t>(ci)].finish));
+  }
+  // Usage: every choice's completion tokens; the rest (prompt, timing, entropy, prompt log-probabilities,
+  // context id) is the first choice's, which encoded the prompt.
+  EngineEvent tail = finished.front();
+  for (size_t ci = 1; ci < finished.size(); ++ci) tail.usage.completion_tokens += finished[ci].usage.completion_tokens;
+  const EngineEvent& first = tail;
   std::optional<AttentionHealth> health;
-  if (finished.entropy && finished.entropy->enabled()) {
-    health = attention_health(*finished.entropy, thresholds);
+  if (first.entropy && first.entropy->enabled()) {
+    health = attention_health(*first.entropy, thresholds);
     if (metrics_) metrics_->observe_attention_health(*health);
   }
-  fill_tail(finished, health ? &*health : nullptr, tokenizer(), start, last);
+  fill_tail(first, health ? &*health : nullptr, tokenizer(), start, last);
   if constexpr (kStream) {
     if (!out->Write(*last)) return stream_closed();
   }

@@ -82,17 +82,18 @@ class CompletionService final : public CheckedService<CompletionService> {
   // Key, shutdown and (needs_ready) readiness checks, in that order, before any work.
   grpc::Status admit(const grpc::ServerContext* ctx, bool needs_ready) const;
   RequestLimits limits(const EngineInfo& info) const;
-  // Submits the request and pumps its events until it finishes (OK, *finished set) or the client cancels, its
-  // deadline passes or a write fails (non-OK; the engine request is cancelled).
+  // Submits the request and pumps its events until each of its n choices finished (OK, (*finished)[c] set) or the
+  // client cancels, its deadline passes or a write fails (non-OK; the engine request is cancelled). Token events
+  // carry their choice.
   // `handle` (the request's public id) is bound to the engine request once submitted, so Abort reaches it.
   grpc::Status generate(grpc::ServerContext* ctx, PreparedRequest& prepared, Clock::time_point rpc_start,
-                        const TokenSink& sink, EngineEvent* finished, RequestRegistry::Handle& handle);
+                        const TokenSink& sink, std::vector<EngineEvent>* finished, RequestRegistry::Handle& handle);
   // The id a generation RPC's responses carry, registered: the client's `x-request-id` or a new "prefix-…" one.
   // INVALID_ARGUMENT for a malformed x-request-id, ALREADY_EXISTS when a running request has it.
   grpc::Status register_id(const grpc::ServerContext* ctx, std::string_view prefix, RequestRegistry::Handle* handle);
   // The RPC's final status given the engine's finish event.
   grpc::Status finish_status(const grpc::ServerContext* ctx, const EngineEvent& finished) const;
-  void record_finish(const EngineEvent& finished, Clock::time_point rpc_start);
+  void record_finish(const std::vector<EngineEvent>& choices, Clock::time_point rpc_start);
   grpc::Status done(std::string_view rpc, grpc::Status status);
   std::string new_id(std::string_view prefix);
 

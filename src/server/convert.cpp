@@ -20,11 +20,9 @@ Status check_model(const std::string& requested, const RequestLimits& limits) {
 
 // The GenerationParams checks that need no prompt, made before any tokenizing.
 Status check_params(const v1::GenerationParams& g, const RequestLimits& limits) {
-  // One choice per request: n > 1 would need the engine to fork a sequence after phase 2 (sharing the context
-  // KV), which it does not do yet.
-  if (g.has_n() && g.n() != 1) {
-    if (g.n() > 1) return invalid_argument("n = {}: n > 1 is not supported yet", g.n());
-    return invalid_argument("n = {} must be 1", g.n());
+  // Several choices share the prompt's KV (the engine forks the sequence after the query).
+  if (g.has_n() && (g.n() < 1 || g.n() > kMaxChoices)) {
+    return invalid_argument("n = {} must be in [1, {}]", g.n(), kMaxChoices);
   }
   if (g.has_max_tokens() && (g.max_tokens() < 1 || g.max_tokens() > limits.max_tokens_limit)) {
     return invalid_argument("max_tokens = {} must be in [1, {}] (server limit max_tokens_limit)", g.max_tokens(),
@@ -121,6 +119,7 @@ Status apply_params(const v1::GenerationParams& g, int64_t n_prompt, int default
     out->anchor_size = g.anchor_size();
   }
   out->return_entropy = g.has_return_attention_entropy() && g.return_attention_entropy();
+  out->n = g.has_n() ? g.n() : 1;
   prepared->health = limits.health;
   if (g.has_entropy_overload_ratio()) prepared->health.overload_ratio = g.entropy_overload_ratio();
   if (g.has_entropy_collapse_nats()) prepared->health.collapse_nats = g.entropy_collapse_nats();

@@ -581,12 +581,17 @@ struct OpenAiHttpServer::Request {
   std::optional<AttentionHealth> health;  // when the finish event carries entropy
   std::optional<Clock::time_point> last_token_at;
 
+  int n = 1;  // choices
+
   enum class End { kFinished, kClientGone, kAbandoned };
-  // Reads events until the finish event (kFinished, *end set) or a failed write (kClientGone) or the server's
-  // shutdown grace ran out (kAbandoned); the engine request is cancelled in the last two cases.
-  End pump(const std::function<bool(const std::vector<EngineEvent>&)>& sink, EngineEvent* end) {
+  // Reads events until every choice's finish event (kFinished, (*ends)[c] set) or a failed write (kClientGone)
+  // or the server's shutdown grace ran out (kAbandoned); the engine request is cancelled in the last two cases.
+  // Token events carry their choice.
+  End pump(const std::function<bool(const std::vector<EngineEvent>&)>& sink, std::vector<EngineEvent>* ends) {
     std::vector<std::pair<EngineEvent, Clock::time_point>> batch;
     std::vector<EngineEvent> tokens;
+    ends->assign(static_cast<size_t>(n), EngineEvent());
+    int n_finished = 0;
     for (;;) {
       {
         std::unique_lock<std::mutex> lock(queue->mu);
@@ -594,10 +599,12 @@ struct OpenAiHttpServer::Request {
         batch.swap(queue->events);
       }
       tokens.clear();
-      std::optional<EngineEvent> fin;
       for (auto& [event, at] : batch) {
         if (event.kind == EngineEvent::Kind::kFinished) {
-          fin = std::move(event);
+          if (event.choice >= 0 && event.choice < n) {
+            (*ends)[static_cast<size_t>(event.choice)] = std::move(event);
+            ++n_finished;
+          }
           continue;
         }
         if (event.token.token >= 0 && server.metrics_) {
@@ -612,15 +619,15 @@ struct OpenAiHttpServer::Request {
         a.engine.cancel(engine_id);
         return End::kClientGone;
       }
-      if (fin) {
-        *end = std::move(*fin);
+      if (n_finished == n) {
+        const EngineEvent* end = &ends->front();
         finished = true;
         if (end->entropy && end->entropy->enabled()) {
           health = attention_health(*end->entropy, health_thresholds);
           if (server.metrics_) server.metrics_->observe_attention_health(*health);
         }
         if (ServerMetrics* m = server.metrics_) {
-          m->add_generated_tokens(end->usage.completion_tokens);
+          for (const EngineEvent& e : *ends) m->add_generated_tokens(e.usage.completion_tokens);
           if (end->usage.context_tokens > 0 && end->timing.phase1_ms > 0) {
             m->observe_phase1(end->timing.phase1_ms / 1000.0);
           }
@@ -635,13 +642,29 @@ struct OpenAiHttpServer::Request {
     }
   }
 
-  // The finish event's error, if the request failed (as CompletionService::finish_status).
-  static Status failure(const EngineEvent& end) {
-    if (end.finish == FinishReason::kError) {
-      return end.error.ok() ? internal_error("the engine failed the request without saying why") : end.error;
+  // The finish events' first error, if the request failed (as CompletionService::finish_status).
+  static Status failure(const std::vector<EngineEvent>& ends) {
+    for (const EngineEvent& end : ends) {
+      if (end.finish == FinishReason::kError) {
+        return end.error.ok() ? internal_error("the engine failed the request without saying why") : end.error;
+      }
+      if (end.finish == FinishReason::kCancelled && !end.error.ok()) return end.error;
     }
-    if (end.finish == FinishReason::kCancelled && !end.error.ok()) return end.error;
     return Status();
+  }
+  // The response's tail event: the first choice's (it encoded the prompt), with every choice's completion tokens.
+  static EngineEvent tail_of(const std::vector<EngineEvent>& ends) {
+    EngineEvent t = ends.front();
+    for (size_t c = 1; c < ends.size(); ++c) t.usage.completion_tokens += ends[c].usage.completion_tokens;
+    return t;
+  }
+  // Token events by choice, in order.
+  std::vector<std::vector<EngineEvent>> by_choice(const std::vector<EngineEvent>& tokens) const {
+    std::vector<std::vector<EngineEvent>> per(static_cast<size_t>(n));
+    for (const EngineEvent& e : tokens) {
+      if (e.choice >= 0 && e.choice < n) per[static_cast<size_t>(e.choice)].push_back(e);
+    }
+    return per;
   }
 
   json header(bool chunk) const {
@@ -651,8 +674,8 @@ struct OpenAiHttpServer::Request {
   }
 
   // One choice of a response or chunk. delta_role: chat streams name the role on their first chunk only.
-  json choice(ChoiceDelta d, bool chunk, bool first_chunk, std::optional<FinishReason> finish) const {
-    json c = {{"index", 0}};
+  json choice(ChoiceDelta d, bool chunk, bool first_chunk, std::optional<FinishReason> finish, int index = 0) const {
+    json c = {{"index", index}};
     if (!chat) {
       c["text"] = std::move(d.text);
     } else if (!chunk) {
@@ -815,6 +838,7 @@ void OpenAiHttpServer::install_routes() {
       auto r = std::make_shared<Request>(*this, a);
       r->chat = chat;
       r->options = options;
+      r->n = prepared->engine.n;
       r->health_thresholds = prepared->health;
       r->rpc = rpc;
       r->model = info.model_name;
@@ -855,29 +879,40 @@ void OpenAiHttpServer::install_routes() {
       if (metrics_) metrics_->add_prompt_tokens(n_prompt);
 
       if (!options.stream) {
-        size_t offset = 0;
-        ChoiceDelta all = make_delta({}, a.tokenizer, chat, options.logprobs, &offset);
-        all.text = std::move(echo);
-        offset = all.text.size();
-        EngineEvent end;
+        const size_t n_choices = static_cast<size_t>(r->n);
+        std::vector<size_t> offsets(n_choices, 0);
+        std::vector<ChoiceDelta> all;
+        for (size_t c = 0; c < n_choices; ++c) {
+          all.push_back(make_delta({}, a.tokenizer, chat, options.logprobs, &offsets[c]));
+          all[c].text = echo;
+          offsets[c] = echo.size();
+        }
+        std::vector<EngineEvent> ends;
         const Request::End how = r->pump(
             [&](const std::vector<EngineEvent>& tokens) {
-              ChoiceDelta d = make_delta(tokens, a.tokenizer, chat, options.logprobs, &offset);
-              all.text += d.text;
-              for (json& t : d.token_ids) all.token_ids.push_back(std::move(t));
-              if (options.logprobs) {
-                for (auto& [k, v] : d.logprobs.items()) {
-                  for (json& x : v) all.logprobs[k].push_back(std::move(x));
+              const auto per = r->by_choice(tokens);
+              for (size_t c = 0; c < n_choices; ++c) {
+                if (per[c].empty()) continue;
+                ChoiceDelta d = make_delta(per[c], a.tokenizer, chat, options.logprobs, &offsets[c]);
+                all[c].text += d.text;
+                for (json& t : d.token_ids) all[c].token_ids.push_back(std::move(t));
+                if (options.logprobs) {
+                  for (auto& [k, v] : d.logprobs.items()) {
+                    for (json& x : v) all[c].logprobs[k].push_back(std::move(x));
+                  }
                 }
               }
               return true;
             },
-            &end);
+            &ends);
         if (how != Request::End::kFinished) return refuse(from_status(unavailable("the server is shutting down")));
-        if (Status f = Request::failure(end); !f.ok()) return refuse(from_status(f));
+        if (Status f = Request::failure(ends); !f.ok()) return refuse(from_status(f));
         json m = r->header(false);
-        m["choices"] = json::array({r->choice(std::move(all), false, false, end.finish)});
-        r->add_tail(end, &m, true);
+        m["choices"] = json::array();
+        for (size_t c = 0; c < n_choices; ++c) {
+          m["choices"].push_back(r->choice(std::move(all[c]), false, false, ends[c].finish, static_cast<int>(c)));
+        }
+        r->add_tail(Request::tail_of(ends), &m, true);
         r->record("OK");
         return res.set_content(dump(m), kJson);
       }
@@ -895,21 +930,28 @@ void OpenAiHttpServer::install_routes() {
               return sink.write(event.data(), event.size());
             };
             const Tokenizer& tok = r->a.tokenizer;
-            size_t offset = echo_text->size();
-            bool first = true;
-            std::string pending = std::move(*echo_text);  // the echo goes with the first chunk
-            EngineEvent end;
+            const size_t n_choices = static_cast<size_t>(r->n);
+            // Per choice: the text offset, whether its first chunk went out, the echo its first chunk carries.
+            std::vector<size_t> offsets(n_choices, echo_text->size());
+            std::vector<char> first(n_choices, 1);
+            std::vector<std::string> pending(n_choices, *echo_text);
+            std::vector<EngineEvent> ends;
             const Request::End how = r->pump(
                 [&](const std::vector<EngineEvent>& tokens) {
-                  ChoiceDelta d = make_delta(tokens, tok, r->chat, r->options.logprobs, &offset);
-                  d.text = pending + d.text;
-                  pending.clear();
+                  const auto per = r->by_choice(tokens);
                   json m = r->header(true);
-                  m["choices"] = json::array({r->choice(std::move(d), true, first, std::nullopt)});
-                  first = false;
+                  m["choices"] = json::array();
+                  for (size_t c = 0; c < n_choices; ++c) {
+                    if (per[c].empty()) continue;
+                    ChoiceDelta d = make_delta(per[c], tok, r->chat, r->options.logprobs, &offsets[c]);
+                    d.text = pending[c] + d.text;
+                    pending[c].clear();
+                    m["choices"].push_back(r->choice(std::move(d), true, first[c] != 0, std::nullopt, static_cast<int>(c)));
+                    first[c] = 0;
+                  }
                   return send(m);
                 },
-                &end);
+                &ends);
             if (how == Request::End::kClientGone) {
               r->record("CANCELLED");
               return false;
@@ -919,15 +961,19 @@ void OpenAiHttpServer::install_routes() {
               send(error_json(from_status(unavailable("the server is shutting down"))));
               return false;
             }
-            if (Status f = Request::failure(end); !f.ok()) {
+            if (Status f = Request::failure(ends); !f.ok()) {
               r->record(code_name(f));
               send(error_json(from_status(f)));
             } else {
-              size_t ignored = offset;
-              ChoiceDelta d = make_delta({}, tok, r->chat, r->options.logprobs, &ignored);
-              d.text = std::move(pending);
+              const EngineEvent end = Request::tail_of(ends);
               json m = r->header(true);
-              m["choices"] = json::array({r->choice(std::move(d), true, first, end.finish)});
+              m["choices"] = json::array();
+              for (size_t c = 0; c < n_choices; ++c) {
+                size_t ignored = offsets[c];
+                ChoiceDelta d = make_delta({}, tok, r->chat, r->options.logprobs, &ignored);
+                d.text = std::move(pending[c]);
+                m["choices"].push_back(r->choice(std::move(d), true, first[c] != 0, ends[c].finish, static_cast<int>(c)));
+              }
               r->add_tail(end, &m, false);
               bool ok = send(m);
               if (ok && r->options.include_usage) {

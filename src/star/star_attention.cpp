@@ -586,6 +586,12 @@ void Phase2Attention::register_sequence(SeqId seq, const StarLayout& layout, int
   }
 }
 
+void Phase2Attention::clone_sequence(SeqId src, SeqId dst) {
+  SeqInfo info = seqs_.at(src);
+  info.entropy = nullptr;
+  seqs_[dst] = info;
+}
+
 void Phase2Attention::forget_sequence(SeqId seq) {
   seqs_.erase(seq);
   entropy_before_registration_.erase(seq);

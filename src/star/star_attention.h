@@ -191,6 +191,9 @@ class Phase2Attention final : public AttentionHandler {
   // position, across zigzag exact's jump between a rank's two chunks).
   void register_sequence(SeqId seq, const StarLayout& layout, int rank);
   void forget_sequence(SeqId seq);
+  // A registered sequence's placement for `dst`, a fork of it (KvCache::fork; n > 1 choices): the same
+  // context layout and count of tokens so far, with no entropy tracked.
+  void clone_sequence(SeqId src, SeqId dst);
   // Accumulates the entropy of the sequence's rows into stats from its next forward on; may come
   // before register_sequence, so that the query's own rows (the first forward) are counted.
   void track_entropy(SeqId seq, EntropyStats* stats);

@@ -5,7 +5,9 @@
 #   - a second question about the same document gets all of its context from the cache (no phase 1);
 #   - the first question asked again by context id (no document sent), over gRPC and over HTTP, answers exactly as
 #     when the document was encoded for it;
-#   - GetServerInfo and the metrics count the hits and misses; an unknown context id is NOT_FOUND / HTTP 404.
+#   - GetServerInfo and the metrics count the hits and misses; an unknown context id is NOT_FOUND / HTTP 404;
+#   - n > 1 choices (the sequence forked after the query, sharing its KV): greedy, each choice is the greedy answer,
+#     unary and streamed over gRPC and over HTTP; usage counts every choice's tokens.
 # Usage: context_cache_e2e.sh BIN_DIR MODEL. Every wait is bounded; the server is stopped on exit.
 set -uo pipefail
 BIN="$1" MODEL="$2"
@@ -82,6 +84,33 @@ PY'
 curl -s "http://127.0.0.1:$MPORT/metrics" >"$WORK/metrics.txt"
 check "metrics: hits and misses counters, cached pages gauge" \
   'grep -q "^starserve_context_cache_hits_total 3" "$WORK/metrics.txt" && grep -q "^starserve_context_cache_misses_total 1" "$WORK/metrics.txt" && grep -q "^starserve_context_cache_pages [1-9]" "$WORK/metrics.txt"'
+
+# n > 1: three greedy choices of the first question, each its greedy answer (a.out), from the cached context.
+choice_texts() { python3 - "$1" <<'PY'
+import re, sys
+parts = re.split(r"^--- choice (\d+) \((\w+)\)\n", open(sys.argv[1]).read(), flags=re.M)
+for i in range(1, len(parts), 3):
+    print(parts[i], parts[i + 1], repr(parts[i + 2].rstrip("\n")))
+PY
+}
+want=$(python3 -c 'import sys; print(repr(open(sys.argv[1]).read().rstrip("\n")))' "$WORK/a.out")
+for rpc in complete stream; do
+  "${CTL[@]}" "$rpc" --context-id "$ID" --query "$Q1" "${GEN[@]}" --n 3 >"$WORK/n3_$rpc.out" 2>"$WORK/n3_$rpc.err"
+  check "$rpc --n 3: three choices, each the greedy answer, 36 completion tokens" \
+    '[ $? = 0 ] && [ "$(choice_texts "$WORK/n3_$rpc.out")" = "0 length $want
+1 length $want
+2 length $want" ] && grep -q "completion 36 tokens" "$WORK/n3_$rpc.err"'
+done
+curl -s -o "$WORK/n2.json" "http://127.0.0.1:$HPORT/v1/completions" -H 'Content-Type: application/json' \
+  -d "{\"prompt\": \"$Q1\", \"context_id\": \"$ID\", \"max_tokens\": 12, \"temperature\": 0, \"ignore_eos\": true, \"n\": 2}"
+check "HTTP n = 2: two choices with indices 0 and 1, each the greedy answer, 24 completion tokens" \
+  'python3 - "$WORK/n2.json" "$WORK/a.out" <<PY
+import json, sys
+r = json.load(open(sys.argv[1]))
+want = open(sys.argv[2]).read().rstrip("\n")
+ok = [c["index"] for c in r["choices"]] == [0, 1] and all(c["text"] == want for c in r["choices"])
+sys.exit(0 if ok and r["usage"]["completion_tokens"] == 24 else 1)
+PY'
 
 kill -0 "$MPI_PID" 2>/dev/null
 check "the server still runs" '[ $? = 0 ]'

@@ -211,7 +211,7 @@ bad max_tokens_0 /v1/completions '{"prompt": "hi", "max_tokens": 0}' 400 invalid
 bad temperature_text /v1/completions '{"prompt": "hi", "temperature": "hot"}' 400 invalid_request_error temperature
 bad top_p_2 /v1/completions '{"prompt": "hi", "top_p": 2}' 400 invalid_request_error top_p
 bad mode_bogus /v1/completions '{"prompt": "hi", "attention_mode": "bogus"}' 400 invalid_request_error attention_mode
-bad n_2 /v1/completions '{"prompt": "hi", "n": 2}' 400 invalid_request_error n
+bad n_17 /v1/completions '{"prompt": "hi", "n": 17}' 400 invalid_request_error n
 bad no_prompt /v1/completions '{"max_tokens": 4}' 400 invalid_request_error prompt
 bad not_json /v1/completions '{"prompt": "hi",' 400 invalid_request_error
 bad no_messages /v1/chat/completions '{"messages": []}' 400 invalid_request_error messages
@@ -278,6 +278,23 @@ attempt("chat.completions.create(stream=True): the deltas join to the same reply
     c.choices[0].delta.content or "" for c in client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": user_msg}], max_tokens=12, temperature=0, stream=True)
     if c.choices) == chat_text)
+attempt("completions.create(n=3): three choices, indexed, each the greedy text", lambda: sorted(
+    (c.index, c.text) for c in client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0,
+                                                          n=3).choices) == [(0, text), (1, text), (2, text)])
+
+def joined(chunks, n):
+    out = [""] * n
+    for c in chunks:
+        for ch in c.choices:
+            out[ch.index] += ch.delta.content or "" if hasattr(ch, "delta") else ch.text
+    return out
+
+attempt("completions.create(n=2, stream=True): each choice's chunks join to the greedy text", lambda: joined(
+    client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, n=2, stream=True), 2)
+    == [text, text])
+attempt("chat.completions.create(n=2): two replies, each gRPC's", lambda: [c.message.content for c in
+    client.chat.completions.create(model=model, messages=[{"role": "user", "content": user_msg}], max_tokens=12,
+                                   temperature=0, n=2).choices] == [chat_text, chat_text])
 attempt("extra_body attention_mode: usage carries the split", lambda: client.completions.create(
     model=model, prompt=prompt, max_tokens=4, temperature=0,
     extra_body={"attention_mode": "global"}).usage.total_tokens > 0)
@@ -300,7 +317,7 @@ EOF
       "FAIL: "*) fail "${line#FAIL: }" ;;
     esac
   done <"$WORK/sdk.out"
-  check "sdk: every check ran" '[ "$(grep -c "^PASS: sdk\|^FAIL: sdk" "$WORK/sdk.out")" = 8 ] || { cat "$WORK/sdk.out"; false; }'
+  check "sdk: every check ran" '[ "$(grep -c "^PASS: sdk\|^FAIL: sdk" "$WORK/sdk.out")" = 11 ] || { cat "$WORK/sdk.out"; false; }'
 else
   echo "SKIP: the openai SDK ($VENV has no openai package; scripts/common.sh install_packages makes it)"
 fi

@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <mutex>
 #include <numeric>
+#include <set>
 #include <thread>
 
 #include "star/local_attention.h"
@@ -488,6 +489,137 @@ TEST(ServingEngine, ContextIdUnknownAndPromptLogprobsBypass) {
     EXPECT_EQ(run_one(engine, r).last.usage.cached_context_tokens, 0);
     EXPECT_GT(run_one(engine, r).last.usage.cached_context_tokens, 0);
     EXPECT_EQ(run_one(engine, scored).last.prompt_logprobs.size(), r.context.size() + r.query.size() - 1);
+  });
+}
+
+// ---- n > 1 choices (EngineRequest::n): one prompt, forked after its query
+
+// Collects every choice of an n-choice request; wait() blocks until all n finished.
+struct Choices {
+  explicit Choices(int n) : out(static_cast<size_t>(n)) {}
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<Outcome> out;
+  int finished = 0;
+  EngineEventFn fn() {
+    return [this](const EngineEvent& ev) {
+      std::lock_guard<std::mutex> lock(mu);
+      ASSERT_GE(ev.choice, 0);
+      ASSERT_LT(ev.choice, static_cast<int>(out.size()));
+      Outcome& o = out[static_cast<size_t>(ev.choice)];
+      if (ev.kind == EngineEvent::Kind::kToken) {
+        o.text += ev.token.text;
+        if (ev.token.token >= 0) o.tokens.push_back(ev.token.token);
+        ++o.token_events;
+      } else {
+        EXPECT_EQ(o.finish, FinishReason::kUnspecified) << "choice " << ev.choice << " finished twice";
+        o.finish = ev.finish;
+        o.error = ev.error;
+        o.last = ev;
+        ++finished;
+        cv.notify_all();
+      }
+    };
+  }
+  std::vector<Outcome> wait() {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return finished == static_cast<int>(out.size()); });
+    return out;
+  }
+  int tokens_so_far() {
+    std::lock_guard<std::mutex> lock(mu);
+    int n = 0;
+    for (const Outcome& o : out) n += o.token_events;
+    return n;
+  }
+};
+
+// Choice c of an n-choice request samples its first token as a one-choice request with seed + c does (the fork
+// shares the prompt's KV and logits exactly), the choices differ at temperature 1, and greedy choices are each the
+// one greedy text. In star mode over the ranks, and from a cached
+// context too; the KV pages all come back (with_engine checks).
+TEST(ServingEngine, ChoicesStartFromTheSameLogitsAndGreedyOnesAreTheGreedyText) {
+  const std::string doc = document(20, "the bay");
+  EngineRequest sampled = split_request(doc, " Tell me about the painter.", 12, AttentionMode::kStar);
+  sampled.sampling.temperature = 1.0f;
+  sampled.sampling.seed = 1234;
+  with_engine([&](ServingEngine& engine) {
+    std::vector<Outcome> singles;
+    for (int c = 0; c < 4; ++c) {
+      EngineRequest one = sampled;
+      one.sampling.seed = 1234 + c;
+      singles.push_back(run_one(engine, one));
+      ASSERT_EQ(singles.back().finish, FinishReason::kLength) << singles.back().error.to_string();
+    }
+    // Sampled from the cached context alone, as the request that encoded it ran alone: the same tokens.
+    EXPECT_EQ(run_one(engine, sampled).tokens, singles[0].tokens);
+    EngineRequest four = sampled;
+    four.n = 4;
+    Choices cs(4);
+    ASSERT_TRUE(engine.submit(four, cs.fn()).ok());
+    const std::vector<Outcome> got = cs.wait();
+    std::set<std::vector<int32_t>> distinct;
+    for (int c = 0; c < 4; ++c) {
+      EXPECT_EQ(got[c].finish, FinishReason::kLength) << c;
+      // Every choice samples its first token from the query's logits, as the single request does. Later tokens
+      // come from a decode of 4 sequences, not 1, whose float rounding may move a sampled token that sits at a
+      // boundary of the draw; greedy choices are compared whole below.
+      ASSERT_FALSE(got[c].tokens.empty());
+      EXPECT_EQ(got[c].tokens.front(), singles[c].tokens.front()) << "choice " << c;
+      EXPECT_EQ(got[c].last.usage.completion_tokens, 12) << c;
+      distinct.insert(got[c].tokens);
+    }
+    EXPECT_GT(distinct.size(), 1u) << "four seeds at temperature 1 gave one text";
+    EXPECT_GT(got[0].last.usage.cached_context_tokens, 0) << "the singles cached the context";
+
+    EngineRequest greedy = split_request(doc, " Who owns the blue door?", 8, AttentionMode::kGlobal);
+    const Outcome ref = run_one(engine, greedy);
+    greedy.n = 3;
+    Choices gs(3);
+    ASSERT_TRUE(engine.submit(greedy, gs.fn()).ok());
+    for (const Outcome& o : gs.wait()) {
+      EXPECT_EQ(o.finish, FinishReason::kLength);
+      EXPECT_EQ(o.tokens, ref.tokens);
+    }
+  });
+}
+
+// Cancelling an n-choice request ends every choice (each with its own finish); bad n is refused.
+TEST(ServingEngine, ChoicesEndTogetherOnCancelAndBadNIsRefused) {
+  with_engine([&](ServingEngine& engine) {
+    EngineRequest r = split_request(document(10, "the hill"), " Tell me a long story.", 300, AttentionMode::kGlobal);
+    r.n = 3;
+    Choices cs(3);
+    auto id = engine.submit(r, cs.fn());
+    ASSERT_TRUE(id.ok()) << id.status().to_string();
+    while (cs.tokens_so_far() < 6) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    engine.cancel(*id);
+    for (const Outcome& o : cs.wait()) {
+      EXPECT_EQ(o.finish, FinishReason::kCancelled);
+      EXPECT_GE(o.last.usage.completion_tokens, 1);
+      EXPECT_LT(o.last.usage.completion_tokens, 300);
+    }
+    // Cancelled while queued or in phase 1 (before the fork): every choice still ends, with nothing generated.
+    EngineRequest early = r;
+    early.context = split_request(document(60, "the dune"), "", 1, AttentionMode::kGlobal).context;
+    early.block_size = 0;
+    Choices es(3);
+    auto eid = engine.submit(early, es.fn());
+    ASSERT_TRUE(eid.ok());
+    engine.cancel(*eid);
+    for (const Outcome& o : es.wait()) EXPECT_EQ(o.finish, FinishReason::kCancelled);
+
+    Collector c;
+    EngineRequest bad = r;
+    bad.n = 0;
+    EXPECT_EQ(engine.submit(bad, c.fn()).status().code(), StatusCode::kInvalidArgument);
+    bad.n = 17;
+    EXPECT_EQ(engine.submit(bad, c.fn()).status().code(), StatusCode::kInvalidArgument);
+    bad.n = 16;  // more than --max-running (16 in these tests) would be refused; 16 fits
+    bad.sampling.max_tokens = 2;
+    Choices many(16);
+    ASSERT_TRUE(engine.submit(bad, many.fn()).ok());
+    for (const Outcome& o : many.wait()) EXPECT_EQ(o.finish, FinishReason::kLength);
   });
 }
 

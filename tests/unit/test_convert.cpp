@@ -190,10 +190,21 @@ TEST(Convert, CompletionPromptErrors) {
 TEST(Convert, ParamsAreCheckedBeforeThePrompt) {
   v1::CompleteRequest r;
   r.set_prompt("");
-  r.mutable_params()->set_n(2);
-  expect_invalid(prepare(r).status(), "n > 1 is not supported yet");
+  r.mutable_params()->set_n(17);
+  expect_invalid(prepare(r).status(), "n = 17 must be in [1, 16]");
   r.set_model("other");
   EXPECT_EQ(prepare(r).status().code(), StatusCode::kNotFound);
+}
+
+// n choices reach the engine request (which forks the sequence after the query).
+TEST(Convert, ChoicesReachTheEngine) {
+  v1::CompleteRequest r;
+  r.set_prompt("one two three");
+  EXPECT_EQ(prepare(r)->engine.n, 1);
+  r.mutable_params()->set_n(3);
+  EXPECT_EQ(prepare(r)->engine.n, 3);
+  r.mutable_params()->set_n(16);
+  EXPECT_EQ(prepare(r)->engine.n, 16);
 }
 
 // ---- chat prompts ----
@@ -539,7 +550,7 @@ TYPED_TEST(ConvertParams, ErrorsNameTheFieldAndTheLimit) {
   // Stop strings through a std::string: GCC 12 at -O3 warns (-Wrestrict, a known false positive) on the inlined
   // copy of a literal into a repeated string field.
   const auto add_stop = [](v1::GenerationParams& g, const std::string& s) { g.mutable_stop()->Add()->assign(s); };
-  expect_invalid(status_with([](auto& g) { g.set_n(0); }), "n = 0 must be 1");
+  expect_invalid(status_with([](auto& g) { g.set_n(0); }), "n = 0 must be in [1, 16]");
   expect_invalid(status_with([](auto& g) { g.set_max_tokens(0); }), "max_tokens = 0 must be in [1, 64]");
   expect_invalid(status_with([](auto& g) { g.set_max_tokens(65); }), "(server limit max_tokens_limit)");
   expect_invalid(status_with([&](auto& g) { add_stop(g, ""); }), "stop[0] is empty");
