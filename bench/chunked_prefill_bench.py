@@ -320,9 +320,8 @@ def main():
 
     pb2, pb2_grpc = load_bench.load_stubs()
     max_running = max([16, args.streams + 2] + args.throughput_streams)
-    # Context reuse off: the same prompts come back, and each must be encoded (that is what is measured).
-    base_server_args = list(args.server_arg) + [f"--max-running={max_running}", f"--max-queue={2 * max_running}",
-                                                "--context-cache-pages=0"]
+    # (load_bench.Server turns context reuse off: the same prompts come back, and each must be encoded.)
+    base_server_args = list(args.server_arg) + [f"--max-running={max_running}", f"--max-queue={2 * max_running}"]
     if args.api_key:
         base_server_args.append(f"--api-key={args.api_key}")
     common = {"bench": "chunked_prefill", "machine": load_bench.machine_name(),

@@ -139,10 +139,10 @@ class Server:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="load_bench_server_", suffix=".log", delete=False)
+        # Context reuse off unless a --server-arg sets it: requests repeat their prompts, and each is to be encoded.
+        reuse = [] if any(a.startswith("--context-cache-pages") for a in args.server_arg) else ["--context-cache-pages=0"]
         cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(args.ranks), args.starserve, "serve",
-               "--model", args.model, "--port", str(self.port), "--log-level", "warn",
-               # Context reuse off: requests repeat their prompts, and each is to be encoded.
-               "--context-cache-pages=0"] + args.server_arg
+               "--model", args.model, "--port", str(self.port), "--log-level", "warn"] + reuse + args.server_arg
         env = dict(os.environ, OMPI_MCA_mpi_yield_when_idle="1")
         print("server: " + " ".join(cmd), file=sys.stderr)
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

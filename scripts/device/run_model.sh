@@ -17,7 +17,8 @@
 #             each where the machine has N GPUs: phase 2 merges over NCCL).
 #   chunked — bench/chunked_prefill_bench.py (configures with gRPC): the CPU backend on 2 ranks, then the
 #             CUDA backend on 1 rank, each with chunking off and on (JSON: $OUT/chunked_cpu.jsonl,
-#             $OUT/chunked_cuda.jsonl); CHUNKED_CPU_ARGS / CHUNKED_CUDA_ARGS add or override its flags.
+#             $OUT/chunked_cuda.jsonl); CHUNKED_CPU_ARGS / CHUNKED_CUDA_ARGS add or override its flags,
+#             CHUNKED_BACKENDS (default "cpu cuda") picks the runs.
 #             The Python stubs come from third_party/wheels/stubs (bench/make_stubs.py; carry that
 #             folder) where grpcio-tools is not installed.
 #   reuse   — bench/context_reuse_bench.py (configures with gRPC): context reuse on the CUDA backend, 1 rank: the
@@ -211,18 +212,22 @@ PY
     [ -x "$BIN/starctl" ] ||
       { echo "chunked: no $BIN/starctl (the build has no gRPC)"; continue; }
     CB=(python3 bench/chunked_prefill_bench.py --starserve "$BIN/starserve" --starctl "$BIN/starctl" --model "$MODEL")
-    echo "== chunked prefill, CPU backend, 2 ranks ($(nproc) cores)"
-    # A 4096-token context took ~20 s of phase 1 there (2 ranks x 8 threads): 1024 keeps the step short.
-    # shellcheck disable=SC2086  # the *_ARGS are lists of flags
-    PYTHONUNBUFFERED=1 timeout 420 "${CB[@]}" --ranks 2 --server-arg=--backend=cpu \
-      --server-arg=--threads=$(($(nproc) / 2)) --long-tokens 1024 --cancel-repeats 2 ${CHUNKED_CPU_ARGS:-} \
-      >"$OUT/chunked_cpu.jsonl" 2>"$OUT/chunked_cpu.err"
-    echo "exit $?"; tail -12 "$OUT/chunked_cpu.err"
-    echo "== chunked prefill, CUDA backend, 1 rank"
-    # shellcheck disable=SC2086
-    PYTHONUNBUFFERED=1 timeout 420 "${CB[@]}" --ranks 1 --server-arg=--backend=cuda \
-      --long-tokens 2048 8000 ${CHUNKED_CUDA_ARGS:-} >"$OUT/chunked_cuda.jsonl" 2>"$OUT/chunked_cuda.err"
-    echo "exit $?"; tail -14 "$OUT/chunked_cuda.err"
+    if [[ " ${CHUNKED_BACKENDS:-cpu cuda} " == *" cpu "* ]]; then
+      echo "== chunked prefill, CPU backend, 2 ranks ($(nproc) cores)"
+      # A 4096-token context took ~20 s of phase 1 there (2 ranks x 8 threads): 1024 keeps the step short.
+      # shellcheck disable=SC2086  # the *_ARGS are lists of flags
+      PYTHONUNBUFFERED=1 timeout 420 "${CB[@]}" --ranks 2 --server-arg=--backend=cpu \
+        --server-arg=--threads=$(($(nproc) / 2)) --long-tokens 1024 --cancel-repeats 2 ${CHUNKED_CPU_ARGS:-} \
+        >"$OUT/chunked_cpu.jsonl" 2>"$OUT/chunked_cpu.err"
+      echo "exit $?"; tail -12 "$OUT/chunked_cpu.err"
+    fi
+    if [[ " ${CHUNKED_BACKENDS:-cpu cuda} " == *" cuda "* ]]; then
+      echo "== chunked prefill, CUDA backend, 1 rank"
+      # shellcheck disable=SC2086
+      PYTHONUNBUFFERED=1 timeout 420 "${CB[@]}" --ranks 1 --server-arg=--backend=cuda \
+        --long-tokens 2048 8000 ${CHUNKED_CUDA_ARGS:-} >"$OUT/chunked_cuda.jsonl" 2>"$OUT/chunked_cuda.err"
+      echo "exit $?"; tail -14 "$OUT/chunked_cuda.err"
+    fi
     ;;
   reuse)
     [ -f "$MODEL" ] || { echo "reuse: no model"; continue; }
