@@ -99,6 +99,7 @@ struct EngineInfo {
   int n_layers = 0, n_heads = 0, n_kv_heads = 0, hidden = 0, n_vocab = 0;
   int max_context = 0;
   int world_size = 1;
+  std::string communicator;          // Communicator::name(): "local", "mpi", "nccl+mpi"
   std::vector<std::string> devices;  // one per rank: "cpu" or the GPU name
   StarConfig star_defaults;
   int64_t kv_pages_total = 0, kv_pages_free = 0;  // per rank: pool size, pages not reserved by admitted requests

@@ -277,6 +277,7 @@ EngineInfo ServingEngine::info() const {
   i.n_vocab = hp.n_vocab;
   i.max_context = ctx_.max_context;
   i.world_size = ctx_.comm->world_size();
+  i.communicator = ctx_.comm->name();
   i.devices = ctx_.devices;
   i.star_defaults = ctx_.star;
   i.kv_pages_total = ctx_.cache->pages_total();

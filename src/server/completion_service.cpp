@@ -533,6 +533,9 @@ grpc::Status CompletionService::GetServerInfo(grpc::ServerContext* ctx, const v1
     response->set_tls(!config_.tls_cert.empty());
     response->set_mutual_tls(!config_.tls_cert.empty() && !config_.tls_client_ca.empty());
     response->set_auth_required(!config_.api_key.empty());
+    response->set_communicator(info.communicator);
+    response->set_kv_page_size(info.kv_page_size);
+    response->set_kv_bytes_per_rank(info.kv_pages_total * info.kv_page_size * info.kv_bytes_per_row);
     v1::ContextCacheInfo* cc = response->mutable_context_cache();
     cc->set_enabled(info.context_cache_max_pages != 0);
     cc->set_max_pages(info.context_cache_max_pages);

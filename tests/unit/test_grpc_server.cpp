@@ -76,6 +76,7 @@ EngineInfo tiny_engine_info() {
 
 class InstantEngine final : public Engine {
  public:
+  std::function<void(EngineInfo*)> adjust_info;  // a test's own values on top of tiny_engine_info
   Result<RequestId> submit(EngineRequest request, EngineEventFn on_event) override {
     submitted.fetch_add(1);
     EngineEvent done;
@@ -89,6 +90,7 @@ class InstantEngine final : public Engine {
   EngineInfo info() const override {
     EngineInfo i = tiny_engine_info();
     i.star_defaults = star_defaults;
+    if (adjust_info) adjust_info(&i);
     return i;
   }
   int64_t plain_prompt_context_tokens(int64_t n_prompt) const override { return n_prompt / 2; }
@@ -408,6 +410,46 @@ TEST(GrpcServer, ServerInfoReportsTheStarDefaults) {
     EXPECT_EQ(info.star().anchor_size(), 32);
     EXPECT_EQ(info.star().exact_layout(), expected);
   }
+}
+
+// GetServerInfo reports the parallel layout (ranks, devices, communicator), the KV budget per rank and the context
+// cache, from the engine's numbers.
+TEST(GrpcServer, ServerInfoReportsTheLayoutTheKvBudgetAndTheContextCache) {
+  Served s;
+  s.engine.adjust_info = [](EngineInfo* i) {
+    i->world_size = 2;
+    i->devices = {"NVIDIA H200", "NVIDIA H200"};
+    i->communicator = "nccl+mpi";
+    i->kv_pages_total = 100;
+    i->kv_pages_free = 40;
+    i->kv_page_size = 64;
+    i->kv_bytes_per_row = 1000;
+    i->context_cache_max_pages = -1;
+    i->context_cache_entries = 3;
+    i->context_cache_pages = 12;
+    i->context_cache_hits = 7;
+    i->context_cache_misses = 4;
+    i->context_cache_evictions = 1;
+  };
+  ASSERT_TRUE(s.start(config_for("127.0.0.1")).ok());
+  auto stub = v1::CompletionService::NewStub(s.channel());
+  grpc::ClientContext ctx;
+  v1::GetServerInfoResponse info;
+  ASSERT_TRUE(stub->GetServerInfo(&ctx, v1::GetServerInfoRequest(), &info).ok());
+  EXPECT_EQ(info.world_size(), 2);
+  EXPECT_EQ(info.devices_size(), 2);
+  EXPECT_EQ(info.communicator(), "nccl+mpi");
+  EXPECT_EQ(info.kv_pages_total(), 100);
+  EXPECT_EQ(info.kv_pages_free(), 40);
+  EXPECT_EQ(info.kv_page_size(), 64);
+  EXPECT_EQ(info.kv_bytes_per_rank(), 100 * 64 * 1000);
+  EXPECT_TRUE(info.context_cache().enabled());
+  EXPECT_EQ(info.context_cache().max_pages(), -1);
+  EXPECT_EQ(info.context_cache().entries(), 3);
+  EXPECT_EQ(info.context_cache().pages(), 12);
+  EXPECT_EQ(info.context_cache().hits(), 7);
+  EXPECT_EQ(info.context_cache().misses(), 4);
+  EXPECT_EQ(info.context_cache().evictions(), 1);
 }
 
 // Abort by the client's x-request-id ends a running unary request with its output so far and
