@@ -102,7 +102,9 @@ struct EngineInfo {
   std::string communicator;          // Communicator::name(): "local", "mpi", "nccl+mpi"
   std::vector<std::string> devices;  // one per rank: "cpu" or the GPU name
   StarConfig star_defaults;
-  int64_t kv_pages_total = 0, kv_pages_free = 0;  // per rank: pool size, pages not reserved by admitted requests
+  // Per rank: the pool's size; the pages neither reserved by admitted requests nor held by cached contexts (which
+  // give theirs up to an admission that needs them, so kv_pages_free + context_cache_pages are admittable).
+  int64_t kv_pages_total = 0, kv_pages_free = 0;
   std::vector<int64_t> kv_pages_used;  // per rank: pages actually holding KV, as of the last step
   double merge_seconds_total = 0;      // rank 0: time in the cross-rank attention merge
   int64_t merges_total = 0;            // rank 0: merges (one per layer per decode step)
