@@ -1,6 +1,9 @@
 #include "engine/serving_engine.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <optional>
 #include <thread>
 
 #include "common/log.h"
@@ -16,6 +19,18 @@ using Clock = std::chrono::steady_clock;
 constexpr int kStepFailedExitCode = 4;
 // ... after this long for rank 0's watchdog to hear of it (beats come every second) and fail the requests first.
 constexpr std::chrono::seconds kFailureReportWait{10};
+
+// Fault injection for the end-to-end test of a failed worker step (tests/e2e/failed_step_e2e.sh):
+// STARSERVE_FAIL_STEP=R:N makes worker rank R fail its N-th step the way a failed forward does, so that the path a
+// real failure takes (heartbeat report, rank 0's watchdog, the job's end) runs for real. Unset, nothing changes.
+std::optional<int64_t> injected_failure_step(int rank) {
+  const char* v = std::getenv("STARSERVE_FAIL_STEP");
+  if (v == nullptr) return std::nullopt;
+  int r = -1;
+  long long n = -1;
+  if (std::sscanf(v, "%d:%lld", &r, &n) != 2 || r != rank || n < 1) return std::nullopt;
+  return static_cast<int64_t>(n);
+}
 
 double ms_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
@@ -787,6 +802,8 @@ Status ServingEngine::run() {
 
 Status run_worker(const EngineContext& ctx) {
   StepExecutor executor(*ctx.model, *ctx.cache, *ctx.comm);
+  const std::optional<int64_t> fail_at = injected_failure_step(ctx.comm->rank());
+  if (fail_at) log_warn("STARSERVE_FAIL_STEP is set: this rank fails its step {} (fault injection for tests)", *fail_at);
   SS_RETURN_IF_ERROR(ctx.comm->barrier_idle());  // matches ServingEngine::run's: this rank has loaded
   std::vector<int64_t> msg;
   int64_t step = 0;
@@ -796,7 +813,9 @@ Status run_worker(const EngineContext& ctx) {
     if (static_cast<ControlCommand>(msg[0]) == ControlCommand::kStop) return Status();
     ++step;
     if (ctx.heartbeat) ctx.heartbeat->set_progress(progress_received(step));
-    Status st = executor.execute(msg, nullptr);
+    Status st = fail_at && step == *fail_at
+                    ? internal_error("fault injected by STARSERVE_FAIL_STEP at step {}", step)
+                    : executor.execute(msg, nullptr);
     if (!st.ok()) {
       // A worker that cannot execute a step cannot stay in step, and the others may wait for it inside a collective
       // of that step. Rank 0's watchdog learns it from the heartbeat, fails the requests naming this rank and ends
