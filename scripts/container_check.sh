@@ -8,7 +8,8 @@
 #   3. a drain: `stop --time GRACE` while a stream runs: SIGTERM must reach rank 0 through the entry point (PID 1),
 #      the stream must finish, new requests must be refused, and the container must exit 0 before the grace ends.
 # Usage: scripts/container_check.sh                 (podman, else docker; CONTAINER_ENGINE=docker picks one)
-# Settings: STARSERVE_IMAGE (starserve:cpu), STARSERVE_CHECK_BUILD=0 (use the image as it is),
+# Settings: STARSERVE_IMAGE (starserve:cpu), STARSERVE_CHECK_DOCKERFILE (Dockerfile; Dockerfile.cuda checks the CUDA
+# image, whose binaries take the CPU backend where no GPU is visible), STARSERVE_CHECK_BUILD=0 (use the image as it is),
 # STARSERVE_CHECK_SOURCE (the commit to build, HEAD; `worktree`: the working tree as it is),
 # STARSERVE_CHECK_BUILD_ARGS (more build flags, e.g. --no-cache to time a cold build),
 # STARSERVE_CHECK_DRAIN_TOKENS (the stream running through the drain, 40 tokens: about 2 s on 2 cores; the server
@@ -19,6 +20,7 @@
 set -uo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 IMAGE="${STARSERVE_IMAGE:-starserve:cpu}"
+DOCKERFILE="${STARSERVE_CHECK_DOCKERFILE:-Dockerfile}"
 GRACE="${STARSERVE_CHECK_GRACE:-30}"
 ENGINE="${CONTAINER_ENGINE:-$(command -v podman >/dev/null && echo podman || echo docker)}"
 # Podman on these machines: runc and ulimits from /etc/containers/containers.conf (/work/shared/containers).
@@ -64,10 +66,10 @@ if [ "${STARSERVE_CHECK_BUILD:-1}" != 0 ]; then
     git -C "$REPO_ROOT" archive "$SOURCE" | tar -x -C "$CTX" || { fail "git archive $SOURCE"; exit "$FAILS"; }
     SOURCE="$SOURCE = $(git -C "$REPO_ROOT" rev-parse --short "$SOURCE")"
   fi
-  say "building $IMAGE from $SOURCE ($CTX/Dockerfile)"
+  say "building $IMAGE from $SOURCE ($CTX/$DOCKERFILE)"
   t0=$(now)
   # shellcheck disable=SC2086  # a list of flags
-  if "$ENGINE" build ${STARSERVE_CHECK_BUILD_ARGS:-} -t "$IMAGE" -f "$CTX/Dockerfile" "$CTX" \
+  if "$ENGINE" build ${STARSERVE_CHECK_BUILD_ARGS:-} -t "$IMAGE" -f "$CTX/$DOCKERFILE" "$CTX" \
     >"$WORK/build.log" 2>&1; then
     pass "image builds ($(since "$t0") s)"
   else
