@@ -382,6 +382,21 @@ void ServingEngine::finish(Active& a, FinishReason reason, Status error) {
   }
 }
 
+// The request's TextController over its prompt (context + query), sending its tokens to the sink as its choice's.
+void ServingEngine::make_controller(Active& a) {
+  std::vector<int32_t> prompt = a.req.context;
+  prompt.insert(prompt.end(), a.req.query.begin(), a.req.query.end());
+  Active* raw = &a;
+  a.controller = std::make_unique<TextController>(
+      *ctx_.tokenizer, a.req.sampling, std::move(prompt), [raw](const TokenEvent& t) {
+        EngineEvent ev;
+        ev.kind = EngineEvent::Kind::kToken;
+        ev.choice = raw->choice;
+        ev.token = t;
+        raw->sink->deliver(ev);
+      });
+}
+
 // Moves what the scheduler admits from the queue into the active set and sets it up.
 void ServingEngine::admit_waiting() {
   std::vector<std::unique_ptr<Active>> admitted;
@@ -420,17 +435,7 @@ void ServingEngine::admit_waiting() {
   for (auto& a : admitted) {
     a->position = static_cast<int64_t>(a->req.context.size());
     a->next_tokens = a->req.query;
-    std::vector<int32_t> prompt = a->req.context;
-    prompt.insert(prompt.end(), a->req.query.begin(), a->req.query.end());
-    Active* raw = a.get();
-    a->controller = std::make_unique<TextController>(
-        *ctx_.tokenizer, a->req.sampling, std::move(prompt), [raw](const TokenEvent& t) {
-          EngineEvent ev;
-          ev.kind = EngineEvent::Kind::kToken;
-          ev.choice = raw->choice;
-          ev.token = t;
-          raw->sink->deliver(ev);
-        });
+    make_controller(*a);
     if (a->req.return_entropy) {
       a->entropy.emplace();
       a->entropy->reset(ctx_.model->hparams().n_layers, ctx_.model->hparams().n_heads);
@@ -716,17 +721,7 @@ void ServingEngine::spawn_choices(Active& first, std::span<const float> logits, 
     s->phase1_start = first.phase1_start;
     s->phase1_end = first.phase1_end;
     s->phase1_steps = first.phase1_steps;
-    std::vector<int32_t> prompt = first.req.context;
-    prompt.insert(prompt.end(), first.req.query.begin(), first.req.query.end());
-    Active* raw = s.get();
-    s->controller = std::make_unique<TextController>(
-        *ctx_.tokenizer, s->req.sampling, std::move(prompt), [raw](const TokenEvent& t) {
-          EngineEvent ev;
-          ev.kind = EngineEvent::Kind::kToken;
-          ev.choice = raw->choice;
-          ev.token = t;
-          raw->sink->deliver(ev);
-        });
+    make_controller(*s);
     fork->add_fork(static_cast<SeqId>(first.id), static_cast<SeqId>(s->id));
     std::vector<float> row(logits.begin(), logits.end());
     const int32_t token = s->controller->choose(std::span<float>(row));

@@ -89,6 +89,7 @@ class ServingEngine final : public Engine {
   // n > 1: the choices after the first, forked from it after its query went through (the DECODE whose
   // logits they sample their first token from); their FORK goes to every rank.
   void spawn_choices(Active& first, std::span<const float> logits, ControlMessage* fork);
+  void make_controller(Active& a);
   Status broadcast_step(std::vector<int64_t>& words);  // broadcast_control + the step counters
   void end_step() { ++steps_completed_; }
   Status step();
