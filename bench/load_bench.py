@@ -13,6 +13,11 @@ Measured on the client, from the arrival of the streamed messages:
   message carried more than one token;
 - throughput: completion tokens (usage.completion_tokens of each stream's last message) over the wall time.
 
+Where the server's time goes: with a started server (or --metrics HOST:PORT) each line also carries, from the
+server's Prometheus counters read before and after the level, rank 0's engine-thread time per decode step by part
+(`engine_ms_per_decode_step`: schedule, prefill, forward, tokens; starserve_engine_seconds_total) and the sequences
+per decode step.
+
 The peer is the same server at concurrency 1, measured in the same run: each line reports its throughput as a
 multiple of the C=1 figure. No other serving engine is installed on this machine.
 
@@ -138,11 +143,13 @@ class Server:
     def __init__(self, args):
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
         self.log = tempfile.NamedTemporaryFile(prefix="load_bench_server_", suffix=".log", delete=False)
         # Context reuse off unless a --server-arg sets it: requests repeat their prompts, and each is to be encoded.
         reuse = [] if any(a.startswith("--context-cache-pages") for a in args.server_arg) else ["--context-cache-pages=0"]
         cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(args.ranks), args.starserve, "serve",
-               "--model", args.model, "--port", str(self.port), "--log-level", "warn"] + reuse + args.server_arg
+               "--model", args.model, "--port", str(self.port), "--metrics-port", str(self.metrics_port),
+               "--log-level", "warn"] + reuse + args.server_arg
         env = dict(os.environ, OMPI_MCA_mpi_yield_when_idle="1")
         print("server: " + " ".join(cmd), file=sys.stderr)
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -264,6 +271,36 @@ def run_level(args, pb2, pb2_grpc, concurrency, prompts):
     return results, errors, t_end - t_start
 
 
+def scrape_engine(metrics):
+    """The engine's step counters from the Prometheus text at metrics (host:port); {} when it cannot be read."""
+    import urllib.request
+    out = {}
+    try:
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        for part in ("schedule", "prefill", "forward", "tokens"):
+            if line.startswith(f'starserve_engine_seconds_total{{part="{part}"}} '):
+                out[part] = float(line.split()[-1])
+        for name in ("decode_steps", "decoded_sequences"):
+            if line.startswith(f"starserve_{name}_total "):
+                out[name] = float(line.split()[-1])
+    return out
+
+
+def engine_split(before, after):
+    """Per decode step between two scrapes: ms by part and sequences; {} without data."""
+    steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
+    if not before or not after or steps <= 0:
+        return {}
+    ms = {p: round(1000 * (after[p] - before[p]) / steps, 3) for p in ("schedule", "prefill", "forward", "tokens")
+          if p in after and p in before}
+    return {"engine_ms_per_decode_step": ms, "decode_steps": int(steps),
+            "sequences_per_decode_step": round((after["decoded_sequences"] - before["decoded_sequences"]) / steps, 2)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", help="a running server (host:port); default: start one")
@@ -279,6 +316,7 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of one request, seconds")
+    p.add_argument("--metrics", help="the server's metrics endpoint (host:port); default: the started server's")
     args = p.parse_args()
 
     pb2, pb2_grpc = load_stubs()
@@ -286,6 +324,7 @@ def main():
     if not args.address:
         server = Server(args)
         args.address = server.address
+        args.metrics = args.metrics or f"127.0.0.1:{server.metrics_port}"
         t_ready = time.monotonic()
         server.wait_ready(args.starctl, args.startup_timeout)
         print(f"server ready in {time.monotonic() - t_ready:.1f} s on {args.address}", file=sys.stderr)
@@ -306,7 +345,9 @@ def main():
         rows, base_tps = [], None
         for c in args.concurrency:
             load_before = os.getloadavg()[0]
+            engine_before = scrape_engine(args.metrics) if args.metrics else {}
             results, errors, wall_s = run_level(args, pb2, pb2_grpc, c, prompts)
+            engine_after = scrape_engine(args.metrics) if args.metrics else {}
             ttft = [r["ttft_ms"] for r in results]
             itl = [x for r in results for x in r["itl_ms"]]
             tokens = sum(r["completion_tokens"] for r in results)
@@ -316,7 +357,8 @@ def main():
             row = dict(common, concurrency=c, requests=len(results), errors=len(errors),
                        error_codes=sorted(set(errors)), completion_tokens=tokens, wall_s=round(wall_s, 3),
                        tokens_per_s=round(tps, 3), requests_per_s=round(len(results) / wall_s, 4) if wall_s else None,
-                       speedup_vs_c1=round(tps / base_tps, 3) if base_tps else None)
+                       speedup_vs_c1=round(tps / base_tps, 3) if base_tps else None,
+                       **engine_split(engine_before, engine_after))
             for name, values in (("ttft_ms", ttft), ("itl_ms", itl)):
                 for q in (50, 90, 99):
                     v = percentile(values, q)

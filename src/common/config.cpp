@@ -1,5 +1,7 @@
 #include "common/config.h"
 
+#include <cstdio>
+
 #include <unistd.h>
 
 #include <cstdlib>
@@ -12,6 +14,15 @@ bool launched_by_mpi() {
     if (std::getenv(var) != nullptr) return true;
   }
   return false;
+}
+
+std::optional<int64_t> injected_failure_step(int rank) {
+  const char* v = std::getenv("STARSERVE_FAIL_STEP");
+  if (v == nullptr) return std::nullopt;
+  int r = -1;
+  long long n = -1;
+  if (std::sscanf(v, "%d:%lld", &r, &n) != 2 || r != rank || n < 1) return std::nullopt;
+  return static_cast<int64_t>(n);
 }
 
 bool terminal_wants_colour(int fd) {

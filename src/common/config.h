@@ -109,6 +109,11 @@ bool launched_by_mpi();
 // is unset or empty (https://no-color.org). For the command-line tools' terminal views.
 bool terminal_wants_colour(int fd);
 
+// Fault injection for the end-to-end test of a failed worker step (tests/e2e/failed_step_e2e.sh):
+// STARSERVE_FAIL_STEP=R:N names worker rank R's N-th step, which run_worker then fails the way a failed forward
+// does. Unset (always, outside that test): nullopt.
+std::optional<int64_t> injected_failure_step(int rank);
+
 // Settings that libraries read from the environment, applied before any NCCL communicator exists
 // (make_nccl_communicator calls it too): NCCL_NVLS_ENABLE=0 unless the environment sets it.
 void apply_library_environment();

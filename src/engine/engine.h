@@ -109,6 +109,12 @@ struct EngineInfo {
   double merge_seconds_total = 0;      // rank 0: time in the cross-rank attention merge
   int64_t merges_total = 0;            // rank 0: merges (one per layer per decode step)
   int64_t phase1_steps = 0;            // rank 0: phase-1 steps (prefill chunks) run, all requests
+  // Rank 0's engine thread, seconds in each part of its steps: schedule (cancels, releases, admission, the
+  // context cache's steps, building the decode), prefill (phase-1 steps), forward (the decode step's broadcast and
+  // forward, until its tokens or logits are back) and tokens (sampling on the host, stop checks, detokenizing,
+  // the events); with the decode steps run and the sequences they decoded. Where a step's time goes under load.
+  double engine_schedule_s = 0, engine_prefill_s = 0, engine_forward_s = 0, engine_tokens_s = 0;
+  int64_t decode_steps = 0, decoded_sequences = 0;
   int queue_depth = 0, running = 0;
   // Context reuse (engine/context_cache.h): cached contexts, the KV pages they hold (busiest rank), and
   // admissions of requests with a context that found it cached (hits) or encoded it (misses).

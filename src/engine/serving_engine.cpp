@@ -1,8 +1,6 @@
 #include "engine/serving_engine.h"
 
 #include <algorithm>
-#include <cstdio>
-#include <cstdlib>
 #include <optional>
 #include <thread>
 
@@ -19,18 +17,6 @@ using Clock = std::chrono::steady_clock;
 constexpr int kStepFailedExitCode = 4;
 // ... after this long for rank 0's watchdog to hear of it (beats come every second) and fail the requests first.
 constexpr std::chrono::seconds kFailureReportWait{10};
-
-// Fault injection for the end-to-end test of a failed worker step (tests/e2e/failed_step_e2e.sh):
-// STARSERVE_FAIL_STEP=R:N makes worker rank R fail its N-th step the way a failed forward does, so that the path a
-// real failure takes (heartbeat report, rank 0's watchdog, the job's end) runs for real. Unset, nothing changes.
-std::optional<int64_t> injected_failure_step(int rank) {
-  const char* v = std::getenv("STARSERVE_FAIL_STEP");
-  if (v == nullptr) return std::nullopt;
-  int r = -1;
-  long long n = -1;
-  if (std::sscanf(v, "%d:%lld", &r, &n) != 2 || r != rank || n < 1) return std::nullopt;
-  return static_cast<int64_t>(n);
-}
 
 double ms_between(Clock::time_point a, Clock::time_point b) {
   return std::chrono::duration<double, std::milli>(b - a).count();
@@ -309,6 +295,12 @@ EngineInfo ServingEngine::info() const {
   {
     std::lock_guard<std::mutex> lock(mu_);
     i.context_cache_max_pages = ctx_.scheduler.context_cache_pages;
+    i.engine_schedule_s = 1e-9 * static_cast<double>(schedule_ns_.load());
+    i.engine_prefill_s = 1e-9 * static_cast<double>(prefill_ns_.load());
+    i.engine_forward_s = 1e-9 * static_cast<double>(forward_ns_.load());
+    i.engine_tokens_s = 1e-9 * static_cast<double>(tokens_ns_.load());
+    i.decode_steps = decode_steps_.load();
+    i.decoded_sequences = decoded_sequences_.load();
     i.context_cache_entries = context_cache_.size();
     i.context_cache_pages = context_cache_.pages();
     i.context_cache_hits = context_cache_.stats().hits;
@@ -512,6 +504,13 @@ Status ServingEngine::flush_evictions() {
 }
 
 Status ServingEngine::step() {
+  // Where the step's time goes (EngineInfo::engine_*_s).
+  auto mark = Clock::now();
+  const auto lap = [&mark](std::atomic<int64_t>& into) {
+    const auto now = Clock::now();
+    into += std::chrono::duration_cast<std::chrono::nanoseconds>(now - mark).count();
+    mark = now;
+  };
   // 1. Cancellations and deadlines. A request still queued is simply dropped.
   std::vector<RequestId> cancels;
   std::vector<std::unique_ptr<Active>> dropped;
@@ -569,6 +568,7 @@ Status ServingEngine::step() {
   }
   publish_stats();
 
+  lap(schedule_ns_);
   // 4. Phase-1 steps of the requests still encoding, as many as the step's token budget leaves after the
   //    running decodes (engine/scheduler.h), interleaved with the decode step below.
   std::vector<std::pair<RequestId, int>> encoding;
@@ -594,6 +594,7 @@ Status ServingEngine::step() {
     }
   }
   publish_stats();  // the KV pages phase 1 filled, live
+  lap(prefill_ns_);
 
   // 5. One decode step over every request whose context is encoded: its query (first time) or its
   //    last sampled token.
@@ -657,8 +658,12 @@ Status ServingEngine::step() {
     if (!a->prefilled && a->entropy) executor_->phase2().track_entropy(static_cast<SeqId>(a->id), &*a->entropy);
   }
   std::vector<float> logits;
+  lap(schedule_ns_);
   Status st = executor_->execute(msg.words(), on_device ? nullptr : &logits, rows, tokens);
   end_step();
+  lap(forward_ns_);
+  ++decode_steps_;
+  decoded_sequences_ += static_cast<int64_t>(decoding.size());
   if (!st.ok()) {
     // A forward failure is a bug or a broken rank: fail the requests of this step, keep serving.
     for (Active* a : decoding) finish(*a, FinishReason::kError, st);
@@ -693,6 +698,7 @@ Status ServingEngine::step() {
     end_step();
   }
   publish_stats();
+  lap(tokens_ns_);
   return Status();
 }
 

@@ -113,6 +113,9 @@ class ServingEngine final : public Engine {
   bool drain_cancelled_ = false;                     // engine thread: the requests left were cancelled
   std::map<RequestId, std::shared_ptr<Sink>> sinks_;  // guarded by mu_: requests not yet finished
   std::atomic<int64_t> steps_started_{0}, steps_completed_{0};
+  // EngineInfo's engine_*_s (nanoseconds) and decode counts, written by the engine thread.
+  std::atomic<int64_t> schedule_ns_{0}, prefill_ns_{0}, forward_ns_{0}, tokens_ns_{0};
+  std::atomic<int64_t> decode_steps_{0}, decoded_sequences_{0};
   std::atomic<int64_t> step_since_ns_{0};             // steady clock, when the current step was broadcast
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -292,6 +292,21 @@ void ServerMetrics::register_engine(const Engine& engine) {
     const EngineInfo info = e->info();
     return static_cast<double>(info.kv_pages_total - info.kv_pages_free - info.context_cache_pages);
   });
+  for (const char* part : {"schedule", "prefill", "forward", "tokens"}) {
+    r.sampled_counter("starserve_engine_seconds_total",
+                      "Rank 0's engine thread, time in each part of its steps (schedule, prefill, forward, tokens).",
+                      {{"part", part}}, [e, p = std::string(part)] {
+                        const EngineInfo i = e->info();
+                        return p == "schedule"  ? i.engine_schedule_s
+                               : p == "prefill" ? i.engine_prefill_s
+                               : p == "forward" ? i.engine_forward_s
+                                                : i.engine_tokens_s;
+                      });
+  }
+  r.sampled_counter("starserve_decode_steps_total", "Decode steps run (each a forward over every decoding sequence).",
+                    {}, [e] { return static_cast<double>(e->info().decode_steps); });
+  r.sampled_counter("starserve_decoded_sequences_total", "Sequences decoded, summed over the decode steps.", {},
+                    [e] { return static_cast<double>(e->info().decoded_sequences); });
   r.gauge("starserve_context_cache_pages", "KV pages held by cached contexts (largest rank share).", {},
           [e] { return static_cast<double>(e->info().context_cache_pages); });
   r.gauge("starserve_context_cache_entries", "Contexts whose KV is cached for later requests.", {},

@@ -371,6 +371,9 @@ TEST(Metrics, ServerMetricsFollowTheExpositionFormatAndNamingRules) {
       {"starserve_context_cache_hits_total", "counter"},
       {"starserve_context_cache_misses_total", "counter"},
       {"starserve_context_cache_evictions_total", "counter"},
+      {"starserve_engine_seconds_total", "counter"},
+      {"starserve_decode_steps_total", "counter"},
+      {"starserve_decoded_sequences_total", "counter"},
   };
   std::map<std::string, std::string> got;
   for (const auto& [name, f] : ex.families) got[name] = f.type;
