@@ -24,6 +24,9 @@
 #   reuse   — bench/context_reuse_bench.py (configures with gRPC): context reuse on the CUDA backend, 1 rank: the
 #             first question about a document of REUSE_LENGTHS tokens (default 8192 32768 131072), global and star,
 #             next to later ones answered from the cached context (JSON: $OUT/context_reuse.jsonl).
+#   load    — bench/load_bench.py (configures with gRPC): the server on the CUDA backend, 1 rank, under
+#             LOAD_CONCURRENCY (default 1 8 64 256) streams of 128 greedy tokens each (2 per client), with rank 0's
+#             engine time per decode step by part (JSON: $OUT/load_cuda.jsonl).
 #   kvshift — the trained KV-shifting model and its baseline (scripts/device/train_reference.sh; carry them with the
 #             corpus's val.bin in KVSHIFT_DIR, default .carry/kvshift/{kvshift-6l,llama-6l,val.bin}): the GPU
 #             tests whose names hold KvShift, then evals/perplexity.py over every validation window through a
@@ -80,7 +83,7 @@ fi
 SECONDS=0
 TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
 GRPC=${STARSERVE_GRPC:-OFF}
-case " $STEPS " in *" serve "* | *" chunked "* | *" reuse "* | *" lifecycle "* | *" kvshift "* | *" attamba "* | *" lnfree "*) GRPC=ON TARGETS+=(starctl) ;; esac
+case " $STEPS " in *" serve "* | *" chunked "* | *" reuse "* | *" load "* | *" lifecycle "* | *" kvshift "* | *" attamba "* | *" lnfree "*) GRPC=ON TARGETS+=(starctl) ;; esac
 if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRPC:BOOL=ON" "$BUILD/CMakeCache.txt"; }; then
   STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
@@ -228,6 +231,21 @@ PY
         --long-tokens 2048 8000 ${CHUNKED_CUDA_ARGS:-} >"$OUT/chunked_cuda.jsonl" 2>"$OUT/chunked_cuda.err"
       echo "exit $?"; tail -14 "$OUT/chunked_cuda.err"
     fi
+    ;;
+  load)
+    [ -f "$MODEL" ] || { echo "load: no model"; continue; }
+    [ -x "$BIN/starctl" ] || { echo "load: no $BIN/starctl (the build has no gRPC)"; continue; }
+    echo "== serving load, CUDA backend, 1 rank"
+    # shellcheck disable=SC2086
+    PYTHONUNBUFFERED=1 timeout 480 python3 bench/load_bench.py --starserve "$BIN/starserve" --starctl "$BIN/starctl" \
+      --model "$MODEL" --ranks 1 --concurrency ${LOAD_CONCURRENCY:-1 8 64 256} --requests 2 --max-tokens 128 \
+      --server-arg=--backend=cuda --server-arg=--max-running=256 --server-arg=--max-queue=512 \
+      >"$OUT/load_cuda.jsonl" 2>"$OUT/load_cuda.err"
+    echo "exit $?"; tail -5 "$OUT/load_cuda.err"
+    python3 -c 'import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(r["concurrency"], r["tokens_per_s"], r.get("itl_ms_p50"), r.get("ttft_ms_p99"), r.get("engine_ms_per_decode_step"), r.get("sequences_per_decode_step"))' "$OUT/load_cuda.jsonl"
     ;;
   reuse)
     [ -f "$MODEL" ] || { echo "reuse: no model"; continue; }
