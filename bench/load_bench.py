@@ -281,7 +281,7 @@ def scrape_engine(metrics):
     except OSError:
         return out
     for line in text.splitlines():
-        for part in ("schedule", "prefill", "forward", "tokens"):
+        for part in ("schedule", "prefill", "forward", "forward_wait", "tokens"):
             if line.startswith(f'starserve_engine_seconds_total{{part="{part}"}} '):
                 out[part] = float(line.split()[-1])
         for name in ("decode_steps", "decoded_sequences"):
@@ -295,7 +295,8 @@ def engine_split(before, after):
     steps = after.get("decode_steps", 0) - before.get("decode_steps", 0)
     if not before or not after or steps <= 0:
         return {}
-    ms = {p: round(1000 * (after[p] - before[p]) / steps, 3) for p in ("schedule", "prefill", "forward", "tokens")
+    ms = {p: round(1000 * (after[p] - before[p]) / steps, 3)
+          for p in ("schedule", "prefill", "forward", "forward_wait", "tokens")
           if p in after and p in before}
     return {"engine_ms_per_decode_step": ms, "decode_steps": int(steps),
             "sequences_per_decode_step": round((after["decoded_sequences"] - before["decoded_sequences"]) / steps, 2)}

@@ -87,7 +87,32 @@ __global__ void bf16_to_f32_kernel(float* dst, const __nv_bfloat16* src, int64_t
   for (int64_t i = done + thread_index(); i < n; i += grid_stride()) dst[i] = __bfloat162float(src[i]);
 }
 
+// One block per row (grid-stride over rows); 16-byte moves when the row and both ends allow them.
+__global__ void scatter_rows_kernel(void* const* dst_rows, const char* src, int64_t n_rows, int64_t row_bytes) {
+  for (int64_t r = blockIdx.x; r < n_rows; r += gridDim.x) {
+    char* dst = static_cast<char*>(dst_rows[r]);
+    if (dst == nullptr) continue;
+    const char* from = src + r * row_bytes;
+    if (((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(from) | static_cast<uintptr_t>(row_bytes)) &
+         15u) == 0) {
+      for (int64_t i = threadIdx.x; i < row_bytes / 16; i += blockDim.x)
+        reinterpret_cast<uint4*>(dst)[i] = reinterpret_cast<const uint4*>(from)[i];
+    } else {
+      for (int64_t i = threadIdx.x; i < row_bytes; i += blockDim.x) dst[i] = from[i];
+    }
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_scatter_rows(void* const* dst_rows, const void* src, int64_t n_rows, int64_t row_bytes,
+                                cudaStream_t stream) {
+  if (n_rows < 0 || row_bytes < 0 || (n_rows > 0 && row_bytes > 0 && (!dst_rows || !src))) return cudaErrorInvalidValue;
+  if (n_rows == 0 || row_bytes == 0) return cudaSuccess;
+  const unsigned blocks = static_cast<unsigned>(n_rows < kMaxBlocks ? n_rows : kMaxBlocks);
+  scatter_rows_kernel<<<blocks, 128, 0, stream>>>(dst_rows, static_cast<const char*>(src), n_rows, row_bytes);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_add_bf16(__nv_bfloat16* out, const __nv_bfloat16* a, const __nv_bfloat16* b, int64_t n,
                             cudaStream_t stream) {

@@ -21,6 +21,7 @@
 //                    [--query 32] [--decode 16] [--entropy] [--gemm-only] [--graph-probe] [--op-census]
 //                    [--gemv on|off]  (one-row GEMMs: the skinny kernel, or cuBLASLt)
 //                    [--graphs on|off]  (one rank: decode steps as CUDA graphs, as the server runs them)
+//                    [--shape 8b|smollm2]  (the random model's shape: Llama-3-8B's, or SmolLM2-135M's)
 //                    [--seqs S] [--batch-decode on|off]  (S sequences decoded together; their
 //                    attention in one launch per layer, or one launch per sequence)
 //                    [--arch llama|kvshift|both]  (both: the plain Llama shape, then its KV-shifting
@@ -430,7 +431,8 @@ Work phase1_work(const StarLayout& lay, AttentionMode mode) {
 }
 
 int run(int argc, char** argv) {
-  int layers = 32, blocks = 4, query = 32, decode = 16, seqs = 1;
+  int layers = -1, blocks = 4, query = 32, decode = 16, seqs = 0;
+  std::string shape = "8b";
   bool gemm_only = false, entropy = false, graph_probe = false, census = false;
   std::string prefill_kernel = "auto", merge = "allreduce", gemv = "on", batch_decode = "on", graphs = "on";
   std::vector<int64_t> lengths = {16384, 32768};
@@ -462,6 +464,7 @@ int run(int argc, char** argv) {
     else if (a == "--batch-decode") batch_decode = next();
     else if (a == "--graphs") graphs = next();
     else if (a == "--arch") arch = next();
+    else if (a == "--shape") shape = next();
     else {
       std::fprintf(stderr, "unknown argument %s\n", a.c_str());
       return 2;
@@ -476,6 +479,11 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "--merge %s: allreduce, allgather or auto\n", merge.c_str());
     return 2;
   }
+  if (shape != "8b" && shape != "smollm2") {
+    std::fprintf(stderr, "--shape %s: 8b or smollm2\n", shape.c_str());
+    return 2;
+  }
+  if (layers < 0) layers = shape == "8b" ? 32 : 30;
   if (arch != "llama" && arch != "kvshift" && arch != "both") {
     std::fprintf(stderr, "--arch %s: llama, kvshift or both\n", arch.c_str());
     return 2;
@@ -537,7 +545,7 @@ int run(int argc, char** argv) {
     comm = std::move(nccl).value();
   }
   const int gpus = std::min(world, n_gpus);
-  const ModelHParams llama_hp = llama3_8b_hparams(layers);
+  const ModelHParams llama_hp = shape == "8b" ? llama3_8b_hparams(layers) : smollm2_135m_hparams(layers);
   ModelHParams hp = llama_hp;
   if (world == 1 && !census) bench_gemm(*be, hp, options.gemv_max_tokens);
   if (census) {
@@ -566,8 +574,8 @@ int run(int argc, char** argv) {
     model = std::move(model_or).value();
     arch_name = name;
     if (lead) {
-      std::fprintf(stderr, "random %d-layer Llama-3-8B-shaped %s model on %s in %.1f s; %d rank(s) on %d GPU(s) (%s)\n",
-                   layers, name.c_str(), be->name().c_str(), since(t_load), world, gpus, comm->name().c_str());
+      std::fprintf(stderr, "random %d-layer %s-shaped %s model on %s in %.1f s; %d rank(s) on %d GPU(s) (%s)\n",
+                   layers, shape == "8b" ? "Llama-3-8B" : "SmolLM2-135M", name.c_str(), be->name().c_str(), since(t_load), world, gpus, comm->name().c_str());
     }
     return 0;
   };
@@ -581,7 +589,7 @@ int run(int argc, char** argv) {
   const int page = 256;
   const int64_t share = world == 1 ? max_len : std::max<int64_t>((max_len + world - 1) / world, anchor_max);
   int64_t pages = (share + anchor_max + query + decode * (graph_probe ? 4 : 1) + 4 * page) / page + 8;
-  if (seqs > 1) pages = std::max<int64_t>(pages, seqs * ((max_len + query + decode + page - 1) / page + 1));
+  if (seqs >= 1) pages = std::max<int64_t>(pages, seqs * ((max_len + query + decode + page - 1) / page + 1));
   KvCache cache(*be, {hp.n_layers, hp.n_kv_heads, hp.head_dim, page, pages});
   const double lin = linear_flops_per_token(hp);
 
@@ -780,10 +788,14 @@ int run(int argc, char** argv) {
     }
     std::vector<int32_t> picked(seqs);
     Clock::time_point t0;
+    double wait0 = 0;
+    Backend::GraphStats g0;
     for (int step = -2; step < decode; ++step) {  // two untimed steps first
       if (step == 0) {
         be->synchronize();
         t0 = Clock::now();
+        wait0 = be->wait_seconds();
+        g0 = be->graph_stats();
       }
       for (int s = 0; s < seqs; ++s) batch[s] = BatchSeq{100 + s, {&next[s], 1}, {&pos[s], 1}, false};
       const Status st = model->forward_sample(batch, local, rows, picked);
@@ -797,16 +809,23 @@ int run(int argc, char** argv) {
       }
     }
     const double ms = since(t0) * 1e3 / std::max(decode, 1);
+    // The host's share: the step's wall time less the time it sat blocked on the device.
+    const double wait_ms = (be->wait_seconds() - wait0) * 1e3 / std::max(decode, 1);
+    const Backend::GraphStats g1 = be->graph_stats();
     std::printf(
-        "{\"bench\":\"decode_batch\",\"impl\":\"starserve\",\"mode\":\"global\",\"context\":%lld,\"seqs\":%d,"
-        "\"layers\":%d,\"batch_decode\":%s,\"gemv\":%s,\"graphs\":%s,\"ms_per_step\":%.2f,\"tokens_per_s\":%.1f}\n",
-        static_cast<long long>(n), seqs, layers, options.batch_decode ? "true" : "false",
-        options.gemv_max_tokens > 0 ? "true" : "false", options.decode_graphs ? "true" : "false", ms, seqs * 1e3 / ms);
+        "{\"bench\":\"decode_batch\",\"impl\":\"starserve\",\"shape\":\"%s\",\"mode\":\"global\",\"context\":%lld,"
+        "\"seqs\":%d,\"layers\":%d,\"batch_decode\":%s,\"gemv\":%s,\"graphs\":%s,\"ms_per_step\":%.3f,"
+        "\"host_ms_per_step\":%.3f,\"device_wait_ms_per_step\":%.3f,\"graph_launches_per_step\":%.1f,"
+        "\"graph_builds_per_step\":%.2f,\"tokens_per_s\":%.1f}\n",
+        shape.c_str(), static_cast<long long>(n), seqs, layers, options.batch_decode ? "true" : "false",
+        options.gemv_max_tokens > 0 ? "true" : "false", options.decode_graphs ? "true" : "false", ms, ms - wait_ms,
+        wait_ms, static_cast<double>(g1.launches - g0.launches) / std::max(decode, 1),
+        static_cast<double>(g1.instantiations - g0.instantiations) / std::max(decode, 1), seqs * 1e3 / ms);
     std::fflush(stdout);
     for (int s = 0; s < seqs; ++s) cache.free_sequence(100 + s);
     return 0;
   };
-  if (seqs > 1) {
+  if (seqs >= 1) {
     if (const int rc = load_model(archs.front())) return rc;
     if (const int rc = warm_up()) return rc;
     if (world != 1) {

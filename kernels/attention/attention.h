@@ -123,7 +123,29 @@ int decode_attention_batch_key(const AttentionGpuParams& p);
 cudaError_t launch_decode_attention_batch(const AttentionGpuParams* seqs, void* const* workspaces, int n_seqs,
                                           cudaStream_t stream);
 
-// Any n_q and head_dim in [1, kSmallHeadMaxDim] (small_head.cu): one warp per (query row, head),
+// The same for any number of sequences (a continuous batch of hundreds), with the batch's
+// description in device memory instead of the kernels' parameters: two launches per layer however
+// many sequences decode. build_decode_attention_table checks the calls as
+// launch_decode_attention_batch does (1 <= n_seqs <= kDecodeTableMax) and writes the table into
+// host_table (decode_attention_table_bytes(n_seqs) bytes of host memory) and the launch's shape;
+// the caller copies the table to device memory in stream order (through pinned memory, so a CUDA
+// graph can hold the copy) and launches it. Results equal launch_decode_attention_batch's.
+constexpr int kDecodeTableMax = 65535;
+struct DecodeTableShape {
+  int n_seqs = 0;
+  int64_t max_splits = 1;  // the largest split count of any sequence
+  int64_t max_rows = 0;    // the largest n_q * n_heads
+  int row_groups = 1;      // the largest row-group count
+  int head_dim = 0, n_kv_heads = 0, rows_per_block = 1;
+  bool paged = false, out_fp32 = false;
+};
+size_t decode_attention_table_bytes(int n_seqs);
+cudaError_t build_decode_attention_table(const AttentionGpuParams* seqs, void* const* workspaces, int n_seqs,
+                                         void* host_table, DecodeTableShape* shape);
+cudaError_t launch_decode_attention_table(const void* device_table, const DecodeTableShape& shape,
+                                          cudaStream_t stream);
+
+// Any n_q and head_dim in [1, kSmallHeadMaxDim] (small_head.cu)// Any n_q and head_dim in [1, kSmallHeadMaxDim] (small_head.cu): one warp per (query row, head),
 // keys one at a time, fp32 throughout, O not rounded before the output. For the head sizes the
 // kernels above do not take (other than 64 and 128); slow at long contexts. Same contract, mask,
 // soft-cap and paging as the others; cudaErrorInvalidValue for head_dim outside the range.

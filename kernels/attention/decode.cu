@@ -747,6 +747,85 @@ __global__ void __launch_bounds__(D) decode_merge_batch_kernel(const __grid_cons
                              static_cast<int>(b.plan[seq].n_splits), b.plan[seq].n_rows, row - b.row_begin[seq]);
 }
 
+// Any number of sequences (launch_decode_attention_table): each sequence's call, plan and workspace
+// in device memory, one entry per sequence.
+struct DecodeTableEntry {
+  AttentionGpuParams p;
+  DecodePlan plan;
+  float* ws;  // O, then LSE, then H
+};
+
+__device__ __forceinline__ void entry_ws(const DecodeTableEntry& e, int d, float** o, float** lse, float** ent) {
+  *o = e.ws;
+  *lse = *o + e.plan.n_splits * e.plan.n_rows * d;
+  *ent = *lse + e.plan.n_splits * e.plan.n_rows;
+}
+
+// Grid as decode_simt_batch_kernel's.
+template <int D, int kRows, bool kPaged>
+__global__ void __launch_bounds__(kThreads) decode_simt_table_kernel(const DecodeTableEntry* t, int row_groups) {
+  const int seq = blockIdx.z / row_groups, row_group = blockIdx.z % row_groups;
+  const DecodeTableEntry& e = t[seq];
+  if (blockIdx.x >= e.plan.n_splits || row_group >= e.plan.row_groups) return;
+  float *o, *lse, *ent;
+  entry_ws(e, D, &o, &lse, &ent);
+  decode_simt_body<D, kRows, kPaged>(e.p, e.plan, o, lse, ent, blockIdx.x, blockIdx.y, row_group);
+}
+
+// Grid as decode_mma_batch_kernel's.
+template <int D, int kRowTiles, bool kPaged>
+__global__ void __launch_bounds__(kThreads, kRowTiles == 1 ? 3 : 2)
+    decode_mma_table_kernel(const DecodeTableEntry* t, int row_groups) {
+  const int seq = blockIdx.x / row_groups, row_group = blockIdx.x % row_groups;
+  const DecodeTableEntry& e = t[seq];
+  if (blockIdx.z >= e.plan.n_splits || row_group >= e.plan.row_groups) return;
+  float *o, *lse, *ent;
+  entry_ws(e, D, &o, &lse, &ent);
+  decode_mma_body<D, kRowTiles, kPaged>(e.p, e.plan, o, lse, ent, blockIdx.z, blockIdx.y, row_group);
+}
+
+// Grid (largest row count, sequences): one block per row of a sequence.
+template <typename OutT, int D>
+__global__ void __launch_bounds__(D) decode_merge_table_kernel(const DecodeTableEntry* t) {
+  const DecodeTableEntry& e = t[blockIdx.y];
+  const int64_t row = blockIdx.x;
+  if (row >= e.plan.n_rows) return;
+  float *o, *lse, *ent;
+  entry_ws(e, D, &o, &lse, &ent);
+  decode_merge_body<OutT, D>(static_cast<OutT*>(e.p.out), e.p.lse, e.p.entropy, o, lse, ent,
+                             static_cast<int>(e.plan.n_splits), e.plan.n_rows, row);
+}
+
+template <int D>
+cudaError_t launch_decode_table_typed(const DecodeTableEntry* t, const DecodeTableShape& s, cudaStream_t stream) {
+  const unsigned seq_groups = static_cast<unsigned>(s.n_seqs * s.row_groups);
+  const unsigned kv_heads = static_cast<unsigned>(s.n_kv_heads);
+  if (s.rows_per_block == 1) {
+    const dim3 grid(static_cast<unsigned>(s.max_splits), kv_heads, seq_groups);
+    if (s.paged)
+      decode_simt_table_kernel<D, 1, true><<<grid, kThreads, 0, stream>>>(t, s.row_groups);
+    else
+      decode_simt_table_kernel<D, 1, false><<<grid, kThreads, 0, stream>>>(t, s.row_groups);
+  } else {
+    const dim3 grid(seq_groups, kv_heads, static_cast<unsigned>(s.max_splits));
+    const bool two_tiles = s.rows_per_block == 16;
+    if (s.paged && two_tiles)
+      decode_mma_table_kernel<D, 2, true><<<grid, kThreads, 0, stream>>>(t, s.row_groups);
+    else if (s.paged)
+      decode_mma_table_kernel<D, 1, true><<<grid, kThreads, 0, stream>>>(t, s.row_groups);
+    else if (two_tiles)
+      decode_mma_table_kernel<D, 2, false><<<grid, kThreads, 0, stream>>>(t, s.row_groups);
+    else
+      decode_mma_table_kernel<D, 1, false><<<grid, kThreads, 0, stream>>>(t, s.row_groups);
+  }
+  const dim3 merge_grid(static_cast<unsigned>(s.max_rows), static_cast<unsigned>(s.n_seqs));
+  if (s.out_fp32)
+    decode_merge_table_kernel<float, D><<<merge_grid, D, 0, stream>>>(t);
+  else
+    decode_merge_table_kernel<__nv_bfloat16, D><<<merge_grid, D, 0, stream>>>(t);
+  return cudaGetLastError();
+}
+
 template <int D>
 cudaError_t launch_decode_batch_typed(const DecodeBatch& b, cudaStream_t stream) {
   int64_t max_splits = 1;
@@ -924,6 +1003,50 @@ cudaError_t launch_decode_attention_batch(const AttentionGpuParams* seqs, void* 
   }
   if (seqs[0].head_dim == 64) return launch_decode_batch_typed<64>(b, stream);
   return launch_decode_batch_typed<128>(b, stream);
+}
+
+size_t decode_attention_table_bytes(int n_seqs) {
+  return n_seqs <= 0 ? 0 : sizeof(DecodeTableEntry) * static_cast<size_t>(n_seqs);
+}
+
+cudaError_t build_decode_attention_table(const AttentionGpuParams* seqs, void* const* workspaces, int n_seqs,
+                                         void* host_table, DecodeTableShape* shape) {
+  if (n_seqs < 1 || n_seqs > kDecodeTableMax || !seqs || !workspaces || !host_table || !shape)
+    return cudaErrorInvalidValue;
+  auto* t = static_cast<DecodeTableEntry*>(host_table);
+  const int key = decode_attention_batch_key(seqs[0]);
+  DecodeTableShape s;
+  s.n_seqs = n_seqs;
+  for (int i = 0; i < n_seqs; ++i) {
+    if (key < 0 || decode_attention_batch_key(seqs[i]) != key || seqs[i].n_kv_heads >= 1023 || !seqs[i].out ||
+        !seqs[i].lse || !seqs[i].q || !detail::kv_source_ok(seqs[i]) || !workspaces[i] || seqs[i].key_limit)
+      return cudaErrorInvalidValue;
+    DecodeTableEntry& e = t[i];
+    e.p = drop_keys_behind_window(seqs[i]);
+    e.plan = make_plan(e.p);
+    e.ws = static_cast<float*>(workspaces[i]);
+    s.max_splits = std::max(s.max_splits, e.plan.n_splits);
+    s.max_rows = std::max(s.max_rows, e.plan.n_rows);
+    s.row_groups = std::max(s.row_groups, e.plan.row_groups);
+  }
+  if (static_cast<int64_t>(n_seqs) * s.row_groups > 65535) return cudaErrorInvalidValue;  // a grid's z extent
+  s.head_dim = seqs[0].head_dim;
+  s.n_kv_heads = seqs[0].n_kv_heads;
+  s.rows_per_block = t[0].plan.rows_per_block;
+  s.paged = seqs[0].k_pages != nullptr;
+  s.out_fp32 = seqs[0].out_fp32;
+  *shape = s;
+  return cudaSuccess;
+}
+
+cudaError_t launch_decode_attention_table(const void* device_table, const DecodeTableShape& shape,
+                                          cudaStream_t stream) {
+  if (!device_table || shape.n_seqs < 1 || shape.n_seqs > kDecodeTableMax ||
+      (shape.head_dim != 64 && shape.head_dim != 128))
+    return cudaErrorInvalidValue;
+  const auto* t = static_cast<const DecodeTableEntry*>(device_table);
+  if (shape.head_dim == 64) return launch_decode_table_typed<64>(t, shape, stream);
+  return launch_decode_table_typed<128>(t, shape, stream);
 }
 
 cudaError_t launch_decode_attention(const AttentionGpuParams& call, void* workspace, size_t workspace_bytes,

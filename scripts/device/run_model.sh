@@ -21,6 +21,9 @@
 #             CHUNKED_BACKENDS (default "cpu cuda") picks the runs.
 #             The Python stubs come from third_party/wheels/stubs (bench/make_stubs.py; carry that
 #             folder) where grpcio-tools is not installed.
+#   batch   — bench/gpu/model_bench --shape smollm2 --seqs S for S in BATCH_SEQS (default 1 8 64 256), BATCH_CONTEXT
+#             (default 256) tokens each: ms per decode step, the host's share and the time blocked on the device
+#             (JSON: $OUT/decode_batch.jsonl).
 #   reuse   — bench/context_reuse_bench.py (configures with gRPC): context reuse on the CUDA backend, 1 rank: the
 #             first question about a document of REUSE_LENGTHS tokens (default 8192 32768 131072), global and star,
 #             next to later ones answered from the cached context (JSON: $OUT/context_reuse.jsonl).
@@ -48,7 +51,7 @@
 #   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [serve] [chunked] [reuse] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [batch] [serve] [chunked] [reuse] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -93,7 +96,7 @@ for t in star_gpu_mpi_tests nccl_comm_tests; do
   grep -q "^build bin/$t:" "$BUILD/build.ninja" && TARGETS+=("$t")
 done
 # The server steps alone need only the server and its client.
-case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" eval "* | *" gemma "* | *" kvshift "* | *" attamba "* | *" kvbench "* | *" lnfree "*) ;;
+case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" batch "* | *" eval "* | *" gemma "* | *" kvshift "* | *" attamba "* | *" kvbench "* | *" lnfree "*) ;;
   *) TARGETS=(starserve starctl) ;;
 esac
 cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" \
@@ -246,6 +249,13 @@ PY
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print(r["concurrency"], r["tokens_per_s"], r.get("itl_ms_p50"), r.get("ttft_ms_p99"), r.get("engine_ms_per_decode_step"), r.get("sequences_per_decode_step"))' "$OUT/load_cuda.jsonl"
+    ;;
+  batch)
+    echo "== decode steps of S sequences together: SmolLM2-135M's shape (random weights), 1 rank, CUDA graphs"
+    for s in ${BATCH_SEQS:-1 8 64 256}; do
+      timeout 120 "$BIN/model_bench" --shape smollm2 --seqs "$s" --lengths "${BATCH_CONTEXT:-256}" --decode 32 \
+        2>>"$OUT/decode_batch.err" | grep '"decode_batch"' | tee -a "$OUT/decode_batch.jsonl"
+    done
     ;;
   reuse)
     [ -f "$MODEL" ] || { echo "reuse: no model"; continue; }

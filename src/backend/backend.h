@@ -179,6 +179,21 @@ class Backend {
   virtual void upload_f32(Tensor dst, const float* src) = 0;
   virtual void download_f32(float* dst, Tensor src) = 0;
   virtual void copy(Tensor dst, Tensor src) = 0;  // same dtype and size
+  // Row i of src (its first dimension; dst_rows.size() of them) copied to device memory at
+  // dst_rows[i], same dtype and bytes; a null entry skips its row. Destinations do not overlap src
+  // or each other. A decode step's new KV rows into many sequences' pages, in one op (the CUDA
+  // backend: one launch) instead of one copy per row.
+  virtual void scatter_rows(std::span<void* const> dst_rows, Tensor src) {
+    SS_CHECK(src.ndim >= 1 && static_cast<int64_t>(dst_rows.size()) == src.shape[0], "scatter of {} rows to {} places",
+             src.ndim >= 1 ? src.shape[0] : 0, dst_rows.size());
+    for (size_t i = 0; i < dst_rows.size(); ++i) {
+      if (dst_rows[i] == nullptr) continue;
+      Tensor row = src.slice_rows(static_cast<int64_t>(i), 1);
+      Tensor to = row;
+      to.data = dst_rows[i];
+      copy(to, row);
+    }
+  }
   // Same element count, any dtypes (fp32 <-> compute dtype), device to device.
   virtual void convert(Tensor dst, Tensor src) = 0;
   // Raw bytes between host memory and this device (host-to-host on the CPU backend).
@@ -330,6 +345,10 @@ class Backend {
   virtual void begin_graph_step() {}
   virtual void end_graph_step() {}
   virtual GraphStats graph_stats() const { return {}; }
+  // Seconds the host has spent blocked waiting for the device (downloads, synchronize); 0 where
+  // work runs on the calling thread. With a step's wall time it splits the step into the host's
+  // own work (enqueueing) and the device running ahead of it.
+  virtual double wait_seconds() const { return 0; }
 
   // --- token sampling on the device (the CUDA backend); others keep the logits on the host path ---
   virtual bool can_sample_rows() const { return false; }

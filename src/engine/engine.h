@@ -113,7 +113,10 @@ struct EngineInfo {
   // context cache's steps, building the decode), prefill (phase-1 steps), forward (the decode step's broadcast and
   // forward, until its tokens or logits are back) and tokens (sampling on the host, stop checks, detokenizing,
   // the events); with the decode steps run and the sequences they decoded. Where a step's time goes under load.
+  // forward_wait: the part of forward the host spent blocked on its device (Backend::wait_seconds), so forward
+  // minus forward_wait is the host's own work (broadcast, building and enqueueing the step).
   double engine_schedule_s = 0, engine_prefill_s = 0, engine_forward_s = 0, engine_tokens_s = 0;
+  double engine_forward_wait_s = 0;
   int64_t decode_steps = 0, decoded_sequences = 0;
   int queue_depth = 0, running = 0;
   // Context reuse (engine/context_cache.h): cached contexts, the KV pages they hold (busiest rank), and

@@ -299,6 +299,7 @@ EngineInfo ServingEngine::info() const {
     i.engine_prefill_s = 1e-9 * static_cast<double>(prefill_ns_.load());
     i.engine_forward_s = 1e-9 * static_cast<double>(forward_ns_.load());
     i.engine_tokens_s = 1e-9 * static_cast<double>(tokens_ns_.load());
+    i.engine_forward_wait_s = forward_wait_s_.load();
     i.decode_steps = decode_steps_.load();
     i.decoded_sequences = decoded_sequences_.load();
     i.context_cache_entries = context_cache_.size();
@@ -659,9 +660,11 @@ Status ServingEngine::step() {
   }
   std::vector<float> logits;
   lap(schedule_ns_);
+  const double waited = ctx_.model->backend().wait_seconds();
   Status st = executor_->execute(msg.words(), on_device ? nullptr : &logits, rows, tokens);
   end_step();
   lap(forward_ns_);
+  forward_wait_s_ = forward_wait_s_.load() + (ctx_.model->backend().wait_seconds() - waited);
   ++decode_steps_;
   decoded_sequences_ += static_cast<int64_t>(decoding.size());
   if (!st.ok()) {

@@ -115,6 +115,7 @@ class ServingEngine final : public Engine {
   std::atomic<int64_t> steps_started_{0}, steps_completed_{0};
   // EngineInfo's engine_*_s (nanoseconds) and decode counts, written by the engine thread.
   std::atomic<int64_t> schedule_ns_{0}, prefill_ns_{0}, forward_ns_{0}, tokens_ns_{0};
+  std::atomic<double> forward_wait_s_{0};
   std::atomic<int64_t> decode_steps_{0}, decoded_sequences_{0};
   std::atomic<int64_t> step_since_ns_{0};             // steady clock, when the current step was broadcast
   mutable std::mutex mu_;

@@ -140,6 +140,44 @@ void KvCache::write(int layer, SeqId seq, int64_t start, Tensor k, Tensor v) {
   }
 }
 
+void KvCache::write_batch(int layer, std::span<const RowsWrite> writes, Tensor k, Tensor v) {
+  const int64_t n_src = k.ndim >= 1 ? k.shape[0] : 0;
+  SS_CHECK(k.dtype == dtype_ && v.dtype == dtype_ && k.numel() == n_src * token_elems() && v.numel() == k.numel(),
+           "KV write of {} rows with the wrong dtype or shape", n_src);
+  if (writes.empty()) return;
+  // Long runs (a prefill) are a few page-sized copies each; a row table would only add to them.
+  constexpr int64_t kScatterMaxRows = 4096;
+  if (n_src > kScatterMaxRows) {
+    for (const RowsWrite& w : writes)
+      write(layer, w.seq, w.start, k.slice_rows(w.src_row, w.n), v.slice_rows(w.src_row, w.n));
+    return;
+  }
+  const int64_t row_bytes = token_elems() * static_cast<int64_t>(dtype_size(dtype_));
+  k_dst_.assign(static_cast<size_t>(n_src), nullptr);
+  v_dst_.assign(static_cast<size_t>(n_src), nullptr);
+  for (const RowsWrite& w : writes) {
+    const SeqState& st = seqs_.at(w.seq);
+    SS_CHECK(w.n >= 0 && w.src_row >= 0 && w.src_row + w.n <= n_src, "KV write of source rows [{}, {}) of {}",
+             w.src_row, w.src_row + w.n, n_src);
+    SS_CHECK(w.start >= 0 && w.start + w.n <= static_cast<int64_t>(st.pages.size()) * shape_.page_size,
+             "write [{}, {}) beyond capacity", w.start, w.start + w.n);
+    for (int64_t i = 0; i < w.n; ++i) {
+      const int64_t pos = w.start + i;
+      const int64_t page = st.pages[pos / shape_.page_size];
+      SS_CHECK(page_refs_[static_cast<size_t>(page)] == 1,
+               "KV write of row {} into page {}, which {} sequences share", pos, page,
+               page_refs_[static_cast<size_t>(page)]);
+      const int64_t at = (pos % shape_.page_size) * row_bytes;
+      const size_t r = static_cast<size_t>(w.src_row + i);
+      SS_CHECK(k_dst_[r] == nullptr, "KV write: source row {} named twice", r);
+      k_dst_[r] = page_ptr(k_pool_[layer], page) + at;
+      v_dst_[r] = page_ptr(v_pool_[layer], page) + at;
+    }
+  }
+  backend_.scatter_rows(k_dst_, k);
+  backend_.scatter_rows(v_dst_, v);
+}
+
 std::vector<KvView> KvCache::segments(int layer, SeqId seq, int64_t begin, int64_t end) const {
   std::vector<KvView> out;
   auto it = seqs_.find(seq);

@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <unordered_map>
 #include <vector>
 
@@ -60,6 +61,15 @@ class KvCache {
   // length(): tokens (not rows) of the sequence. Writes rows [start, start + n) of one layer; k, v: (n, n_kv_heads, head_dim) on the backend,
   // in its compute dtype, n = k.shape[0].
   void write(int layer, SeqId seq, int64_t start, Tensor k, Tensor v);
+  // Several sequences' rows of one layer at once: each entry writes rows [start, start + n) of its
+  // sequence from rows [src_row, src_row + n) of k and v (rows of k and v no entry names are not
+  // stored). The same checks as write(); a decode step's rows go in two backend ops (scatter_rows)
+  // instead of two copies per sequence.
+  struct RowsWrite {
+    SeqId seq = 0;
+    int64_t start = 0, n = 0, src_row = 0;
+  };
+  void write_batch(int layer, std::span<const RowsWrite> writes, Tensor k, Tensor v);
   // Keys [begin, end) of one layer, one view per page touched.
   std::vector<KvView> segments(int layer, SeqId seq, int64_t begin, int64_t end) const;
   // KV-shifting attention's decode state (arch kvshift): per layer the raw (pre-mix, pre-RoPE) k
@@ -100,6 +110,7 @@ class KvCache {
   std::vector<int64_t> free_pages_;
   std::vector<int32_t> page_refs_;  // per page: sequences holding it (0 = free)
   std::unordered_map<SeqId, SeqState> seqs_;
+  std::vector<void*> k_dst_, v_dst_;  // write_batch's row destinations
   std::unordered_map<SeqId, DeviceBuffer> shift_;  // shift_rows: (n_layers, 2, n_kv_heads, head_dim) per sequence
   struct Compressed {
     DeviceBuffer carry;                          // (n_layers, floats) fp32

@@ -365,18 +365,29 @@ void OutputHead::logits(Backend& backend, Tensor x, std::span<const BatchSeq> ba
   const int64_t hidden = x.shape[1];
   DeviceBuffer sel_buf = backend.alloc(n_out * hidden * dtype_size(dt));
   Tensor sel = sel_buf.view(dt, {n_out, hidden});
-  int64_t row = 0, start = 0;
+  // Rows that follow each other in x are copied together: a decode step's rows are one copy.
+  int64_t row = 0, start = 0, run_src = 0, run_rows = 0;
+  const auto take = [&](int64_t src, int64_t n) {
+    if (run_rows > 0 && run_src + run_rows == src) {
+      run_rows += n;
+      return;
+    }
+    if (run_rows > 0) backend.copy(sel.slice_rows(row - run_rows, run_rows), x.slice_rows(run_src, run_rows));
+    run_src = src;
+    run_rows = n;
+  };
   for (const BatchSeq& s : batch) {
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     if (s.all_logits) {
-      backend.copy(sel.slice_rows(row, n), x.slice_rows(start, n));
+      take(start, n);
       row += n;
     } else {
-      backend.copy(sel.slice_rows(row, 1), x.slice_rows(start + n - 1, 1));
+      take(start + n - 1, 1);
       row += 1;
     }
     start += n;
   }
+  if (run_rows > 0) backend.copy(sel.slice_rows(row - run_rows, run_rows), x.slice_rows(run_src, run_rows));
   apply_norm(backend, sel, sel);
   *lg_buf = backend.alloc(n_out * n_vocab * dtype_size(dt));
   *lg = lg_buf->view(dt, {n_out, n_vocab});

@@ -158,6 +158,22 @@ ModelHParams llama3_8b_hparams(int n_layers) {
   return hp;
 }
 
+ModelHParams smollm2_135m_hparams(int n_layers) {
+  ModelHParams hp = llama3_8b_hparams(n_layers);
+  hp.name = "random-smollm2-135m-shape";
+  hp.hidden = 576;
+  hp.n_heads = 9;
+  hp.n_kv_heads = 3;
+  hp.head_dim = 64;
+  hp.ffn_hidden = 1536;
+  hp.n_vocab = 49152;
+  hp.max_context = 8192 * 4;
+  hp.rope_theta = 100000.0f;
+  hp.rope_dim = 64;
+  hp.tied_embeddings = true;
+  return hp;
+}
+
 ModelHParams kvshift_hparams(ModelHParams hp) {
   SS_CHECK(hp.arch == "llama", "kvshift_hparams: {} is not a Llama shape", hp.arch);
   hp.arch = "kvshift";

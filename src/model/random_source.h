@@ -33,6 +33,8 @@ ModelHParams small_llama_hd64_hparams();
 // Llama-3-8B's shape (hidden 4096, 32 heads / 8 KV heads of 128, FFN 14336, vocab 128256,
 // RoPE theta 500000) with n_layers layers (32 in the real model). Context limit set to 512K.
 ModelHParams llama3_8b_hparams(int n_layers = 32);
+// SmolLM2-135M's shape (30 layers, hidden 576, 9 heads over 3 KV heads of 64, tied embeddings).
+ModelHParams smollm2_135m_hparams(int n_layers = 30);
 
 // The KV-shifting variant of a Llama shape (arch kvshift, model/arch_kvshift.cpp): the same blocks,
 // and RandomWeightSource adds each layer's blk.N.attn_k_shift / attn_v_shift, (n_kv_heads, 2) fp32.

@@ -292,15 +292,17 @@ void ServerMetrics::register_engine(const Engine& engine) {
     const EngineInfo info = e->info();
     return static_cast<double>(info.kv_pages_total - info.kv_pages_free - info.context_cache_pages);
   });
-  for (const char* part : {"schedule", "prefill", "forward", "tokens"}) {
+  for (const char* part : {"schedule", "prefill", "forward", "forward_wait", "tokens"}) {
     r.sampled_counter("starserve_engine_seconds_total",
-                      "Rank 0's engine thread, time in each part of its steps (schedule, prefill, forward, tokens).",
+                      "Rank 0's engine thread, time in each part of its steps (schedule, prefill, forward, tokens; "
+                      "forward_wait: the part of forward spent blocked on the device).",
                       {{"part", part}}, [e, p = std::string(part)] {
                         const EngineInfo i = e->info();
-                        return p == "schedule"  ? i.engine_schedule_s
-                               : p == "prefill" ? i.engine_prefill_s
-                               : p == "forward" ? i.engine_forward_s
-                                                : i.engine_tokens_s;
+                        return p == "schedule"       ? i.engine_schedule_s
+                               : p == "prefill"      ? i.engine_prefill_s
+                               : p == "forward"      ? i.engine_forward_s
+                               : p == "forward_wait" ? i.engine_forward_wait_s
+                                                     : i.engine_tokens_s;
                       });
   }
   r.sampled_counter("starserve_decode_steps_total", "Decode steps run (each a forward over every decoding sequence).",

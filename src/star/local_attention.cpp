@@ -32,12 +32,13 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
   // (the CUDA backend runs a decode step's sequences in one launch).
   segs_.resize(batch.size());
   calls_.resize(batch.size());
+  writes_.clear();
   int64_t start = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const BatchSeq& s = batch[i];
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     const int64_t past = cache_.length(s.seq_id);
-    cache_.write(layer, s.seq_id, past, k.slice_rows(start, n), v.slice_rows(start, n));
+    writes_.push_back({s.seq_id, past, n, start});
     segs_[i] = cache_.segments(layer, s.seq_id, 0, past + n);
     AttentionCall& c = calls_[i];
     c = AttentionCall{};
@@ -59,6 +60,7 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
     }
     start += n;
   }
+  cache_.write_batch(layer, writes_, k, v);
   backend_.partial_attentions(calls_);
   for (size_t i = 0; i < batch.size(); ++i) {
     const BatchSeq& s = batch[i];

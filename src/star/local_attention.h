@@ -44,6 +44,7 @@ class LocalAttention final : public AttentionHandler {
   Scratch lse_, ent_;
   std::vector<std::vector<KvView>> segs_;  // one forward layer's keys per sequence (calls_ point into them)
   std::vector<AttentionCall> calls_;
+  std::vector<KvCache::RowsWrite> writes_;  // one forward layer's new rows, written at once
 };
 
 }  // namespace starserve

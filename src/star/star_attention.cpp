@@ -639,6 +639,7 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
   // backend runs a decode step's sequences in one launch).
   segs_.resize(batch.size());
   calls_.clear();
+  writes_.clear();
   int64_t start = 0;
   for (size_t i = 0; i < batch.size(); ++i) {
     const BatchSeq& s = batch[i];
@@ -647,7 +648,7 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
     AttentionMask mask{false, 0};
     if (info.query_host) {
       const int64_t past = cache_.length(s.seq_id);
-      cache_.write(layer, s.seq_id, past, k.slice_rows(start, n), v.slice_rows(start, n));
+      writes_.push_back({s.seq_id, past, n, start});
       segs_[i] = cache_.segments(layer, s.seq_id, 0, past + n);
       // Keys [local context ; earlier query/generated ; new]: new token i sees all context, every
       // earlier query/generated token, and new tokens 0..i. The query host holds the last context
@@ -667,6 +668,8 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
                                q.slice_rows(start, n), segs_[i], mask));
     start += n;
   }
+  // Every query host's new rows in one write, before the attention that reads them.
+  cache_.write_batch(layer, writes_, k, v);
   backend_.partial_attentions(calls_);
   // One collective for the whole batch: rows are (token, head) pairs.
   const auto t0 = std::chrono::steady_clock::now();

@@ -239,6 +239,7 @@ class Phase2Attention final : public AttentionHandler {
   DeviceBuffer zero_rows_;  // shift_neighbours of a context-only rank
   std::vector<std::vector<KvView>> segs_;  // one forward layer's keys per sequence (calls_ point into them)
   std::vector<AttentionCall> calls_;
+  std::vector<KvCache::RowsWrite> writes_;  // one forward layer's new rows, written at once
   EntropyCollector collector_;
   double merge_seconds_ = 0;
   int64_t merges_ = 0;

@@ -484,6 +484,70 @@ TEST(GpuAttention, DecodeBatchMatchesOneLaunchPerSequence) {
       for (size_t j = 0; j < got.size(); ++j) differing_bits += std::memcmp(&got[j], &single[i][j], 4) != 0;
     }
     std::printf("  batched vs one launch each: %d values not bit-identical\n", differing_bits);
+    // The same calls through a table in device memory (launch_decode_attention_table).
+    for (DecodeSeq& s : seqs) {
+      const int64_t rows = s.p.n_q * s.p.n_heads;
+      SS_CHECK_CALL(cudaMemset(s.p.lse, 0xff, rows * sizeof(float)));
+      SS_CHECK_CALL(cudaMemset(s.p.entropy, 0xff, rows * sizeof(float)));
+      SS_CHECK_CALL(cudaMemset(s.p.out, 0xff, rows * s.p.head_dim * (s.p.out_fp32 ? 4 : 2)));
+    }
+    std::vector<unsigned char> host(decode_attention_table_bytes(static_cast<int>(params.size())));
+    DecodeTableShape shape;
+    ASSERT_EQ(build_decode_attention_table(params.data(), ws_ptrs.data(), static_cast<int>(params.size()),
+                                           host.data(), &shape),
+              cudaSuccess);
+    DeviceBuffer<unsigned char> table(host);
+    ASSERT_EQ(launch_decode_attention_table(table.ptr, shape, nullptr), cudaSuccess);
+    SS_CHECK_CALL(cudaDeviceSynchronize());
+    for (size_t i = 0; i < seqs.size(); ++i)
+      expect_close(decode_outputs(seqs[i]), single[i], 1e-6f, "table, sequence " + std::to_string(i));
+  }
+  // More sequences than one by-value batch holds, in one table: each equals its own launch.
+  {
+    std::vector<DecodeSeq> many;
+    std::vector<AttentionGpuParams> params;
+    std::vector<std::unique_ptr<DeviceBuffer<unsigned char>>> ws;
+    std::vector<void*> ws_ptrs;
+    std::vector<std::vector<float>> single;
+    for (int i = 0; i < 3 * kDecodeBatchMax + 5; ++i) {
+      const int64_t n_kv = 40 + 97 * i;
+      many.push_back(make_decode_seq(1, n_kv, 9, 3, 64, i % 2 ? 6 : 0, true, n_kv - 1, rng));
+    }
+    for (DecodeSeq& s : many) {
+      const size_t bytes = decode_attention_workspace_bytes(s.p);
+      ws.push_back(std::make_unique<DeviceBuffer<unsigned char>>(bytes));
+      ASSERT_EQ(launch_decode_attention(s.p, ws.back()->ptr, bytes, nullptr), cudaSuccess);
+      SS_CHECK_CALL(cudaDeviceSynchronize());
+      single.push_back(decode_outputs(s));
+      SS_CHECK_CALL(cudaMemset(s.p.out, 0xff, s.p.n_q * s.p.n_heads * s.p.head_dim * 4));
+      params.push_back(s.p);
+      ws_ptrs.push_back(ws.back()->ptr);
+    }
+    // Paged and contiguous keys do not share a kernel: one table each, as the CUDA backend groups them.
+    for (int paged = 0; paged < 2; ++paged) {
+      std::vector<AttentionGpuParams> part;
+      std::vector<void*> part_ws;
+      for (size_t i = 0; i < params.size(); ++i)
+        if (static_cast<int>(i % 2) == paged) {
+          part.push_back(params[i]);
+          part_ws.push_back(ws_ptrs[i]);
+        }
+      std::vector<unsigned char> host(decode_attention_table_bytes(static_cast<int>(part.size())));
+      DecodeTableShape shape;
+      ASSERT_EQ(build_decode_attention_table(part.data(), part_ws.data(), static_cast<int>(part.size()), host.data(),
+                                             &shape),
+                cudaSuccess);
+      DeviceBuffer<unsigned char> table(host);
+      ASSERT_EQ(launch_decode_attention_table(table.ptr, shape, nullptr), cudaSuccess);
+    }
+    SS_CHECK_CALL(cudaDeviceSynchronize());
+    for (size_t i = 0; i < many.size(); ++i)
+      expect_close(decode_outputs(many[i]), single[i], 1e-6f, "table of many, sequence " + std::to_string(i));
+    // Calls of different kernels cannot share a table.
+    std::vector<unsigned char> host(decode_attention_table_bytes(2));
+    DecodeTableShape shape;
+    EXPECT_EQ(build_decode_attention_table(params.data(), ws_ptrs.data(), 2, host.data(), &shape),
+              cudaErrorInvalidValue);
   }
   // A call whose kernel differs from the first one's cannot join its batch.
   DecodeSeq a = make_decode_seq(1, 100, 8, 8, 64, 0, true, 99, rng);

@@ -11,6 +11,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <cuda_bf16.h>
@@ -142,6 +143,39 @@ TEST(GpuOps, Bf16ToF32IsExact) {
       }
     }
   }
+}
+
+// Scattered rows against a memcpy per row: whole 16-byte rows (the vector path) and rows of odd
+// sizes and offsets (the byte path), rows skipped by a null destination left untouched, more rows
+// than the grid has blocks.
+TEST(GpuOps, ScatterRowsMatchesRowCopies) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(7);
+  for (const auto& [n_rows, row_bytes, shift] : {std::tuple<int64_t, int64_t, int64_t>{5, 384, 0},
+                                              {3000, 64, 0}, {7, 100, 3}, {1, 2048, 0}}) {
+    std::vector<uint8_t> src(static_cast<size_t>(n_rows * row_bytes));
+    for (uint8_t& b : src) b = static_cast<uint8_t>(rng());
+    const int64_t dst_bytes = 2 * n_rows * row_bytes + shift;
+    std::vector<uint8_t> before(static_cast<size_t>(dst_bytes));
+    for (uint8_t& b : before) b = static_cast<uint8_t>(rng());
+    DeviceBuffer<uint8_t> dsrc(src), ddst(before);
+    // Row r goes to slot (r * 7919) % (2 n_rows), every third row nowhere.
+    std::vector<void*> table(static_cast<size_t>(n_rows));
+    std::vector<uint8_t> want = before;
+    for (int64_t r = 0; r < n_rows; ++r) {
+      if (r % 3 == 2) continue;
+      const int64_t at = shift + ((r * 7919) % (2 * n_rows)) * row_bytes;
+      table[r] = ddst.ptr + at;
+      std::memcpy(want.data() + at, src.data() + r * row_bytes, static_cast<size_t>(row_bytes));
+    }
+    // Distinct slots: 7919 is prime and larger than any 2 n_rows here.
+    DeviceBuffer<void*> dtable(table);
+    ASSERT_EQ(launch_scatter_rows(dtable.ptr, dsrc.ptr, n_rows, row_bytes, nullptr), cudaSuccess);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(ddst.get(), want) << n_rows << " rows of " << row_bytes << " bytes, shift " << shift;
+  }
+  EXPECT_EQ(launch_scatter_rows(nullptr, nullptr, -1, 16, nullptr), cudaErrorInvalidValue);
+  EXPECT_EQ(launch_scatter_rows(nullptr, nullptr, 0, 16, nullptr), cudaSuccess);
 }
 
 TEST(GpuOps, EmbeddingMatchesReference) {

@@ -60,6 +60,7 @@ class ForwardingBackend : public Backend {
   void begin_graph_step() override { inner_->begin_graph_step(); }
   void end_graph_step() override { inner_->end_graph_step(); }
   GraphStats graph_stats() const override { return inner_->graph_stats(); }
+  double wait_seconds() const override { return inner_->wait_seconds(); }
   bool can_sample_rows() const override { return inner_->can_sample_rows(); }
   void sample_rows(std::span<int32_t> tokens, Tensor logits, std::span<const SampleRow> rows) override {
     inner_->sample_rows(tokens, logits, rows);

@@ -103,6 +103,45 @@ TEST(KvCacheFork, WholePagesOnlyNeedNoNewPageAndAFullPoolRefusesATail) {
   EXPECT_EQ(cache.fork(9, 5).code(), StatusCode::kNotFound);
 }
 
+// A decode step's batched write equals a write per sequence: rows across a page boundary, a source row no
+// entry names (not stored), and a shared page refused as write() refuses it.
+TEST(KvCacheWriteBatch, EqualsOneWritePerSequence) {
+  auto be = make_cpu_backend(1);
+  constexpr int kWidth = 3;
+  KvCache batched(*be, {1, 1, kWidth, 4, 8}), single(*be, {1, 1, kWidth, 4, 8});
+  for (KvCache* c : {&batched, &single}) {
+    ASSERT_TRUE(c->reserve(1, 6).ok());
+    ASSERT_TRUE(c->reserve(2, 3).ok());
+  }
+  // Source rows: 0-1 for sequence 1 (its rows 3, 4: across its first page), 2 unnamed, 3 for sequence 2's row 2.
+  std::vector<float> k(4 * kWidth), v(k.size());
+  for (size_t i = 0; i < k.size(); ++i) {
+    k[i] = 1.5f + static_cast<float>(i);
+    v[i] = -k[i];
+  }
+  DeviceBuffer kb = be->alloc(k.size() * 4), vb = be->alloc(v.size() * 4);
+  const Tensor kt = kb.view(DType::kF32, {4, 1, kWidth}), vt = vb.view(DType::kF32, {4, 1, kWidth});
+  be->upload_f32(kt, k.data());
+  be->upload_f32(vt, v.data());
+  const std::vector<KvCache::RowsWrite> writes = {{1, 3, 2, 0}, {2, 2, 1, 3}};
+  batched.write_batch(0, writes, kt, vt);
+  single.write(0, 1, 3, kt.slice_rows(0, 2), vt.slice_rows(0, 2));
+  single.write(0, 2, 2, kt.slice_rows(3, 1), vt.slice_rows(3, 1));
+  for (SeqId seq : {1, 2}) {
+    const int64_t n = seq == 1 ? 5 : 3;
+    const std::vector<float> a = keys(*be, batched, 0, seq, n), b = keys(*be, single, 0, seq, n);
+    EXPECT_EQ(std::vector<float>(a.begin() + (n - (seq == 1 ? 2 : 1)) * kWidth, a.end()),
+              std::vector<float>(b.begin() + (n - (seq == 1 ? 2 : 1)) * kWidth, b.end()))
+        << "sequence " << seq;
+  }
+  EXPECT_EQ(keys(*be, batched, 0, 2, 3)[2 * kWidth], k[3 * kWidth]);
+  // Sequence 1's first page is shared once it is forked: writing into it is a bug, caught.
+  batched.set_length(1, 5);
+  ASSERT_TRUE(batched.fork(1, 3).ok());
+  const std::vector<KvCache::RowsWrite> into_shared = {{1, 0, 1, 0}};
+  EXPECT_DEATH(batched.write_batch(0, into_shared, kt, vt), "sequences share");
+}
+
 TEST(KvDemandCached, AForkOwnsOnlyItsTailAndItsQuery) {
   // Global, 1000 context tokens on rank 0 in pages of 256: the entry holds 4 pages (3 whole + 232 rows);
   // a fork with 100 query/generated tokens owns the copied tail page (232 + 100 rows fit in 2 pages).

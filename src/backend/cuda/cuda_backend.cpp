@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -88,7 +89,7 @@ class PinnedRing {
 class CudaBackend final : public Backend {
  public:
   CudaBackend(int device, const CudaBackendOptions& options)
-      : device_(device), options_(options), ring_(size_t{8} << 20) {}
+      : device_(device), options_(options), ring_(size_t{32} << 20) {}
 
   Status init() {
     SS_CHECK_CALL(cudaSetDevice(device_));
@@ -129,6 +130,8 @@ class CudaBackend final : public Backend {
     ssm_rows_ = DeviceBuffer();
     tables_ = DeviceBuffer();
     batch_tables_ = DeviceBuffer();
+    scatter_table_ = DeviceBuffer();
+    decode_table_ = DeviceBuffer();
     gather_k_ = DeviceBuffer();
     gather_v_ = DeviceBuffer();
     attn_ws_ = DeviceBuffer();
@@ -170,7 +173,7 @@ class CudaBackend final : public Backend {
     const int64_t n = dst.numel();
     if (dst.dtype == DType::kF32) {
       SS_CHECK_CALL(cudaMemcpyAsync(dst.data, src, n * sizeof(float), cudaMemcpyHostToDevice, stream_));
-      SS_CHECK_CALL(cudaStreamSynchronize(stream_));
+      wait_for_stream();
       return;
     }
     // fp32 host -> fp32 staging on the device -> bf16, in chunks.
@@ -181,7 +184,7 @@ class CudaBackend final : public Backend {
       SS_CHECK_CALL(cudaMemcpyAsync(stage, src + off, m * sizeof(float), cudaMemcpyHostToDevice, stream_));
       SS_CHECK_CALL(launch_f32_to_bf16(bf16(dst) + off, stage, m, stream_));
     }
-    SS_CHECK_CALL(cudaStreamSynchronize(stream_));
+    wait_for_stream();
   }
   void download_f32(float* dst, Tensor src) override {
     flush_graph();
@@ -193,13 +196,23 @@ class CudaBackend final : public Backend {
       SS_CHECK_CALL(launch_bf16_to_f32(stage, bf16(src), n, stream_));
       SS_CHECK_CALL(cudaMemcpyAsync(dst, stage, n * sizeof(float), cudaMemcpyDeviceToHost, stream_));
     }
-    SS_CHECK_CALL(cudaStreamSynchronize(stream_));
+    wait_for_stream();
   }
   void copy(Tensor dst, Tensor src) override {
     OpScope op(this);
     SS_CHECK(dst.bytes() == src.bytes() && dst.dtype == src.dtype, "copy {} -> {} bytes", src.bytes(), dst.bytes());
     if (dst.data == src.data || src.bytes() == 0) return;
     SS_CHECK_CALL(cudaMemcpyAsync(dst.data, src.data, src.bytes(), cudaMemcpyDeviceToDevice, stream_));
+  }
+  void scatter_rows(std::span<void* const> dst_rows, Tensor src) override {
+    OpScope op(this);
+    SS_CHECK(src.ndim >= 1 && static_cast<int64_t>(dst_rows.size()) == src.shape[0], "scatter of {} rows to {} places",
+             src.ndim >= 1 ? src.shape[0] : 0, dst_rows.size());
+    const int64_t n = static_cast<int64_t>(dst_rows.size());
+    if (n == 0 || src.bytes() == 0) return;
+    auto* table = static_cast<void**>(grow(scatter_table_, n * sizeof(void*)));
+    ring_upload(table, dst_rows.data(), n * sizeof(void*));
+    SS_CHECK_CALL(launch_scatter_rows(table, src.data, n, static_cast<int64_t>(src.bytes()) / n, stream_));
   }
   void convert(Tensor dst, Tensor src) override {
     OpScope op(this);
@@ -219,11 +232,11 @@ class CudaBackend final : public Backend {
     flush_graph();
     if (bytes == 0) return;
     SS_CHECK_CALL(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
-    SS_CHECK_CALL(cudaStreamSynchronize(stream_));
+    wait_for_stream();
   }
   void synchronize() override {
     flush_graph();
-    SS_CHECK_CALL(cudaStreamSynchronize(stream_));
+    wait_for_stream();
   }
 
   void begin_graph_step() override {
@@ -240,6 +253,7 @@ class CudaBackend final : public Backend {
     graph_step_ = false;
   }
   GraphStats graph_stats() const override { return graph_stats_; }
+  double wait_seconds() const override { return 1e-9 * static_cast<double>(wait_ns_); }
 
   void embedding(Tensor out, Tensor table, std::span<const int32_t> ids) override {
     OpScope op(this);
@@ -584,23 +598,34 @@ class CudaBackend final : public Backend {
       total += (decode_attention_workspace_bytes(batchable[i]) + 255) / 256 * 256;
     }
     char* ws = static_cast<char*>(grow(attn_ws_, total));
-    // Batches: calls of one key in order, at most kDecodeBatchMax each.
+    // Batches: the calls of one key together (a decode step's calls usually share one), each batch's
+    // table in device memory (launch_decode_attention_table); all tables in one upload.
     std::vector<bool> done(batchable.size(), false);
     std::vector<AttentionGpuParams> group;
     std::vector<void*> group_ws;
+    std::vector<std::pair<size_t, DecodeTableShape>> launches;  // table offset, shape
+    decode_table_host_.clear();
     for (size_t i = 0; i < batchable.size(); ++i) {
       if (done[i]) continue;
       group.clear();
       group_ws.clear();
-      for (size_t j = i; j < batchable.size() && static_cast<int>(group.size()) < kDecodeBatchMax; ++j) {
+      for (size_t j = i; j < batchable.size() && static_cast<int>(group.size()) < kDecodeTableMax; ++j) {
         if (done[j] || keys[j] != keys[i]) continue;
         done[j] = true;
         group.push_back(batchable[j]);
         group_ws.push_back(ws + offsets[j]);
       }
-      SS_CHECK_CALL(launch_decode_attention_batch(group.data(), group_ws.data(), static_cast<int>(group.size()),
-                                               stream_));
+      const size_t at = (decode_table_host_.size() + 255) / 256 * 256;
+      decode_table_host_.resize(at + decode_attention_table_bytes(static_cast<int>(group.size())));
+      DecodeTableShape shape;
+      SS_CHECK_CALL(build_decode_attention_table(group.data(), group_ws.data(), static_cast<int>(group.size()),
+                                                 decode_table_host_.data() + at, &shape));
+      launches.emplace_back(at, shape);
     }
+    char* batch_tables = static_cast<char*>(grow(decode_table_, decode_table_host_.size()));
+    ring_upload(batch_tables, decode_table_host_.data(), decode_table_host_.size());
+    for (const auto& [at, shape] : launches)
+      SS_CHECK_CALL(launch_decode_attention_table(batch_tables + at, shape, stream_));
   }
 
   void merge_partials(float* out, float* lse, float* entropy, std::span<const AttentionPartial> parts, int64_t n_rows,
@@ -951,6 +976,13 @@ class CudaBackend final : public Backend {
     ++graph_stats_.launches;
   }
 
+  // The host waits for the stream; the time it blocks counts in wait_seconds().
+  void wait_for_stream() {
+    const auto t0 = std::chrono::steady_clock::now();
+    SS_CHECK_CALL(cudaStreamSynchronize(stream_));
+    wait_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+  }
+
   void* grow(DeviceBuffer& buf, size_t bytes) {
     if (buf.bytes() < bytes) buf = alloc(bytes + bytes / 2);
     return buf.data();
@@ -964,7 +996,7 @@ class CudaBackend final : public Backend {
   void* lt_ws_ = nullptr;
   PinnedRing ring_;
   std::map<std::tuple<int64_t, int64_t, int64_t, DType>, Plan> plans_;
-  DeviceBuffer ids_, pos_, tables_, batch_tables_, gather_k_, gather_v_, attn_ws_, staging_, neg_inf_;
+  DeviceBuffer ids_, pos_, tables_, batch_tables_, scatter_table_, decode_table_, gather_k_, gather_v_, attn_ws_, staging_, neg_inf_;
   // sample_rows: fp32 copy of bf16 logits; uploaded parameters + penalty entries; chosen tokens.
   DeviceBuffer sample_logits_, sample_in_, sample_out_;
   std::vector<SampleRowParams> sample_params_;
@@ -977,6 +1009,7 @@ class CudaBackend final : public Backend {
   std::vector<int32_t> last_ssm_seq_;
   std::vector<uint8_t> last_ssm_reset_;
   std::vector<void*> table_host_;
+  std::vector<unsigned char> decode_table_host_;  // partial_attentions: the decode batches' tables
   // Graph steps (begin_graph_step): whether one is open, whether a graph is being recorded, the
   // index of that graph in the step and its op count, the nesting of OpScope, the kept graphs.
   bool graph_step_ = false, recording_ = false;
@@ -984,6 +1017,7 @@ class CudaBackend final : public Backend {
   int segment_ops_ = 0, op_depth_ = 0;
   std::vector<cudaGraphExec_t> execs_;
   GraphStats graph_stats_;
+  int64_t wait_ns_ = 0;
 };
 
 }  // namespace
