@@ -4,6 +4,7 @@
 matmul at the model's projection shapes. JSON lines on stdout, same fields as model_bench.
 
 Usage: model_peers.py [--layers 32] [--lengths 16384,32768] [--query 32] [--decode 16] [--gemm-only]
+                      [--shape 8b|smollm2] [--seqs S]
 """
 import argparse
 import json
@@ -54,30 +55,40 @@ def timed_decode(model, nxt, past, steps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=None, help="default 32 (8b), 30 (smollm2)")
+    ap.add_argument("--shape", choices=["8b", "smollm2"], default="8b",
+                    help="the random model's shape: Llama-3-8B's, or SmolLM2-135M's (as model_bench --shape)")
     ap.add_argument("--lengths", default="16384,32768")
     ap.add_argument("--query", type=int, default=32)
     ap.add_argument("--decode", type=int, default=16)
     ap.add_argument("--gemm-only", action="store_true")
-    ap.add_argument("--seqs", type=int, default=1,
-                    help="with S > 1: S sequences of each length prefilled as one batch, then decoded together "
+    ap.add_argument("--seqs", type=int, default=0,
+                    help="with S >= 1: S sequences of each length prefilled as one batch, then decoded together "
                          "(decode_batch lines, as model_bench --seqs)")
     args = ap.parse_args()
-    if args.seqs <= 1:
+    if args.layers is None:
+        args.layers = 32 if args.shape == "8b" else 30
+    if args.seqs < 1:
         bench_gemm()
     if args.gemm_only:
         return
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
-                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                      rope_theta=500000.0, max_position_embeddings=1 << 19, rms_norm_eps=1e-5,
-                      tie_word_embeddings=False, attn_implementation="sdpa")
+    if args.shape == "8b":
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=args.layers,
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                          rope_theta=500000.0, max_position_embeddings=1 << 19, rms_norm_eps=1e-5,
+                          tie_word_embeddings=False, attn_implementation="sdpa")
+    else:
+        cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
+                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                          rope_theta=100000.0, max_position_embeddings=1 << 15, rms_norm_eps=1e-5,
+                          tie_word_embeddings=True, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     gen = torch.Generator(device="cpu").manual_seed(1)
-    if args.seqs > 1:
+    if args.seqs >= 1:
         lengths = [int(x) for x in args.lengths.split(",")]
         for n in [min(1024, lengths[0])] + lengths:  # the first run warms up (printed, as model_bench does)
             ids = torch.randint(0, cfg.vocab_size, (args.seqs, n + args.query), generator=gen).cuda()
@@ -86,7 +97,7 @@ def main():
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                 nxt, past, _ = timed_decode(model, nxt, out.past_key_values, 2)  # untimed
                 nxt, past, ms = timed_decode(model, nxt, past, args.decode)
-            emit(bench="decode_batch", impl="hf-transformers", mode="global", context=n, seqs=args.seqs,
+            emit(bench="decode_batch", impl="hf-transformers", shape=args.shape, mode="global", context=n, seqs=args.seqs,
                  layers=args.layers, ms_per_step=round(ms, 2), tokens_per_s=round(args.seqs * 1e3 / ms, 1))
             del out, past
             torch.cuda.empty_cache()

@@ -113,12 +113,15 @@ int64_t resident_blocks(int head_dim, int rows_per_block);
 // 80% with 792 (2 waves) and 83% (91% paged) with 396 (one wave); MHA reads at 80% with 1.1
 // waves and 95-96% with 0.86 or 4.4 (bench/gpu/attention_bench.cu, 2026-11-29). Depends on the
 // shape and the device only (paged or not), as decode_attention_workspace_bytes requires.
+// Rows per block for a call whose kv heads each serve `rows` (token, head) rows: the pass-1 kernel.
+int rows_per_block_for(int64_t rows) { return rows <= 1 ? 1 : rows <= 8 ? 8 : 16; }
+
 DecodePlan make_plan(const AttentionGpuParams& p) {
   DecodePlan plan;
   plan.group = p.n_heads / p.n_kv_heads;
   plan.n_rows = p.n_q * p.n_heads;
   const int64_t rows = p.n_q * plan.group;
-  plan.rows_per_block = rows <= 1 ? 1 : rows <= 8 ? 8 : 16;
+  plan.rows_per_block = rows_per_block_for(rows);
   plan.row_groups = static_cast<int>(std::max<int64_t>(1, (rows + plan.rows_per_block - 1) / plan.rows_per_block));
   const int64_t per_split_blocks = static_cast<int64_t>(p.n_kv_heads) * plan.row_groups;
   const int64_t target = resident_blocks(p.head_dim, plan.rows_per_block);
@@ -907,17 +910,19 @@ int blocks_per_sm(Kernel kernel) {
 }
 
 int64_t resident_blocks(int head_dim, int rows_per_block) {
-  // Per device and instance (head_dim 64 / 128 x simt / one / two row tiles), computed once. The
-  // contiguous instances stand for the paged ones (same occupancy on sm_90), so a workspace sized
-  // without a page table still fits the paged launch.
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int64_t> cache[kMaxDevices][2][3];
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) device = 0;
+  // Per instance (head_dim 64 / 128 x simt / one / two row tiles), computed once per process on the
+  // device current at the first call: asking which device is current costs more than the rest of a
+  // plan, and a decode step plans every sequence of every layer. The count only spreads the work
+  // (any plan is exact), and every plan of the process uses the same count, so a workspace sized
+  // here always fits its launch. The contiguous instances stand for the paged ones (same occupancy
+  // on sm_90).
+  static std::atomic<int64_t> cache[2][3];
   const int d = head_dim == 64 ? 0 : 1;
   const int k = rows_per_block == 1 ? 0 : rows_per_block == 8 ? 1 : 2;
-  int64_t n = cache[device][d][k].load(std::memory_order_relaxed);
+  int64_t n = cache[d][k].load(std::memory_order_relaxed);
   if (n > 0) return n;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) device = 0;
   int sms = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 1;
   int per_sm = 1;
@@ -931,7 +936,7 @@ int64_t resident_blocks(int head_dim, int rows_per_block) {
                     : blocks_per_sm(decode_mma_kernel<128, 2, false>);
   }
   n = static_cast<int64_t>(sms) * per_sm;
-  cache[device][d][k].store(n, std::memory_order_relaxed);
+  cache[d][k].store(n, std::memory_order_relaxed);
   return n;
 }
 
@@ -976,8 +981,8 @@ size_t decode_attention_workspace_bytes(const AttentionGpuParams& call) {
 
 int decode_attention_batch_key(const AttentionGpuParams& p) {
   if (!decode_shape_ok(p) || p.n_q == 0 || p.n_kv == 0) return -1;
-  const DecodePlan plan = make_plan(p);
-  const int kernel = plan.rows_per_block == 1 ? 0 : plan.rows_per_block == 8 ? 1 : 2;
+  const int rpb = rows_per_block_for(p.n_q * (p.n_heads / p.n_kv_heads));  // make_plan's kernel choice
+  const int kernel = rpb == 1 ? 0 : rpb == 8 ? 1 : 2;
   // Everything that selects the instance or the grid's kv-head extent.
   return ((((p.head_dim == 64 ? 0 : 1) * 3 + kernel) * 2 + (p.k_pages != nullptr)) * 2 + p.out_fp32) * 1024 +
          std::min(p.n_kv_heads, 1023);

@@ -22,8 +22,9 @@
 #             The Python stubs come from third_party/wheels/stubs (bench/make_stubs.py; carry that
 #             folder) where grpcio-tools is not installed.
 #   batch   — bench/gpu/model_bench --shape smollm2 --seqs S for S in BATCH_SEQS (default 1 8 64 256), BATCH_CONTEXT
-#             (default 256) tokens each: ms per decode step, the host's share and the time blocked on the device
-#             (JSON: $OUT/decode_batch.jsonl).
+#             (default 256) tokens each: ms per decode step, the host's share and the time blocked on the device,
+#             each next to model_peers.py --shape smollm2 --seqs S (HF transformers' batched decode) in the same
+#             call (JSON: $OUT/decode_batch.jsonl).
 #   reuse   — bench/context_reuse_bench.py (configures with gRPC): context reuse on the CUDA backend, 1 rank: the
 #             first question about a document of REUSE_LENGTHS tokens (default 8192 32768 131072), global and star,
 #             next to later ones answered from the cached context (JSON: $OUT/context_reuse.jsonl).
@@ -254,7 +255,9 @@ for line in open(sys.argv[1]):
     echo "== decode steps of S sequences together: SmolLM2-135M's shape (random weights), 1 rank, CUDA graphs"
     for s in ${BATCH_SEQS:-1 8 64 256}; do
       timeout 120 "$BIN/model_bench" --shape smollm2 --seqs "$s" --lengths "${BATCH_CONTEXT:-256}" --decode 32 \
-        2>>"$OUT/decode_batch.err" | grep '"decode_batch"' | tee -a "$OUT/decode_batch.jsonl"
+        2>>"$OUT/decode_batch.err" | grep '"decode_batch"' | tail -1 | tee -a "$OUT/decode_batch.jsonl"
+      timeout 120 python3 bench/gpu/model_peers.py --shape smollm2 --seqs "$s" --lengths "${BATCH_CONTEXT:-256}" \
+        --decode 32 2>>"$OUT/decode_batch.err" | tail -1 | tee -a "$OUT/decode_batch.jsonl"
     done
     ;;
   reuse)

@@ -180,19 +180,24 @@ void KvCache::write_batch(int layer, std::span<const RowsWrite> writes, Tensor k
 
 std::vector<KvView> KvCache::segments(int layer, SeqId seq, int64_t begin, int64_t end) const {
   std::vector<KvView> out;
+  segments_into(layer, seq, begin, end, &out);
+  return out;
+}
+
+void KvCache::segments_into(int layer, SeqId seq, int64_t begin, int64_t end, std::vector<KvView>* out) const {
+  out->clear();
   auto it = seqs_.find(seq);
-  if (it == seqs_.end()) return out;
+  if (it == seqs_.end()) return;
   const SeqState& st = it->second;
   const int64_t row_bytes = token_elems() * static_cast<int64_t>(dtype_size(dtype_));
   for (int64_t pos = begin; pos < end;) {
     const int64_t page = st.pages[pos / shape_.page_size];
     const int64_t off = pos % shape_.page_size;
     const int64_t take = std::min<int64_t>(end - pos, shape_.page_size - off);
-    out.push_back({rows(page_ptr(k_pool_[layer], page) + off * row_bytes, take),
-                   rows(page_ptr(v_pool_[layer], page) + off * row_bytes, take)});
+    out->push_back({rows(page_ptr(k_pool_[layer], page) + off * row_bytes, take),
+                    rows(page_ptr(v_pool_[layer], page) + off * row_bytes, take)});
     pos += take;
   }
-  return out;
 }
 
 Tensor KvCache::shift_rows(int layer, SeqId seq) {

@@ -72,6 +72,9 @@ class KvCache {
   void write_batch(int layer, std::span<const RowsWrite> writes, Tensor k, Tensor v);
   // Keys [begin, end) of one layer, one view per page touched.
   std::vector<KvView> segments(int layer, SeqId seq, int64_t begin, int64_t end) const;
+  // The same into *out (cleared first; its capacity kept: a decode step asks for every sequence's
+  // keys in every layer).
+  void segments_into(int layer, SeqId seq, int64_t begin, int64_t end, std::vector<KvView>* out) const;
   // KV-shifting attention's decode state (arch kvshift): per layer the raw (pre-mix, pre-RoPE) k
   // and v of the sequence's last token so far, (2, n_kv_heads, head_dim) rows [k, v] in the compute
   // dtype. Zeros until the layer's first store (a sequence's first token has no predecessor).

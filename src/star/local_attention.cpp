@@ -39,7 +39,7 @@ Status LocalAttention::attend(int layer, std::span<const BatchSeq> batch, Tensor
     const int64_t n = static_cast<int64_t>(s.tokens.size());
     const int64_t past = cache_.length(s.seq_id);
     writes_.push_back({s.seq_id, past, n, start});
-    segs_[i] = cache_.segments(layer, s.seq_id, 0, past + n);
+    cache_.segments_into(layer, s.seq_id, 0, past + n, &segs_[i]);
     AttentionCall& c = calls_[i];
     c = AttentionCall{};
     c.out = out.slice_rows(start, n);

@@ -649,7 +649,7 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
     if (info.query_host) {
       const int64_t past = cache_.length(s.seq_id);
       writes_.push_back({s.seq_id, past, n, start});
-      segs_[i] = cache_.segments(layer, s.seq_id, 0, past + n);
+      cache_.segments_into(layer, s.seq_id, 0, past + n, &segs_[i]);
       // Keys [local context ; earlier query/generated ; new]: new token i sees all context, every
       // earlier query/generated token, and new tokens 0..i. The query host holds the last context
       // token, so its keys' positions run on from its last run without a gap; zigzag's first chunk
@@ -658,7 +658,7 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
     } else {
       // Context only: every key visible to every query row (no causal alignment at all), except
       // keys behind a sliding window: query row i is at n_context_total + n_generated + i.
-      segs_[i] = cache_.segments(layer, s.seq_id, 0, info.n_local_context);
+      cache_.segments_into(layer, s.seq_id, 0, info.n_local_context, &segs_[i]);
       mask = windowed(mask, dims_.window(layer),
                       info.n_context_total + info.n_generated - std::max<int64_t>(info.first_context_position, 0),
                       info.gap_from, info.gap);

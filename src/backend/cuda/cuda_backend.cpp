@@ -543,9 +543,13 @@ class CudaBackend final : public Backend {
     OpScope op(this);
     // Decode-sized calls whose keys are one run or a page table join batches by kernel
     // (decode_attention_batch_key); the rest (empty, prefill-sized, keys to gather) run alone.
-    std::vector<AttentionGpuParams> batchable;
-    std::vector<int> keys;
-    std::vector<const AttentionCall*> paged;  // batchable calls that need a page table, in order
+    // Scratch kept between calls (a decode step makes one such call per layer).
+    std::vector<AttentionGpuParams>& batchable = pa_.batchable;
+    std::vector<int>& keys = pa_.keys;
+    std::vector<const AttentionCall*>& paged = pa_.paged;  // batchable calls that need a page table, in order
+    batchable.clear();
+    keys.clear();
+    paged.clear();
     for (const AttentionCall& c : calls) {
       const int64_t n_q = c.n_q();
       int64_t n_kv = 0;
@@ -591,7 +595,8 @@ class CudaBackend final : public Backend {
     }
     for (const AttentionGpuParams& p : batchable) keys.push_back(decode_attention_batch_key(p));
     // Workspaces side by side, 256-byte aligned.
-    std::vector<size_t> offsets(batchable.size());
+    std::vector<size_t>& offsets = pa_.offsets;
+    offsets.resize(batchable.size());
     size_t total = 0;
     for (size_t i = 0; i < batchable.size(); ++i) {
       offsets[i] = total;
@@ -600,10 +605,12 @@ class CudaBackend final : public Backend {
     char* ws = static_cast<char*>(grow(attn_ws_, total));
     // Batches: the calls of one key together (a decode step's calls usually share one), each batch's
     // table in device memory (launch_decode_attention_table); all tables in one upload.
-    std::vector<bool> done(batchable.size(), false);
-    std::vector<AttentionGpuParams> group;
-    std::vector<void*> group_ws;
-    std::vector<std::pair<size_t, DecodeTableShape>> launches;  // table offset, shape
+    std::vector<bool>& done = pa_.done;
+    done.assign(batchable.size(), false);
+    std::vector<AttentionGpuParams>& group = pa_.group;
+    std::vector<void*>& group_ws = pa_.group_ws;
+    std::vector<std::pair<size_t, DecodeTableShape>>& launches = pa_.launches;  // table offset, shape
+    launches.clear();
     decode_table_host_.clear();
     for (size_t i = 0; i < batchable.size(); ++i) {
       if (done[i]) continue;
@@ -1010,6 +1017,15 @@ class CudaBackend final : public Backend {
   std::vector<uint8_t> last_ssm_reset_;
   std::vector<void*> table_host_;
   std::vector<unsigned char> decode_table_host_;  // partial_attentions: the decode batches' tables
+  struct {
+    std::vector<AttentionGpuParams> batchable, group;
+    std::vector<int> keys;
+    std::vector<const AttentionCall*> paged;
+    std::vector<size_t> offsets;
+    std::vector<bool> done;
+    std::vector<void*> group_ws;
+    std::vector<std::pair<size_t, DecodeTableShape>> launches;
+  } pa_;  // partial_attentions' scratch
   // Graph steps (begin_graph_step): whether one is open, whether a graph is being recorded, the
   // index of that graph in the step and its op count, the nesting of OpScope, the kept graphs.
   bool graph_step_ = false, recording_ = false;
