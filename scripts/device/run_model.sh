@@ -22,9 +22,11 @@
 #             The Python stubs come from third_party/wheels/stubs (bench/make_stubs.py; carry that
 #             folder) where grpcio-tools is not installed.
 #   batch   — bench/gpu/model_bench --shape smollm2 --seqs S for S in BATCH_SEQS (default 1 8 64 256), BATCH_CONTEXT
-#             (default 256) tokens each: ms per decode step, the host's share and the time blocked on the device,
+#             (default 256) tokens each, BATCH_DECODE (default 32) timed steps: ms per decode step, the host's share and the time blocked on the device,
 #             each next to model_peers.py --shape smollm2 --seqs S (HF transformers' batched decode) in the same
 #             call (JSON: $OUT/decode_batch.jsonl).
+#   profile — model_bench --shape smollm2 --seqs PROFILE_SEQS (default 256) under scripts/device/profile/sampler.c:
+#             the host's time per function ($OUT/host_profile.txt).
 #   reuse   — bench/context_reuse_bench.py (configures with gRPC): context reuse on the CUDA backend, 1 rank: the
 #             first question about a document of REUSE_LENGTHS tokens (default 8192 32768 131072), global and star,
 #             next to later ones answered from the cached context (JSON: $OUT/context_reuse.jsonl).
@@ -52,7 +54,7 @@
 #   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [batch] [serve] [chunked] [reuse] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [batch] [profile] [serve] [chunked] [reuse] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -97,7 +99,7 @@ for t in star_gpu_mpi_tests nccl_comm_tests; do
   grep -q "^build bin/$t:" "$BUILD/build.ninja" && TARGETS+=("$t")
 done
 # The server steps alone need only the server and its client.
-case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" batch "* | *" eval "* | *" gemma "* | *" kvshift "* | *" attamba "* | *" kvbench "* | *" lnfree "*) ;;
+case " $STEPS " in *" model "* | *" ranks "* | *" bench "* | *" batch "* | *" profile "* | *" eval "* | *" gemma "* | *" kvshift "* | *" attamba "* | *" kvbench "* | *" lnfree "*) ;;
   *) TARGETS=(starserve starctl) ;;
 esac
 cmake --build "$BUILD" -j "$(nproc)" --target "${TARGETS[@]}" \
@@ -254,11 +256,20 @@ for line in open(sys.argv[1]):
   batch)
     echo "== decode steps of S sequences together: SmolLM2-135M's shape (random weights), 1 rank, CUDA graphs"
     for s in ${BATCH_SEQS:-1 8 64 256}; do
-      timeout 120 "$BIN/model_bench" --shape smollm2 --seqs "$s" --lengths "${BATCH_CONTEXT:-256}" --decode 32 \
+      timeout 120 "$BIN/model_bench" --shape smollm2 --seqs "$s" --lengths "${BATCH_CONTEXT:-256}" --decode "${BATCH_DECODE:-32}" \
         2>>"$OUT/decode_batch.err" | grep '"decode_batch"' | tail -1 | tee -a "$OUT/decode_batch.jsonl"
       timeout 120 python3 bench/gpu/model_peers.py --shape smollm2 --seqs "$s" --lengths "${BATCH_CONTEXT:-256}" \
-        --decode 32 2>>"$OUT/decode_batch.err" | tail -1 | tee -a "$OUT/decode_batch.jsonl"
+        --decode "${BATCH_DECODE:-32}" 2>>"$OUT/decode_batch.err" | tail -1 | tee -a "$OUT/decode_batch.jsonl"
     done
+    ;;
+  profile)
+    echo "== where the host's time goes: 256 sequences decoded together (SmolLM2-135M's shape), sampled"
+    gcc -O1 -shared -fPIC -o /tmp/starserve-sampler.so scripts/device/profile/sampler.c || continue
+    rm -f /tmp/starserve-prof.*
+    PROF_OUT=/tmp/starserve-prof LD_PRELOAD=/tmp/starserve-sampler.so timeout 120 "$BIN/model_bench" --shape smollm2 \
+      --seqs "${PROFILE_SEQS:-256}" --lengths 256 --decode 1000 2>/dev/null | grep '"decode_batch"' | tail -1
+    python3 scripts/device/profile/report.py "$(ls /tmp/starserve-prof.* | head -1)" "$BIN/model_bench" >"$OUT/host_profile.txt"
+    head -45 "$OUT/host_profile.txt"
     ;;
   reuse)
     [ -f "$MODEL" ] || { echo "reuse: no model"; continue; }
