@@ -318,7 +318,7 @@ def main():
     args = p.parse_args()
     chunks = [0] + [c for c in args.chunk_tokens if c != 0]
 
-    pb2, pb2_grpc = load_bench.load_stubs()
+    pb2, pb2_grpc, _ = load_bench.load_stubs()
     max_running = max([16, args.streams + 2] + args.throughput_streams)
     # (load_bench.Server turns context reuse off: the same prompts come back, and each must be encoded.)
     base_server_args = list(args.server_arg) + [f"--max-running={max_running}", f"--max-queue={2 * max_running}"]

@@ -139,7 +139,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--logs", default="/tmp", help="folder for the servers' logs")
     args = p.parse_args()
-    pb2, pb2_grpc = load_bench.load_stubs()
+    pb2, pb2_grpc, _ = load_bench.load_stubs()
 
     rows = []
     for model in args.models:

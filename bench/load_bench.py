@@ -4,6 +4,8 @@
 For each concurrency C (default 1, 4, 16), C client threads each send R streaming completions back to back
 (greedy, a prompt of --prompt-tokens token ids, --max-tokens generated with ignore_eos, so every request does the
 same work). All clients start together; the wall time runs from their start to the end of the last request.
+With --processes P the clients are spread over P client processes (threads within each), since one Python
+process relays only some thousands of streamed messages a second; each line carries `client_processes`.
 
 Measured on the client, from the arrival of the streamed messages:
 - TTFT: from just before the RPC is issued to the first message that carries a generated token;
@@ -38,6 +40,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import multiprocessing
 import os
 import shutil
 import signal
@@ -89,7 +92,7 @@ def generate_stubs(out):
 
 
 def load_stubs():
-    """Import the message and service modules: generated now (generate_stubs), else the prebuilt ones."""
+    """The message and service modules and their folder: generated now (generate_stubs), else the prebuilt ones."""
     out = tempfile.mkdtemp(prefix="starserve_stubs_")
     if not generate_stubs(out):
         out = PREBUILT_STUBS
@@ -102,7 +105,13 @@ def load_stubs():
         if recorded != proto_sha256():
             sys.exit(f"the stubs in {out} were made from another {PROTO_FILE}: make them again (bench/make_stubs.py)")
         print(f"no stub generator here: using the stubs in {out}", file=sys.stderr)
-    sys.path.insert(0, out)
+    return import_stubs(out) + (out,)
+
+
+def import_stubs(out):
+    """The message and service modules of the stubs in `out` (a client process imports them again)."""
+    if out not in sys.path:
+        sys.path.insert(0, out)
     return (importlib.import_module("starserve.v1.completion_pb2"),
             importlib.import_module("starserve.v1.completion_pb2_grpc"))
 
@@ -241,15 +250,18 @@ def make_prompts(args, pb2, pb2_grpc, count):
     return info, [bos + ids[i:i + body_len] for i in range(count)]
 
 
-def run_level(args, pb2, pb2_grpc, concurrency, prompts):
-    """C clients, R requests each, all released together; returns per-request results, errors and the wall time."""
+def client_threads(args, pb2, pb2_grpc, clients, prompts, release):
+    """The loops of the given clients (indices) in threads of this process: each makes its channel, then all wait
+    until release() returns (it marks the level's start), then each sends its R requests back to back."""
     results, errors = [], []
     lock = threading.Lock()
-    start = threading.Barrier(concurrency + 1)
+    ready = threading.Barrier(len(clients) + 1)
+    go = threading.Event()
 
     def client_loop(c):
         client = Client(args, pb2, pb2_grpc)
-        start.wait()
+        ready.wait()
+        go.wait()
         for r in range(args.requests):
             try:
                 res = client.stream(prompts[(c * args.requests + r) % len(prompts)])
@@ -260,13 +272,54 @@ def run_level(args, pb2, pb2_grpc, concurrency, prompts):
                     errors.append(e.code().name if isinstance(e, grpc.RpcError) else str(e))
         client.channel.close()
 
-    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(concurrency)]
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in clients]
     for t in threads:
         t.start()
-    start.wait()
-    t_start = time.perf_counter()
+    ready.wait()
+    release()
+    go.set()
     for t in threads:
         t.join()
+    return results, errors
+
+
+def client_process(args, stub_dir, clients, prompts, barrier, out):
+    """One of --processes client processes: its share of the clients, released with the others by `barrier`."""
+    pb2, pb2_grpc = import_stubs(stub_dir)
+    out.put(client_threads(args, pb2, pb2_grpc, clients, prompts, barrier.wait))
+
+
+def run_level(args, pb2, pb2_grpc, concurrency, prompts, stub_dir=None):
+    """C clients, R requests each, all released together, in min(--processes, C) processes (threads within each;
+    one process without stub_dir, the folder a client process imports the stubs from);
+    returns per-request results, errors and the wall time. time.perf_counter is the system's monotonic clock, so
+    the end times of requests from several processes compare."""
+    n_proc = max(1, min(getattr(args, "processes", 1), concurrency)) if stub_dir else 1
+    t_start = None
+
+    def mark():
+        nonlocal t_start
+        t_start = time.perf_counter()
+
+    if n_proc == 1:
+        results, errors = client_threads(args, pb2, pb2_grpc, list(range(concurrency)), prompts, mark)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: grpc's state is not carried over a fork
+        barrier, out = ctx.Barrier(n_proc + 1), ctx.Queue()
+        procs = [ctx.Process(target=client_process,
+                             args=(args, stub_dir, list(range(i, concurrency, n_proc)), prompts, barrier, out))
+                 for i in range(n_proc)]
+        for proc in procs:
+            proc.start()
+        barrier.wait()
+        mark()
+        results, errors = [], []
+        for _ in procs:
+            r, e = out.get()
+            results += r
+            errors += e
+        for proc in procs:
+            proc.join()
     t_end = max([r["end"] for r in results], default=time.perf_counter())
     return results, errors, t_end - t_start
 
@@ -314,13 +367,16 @@ def main():
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for readiness")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=4, help="requests per client at each concurrency (R)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="client processes the C clients are spread over (one Python process relays only so many "
+                        "streamed messages a second)")
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of one request, seconds")
     p.add_argument("--metrics", help="the server's metrics endpoint (host:port); default: the started server's")
     args = p.parse_args()
 
-    pb2, pb2_grpc = load_stubs()
+    pb2, pb2_grpc, stub_dir = load_stubs()
     server = None
     if not args.address:
         server = Server(args)
@@ -341,13 +397,14 @@ def main():
         common = {"bench": "load", "model": info.model, "ranks": server_info.world_size,
                   "devices": sorted(set(server_info.devices)), "prompt_tokens": args.prompt_tokens,
                   "max_tokens": args.max_tokens, "requests_per_client": args.requests,
+                  "client_processes": args.processes,
                   "server": "started" if server else args.address, "machine": machine_name(),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         rows, base_tps = [], None
         for c in args.concurrency:
             load_before = os.getloadavg()[0]
             engine_before = scrape_engine(args.metrics) if args.metrics else {}
-            results, errors, wall_s = run_level(args, pb2, pb2_grpc, c, prompts)
+            results, errors, wall_s = run_level(args, pb2, pb2_grpc, c, prompts, stub_dir)
             engine_after = scrape_engine(args.metrics) if args.metrics else {}
             ttft = [r["ttft_ms"] for r in results]
             itl = [x for r in results for x in r["itl_ms"]]

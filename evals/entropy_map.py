@@ -77,7 +77,7 @@ def main(argv=None):
     if args.seq < 2 or args.windows < 1:
         p.error("--seq must be at least 2 and --windows at least 1")
 
-    pb2, pb2_grpc = load_bench.load_stubs()
+    pb2, pb2_grpc, _ = load_bench.load_stubs()
     stub = pb2_grpc.CompletionServiceStub(grpc.insecure_channel(args.address))
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
     ids = read_val_bin(args.val_bin, args.seq * args.windows)

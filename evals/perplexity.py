@@ -72,7 +72,7 @@ def main(argv=None):
     if args.seq < 1 or args.windows < 1:
         p.error("--seq and --windows must be at least 1")
 
-    pb2, pb2_grpc = load_bench.load_stubs()
+    pb2, pb2_grpc, _ = load_bench.load_stubs()
     # A response holds seq entries of prompt logprobs: allow large messages (the server has its own limit).
     channel = grpc.insecure_channel(args.address, options=[("grpc.max_receive_message_length", 1 << 30),
                                                            ("grpc.max_send_message_length", 1 << 30)])

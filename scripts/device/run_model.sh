@@ -31,7 +31,8 @@
 #             first question about a document of REUSE_LENGTHS tokens (default 8192 32768 131072), global and star,
 #             next to later ones answered from the cached context (JSON: $OUT/context_reuse.jsonl).
 #   load    — bench/load_bench.py (configures with gRPC): the server on the CUDA backend, 1 rank, under
-#             LOAD_CONCURRENCY (default 1 8 64 256) streams of 128 greedy tokens each (2 per client), with rank 0's
+#             LOAD_CONCURRENCY (default 1 8 64 256) streams of 128 greedy tokens each (2 per client; the clients spread
+#             over LOAD_PROCESSES, default 8, client processes), with rank 0's
 #             engine time per decode step by part (JSON: $OUT/load_cuda.jsonl).
 #   kvshift — the trained KV-shifting model and its baseline (scripts/device/train_reference.sh; carry them with the
 #             corpus's val.bin in KVSHIFT_DIR, default .carry/kvshift/{kvshift-6l,llama-6l,val.bin}): the GPU
@@ -245,6 +246,7 @@ PY
     # shellcheck disable=SC2086
     PYTHONUNBUFFERED=1 timeout 480 python3 bench/load_bench.py --starserve "$BIN/starserve" --starctl "$BIN/starctl" \
       --model "$MODEL" --ranks 1 --concurrency ${LOAD_CONCURRENCY:-1 8 64 256} --requests 2 --max-tokens 128 \
+      --processes "${LOAD_PROCESSES:-8}" \
       --server-arg=--backend=cuda --server-arg=--max-running=256 --server-arg=--max-queue=512 \
       >"$OUT/load_cuda.jsonl" 2>"$OUT/load_cuda.err"
     echo "exit $?"; tail -5 "$OUT/load_cuda.err"
