@@ -27,6 +27,10 @@
 #             call (JSON: $OUT/decode_batch.jsonl).
 #   profile — model_bench --shape smollm2 --seqs PROFILE_SEQS (default 256) under scripts/device/profile/sampler.c:
 #             the host's time per function ($OUT/host_profile.txt).
+#   load8b  — the load step on a random-weight Llama-3-8B-shaped GGUF that scripts/make_random_gguf.py writes there
+#             (~16 GB in /tmp, kept on a warm machine; the gguf wheel from third_party/wheels/gguf, the tokenizer from
+#             TOKENIZER_GGUF, default .carry/tok/smollm2-tokenizer.gguf, made by make_random_gguf.py --tokenizer-only);
+#             LOAD8B_CONCURRENCY (default 1 8 64) -> $OUT/load_8b_cuda.jsonl. llama.cpp's CUDA server is not built yet.
 #   reuse   — bench/context_reuse_bench.py (configures with gRPC): context reuse on the CUDA backend, 1 rank: the
 #             first question about a document of REUSE_LENGTHS tokens (default 8192 32768 131072), global and star,
 #             next to later ones answered from the cached context (JSON: $OUT/context_reuse.jsonl).
@@ -55,7 +59,7 @@
 #   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [batch] [profile] [serve] [chunked] [reuse] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [batch] [profile] [serve] [chunked] [reuse] [load] [load8b] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -90,7 +94,7 @@ fi
 SECONDS=0
 TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
 GRPC=${STARSERVE_GRPC:-OFF}
-case " $STEPS " in *" serve "* | *" chunked "* | *" reuse "* | *" load "* | *" lifecycle "* | *" kvshift "* | *" attamba "* | *" lnfree "*) GRPC=ON TARGETS+=(starctl) ;; esac
+case " $STEPS " in *" serve "* | *" chunked "* | *" reuse "* | *" load "* | *" load8b "* | *" lifecycle "* | *" kvshift "* | *" attamba "* | *" lnfree "*) GRPC=ON TARGETS+=(starctl) ;; esac
 if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRPC:BOOL=ON" "$BUILD/CMakeCache.txt"; }; then
   STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
@@ -272,6 +276,23 @@ for line in open(sys.argv[1]):
       --seqs "${PROFILE_SEQS:-256}" --lengths 256 --decode 1000 2>/dev/null | grep '"decode_batch"' | tail -1
     python3 scripts/device/profile/report.py "$(ls /tmp/starserve-prof.* | head -1)" "$BIN/model_bench" >"$OUT/host_profile.txt"
     head -45 "$OUT/host_profile.txt"
+    ;;
+  load8b)
+    [ -x "$BIN/starctl" ] || { echo "load8b: no $BIN/starctl (the build has no gRPC)"; continue; }
+    GG=/tmp/starserve-random-8b.gguf
+    if [ ! -f "$GG" ]; then
+      echo "== writing a random-weight Llama-3-8B-shaped GGUF (scripts/make_random_gguf.py)"
+      rm -rf /tmp/gguf-py && python3 -m zipfile -e third_party/wheels/gguf/gguf-*.whl /tmp/gguf-py || continue
+      PYTHONPATH=/tmp/gguf-py timeout 400 python3 scripts/make_random_gguf.py --shape 8b \
+        --tokenizer-from "${TOKENIZER_GGUF:-.carry/tok/smollm2-tokenizer.gguf}" --out "$GG" || { rm -f "$GG"; continue; }
+    fi
+    echo "== serving load, the random 8B-shaped GGUF, CUDA backend, 1 rank"
+    # shellcheck disable=SC2086
+    PYTHONUNBUFFERED=1 timeout 480 python3 bench/load_bench.py --starserve "$BIN/starserve" --starctl "$BIN/starctl" \
+      --model "$GG" --ranks 1 --concurrency ${LOAD8B_CONCURRENCY:-1 8 64} --requests 2 --max-tokens 128 \
+      --processes "${LOAD_PROCESSES:-8}" --server-arg=--backend=cuda --server-arg=--max-running=256 \
+      --server-arg=--max-queue=512 >"$OUT/load_8b_cuda.jsonl" 2>"$OUT/load_8b_cuda.err"
+    echo "exit $?"; tail -6 "$OUT/load_8b_cuda.err"
     ;;
   reuse)
     [ -f "$MODEL" ] || { echo "reuse: no model"; continue; }
