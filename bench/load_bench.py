@@ -6,6 +6,9 @@ For each concurrency C (default 1, 4, 16), C client threads each send R streamin
 same work). All clients start together; the wall time runs from their start to the end of the last request.
 With --processes P the clients are spread over P client processes (threads within each), since one Python
 process relays only some thousands of streamed messages a second; each line carries `client_processes`.
+--api http streams the started server's OpenAI /v1/completions (SSE; an ITL sample per chunk, which may carry
+several tokens) instead; --http-address loads any OpenAI-compatible server that takes token-id prompts and
+ignore_eos (llama.cpp's llama-server), with prompts of random ids since there is no gRPC API to tokenize with.
 
 Measured on the client, from the arrival of the streamed messages:
 - TTFT: from just before the RPC is issued to the first message that carries a generated token;
@@ -156,6 +159,11 @@ class Server:
         self.log = tempfile.NamedTemporaryFile(prefix="load_bench_server_", suffix=".log", delete=False)
         # Context reuse off unless a --server-arg sets it: requests repeat their prompts, and each is to be encoded.
         reuse = [] if any(a.startswith("--context-cache-pages") for a in args.server_arg) else ["--context-cache-pages=0"]
+        self.http_port = free_port() if args.api == "http" else 0
+        if self.http_port:  # the OpenAI HTTP API too, with a worker per open connection
+            reuse += [f"--http-port={self.http_port}"]
+            if not any(a.startswith("--http-threads") for a in args.server_arg):
+                reuse += [f"--http-threads={max(args.concurrency) + 8}"]
         cmd = ["mpirun", "--oversubscribe", "--allow-run-as-root", "-np", str(args.ranks), args.starserve, "serve",
                "--model", args.model, "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                "--log-level", "warn"] + reuse + args.server_arg
@@ -233,6 +241,83 @@ class Client:
                 "end": time.perf_counter()}
 
 
+class HttpClient:
+    """The same request over the OpenAI HTTP API (/v1/completions, SSE): starserve's --http-port or any server that
+    takes token ids as the prompt and `ignore_eos` (llama.cpp's llama-server). One keep-alive connection."""
+
+    def __init__(self, args, pb2=None, pb2_grpc=None):
+        import http.client
+        host, port = args.http_address.rsplit(":", 1)
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=args.request_timeout)
+        self.headers = {"Content-Type": "application/json"}
+        if args.api_key:
+            self.headers["Authorization"] = f"Bearer {args.api_key}"
+        self.model = args.http_model
+        self.max_tokens = args.max_tokens
+        self.channel = self  # client_threads closes `channel`
+
+    def close(self):
+        self.conn.close()
+
+    def stream(self, prompt_ids):
+        body = json.dumps({"model": self.model, "prompt": list(prompt_ids), "max_tokens": self.max_tokens,
+                           "temperature": 0.0, "ignore_eos": True, "stream": True,
+                           "stream_options": {"include_usage": True}})
+        t0 = time.perf_counter()
+        self.conn.request("POST", "/v1/completions", body=body, headers=self.headers)
+        resp = self.conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:300]!r}")
+        first = last = None
+        itl, usage, chunks = [], None, 0
+        for raw in resp:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            msg = json.loads(data)
+            if msg.get("usage"):
+                usage = msg["usage"]
+            if any(c.get("text") for c in msg.get("choices") or []):  # a chunk per step: one gap per chunk
+                now = time.perf_counter()
+                if first is None:
+                    first = now
+                else:
+                    itl.append((now - last) * 1e3)
+                last = now
+                chunks += 1
+        resp.read()
+        if first is None:
+            raise RuntimeError("the stream ended without text")
+        tokens = usage["completion_tokens"] if usage else chunks
+        return {"ttft_ms": (first - t0) * 1e3, "itl_ms": itl, "completion_tokens": tokens,
+                "prompt_tokens": usage["prompt_tokens"] if usage else len(prompt_ids), "queue_ms": None,
+                "tokens_per_message_max": None, "end": time.perf_counter()}
+
+
+def first_model(args):
+    """The first model id that GET /v1/models of --http-address lists."""
+    import urllib.request
+    req = urllib.request.Request(f"http://{args.http_address}/v1/models")
+    if args.api_key:
+        req.add_header("Authorization", f"Bearer {args.api_key}")
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())["data"][0]["id"]
+
+
+def make_client(args, pb2, pb2_grpc):
+    return HttpClient(args) if args.api == "http" else Client(args, pb2, pb2_grpc)
+
+
+def random_prompts(args, count):
+    """Without a starserve gRPC API to tokenize with (--http-address): ids drawn from [100, --prompt-vocab)."""
+    import random
+    rng = random.Random(7)
+    return [[rng.randrange(100, args.prompt_vocab) for _ in range(args.prompt_tokens)] for _ in range(count)]
+
+
 def make_prompts(args, pb2, pb2_grpc, count):
     """`count` prompts of exactly --prompt-tokens ids: BOS (when the model has one) + a window of the filler."""
     stub = pb2_grpc.CompletionServiceStub(grpc.insecure_channel(args.address))
@@ -259,7 +344,7 @@ def client_threads(args, pb2, pb2_grpc, clients, prompts, release):
     go = threading.Event()
 
     def client_loop(c):
-        client = Client(args, pb2, pb2_grpc)
+        client = make_client(args, pb2, pb2_grpc)
         ready.wait()
         go.wait()
         for r in range(args.requests):
@@ -267,7 +352,7 @@ def client_threads(args, pb2, pb2_grpc, clients, prompts, release):
                 res = client.stream(prompts[(c * args.requests + r) % len(prompts)])
                 with lock:
                     results.append(res)
-            except (grpc.RpcError, RuntimeError) as e:
+            except (grpc.RpcError, RuntimeError, OSError) as e:
                 with lock:
                     errors.append(e.code().name if isinstance(e, grpc.RpcError) else str(e))
         client.channel.close()
@@ -374,31 +459,52 @@ def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--request-timeout", type=float, default=600.0, help="deadline of one request, seconds")
     p.add_argument("--metrics", help="the server's metrics endpoint (host:port); default: the started server's")
+    p.add_argument("--api", choices=["grpc", "http"], default="grpc",
+                   help="the API the clients stream through (http: the started server's OpenAI /v1/completions)")
+    p.add_argument("--http-address", help="another OpenAI-compatible server (host:port) to load instead, e.g. "
+                                          "llama.cpp's llama-server on the same GGUF: prompts of random ids")
+    p.add_argument("--http-model", help="the request's model field over HTTP; default: the first of GET /v1/models")
+    p.add_argument("--prompt-vocab", type=int, default=32000, help="random prompt ids lie in [100, this)")
     args = p.parse_args()
 
     pb2, pb2_grpc, stub_dir = load_stubs()
     server = None
-    if not args.address:
+    external_http = bool(args.http_address)
+    if external_http:
+        args.api = "http"
+    if not args.address and not external_http:
         server = Server(args)
         args.address = server.address
         args.metrics = args.metrics or f"127.0.0.1:{server.metrics_port}"
         t_ready = time.monotonic()
         server.wait_ready(args.starctl, args.startup_timeout)
         print(f"server ready in {time.monotonic() - t_ready:.1f} s on {args.address}", file=sys.stderr)
+        if args.api == "http":
+            args.http_address = f"127.0.0.1:{server.http_port}"
     try:
+        if args.api == "http" and not args.http_model:
+            args.http_model = first_model(args)
         n_prompts = max(args.concurrency) * args.requests
-        info, prompts = make_prompts(args, pb2, pb2_grpc, n_prompts)
-        stub = pb2_grpc.CompletionServiceStub(grpc.insecure_channel(args.address))
-        metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
-        server_info = stub.GetServerInfo(pb2.GetServerInfoRequest(), metadata=metadata, timeout=30)
+        if external_http:
+            prompts = random_prompts(args, n_prompts)
+            model, ranks, devices = args.http_model, None, []
+        else:
+            info, prompts = make_prompts(args, pb2, pb2_grpc, n_prompts)
+            stub = pb2_grpc.CompletionServiceStub(grpc.insecure_channel(args.address))
+            metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+            server_info = stub.GetServerInfo(pb2.GetServerInfoRequest(), metadata=metadata, timeout=30)
+            model, ranks, devices = info.model, server_info.world_size, sorted(set(server_info.devices))
         # One untimed request first: the first forward pass touches the weights and the KV pool for the first time.
-        Client(args, pb2, pb2_grpc).stream(prompts[-1])
+        warm = make_client(args, pb2, pb2_grpc)
+        warm.stream(prompts[-1])
+        warm.channel.close()
 
-        common = {"bench": "load", "model": info.model, "ranks": server_info.world_size,
-                  "devices": sorted(set(server_info.devices)), "prompt_tokens": args.prompt_tokens,
+        common = {"bench": "load", "api": args.api,
+                  "server": "started" if server else (args.http_address if external_http else args.address),
+                  "model": model, "ranks": ranks, "devices": devices, "prompt_tokens": args.prompt_tokens,
                   "max_tokens": args.max_tokens, "requests_per_client": args.requests,
                   "client_processes": args.processes,
-                  "server": "started" if server else args.address, "machine": machine_name(),
+                  "machine": machine_name(),
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         rows, base_tps = [], None
         for c in args.concurrency:
@@ -422,9 +528,9 @@ def main():
                     v = percentile(values, q)
                     row[f"{name}_p{q}"] = round(v, 2) if v is not None else None
                 row[f"{name}_samples"] = len(values)
-            q50 = percentile([r["queue_ms"] for r in results], 50)
+            q50 = percentile([r["queue_ms"] for r in results if r["queue_ms"] is not None], 50)
             row["server_queue_ms_p50"] = round(q50, 2) if q50 is not None else None
-            row["tokens_per_message_max"] = max((r["tokens_per_message_max"] for r in results), default=0)
+            row["tokens_per_message_max"] = max((r["tokens_per_message_max"] or 0 for r in results), default=0)
             row["load_avg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
             print(json.dumps(row), flush=True)
             rows.append(row)

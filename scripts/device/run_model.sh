@@ -30,7 +30,13 @@
 #   load8b  — the load step on a random-weight Llama-3-8B-shaped GGUF that scripts/make_random_gguf.py writes there
 #             (~16 GB in /tmp, kept on a warm machine; the gguf wheel from third_party/wheels/gguf, the tokenizer from
 #             TOKENIZER_GGUF, default .carry/tok/smollm2-tokenizer.gguf, made by make_random_gguf.py --tokenizer-only);
-#             LOAD8B_CONCURRENCY (default 1 8 64) -> $OUT/load_8b_cuda.jsonl. llama.cpp's CUDA server is not built yet.
+#             LOAD8B_CONCURRENCY (default 1 8 64) -> $OUT/load_8b_cuda.jsonl. Not yet run.
+#   llamaload — llama.cpp's llama-server, built here with CUDA for sm_90 from .carry/llamacpp/llama.cpp-*.tar.gz
+#             (llama-cpp-python 0.3.36's vendored llama.cpp without docs/, models/ and the other GPU backends, 11 MB;
+#             the build kept in /tmp on a warm machine), under bench/load_bench.py --http-address, then starserve's
+#             HTTP API under the same mix (load_bench.py --api http), both on LLAMA_LOAD_MODEL (default the SmolLM2
+#             file; /tmp/starserve-random-8b.gguf after load8b), LLAMA_LOAD_CONCURRENCY (default 1 8 64)
+#             -> $OUT/load_llamacpp.jsonl, $OUT/load_starserve_http.jsonl. Not yet run.
 #   reuse   — bench/context_reuse_bench.py (configures with gRPC): context reuse on the CUDA backend, 1 rank: the
 #             first question about a document of REUSE_LENGTHS tokens (default 8192 32768 131072), global and star,
 #             next to later ones answered from the cached context (JSON: $OUT/context_reuse.jsonl).
@@ -59,7 +65,7 @@
 #   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [batch] [profile] [serve] [chunked] [reuse] [load] [load8b] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [batch] [profile] [serve] [chunked] [reuse] [load] [load8b] [llamaload] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -94,7 +100,7 @@ fi
 SECONDS=0
 TARGETS=(starserve gpu_model_tests model_bench gpu_kernel_tests)
 GRPC=${STARSERVE_GRPC:-OFF}
-case " $STEPS " in *" serve "* | *" chunked "* | *" reuse "* | *" load "* | *" load8b "* | *" lifecycle "* | *" kvshift "* | *" attamba "* | *" lnfree "*) GRPC=ON TARGETS+=(starctl) ;; esac
+case " $STEPS " in *" serve "* | *" chunked "* | *" reuse "* | *" load "* | *" load8b "* | *" llamaload "* | *" lifecycle "* | *" kvshift "* | *" attamba "* | *" lnfree "*) GRPC=ON TARGETS+=(starctl) ;; esac
 if [ ! -f "$BUILD/build.ninja" ] || { [ $GRPC = ON ] && ! grep -q "STARSERVE_GRPC:BOOL=ON" "$BUILD/CMakeCache.txt"; }; then
   STARSERVE_GRPC=$GRPC starserve_configure "$BUILD" >"$OUT/configure_model.log" 2>&1 ||
     { tail -30 "$OUT/configure_model.log"; exit 1; }
@@ -293,6 +299,45 @@ for line in open(sys.argv[1]):
       --processes "${LOAD_PROCESSES:-8}" --server-arg=--backend=cuda --server-arg=--max-running=256 \
       --server-arg=--max-queue=512 >"$OUT/load_8b_cuda.jsonl" 2>"$OUT/load_8b_cuda.err"
     echo "exit $?"; tail -6 "$OUT/load_8b_cuda.err"
+    ;;
+  llamaload)
+    # llama.cpp's CUDA server next to starserve's HTTP API, the same GGUF, clients and request mix, one call.
+    GG=${LLAMA_LOAD_MODEL:-$MODEL}
+    [ -f "$GG" ] || { echo "llamaload: no $GG"; continue; }
+    LS=/tmp/llama.cpp/build/bin/llama-server
+    if [ ! -x "$LS" ]; then
+      echo "== building llama.cpp's llama-server with CUDA for sm_90 (.carry/llamacpp: llama-cpp-python's vendored tree)"
+      rm -rf /tmp/llama.cpp && tar xzf .carry/llamacpp/llama.cpp-*.tar.gz -C /tmp || continue
+      (cd /tmp/llama.cpp && cmake -S . -B build -G Ninja -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAMA_CURL=OFF \
+        -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_BUILD_TYPE=Release \
+        >"$OUT/llama_configure.log" 2>&1 &&
+        timeout 540 cmake --build build -j "$(nproc)" --target llama-server >"$OUT/llama_build.log" 2>&1) ||
+        { tail -20 "$OUT/llama_build.log"; continue; }
+    fi
+    LC=${LLAMA_LOAD_CONCURRENCY:-1 8 64}
+    maxc=$(echo "$LC" | tr ' ' '\n' | sort -n | tail -1)
+    "$LS" -m "$GG" -ngl 999 --host 127.0.0.1 --port 18111 --parallel "$maxc" -c $((maxc * 256)) \
+      >"$OUT/llama_server.log" 2>&1 &
+    lpid=$!
+    for _ in $(seq 1 180); do
+      python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' \
+        http://127.0.0.1:18111/health 2>/dev/null && break
+      sleep 1
+    done
+    echo "== llama.cpp's llama-server (CUDA), $GG"
+    # shellcheck disable=SC2086
+    PYTHONUNBUFFERED=1 timeout 300 python3 bench/load_bench.py --http-address 127.0.0.1:18111 --concurrency $LC \
+      --requests 2 --max-tokens 128 --processes "${LOAD_PROCESSES:-8}" --prompt-vocab 49152 \
+      >"$OUT/load_llamacpp.jsonl" 2>"$OUT/load_llamacpp.err"
+    echo "exit $?"; tail -5 "$OUT/load_llamacpp.err"
+    kill "$lpid" 2>/dev/null; wait "$lpid" 2>/dev/null
+    echo "== starserve's HTTP API (CUDA, 1 rank), the same file and mix"
+    # shellcheck disable=SC2086
+    PYTHONUNBUFFERED=1 timeout 300 python3 bench/load_bench.py --api http --starserve "$BIN/starserve" \
+      --starctl "$BIN/starctl" --model "$GG" --ranks 1 --concurrency $LC --requests 2 --max-tokens 128 \
+      --processes "${LOAD_PROCESSES:-8}" --server-arg=--backend=cuda --server-arg=--max-running=256 \
+      --server-arg=--max-queue=512 >"$OUT/load_starserve_http.jsonl" 2>"$OUT/load_starserve_http.err"
+    echo "exit $?"; tail -5 "$OUT/load_starserve_http.err"
     ;;
   reuse)
     [ -f "$MODEL" ] || { echo "reuse: no model"; continue; }
