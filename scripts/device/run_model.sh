@@ -30,7 +30,8 @@
 #   load8b  — the load step on a random-weight Llama-3-8B-shaped GGUF that scripts/make_random_gguf.py writes there
 #             (~16 GB in /tmp, kept on a warm machine; the gguf wheel from third_party/wheels/gguf, the tokenizer from
 #             TOKENIZER_GGUF, default .carry/tok/smollm2-tokenizer.gguf, made by make_random_gguf.py --tokenizer-only);
-#             LOAD8B_CONCURRENCY (default 1 8 64) -> $OUT/load_8b_cuda.jsonl. Not yet run.
+#             LOAD8B_CONCURRENCY (default 1 8 64) -> $OUT/load_8b_cuda.jsonl. scripts/device/fetch_peers.sh (run
+#             here) makes the wheel, the tokenizer file and llamaload's source. Not yet run.
 #   llamaload — llama.cpp's llama-server, built here with CUDA for sm_90 from .carry/llamacpp/llama.cpp-*.tar.gz
 #             (llama-cpp-python 0.3.36's vendored llama.cpp without docs/, models/ and the other GPU backends, 11 MB;
 #             the build kept in /tmp on a warm machine), under bench/load_bench.py --http-address, then starserve's
