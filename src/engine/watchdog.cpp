@@ -33,9 +33,14 @@ std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& pe
   if (!failed.empty()) return fmt::format("{}", fmt::join(failed, "; "));
   if (!rank0.in_step() || rank0.running_s <= timeout_s) return std::nullopt;
   // Rank 0 is in step `started` (counted before its broadcast): a rank that has not received it is stuck outside.
+  // Only ranks whose heartbeat thread still beats are judged by their progress. A beat older than half the timeout
+  // (at least one heartbeat interval: serve refuses a timeout under two) is a rank going silent as a whole, e.g.
+  // stopped by a signal; the silence branch above names it once its beat is older than the timeout, so the two
+  // diagnoses of one stopped process do not race.
+  const auto beating = [&](const PeerBeat& p) { return p.age_s <= timeout_s / 2; };
   std::vector<std::string> lagging;
   for (const PeerBeat& p : peers) {
-    if (p.progress < progress_received(rank0.started)) {
+    if (beating(p) && p.progress < progress_received(rank0.started)) {
       lagging.push_back(fmt::format("{} has not received it ({} steps completed)", where(p), p.progress / 2));
     }
   }
@@ -43,7 +48,7 @@ std::optional<std::string> diagnose_silent_ranks(const std::vector<PeerBeat>& pe
     // Every rank has the step. One whose main thread stopped running inside it holds the others, which wait for it
     // inside a collective (and run while they wait).
     for (const PeerBeat& p : peers) {
-      if (p.main_still_s > timeout_s) {
+      if (beating(p) && p.main_still_s > timeout_s) {
         lagging.push_back(fmt::format("{} has received it but its main thread has not run for {:.1f} s", where(p),
                                       p.main_still_s));
       }

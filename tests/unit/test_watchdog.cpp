@@ -75,6 +75,21 @@ TEST(Watchdog, InsideAStepNamesTheRankWhoseMainThreadStopped) {
   EXPECT_NE(b->find("rank 2 (host node2) has not received it"), std::string::npos) << *b;
 }
 
+// A whole process stopped (SIGSTOP) just as rank 0 began a step: its beats stop too. While its last beat is older
+// than half the timeout it is not judged by its progress (which would race the silence diagnosis); it is named as
+// silent once the beat is older than the timeout.
+TEST(Watchdog, AStoppedProcessIsNamedSilentNotLagging) {
+  const int64_t done11 = progress_completed(11);
+  PeerBeat stopped = beat(1, 2.2, done11);
+  stopped.main_still_s = 3.4;
+  EXPECT_FALSE(diagnose_silent_ranks({stopped}, StepState{12, 11, 3.1}, 3));
+  stopped.age_s = 3.2;
+  const auto d = diagnose_silent_ranks({stopped}, StepState{12, 11, 4.1}, 3);
+  ASSERT_TRUE(d);
+  EXPECT_NE(d->find("rank 1 (host node1) has sent no heartbeat for 3.2 s"), std::string::npos) << *d;
+  EXPECT_EQ(d->find("not received"), std::string::npos) << *d;
+}
+
 // A worker that failed a step is named at once, with the step, without waiting for the timeout.
 TEST(Watchdog, NamesARankThatFailedAStepAtOnce) {
   const auto d = diagnose_silent_ranks({beat(1, 0.5, progress_received(7)), beat(2, 0.2, progress_failed(7))},
