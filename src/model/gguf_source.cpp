@@ -102,7 +102,8 @@ Result<int> read_vocab_size(const gguf::GgufFile& f, const std::string& arch) {
 }
 
 // The GGUF architectures read here (general.architecture; the registry entry has the same name).
-constexpr std::string_view kGgufArchs[] = {"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2"};
+// gpt2_lnfree is starserve's own (scripts/lnfree_to_gguf.py; docs/specs/lnfree-gpt2.md "GGUF layout").
+constexpr std::string_view kGgufArchs[] = {"llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt2_lnfree"};
 
 // What llama.cpp hard-codes per architecture rather than storing in the file: which layers use
 // the sliding window, the local RoPE base of Gemma 3, Gemma's embedding scale and query scale.
@@ -149,7 +150,8 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
                          "(config.json model_type attamba, model.safetensors) instead");
   }
   if (!known) {
-    return unimplemented("gguf: architecture '{}' is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3, gpt2)",
+    return unimplemented("gguf: architecture '{}' is not supported (llama, qwen2, qwen3, gemma2, gemma3, phi3, gpt2, "
+                         "gpt2_lnfree)",
                          hp.arch_name);
   }
   hp.arch = hp.arch_name;
@@ -191,22 +193,30 @@ Result<ModelHParams> read_gguf_hparams(const gguf::GgufFile& f) {
   // llama.cpp's converter permutes the rows of attn_q / attn_k of "llama" so that RoPE pairs are
   // adjacent; the other architectures keep Hugging Face's rows and rotate halves (NEOX style).
   hp.rope_style = a == "llama" ? RopeStyle::kInterleaved : RopeStyle::kHalf;
-  if (a == "gpt2") {
-    // Learned positions (position_embd.weight, context_length rows) instead of RoPE; LayerNorm
-    // with weight and bias, its epsilon under layer_norm_epsilon.
-    SS_ASSIGN_OR_RETURN(hp.rms_eps, positive_float(f, a + ".attention.layer_norm_epsilon", 1e-5f));
+  if (a == "gpt2" || a == "gpt2_lnfree") {
+    // Learned positions (position_embd.weight, context_length rows) instead of RoPE. gpt2: LayerNorm
+    // with weight and bias, its epsilon under layer_norm_epsilon. gpt2_lnfree: no norm at all, and the
+    // per-head, per-position temperature exactly when its tensors are there (blk.0.attn_temperature).
+    const bool lnfree = a == "gpt2_lnfree";
+    if (!lnfree) {
+      SS_ASSIGN_OR_RETURN(hp.rms_eps, positive_float(f, a + ".attention.layer_norm_epsilon", 1e-5f));
+    }
     hp.rope_dim = 0;
     hp.learned_positions = true;
-    hp.layer_norm = true;
+    hp.layer_norm = !lnfree;
+    hp.attn_temperature = lnfree && f.find_tensor("blk.0.attn_temperature") != nullptr;
     if (hp.n_kv_heads != hp.n_heads || int64_t{hp.n_heads} * hp.head_dim != hp.hidden) {
-      return data_loss("gguf: gpt2 needs head_count_kv == head_count and hidden == n_heads * head_dim, got {} / {} "
+      return data_loss("gguf: {} needs head_count_kv == head_count and hidden == n_heads * head_dim, got {} / {} "
                        "heads of {} for hidden {}",
-                       hp.n_kv_heads, hp.n_heads, hp.head_dim, hp.hidden);
+                       a, hp.n_kv_heads, hp.n_heads, hp.head_dim, hp.hidden);
     }
     if (const gguf::TensorInfo* pos = f.find_tensor("position_embd.weight");
         pos == nullptr || pos->dims.size() != 2 || pos->dims[0] != hp.hidden || pos->dims[1] != hp.max_context) {
-      return data_loss("gguf: gpt2 needs position_embd.weight of ggml dims [{}, {}] (hidden, context_length)",
+      return data_loss("gguf: {} needs position_embd.weight of ggml dims [{}, {}] (hidden, context_length)", a,
                        hp.hidden, hp.max_context);
+    }
+    if (lnfree && f.find_tensor("output.weight") != nullptr) {
+      return data_loss("gguf: gpt2_lnfree has an output.weight; its logits are the tied token embedding's");
     }
   }
 

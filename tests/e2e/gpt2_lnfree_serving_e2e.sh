@@ -24,24 +24,7 @@ source "$(dirname "$0")/e2e_lib.sh"
 # GPT-2 byte-to-character table) lets the server load it. Prompts are token ids.
 mkdir -p "$WORK/model"
 cp "$GOLDEN"/hf/config.json "$GOLDEN"/hf/model.safetensors "$WORK/model/"
-python3 - "$WORK/model/tokenizer.json" <<'PY'
-import json, sys
-printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-table, extra = {}, 0
-for b in range(256):
-    if b in printable:
-        table[b] = chr(b)
-    else:
-        table[b] = chr(256 + extra)
-        extra += 1
-vocab = {table[b]: b for b in range(256)}
-byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-json.dump({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-           "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
-           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
-                     "merges": []}}, open(sys.argv[1], "w"))
-PY
+python3 "$(dirname "$0")/../../scripts/golden/byte_level_tokenizer.py" "$WORK/model/tokenizer.json"
 # golden FIELD INDEX: prompt ids / generated ids (comma-separated) of greedy case INDEX, or the expected log-probability
 # of its first generated token from the golden's last-position logits of the same prompt.
 golden() {
@@ -64,16 +47,20 @@ first_logprob() { sed -n 's/^logprob *\([-0-9.]*\) .*/\1/p' "$1" | head -1; }
 N_POS=$(python3 -c "import json, sys; print(json.load(open(sys.argv[1]))['n_positions'])" "$GOLDEN/hf/config.json")
 N_GREEDY=$(python3 -c "import json, sys; print(len(json.load(open(sys.argv[1]))['greedy']))" "$GOLDEN/golden.json")
 
+# The folder, then the same weights as GGUF (tests/golden/lnfree/model.gguf: scripts/lnfree_to_gguf.py, float32,
+# with the byte-level tokenizer above): the same checks against the same reference.
+for FORM in folder gguf; do
+if [ "$FORM" = folder ]; then MODEL="$WORK/model"; else MODEL="$GOLDEN/model.gguf"; fi
 PORT=$(free_port)
-mpirun --oversubscribe --allow-run-as-root -np 2 "$BIN/starserve" serve --model "$WORK/model" --backend cpu \
-  --host 127.0.0.1 --port "$PORT" --log-level warn >"$WORK/server.log" 2>&1 &
+mpirun --oversubscribe --allow-run-as-root -np 2 "$BIN/starserve" serve --model "$MODEL" --backend cpu \
+  --host 127.0.0.1 --port "$PORT" --log-level warn >"$WORK/server.$FORM.log" 2>&1 &
 MPI_PID=$!
 CTL=("$BIN/starctl" --address "127.0.0.1:$PORT" --timeout 120)
 wait_ready
-check "server ready on 2 ranks" '[ $? = 0 ]'
-kill -0 "$MPI_PID" 2>/dev/null || { cat "$WORK/server.log"; echo "$PASSES passed, $FAILS failed"; exit 1; }
-check "GetModelInfo: gpt2_lnfree, context $N_POS" \
-  '"${CTL[@]}" info >"$WORK/info.json" 2>&1 && grep -q "gpt2_lnfree" "$WORK/info.json" && grep -q "\"max_context\": *$N_POS" "$WORK/info.json"'
+check "$FORM: server ready on 2 ranks" '[ $? = 0 ]'
+kill -0 "$MPI_PID" 2>/dev/null || { cat "$WORK/server.$FORM.log"; echo "$PASSES passed, $FAILS failed"; exit 1; }
+check "$FORM: GetModelInfo: gpt2_lnfree, context $N_POS" \
+  '"${CTL[@]}" info >"$WORK/$FORM.info.json" 2>&1 && grep -q "gpt2_lnfree" "$WORK/$FORM.info.json" && grep -q "\"max_context\": *$N_POS" "$WORK/$FORM.info.json"'
 
 for i in $(seq 0 $((N_GREEDY - 1))); do
   PROMPT=$(golden prompt_ids $i)
@@ -81,28 +68,29 @@ for i in $(seq 0 $((N_GREEDY - 1))); do
   N=$(echo "$WANT" | tr ',' '\n' | grep -c .)
   for mode in global exact star; do
     "${CTL[@]}" complete --token-ids "$PROMPT" --attention $mode --max-tokens "$N" --temperature 0 --logprobs 1 \
-      >"$WORK/$mode$i.out" 2>"$WORK/$mode$i.err"
-    check "prompt $i, $mode: the $N greedy tokens of the reference" '[ "$(generated "$WORK/$mode$i.err")" = "$WANT" ]'
+      >"$WORK/$FORM.$mode$i.out" 2>"$WORK/$FORM.$mode$i.err"
+    check "$FORM: prompt $i, $mode: the $N greedy tokens of the reference" '[ "$(generated "$WORK/$FORM.$mode$i.err")" = "$WANT" ]'
   done
   LP_WANT=$(golden first_logprob $i)
-  LP_GOT=$(first_logprob "$WORK/global$i.err")
+  LP_GOT=$(first_logprob "$WORK/$FORM.global$i.err")
   # starctl prints 4 decimals; fp32 against fp32 agrees far closer than that (test_gpt2_lnfree: ~1e-5).
-  check "prompt $i: first token's logprob $LP_GOT = the reference's $LP_WANT" \
+  check "$FORM: prompt $i: first token's logprob $LP_GOT = the reference's $LP_WANT" \
     'python3 -c "import sys; sys.exit(abs(float(sys.argv[1]) - float(sys.argv[2])) > 1e-4)" "$LP_GOT" "$LP_WANT"'
 done
 
 # N_POS positions: N_POS - 1 prompt tokens + 1 generated fit; N_POS + 1 does not.
 IDS_FIT=$(seq 0 $((N_POS - 2)) | awk '{print ($1 * 37) % 256}' | paste -sd,)
 IDS_LONG=$(seq 0 $((N_POS - 1)) | awk '{print ($1 * 37) % 256}' | paste -sd,)
-"${CTL[@]}" complete --token-ids "$IDS_FIT" --max-tokens 1 --temperature 0 >"$WORK/fit.out" 2>"$WORK/fit.err"
-check "$((N_POS - 1)) prompt tokens + 1: completes" '[ $? = 0 ] && grep -q "^\[finish length\]" "$WORK/fit.err"'
-"${CTL[@]}" complete --token-ids "$IDS_LONG" --max-tokens 1 --temperature 0 >"$WORK/long.out" 2>"$WORK/long.err"
-check "$N_POS prompt tokens + 1: refused" '[ $? != 0 ]'
-check "the reason: INVALID_ARGUMENT naming the limit of $N_POS" \
-  'grep -q "INVALID_ARGUMENT" "$WORK/long.err" && grep -q "$N_POS" "$WORK/long.err"'
-check "health still SERVING" '"${CTL[@]}" health --ready >/dev/null 2>&1'
-grep -q "ending the job" "$WORK/server.log" && fail "a rank ended the job:" && cat "$WORK/server.log"
+"${CTL[@]}" complete --token-ids "$IDS_FIT" --max-tokens 1 --temperature 0 >"$WORK/$FORM.fit.out" 2>"$WORK/$FORM.fit.err"
+check "$FORM: $((N_POS - 1)) prompt tokens + 1: completes" '[ $? = 0 ] && grep -q "^\[finish length\]" "$WORK/$FORM.fit.err"'
+"${CTL[@]}" complete --token-ids "$IDS_LONG" --max-tokens 1 --temperature 0 >"$WORK/$FORM.long.out" 2>"$WORK/$FORM.long.err"
+check "$FORM: $N_POS prompt tokens + 1: refused" '[ $? != 0 ]'
+check "$FORM: the reason: INVALID_ARGUMENT naming the limit of $N_POS" \
+  'grep -q "INVALID_ARGUMENT" "$WORK/$FORM.long.err" && grep -q "$N_POS" "$WORK/$FORM.long.err"'
+check "$FORM: health still SERVING" '"${CTL[@]}" health --ready >/dev/null 2>&1'
+grep -q "ending the job" "$WORK/server.$FORM.log" && fail "$FORM: a rank ended the job:" && cat "$WORK/server.$FORM.log"
 stop_pid "$MPI_PID" 40 0.25
 MPI_PID=""
+done
 echo "$PASSES passed, $FAILS failed"
 [ "$FAILS" = 0 ]

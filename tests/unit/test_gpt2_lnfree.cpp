@@ -10,6 +10,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -17,7 +18,9 @@
 #include "backend/backend.h"
 #include "comm/communicator.h"
 #include "kernels/ref/ops_ref.h"
+#include "model/gguf_source.h"
 #include "model/hf_source.h"
+#include "model/tokenizer_gguf.h"
 #include "model/token_scores.h"
 #include "star/attention_stats.h"
 #include "star/context_encoder.h"
@@ -38,12 +41,19 @@ struct LnFree {
   std::unique_ptr<Model> model;
 };
 
-std::unique_ptr<LnFree> load() {
+// The golden's Hugging Face folder, or (gguf) the same weights in tests/golden/lnfree/model.gguf, written from it by
+// scripts/lnfree_to_gguf.py in float32 (its README).
+std::unique_ptr<LnFree> load(bool gguf = false) {
   auto g = std::make_unique<LnFree>();
-  auto s = HfWeightSource::open(family_dir("lnfree") + "/hf");
-  EXPECT_TRUE(s.ok()) << s.status().to_string();
-  if (!s.ok()) return nullptr;
-  g->source = std::move(s).value();
+  const auto opened = [&](auto r) -> bool {
+    EXPECT_TRUE(r.ok()) << r.status().to_string();
+    if (r.ok()) g->source = std::move(r).value();
+    return r.ok();
+  };
+  if (!(gguf ? opened(GgufWeightSource::open(family_dir("lnfree") + "/model.gguf"))
+             : opened(HfWeightSource::open(family_dir("lnfree") + "/hf")))) {
+    return nullptr;
+  }
   auto m = create_model(*g->source, *g->backend);
   EXPECT_TRUE(m.ok()) << m.status().to_string();
   if (!m.ok()) return nullptr;
@@ -216,6 +226,41 @@ TEST(Gpt2LnFree, GreedyContinuationsMatchTheReference) {
     const std::vector<int32_t> want = ids_of(r["generated_ids"]);
     EXPECT_EQ(greedy(*l->model, ids_of(r["prompt_ids"]), static_cast<int>(want.size())), want);
   }
+}
+
+// The GGUF form (scripts/lnfree_to_gguf.py, float32): the same hyper-parameters, and the same numbers as the folder
+// bit for bit (the converter only transposes the Conv1D matrices back to (out, in), which the folder's loader does
+// too), so it meets the golden as the folder does; its tokenizer is the byte-level one it was written with.
+TEST(Gpt2LnFreeGguf, SameModelAsTheFolder) {
+  const json g = read_golden("lnfree");
+  auto hf = load(false), gg = load(true);
+  ASSERT_TRUE(hf && gg);
+  const ModelHParams &a = hf->model->hparams(), &b = gg->model->hparams();
+  EXPECT_EQ(b.arch, "gpt2_lnfree");
+  EXPECT_EQ(std::tie(a.n_layers, a.hidden, a.n_heads, a.n_kv_heads, a.head_dim, a.max_context, a.n_vocab),
+            std::tie(b.n_layers, b.hidden, b.n_heads, b.n_kv_heads, b.head_dim, b.max_context, b.n_vocab));
+  EXPECT_TRUE(b.attn_temperature && b.learned_positions && b.tied_embeddings);
+  EXPECT_FALSE(b.layer_norm);
+  for (const json& p : g["prompts"]) {
+    const std::vector<int32_t> ids = ids_of(p["token_ids"]);
+    const PromptRun x = run_prompt(*hf->model, ids), y = run_prompt(*gg->model, ids);
+    EXPECT_EQ(x.last_logits, y.last_logits) << ids.size() << " tokens";
+    EXPECT_LE(max_abs_diff(y.last_logits, p["last_logits"].get<std::vector<float>>()),
+              logit_tolerance(p["last_logits"].get<std::vector<float>>()));
+    for (int layer = 0; layer < b.n_layers; ++layer) {
+      for (int h = 0; h < b.n_heads; ++h) {
+        EXPECT_NEAR(y.entropy.mean(layer, h), p["entropy"][layer][h].get<double>(), kEntropyTolerance);
+      }
+    }
+  }
+  for (const json& r : g["greedy"]) {
+    const std::vector<int32_t> want = ids_of(r["generated_ids"]);
+    EXPECT_EQ(greedy(*gg->model, ids_of(r["prompt_ids"]), static_cast<int>(want.size())), want);
+  }
+  const auto& src = dynamic_cast<const GgufWeightSource&>(*gg->source);
+  auto tok = tokenizer_from_gguf(src.file());
+  ASSERT_TRUE(tok.ok()) << tok.status().to_string();
+  EXPECT_EQ(tok->encode("az!", false, false), (std::vector<int32_t>{'a', 'z', '!'}));
 }
 
 // Context encoded in `plan`'s mode by ContextEncoder on one CPU rank, then the query through
