@@ -9,7 +9,9 @@ model (through `starserve generate --chat --context-file ... --query ...`) to re
   star-1/4-noanchor Star Attention with block = 1/4 and no anchor
 Tasks (RULER-style): passkey (a 5-digit key), niah-single (one key/value), niah-multikey (four keys,
 one asked), niah-multivalue (one key with three values, all must be returned).
-Also records the per-layer mean attention entropy of the query/generated tokens (--entropy).
+Also records the per-layer mean attention entropy of the query/generated tokens (--entropy) and, for the configs on
+several ranks, the per-layer mean entropy of their attention mass over the ranks that phase 2 merged (the rank
+entropy, which the server computes alone).
 
 Prints one JSON line per sample and a summary table (accuracy per task/length/config, and the
 entropy of each config relative to global). Usage:
@@ -82,6 +84,7 @@ def make_sample(task, n_tokens, rng):
 
 TIMING = re.compile(r"\[timing\] context (\d+) tokens in ([\d.]+) s")
 ENTROPY = re.compile(r"\[entropy\] layer\s+(\d+) mean ([\d.]+) nats")
+RANK_ENTROPY = re.compile(r"\[entropy\] layer\s+(\d+) .* rank ([\d.]+) nats over (\d+) ranks")
 
 
 def run(binary, model, cfg, ranks, ctx_file, query, max_tokens, backend="auto", kv_mb=512):
@@ -100,7 +103,12 @@ def run(binary, model, cfg, ranks, ctx_file, query, max_tokens, backend="auto", 
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
     m = TIMING.search(p.stderr)
     ent = [float(v) for _, v in sorted((int(a), b) for a, b in ENTROPY.findall(p.stderr))]
-    return p.stdout.strip(), int(m.group(1)), float(m.group(2)), ent
+    rank_ent = [float(v) for _, v, _ in sorted((int(a), b, c) for a, b, c in RANK_ENTROPY.findall(p.stderr))]
+    return p.stdout.strip(), int(m.group(1)), float(m.group(2)), ent, rank_ent
+
+
+def cfg_ranks(cfg, ranks):
+    return cfg.get("ranks", ranks)
 
 
 def calibrate(args):
@@ -109,7 +117,7 @@ def calibrate(args):
         f.write(FILLER * CALIBRATION_REPS)
         ctx_file = f.name
     try:
-        _, n_ctx, _, _ = run(args.binary, args.model, CONFIGS["global"], 1, ctx_file, "Say yes.", 1, args.backend,
+        _, n_ctx, _, _, _ = run(args.binary, args.model, CONFIGS["global"], 1, ctx_file, "Say yes.", 1, args.backend,
                              args.kv_memory_mb)
     finally:
         os.unlink(ctx_file)
@@ -149,7 +157,7 @@ def main():
                     ctx_file = f.name
                 try:
                     for name in args.configs:
-                        text, n_ctx, phase1_s, ent = run(args.binary, args.model, CONFIGS[name], args.ranks,
+                        text, n_ctx, phase1_s, ent, rank_ent = run(args.binary, args.model, CONFIGS[name], args.ranks,
                                                          ctx_file, query, args.max_tokens, args.backend,
                                                          args.kv_memory_mb)
                         ok = all(a in text for a in answers)
@@ -157,7 +165,9 @@ def main():
                         entropies.setdefault((length, name), []).append(ent)
                         rec = dict(eval="star_accuracy", task=task, target_tokens=length, context_tokens=n_ctx,
                                    config=name, sample=i, correct=ok, answers=answers, output=text[:200],
-                                   phase1_s=phase1_s, entropy_mean=statistics.mean(ent) if ent else None)
+                                   phase1_s=phase1_s, entropy_mean=statistics.mean(ent) if ent else None,
+                                   rank_entropy_mean=statistics.mean(rank_ent) if rank_ent else None,
+                                   ranks=cfg_ranks(CONFIGS[name], args.ranks))
                         line = json.dumps(rec)
                         print(line, flush=True)
                         if out:

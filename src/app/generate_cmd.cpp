@@ -139,8 +139,13 @@ Status generate(const CommandLine& cl, Runtime& rt, ServingEngine& engine) {
                n_decode > 0 && decode_s > 0 ? n_decode / decode_s : 0.0, finish_reason_name(finished->finish));
   if (g.print_entropy && finished->entropy) {
     for (int l = 0; l < hp.n_layers; ++l) {
-      std::fprintf(stderr, "[entropy] layer %2d mean %.4f nats (max %.4f)\n", l, finished->entropy->layer_mean(l),
-                   finished->entropy->mean_max(l, 0));
+      const EntropyStats& e = *finished->entropy;
+      if (e.has_rank_entropy()) {
+        std::fprintf(stderr, "[entropy] layer %2d mean %.4f nats (max %.4f) rank %.4f nats over %d ranks\n", l,
+                     e.layer_mean(l), e.mean_max(l, 0), e.rank_layer_mean(l), e.n_ranks);
+      } else {
+        std::fprintf(stderr, "[entropy] layer %2d mean %.4f nats (max %.4f)\n", l, e.layer_mean(l), e.mean_max(l, 0));
+      }
     }
   }
   return Status();

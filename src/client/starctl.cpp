@@ -389,14 +389,19 @@ std::string entropy_json(const v1::AttentionEntropy& e, const v1::Usage& u, cons
   out += fmt::format("  \"usage\": {{\"prompt_tokens\": {}, \"context_tokens\": {}, \"query_tokens\": {}, "
                      "\"completion_tokens\": {}}},\n",
                      u.prompt_tokens(), u.context_tokens(), u.query_tokens(), u.completion_tokens());
-  out += fmt::format("  \"n_layers\": {},\n  \"n_heads\": {},\n  \"layers\": [\n", e.n_layers(), e.n_heads());
+  out += fmt::format("  \"n_layers\": {},\n  \"n_heads\": {},\n  \"n_ranks\": {},\n  \"layers\": [\n", e.n_layers(),
+                     e.n_heads(), std::max(1, e.n_ranks()));
   for (int l = 0; l < e.layers_size(); ++l) {
     const v1::LayerEntropy& layer = e.layers(l);
-    std::vector<std::string> mean, max;
+    std::vector<std::string> mean, max, rank;
     for (float v : layer.head_mean()) mean.push_back(json_number(v));
     for (float v : layer.head_max()) max.push_back(json_number(v));
-    out += fmt::format("    {{\"mean\": {}, \"head_mean\": [{}], \"head_max\": [{}]}}{}\n", json_number(layer.mean()),
-                       fmt::join(mean, ", "), fmt::join(max, ", "), l + 1 < e.layers_size() ? "," : "");
+    for (float v : layer.head_rank_mean()) rank.push_back(json_number(v));
+    const std::string ranks = rank.empty() ? std::string()
+                                           : fmt::format(", \"rank_mean\": {}, \"head_rank_mean\": [{}]",
+                                                         json_number(layer.rank_mean()), fmt::join(rank, ", "));
+    out += fmt::format("    {{\"mean\": {}, \"head_mean\": [{}], \"head_max\": [{}]{}}}{}\n", json_number(layer.mean()),
+                       fmt::join(mean, ", "), fmt::join(max, ", "), ranks, l + 1 < e.layers_size() ? "," : "");
   }
   const v1::AttentionHealth& h = e.health();
   out += "  ],\n  \"health\": {\n";

@@ -522,7 +522,12 @@ void fill_entropy(const EntropyStats& entropy, const AttentionHealth* health, v1
       layer->add_head_mean(static_cast<float>(entropy.mean(l, h)));
       layer->add_head_max(static_cast<float>(entropy.mean_max(l, h)));
     }
+    if (entropy.has_rank_entropy()) {
+      layer->set_rank_mean(static_cast<float>(entropy.rank_layer_mean(l)));
+      for (int h = 0; h < entropy.n_heads; ++h) layer->add_head_rank_mean(static_cast<float>(entropy.rank_mean(l, h)));
+    }
   }
+  out->set_n_ranks(entropy.has_rank_entropy() ? entropy.n_ranks : 1);
 }
 
 namespace {

@@ -547,9 +547,20 @@ json entropy_json(const EntropyStats& e, const AttentionHealth& health) {
       mean.push_back(f(e.mean(l, h)));
       max.push_back(f(e.mean_max(l, h)));
     }
-    layers.push_back({{"mean", f(e.layer_mean(l))}, {"head_mean", std::move(mean)}, {"head_max", std::move(max)}});
+    json layer = {{"mean", f(e.layer_mean(l))}, {"head_mean", std::move(mean)}, {"head_max", std::move(max)}};
+    if (e.has_rank_entropy()) {
+      json rank = json::array();
+      for (int h = 0; h < e.n_heads; ++h) rank.push_back(f(e.rank_mean(l, h)));
+      layer["rank_mean"] = f(e.rank_layer_mean(l));
+      layer["head_rank_mean"] = std::move(rank);
+    }
+    layers.push_back(std::move(layer));
   }
-  return {{"n_layers", e.n_layers}, {"n_heads", e.n_heads}, {"layers", std::move(layers)}, {"health", health_json(health)}};
+  return {{"n_layers", e.n_layers},
+          {"n_heads", e.n_heads},
+          {"n_ranks", e.has_rank_entropy() ? e.n_ranks : 1},
+          {"layers", std::move(layers)},
+          {"health", health_json(health)}};
 }
 
 // The per-request mailbox between the engine thread and the worker (as CompletionService's EventQueue); held by

@@ -14,6 +14,11 @@ struct EntropyStats {
   std::vector<double> sum;      // (n_layers, n_heads) sum of row entropies, nats
   std::vector<int64_t> count;   // (n_layers, n_heads) rows accumulated
   std::vector<double> max_sum;  // (n_layers, n_heads) sum of log(n_visible), the per-row maximum
+  // Phase 2 across ranks (star/merge.h RankMerger::rank_entropy): the entropy of each row's attention mass over the
+  // W ranks that merged it, summed like `sum`. Empty unless a merge over several ranks added to it.
+  int n_ranks = 1;
+  std::vector<double> rank_sum;    // (n_layers, n_heads)
+  std::vector<int64_t> rank_count;  // (n_layers, n_heads)
 
   void reset(int layers, int heads) {
     n_layers = layers;
@@ -21,6 +26,9 @@ struct EntropyStats {
     sum.assign(static_cast<size_t>(layers) * heads, 0.0);
     count.assign(sum.size(), 0);
     max_sum.assign(sum.size(), 0.0);
+    n_ranks = 1;
+    rank_sum.clear();
+    rank_count.clear();
   }
   bool enabled() const { return n_layers > 0; }
   // entropy: (n_rows, n_heads) for one layer; n_visible: keys each row saw.
@@ -33,6 +41,32 @@ struct EntropyStats {
         max_sum[i] += n_visible[r] > 0 ? std::log(static_cast<double>(n_visible[r])) : 0.0;
       }
     }
+  }
+  // rank_entropy: (n_rows, n_heads) for one layer, merged over `ranks` ranks (> 1).
+  void add_rank_entropy(int layer, const float* rank_entropy, int64_t n_rows, int ranks) {
+    if (rank_sum.empty()) {
+      rank_sum.assign(sum.size(), 0.0);
+      rank_count.assign(sum.size(), 0);
+    }
+    n_ranks = ranks;
+    for (int64_t r = 0; r < n_rows; ++r) {
+      for (int h = 0; h < n_heads; ++h) {
+        const size_t i = static_cast<size_t>(layer) * n_heads + h;
+        rank_sum[i] += rank_entropy[r * n_heads + h];
+        rank_count[i] += 1;
+      }
+    }
+  }
+  bool has_rank_entropy() const { return !rank_sum.empty(); }
+  double rank_mean(int layer, int head) const {
+    if (rank_sum.empty()) return 0.0;
+    const size_t i = static_cast<size_t>(layer) * n_heads + head;
+    return rank_count[i] ? rank_sum[i] / rank_count[i] : 0.0;
+  }
+  double rank_layer_mean(int layer) const {
+    double s = 0.0;
+    for (int h = 0; h < n_heads; ++h) s += rank_mean(layer, h);
+    return n_heads ? s / n_heads : 0.0;
   }
   double mean(int layer, int head) const {
     const size_t i = static_cast<size_t>(layer) * n_heads + head;

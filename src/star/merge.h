@@ -43,10 +43,25 @@ class RankMerger {
   // world's partials (up to kMaxDeviceMergeParts ranks). Otherwise they travel through host memory.
   Status merge_on(Backend& backend, float* out, float* lse, float* entropy, int64_t n_rows, int head_dim);
   MergeAlgo algo() const { return algo_; }
+  int world_size() const { return comm_.world_size(); }
+  // After a merge (merge or merge_on, the same backend): for rows [first_row, first_row + n) of it, the entropy
+  // (nats) of the row's attention mass over the ranks, -sum_r w_r ln w_r with w_r = exp(LSE_r - LSE): 0 when one
+  // rank holds all of it, ln W when W ranks hold equal shares. Read from what the merge keeps (the summed terms'
+  // e and e*(LSE_r - M) columns, or the gathered LSEs), so no collective; on a GPU it waits for the stream. One
+  // rank: zeros. out: n floats in host memory.
+  void rank_entropy(Backend& backend, int64_t first_row, int64_t n, float* out);
 
  private:
+  // Where the last merge left what rank_entropy reads.
+  enum class Kept { kNone, kHostSum, kHostGather, kDeviceSum, kDeviceGather };
   Communicator& comm_;
   MergeAlgo algo_;
+  Kept kept_ = Kept::kNone;
+  int64_t kept_rows_ = 0;
+  int kept_dim_ = 0;
+  const float* kept_device_ = nullptr;  // kDeviceSum: the summed terms; kDeviceGather: the gathered partials
+  std::vector<float> rank_host_;
+  void keep(Kept kept, int64_t n_rows, int head_dim, const float* device);
   std::vector<float> buf_, gathered_, max_lse_, host_out_, host_lse_, host_ent_;
   Scratch dev_send_, dev_recv_, dev_max_;
 };

@@ -694,6 +694,11 @@ Status Phase2Attention::attend(int layer, std::span<const BatchSeq> batch, Tenso
         if (dims_.window(layer) > 0) visible[i] = std::min(visible[i], dims_.window(layer));
       }
       collector_.add(info.entropy, layer, ent_all + start * nh, n, std::move(visible));
+      if (merger_.world_size() > 1) {
+        rank_entropy_.resize(static_cast<size_t>(n * nh));
+        merger_.rank_entropy(backend_, start * nh, n * nh, rank_entropy_.data());
+        info.entropy->add_rank_entropy(layer, rank_entropy_.data(), n, merger_.world_size());
+      }
     }
     start += n;
   }

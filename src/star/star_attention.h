@@ -241,6 +241,7 @@ class Phase2Attention final : public AttentionHandler {
   std::vector<AttentionCall> calls_;
   std::vector<KvCache::RowsWrite> writes_;  // one forward layer's new rows, written at once
   EntropyCollector collector_;
+  std::vector<float> rank_entropy_;  // one layer's rank entropy of a tracked sequence (host)
   double merge_seconds_ = 0;
   int64_t merges_ = 0;
   CompressedAttender compressed_;

@@ -125,6 +125,24 @@ for mode in star global; do
      grep -q "legend: H / head_max" "$WORK/$mode.err" && grep -q "o overload (H > $RATIO x head_max)" "$WORK/$mode.err"'
   check "$mode: no escape codes when stderr is not a terminal" '! grep -q $'"'"'\x1b'"'"' "$WORK/$mode.err"'
 done
+# The rank entropy (the query's attention mass over the ranks phase 2 merged): star on 2 ranks reports it per layer
+# and head within [0, ln 2], the layer mean the mean of its heads, not all zero.
+check "star: rank entropy over 2 ranks, every value in [0, ln 2], layer mean = mean of heads, not all 0" \
+  'python3 -c "
+import json, math, sys
+d = json.load(open(sys.argv[1]))
+L = d[\"layers\"]
+ok = d[\"n_ranks\"] == 2 and all(len(l[\"head_rank_mean\"]) == $N_HEADS for l in L)
+ok = ok and all(0 <= v <= math.log(2) + 1e-6 for l in L for v in l[\"head_rank_mean\"])
+ok = ok and all(abs(l[\"rank_mean\"] - sum(l[\"head_rank_mean\"]) / $N_HEADS) < 1e-5 for l in L)
+sys.exit(not (ok and any(v > 0.01 for l in L for v in l[\"head_rank_mean\"])))" "$WORK/star.json"'
+# Global keeps the whole context on one rank: the others' shards are empty, so all of the mass is on one rank.
+check "global: rank entropy 0 everywhere (the other rank holds no keys)" \
+  'python3 -c "
+import json, sys
+d = json.load(open(sys.argv[1]))
+sys.exit(not all(v == 0 for l in d[\"layers\"] for v in l.get(\"head_rank_mean\", [])))" "$WORK/global.json"'
+
 
 # Overrides chosen from the star map so that both lists are non-empty: the median H / head_max as the ratio and the
 # median H as the collapse threshold (about half the heads each).

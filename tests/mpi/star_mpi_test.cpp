@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 #include <random>
 
@@ -17,6 +18,7 @@
 #include "star/local_attention.h"
 #include "model/random_source.h"
 #include "star/context_encoder.h"
+#include "star/merge.h"
 
 namespace starserve {
 namespace {
@@ -254,6 +256,85 @@ TEST(StarExactness, EmptyRanksDropOut) {
   const auto r = distributed(ctx, qry, {AttentionMode::kExact, 1, 0});
   for (float x : r.logits) ASSERT_TRUE(std::isfinite(x));
   expect_same(r, ref, "exact with empty ranks");
+}
+
+// RankMerger::rank_entropy: the entropy of each row's attention mass over the ranks, from what either merge keeps,
+// equals -sum_r w_r ln w_r computed here from every rank's LSE (each rank derives all of them), and it is the part of
+// the merged entropy the ranks' own entropies do not explain: H = sum_r w_r H_r + rank entropy.
+TEST(RankEntropy, EqualsTheSharesOfTheRanksLse) {
+  const int world = g_comm->world_size(), me = g_comm->rank();
+  const int d = 4;
+  const int64_t rows = 6;
+  const float inf = std::numeric_limits<float>::infinity();
+  // Row 0: equal LSE on every rank; row 1: rank 0 far above the rest; row 2: only rank 0 has keys; rows 3-5: mixed,
+  // with rank 1 empty on row 5.
+  const auto lse_of = [&](int r, int64_t row) -> float {
+    switch (row) {
+      case 0: return 1.5f;
+      case 1: return r == 0 ? 40.0f : 0.0f;
+      case 2: return r == 0 ? 2.0f : -inf;
+      case 5: if (r == 1) return -inf; [[fallthrough]];
+      default: return 0.3f * static_cast<float>(r * (row + 1) % 5) + 0.1f * static_cast<float>(row);
+    }
+  };
+  const auto ent_of = [](int r, int64_t row) { return 0.2f + 0.05f * static_cast<float>(r + row); };
+  auto backend = make_cpu_backend();
+  for (MergeAlgo algo : {MergeAlgo::kAllReduce, MergeAlgo::kAllGather}) {
+    RankMerger merger(*g_comm, algo);
+    std::vector<float> out(rows * d), lse(rows), ent(rows);
+    for (int64_t i = 0; i < rows; ++i) {
+      lse[i] = lse_of(me, i);
+      ent[i] = std::isinf(lse[i]) ? 0.0f : ent_of(me, i);
+      for (int c = 0; c < d; ++c) out[i * d + c] = std::isinf(lse[i]) ? 0.0f : 0.1f * static_cast<float>(me + c);
+    }
+    ASSERT_TRUE(merger.merge_on(*backend, out.data(), lse.data(), ent.data(), rows, d).ok());
+    std::vector<float> got(rows - 1);
+    merger.rank_entropy(*backend, 1, rows - 1, got.data());  // rows 1..5: an offset into the merge
+    std::vector<float> row0(1);
+    merger.rank_entropy(*backend, 0, 1, row0.data());
+    got.insert(got.begin(), row0[0]);
+    for (int64_t i = 0; i < rows; ++i) {
+      double m = -inf;
+      for (int r = 0; r < world; ++r) m = std::max<double>(m, lse_of(r, i));
+      double den = 0;
+      for (int r = 0; r < world; ++r) den += std::isinf(lse_of(r, i)) ? 0.0 : std::exp(lse_of(r, i) - m);
+      double h_ranks = 0, h_within = 0;
+      for (int r = 0; r < world; ++r) {
+        if (std::isinf(lse_of(r, i))) continue;
+        const double w = std::exp(lse_of(r, i) - m) / den;
+        if (w > 0) h_ranks -= w * std::log(w);
+        h_within += w * ent_of(r, i);
+      }
+      const char* name = algo == MergeAlgo::kAllReduce ? "all-reduce" : "all-gather";
+      EXPECT_NEAR(got[i], world == 1 ? 0.0 : h_ranks, 1e-5) << name << " row " << i;
+      EXPECT_NEAR(ent[i], h_within + h_ranks, 1e-5) << name << " row " << i;
+    }
+    EXPECT_NEAR(got[0], std::log(static_cast<double>(world)), 1e-5);  // equal shares
+    EXPECT_NEAR(got[1], 0.0, 1e-5);                                   // one rank holds it all
+    EXPECT_EQ(got[2], 0.0f);                                          // only one rank has keys
+  }
+}
+
+// Through phase 2 of a real forward: with several ranks the entropy stats carry the rank entropy of every tracked
+// row, within [0, ln W]; on one rank none.
+TEST(RankEntropy, Phase2RecordsItForTheTrackedRows) {
+  const auto ctx = random_tokens(57, 21, kVocab), qry = random_tokens(4, 22, kVocab);
+  const auto r = distributed(ctx, qry, {AttentionMode::kStar, 16, 8});
+  const int world = g_comm->world_size();
+  ASSERT_EQ(r.entropy.has_rank_entropy(), world > 1);
+  if (world == 1) return;
+  EXPECT_EQ(r.entropy.n_ranks, world);
+  double total = 0;
+  for (int l = 0; l < r.entropy.n_layers; ++l) {
+    for (int h = 0; h < r.entropy.n_heads; ++h) {
+      const double v = r.entropy.rank_mean(l, h);
+      EXPECT_GE(v, 0.0);
+      EXPECT_LE(v, std::log(static_cast<double>(world)) + 1e-6);
+      EXPECT_EQ(r.entropy.rank_count[static_cast<size_t>(l) * r.entropy.n_heads + h], 4);
+      total += v;
+    }
+  }
+  EXPECT_GT(total, 0.0);  // random weights spread some mass over every rank's keys
 }
 
 // Phase 1 split by layers (chunked prefill, one layer per step) with the steps of two requests
