@@ -12,7 +12,7 @@ for line in open(path):
         name = parts[5] if len(parts) > 5 else "?"
         maps.append((lo, hi, off, name))
     elif line.startswith("S"):
-        samples.append([int(x, 16) for x in line.split()[1:]])
+        samples.append([int(x, 16) for x in line.split()[1:] if x != "(nil)"])
 def where(a):
     for lo, hi, off, name in maps:
         if lo <= a < hi:
