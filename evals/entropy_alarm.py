@@ -31,7 +31,7 @@ import sys
 
 BINS = [0.0, 0.05, 0.1, 0.2, 0.4, float("inf")]
 THRESHOLDS = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4]
-RANK_THRESHOLDS = [0.2, 0.3, 0.4, 0.5, 0.6]
+RANK_THRESHOLDS = [0.4, 0.45, 0.5, 0.55, 0.6]
 
 
 def load(paths):
@@ -102,15 +102,19 @@ def summarize_rank(pairs):
                          global_correct=base, kept=kept, kept_share=share,
                          mean_rank_kept=statistics.fmean(kept_r) if kept_r else None,
                          mean_rank_lost=statistics.fmean(lost_r) if lost_r else None))
-    star = [p for p in ranked if p["config"].startswith("star")]
-    rule = []
-    for tau in RANK_THRESHOLDS:
-        kb, nb, sb = kept_share([p for p in star if p["rank"] <= tau])
-        ka, na, sa = kept_share([p for p in star if p["rank"] > tau])
-        rule.append(dict(tau=tau, below_global_correct=nb, below_kept=kb, below_kept_share=sb,
-                         above_global_correct=na, above_kept=ka, above_kept_share=sa))
-    if star:
-        rows.append(dict(kind="rank_rule", thresholds=rule))
+    # The rule over every star configuration, then over those with an anchor only: a missing anchor is a choice the
+    # configuration already names, while the anchored ones need a per-request signal.
+    for scope, keep in (("star", lambda c: c.startswith("star")),
+                        ("star with anchor", lambda c: c.startswith("star") and "noanchor" not in c)):
+        star = [p for p in ranked if keep(p["config"])]
+        rule = []
+        for tau in RANK_THRESHOLDS:
+            kb, nb, sb = kept_share([p for p in star if p["rank"] <= tau])
+            ka, na, sa = kept_share([p for p in star if p["rank"] > tau])
+            rule.append(dict(tau=tau, below_global_correct=nb, below_kept=kb, below_kept_share=sb,
+                             above_global_correct=na, above_kept=ka, above_kept_share=sa))
+        if star:
+            rows.append(dict(kind="rank_rule", scope=scope, thresholds=rule))
     return rows
 
 
@@ -198,7 +202,7 @@ def markdown_rank(rows, out):
     for r in rows:
         if r["kind"] != "rank_rule":
             continue
-        print("\n| τ (rank entropy / ln W) | kept where ≤ τ | kept where > τ |", file=out)
+        print(f"\n| τ (rank entropy / ln W; {r['scope']}) | kept where ≤ τ | kept where > τ |", file=out)
         print("|---|---|---|", file=out)
         for t in r["thresholds"]:
             print(f"| {t['tau']:.2f} | {t['below_kept']}/{t['below_global_correct']} ({pct(t['below_kept_share'])}) | "

@@ -20,24 +20,7 @@ source "$(dirname "$0")/e2e_lib.sh"
 # merges; the GPT-2 byte-to-character table), so the server loads it. Prompts are token ids anyway.
 mkdir -p "$WORK/model"
 cp "$MODEL"/config.json "$MODEL"/model.safetensors "$WORK/model/"
-python3 - "$WORK/model/tokenizer.json" <<'PY'
-import json, sys
-printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-table, extra = {}, 0
-for b in range(256):
-    if b in printable:
-        table[b] = chr(b)
-    else:
-        table[b] = chr(256 + extra)
-        extra += 1
-vocab = {table[b]: b for b in range(256)}
-byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-json.dump({"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
-           "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
-           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
-                     "merges": []}}, open(sys.argv[1], "w"))
-PY
+python3 "$(dirname "$0")/../../scripts/golden/byte_level_tokenizer.py" "$WORK/model/tokenizer.json"
 MODEL="$WORK/model"
 PORT=$(free_port)
 mpirun --oversubscribe --allow-run-as-root -np 2 "$BIN/starserve" serve --model "$MODEL" --backend cpu --host 127.0.0.1 \
