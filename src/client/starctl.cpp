@@ -409,6 +409,7 @@ std::string entropy_json(const v1::AttentionEntropy& e, const v1::Usage& u, cons
                      json_number(h.overload_ratio()), json_number(h.collapse_nats()), h.n_heads_judged());
   out += fmt::format("    \"overload_fraction\": {},\n    \"collapse_fraction\": {},\n",
                      json_number(h.overload_fraction()), json_number(h.collapse_fraction()));
+  if (e.n_ranks() > 1) out += fmt::format("    \"rank_entropy_ratio\": {},\n", json_number(h.rank_entropy_ratio()));
   out += fmt::format("    \"overloaded\": {},\n    \"collapsed\": {}\n  }}\n}}\n", head_list_json(h.overloaded()),
                      head_list_json(h.collapsed()));
   return out;

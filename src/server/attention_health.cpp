@@ -34,6 +34,13 @@ AttentionHealth attention_health(const EntropyStats& entropy, const HealthThresh
     }
     if (sum_max > 0.0) out.layer_ratio[static_cast<size_t>(l)] = sum_h / sum_max;
   }
+  if (entropy.has_rank_entropy() && entropy.n_ranks > 1 && entropy.n_layers > 0 && entropy.n_heads > 0) {
+    double sum = 0.0;
+    for (int l = 0; l < entropy.n_layers; ++l) {
+      for (int h = 0; h < entropy.n_heads; ++h) sum += static_cast<float>(entropy.rank_mean(l, h));
+    }
+    out.rank_ratio = sum / (static_cast<double>(entropy.n_layers) * entropy.n_heads) / std::log(entropy.n_ranks);
+  }
   return out;
 }
 

@@ -37,6 +37,10 @@ struct AttentionHealth {
   // (n_layers) mean over heads of H / mean over heads of head_max, in [0, 1] up to rounding; nullopt for a layer
   // whose rows saw at most one key (head_max 0).
   std::vector<std::optional<double>> layer_ratio;
+  // With several ranks: the mean over layers and heads of the rank entropy (each head's float value, as the
+  // response carries it) over ln n_ranks, in [0, 1]: how evenly the query's attention mass divides among the ranks'
+  // shards (docs/accuracy.md relates it to Star Attention's accuracy). nullopt on one rank.
+  std::optional<double> rank_ratio;
 
   double overload_fraction() const { return n_judged ? static_cast<double>(overloaded.size()) / n_judged : 0.0; }
   double collapse_fraction() const { return n_judged ? static_cast<double>(collapsed.size()) / n_judged : 0.0; }

@@ -499,6 +499,7 @@ void fill_health(const AttentionHealth& health, v1::AttentionHealth* out) {
   out->set_n_heads_judged(health.n_judged);
   out->set_overload_fraction(health.overload_fraction());
   out->set_collapse_fraction(health.collapse_fraction());
+  if (health.rank_ratio) out->set_rank_entropy_ratio(*health.rank_ratio);
   for (const HeadRef& h : health.overloaded) {
     v1::HeadIndex* i = out->add_overloaded();
     i->set_layer(h.layer);

@@ -265,6 +265,14 @@ void ServerMetrics::observe_attention_health(const AttentionHealth& health) {
                    kEntropyRatioBuckets, {{"layer", std::to_string(l)}})
         .observe(*health.layer_ratio[l]);
   }
+  if (health.rank_ratio) {
+    registry_
+        .histogram("starserve_attention_rank_entropy_ratio",
+                   "A request's mean rank entropy over ln(ranks): how evenly its attention mass divides among the "
+                   "ranks' shards in phase 2 (requests on several ranks that asked for entropy).",
+                   kEntropyRatioBuckets)
+        .observe(*health.rank_ratio);
+  }
 }
 
 void ServerMetrics::register_engine(const Engine& engine) {

@@ -528,13 +528,15 @@ json health_json(const AttentionHealth& h) {
     for (const HeadRef& r : v) out.push_back({{"layer", r.layer}, {"head", r.head}});
     return out;
   };
-  return {{"overload_ratio", h.thresholds.overload_ratio},
-          {"collapse_nats", h.thresholds.collapse_nats},
-          {"n_heads_judged", h.n_judged},
-          {"overload_fraction", h.overload_fraction()},
-          {"collapse_fraction", h.collapse_fraction()},
-          {"overloaded", heads(h.overloaded)},
-          {"collapsed", heads(h.collapsed)}};
+  json out = {{"overload_ratio", h.thresholds.overload_ratio},
+              {"collapse_nats", h.thresholds.collapse_nats},
+              {"n_heads_judged", h.n_judged},
+              {"overload_fraction", h.overload_fraction()},
+              {"collapse_fraction", h.collapse_fraction()},
+              {"overloaded", heads(h.overloaded)},
+              {"collapsed", heads(h.collapsed)}};
+  if (h.rank_ratio) out["rank_entropy_ratio"] = *h.rank_ratio;
+  return out;
 }
 
 // The map's values rounded to float, as gRPC carries them and as the health judged them.

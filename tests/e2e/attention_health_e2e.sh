@@ -110,7 +110,7 @@ for mode in star global; do
 done
 # The rank entropy (the query's attention mass over the ranks phase 2 merged): star on 2 ranks reports it per layer
 # and head within [0, ln 2], the layer mean the mean of its heads, not all zero.
-check "star: rank entropy over 2 ranks, every value in [0, ln 2], layer mean = mean of heads, not all 0" \
+check "star: rank entropy over 2 ranks, every value in [0, ln 2], layer mean = mean of heads, not all 0, health ratio = mean / ln 2" \
   'python3 -c "
 import json, math, sys
 d = json.load(open(sys.argv[1]))
@@ -118,6 +118,8 @@ L = d[\"layers\"]
 ok = d[\"n_ranks\"] == 2 and all(len(l[\"head_rank_mean\"]) == $N_HEADS for l in L)
 ok = ok and all(0 <= v <= math.log(2) + 1e-6 for l in L for v in l[\"head_rank_mean\"])
 ok = ok and all(abs(l[\"rank_mean\"] - sum(l[\"head_rank_mean\"]) / $N_HEADS) < 1e-5 for l in L)
+mean = sum(v for l in L for v in l[\"head_rank_mean\"]) / ($N_LAYERS * $N_HEADS)
+ok = ok and abs(d[\"health\"][\"rank_entropy_ratio\"] - mean / math.log(2)) < 1e-6
 sys.exit(not (ok and any(v > 0.01 for l in L for v in l[\"head_rank_mean\"])))" "$WORK/star.json"'
 # Global keeps the whole context on one rank: the others' shards are empty, so all of the mass is on one rank.
 check "global: rank entropy 0 everywhere (the other rank holds no keys)" \
@@ -233,6 +235,20 @@ for key, field in (("judged_heads", "n_heads_judged"), ("overloaded_heads", "ove
     s = sum(h[field] if isinstance(h[field], int) else len(h[field]) for h in hs)
     if got[key] != s:
         problems.append(f"{key}_total {got[key]}, the responses sum to {s}")
+# The rank-entropy histogram (no labels): one observation per response whose health carries a rank_entropy_ratio.
+ranked = [h["rank_entropy_ratio"] for h in hs if "rank_entropy_ratio" in h]
+rname = "starserve_attention_rank_entropy_ratio"
+rc = re.search(r"^" + rname + r"_count (\S+)$", text, re.M)
+rs = re.search(r"^" + rname + r"_sum (\S+)$", text, re.M)
+if not ranked or not rc or float(rc.group(1)) != len(ranked) or abs(float(rs.group(1)) - sum(ranked)) > 1e-6:
+    problems.append(f"{rname}: count {rc and rc.group(1)}, sum {rs and rs.group(1)}; the responses: {ranked}")
+# The rank-entropy histogram (no labels): one observation per response whose health carries a rank_entropy_ratio.
+ranked = [h["rank_entropy_ratio"] for h in hs if "rank_entropy_ratio" in h]
+rname = "starserve_attention_rank_entropy_ratio"
+rc = re.search(r"^" + rname + r"_count (\S+)$", text, re.M)
+rs = re.search(r"^" + rname + r"_sum (\S+)$", text, re.M)
+if not ranked or not rc or float(rc.group(1)) != len(ranked) or abs(float(rs.group(1)) - sum(ranked)) > 1e-6:
+    problems.append(f"{rname}: count {rc and rc.group(1)}, sum {rs and rs.group(1)}; the responses: {ranked}")
 for p in problems:
     print(p)
 sys.exit(1 if problems else 0)

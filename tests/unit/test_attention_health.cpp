@@ -131,6 +131,27 @@ TEST(AttentionHealth, LayerRatioIsMeanEntropyOverMeanMaximum) {
   EXPECT_DOUBLE_EQ(*a.layer_ratio[1], 0.5);
 }
 
+// The rank-entropy ratio: the mean over layers and heads of the per-head rank entropy (as floats) over ln n_ranks;
+// absent on one rank; in the proto and the metrics' label-free histogram.
+TEST(AttentionHealth, RankRatioIsTheMeanRankEntropyOverLnRanks) {
+  EntropyStats s = map_of({{1.0, 1.0}, {1.0, 1.0}}, {{2.0, 2.0}, {2.0, 2.0}});
+  EXPECT_FALSE(attention_health(s, {}).rank_ratio);
+  const float rows[2][2] = {{0.2f, 0.6f}, {1.0f, 0.0f}};  // one row per layer: (heads)
+  s.add_rank_entropy(0, rows[0], 1, 4);
+  s.add_rank_entropy(1, rows[1], 1, 4);
+  const AttentionHealth h = attention_health(s, {});
+  ASSERT_TRUE(h.rank_ratio);
+  const double want = (double{0.2f} + double{0.6f} + 1.0 + 0.0) / 4 / std::log(4.0);
+  EXPECT_NEAR(*h.rank_ratio, want, 1e-12);
+  v1::AttentionEntropy proto;
+  fill_entropy(s, &h, &proto);
+  EXPECT_EQ(proto.n_ranks(), 4);
+  EXPECT_DOUBLE_EQ(proto.health().rank_entropy_ratio(), *h.rank_ratio);
+  ASSERT_EQ(proto.layers(0).head_rank_mean_size(), 2);
+  EXPECT_FLOAT_EQ(proto.layers(0).head_rank_mean(1), 0.6f);
+  EXPECT_FLOAT_EQ(proto.layers(1).rank_mean(), 0.5f);
+}
+
 TEST(AttentionHealth, ThresholdChecksNameTheValueAndTheRange) {
   EXPECT_TRUE(check_overload_ratio(1.0).ok());
   EXPECT_TRUE(check_overload_ratio(1e-9).ok());
