@@ -27,6 +27,8 @@
 #             call (JSON: $OUT/decode_batch.jsonl).
 #   profile — model_bench --shape smollm2 --seqs PROFILE_SEQS (default 256) under scripts/device/profile/sampler.c:
 #             the host's time per function ($OUT/host_profile.txt).
+#   serveprofile — the server (CUDA, 1 rank) under the same profiler while load_bench drives SERVE_PROFILE_STREAMS
+#             (default 256) streams from LOAD_PROCESSES (8) client processes ($OUT/serve_host_profile.txt).
 #   load8b  — the load step on a random-weight Llama-3-8B-shaped GGUF that scripts/make_random_gguf.py writes there
 #             (~16 GB in /tmp, kept on a warm machine; the gguf wheel from third_party/wheels/gguf, the tokenizer from
 #             TOKENIZER_GGUF, default .carry/tok/smollm2-tokenizer.gguf, made by make_random_gguf.py --tokenizer-only);
@@ -66,7 +68,7 @@
 #   gemma   — Gemma3Gpu.* (tests/gpu_model/test_gemma3_gpu.cpp) once the five Gemma parts have arrived.
 #   lifecycle — tests/e2e/lifecycle_e2e.sh with LIFECYCLE_SERVER_ARGS="--backend cuda" (2 ranks sharing the
 #             GPU, so the MPI host communicator): health while loading, drain, watchdog, killed worker.
-# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [batch] [profile] [serve] [chunked] [reuse] [load] [load8b] [llamaload] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
+# Usage: scripts/device/run_model.sh [model] [ranks] [eval] [bench] [batch] [profile] [serveprofile] [serve] [chunked] [reuse] [load] [load8b] [llamaload] [lifecycle] [kvshift] [attamba] [kvbench] [lnfree] [gemma]
 #        (default: model ranks bench)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -283,6 +285,29 @@ for line in open(sys.argv[1]):
       --seqs "${PROFILE_SEQS:-256}" --lengths 256 --decode 1000 2>/dev/null | grep '"decode_batch"' | tail -1
     python3 scripts/device/profile/report.py "$(ls /tmp/starserve-prof.* | head -1)" "$BIN/model_bench" >"$OUT/host_profile.txt"
     head -45 "$OUT/host_profile.txt"
+    ;;
+  serveprofile)
+    # Where the serving host's time goes under load: the server (CUDA, 1 rank) runs under the sampling profiler
+    # while load_bench drives SERVE_PROFILE_STREAMS streams from LOAD_PROCESSES client processes; SIGTERM ends it
+    # normally, so the sampler writes its file.
+    [ -f "$MODEL" ] || { echo "serveprofile: no model"; continue; }
+    [ -x "$BIN/starctl" ] || { echo "serveprofile: no $BIN/starctl (the build has no gRPC)"; continue; }
+    gcc -O1 -shared -fPIC -o /tmp/starserve-sampler.so scripts/device/profile/sampler.c || continue
+    rm -f /tmp/starserve-sprof.*
+    SP_PORT=$((50000 + RANDOM % 5000)); SP_MPORT=$((SP_PORT + 1))
+    PROF_OUT=/tmp/starserve-sprof LD_PRELOAD=/tmp/starserve-sampler.so "$BIN/starserve" serve --model "$MODEL" \
+      --backend cuda --host 127.0.0.1 --port "$SP_PORT" --metrics-port "$SP_MPORT" --max-running 256 \
+      --max-queue 512 --log-level warn >"$OUT/serveprofile_server.log" 2>&1 &
+    SP_PID=$!
+    for _ in $(seq 120); do "$BIN/starctl" --address "127.0.0.1:$SP_PORT" health --ready >/dev/null 2>&1 && break; sleep 0.5; done
+    PYTHONUNBUFFERED=1 timeout 300 python3 bench/load_bench.py --address "127.0.0.1:$SP_PORT" \
+      --metrics "127.0.0.1:$SP_MPORT" --concurrency "${SERVE_PROFILE_STREAMS:-256}" --requests 2 --max-tokens 128 \
+      --processes "${LOAD_PROCESSES:-8}" >"$OUT/serveprofile_load.jsonl" 2>"$OUT/serveprofile_load.err"
+    tail -3 "$OUT/serveprofile_load.err"
+    kill -TERM "$SP_PID"; wait "$SP_PID"
+    python3 scripts/device/profile/report.py "$(ls /tmp/starserve-sprof.* | head -1)" "$BIN/starserve" \
+      >"$OUT/serve_host_profile.txt"
+    head -60 "$OUT/serve_host_profile.txt"
     ;;
   load8b)
     [ -x "$BIN/starctl" ] || { echo "load8b: no $BIN/starctl (the build has no gRPC)"; continue; }
