@@ -16,6 +16,7 @@
 #include "comm/communicator.h"
 #include "star/local_attention.h"
 #include "model/random_source.h"
+#include "star/attention_stats.h"
 #include "star/context_encoder.h"
 
 namespace starserve {
@@ -48,7 +49,7 @@ std::vector<int32_t> tokens(size_t n, uint32_t seed) {
 // Context through ContextEncoder on `comm`, then the query through Phase2Attention; logits of
 // every query row (identical on every rank).
 std::vector<float> run(Communicator& comm, std::span<const int32_t> context, std::span<const int32_t> query,
-                       const ContextPlan& plan, MergeAlgo algo) {
+                       const ContextPlan& plan, MergeAlgo algo, EntropyStats* stats = nullptr) {
   Model& m = model();
   const ModelHParams& hp = m.hparams();
   KvCache cache(*g_backend, {hp.n_layers, hp.n_kv_heads, hp.head_dim, 64, 64});
@@ -62,6 +63,10 @@ std::vector<float> run(Communicator& comm, std::span<const int32_t> context, std
   std::iota(pos.begin(), pos.end(), static_cast<int32_t>(context.size()));
   BatchSeq q{1, query, pos, true};
   std::vector<float> logits;
+  if (stats) {
+    stats->reset(hp.n_layers, hp.n_heads);
+    p2.track_entropy(1, stats);
+  }
   EXPECT_TRUE(m.forward({&q, 1}, p2, &logits).ok());
   return logits;
 }
@@ -99,6 +104,40 @@ TEST(StarGpuMpi, StarAcrossRanksEqualsOneProcess) {
   plan.anchor_size = 90;
   expect_close(run(*local, context, query, plan, MergeAlgo::kAllReduce),
                run(*g_comm, context, query, plan, MergeAlgo::kAllReduce), "star, anchor 90");
+}
+
+// The rank entropy of phase 2 (RankMerger::rank_entropy) as the device merges leave it: the all-reduce's summed terms
+// and the all-gather's gathered LSEs are two independent reads of the same partials, so they agree to fp32 rounding;
+// every value lies in [0, ln W] and star over several ranks spreads some mass (not all zero).
+TEST(StarGpuMpi, RankEntropyAgreesBetweenTheDeviceMerges) {
+  const int world = g_comm->world_size();
+  if (world < 2) GTEST_SKIP() << "one rank: no rank entropy";
+  const auto context = tokens(700, 6), query = tokens(12, 7);
+  ContextPlan plan;
+  plan.mode = AttentionMode::kStar;
+  plan.block_size = 100;
+  plan.anchor_size = 100;
+  EntropyStats sum, gather;
+  run(*g_comm, context, query, plan, MergeAlgo::kAllReduce, &sum);
+  run(*g_comm, context, query, plan, MergeAlgo::kAllGather, &gather);
+  ASSERT_TRUE(sum.has_rank_entropy() && gather.has_rank_entropy());
+  EXPECT_EQ(sum.n_ranks, world);
+  double worst = 0, total = 0;
+  for (int l = 0; l < sum.n_layers; ++l) {
+    for (int h = 0; h < sum.n_heads; ++h) {
+      const double a = sum.rank_mean(l, h), b = gather.rank_mean(l, h);
+      worst = std::max(worst, std::fabs(a - b));
+      total += a;
+      EXPECT_GE(a, 0.0);
+      EXPECT_LE(a, std::log(static_cast<double>(world)) + 1e-5);
+    }
+  }
+  if (g_comm->rank() == 0) {
+    std::printf("  rank entropy on %d ranks (%s): all-reduce vs all-gather max |diff| %.2e, mean %.4f nats\n", world,
+                g_comm->name().c_str(), worst, total / (sum.n_layers * sum.n_heads));
+  }
+  EXPECT_LE(worst, 1e-4);
+  EXPECT_GT(total, 0.0);
 }
 
 // Exact mode in its default layout (zigzag: rank r holds chunks r and 2W-1-r) and in the contiguous
