@@ -59,26 +59,28 @@ struct EntropyStats {
   }
   bool has_rank_entropy() const { return !rank_sum.empty(); }
   double rank_mean(int layer, int head) const {
-    if (rank_sum.empty()) return 0.0;
-    const size_t i = static_cast<size_t>(layer) * n_heads + head;
-    return rank_count[i] ? rank_sum[i] / rank_count[i] : 0.0;
+    return rank_sum.empty() ? 0.0 : cell_mean(rank_sum, rank_count, layer, head);
   }
   double rank_layer_mean(int layer) const {
-    double s = 0.0;
-    for (int h = 0; h < n_heads; ++h) s += rank_mean(layer, h);
-    return n_heads ? s / n_heads : 0.0;
+    return over_heads([&](int h) { return rank_mean(layer, h); });
   }
-  double mean(int layer, int head) const {
-    const size_t i = static_cast<size_t>(layer) * n_heads + head;
-    return count[i] ? sum[i] / count[i] : 0.0;
-  }
-  double mean_max(int layer, int head) const {
-    const size_t i = static_cast<size_t>(layer) * n_heads + head;
-    return count[i] ? max_sum[i] / count[i] : 0.0;
-  }
+  double mean(int layer, int head) const { return cell_mean(sum, count, layer, head); }
+  double mean_max(int layer, int head) const { return cell_mean(max_sum, count, layer, head); }
   double layer_mean(int layer) const {
+    return over_heads([&](int h) { return mean(layer, h); });
+  }
+
+ private:
+  // (layer, head)'s sum over its rows' count (0 without rows).
+  double cell_mean(const std::vector<double>& sums, const std::vector<int64_t>& counts, int layer, int head) const {
+    const size_t i = static_cast<size_t>(layer) * n_heads + head;
+    return counts[i] ? sums[i] / counts[i] : 0.0;
+  }
+  // The mean over heads of value(h).
+  template <typename F>
+  double over_heads(F value) const {
     double s = 0.0;
-    for (int h = 0; h < n_heads; ++h) s += mean(layer, h);
+    for (int h = 0; h < n_heads; ++h) s += value(h);
     return n_heads ? s / n_heads : 0.0;
   }
 };
